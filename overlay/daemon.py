@@ -1,0 +1,273 @@
+"""`overlay run`: wire the registry, the lease, the TUN and the backend together.
+
+Startup order is chosen so that a failure leaves nothing behind: the interface and the
+TUN come first (no registry writes yet), then the config and the lease, then addresses,
+routes, the socket and subnet.env.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import time
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv4Network
+from pathlib import Path
+from typing import Any
+
+import structlog
+import uvloop
+
+from control.config import ConfigError, NetworkConfig, config_json
+from control.file_registry import FileRegistry
+from control.kv import RegistryError
+from control.lease import Lease
+from control.peer_table import PeerTable
+from control.subnet_env import SubnetEnv
+from control.subnet_manager import LeaseEvent, LeaseLost, SubnetManager
+from encap import udp_frame
+from overlay import log as overlay_log
+from overlay import status
+from overlay.backends.udp import UdpDataplane, open_socket
+from overlay.counters import Counters
+from overlay.subnet_file import read_previous, write_subnet_env
+from tun import netlink
+from tun.device import TunDevice, TunError
+
+PROG = "overlay run"
+IMPLEMENTED_BACKENDS = ("udp",)
+
+
+class Fatal(Exception):
+    """A startup or runtime error that ends the daemon with one line and exit status 1."""
+
+
+@dataclass(frozen=True)
+class Underlay:
+    iface: str
+    address: IPv4Address  # where our socket binds
+    public_ip: IPv4Address  # what peers send to (differs behind NAT)
+    mtu: int
+
+
+def select_underlay(ifaces: list[str], public_ip: IPv4Address | None) -> Underlay:
+    """The interface for inter-node traffic, as flanneld picks it (--iface, else default)."""
+    addresses = netlink.interface_addresses()
+    candidates = [name for name in addresses if name != "lo"]
+    chosen: tuple[str, IPv4Address] | None = None
+    for wanted in ifaces:
+        for name, addrs in addresses.items():
+            if name == wanted and addrs:
+                chosen = (name, addrs[0][0])
+            for addr, _ in addrs:
+                if str(addr) == wanted:
+                    chosen = (name, addr)
+        if chosen:
+            break
+    if ifaces and chosen is None:
+        raise Fatal(f"none of --iface {', '.join(ifaces)} exists with an IPv4 address")
+    if chosen is None:
+        default = netlink.default_route_interface()
+        if default and addresses.get(default):
+            chosen = (default, addresses[default][0][0])
+        elif len(candidates) == 1:
+            chosen = (candidates[0], addresses[candidates[0]][0][0])
+        else:
+            found = ", ".join(candidates) or "none"
+            raise Fatal(f"cannot choose an interface (no default route; have {found}): use --iface")
+    name, address = chosen
+    return Underlay(name, address, public_ip or address, netlink.interface_mtu(name))
+
+
+class Daemon:
+    def __init__(self, args: argparse.Namespace, underlay: Underlay, tun: TunDevice) -> None:
+        self.args = args
+        self.underlay = underlay
+        self.tun = tun
+        self.log = structlog.get_logger().bind(node=str(underlay.public_ip))
+        self.kv = FileRegistry(args.registry_file)
+        self.manager = SubnetManager(
+            self.kv,
+            public_ip=underlay.public_ip,
+            prefix=args.etcd_prefix,
+            renew_margin=args.subnet_lease_renew_margin * 60,
+            notify=self._notify,
+        )
+        self.counters = Counters()
+        self.started = time.time()
+        self.config: NetworkConfig | None = None
+        self.lease: Lease | None = None
+        self.peers: PeerTable | None = None
+        self._warned_backend: set[IPv4Network] = set()
+
+    def _notify(self, event: str, **fields: Any) -> None:
+        level = "warning" if event.endswith(("failed", "invalid", "compacted", "lost")) else "info"
+        getattr(self.log, level)(event, **fields)
+
+    # -- startup -------------------------------------------------------------------------
+
+    async def _network_config(self) -> NetworkConfig:
+        args = self.args
+        try:
+            config = await self.manager.read_config()
+            if config is None and args.network is not None:
+                seed = config_json(args.network, args.backend or "udp").encode()
+                if await self.kv.create(self.manager.config_key, seed, None):
+                    self.log.info("config_seeded", network=str(args.network))
+                config = await self.manager.read_config()
+            if config is None:
+                config = await self.manager.wait_for_config()
+        except ConfigError as e:
+            raise Fatal(f"invalid network config at {self.manager.config_key}: {e}") from None
+        if args.network is not None and config.network != args.network:
+            raise Fatal(
+                f"--network {args.network} disagrees with the registry's Network "
+                f"{config.network}: drop the flag or fix {self.manager.config_key}"
+            )
+        if args.backend is not None and config.backend.type != args.backend:
+            raise Fatal(
+                f"--backend {args.backend} disagrees with the registry's Backend.Type "
+                f"{config.backend.type!r}"
+            )
+        if config.backend.type not in IMPLEMENTED_BACKENDS:
+            raise Fatal(f"backend {config.backend.type!r} is not implemented yet (only udp)")
+        return config
+
+    async def start(self) -> UdpDataplane:
+        self.config = config = await self._network_config()
+        subnet_file = Path(self.args.subnet_file)
+        previous = read_previous(subnet_file)
+        self.lease = lease = await self.manager.acquire(
+            config, previous.subnet.network if previous else None
+        )
+        mtu = self.underlay.mtu - udp_frame.OVERHEAD
+        await asyncio.to_thread(
+            netlink.configure_tun, self.tun.name, lease.subnet.network_address, mtu, config.network
+        )
+        try:
+            sock = open_socket(str(self.underlay.address), config.backend.port)
+        except OSError as e:
+            raise Fatal(
+                f"cannot bind UDP {self.underlay.address}:{config.backend.port}: {e.strerror}"
+            ) from None
+        self.peers = PeerTable(config.backend.port)
+        write_subnet_env(subnet_file, SubnetEnv.for_lease(config.network, lease.subnet, mtu))
+        self.log.info(
+            "started",
+            subnet=str(lease.subnet),
+            network=str(config.network),
+            backend=config.backend.type,
+            iface=self.underlay.iface,
+            public_ip=str(self.underlay.public_ip),
+            tun=self.tun.name,
+            mtu=mtu,
+        )
+        return UdpDataplane(self.tun, sock, self.peers, lease.subnet, self.counters)
+
+    # -- registry events -----------------------------------------------------------------
+
+    def _usable(self, lease: Lease) -> bool:
+        if lease.backend_type in ("", "udp"):
+            return True
+        if lease.subnet not in self._warned_backend:
+            self._warned_backend.add(lease.subnet)
+            self.log.warning(
+                "peer_skipped",
+                subnet=str(lease.subnet),
+                backend=lease.backend_type,
+                reason="lease backend differs from ours (udp)",
+            )
+        return False
+
+    def on_snapshot(self, leases: list[Lease]) -> None:
+        assert self.peers is not None
+        added, removed = self.peers.replace_all([x for x in leases if self._usable(x)])
+        for lease in added:
+            self.log.info("peer_added", subnet=str(lease.subnet), public_ip=str(lease.public_ip))
+        for lease in removed:
+            self.log.info("peer_removed", subnet=str(lease.subnet))
+
+    def on_event(self, event: LeaseEvent) -> None:
+        assert self.peers is not None
+        if event.lease is not None:
+            if self._usable(event.lease) and self.peers.upsert(event.lease):
+                self.log.info(
+                    "peer_added", subnet=str(event.subnet), public_ip=str(event.lease.public_ip)
+                )
+        elif self.peers.remove(event.subnet) is not None:
+            self.log.info("peer_removed", subnet=str(event.subnet))
+
+    def snapshot(self) -> dict[str, Any]:
+        assert self.config is not None and self.lease is not None and self.peers is not None
+        return {
+            "lease": {
+                "subnet": str(self.lease.subnet),
+                "public_ip": str(self.lease.public_ip),
+                "key": self.manager.key_of(self.lease),
+            },
+            "network": str(self.config.network),
+            "backend": self.config.backend.type,
+            "tun": self.tun.name,
+            "iface": self.underlay.iface,
+            "uptime_s": round(time.time() - self.started, 1),
+            "peers": [
+                {"subnet": str(p.lease.subnet), "public_ip": p.addr[0], "port": p.addr[1]}
+                for p in sorted(self.peers.peers(), key=lambda p: p.net)
+            ],
+            "counters": self.counters.snapshot(),
+        }
+
+    # -- main ----------------------------------------------------------------------------
+
+    async def main(self) -> int:
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+        dataplane = await self.start()
+        assert self.lease is not None
+        dataplane.start(loop)
+        server = await status.serve(Path(self.args.status_socket), self.snapshot)
+        tasks = [
+            asyncio.create_task(self.manager.watch(self.lease, self.on_snapshot, self.on_event)),
+            asyncio.create_task(self.manager.keep_renewed(self.lease)),
+            asyncio.create_task(stop.wait()),
+        ]
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                error = task.exception()
+                if isinstance(error, LeaseLost):
+                    raise Fatal(f"{error}; exiting so a supervisor restarts us")
+                if error is not None:
+                    raise error
+            self.log.info("stopping", reason="signal")
+            return 0
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            dataplane.stop(loop)
+            dataplane.sock.close()
+            server.close()
+            Path(self.args.status_socket).unlink(missing_ok=True)
+            await self.kv.close()
+
+
+def run(args: argparse.Namespace) -> int:
+    overlay_log.configure(args.log_format, args.v)
+    fmt = args.log_format
+    try:
+        underlay = select_underlay(args.iface, args.public_ip)
+        tun = TunDevice(args.tun_name)
+    except (Fatal, TunError, netlink.LinkError) as e:
+        return overlay_log.fatal(PROG, str(e), fmt)
+    try:
+        return uvloop.run(Daemon(args, underlay, tun).main())
+    except (Fatal, RegistryError, TunError, netlink.LinkError) as e:
+        return overlay_log.fatal(PROG, str(e), fmt)
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        tun.close()

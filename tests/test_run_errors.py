@@ -1,0 +1,137 @@
+"""`overlay run` refuses bad input with one line and a non-zero exit, and leaves nothing."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import overlay_cmd
+
+
+def _run(
+    args: list[str],
+    *,
+    netns: str | None = None,
+    prefix: list[str] | None = None,
+    timeout: float = 20,
+) -> subprocess.CompletedProcess[str]:
+    cmd = overlay_cmd("run", *args)
+    if prefix:
+        cmd = prefix + cmd
+    if netns:
+        cmd = ["ip", "netns", "exec", netns, *cmd]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+
+
+def _one_line(text: str) -> str:
+    lines = [line for line in text.splitlines() if line.strip()]
+    assert len(lines) == 1, f"expected one line, got: {text!r}"
+    return lines[0]
+
+
+def test_unknown_flag_is_one_line_usage_error() -> None:
+    result = _run(["--no-such-flag"])
+    assert result.returncode == 2
+    line = _one_line(result.stderr)
+    assert "unrecognized arguments: --no-such-flag" in line
+
+
+def test_bad_flag_value_is_one_line_usage_error() -> None:
+    result = _run(["--network", "10.0.0.300/8"])
+    assert result.returncode == 2
+    assert "is not an IPv4 CIDR" in _one_line(result.stderr)
+
+
+def test_bad_backend_choice() -> None:
+    result = _run(["--backend", "ipsec"])
+    assert result.returncode == 2
+    assert "invalid choice: 'ipsec'" in _one_line(result.stderr)
+
+
+@pytest.mark.netns
+def test_bad_network_config_exits_with_field_name(netns, tmp_path: Path) -> None:
+    ns = netns("cfg")
+    registry = tmp_path / "registry.json"
+    from control.file_registry import FileRegistry
+
+    FileRegistry(registry).put_sync(
+        "/coreos.com/network/config",
+        json.dumps({"Network": "198.18.0.0/16", "SubnetLen": 31}).encode(),
+        None,
+    )
+    result = _run(
+        [
+            "--registry-file",
+            str(registry),
+            "--iface",
+            "lo",
+            "--subnet-file",
+            str(tmp_path / "subnet.env"),
+            "--status-socket",
+            str(tmp_path / "s.sock"),
+        ],
+        netns=ns,
+    )
+    assert result.returncode == 1
+    line = _one_line(result.stderr)
+    assert "invalid network config" in line and "SubnetLen" in line
+    # Nothing was leased, nothing written, no TUN left in the namespace.
+    assert "subnets" not in registry.read_text()
+    assert not (tmp_path / "subnet.env").exists()
+    links = subprocess.run(["ip", "-n", ns, "-o", "link"], capture_output=True, text=True)
+    assert "flannel0" not in links.stdout
+
+
+@pytest.mark.netns
+def test_missing_tun_permission(netns, tmp_path: Path) -> None:
+    ns = netns("cap")
+    # A real missing permission: root without CAP_NET_ADMIN cannot create a TUN device.
+    drop = ["setpriv", "--bounding-set", "-net_admin", "--inh-caps", "-net_admin"]
+    result = _run(
+        [
+            "--registry-file",
+            str(tmp_path / "r.json"),
+            "--network",
+            "198.18.0.0/16",
+            "--iface",
+            "lo",
+            "--subnet-file",
+            str(tmp_path / "subnet.env"),
+        ],
+        netns=ns,
+        prefix=drop,
+    )
+    assert result.returncode == 1
+    line = _one_line(result.stderr)
+    assert "cannot create TUN device flannel0" in line and "CAP_NET_ADMIN" in line
+    assert not (tmp_path / "r.json").exists()
+
+
+@pytest.mark.netns
+def test_no_interface_to_choose(netns, tmp_path: Path) -> None:
+    ns = netns("nif")
+    result = _run(
+        [
+            "--registry-file",
+            str(tmp_path / "r.json"),
+            "--network",
+            "198.18.0.0/16",
+            "--iface",
+            "eth9",
+        ],
+        netns=ns,
+    )
+    assert result.returncode == 1
+    assert "none of --iface eth9 exists" in _one_line(result.stderr)
+
+
+def test_env_var_sets_flag() -> None:
+    import os
+
+    env = dict(os.environ, FLANNELD_SUBNET_LEASE_RENEW_MARGIN="abc")
+    result = subprocess.run(overlay_cmd("run"), capture_output=True, text=True, env=env, timeout=20)
+    assert result.returncode == 2
+    assert "is not a number of minutes" in _one_line(result.stderr)
