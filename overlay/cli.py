@@ -129,6 +129,12 @@ def run_parser() -> OneLineParser:
         "--tun-name", default=_env("tun-name", "flannel0"), help="TUN device (default flannel0)"
     )
     p.add_argument(
+        "--no-offload",
+        action="store_true",
+        default=_env_bool("no-offload"),
+        help="force the plain per-packet path (no UDP GSO/GRO, no TUN offloads)",
+    )
+    p.add_argument(
         "-v",
         type=int,
         default=int(_env("v", "0")) if str(_env("v", "0")).isdigit() else 0,

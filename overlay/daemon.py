@@ -163,7 +163,14 @@ class Daemon:
             tun=self.tun.name,
             mtu=mtu,
         )
-        return UdpDataplane(self.tun, sock, self.peers, lease.subnet, self.counters)
+        return UdpDataplane(
+            self.tun,
+            sock,
+            self.peers,
+            lease.subnet,
+            self.counters,
+            offload=not self.args.no_offload,
+        )
 
     # -- registry events -----------------------------------------------------------------
 

@@ -69,7 +69,10 @@ class UdpDataplane:
         peers: PeerTable,
         own_subnet: IPv4Network,
         counters: Counters,
+        *,
+        offload: bool = True,
     ) -> None:
+        self.offload = offload  # batching/offloads allowed (probed features permitting)
         self.tun = tun
         self.sock = sock
         self.peers = peers
