@@ -9,6 +9,7 @@ from ipaddress import IPv4Address, IPv4Network
 from typing import Any, NoReturn
 
 from control.config import SUPPORTED_BACKENDS
+from control.etcd_registry import Endpoint, parse_endpoints
 from control.lease import DEFAULT_PREFIX
 
 USAGE = """usage: overlay <command> [options]
@@ -57,6 +58,13 @@ def _address(text: str) -> IPv4Address:
         raise argparse.ArgumentTypeError(f"{text!r} is not an IPv4 address") from None
 
 
+def _endpoints(text: str) -> list[Endpoint]:
+    try:
+        return parse_endpoints(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def _minutes(text: str) -> float:
     try:
         value = float(text)
@@ -78,6 +86,27 @@ def run_parser() -> OneLineParser:
         default=_env("registry-file", "/run/flannel/registry.json"),
         help="the embedded file registry shared by the daemons of this machine "
         "(default /run/flannel/registry.json)",
+    )
+    p.add_argument(
+        "--etcd-endpoints",
+        type=_endpoints,
+        default=_env("etcd-endpoints"),
+        help="comma-separated etcd URLs (http(s)://host:port); without it the embedded file "
+        "registry is used",
+    )
+    p.add_argument("--etcd-cafile", default=_env("etcd-cafile"), help="CA to verify etcd with")
+    p.add_argument(
+        "--etcd-certfile", default=_env("etcd-certfile"), help="client certificate for etcd"
+    )
+    p.add_argument("--etcd-keyfile", default=_env("etcd-keyfile"), help="its private key")
+    p.add_argument("--etcd-username", default=_env("etcd-username"), help="etcd user")
+    p.add_argument("--etcd-password", default=_env("etcd-password"), help="etcd password")
+    p.add_argument(
+        "--registry-timeout",
+        type=float,
+        default=_env("registry-timeout", "60"),
+        help="at startup, keep retrying an unreachable registry this many seconds before "
+        "giving up (default 60)",
     )
     p.add_argument(
         "--etcd-prefix",

@@ -11,17 +11,19 @@ import argparse
 import asyncio
 import signal
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import structlog
 import uvloop
 
 from control.config import ConfigError, NetworkConfig, config_json
+from control.etcd_registry import EtcdRegistry, TlsFiles
 from control.file_registry import FileRegistry
-from control.kv import RegistryError
+from control.kv import KeyValueStore, RegistryError
 from control.lease import Lease
 from control.peer_table import PeerTable
 from control.subnet_env import SubnetEnv
@@ -36,6 +38,7 @@ from tun import netlink
 from tun.device import TunDevice, TunError
 
 PROG = "overlay run"
+T = TypeVar("T")
 IMPLEMENTED_BACKENDS = ("udp",)
 
 
@@ -80,13 +83,27 @@ def select_underlay(ifaces: list[str], public_ip: IPv4Address | None) -> Underla
     return Underlay(name, address, public_ip or address, netlink.interface_mtu(name))
 
 
+def registry_for(args: argparse.Namespace) -> KeyValueStore:
+    """etcd when --etcd-endpoints is given, else the embedded file registry."""
+    if args.etcd_endpoints:
+        if (args.etcd_username is None) != (args.etcd_password is None):
+            raise Fatal("--etcd-username and --etcd-password go together")
+        return EtcdRegistry(
+            args.etcd_endpoints,
+            tls=TlsFiles(args.etcd_cafile, args.etcd_certfile, args.etcd_keyfile),
+            username=args.etcd_username,
+            password=args.etcd_password,
+        )
+    return FileRegistry(args.registry_file)
+
+
 class Daemon:
     def __init__(self, args: argparse.Namespace, underlay: Underlay, tun: TunDevice) -> None:
         self.args = args
         self.underlay = underlay
         self.tun = tun
         self.log = structlog.get_logger().bind(node=str(underlay.public_ip))
-        self.kv = FileRegistry(args.registry_file)
+        self.kv = registry_for(args)
         self.manager = SubnetManager(
             self.kv,
             public_ip=underlay.public_ip,
@@ -107,15 +124,40 @@ class Daemon:
 
     # -- startup -------------------------------------------------------------------------
 
+    async def _retrying(self, what: str, call: Callable[[], Awaitable[T]]) -> T:
+        """Retry ``call`` while the registry is unreachable, up to --registry-timeout."""
+        deadline = time.monotonic() + self.args.registry_timeout
+        delay = 0.5
+        last = ""
+        while True:
+            try:
+                return await call()
+            except RegistryError as e:
+                if time.monotonic() + delay > deadline:
+                    raise Fatal(
+                        f"registry unreachable for {self.args.registry_timeout:g} s while "
+                        f"{what}: {e}"
+                    ) from None
+                if str(e) != last:
+                    self.log.warning("registry_unavailable", step=what, error=str(e))
+                    last = str(e)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
     async def _network_config(self) -> NetworkConfig:
         args = self.args
+        read = self.manager.read_config
         try:
-            config = await self.manager.read_config()
+            config = await self._retrying("reading the config", read)
             if config is None and args.network is not None:
                 seed = config_json(args.network, args.backend or "udp").encode()
-                if await self.kv.create(self.manager.config_key, seed, None):
+                created = await self._retrying(
+                    "seeding the config",
+                    lambda: self.kv.create(self.manager.config_key, seed, None),
+                )
+                if created:
                     self.log.info("config_seeded", network=str(args.network))
-                config = await self.manager.read_config()
+                config = await self._retrying("reading the config", read)
             if config is None:
                 config = await self.manager.wait_for_config()
         except ConfigError as e:
@@ -138,8 +180,9 @@ class Daemon:
         self.config = config = await self._network_config()
         subnet_file = Path(self.args.subnet_file)
         previous = read_previous(subnet_file)
-        self.lease = lease = await self.manager.acquire(
-            config, previous.subnet.network if previous else None
+        self.lease = lease = await self._retrying(
+            "acquiring a lease",
+            lambda: self.manager.acquire(config, previous.subnet.network if previous else None),
         )
         mtu = self.underlay.mtu - udp_frame.OVERHEAD
         await asyncio.to_thread(
@@ -267,6 +310,7 @@ def run(args: argparse.Namespace) -> int:
     fmt = args.log_format
     try:
         underlay = select_underlay(args.iface, args.public_ip)
+        registry_for(args)  # flag combinations checked before anything is created
         tun = TunDevice(args.tun_name)
     except (Fatal, TunError, netlink.LinkError) as e:
         return overlay_log.fatal(PROG, str(e), fmt)

@@ -19,6 +19,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -49,7 +50,9 @@ STATE_ROOT = Path("/run/overlay-testbed")
 DEFAULT_PREFIX = "ovl"
 DEFAULT_UNDERLAY = "192.0.2.0/24"
 DEFAULT_NETWORK = "198.18.0.0/16"
-REGISTRIES = ("file", "etcd")
+REGISTRIES = ("etcd", "file")
+ETCD_PORT = 2379
+ETCD_START_TIMEOUT = 20.0
 # Ranges reserved for documentation (RFC 5737): offered when the default underlay is taken.
 CONFIG_KEY = "/coreos.com/network/config"
 DAEMON_START_TIMEOUT = 15.0
@@ -125,7 +128,7 @@ class Testbed:
         nodes: int = 3,
         pods_per_node: int = 2,
         backend: str = "udp",
-        registry: str = "file",
+        registry: str = "etcd",
         underlay: str = DEFAULT_UNDERLAY,
         network: str = DEFAULT_NETWORK,
         state_dir: Path | str | None = None,
@@ -141,12 +144,10 @@ class Testbed:
             raise TestbedError(
                 f"backend {backend!r} is not supported (use {', '.join(SUPPORTED_BACKENDS)})"
             )
-        if registry == "etcd":
-            raise TestbedError(
-                "registry 'etcd' is not yet supported by the testbed: use --registry file"
-            )
         if registry not in REGISTRIES:
-            raise TestbedError(f"registry {registry!r} is unknown (use file)")
+            raise TestbedError(f"registry {registry!r} is unknown (use etcd or file)")
+        if registry == "etcd" and shutil.which("etcd") is None:
+            raise TestbedError("registry etcd needs the etcd binary: `make setup` installs it")
         self.nodes = nodes
         self.pods_per_node = pods_per_node
         self.backend = backend
@@ -189,7 +190,7 @@ class Testbed:
 
     @property
     def underlay_ns(self) -> str:
-        """The namespace holding the underlay bridge (and, later, a registry host)."""
+        """The namespace holding the underlay bridge and the etcd registry host."""
         return f"{self.prefix}-ul"
 
     bridge = "br0"  # inside underlay_ns
@@ -226,6 +227,102 @@ class Testbed:
     @property
     def registry_file(self) -> Path:
         return self.state_dir / "registry.json"
+
+    @property
+    def etcd_ip(self) -> IPv4Address:
+        """etcd listens on the underlay's last host address, on the bridge."""
+        return self.underlay.broadcast_address - 1
+
+    @property
+    def etcd_endpoint(self) -> str:
+        return f"http://{self.etcd_ip}:{ETCD_PORT}"
+
+    @property
+    def etcd_pid_file(self) -> Path:
+        return self.state_dir / "etcd.pid"
+
+    def etcdctl(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        """etcdctl against this run's etcd, from the underlay namespace."""
+        return subprocess.run(
+            [
+                "ip",
+                "netns",
+                "exec",
+                self.underlay_ns,
+                "etcdctl",
+                "--endpoints",
+                self.etcd_endpoint,
+                "--dial-timeout",
+                "2s",
+                "--command-timeout",
+                "5s",
+                *args,
+            ],
+            capture_output=True,
+            text=True,
+            check=check,
+            timeout=30,
+            env=dict(os.environ, ETCDCTL_API="3"),
+        )
+
+    def start_etcd(self) -> None:
+        """Start (or restart, after stop_etcd) the run's etcd; its data survives restarts."""
+        data = self.state_dir / "etcd"
+        peer = f"http://127.0.0.1:{ETCD_PORT + 1}"
+        with open(self.state_dir / "etcd.log", "ab") as log:
+            proc = subprocess.Popen(
+                [
+                    "ip",
+                    "netns",
+                    "exec",
+                    self.underlay_ns,
+                    "etcd",
+                    "--name",
+                    self.prefix,
+                    "--data-dir",
+                    str(data),
+                    "--listen-client-urls",
+                    self.etcd_endpoint,
+                    "--advertise-client-urls",
+                    self.etcd_endpoint,
+                    "--listen-peer-urls",
+                    peer,
+                    "--initial-advertise-peer-urls",
+                    peer,
+                    "--initial-cluster",
+                    f"{self.prefix}={peer}",
+                    "--log-level",
+                    "error",
+                ],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        self.etcd_pid_file.write_text(f"{proc.pid}\n")
+        deadline = time.monotonic() + ETCD_START_TIMEOUT
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                break
+            if self.etcdctl("endpoint", "health", check=False).returncode == 0:
+                return
+            time.sleep(0.1)
+        raise TestbedError(
+            f"etcd did not come up on {self.etcd_endpoint}: {_tail(self.state_dir / 'etcd.log')}"
+        )
+
+    def stop_etcd(self) -> None:
+        """SIGKILL the run's etcd (what a crash looks like to the daemons)."""
+        try:
+            pid = int(self.etcd_pid_file.read_text())
+        except (OSError, ValueError):
+            return
+        if "etcd" in pid_cmdline(pid):
+            os.kill(pid, signal.SIGKILL)
+            for _ in range(100):
+                if not pid_alive(pid):
+                    break
+                time.sleep(0.05)
 
     def _node_re(self) -> re.Pattern[str]:
         return re.compile(rf"^{re.escape(self.prefix)}-n(\d+)$")
@@ -336,8 +433,17 @@ class Testbed:
                 sysctl_in(ns, "net.ipv4.ip_forward", "1")
 
     def _seed_registry(self) -> None:
-        config = config_json(self.network, self.backend).encode()
-        FileRegistry(self.registry_file).put_sync(CONFIG_KEY, config, None)
+        config = config_json(self.network, self.backend)
+        if self.registry == "file":
+            FileRegistry(self.registry_file).put_sync(CONFIG_KEY, config.encode(), None)
+            return
+        with IPRoute(netns=self.underlay_ns, flags=0) as ipr:
+            (bridge,) = ipr.link_lookup(ifname=self.bridge)
+            ipr.addr(
+                "add", index=bridge, address=str(self.etcd_ip), prefixlen=self.underlay.prefixlen
+            )
+        self.start_etcd()
+        self.etcdctl("put", CONFIG_KEY, config)
 
     def _child_env(self) -> dict[str, str]:
         """Our environment, with this checkout importable even if it is not installed."""
@@ -357,8 +463,11 @@ class Testbed:
             "-m",
             "overlay",
             "run",
-            "--registry-file",
-            str(self.registry_file),
+            *(
+                ["--registry-file", str(self.registry_file)]
+                if self.registry == "file"
+                else ["--etcd-endpoints", self.etcd_endpoint]
+            ),
             "--network",
             str(self.network),
             "--backend",
@@ -652,7 +761,7 @@ class Testbed:
             else:
                 ours = re.compile(
                     r"^(testbed\.json|registry\.json(\.lock)?|\.registry\.json\..*"
-                    r"|n\d+\.(pid|log)|n\d+)$"
+                    r"|n\d+\.(pid|log)|n\d+|etcd|etcd\.(pid|log))$"
                 )
                 for entry in state.iterdir():
                     if not ours.match(entry.name):
@@ -744,7 +853,12 @@ def _parser() -> _Parser:
     up.add_argument("--nodes", type=int, default=3, help="number of nodes (default 3)")
     up.add_argument("--pods-per-node", type=int, default=2, help="pods per node (default 2)")
     up.add_argument("--backend", default="udp", choices=SUPPORTED_BACKENDS)
-    up.add_argument("--registry", default="file", choices=REGISTRIES)
+    up.add_argument(
+        "--registry",
+        default="etcd",
+        choices=REGISTRIES,
+        help="etcd (default: a real etcd in the underlay namespace) or file",
+    )
     up.add_argument("--underlay", default=DEFAULT_UNDERLAY, help=f"default {DEFAULT_UNDERLAY}")
     up.add_argument("--network", default=DEFAULT_NETWORK, help=f"default {DEFAULT_NETWORK}")
 

@@ -93,7 +93,6 @@ def test_bad_prefix_rejected(prefix: str, capsys: pytest.CaptureFixture[str]) ->
 @pytest.mark.parametrize(
     ("kwargs", "words"),
     [
-        ({"registry": "etcd"}, "not yet supported"),
         ({"registry": "consul"}, "unknown"),
         ({"backend": "ipip"}, "not supported"),
         ({"nodes": 0}, "positive"),
@@ -155,15 +154,16 @@ def test_up_status_exec_down(beds: list[Testbed], capsys: pytest.CaptureFixture[
         assert pod["netns"] == f"{prefix}-{pod['name']}"
         assert bed.pod_ip(pod["name"]) == pod["ip"]
 
-    # Underlay: the bridge lives in the run's own underlay namespace, with no address, and
-    # the root namespace has no link of the run; nodes have no default route and forward.
+    # Underlay: the bridge lives in the run's own underlay namespace, where etcd listens on
+    # the last host address; the root namespace has no link of the run; nodes have no
+    # default route and forward.
     bridge = subprocess.run(
         ["ip", "-n", f"{prefix}-ul", "-o", "-4", "addr", "show", "dev", "br0"],
         capture_output=True,
         text=True,
         check=True,
     )
-    assert bridge.stdout.strip() == ""
+    assert f"inet {under.broadcast_address - 1}/{under.prefixlen}" in bridge.stdout
     root_links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
     assert prefix not in root_links
     routes = bed.exec("n1", ["ip", "-j", "route"], capture_output=True, text=True, check=True)
