@@ -38,7 +38,9 @@ class Row:
         return statistics.median(self.gbits)
 
 
-def _measure(bed: Testbed, name: str, src: str, dst: str, dst_ip: str, args: argparse.Namespace) -> Row:
+def _measure(
+    bed: Testbed, name: str, src: str, dst: str, dst_ip: str, args: argparse.Namespace
+) -> Row:
     ping(bed, src, dst_ip, count=3, interval=0.2)  # warm up ARP and the peer table
     rtt = ping(bed, src, dst_ip, count=args.pings, interval=0.1)
     if rtt.received == 0:

@@ -13,13 +13,13 @@ import asyncio
 import fcntl
 import json
 import os
-import tempfile
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from control.atomic_file import write_atomic
 from control.kv import Entry, Event, RegistryError, RevisionCompacted
 
 State = dict[str, Any]
@@ -106,15 +106,7 @@ class FileRegistry:
         return state  # type: ignore[no-any-return]
 
     def _store(self, state: State) -> None:
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=self.path.parent)
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(state, f)
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, self.path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_atomic(self.path, json.dumps(state), 0o644)
 
     @contextmanager
     def _locked(self) -> Iterator[State]:

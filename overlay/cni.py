@@ -16,11 +16,11 @@ import os
 import re
 import subprocess
 import sys
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from control.atomic_file import write_atomic
 from control.subnet_env import SubnetEnv, SubnetEnvError, parse_subnet_env
 
 SUPPORTED_VERSIONS = ["0.3.0", "0.3.1", "0.4.0", "1.0.0"]
@@ -185,14 +185,7 @@ def save_delegate(path: Path, delegate: Mapping[str, Any]) -> None:
     """Write atomically (0600, like flannel) so a crash never leaves a half config."""
     try:
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(delegate, f)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_atomic(path, json.dumps(delegate), 0o600)
     except OSError as e:
         raise CniError(ERR_IO, f"cannot save delegate config {path}: {e.strerror}") from None
 

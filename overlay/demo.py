@@ -12,7 +12,7 @@ from overlay.testbed import Testbed
 
 def main() -> int:
     bed = Testbed("demo" + uuid.uuid4().hex[:4], nodes=3, pods_per_node=2, backend="udp")
-    print(f"== building testbed {bed.prefix}: 3 nodes x 2 pods, udp backend, file registry")
+    print(f"== building testbed {bed.prefix}: 3 nodes x 2 pods, udp backend, etcd registry")
     with bed:
         bed.up()
         st = bed.status()

@@ -2,26 +2,14 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
+from control.atomic_file import write_atomic
 from control.subnet_env import SubnetEnv, SubnetEnvError, parse_subnet_env
 
 
 def write_subnet_env(path: Path, env: SubnetEnv) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(env.render())
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(path, env.render(), 0o644)
 
 
 def read_previous(path: Path) -> SubnetEnv | None:
