@@ -9,16 +9,21 @@ errors translated to RegistryError / RevisionCompacted.
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-import aetcd
-import grpc
+# gRPC's C core logs its own lines to stderr (a refused TLS handshake prints several):
+# they would break "one error line" and duplicate what RegistryError already says.
+os.environ.setdefault("GRPC_VERBOSITY", "NONE")
 
-from control.kv import Entry, Event, RegistryError, RevisionCompacted
+import aetcd  # noqa: E402 - after GRPC_VERBOSITY, which the C core reads at import
+import grpc  # noqa: E402
+
+from control.kv import Entry, Event, RegistryError, RevisionCompacted  # noqa: E402
 
 # Ping every 5 s (etcd's default --grpc-keepalive-min-time; faster gets GOAWAY), give up
 # after 3 s without an answer: a SIGSTOPped etcd fails the watch in about 8 s.
@@ -28,6 +33,15 @@ KEEPALIVE = {
     "grpc.http2.ping_timeout_ms": 3000,
     "grpc.keepalive_permit_without_calls": 1,
     "grpc.http2.max_pings_without_data": 0,
+}
+# gRPC shares subchannels between channels to the same target and backs off reconnecting
+# up to 120 s: after an outage a fresh client would still wait out that backoff. A channel
+# of its own with the backoff capped at 5 s reconnects as soon as etcd is back.
+RECONNECT = {
+    "grpc.use_local_subchannel_pool": 1,
+    "grpc.initial_reconnect_backoff_ms": 100,
+    "grpc.min_reconnect_backoff_ms": 100,
+    "grpc.max_reconnect_backoff_ms": 5000,
 }
 CALL_TIMEOUT = 5
 
@@ -166,14 +180,14 @@ class EtcdRegistry:
                 username=self.username,
                 password=self.password,
                 timeout=self.timeout,
-                options=dict(KEEPALIVE),
+                options={**KEEPALIVE, **RECONNECT},
                 credentials=credentials,
             )
             try:
                 await client.connect()
             except aetcd.ClientError as e:
                 await self._drop(client)
-                raise RegistryError(f"etcd {endpoint}: {_describe(e)}") from None
+                raise RegistryError(f"etcd {endpoint}: {_describe(e, endpoint)}") from None
             self._client = client
             return client
 
@@ -192,7 +206,7 @@ class EtcdRegistry:
         endpoint = self.endpoint
         if isinstance(error, aetcd.ClientError | grpc.aio.AioRpcError | OSError):
             await self._drop(client)
-        return RegistryError(f"etcd {endpoint}: {_describe(error)}")
+        return RegistryError(f"etcd {endpoint}: {_describe(error, endpoint)}")
 
     # -- KeyValueStore -------------------------------------------------------------------
 
@@ -284,8 +298,11 @@ def _entry(kv: Any) -> Entry:
     )
 
 
-def _describe(error: Exception) -> str:
+def _describe(error: Exception, endpoint: Endpoint) -> str:
     if isinstance(error, grpc.aio.AioRpcError):
-        return f"{error.code().name}: {error.details()}"
-    text = str(error) or type(error).__name__
-    return text.splitlines()[0]
+        text = f"{error.code().name}: {error.details()}"
+    else:
+        text = (str(error) or type(error).__name__).splitlines()[0]
+    if endpoint.tls and ("TSI_" in text or "SSL" in text):
+        text += " (TLS handshake failed: check --etcd-cafile, --etcd-certfile, --etcd-keyfile)"
+    return text

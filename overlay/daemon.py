@@ -133,7 +133,8 @@ class Daemon:
             try:
                 return await call()
             except RegistryError as e:
-                if time.monotonic() + delay > deadline:
+                left = deadline - time.monotonic()
+                if left <= 0:
                     raise Fatal(
                         f"registry unreachable for {self.args.registry_timeout:g} s while "
                         f"{what}: {e}"
@@ -141,7 +142,7 @@ class Daemon:
                 if str(e) != last:
                     self.log.warning("registry_unavailable", step=what, error=str(e))
                     last = str(e)
-                await asyncio.sleep(delay)
+                await asyncio.sleep(min(delay, left))  # the last try is at the deadline
                 delay = min(delay * 2, 5.0)
 
     async def _network_config(self) -> NetworkConfig:

@@ -411,26 +411,30 @@ class Testbed:
             (bridge,) = ipr.link_lookup(ifname=self.bridge)
             ipr.link("set", index=bridge, state="up")
             for i in range(1, self.nodes + 1):
-                ns = self.node_ns(i)
-                create_netns(ns)
-                ipr.link(
-                    "add",
-                    ifname=self.veth(i),
-                    kind="veth",
-                    peer={"ifname": "eth0", "net_ns_fd": ns},
-                )
-                (veth,) = ipr.link_lookup(ifname=self.veth(i))
-                ipr.link("set", index=veth, master=bridge, state="up")
-                with IPRoute(netns=ns, flags=0) as node:
-                    (eth0,) = node.link_lookup(ifname="eth0")
-                    node.addr(
-                        "add",
-                        index=eth0,
-                        address=str(self.node_ip(i)),
-                        prefixlen=self.underlay.prefixlen,
-                    )
-                    node.link("set", index=eth0, state="up")
-                sysctl_in(ns, "net.ipv4.ip_forward", "1")
+                self._build_node(ipr, bridge, i)
+
+    def _build_node(self, ipr: IPRoute, bridge: int, i: int) -> None:
+        """Node i's namespace, plugged into the bridge (``ipr`` is in the underlay ns)."""
+        ns = self.node_ns(i)
+        create_netns(ns)
+        ipr.link(
+            "add",
+            ifname=self.veth(i),
+            kind="veth",
+            peer={"ifname": "eth0", "net_ns_fd": ns},
+        )
+        (veth,) = ipr.link_lookup(ifname=self.veth(i))
+        ipr.link("set", index=veth, master=bridge, state="up")
+        with IPRoute(netns=ns, flags=0) as node:
+            (eth0,) = node.link_lookup(ifname="eth0")
+            node.addr(
+                "add",
+                index=eth0,
+                address=str(self.node_ip(i)),
+                prefixlen=self.underlay.prefixlen,
+            )
+            node.link("set", index=eth0, state="up")
+        sysctl_in(ns, "net.ipv4.ip_forward", "1")
 
     def _seed_registry(self) -> None:
         config = config_json(self.network, self.backend)
@@ -485,24 +489,26 @@ class Testbed:
         ]
 
     def _start_daemons(self) -> None:
-        env = self._child_env()
         for i in range(1, self.nodes + 1):
-            self.node_dir(i).mkdir(parents=True, exist_ok=True)
-            with open(self.log_file(i), "ab") as log:
-                proc = subprocess.Popen(
-                    self.daemon_argv(i),
-                    stdin=subprocess.DEVNULL,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,
-                    env=env,
-                )
-            self._procs[i] = proc
-            self.pid_file(i).write_text(f"{proc.pid}\n")
+            self._start_daemon(i)
 
-    def _wait_daemons(self) -> None:
+    def _start_daemon(self, i: int) -> None:
+        self.node_dir(i).mkdir(parents=True, exist_ok=True)
+        with open(self.log_file(i), "ab") as log:
+            proc = subprocess.Popen(
+                self.daemon_argv(i),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                env=self._child_env(),
+            )
+        self._procs[i] = proc
+        self.pid_file(i).write_text(f"{proc.pid}\n")
+
+    def _wait_daemons(self, nodes: list[int] | None = None) -> None:
         deadline = time.monotonic() + DAEMON_START_TIMEOUT
-        waiting = set(range(1, self.nodes + 1))
+        waiting = set(nodes or range(1, self.nodes + 1))
         while waiting:
             for i in sorted(waiting):
                 if self.subnet_file(i).exists():
@@ -560,23 +566,45 @@ class Testbed:
 
     def _add_pods(self) -> None:
         for i in range(1, self.nodes + 1):
-            (self.node_dir(i) / "pods").mkdir(exist_ok=True)
-            for j in range(1, self.pods_per_node + 1):
-                pod = self.pod_ns(i, j)
-                create_netns(pod)
-                proc = self._cni("ADD", i, pod)
-                try:
-                    result = json.loads(proc.stdout)
-                except ValueError:
-                    result = None
-                if proc.returncode != 0 or not isinstance(result, dict):
-                    reason = (
-                        result.get("msg", proc.stdout) if isinstance(result, dict) else proc.stdout
-                    )
-                    detail = str(reason).strip() or proc.stderr.strip()[-300:]
-                    raise TestbedError(f"CNI ADD of pod n{i}-p{j} failed: {detail}")
-                pod_file = self.node_dir(i) / "pods" / f"n{i}-p{j}.json"
-                pod_file.write_text(json.dumps(result, indent=2) + "\n")
+            self._add_pods_of(i)
+
+    def _add_pods_of(self, i: int) -> None:
+        (self.node_dir(i) / "pods").mkdir(exist_ok=True)
+        for j in range(1, self.pods_per_node + 1):
+            pod = self.pod_ns(i, j)
+            create_netns(pod)
+            proc = self._cni("ADD", i, pod)
+            try:
+                result = json.loads(proc.stdout)
+            except ValueError:
+                result = None
+            if proc.returncode != 0 or not isinstance(result, dict):
+                reason = result.get("msg", proc.stdout) if isinstance(result, dict) else proc.stdout
+                detail = str(reason).strip() or proc.stderr.strip()[-300:]
+                raise TestbedError(f"CNI ADD of pod n{i}-p{j} failed: {detail}")
+            pod_file = self.node_dir(i) / "pods" / f"n{i}-p{j}.json"
+            pod_file.write_text(json.dumps(result, indent=2) + "\n")
+
+    def add_node(self) -> int:
+        """Join one more node to the running testbed (namespace on the bridge, daemon,
+        pods); returns its number. ``down`` removes it with the rest."""
+        i = self.nodes + 1
+        if len(self.node_ns(i)) > IFNAMSIZ:
+            raise TestbedError(f"name {self.node_ns(i)!r} would exceed {IFNAMSIZ} characters")
+        self.nodes = i
+        try:
+            self._check_addressing()
+        except TestbedError:
+            self.nodes = i - 1
+            raise
+        self._write_state()  # records the new count, so status/load/down see the node
+        with IPRoute(netns=self.underlay_ns, flags=0) as ipr:
+            (bridge,) = ipr.link_lookup(ifname=self.bridge)
+            self._build_node(ipr, bridge, i)
+        self._start_daemon(i)
+        self._wait_daemons([i])
+        self._add_pods_of(i)
+        return i
 
     # -- status / exec ----------------------------------------------------------------------
 

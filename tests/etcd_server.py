@@ -1,8 +1,14 @@
 """A real etcd (Debian's etcd-server) for the tests: started on a free loopback port, in a
-temporary data dir, and always stopped (also when a test fails)."""
+temporary data dir, and always stopped (also when a test fails).
+
+``stop()`` is a SIGKILL (what a crash looks like); ``start()`` again brings the same
+member back on the same port with the same data. ``pause()``/``resume()`` freeze it
+(SIGSTOP/SIGCONT): the TCP connections stay up but nothing answers.
+"""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -19,8 +25,16 @@ def free_port() -> int:
 
 
 class EtcdServer:
-    def __init__(self, data_dir: Path, *, host: str = "127.0.0.1", netns: str | None = None,
-                 tls: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        *,
+        host: str = "127.0.0.1",
+        netns: str | None = None,
+        tls: dict[str, str] | None = None,
+    ) -> None:
+        """``tls``: paths under the keys cert, key, ca (server side; client certificates
+        are then required) and client_cert, client_key (what ``ctl`` presents)."""
         if shutil.which("etcd") is None:
             raise RuntimeError("etcd is not installed (`make setup` installs etcd-server)")
         self.data_dir = data_dir
@@ -40,64 +54,136 @@ class EtcdServer:
     def endpoint(self) -> str:
         return f"{self.scheme}://{self.host}:{self.port}"
 
+    @property
+    def pid(self) -> int:
+        """The etcd process itself (``ip netns exec`` execs it, so the pid is etcd's)."""
+        assert self.proc is not None, "etcd is not running"
+        return self.proc.pid
+
     def _prefix(self) -> list[str]:
         return ["ip", "netns", "exec", self.netns] if self.netns else []
 
     def start(self, timeout: float = 20.0) -> EtcdServer:
+        peer = f"http://{self.host}:{self.peer_port}"
         cmd = [
-            *self._prefix(), "etcd", "--name", "test", "--data-dir", str(self.data_dir),
-            "--listen-client-urls", self.endpoint, "--advertise-client-urls", self.endpoint,
-            "--listen-peer-urls", f"http://{self.host}:{self.peer_port}",
-            "--initial-advertise-peer-urls", f"http://{self.host}:{self.peer_port}",
-            "--initial-cluster", f"test=http://{self.host}:{self.peer_port}",
-            "--log-level", "error",
+            *self._prefix(),
+            "etcd",
+            "--name",
+            "test",
+            "--data-dir",
+            str(self.data_dir),
+            "--listen-client-urls",
+            self.endpoint,
+            "--advertise-client-urls",
+            self.endpoint,
+            "--listen-peer-urls",
+            peer,
+            "--initial-advertise-peer-urls",
+            peer,
+            "--initial-cluster",
+            f"test={peer}",
+            "--log-level",
+            "error",
         ]
         if self.tls:
-            cmd += ["--cert-file", self.tls["cert"], "--key-file", self.tls["key"],
-                    "--trusted-ca-file", self.tls["ca"], "--client-cert-auth"]
-        env = dict(os.environ, ETCD_UNSUPPORTED_ARCH=os.environ.get("ETCD_UNSUPPORTED_ARCH", ""))
+            cmd += [
+                "--cert-file",
+                self.tls["cert"],
+                "--key-file",
+                self.tls["key"],
+                "--trusted-ca-file",
+                self.tls["ca"],
+                "--client-cert-auth",
+            ]
         with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(cmd, stdout=log, stderr=log, env=env,
-                                         start_new_session=True)
+            self.proc = subprocess.Popen(
+                cmd, stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True
+            )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
+                self.proc = None
                 raise RuntimeError(f"etcd exited: {self.log.read_text()[-500:]}")
             if self.ctl("endpoint", "health", check=False).returncode == 0:
                 return self
             time.sleep(0.1)
+        self.stop()
         raise RuntimeError(f"etcd did not become healthy: {self.log.read_text()[-500:]}")
 
-    def ctl(self, *args: str, check: bool = True, input: str | None = None
-            ) -> subprocess.CompletedProcess[str]:
-        cmd = [*self._prefix(), "etcdctl", "--endpoints", self.endpoint, "--dial-timeout", "2s",
-               "--command-timeout", "5s"]
+    def ctl(
+        self, *args: str, check: bool = True, input: str | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        cmd = [
+            *self._prefix(),
+            "etcdctl",
+            "--endpoints",
+            self.endpoint,
+            "--dial-timeout",
+            "2s",
+            "--command-timeout",
+            "5s",
+        ]
         if self.tls:
-            cmd += ["--cacert", self.tls["ca"], "--cert", self.tls["client_cert"],
-                    "--key", self.tls["client_key"]]
+            cmd += [
+                "--cacert",
+                self.tls["ca"],
+                "--cert",
+                self.tls["client_cert"],
+                "--key",
+                self.tls["client_key"],
+            ]
         env = dict(os.environ, ETCDCTL_API="3")
-        return subprocess.run([*cmd, *args], capture_output=True, text=True, env=env,
-                              check=check, input=input, timeout=30)
+        return subprocess.run(
+            [*cmd, *args],
+            capture_output=True,
+            text=True,
+            env=env,
+            check=check,
+            input=input,
+            timeout=30,
+        )
 
-    def put(self, key: str, value: str) -> None:
-        self.ctl("put", key, "--", value) if value.startswith("-") else self.ctl("put", key, value)
+    def put(self, key: str, value: str, *, lease: str | None = None) -> None:
+        """``etcdctl put`` (``lease``: a hex lease ID from ``grant``; None: no TTL)."""
+        self.ctl("put", *([f"--lease={lease}"] if lease else []), key, "--", value)
 
     def get(self, key: str) -> str | None:
         out = self.ctl("get", key, "--print-value-only").stdout
         return out[:-1] if out else None
 
+    def keys(self, prefix: str) -> list[str]:
+        out = self.ctl("get", prefix, "--prefix", "--keys-only").stdout
+        return [line for line in out.splitlines() if line]
+
+    def lease_of(self, key: str) -> int:
+        """The etcd lease ID attached to ``key`` (0: none, i.e. a reservation)."""
+        kvs = json.loads(self.ctl("get", key, "-w", "json").stdout).get("kvs", [])
+        assert kvs, f"{key} does not exist"
+        return int(kvs[0].get("lease", 0))
+
+    def grant(self, ttl: int) -> str:
+        """A new etcd lease; its ID in hex, as etcdctl takes it."""
+        out = self.ctl("lease", "grant", str(ttl)).stdout  # "lease 694d... granted with TTL(600s)"
+        return out.split()[1]
+
+    def revision(self) -> int:
+        out = self.ctl("endpoint", "status", "-w", "json").stdout
+        return int(json.loads(out)[0]["Status"]["header"]["revision"])
+
     def stop(self) -> None:
         """SIGKILL: the way a crashed etcd goes."""
         if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)  # a paused etcd dies as well
             self.proc.send_signal(signal.SIGKILL)
             self.proc.wait(timeout=10)
         self.proc = None
 
-    def revision(self) -> int:
-        import json
+    def pause(self) -> None:
+        os.kill(self.pid, signal.SIGSTOP)
 
-        out = self.ctl("endpoint", "status", "-w", "json").stdout
-        return int(json.loads(out)[0]["Status"]["header"]["revision"])
+    def resume(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.kill(self.pid, signal.SIGCONT)
 
     def __enter__(self) -> EtcdServer:
         return self.start()

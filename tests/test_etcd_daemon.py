@@ -1,0 +1,463 @@
+"""`overlay run` against a real etcd: real daemons on a namespace testbed (etcd outage,
+late joiner, revoked lease, restart), TLS with client certificates, invalid and missing
+network configs."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from functools import partial
+from ipaddress import IPv4Network
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from control.subnet_env import parse_subnet_env
+from overlay import status
+from overlay.netns import create_netns, netns_pids, pid_alive, remove_netns, terminate
+from overlay.testbed import Testbed
+from tests.etcd_server import EtcdServer
+
+pytestmark = [
+    pytest.mark.netns,
+    pytest.mark.skipif(
+        shutil.which("etcd") is None or shutil.which("openssl") is None,
+        reason="needs etcd, etcdctl and openssl (`make setup` installs them)",
+    ),
+]
+
+ROOT = Path(__file__).resolve().parent.parent
+NETWORK = "198.18.0.0/16"
+SUBNETS = "/coreos.com/network/subnets/"
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float, what: str) -> float:
+    """Poll ``predicate`` until true; the seconds it took (fails after ``timeout``)."""
+    start = time.monotonic()
+    while not predicate():
+        if time.monotonic() - start > timeout:
+            raise AssertionError(f"{what}: not within {timeout} s")
+        time.sleep(0.05)
+    return time.monotonic() - start
+
+
+def overlay_run(ns: str, *args: str) -> list[str]:
+    return ["ip", "netns", "exec", ns, sys.executable, "-m", "overlay", "run", *args]
+
+
+def child_env() -> dict[str, str]:
+    return dict(os.environ, PYTHONPATH=str(ROOT))
+
+
+def log_events(path: Path) -> list[dict[str, Any]]:
+    """The JSON log lines of a daemon run with --log-format json."""
+    events = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            events.append(json.loads(line))
+        except ValueError:
+            events.append({"event": line, "level": "unparsed"})
+    return events
+
+
+# -- the testbed: three nodes, one pod each, a real etcd on the underlay bridge ----------------
+
+_started_here: list[subprocess.Popen[bytes]] = []
+
+
+@pytest.fixture(scope="module")
+def bed() -> Iterator[Testbed]:
+    tb = Testbed("e" + uuid.uuid4().hex[:7], nodes=3, pods_per_node=1, registry="etcd")
+    try:
+        tb.up()
+        yield tb
+    finally:
+        tb.down()  # also stops the daemons the tests restarted (pid files, netns sweep)
+        for proc in _started_here:
+            proc.wait(timeout=10)
+
+
+def node_status(bed: Testbed, i: int) -> dict[str, Any]:
+    return status.query(bed.node_dir(i) / "status.sock")
+
+
+def peers_of(bed: Testbed, i: int) -> set[str]:
+    try:
+        return {peer["subnet"] for peer in node_status(bed, i)["peers"]}
+    except OSError:
+        return set()
+
+
+def knows(bed: Testbed, i: int, subnet: str) -> bool:
+    """Node i's daemon lists ``subnet`` as a peer."""
+    return subnet in peers_of(bed, i)
+
+
+def node(bed: Testbed, i: int) -> dict[str, Any]:
+    result: dict[str, Any] = bed.status()["nodes"][i - 1]
+    return result
+
+
+def pod_pings(bed: Testbed, source: str, target: str, timeout: float = 10) -> bool:
+    """True once one echo from pod ``source`` to pod ``target`` comes back."""
+    address = bed.pod_ip(target)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = bed.exec(source, ["ping", "-c", "1", "-W", "1", address], capture_output=True)
+        if result.returncode == 0:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def restart_daemon(bed: Testbed, i: int) -> subprocess.Popen[bytes]:
+    """Start node i's daemon again with the testbed's own command line."""
+    with open(bed.log_file(i), "ab") as log:
+        proc = subprocess.Popen(
+            bed.daemon_argv(i),
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env=child_env(),
+        )
+    _started_here.append(proc)
+    bed.pid_file(i).write_text(f"{proc.pid}\n")  # status() and down() know it by this
+    return proc
+
+
+def test_restarted_daemon_gets_its_old_subnet_back(bed: Testbed) -> None:
+    before = node(bed, 2)
+    key = node_status(bed, 2)["lease"]["key"]
+    os.kill(before["pid"], signal.SIGTERM)
+    wait_for(lambda: not pid_alive(before["pid"]), 10, "n2's daemon to stop on SIGTERM")
+    # Without subnet.env, only the registry's lease carrying our IP can bring it back.
+    bed.subnet_file(2).unlink()
+    proc = restart_daemon(bed, 2)
+    wait_for(lambda: bed.subnet_file(2).exists() or proc.poll() is not None, 15, "restart")
+    assert proc.poll() is None, (bed.log_file(2).read_text()[-800:],)
+    after = node(bed, 2)
+    assert after["running"] and after["subnet"] == before["subnet"]
+    assert node_status(bed, 2)["lease"]["key"] == key
+    value = bed.etcdctl("get", key, "--print-value-only").stdout.strip()
+    assert value == f'{{"PublicIP":"{after["underlay_ip"]}","PublicIPv6":null}}'
+    assert before["subnet"] in peers_of(bed, 1)
+    assert pod_pings(bed, "n1-p1", "n2-p1") and pod_pings(bed, "n2-p1", "n3-p1")
+
+
+def test_etcd_down_for_20s_traffic_flows_and_a_later_joiner_is_seen(bed: Testbed) -> None:
+    target = bed.pod_ip("n3-p1")
+    assert pod_pings(bed, "n1-p1", "n3-p1")
+    ping = bed.popen(
+        "n1-p1",
+        ["ping", "-i", "0.2", "-W", "1", target],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        time.sleep(1.0)
+        bed.stop_etcd()  # SIGKILL
+        try:
+            time.sleep(20.0)
+        finally:
+            bed.start_etcd()  # same data dir: the leases are all still there
+        time.sleep(1.0)
+    finally:
+        ping.send_signal(signal.SIGINT)  # ping prints its summary and exits
+        output, _ = ping.communicate(timeout=10)
+    counts = re.search(r"(\d+) packets transmitted, (\d+) received", output)
+    assert counts, output
+    sent, received = int(counts[1]), int(counts[2])
+    loss = 1 - received / sent
+    print(f"during the etcd outage: {sent} pings sent, {received} answered ({loss:.1%} lost)")
+    assert sent >= 100 and loss < 0.05, output[-500:]
+    for i in (1, 2, 3):
+        assert node(bed, i)["running"], f"n{i}'s daemon died: {bed.log_file(i).read_text()[-500:]}"
+        watch = [e["event"] for e in log_events(bed.log_file(i))]
+        assert "watch_failed" in watch, f"n{i} never noticed the outage"
+
+    # A node that joins once etcd is back is seen by every daemon (they reconnected).
+    k = bed.add_node()
+    subnet = node(bed, k)["subnet"]
+    assert subnet is not None
+    for i in (1, 2, 3):
+        took = wait_for(partial(knows, bed, i, subnet), 10, f"n{i} seeing n{k}")
+        print(f"n{i} saw the joiner n{k} ({subnet}) after {took:.1f} s")
+    assert pod_pings(bed, "n1-p1", f"n{k}-p1")
+
+
+def test_deleted_lease_makes_that_daemon_exit_with_a_clear_message(bed: Testbed) -> None:
+    k = bed.add_node()
+    lease = node_status(bed, k)["lease"]
+    pid = node(bed, k)["pid"]
+    wait_for(lambda: lease["subnet"] in peers_of(bed, 1), 10, "n1 seeing the new node")
+
+    bed.etcdctl("del", lease["key"])
+    took = wait_for(lambda: not pid_alive(pid), 10, f"n{k}'s daemon to exit")
+    print(f"daemon exited {took:.1f} s after its lease was deleted")
+    code = bed._procs[k].wait(timeout=5)  # the testbed started it: it holds the exit status
+    assert code != 0
+    fatal = [e for e in log_events(bed.log_file(k)) if e.get("level") == "fatal"]
+    assert len(fatal) == 1, fatal
+    message = fatal[0]["event"]
+    assert "\n" not in message and "revoked" in message and lease["subnet"] in message
+    wait_for(lambda: lease["subnet"] not in peers_of(bed, 1), 10, "n1 dropping the peer")
+
+
+# -- TLS: a CA, a server and a client certificate made by openssl ------------------------------
+
+
+def make_pki(directory: Path) -> dict[str, str]:
+    """A CA, a server certificate for IP 127.0.0.1 and a client certificate (ECDSA P-256)."""
+    directory.mkdir()
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=directory, check=True, capture_output=True)
+
+    key = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    openssl(
+        "req", "-x509", *key, "-days", "1", "-subj", "/CN=ca", "-keyout", "ca.key", "-out", "ca.crt"
+    )
+    extensions = {
+        "server": "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n",
+        "client": "extendedKeyUsage=clientAuth\n",
+    }
+    for name, ext in extensions.items():
+        (directory / f"{name}.ext").write_text(ext)
+        openssl(
+            "req", *key, "-subj", f"/CN={name}", "-keyout", f"{name}.key", "-out", f"{name}.csr"
+        )
+        ca = ["-CA", "ca.crt", "-CAkey", "ca.key", "-set_serial", str(uuid.uuid4().int >> 65)]
+        openssl(
+            "x509",
+            "-req",
+            "-in",
+            f"{name}.csr",
+            *ca,
+            "-days",
+            "1",
+            "-extfile",
+            f"{name}.ext",
+            "-out",
+            f"{name}.crt",
+        )
+    return {
+        "ca": str(directory / "ca.crt"),
+        "cert": str(directory / "server.crt"),
+        "key": str(directory / "server.key"),
+        "client_cert": str(directory / "client.crt"),
+        "client_key": str(directory / "client.key"),
+    }
+
+
+def test_tls_daemon_with_client_cert_joins_and_one_without_fails(
+    netns: Callable[[str], str], tmp_path: Path
+) -> None:
+    ns = netns("tls")
+    pki = make_pki(tmp_path / "pki")
+    server = EtcdServer(tmp_path / "etcd", netns=ns, tls=pki)
+    try:
+        server.start()
+        common = ["--etcd-endpoints", server.endpoint, "--etcd-cafile", pki["ca"]]
+        common += ["--network", NETWORK, "--iface", "lo"]
+
+        started = time.monotonic()
+        refused = subprocess.run(
+            overlay_run(
+                ns,
+                *common,
+                "--registry-timeout",
+                "3",
+                "--subnet-file",
+                str(tmp_path / "refused.env"),
+                "--status-socket",
+                str(tmp_path / "refused.sock"),
+            ),
+            capture_output=True,
+            text=True,
+            timeout=30,
+            env=child_env(),
+        )
+        took = time.monotonic() - started
+        assert refused.returncode == 1
+        assert 3 <= took < 15, f"gave up after {took:.1f} s, not after --registry-timeout 3"
+        lines = refused.stderr.strip().splitlines()
+        error = lines[-1]
+        assert error.startswith("overlay run: error: registry unreachable for 3 s"), error
+        assert f"etcd {server.endpoint}" in error and "TLS handshake failed" in error, error
+        # Before it: only the daemon's own log lines (no gRPC library noise).
+        assert all("registry_unavailable" in line for line in lines[:-1]), lines
+        assert not (tmp_path / "refused.env").exists()
+
+        log = tmp_path / "daemon.log"
+        with open(log, "wb") as out:
+            daemon = subprocess.Popen(
+                overlay_run(
+                    ns,
+                    *common,
+                    "--etcd-certfile",
+                    pki["client_cert"],
+                    "--etcd-keyfile",
+                    pki["client_key"],
+                    "--subnet-file",
+                    str(tmp_path / "subnet.env"),
+                    "--status-socket",
+                    str(tmp_path / "status.sock"),
+                ),
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=child_env(),
+            )
+        try:
+            wait_for(
+                lambda: (tmp_path / "subnet.env").exists() or daemon.poll() is not None,
+                15,
+                "a lease over TLS",
+            )
+            assert daemon.poll() is None, log.read_text()
+            subnet = parse_subnet_env((tmp_path / "subnet.env").read_text()).subnet.network
+            key = f"{SUBNETS}{subnet.network_address}-{subnet.prefixlen}"
+            assert server.keys(SUBNETS) == [key]
+            assert server.get(key) == '{"PublicIP":"127.0.0.1","PublicIPv6":null}'
+        finally:
+            daemon.terminate()
+            code = daemon.wait(timeout=10)
+        assert code == 0, log.read_text()
+    finally:
+        server.stop()
+
+
+# -- network configs: each rule rejected, a missing one waited for -----------------------------
+
+
+@pytest.fixture(scope="module")
+def lo_etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, EtcdServer]]:
+    """One namespace (lo only) with an etcd on 127.0.0.1, shared by the config tests."""
+    ns = f"c{uuid.uuid4().hex[:7]}-cfg"
+    create_netns(ns)
+    try:
+        server = EtcdServer(tmp_path_factory.mktemp("cfg") / "etcd", netns=ns)
+        try:
+            server.start()
+            yield ns, server
+        finally:
+            server.stop()
+    finally:
+        terminate(netns_pids(ns), 2.0)  # only what the tests started lives in there
+        remove_netns(ns)
+
+
+INVALID = [
+    ("network-missing", {"SubnetLen": 24}, "Network"),
+    ("network-smaller-than-28", {"Network": "198.18.0.0/29"}, "Network"),
+    ("subnetlen-over-30", {"Network": NETWORK, "SubnetLen": 31}, "SubnetLen"),
+    ("subnetlen-under-prefix-plus-2", {"Network": NETWORK, "SubnetLen": 17}, "SubnetLen"),
+    ("subnetmin-outside", {"Network": NETWORK, "SubnetMin": "10.0.0.0"}, "SubnetMin"),
+    ("subnetmax-off-boundary", {"Network": NETWORK, "SubnetMax": "198.18.200.128"}, "SubnetMax"),
+    ("backend-type-unknown", {"Network": NETWORK, "Backend": {"Type": "ipsec"}}, "Backend.Type"),
+]
+
+
+@pytest.mark.parametrize(("config", "field"), [c[1:] for c in INVALID], ids=[c[0] for c in INVALID])
+def test_invalid_config_exits_naming_the_field(
+    lo_etcd: tuple[str, EtcdServer], tmp_path: Path, config: dict[str, Any], field: str
+) -> None:
+    ns, server = lo_etcd
+    prefix = f"/bad{uuid.uuid4().hex[:8]}/network"
+    server.put(f"{prefix}/config", json.dumps(config))
+    result = subprocess.run(
+        overlay_run(
+            ns,
+            "--etcd-endpoints",
+            server.endpoint,
+            "--etcd-prefix",
+            prefix,
+            "--iface",
+            "lo",
+            "--registry-timeout",
+            "5",
+            "--subnet-file",
+            str(tmp_path / "subnet.env"),
+            "--status-socket",
+            str(tmp_path / "status.sock"),
+        ),
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=child_env(),
+    )
+    assert result.returncode == 1
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith(f"overlay run: error: invalid network config at {prefix}/config")
+    assert f"{field}: " in lines[0], lines[0]
+    assert server.keys(f"{prefix}/subnets/") == []
+    assert not (tmp_path / "subnet.env").exists()
+
+
+def test_missing_config_is_logged_once_and_the_daemon_starts_when_it_appears(
+    lo_etcd: tuple[str, EtcdServer], tmp_path: Path
+) -> None:
+    ns, server = lo_etcd
+    prefix = f"/late{uuid.uuid4().hex[:8]}/network"
+    log = tmp_path / "daemon.log"
+    with open(log, "wb") as out:
+        daemon = subprocess.Popen(
+            overlay_run(
+                ns,
+                "--etcd-endpoints",
+                server.endpoint,
+                "--etcd-prefix",
+                prefix,
+                "--iface",
+                "lo",
+                "--subnet-file",
+                str(tmp_path / "subnet.env"),
+                "--status-socket",
+                str(tmp_path / "status.sock"),
+                "--log-format",
+                "json",
+            ),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=child_env(),
+        )
+
+    def missing() -> list[dict[str, Any]]:
+        return [e for e in log_events(log) if e["event"] == "config_missing"]
+
+    try:
+        wait_for(lambda: missing() or daemon.poll() is not None, 15, "config_missing logged")
+        assert daemon.poll() is None, log.read_text()
+        assert missing()[0]["key"] == f"{prefix}/config"
+        time.sleep(2.5)  # it polls every second: still one line
+        assert len(missing()) == 1 and not (tmp_path / "subnet.env").exists()
+
+        server.put(f"{prefix}/config", json.dumps({"Network": NETWORK}))
+        took = wait_for(
+            lambda: (tmp_path / "subnet.env").exists() or daemon.poll() is not None,
+            10,
+            "start after the config appeared",
+        )
+        assert daemon.poll() is None, log.read_text()
+        print(f"daemon started {took:.1f} s after the config was put")
+        subnet = parse_subnet_env((tmp_path / "subnet.env").read_text()).subnet.network
+        assert subnet.subnet_of(IPv4Network(NETWORK))
+        assert server.keys(f"{prefix}/subnets/") == [
+            f"{prefix}/subnets/{subnet.network_address}-{subnet.prefixlen}"
+        ]
+        assert len(missing()) == 1
+    finally:
+        daemon.terminate()
+        code = daemon.wait(timeout=10)
+    assert code == 0, log.read_text()
