@@ -54,7 +54,13 @@ def _pod_ip(bed: Testbed, name: str) -> str:
 
 
 def _run(cls: type[Testbed], label: str, args: argparse.Namespace, underlay: bool) -> list[Row]:
-    bed = cls("fp" + uuid.uuid4().hex[:6], nodes=2, pods_per_node=1, backend="udp")
+    bed = cls(
+        "fp" + uuid.uuid4().hex[:6],
+        nodes=2,
+        pods_per_node=1,
+        backend="udp",
+        registry=args.registry,
+    )
     rows = []
     try:
         bed.up()
@@ -88,6 +94,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pings", type=int, default=20, help="pings per path")
     parser.add_argument(
         "--only", choices=("offload", "no-offload"), help="measure one udp configuration"
+    )
+    parser.add_argument(
+        "--registry",
+        default="file",
+        choices=("file", "etcd"),
+        help="testbed registry (default file: no etcd process competing for the CPUs)",
     )
     args = parser.parse_args(argv)
     rows: list[Row] = []

@@ -6,6 +6,7 @@ SubnetLen, so there is usually one probe), not flannel's linear first-match scan
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from ipaddress import IPv4Network
 
@@ -19,6 +20,9 @@ class Peer:
     addr: tuple[str, int]
     net: int  # subnet network address as an int
     shift: int  # 32 - prefix length
+    # Encapsulation bytes put before every packet to this peer (VXLAN + Ethernet header),
+    # computed once here instead of per packet; empty for flannel's udp framing.
+    prefix: bytes = b""
 
     def owns(self, address: bytes) -> bool:
         """Whether a 4-byte address lies inside this peer's subnet."""
@@ -28,8 +32,9 @@ class Peer:
 class PeerTable:
     """Peers by subnet, with O(1) lookups for the hot path. Not thread-safe (one loop)."""
 
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, prefix_for: Callable[[Lease], bytes] | None = None) -> None:
         self.port = port
+        self.prefix_for = prefix_for
         self._by_subnet: dict[IPv4Network, Peer] = {}
         # [(shift, {masked destination: peer})], longest prefix first.
         self._by_prefix: list[tuple[int, dict[int, Peer]]] = []
@@ -88,6 +93,7 @@ class PeerTable:
             addr=(str(lease.public_ip), self.port),
             net=int(lease.subnet.network_address),
             shift=32 - lease.subnet.prefixlen,
+            prefix=self.prefix_for(lease) if self.prefix_for else b"",
         )
 
     def _rebuild(self) -> None:

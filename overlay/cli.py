@@ -158,6 +158,20 @@ def run_parser() -> OneLineParser:
         "--tun-name", default=_env("tun-name", "flannel0"), help="TUN device (default flannel0)"
     )
     p.add_argument(
+        "--vxlan-datapath",
+        choices=("userspace", "kernel", "auto"),
+        default=_env("vxlan-datapath", "userspace"),
+        help="vxlan backend only: this process (default), the kernel's vxlan device "
+        "flannel.<VNI> as flanneld sets it up, or auto (kernel when it has vxlan)",
+    )
+    p.add_argument(
+        "--kernel-vxlan",
+        dest="vxlan_datapath",
+        action="store_const",
+        const="kernel",
+        help="short for --vxlan-datapath kernel",
+    )
+    p.add_argument(
         "--no-offload",
         action="store_true",
         default=_env_bool("no-offload"),

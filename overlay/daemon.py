@@ -1,8 +1,9 @@
-"""`overlay run`: wire the registry, the lease, the TUN and the backend together.
+"""`overlay run`: wire the registry, the lease, the peer table and the backend together.
 
-Startup order is chosen so that a failure leaves nothing behind: the interface and the
-TUN come first (no registry writes yet), then the config and the lease, then addresses,
-routes, the socket and subnet.env.
+Startup order is chosen so that a failure leaves nothing behind: the interface first,
+then the config (which names the backend), then what the backend can fail to create for
+lack of permission (the TUN), and only then the lease, addresses, routes, the socket and
+subnet.env.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import asyncio
 import signal
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 from typing import Any, TypeVar
@@ -28,30 +28,21 @@ from control.lease import Lease
 from control.peer_table import PeerTable
 from control.subnet_env import SubnetEnv
 from control.subnet_manager import LeaseEvent, LeaseLost, SubnetManager
-from encap import udp_frame
+from overlay import kernel_routes, status
 from overlay import log as overlay_log
-from overlay import status
-from overlay.backends.udp import UdpDataplane, open_socket
+from overlay.backends.base import Backend, Context, Underlay
+from overlay.backends.kernel import HostGwBackend, KernelVxlanBackend
+from overlay.backends.userspace import UdpBackend, VxlanBackend
 from overlay.counters import Counters
 from overlay.subnet_file import read_previous, write_subnet_env
 from tun import netlink
-from tun.device import TunDevice, TunError
 
 PROG = "overlay run"
 T = TypeVar("T")
-IMPLEMENTED_BACKENDS = ("udp",)
 
 
 class Fatal(Exception):
     """A startup or runtime error that ends the daemon with one line and exit status 1."""
-
-
-@dataclass(frozen=True)
-class Underlay:
-    iface: str
-    address: IPv4Address  # where our socket binds
-    public_ip: IPv4Address  # what peers send to (differs behind NAT)
-    mtu: int
 
 
 def select_underlay(ifaces: list[str], public_ip: IPv4Address | None) -> Underlay:
@@ -97,11 +88,24 @@ def registry_for(args: argparse.Namespace) -> KeyValueStore:
     return FileRegistry(args.registry_file)
 
 
+async def make_backend(ctx: Context) -> Backend:
+    """The backend the network config asks for (and, for vxlan, the chosen datapath)."""
+    kind = ctx.config.backend.type
+    if kind == "udp":
+        return UdpBackend(ctx)
+    if kind == "host-gw":
+        return HostGwBackend(ctx)
+    datapath = ctx.args.vxlan_datapath
+    if datapath == "auto":
+        kernel = await asyncio.to_thread(kernel_routes.kernel_has_vxlan)
+        datapath = "kernel" if kernel else "userspace"
+    return KernelVxlanBackend(ctx) if datapath == "kernel" else VxlanBackend(ctx)
+
+
 class Daemon:
-    def __init__(self, args: argparse.Namespace, underlay: Underlay, tun: TunDevice) -> None:
+    def __init__(self, args: argparse.Namespace, underlay: Underlay) -> None:
         self.args = args
         self.underlay = underlay
-        self.tun = tun
         self.log = structlog.get_logger().bind(node=str(underlay.public_ip))
         self.kv = registry_for(args)
         self.manager = SubnetManager(
@@ -115,6 +119,7 @@ class Daemon:
         self.started = time.time()
         self.config: NetworkConfig | None = None
         self.lease: Lease | None = None
+        self.backend: Backend | None = None
         self.peers: PeerTable | None = None
         self._warned_backend: set[IPv4Network] = set()
 
@@ -173,84 +178,84 @@ class Daemon:
                 f"--backend {args.backend} disagrees with the registry's Backend.Type "
                 f"{config.backend.type!r}"
             )
-        if config.backend.type not in IMPLEMENTED_BACKENDS:
-            raise Fatal(f"backend {config.backend.type!r} is not implemented yet (only udp)")
         return config
 
-    async def start(self) -> UdpDataplane:
+    async def start(self) -> Backend:
         self.config = config = await self._network_config()
+        self.peers = PeerTable(config.backend.port)
+        ctx = Context(self.args, self.underlay, config, self.counters, self.peers, self.log)
+        self.backend = backend = await make_backend(ctx)
+        self.peers.prefix_for = backend.prefix_for
+        backend.prepare()  # the TUN, before any lease: a permission error leaves nothing
+        self.manager.backend_type = backend.lease_type
+        self.manager.backend_data = backend.lease_data()
         subnet_file = Path(self.args.subnet_file)
         previous = read_previous(subnet_file)
         self.lease = lease = await self._retrying(
             "acquiring a lease",
             lambda: self.manager.acquire(config, previous.subnet.network if previous else None),
         )
-        mtu = self.underlay.mtu - udp_frame.OVERHEAD
-        await asyncio.to_thread(
-            netlink.configure_tun, self.tun.name, lease.subnet.network_address, mtu, config.network
+        await backend.start(lease)
+        write_subnet_env(
+            subnet_file, SubnetEnv.for_lease(config.network, lease.subnet, backend.mtu)
         )
-        try:
-            sock = open_socket(str(self.underlay.address), config.backend.port)
-        except OSError as e:
-            raise Fatal(
-                f"cannot bind UDP {self.underlay.address}:{config.backend.port}: {e.strerror}"
-            ) from None
-        self.peers = PeerTable(config.backend.port)
-        write_subnet_env(subnet_file, SubnetEnv.for_lease(config.network, lease.subnet, mtu))
         self.log.info(
             "started",
             subnet=str(lease.subnet),
             network=str(config.network),
-            backend=config.backend.type,
+            backend=backend.name,
             iface=self.underlay.iface,
             public_ip=str(self.underlay.public_ip),
-            tun=self.tun.name,
-            mtu=mtu,
+            mtu=backend.mtu,
+            **backend.status(),
         )
-        return UdpDataplane(
-            self.tun,
-            sock,
-            self.peers,
-            lease.subnet,
-            self.counters,
-            offload=not self.args.no_offload,
-        )
+        return backend
 
     # -- registry events -----------------------------------------------------------------
 
     def _usable(self, lease: Lease) -> bool:
-        if lease.backend_type in ("", "udp"):
+        assert self.backend is not None
+        if self.backend.accepts(lease):
             return True
         if lease.subnet not in self._warned_backend:
             self._warned_backend.add(lease.subnet)
             self.log.warning(
                 "peer_skipped",
                 subnet=str(lease.subnet),
-                backend=lease.backend_type,
-                reason="lease backend differs from ours (udp)",
+                backend=lease.backend_type or "udp",
+                reason=f"lease backend differs from ours ({self.backend.name})",
             )
         return False
 
-    def on_snapshot(self, leases: list[Lease]) -> None:
-        assert self.peers is not None
-        added, removed = self.peers.replace_all([x for x in leases if self._usable(x)])
+    def _changed(self, added: list[Lease], removed: list[Lease]) -> None:
+        assert self.backend is not None
         for lease in added:
             self.log.info("peer_added", subnet=str(lease.subnet), public_ip=str(lease.public_ip))
         for lease in removed:
             self.log.info("peer_removed", subnet=str(lease.subnet))
+        if added or removed:
+            self.backend.peers_changed(added, removed)
+
+    def on_snapshot(self, leases: list[Lease]) -> None:
+        assert self.peers is not None
+        self._changed(*self.peers.replace_all([x for x in leases if self._usable(x)]))
 
     def on_event(self, event: LeaseEvent) -> None:
         assert self.peers is not None
         if event.lease is not None:
-            if self._usable(event.lease) and self.peers.upsert(event.lease):
-                self.log.info(
-                    "peer_added", subnet=str(event.subnet), public_ip=str(event.lease.public_ip)
-                )
-        elif self.peers.remove(event.subnet) is not None:
-            self.log.info("peer_removed", subnet=str(event.subnet))
+            old = self.peers.get(event.subnet)
+            if not self._usable(event.lease):
+                if old is not None:  # a peer that switched to another backend
+                    self.peers.remove(event.subnet)
+                    self._changed([], [old.lease])
+            elif self.peers.upsert(event.lease):
+                self._changed([event.lease], [])
+        elif (peer := self.peers.remove(event.subnet)) is not None:
+            self._changed([], [peer.lease])
 
     def snapshot(self) -> dict[str, Any]:
         assert self.config is not None and self.lease is not None and self.peers is not None
+        assert self.backend is not None
         return {
             "lease": {
                 "subnet": str(self.lease.subnet),
@@ -259,14 +264,16 @@ class Daemon:
             },
             "network": str(self.config.network),
             "backend": self.config.backend.type,
-            "tun": self.tun.name,
+            "datapath": self.backend.name,
             "iface": self.underlay.iface,
+            "mtu": self.backend.mtu,
             "uptime_s": round(time.time() - self.started, 1),
             "peers": [
                 {"subnet": str(p.lease.subnet), "public_ip": p.addr[0], "port": p.addr[1]}
                 for p in sorted(self.peers.peers(), key=lambda p: p.net)
             ],
             "counters": self.counters.snapshot(),
+            **self.backend.status(),
         }
 
     # -- main ----------------------------------------------------------------------------
@@ -276,9 +283,13 @@ class Daemon:
         stop = asyncio.Event()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
-        dataplane = await self.start()
+        try:
+            backend = await self.start()
+        except BaseException:
+            if self.backend is not None:
+                await self.backend.stop()
+            raise
         assert self.lease is not None
-        dataplane.start(loop)
         server = await status.serve(Path(self.args.status_socket), self.snapshot)
         tasks = [
             asyncio.create_task(self.manager.watch(self.lease, self.on_snapshot, self.on_event)),
@@ -299,8 +310,7 @@ class Daemon:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-            dataplane.stop(loop)
-            dataplane.sock.close()
+            await backend.stop()
             server.close()
             Path(self.args.status_socket).unlink(missing_ok=True)
             await self.kv.close()
@@ -312,14 +322,10 @@ def run(args: argparse.Namespace) -> int:
     try:
         underlay = select_underlay(args.iface, args.public_ip)
         registry_for(args)  # flag combinations checked before anything is created
-        tun = TunDevice(args.tun_name)
-    except (Fatal, TunError, netlink.LinkError) as e:
+        return uvloop.run(Daemon(args, underlay).main())
+    except (Fatal, RegistryError) as e:
         return overlay_log.fatal(PROG, str(e), fmt)
-    try:
-        return uvloop.run(Daemon(args, underlay, tun).main())
-    except (Fatal, RegistryError, TunError, netlink.LinkError) as e:
-        return overlay_log.fatal(PROG, str(e), fmt)
+    except OSError as e:  # TunError, LinkError, KernelError, a socket that cannot be bound
+        return overlay_log.fatal(PROG, str(e.strerror or e), fmt)
     except KeyboardInterrupt:
         return 130
-    finally:
-        tun.close()

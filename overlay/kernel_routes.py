@@ -64,6 +64,18 @@ def ensure_vxlan_device(
             raise KernelError(f"setting up vxlan device {name}: {e}") from None
 
 
+def kernel_has_vxlan() -> bool:
+    """Whether this kernel can make a vxlan device (created and deleted again)."""
+    probe = "ovlprobe0"
+    with IPRoute() as ipr:
+        try:
+            ipr.link("add", ifname=probe, kind="vxlan", vxlan_id=1, vxlan_port=0)
+        except NetlinkError:
+            return False
+        ipr.link("del", ifname=probe)
+        return True
+
+
 def add_vxlan_peer(device: str, subnet: IPv4Network, public_ip: IPv4Address, mac: str) -> None:
     vtep = str(subnet.network_address)
     with IPRoute() as ipr:

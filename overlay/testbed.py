@@ -132,6 +132,8 @@ class Testbed:
         underlay: str = DEFAULT_UNDERLAY,
         network: str = DEFAULT_NETWORK,
         state_dir: Path | str | None = None,
+        kernel_nodes: tuple[int, ...] = (),
+        daemon_args: tuple[str, ...] = (),
     ) -> None:
         self.prefix = validate_prefix(prefix)
         if isinstance(nodes, bool) or not isinstance(nodes, int) or nodes < 1:
@@ -148,9 +150,18 @@ class Testbed:
             raise TestbedError(f"registry {registry!r} is unknown (use etcd or file)")
         if registry == "etcd" and shutil.which("etcd") is None:
             raise TestbedError("registry etcd needs the etcd binary: `make setup` installs it")
+        bad = [i for i in kernel_nodes if not 1 <= i <= nodes]
+        if bad:
+            raise TestbedError(f"kernel nodes {bad} are not among nodes 1..{nodes}")
+        if kernel_nodes and backend != "vxlan":
+            raise TestbedError("kernel nodes need --backend vxlan (they use flannel.<VNI>)")
         self.nodes = nodes
         self.pods_per_node = pods_per_node
         self.backend = backend
+        # Nodes whose vxlan datapath is the kernel's vxlan device (the others: userspace).
+        self.kernel_nodes = tuple(sorted(set(kernel_nodes)))
+        # Extra `overlay run` flags for every daemon (e.g. --no-offload for a benchmark).
+        self.daemon_args = tuple(daemon_args)
         self.registry = registry
         self.underlay = _parse_cidr(underlay, "underlay")
         self.network = _parse_cidr(network, "network")
@@ -397,6 +408,8 @@ class Testbed:
             "nodes": self.nodes,
             "pods_per_node": self.pods_per_node,
             "backend": self.backend,
+            "kernel_nodes": list(self.kernel_nodes),
+            "daemon_args": list(self.daemon_args),
             "registry": self.registry,
             "underlay": str(self.underlay),
             "network": str(self.network),
@@ -486,7 +499,14 @@ class Testbed:
             str(node_dir / "status.sock"),
             "--log-format",
             "json",
+            *(["--kernel-vxlan"] if i in self.kernel_nodes else []),
+            *self.daemon_args,
         ]
+
+    def datapath(self, i: int) -> str:
+        if self.backend != "vxlan":
+            return self.backend
+        return "vxlan-kernel" if i in self.kernel_nodes else "vxlan-user"
 
     def _start_daemons(self) -> None:
         for i in range(1, self.nodes + 1):
@@ -631,6 +651,8 @@ class Testbed:
             underlay=str(params["underlay"]),
             network=str(params["network"]),
             state_dir=probe.state_dir,
+            kernel_nodes=tuple(int(i) for i in params.get("kernel_nodes", [])),
+            daemon_args=tuple(str(a) for a in params.get("daemon_args", [])),
         )
 
     def _daemon_pid(self, i: int) -> int | None:
@@ -665,7 +687,7 @@ class Testbed:
                     "netns": self.node_ns(i),
                     "underlay_ip": str(self.node_ip(i)),
                     "subnet": subnet,
-                    "backend": self.backend,
+                    "backend": self.datapath(i),
                     "pid": pid,
                     "running": pid is not None,
                 }
@@ -887,6 +909,13 @@ def _parser() -> _Parser:
         choices=REGISTRIES,
         help="etcd (default: a real etcd in the underlay namespace) or file",
     )
+    up.add_argument(
+        "--kernel-nodes",
+        type=_node_list,
+        default=[],
+        help="vxlan only: comma-separated node numbers whose datapath is the kernel's "
+        "vxlan device (e.g. 2 or 2,3); the others run the userspace datapath",
+    )
     up.add_argument("--underlay", default=DEFAULT_UNDERLAY, help=f"default {DEFAULT_UNDERLAY}")
     up.add_argument("--network", default=DEFAULT_NETWORK, help=f"default {DEFAULT_NETWORK}")
 
@@ -904,19 +933,26 @@ def _parser() -> _Parser:
     return parser
 
 
+def _node_list(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a list of node numbers") from None
+
+
 def format_status(st: dict[str, Any]) -> str:
     lines = [
         f"testbed {st['prefix']}: underlay {st['underlay']} on {st['bridge']}, "
         f"network {st['network']}, {st['backend']} backend, "
         f"{st['registry']} registry, state in {st['state_dir']}",
         "",
-        f"{'NODE':<6} {'NETNS':<14} {'UNDERLAY':<16} {'SUBNET':<18} {'BACKEND':<8} DAEMON",
+        f"{'NODE':<6} {'NETNS':<14} {'UNDERLAY':<16} {'SUBNET':<18} {'BACKEND':<12} DAEMON",
     ]
     for n in st["nodes"]:
         daemon = f"pid {n['pid']}" if n["pid"] else "not running"
         lines.append(
             f"{n['name']:<6} {n['netns']:<14} {n['underlay_ip']:<16} {n['subnet'] or '-':<18} "
-            f"{n['backend']:<8} {daemon}"
+            f"{n['backend']:<12} {daemon}"
         )
     if st["pods"]:
         lines += ["", f"{'POD':<8} {'NETNS':<16} {'NODE':<6} IP"]
@@ -942,6 +978,7 @@ def main(argv: list[str]) -> int:
                 underlay=args.underlay,
                 network=args.network,
                 state_dir=args.state_dir,
+                kernel_nodes=tuple(args.kernel_nodes),
             )
             bed.up()
             print(format_status(bed.status()))

@@ -1,0 +1,107 @@
+"""Backends whose datapath is this process: a TUN device and a UDP socket.
+
+udp is flannel's udp backend (the datagram is the packet); vxlan is RFC 7348 framing in
+userspace, so a node without kernel VXLAN can join a cluster of ``flannel.1`` nodes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from control.lease import Lease
+from encap import udp_frame, vxlan
+from overlay.backends.base import Backend, Context
+from overlay.backends.kernel import vtep_mac_of
+from overlay.backends.udp import UdpDataplane, open_socket
+from tun import netlink
+from tun.device import TunDevice
+
+
+class UdpBackend(Backend):
+    lease_type = ""  # flannel's udp backend publishes no BackendType
+    name = "udp"
+    overhead = udp_frame.OVERHEAD
+
+    def __init__(self, ctx: Context) -> None:
+        super().__init__(ctx)
+        self.tun: TunDevice | None = None
+        self.dataplane: Any = None
+
+    @property
+    def mtu(self) -> int:
+        return self.ctx.underlay.mtu - self.overhead
+
+    def accepts(self, lease: Lease) -> bool:
+        return lease.backend_type in ("", "udp")
+
+    def prepare(self) -> None:
+        self.tun = TunDevice(self.ctx.args.tun_name)
+
+    def _dataplane(self, sock: Any, lease: Lease) -> Any:
+        assert self.tun is not None
+        return UdpDataplane(
+            self.tun,
+            sock,
+            self.ctx.peers,
+            lease.subnet,
+            self.ctx.counters,
+            offload=not self.ctx.args.no_offload,
+        )
+
+    async def start(self, lease: Lease) -> None:
+        assert self.tun is not None
+        config = self.ctx.config
+        await asyncio.to_thread(
+            netlink.configure_tun,
+            self.tun.name,
+            lease.subnet.network_address,
+            self.mtu,
+            config.network,
+        )
+        address = str(self.ctx.underlay.address)
+        try:
+            sock = open_socket(address, config.backend.port)
+        except OSError as e:
+            raise OSError(
+                e.errno, f"cannot bind UDP {address}:{config.backend.port}: {e.strerror}"
+            ) from None
+        self.dataplane = self._dataplane(sock, lease)
+        self.dataplane.start(asyncio.get_running_loop())
+
+    def status(self) -> dict[str, Any]:
+        features = getattr(self.dataplane, "features", None)
+        return {
+            "tun": self.tun.name if self.tun else None,
+            "features": features() if features else {},
+        }
+
+    async def stop(self) -> None:
+        if self.dataplane is not None:
+            self.dataplane.stop(asyncio.get_running_loop())
+            self.dataplane.sock.close()
+        if self.tun is not None:
+            self.tun.close()
+
+
+class VxlanBackend(UdpBackend):
+    """VXLAN in userspace, interoperable with the kernel's vxlan device."""
+
+    lease_type = "vxlan"
+    name = "vxlan (userspace datapath)"
+    overhead = vxlan.OVERHEAD
+
+    def __init__(self, ctx: Context) -> None:
+        super().__init__(ctx)
+        self.vni = ctx.config.backend.vni
+        self.mac = vxlan.vtep_mac(str(ctx.underlay.public_ip), self.vni)
+
+    def accepts(self, lease: Lease) -> bool:
+        return lease.backend_type == "vxlan"
+
+    def lease_data(self) -> dict[str, Any]:
+        return {"VNI": self.vni, "VtepMAC": vxlan.format_mac(self.mac)}
+
+    def prefix_for(self, lease: Lease) -> bytes:
+        mac = vtep_mac_of(lease)
+        return vxlan.prefix(self.vni, mac, self.mac) if mac is not None else b""

@@ -1,0 +1,784 @@
+"""The udp backend's fast path: UDP GSO/GRO batching and TCP super-packets into the TUN.
+
+Unit tests check the sans-IO helpers in ``encap.gso`` against independent re-statements
+of their rules (hypothesis); the netns tests run a 3-node testbed (n3 with --no-offload)
+and prove with a capture that every datagram on the underlay is still one inner IPv4
+packet no larger than the TUN MTU.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import socket
+import struct
+import subprocess
+import sys
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv4Network
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from control.lease import Lease
+from control.peer_table import PeerTable
+from encap import gso
+from encap.checksum import internet_checksum, ones_complement_sum
+from encap.ipv4 import build_header
+from overlay import status
+from overlay.backends.udp import UdpDataplane
+from overlay.counters import Counters
+from overlay.testbed import Testbed
+
+FAST = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+TRANSFER = str(Path(__file__).with_name("transfer.py"))
+
+
+# -- plan_groups / split_points / cmsgs ---------------------------------------------------
+
+
+@given(
+    st.lists(st.tuples(st.integers(1, 1472), st.integers(0, 2)), max_size=300),
+    st.integers(1, 70),
+    st.integers(1472, 70000),
+)
+@FAST
+def test_plan_groups_follows_the_gso_rules(
+    items: list[tuple[int, int]], max_segments: int, max_bytes: int
+) -> None:
+    packets = [n for n, _ in items]
+    keys = [("192.0.2.1", 8285 + k) for _, k in items]
+    groups = gso.plan_groups(packets, keys, max_segments, max_bytes)
+    # Every packet exactly once, in order.
+    assert [i for a, b in groups for i in range(a, b)] == list(range(len(packets)))
+    for a, b in groups:
+        assert b > a
+        size = packets[a]
+        assert all(keys[i] == keys[a] for i in range(a, b))
+        assert all(packets[i] == size for i in range(a, b - 1))
+        assert packets[b - 1] <= size
+        assert b - a <= max_segments
+        assert sum(packets[a:b]) <= max_bytes or b - a == 1
+    # Greedy: a group only ends where the next packet could not have joined it.
+    for (a, b), (c, _) in zip(groups, groups[1:], strict=False):
+        assert c == b
+        joins = (
+            keys[c] == keys[a]
+            and packets[b - 1] == packets[a]
+            and packets[c] <= packets[a]
+            and b - a < max_segments
+            and sum(packets[a : c + 1]) <= max_bytes
+        )
+        assert not joins
+
+
+def test_plan_groups_typical_bulk_batch() -> None:
+    packets = [1472] * 100 + [300] + [52] * 3
+    keys = [("192.0.2.2", 8285)] * len(packets)
+    assert gso.plan_groups(packets, keys) == [(0, 44), (44, 88), (88, 101), (101, 104)]
+    assert gso.plan_groups([], []) == []
+
+
+@given(st.integers(1, 65535), st.integers(1, 70000))
+@FAST
+def test_split_points_cover_the_buffer(total: int, size: int) -> None:
+    pieces = gso.split_points(total, size)
+    assert pieces[0][0] == 0 and pieces[-1][1] == total
+    for (a, b), (c, _) in zip(pieces, pieces[1:], strict=False):
+        assert b == c and b - a == size
+    assert 0 < pieces[-1][1] - pieces[-1][0] <= size
+
+
+def test_cmsgs() -> None:
+    assert gso.segment_cmsg(1400) == [(17, 103, struct.pack("=H", 1400))]
+    assert gso.gro_size([(17, 104, struct.pack("=i", 1432))], 9000) == 1432
+    assert gso.gro_size([], 9000) == 9000
+    assert gso.gro_size([(1, 2, b"xxxx")], 77) == 77
+
+
+# -- valid_pieces / plan_tun_writes -----------------------------------------------------
+
+SRC = bytes([198, 18, 1, 2])
+DST = bytes([198, 18, 2, 3])
+TS_OPTION = b"\x01\x01\x08\x0a" + bytes(range(8))  # NOP NOP timestamps
+
+
+@dataclass
+class Segment:
+    sport: int
+    seq: int
+    ack: int
+    flags: int
+    payload: bytes
+    window: int = 502
+    options: bytes = TS_OPTION
+    tos: int = 0
+    ttl: int = 64
+    ident: int = 0
+    protocol: int = 6
+    src: bytes = SRC
+    dst: bytes = DST
+
+    def build(self) -> bytes:
+        if self.protocol != 6:
+            return build_header(
+                src=self.src, dst=self.dst, protocol=self.protocol, payload_length=len(self.payload)
+            ) + bytes(self.payload)
+        offset = (20 + len(self.options)) // 4
+        tcp = bytearray(
+            struct.pack(
+                "!HHIIBBHHH",
+                self.sport,
+                5201,
+                self.seq,
+                self.ack,
+                offset << 4,
+                self.flags,
+                self.window,
+                0,
+                0,
+            )
+            + self.options
+            + self.payload
+        )
+        pseudo = self.src + self.dst + struct.pack("!BBH", 0, 6, len(tcp))
+        tcp[16:18] = internet_checksum(pseudo + tcp + b"\0" * (len(tcp) % 2)).to_bytes(2, "big")
+        ip = build_header(
+            src=self.src,
+            dst=self.dst,
+            protocol=6,
+            payload_length=len(tcp),
+            ttl=self.ttl,
+            tos=self.tos,
+            ident=self.ident,
+            flags_fragment=0x4000,
+        )
+        return ip + bytes(tcp)
+
+
+@st.composite
+def streams(draw: st.DrawFn) -> list[bytes]:
+    """Interleaved TCP flows as a sender's TSO would emit them (bursts of full segments),
+    plus noise: pure ACKs, PSH, short segments, gaps, retransmits, SYN/FIN, a changed
+    window/TOS/TTL/options/ACK, UDP."""
+    mss = draw(st.sampled_from([1, 100, 1380, 1420]))
+    flows = {port: draw(st.integers(0, 2**32 - 1)) for port in (40000, 40001)}
+    packets: list[bytes] = []
+    kinds = st.sampled_from(
+        ["full"] * 4 + ["short", "psh", "ack", "gap", "retx", "syn", "fin", "udp", "odd"]
+    )
+    for _ in range(draw(st.integers(0, 25))):
+        port = draw(st.sampled_from(sorted(flows)))
+        kind = draw(kinds)
+        for _ in range(draw(st.integers(1, 8)) if kind == "full" else 1):
+            seq = flows[port]
+            length = mss if kind in ("full", "psh", "gap", "retx", "fin", "odd") else 0
+            if kind == "short":
+                length = draw(st.integers(1, mss))
+            if kind == "gap":
+                seq = (seq + 7) & 0xFFFFFFFF
+            if kind == "retx":
+                seq = (seq - mss) & 0xFFFFFFFF
+            flags = {"psh": 0x18, "syn": 0x02, "fin": 0x11}.get(kind, 0x10)
+            payload = bytes((seq + i) & 0xFF for i in range(length))
+            segment = Segment(port, seq, 1000, flags, payload, ident=len(packets))
+            if kind == "odd":
+                which = draw(st.sampled_from(["window", "tos", "ttl", "options", "ack"]))
+                if which == "window":
+                    segment.window = 999
+                elif which == "tos":
+                    segment.tos = 2
+                elif which == "ttl":
+                    segment.ttl = 3
+                elif which == "options":
+                    segment.options = b""
+                else:
+                    segment.ack = 2000
+            if kind == "udp":
+                segment.protocol = 17
+                segment.payload = bytes(8 + length)
+            packets.append(segment.build())
+            if kind not in ("retx", "udp"):
+                flows[port] = (seq + length + (kind in ("syn", "fin"))) & 0xFFFFFFFF
+    return packets
+
+
+def resegment(buffers: list[gso.Buffer]) -> list[bytes]:
+    """What the kernel makes of one planned TUN write (tcp_gso_segment for TCPV4)."""
+    vnet, rest = bytes(buffers[0]), b"".join(bytes(b) for b in buffers[1:])
+    flags, gso_type, header_length, size, csum_start, csum_offset = struct.unpack("=BBHHHH", vnet)
+    if gso_type == 0:
+        assert flags == 0
+        return [rest]
+    assert (flags, gso_type, csum_start, csum_offset) == (1, 1, 20, 16)
+    header, payload = rest[:header_length], rest[header_length:]
+    assert int.from_bytes(header[2:4], "big") == len(rest)
+    assert internet_checksum(header[:20]) == 0  # the super-packet's IPv4 checksum
+    pseudo = header[12:20] + struct.pack("!BBH", 0, 6, len(rest) - 20)
+    assert int.from_bytes(header[36:38], "big") == ones_complement_sum(pseudo)
+    segments = []
+    seq = int.from_bytes(header[24:28], "big")
+    chunks = [payload[i : i + size] for i in range(0, len(payload), size)]
+    for k, chunk in enumerate(chunks):
+        h = bytearray(header)
+        h[2:4] = (header_length + len(chunk)).to_bytes(2, "big")
+        h[4:6] = ((int.from_bytes(header[4:6], "big") + k) & 0xFFFF).to_bytes(2, "big")
+        h[10:12] = b"\0\0"
+        h[10:12] = internet_checksum(h[:20]).to_bytes(2, "big")
+        h[24:28] = ((seq + k * size) & 0xFFFFFFFF).to_bytes(4, "big")
+        if k < len(chunks) - 1:
+            h[33] &= ~0x09 & 0xFF  # PSH and FIN only on the last segment
+        tcp = h[20:] + chunk
+        tcp[16:18] = b"\0\0"
+        odd = b"\0" * (len(tcp) % 2)
+        tcp[16:18] = internet_checksum(
+            pseudo[:8] + struct.pack("!BBH", 0, 6, len(tcp)) + tcp + odd
+        ).to_bytes(2, "big")
+        segments.append(bytes(h[:20] + tcp))
+    return segments
+
+
+def _without_ident(packet: bytes) -> bytes:
+    """IPv4 ID (and so the header checksum) may change when the kernel resegments."""
+    return packet[:4] + packet[6:10] + packet[12:]
+
+
+ANY = (0, 32)  # (network >> shift, shift) that every address is inside
+
+
+def gro_buffers(packets: list[bytes]) -> list[tuple[bytearray, int, int]]:
+    """The packets as a GRO receive would hand them over after the sender's UDP GSO:
+    (buffer, size, segment) per batch of same-sized datagrams, the last may be shorter."""
+    lengths = [len(p) for p in packets]
+    batches = []
+    for a, b in gso.plan_groups(lengths, [0] * len(packets), max_bytes=0xFFFF):
+        data = bytearray(b"".join(packets[a:b]))
+        batches.append((data, len(data), lengths[a]))
+    return batches
+
+
+def planned_packets(writes: list[gso.Write]) -> list[bytes]:
+    out = [seg for buffers, _, _ in writes for seg in resegment(buffers)]
+    for buffers, count, size in writes:
+        assert count == len(resegment(buffers))
+        assert size == sum(map(len, resegment(buffers)))
+    return out
+
+
+@given(streams())
+@FAST
+def test_plan_tun_writes_resegments_to_the_same_packets(packets: list[bytes]) -> None:
+    drops: Counter[str] = Counter()
+    out: list[bytes] = []
+    writes = 0
+    for data, size, segment in gro_buffers(packets):
+        planned = gso.plan_tun_writes(data, size, segment, ANY, ANY, drops)
+        writes += len(planned)
+        out += planned_packets(planned)
+    assert not drops
+    assert [_without_ident(p) for p in out] == [_without_ident(p) for p in packets]
+    assert writes <= len(packets)
+
+
+def test_plan_tun_writes_merges_a_bulk_run_into_one_write() -> None:
+    seq, packets = 5, []
+    for i in range(44):
+        payload = bytes(1420 if i < 43 else 300)
+        packets.append(Segment(40000, seq, 1, 0x18 if i == 43 else 0x10, payload, ident=i).build())
+        seq += len(payload)
+    [(data, size, segment)] = gro_buffers(packets)
+    writes = gso.plan_tun_writes(data, size, segment, ANY, ANY, Counter())
+    assert [count for _, count, _ in writes] == [44]
+    buffers = writes[0][0]
+    assert len(buffers) == 2 + 44  # vnet header, IPv4+TCP header, 44 payload views
+    assert all(isinstance(b, memoryview) for b in buffers[2:])  # no copies of payloads
+    header = bytes(buffers[1])
+    assert header[33] == 0x18  # the last segment's PSH
+    assert int.from_bytes(header[2:4], "big") == 52 + 43 * 1420 + 300
+    assert struct.unpack("=BBHHHH", buffers[0]) == (1, 1, 52, 1420, 20, 16)
+    assert planned_packets(writes) == [bytes(p) for p in packets]  # same IDs here too
+
+
+@pytest.mark.parametrize(
+    ("offset", "value", "reason"),
+    [
+        (3, 0x77, "rx_bad_length"),  # IPv4 total length
+        (0, 0x65, "rx_not_ipv4"),  # version 6
+        (13, 99, "rx_foreign_source"),  # source 198.99.x.x
+        (17, 99, "rx_not_our_subnet"),  # destination 198.99.x.x
+        (1, 4, None),  # TOS: valid, but ends the run
+        (35, 1, None),  # window: valid, but ends the run
+    ],
+)
+def test_plan_tun_writes_checks_every_segment_of_a_run(
+    offset: int, value: int, reason: str | None
+) -> None:
+    seq, packets = 1, []
+    for i in range(6):
+        packets.append(Segment(40000, seq, 1, 0x10, bytes([i]) * 1000, ident=i).build())
+        seq += 1000
+    [(data, size, segment)] = gro_buffers(packets)
+    data[3 * segment + offset] = value
+    theirs = ours = (0xC612, 16)  # 198.18.0.0/16 for both ends
+    drops: Counter[str] = Counter()
+    writes = gso.plan_tun_writes(data, size, segment, theirs, ours, drops)
+    expected: Counter[str] = Counter()
+    good = gso.valid_pieces(data, size, segment, theirs, ours, expected)
+    assert drops == expected == (Counter({reason: 1}) if reason else Counter())
+    assert [count for _, count, _ in writes] == ([3, 2] if reason else [3, 1, 2])
+    assert [_stripped(p) for p in planned_packets(writes)] == [
+        _stripped(bytes(data[a:b])) for a, b in good
+    ]
+
+
+def _stripped(packet: bytes) -> bytes:
+    """Without the fields a resegmenting kernel rewrites: IPv4 ID and both checksums."""
+    if len(packet) >= 40 and packet[0] == 0x45 and packet[9] == 6:
+        packet = packet[:36] + packet[38:]
+    return _without_ident(packet)
+
+
+@given(
+    streams(),
+    st.lists(
+        st.tuples(
+            st.integers(0, 10**6),
+            st.sampled_from([0, 1, 2, 3, 6, 7, 8, 9, 12, 16, 19, 20, 23, 27, 31, 32, 33, 35, 40]),
+            st.integers(0, 255),
+        ),
+        max_size=4,
+    ),
+    st.sampled_from([(198, 18, 1, 0, 24), (198, 18, 1, 0, 28), (10, 0, 0, 0, 8)]),
+    st.sampled_from([(198, 18, 2, 0, 24), (198, 18, 0, 0, 16), (198, 18, 3, 0, 24)]),
+)
+@FAST
+def test_plan_tun_writes_validates_like_valid_pieces(
+    packets: list[bytes],
+    damage: list[tuple[int, int, int]],
+    source: tuple[int, ...],
+    destination: tuple[int, ...],
+) -> None:
+    def net(a: int, b: int, c: int, d: int, prefix: int) -> tuple[int, int]:
+        return (int.from_bytes(bytes([a, b, c, d]), "big") >> (32 - prefix), 32 - prefix)
+
+    theirs, ours = net(*source), net(*destination)
+    for data, size, segment in gro_buffers(packets):
+        for where, offset, value in damage:  # corrupt header bytes of some datagrams
+            piece = (where % -(-size // segment)) * segment
+            if piece + offset < size:
+                data[piece + offset] = value
+        expected: Counter[str] = Counter()
+        good = gso.valid_pieces(data, size, segment, theirs, ours, expected)
+        drops: Counter[str] = Counter()
+        planned = planned_packets(gso.plan_tun_writes(data, size, segment, theirs, ours, drops))
+        assert drops == expected
+        assert [_stripped(p) for p in planned] == [_stripped(bytes(data[a:b])) for a, b in good]
+
+
+# -- the dataplane's stages against a fake TUN and socket (no namespaces) ------------------
+
+OWN = IPv4Network("198.18.1.0/24")
+PEER_A = Lease(IPv4Network("198.18.2.0/24"), IPv4Address("192.0.2.2"))
+PEER_B = Lease(IPv4Network("198.18.3.0/24"), IPv4Address("192.0.2.3"))
+
+
+class FakeTun:
+    """A TUN stand-in: a SOCK_SEQPACKET pair keeps packet boundaries like the real fd."""
+
+    def __init__(self, vnet_capable: bool) -> None:
+        self.kernel, ours = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        ours.setblocking(False)
+        self.kernel.setblocking(False)
+        self._ours = ours
+        self.fd = ours.fileno()
+        self.vnet_capable = vnet_capable
+        self.vnet_hdr = False
+        self.writes = 0  # TUN writes seen by written()
+
+    @property
+    def offset(self) -> int:
+        return 10 if self.vnet_hdr else 0
+
+    def enable_vnet_hdr(self) -> bool:
+        self.vnet_hdr = self.vnet_capable
+        return self.vnet_hdr
+
+    def write(self, packet: bytes) -> bool:
+        self._ours.send((gso.VNET_PLAIN if self.vnet_hdr else b"") + bytes(packet))
+        return True
+
+    def inject(self, packet: bytes) -> None:
+        """A packet the kernel routes into the TUN (what the dataplane reads)."""
+        self.kernel.send((gso.VNET_PLAIN if self.vnet_hdr else b"") + packet)
+
+    def written(self) -> list[bytes]:
+        """What the dataplane wrote, resegmented as the kernel would."""
+        out = []
+        while True:
+            try:
+                data = self.kernel.recv(1 << 17)
+            except BlockingIOError:
+                return out
+            self.writes += 1
+            out += resegment([data[:10], data[10:]]) if self.vnet_hdr else [data]
+
+
+class FakeSocket:
+    """The UDP socket: records sends, replays queued receives, refuses what it is told."""
+
+    def __init__(self, refuse: tuple[int, ...] = (), send_error: int | None = None) -> None:
+        self.refuse = refuse  # setsockopt(SOL_UDP, option) that fail
+        self.send_error = send_error
+        self.options: dict[tuple[int, int], int] = {}
+        self.sent: list[tuple[bytes, int, tuple[str, int]]] = []  # (data, gso size, addr)
+        self.queue: list[tuple[bytes, int, str]] = []  # (data, gro size, source ip)
+
+    def setsockopt(self, level: int, option: int, value: int) -> None:
+        if option in self.refuse:
+            raise OSError(errno.ENOPROTOOPT, "Protocol not available")
+        self.options[(level, option)] = value
+
+    def sendmsg(
+        self,
+        buffers: list[memoryview],
+        ancdata: list[tuple[int, int, bytes]],
+        flags: int,
+        addr: tuple[str, int],
+    ) -> int:
+        if self.send_error is not None:
+            raise OSError(self.send_error, os.strerror(self.send_error))
+        [(level, kind, size)] = ancdata
+        assert (level, kind) == (17, 103)
+        data = b"".join(bytes(b) for b in buffers)
+        self.sent.append((data, struct.unpack("=H", size)[0], addr))
+        return len(data)
+
+    def sendto(self, data: memoryview, addr: tuple[str, int]) -> int:
+        self.sent.append((bytes(data), 0, addr))
+        return len(data)
+
+    def recvmsg_into(
+        self, buffers: list[bytearray], ancbufsize: int
+    ) -> tuple[int, list[tuple[int, int, bytes]], int, tuple[str, int]]:
+        if not self.queue:
+            raise BlockingIOError
+        data, size, source = self.queue.pop(0)
+        buffers[0][: len(data)] = data
+        ancdata = [(17, 104, struct.pack("=i", size))] if size else []
+        return len(data), ancdata, 0, (source, 8285)
+
+    def recvfrom_into(self, buffer: bytearray) -> tuple[int, tuple[str, int]]:
+        if not self.queue:
+            raise BlockingIOError
+        data, _, source = self.queue.pop(0)
+        buffer[: len(data)] = data
+        return len(data), (source, 8285)
+
+    def datagrams(self) -> list[tuple[bytes, tuple[str, int]]]:
+        """What went on the wire: each GSO send cut into its datagrams."""
+        out = []
+        for data, size, addr in self.sent:
+            for a, b in gso.split_points(len(data), size or len(data)):
+                out.append((data[a:b], addr))
+        return out
+
+
+def dataplane(tun: FakeTun, sock: FakeSocket, offload: bool = True) -> UdpDataplane:
+    peers = PeerTable(8285)
+    peers.upsert(PEER_A)
+    peers.upsert(PEER_B)
+    return UdpDataplane(tun, sock, peers, OWN, Counters(), offload=offload)  # type: ignore[arg-type]
+
+
+def tx_batch() -> list[tuple[bytes, tuple[str, int]]]:
+    """A drain's worth of packets: a bulk run to A, a short one, ACKs, a run to B."""
+
+    def to(peer: Lease, i: int, payload: int) -> bytes:
+        dst = bytes(peer.subnet.network_address.packed[:3]) + b"\x09"
+        return (
+            build_header(
+                src=bytes([198, 18, 1, 5]), dst=dst, protocol=17, payload_length=payload, ident=i
+            )
+            + bytes([i & 0xFF]) * payload
+        )
+
+    a, b = ("192.0.2.2", 8285), ("192.0.2.3", 8285)
+    plan = [(PEER_A, 1452)] * 70 + [(PEER_A, 300)] + [(PEER_A, 32)] * 3 + [(PEER_B, 1452)] * 5
+    return [(to(peer, i, n), a if peer is PEER_A else b) for i, (peer, n) in enumerate(plan)]
+
+
+@pytest.mark.parametrize("vnet", [True, False])
+def test_tx_sends_gso_groups_of_whole_packets(vnet: bool) -> None:
+    tun, sock = FakeTun(vnet), FakeSocket()
+    dp = dataplane(tun, sock)
+    assert dp.features() == {"offload": True, "udp_gso": True, "udp_gro": True, "tun_gso": vnet}
+    batch = tx_batch()
+    for packet, _ in batch:
+        tun.inject(packet)
+    dp.on_tun_readable()
+    assert sock.datagrams() == batch
+    # 70 + 1 to A cut at 44 segments, the 3 ACKs, B's 5: five sends, no single sendto.
+    assert [(len(d) // size if size else 0, size) for d, size, _ in sock.sent] == [
+        (44, 1472),
+        (26, 1472),
+        (3, 52),
+        (5, 1472),
+    ]
+    assert dp.counters.tx_packets == len(batch)
+
+
+@pytest.mark.parametrize(
+    ("error", "worked_before", "gso_after"),
+    [(errno.EIO, True, False), (errno.EINVAL, False, False), (errno.EINVAL, True, True)],
+)
+def test_tx_falls_back_to_sendto_when_a_gso_send_fails(
+    error: int, worked_before: bool, gso_after: bool
+) -> None:
+    tun, sock = FakeTun(True), FakeSocket()
+    dp = dataplane(tun, sock)
+    if worked_before:
+        tun.inject(tx_batch()[0][0])
+        tun.inject(tx_batch()[1][0])
+        dp.on_tun_readable()
+        assert sock.sent[0][1] == 1472
+        sock.sent.clear()
+    sock.send_error = error
+    batch = tx_batch()
+    for packet, _ in batch:
+        tun.inject(packet)
+    dp.on_tun_readable()
+    # Every packet still leaves, one sendto each; GSO stays on only after a late EINVAL.
+    assert sock.datagrams() == batch and all(size == 0 for _, size, _ in sock.sent)
+    assert dp.gso is gso_after and dp.features()["udp_gso"] is gso_after
+    assert not dp.counters.drops
+
+
+def test_unsupported_offloads_and_no_offload_take_the_plain_path() -> None:
+    for sock, offload in ((FakeSocket(refuse=(103, 104)), True), (FakeSocket(), False)):
+        tun = FakeTun(True)
+        dp = dataplane(tun, sock, offload=offload)
+        assert dp.features() == {
+            "offload": offload,
+            "udp_gso": False,
+            "udp_gro": False,
+            "tun_gso": False,
+        }
+        assert (17, 104) not in sock.options and tun.vnet_hdr is False
+        batch = tx_batch()
+        for packet, _ in batch:
+            tun.inject(packet)
+        dp.on_tun_readable()
+        assert sock.datagrams() == batch and all(size == 0 for _, size, _ in sock.sent)
+
+
+@pytest.mark.parametrize("vnet", [True, False])
+def test_rx_splits_gro_receives_and_validates_each_datagram(vnet: bool) -> None:
+    tun, sock = FakeTun(vnet), FakeSocket()
+    dp = dataplane(tun, sock)
+    src, dst = bytes([198, 18, 2, 7]), bytes([198, 18, 1, 5])  # from A's subnet to ours
+    seq, run = 1, []
+    for i in range(30):
+        segment = Segment(40000, seq, 1, 0x10, bytes([i]) * 1400, ident=i, src=src, dst=dst)
+        run.append(segment.build())
+        seq += 1400
+    spoofed = bytearray(run[10])
+    spoofed[12:16] = bytes([198, 18, 3, 7])  # B's subnet, sent by A
+    datagrams = run[:10] + [bytes(spoofed)] + run[11:]
+    sock.queue.append((b"".join(datagrams), len(run[0]), "192.0.2.2"))
+    sock.queue.append((run[0], 0, "192.0.2.99"))  # not a peer
+    dp.on_socket_readable_gro()
+    assert [_without_ident(p) for p in tun.written()] == [
+        _without_ident(p) for p in run[:10] + run[11:]
+    ]
+    assert dp.counters.drops == Counter({"rx_foreign_source": 1, "rx_unknown_peer": 1})
+    assert dp.counters.rx_packets == 29
+    # With IFF_VNET_HDR the two runs around the spoofed datagram are two super-packets.
+    assert tun.writes == (2 if vnet else 29)
+
+
+# -- end to end on a testbed ---------------------------------------------------------------
+
+CAPTURE = r"""
+import json, os, select, socket, struct, sys
+ETH_P_ALL, SOL_PACKET, PACKET_VNET_HDR, PACKET_STATISTICS = 3, 263, 15, 6
+iface, pcap_path, meta_path = sys.argv[1:4]
+s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
+s.setsockopt(SOL_PACKET, PACKET_VNET_HDR, 1)  # gso_type/gso_size of each captured skb
+s.setsockopt(socket.SOL_SOCKET, 33, 64 << 20)  # SO_RCVBUFFORCE
+s.bind((iface, ETH_P_ALL))
+s.setblocking(False)
+meta = []
+with open(pcap_path, "wb") as pcap:
+    pcap.write(struct.pack("=IHHiIII", 0xA1B2C3D4, 2, 4, 0, 0, 262144, 1))
+    print("ready", flush=True)
+    done = False
+    while not done:
+        ready, _, _ = select.select([s, sys.stdin], [], [], 1.0)
+        done = sys.stdin in ready
+        while True:
+            try:
+                data, addr = s.recvfrom(262144)
+            except BlockingIOError:
+                break
+            frame = data[10:]
+            if len(frame) < 42 or frame[12:14] != b"\x08\x00" or frame[23] != 17:
+                continue
+            ihl = (frame[14] & 0x0F) * 4
+            ports = struct.unpack_from("!HH", frame, 14 + ihl)
+            if 8285 not in ports:
+                continue
+            flags, gso_type, _, gso_size, _, _ = struct.unpack_from("=BBHHHH", data)
+            pcap.write(struct.pack("=IIII", 0, 0, len(frame), len(frame)) + frame)
+            meta.append([gso_type, gso_size, addr[2]])
+stats = struct.unpack("=II", s.getsockopt(SOL_PACKET, PACKET_STATISTICS, 8))
+json.dump({"frames": meta, "seen": stats[0], "dropped": stats[1]}, open(meta_path, "w"))
+"""
+
+
+class LastNodeWithoutOffload(Testbed):
+    """A testbed whose last node runs ``--no-offload`` (the plain per-packet path)."""
+
+    __test__ = False
+
+    def daemon_argv(self, i: int) -> list[str]:
+        argv = super().daemon_argv(i)
+        return [*argv, "--no-offload"] if i == self.nodes else argv
+
+
+@pytest.fixture(scope="module")
+def bed() -> Iterator[Testbed]:
+    tb = LastNodeWithoutOffload(
+        "fp" + uuid.uuid4().hex[:6], nodes=3, pods_per_node=1, registry="file"
+    )
+    try:
+        tb.up()
+        yield tb
+    finally:
+        tb.down()
+
+
+def _pod(bed: Testbed, name: str) -> dict[str, str]:
+    return next(p for p in bed.status()["pods"] if p["name"] == name)
+
+
+def _transfer(bed: Testbed, src: str, dst: str, total: int, port: int) -> None:
+    server_pod, client_pod = _pod(bed, dst), _pod(bed, src)
+    server = bed.popen(
+        dst,
+        [sys.executable, TRANSFER, "server", server_pod["ip"], str(port)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert server.stdout is not None
+        assert server.stdout.readline().strip() == "ready"
+        client = bed.exec(
+            client_pod["name"],
+            [sys.executable, TRANSFER, "client", server_pod["ip"], str(port), str(total)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert client.returncode == 0, client.stderr
+        sent = client.stdout.split()
+        assert int(sent[0]) == total
+        assert server.stdout.readline().split() == sent  # same length and sha256
+    finally:
+        server.kill()
+        server.wait()
+
+
+def _counters(bed: Testbed, node: str) -> dict[str, Any]:
+    st = status.query(bed.state_dir / node / "status.sock")
+    counters: dict[str, Any] = st["counters"]
+    return counters
+
+
+@pytest.mark.netns
+def test_fast_path_transfer_is_intact_and_wire_is_one_packet_per_datagram(
+    bed: Testbed, tmp_path: Path
+) -> None:
+    pcap, meta_file = tmp_path / "n1.pcap", tmp_path / "n1.json"
+    capture = bed.popen(
+        "n1",
+        [sys.executable, "-c", CAPTURE, "eth0", str(pcap), str(meta_file)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert capture.stdout is not None and capture.stdout.readline().strip() == "ready"
+        _transfer(bed, "n1-p1", "n2-p1", 20 * 1024 * 1024, 5301)
+    finally:
+        assert capture.stdin is not None
+        capture.stdin.close()
+        capture.wait(timeout=20)
+    meta = json.loads(meta_file.read_text())
+    assert meta["dropped"] == 0
+
+    from scapy.layers.inet import IP, TCP, UDP
+    from scapy.utils import rdpcap
+
+    mtu = int(
+        next(
+            line.split("=")[1]
+            for line in (bed.subnet_file(1).read_text().splitlines())
+            if line.startswith("FLANNEL_MTU=")
+        )
+    )
+    frames = rdpcap(str(pcap))
+    assert len(frames) == len(meta["frames"]) > 0
+    datagrams = gso_frames = 0
+    for frame, (gso_type, gso_size, _direction) in zip(frames, meta["frames"], strict=True):
+        outer = frame[IP]
+        assert outer[UDP].sport == 8285 or outer[UDP].dport == 8285
+        raw = bytes(outer)
+        payload = raw[outer.ihl * 4 + 8 :]
+        if gso_type:
+            # A UDP GSO super-packet on the veth (no wire to segment it here): the kernel
+            # or a NIC cuts it into gso_size datagrams; check each one.
+            assert gso_type == 5  # VIRTIO_NET_HDR_GSO_UDP_L4
+            gso_frames += 1
+            pieces = [payload[i : i + gso_size] for i in range(0, len(payload), gso_size)]
+        else:
+            pieces = [payload]
+        for piece in pieces:
+            datagrams += 1
+            inner = IP(piece)
+            assert inner.version == 4
+            assert inner.len == len(piece) <= mtu, (inner.len, len(piece))
+            assert internet_checksum(piece[: inner.ihl * 4]) == 0
+            if inner.proto == 6:
+                tcp = piece[inner.ihl * 4 :]
+                pseudo = piece[12:20] + struct.pack("!BBH", 0, 6, len(tcp))
+                assert internet_checksum(pseudo + tcp + b"\0" * (len(tcp) % 2)) == 0
+                assert inner.haslayer(TCP)
+    # 20 MiB at an MSS of at most mtu - 40 bytes: the fast path really batched them.
+    assert datagrams > 20 * 1024 * 1024 // (mtu - 40)
+    assert gso_frames > 0
+    for node in ("n1", "n2"):
+        drops = _counters(bed, node)["drops"]
+        assert not drops, (node, drops)
+
+
+@pytest.mark.netns
+def test_no_offload_node_talks_to_offload_nodes(bed: Testbed) -> None:
+    # n3 runs the plain per-packet path; n1 sends GSO batches to it and gets single
+    # datagrams back (as from a real flannel peer), both ways byte-exact.
+    _transfer(bed, "n1-p1", "n3-p1", 5 * 1024 * 1024, 5302)
+    _transfer(bed, "n3-p1", "n1-p1", 5 * 1024 * 1024, 5303)
+    result = bed.exec(
+        "n3-p1",
+        ["ping", "-c", "3", "-i", "0.2", "-W", "2", _pod(bed, "n2-p1")["ip"]],
+        capture_output=True,
+        text=True,
+    )
+    assert " 0% packet loss" in result.stdout, result.stdout
+    assert not _counters(bed, "n3")["drops"]
