@@ -150,6 +150,11 @@ def parse_config(data: bytes | str | dict[str, Any]) -> NetworkConfig:
     )
 
 
-def config_json(network: IPv4Network, backend_type: str = "udp") -> str:
+def config_json(
+    network: IPv4Network, backend_type: str = "udp", direct_routing: bool = False
+) -> str:
     """The config JSON an operator would write to seed a registry."""
-    return json.dumps({"Network": str(network), "Backend": {"Type": backend_type}})
+    backend: dict[str, Any] = {"Type": backend_type}
+    if direct_routing:
+        backend["DirectRouting"] = True
+    return json.dumps({"Network": str(network), "Backend": backend})

@@ -150,6 +150,9 @@ def valid_pieces(
     one IPv4 packet each (total length == datagram length) from inside ``source`` to
     inside ``destination`` (both ``(network >> shift, shift)``); the others are counted in
     ``drops`` by reason. The checks ``plan_tun_writes`` makes too."""
+    if size <= 0 or segment <= 0:
+        drops["rx_not_ipv4"] += 1  # an empty datagram
+        return []
     source_net, source_shift = source
     own_net, own_shift = destination
     from_bytes = int.from_bytes
@@ -203,6 +206,9 @@ def plan_tun_writes(
     """
     if size > 0xFFFF:  # one UDP datagram: keeps every super-packet within IPv4's 64 KiB
         raise ValueError(f"a GRO receive is at most 65535 bytes, not {size}")
+    if size <= 0 or segment <= 0:
+        drops["rx_not_ipv4"] += 1  # an empty datagram
+        return []
     view = memoryview(data)
     source_net, source_shift = source
     own_net, own_shift = destination

@@ -13,6 +13,11 @@ class Counters:
     rx_packets: int = 0
     rx_bytes: int = 0
     icmp_unreachable_sent: int = 0
+    # The fast path at work: UDP GSO sends, UDP GRO receives holding more than one
+    # datagram, and TCP super-packets written to the TUN (each carries several packets).
+    tx_gso_sends: int = 0
+    rx_gro_receives: int = 0
+    rx_tun_super_packets: int = 0
     drops: Counter[str] = field(default_factory=Counter)
 
     def snapshot(self) -> dict[str, object]:
@@ -22,5 +27,8 @@ class Counters:
             "rx_packets": self.rx_packets,
             "rx_bytes": self.rx_bytes,
             "icmp_unreachable_sent": self.icmp_unreachable_sent,
+            "tx_gso_sends": self.tx_gso_sends,
+            "rx_gro_receives": self.rx_gro_receives,
+            "rx_tun_super_packets": self.rx_tun_super_packets,
             "drops": dict(sorted(self.drops.items())),
         }

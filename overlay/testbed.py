@@ -134,6 +134,7 @@ class Testbed:
         state_dir: Path | str | None = None,
         kernel_nodes: tuple[int, ...] = (),
         daemon_args: tuple[str, ...] = (),
+        direct_routing: bool = False,
     ) -> None:
         self.prefix = validate_prefix(prefix)
         if isinstance(nodes, bool) or not isinstance(nodes, int) or nodes < 1:
@@ -153,6 +154,8 @@ class Testbed:
         bad = [i for i in kernel_nodes if not 1 <= i <= nodes]
         if bad:
             raise TestbedError(f"kernel nodes {bad} are not among nodes 1..{nodes}")
+        if direct_routing and backend != "vxlan":
+            raise TestbedError("direct routing is a vxlan option: use --backend vxlan")
         if kernel_nodes and backend != "vxlan":
             raise TestbedError("kernel nodes need --backend vxlan (they use flannel.<VNI>)")
         self.nodes = nodes
@@ -162,6 +165,7 @@ class Testbed:
         self.kernel_nodes = tuple(sorted(set(kernel_nodes)))
         # Extra `overlay run` flags for every daemon (e.g. --no-offload for a benchmark).
         self.daemon_args = tuple(daemon_args)
+        self.direct_routing = direct_routing
         self.registry = registry
         self.underlay = _parse_cidr(underlay, "underlay")
         self.network = _parse_cidr(network, "network")
@@ -410,6 +414,7 @@ class Testbed:
             "backend": self.backend,
             "kernel_nodes": list(self.kernel_nodes),
             "daemon_args": list(self.daemon_args),
+            "direct_routing": self.direct_routing,
             "registry": self.registry,
             "underlay": str(self.underlay),
             "network": str(self.network),
@@ -448,9 +453,31 @@ class Testbed:
             )
             node.link("set", index=eth0, state="up")
         sysctl_in(ns, "net.ipv4.ip_forward", "1")
+        if i in self.kernel_nodes:
+            self._complete_checksums(ns)
+
+    @staticmethod
+    def _complete_checksums(ns: str) -> None:
+        """Make a kernel-vxlan node's eth0 send complete checksums, as a real NIC does.
+
+        A veth hands the peer namespace the inner TCP checksum of a VXLAN frame as the
+        kernel left it (CHECKSUM_PARTIAL: only the pseudo-header sum), and a userspace
+        receiver reads those bytes from its socket as they are; a physical NIC (or the
+        stack, for one without offloads) would have finished the sum on the wire.
+        """
+        result = subprocess.run(
+            ["ip", "netns", "exec", ns, "ethtool", "-K", "eth0", "tx", "off"],
+            capture_output=True,
+            text=True,
+        )
+        if result.returncode != 0:
+            raise TestbedError(
+                f"ethtool -K eth0 tx off in {ns} failed ({result.stderr.strip()}): "
+                "`make setup` installs ethtool"
+            )
 
     def _seed_registry(self) -> None:
-        config = config_json(self.network, self.backend)
+        config = config_json(self.network, self.backend, self.direct_routing)
         if self.registry == "file":
             FileRegistry(self.registry_file).put_sync(CONFIG_KEY, config.encode(), None)
             return
@@ -653,6 +680,7 @@ class Testbed:
             state_dir=probe.state_dir,
             kernel_nodes=tuple(int(i) for i in params.get("kernel_nodes", [])),
             daemon_args=tuple(str(a) for a in params.get("daemon_args", [])),
+            direct_routing=bool(params.get("direct_routing", False)),
         )
 
     def _daemon_pid(self, i: int) -> int | None:
@@ -916,6 +944,12 @@ def _parser() -> _Parser:
         help="vxlan only: comma-separated node numbers whose datapath is the kernel's "
         "vxlan device (e.g. 2 or 2,3); the others run the userspace datapath",
     )
+    up.add_argument(
+        "--direct-routing",
+        action="store_true",
+        help="vxlan only: seed the config with DirectRouting (plain routes between nodes "
+        "on one L2 segment, encapsulation otherwise)",
+    )
     up.add_argument("--underlay", default=DEFAULT_UNDERLAY, help=f"default {DEFAULT_UNDERLAY}")
     up.add_argument("--network", default=DEFAULT_NETWORK, help=f"default {DEFAULT_NETWORK}")
 
@@ -979,6 +1013,7 @@ def main(argv: list[str]) -> int:
                 network=args.network,
                 state_dir=args.state_dir,
                 kernel_nodes=tuple(args.kernel_nodes),
+                direct_routing=args.direct_routing,
             )
             bed.up()
             print(format_status(bed.status()))

@@ -532,6 +532,7 @@ def test_tx_sends_gso_groups_of_whole_packets(vnet: bool) -> None:
         (5, 1472),
     ]
     assert dp.counters.tx_packets == len(batch)
+    assert dp.counters.tx_gso_sends == 4
 
 
 @pytest.mark.parametrize(
@@ -593,14 +594,35 @@ def test_rx_splits_gro_receives_and_validates_each_datagram(vnet: bool) -> None:
     datagrams = run[:10] + [bytes(spoofed)] + run[11:]
     sock.queue.append((b"".join(datagrams), len(run[0]), "192.0.2.2"))
     sock.queue.append((run[0], 0, "192.0.2.99"))  # not a peer
+    sock.queue.append((b"", 0, "192.0.2.2"))  # empty
+    sock.queue.append((run[0][:30], 0, "192.0.2.2"))  # truncated
     dp.on_socket_readable_gro()
     assert [_without_ident(p) for p in tun.written()] == [
         _without_ident(p) for p in run[:10] + run[11:]
     ]
-    assert dp.counters.drops == Counter({"rx_foreign_source": 1, "rx_unknown_peer": 1})
+    assert dp.counters.drops == Counter(
+        {"rx_foreign_source": 1, "rx_unknown_peer": 1, "rx_not_ipv4": 1, "rx_bad_length": 1}
+    )
     assert dp.counters.rx_packets == 29
     # With IFF_VNET_HDR the two runs around the spoofed datagram are two super-packets.
     assert tun.writes == (2 if vnet else 29)
+    assert dp.counters.rx_tun_super_packets == (2 if vnet else 0)
+    assert dp.counters.rx_gro_receives == 1
+
+
+def test_rx_plain_path_validates_each_datagram() -> None:
+    tun, sock = FakeTun(False), FakeSocket()
+    dp = dataplane(tun, sock, offload=False)
+    good = Segment(1, 1, 1, 0x10, b"x" * 50, src=bytes([198, 18, 2, 7]), dst=bytes([198, 18, 1, 5]))
+    packet = good.build()
+    for data in (packet, b"", packet[:30], b"\x60" + packet[1:]):
+        sock.queue.append((data, 0, "192.0.2.2"))
+    sock.queue.append((packet, 0, "192.0.2.3"))  # from B, inside A's subnet
+    dp.on_socket_readable()
+    assert tun.written() == [packet]
+    assert dp.counters.drops == Counter(
+        {"rx_not_ipv4": 2, "rx_bad_length": 1, "rx_foreign_source": 1}
+    )
 
 
 # -- end to end on a testbed ---------------------------------------------------------------
@@ -763,9 +785,11 @@ def test_fast_path_transfer_is_intact_and_wire_is_one_packet_per_datagram(
     # 20 MiB at an MSS of at most mtu - 40 bytes: the fast path really batched them.
     assert datagrams > 20 * 1024 * 1024 // (mtu - 40)
     assert gso_frames > 0
-    for node in ("n1", "n2"):
-        drops = _counters(bed, node)["drops"]
-        assert not drops, (node, drops)
+    n1, n2 = _counters(bed, "n1"), _counters(bed, "n2")
+    assert not n1["drops"] and not n2["drops"], (n1["drops"], n2["drops"])
+    # n1 sent GSO batches, n2 received them coalesced and wrote TCP super-packets.
+    assert n1["tx_gso_sends"] > 0 and n2["rx_gro_receives"] > 0
+    assert n2["rx_tun_super_packets"] > 0
 
 
 @pytest.mark.netns

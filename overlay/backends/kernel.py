@@ -23,9 +23,12 @@ from overlay.backends.base import Backend, Context
 Undo = Callable[[], None]
 
 
-class RoutedBackend(Backend):
-    def __init__(self, ctx: Context) -> None:
-        super().__init__(ctx)
+class RouteWorker:
+    """Programs per-peer kernel state in order on one thread, remembering how to undo it."""
+
+    def __init__(self, log: Any, program: Callable[[Lease], Undo | None]) -> None:
+        self.log = log
+        self.program = program  # runs in the worker; returns the undo, or None if skipped
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="netlink")
         self._programmed: dict[IPv4Network, Undo] = {}  # touched by the worker only
         self.errors = 0
@@ -35,11 +38,11 @@ class RoutedBackend(Backend):
             error = future.exception()
             if error is not None:
                 self.errors += 1
-                self.ctx.log.error("netlink_failed", step=call.__name__, error=str(error))
+                self.log.error("netlink_failed", step=call.__name__, error=str(error))
 
         self._worker.submit(call, *args).add_done_callback(done)
 
-    def peers_changed(self, added: list[Lease], removed: list[Lease]) -> None:
+    def apply(self, added: list[Lease], removed: list[Lease]) -> None:
         for lease in removed:
             self._submit(self._remove, lease.subnet)
         for lease in added:
@@ -47,7 +50,7 @@ class RoutedBackend(Backend):
 
     def _add(self, lease: Lease) -> None:
         self._remove(lease.subnet)
-        undo = self._program(lease)
+        undo = self.program(lease)
         if undo is not None:
             self._programmed[lease.subnet] = undo
 
@@ -55,14 +58,6 @@ class RoutedBackend(Backend):
         undo = self._programmed.pop(subnet, None)
         if undo is not None:
             undo()
-
-    def _program(self, lease: Lease) -> Undo | None:
-        """Program ``lease`` (in the worker); return how to undo it, or None if skipped."""
-        raise NotImplementedError
-
-    def _direct_route(self, lease: Lease) -> Undo:
-        kernel_routes.add_direct_route(lease.subnet, lease.public_ip)
-        return lambda: kernel_routes.del_direct_route(lease.subnet, lease.public_ip)
 
     def status(self) -> dict[str, Any]:
         return {
@@ -72,6 +67,31 @@ class RoutedBackend(Backend):
 
     async def stop(self) -> None:
         await asyncio.get_running_loop().run_in_executor(None, self._worker.shutdown)
+
+
+def direct_route(lease: Lease) -> Undo:
+    """A plain route via the peer's public IP (host-gw, DirectRouting); returns its undo."""
+    kernel_routes.add_direct_route(lease.subnet, lease.public_ip)
+    return lambda: kernel_routes.del_direct_route(lease.subnet, lease.public_ip)
+
+
+class RoutedBackend(Backend):
+    def __init__(self, ctx: Context) -> None:
+        super().__init__(ctx)
+        self.routes = RouteWorker(ctx.log, self._program)
+
+    def peers_changed(self, added: list[Lease], removed: list[Lease]) -> None:
+        self.routes.apply(added, removed)
+
+    def _program(self, lease: Lease) -> Undo | None:
+        """Program ``lease`` (in the worker); return how to undo it, or None if skipped."""
+        raise NotImplementedError
+
+    def status(self) -> dict[str, Any]:
+        return self.routes.status()
+
+    async def stop(self) -> None:
+        await self.routes.stop()
 
 
 class HostGwBackend(RoutedBackend):
@@ -89,7 +109,7 @@ class HostGwBackend(RoutedBackend):
                 reason="host-gw needs the peer on our L2 segment (its route has a gateway)",
             )
             return None
-        return self._direct_route(lease)
+        return direct_route(lease)
 
 
 def vtep_mac_of(lease: Lease) -> bytes | None:
@@ -143,7 +163,7 @@ class KernelVxlanBackend(RoutedBackend):
         if self.ctx.config.backend.direct_routing and kernel_routes.directly_reachable(
             lease.public_ip
         ):
-            return self._direct_route(lease)
+            return direct_route(lease)
         raw = vtep_mac_of(lease)
         if raw is None:
             self.ctx.log.warning(

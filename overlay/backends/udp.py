@@ -202,7 +202,7 @@ class UdpDataplane:
         sendmsg = self.sock.sendmsg
         view = self._tx_view
         drops = self.counters.drops
-        sent = sent_bytes = 0
+        sends = sent = sent_bytes = 0
         at = 0
         for start, end in gso.plan_groups(lengths, addrs):
             first = at
@@ -225,10 +225,12 @@ class UdpDataplane:
                 self._send_each(lengths, addrs, start, end, first)
                 continue
             self._gso_sent = True
+            sends += 1
             sent += end - start
             sent_bytes += at - first
         self.counters.tx_packets += sent
         self.counters.tx_bytes += sent_bytes
+        self.counters.tx_gso_sends += sends
 
     def _send_each(
         self, lengths: list[int], addrs: list[tuple[str, int]], start: int, end: int, at: int = 0
@@ -308,7 +310,7 @@ class UdpDataplane:
         tun_gso = self.tun_gso
         ours = self._own
         drops = self.counters.drops
-        moved = 0
+        moved = coalesced = 0
         while moved < BUDGET:
             try:
                 size, ancdata, flags, (source_ip, _port) = recv(buffers, GRO_CMSG_SPACE)
@@ -316,9 +318,15 @@ class UdpDataplane:
                 break
             except OSError:
                 drops["rx_socket_error"] += 1
+                moved += 1
+                continue
+            if not size:  # an empty datagram (anyone may send one)
+                drops["rx_not_ipv4"] += 1
+                moved += 1
                 continue
             segment = gro_size(ancdata, size) if ancdata else size
             moved += -(-size // segment)
+            coalesced += segment < size
             if flags & MSG_TRUNC:  # more than 64 KiB coalesced: cannot split it safely
                 drops["rx_truncated"] += 1
                 continue
@@ -331,6 +339,7 @@ class UdpDataplane:
                 write_planned(plan(buf, size, segment, theirs, ours, drops))
             else:
                 write_pieces(valid(buf, size, segment, theirs, ours, drops))
+        self.counters.rx_gro_receives += coalesced
 
     def _write_pieces(self, pieces: list[tuple[int, int]]) -> None:
         """Stage 2 (plain): one write per packet (behind a plain virtio_net_hdr if the TUN
@@ -366,7 +375,7 @@ class UdpDataplane:
         writev = os.writev
         fd = self.tun.fd
         drops = self.counters.drops
-        received = received_bytes = 0
+        received = received_bytes = supers = 0
         for buffers, packets, size in writes:
             try:
                 writev(fd, buffers)
@@ -376,10 +385,12 @@ class UdpDataplane:
             except OSError:
                 drops["rx_tun_error"] += packets
                 continue
+            supers += packets > 1
             received += packets
             received_bytes += size
         self.counters.rx_packets += received
         self.counters.rx_bytes += received_bytes
+        self.counters.rx_tun_super_packets += supers
 
 
 def probe_udp_segment(sock: socket.socket) -> bool:

@@ -11,9 +11,11 @@ from typing import Any
 
 from control.lease import Lease
 from encap import udp_frame, vxlan
+from overlay import kernel_routes
 from overlay.backends.base import Backend, Context
-from overlay.backends.kernel import vtep_mac_of
+from overlay.backends.kernel import RouteWorker, Undo, direct_route, vtep_mac_of
 from overlay.backends.udp import UdpDataplane, open_socket
+from overlay.backends.vxlan import VxlanDataplane
 from tun import netlink
 from tun.device import TunDevice
 
@@ -95,6 +97,26 @@ class VxlanBackend(UdpBackend):
         super().__init__(ctx)
         self.vni = ctx.config.backend.vni
         self.mac = vxlan.vtep_mac(str(ctx.underlay.public_ip), self.vni)
+        # DirectRouting: peers on our L2 segment get a plain kernel route, more specific
+        # than the network's route into the TUN, so their traffic never reaches us.
+        self.routes = (
+            RouteWorker(ctx.log, self._direct) if ctx.config.backend.direct_routing else None
+        )
+
+    @staticmethod
+    def _direct(lease: Lease) -> Undo | None:
+        if kernel_routes.directly_reachable(lease.public_ip):
+            return direct_route(lease)
+        return None
+
+    def peers_changed(self, added: list[Lease], removed: list[Lease]) -> None:
+        if self.routes is not None:
+            self.routes.apply(added, removed)
+
+    async def stop(self) -> None:
+        if self.routes is not None:
+            await self.routes.stop()
+        await super().stop()
 
     def accepts(self, lease: Lease) -> bool:
         return lease.backend_type == "vxlan"
@@ -105,3 +127,26 @@ class VxlanBackend(UdpBackend):
     def prefix_for(self, lease: Lease) -> bytes:
         mac = vtep_mac_of(lease)
         return vxlan.prefix(self.vni, mac, self.mac) if mac is not None else b""
+
+    def _dataplane(self, sock: Any, lease: Lease) -> Any:
+        assert self.tun is not None
+        return VxlanDataplane(
+            self.tun,
+            sock,
+            self.ctx.peers,
+            lease.subnet,
+            self.ctx.counters,
+            offload=not self.ctx.args.no_offload,
+            vni=self.vni,
+            mac=self.mac,
+            vtep_ip=lease.subnet.network_address.packed,
+            port=self.ctx.config.backend.port,
+        )
+
+    def status(self) -> dict[str, Any]:
+        arp_replies = getattr(self.dataplane, "arp_replies", 0)
+        return {
+            **super().status(),
+            "vtep_mac": vxlan.format_mac(self.mac),
+            "arp_replies": arp_replies,
+        }
