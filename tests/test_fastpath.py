@@ -625,6 +625,42 @@ def test_rx_plain_path_validates_each_datagram() -> None:
     )
 
 
+SWITCH_TUN = r"""
+import os, select, subprocess, sys
+sys.path.insert(0, sys.argv[1])
+from tun.device import TunDevice
+tun = TunDevice("fpt0")
+sh = lambda cmd: subprocess.run(cmd, shell=True, check=True, capture_output=True, text=True).stdout
+sh("ip addr add 10.77.0.1/32 dev fpt0 && ip link set fpt0 up mtu 1400 txqueuelen 5000")
+sh("ip route add 10.77.0.0/16 dev fpt0")
+old_fd = tun.fd
+assert tun.enable_vnet_hdr() and tun.vnet_hdr and tun.offset == 10 and tun.enable_vnet_hdr()
+link = sh("ip -d link show fpt0")
+assert "vnet_hdr on" in link and "mtu 1400" in link and "qlen 5000" in link, link
+assert "10.77.0.1/32" in sh("ip addr show fpt0") and "10.77.0.0/16" in sh("ip route")
+subprocess.Popen("ping -c1 -W1 10.77.0.9 >/dev/null", shell=True)
+select.select([tun.fd], [], [], 3)
+(packet,) = tun.read_batch(1)
+assert packet[0] == 0x45 and packet[16:20] == bytes([10, 77, 0, 9]), packet[:20].hex()
+tun.close()
+assert subprocess.run("ip link show fpt0", shell=True, capture_output=True).returncode != 0
+print("ok")
+"""
+
+
+@pytest.mark.netns
+def test_tun_switches_to_vnet_hdr_in_place(netns: Any) -> None:
+    ns = netns("tun")
+    root = str(Path(__file__).resolve().parent.parent)
+    result = subprocess.run(
+        ["ip", "netns", "exec", ns, sys.executable, "-c", SWITCH_TUN, root],
+        capture_output=True,
+        text=True,
+        timeout=20,
+    )
+    assert result.stdout.strip() == "ok", result.stderr[-2000:]
+
+
 # -- end to end on a testbed ---------------------------------------------------------------
 
 CAPTURE = r"""

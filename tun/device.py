@@ -67,8 +67,10 @@ class TunDevice:
             fd, self.vnet_hdr = offload.reopen_with_vnet_hdr(
                 self.name, self.fd, self._close_current
             )
+        except offload.TunLost as e:
+            raise TunError(e.errno or 0, f"{e.strerror}: the TUN device is gone") from None
         except OSError:
-            return False
+            return False  # nothing changed
         self._raw_fd = self.fd = fd
         return self.vnet_hdr
 

@@ -25,16 +25,18 @@ IFF_NO_PI = 0x1000
 IFF_VNET_HDR = 0x4000
 IFF_MULTI_QUEUE = 0x0100
 
-# include/uapi/linux/virtio_net.h (native byte order: TUN has no TUNSETVNETLE here)
-VNET_HDR = struct.Struct("=BBHHHH")  # flags, gso_type, hdr_len, gso_size, csum_start, csum_off
-VNET_HDR_LEN = VNET_HDR.size  # 10
-VNET_F_NEEDS_CSUM = 1
-VNET_GSO_NONE = 0
-VNET_GSO_TCPV4 = 1
+# struct virtio_net_hdr (include/uapi/linux/virtio_net.h): flags, gso_type, hdr_len,
+# gso_size, csum_start, csum_offset, in native byte order (no TUNSETVNETLE). The GSO
+# headers themselves are built by encap.gso.tcp_super_header.
+VNET_HDR_LEN = 10
 # The header of a plain packet: no GSO, checksum already complete.
 PLAIN = bytes(VNET_HDR_LEN)
 
 _IFREQ = struct.Struct("16sH22x")  # struct ifreq: name, flags, padding to 40 bytes
+
+
+class TunLost(OSError):
+    """The old fd is closed and no new one could be attached: the TUN is unusable."""
 
 
 def tun_flags(fd: int) -> int:
@@ -69,8 +71,8 @@ def reopen_with_vnet_hdr(name: str, old_fd: int, close_old: Callable[[], None]) 
     persistent (it survives its last fd, keeping its address, MTU and routes), close the
     old fd through ``close_old()``, attach a new one with the flag, clear persist again
     (the device still goes away with our fd, as before). If the kernel refuses the flag
-    the device is re-attached as it was. Raises OSError only if the device cannot be
-    made persistent (nothing changed then) or cannot be re-attached at all.
+    the device is re-attached as it was. Raises OSError if the device cannot be made
+    persistent (nothing changed then), TunLost if it cannot be re-attached at all.
     """
     flags = tun_flags(old_fd) & (IFF_TUN | IFF_NO_PI | IFF_MULTI_QUEUE)
     fcntl.ioctl(old_fd, TUNSETPERSIST, 1)
@@ -78,6 +80,9 @@ def reopen_with_vnet_hdr(name: str, old_fd: int, close_old: Callable[[], None]) 
     try:
         fd, vnet = _attach(name, flags | IFF_VNET_HDR), True
     except OSError:
-        fd, vnet = _attach(name, flags), False
+        try:
+            fd, vnet = _attach(name, flags), False
+        except OSError as e:
+            raise TunLost(e.errno, f"re-attaching TUN {name}: {e.strerror}") from None
     fcntl.ioctl(fd, TUNSETPERSIST, 0)
     return fd, vnet

@@ -38,7 +38,9 @@ class UdpBackend(Backend):
         return lease.backend_type in ("", "udp")
 
     def prepare(self) -> None:
-        self.tun = TunDevice(self.ctx.args.tun_name)
+        # With offloads, IFF_VNET_HDR from the start (TCP super-packets can then be written
+        # into the TUN) rather than switched on later, which bounces the link's carrier.
+        self.tun = TunDevice(self.ctx.args.tun_name, vnet_hdr=not self.ctx.args.no_offload)
 
     def _dataplane(self, sock: Any, lease: Lease) -> Any:
         assert self.tun is not None
