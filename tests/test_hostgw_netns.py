@@ -8,7 +8,6 @@ import subprocess
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from ipaddress import IPv4Network
 from pathlib import Path
 from typing import Any
 

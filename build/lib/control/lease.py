@@ -1,0 +1,112 @@
+"""Subnet leases: the registry key format and the JSON value, byte for byte as flanneld."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
+from typing import Any
+
+DEFAULT_PREFIX = "/coreos.com/network"
+
+
+class LeaseError(ValueError):
+    """A lease key or value that does not parse; the message says which and why."""
+
+
+@dataclass(frozen=True)
+class Lease:
+    subnet: IPv4Network
+    public_ip: IPv4Address
+    backend_type: str = ""
+    backend_data: dict[str, Any] | None = None
+    ipv6_subnet: IPv6Network | None = None
+    public_ipv6: IPv6Address | None = None
+    # False for a reservation (a key written without a TTL): it must never be taken.
+    has_ttl: bool = True
+
+    @property
+    def key(self) -> str:
+        return subnet_key(self.subnet, self.ipv6_subnet)
+
+    def value_json(self) -> str:
+        return lease_value_json(self)
+
+
+def subnet_key(subnet: IPv4Network, ipv6_subnet: IPv6Network | None = None) -> str:
+    """``10.244.3.0-24``, or ``10.244.3.0-24&fc00::-64`` for a dual-stack lease."""
+    key = f"{subnet.network_address}-{subnet.prefixlen}"
+    if ipv6_subnet is not None:
+        key += f"&{ipv6_subnet.network_address}-{ipv6_subnet.prefixlen}"
+    return key
+
+
+def parse_subnet_key(key: str) -> tuple[IPv4Network, IPv6Network | None]:
+    """Parse the last path element of a lease key (a full etcd key is accepted too)."""
+    name = key.rsplit("/", 1)[-1]
+    v4_part, _, v6_part = name.partition("&")
+    try:
+        address, prefix = v4_part.rsplit("-", 1)
+        subnet = IPv4Network(f"{address}/{int(prefix)}")
+    except ValueError:
+        raise LeaseError(f"lease key {key!r}: expected e.g. 10.244.3.0-24") from None
+    ipv6 = None
+    if v6_part:
+        try:
+            address6, prefix6 = v6_part.rsplit("-", 1)
+            ipv6 = IPv6Network(f"{address6}/{int(prefix6)}")
+        except ValueError:
+            raise LeaseError(f"lease key {key!r}: bad IPv6 part {v6_part!r}") from None
+    return subnet, ipv6
+
+
+def lease_value_json(lease: Lease) -> str:
+    """The value flanneld writes: Go's encoding/json of LeaseAttrs (field order, no spaces)."""
+    value: dict[str, Any] = {
+        "PublicIP": str(lease.public_ip),
+        "PublicIPv6": str(lease.public_ipv6) if lease.public_ipv6 is not None else None,
+    }
+    if lease.backend_type:
+        value["BackendType"] = lease.backend_type
+    if lease.backend_data is not None:
+        value["BackendData"] = lease.backend_data
+    return json.dumps(value, separators=(",", ":"))
+
+
+def parse_lease(key: str, value: bytes | str, *, has_ttl: bool = True) -> Lease:
+    """A lease from its registry key and JSON value; field names matched in any case."""
+    subnet, ipv6_subnet = parse_subnet_key(key)
+    try:
+        raw = json.loads(value)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        raise LeaseError(f"lease {subnet}: value is not JSON") from None
+    if not isinstance(raw, dict):
+        raise LeaseError(f"lease {subnet}: value must be a JSON object")
+    fields = {str(k).lower(): v for k, v in raw.items()}
+    try:
+        public_ip = IPv4Address(str(fields.get("publicip", "")))
+    except ValueError:
+        raise LeaseError(
+            f"lease {subnet}: PublicIP {fields.get('publicip')!r} is invalid"
+        ) from None
+    public_ipv6 = None
+    if fields.get("publicipv6"):
+        try:
+            public_ipv6 = IPv6Address(str(fields["publicipv6"]))
+        except ValueError:
+            raise LeaseError(f"lease {subnet}: PublicIPv6 is invalid") from None
+    backend_type = fields.get("backendtype") or ""
+    if not isinstance(backend_type, str):
+        raise LeaseError(f"lease {subnet}: BackendType must be a string")
+    backend_data = fields.get("backenddata")
+    if backend_data is not None and not isinstance(backend_data, dict):
+        raise LeaseError(f"lease {subnet}: BackendData must be an object")
+    return Lease(
+        subnet=subnet,
+        public_ip=public_ip,
+        backend_type=backend_type,
+        backend_data=backend_data,
+        ipv6_subnet=ipv6_subnet,
+        public_ipv6=public_ipv6,
+        has_ttl=has_ttl,
+    )

@@ -1,0 +1,119 @@
+"""The table the dataplane reads: destination address -> peer, and public IP -> peer.
+
+Lookups are dict probes keyed by the masked destination (all leases of a network share
+SubnetLen, so there is usually one probe), not flannel's linear first-match scan.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from ipaddress import IPv4Network
+
+from control.lease import Lease
+
+
+@dataclass(frozen=True, slots=True)
+class Peer:
+    lease: Lease
+    # (public IP as str, UDP port): the sendto() address, built once.
+    addr: tuple[str, int]
+    net: int  # subnet network address as an int
+    shift: int  # 32 - prefix length
+    # Encapsulation bytes put before every packet to this peer (VXLAN + Ethernet header),
+    # computed once here instead of per packet; empty for flannel's udp framing.
+    prefix: bytes = b""
+
+    def owns(self, address: bytes) -> bool:
+        """Whether a 4-byte address lies inside this peer's subnet."""
+        return int.from_bytes(address, "big") >> self.shift == self.net >> self.shift
+
+
+class PeerTable:
+    """Peers by subnet, with O(1) lookups for the hot path. Not thread-safe (one loop)."""
+
+    def __init__(self, port: int, prefix_for: Callable[[Lease], bytes] | None = None) -> None:
+        self.port = port
+        self.prefix_for = prefix_for
+        self._by_subnet: dict[IPv4Network, Peer] = {}
+        # [(shift, {masked destination: peer})], longest prefix first.
+        self._by_prefix: list[tuple[int, dict[int, Peer]]] = []
+        self._by_public_ip: dict[str, Peer] = {}
+
+    def __len__(self) -> int:
+        return len(self._by_subnet)
+
+    def __contains__(self, subnet: object) -> bool:
+        return subnet in self._by_subnet
+
+    def peers(self) -> list[Peer]:
+        return list(self._by_subnet.values())
+
+    def get(self, subnet: IPv4Network) -> Peer | None:
+        return self._by_subnet.get(subnet)
+
+    def upsert(self, lease: Lease) -> bool:
+        """Add or replace the peer for ``lease.subnet``; True when anything changed."""
+        old = self._by_subnet.get(lease.subnet)
+        if old is not None and old.lease == lease:
+            return False
+        self._by_subnet[lease.subnet] = self._peer(lease)
+        self._rebuild()
+        return True
+
+    def remove(self, subnet: IPv4Network) -> Peer | None:
+        peer = self._by_subnet.pop(subnet, None)
+        if peer is not None:
+            self._rebuild()
+        return peer
+
+    def replace_all(self, leases: list[Lease]) -> tuple[list[Lease], list[Lease]]:
+        """Make the table hold exactly ``leases``; return (added or changed, removed).
+
+        Compares content, not only subnets, so a changed PublicIP or VtepMAC is applied.
+        """
+        wanted = {lease.subnet: lease for lease in leases}
+        removed = [p.lease for s, p in self._by_subnet.items() if s not in wanted]
+        changed = [
+            lease
+            for subnet, lease in wanted.items()
+            if (old := self._by_subnet.get(subnet)) is None or old.lease != lease
+        ]
+        for lease in removed:
+            del self._by_subnet[lease.subnet]
+        for lease in changed:
+            self._by_subnet[lease.subnet] = self._peer(lease)
+        if removed or changed:
+            self._rebuild()
+        return changed, removed
+
+    def _peer(self, lease: Lease) -> Peer:
+        return Peer(
+            lease=lease,
+            addr=(str(lease.public_ip), self.port),
+            net=int(lease.subnet.network_address),
+            shift=32 - lease.subnet.prefixlen,
+            prefix=self.prefix_for(lease) if self.prefix_for else b"",
+        )
+
+    def _rebuild(self) -> None:
+        by_shift: dict[int, dict[int, Peer]] = {}
+        by_ip: dict[str, Peer] = {}
+        for peer in self._by_subnet.values():
+            by_shift.setdefault(peer.shift, {})[peer.net >> peer.shift] = peer
+            by_ip[peer.addr[0]] = peer
+        # Swap whole objects: the hot path never sees a half-built table.
+        self._by_prefix = sorted(by_shift.items())
+        self._by_public_ip = by_ip
+
+    def lookup(self, address: bytes | bytearray | memoryview) -> Peer | None:
+        """The peer whose subnet holds the 4-byte ``address`` (longest prefix wins)."""
+        value = int.from_bytes(address, "big")
+        for shift, table in self._by_prefix:
+            peer = table.get(value >> shift)
+            if peer is not None:
+                return peer
+        return None
+
+    def by_public_ip(self, ip: str) -> Peer | None:
+        return self._by_public_ip.get(ip)

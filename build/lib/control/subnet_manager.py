@@ -1,0 +1,312 @@
+"""Lease acquisition, renewal and the lease watch, written once against KeyValueStore.
+
+This is flanneld's subnet manager: the same acquire order, the same create-if-absent
+race handling, and a watch that re-lists after compaction or a broken stream (with a
+content diff, which flanneld lacks) and backs off instead of hot-looping.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from ipaddress import IPv4Address, IPv4Network
+from typing import Any, Literal
+
+from control.allocation import choose_subnet
+from control.config import NetworkConfig, parse_config
+from control.kv import KeyValueStore, RegistryError, RevisionCompacted
+from control.lease import DEFAULT_PREFIX, Lease, LeaseError, parse_lease, parse_subnet_key
+
+LEASE_TTL = 24 * 3600
+RENEW_MARGIN = 3600
+RENEW_RETRY = 60.0
+ACQUIRE_ATTEMPTS = 10
+BACKOFF_MIN = 0.1
+BACKOFF_MAX = 5.0
+
+# (event, fields) -> None: how the manager reports what happened, without logging itself.
+Notify = Callable[..., None]
+
+
+class LeaseLost(Exception):
+    """Our own lease was deleted or taken over; the daemon must exit so it is restarted."""
+
+
+class NetworkFull(RegistryError):
+    """No free subnet is left between SubnetMin and SubnetMax."""
+
+
+@dataclass(frozen=True)
+class LeaseEvent:
+    kind: Literal["added", "removed"]
+    subnet: IPv4Network
+    lease: Lease | None  # None for "removed"
+
+
+def _quiet(event: str, **fields: Any) -> None:
+    return None
+
+
+class SubnetManager:
+    def __init__(
+        self,
+        kv: KeyValueStore,
+        *,
+        public_ip: IPv4Address,
+        backend_type: str = "",
+        backend_data: dict[str, Any] | None = None,
+        prefix: str = DEFAULT_PREFIX,
+        ttl: int = LEASE_TTL,
+        renew_margin: float = RENEW_MARGIN,
+        notify: Notify = _quiet,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.kv = kv
+        self.public_ip = public_ip
+        self.backend_type = backend_type
+        self.backend_data = backend_data
+        self.prefix = prefix.rstrip("/")
+        self.ttl = ttl
+        self.renew_margin = renew_margin
+        self.notify = notify
+        self.rng = rng or random.Random()
+        self._bad_records: set[tuple[str, bytes]] = set()
+
+    @property
+    def config_key(self) -> str:
+        return f"{self.prefix}/config"
+
+    @property
+    def subnets_prefix(self) -> str:
+        return f"{self.prefix}/subnets/"
+
+    def key_of(self, lease: Lease) -> str:
+        """The full registry key of a lease: ``<prefix>/subnets/10.244.3.0-24``."""
+        return f"{self.subnets_prefix}{lease.key}"
+
+    # -- config --------------------------------------------------------------------------
+
+    async def read_config(self) -> NetworkConfig | None:
+        """The validated network config, or None when the key does not exist yet."""
+        entry = await self.kv.get(self.config_key)
+        return None if entry is None else parse_config(entry.value)
+
+    async def wait_for_config(self, retry: float = 1.0) -> NetworkConfig:
+        """Poll until ``<prefix>/config`` exists (flanneld does the same), noting it once."""
+        noted = False
+        while True:
+            try:
+                config = await self.read_config()
+            except RegistryError as e:
+                self.notify("registry_unavailable", error=str(e))
+                config = None
+            if config is not None:
+                return config
+            if not noted:
+                self.notify("config_missing", key=self.config_key)
+                noted = True
+            await asyncio.sleep(retry)
+
+    # -- leases --------------------------------------------------------------------------
+
+    def _lease(self, subnet: IPv4Network) -> Lease:
+        return Lease(
+            subnet=subnet,
+            public_ip=self.public_ip,
+            backend_type=self.backend_type,
+            backend_data=self.backend_data,
+        )
+
+    async def _snapshot(self) -> tuple[list[Lease], list[IPv4Network], int]:
+        """(parseable leases, every subnet with a key - broken records too, revision)."""
+        entries, revision = await self.kv.list_prefix(self.subnets_prefix)
+        leases: list[Lease] = []
+        taken: list[IPv4Network] = []
+        for entry in entries:
+            try:
+                lease = parse_lease(entry.key, entry.value, has_ttl=entry.has_ttl)
+            except LeaseError as e:
+                if (entry.key, entry.value) not in self._bad_records:
+                    self._bad_records.add((entry.key, entry.value))
+                    self.notify("lease_record_invalid", key=entry.key, error=str(e))
+                try:
+                    taken.append(parse_subnet_key(entry.key)[0])
+                except LeaseError:
+                    pass  # a key that names no subnet blocks nothing
+                continue
+            leases.append(lease)
+            taken.append(lease.subnet)
+        return leases, taken, revision
+
+    async def list_leases(self) -> tuple[list[Lease], int]:
+        """Every parseable lease and the revision; a broken record is reported once."""
+        leases, _, revision = await self._snapshot()
+        return leases, revision
+
+    @staticmethod
+    def _fits(config: NetworkConfig, subnet: IPv4Network) -> bool:
+        return (
+            subnet.prefixlen == config.subnet_len
+            and subnet.subnet_of(config.network)
+            and config.subnet_min.network_address
+            <= subnet.network_address
+            <= config.subnet_max.network_address
+        )
+
+    async def _claim_ours(self, config: NetworkConfig, leases: list[Lease]) -> Lease | None:
+        """Step 1 of flanneld's order: a lease (or reservation) that carries our public IP.
+
+        A reservation is rewritten with our backend attributes but keeps having no TTL; a
+        lease of ours that no longer fits the config is deleted, as flanneld does.
+        """
+        for lease in leases:
+            if lease.public_ip != self.public_ip:
+                continue
+            if not self._fits(config, lease.subnet):
+                if lease.has_ttl:
+                    await self.kv.delete(self.key_of(lease))
+                    self.notify("lease_dropped", subnet=str(lease.subnet), reason="misfit")
+                continue
+            mine = replace(
+                self._lease(lease.subnet), has_ttl=lease.has_ttl, ipv6_subnet=lease.ipv6_subnet
+            )
+            ttl = self.ttl if lease.has_ttl else None
+            await self.kv.put(self.key_of(mine), mine.value_json().encode(), ttl)
+            self.notify(
+                "lease_reserved" if ttl is None else "lease_reused", subnet=str(mine.subnet)
+            )
+            return mine
+        return None
+
+    async def acquire(self, config: NetworkConfig, previous: IPv4Network | None = None) -> Lease:
+        """Acquire a lease in flanneld's order; retried when another node wins a race."""
+        for _attempt in range(ACQUIRE_ATTEMPTS):
+            leases, taken, _ = await self._snapshot()
+            mine = await self._claim_ours(config, leases)
+            if mine is not None:
+                return mine
+            # What is left of ours (with a TTL) did not fit and was just deleted.
+            dropped = {x.subnet for x in leases if x.public_ip == self.public_ip and x.has_ttl}
+            taken = [t for t in taken if t not in dropped]
+            subnet: IPv4Network | None
+            if (
+                previous is not None
+                and self._fits(config, previous)
+                and not any(previous.overlaps(t) for t in taken)
+            ):
+                subnet = previous
+            else:
+                subnet = choose_subnet(config, taken, self.rng)
+            if subnet is None:
+                raise NetworkFull(f"no free /{config.subnet_len} left in {config.network}")
+            mine = self._lease(subnet)
+            if await self.kv.create(self.key_of(mine), mine.value_json().encode(), self.ttl):
+                self.notify("lease_acquired", subnet=str(subnet))
+                return mine
+            self.notify("lease_race_lost", subnet=str(subnet))
+        raise RegistryError(f"lost the race for a subnet {ACQUIRE_ATTEMPTS} times in a row")
+
+    async def renew(self, lease: Lease) -> None:
+        await self.kv.put(self.key_of(lease), lease.value_json().encode(), self.ttl)
+
+    async def keep_renewed(self, lease: Lease) -> None:
+        """Renew at expiry minus the margin; retry every minute on failure. Runs forever."""
+        if not lease.has_ttl:
+            await asyncio.Event().wait()  # a reservation never expires
+        interval = max(self.ttl - self.renew_margin, 1.0)
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.renew(lease)
+                self.notify("lease_renewed", subnet=str(lease.subnet), ttl=self.ttl)
+                interval = max(self.ttl - self.renew_margin, 1.0)
+            except RegistryError as e:
+                self.notify("lease_renew_failed", subnet=str(lease.subnet), error=str(e))
+                interval = RENEW_RETRY
+
+    # -- watch ---------------------------------------------------------------------------
+
+    async def watch(
+        self,
+        own: Lease,
+        on_snapshot: Callable[[list[Lease]], None],
+        on_event: Callable[[LeaseEvent], None],
+        *,
+        revision: int | None = None,
+    ) -> None:
+        """Keep the caller's view of the other leases current. Runs until cancelled.
+
+        ``on_snapshot`` gets the full list after every (re-)list, ``on_event`` each change
+        in between. Raises LeaseLost when our own key is deleted or taken over.
+        """
+        own_key = self.key_of(own)
+        backoff = BACKOFF_MIN
+        while True:
+            try:
+                if revision is None:
+                    leases, revision = await self.list_leases()
+                    if own.has_ttl and not any(
+                        lease.subnet == own.subnet and lease.public_ip == own.public_ip
+                        for lease in leases
+                    ):
+                        raise LeaseLost(f"lease {own.subnet} is gone from the registry")
+                    on_snapshot([lease for lease in leases if lease.subnet != own.subnet])
+                async for events in self.kv.watch(self.subnets_prefix, revision + 1):
+                    for event in events:
+                        revision = event.revision
+                        self._apply(
+                            event.kind,
+                            event.key,
+                            event.value,
+                            event.has_ttl,
+                            own,
+                            own_key,
+                            on_event,
+                        )
+                    backoff = BACKOFF_MIN
+                self.notify("watch_closed")
+            except RevisionCompacted as e:
+                self.notify("watch_compacted", error=str(e))
+                revision = None
+            except RegistryError as e:
+                self.notify("watch_failed", error=str(e), retry_in=backoff)
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, BACKOFF_MAX)
+
+    def _apply(
+        self,
+        kind: str,
+        key: str,
+        value: bytes,
+        has_ttl: bool,
+        own: Lease,
+        own_key: str,
+        on_event: Callable[[LeaseEvent], None],
+    ) -> None:
+        if key == own_key:
+            if kind == "delete":
+                raise LeaseLost(f"lease {own.subnet} has been revoked (key {key} deleted)")
+            try:
+                lease = parse_lease(key, value, has_ttl=has_ttl)
+            except LeaseError:
+                raise LeaseLost(
+                    f"lease {own.subnet} was overwritten with a broken record"
+                ) from None
+            if lease.public_ip != own.public_ip:
+                raise LeaseLost(f"lease {own.subnet} was taken over by {lease.public_ip}")
+            return
+        if kind == "delete":
+            try:
+                subnet, _ = parse_subnet_key(key)
+            except LeaseError:
+                return
+            on_event(LeaseEvent("removed", subnet, None))
+            return
+        try:
+            lease = parse_lease(key, value, has_ttl=has_ttl)
+        except LeaseError as e:
+            self.notify("lease_record_invalid", key=key, error=str(e))
+            return
+        on_event(LeaseEvent("added", lease.subnet, lease))

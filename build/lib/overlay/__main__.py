@@ -1,0 +1,7 @@
+"""`python -m overlay` is the `overlay` command."""
+
+import sys
+
+from overlay.cli import main
+
+sys.exit(main())

@@ -1,0 +1,412 @@
+"""flannel's udp backend: TUN <-> UDP socket, one inner IPv4 packet per datagram.
+
+The two handlers are drain loops registered with ``loop.add_reader``: each callback moves
+every queued packet (up to a budget, so the other direction is not starved) instead of one
+packet per wake-up. Each handler is a few stages, one method each; the per-packet rules
+(GSO grouping, receive validation, TCP coalescing) are sans-IO functions in ``encap.gso``.
+
+With ``offload`` (the default) the kernel batches for us, while every datagram on the
+wire stays one inner IPv4 packet no larger than the TUN MTU, so flannel's C proxy and
+kernel peers still interoperate:
+
+- TX: one drain reads the TUN into an arena, packets back to back; consecutive packets to
+  one peer of one length (the last may be shorter) leave in one ``sendmsg`` with
+  UDP_SEGMENT, which the kernel cuts into one datagram per packet.
+- RX: with UDP_GRO one ``recvmsg`` returns up to 64 same-sized datagrams of one sender
+  (when the sender used GSO); each is validated on its own. The TUN is switched to
+  IFF_VNET_HDR, so a run of one TCP flow's segments goes in as one GSO_TCPV4
+  super-packet that the kernel forwards to the pod whole.
+
+Everything is probed once; without it (old kernel, ``--no-offload``) the plain per-packet
+``sendto``/``recvfrom_into``/``write`` path runs. ``features()`` says what is active.
+
+Measured on the 2-node testbed (2 vCPUs, iperf3 TCP, 1 stream, pod to pod): 1.5 Gbit/s
+plain, 2.4 with UDP GSO+GRO, 3.4-3.9 with TUN super-packets, 4.2-5.5 after the arena
+reads and the one-unpack continuation check (bench/fastpath.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import time
+from errno import EINVAL, EIO
+from ipaddress import IPv4Network
+
+from control.peer_table import PeerTable
+from encap import gso, icmp
+from overlay.counters import Counters
+from tun.device import TunDevice
+from tun.offload import VNET_HDR_LEN
+
+# Packets moved per wake-up before yielding to the loop (bounds the other direction's wait).
+BUDGET = 256
+SOCKET_BUFFER = 32 * 1024 * 1024
+MAX_DATAGRAM = 65535
+# One drain's packets, back to back (BUDGET packets of a 1500-byte MTU fit with room).
+TX_ARENA = 1024 * 1024
+# recvmsg ancillary space for the UDP_GRO cmsg (one int).
+GRO_CMSG_SPACE = socket.CMSG_SPACE(4)
+MSG_TRUNC = socket.MSG_TRUNC
+
+
+class RateLimiter:
+    """Token bucket: ``rate`` events per second with a burst of ``burst``."""
+
+    def __init__(self, rate: float = 100.0, burst: int = 100) -> None:
+        self.rate = rate
+        self.burst = float(burst)
+        self.tokens = float(burst)
+        self.stamp = time.monotonic()
+
+    def allow(self) -> bool:
+        now = time.monotonic()
+        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        if self.tokens >= 1.0:
+            self.tokens -= 1.0
+            return True
+        return False
+
+
+def open_socket(address: str, port: int) -> socket.socket:
+    """The UDP socket peers send to, bound to the underlay address, with large buffers."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+        sock.setsockopt(socket.SOL_SOCKET, option, SOCKET_BUFFER)
+    # SO_{RCV,SND}BUFFORCE ignores net.core.{r,w}mem_max; allowed for CAP_NET_ADMIN.
+    for force in (33, 32):  # SO_RCVBUFFORCE, SO_SNDBUFFORCE
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, force, SOCKET_BUFFER)
+        except OSError:
+            pass
+    sock.bind((address, port))
+    sock.setblocking(False)
+    return sock
+
+
+class UdpDataplane:
+    def __init__(
+        self,
+        tun: TunDevice,
+        sock: socket.socket,
+        peers: PeerTable,
+        own_subnet: IPv4Network,
+        counters: Counters,
+        *,
+        offload: bool = True,
+    ) -> None:
+        self.offload = offload  # batching/offloads allowed (probed features permitting)
+        self.tun = tun
+        self.sock = sock
+        self.peers = peers
+        self.counters = counters
+        self.own_net = int(own_subnet.network_address)
+        self.own_shift = 32 - own_subnet.prefixlen
+        self._own = (self.own_net >> self.own_shift, self.own_shift)  # as gso.valid_pieces
+        self.icmp_limit = RateLimiter()
+        self._rx_buffer = bytearray(MAX_DATAGRAM)
+        self._rx_view = memoryview(self._rx_buffer)
+        self._tx_arena = bytearray(TX_ARENA)
+        self._tx_view = memoryview(self._tx_arena)
+        self._vnet_scratch = bytearray(VNET_HDR_LEN)  # TUN reads' virtio_net_hdr, ignored
+        # Probed kernel features; a GSO send failing with EIO turns gso off (_send_groups).
+        self.gso = offload and probe_udp_segment(sock)
+        self._gso_sent = False  # a GSO send has worked once
+        self.gro = offload and enable_udp_gro(sock)
+        # TCP super-packets into the TUN pay only when GRO hands us runs of segments.
+        self.tun_gso = self.gro and tun.enable_vnet_hdr()
+
+    def features(self) -> dict[str, bool]:
+        """What the daemon may report: which offloads are active on this dataplane."""
+        return {
+            "offload": self.offload,
+            "udp_gso": self.gso,
+            "udp_gro": self.gro,
+            "tun_gso": self.tun_gso,
+        }
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        loop.add_reader(self.tun.fd, self.on_tun_readable)
+        rx = self.on_socket_readable_gro if self.gro else self.on_socket_readable
+        loop.add_reader(self.sock.fileno(), rx)
+
+    def stop(self, loop: asyncio.AbstractEventLoop) -> None:
+        loop.remove_reader(self.tun.fd)
+        loop.remove_reader(self.sock.fileno())
+
+    # -- TUN -> peer ---------------------------------------------------------------------
+
+    def on_tun_readable(self) -> None:
+        lengths, addrs = self._read_tun()
+        if not lengths:
+            return
+        if self.gso:
+            self._send_groups(lengths, addrs)
+        else:
+            self._send_each(lengths, addrs, 0, len(lengths))
+
+    def _read_tun(self) -> tuple[list[int], list[tuple[str, int]]]:
+        """Stage 1: drain the TUN (up to BUDGET) into the TX arena, drop what cannot go,
+        route the rest. Kept packets lie back to back from offset 0, so a GSO group is one
+        contiguous slice. Measured: readv into the arena costs 1.4-1.7 us per packet,
+        os.read 1.7-2.0 us, and os.read + a memoryview past the virtio_net_hdr 2.6 us."""
+        readv = os.readv
+        fd = self.tun.fd
+        arena = self._tx_arena
+        view = self._tx_view
+        skip = self.tun.offset
+        scratch = self._vnet_scratch  # receives the virtio_net_hdr, if the TUN has one
+        limit = len(arena) - MAX_DATAGRAM  # room for one more packet of any size
+        lookup = self.peers.lookup
+        drops = self.counters.drops
+        lengths: list[int] = []
+        addrs: list[tuple[str, int]] = []
+        keep = lengths.append
+        route = addrs.append
+        last_dst = b""
+        addr = ("", 0)
+        at = 0
+        for _ in range(BUDGET):
+            if at > limit:
+                break
+            try:
+                if skip:
+                    length = readv(fd, [scratch, view[at:]]) - skip
+                else:
+                    length = readv(fd, [view[at:]])
+            except BlockingIOError:
+                break
+            if length < 20 or arena[at] >> 4 != 4:
+                drops["tx_not_ipv4"] += 1
+                continue
+            dst = arena[at + 16 : at + 20]
+            if dst != last_dst:  # a bulk drain is mostly one destination: saves ~0.5 us
+                peer = lookup(dst)
+                if peer is None:
+                    self._no_route(bytes(arena[at : at + length]))
+                    continue
+                last_dst = dst
+                addr = peer.addr
+            keep(length)
+            route(addr)
+            at += length
+        return lengths, addrs
+
+    def _send_groups(self, lengths: list[int], addrs: list[tuple[str, int]]) -> None:
+        """Stage 2 (GSO): one sendmsg per group; the kernel cuts it into one datagram per
+        packet. Measured: 40 segments per sendmsg cost 1.6 us, vs ~4.7 us per packet for
+        read + sendto (reference/fast-path.md)."""
+        sendmsg = self.sock.sendmsg
+        view = self._tx_view
+        drops = self.counters.drops
+        sends = sent = sent_bytes = 0
+        at = 0
+        for start, end in gso.plan_groups(lengths, addrs):
+            first = at
+            at += sum(lengths[start:end])
+            if end - start == 1:
+                self._send_each(lengths, addrs, start, end, first)
+                continue
+            try:
+                sendmsg([view[first:at]], gso.segment_cmsg(lengths[start]), 0, addrs[start])
+            except BlockingIOError:
+                drops["tx_socket_full"] += end - start
+                continue
+            except OSError as e:
+                # EIO: the route's device cannot checksum a GSO send (wireguard-go turns GSO
+                # off for good then, so do we); EINVAL before any GSO send worked: the
+                # kernel refuses the cmsg. A later EINVAL (e.g. a packet above the
+                # underlay MTU) costs only this group its batching.
+                if e.errno == EIO or (e.errno == EINVAL and not self._gso_sent):
+                    self.gso = False
+                self._send_each(lengths, addrs, start, end, first)
+                continue
+            self._gso_sent = True
+            sends += 1
+            sent += end - start
+            sent_bytes += at - first
+        self.counters.tx_packets += sent
+        self.counters.tx_bytes += sent_bytes
+        self.counters.tx_gso_sends += sends
+
+    def _send_each(
+        self, lengths: list[int], addrs: list[tuple[str, int]], start: int, end: int, at: int = 0
+    ) -> None:
+        """Stage 2 (plain): one sendto per packet (packets ``start:end``, the first at
+        arena offset ``at``)."""
+        sendto = self.sock.sendto
+        view = self._tx_view
+        drops = self.counters.drops
+        sent = sent_bytes = 0
+        for i in range(start, end):
+            length = lengths[i]
+            first = at
+            at += length
+            try:
+                sendto(view[first:at], addrs[i])
+            except BlockingIOError:
+                drops["tx_socket_full"] += 1
+                continue
+            except OSError:
+                drops["tx_send_error"] += 1
+                continue
+            sent += 1
+            sent_bytes += length
+        self.counters.tx_packets += sent
+        self.counters.tx_bytes += sent_bytes
+
+    def _no_route(self, packet: bytes) -> None:
+        """ICMP net unreachable back into the TUN, as flannel's proxy does (rate-limited)."""
+        self.counters.drops["tx_no_route"] += 1
+        if not icmp.may_send_error_for(packet) or not self.icmp_limit.allow():
+            return
+        # Sourced from the unreachable destination: our own addresses would be dropped by
+        # the kernel as martians when written into the TUN.
+        reply = icmp.build_dest_unreachable(packet, src=packet[16:20])
+        if self.tun.write(reply):
+            self.counters.icmp_unreachable_sent += 1
+
+    # -- peer -> TUN ---------------------------------------------------------------------
+
+    def on_socket_readable(self) -> None:
+        """One datagram per recvfrom_into (no GRO): validate it and write it to the TUN."""
+        recv = self.sock.recvfrom_into
+        buf = self._rx_buffer
+        by_ip = self.peers.by_public_ip
+        valid = gso.valid_pieces
+        write = self._write_pieces
+        ours = self._own
+        drops = self.counters.drops
+        for _ in range(BUDGET):
+            try:
+                size, (source_ip, _port) = recv(buf)
+            except BlockingIOError:
+                break
+            except OSError:
+                drops["rx_socket_error"] += 1
+                continue
+            peer = by_ip(source_ip)
+            if peer is None:
+                drops["rx_unknown_peer"] += 1
+                continue
+            write(valid(buf, size, size, (peer.net >> peer.shift, peer.shift), ours, drops))
+
+    def on_socket_readable_gro(self) -> None:
+        """One recvmsg may hold up to 64 datagrams of one sender (UDP_GRO): split them.
+        Measured: GRO + per-segment TUN write moves 398 kpps vs 317-323 kpps for one
+        recv per datagram (reference/fast-path.md)."""
+        recv = self.sock.recvmsg_into
+        buf = self._rx_buffer
+        buffers = [buf]
+        by_ip = self.peers.by_public_ip
+        gro_size = gso.gro_size
+        valid = gso.valid_pieces
+        plan = gso.plan_tun_writes
+        write_pieces = self._write_pieces
+        write_planned = self._write_planned
+        tun_gso = self.tun_gso
+        ours = self._own
+        drops = self.counters.drops
+        moved = coalesced = 0
+        while moved < BUDGET:
+            try:
+                size, ancdata, flags, (source_ip, _port) = recv(buffers, GRO_CMSG_SPACE)
+            except BlockingIOError:
+                break
+            except OSError:
+                drops["rx_socket_error"] += 1
+                moved += 1
+                continue
+            if not size:  # an empty datagram (anyone may send one)
+                drops["rx_not_ipv4"] += 1
+                moved += 1
+                continue
+            segment = gro_size(ancdata, size) if ancdata else size
+            moved += -(-size // segment)
+            coalesced += segment < size
+            if flags & MSG_TRUNC:  # more than 64 KiB coalesced: cannot split it safely
+                drops["rx_truncated"] += 1
+                continue
+            peer = by_ip(source_ip)
+            if peer is None:
+                drops["rx_unknown_peer"] += -(-size // segment)
+                continue
+            theirs = (peer.net >> peer.shift, peer.shift)
+            if tun_gso:
+                write_planned(plan(buf, size, segment, theirs, ours, drops))
+            else:
+                write_pieces(valid(buf, size, segment, theirs, ours, drops))
+        self.counters.rx_gro_receives += coalesced
+
+    def _write_pieces(self, pieces: list[tuple[int, int]]) -> None:
+        """Stage 2 (plain): one write per packet (behind a plain virtio_net_hdr if the TUN
+        has IFF_VNET_HDR, as when the daemon opened it so but offloads are off)."""
+        view = self._rx_view
+        write = os.write
+        writev = os.writev
+        fd = self.tun.fd
+        vnet = self.tun.vnet_hdr
+        plain = gso.VNET_PLAIN
+        drops = self.counters.drops
+        received = received_bytes = 0
+        for start, end in pieces:
+            try:
+                if vnet:
+                    writev(fd, [plain, view[start:end]])
+                else:
+                    write(fd, view[start:end])
+            except BlockingIOError:
+                drops["rx_tun_full"] += 1
+                continue
+            except OSError:
+                drops["rx_tun_error"] += 1
+                continue
+            received += 1
+            received_bytes += end - start
+        self.counters.rx_packets += received
+        self.counters.rx_bytes += received_bytes
+
+    def _write_planned(self, writes: list[gso.Write]) -> None:
+        """Stage 2 (TUN with IFF_VNET_HDR): one writev per planned write; runs of one TCP
+        flow's segments go in as one GSO_TCPV4 super-packet (``gso.plan_tun_writes``)."""
+        writev = os.writev
+        fd = self.tun.fd
+        drops = self.counters.drops
+        received = received_bytes = supers = 0
+        for buffers, packets, size in writes:
+            try:
+                writev(fd, buffers)
+            except BlockingIOError:
+                drops["rx_tun_full"] += packets
+                continue
+            except OSError:
+                drops["rx_tun_error"] += packets
+                continue
+            supers += packets > 1
+            received += packets
+            received_bytes += size
+        self.counters.rx_packets += received
+        self.counters.rx_bytes += received_bytes
+        self.counters.rx_tun_super_packets += supers
+
+
+def probe_udp_segment(sock: socket.socket) -> bool:
+    """Whether the kernel knows UDP_SEGMENT (Linux >= 4.18). Setting the socket default to
+    0 ("no segmentation") is harmless; per-send sizes travel in a cmsg."""
+    try:
+        sock.setsockopt(gso.SOL_UDP, gso.UDP_SEGMENT, 0)
+    except OSError:
+        return False
+    return True
+
+
+def enable_udp_gro(sock: socket.socket) -> bool:
+    """Turn on UDP_GRO (Linux >= 5.0); False when the kernel refuses it."""
+    try:
+        sock.setsockopt(gso.SOL_UDP, gso.UDP_GRO, 1)
+    except OSError:
+        return False
+    return True

@@ -1,0 +1,34 @@
+"""Packet counters: plain ints on the hot path, a dict of drop reasons off it."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Counters:
+    tx_packets: int = 0
+    tx_bytes: int = 0
+    rx_packets: int = 0
+    rx_bytes: int = 0
+    icmp_unreachable_sent: int = 0
+    # The fast path at work: UDP GSO sends, UDP GRO receives holding more than one
+    # datagram, and TCP super-packets written to the TUN (each carries several packets).
+    tx_gso_sends: int = 0
+    rx_gro_receives: int = 0
+    rx_tun_super_packets: int = 0
+    drops: Counter[str] = field(default_factory=Counter)
+
+    def snapshot(self) -> dict[str, object]:
+        return {
+            "tx_packets": self.tx_packets,
+            "tx_bytes": self.tx_bytes,
+            "rx_packets": self.rx_packets,
+            "rx_bytes": self.rx_bytes,
+            "icmp_unreachable_sent": self.icmp_unreachable_sent,
+            "tx_gso_sends": self.tx_gso_sends,
+            "rx_gro_receives": self.rx_gro_receives,
+            "rx_tun_super_packets": self.rx_tun_super_packets,
+            "drops": dict(sorted(self.drops.items())),
+        }

@@ -1,0 +1,180 @@
+"""Small network-namespace helpers shared by the testbed, the CNI tests and the demo.
+
+Namespaces are made with pyroute2 (the same bind mount under /run/netns that
+``ip netns add`` makes, so both tools see them); commands run inside one through
+``ip netns exec``, which also gives the command a matching /sys.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from pyroute2 import IPRoute, netns
+
+NETNS_DIR = Path("/run/netns")
+IFNAMSIZ = 15  # usable characters in an interface name (16 with the NUL)
+
+
+def list_netns() -> list[str]:
+    return sorted(netns.listnetns())
+
+
+def netns_exists(name: str) -> bool:
+    return (NETNS_DIR / name).exists()
+
+
+def create_netns(name: str) -> None:
+    """Create a namespace with ``lo`` up (nothing works over 127.0.0.1 otherwise)."""
+    netns.create(name)
+    with IPRoute(netns=name) as ipr:
+        ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
+
+
+def remove_netns(name: str) -> None:
+    """Unmount and delete a namespace; a missing one is fine (idempotent cleanup)."""
+    if not netns_exists(name):
+        return
+    try:
+        netns.remove(name)
+    except FileNotFoundError:
+        pass
+
+
+def exec_argv(name: str, argv: Sequence[str]) -> list[str]:
+    return ["ip", "netns", "exec", name, *argv]
+
+
+def run_in(name: str, argv: Sequence[str], **kwargs: Any) -> subprocess.CompletedProcess[Any]:
+    """Run a command inside a namespace (``ip netns exec``), like subprocess.run."""
+    return subprocess.run(exec_argv(name, argv), **kwargs)
+
+
+def sysctl_in(name: str, key: str, value: str) -> None:
+    path = "/proc/sys/" + key.replace(".", "/")
+    proc = run_in(name, ["sh", "-c", f"echo {value} > {path}"], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise OSError(f"sysctl {key}={value} in netns {name}: {proc.stderr.strip()}")
+
+
+def netns_pids(name: str) -> list[int]:
+    """Processes whose network namespace is ``name`` (what ``ip netns pids`` prints)."""
+    try:
+        target = os.stat(NETNS_DIR / name)
+    except FileNotFoundError:
+        return []
+    pids: list[int] = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            st = os.stat(f"/proc/{entry}/ns/net")
+        except OSError:
+            continue
+        if (st.st_dev, st.st_ino) == (target.st_dev, target.st_ino):
+            pids.append(int(entry))
+    return pids
+
+
+def pid_alive(pid: int) -> bool:
+    """True while ``pid`` runs. A zombie counts as gone; it is left for its parent to
+    reap, so a caller's Popen still gets the real exit status."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    state = stat.rsplit(")", 1)[-1].split()[0]
+    return state not in ("Z", "X")
+
+
+def pid_cmdline(pid: int) -> list[str]:
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return []
+    return [part.decode(errors="replace") for part in raw.split(b"\0") if part]
+
+
+def terminate(pids: Sequence[int], timeout: float = 5.0) -> None:
+    """SIGTERM, wait up to ``timeout``, then SIGKILL whatever is left."""
+    for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 2.0)):
+        live = [pid for pid in pids if pid_alive(pid)]
+        for pid in live:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + wait
+        while live and time.monotonic() < deadline:
+            live = [pid for pid in live if pid_alive(pid)]
+            if live:
+                time.sleep(0.05)
+        if not live:
+            return
+
+
+def _checksum(data: bytes) -> int:
+    if len(data) % 2:
+        data += b"\0"
+    total: int = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    total = (total >> 16) + (total & 0xFFFF)
+    total += total >> 16
+    return ~total & 0xFFFF
+
+
+def ping(address: str, count: int = 1, timeout: float = 2.0) -> int:
+    """ICMP echo from the current namespace; returns how many replies came back.
+
+    The machine may have no ``ping`` binary; this needs only a raw socket (root).
+    """
+    replies = 0
+    ident = os.getpid() & 0xFFFF
+    with socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP) as sock:
+        for seq in range(1, count + 1):
+            payload = b"overlay-ping" + struct.pack("!d", time.time())
+            header = struct.pack("!BBHHH", 8, 0, 0, ident, seq)
+            packet = struct.pack("!BBHHH", 8, 0, _checksum(header + payload), ident, seq) + payload
+            try:
+                sock.sendto(packet, (address, 0))
+            except OSError as e:
+                if e.errno in (errno.ENETUNREACH, errno.EHOSTUNREACH):
+                    continue
+                raise
+            deadline = time.monotonic() + timeout
+            while (left := deadline - time.monotonic()) > 0:
+                sock.settimeout(left)
+                try:
+                    data, (source, _) = sock.recvfrom(65535)
+                except TimeoutError:
+                    break
+                ihl = (data[0] & 0x0F) * 4
+                kind, _, _, rid, rseq = struct.unpack("!BBHHH", data[ihl : ihl + 8])
+                if kind == 0 and source == address and (rid, rseq) == (ident, seq):
+                    replies += 1
+                    break
+    return replies
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m overlay.netns ping ADDRESS [COUNT]``: exit 0 if every echo came back."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if len(args) not in (2, 3) or args[0] != "ping":
+        sys.stderr.write("usage: python -m overlay.netns ping ADDRESS [COUNT]\n")
+        return 2
+    count = int(args[2]) if len(args) == 3 else 1
+    got = ping(args[1], count)
+    print(f"{got}/{count} replies from {args[1]}")
+    return 0 if got == count else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1048 @@
+"""``overlay testbed``: N nodes as network namespaces on one underlay bridge, a daemon per
+node, and pods attached through the CNI plugin the way a kubelet would.
+
+Everything a run creates carries its prefix, so ``down`` can find and remove it from the
+names alone (plus the pid files), also after a crash or ``kill -9``, without touching any
+other run: namespaces ``{P}-ul`` (the underlay switch), ``{P}-n{i}`` and
+``{P}-n{i}-p{j}``, and the state directory (default ``/run/overlay-testbed/{P}``).
+
+The underlay bridge lives in its own namespace, not the root one: the root namespace
+then routes nothing into or out of the testbed, the machine's own addresses can overlap
+the underlay range (192.0.2.0/24 is this sandbox's LAN), and the root namespace's
+netfilter (br_netfilter hooks bridged frames into it) never sees testbed traffic.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from ipaddress import IPv4Address, IPv4Network
+from pathlib import Path
+from types import TracebackType
+from typing import Any, NoReturn
+
+from pyroute2 import IPRoute
+
+from control.config import SUPPORTED_BACKENDS, ConfigError, config_json, parse_config
+from control.file_registry import FileRegistry
+from control.subnet_env import SubnetEnvError, parse_subnet_env
+from overlay.netns import (
+    IFNAMSIZ,
+    create_netns,
+    list_netns,
+    netns_exists,
+    netns_pids,
+    pid_alive,
+    pid_cmdline,
+    remove_netns,
+    sysctl_in,
+    terminate,
+)
+
+STATE_ROOT = Path("/run/overlay-testbed")
+DEFAULT_PREFIX = "ovl"
+DEFAULT_UNDERLAY = "192.0.2.0/24"
+DEFAULT_NETWORK = "198.18.0.0/16"
+REGISTRIES = ("etcd", "file")
+ETCD_PORT = 2379
+ETCD_START_TIMEOUT = 20.0
+# Ranges reserved for documentation (RFC 5737): offered when the default underlay is taken.
+CONFIG_KEY = "/coreos.com/network/config"
+DAEMON_START_TIMEOUT = 15.0
+DAEMON_STOP_TIMEOUT = 5.0
+CNI_TIMEOUT = 60.0
+CNI_VERSION = "1.0.0"
+CNI_PATH = "/usr/lib/cni"
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+_PREFIX = re.compile(r"^[a-z0-9]{1,8}$")
+_MEMBER = re.compile(r"^n(\d+)(?:-p(\d+))?$")
+
+
+class TestbedError(Exception):
+    """A one-line, actionable reason the testbed could not do what was asked."""
+
+    __test__ = False  # not a pytest test class despite the name
+
+
+def validate_prefix(prefix: str) -> str:
+    if not isinstance(prefix, str) or not _PREFIX.match(prefix):
+        raise TestbedError(
+            f"testbed prefix {prefix!r} is invalid: use 1-8 characters a-z, 0-9 "
+            "(it starts every namespace and interface name of the run)"
+        )
+    return prefix
+
+
+def _parse_cidr(text: str, what: str) -> IPv4Network:
+    try:
+        return IPv4Network(str(text), strict=False)
+    except ValueError:
+        raise TestbedError(f"{what} {text!r} is not an IPv4 CIDR (e.g. 192.0.2.0/24)") from None
+
+
+def _pointer(prefix: str) -> Path:
+    """Where ``up`` records a non-default state dir, so ``down --prefix`` still finds it."""
+    return STATE_ROOT / f"{prefix}.state-dir"
+
+
+def _state_dir_for(prefix: str, state_dir: Path | str | None) -> Path:
+    """The given dir, else the one ``up`` recorded for this prefix, else the default."""
+    if state_dir:
+        return Path(state_dir).resolve()
+    try:
+        recorded = Path(_pointer(prefix).read_text().strip())
+    except OSError:
+        recorded = None
+    if recorded and (recorded / "testbed.json").exists():
+        return recorded
+    return STATE_ROOT / prefix
+
+
+def _tail(path: Path, lines: int = 3, limit: int = 600) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return "(no log)"
+    last = [line.strip() for line in text.strip().splitlines()[-lines:] if line.strip()]
+    joined = " | ".join(last) or "(empty log)"
+    return joined if len(joined) <= limit else "..." + joined[-limit:]
+
+
+class Testbed:
+    """One testbed run, addressed by its prefix. Use as a context manager to always tear
+    down: ``with Testbed("demo") as bed: bed.up(); ...``."""
+
+    __test__ = False
+
+    def __init__(
+        self,
+        prefix: str = DEFAULT_PREFIX,
+        nodes: int = 3,
+        pods_per_node: int = 2,
+        backend: str = "udp",
+        registry: str = "etcd",
+        underlay: str = DEFAULT_UNDERLAY,
+        network: str = DEFAULT_NETWORK,
+        state_dir: Path | str | None = None,
+        kernel_nodes: tuple[int, ...] = (),
+        daemon_args: tuple[str, ...] = (),
+        direct_routing: bool = False,
+    ) -> None:
+        self.prefix = validate_prefix(prefix)
+        if isinstance(nodes, bool) or not isinstance(nodes, int) or nodes < 1:
+            raise TestbedError(f"nodes must be a positive integer, not {nodes!r}")
+        if isinstance(pods_per_node, bool) or not isinstance(pods_per_node, int):
+            raise TestbedError(f"pods per node must be an integer, not {pods_per_node!r}")
+        if pods_per_node < 0:
+            raise TestbedError(f"pods per node must be 0 or more, not {pods_per_node}")
+        if backend not in SUPPORTED_BACKENDS:
+            raise TestbedError(
+                f"backend {backend!r} is not supported (use {', '.join(SUPPORTED_BACKENDS)})"
+            )
+        if registry not in REGISTRIES:
+            raise TestbedError(f"registry {registry!r} is unknown (use etcd or file)")
+        if registry == "etcd" and shutil.which("etcd") is None:
+            raise TestbedError("registry etcd needs the etcd binary: `make setup` installs it")
+        bad = [i for i in kernel_nodes if not 1 <= i <= nodes]
+        if bad:
+            raise TestbedError(f"kernel nodes {bad} are not among nodes 1..{nodes}")
+        if direct_routing and backend != "vxlan":
+            raise TestbedError("direct routing is a vxlan option: use --backend vxlan")
+        if kernel_nodes and backend != "vxlan":
+            raise TestbedError("kernel nodes need --backend vxlan (they use flannel.<VNI>)")
+        self.nodes = nodes
+        self.pods_per_node = pods_per_node
+        self.backend = backend
+        # Nodes whose vxlan datapath is the kernel's vxlan device (the others: userspace).
+        self.kernel_nodes = tuple(sorted(set(kernel_nodes)))
+        # Extra `overlay run` flags for every daemon (e.g. --no-offload for a benchmark).
+        self.daemon_args = tuple(daemon_args)
+        self.direct_routing = direct_routing
+        self.registry = registry
+        self.underlay = _parse_cidr(underlay, "underlay")
+        self.network = _parse_cidr(network, "network")
+        self._check_addressing()
+        if len(self.node_ns(nodes)) > IFNAMSIZ:
+            raise TestbedError(
+                f"name {self.node_ns(nodes)!r} would exceed {IFNAMSIZ} characters: "
+                "use a shorter prefix or fewer nodes"
+            )
+        self.state_dir = _state_dir_for(self.prefix, state_dir)
+        self._procs: dict[int, subprocess.Popen[bytes]] = {}
+
+    def _check_addressing(self) -> None:
+        hosts = self.underlay.num_addresses - 2
+        if hosts < self.nodes + 1:
+            raise TestbedError(
+                f"underlay {self.underlay} has room for {max(hosts - 1, 0)} nodes (one address "
+                f"is kept for a registry host), not {self.nodes}: use a larger --underlay"
+            )
+        if self.underlay.overlaps(self.network):
+            raise TestbedError(
+                f"underlay {self.underlay} overlaps the overlay network {self.network}: "
+                "they must be disjoint"
+            )
+        try:
+            config = parse_config(config_json(self.network, self.backend))
+        except ConfigError as e:
+            raise TestbedError(f"network {self.network}: {e}") from None
+        leases = len(config.subnets())
+        if leases < self.nodes:
+            raise TestbedError(
+                f"network {self.network} has only {leases} subnet leases for {self.nodes} "
+                "nodes: use a larger --network"
+            )
+
+    # -- names and addresses ------------------------------------------------------------
+
+    @property
+    def underlay_ns(self) -> str:
+        """The namespace holding the underlay bridge and the etcd registry host."""
+        return f"{self.prefix}-ul"
+
+    bridge = "br0"  # inside underlay_ns
+
+    def veth(self, i: int) -> str:
+        """The switch-side end of node i's link, inside underlay_ns."""
+        return f"n{i}"
+
+    def node_ns(self, i: int) -> str:
+        return f"{self.prefix}-n{i}"
+
+    def pod_ns(self, i: int, j: int) -> str:
+        return f"{self.prefix}-n{i}-p{j}"
+
+    def node_ip(self, i: int) -> IPv4Address:
+        return self.underlay.network_address + i
+
+    @property
+    def cni_network_name(self) -> str:
+        return f"overlay-{self.prefix}"
+
+    def node_dir(self, i: int) -> Path:
+        return self.state_dir / f"n{i}"
+
+    def subnet_file(self, i: int) -> Path:
+        return self.node_dir(i) / "subnet.env"
+
+    def pid_file(self, i: int) -> Path:
+        return self.state_dir / f"n{i}.pid"
+
+    def log_file(self, i: int) -> Path:
+        return self.state_dir / f"n{i}.log"
+
+    @property
+    def registry_file(self) -> Path:
+        return self.state_dir / "registry.json"
+
+    @property
+    def etcd_ip(self) -> IPv4Address:
+        """etcd listens on the underlay's last host address, on the bridge."""
+        return self.underlay.broadcast_address - 1
+
+    @property
+    def etcd_endpoint(self) -> str:
+        return f"http://{self.etcd_ip}:{ETCD_PORT}"
+
+    @property
+    def etcd_pid_file(self) -> Path:
+        return self.state_dir / "etcd.pid"
+
+    def etcdctl(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        """etcdctl against this run's etcd, from the underlay namespace."""
+        return subprocess.run(
+            [
+                "ip",
+                "netns",
+                "exec",
+                self.underlay_ns,
+                "etcdctl",
+                "--endpoints",
+                self.etcd_endpoint,
+                "--dial-timeout",
+                "2s",
+                "--command-timeout",
+                "5s",
+                *args,
+            ],
+            capture_output=True,
+            text=True,
+            check=check,
+            timeout=30,
+            env=dict(os.environ, ETCDCTL_API="3"),
+        )
+
+    def start_etcd(self) -> None:
+        """Start (or restart, after stop_etcd) the run's etcd; its data survives restarts."""
+        data = self.state_dir / "etcd"
+        peer = f"http://127.0.0.1:{ETCD_PORT + 1}"
+        with open(self.state_dir / "etcd.log", "ab") as log:
+            proc = subprocess.Popen(
+                [
+                    "ip",
+                    "netns",
+                    "exec",
+                    self.underlay_ns,
+                    "etcd",
+                    "--name",
+                    self.prefix,
+                    "--data-dir",
+                    str(data),
+                    "--listen-client-urls",
+                    self.etcd_endpoint,
+                    "--advertise-client-urls",
+                    self.etcd_endpoint,
+                    "--listen-peer-urls",
+                    peer,
+                    "--initial-advertise-peer-urls",
+                    peer,
+                    "--initial-cluster",
+                    f"{self.prefix}={peer}",
+                    "--log-level",
+                    "error",
+                ],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        self.etcd_pid_file.write_text(f"{proc.pid}\n")
+        deadline = time.monotonic() + ETCD_START_TIMEOUT
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                break
+            if self.etcdctl("endpoint", "health", check=False).returncode == 0:
+                return
+            time.sleep(0.1)
+        raise TestbedError(
+            f"etcd did not come up on {self.etcd_endpoint}: {_tail(self.state_dir / 'etcd.log')}"
+        )
+
+    def stop_etcd(self) -> None:
+        """SIGKILL the run's etcd (what a crash looks like to the daemons)."""
+        try:
+            pid = int(self.etcd_pid_file.read_text())
+        except (OSError, ValueError):
+            return
+        if "etcd" in pid_cmdline(pid):
+            os.kill(pid, signal.SIGKILL)
+            for _ in range(100):
+                if not pid_alive(pid):
+                    break
+                time.sleep(0.05)
+
+    def _node_re(self) -> re.Pattern[str]:
+        return re.compile(rf"^{re.escape(self.prefix)}-n(\d+)$")
+
+    def _pod_re(self) -> re.Pattern[str]:
+        return re.compile(rf"^{re.escape(self.prefix)}-n(\d+)-p(\d+)$")
+
+    def _our_netns(self) -> tuple[list[str], list[str]]:
+        """(node namespaces, pod namespaces) of this prefix that exist now."""
+        names = list_netns()
+        return (
+            [n for n in names if self._node_re().match(n)],
+            [n for n in names if self._pod_re().match(n)],
+        )
+
+    def resolve(self, name: str) -> str:
+        """The namespace of a node ("n1") or pod ("n1-p2"); the full netns name also works."""
+        short = name.removeprefix(f"{self.prefix}-")
+        if not _MEMBER.match(short):
+            raise TestbedError(
+                f"{name!r} is not a node (n1) or pod (n1-p2) name of testbed {self.prefix}"
+            )
+        ns = f"{self.prefix}-{short}"
+        if not netns_exists(ns):
+            raise TestbedError(
+                f"{short} does not exist in testbed {self.prefix} (no netns {ns}); "
+                f"see `overlay testbed status --prefix {self.prefix}`"
+            )
+        return ns
+
+    # -- up -------------------------------------------------------------------------------
+
+    def up(self) -> Testbed:
+        """Build the whole run; on any failure (or Ctrl-C) everything made is removed."""
+        self._refuse_leftovers()
+        try:
+            self._write_state()
+            self._build_underlay()
+            self._seed_registry()
+            self._start_daemons()
+            self._wait_daemons()
+            self._add_pods()
+        except BaseException:
+            try:
+                self.down()
+            except TestbedError as cleanup:
+                sys.stderr.write(f"overlay testbed: cleanup after failed up: {cleanup}\n")
+            raise
+        return self
+
+    def _refuse_leftovers(self) -> None:
+        nodes, pods = self._our_netns()
+        found = nodes + pods + [ns for ns in list_netns() if ns == self.underlay_ns]
+        if self.state_dir.is_dir() and any(self.state_dir.iterdir()):
+            found.append(str(self.state_dir))
+        if found:
+            shown = ", ".join(found[:4]) + (" ..." if len(found) > 4 else "")
+            raise TestbedError(
+                f"testbed {self.prefix} already exists ({shown}): run "
+                f"`overlay testbed down --prefix {self.prefix}` first or pick another --prefix"
+            )
+
+    def _write_state(self) -> None:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        if self.state_dir.resolve() != (STATE_ROOT / self.prefix).resolve():
+            STATE_ROOT.mkdir(parents=True, exist_ok=True)
+            _pointer(self.prefix).write_text(f"{self.state_dir.resolve()}\n")
+        else:
+            _pointer(self.prefix).unlink(missing_ok=True)  # a stale one from a lost run
+        params = {
+            "prefix": self.prefix,
+            "nodes": self.nodes,
+            "pods_per_node": self.pods_per_node,
+            "backend": self.backend,
+            "kernel_nodes": list(self.kernel_nodes),
+            "daemon_args": list(self.daemon_args),
+            "direct_routing": self.direct_routing,
+            "registry": self.registry,
+            "underlay": str(self.underlay),
+            "network": str(self.network),
+            "state_dir": str(self.state_dir),
+        }
+        (self.state_dir / "testbed.json").write_text(json.dumps(params, indent=2) + "\n")
+
+    def _build_underlay(self) -> None:
+        create_netns(self.underlay_ns)
+        with IPRoute(netns=self.underlay_ns, flags=0) as ipr:
+            ipr.link("add", ifname=self.bridge, kind="bridge")
+            (bridge,) = ipr.link_lookup(ifname=self.bridge)
+            ipr.link("set", index=bridge, state="up")
+            for i in range(1, self.nodes + 1):
+                self._build_node(ipr, bridge, i)
+
+    def _build_node(self, ipr: IPRoute, bridge: int, i: int) -> None:
+        """Node i's namespace, plugged into the bridge (``ipr`` is in the underlay ns)."""
+        ns = self.node_ns(i)
+        create_netns(ns)
+        ipr.link(
+            "add",
+            ifname=self.veth(i),
+            kind="veth",
+            peer={"ifname": "eth0", "net_ns_fd": ns},
+        )
+        (veth,) = ipr.link_lookup(ifname=self.veth(i))
+        ipr.link("set", index=veth, master=bridge, state="up")
+        with IPRoute(netns=ns, flags=0) as node:
+            (eth0,) = node.link_lookup(ifname="eth0")
+            node.addr(
+                "add",
+                index=eth0,
+                address=str(self.node_ip(i)),
+                prefixlen=self.underlay.prefixlen,
+            )
+            node.link("set", index=eth0, state="up")
+        sysctl_in(ns, "net.ipv4.ip_forward", "1")
+        if i in self.kernel_nodes:
+            self._complete_checksums(ns)
+
+    @staticmethod
+    def _complete_checksums(ns: str) -> None:
+        """Make a kernel-vxlan node's eth0 send complete checksums, as a real NIC does.
+
+        A veth hands the peer namespace the inner TCP checksum of a VXLAN frame as the
+        kernel left it (CHECKSUM_PARTIAL: only the pseudo-header sum), and a userspace
+        receiver reads those bytes from its socket as they are; a physical NIC (or the
+        stack, for one without offloads) would have finished the sum on the wire.
+        """
+        result = subprocess.run(
+            ["ip", "netns", "exec", ns, "ethtool", "-K", "eth0", "tx", "off"],
+            capture_output=True,
+            text=True,
+        )
+        if result.returncode != 0:
+            raise TestbedError(
+                f"ethtool -K eth0 tx off in {ns} failed ({result.stderr.strip()}): "
+                "`make setup` installs ethtool"
+            )
+
+    def _seed_registry(self) -> None:
+        config = config_json(self.network, self.backend, self.direct_routing)
+        if self.registry == "file":
+            FileRegistry(self.registry_file).put_sync(CONFIG_KEY, config.encode(), None)
+            return
+        with IPRoute(netns=self.underlay_ns, flags=0) as ipr:
+            (bridge,) = ipr.link_lookup(ifname=self.bridge)
+            ipr.addr(
+                "add", index=bridge, address=str(self.etcd_ip), prefixlen=self.underlay.prefixlen
+            )
+        self.start_etcd()
+        self.etcdctl("put", CONFIG_KEY, config)
+
+    def _child_env(self) -> dict[str, str]:
+        """Our environment, with this checkout importable even if it is not installed."""
+        env = dict(os.environ)
+        path = env.get("PYTHONPATH")
+        env["PYTHONPATH"] = f"{PROJECT_ROOT}{os.pathsep}{path}" if path else str(PROJECT_ROOT)
+        return env
+
+    def daemon_argv(self, i: int) -> list[str]:
+        node_dir = self.node_dir(i)
+        return [
+            "ip",
+            "netns",
+            "exec",
+            self.node_ns(i),
+            sys.executable,
+            "-m",
+            "overlay",
+            "run",
+            *(
+                ["--registry-file", str(self.registry_file)]
+                if self.registry == "file"
+                else ["--etcd-endpoints", self.etcd_endpoint]
+            ),
+            "--network",
+            str(self.network),
+            "--backend",
+            self.backend,
+            "--iface",
+            "eth0",
+            "--public-ip",
+            str(self.node_ip(i)),
+            "--subnet-file",
+            str(node_dir / "subnet.env"),
+            "--status-socket",
+            str(node_dir / "status.sock"),
+            "--log-format",
+            "json",
+            *(["--kernel-vxlan"] if i in self.kernel_nodes else []),
+            *self.daemon_args,
+        ]
+
+    def datapath(self, i: int) -> str:
+        if self.backend != "vxlan":
+            return self.backend
+        return "vxlan-kernel" if i in self.kernel_nodes else "vxlan-user"
+
+    def _start_daemons(self) -> None:
+        for i in range(1, self.nodes + 1):
+            self._start_daemon(i)
+
+    def _start_daemon(self, i: int) -> None:
+        self.node_dir(i).mkdir(parents=True, exist_ok=True)
+        with open(self.log_file(i), "ab") as log:
+            proc = subprocess.Popen(
+                self.daemon_argv(i),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                env=self._child_env(),
+            )
+        self._procs[i] = proc
+        self.pid_file(i).write_text(f"{proc.pid}\n")
+
+    def _wait_daemons(self, nodes: list[int] | None = None) -> None:
+        deadline = time.monotonic() + DAEMON_START_TIMEOUT
+        waiting = set(nodes or range(1, self.nodes + 1))
+        while waiting:
+            for i in sorted(waiting):
+                if self.subnet_file(i).exists():
+                    waiting.discard(i)
+                    continue
+                code = self._procs[i].poll()
+                if code is not None:
+                    raise TestbedError(
+                        f"daemon of n{i} exited with code {code} before writing "
+                        f"{self.subnet_file(i)}: {_tail(self.log_file(i))}"
+                    )
+            if not waiting:
+                break
+            if time.monotonic() > deadline:
+                i = min(waiting)
+                raise TestbedError(
+                    f"daemon of n{i} wrote no {self.subnet_file(i)} within "
+                    f"{DAEMON_START_TIMEOUT:.0f} s: {_tail(self.log_file(i))}"
+                )
+            time.sleep(0.05)
+
+    def cni_config(self, i: int) -> dict[str, Any]:
+        node_dir = self.node_dir(i)
+        return {
+            "cniVersion": CNI_VERSION,
+            "name": self.cni_network_name,
+            "type": "overlay-cni",
+            "subnetFile": str(node_dir / "subnet.env"),
+            "dataDir": str(node_dir / "cni"),
+            "ipamDataDir": str(node_dir / "ipam"),
+            "delegate": {"ipMasq": False},
+        }
+
+    def _cni(self, command: str, i: int, container: str) -> subprocess.CompletedProcess[str]:
+        """Run the plugin inside node ``i``'s namespace, as a kubelet on that node would."""
+        env = self._child_env()
+        env.update(
+            CNI_COMMAND=command,
+            CNI_CONTAINERID=container,
+            CNI_IFNAME="eth0",
+            CNI_PATH=CNI_PATH,
+        )
+        if netns_exists(container):
+            env["CNI_NETNS"] = f"/run/netns/{container}"
+        argv = ["ip", "netns", "exec", self.node_ns(i), sys.executable, "-m", "overlay.cni"]
+        return subprocess.run(
+            argv,
+            input=json.dumps(self.cni_config(i)),
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=CNI_TIMEOUT,
+            check=False,
+        )
+
+    def _add_pods(self) -> None:
+        for i in range(1, self.nodes + 1):
+            self._add_pods_of(i)
+
+    def _add_pods_of(self, i: int) -> None:
+        (self.node_dir(i) / "pods").mkdir(exist_ok=True)
+        for j in range(1, self.pods_per_node + 1):
+            pod = self.pod_ns(i, j)
+            create_netns(pod)
+            proc = self._cni("ADD", i, pod)
+            try:
+                result = json.loads(proc.stdout)
+            except ValueError:
+                result = None
+            if proc.returncode != 0 or not isinstance(result, dict):
+                reason = result.get("msg", proc.stdout) if isinstance(result, dict) else proc.stdout
+                detail = str(reason).strip() or proc.stderr.strip()[-300:]
+                raise TestbedError(f"CNI ADD of pod n{i}-p{j} failed: {detail}")
+            pod_file = self.node_dir(i) / "pods" / f"n{i}-p{j}.json"
+            pod_file.write_text(json.dumps(result, indent=2) + "\n")
+
+    def add_node(self) -> int:
+        """Join one more node to the running testbed (namespace on the bridge, daemon,
+        pods); returns its number. ``down`` removes it with the rest."""
+        i = self.nodes + 1
+        if len(self.node_ns(i)) > IFNAMSIZ:
+            raise TestbedError(f"name {self.node_ns(i)!r} would exceed {IFNAMSIZ} characters")
+        self.nodes = i
+        try:
+            self._check_addressing()
+        except TestbedError:
+            self.nodes = i - 1
+            raise
+        self._write_state()  # records the new count, so status/load/down see the node
+        with IPRoute(netns=self.underlay_ns, flags=0) as ipr:
+            (bridge,) = ipr.link_lookup(ifname=self.bridge)
+            self._build_node(ipr, bridge, i)
+        self._start_daemon(i)
+        self._wait_daemons([i])
+        self._add_pods_of(i)
+        return i
+
+    # -- status / exec ----------------------------------------------------------------------
+
+    @classmethod
+    def load(cls, prefix: str = DEFAULT_PREFIX, state_dir: Path | str | None = None) -> Testbed:
+        """The testbed ``up`` recorded under this prefix (for status/exec from the CLI)."""
+        validate_prefix(prefix)
+        probe = cls(prefix, state_dir=state_dir)
+        try:
+            params = json.loads((probe.state_dir / "testbed.json").read_text())
+        except FileNotFoundError:
+            raise TestbedError(
+                f"testbed {prefix} is not up (no {probe.state_dir / 'testbed.json'}): "
+                f"`overlay testbed up --prefix {prefix}` builds it"
+            ) from None
+        except (OSError, ValueError) as e:
+            raise TestbedError(f"{probe.state_dir / 'testbed.json'} is unreadable: {e}") from None
+        return cls(
+            prefix,
+            nodes=int(params["nodes"]),
+            pods_per_node=int(params["pods_per_node"]),
+            backend=str(params["backend"]),
+            registry=str(params["registry"]),
+            underlay=str(params["underlay"]),
+            network=str(params["network"]),
+            state_dir=probe.state_dir,
+            kernel_nodes=tuple(int(i) for i in params.get("kernel_nodes", [])),
+            daemon_args=tuple(str(a) for a in params.get("daemon_args", [])),
+            direct_routing=bool(params.get("direct_routing", False)),
+        )
+
+    def _daemon_pid(self, i: int) -> int | None:
+        """The pid in n{i}.pid if that process is alive and really our daemon."""
+        try:
+            pid = int(self.pid_file(i).read_text().strip())
+        except (OSError, ValueError):
+            return None
+        if i in self._procs and self._procs[i].pid == pid and self._procs[i].poll() is not None:
+            return None
+        if not pid_alive(pid):
+            return None
+        cmdline = " ".join(pid_cmdline(pid))
+        if "overlay" not in cmdline or str(self.state_dir) not in cmdline:
+            return None  # the pid was reused by something else: never signal it
+        return pid
+
+    def status(self) -> dict[str, Any]:
+        nodes: list[dict[str, Any]] = []
+        pods: list[dict[str, Any]] = []
+        for i in range(1, self.nodes + 1):
+            try:
+                subnet: str | None = str(
+                    parse_subnet_env(self.subnet_file(i).read_text()).subnet.network
+                )
+            except (OSError, SubnetEnvError):
+                subnet = None
+            pid = self._daemon_pid(i)
+            nodes.append(
+                {
+                    "name": f"n{i}",
+                    "netns": self.node_ns(i),
+                    "underlay_ip": str(self.node_ip(i)),
+                    "subnet": subnet,
+                    "backend": self.datapath(i),
+                    "pid": pid,
+                    "running": pid is not None,
+                }
+            )
+            for j in range(1, self.pods_per_node + 1):
+                pods.append(
+                    {
+                        "name": f"n{i}-p{j}",
+                        "netns": self.pod_ns(i, j),
+                        "node": f"n{i}",
+                        "ip": self._pod_address(i, j),
+                    }
+                )
+        return {
+            "prefix": self.prefix,
+            "backend": self.backend,
+            "registry": self.registry,
+            "underlay": str(self.underlay),
+            "bridge": f"{self.bridge} in netns {self.underlay_ns}",
+            "network": str(self.network),
+            "state_dir": str(self.state_dir),
+            "nodes": nodes,
+            "pods": pods,
+        }
+
+    def _pod_address(self, i: int, j: int) -> str | None:
+        try:
+            result = json.loads((self.node_dir(i) / "pods" / f"n{i}-p{j}.json").read_text())
+            return str(result["ips"][0]["address"]).split("/")[0]
+        except (OSError, ValueError, KeyError, IndexError, TypeError):
+            return None
+
+    def pod_ip(self, name: str) -> str:
+        match = _MEMBER.match(name.removeprefix(f"{self.prefix}-"))
+        if not match or match.group(2) is None:
+            raise TestbedError(f"{name!r} is not a pod name (e.g. n1-p2)")
+        address = self._pod_address(int(match.group(1)), int(match.group(2)))
+        if address is None:
+            raise TestbedError(f"pod {name} of testbed {self.prefix} has no address (is it up?)")
+        return address
+
+    def exec(self, name: str, argv: list[str], **kwargs: Any) -> subprocess.CompletedProcess[Any]:
+        """Run ``argv`` inside node/pod ``name``'s namespace (subprocess.run semantics)."""
+        return subprocess.run(["ip", "netns", "exec", self.resolve(name), *argv], **kwargs)
+
+    def popen(self, name: str, argv: list[str], **kwargs: Any) -> subprocess.Popen[Any]:
+        """Start ``argv`` inside node/pod ``name``'s namespace; ``down`` kills it if still up."""
+        return subprocess.Popen(["ip", "netns", "exec", self.resolve(name), *argv], **kwargs)
+
+    # -- down -------------------------------------------------------------------------------
+
+    def down(self) -> dict[str, list[str]]:
+        """Remove everything of this prefix that exists; safe to repeat and after a crash.
+
+        Returns what was removed. Raises TestbedError only if something could not be
+        removed, after trying everything else.
+        """
+        removed: dict[str, list[str]] = {"pods": [], "processes": [], "netns": []}
+        errors: list[str] = []
+        node_names, pod_names = self._our_netns()
+        if self.underlay_ns in list_netns():
+            node_names.append(self.underlay_ns)
+
+        # 1. CNI DEL every pod that was added, as a kubelet would (best effort).
+        for saved in sorted(self.state_dir.glob("n*/cni/*")):
+            node = re.fullmatch(r"n(\d+)", saved.parent.parent.name)
+            if (
+                not node
+                or saved.name.startswith(".")
+                or not netns_exists(self.node_ns(int(node[1])))
+            ):
+                continue
+            try:
+                deleted = self._cni("DEL", int(node[1]), saved.name)
+                if deleted.returncode == 0:
+                    removed["pods"].append(saved.name)
+            except (OSError, subprocess.SubprocessError):
+                pass
+
+        # 2. The daemons, by pid file (checked to still be ours), then 3. anything else
+        # running in our namespaces (servers a test started, a daemon without pid file).
+        daemons = []
+        for pid_file in sorted(self.state_dir.glob("n*.pid")):
+            match = re.fullmatch(r"n(\d+)\.pid", pid_file.name)
+            if match and (pid := self._daemon_pid(int(match[1]))) is not None:
+                daemons.append(pid)
+        terminate(daemons, DAEMON_STOP_TIMEOUT)
+        for proc in self._procs.values():
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+        self._procs.clear()
+        ours = set(_ancestors())
+        strays = [pid for ns in pod_names + node_names for pid in netns_pids(ns) if pid not in ours]
+        terminate(strays, 2.0)
+        removed["processes"] = [str(pid) for pid in daemons + strays]
+
+        # 4. The namespaces, pods first; the underlay one last (its veths and bridge go
+        # with it).
+        for ns in pod_names + node_names:
+            try:
+                remove_netns(ns)
+                removed["netns"].append(ns)
+            except OSError as e:
+                errors.append(f"deleting netns {ns}: {e}")
+
+        # 6. The state directory.
+        errors.extend(self._remove_state())
+        if errors:
+            raise TestbedError(f"down of testbed {self.prefix} left things: {'; '.join(errors)}")
+        return removed
+
+    def _remove_state(self) -> list[str]:
+        """Remove the files a run makes; a custom state dir is emptied of ours only."""
+        errors: list[str] = []
+        state = self.state_dir
+        pointer = _pointer(self.prefix)
+        if state.is_dir():
+            if state.resolve() == (STATE_ROOT / self.prefix).resolve():
+                shutil.rmtree(state, ignore_errors=True)
+            else:
+                ours = re.compile(
+                    r"^(testbed\.json|registry\.json(\.lock)?|\.registry\.json\..*"
+                    r"|n\d+\.(pid|log)|n\d+|etcd|etcd\.(pid|log))$"
+                )
+                for entry in state.iterdir():
+                    if not ours.match(entry.name):
+                        continue
+                    if entry.is_dir() and not entry.is_symlink():
+                        shutil.rmtree(entry, ignore_errors=True)
+                    else:
+                        entry.unlink(missing_ok=True)
+                try:
+                    state.rmdir()
+                except OSError:
+                    left = sorted(e.name for e in state.iterdir())
+                    if left:
+                        sys.stderr.write(
+                            f"overlay testbed: left {state} in place, it holds files not made "
+                            f"by the testbed: {', '.join(left[:5])}\n"
+                        )
+            if state.exists() and (state / "testbed.json").exists():
+                errors.append(f"could not remove {state}")
+        pointer.unlink(missing_ok=True)
+        return errors
+
+    # -- context manager ----------------------------------------------------------------------
+
+    def __enter__(self) -> Testbed:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        try:
+            self.down()
+        except TestbedError as e:
+            if exc is None:
+                raise
+            sys.stderr.write(f"overlay testbed: {e}\n")
+
+
+def _ancestors() -> list[int]:
+    """This process and its parents: never killed, even if run inside a testbed netns."""
+    pids = []
+    pid = os.getpid()
+    while pid > 1:
+        pids.append(pid)
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+            pid = int(stat.rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            break
+    return pids
+
+
+# -- CLI ------------------------------------------------------------------------------------
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line usage errors (exit 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
+def _parser() -> _Parser:
+    parser = _Parser(
+        prog="overlay testbed",
+        description="Network-namespace testbed: nodes on an underlay bridge, one overlay "
+        "daemon per node, pods attached through the CNI plugin.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--prefix",
+            default=DEFAULT_PREFIX,
+            help=f"name prefix of the run, 1-8 of [a-z0-9] (default {DEFAULT_PREFIX})",
+        )
+        p.add_argument(
+            "--state-dir",
+            default=None,
+            help="pid files, logs, registry, subnet.env files "
+            "(default /run/overlay-testbed/PREFIX)",
+        )
+
+    up = sub.add_parser("up", help="build nodes, start daemons, add pods")
+    common(up)
+    up.add_argument("--nodes", type=int, default=3, help="number of nodes (default 3)")
+    up.add_argument("--pods-per-node", type=int, default=2, help="pods per node (default 2)")
+    up.add_argument("--backend", default="udp", choices=SUPPORTED_BACKENDS)
+    up.add_argument(
+        "--registry",
+        default="etcd",
+        choices=REGISTRIES,
+        help="etcd (default: a real etcd in the underlay namespace) or file",
+    )
+    up.add_argument(
+        "--kernel-nodes",
+        type=_node_list,
+        default=[],
+        help="vxlan only: comma-separated node numbers whose datapath is the kernel's "
+        "vxlan device (e.g. 2 or 2,3); the others run the userspace datapath",
+    )
+    up.add_argument(
+        "--direct-routing",
+        action="store_true",
+        help="vxlan only: seed the config with DirectRouting (plain routes between nodes "
+        "on one L2 segment, encapsulation otherwise)",
+    )
+    up.add_argument("--underlay", default=DEFAULT_UNDERLAY, help=f"default {DEFAULT_UNDERLAY}")
+    up.add_argument("--network", default=DEFAULT_NETWORK, help=f"default {DEFAULT_NETWORK}")
+
+    down = sub.add_parser("down", help="remove everything of the prefix (also after a crash)")
+    common(down)
+
+    status = sub.add_parser("status", help="nodes, leases, daemons and pods")
+    common(status)
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+
+    run = sub.add_parser("exec", help="run a command in a node (n1) or pod (n1-p2)")
+    common(run)
+    run.add_argument("name", help="n1, n1-p2, ...")
+    run.add_argument("cmd", nargs=argparse.REMAINDER, help="-- COMMAND [ARGS...]")
+    return parser
+
+
+def _node_list(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a list of node numbers") from None
+
+
+def format_status(st: dict[str, Any]) -> str:
+    lines = [
+        f"testbed {st['prefix']}: underlay {st['underlay']} on {st['bridge']}, "
+        f"network {st['network']}, {st['backend']} backend, "
+        f"{st['registry']} registry, state in {st['state_dir']}",
+        "",
+        f"{'NODE':<6} {'NETNS':<14} {'UNDERLAY':<16} {'SUBNET':<18} {'BACKEND':<12} DAEMON",
+    ]
+    for n in st["nodes"]:
+        daemon = f"pid {n['pid']}" if n["pid"] else "not running"
+        lines.append(
+            f"{n['name']:<6} {n['netns']:<14} {n['underlay_ip']:<16} {n['subnet'] or '-':<18} "
+            f"{n['backend']:<12} {daemon}"
+        )
+    if st["pods"]:
+        lines += ["", f"{'POD':<8} {'NETNS':<16} {'NODE':<6} IP"]
+        for p in st["pods"]:
+            lines.append(f"{p['name']:<8} {p['netns']:<16} {p['node']:<6} {p['ip'] or '-'}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> int:
+    """``overlay testbed up|down|status|exec``; errors are one line on stderr, exit 1."""
+    try:
+        args = _parser().parse_args(argv)
+    except SystemExit as e:
+        return int(e.code) if isinstance(e.code, int) else 2
+    try:
+        if args.command == "up":
+            bed = Testbed(
+                args.prefix,
+                nodes=args.nodes,
+                pods_per_node=args.pods_per_node,
+                backend=args.backend,
+                registry=args.registry,
+                underlay=args.underlay,
+                network=args.network,
+                state_dir=args.state_dir,
+                kernel_nodes=tuple(args.kernel_nodes),
+                direct_routing=args.direct_routing,
+            )
+            bed.up()
+            print(format_status(bed.status()))
+            print(f"\ntear down with: overlay testbed down --prefix {bed.prefix}")
+            return 0
+        if args.command == "down":
+            removed = Testbed(args.prefix, state_dir=args.state_dir).down()
+            what = ", ".join(f"{len(v)} {k}" for k, v in removed.items() if v) or "nothing left"
+            print(f"testbed {args.prefix} is down ({what})")
+            return 0
+        if args.command == "status":
+            st = Testbed.load(args.prefix, args.state_dir).status()
+            print(json.dumps(st, indent=2) if args.json else format_status(st))
+            return 0
+        cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
+        if not cmd:
+            sys.stderr.write("overlay testbed exec: error: no command given (NAME -- CMD...)\n")
+            return 2
+        bed = Testbed(args.prefix, state_dir=args.state_dir)
+        try:
+            return bed.exec(args.name, cmd).returncode
+        except FileNotFoundError as e:
+            raise TestbedError(f"cannot run {cmd[0]!r}: {e.strerror}") from None
+    except TestbedError as e:
+        sys.stderr.write(f"overlay testbed {args.command}: error: {e}\n")
+        return 1
+    except KeyboardInterrupt:
+        sys.stderr.write(f"overlay testbed {args.command}: interrupted\n")
+        return 130
+    except BrokenPipeError:  # `status | head`: the reader left, nothing to report
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
