@@ -8,6 +8,7 @@ DirectRouting.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -141,7 +142,9 @@ class Capture:
     """tcpdump -w in a node's namespace, started and known to be listening."""
 
     def __init__(self, bed: Testbed, node: str, bpf: str, count: int) -> None:
-        self.file = Path(tempfile.mkstemp(prefix=f"{bed.prefix}-{node}-", suffix=".pcap")[1])
+        fd, name = tempfile.mkstemp(prefix=f"{bed.prefix}-{node}-", suffix=".pcap")
+        os.close(fd)
+        self.file = Path(name)
         self.proc = bed.popen(
             node,
             ["tcpdump", "-i", "eth0", "-U", "-n", "-c", str(count), "-w", str(self.file), bpf],
