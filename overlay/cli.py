@@ -1,4 +1,4 @@
-"""The `overlay` command: `run` (the daemon), `status`, `testbed`."""
+"""The `overlay` command: `run` (the daemon), `status`, `testbed`, `bench`."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ commands:
   run       the per-node daemon (flanneld's flags; see `overlay run --help`)
   status    what a running daemon knows: lease, peers, counters
   testbed   build/tear down a network-namespace testbed (up|down|status|exec)
+  bench     the benchmark matrix -> bench/results/ (see `overlay bench --help`)
 """
 
 
@@ -210,5 +211,9 @@ def main(argv: list[str] | None = None) -> int:
         from overlay import testbed
 
         return testbed.main(rest)
+    if command == "bench":
+        from bench import report
+
+        return report.main(rest)
     sys.stderr.write(f"overlay: error: unknown command {command!r} (see `overlay --help`)\n")
     return 2

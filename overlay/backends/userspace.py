@@ -28,7 +28,7 @@ class UdpBackend(Backend):
     def __init__(self, ctx: Context) -> None:
         super().__init__(ctx)
         self.tun: TunDevice | None = None
-        self.dataplane: Any = None
+        self.dataplane: UdpDataplane | None = None
 
     @property
     def mtu(self) -> int:
@@ -42,15 +42,21 @@ class UdpBackend(Backend):
         # into the TUN) rather than switched on later, which bounces the link's carrier.
         self.tun = TunDevice(self.ctx.args.tun_name, vnet_hdr=not self.ctx.args.no_offload)
 
-    def _dataplane(self, sock: Any, lease: Lease) -> Any:
+    dataplane_class: type[UdpDataplane] = UdpDataplane
+
+    def _dataplane_options(self, lease: Lease) -> dict[str, Any]:
+        return {}
+
+    def _dataplane(self, sock: Any, lease: Lease) -> UdpDataplane:
         assert self.tun is not None
-        return UdpDataplane(
+        return self.dataplane_class(
             self.tun,
             sock,
             self.ctx.peers,
             lease.subnet,
             self.ctx.counters,
             offload=not self.ctx.args.no_offload,
+            **self._dataplane_options(lease),
         )
 
     async def start(self, lease: Lease) -> None:
@@ -130,20 +136,15 @@ class VxlanBackend(UdpBackend):
         mac = vtep_mac_of(lease)
         return vxlan.prefix(self.vni, mac, self.mac) if mac is not None else b""
 
-    def _dataplane(self, sock: Any, lease: Lease) -> Any:
-        assert self.tun is not None
-        return VxlanDataplane(
-            self.tun,
-            sock,
-            self.ctx.peers,
-            lease.subnet,
-            self.ctx.counters,
-            offload=not self.ctx.args.no_offload,
-            vni=self.vni,
-            mac=self.mac,
-            vtep_ip=lease.subnet.network_address.packed,
-            port=self.ctx.config.backend.port,
-        )
+    dataplane_class = VxlanDataplane
+
+    def _dataplane_options(self, lease: Lease) -> dict[str, Any]:
+        return {
+            "vni": self.vni,
+            "mac": self.mac,
+            "vtep_ip": lease.subnet.network_address.packed,
+            "port": self.ctx.config.backend.port,
+        }
 
     def status(self) -> dict[str, Any]:
         arp_replies = getattr(self.dataplane, "arp_replies", 0)

@@ -1,9 +1,9 @@
 """VXLAN in userspace (RFC 7348, as the kernel's vxlan device and flannel.1 speak it).
 
-The udp dataplane with two differences. TX: every packet is read into the arena 22 bytes
-after where its datagram starts, and the peer's precomputed prefix (VXLAN header + inner
-Ethernet header, ``Peer.prefix``) is copied in front, so a GSO group is still one
-contiguous slice. RX: each datagram's VXLAN header and inner Ethernet header are checked
+The udp dataplane with two differences. TX: ``headroom`` makes the udp dataplane read every
+packet 22 bytes into its datagram and copy the peer's precomputed prefix (VXLAN header +
+inner Ethernet header, ``Peer.prefix``) in front, so a GSO group is still one contiguous
+slice. RX: each datagram's VXLAN header and inner Ethernet header are checked
 (I flag, VNI, ethertype, our VTEP MAC) before the inner packet gets the udp backend's
 checks; ARP requests for our VTEP address are answered, so a kernel peer without a static
 neighbour entry still reaches us.
@@ -11,12 +11,9 @@ neighbour entry still reaches us.
 
 from __future__ import annotations
 
-import os
-
-from control.peer_table import Peer
 from encap import arp, gso, vxlan
 from encap.errors import CodecError
-from overlay.backends.udp import BUDGET, GRO_CMSG_SPACE, MAX_DATAGRAM, MSG_TRUNC, UdpDataplane
+from overlay.backends.udp import BUDGET, GRO_CMSG_SPACE, MSG_TRUNC, UdpDataplane
 
 HEADROOM = vxlan.PREFIX_LEN
 IPV4 = b"\x08\x00"
@@ -24,6 +21,8 @@ ARP = b"\x08\x06"
 
 
 class VxlanDataplane(UdpDataplane):
+    headroom = HEADROOM
+
     def __init__(
         self, *args: object, vni: int, mac: bytes, vtep_ip: bytes, port: int, **kwargs: object
     ) -> None:
@@ -34,53 +33,6 @@ class VxlanDataplane(UdpDataplane):
         self.vtep_ip = vtep_ip  # our subnet's network address, the VTEP address peers ARP
         self.port = port
         self.arp_replies = 0
-
-    # -- TUN -> peer ---------------------------------------------------------------------
-
-    def _read_tun(self) -> tuple[list[int], list[tuple[str, int]]]:
-        """As the udp backend's, with the peer's 22-byte prefix in front of each packet."""
-        readv = os.readv
-        fd = self.tun.fd
-        arena = self._tx_arena
-        view = self._tx_view
-        skip = self.tun.offset
-        scratch = self._vnet_scratch
-        limit = len(arena) - MAX_DATAGRAM - HEADROOM
-        lookup = self.peers.lookup
-        drops = self.counters.drops
-        lengths: list[int] = []
-        addrs: list[tuple[str, int]] = []
-        last_dst = b""
-        peer: Peer | None = None
-        at = 0
-        for _ in range(BUDGET):
-            if at > limit:
-                break
-            body = at + HEADROOM
-            try:
-                if skip:
-                    length = readv(fd, [scratch, view[body:]]) - skip
-                else:
-                    length = readv(fd, [view[body:]])
-            except BlockingIOError:
-                break
-            if length < 20 or arena[body] >> 4 != 4:
-                drops["tx_not_ipv4"] += 1
-                continue
-            dst = arena[body + 16 : body + 20]
-            if dst != last_dst:
-                peer = lookup(dst)
-                if peer is None or not peer.prefix:
-                    self._no_route(bytes(arena[body : body + length]))
-                    last_dst = b""
-                    continue
-                last_dst = dst
-            assert peer is not None
-            view[at:body] = peer.prefix
-            lengths.append(HEADROOM + length)
-            addrs.append(peer.addr)
-            at = body + length
-        return lengths, addrs
 
     # -- peer -> TUN ---------------------------------------------------------------------
 

@@ -1,7 +1,0 @@
-"""`python -m overlay` is the `overlay` command."""
-
-import sys
-
-from overlay.cli import main
-
-sys.exit(main())
