@@ -4,7 +4,7 @@ APT_PKGS := iproute2 etcd-server etcd-client containernetworking-plugins iperf3 
             tcpdump tshark procps util-linux kmod iputils-ping ethtool
 STAMP   := .venv/.installed
 
-.PHONY: setup demo test lint format clean
+.PHONY: setup demo test lint format clean bench
 
 setup: $(STAMP)
 
@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(APT_PKGS)
 	test -x $(PY) || python3 -m venv .venv
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[test,bench]'
 	touch $(STAMP)
 
 demo: setup
@@ -31,6 +31,10 @@ format: setup
 
 test: setup lint
 	.venv/bin/pytest -q -ra
+
+# The benchmark matrix (several minutes); results in bench/results/<date-time>.{md,json,png}.
+bench: setup
+	$(PY) -m overlay bench
 
 clean:
 	rm -rf .venv *.egg-info .pytest_cache .mypy_cache .hypothesis

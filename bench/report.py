@@ -1,0 +1,632 @@
+"""``overlay bench``: the benchmark matrix, written to bench/results/<name>.{md,json,png}.
+
+Rows (paths), each its own 2-node testbed with one pod per node and the file registry
+(no etcd process competing for the two CPUs):
+
+- ``veth``: the plain underlay, node -> node over eth0 (no overlay at all);
+- ``kernel-vxlan``: both nodes on the kernel's vxlan device, pod -> pod (with eth0's tx
+  checksum offload back on: see ``PathSpec.tx_offload``);
+- ``udp``: our udp backend, pod -> pod;
+- ``vxlan``: our userspace vxlan backend, pod -> pod;
+- ``udp-nooffload``: our udp backend with ``--no-offload`` (the plain per-packet path).
+
+Columns: iperf3 TCP with 1 and 4 streams (Gbit/s, receiver side); UDP with 1400-byte and
+64-byte datagrams at the highest offered rate that lost < 0.1% (a short search, below);
+ping RTT p50/p99/avg from every reply of ``--pings`` pings 10 ms apart (on an idle VM
+the RTT depends on that gap: waking a halted vCPU costs ~100 us); and the CPU% of
+each node's daemon during the TCP 1-stream run (100% = one core). Throughput is measured
+``--runs`` times, round-robin over the paths (all testbeds are up together, so a burst of
+other load on the machine hits every path instead of all runs of one), and reported as
+min / median / max; the pings of all runs are pooled.
+
+The UDP search: first as fast as the sender can (``-b 0``); if that loses < 0.1% the path
+is sender-limited and that rate is the answer. Otherwise bisect between 0 and 1.2x what
+got through, starting at 0.9x, for ``--udp-steps`` trials in all; the answer is the
+highest offered rate that passed. iperf3 runs UDP with ``-w 4M`` so that drops in the
+receiving iperf3's own socket buffer (a descheduled server on 2 busy cores) do not count
+against the path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any, NoReturn
+
+from bench import codec_micro
+from bench.measure import (
+    UDP_SOCKET_BUFFER,
+    UdpTrial,
+    cpu_seconds,
+    iperf3_tcp,
+    iperf3_udp,
+    percentile,
+    ping_samples,
+    summary,
+)
+from overlay.testbed import Testbed, TestbedError
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+MAX_LOSS_PCT = 0.1
+BASE = "kernel-vxlan"  # ratios are to this path (and to veth)
+
+
+@dataclass(frozen=True)
+class PathSpec:
+    key: str
+    label: str
+    backend: str
+    kernel_nodes: tuple[int, ...] = ()
+    daemon_args: tuple[str, ...] = ()
+    underlay: bool = False  # node -> node over eth0 instead of pod -> pod
+    # The testbed turns eth0's tx checksum offload off on kernel-vxlan nodes, so that a
+    # userspace peer reads complete inner checksums (as from a real NIC). With only kernel
+    # nodes nobody needs that, and leaving it off (no TSO either) costs the kernel path
+    # about 4x here (8 vs 32 Gbit/s), which would flatter every ratio to it.
+    tx_offload: bool = False
+
+
+PATHS = [
+    PathSpec("veth", "plain veth underlay (node -> node)", "udp", underlay=True),
+    PathSpec("kernel-vxlan", "kernel vxlan", "vxlan", kernel_nodes=(1, 2), tx_offload=True),
+    PathSpec("udp", "our udp backend", "udp"),
+    PathSpec("vxlan", "our userspace vxlan", "vxlan"),
+    PathSpec("udp-nooffload", "our udp --no-offload", "udp", daemon_args=("--no-offload",)),
+]
+BY_KEY = {p.key: p for p in PATHS}
+
+
+@dataclass
+class PathResult:
+    spec: PathSpec
+    tcp1: list[float] = field(default_factory=list)
+    tcp4: list[float] = field(default_factory=list)
+    udp1400: list[dict[str, Any]] = field(default_factory=list)
+    udp64: list[dict[str, Any]] = field(default_factory=list)
+    rtts_us: list[float] = field(default_factory=list)
+    pings_sent: int = 0
+    cpu: dict[str, list[float]] = field(default_factory=dict)
+    error: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        def udp(searches: list[dict[str, Any]], key: str) -> dict[str, Any]:
+            return {**summary([s[key] for s in searches]), "runs": searches}
+
+        rtt = self.rtts_us
+        return {
+            "key": self.spec.key,
+            "label": self.spec.label,
+            "backend": self.spec.backend,
+            "kernel_nodes": list(self.spec.kernel_nodes),
+            "eth0_tx_offload_restored": self.spec.tx_offload,
+            "daemon_args": list(self.spec.daemon_args),
+            "between": "n1 -> n2 (eth0)" if self.spec.underlay else "n1-p1 -> n2-p1",
+            "error": self.error,
+            "tcp1_gbits": {**summary(self.tcp1), "runs": self.tcp1},
+            "tcp4_gbits": {**summary(self.tcp4), "runs": self.tcp4},
+            "udp1400_gbits": udp(self.udp1400, "gbits"),
+            "udp64_pps": udp(self.udp64, "pps"),
+            "ping_us": {
+                "sent": self.pings_sent,
+                "received": len(rtt),
+                "p50": percentile(rtt, 50) if rtt else 0.0,
+                "p99": percentile(rtt, 99) if rtt else 0.0,
+                "avg": statistics.fmean(rtt) if rtt else 0.0,
+                "min": min(rtt) if rtt else 0.0,
+                "max": max(rtt) if rtt else 0.0,
+            },
+            "daemon_cpu_pct_tcp1": {
+                node: {**summary(values), "runs": values} for node, values in self.cpu.items()
+            },
+        }
+
+
+# -- the UDP search (sans-IO: ``trial`` does the measuring) ---------------------------------
+
+
+def loss_free_search(
+    trial: Callable[[float], UdpTrial], steps: int, max_loss: float = MAX_LOSS_PCT
+) -> tuple[UdpTrial | None, list[UdpTrial], bool]:
+    """(best passing trial or None, every trial, sender-limited?); ``trial(0)`` = unlimited."""
+    first = trial(0)
+    trials = [first]
+    if first.loss_pct < max_loss:
+        return first, trials, True
+    best: UdpTrial | None = None
+    low, high = 0.0, min(first.sent_bps, 1.2 * first.received_bps)
+    rate = 0.9 * first.received_bps if first.received_bps > 0 else high / 2
+    for _ in range(steps - 1):
+        if rate <= 0:
+            break
+        t = trial(rate)
+        trials.append(t)
+        if t.loss_pct < max_loss:
+            low = rate
+            if best is None or t.offered_bps > best.offered_bps:
+                best = t
+        else:
+            high = rate
+        rate = (low + high) / 2
+    return best, trials, False
+
+
+def _udp_search(
+    bed: Testbed, src: str, dst: str, dst_ip: str, size: int, args: argparse.Namespace
+) -> dict[str, Any]:
+    def trial(rate: float) -> UdpTrial:
+        return iperf3_udp(bed, dst, dst_ip, src, size, rate, seconds=args.udp_seconds)
+
+    best, trials, sender_limited = loss_free_search(trial, args.udp_steps)
+    return {
+        "gbits": best.offered_bps / 1e9 if best else 0.0,
+        "pps": best.received_pps if best else 0.0,
+        "received_gbits": best.received_bps / 1e9 if best else 0.0,
+        "loss_pct": best.loss_pct if best else None,
+        "sender_limited": sender_limited,
+        "trials": [t.as_dict() for t in trials],
+    }
+
+
+# -- one testbed per path -----------------------------------------------------------------
+
+
+@dataclass
+class Bench:
+    spec: PathSpec
+    bed: Testbed
+    src: str
+    dst: str
+    dst_ip: str
+    result: PathResult
+
+
+def _up(spec: PathSpec, result: PathResult) -> Bench:
+    bed = Testbed(
+        "b" + uuid.uuid4().hex[:6],
+        nodes=2,
+        pods_per_node=1,
+        backend=spec.backend,
+        registry="file",
+        kernel_nodes=spec.kernel_nodes,
+        daemon_args=spec.daemon_args,
+    )
+    bed.up()  # removes whatever it made if it fails
+    try:
+        for i in range(1, bed.nodes + 1) if spec.tx_offload else ():
+            bed.exec(
+                f"n{i}", ["ethtool", "-K", "eth0", "tx", "on"], check=True, capture_output=True
+            )
+        if spec.underlay:
+            bench = Bench(spec, bed, "n1", "n2", str(bed.node_ip(2)), result)
+        else:
+            bench = Bench(spec, bed, "n1-p1", "n2-p1", bed.pod_ip("n2-p1"), result)
+        # Warm up ARP, the peer table and (kernel vxlan) the fdb before anything is timed.
+        ping_samples(bed, bench.src, bench.dst_ip, count=5, interval=0.05)
+    except BaseException:
+        bed.down()
+        raise
+    return bench
+
+
+def _daemon_pids(bed: Testbed) -> dict[str, int]:
+    return {n["name"]: n["pid"] for n in bed.status()["nodes"] if n["pid"]}
+
+
+def _measure_run(b: Bench, args: argparse.Namespace) -> None:
+    """One run of every column for one path, appended to ``b.result``."""
+    r, bed = b.result, b.bed
+    sent, rtts = ping_samples(bed, b.src, b.dst_ip, count=args.pings, interval=args.ping_interval)
+    r.pings_sent += sent
+    r.rtts_us += rtts
+
+    pids = _daemon_pids(bed)
+    before = {node: cpu_seconds(pid) for node, pid in pids.items()}
+    start = time.monotonic()
+    r.tcp1.append(iperf3_tcp(bed, b.dst, b.dst_ip, b.src, seconds=args.seconds))
+    wall = time.monotonic() - start
+    for node, pid in pids.items():
+        r.cpu.setdefault(node, []).append(100 * (cpu_seconds(pid) - before[node]) / wall)
+
+    r.tcp4.append(iperf3_tcp(bed, b.dst, b.dst_ip, b.src, seconds=args.seconds, streams=4))
+    r.udp1400.append(_udp_search(bed, b.src, b.dst, b.dst_ip, 1400, args))
+    r.udp64.append(_udp_search(bed, b.src, b.dst, b.dst_ip, 64, args))
+
+
+def run_matrix(specs: list[PathSpec], args: argparse.Namespace) -> list[PathResult]:
+    benches: list[Bench] = []
+    results = [PathResult(spec) for spec in specs]
+    try:
+        for i, spec in enumerate(specs):
+            _log(f"up: {spec.key}")
+            try:
+                benches.append(_up(spec, results[i]))
+            except (TestbedError, RuntimeError, OSError) as e:
+                results[i].error = f"testbed: {e}"
+                _log(f"{spec.key}: {results[i].error}")
+        for run in range(1, args.runs + 1):
+            for b in benches:
+                if b.result.error:
+                    continue
+                _log(f"run {run}/{args.runs}: {b.spec.key}")
+                try:
+                    _measure_run(b, args)
+                except (RuntimeError, OSError, ValueError, KeyError) as e:
+                    b.result.error = f"run {run}: {e}"
+                    _log(f"{b.spec.key}: {b.result.error}")
+    finally:
+        for b in benches:
+            try:
+                b.bed.down()
+            except TestbedError as e:
+                _log(f"down {b.bed.prefix}: {e}")
+    return results
+
+
+# -- output -----------------------------------------------------------------------------------
+
+
+def _fmt(value: float | None, digits: int = 2) -> str:
+    return "-" if value is None or value == 0 else f"{value:.{digits}f}"
+
+
+def _spread(d: dict[str, Any], scale: float = 1.0, digits: int = 2) -> str:
+    if not d["median"]:
+        return "-"
+    med = _fmt(d["median"] * scale, digits)
+    if d["min"] == d["max"]:
+        return med
+    return f"{med} ({d['min'] * scale:.{digits}f}-{d['max'] * scale:.{digits}f})"
+
+
+def _ratio(value: float, base: float | None) -> str:
+    if not base or not value:
+        return "-"
+    return f"{value / base:.3f}" if value / base < 10 else f"{value / base:.1f}"
+
+
+def format_markdown(report: dict[str, Any]) -> str:
+    paths = report["paths"]
+    by_key = {p["key"]: p for p in paths}
+    s = report["settings"]
+    h = report["host"]
+    lines = [
+        f"# overlay bench: {report['name']}",
+        "",
+        f"{report['started']}, {report['duration_s'] / 60:.1f} min; {h['cpus']} CPUs, "
+        f"kernel {h['kernel']}, Python {h['python']}; load average {h['loadavg_before']} "
+        f"before, {h['loadavg_after']} after. `{report['command']}`",
+        "",
+        f"Each path is its own 2-node testbed (one pod per node) with the **file registry**, "
+        f"so no etcd process competes for the CPUs; traffic is pod -> pod, except the veth "
+        f"row (node -> node over eth0). {s['runs']} run(s) per path, round-robin over the "
+        f"paths; throughput is median (min-max). TCP: iperf3 {s['seconds']:g} s. UDP: "
+        f"highest offered rate with < {MAX_LOSS_PCT}% loss ({s['udp_steps']} trials of "
+        f"{s['udp_seconds']:g} s at most; * = sender-limited, nothing lost at full speed). "
+        f"Ping: {s['pings']} pings {1000 * s['ping_interval']:g} ms apart per run, all runs "
+        f"pooled. CPU: each daemon "
+        f"during the TCP 1-stream run, 100% = one core (n1 sends, n2 receives). "
+        f"Kernel vxlan runs with eth0's tx checksum offload on (the testbed turns it off "
+        f"on kernel nodes only for userspace peers' sake). iperf3 UDP uses -w "
+        f"{UDP_SOCKET_BUFFER}, so the receiving iperf3's socket is not what drops.",
+        "",
+        "| path | TCP 1 stream Gbit/s | TCP 4 streams Gbit/s | UDP 1400 B Gbit/s "
+        "| UDP 64 B kpps | ping p50 us | ping p99 us | ping avg us | daemon CPU% n1 / n2 |",
+        "|---|---|---|---|---|---:|---:|---:|---|",
+    ]
+    for p in paths:
+        if p["error"] and not p["tcp1_gbits"]["runs"]:
+            lines.append(f"| {p['label']} | failed: {p['error']} ||||||||")
+            continue
+        star = "*" if any(r["sender_limited"] for r in p["udp1400_gbits"]["runs"]) else ""
+        star64 = "*" if any(r["sender_limited"] for r in p["udp64_pps"]["runs"]) else ""
+        cpu = p["daemon_cpu_pct_tcp1"]
+        cpu_text = " / ".join(f"{cpu[n]['median']:.0f}" if n in cpu else "-" for n in ("n1", "n2"))
+        ping = p["ping_us"]
+        lines.append(
+            f"| {p['label']} | {_spread(p['tcp1_gbits'])} | {_spread(p['tcp4_gbits'])} "
+            f"| {_spread(p['udp1400_gbits'], 1, 3)}{star} "
+            f"| {_spread(p['udp64_pps'], 1e-3, 0)}{star64} "
+            f"| {ping['p50']:.0f} | {ping['p99']:.0f} | {ping['avg']:.0f} | {cpu_text} |"
+        )
+    errors = [p for p in paths if p["error"]]
+    for p in errors:
+        lines.append(f"\n{p['label']}: {p['error']}")
+
+    base, veth = by_key.get(BASE), by_key.get("veth")
+    if base or veth:
+        lines += [
+            "",
+            "Ratios to kernel vxlan (x kvx) and to plain veth, medians from this run "
+            "(for RTT, lower is better):",
+            "",
+            "| path | TCP 1 x kvx | TCP 1 x veth | TCP 4 x kvx | UDP 1400 x kvx "
+            "| UDP 64 x kvx | ping p50 x kvx | ping avg x kvx |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+
+        def med(p: dict[str, Any] | None, key: str) -> float | None:
+            return p[key]["median"] if p else None
+
+        def rtt(p: dict[str, Any] | None, key: str) -> float | None:
+            return p["ping_us"][key] if p else None
+
+        for p in paths:
+            lines.append(
+                f"| {p['label']} "
+                f"| {_ratio(med(p, 'tcp1_gbits') or 0, med(base, 'tcp1_gbits'))} "
+                f"| {_ratio(med(p, 'tcp1_gbits') or 0, med(veth, 'tcp1_gbits'))} "
+                f"| {_ratio(med(p, 'tcp4_gbits') or 0, med(base, 'tcp4_gbits'))} "
+                f"| {_ratio(med(p, 'udp1400_gbits') or 0, med(base, 'udp1400_gbits'))} "
+                f"| {_ratio(med(p, 'udp64_pps') or 0, med(base, 'udp64_pps'))} "
+                f"| {_ratio(rtt(p, 'p50') or 0, rtt(base, 'p50'))} "
+                f"| {_ratio(rtt(p, 'avg') or 0, rtt(base, 'avg'))} |"
+            )
+    targets = report.get("targets") or []
+    if targets:
+        lines += ["", "Targets of issue 5 (ratios measured in this run):", ""]
+        lines += [f"- {t['text']}: {t['measured']} -> **{t['verdict']}**" for t in targets]
+    if report.get("micro"):
+        lines += [
+            "",
+            f"Codec micro-benchmarks (timeit, best of {s['micro_repeat']}, includes ~10 ns "
+            "of loop; `python -m bench.codec_micro`):",
+            "",
+            codec_micro.format_table(report["micro"]),
+        ]
+    lines += ["", f"![TCP 1 stream and ping RTT per path]({report['name']}.png)", ""]
+    return "\n".join(lines)
+
+
+def check_targets(paths: list[dict[str, Any]]) -> list[dict[str, str]]:
+    """Issue 5's targets, as ratios to kernel vxlan from the same run."""
+    by_key = {p["key"]: p for p in paths}
+    base = by_key.get(BASE)
+    if not base or not base["tcp1_gbits"]["median"]:
+        return []
+    out = []
+    for key, name in (("udp", "udp backend"), ("vxlan", "userspace vxlan")):
+        p = by_key.get(key)
+        if p and p["tcp1_gbits"]["median"]:
+            ratio = p["tcp1_gbits"]["median"] / base["tcp1_gbits"]["median"]
+            verdict = "stretch met" if ratio >= 0.25 else "met" if ratio >= 0.13 else "missed"
+            out.append(
+                {
+                    "text": f"TCP 1 stream, {name} >= 13% of kernel vxlan (stretch 25%)",
+                    "measured": f"{100 * ratio:.1f}%",
+                    "verdict": verdict,
+                }
+            )
+    p = by_key.get("udp")
+    if p and p["ping_us"]["avg"] and base["ping_us"]["avg"]:
+        ratio = p["ping_us"]["avg"] / base["ping_us"]["avg"]
+        out.append(
+            {
+                "text": "ping RTT avg, udp backend <= 3x kernel vxlan",
+                "measured": f"{ratio:.2f}x",
+                "verdict": "met" if ratio <= 3 else "missed",
+            }
+        )
+    return out
+
+
+def write_png(report: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = [p for p in report["paths"] if p["tcp1_gbits"]["runs"]]
+    labels = [p["key"] for p in paths]
+    med = [p["tcp1_gbits"]["median"] for p in paths]
+    err = [
+        [m - p["tcp1_gbits"]["min"] for m, p in zip(med, paths, strict=True)],
+        [p["tcp1_gbits"]["max"] - m for m, p in zip(med, paths, strict=True)],
+    ]
+    p50 = [p["ping_us"]["p50"] for p in paths]
+    p99 = [p["ping_us"]["p99"] for p in paths]
+    colors = ["#888888" if k in ("veth", BASE) else "#1f77b4" for k in labels]
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    bars = left.bar(labels, med, yerr=err, capsize=4, color=colors)
+    left.bar_label(bars, labels=[f"{m:.2f}" for m in med], padding=2, fontsize=8)
+    left.set_ylabel("Gbit/s (median, min-max)")
+    left.set_title("iperf3 TCP, 1 stream")
+    bars = right.bar(labels, p50, color=colors)
+    right.bar_label(
+        bars,
+        labels=[f"{a:.0f}\n(p99 {b:.0f})" for a, b in zip(p50, p99, strict=True)],
+        padding=2,
+        fontsize=7,
+    )
+    right.set_ylim(0, max(p50, default=1) * 1.3)
+    right.set_ylabel("microseconds")
+    right.set_title("ping RTT p50")
+    for ax in (left, right):
+        ax.tick_params(axis="x", labelrotation=20, labelsize=8)
+        ax.grid(axis="y", alpha=0.3)
+    fig.suptitle(f"overlay bench {report['name']} (2-node testbeds, file registry)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _log(message: str) -> None:
+    sys.stderr.write(f"overlay bench: {message}\n")
+    sys.stderr.flush()
+
+
+def _loadavg() -> str:
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "?"
+
+
+# -- CLI ---------------------------------------------------------------------------------------
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
+def _only(text: str) -> list[str]:
+    keys = [k.strip() for k in text.split(",") if k.strip()]
+    bad = [k for k in keys if k not in BY_KEY]
+    if bad or not keys:
+        raise argparse.ArgumentTypeError(
+            f"unknown path {', '.join(bad) or text!r} (use {', '.join(BY_KEY)})"
+        )
+    return keys
+
+
+def _parser() -> _Parser:
+    p = _Parser(
+        prog="overlay bench",
+        description="Benchmark matrix: paths x {TCP 1/4 streams, UDP 1400/64 B at the "
+        "loss-free rate, ping p50/p99, daemon CPU%} plus codec micro-benchmarks; writes "
+        "RESULTS_DIR/NAME.{md,json,png}. Needs root (it builds testbeds).",
+    )
+    p.add_argument("--runs", type=int, default=None, help="runs per path (default 3)")
+    p.add_argument("--seconds", type=float, default=None, help="one TCP run (default 5 s)")
+    p.add_argument(
+        "--udp-seconds", type=float, default=None, help="one UDP search trial (default 2 s)"
+    )
+    p.add_argument("--udp-steps", type=int, default=None, help="trials per UDP search (default 5)")
+    p.add_argument("--pings", type=int, default=None, help="pings per run (default 200)")
+    p.add_argument(
+        "--ping-interval",
+        type=float,
+        default=0.01,
+        help="seconds between pings (default 0.01; RTTs on an idle VM depend on it: "
+        "shorter gaps keep the vCPUs awake)",
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke-test sizes: 1 run, 2 s TCP, 3 UDP trials of 1 s, 50 pings, short micro",
+    )
+    p.add_argument(
+        "--only",
+        type=_only,
+        action="extend",
+        default=None,
+        help=f"comma-separated paths to run, in matrix order (of {', '.join(BY_KEY)})",
+    )
+    p.add_argument("--no-micro", action="store_true", help="skip the codec micro-benchmarks")
+    p.add_argument("--out", default=None, help="result name (default: date-time stamp)")
+    p.add_argument(
+        "--results-dir",
+        type=Path,
+        default=RESULTS_DIR,
+        help=f"where NAME.md/.json/.png go (default {RESULTS_DIR})",
+    )
+    return p
+
+
+def _settings(args: argparse.Namespace) -> None:
+    quick = args.quick
+    defaults = {
+        "runs": 1 if quick else 3,
+        "seconds": 2.0 if quick else 5.0,
+        "udp_seconds": 1.0 if quick else 2.0,
+        "udp_steps": 3 if quick else 5,
+        "pings": 50 if quick else 200,
+    }
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    if (
+        min(args.runs, args.udp_steps) < 1
+        or args.pings < 2
+        or min(args.seconds, args.udp_seconds, args.ping_interval) <= 0
+    ):
+        raise SystemExit(
+            "overlay bench: error: --runs and --udp-steps must be >= 1, --pings >= 2, "
+            "--seconds and --udp-seconds > 0"
+        )
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = _parser().parse_args(argv)
+        _settings(args)
+    except SystemExit as e:
+        if isinstance(e.code, str):
+            sys.stderr.write(e.code + "\n")
+            return 2
+        return int(e.code or 0)
+    if os.geteuid() != 0:
+        sys.stderr.write("overlay bench: error: needs root (network namespaces, TUN)\n")
+        return 1
+    name = args.out or datetime.now().strftime("%Y%m%d-%H%M%S")
+    if "/" in name or not name.strip():
+        sys.stderr.write(f"overlay bench: error: --out {name!r} must be a plain file name\n")
+        return 2
+    wanted = set(args.only or BY_KEY)
+    specs = [p for p in PATHS if p.key in wanted]
+
+    started = datetime.now()
+    t0 = time.monotonic()
+    load_before = _loadavg()
+    try:
+        results = run_matrix(specs, args)
+    except KeyboardInterrupt:
+        _log("interrupted; testbeds are down, nothing written")
+        return 130
+    micro: dict[str, float] = {}
+    micro_repeat = 3 if args.quick else 5
+    if not args.no_micro:
+        _log("codec micro-benchmarks")
+        micro = codec_micro.run(repeat=micro_repeat, target_seconds=0.05 if args.quick else 0.2)
+    report: dict[str, Any] = {
+        "name": name,
+        "command": "overlay bench " + " ".join(sys.argv[2:] if argv is None else argv),
+        "started": started.isoformat(timespec="seconds"),
+        "duration_s": round(time.monotonic() - t0, 1),
+        "host": {
+            "cpus": os.cpu_count(),
+            "kernel": platform.release(),
+            "python": platform.python_version(),
+            "loadavg_before": load_before,
+            "loadavg_after": _loadavg(),
+        },
+        "settings": {
+            "runs": args.runs,
+            "seconds": args.seconds,
+            "udp_seconds": args.udp_seconds,
+            "udp_steps": args.udp_steps,
+            "pings": args.pings,
+            "ping_interval": args.ping_interval,
+            "registry": "file",
+            "max_loss_pct": MAX_LOSS_PCT,
+            "micro_repeat": micro_repeat,
+        },
+        "paths": [r.as_dict() for r in results],
+        "micro": micro,
+    }
+    report["targets"] = check_targets(report["paths"])
+
+    out_dir = Path(args.results_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    md = format_markdown(report)
+    (out_dir / f"{name}.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out_dir / f"{name}.md").write_text(md)
+    write_png(report, out_dir / f"{name}.png")
+    print(md)
+    print(f"wrote {out_dir / name}.md, .json, .png ({report['duration_s'] / 60:.1f} min)")
+    return 1 if any(r.error for r in results) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

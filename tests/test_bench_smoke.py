@@ -1,0 +1,83 @@
+"""``overlay bench``: the UDP loss-free search on a fake channel, and a quick real run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from bench import report
+from bench.measure import UdpTrial, percentile
+
+
+def _channel(capacity_bps: float, sender_bps: float) -> list[float]:
+    """A fake path: lossless up to ``capacity_bps``, the sender tops out at ``sender_bps``."""
+    asked: list[float] = []
+
+    def trial(rate: float) -> UdpTrial:
+        asked.append(rate)
+        offered = rate or sender_bps
+        received = min(offered, capacity_bps)
+        return UdpTrial(
+            size=1400,
+            offered_bps=offered,
+            unlimited=not rate,
+            sent_bps=offered,
+            received_bps=received,
+            received_pps=received / 11200,
+            loss_pct=100 * (offered - received) / offered,
+        )
+
+    trial.asked = asked  # type: ignore[attr-defined]
+    return trial  # type: ignore[return-value]
+
+
+def test_search_stops_at_once_when_the_sender_is_the_limit() -> None:
+    trial = _channel(capacity_bps=5e9, sender_bps=1e9)
+    best, trials, sender_limited = report.loss_free_search(trial, steps=5)  # type: ignore[arg-type]
+    assert sender_limited and best is not None and best.offered_bps == 1e9
+    assert len(trials) == 1
+
+
+@pytest.mark.parametrize("capacity", [0.2e9, 0.45e9, 0.9e9, 1.1e9])
+def test_search_finds_a_passing_rate_close_below_the_capacity(capacity: float) -> None:
+    trial = _channel(capacity_bps=capacity, sender_bps=3e9)
+    best, trials, sender_limited = report.loss_free_search(trial, steps=6)  # type: ignore[arg-type]
+    assert not sender_limited and len(trials) == 6
+    assert best is not None and best.loss_pct < report.MAX_LOSS_PCT
+    assert 0.8 * capacity <= best.offered_bps <= capacity
+    assert all(t.offered_bps <= 3e9 for t in trials)
+
+
+def test_percentile_interpolates() -> None:
+    assert percentile([5.0], 99) == 5.0
+    assert percentile([1.0, 2.0, 3.0, 4.0, 5.0], 50) == 3.0
+    assert percentile([float(i) for i in range(101)], 99) == pytest.approx(99.0)
+
+
+def test_only_rejects_unknown_paths(capsys: pytest.CaptureFixture[str]) -> None:
+    assert report.main(["--only", "udp,quic"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown path" in err and "quic" in err
+
+
+@pytest.mark.netns
+def test_quick_bench_of_the_udp_row_writes_md_json_png(tmp_path: Path) -> None:
+    code = report.main(
+        ["--quick", "--only", "udp", "--out", "smoke", "--results-dir", str(tmp_path)]
+    )
+    assert code == 0
+    for ext in ("md", "json", "png"):
+        assert (tmp_path / f"smoke.{ext}").stat().st_size > 0
+    data = json.loads((tmp_path / "smoke.json").read_text())
+    (udp,) = data["paths"]
+    assert udp["key"] == "udp" and udp["error"] is None
+    assert udp["tcp1_gbits"]["median"] > 0
+    assert udp["tcp4_gbits"]["median"] > 0
+    assert udp["udp1400_gbits"]["median"] > 0
+    assert udp["udp64_pps"]["median"] > 0
+    assert udp["ping_us"]["p50"] > 0 and udp["ping_us"]["received"] > 0
+    assert udp["daemon_cpu_pct_tcp1"]["n1"]["median"] > 0
+    assert all(ns > 0 for ns in data["micro"].values())
+    assert "| our udp backend |" in (tmp_path / "smoke.md").read_text()
