@@ -186,6 +186,7 @@ def plan_tun_writes(
     source: tuple[int, int],
     destination: tuple[int, int],
     drops: MutableMapping[str, int],
+    skip: int = 0,
 ) -> list[Write]:
     """The TUN writes (each behind a virtio_net_hdr) for ``data[:size]``, a GRO receive
     of ``segment``-byte datagrams (the last may be shorter) from one peer.
@@ -197,7 +198,8 @@ def plan_tun_writes(
     options; adjacent sequence numbers; flags ACK, ACK|PSH only on the last; payloads all
     of the first one's size but the last) become one GSO_TCPV4 super-packet, as the
     kernel's GRO would merge them; everything else is written as it came. Payloads are
-    memoryviews of ``data``: nothing is copied.
+    memoryviews of ``data``: nothing is copied. ``skip``: bytes of encapsulation in front
+    of each packet in its datagram (vxlan: 22), already validated by the caller.
 
     Measured: one writev per 44-segment run instead of 44 os.write calls took the
     receiving daemon's TUN writes from ~50% of its CPU to ~12%; this function costs
@@ -220,8 +222,9 @@ def plan_tun_writes(
     unpack = _HEADERS[5].unpack_from
     head = head_end = header_length = run_length = total = expect = run_tos = 0
     run_ftp = run_addresses = run_afw = run_options = b""
-    for start in range(0, size, segment):
-        end = start + segment
+    for base in range(0, size, segment):
+        start = base + skip  # past the encapsulation header the caller has checked
+        end = base + segment
         if end > size:
             end = size
         length = end - start

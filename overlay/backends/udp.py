@@ -22,7 +22,7 @@ Everything is probed once; without it (old kernel, ``--no-offload``) the plain p
 
 Measured on the 2-node testbed (2 vCPUs, iperf3 TCP, 1 stream, pod to pod): 1.5 Gbit/s
 plain, 2.4 with UDP GSO+GRO, 3.4-3.9 with TUN super-packets, 4.2-5.5 after the arena
-reads and the one-unpack continuation check (bench/fastpath.py).
+reads and the one-unpack continuation check (`overlay bench`, udp rows).
 """
 
 from __future__ import annotations

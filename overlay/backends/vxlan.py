@@ -52,7 +52,8 @@ class VxlanDataplane(UdpDataplane):
 
     def on_socket_readable_gro(self) -> None:
         recv = self.sock.recvmsg_into
-        buffers = [self._rx_buffer]
+        buf = self._rx_buffer
+        buffers = [buf]
         gro_size = gso.gro_size
         drops = self.counters.drops
         moved = 0
@@ -69,7 +70,34 @@ class VxlanDataplane(UdpDataplane):
             if flags & MSG_TRUNC:
                 drops["rx_truncated"] += 1
                 continue
+            if segment < size and self.tun_gso and self._same_headers(size, segment):
+                peer = self.peers.by_public_ip(source_ip)
+                if peer is not None:
+                    theirs = (peer.net >> peer.shift, peer.shift)
+                    self._write_planned(
+                        gso.plan_tun_writes(
+                            buf, size, segment, theirs, self._own, drops, skip=HEADROOM
+                        )
+                    )
+                    continue
             self._write_pieces(self._inner_pieces(source_ip, size, segment))
+
+    def _same_headers(self, size: int, segment: int) -> bool:
+        """Whether every datagram of a GRO receive carries the same, valid VXLAN and
+        Ethernet header (one sender's GSO batch always does): then the inner packets can
+        be coalesced into TUN super-packets like the udp backend's."""
+        buf = self._rx_buffer
+        first = buf[:HEADROOM]
+        if (
+            not first[0] & 0x08
+            or first[4:7] != self.vni_bytes
+            or first[8:14] != self.mac
+            or first[20:22] != IPV4
+        ):
+            return False
+        return all(
+            buf[start : start + HEADROOM] == first for start in range(segment, size, segment)
+        )
 
     def _inner_pieces(self, source_ip: str, size: int, segment: int) -> list[tuple[int, int]]:
         """The (start, end) of the inner IPv4 packets to write to the TUN, for the
