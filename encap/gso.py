@@ -138,6 +138,29 @@ def tcp_super_header(
     return vnet, bytes(header)
 
 
+def drop_reason(
+    data: Buffer,
+    start: int,
+    end: int,
+    source: tuple[int, int],
+    destination: tuple[int, int],
+) -> str | None:
+    """Why ``data[start:end]`` may not go into the TUN, or None when it may: it must be one
+    IPv4 packet (total length == its length) from inside ``source`` to inside
+    ``destination`` (both ``(network >> shift, shift)``). One definition for every
+    receive path (plain, GRO split, TUN super-packets, vxlan)."""
+    length = end - start
+    if length < 20 or data[start] >> 4 != 4 or data[start] & 0x0F < 5:
+        return "rx_not_ipv4"
+    if (data[start + 2] << 8 | data[start + 3]) != length:
+        return "rx_bad_length"
+    if int.from_bytes(data[start + 12 : start + 16], "big") >> source[1] != source[0]:
+        return "rx_foreign_source"
+    if int.from_bytes(data[start + 16 : start + 20], "big") >> destination[1] != destination[0]:
+        return "rx_not_our_subnet"
+    return None
+
+
 def valid_pieces(
     data: Buffer,
     size: int,
@@ -146,36 +169,20 @@ def valid_pieces(
     destination: tuple[int, int],
     drops: MutableMapping[str, int],
 ) -> list[tuple[int, int]]:
-    """The ``(start, end)`` of the ``segment``-byte datagrams in ``data[:size]`` that are
-    one IPv4 packet each (total length == datagram length) from inside ``source`` to
-    inside ``destination`` (both ``(network >> shift, shift)``); the others are counted in
-    ``drops`` by reason. The checks ``plan_tun_writes`` makes too."""
+    """The ``(start, end)`` of the ``segment``-byte datagrams in ``data[:size]`` that pass
+    :func:`drop_reason`; the others are counted in ``drops`` by reason."""
     if size <= 0 or segment <= 0:
         drops["rx_not_ipv4"] += 1  # an empty datagram
         return []
-    source_net, source_shift = source
-    own_net, own_shift = destination
-    from_bytes = int.from_bytes
+    check = drop_reason
     pieces: list[tuple[int, int]] = []
-    keep = pieces.append
     for start in range(0, size, segment):
-        end = start + segment
-        if end > size:
-            end = size
-        length = end - start
-        if length < 20 or data[start] >> 4 != 4 or data[start] & 0x0F < 5:
-            drops["rx_not_ipv4"] += 1
-            continue
-        if (data[start + 2] << 8 | data[start + 3]) != length:
-            drops["rx_bad_length"] += 1
-            continue
-        if from_bytes(data[start + 12 : start + 16], "big") >> source_shift != source_net:
-            drops["rx_foreign_source"] += 1
-            continue
-        if from_bytes(data[start + 16 : start + 20], "big") >> own_shift != own_net:
-            drops["rx_not_our_subnet"] += 1
-            continue
-        keep((start, end))
+        end = min(start + segment, size)
+        reason = check(data, start, end, source, destination)
+        if reason is None:
+            pieces.append((start, end))
+        else:
+            drops[reason] += 1
     return pieces
 
 
@@ -212,9 +219,6 @@ def plan_tun_writes(
         drops["rx_not_ipv4"] += 1  # an empty datagram
         return []
     view = memoryview(data)
-    source_net, source_shift = source
-    own_net, own_shift = destination
-    from_bytes = int.from_bytes
     writes: list[Write] = []
     add = writes.append
     # The open run: its segments' payloads and the fields every next segment must match.
@@ -270,17 +274,9 @@ def plan_tun_writes(
             _emit(add, view, run, head, head_end, header_length, total, False, run_length)
             run = []
         # Not the open run's next segment: the full validation.
-        if length < 20 or data[start] >> 4 != 4 or data[start] & 0x0F < 5:
-            drops["rx_not_ipv4"] += 1
-            continue
-        if (data[start + 2] << 8 | data[start + 3]) != length:
-            drops["rx_bad_length"] += 1
-            continue
-        if from_bytes(data[start + 12 : start + 16], "big") >> source_shift != source_net:
-            drops["rx_foreign_source"] += 1
-            continue
-        if from_bytes(data[start + 16 : start + 20], "big") >> own_shift != own_net:
-            drops["rx_not_our_subnet"] += 1
+        reason = drop_reason(data, start, end, source, destination)
+        if reason is not None:
+            drops[reason] += 1
             continue
         # A TCP segment with data that may open a run: no IP options, not a fragment,
         # flags exactly ACK.

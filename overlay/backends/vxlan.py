@@ -108,17 +108,15 @@ class VxlanDataplane(UdpDataplane):
         if peer is None:
             drops["rx_unknown_peer"] += -(-size // segment)
             return []
-        theirs = peer.net >> peer.shift
-        their_shift = peer.shift
-        own_net, own_shift = self._own
-        from_bytes = int.from_bytes
+        theirs = (peer.net >> peer.shift, peer.shift)
+        ours = self._own
+        check = gso.drop_reason
         vni = self.vni_bytes
         mac = self.mac
         pieces: list[tuple[int, int]] = []
         for start in range(0, size, segment):
             end = min(start + segment, size)
-            inner = start + HEADROOM
-            if end - inner < 20:
+            if end - start < HEADROOM + 20:
                 drops["rx_vxlan_truncated"] += 1
                 continue
             if not buf[start] & 0x08:
@@ -137,20 +135,11 @@ class VxlanDataplane(UdpDataplane):
             if buf[start + 8 : start + 14] != mac:
                 drops["rx_vxlan_foreign_mac"] += 1
                 continue
-            length = end - inner
-            if buf[inner] >> 4 != 4 or buf[inner] & 0x0F < 5:
-                drops["rx_not_ipv4"] += 1
-                continue
-            if (buf[inner + 2] << 8 | buf[inner + 3]) != length:
-                drops["rx_bad_length"] += 1
-                continue
-            if from_bytes(buf[inner + 12 : inner + 16], "big") >> their_shift != theirs:
-                drops["rx_foreign_source"] += 1
-                continue
-            if from_bytes(buf[inner + 16 : inner + 20], "big") >> own_shift != own_net:
-                drops["rx_not_our_subnet"] += 1
-                continue
-            pieces.append((inner, end))
+            reason = check(buf, start + HEADROOM, end, theirs, ours)
+            if reason is None:
+                pieces.append((start + HEADROOM, end))
+            else:
+                drops[reason] += 1
         return pieces
 
     def _answer_arp(self, start: int, end: int, source_ip: str) -> None:
