@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from encap import arp, gso, vxlan
 from encap.errors import CodecError
-from overlay.backends.udp import BUDGET, GRO_CMSG_SPACE, MSG_TRUNC, UdpDataplane
+from overlay.backends.udp import UdpDataplane
 
 HEADROOM = vxlan.PREFIX_LEN
 IPV4 = b"\x08\x00"
@@ -36,51 +36,22 @@ class VxlanDataplane(UdpDataplane):
 
     # -- peer -> TUN ---------------------------------------------------------------------
 
-    def on_socket_readable(self) -> None:
-        recv = self.sock.recvfrom_into
-        buf = self._rx_buffer
-        drops = self.counters.drops
-        for _ in range(BUDGET):
-            try:
-                size, (source_ip, _port) = recv(buf)
-            except BlockingIOError:
-                break
-            except OSError:
-                drops["rx_socket_error"] += 1
-                continue
-            self._write_pieces(self._inner_pieces(source_ip, size, size))
-
-    def on_socket_readable_gro(self) -> None:
-        recv = self.sock.recvmsg_into
-        buf = self._rx_buffer
-        buffers = [buf]
-        gro_size = gso.gro_size
-        drops = self.counters.drops
-        moved = 0
-        while moved < BUDGET:
-            try:
-                size, ancdata, flags, (source_ip, _port) = recv(buffers, GRO_CMSG_SPACE)
-            except BlockingIOError:
-                break
-            except OSError:
-                drops["rx_socket_error"] += 1
-                continue
-            segment = gro_size(ancdata, size) if ancdata else size
-            moved += -(-size // segment)
-            if flags & MSG_TRUNC:
-                drops["rx_truncated"] += 1
-                continue
-            if segment < size and self.tun_gso and self._same_headers(size, segment):
-                peer = self.peers.by_public_ip(source_ip)
-                if peer is not None:
-                    theirs = (peer.net >> peer.shift, peer.shift)
-                    self._write_planned(
-                        gso.plan_tun_writes(
-                            buf, size, segment, theirs, self._own, drops, skip=HEADROOM
-                        )
+    def _deliver(self, source_ip: str, size: int, segment: int) -> None:
+        """A GRO batch whose datagrams all carry one valid header is coalesced into TUN
+        super-packets like the udp backend's; anything else goes through the per-frame
+        checks (which also answer ARP)."""
+        if segment < size and self.tun_gso and self._same_headers(size, segment):
+            peer = self.peers.by_public_ip(source_ip)
+            if peer is not None:
+                theirs = (peer.net >> peer.shift, peer.shift)
+                drops = self.counters.drops
+                self._write_planned(
+                    gso.plan_tun_writes(
+                        self._rx_buffer, size, segment, theirs, self._own, drops, skip=HEADROOM
                     )
-                    continue
-            self._write_pieces(self._inner_pieces(source_ip, size, segment))
+                )
+                return
+        self._write_pieces(self._inner_pieces(source_ip, size, segment))
 
     def _same_headers(self, size: int, segment: int) -> bool:
         """Whether every datagram of a GRO receive carries the same, valid VXLAN and
