@@ -9,6 +9,7 @@ import sys
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -67,3 +68,46 @@ def netns(prefix: str) -> Iterator[Callable[[str], str]]:
 
 def overlay_cmd(*args: str) -> list[str]:
     return [PYTHON, "-m", "overlay", *args]
+
+
+TRANSFER = str(Path(__file__).with_name("transfer.py"))
+
+
+def node_status(bed: Any, node: str) -> dict[str, Any]:
+    """What node ``node`` ("n1") of a testbed says on its status socket."""
+    from overlay import status
+
+    result: dict[str, Any] = status.query(bed.state_dir / node / "status.sock")
+    return result
+
+
+def transfer(
+    bed: Any, client_pod: str, server_pod: str, total: int, port: int = 5201, timeout: float = 120
+) -> None:
+    """``total`` bytes over TCP from one pod to another; the byte count and sha256 seen by
+    the receiver must equal the sender's (tests/transfer.py)."""
+    address = bed.pod_ip(server_pod)
+    server = bed.popen(
+        server_pod,
+        [PYTHON, TRANSFER, "server", address, str(port)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert server.stdout is not None
+        assert server.stdout.readline().strip() == "ready"
+        client = bed.exec(
+            client_pod,
+            [PYTHON, TRANSFER, "client", address, str(port), str(total)],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+        assert client.returncode == 0, client.stderr
+        sent = client.stdout.split()
+        assert int(sent[0]) == total
+        received = server.stdout.readline().split()
+        assert received == sent, f"{client_pod} -> {server_pod}: sent {sent}, got {received}"
+    finally:
+        server.kill()
+        server.wait()

@@ -32,13 +32,12 @@ from control.peer_table import PeerTable
 from encap import gso
 from encap.checksum import internet_checksum, ones_complement_sum
 from encap.ipv4 import build_header
-from overlay import status
 from overlay.backends.udp import UdpDataplane
 from overlay.counters import Counters
 from overlay.testbed import Testbed
+from tests.conftest import node_status, transfer
 
 FAST = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-TRANSFER = str(Path(__file__).with_name("transfer.py"))
 
 
 # -- plan_groups / split_points / cmsgs ---------------------------------------------------
@@ -726,39 +725,6 @@ def _pod(bed: Testbed, name: str) -> dict[str, str]:
     return next(p for p in bed.status()["pods"] if p["name"] == name)
 
 
-def _transfer(bed: Testbed, src: str, dst: str, total: int, port: int) -> None:
-    server_pod, client_pod = _pod(bed, dst), _pod(bed, src)
-    server = bed.popen(
-        dst,
-        [sys.executable, TRANSFER, "server", server_pod["ip"], str(port)],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert server.stdout is not None
-        assert server.stdout.readline().strip() == "ready"
-        client = bed.exec(
-            client_pod["name"],
-            [sys.executable, TRANSFER, "client", server_pod["ip"], str(port), str(total)],
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        assert client.returncode == 0, client.stderr
-        sent = client.stdout.split()
-        assert int(sent[0]) == total
-        assert server.stdout.readline().split() == sent  # same length and sha256
-    finally:
-        server.kill()
-        server.wait()
-
-
-def _counters(bed: Testbed, node: str) -> dict[str, Any]:
-    st = status.query(bed.state_dir / node / "status.sock")
-    counters: dict[str, Any] = st["counters"]
-    return counters
-
-
 @pytest.mark.netns
 def test_fast_path_transfer_is_intact_and_wire_is_one_packet_per_datagram(
     bed: Testbed, tmp_path: Path
@@ -773,7 +739,7 @@ def test_fast_path_transfer_is_intact_and_wire_is_one_packet_per_datagram(
     )
     try:
         assert capture.stdout is not None and capture.stdout.readline().strip() == "ready"
-        _transfer(bed, "n1-p1", "n2-p1", 20 * 1024 * 1024, 5301)
+        transfer(bed, "n1-p1", "n2-p1", 20 * 1024 * 1024, 5301)
     finally:
         assert capture.stdin is not None
         capture.stdin.close()
@@ -821,7 +787,7 @@ def test_fast_path_transfer_is_intact_and_wire_is_one_packet_per_datagram(
     # 20 MiB at an MSS of at most mtu - 40 bytes: the fast path really batched them.
     assert datagrams > 20 * 1024 * 1024 // (mtu - 40)
     assert gso_frames > 0
-    n1, n2 = _counters(bed, "n1"), _counters(bed, "n2")
+    n1, n2 = node_status(bed, "n1")["counters"], node_status(bed, "n2")["counters"]
     assert not n1["drops"] and not n2["drops"], (n1["drops"], n2["drops"])
     # n1 sent GSO batches, n2 received them coalesced and wrote TCP super-packets.
     assert n1["tx_gso_sends"] > 0 and n2["rx_gro_receives"] > 0
@@ -832,8 +798,8 @@ def test_fast_path_transfer_is_intact_and_wire_is_one_packet_per_datagram(
 def test_no_offload_node_talks_to_offload_nodes(bed: Testbed) -> None:
     # n3 runs the plain per-packet path; n1 sends GSO batches to it and gets single
     # datagrams back (as from a real flannel peer), both ways byte-exact.
-    _transfer(bed, "n1-p1", "n3-p1", 5 * 1024 * 1024, 5302)
-    _transfer(bed, "n3-p1", "n1-p1", 5 * 1024 * 1024, 5303)
+    transfer(bed, "n1-p1", "n3-p1", 5 * 1024 * 1024, 5302)
+    transfer(bed, "n3-p1", "n1-p1", 5 * 1024 * 1024, 5303)
     result = bed.exec(
         "n3-p1",
         ["ping", "-c", "3", "-i", "0.2", "-W", "2", _pod(bed, "n2-p1")["ip"]],
@@ -841,4 +807,4 @@ def test_no_offload_node_talks_to_offload_nodes(bed: Testbed) -> None:
         text=True,
     )
     assert " 0% packet loss" in result.stdout, result.stdout
-    assert not _counters(bed, "n3")["drops"]
+    assert not node_status(bed, "n3")["counters"]["drops"]

@@ -11,11 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from overlay import status
 from overlay.testbed import Testbed
+from tests.conftest import node_status, transfer
 
 pytestmark = pytest.mark.netns
-TRANSFER = str(Path(__file__).with_name("transfer.py"))
 
 
 @pytest.fixture(scope="module")
@@ -32,10 +31,6 @@ def bed() -> Iterator[Testbed]:
 
 def _pod(bed: Testbed, name: str) -> dict:
     return next(p for p in bed.status()["pods"] if p["name"] == name)
-
-
-def _node_status(bed: Testbed, node: str) -> dict:
-    return status.query(bed.state_dir / node / "status.sock")
 
 
 def test_status_lists_nodes_and_pods(bed: Testbed) -> None:
@@ -64,47 +59,14 @@ def test_pods_ping_across_nodes(bed: Testbed) -> None:
 
 
 def test_100mb_tcp_transfer_is_byte_identical(bed: Testbed) -> None:
-    server_pod, client_pod = _pod(bed, "n3-p2"), _pod(bed, "n1-p1")
-    server = subprocess.Popen(
-        [
-            "ip",
-            "netns",
-            "exec",
-            server_pod["netns"],
-            sys.executable,
-            TRANSFER,
-            "server",
-            server_pod["ip"],
-            "5201",
-        ],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert server.stdout is not None
-        assert server.stdout.readline().strip() == "ready"
-        client = bed.exec(
-            client_pod["name"],
-            [sys.executable, TRANSFER, "client", server_pod["ip"], "5201", str(100 * 1024 * 1024)],
-            capture_output=True,
-            text=True,
-            timeout=240,
-        )
-        assert client.returncode == 0, client.stderr
-        received = server.stdout.readline().split()
-        sent = client.stdout.split()
-        assert int(sent[0]) == 100 * 1024 * 1024
-        assert received == sent
-    finally:
-        server.kill()
-        server.wait()
+    transfer(bed, "n1-p1", "n3-p2", 100 * 1024 * 1024, timeout=240)
 
 
 def test_unowned_overlay_address_gets_net_unreachable(bed: Testbed) -> None:
     pod = _pod(bed, "n2-p1")
     owned = {n["subnet"] for n in bed.status()["nodes"]}
     target = next(f"198.18.{i}.7" for i in range(250, 0, -1) if f"198.18.{i}.0/24" not in owned)
-    before = _node_status(bed, "n2")["counters"]["icmp_unreachable_sent"]
+    before = node_status(bed, "n2")["counters"]["icmp_unreachable_sent"]
     result = bed.exec(
         pod["name"],
         ["ping", "-c", "2", "-i", "0.2", "-W", "1", target],
@@ -113,7 +75,7 @@ def test_unowned_overlay_address_gets_net_unreachable(bed: Testbed) -> None:
     )
     assert result.returncode != 0
     assert "Destination Net Unreachable" in result.stdout, result.stdout
-    assert _node_status(bed, "n2")["counters"]["icmp_unreachable_sent"] >= before + 2
+    assert node_status(bed, "n2")["counters"]["icmp_unreachable_sent"] >= before + 2
 
 
 def _send_udp(bed: Testbed, where: str, dst: str, payload: bytes, source: str = "") -> None:
@@ -126,7 +88,7 @@ def _send_udp(bed: Testbed, where: str, dst: str, payload: bytes, source: str = 
 
 def _wait_drop(bed: Testbed, node: str, reason: str, before: int) -> int:
     for _ in range(50):
-        now = _node_status(bed, node)["counters"]["drops"].get(reason, 0)
+        now = node_status(bed, node)["counters"]["drops"].get(reason, 0)
         if now > before:
             return now
         time.sleep(0.05)
@@ -140,7 +102,7 @@ def test_bad_datagrams_are_counted_and_forwarding_goes_on(bed: Testbed) -> None:
     n1_ip = nodes["n1"]["underlay_ip"]
     n1_net = nodes["n1"]["subnet"].split("/")[0]
     inside_n1 = bytes(int(x) for x in n1_net.split(".")[:3]) + b"\x05"
-    drops = _node_status(bed, "n1")["counters"]["drops"]
+    drops = node_status(bed, "n1")["counters"]["drops"]
 
     # From n2 (a known peer) with an inner source outside n2's subnet: spoofed.
     spoofed = build_header(

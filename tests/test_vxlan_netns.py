@@ -25,11 +25,10 @@ import pytest
 
 from encap import arp, vxlan
 from encap.ipv4 import build_header
-from overlay import status
 from overlay.testbed import Testbed
+from tests.conftest import node_status, transfer
 
 pytestmark = pytest.mark.netns
-TRANSFER = str(Path(__file__).with_name("transfer.py"))
 SUBNETS = "/coreos.com/network/subnets"
 PORT = vxlan.PORT
 FAKE_IP = "192.0.2.77"  # on the underlay segment, but no node has it
@@ -53,10 +52,6 @@ def bed() -> Iterator[Testbed]:
 
 
 # -- helpers ------------------------------------------------------------------------------
-
-
-def _node_status(bed: Testbed, node: str) -> dict[str, Any]:
-    return status.query(bed.state_dir / node / "status.sock")
 
 
 def _node(bed: Testbed, node: str) -> dict[str, Any]:
@@ -96,13 +91,12 @@ def _ping_both_ways(bed: Testbed, a: str, b: str) -> None:
 
 
 def _counter(bed: Testbed, node: str, name: str) -> int:
-    return int(_node_status(bed, node)["counters"][name])
+    return int(node_status(bed, node)["counters"][name])
 
 
 def _transfer(bed: Testbed, server_pod: str, client_pod: str, port: int) -> None:
-    """100 MB over TCP from client_pod to server_pod; both ends' sha256 must agree, and
-    every userspace node on the way counts at least the 100 MB it carried."""
-    address = bed.pod_ip(server_pod)
+    """100 MB over TCP from client_pod to server_pod, byte-identical, and every userspace
+    node on the way counts at least the 100 MB it carried."""
     src, dst = client_pod.split("-")[0], server_pod.split("-")[0]
     userspace = [
         (node, name)
@@ -110,32 +104,9 @@ def _transfer(bed: Testbed, server_pod: str, client_pod: str, port: int) -> None
         if int(node[1:]) not in bed.kernel_nodes
     ]
     before = {key: _counter(bed, *key) for key in userspace}
-    server = bed.popen(
-        server_pod,
-        [sys.executable, TRANSFER, "server", address, str(port)],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert server.stdout is not None
-        assert server.stdout.readline().strip() == "ready"
-        client = bed.exec(
-            client_pod,
-            [sys.executable, TRANSFER, "client", address, str(port), str(MB100)],
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        assert client.returncode == 0, client.stderr
-        sent = client.stdout.split()
-        received = server.stdout.readline().split()
-        assert int(sent[0]) == MB100
-        assert received == sent, f"{client_pod} -> {server_pod}: sent {sent}, got {received}"
-        for key in userspace:
-            assert _counter(bed, *key) - before[key] >= MB100, key
-    finally:
-        server.kill()
-        server.wait()
+    transfer(bed, client_pod, server_pod, MB100, port)
+    for key in userspace:
+        assert _counter(bed, *key) - before[key] >= MB100, key
 
 
 class Capture:
@@ -199,7 +170,7 @@ def _poll(check: Callable[[], Any], timeout: float = 5.0, every: float = 0.05) -
 
 
 def _drops(bed: Testbed, node: str) -> dict[str, int]:
-    return dict(_node_status(bed, node)["counters"]["drops"])
+    return dict(node_status(bed, node)["counters"]["drops"])
 
 
 def _free_subnet(bed: Testbed, start: int = 250) -> IPv4Network:
@@ -231,7 +202,7 @@ def _vxlan_lease(public_ip: str) -> dict[str, Any]:
 
 
 def _peer_subnets(bed: Testbed, node: str) -> set[str]:
-    return {p["subnet"] for p in _node_status(bed, node)["peers"]}
+    return {p["subnet"] for p in node_status(bed, node)["peers"]}
 
 
 def _icmp_echo(src: str, dst: str) -> bytes:
@@ -256,11 +227,11 @@ def test_nodes_publish_vxlan_leases(bed: Testbed) -> None:
         assert lease["BackendData"]["VNI"] == 1
         assert vxlan.parse_mac(lease["BackendData"]["VtepMAC"])
     for node in ("n1", "n2"):
-        st = _node_status(bed, node)
+        st = node_status(bed, node)
         assert st["datapath"] == "vxlan (userspace datapath)"
         assert st["vtep_mac"] == _vtep_mac(bed, node)
         assert st["mtu"] == 1450
-    assert _node_status(bed, "n3")["datapath"] == "vxlan (kernel datapath)"
+    assert node_status(bed, "n3")["datapath"] == "vxlan (kernel datapath)"
 
 
 def test_userspace_pods_ping_both_ways(bed: Testbed) -> None:
@@ -297,7 +268,7 @@ def test_frames_we_send_decode_as_vxlan(bed: Testbed) -> None:
 
     n1_ip, n2_ip = str(bed.node_ip(1)), str(bed.node_ip(2))
     n1_mac, n2_mac = _vtep_mac(bed, "n1"), _vtep_mac(bed, "n2")
-    assert _node_status(bed, "n2")["vtep_mac"] == n2_mac
+    assert node_status(bed, "n2")["vtep_mac"] == n2_mac
     target = bed.pod_ip("n2-p1")
     # 3 small pings and 2 full-size ones (inner IPv4 total length 1450 = the TUN MTU).
     cap = Capture(bed, "n1", f"udp dst port {PORT} and src host {n1_ip} and dst host {n2_ip}", 5)
@@ -411,13 +382,13 @@ def test_arp_for_our_vtep_address_is_answered(bed: Testbed) -> None:
         bytes(6),
         socket.inet_aton(n1_vtep),
     )
-    before = _node_status(bed, "n1")["arp_replies"]
+    before = node_status(bed, "n1")["arp_replies"]
     # The daemon answers to (source IP, its configured port): n2's daemon socket, so
     # the reply is seen on n2's eth0 rather than by our sending socket.
     cap = Capture(bed, "n2", f"udp dst port {PORT} and src host {n1_ip} and dst host {n2_ip}", 1)
     try:
         _send_udp(bed, "n2", n1_ip, [request])
-        assert _poll(lambda: _node_status(bed, "n1")["arp_replies"] == before + 1)
+        assert _poll(lambda: node_status(bed, "n1")["arp_replies"] == before + 1)
         packets = rdpcap(str(cap.wait()))
     finally:
         cap.close()
@@ -435,7 +406,7 @@ def test_arp_for_our_vtep_address_is_answered(bed: Testbed) -> None:
     drops = _drops(bed, "n1").get("rx_arp_not_for_us", 0)
     _send_udp(bed, "n2", n1_ip, [other])
     assert _wait_drop(bed, "n1", "rx_arp_not_for_us", drops) == 1
-    assert _node_status(bed, "n1")["arp_replies"] == before + 1
+    assert node_status(bed, "n1")["arp_replies"] == before + 1
 
 
 # Run in n3's netns: an ARP request out of flannel.1 (so the kernel's vxlan device does
@@ -481,7 +452,7 @@ def test_kernel_peer_resolves_our_vtep_by_arp(bed: Testbed) -> None:
             socket.inet_aton(n1_vtep),
         )
     )
-    before = _node_status(bed, "n1")["arp_replies"]
+    before = node_status(bed, "n1")["arp_replies"]
     result = bed.exec(
         "n3",
         [sys.executable, "-c", _KERNEL_ARP, frame.hex()],
@@ -496,7 +467,7 @@ def test_kernel_peer_resolves_our_vtep_by_arp(bed: Testbed) -> None:
     assert reply.sender_ip == socket.inet_aton(n1_vtep)
     assert reply.target_mac == vxlan.parse_mac(n3_mac)
     assert reply.target_ip == socket.inet_aton(n3_vtep)
-    assert _node_status(bed, "n1")["arp_replies"] > before
+    assert node_status(bed, "n1")["arp_replies"] > before
 
 
 # -- the control plane --------------------------------------------------------------------
@@ -529,7 +500,7 @@ def test_lease_of_another_backend_is_skipped_once(bed: Testbed) -> None:
             skipped = _skipped_lines(bed, i, other)
             assert len(skipped) == 1, skipped
             assert skipped[0]["backend"] == "host-gw"
-        assert str(other) not in _node_status(bed, "n3")["programmed"]
+        assert str(other) not in node_status(bed, "n3")["programmed"]
     finally:
         _del_lease(bed, other)
         _del_lease(bed, marker)
@@ -595,7 +566,7 @@ def test_kernel_node_is_programmed_like_flanneld(bed: Testbed) -> None:
         subnet = _subnet(bed, peer)
         ip = str(bed.node_ip(int(peer[1:])))
         assert _peer_programmed(state, subnet, ip, _vtep_mac(bed, peer)), (peer, state)
-    assert sorted(_node_status(bed, "n3")["programmed"]) == sorted(
+    assert sorted(node_status(bed, "n3")["programmed"]) == sorted(
         str(_subnet(bed, p)) for p in ("n1", "n2")
     )
 
@@ -607,19 +578,19 @@ def test_kernel_node_is_programmed_like_flanneld(bed: Testbed) -> None:
         assert _poll(lambda: _peer_programmed(_kernel_state(bed, "n3"), fake, FAKE_IP, mac)), (
             _kernel_state(bed, "n3")
         )
-        assert str(fake) in _node_status(bed, "n3")["programmed"]
+        assert str(fake) in node_status(bed, "n3")["programmed"]
     finally:
         _del_lease(bed, fake)
     assert _poll(lambda: _peer_gone(_kernel_state(bed, "n3"), fake, FAKE_IP, mac)), _kernel_state(
         bed, "n3"
     )
-    assert str(fake) not in _node_status(bed, "n3")["programmed"]
+    assert str(fake) not in node_status(bed, "n3")["programmed"]
     # The real peers are untouched.
     state = _kernel_state(bed, "n3")
     for peer in ("n1", "n2"):
         ip = str(bed.node_ip(int(peer[1:])))
         assert _peer_programmed(state, _subnet(bed, peer), ip, _vtep_mac(bed, peer))
-    assert _node_status(bed, "n3")["netlink_errors"] == 0
+    assert node_status(bed, "n3")["netlink_errors"] == 0
     _ping(bed, "n3-p1", bed.pod_ip("n1-p1"))
 
 
@@ -688,6 +659,6 @@ def test_direct_routing_uses_plain_routes() -> None:
         assert all(ICMP in p for p in packets), [p.summary() for p in packets]
         assert {(p[IP].src, p[IP].dst) for p in packets} == {(p1, p2), (p2, p1)}
         assert not any(UDP in p for p in packets)
-        assert _node_status(tb, "n1")["counters"]["tx_packets"] == 0
+        assert node_status(tb, "n1")["counters"]["tx_packets"] == 0
     finally:
         tb.down()
