@@ -156,7 +156,9 @@ def loss_free_search(
                 best = t
         else:
             high = rate
-        rate = (low + high) / 2
+        # Until one rate has passed there is no floor to bisect from: step down by 4x, so
+        # a loaded path still yields a loss-free rate within a few trials (not 0).
+        rate = (low + high) / 2 if best is not None else rate / 4
     return best, trials, False
 
 

@@ -81,3 +81,19 @@ def test_quick_bench_of_the_udp_row_writes_md_json_png(tmp_path: Path) -> None:
     assert udp["daemon_cpu_pct_tcp1"]["n1"]["median"] > 0
     assert all(ns > 0 for ns in data["micro"].values())
     assert "| our udp backend |" in (tmp_path / "smoke.md").read_text()
+
+
+def test_search_steps_down_fast_until_a_rate_passes() -> None:
+    # 0.9x of what got through still loses (a path well below its burst rate): the next
+    # trials must reach a passing rate rather than bisecting towards 0 in small steps.
+    trial = _channel(capacity_bps=0.25e9, sender_bps=3e9)
+    trial_fn = trial
+
+    def lossy_first(rate: float) -> UdpTrial:
+        t = trial_fn(rate)  # type: ignore[operator]
+        if not rate:  # the unlimited burst gets through at 1 Gbit/s, then loses
+            return UdpTrial(1400, 3e9, True, 3e9, 1e9, 1e9 / 11200, 66.7)
+        return t
+
+    best, trials, _ = report.loss_free_search(lossy_first, steps=3)
+    assert best is not None and best.offered_bps <= 0.25e9  # halving: 0.9, 0.45 -> none
