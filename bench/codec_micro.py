@@ -1,27 +1,93 @@
-"""``overlay bench`` part 2: per-packet cost of the codecs on the hot path, in ns.
+"""``overlay bench`` part 2: per-packet cost of the codecs on the hot path, in ns (pyperf).
 
-Plain ``timeit`` (best of ``repeat`` rounds, each long enough for ~0.2 s), on a 1400-byte
-TCP packet. The numbers include timeit's own loop (~10 ns per iteration on this kind of
-machine); they are meant for comparing codecs and commits, not as absolute truths.
-``python -m bench.codec_micro`` prints them alone.
+Each operation is a ``timeit`` statement (GC off while timing, as the stdlib does) run by
+``pyperf``, which calibrates the loop count, runs every benchmark in several worker
+processes (different hash seeds, warmed up) and keeps every value, so the report gives
+mean +- stdev rather than a best case. Operations that handle a batch divide by the batch
+size (pyperf's ``inner_loops``), so every row is ns per packet. The numbers include the
+timeit loop (~10 ns per iteration on this kind of machine): they are for comparing codecs
+and commits, not absolute truths. ``ipv4.parse`` is not on the forwarding path (only ICMP
+errors use it); it is kept as the cost of a full header decode.
+
+- ``python -m bench.codec_micro [pyperf options]`` runs it standalone and prints the table
+  (``--fast`` for a shorter run, ``-o FILE.json`` to keep pyperf's results);
+- :func:`run` is what ``overlay bench`` calls: it starts that same command as a
+  subprocess (pyperf's Runner parses ``sys.argv`` and re-executes the program for its
+  workers, so it must not run inside ``overlay bench``'s process) and reads the JSON back.
 """
 
 from __future__ import annotations
 
+import math
+import struct
+import subprocess
 import sys
+import tempfile
 import timeit
-from collections.abc import Callable
+from collections import Counter
 from ipaddress import IPv4Address, IPv4Network
+from pathlib import Path
+from typing import Any
+
+import pyperf
 
 from control.lease import Lease
 from control.peer_table import PeerTable
-from encap import ipv4, udp_frame, vxlan
+from encap import gso, ipv4, udp_frame, vxlan
+from encap.checksum import internet_checksum
 
 PACKET_SIZE = 1400
 PEERS = 100
+DRAIN = 64  # packets in one TUN drain for plan_groups
+GRO_SEGMENTS = 44  # segments in one GRO receive (44 x 1472 B fits in 64 KiB)
+MSS = 1420  # TCP payload of a 1472-byte packet with timestamps (TUN MTU 1472)
+TS_OPTION = b"\x01\x01\x08\x0a" + bytes(range(8))  # NOP NOP timestamps
+
+# (name, statement, packets the statement handles); the statements run in setup()'s names.
+CASES: list[tuple[str, str, int]] = [
+    ("udp encap (identity)", "udp_frame.encode(packet)", 1),
+    ("vxlan encap (prefix + packet)", "vxlan.encode(prefix, packet)", 1),
+    ("vxlan decode", "vxlan.decode(datagram, vni=1, mac=mac)", 1),
+    ("ipv4.parse", "ipv4.parse(packet)", 1),
+    (f"PeerTable.lookup ({PEERS} peers)", "table.lookup(view[16:20])", 1),
+    (f"gso.plan_groups ({DRAIN}-packet drain)", "gso.plan_groups(lengths, addrs)", DRAIN),
+    (
+        f"gso.plan_tun_writes ({GRO_SEGMENTS}-segment GRO buffer, 1 TCP flow)",
+        "gso.plan_tun_writes(gro, gro_size, gro_segment, theirs, ours, drops)",
+        GRO_SEGMENTS,
+    ),
+]
+OPERATIONS = [name for name, _, _ in CASES]
+
+# pyperf options for ``run``: quick (the smoke test, ``overlay bench --quick``: a few
+# seconds) and full (pyperf's --fast: 10 worker processes x 2 values per operation).
+QUICK_ARGS = ("--processes", "2", "--values", "3", "--warmups", "1", "--min-time", "0.01")
+FULL_ARGS = ("--fast",)
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
-def _setup() -> dict[str, object]:
+def _tcp_segment(seq: int, flags: int, payload: bytes, src: bytes, dst: bytes) -> bytes:
+    """One IPv4 + TCP (with timestamps) segment with correct checksums."""
+    tcp = bytearray(
+        struct.pack("!HHIIBBHHH", 40000, 5201, seq, 1, 8 << 4, flags, 502, 0, 0)
+        + TS_OPTION
+        + payload
+    )
+    pseudo = src + dst + struct.pack("!BBH", 0, ipv4.PROTO_TCP, len(tcp))
+    tcp[16:18] = internet_checksum(pseudo + tcp + b"\0" * (len(tcp) % 2)).to_bytes(2, "big")
+    header = ipv4.build_header(
+        src=src,
+        dst=dst,
+        protocol=ipv4.PROTO_TCP,
+        payload_length=len(tcp),
+        flags_fragment=ipv4.FLAG_DF,
+    )
+    return header + bytes(tcp)
+
+
+def setup() -> dict[str, object]:
+    """Every input, built once per process (never inside the timed statements)."""
     payload = bytes(range(256)) * 6
     src = IPv4Address("198.18.1.2").packed
     dst = IPv4Address("198.18.51.2").packed  # inside the 51st of 100 peer subnets
@@ -42,56 +108,143 @@ def _setup() -> dict[str, object]:
                 backend_type="udp",
             )
         )
-    return {
+
+    # plan_groups: a bulk TX drain, every packet a full segment to one peer (as the udp
+    # backend's stage 1 hands it over: one shared address tuple per peer) -> 44 + 20.
+    full = 20 + 32 + MSS
+    lengths = [full] * DRAIN
+    addrs = [("192.0.2.61", udp_frame.PORT)] * DRAIN
+
+    # plan_tun_writes: one GRO receive of a TCP bulk flow from the peer 198.18.51.0/24 to
+    # us (198.18.1.0/24): 44 adjacent full segments, PSH on the last -> one super-packet.
+    peer_ip, our_ip = dst, src
+    seq, segments = 1_000_000, []
+    for i in range(GRO_SEGMENTS):
+        flags = 0x18 if i == GRO_SEGMENTS - 1 else 0x10
+        data = bytes((seq + k) & 0xFF for k in range(MSS))
+        segments.append(_tcp_segment(seq, flags, data, peer_ip, our_ip))
+        seq += MSS
+    gro = bytearray(b"".join(segments))
+    theirs = (int.from_bytes(peer_ip, "big") >> 8, 8)
+    ours = (int.from_bytes(our_ip, "big") >> 8, 8)
+    drops: Counter[str] = Counter()
+
+    env: dict[str, object] = {
         "packet": packet,
         "view": memoryview(packet),
         "prefix": prefix,
         "datagram": vxlan.encode(prefix, packet),
         "mac": mac,
         "table": table,
+        "lengths": lengths,
+        "addrs": addrs,
+        "gro": gro,
+        "gro_size": len(gro),
+        "gro_segment": full,
+        "theirs": theirs,
+        "ours": ours,
+        "drops": drops,
         "udp_frame": udp_frame,
         "vxlan": vxlan,
         "ipv4": ipv4,
+        "gso": gso,
     }
+    _check(env)
+    return env
 
 
-# (name, statement): each statement handles one packet.
-CASES = [
-    ("udp encap (identity)", "udp_frame.encode(packet)"),
-    ("vxlan encap (prefix + packet)", "vxlan.encode(prefix, packet)"),
-    ("vxlan decode", "vxlan.decode(datagram, vni=1, mac=mac)"),
-    ("ipv4.parse", "ipv4.parse(packet)"),
-    (f"PeerTable.lookup ({PEERS} peers)", "table.lookup(view[16:20])"),
-]
+def _check(env: dict[str, Any]) -> None:
+    """The inputs take the path they are meant to measure (not a drop or a fallback)."""
+    if env["table"].lookup(env["view"][16:20]) is None:
+        raise RuntimeError("codec_micro: the lookup address is in no peer subnet")
+    if gso.plan_groups(env["lengths"], env["addrs"]) != [(0, 44), (44, DRAIN)]:
+        raise RuntimeError("codec_micro: the drain is not cut into full GSO groups")
+    writes = gso.plan_tun_writes(
+        env["gro"], env["gro_size"], env["gro_segment"], env["theirs"], env["ours"], env["drops"]
+    )
+    if env["drops"] or [count for _, count, _ in writes] != [GRO_SEGMENTS]:
+        raise RuntimeError(
+            f"codec_micro: the GRO buffer is not one super-packet ({writes=}, {env['drops']})"
+        )
 
 
-def run(repeat: int = 5, target_seconds: float = 0.2) -> dict[str, float]:
-    """ns per packet for every case, best of ``repeat`` rounds."""
-    env = _setup()
-    results: dict[str, float] = {}
-    for name, stmt in CASES:
-        timer = timeit.Timer(stmt, globals=env)
-        loops = _loops(timer.timeit, target_seconds)
-        best = min(timer.repeat(repeat=repeat, number=loops))
-        results[name] = best / loops * 1e9
-    return results
+# -- results: {name: {"mean_ns", "stdev_ns", "values"}} ---------------------------------------
 
 
-def _loops(timeit_fn: Callable[[int], float], target: float) -> int:
-    loops = 1000
-    while (elapsed := timeit_fn(loops)) < target / 4:
-        loops *= 4
-    return max(1000, int(loops * target / max(elapsed, 1e-9)))
+def summarize(benchmarks: list[pyperf.Benchmark]) -> dict[str, dict[str, float]]:
+    """ns per packet (pyperf already divides by loops and inner_loops) per operation."""
+    out: dict[str, dict[str, float]] = {}
+    for bench in benchmarks:
+        values = bench.get_values()
+        out[bench.get_name()] = {
+            "mean_ns": bench.mean() * 1e9,
+            "stdev_ns": (bench.stdev() if len(values) > 1 else 0.0) * 1e9,
+            "values": len(values),
+        }
+    return out
 
 
-def format_table(results: dict[str, float]) -> str:
-    lines = ["| codec (1400 B packet) | ns/packet |", "|---|---:|"]
-    lines += [f"| {name} | {ns:.0f} |" for name, ns in results.items()]
+def run(quick: bool = False, timeout: float = 600.0) -> dict[str, dict[str, float]]:
+    """Run every operation in a ``python -m bench.codec_micro`` subprocess (quick: a few
+    seconds; else pyperf's --fast) and return its results, in :data:`OPERATIONS` order.
+    Raises RuntimeError if the run fails or misses an operation."""
+    with tempfile.TemporaryDirectory(prefix="codec-micro-") as tmp:
+        output = Path(tmp) / "micro.json"
+        cmd = [
+            sys.executable,
+            "-m",
+            "bench.codec_micro",
+            *(QUICK_ARGS if quick else FULL_ARGS),
+            "--quiet",
+            "--output",
+            str(output),
+        ]
+        try:
+            proc = subprocess.run(
+                cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, check=False
+            )
+        except subprocess.TimeoutExpired as e:
+            raise RuntimeError(f"codec micro-benchmarks took over {timeout:g} s") from e
+        if proc.returncode != 0 or not output.exists():
+            tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
+            raise RuntimeError(
+                f"`{' '.join(cmd[1:])}` exited with {proc.returncode}: " + " | ".join(tail)
+            )
+        results = summarize(pyperf.BenchmarkSuite.load(str(output)).get_benchmarks())
+    missing = [name for name in OPERATIONS if name not in results]
+    if missing:
+        raise RuntimeError(f"codec micro-benchmarks missing: {', '.join(missing)}")
+    return {name: results[name] for name in OPERATIONS}
+
+
+def format_table(results: dict[str, dict[str, float]]) -> str:
+    lines = ["| operation | ns/packet (mean ± stdev) |", "|---|---:|"]
+    for name, r in results.items():
+        mean, stdev = r["mean_ns"], r["stdev_ns"]
+        digits = 0 if mean >= 100 or not math.isfinite(mean) else 1  # ~3 significant
+        lines.append(f"| {name} | {mean:.{digits}f} ± {stdev:.{digits}f} |")
     return "\n".join(lines)
 
 
-def main() -> int:
-    print(format_table(run()))
+def main(argv: list[str] | None = None) -> int:
+    # Workers are re-run as ``python -m bench.codec_micro --worker ...`` (pyperf's default
+    # would be ``python .../bench/codec_micro.py``, which puts bench/ itself on sys.path).
+    runner = pyperf.Runner(program_args=("-m", "bench.codec_micro"))
+    runner.metadata["description"] = "overlay codec micro-benchmarks, ns per packet"
+    args = runner.parse_args(argv)
+    env = setup()
+    benchmarks = []
+    for name, stmt, packets in CASES:
+        # Runner.timeit would return None even in the manager process; bench_time_func
+        # returns the Benchmark. The timed loop is the stdlib's timeit (GC off while timing).
+        timer = timeit.Timer(stmt, globals=env)
+        bench = runner.bench_time_func(name, timer.timeit, inner_loops=packets)
+        if bench is not None:
+            benchmarks.append(bench)
+    if not args.worker and len(benchmarks) == len(CASES):
+        if not args.quiet:
+            print()
+        print(format_table(summarize(benchmarks)))
     return 0
 
 

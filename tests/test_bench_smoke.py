@@ -1,13 +1,15 @@
-"""``overlay bench``: the UDP loss-free search on a fake channel, and a quick real run."""
+"""``overlay bench``: the UDP loss-free search on a fake channel, the codec micro-benchmarks
+and a quick real run."""
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
 
-from bench import report
+from bench import codec_micro, report
 from bench.measure import UdpTrial, percentile
 
 
@@ -79,8 +81,21 @@ def test_quick_bench_of_the_udp_row_writes_md_json_png(tmp_path: Path) -> None:
     assert udp["udp64_pps"]["median"] > 0
     assert udp["ping_us"]["p50"] > 0 and udp["ping_us"]["received"] > 0
     assert udp["daemon_cpu_pct_tcp1"]["n1"]["median"] > 0
-    assert all(ns > 0 for ns in data["micro"].values())
+    assert set(data["micro"]) == set(codec_micro.OPERATIONS)
+    assert all(m["mean_ns"] > 0 for m in data["micro"].values())
     assert "| our udp backend |" in (tmp_path / "smoke.md").read_text()
+
+
+def test_codec_micro_quick_measures_every_operation() -> None:
+    # The real thing, as `overlay bench --quick` runs it: pyperf in a subprocess (this
+    # test's own argv must not reach pyperf's Runner), a few seconds.
+    results = codec_micro.run(quick=True, timeout=120)
+    assert list(results) == codec_micro.OPERATIONS
+    for name, r in results.items():
+        assert math.isfinite(r["mean_ns"]) and r["mean_ns"] > 0, name
+        assert math.isfinite(r["stdev_ns"]) and r["stdev_ns"] >= 0, name
+        assert r["values"] >= 2, name
+    assert "gso.plan_tun_writes" in codec_micro.format_table(results)
 
 
 def test_search_steps_down_fast_until_a_rate_passes() -> None:
