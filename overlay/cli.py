@@ -76,6 +76,22 @@ def _minutes(text: str) -> float:
     return value
 
 
+# A multi-queue TUN has at most this many queues (MAX_TAP_QUEUES in the kernel).
+MAX_WORKERS = 256
+
+
+def _workers(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of workers") from None
+    if not 1 <= value <= MAX_WORKERS:
+        raise argparse.ArgumentTypeError(
+            f"{value} workers: must be 1 to {MAX_WORKERS} (a TUN's queue limit)"
+        )
+    return value
+
+
 def run_parser() -> OneLineParser:
     p = OneLineParser(
         prog="overlay run",
@@ -177,6 +193,20 @@ def run_parser() -> OneLineParser:
         action="store_true",
         default=_env_bool("no-offload"),
         help="force the plain per-packet path (no UDP GSO/GRO, no TUN offloads)",
+    )
+    p.add_argument(
+        "--tun-tso",
+        action="store_true",
+        default=_env_bool("tun-tso"),
+        help="let the TUN hand us 64 KiB TCP super-packets and cut them into MTU-sized "
+        "segments here (a NIC's TSO in numpy; no faster on the 2-vCPU testbed, see README)",
+    )
+    p.add_argument(
+        "--workers",
+        type=_workers,
+        default=_env("workers", "1"),
+        help="forwarding processes for the udp and userspace vxlan backends, one per queue "
+        "of a multi-queue TUN, each with its own SO_REUSEPORT socket (default 1)",
     )
     p.add_argument(
         "-v",

@@ -13,8 +13,10 @@ class Counters:
     rx_packets: int = 0
     rx_bytes: int = 0
     icmp_unreachable_sent: int = 0
-    # The fast path at work: UDP GSO sends, UDP GRO receives holding more than one
-    # datagram, and TCP super-packets written to the TUN (each carries several packets).
+    # The fast path at work: TCP super-packets read from the TUN (cut into segments here),
+    # UDP GSO sends, UDP GRO receives holding more than one datagram, and TCP
+    # super-packets written to the TUN (each carries several packets).
+    tx_tun_super_packets: int = 0
     tx_gso_sends: int = 0
     rx_gro_receives: int = 0
     rx_tun_super_packets: int = 0
@@ -27,8 +29,22 @@ class Counters:
             "rx_packets": self.rx_packets,
             "rx_bytes": self.rx_bytes,
             "icmp_unreachable_sent": self.icmp_unreachable_sent,
+            "tx_tun_super_packets": self.tx_tun_super_packets,
             "tx_gso_sends": self.tx_gso_sends,
             "rx_gro_receives": self.rx_gro_receives,
             "rx_tun_super_packets": self.rx_tun_super_packets,
             "drops": dict(sorted(self.drops.items())),
         }
+
+
+def add_snapshots(snapshots: list[dict[str, object]]) -> dict[str, object]:
+    """The sum of several ``Counters.snapshot()``s (one per worker), drops by reason."""
+    sums: Counter[str] = Counter()
+    drops: Counter[str] = Counter()
+    for snapshot in snapshots:
+        for name, value in snapshot.items():
+            if isinstance(value, dict):
+                drops.update(value)
+            elif isinstance(value, int):
+                sums[name] += value
+    return {**sums, "drops": dict(sorted(drops.items()))}

@@ -33,7 +33,7 @@ from overlay import log as overlay_log
 from overlay.backends.base import Backend, Context, Underlay
 from overlay.backends.kernel import HostGwBackend, KernelVxlanBackend
 from overlay.backends.userspace import UdpBackend, VxlanBackend
-from overlay.counters import Counters
+from overlay.counters import Counters, add_snapshots
 from overlay.subnet_file import read_previous, write_subnet_env
 from tun import netlink
 
@@ -185,6 +185,12 @@ class Daemon:
         self.peers = PeerTable(config.backend.port)
         ctx = Context(self.args, self.underlay, config, self.counters, self.peers, self.log)
         self.backend = backend = await make_backend(ctx)
+        if self.args.workers > 1 and not isinstance(backend, UdpBackend):
+            raise Fatal(
+                f"--workers {self.args.workers} needs a userspace datapath (udp, or vxlan "
+                f"with --vxlan-datapath userspace); {backend.name} forwards in the kernel: "
+                "use --workers 1"
+            )
         self.peers.prefix_for = backend.prefix_for
         backend.prepare()  # the TUN, before any lease: a permission error leaves nothing
         self.manager.backend_type = backend.lease_type
@@ -199,6 +205,9 @@ class Daemon:
         write_subnet_env(
             subnet_file, SubnetEnv.for_lease(config.network, lease.subnet, backend.mtu)
         )
+        shown = backend.status()
+        if "workers" in shown:  # their pids and counters are in `overlay status`
+            shown["workers"] = len(shown["workers"])
         self.log.info(
             "started",
             subnet=str(lease.subnet),
@@ -207,7 +216,7 @@ class Daemon:
             iface=self.underlay.iface,
             public_ip=str(self.underlay.public_ip),
             mtu=backend.mtu,
-            **backend.status(),
+            **shown,
         )
         return backend
 
@@ -272,9 +281,20 @@ class Daemon:
                 {"subnet": str(p.lease.subnet), "public_ip": p.addr[0], "port": p.addr[1]}
                 for p in sorted(self.peers.peers(), key=lambda p: p.net)
             ],
-            "counters": self.counters.snapshot(),
-            **self.backend.status(),
+            **self._counters_and_status(),
         }
+
+    def _counters_and_status(self) -> dict[str, Any]:
+        """The backend's status, and the counters: with --workers, the sum of every
+        worker's (each one's own are in ``workers``)."""
+        assert self.backend is not None
+        backend = self.backend.status()
+        workers = backend.get("workers")
+        if workers:
+            counters = add_snapshots([w["counters"] for w in workers])
+        else:
+            counters = self.counters.snapshot()
+        return {"counters": counters, **backend}
 
     # -- main ----------------------------------------------------------------------------
 

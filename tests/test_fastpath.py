@@ -1,9 +1,10 @@
-"""The udp backend's fast path: UDP GSO/GRO batching and TCP super-packets into the TUN.
+"""The udp backend's fast path: UDP GSO/GRO batching and TCP super-packets to and from
+the TUN.
 
 Unit tests check the sans-IO helpers in ``encap.gso`` against independent re-statements
-of their rules (hypothesis); the netns tests run a 3-node testbed (n3 with --no-offload)
-and prove with a capture that every datagram on the underlay is still one inner IPv4
-packet no larger than the TUN MTU.
+of their rules (hypothesis); the netns tests run a 3-node testbed (n2 with --tun-tso, n3
+with --no-offload) and prove with a capture that every datagram on the underlay is still
+one inner IPv4 packet no larger than the TUN MTU, with complete checksums.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from scapy.layers.inet import IP, TCP, UDP
 
 from control.lease import Lease
 from control.peer_table import PeerTable
@@ -409,13 +411,17 @@ class FakeTun:
         self.vnet_hdr = self.vnet_capable
         return self.vnet_hdr
 
+    def enable_tso(self) -> bool:
+        return self.vnet_hdr
+
     def write(self, packet: bytes) -> bool:
         self._ours.send((gso.VNET_PLAIN if self.vnet_hdr else b"") + bytes(packet))
         return True
 
-    def inject(self, packet: bytes) -> None:
-        """A packet the kernel routes into the TUN (what the dataplane reads)."""
-        self.kernel.send((gso.VNET_PLAIN if self.vnet_hdr else b"") + packet)
+    def inject(self, packet: bytes, vnet: bytes = gso.VNET_PLAIN) -> None:
+        """A packet the kernel routes into the TUN (what the dataplane reads), behind
+        ``vnet`` if the TUN has IFF_VNET_HDR."""
+        self.kernel.send((vnet if self.vnet_hdr else b"") + packet)
 
     def written(self) -> list[bytes]:
         """What the dataplane wrote, resegmented as the kernel would."""
@@ -489,11 +495,13 @@ class FakeSocket:
         return out
 
 
-def dataplane(tun: FakeTun, sock: FakeSocket, offload: bool = True) -> UdpDataplane:
+def dataplane(
+    tun: FakeTun, sock: FakeSocket, offload: bool = True, tun_tso: bool = False
+) -> UdpDataplane:
     peers = PeerTable(8285)
     peers.upsert(PEER_A)
     peers.upsert(PEER_B)
-    return UdpDataplane(tun, sock, peers, OWN, Counters(), offload=offload)  # type: ignore[arg-type]
+    return UdpDataplane(tun, sock, peers, OWN, Counters(), offload=offload, tun_tso=tun_tso)  # type: ignore[arg-type]
 
 
 def tx_batch() -> list[tuple[bytes, tuple[str, int]]]:
@@ -517,7 +525,13 @@ def tx_batch() -> list[tuple[bytes, tuple[str, int]]]:
 def test_tx_sends_gso_groups_of_whole_packets(vnet: bool) -> None:
     tun, sock = FakeTun(vnet), FakeSocket()
     dp = dataplane(tun, sock)
-    assert dp.features() == {"offload": True, "udp_gso": True, "udp_gro": True, "tun_gso": vnet}
+    assert dp.features() == {
+        "offload": True,
+        "udp_gso": True,
+        "udp_gro": True,
+        "tun_gso": vnet,
+        "tun_tso": False,
+    }
     batch = tx_batch()
     for packet, _ in batch:
         tun.inject(packet)
@@ -532,6 +546,43 @@ def test_tx_sends_gso_groups_of_whole_packets(vnet: bool) -> None:
     ]
     assert dp.counters.tx_packets == len(batch)
     assert dp.counters.tx_gso_sends == 4
+
+
+def test_tx_cuts_tun_super_packets_and_finishes_partial_checksums() -> None:
+    """With TSO the TUN hands us a 64 KiB TCP super-packet and partial checksums; what
+    leaves is whole MTU-sized packets with complete checksums (scapy checks them)."""
+    tun, sock = FakeTun(True), FakeSocket()
+    dp = dataplane(tun, sock, tun_tso=True)
+    assert dp.features()["tun_tso"]
+    dst = bytes(PEER_A.subnet.network_address.packed[:3]) + b"\x09"
+    ip = IP(src="198.18.1.5", dst=".".join(map(str, dst)), id=7, flags="DF")
+    tcp = ip / TCP(sport=40000, dport=5201, seq=1000, flags="PA") / (bytes(range(256)) * 170)
+    raw = bytearray(bytes(tcp))
+    struct.pack_into("!H", raw, 36, 0x1234)  # the kernel leaves the pseudo-header sum
+    tun.inject(bytes(raw), struct.pack("=BBHHHH", 1, 1, 40, 1432, 20, 16))
+    udp = bytearray(bytes(ip / UDP(sport=5000, dport=5201) / (b"u" * 1000)))
+    udp[26:28] = b"\x00\x07"  # any partial sum: it is recomputed over the whole datagram
+    tun.inject(bytes(udp), struct.pack("=BBHHHH", 1, 0, 0, 0, 20, 6))
+    tun.inject(bytes(raw), struct.pack("=BBHHHH", 1, 4, 40, 1432, 20, 16))  # TCPV6: no
+    dp.on_tun_readable()
+    datagrams = [d for d, _ in sock.datagrams()]
+    assert len(datagrams) == 31 + 1  # 43,520 B of payload in 1432-byte segments, the UDP one
+    payload = b""
+    for i, datagram in enumerate(datagrams[:-1]):
+        packet = IP(datagram)
+        assert len(datagram) <= 1472 and packet.id == 7 + i
+        assert packet[TCP].seq == 1000 + 1432 * i
+        assert str(packet[TCP].flags) == ("PA" if i == 30 else "A")
+        resealed = packet.copy()
+        del resealed.chksum, resealed[TCP].chksum
+        assert bytes(IP(bytes(resealed))) == datagram  # both checksums complete
+        payload += bytes(packet[TCP].payload)
+    assert payload == bytes(range(256)) * 170
+    sealed = IP(datagrams[-1])
+    del sealed[UDP].chksum
+    assert bytes(IP(bytes(sealed))) == bytes(ip / UDP(sport=5000, dport=5201) / (b"u" * 1000))
+    assert dp.counters.tx_tun_super_packets == 1
+    assert dp.counters.drops == {"tx_gso_unsupported": 1}
 
 
 @pytest.mark.parametrize(
@@ -569,6 +620,7 @@ def test_unsupported_offloads_and_no_offload_take_the_plain_path() -> None:
             "udp_gso": False,
             "udp_gro": False,
             "tun_gso": False,
+            "tun_tso": False,
         }
         assert (17, 104) not in sock.options and tun.vnet_hdr is False
         batch = tx_batch()
@@ -699,21 +751,22 @@ json.dump({"frames": meta, "seen": stats[0], "dropped": stats[1]}, open(meta_pat
 """
 
 
-class LastNodeWithoutOffload(Testbed):
-    """A testbed whose last node runs ``--no-offload`` (the plain per-packet path)."""
+class MixedOffloads(Testbed):
+    """A testbed whose last node runs ``--no-offload`` (the plain per-packet path) and
+    whose second node reads TCP super-packets from its TUN (``--tun-tso``)."""
 
     __test__ = False
 
     def daemon_argv(self, i: int) -> list[str]:
         argv = super().daemon_argv(i)
-        return [*argv, "--no-offload"] if i == self.nodes else argv
+        if i == self.nodes:
+            return [*argv, "--no-offload"]
+        return [*argv, "--tun-tso"] if i == 2 else argv
 
 
 @pytest.fixture(scope="module")
 def bed() -> Iterator[Testbed]:
-    tb = LastNodeWithoutOffload(
-        "fp" + uuid.uuid4().hex[:6], nodes=3, pods_per_node=1, registry="file"
-    )
+    tb = MixedOffloads("fp" + uuid.uuid4().hex[:6], nodes=3, pods_per_node=1, registry="file")
     try:
         tb.up()
         yield tb
@@ -740,6 +793,8 @@ def test_fast_path_transfer_is_intact_and_wire_is_one_packet_per_datagram(
     try:
         assert capture.stdout is not None and capture.stdout.readline().strip() == "ready"
         transfer(bed, "n1-p1", "n2-p1", 20 * 1024 * 1024, 5301)
+        # n2 cuts its TUN's TCP super-packets into segments itself (--tun-tso).
+        transfer(bed, "n2-p1", "n1-p1", 10 * 1024 * 1024, 5304)
     finally:
         assert capture.stdin is not None
         capture.stdin.close()
@@ -784,14 +839,17 @@ def test_fast_path_transfer_is_intact_and_wire_is_one_packet_per_datagram(
                 pseudo = piece[12:20] + struct.pack("!BBH", 0, 6, len(tcp))
                 assert internet_checksum(pseudo + tcp + b"\0" * (len(tcp) % 2)) == 0
                 assert inner.haslayer(TCP)
-    # 20 MiB at an MSS of at most mtu - 40 bytes: the fast path really batched them.
-    assert datagrams > 20 * 1024 * 1024 // (mtu - 40)
+    # 30 MiB at an MSS of at most mtu - 40 bytes: the fast path really batched them.
+    assert datagrams > 30 * 1024 * 1024 // (mtu - 40)
     assert gso_frames > 0
     n1, n2 = node_status(bed, "n1")["counters"], node_status(bed, "n2")["counters"]
     assert not n1["drops"] and not n2["drops"], (n1["drops"], n2["drops"])
     # n1 sent GSO batches, n2 received them coalesced and wrote TCP super-packets.
     assert n1["tx_gso_sends"] > 0 and n2["rx_gro_receives"] > 0
     assert n2["rx_tun_super_packets"] > 0
+    # n2 read super-packets from its TUN; what it sent is in the checks above.
+    assert n2["tx_tun_super_packets"] > 0 and n1["tx_tun_super_packets"] == 0
+    assert node_status(bed, "n2")["features"]["tun_tso"]
 
 
 @pytest.mark.netns

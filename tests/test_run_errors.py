@@ -138,3 +138,63 @@ def test_env_var_sets_flag() -> None:
     result = subprocess.run(overlay_cmd("run"), capture_output=True, text=True, env=env, timeout=20)
     assert result.returncode == 2
     assert "is not a number of minutes" in _one_line(result.stderr)
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [("0", "0 workers: must be 1 to 256"), ("257", "must be 1 to 256"), ("two", "'two' is not")],
+)
+def test_bad_workers_value(value: str, message: str) -> None:
+    result = _run(["--workers", value])
+    assert result.returncode == 2
+    line = _one_line(result.stderr)
+    assert "argument --workers" in line and message in line
+
+
+def test_bad_workers_env_var() -> None:
+    import os
+
+    env = dict(os.environ, FLANNELD_WORKERS="-1")
+    result = subprocess.run(overlay_cmd("run"), capture_output=True, text=True, env=env, timeout=20)
+    assert result.returncode == 2
+    assert "-1 workers: must be 1 to 256" in _one_line(result.stderr)
+
+
+@pytest.mark.netns
+@pytest.mark.parametrize(
+    ("backend", "extra", "datapath"),
+    [("host-gw", [], "host-gw"), ("vxlan", ["--kernel-vxlan"], "vxlan (kernel datapath)")],
+)
+def test_workers_with_a_kernel_datapath(
+    netns, tmp_path: Path, backend: str, extra: list[str], datapath: str
+) -> None:
+    ns = netns("wk")
+    result = _run(
+        [
+            "--registry-file",
+            str(tmp_path / "r.json"),
+            "--network",
+            "198.18.0.0/16",
+            "--backend",
+            backend,
+            *extra,
+            "--iface",
+            "lo",
+            "--subnet-file",
+            str(tmp_path / "subnet.env"),
+            "--status-socket",
+            str(tmp_path / "s.sock"),
+            "--workers",
+            "2",
+        ],
+        netns=ns,
+    )
+    assert result.returncode == 1
+    line = _one_line(result.stderr)
+    assert "--workers 2 needs a userspace datapath" in line and datapath in line
+    assert "use --workers 1" in line
+    # Refused before anything was made: no lease, no subnet.env, no device.
+    assert "subnets" not in (tmp_path / "r.json").read_text()
+    assert not (tmp_path / "subnet.env").exists()
+    links = subprocess.run(["ip", "-n", ns, "-o", "link"], capture_output=True, text=True)
+    assert "flannel" not in links.stdout

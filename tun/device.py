@@ -49,8 +49,10 @@ class TunDevice:
         self.fd: int = self._dev.fileno()
         self._raw_fd: int | None = None  # set once enable_vnet_hdr() re-attached us
         self.vnet_hdr = vnet_hdr
+        # TUN_F_* the kernel may use on packets it hands us (every queue fd gets the same).
+        self.offload_features = 0
         if vnet_hdr:
-            offload.set_offload(self.fd, 0)
+            offload.set_offload(self.fd, self.offload_features)
         os.set_blocking(self.fd, False)
 
     @property
@@ -74,12 +76,60 @@ class TunDevice:
         self._raw_fd = self.fd = fd
         return self.vnet_hdr
 
+    def enable_tso(self) -> bool:
+        """Let the kernel hand us TCP super-packets and partial checksums (``tun.offload.
+        TSO``); True when it accepted. Needs IFF_VNET_HDR."""
+        if not self.vnet_hdr:
+            return False
+        try:
+            offload.set_offload(self.fd, offload.TSO)
+        except OSError:
+            return False
+        self.offload_features = offload.TSO
+        return True
+
     def _close_current(self) -> None:
         if self._raw_fd is None:
             self._dev.close()
         else:
             os.close(self._raw_fd)
             self._raw_fd = None
+
+    def open_queue(self) -> int:
+        """Attach one more queue to this IFF_MULTI_QUEUE device, for a worker process: a
+        new non-blocking fd. The kernel applies IFF_* flags device-wide, so the new queue
+        must ask for exactly ours, and it gets the same TUNSETOFFLOAD value as the first."""
+        flags = offload.IFF_TUN | offload.IFF_NO_PI | offload.IFF_MULTI_QUEUE
+        if self.vnet_hdr:
+            flags |= offload.IFF_VNET_HDR
+        try:
+            fd = offload._attach(self.name, flags)
+        except OSError as e:
+            raise TunError(
+                e.errno or 0, f"cannot attach another queue to TUN {self.name}: {e.strerror}"
+            ) from None
+        if self.vnet_hdr:
+            try:
+                offload.set_offload(fd, self.offload_features)
+            except OSError:
+                os.close(fd)
+                raise
+        return fd
+
+    @classmethod
+    def adopt_queue(cls, fd: int, name: str, *, vnet_hdr: bool, offload_features: int) -> TunDevice:
+        """A TunDevice around a queue fd that another process attached (``open_queue``)
+        and passed to us: a worker must not create the device itself. Keep the
+        attributes in step with ``__init__``."""
+        dev = cls.__new__(cls)
+        dev._dev = None
+        dev.name = name
+        dev.fd = fd
+        dev._raw_fd = fd  # close() closes it; enable_vnet_hdr() is a no-op when on
+        dev.vnet_hdr = vnet_hdr
+        dev.offload_features = offload_features
+        os.set_blocking(fd, False)
+        return dev
 
     def read_batch(self, limit: int = 64, size: int = 65535) -> list[bytes]:
         """Up to ``limit`` packets that are already queued (never blocks)."""

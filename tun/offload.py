@@ -1,11 +1,10 @@
 """TUN offload plumbing: the virtio_net_hdr and the ioctls behind IFF_VNET_HDR.
 
 With IFF_VNET_HDR every read from and write to the TUN carries a 10-byte
-``struct virtio_net_hdr`` in front of the packet. We use it in one direction only: writes
-may be TCP super-packets (GSO_TCPV4) that the kernel forwards whole and segments only if
-some device on the way needs it. TUNSETOFFLOAD stays 0, so the kernel never hands us
-super-packets or partial checksums on read (splitting those in Python costs 3.3-6.6 us
-per segment, more than reading the segments one by one; reference/fast-path.md).
+``struct virtio_net_hdr`` in front of the packet. Writes may be TCP super-packets
+(GSO_TCPV4) that the kernel forwards whole and segments only if some device on the way
+needs it. Reads are plain packets while TUNSETOFFLOAD is 0; with ``TSO`` (CSUM | TSO4) the
+kernel may hand us TCP super-packets and partial checksums, which ``encap.tso`` finishes.
 """
 
 from __future__ import annotations
@@ -24,6 +23,11 @@ IFF_TUN = 0x0001
 IFF_NO_PI = 0x1000
 IFF_VNET_HDR = 0x4000
 IFF_MULTI_QUEUE = 0x0100
+TUN_F_CSUM = 0x01
+TUN_F_TSO4 = 0x02
+# What we offer the kernel: IPv4 TCP super-packets (which need checksum offload too). Not
+# TSO_ECN (the kernel then cuts CWR-marked ones itself) nor USO (UDP super-packets).
+TSO = TUN_F_CSUM | TUN_F_TSO4
 
 # struct virtio_net_hdr (include/uapi/linux/virtio_net.h): flags, gso_type, hdr_len,
 # gso_size, csum_start, csum_offset, in native byte order (no TUNSETVNETLE). The GSO
