@@ -395,6 +395,9 @@ class FakeTun:
 
     def __init__(self, vnet_capable: bool) -> None:
         self.kernel, ours = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        for end in (self.kernel, ours):  # room for a drain's worth of packets, as a TUN has
+            end.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 22)
+            end.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 22)
         ours.setblocking(False)
         self.kernel.setblocking(False)
         self._ours = ours
@@ -659,6 +662,36 @@ def test_rx_splits_gro_receives_and_validates_each_datagram(vnet: bool) -> None:
     assert tun.writes == (2 if vnet else 29)
     assert dp.counters.rx_tun_super_packets == (2 if vnet else 0)
     assert dp.counters.rx_gro_receives == 1
+
+
+@pytest.mark.parametrize("vnet", [True, False])
+def test_rx_gathers_single_datagrams_into_runs(vnet: bool) -> None:
+    """A sender without GSO (the kernel's vxlan device, flannel's C proxy) sends one
+    datagram per packet: a run of them from one peer is gathered and written as if GRO
+    had coalesced it; whatever does not fit the run ends it and is still delivered."""
+    tun, sock = FakeTun(vnet), FakeSocket()
+    dp = dataplane(tun, sock)
+    src, dst = bytes([198, 18, 2, 7]), bytes([198, 18, 1, 5])
+    seq, run = 1, []
+    for i in range(100):
+        size = 1400 if i not in (20, 99) else 700  # two short ones, each ends a run
+        run.append(Segment(40000, seq, 1, 0x10, bytes([i]) * size, ident=i, src=src, dst=dst))
+        seq += size
+    packets = [segment.build() for segment in run]
+    from_b = Segment(1, 1, 1, 0x10, b"b" * 100, src=bytes([198, 18, 3, 7]), dst=dst).build()
+    arrivals = [(p, "192.0.2.2") for p in packets[:30]] + [(from_b, "192.0.2.3")]
+    arrivals += [(p, "192.0.2.2") for p in packets[30:]]
+    sock.queue += [(data, 0, source) for data, source in arrivals]
+    dp.on_socket_readable_gro()
+    assert [_without_ident(p) for p in tun.written()] == [
+        _without_ident(p) for p in packets[:30] + [from_b] + packets[30:]
+    ]
+    assert not dp.counters.drops and dp.counters.rx_packets == 101
+    assert dp.counters.rx_gro_receives == 0
+    # Runs: 0-20 (ends short), 21-29 (ends at B's datagram), B alone, then 30-74 (45
+    # datagrams of 1440 bytes: the next would pass 64 KiB) and 75-99.
+    assert tun.writes == (5 if vnet else 101)
+    assert dp.counters.rx_tun_super_packets == (4 if vnet else 0)
 
 
 def test_rx_plain_path_validates_each_datagram() -> None:
