@@ -65,25 +65,29 @@ def test_only_rejects_unknown_paths(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 @pytest.mark.netns
-def test_quick_bench_of_the_udp_row_writes_md_json_png(tmp_path: Path) -> None:
+def test_quick_bench_of_the_udp_and_c_proxy_rows_writes_md_json_png(tmp_path: Path) -> None:
     code = report.main(
-        ["--quick", "--only", "udp", "--out", "smoke", "--results-dir", str(tmp_path)]
+        ["--quick", "--only", "udp,c-proxy", "--out", "smoke", "--results-dir", str(tmp_path)]
     )
     assert code == 0
     for ext in ("md", "json", "png"):
         assert (tmp_path / f"smoke.{ext}").stat().st_size > 0
     data = json.loads((tmp_path / "smoke.json").read_text())
-    (udp,) = data["paths"]
-    assert udp["key"] == "udp" and udp["error"] is None
-    assert udp["tcp1_gbits"]["median"] > 0
-    assert udp["tcp4_gbits"]["median"] > 0
-    assert udp["udp1400_gbits"]["median"] > 0
-    assert udp["udp64_pps"]["median"] > 0
-    assert udp["ping_us"]["p50"] > 0 and udp["ping_us"]["received"] > 0
-    assert udp["daemon_cpu_pct_tcp1"]["n1"]["median"] > 0
+    udp, proxy = data["paths"]
+    for path in (udp, proxy):
+        assert path["error"] is None, path["error"]
+        assert path["tcp1_gbits"]["median"] > 0
+        assert path["tcp4_gbits"]["median"] > 0
+        assert path["udp1400_gbits"]["median"] > 0
+        assert path["udp64_pps"]["median"] > 0
+        assert path["ping_us"]["p50"] > 0 and path["ping_us"]["received"] > 0
+        assert path["daemon_cpu_pct_tcp1"]["n1"]["median"] > 0  # socat's, for the proxy
+    assert (udp["key"], proxy["key"]) == ("udp", "c-proxy")
     assert set(data["micro"]) == set(codec_micro.OPERATIONS)
     assert all(m["mean_ns"] > 0 for m in data["micro"].values())
-    assert "| our udp backend |" in (tmp_path / "smoke.md").read_text()
+    text = (tmp_path / "smoke.md").read_text()
+    assert "| our udp backend |" in text and "| C per-packet udp proxy (socat) |" in text
+    assert "udp backend >= 3x the C per-packet proxy" in text
 
 
 def test_codec_micro_quick_measures_every_operation() -> None:
