@@ -11,7 +11,8 @@ Rows (paths), each its own 2-node testbed with one pod per node and the file reg
 - ``udp-nooffload``: our udp backend with ``--no-offload`` (the plain per-packet path);
 - ``c-proxy``: the udp testbed with both daemons replaced by socat, a C program doing
   what flannel's own udp proxy does (a poll loop, one read + sendto / recv + write per
-  packet, the datagram is the packet): the bar the issue sets ("beat flannel's C proxy").
+  packet, the datagram is the packet): the bar the issue sets ("beat flannel's C proxy");
+- ``udp-workers2`` (only with ``--only``): our udp backend with ``--workers 2``.
 
 Columns: iperf3 TCP with 1 and 4 streams (Gbit/s, receiver side); UDP with 1400-byte and
 64-byte datagrams at the highest offered rate that lost < 0.1% (a short search, below);
@@ -80,6 +81,7 @@ class PathSpec:
     # about 4x here (8 vs 32 Gbit/s), which would flatter every ratio to it.
     tx_offload: bool = False
     proxy: bool = False  # replace the daemons by socat (a C per-packet TUN <-> UDP proxy)
+    default: bool = True  # in the matrix unless --only names the paths
 
 
 PATHS = [
@@ -89,6 +91,14 @@ PATHS = [
     PathSpec("vxlan", "our userspace vxlan", "vxlan"),
     PathSpec("udp-nooffload", "our udp --no-offload", "udp", daemon_args=("--no-offload",)),
     PathSpec("c-proxy", "C per-packet udp proxy (socat)", "udp", proxy=True),
+    # Only on request (--only udp,udp-workers2): no gain on 2 vCPUs (README, --workers).
+    PathSpec(
+        "udp-workers2",
+        "our udp --workers 2",
+        "udp",
+        daemon_args=("--workers", "2"),
+        default=False,
+    ),
 ]
 BY_KEY = {p.key: p for p in PATHS}
 
@@ -431,54 +441,41 @@ def format_markdown(report: dict[str, Any]) -> str:
 def check_targets(paths: list[dict[str, Any]]) -> list[dict[str, str]]:
     """Issue 5's targets, as ratios to kernel vxlan (and to the C proxy) from the same run."""
     by_key = {p["key"]: p for p in paths}
-    base = by_key.get(BASE)
-    if base and not base["tcp1_gbits"]["median"]:
-        base = None
-    out = []
+    out: list[dict[str, str]] = []
+
+    def ratio(key: str, to: str, metric: str, field: str) -> float | None:
+        p, q = by_key.get(key), by_key.get(to)
+        if not p or not q or not p[metric][field] or not q[metric][field]:
+            return None
+        return float(p[metric][field] / q[metric][field])
+
+    def target(text: str, shown: str, verdict: str) -> None:
+        out.append({"text": text, "measured": shown, "verdict": verdict})
+
     for key, name in (("udp", "udp backend"), ("vxlan", "userspace vxlan")):
-        p = by_key.get(key)
-        if base and p and p["tcp1_gbits"]["median"]:
-            ratio = p["tcp1_gbits"]["median"] / base["tcp1_gbits"]["median"]
-            verdict = "stretch met" if ratio >= 0.25 else "met" if ratio >= 0.13 else "missed"
-            out.append(
-                {
-                    "text": f"TCP 1 stream, {name} >= 13% of kernel vxlan (stretch 25%)",
-                    "measured": f"{100 * ratio:.1f}%",
-                    "verdict": verdict,
-                }
-            )
-    p = by_key.get("udp")
-    if base and p and p["ping_us"]["avg"] and base["ping_us"]["avg"]:
-        ratio = p["ping_us"]["avg"] / base["ping_us"]["avg"]
-        out.append(
-            {
-                "text": "ping RTT avg, udp backend <= 3x kernel vxlan",
-                "measured": f"{ratio:.2f}x",
-                "verdict": "met" if ratio <= 3 else "missed",
-            }
-        )
+        r = ratio(key, BASE, "tcp1_gbits", "median")
+        if r is not None:
+            verdict = "stretch met" if r >= 0.25 else "met" if r >= 0.13 else "missed"
+            text = f"TCP 1 stream, {name} >= 13% of kernel vxlan (stretch 25%)"
+            target(text, f"{100 * r:.1f}%", verdict)
+    r = ratio("udp", BASE, "ping_us", "avg")
+    if r is not None:
+        target("ping RTT avg, udp backend <= 3x kernel vxlan", f"{r:.2f}x", _met(r <= 3))
     # The same bars against the C proxy measured in this run: the issue's 13% is 3x
     # flannel's C proxy, and its 3x ping is the C proxy's own ratio.
-    proxy = by_key.get("c-proxy")
-    if p and proxy and proxy["tcp1_gbits"]["median"] and p["tcp1_gbits"]["median"]:
-        ratio = p["tcp1_gbits"]["median"] / proxy["tcp1_gbits"]["median"]
-        out.append(
-            {
-                "text": "TCP 1 stream, udp backend >= 3x the C per-packet proxy",
-                "measured": f"{ratio:.2f}x",
-                "verdict": "met" if ratio >= 3 else "missed",
-            }
-        )
-    if p and proxy and proxy["ping_us"]["avg"] and p["ping_us"]["avg"]:
-        ratio = p["ping_us"]["avg"] / proxy["ping_us"]["avg"]
-        out.append(
-            {
-                "text": "ping RTT avg, udp backend <= the C per-packet proxy's",
-                "measured": f"{ratio:.2f}x",
-                "verdict": "met" if ratio <= 1 else "missed",
-            }
-        )
+    r = ratio("udp", "c-proxy", "tcp1_gbits", "median")
+    if r is not None:
+        text = "TCP 1 stream, udp backend >= 3x the C per-packet proxy"
+        target(text, f"{r:.2f}x", _met(r >= 3))
+    r = ratio("udp", "c-proxy", "ping_us", "avg")
+    if r is not None:
+        text = "ping RTT avg, udp backend <= the C per-packet proxy's"
+        target(text, f"{r:.2f}x", _met(r <= 1))
     return out
+
+
+def _met(ok: bool) -> str:
+    return "met" if ok else "missed"
 
 
 def write_png(report: dict[str, Any], path: Path) -> None:
@@ -635,7 +632,7 @@ def main(argv: list[str] | None = None) -> int:
     if "/" in name or not name.strip():
         sys.stderr.write(f"overlay bench: error: --out {name!r} must be a plain file name\n")
         return 2
-    wanted = set(args.only or BY_KEY)
+    wanted = set(args.only or [p.key for p in PATHS if p.default])
     specs = [p for p in PATHS if p.key in wanted]
 
     started = datetime.now()

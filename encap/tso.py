@@ -33,8 +33,6 @@ _FIN = 0x01
 _PSH = 0x08
 _CWR = 0x80
 _U16 = struct.Struct("!H")
-_U32 = struct.Struct("!I")
-_LEN_ID = struct.Struct("!HH")  # IPv4 total length and identification (offset 2)
 _BE_WORDS = np.dtype(">u2")
 _LITTLE_ENDIAN = sys.byteorder == "little"
 

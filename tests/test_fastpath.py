@@ -567,8 +567,11 @@ def test_tx_cuts_tun_super_packets_and_finishes_partial_checksums() -> None:
     udp[26:28] = b"\x00\x07"  # any partial sum: it is recomputed over the whole datagram
     tun.inject(bytes(udp), struct.pack("=BBHHHH", 1, 0, 0, 0, 20, 6))
     tun.inject(bytes(raw), struct.pack("=BBHHHH", 1, 4, 40, 1432, 20, 16))  # TCPV6: no
+    valid = bytes(ip / UDP(sport=5000, dport=5202) / (b"v" * 100))
+    tun.inject(valid, struct.pack("=BBHHHH", 2, 0, 0, 0, 0, 0))  # DATA_VALID: as it is
     dp.on_tun_readable()
     datagrams = [d for d, _ in sock.datagrams()]
+    assert datagrams.pop() == valid
     assert len(datagrams) == 31 + 1  # 43,520 B of payload in 1432-byte segments, the UDP one
     payload = b""
     for i, datagram in enumerate(datagrams[:-1]):

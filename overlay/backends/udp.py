@@ -182,6 +182,7 @@ class UdpDataplane:
         scratch = self._vnet_scratch  # receives the virtio_net_hdr, if the TUN has one
         tso = self.tso
         unpack_vnet = tso_codec.VNET.unpack
+        needs_csum = tso_codec.NEEDS_CSUM
         segment = tso_codec.segment_tcp4
         finish = tso_codec.finish_checksum
         supers = 0
@@ -216,13 +217,15 @@ class UdpDataplane:
             if dst != last_dst:  # a bulk drain is mostly one destination: saves ~0.5 us
                 peer = lookup(dst)
                 if peer is None or len(peer.prefix) != headroom:
-                    self._no_route(bytes(arena[body : body + min(length, 576)]))
+                    self._no_route(bytes(arena[body : body + length]))
                     last_dst = b""
                     continue
                 last_dst = dst
                 addr = peer.addr
                 prefix = peer.prefix
-            if tso and (scratch[0] or scratch[1]):  # a super-packet or a partial checksum
+            # A super-packet or a partial checksum (DATA_VALID, the other flag, needs
+            # nothing from us).
+            if tso and (scratch[1] or scratch[0] & needs_csum):
                 _, gso_type, _, gso_size, start, offset = unpack_vnet(scratch)
                 try:
                     if gso_type == tso_codec.GSO_TCPV4:
