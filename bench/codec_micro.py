@@ -33,7 +33,7 @@ import pyperf
 
 from control.lease import Lease
 from control.peer_table import PeerTable
-from encap import gso, ipv4, udp_frame, vxlan
+from encap import gso, ipv4, tso, udp_frame, vxlan
 from encap.checksum import internet_checksum
 
 PACKET_SIZE = 1400
@@ -54,6 +54,11 @@ CASES: list[tuple[str, str, int]] = [
     (
         f"gso.plan_tun_writes ({GRO_SEGMENTS}-segment GRO buffer, 1 TCP flow)",
         "gso.plan_tun_writes(gro, gro_size, gro_segment, theirs, ours, drops)",
+        GRO_SEGMENTS,
+    ),
+    (
+        f"tso.segment_tcp4 ({GRO_SEGMENTS}-segment super-packet, incl. restoring it)",
+        "tso_buf[:tso_len] = tso_in; tso.segment_tcp4(tso_buf, 0, tso_len, mss, b'')",
         GRO_SEGMENTS,
     ),
 ]
@@ -129,6 +134,12 @@ def setup() -> dict[str, object]:
     ours = (int.from_bytes(our_ip, "big") >> 8, 8)
     drops: Counter[str] = Counter()
 
+    # segment_tcp4: what --tun-tso reads from the TUN for the same flow, the other way:
+    # one 44-segment super-packet from us to the peer, cut in place (restored each time).
+    data = bytes(k & 0xFF for k in range(GRO_SEGMENTS * MSS))
+    tso_in = _tcp_segment(1_000_000, 0x18, data, our_ip, peer_ip)
+    tso_buf = bytearray(len(tso_in) + GRO_SEGMENTS * 60 + 1)
+
     env: dict[str, object] = {
         "packet": packet,
         "view": memoryview(packet),
@@ -144,6 +155,11 @@ def setup() -> dict[str, object]:
         "theirs": theirs,
         "ours": ours,
         "drops": drops,
+        "tso_in": tso_in,
+        "tso_len": len(tso_in),
+        "tso_buf": tso_buf,
+        "mss": MSS,
+        "tso": tso,
         "udp_frame": udp_frame,
         "vxlan": vxlan,
         "ipv4": ipv4,
@@ -166,6 +182,10 @@ def _check(env: dict[str, Any]) -> None:
         raise RuntimeError(
             f"codec_micro: the GRO buffer is not one super-packet ({writes=}, {env['drops']})"
         )
+    env["tso_buf"][: env["tso_len"]] = env["tso_in"]
+    cut = tso.segment_tcp4(env["tso_buf"], 0, env["tso_len"], MSS, b"")
+    if cut != (GRO_SEGMENTS, 52 + MSS, 52 + MSS):
+        raise RuntimeError(f"codec_micro: the super-packet is not cut into full segments ({cut})")
 
 
 # -- results: {name: {"mean_ns", "stdev_ns", "values"}} ---------------------------------------
