@@ -134,11 +134,11 @@ def setup() -> dict[str, object]:
     ours = (int.from_bytes(our_ip, "big") >> 8, 8)
     drops: Counter[str] = Counter()
 
-    # segment_tcp4: what --tun-tso reads from the TUN for the same flow, the other way:
+    # segment_tcp4: what the TUN hands over (TSO) for the same flow, the other way:
     # one 44-segment super-packet from us to the peer, cut in place (restored each time).
     data = bytes(k & 0xFF for k in range(GRO_SEGMENTS * MSS))
     tso_in = _tcp_segment(1_000_000, 0x18, data, our_ip, peer_ip)
-    tso_buf = bytearray(len(tso_in) + GRO_SEGMENTS * 60 + 1)
+    tso_buf = bytearray(len(tso_in) + GRO_SEGMENTS * 60 + 3)
 
     env: dict[str, object] = {
         "packet": packet,

@@ -12,7 +12,8 @@ Rows (paths), each its own 2-node testbed with one pod per node and the file reg
 - ``c-proxy``: the udp testbed with both daemons replaced by socat, a C program doing
   what flannel's own udp proxy does (a poll loop, one read + sendto / recv + write per
   packet, the datagram is the packet): the bar the issue sets ("beat flannel's C proxy");
-- ``udp-workers2`` (only with ``--only``): our udp backend with ``--workers 2``.
+- ``udp-tso``, ``udp-workers2`` (only with ``--only``): our udp backend with
+  ``--no-tun-tso``, with ``--workers 2``.
 
 Columns: iperf3 TCP with 1 and 4 streams (Gbit/s, receiver side); UDP with 1400-byte and
 64-byte datagrams at the highest offered rate that lost < 0.1% (a short search, below);
@@ -91,7 +92,11 @@ PATHS = [
     PathSpec("vxlan", "our userspace vxlan", "vxlan"),
     PathSpec("udp-nooffload", "our udp --no-offload", "udp", daemon_args=("--no-offload",)),
     PathSpec("c-proxy", "C per-packet udp proxy (socat)", "udp", proxy=True),
-    # Only on request (--only udp,udp-workers2): no gain on 2 vCPUs (README, --workers).
+    # Only on request (--only udp,udp-notso,udp-workers2): options measured against the
+    # default in the README.
+    PathSpec(
+        "udp-notso", "our udp --no-tun-tso", "udp", daemon_args=("--no-tun-tso",), default=False
+    ),
     PathSpec(
         "udp-workers2",
         "our udp --workers 2",

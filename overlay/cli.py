@@ -195,11 +195,11 @@ def run_parser() -> OneLineParser:
         help="force the plain per-packet path (no UDP GSO/GRO, no TUN offloads)",
     )
     p.add_argument(
-        "--tun-tso",
+        "--no-tun-tso",
         action="store_true",
-        default=_env_bool("tun-tso"),
-        help="let the TUN hand us 64 KiB TCP super-packets and cut them into MTU-sized "
-        "segments here (a NIC's TSO in numpy; no faster on the 2-vCPU testbed, see README)",
+        default=_env_bool("no-tun-tso"),
+        help="read packets from the TUN one by one instead of as 64 KiB TCP super-packets "
+        "cut into segments here (TSO, on by default with the other offloads)",
     )
     p.add_argument(
         "--workers",

@@ -131,25 +131,46 @@ def test_bad_input_raises_codec_error_only(raw: bytes, odd: bool, junk: bytes) -
         pass
 
 
-@FAST
-@given(payload=st.binary(max_size=1600), udp=st.booleans(), prefix=st.binary(max_size=30))
-def test_finish_checksum_matches_scapy(payload: bytes, udp: bool, prefix: bytes) -> None:
-    layer = UDP(sport=5000, dport=5201) if udp else TCP(sport=1, dport=2, flags="PA")
-    packet = IP(src="10.5.1.2", dst="10.5.2.3") / layer / payload
-    want = bytes(packet)
-    # What the kernel hands us with NEEDS_CSUM: the pseudo-header sum in the field.
+def partial_packet(payload: bytes, udp: bool, sport: int) -> tuple[bytes, bytes]:
+    """(what the kernel hands us with NEEDS_CSUM: the pseudo-header sum in the field,
+    the packet as it must leave)."""
+    layer = UDP(sport=sport, dport=5201) if udp else TCP(sport=sport, dport=2, flags="PA")
+    want = bytes(IP(src="10.5.1.2", dst="10.5.2.3") / layer / payload)
     field = 20 + (6 if udp else 16)
-    l4_length = len(want) - 20
-    pseudo = sum(struct.unpack("!4H", want[12:20])) + (17 if udp else 6) + l4_length
+    pseudo = sum(struct.unpack("!4H", want[12:20])) + (17 if udp else 6) + len(want) - 20
     pseudo = (pseudo & 0xFFFF) + (pseudo >> 16)
-    raw = bytearray(prefix + want)
-    struct.pack_into("!H", raw, len(prefix) + field, (pseudo & 0xFFFF) + (pseudo >> 16))
-    tso.finish_checksum(raw, len(prefix) + 20, len(raw), len(prefix) + field)
-    assert bytes(raw[len(prefix) :]) == want
+    partial = bytearray(want)
+    struct.pack_into("!H", partial, field, (pseudo & 0xFFFF) + (pseudo >> 16))
+    return bytes(partial), want
 
 
-def test_finish_checksum_refuses_offsets_outside_the_packet() -> None:
+@FAST
+@given(
+    st.lists(
+        st.tuples(st.binary(max_size=1600), st.booleans(), st.integers(0, 3)),
+        min_size=1,
+        max_size=8,
+    ),
+    st.integers(0, 3),
+)
+def test_finish_checksums_matches_scapy(packets: list[tuple[bytes, bool, int]], lead: int) -> None:
+    """Packets back to back at any alignment (gaps of 0-3 bytes), as in the TX arena."""
+    buf = bytearray(lead)
+    regions, wanted = [], []
+    for i, (payload, udp, gap) in enumerate(packets):
+        partial, want = partial_packet(payload, udp, 1000 + i)
+        at = len(buf)
+        buf += partial + bytes(gap)
+        regions.append(tso.partial_region(at, len(partial), 20, 6 if udp else 16))
+        wanted.append((at, want))
+    tso.finish_checksums(buf, regions)
+    for at, want in wanted:
+        assert bytes(buf[at : at + len(want)]) == want
+
+
+def test_partial_region_refuses_offsets_outside_the_packet() -> None:
     with pytest.raises(CodecError):
-        tso.finish_checksum(bytearray(40), 20, 40, 39)
+        tso.partial_region(0, 40, 20, 19)  # the field would end past the packet
     with pytest.raises(CodecError):
-        tso.finish_checksum(bytearray(40), 30, 60, 36)
+        tso.partial_region(0, 40, 0, 6)  # a region that would include the IP header
+    assert tso.partial_region(100, 40, 20, 16) == (120, 140, 136)

@@ -69,7 +69,7 @@ class UdpBackend(Backend):
             lease.subnet,
             self.ctx.counters,
             offload=not self.ctx.args.no_offload,
-            tun_tso=self.ctx.args.tun_tso,
+            tun_tso=not self.ctx.args.no_tun_tso,
             **self._dataplane_options(lease),
         )  # a worker's is built by worker_dataplane(): keep worker_spec in step
 
