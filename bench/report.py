@@ -12,7 +12,7 @@ Rows (paths), each its own 2-node testbed with one pod per node and the file reg
 - ``c-proxy``: the udp testbed with both daemons replaced by socat, a C program doing
   what flannel's own udp proxy does (a poll loop, one read + sendto / recv + write per
   packet, the datagram is the packet): the bar the issue sets ("beat flannel's C proxy");
-- ``udp-tso``, ``udp-workers2`` (only with ``--only``): our udp backend with
+- ``udp-notso``, ``udp-workers2`` (only with ``--only``): our udp backend with
   ``--no-tun-tso``, with ``--workers 2``.
 
 Columns: iperf3 TCP with 1 and 4 streams (Gbit/s, receiver side); UDP with 1400-byte and
