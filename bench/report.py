@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from ipaddress import IPv4Network
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 from bench import codec_micro
 from bench.measure import (
@@ -60,6 +60,7 @@ from bench.measure import (
     ping_samples,
     summary,
 )
+from overlay.cli import OneLineParser
 from overlay.netns import terminate
 from overlay.testbed import Testbed, TestbedError
 
@@ -539,11 +540,6 @@ def _loadavg() -> str:
 # -- CLI ---------------------------------------------------------------------------------------
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
-
-
 def _only(text: str) -> list[str]:
     keys = [k.strip() for k in text.split(",") if k.strip()]
     bad = [k for k in keys if k not in BY_KEY]
@@ -554,8 +550,8 @@ def _only(text: str) -> list[str]:
     return keys
 
 
-def _parser() -> _Parser:
-    p = _Parser(
+def _parser() -> OneLineParser:
+    p = OneLineParser(
         prog="overlay bench",
         description="Benchmark matrix: paths x {TCP 1/4 streams, UDP 1400/64 B at the "
         "loss-free rate, ping p50/p99, daemon CPU%} plus codec micro-benchmarks; writes "

@@ -537,9 +537,13 @@ class Testbed:
 
     def _start_daemons(self) -> None:
         for i in range(1, self.nodes + 1):
-            self._start_daemon(i)
+            self.start_daemon(i)
 
-    def _start_daemon(self, i: int) -> None:
+    def start_daemon(self, i: int) -> subprocess.Popen[bytes]:
+        """Start node i's daemon (again, after a test stopped it): ``status`` and
+        ``down`` know it by its pid file."""
+        if (previous := self._procs.get(i)) is not None:
+            previous.poll()  # reaped if it has exited
         self.node_dir(i).mkdir(parents=True, exist_ok=True)
         with open(self.log_file(i), "ab") as log:
             proc = subprocess.Popen(
@@ -552,6 +556,7 @@ class Testbed:
             )
         self._procs[i] = proc
         self.pid_file(i).write_text(f"{proc.pid}\n")
+        return proc
 
     def _wait_daemons(self, nodes: list[int] | None = None) -> None:
         deadline = time.monotonic() + DAEMON_START_TIMEOUT
@@ -648,7 +653,7 @@ class Testbed:
         with IPRoute(netns=self.underlay_ns, flags=0) as ipr:
             (bridge,) = ipr.link_lookup(ifname=self.bridge)
             self._build_node(ipr, bridge, i)
-        self._start_daemon(i)
+        self.start_daemon(i)
         self._wait_daemons([i])
         self._add_pods_of(i)
         return i

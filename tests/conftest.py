@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -73,12 +74,23 @@ def overlay_cmd(*args: str) -> list[str]:
 TRANSFER = str(Path(__file__).with_name("transfer.py"))
 
 
-def node_status(bed: Any, node: str) -> dict[str, Any]:
-    """What node ``node`` ("n1") of a testbed says on its status socket."""
+def node_status(bed: Any, node: str | int) -> dict[str, Any]:
+    """What node ``node`` ("n1", or 1) of a testbed says on its status socket."""
     from overlay import status
 
-    result: dict[str, Any] = status.query(bed.state_dir / node / "status.sock")
+    name = f"n{node}" if isinstance(node, int) else node
+    result: dict[str, Any] = status.query(bed.state_dir / name / "status.sock")
     return result
+
+
+def poll(check: Callable[[], Any], timeout: float = 5.0, every: float = 0.05) -> Any:
+    """check()'s first truthy result within timeout, else its last (falsy) one."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if result or time.monotonic() > deadline:
+            return result
+        time.sleep(every)
 
 
 def transfer(

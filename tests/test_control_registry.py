@@ -22,6 +22,7 @@ from control.file_registry import FileRegistry
 from control.kv import Entry, Event, RegistryError, RevisionCompacted
 from control.lease import Lease, parse_lease
 from control.subnet_manager import LeaseEvent, LeaseLost, NetworkFull, SubnetManager
+from tests.watching import CountingStore, Recorder, start_watch, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 PREFIX = "/coreos.com/network"
@@ -38,21 +39,6 @@ class Clock:
 
     def __call__(self) -> float:
         return self.now
-
-
-class CountingStore:
-    """Wraps a KeyValueStore and counts list_prefix calls (to catch hot loops)."""
-
-    def __init__(self, inner: Any) -> None:
-        self.inner = inner
-        self.list_calls = 0
-
-    async def list_prefix(self, prefix: str) -> tuple[list[Entry], int]:
-        self.list_calls += 1
-        return await self.inner.list_prefix(prefix)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.inner, name)
 
 
 class AlwaysCompacted(CountingStore):
@@ -86,14 +72,6 @@ def seed_config(registry: FileRegistry, config: dict[str, Any] | None = None) ->
 
 def manager(registry: Any, ip: str, **kwargs: Any) -> SubnetManager:
     return SubnetManager(registry, public_ip=IPv4Address(ip), **kwargs)
-
-
-async def wait_until(predicate: Callable[[], bool], timeout: float = 3.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.01)
 
 
 async def collect(
@@ -623,22 +601,6 @@ async def test_renew_refreshes_the_ttl(registry: FileRegistry, clock: Clock) -> 
 
 
 # -- SubnetManager: watch -------------------------------------------------------------------
-
-
-class Recorder:
-    def __init__(self) -> None:
-        self.snapshots: list[list[Lease]] = []
-        self.events: list[LeaseEvent] = []
-
-    def on_snapshot(self, leases: list[Lease]) -> None:
-        self.snapshots.append(leases)
-
-    def on_event(self, event: LeaseEvent) -> None:
-        self.events.append(event)
-
-
-def start_watch(m: SubnetManager, own: Lease, recorder: Recorder) -> asyncio.Task[None]:
-    return asyncio.create_task(m.watch(own, recorder.on_snapshot, recorder.on_event))
 
 
 async def stop(task: asyncio.Task[None]) -> None:

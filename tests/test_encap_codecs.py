@@ -13,6 +13,7 @@ from scapy.utils import checksum as scapy_checksum
 from encap import icmp, ipv4, udp_frame
 from encap.checksum import incremental_update, internet_checksum, ones_complement_sum
 from encap.errors import CodecError
+from tests.mutation import mutate
 
 # Every reason ipv4.parse / udp_frame.decode may give; drop counters are keyed by these.
 PARSE_REASONS = {"truncated", "not_ipv4", "bad_ihl", "bad_length"}
@@ -526,22 +527,7 @@ def test_random_bytes_only_raise_codec_error(data: bytes) -> None:
 @st.composite
 def mutated_packets(draw: st.DrawFn) -> bytes:
     raw = bytearray(bytes(draw(scapy_packets())))
-    for _ in range(draw(st.integers(1, 6))):
-        action = draw(st.sampled_from(["set", "flip", "truncate", "append", "delete"]))
-        if action in ("set", "flip") and raw:
-            # Bias towards the header, where the decisions are made.
-            index = draw(st.integers(0, min(len(raw), 24) - 1))
-            if action == "set":
-                raw[index] = draw(st.integers(0, 255))
-            else:
-                raw[index] ^= 1 << draw(st.integers(0, 7))
-        elif action == "truncate":
-            del raw[draw(st.integers(0, len(raw))) :]
-        elif action == "append":
-            raw += draw(st.binary(min_size=1, max_size=8))
-        elif action == "delete" and raw:
-            del raw[draw(st.integers(0, len(raw) - 1))]
-    return bytes(raw)
+    return mutate(draw, raw, max_edits=6, hot=24)
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -18,6 +18,7 @@ from scapy.utils import wrpcap
 
 from encap import arp, vxlan
 from encap.errors import CodecError
+from tests.mutation import mutate
 
 # Every reason vxlan.decode may give; drop counters are keyed by these.
 DECODE_REASONS = {"truncated", "bad_flags", "wrong_vni", "bad_ethertype", "foreign_mac"}
@@ -357,22 +358,7 @@ def mutated_frames(draw: st.DrawFn) -> bytes:
     else:
         payload = arp.build(arp.REQUEST, PEER_MAC, bytes(4), bytes(6), bytes(4))
         raw = bytearray(frame(payload, dst=vxlan.BROADCAST, ethertype=vxlan.ETHERTYPE_ARP))
-    for _ in range(draw(st.integers(1, 4))):
-        action = draw(st.sampled_from(["set", "flip", "truncate", "append", "delete"]))
-        if action in ("set", "flip") and raw:
-            # Bias towards the prefix, where the decisions are made.
-            index = draw(st.integers(0, min(len(raw), 30) - 1))
-            if action == "set":
-                raw[index] = draw(st.integers(0, 255))
-            else:
-                raw[index] ^= 1 << draw(st.integers(0, 7))
-        elif action == "truncate":
-            del raw[draw(st.integers(0, len(raw))) :]
-        elif action == "append":
-            raw += draw(st.binary(min_size=1, max_size=8))
-        elif action == "delete" and raw:
-            del raw[draw(st.integers(0, len(raw) - 1))]
-    return bytes(raw)
+    return mutate(draw, raw, max_edits=4, hot=30)
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -22,9 +22,9 @@ from typing import Any
 import pytest
 
 from control.subnet_env import parse_subnet_env
-from overlay import status
 from overlay.netns import create_netns, netns_pids, pid_alive, remove_netns, terminate
 from overlay.testbed import Testbed
+from tests.conftest import node_status
 from tests.etcd_server import EtcdServer
 
 pytestmark = [
@@ -71,8 +71,6 @@ def log_events(path: Path) -> list[dict[str, Any]]:
 
 # -- the testbed: three nodes, one pod each, a real etcd on the underlay bridge ----------------
 
-_started_here: list[subprocess.Popen[bytes]] = []
-
 
 @pytest.fixture(scope="module")
 def bed() -> Iterator[Testbed]:
@@ -81,13 +79,7 @@ def bed() -> Iterator[Testbed]:
         tb.up()
         yield tb
     finally:
-        tb.down()  # also stops the daemons the tests restarted (pid files, netns sweep)
-        for proc in _started_here:
-            proc.wait(timeout=10)
-
-
-def node_status(bed: Testbed, i: int) -> dict[str, Any]:
-    return status.query(bed.node_dir(i) / "status.sock")
+        tb.down()  # also stops and reaps the daemons the tests restarted
 
 
 def peers_of(bed: Testbed, i: int) -> set[str]:
@@ -119,22 +111,6 @@ def pod_pings(bed: Testbed, source: str, target: str, timeout: float = 10) -> bo
     return False
 
 
-def restart_daemon(bed: Testbed, i: int) -> subprocess.Popen[bytes]:
-    """Start node i's daemon again with the testbed's own command line."""
-    with open(bed.log_file(i), "ab") as log:
-        proc = subprocess.Popen(
-            bed.daemon_argv(i),
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            env=child_env(),
-        )
-    _started_here.append(proc)
-    bed.pid_file(i).write_text(f"{proc.pid}\n")  # status() and down() know it by this
-    return proc
-
-
 def test_restarted_daemon_gets_its_old_subnet_back(bed: Testbed) -> None:
     before = node(bed, 2)
     key = node_status(bed, 2)["lease"]["key"]
@@ -142,7 +118,7 @@ def test_restarted_daemon_gets_its_old_subnet_back(bed: Testbed) -> None:
     wait_for(lambda: not pid_alive(before["pid"]), 10, "n2's daemon to stop on SIGTERM")
     # Without subnet.env, only the registry's lease carrying our IP can bring it back.
     bed.subnet_file(2).unlink()
-    proc = restart_daemon(bed, 2)
+    proc = bed.start_daemon(2)
     wait_for(lambda: bed.subnet_file(2).exists() or proc.poll() is not None, 15, "restart")
     assert proc.poll() is None, (bed.log_file(2).read_text()[-800:],)
     after = node(bed, 2)

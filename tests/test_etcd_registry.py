@@ -25,9 +25,9 @@ import pytest
 from control.config import NetworkConfig
 from control.etcd_registry import EtcdRegistry, parse_endpoints
 from control.kv import Entry
-from control.lease import Lease
 from control.subnet_manager import LeaseEvent, LeaseLost, NetworkFull, SubnetManager
 from tests.etcd_server import EtcdServer
+from tests.watching import CountingStore, Recorder, start_watch, wait_until
 
 pytestmark = pytest.mark.skipif(
     shutil.which("etcd") is None, reason="needs etcd and etcdctl (`make setup` installs them)"
@@ -120,59 +120,10 @@ async def config_of(server: EtcdServer, prefix: str, config: dict[str, Any]) -> 
     return read
 
 
-async def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> float:
-    """Poll ``predicate``; returns the seconds it took (fails after ``timeout``)."""
-    start = time.monotonic()
-    while not predicate():
-        if time.monotonic() - start > timeout:
-            raise AssertionError(f"{what}: not within {timeout} s")
-        await asyncio.sleep(0.02)
-    return time.monotonic() - start
-
-
-class Recorder:
-    def __init__(self) -> None:
-        self.snapshots: list[list[Lease]] = []
-        self.events: list[LeaseEvent] = []
-
-    def on_snapshot(self, leases: list[Lease]) -> None:
-        self.snapshots.append(leases)
-
-    def on_event(self, event: LeaseEvent) -> None:
-        self.events.append(event)
-
-    def added(self, subnet: IPv4Network) -> bool:
-        return any(e.kind == "added" and e.subnet == subnet for e in self.events)
-
-
-def start_watch(
-    m: SubnetManager, own: Lease, recorder: Recorder, revision: int | None = None
-) -> asyncio.Task[None]:
-    return asyncio.create_task(
-        m.watch(own, recorder.on_snapshot, recorder.on_event, revision=revision)
-    )
-
-
 async def stop(task: asyncio.Task[None]) -> None:
     """Cancel a watch; what it raised (if it already ended) the test has checked."""
     task.cancel()
     await asyncio.gather(task, return_exceptions=True)
-
-
-class CountingStore:
-    """Wraps a KeyValueStore and counts list_prefix calls (a hot loop shows up here)."""
-
-    def __init__(self, inner: Any) -> None:
-        self.inner = inner
-        self.list_calls = 0
-
-    async def list_prefix(self, prefix: str) -> tuple[list[Entry], int]:
-        self.list_calls += 1
-        result: tuple[list[Entry], int] = await self.inner.list_prefix(prefix)
-        return result
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.inner, name)
 
 
 class StartingGate(CountingStore):

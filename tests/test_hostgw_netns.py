@@ -5,16 +5,15 @@ from __future__ import annotations
 
 import json
 import subprocess
-import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from overlay import status
 from overlay.testbed import Testbed
+from tests.conftest import node_status, poll
 
 pytestmark = pytest.mark.netns
 SUBNETS = "/coreos.com/network/subnets"
@@ -33,10 +32,6 @@ def bed() -> Iterator[Testbed]:
         tb.down()
 
 
-def _node_status(bed: Testbed, i: int) -> dict[str, Any]:
-    return status.query(bed.state_dir / f"n{i}" / "status.sock")
-
-
 def _subnet(bed: Testbed, i: int) -> str:
     return str(next(n for n in bed.status()["nodes"] if n["name"] == f"n{i}")["subnet"])
 
@@ -52,15 +47,6 @@ def _has_route(bed: Testbed, i: int, subnet: str, via: str) -> bool:
         r.get("dst") == subnet and r.get("gateway") == via and r.get("dev") == "eth0"
         for r in _routes(bed, i, subnet)
     )
-
-
-def _poll(check: Callable[[], Any], timeout: float = 5.0, every: float = 0.05) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result or time.monotonic() > deadline:
-            return result
-        time.sleep(every)
 
 
 def _ping(bed: Testbed, src: str, dst_ip: str, count: int = 3) -> None:
@@ -107,7 +93,7 @@ def test_leases_are_host_gw(bed: Testbed) -> None:
     assert sorted(x["PublicIP"] for x in leases) == [str(bed.node_ip(i)) for i in NODES]
     assert all(x["BackendType"] == "host-gw" and "BackendData" not in x for x in leases)
     for i in NODES:
-        assert _node_status(bed, i)["mtu"] == 1500  # no encapsulation overhead
+        assert node_status(bed, i)["mtu"] == 1500  # no encapsulation overhead
 
 
 def test_every_node_routes_every_other_subnet_via_its_underlay_ip(bed: Testbed) -> None:
@@ -116,11 +102,11 @@ def test_every_node_routes_every_other_subnet_via_its_underlay_ip(bed: Testbed) 
             if there == here:
                 continue
             subnet, via = _subnet(bed, there), str(bed.node_ip(there))
-            assert _poll(lambda here=here, s=subnet, v=via: _has_route(bed, here, s, v)), (
+            assert poll(lambda here=here, s=subnet, v=via: _has_route(bed, here, s, v)), (
                 here,
                 _routes(bed, here),
             )
-        st = _node_status(bed, here)
+        st = node_status(bed, here)
         assert sorted(st["programmed"]) == sorted(_subnet(bed, i) for i in NODES if i != here)
         assert st["netlink_errors"] == 0
 
@@ -134,7 +120,7 @@ def test_no_tun_and_no_vxlan_device(bed: Testbed) -> None:
         )
         kinds = {link.get("linkinfo", {}).get("info_kind") for link in links}
         assert not kinds & {"tun", "vxlan"}, (i, kinds)
-        assert "tun" not in _node_status(bed, i)
+        assert "tun" not in node_status(bed, i)
         # Nothing for the whole network through a device of ours: only per-peer routes.
         assert not any(r.get("dst") == "198.18.0.0/16" for r in _routes(bed, i))
 
@@ -176,13 +162,13 @@ def test_routes_follow_leases(bed: Testbed) -> None:
     try:
         _put_hostgw_lease(bed, fake, FAKE_IP)
         for i in NODES:
-            assert _poll(lambda i=i: _has_route(bed, i, fake, FAKE_IP)), (i, _routes(bed, i))
-            assert fake in _node_status(bed, i)["programmed"]
+            assert poll(lambda i=i: _has_route(bed, i, fake, FAKE_IP)), (i, _routes(bed, i))
+            assert fake in node_status(bed, i)["programmed"]
     finally:
         bed.etcdctl("del", _key(fake))
     for i in NODES:
-        assert _poll(lambda i=i: not _routes(bed, i, fake)), (i, _routes(bed, i))
-        assert fake not in _node_status(bed, i)["programmed"]
+        assert poll(lambda i=i: not _routes(bed, i, fake)), (i, _routes(bed, i))
+        assert fake not in node_status(bed, i)["programmed"]
     # The real peers' routes are untouched.
     test_every_node_routes_every_other_subnet_via_its_underlay_ip(bed)
 
@@ -198,15 +184,15 @@ def test_peer_behind_a_router_gets_no_route(bed: Testbed) -> None:
     try:
         _put_hostgw_lease(bed, far, FAR_IP)
         for i in (2, 3):
-            assert _poll(lambda i=i: _has_route(bed, i, far, FAR_IP)), (i, _routes(bed, i))
-        assert _poll(lambda: len(_skipped(bed, 1, far)) == 1), _skipped(bed, 1, far)
+            assert poll(lambda i=i: _has_route(bed, i, far, FAR_IP)), (i, _routes(bed, i))
+        assert poll(lambda: len(_skipped(bed, 1, far)) == 1), _skipped(bed, 1, far)
         assert _skipped(bed, 1, far)[0]["public_ip"] == FAR_IP
         assert not _routes(bed, 1, far)
-        assert far not in _node_status(bed, 1)["programmed"]
-        assert _node_status(bed, 1)["netlink_errors"] == 0
+        assert far not in node_status(bed, 1)["programmed"]
+        assert node_status(bed, 1)["netlink_errors"] == 0
     finally:
         bed.etcdctl("del", _key(far))
         bed.exec("n1", ["ip", "route", "del", "192.0.2.200/29"], check=False)
     for i in (2, 3):
-        assert _poll(lambda i=i: not _routes(bed, i, far)), (i, _routes(bed, i))
+        assert poll(lambda i=i: not _routes(bed, i, far)), (i, _routes(bed, i))
     _ping(bed, "n1-p1", bed.pod_ip("n3-p1"))

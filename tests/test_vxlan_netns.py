@@ -14,9 +14,8 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from ipaddress import IPv4Network
 from pathlib import Path
 from typing import Any
@@ -26,7 +25,7 @@ import pytest
 from encap import arp, vxlan
 from encap.ipv4 import build_header
 from overlay.testbed import Testbed
-from tests.conftest import node_status, transfer
+from tests.conftest import node_status, poll, transfer
 
 pytestmark = pytest.mark.netns
 SUBNETS = "/coreos.com/network/subnets"
@@ -157,16 +156,6 @@ def _send_udp(bed: Testbed, where: str, dst: str, payloads: list[bytes], dport: 
     )
     result = bed.exec(where, [sys.executable, "-c", code], check=True, capture_output=True)
     return int(result.stdout)
-
-
-def _poll(check: Callable[[], Any], timeout: float = 5.0, every: float = 0.05) -> Any:
-    """check()'s first truthy result within timeout, else its last (falsy) one."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result or time.monotonic() > deadline:
-            return result
-        time.sleep(every)
 
 
 def _drops(bed: Testbed, node: str) -> dict[str, int]:
@@ -332,7 +321,7 @@ def test_frames_we_send_decode_as_vxlan(bed: Testbed) -> None:
 
 
 def _wait_drop(bed: Testbed, node: str, reason: str, before: int) -> int:
-    return int(_poll(lambda: max(_drops(bed, node).get(reason, 0) - before, 0)))
+    return int(poll(lambda: max(_drops(bed, node).get(reason, 0) - before, 0)))
 
 
 def test_malformed_vxlan_is_counted_and_dropped(bed: Testbed) -> None:
@@ -388,7 +377,7 @@ def test_arp_for_our_vtep_address_is_answered(bed: Testbed) -> None:
     cap = Capture(bed, "n2", f"udp dst port {PORT} and src host {n1_ip} and dst host {n2_ip}", 1)
     try:
         _send_udp(bed, "n2", n1_ip, [request])
-        assert _poll(lambda: node_status(bed, "n1")["arp_replies"] == before + 1)
+        assert poll(lambda: node_status(bed, "n1")["arp_replies"] == before + 1)
         packets = rdpcap(str(cap.wait()))
     finally:
         cap.close()
@@ -495,7 +484,7 @@ def test_lease_of_another_backend_is_skipped_once(bed: Testbed) -> None:
         # A vxlan lease put afterwards: once every node has it, it has seen the three puts.
         _put_lease(bed, marker, _vxlan_lease(FAKE_IP))
         for i in (1, 2, 3):
-            assert _poll(lambda i=i: str(marker) in _peer_subnets(bed, f"n{i}")), i
+            assert poll(lambda i=i: str(marker) in _peer_subnets(bed, f"n{i}")), i
             assert str(other) not in _peer_subnets(bed, f"n{i}")
             skipped = _skipped_lines(bed, i, other)
             assert len(skipped) == 1, skipped
@@ -505,7 +494,7 @@ def test_lease_of_another_backend_is_skipped_once(bed: Testbed) -> None:
         _del_lease(bed, other)
         _del_lease(bed, marker)
     for i in (1, 2, 3):
-        assert _poll(lambda i=i: str(marker) not in _peer_subnets(bed, f"n{i}")), i
+        assert poll(lambda i=i: str(marker) not in _peer_subnets(bed, f"n{i}")), i
 
 
 def _kernel_state(bed: Testbed, node: str) -> dict[str, Any]:
@@ -575,13 +564,13 @@ def test_kernel_node_is_programmed_like_flanneld(bed: Testbed) -> None:
     mac = lease["BackendData"]["VtepMAC"]
     try:
         _put_lease(bed, fake, lease)
-        assert _poll(lambda: _peer_programmed(_kernel_state(bed, "n3"), fake, FAKE_IP, mac)), (
+        assert poll(lambda: _peer_programmed(_kernel_state(bed, "n3"), fake, FAKE_IP, mac)), (
             _kernel_state(bed, "n3")
         )
         assert str(fake) in node_status(bed, "n3")["programmed"]
     finally:
         _del_lease(bed, fake)
-    assert _poll(lambda: _peer_gone(_kernel_state(bed, "n3"), fake, FAKE_IP, mac)), _kernel_state(
+    assert poll(lambda: _peer_gone(_kernel_state(bed, "n3"), fake, FAKE_IP, mac)), _kernel_state(
         bed, "n3"
     )
     assert str(fake) not in node_status(bed, "n3")["programmed"]
@@ -635,7 +624,7 @@ def test_direct_routing_uses_plain_routes() -> None:
         for here, there in ((1, 2), (2, 1)):
             subnet = str(_subnet(tb, f"n{there}"))
             want = {"dst": subnet, "gateway": str(tb.node_ip(there)), "dev": "eth0"}
-            assert _poll(
+            assert poll(
                 lambda here=here, subnet=subnet, want=want: any(
                     {k: r.get(k) for k in want} == want for r in _routes(tb, f"n{here}", subnet)
                 )

@@ -365,6 +365,7 @@ class UdpDataplane:
         gathering never waits for more."""
         recv = self.sock.recvmsg_into
         view = self._rx_view
+        whole = [self._rx_buffer]  # no run open: receive at the front, no new slice
         gro_size = gso.gro_size
         deliver = self._deliver
         drops = self.counters.drops
@@ -373,7 +374,9 @@ class UdpDataplane:
         run_source = ""
         while moved < BUDGET:
             try:
-                size, ancdata, flags, (source_ip, _port) = recv([view[at:]], GRO_CMSG_SPACE)
+                size, ancdata, flags, (source_ip, _port) = recv(
+                    [view[at:]] if at else whole, GRO_CMSG_SPACE
+                )
             except BlockingIOError:
                 break
             except OSError:
