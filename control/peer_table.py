@@ -7,10 +7,30 @@ SubnetLen, so there is usually one probe), not flannel's linear first-match scan
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from ipaddress import IPv4Network
 
 from control.lease import Lease
+
+
+class PeerStats:
+    """Per-peer traffic counters, plain attributes bumped on the hot path (once per send
+    group or receive, not per packet) and read at scrape time. ``last_rx``/``last_tx`` are
+    ``time.monotonic()`` values (0.0: never), the same clock in every worker process.
+    Carried over when a peer's lease changes, so a renewed or edited lease keeps them."""
+
+    __slots__ = ("tx_packets", "tx_bytes", "rx_packets", "rx_bytes", "last_tx", "last_rx")
+
+    def __init__(self) -> None:
+        self.tx_packets = 0
+        self.tx_bytes = 0
+        self.rx_packets = 0
+        self.rx_bytes = 0
+        self.last_tx = 0.0
+        self.last_rx = 0.0
+
+    def snapshot(self) -> dict[str, float]:
+        return {name: getattr(self, name) for name in self.__slots__}
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,6 +43,7 @@ class Peer:
     # Encapsulation bytes put before every packet to this peer (VXLAN + Ethernet header),
     # computed once here instead of per packet; empty for flannel's udp framing.
     prefix: bytes = b""
+    stats: PeerStats = field(default_factory=PeerStats, compare=False)
 
     def owns(self, address: bytes) -> bool:
         """Whether a 4-byte address lies inside this peer's subnet."""
@@ -39,6 +60,7 @@ class PeerTable:
         # [(shift, {masked destination: peer})], longest prefix first.
         self._by_prefix: list[tuple[int, dict[int, Peer]]] = []
         self._by_public_ip: dict[str, Peer] = {}
+        self._sources: dict[str, tuple[tuple[int, int], ...]] = {}
 
     def __len__(self) -> int:
         return len(self._by_subnet)
@@ -57,7 +79,7 @@ class PeerTable:
         old = self._by_subnet.get(lease.subnet)
         if old is not None and old.lease == lease:
             return False
-        self._by_subnet[lease.subnet] = self._peer(lease)
+        self._by_subnet[lease.subnet] = self._peer(lease, old)
         self._rebuild()
         return True
 
@@ -82,29 +104,33 @@ class PeerTable:
         for lease in removed:
             del self._by_subnet[lease.subnet]
         for lease in changed:
-            self._by_subnet[lease.subnet] = self._peer(lease)
+            self._by_subnet[lease.subnet] = self._peer(lease, self._by_subnet.get(lease.subnet))
         if removed or changed:
             self._rebuild()
         return changed, removed
 
-    def _peer(self, lease: Lease) -> Peer:
+    def _peer(self, lease: Lease, old: Peer | None = None) -> Peer:
         return Peer(
             lease=lease,
             addr=(str(lease.public_ip), self.port),
             net=int(lease.subnet.network_address),
             shift=32 - lease.subnet.prefixlen,
             prefix=self.prefix_for(lease) if self.prefix_for else b"",
+            stats=old.stats if old is not None else PeerStats(),
         )
 
     def _rebuild(self) -> None:
         by_shift: dict[int, dict[int, Peer]] = {}
         by_ip: dict[str, Peer] = {}
+        sources: dict[str, list[tuple[int, int]]] = {}
         for peer in self._by_subnet.values():
             by_shift.setdefault(peer.shift, {})[peer.net >> peer.shift] = peer
-            by_ip[peer.addr[0]] = peer
+            by_ip.setdefault(peer.addr[0], peer)
+            sources.setdefault(peer.addr[0], []).append((peer.net >> peer.shift, peer.shift))
         # Swap whole objects: the hot path never sees a half-built table.
         self._by_prefix = sorted(by_shift.items())
         self._by_public_ip = by_ip
+        self._sources = {ip: tuple(found) for ip, found in sources.items()}
 
     def lookup(self, address: bytes | bytearray | memoryview) -> Peer | None:
         """The peer whose subnet holds the 4-byte ``address`` (longest prefix wins)."""
@@ -116,4 +142,11 @@ class PeerTable:
         return None
 
     def by_public_ip(self, ip: str) -> Peer | None:
+        """The peer (the first of its leases) that sends from public IP ``ip``."""
         return self._by_public_ip.get(ip)
+
+    def sources_of(self, ip: str) -> tuple[tuple[int, int], ...]:
+        """Where inner sources of datagrams from public IP ``ip`` may lie: ``(network >>
+        shift, shift)`` of every lease that carries it (a node may hold several); empty
+        for an unknown sender."""
+        return self._sources.get(ip, ())

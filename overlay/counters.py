@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
+BATCH_MAX = 64  # UDP_MAX_SEGMENTS / a GRO receive's most datagrams
+
 
 @dataclass
 class Counters:
@@ -21,6 +23,11 @@ class Counters:
     rx_gro_receives: int = 0
     rx_tun_super_packets: int = 0
     drops: Counter[str] = field(default_factory=Counter)
+    # Batch sizes, for histograms: tx_batch[n] counts sends (sendmsg/sendto) that carried
+    # n datagrams, rx_batch[n] receives (recvmsg, a gathered run) that carried n; n is
+    # capped at BATCH_MAX. Bumped once per send or receive, never per packet.
+    tx_batch: list[int] = field(default_factory=lambda: [0] * (BATCH_MAX + 1))
+    rx_batch: list[int] = field(default_factory=lambda: [0] * (BATCH_MAX + 1))
 
     def snapshot(self) -> dict[str, object]:
         return {
@@ -34,6 +41,8 @@ class Counters:
             "rx_gro_receives": self.rx_gro_receives,
             "rx_tun_super_packets": self.rx_tun_super_packets,
             "drops": dict(sorted(self.drops.items())),
+            "tx_batch": list(self.tx_batch),
+            "rx_batch": list(self.rx_batch),
         }
 
 
@@ -41,10 +50,15 @@ def add_snapshots(snapshots: list[dict[str, object]]) -> dict[str, object]:
     """The sum of several ``Counters.snapshot()``s (one per worker), drops by reason."""
     sums: Counter[str] = Counter()
     drops: Counter[str] = Counter()
+    batches: dict[str, list[int]] = {}
     for snapshot in snapshots:
         for name, value in snapshot.items():
             if isinstance(value, dict):
                 drops.update(value)
+            elif isinstance(value, list):
+                total = batches.setdefault(name, [0] * len(value))
+                for i, n in enumerate(value[: len(total)]):
+                    total[i] += n
             elif isinstance(value, int):
                 sums[name] += value
-    return {**sums, "drops": dict(sorted(drops.items()))}
+    return {**sums, "drops": dict(sorted(drops.items())), **batches}

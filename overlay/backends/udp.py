@@ -42,6 +42,7 @@ from encap import gso, icmp
 from encap import tso as tso_codec
 from encap.errors import CodecError
 from overlay.counters import Counters
+from overlay.tap import Tap
 from tun.device import TunDevice
 from tun.offload import VNET_HDR_LEN
 
@@ -120,6 +121,7 @@ class UdpDataplane:
         self.own_shift = 32 - own_subnet.prefixlen
         self._own = (self.own_net >> self.own_shift, self.own_shift)  # as gso.valid_pieces
         self.icmp_limit = RateLimiter()
+        self.tap: Tap | None = None  # an attached `overlay trace` (overlay.tap)
         # Two datagrams' worth: a gathered run (on_socket_readable_gro) stays within the
         # first 64 KiB, and the next receive always has room for a whole datagram.
         self._rx_buffer = bytearray(2 * MAX_DATAGRAM)
