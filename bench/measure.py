@@ -135,8 +135,22 @@ def iperf3_tcp(
     port: int = 5201,
 ) -> float:
     """TCP throughput in Gbit/s (receiver side) from ``client`` to ``server``."""
+    return iperf3_tcp_bytes(bed, server, server_ip, client, seconds, streams, port)[0]
+
+
+def iperf3_tcp_bytes(
+    bed: Testbed,
+    server: str,
+    server_ip: str,
+    client: str,
+    seconds: float = 5,
+    streams: int = 1,
+    port: int = 5201,
+) -> tuple[float, int]:
+    """(Gbit/s, bytes) the receiver got from ``client``, for CPU seconds per GB."""
     report = iperf3_json(bed, server, server_ip, client, ["-P", str(streams)], seconds, port)
-    return float(report["end"]["sum_received"]["bits_per_second"]) / 1e9
+    received = report["end"]["sum_received"]
+    return float(received["bits_per_second"]) / 1e9, int(received["bytes"])
 
 
 @dataclass(frozen=True)
