@@ -31,7 +31,7 @@ from scapy.layers.inet import IP, TCP, UDP
 
 from control.lease import Lease
 from control.peer_table import PeerTable
-from encap import gso
+from encap import gso, native
 from encap.checksum import internet_checksum, ones_complement_sum
 from encap.ipv4 import build_header
 from overlay.backends.udp import UdpDataplane
@@ -128,10 +128,14 @@ class Segment:
     dst: bytes = DST
 
     def build(self) -> bytes:
-        if self.protocol != 6:
+        if self.protocol != 6:  # UDP: a header (with a checksum) in front of the payload
+            udp = bytearray(struct.pack("!HHHH", self.sport, 5201, 8 + len(self.payload), 0))
+            udp += self.payload
+            pseudo = self.src + self.dst + struct.pack("!BBH", 0, 17, len(udp))
+            udp[6:8] = internet_checksum(pseudo + udp + b"\0" * (len(udp) % 2)).to_bytes(2, "big")
             return build_header(
-                src=self.src, dst=self.dst, protocol=self.protocol, payload_length=len(self.payload)
-            ) + bytes(self.payload)
+                src=self.src, dst=self.dst, protocol=self.protocol, payload_length=len(udp)
+            ) + bytes(udp)
         offset = (20 + len(self.options)) // 4
         tcp = bytearray(
             struct.pack(
@@ -204,7 +208,7 @@ def streams(draw: st.DrawFn) -> list[bytes]:
                     segment.ack = 2000
             if kind == "udp":
                 segment.protocol = 17
-                segment.payload = bytes(8 + length)
+                segment.payload = bytes(length)
             packets.append(segment.build())
             if kind not in ("retx", "udp"):
                 flows[port] = (seq + length + (kind in ("syn", "fin"))) & 0xFFFFFFFF
@@ -280,7 +284,7 @@ def test_plan_tun_writes_resegments_to_the_same_packets(packets: list[bytes]) ->
     out: list[bytes] = []
     writes = 0
     for data, size, segment in gro_buffers(packets):
-        planned = gso.plan_tun_writes(data, size, segment, ANY, ANY, drops)
+        planned = gso.plan_tun_writes(data, size, segment, (ANY,), ANY, drops)
         writes += len(planned)
         out += planned_packets(planned)
     assert not drops
@@ -295,7 +299,7 @@ def test_plan_tun_writes_merges_a_bulk_run_into_one_write() -> None:
         packets.append(Segment(40000, seq, 1, 0x18 if i == 43 else 0x10, payload, ident=i).build())
         seq += len(payload)
     [(data, size, segment)] = gro_buffers(packets)
-    writes = gso.plan_tun_writes(data, size, segment, ANY, ANY, Counter())
+    writes = gso.plan_tun_writes(data, size, segment, (ANY,), ANY, Counter())
     assert [count for _, count, _ in writes] == [44]
     buffers = writes[0][0]
     assert len(buffers) == 2 + 44  # vnet header, IPv4+TCP header, 44 payload views
@@ -316,6 +320,10 @@ def test_plan_tun_writes_merges_a_bulk_run_into_one_write() -> None:
         (17, 99, "rx_not_our_subnet"),  # destination 198.99.x.x
         (1, 4, None),  # TOS: valid, but ends the run
         (35, 1, None),  # window: valid, but ends the run
+        (9, 17, "rx_bad_l4_header"),  # "UDP" whose length field is TCP's sequence number
+        (10, 0, "rx_bad_ip_checksum"),  # not resealed below
+        (500, 0x55, "rx_bad_l4_checksum"),  # a payload byte: not resealed below
+        (0, 0x46, "rx_bad_ip_options"),  # IHL 6: the first 4 TCP bytes as an option
     ],
 )
 def test_plan_tun_writes_checks_every_segment_of_a_run(
@@ -327,16 +335,34 @@ def test_plan_tun_writes_checks_every_segment_of_a_run(
         seq += 1000
     [(data, size, segment)] = gro_buffers(packets)
     data[3 * segment + offset] = value
+    if reason not in ("rx_bad_ip_checksum", "rx_bad_l4_checksum"):
+        reseal(data, 3 * segment, 4 * segment)
     theirs = ours = (0xC612, 16)  # 198.18.0.0/16 for both ends
     drops: Counter[str] = Counter()
-    writes = gso.plan_tun_writes(data, size, segment, theirs, ours, drops)
+    writes = gso.plan_tun_writes(data, size, segment, (theirs,), ours, drops)
     expected: Counter[str] = Counter()
-    good = gso.valid_pieces(data, size, segment, theirs, ours, expected)
+    good = gso.valid_pieces(data, size, segment, (theirs,), ours, expected)
     assert drops == expected == (Counter({reason: 1}) if reason else Counter())
     assert [count for _, count, _ in writes] == ([3, 2] if reason else [3, 1, 2])
     assert [_stripped(p) for p in planned_packets(writes)] == [
         _stripped(bytes(data[a:b])) for a, b in good
     ]
+
+
+def reseal(data: bytearray, start: int, end: int) -> None:
+    """Valid IPv4 header and TCP/UDP checksums again for the packet at ``data[start:end]``
+    after a test changed a header field."""
+    ihl = (data[start] & 0x0F) * 4
+    data[start + 10 : start + 12] = b"\0\0"
+    data[start + 10 : start + 12] = internet_checksum(data[start : start + ihl]).to_bytes(2, "big")
+    protocol, l4 = data[start + 9], data[start + ihl : end]
+    field = {6: 16, 17: 6}.get(protocol)
+    if field is None or len(l4) < field + 2:
+        return
+    l4[field : field + 2] = b"\0\0"
+    pseudo = data[start + 12 : start + 20] + struct.pack("!BBH", 0, protocol, len(l4))
+    checksum = internet_checksum(pseudo + l4 + b"\0" * (len(l4) % 2))
+    data[start + ihl + field : start + ihl + field + 2] = checksum.to_bytes(2, "big")
 
 
 def _stripped(packet: bytes) -> bytes:
@@ -376,9 +402,9 @@ def test_plan_tun_writes_validates_like_valid_pieces(
             if piece + offset < size:
                 data[piece + offset] = value
         expected: Counter[str] = Counter()
-        good = gso.valid_pieces(data, size, segment, theirs, ours, expected)
+        good = gso.valid_pieces(data, size, segment, (theirs,), ours, expected)
         drops: Counter[str] = Counter()
-        planned = planned_packets(gso.plan_tun_writes(data, size, segment, theirs, ours, drops))
+        planned = planned_packets(gso.plan_tun_writes(data, size, segment, (theirs,), ours, drops))
         assert drops == expected
         assert [_stripped(p) for p in planned] == [_stripped(bytes(data[a:b])) for a, b in good]
 
@@ -498,13 +524,27 @@ class FakeSocket:
         return out
 
 
+@pytest.fixture(params=["native", "pure"])
+def codecs(request: pytest.FixtureRequest) -> str:
+    """Each dataplane test runs on the native module and on the pure-Python reference."""
+    if request.param == "native" and not native.AVAILABLE:
+        pytest.fail(f"encap._native did not load: {native.LOAD_ERROR}")
+    return str(request.param)
+
+
 def dataplane(
-    tun: FakeTun, sock: FakeSocket, offload: bool = True, tun_tso: bool = False
+    tun: FakeTun,
+    sock: FakeSocket,
+    codecs: str,
+    offload: bool = True,
+    tun_tso: bool = False,
 ) -> UdpDataplane:
     peers = PeerTable(8285)
     peers.upsert(PEER_A)
     peers.upsert(PEER_B)
-    return UdpDataplane(tun, sock, peers, OWN, Counters(), offload=offload, tun_tso=tun_tso)  # type: ignore[arg-type]
+    dp = UdpDataplane(tun, sock, peers, OWN, Counters(), offload=offload, tun_tso=tun_tso)  # type: ignore[arg-type]
+    dp.native = codecs == "native"
+    return dp
 
 
 def tx_batch() -> list[tuple[bytes, tuple[str, int]]]:
@@ -525,10 +565,11 @@ def tx_batch() -> list[tuple[bytes, tuple[str, int]]]:
 
 
 @pytest.mark.parametrize("vnet", [True, False])
-def test_tx_sends_gso_groups_of_whole_packets(vnet: bool) -> None:
+def test_tx_sends_gso_groups_of_whole_packets(vnet: bool, codecs: str) -> None:
     tun, sock = FakeTun(vnet), FakeSocket()
-    dp = dataplane(tun, sock)
+    dp = dataplane(tun, sock, codecs)
     assert dp.features() == {
+        "native": codecs == "native",
         "offload": True,
         "udp_gso": True,
         "udp_gro": True,
@@ -551,11 +592,11 @@ def test_tx_sends_gso_groups_of_whole_packets(vnet: bool) -> None:
     assert dp.counters.tx_gso_sends == 4
 
 
-def test_tx_cuts_tun_super_packets_and_finishes_partial_checksums() -> None:
+def test_tx_cuts_tun_super_packets_and_finishes_partial_checksums(codecs: str) -> None:
     """With TSO the TUN hands us a 64 KiB TCP super-packet and partial checksums; what
     leaves is whole MTU-sized packets with complete checksums (scapy checks them)."""
     tun, sock = FakeTun(True), FakeSocket()
-    dp = dataplane(tun, sock, tun_tso=True)
+    dp = dataplane(tun, sock, codecs, tun_tso=True)
     assert dp.features()["tun_tso"]
     dst = bytes(PEER_A.subnet.network_address.packed[:3]) + b"\x09"
     ip = IP(src="198.18.1.5", dst=".".join(map(str, dst)), id=7, flags="DF")
@@ -596,10 +637,10 @@ def test_tx_cuts_tun_super_packets_and_finishes_partial_checksums() -> None:
     [(errno.EIO, True, False), (errno.EINVAL, False, False), (errno.EINVAL, True, True)],
 )
 def test_tx_falls_back_to_sendto_when_a_gso_send_fails(
-    error: int, worked_before: bool, gso_after: bool
+    error: int, worked_before: bool, gso_after: bool, codecs: str
 ) -> None:
     tun, sock = FakeTun(True), FakeSocket()
-    dp = dataplane(tun, sock)
+    dp = dataplane(tun, sock, codecs)
     if worked_before:
         tun.inject(tx_batch()[0][0])
         tun.inject(tx_batch()[1][0])
@@ -617,11 +658,12 @@ def test_tx_falls_back_to_sendto_when_a_gso_send_fails(
     assert not dp.counters.drops
 
 
-def test_unsupported_offloads_and_no_offload_take_the_plain_path() -> None:
+def test_unsupported_offloads_and_no_offload_take_the_plain_path(codecs: str) -> None:
     for sock, offload in ((FakeSocket(refuse=(103, 104)), True), (FakeSocket(), False)):
         tun = FakeTun(True)
-        dp = dataplane(tun, sock, offload=offload)
+        dp = dataplane(tun, sock, codecs, offload=offload)
         assert dp.features() == {
+            "native": codecs == "native",
             "offload": offload,
             "udp_gso": False,
             "udp_gro": False,
@@ -637,9 +679,9 @@ def test_unsupported_offloads_and_no_offload_take_the_plain_path() -> None:
 
 
 @pytest.mark.parametrize("vnet", [True, False])
-def test_rx_splits_gro_receives_and_validates_each_datagram(vnet: bool) -> None:
+def test_rx_splits_gro_receives_and_validates_each_datagram(vnet: bool, codecs: str) -> None:
     tun, sock = FakeTun(vnet), FakeSocket()
-    dp = dataplane(tun, sock)
+    dp = dataplane(tun, sock, codecs)
     src, dst = bytes([198, 18, 2, 7]), bytes([198, 18, 1, 5])  # from A's subnet to ours
     seq, run = 1, []
     for i in range(30):
@@ -648,6 +690,7 @@ def test_rx_splits_gro_receives_and_validates_each_datagram(vnet: bool) -> None:
         seq += 1400
     spoofed = bytearray(run[10])
     spoofed[12:16] = bytes([198, 18, 3, 7])  # B's subnet, sent by A
+    reseal(spoofed, 0, len(spoofed))
     datagrams = run[:10] + [bytes(spoofed)] + run[11:]
     sock.queue.append((b"".join(datagrams), len(run[0]), "192.0.2.2"))
     sock.queue.append((run[0], 0, "192.0.2.99"))  # not a peer
@@ -668,12 +711,12 @@ def test_rx_splits_gro_receives_and_validates_each_datagram(vnet: bool) -> None:
 
 
 @pytest.mark.parametrize("vnet", [True, False])
-def test_rx_gathers_single_datagrams_into_runs(vnet: bool) -> None:
+def test_rx_gathers_single_datagrams_into_runs(vnet: bool, codecs: str) -> None:
     """A sender without GSO (the kernel's vxlan device, flannel's C proxy) sends one
     datagram per packet: a run of them from one peer is gathered and written as if GRO
     had coalesced it; whatever does not fit the run ends it and is still delivered."""
     tun, sock = FakeTun(vnet), FakeSocket()
-    dp = dataplane(tun, sock)
+    dp = dataplane(tun, sock, codecs)
     src, dst = bytes([198, 18, 2, 7]), bytes([198, 18, 1, 5])
     seq, run = 1, []
     for i in range(100):
@@ -697,9 +740,9 @@ def test_rx_gathers_single_datagrams_into_runs(vnet: bool) -> None:
     assert dp.counters.rx_tun_super_packets == (4 if vnet else 0)
 
 
-def test_rx_plain_path_validates_each_datagram() -> None:
+def test_rx_plain_path_validates_each_datagram(codecs: str) -> None:
     tun, sock = FakeTun(False), FakeSocket()
-    dp = dataplane(tun, sock, offload=False)
+    dp = dataplane(tun, sock, codecs, offload=False)
     good = Segment(1, 1, 1, 0x10, b"x" * 50, src=bytes([198, 18, 2, 7]), dst=bytes([198, 18, 1, 5]))
     packet = good.build()
     for data in (packet, b"", packet[:30], b"\x60" + packet[1:]):

@@ -70,6 +70,7 @@ class UdpBackend(Backend):
             self.ctx.counters,
             offload=not self.ctx.args.no_offload,
             tun_tso=not self.ctx.args.no_tun_tso,
+            mtu=self.mtu,
             **self._dataplane_options(lease),
         )  # a worker's is built by worker_dataplane(): keep worker_spec in step
 
@@ -125,6 +126,7 @@ class UdpBackend(Backend):
             "node": str(self.ctx.underlay.public_ip),
             "subnet": str(lease.subnet),
             "port": self.ctx.config.backend.port,
+            "mtu": self.mtu,
             "offload": not args.no_offload,
             # TUNSETOFFLOAD is device-wide: if ours takes TCP super-packets, every queue
             # gets them, so every worker must cut them too.
@@ -257,7 +259,7 @@ def worker_dataplane(
     """A worker's dataplane and its own peer table, built from ``worker_spec`` the way
     the backend builds the main process's (same class, options and per-peer prefix)."""
     subnet = IPv4Network(spec["subnet"])
-    options: dict[str, Any] = {"offload": spec["offload"]}
+    options: dict[str, Any] = {"offload": spec["offload"], "mtu": spec.get("mtu", 0)}
     if spec.get("tun_tso"):
         options["tun_tso"] = True
     if spec["backend"] == "vxlan":

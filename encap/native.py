@@ -1,0 +1,49 @@
+"""Which codecs the dataplane runs: the native module ``encap._native`` (C, built by
+``pip install`` from encap/_native.c) when it loads, else the pure-Python reference in
+``encap.tso`` and ``encap.gso``.
+
+The two implement the same functions with the same results, byte for byte and drop for
+drop (tests/test_native.py proves it on random and malformed input); the reference stays
+the description of the rules and the test oracle. ``OVERLAY_NATIVE=0`` in the
+environment selects the reference (to measure it, or to rule the native module out).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from types import ModuleType
+
+from encap import gso, tso
+
+_module: ModuleType | None
+LOAD_ERROR: str | None
+try:
+    if os.environ.get("OVERLAY_NATIVE", "1") == "0":
+        raise ImportError("OVERLAY_NATIVE=0 in the environment")
+    from encap import _native as _module
+
+    LOAD_ERROR = None
+except ImportError as e:  # not built (no compiler at install time) or refused to load
+    _module = None
+    LOAD_ERROR = str(e)
+
+AVAILABLE = _module is not None
+
+# The functions the dataplane calls, from the native module when it loaded.
+segment_tcp4: Callable[..., tuple[int, int, int]] = (
+    _module.segment_tcp4 if _module else tso.segment_tcp4
+)
+finish_checksums: Callable[..., None] = (
+    _module.finish_checksums if _module else tso.finish_checksums
+)
+drop_reason: Callable[..., str | None] = _module.drop_reason if _module else gso.drop_reason
+# Native only: validate a receive and write it into the TUN in one call (None without it).
+deliver: Callable[..., tuple[int, int, int]] | None = _module.deliver if _module else None
+
+
+def module() -> ModuleType:
+    """The native module itself (for the differential tests); ImportError without it."""
+    if _module is None:
+        raise ImportError(f"encap._native is not available: {LOAD_ERROR}")
+    return _module
