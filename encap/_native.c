@@ -172,7 +172,7 @@ static PyObject *segment_tcp4(PyObject *self, PyObject *args)
     Py_ssize_t stride = room + headers + gso_size;
     Py_ssize_t last = payload - (count - 1) * gso_size;
 
-    Py_BEGIN_ALLOW_THREADS
+    /* the GIL is kept: see the module docstring */
     /* Last segment first: segment i's output never reaches below segment i-1's payload,
      * and each payload is summed and moved before its header is written over it. */
     for (Py_ssize_t i = count - 1; i >= 0; i--) {
@@ -205,7 +205,6 @@ static PyObject *segment_tcp4(PyObject *self, PyObject *args)
         put16(h + ihl + 16, ~fold((uint32_t)(tcp % 0xFFFF)) & 0xFFFF);
         memcpy(out, prefix_copy, (size_t)room);
     }
-    Py_END_ALLOW_THREADS
     result = Py_BuildValue("nnn", count, stride, room + headers + last);
 done:
     PyMem_Free(prefix_copy);
@@ -882,7 +881,7 @@ static PyObject *deliver(PyObject *self, PyObject *args, PyObject *kwargs)
         goto done;
     uint8_t *d = a.data.buf;
     static const uint8_t plain[10] = {0};
-    Py_BEGIN_ALLOW_THREADS
+    /* the GIL is kept: see the module docstring */
     make_plan(d, a.size, a.segment, &a.rules, coalesce, a.mtu, &plan);
     for (Py_ssize_t i = 0; i < plan.nwrites; i++) {
         const plan_write_t *w = &plan.writes[i];
@@ -914,7 +913,6 @@ static PyObject *deliver(PyObject *self, PyObject *args, PyObject *kwargs)
         bytes += length;
         supers += super;
     }
-    Py_END_ALLOW_THREADS
     if (report(&plan, a.drops, a.arp))
         result = Py_BuildValue("nnn", packets, bytes, supers);
 done:

@@ -5,24 +5,45 @@
 The two implement the same functions with the same results, byte for byte and drop for
 drop (tests/test_native.py proves it on random and malformed input); the reference stays
 the description of the rules and the test oracle. ``OVERLAY_NATIVE=0`` in the
-environment selects the reference (to measure it, or to rule the native module out).
+environment selects the reference (to measure it, or to rule the native module out);
+``OVERLAY_NATIVE_LIB=path/to/_native....so`` loads another build of the module (the
+sanitizer builds of ``make asan`` and ``make fuzz``).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import sys
 from collections.abc import Callable
 from types import ModuleType
 
 from encap import gso, tso
 
+
+def _load() -> ModuleType:
+    """The extension: the one built next to this file, or (sanitizer builds: make asan,
+    make fuzz) the file ``OVERLAY_NATIVE_LIB`` names."""
+    if os.environ.get("OVERLAY_NATIVE", "1") == "0":
+        raise ImportError("OVERLAY_NATIVE=0 in the environment")
+    path = os.environ.get("OVERLAY_NATIVE_LIB")
+    if not path:
+        from encap import _native
+
+        return _native
+    spec = importlib.util.spec_from_file_location("encap._native", path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"OVERLAY_NATIVE_LIB={path} is not an extension module")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["encap._native"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
 _module: ModuleType | None
 LOAD_ERROR: str | None
 try:
-    if os.environ.get("OVERLAY_NATIVE", "1") == "0":
-        raise ImportError("OVERLAY_NATIVE=0 in the environment")
-    from encap import _native as _module
-
+    _module = _load()
     LOAD_ERROR = None
 except ImportError as e:  # not built (no compiler at install time) or refused to load
     _module = None

@@ -88,6 +88,7 @@ def segment_tcp4(
     the last only, full checksum. Returns (segments, the length of each but the last,
     the length of the last). Raises CodecError for what cannot be segmented.
     """
+    prefix = bytes(prefix)  # it may be a view of ``buf`` itself
     room = len(prefix)
     ip = at + room
     if at < 0 or length < 0 or ip + length > len(buf):
