@@ -590,6 +590,13 @@ def test_tx_sends_gso_groups_of_whole_packets(vnet: bool, codecs: str) -> None:
     ]
     assert dp.counters.tx_packets == len(batch)
     assert dp.counters.tx_gso_sends == 4
+    # One histogram entry per send, by datagrams carried; the peers' counters per send.
+    assert {n: k for n, k in enumerate(dp.counters.tx_batch) if k} == {44: 1, 27: 1, 3: 1, 5: 1}
+    a, b = (dp.peers.get(p.subnet) for p in (PEER_A, PEER_B))
+    assert a is not None and b is not None
+    assert (a.stats.tx_packets, b.stats.tx_packets) == (74, 5)
+    assert a.stats.tx_bytes == sum(len(p) for p, addr in batch if addr[0] == "192.0.2.2")
+    assert a.stats.last_tx > 0 and a.stats.rx_packets == 0 and a.stats.last_rx == 0
 
 
 def test_tx_cuts_tun_super_packets_and_finishes_partial_checksums(codecs: str) -> None:
@@ -708,6 +715,114 @@ def test_rx_splits_gro_receives_and_validates_each_datagram(vnet: bool, codecs: 
     assert tun.writes == (2 if vnet else 29)
     assert dp.counters.rx_tun_super_packets == (2 if vnet else 0)
     assert dp.counters.rx_gro_receives == 1
+
+
+def test_rx_counts_batches_and_peers(codecs: str) -> None:
+    tun, sock = FakeTun(True), FakeSocket()
+    dp = dataplane(tun, sock, codecs)
+    src, dst = bytes([198, 18, 2, 7]), bytes([198, 18, 1, 5])
+    run = [Segment(1, 1 + 100 * i, 1, 0x10, b"r" * 100, src=src, dst=dst).build() for i in range(7)]
+    sock.queue.append((b"".join(run), len(run[0]), "192.0.2.2"))
+    sock.queue.append((run[0], 0, "192.0.2.2"))  # a single one, from a GRO socket
+    dp.on_socket_readable_gro()
+    assert {n: k for n, k in enumerate(dp.counters.rx_batch) if k} == {7: 1, 1: 1}
+    a = dp.peers.get(PEER_A.subnet)
+    assert a is not None
+    assert (a.stats.rx_packets, a.stats.rx_bytes) == (8, 8 * len(run[0]))
+    assert a.stats.last_rx > 0 and a.stats.tx_packets == 0
+
+
+def test_rx_accepts_every_lease_of_a_sender(codecs: str) -> None:
+    """A node may hold several leases (PeerTable.sources_of): its datagrams are accepted
+    from inside any of them, and only those."""
+    tun, sock = FakeTun(True), FakeSocket()
+    dp = dataplane(tun, sock, codecs)
+    dp.peers.upsert(Lease(IPv4Network("198.18.9.0/24"), IPv4Address("192.0.2.2")))
+    dst = bytes([198, 18, 1, 5])
+    packets = [
+        Segment(1, 1, 1, 0x18, b"p" * 60, src=bytes([198, 18, n, 7]), dst=dst).build()
+        for n in (2, 9, 3)  # A's first lease, A's second lease, B's
+    ]
+    for packet in packets:
+        sock.queue.append((packet, 0, "192.0.2.2"))
+    dp.on_socket_readable_gro()
+    assert [_without_ident(p) for p in tun.written()] == [_without_ident(p) for p in packets[:2]]
+    assert dp.counters.drops == {"rx_foreign_source": 1}
+
+
+class RecordingTap:
+    """A fake trace: the Tap protocol (overlay.tap) is the interface under test here."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[Any, ...]] = []
+
+    def inner(self, direction: str, packet: bytes) -> None:
+        self.events.append(("inner", direction, bytes(packet)))
+
+    def outer(self, direction: str, datagram: bytes, peer: tuple[str, int]) -> None:
+        self.events.append(("outer", direction, bytes(datagram), peer))
+
+    def drop(self, reason: str, data: bytes, peer: tuple[str, int] | None) -> None:
+        self.events.append(("drop", reason, bytes(data), peer))
+
+
+def test_an_attached_tap_sees_every_packet_and_drop(codecs: str) -> None:
+    tun, sock = FakeTun(True), FakeSocket()
+    dp = dataplane(tun, sock, codecs, tun_tso=True)
+    tap = RecordingTap()
+    dp.tap = tap
+    # TX: a TCP super-packet (reported as the segments it is cut into), a packet with
+    # no route, and a 10-byte runt.
+    src, to_a = bytes([198, 18, 1, 5]), bytes([198, 18, 2, 9])
+    bulk = Segment(1, 1, 1, 0x10, bytes(range(200)) * 10, src=src, dst=to_a).build()
+    tun.inject(bulk, struct.pack("=BBHHHH", 1, 1, 52, 800, 20, 16))
+    nowhere = Segment(1, 1, 1, 0x10, b"n", src=src, dst=bytes([198, 18, 77, 1])).build()
+    tun.inject(nowhere)
+    tun.inject(b"\x45" + bytes(9))
+    dp.on_tun_readable()
+    sent = [d for d, _ in sock.datagrams()]
+    assert len(sent) == 3  # 2000 bytes of payload in 800-byte segments
+    expected_tx: list[tuple[Any, ...]] = [("drop", "tx_no_route", nowhere, None)]
+    expected_tx.append(("drop", "tx_not_ipv4", b"\x45" + bytes(9), None))
+    for datagram in sent:
+        expected_tx += [("inner", "tx", datagram), ("outer", "tx", datagram, ("192.0.2.2", 8285))]
+    assert tap.events == expected_tx
+    [unreachable] = tun.written()  # the ICMP error for the packet without a route
+    assert unreachable[9] == 1 and unreachable[28:] == nowhere
+    # RX: one GRO receive from A with a spoofed datagram in it, one from a stranger.
+    tap.events.clear()
+    dst = bytes([198, 18, 1, 5])
+    good = [
+        Segment(1, 1 + 50 * i, 1, 0x10, b"g" * 50, src=bytes([198, 18, 2, 7]), dst=dst).build()
+        for i in range(3)
+    ]
+    spoofed = bytearray(good[1])
+    spoofed[12:16] = bytes([198, 18, 3, 7])
+    reseal(spoofed, 0, len(spoofed))
+    batch = [good[0], bytes(spoofed), good[2]]
+    sock.queue.append((b"".join(batch), len(good[0]), "192.0.2.2"))
+    sock.queue.append((good[0], 0, "192.0.2.99"))
+    dp.on_socket_readable_gro()
+    peer = ("192.0.2.2", 8285)
+    assert tap.events == [
+        ("outer", "rx", good[0], peer),
+        ("inner", "rx", good[0]),
+        ("outer", "rx", bytes(spoofed), peer),
+        ("drop", "rx_foreign_source", bytes(spoofed), peer),
+        ("outer", "rx", good[2], peer),
+        ("inner", "rx", good[2]),
+        ("drop", "rx_unknown_peer", good[0], ("192.0.2.99", 8285)),
+    ]
+    assert [_without_ident(p) for p in tun.written()] == [
+        _without_ident(good[0]),
+        _without_ident(good[2]),
+    ]
+    assert dp.counters.rx_packets == 2
+    # Detached: the fast path again, nothing reported.
+    dp.tap = None
+    sock.queue.append((b"".join(batch), len(good[0]), "192.0.2.2"))
+    dp.on_socket_readable_gro()
+    assert len(tap.events) == 7 and dp.counters.rx_packets == 4
 
 
 @pytest.mark.parametrize("vnet", [True, False])

@@ -15,7 +15,7 @@ from typing import Any
 
 from control.lease import Lease
 from control.peer_table import PeerTable
-from encap import udp_frame, vxlan
+from encap import native, udp_frame, vxlan
 from overlay import kernel_routes
 from overlay.backends.base import Backend, Context
 from overlay.backends.kernel import RouteWorker, Undo, direct_route, vtep_mac_of
@@ -84,6 +84,12 @@ class UdpBackend(Backend):
             self.mtu,
             config.network,
         )
+        if not native.AVAILABLE:
+            self.ctx.log.warning(
+                "native_codecs_unavailable",
+                error=native.LOAD_ERROR,
+                effect="the pure-Python reference codecs run, several times slower",
+            )
         count = self.ctx.args.workers
         sock = self._open_socket(reuse_port=count > 1)
         self.dataplane = self._dataplane(sock, lease)
