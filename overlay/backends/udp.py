@@ -54,7 +54,7 @@ MAX_DATAGRAM = 65535
 TX_ARENA = 1024 * 1024
 # recvmsg ancillary space for the UDP_GRO cmsg (one int).
 GRO_CMSG_SPACE = socket.CMSG_SPACE(4)
-MSG_TRUNC = socket.MSG_TRUNC
+MSG_TRUNC = int(socket.MSG_TRUNC)  # a plain int: "flags & IntFlag" runs enum code (~0.6 us)
 
 
 class RateLimiter:
@@ -178,9 +178,9 @@ class UdpDataplane:
         lengths, addrs = self._read_tun()
         if not lengths:
             return
-        if self.tap is not None:  # a trace sees every packet: one sendto each
-            self._send_each(lengths, addrs, 0, len(lengths))
-        elif self.gso:
+        # One packet (a ping, an ACK at low rate) or a trace attached (which sees every
+        # packet): one sendto each, without planning groups (~1 us less per hop).
+        if self.gso and len(lengths) > 1 and self.tap is None:
             self._send_groups(lengths, addrs)
         else:
             self._send_each(lengths, addrs, 0, len(lengths))
