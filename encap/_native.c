@@ -107,62 +107,44 @@ static PyObject *raise_codec(const char *reason, const char *detail)
 #define ACK 0x10
 #define CWR 0x80
 
-static PyObject *segment_tcp4(PyObject *self, PyObject *args)
+/* The cut itself: NULL when done (count, stride, last set), else the CodecError reason
+ * (detail filled). ``prefix`` must not lie in ``b``. */
+static const char *cut_tcp4(uint8_t *b, Py_ssize_t size, Py_ssize_t at, Py_ssize_t length,
+                            Py_ssize_t gso_size, const uint8_t *prefix, Py_ssize_t room,
+                            Py_ssize_t out[3], char *detail, size_t detail_size)
 {
-    Py_buffer buf, prefix;
-    Py_ssize_t at, length, gso_size;
-    if (!PyArg_ParseTuple(args, "w*nnny*", &buf, &at, &length, &gso_size, &prefix))
-        return NULL;
-    PyObject *result = NULL;
-    uint8_t *b = buf.buf;
-    Py_ssize_t room = prefix.len, size = buf.len;
-    uint8_t *prefix_copy = NULL; /* the prefix may lie in buf itself */
-    char detail[96];
+    detail[0] = 0;
     Py_ssize_t ip = at + room;
     if (at < 0 || length < 0 || at > size || room > size - at || length > size - ip) {
-        snprintf(detail, sizeof detail, "length %zd at %zd", length, at);
-        raise_codec("gso_bad_length", detail);
-        goto done;
+        snprintf(detail, detail_size, "length %zd at %zd", length, at);
+        return "gso_bad_length";
     }
-    if (length < 40 || b[ip] >> 4 != 4 || b[ip + 9] != 6) {
-        raise_codec("gso_not_tcp4", "");
-        goto done;
-    }
+    if (length < 40 || b[ip] >> 4 != 4 || b[ip + 9] != 6)
+        return "gso_not_tcp4";
     Py_ssize_t ihl = (b[ip] & 0x0F) * 4;
-    snprintf(detail, sizeof detail, "length %zd", length);
     if (ihl < 20 || ihl + 20 > length) {
-        raise_codec("gso_bad_headers", detail);
-        goto done;
+        snprintf(detail, detail_size, "length %zd", length);
+        return "gso_bad_headers";
     }
     Py_ssize_t headers = ihl + (b[ip + ihl + 12] >> 4) * 4;
     if (headers < ihl + 20 || headers >= length) {
-        raise_codec("gso_bad_headers", detail);
-        goto done;
+        snprintf(detail, detail_size, "length %zd", length);
+        return "gso_bad_headers";
     }
-    if ((b[ip + 6] & 0x3F) || b[ip + 7]) {
-        raise_codec("gso_fragment", "");
-        goto done;
-    }
+    if ((b[ip + 6] & 0x3F) || b[ip + 7])
+        return "gso_fragment";
     if (!(gso_size > 0 && gso_size <= 0xFFFF - headers)) {
-        snprintf(detail, sizeof detail, "gso_size %zd", gso_size);
-        raise_codec("gso_bad_size", detail);
-        goto done;
+        snprintf(detail, detail_size, "gso_size %zd", gso_size);
+        return "gso_bad_size";
     }
     Py_ssize_t payload = length - headers;
     Py_ssize_t count = (payload + gso_size - 1) / gso_size;
     Py_ssize_t end = ip + length;
     /* count <= 65535 and room + headers < 2**31: no overflow in 64 bits */
     if ((count - 1) * (room + headers) + 3 > size - end) {
-        snprintf(detail, sizeof detail, "%zd segments", count);
-        raise_codec("gso_no_room", detail);
-        goto done;
+        snprintf(detail, detail_size, "%zd segments", count);
+        return "gso_no_room";
     }
-    prefix_copy = PyMem_Malloc(room ? (size_t)room : 1);
-    if (prefix_copy == NULL) {
-        PyErr_NoMemory();
-        goto done;
-    }
-    memcpy(prefix_copy, prefix.buf, (size_t)room);
     uint8_t original[120]; /* IPv4 (<= 60) + TCP (<= 60) headers */
     memcpy(original, b + ip, (size_t)headers);
     uint32_t ip_id = be16(original + 4);
@@ -171,17 +153,16 @@ static PyObject *segment_tcp4(PyObject *self, PyObject *args)
     uint32_t addresses = sum16(original + 12, 8);
     Py_ssize_t stride = room + headers + gso_size;
     Py_ssize_t last = payload - (count - 1) * gso_size;
-
     /* the GIL is kept: see the module docstring */
     /* Last segment first: segment i's output never reaches below segment i-1's payload,
      * and each payload is summed and moved before its header is written over it. */
     for (Py_ssize_t i = count - 1; i >= 0; i--) {
         Py_ssize_t chunk = i == count - 1 ? last : gso_size;
         const uint8_t *source = b + ip + headers + i * gso_size;
-        uint8_t *out = b + at + i * stride;
+        uint8_t *dest = b + at + i * stride;
         uint32_t chunk_sum = sum16(source, chunk);
-        memmove(out + room + headers, source, (size_t)chunk);
-        uint8_t *h = out + room;
+        memmove(dest + room + headers, source, (size_t)chunk);
+        uint8_t *h = dest + room;
         memcpy(h, original, (size_t)headers);
         uint32_t total = (uint32_t)(headers + chunk);
         put16(h + 2, total);
@@ -203,13 +184,223 @@ static PyObject *segment_tcp4(PyObject *self, PyObject *args)
         uint64_t tcp = (uint64_t)addresses + 6 + (total - (uint32_t)ihl)
                      + sum16(h + ihl, headers - ihl) + chunk_sum;
         put16(h + ihl + 16, ~fold((uint32_t)(tcp % 0xFFFF)) & 0xFFFF);
-        memcpy(out, prefix_copy, (size_t)room);
+        memcpy(dest, prefix, (size_t)room);
     }
-    result = Py_BuildValue("nnn", count, stride, room + headers + last);
+    out[0] = count;
+    out[1] = stride;
+    out[2] = room + headers + last;
+    return NULL;
+}
+
+static PyObject *segment_tcp4(PyObject *self, PyObject *args)
+{
+    Py_buffer buf, prefix;
+    Py_ssize_t at, length, gso_size;
+    if (!PyArg_ParseTuple(args, "w*nnny*", &buf, &at, &length, &gso_size, &prefix))
+        return NULL;
+    PyObject *result = NULL;
+    char detail[96];
+    Py_ssize_t out[3];
+    uint8_t *prefix_copy = PyMem_Malloc(prefix.len ? (size_t)prefix.len : 1); /* may alias buf */
+    if (prefix_copy == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    memcpy(prefix_copy, prefix.buf, (size_t)prefix.len);
+    const char *reason = cut_tcp4(buf.buf, buf.len, at, length, gso_size, prefix_copy,
+                                  prefix.len, out, detail, sizeof detail);
+    if (reason != NULL)
+        raise_codec(reason, detail);
+    else
+        result = Py_BuildValue("nnn", out[0], out[1], out[2]);
 done:
     PyMem_Free(prefix_copy);
     PyBuffer_Release(&buf);
     PyBuffer_Release(&prefix);
+    return result;
+}
+
+/* -- TX: read_tun: the TUN drain of overlay.backends.udp.UdpDataplane._read_tun ------------ */
+
+static PyObject *str_addr, *str_prefix;
+
+#define VNET_NEEDS_CSUM 1
+#define VNET_GSO_NONE 0
+#define VNET_GSO_TCPV4 1
+
+static int tx_drop(PyObject *drop, const char *reason, Py_ssize_t at, Py_ssize_t length)
+{
+    PyObject *r = PyObject_CallFunction(drop, "snn", reason, at, length);
+    Py_XDECREF(r);
+    return r != NULL;
+}
+
+static PyObject *read_tun(PyObject *self, PyObject *args)
+{
+    int fd, vnet, tso;
+    Py_buffer arena;
+    Py_ssize_t headroom, budget, limit;
+    PyObject *lookup, *tx_peers, *no_route, *drop;
+    if (!PyArg_ParseTuple(args, "iw*pnnnpOO!OO", &fd, &arena, &vnet, &headroom, &budget, &limit,
+                          &tso, &lookup, &PyDict_Type, &tx_peers, &no_route, &drop))
+        return NULL;
+    uint8_t *b = arena.buf;
+    Py_ssize_t size = arena.len;
+    PyObject *lengths = PyList_New(0), *addrs = PyList_New(0), *result = NULL;
+    PyObject *addr = NULL, *prefix = NULL; /* the current peer's, owned */
+    Py_ssize_t (*regions)[3] = PyMem_Malloc(sizeof *regions * (size_t)(budget > 0 ? budget : 1));
+    Py_ssize_t nregions = 0, supers = 0, at = 0;
+    uint8_t last_dst[4] = {0};
+    int have_dst = 0;
+    char detail[96];
+    if (lengths == NULL || addrs == NULL || regions == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    if (headroom < 0 || limit > size - 2 * 65535 - headroom - 3) {
+        PyErr_SetString(PyExc_ValueError, "read_tun: the arena is too small for its limit");
+        goto done;
+    }
+    for (Py_ssize_t n = 0; n < budget; n++) {
+        if (at > limit)
+            break;
+        Py_ssize_t body = at + headroom;
+        uint8_t hdr[10] = {0};
+        struct iovec iov[2];
+        int k = 0;
+        if (vnet)
+            iov[k++] = (struct iovec){hdr, 10};
+        iov[k++] = (struct iovec){b + body, (size_t)(size - body)};
+        ssize_t got;
+        do
+            got = readv(fd, iov, k);
+        while (got < 0 && errno == EINTR);
+        if (got < 0) {
+            if (errno == EAGAIN || errno == EWOULDBLOCK)
+                break;
+            PyErr_SetFromErrno(PyExc_OSError);
+            goto done;
+        }
+        Py_ssize_t length = got - (vnet ? 10 : 0);
+        if (length < 20 || b[body] >> 4 != 4) {
+            if (!tx_drop(drop, "tx_not_ipv4", body, length))
+                goto done;
+            continue;
+        }
+        if (!have_dst || memcmp(b + body + 16, last_dst, 4) != 0) {
+            PyObject *dst = PyBytes_FromStringAndSize((const char *)b + body + 16, 4);
+            PyObject *peer = dst ? PyObject_CallOneArg(lookup, dst) : NULL;
+            Py_XDECREF(dst);
+            if (peer == NULL)
+                goto done;
+            PyObject *new_prefix = peer == Py_None ? NULL : PyObject_GetAttr(peer, str_prefix);
+            if (peer != Py_None && new_prefix == NULL) {
+                Py_DECREF(peer);
+                goto done;
+            }
+            if (new_prefix != NULL && !PyBytes_Check(new_prefix)) {
+                PyErr_SetString(PyExc_TypeError, "read_tun: a peer's prefix must be bytes");
+                Py_DECREF(new_prefix);
+                Py_DECREF(peer);
+                goto done;
+            }
+            if (new_prefix == NULL || PyBytes_GET_SIZE(new_prefix) != headroom) {
+                Py_XDECREF(new_prefix);
+                Py_DECREF(peer);
+                have_dst = 0;
+                PyObject *packet = PyBytes_FromStringAndSize((const char *)b + body, length);
+                PyObject *r = packet ? PyObject_CallOneArg(no_route, packet) : NULL;
+                Py_XDECREF(packet);
+                if (r == NULL)
+                    goto done;
+                Py_DECREF(r);
+                continue;
+            }
+            PyObject *new_addr = PyObject_GetAttr(peer, str_addr);
+            if (new_addr == NULL || PyDict_SetItem(tx_peers, new_addr, peer) < 0) {
+                Py_XDECREF(new_addr);
+                Py_DECREF(new_prefix);
+                Py_DECREF(peer);
+                goto done;
+            }
+            Py_DECREF(peer);
+            Py_XSETREF(addr, new_addr);
+            Py_XSETREF(prefix, new_prefix);
+            memcpy(last_dst, b + body + 16, 4);
+            have_dst = 1;
+        }
+        if (tso && (hdr[1] || hdr[0] & VNET_NEEDS_CSUM)) {
+            uint16_t gso_size, csum_start, csum_offset;
+            memcpy(&gso_size, hdr + 4, 2);
+            memcpy(&csum_start, hdr + 6, 2);
+            memcpy(&csum_offset, hdr + 8, 2);
+            if (hdr[1] == VNET_GSO_TCPV4) {
+                Py_ssize_t out[3];
+                const char *reason = cut_tcp4(b, size, at, length, gso_size,
+                                              (const uint8_t *)PyBytes_AS_STRING(prefix),
+                                              headroom, out, detail, sizeof detail);
+                if (reason != NULL) {
+                    char name[32];
+                    snprintf(name, sizeof name, "tx_%s", reason);
+                    if (!tx_drop(drop, name, body, length))
+                        goto done;
+                    continue;
+                }
+                for (Py_ssize_t i = 0; i < out[0]; i++) {
+                    PyObject *len = PyLong_FromSsize_t(i < out[0] - 1 ? out[1] : out[2]);
+                    if (len == NULL || PyList_Append(lengths, len) < 0
+                        || PyList_Append(addrs, addr) < 0) {
+                        Py_XDECREF(len);
+                        goto done;
+                    }
+                    Py_DECREF(len);
+                }
+                at += (out[0] - 1) * out[1] + out[2];
+                supers++;
+                continue;
+            }
+            if (hdr[1] != VNET_GSO_NONE) {
+                if (!tx_drop(drop, "tx_gso_unsupported", body, length))
+                    goto done;
+                continue;
+            }
+            /* encap.tso.partial_region */
+            Py_ssize_t start = body + csum_start, field = start + csum_offset, end = body + length;
+            if (!(body < start && start <= field && field <= end - 2)) {
+                if (!tx_drop(drop, "tx_bad_csum_offsets", body, length))
+                    goto done;
+                continue;
+            }
+            regions[nregions][0] = start;
+            regions[nregions][1] = end;
+            regions[nregions][2] = field;
+            nregions++;
+        }
+        if (headroom)
+            memcpy(b + at, PyBytes_AS_STRING(prefix), (size_t)headroom);
+        PyObject *len = PyLong_FromSsize_t(headroom + length);
+        if (len == NULL || PyList_Append(lengths, len) < 0 || PyList_Append(addrs, addr) < 0) {
+            Py_XDECREF(len);
+            goto done;
+        }
+        Py_DECREF(len);
+        at = body + length;
+    }
+    for (Py_ssize_t i = 0; i < nregions; i++) { /* encap.tso.finish_checksums */
+        Py_ssize_t *r = regions[i];
+        uint32_t c = ~fold(sum16(b + r[0], r[1] - r[0])) & 0xFFFF;
+        if (c == 0 && r[2] - r[0] == 6)
+            c = 0xFFFF;
+        put16(b + r[2], c);
+    }
+    result = Py_BuildValue("OOn", lengths, addrs, supers);
+done:
+    Py_XDECREF(lengths);
+    Py_XDECREF(addrs);
+    Py_XDECREF(addr);
+    Py_XDECREF(prefix);
+    PyMem_Free(regions);
+    PyBuffer_Release(&arena);
     return result;
 }
 
@@ -926,6 +1117,9 @@ done:
 static PyMethodDef methods[] = {
     {"segment_tcp4", segment_tcp4, METH_VARARGS,
      "segment_tcp4(buf, at, length, gso_size, prefix) -> (count, stride, last): encap.tso's."},
+    {"read_tun", read_tun, METH_VARARGS,
+     "read_tun(fd, arena, vnet, headroom, budget, limit, tso, lookup, tx_peers, no_route, drop) "
+     "-> (lengths, addrs, super_packets): the TUN drain of UdpDataplane._read_tun."},
     {"finish_checksums", finish_checksums, METH_VARARGS,
      "finish_checksums(buf, regions): encap.tso's."},
     {"drop_reason", drop_reason, METH_VARARGS,
@@ -948,6 +1142,10 @@ static PyMethodDef methods[] = {
 
 static int exec_module(PyObject *module)
 {
+    str_addr = PyUnicode_InternFromString("addr");
+    str_prefix = PyUnicode_InternFromString("prefix");
+    if (str_addr == NULL || str_prefix == NULL)
+        return -1;
     PyObject *errors = PyImport_ImportModule("encap.errors");
     if (errors == NULL)
         return -1;

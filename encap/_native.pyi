@@ -1,5 +1,6 @@
 # Types of the C module encap/_native.c (the functions of encap.tso and encap.gso).
-from collections.abc import MutableMapping, Sequence
+from collections.abc import Callable, MutableMapping, Sequence
+from typing import Any
 
 Buffer = bytes | bytearray | memoryview
 Subnet = tuple[int, int]
@@ -54,3 +55,16 @@ def deliver(
     coalesce: bool = True,
     vnet: bool = True,
 ) -> tuple[int, int, int]: ...
+def read_tun(
+    fd: int,
+    arena: bytearray,
+    vnet: bool,
+    headroom: int,
+    budget: int,
+    limit: int,
+    tso: bool,
+    lookup: Callable[[bytes], Any],
+    tx_peers: dict[tuple[str, int], Any],
+    no_route: Callable[[bytes], None],
+    drop: Callable[[str, int, int], None],
+) -> tuple[list[int], list[tuple[str, int]], int]: ...

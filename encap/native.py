@@ -59,7 +59,12 @@ finish_checksums: Callable[..., None] = (
     _module.finish_checksums if _module else tso.finish_checksums
 )
 drop_reason: Callable[..., str | None] = _module.drop_reason if _module else gso.drop_reason
-# Native only: validate a receive and write it into the TUN in one call (None without it).
+# Native only (None without it): whole drain steps in one call each. ``read_tun`` is
+# overlay.backends.udp.UdpDataplane._read_tun's loop (read, route, cut, checksum),
+# ``deliver`` validates a receive and writes it into the TUN.
+read_tun: Callable[..., tuple[list[int], list[tuple[str, int]], int]] | None = (
+    _module.read_tun if _module else None
+)
 deliver: Callable[..., tuple[int, int, int]] | None = _module.deliver if _module else None
 
 
