@@ -220,6 +220,74 @@ done:
     return result;
 }
 
+/* -- TX: plan_groups (encap.gso.plan_groups) --------------------------------------------- */
+
+static PyObject *plan_groups(PyObject *self, PyObject *args)
+{
+    PyObject *lengths_in, *keys_in;
+    Py_ssize_t max_segments = 64, max_bytes = 65000;
+    if (!PyArg_ParseTuple(args, "OO|nn", &lengths_in, &keys_in, &max_segments, &max_bytes))
+        return NULL;
+    PyObject *lengths = PySequence_Fast(lengths_in, "lengths must be a sequence");
+    PyObject *keys = lengths ? PySequence_Fast(keys_in, "keys must be a sequence") : NULL;
+    PyObject *groups = keys ? PyList_New(0) : NULL, *result = NULL;
+    if (groups == NULL)
+        goto done;
+    Py_ssize_t count = PySequence_Fast_GET_SIZE(lengths);
+    if (PySequence_Fast_GET_SIZE(keys) < count) {
+        PyErr_SetString(PyExc_IndexError, "fewer keys than lengths");
+        goto done;
+    }
+    if (count == 0) {
+        result = Py_NewRef(groups);
+        goto done;
+    }
+    PyObject **len = PySequence_Fast_ITEMS(lengths), **key = PySequence_Fast_ITEMS(keys);
+    Py_ssize_t start = 0, size, total, previous;
+    PyObject *group_key = key[0];
+    size = total = previous = PyLong_AsSsize_t(len[0]);
+    if (size == -1 && PyErr_Occurred())
+        goto done;
+    for (Py_ssize_t i = 1; i < count; i++) {
+        Py_ssize_t length = PyLong_AsSsize_t(len[i]);
+        if (length == -1 && PyErr_Occurred())
+            goto done;
+        int same = 0;
+        if (previous == size && length <= size && total + length <= max_bytes
+            && i - start < max_segments) {
+            same = key[i] == group_key ? 1 : PyObject_RichCompareBool(key[i], group_key, Py_EQ);
+            if (same < 0)
+                goto done;
+        }
+        if (same) {
+            total += length;
+            previous = length;
+            continue;
+        }
+        PyObject *g = Py_BuildValue("(nn)", start, i);
+        if (g == NULL || PyList_Append(groups, g) < 0) {
+            Py_XDECREF(g);
+            goto done;
+        }
+        Py_DECREF(g);
+        start = i;
+        group_key = key[i];
+        size = total = previous = length;
+    }
+    PyObject *g = Py_BuildValue("(nn)", start, count);
+    if (g == NULL || PyList_Append(groups, g) < 0) {
+        Py_XDECREF(g);
+        goto done;
+    }
+    Py_DECREF(g);
+    result = Py_NewRef(groups);
+done:
+    Py_XDECREF(groups);
+    Py_XDECREF(keys);
+    Py_XDECREF(lengths);
+    return result;
+}
+
 /* -- TX: read_tun: the TUN drain of overlay.backends.udp.UdpDataplane._read_tun ------------ */
 
 static PyObject *str_addr, *str_prefix;
@@ -1117,6 +1185,8 @@ done:
 static PyMethodDef methods[] = {
     {"segment_tcp4", segment_tcp4, METH_VARARGS,
      "segment_tcp4(buf, at, length, gso_size, prefix) -> (count, stride, last): encap.tso's."},
+    {"plan_groups", plan_groups, METH_VARARGS,
+     "plan_groups(lengths, keys, max_segments=64, max_bytes=65000): encap.gso's."},
     {"read_tun", read_tun, METH_VARARGS,
      "read_tun(fd, arena, vnet, headroom, budget, limit, tso, lookup, tx_peers, no_route, drop) "
      "-> (lengths, addrs, super_packets): the TUN drain of UdpDataplane._read_tun."},

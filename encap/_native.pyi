@@ -68,3 +68,6 @@ def read_tun(
     no_route: Callable[[bytes], None],
     drop: Callable[[str, int, int], None],
 ) -> tuple[list[int], list[tuple[str, int]], int]: ...
+def plan_groups(
+    lengths: Sequence[int], keys: Sequence[object], max_segments: int = 64, max_bytes: int = 65000
+) -> list[tuple[int, int]]: ...

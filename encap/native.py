@@ -59,6 +59,9 @@ finish_checksums: Callable[..., None] = (
     _module.finish_checksums if _module else tso.finish_checksums
 )
 drop_reason: Callable[..., str | None] = _module.drop_reason if _module else gso.drop_reason
+plan_groups: Callable[..., list[tuple[int, int]]] = (
+    _module.plan_groups if _module else gso.plan_groups
+)
 # Native only (None without it): whole drain steps in one call each. ``read_tun`` is
 # overlay.backends.udp.UdpDataplane._read_tun's loop (read, route, cut, checksum),
 # ``deliver`` validates a receive and writes it into the TUN.

@@ -489,3 +489,25 @@ def test_read_tun_matches_the_reference_loop(
         results.append((sock.datagrams(), dict(dp.counters.drops), dp.counters.tx_packets,
                         dp.counters.tx_tun_super_packets, stats, tun.written()))  # fmt: skip
     assert results[1] == results[0]
+
+
+def test_every_native_drop_reason_is_a_reference_one() -> None:
+    """The reasons the C code counts are exactly the reference's (metrics export them)."""
+    reference = {*gso.RX_DROP_REASONS, *gso.VXLAN_DROP_REASONS, "rx_tun_full", "rx_tun_error"}
+    assert set(c.RX_REASONS) == reference
+
+
+@given(
+    st.lists(st.tuples(st.integers(0, 2000), st.integers(0, 2)), max_size=300),
+    st.integers(1, 70),
+    st.integers(0, 70000),
+)
+@FAST
+def test_plan_groups_matches_the_reference(
+    items: list[tuple[int, int]], max_segments: int, max_bytes: int
+) -> None:
+    lengths = [n for n, _ in items]
+    keys = [("192.0.2.1", 8285 + k) for _, k in items]  # equal, not identical, tuples too
+    expected = gso.plan_groups(lengths, keys, max_segments, max_bytes)
+    assert c.plan_groups(lengths, keys, max_segments, max_bytes) == expected
+    assert c.plan_groups(lengths, keys) == gso.plan_groups(lengths, keys)
