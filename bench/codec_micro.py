@@ -19,6 +19,7 @@ errors use it); it is kept as the cost of a full header decode.
 from __future__ import annotations
 
 import math
+import os
 import struct
 import subprocess
 import sys
@@ -33,7 +34,7 @@ import pyperf
 
 from control.lease import Lease
 from control.peer_table import PeerTable
-from encap import gso, ipv4, tso, udp_frame, vxlan
+from encap import gso, ipv4, native, tso, udp_frame, vxlan
 from encap.checksum import internet_checksum
 
 PACKET_SIZE = 1400
@@ -61,7 +62,26 @@ CASES: list[tuple[str, str, int]] = [
         "tso_buf[:tso_len] = tso_in; tso.segment_tcp4(tso_buf, 0, tso_len, mss, b'')",
         GRO_SEGMENTS,
     ),
+    ("gso.drop_reason (1400-byte TCP segment)", "gso.drop_reason(gro, 0, full, theirs, ours)", 1),
 ]
+if native.AVAILABLE:  # the same operations in encap._native (what the dataplane runs)
+    CASES += [
+        (
+            f"native segment_tcp4 ({GRO_SEGMENTS}-segment super-packet, incl. restoring it)",
+            "tso_buf[:tso_len] = tso_in; c.segment_tcp4(tso_buf, 0, tso_len, mss, b'')",
+            GRO_SEGMENTS,
+        ),
+        (
+            "native drop_reason (1400-byte TCP segment)",
+            "c.drop_reason(gro, 0, full, theirs, ours)",
+            1,
+        ),
+        (
+            f"native deliver ({GRO_SEGMENTS}-segment GRO buffer: plan + writev to /dev/null)",
+            "c.deliver(null, gro, gro_size, gro_segment, theirs, ours, drops)",
+            GRO_SEGMENTS,
+        ),
+    ]
 OPERATIONS = [name for name, _, _ in CASES]
 
 # pyperf options for ``run``: quick (the smoke test, ``overlay bench --quick``: a few
@@ -130,7 +150,7 @@ def setup() -> dict[str, object]:
         segments.append(_tcp_segment(seq, flags, data, peer_ip, our_ip))
         seq += MSS
     gro = bytearray(b"".join(segments))
-    theirs = (int.from_bytes(peer_ip, "big") >> 8, 8)
+    theirs = ((int.from_bytes(peer_ip, "big") >> 8, 8),)  # the sender's leases
     ours = (int.from_bytes(our_ip, "big") >> 8, 8)
     drops: Counter[str] = Counter()
 
@@ -164,6 +184,9 @@ def setup() -> dict[str, object]:
         "vxlan": vxlan,
         "ipv4": ipv4,
         "gso": gso,
+        "full": full,
+        "c": native.module() if native.AVAILABLE else None,
+        "null": os.open(os.devnull, os.O_WRONLY),
     }
     _check(env)
     return env
@@ -182,10 +205,20 @@ def _check(env: dict[str, Any]) -> None:
         raise RuntimeError(
             f"codec_micro: the GRO buffer is not one super-packet ({writes=}, {env['drops']})"
         )
-    env["tso_buf"][: env["tso_len"]] = env["tso_in"]
-    cut = tso.segment_tcp4(env["tso_buf"], 0, env["tso_len"], MSS, b"")
-    if cut != (GRO_SEGMENTS, 52 + MSS, 52 + MSS):
-        raise RuntimeError(f"codec_micro: the super-packet is not cut into full segments ({cut})")
+    for impl in (tso, env["c"]) if env["c"] else (tso,):
+        env["tso_buf"][: env["tso_len"]] = env["tso_in"]
+        cut = impl.segment_tcp4(env["tso_buf"], 0, env["tso_len"], MSS, b"")
+        if cut != (GRO_SEGMENTS, 52 + MSS, 52 + MSS):
+            raise RuntimeError(f"codec_micro: the super-packet is not cut into segments ({cut})")
+    if gso.drop_reason(env["gro"], 0, env["full"], env["theirs"], env["ours"]) is not None:
+        raise RuntimeError("codec_micro: the segment for drop_reason is not valid")
+    if env["c"]:
+        done = env["c"].deliver(
+            env["null"], env["gro"], env["gro_size"], env["gro_segment"], env["theirs"],
+            env["ours"], env["drops"],
+        )  # fmt: skip
+        if done != (GRO_SEGMENTS, env["gro_size"], 1) or env["drops"]:
+            raise RuntimeError(f"codec_micro: native deliver did not write one run ({done})")
 
 
 # -- results: {name: {"mean_ns", "stdev_ns", "values"}} ---------------------------------------

@@ -123,3 +123,34 @@ def transfer(
     finally:
         server.kill()
         server.wait()
+
+
+def udp_transfer(
+    bed: Any, client_pod: str, server_pod: str, count: int, size: int = 1400, port: int = 5401
+) -> tuple[int, int]:
+    """``count`` datagrams of ``size`` bytes from one pod to another (tests/transfer.py):
+    (intact, damaged) as the receiving socket saw them. A datagram the receiving kernel
+    drops (bad checksum, wrong length) is neither."""
+    address = bed.pod_ip(server_pod)
+    server = bed.popen(
+        server_pod,
+        [PYTHON, TRANSFER, "udp-server", address, str(port)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert server.stdout is not None
+        assert server.stdout.readline().strip() == "ready"
+        client = bed.exec(
+            client_pod,
+            [PYTHON, TRANSFER, "udp-client", address, str(port), str(count), str(size)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert client.returncode == 0, client.stderr
+        intact, damaged = map(int, server.stdout.readline().split())
+        return intact, damaged
+    finally:
+        server.kill()
+        server.wait()

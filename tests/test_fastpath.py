@@ -31,7 +31,7 @@ from scapy.layers.inet import IP, TCP, UDP
 
 from control.lease import Lease
 from control.peer_table import PeerTable
-from encap import gso
+from encap import gso, native
 from encap.checksum import internet_checksum, ones_complement_sum
 from encap.ipv4 import build_header
 from overlay.backends.udp import UdpDataplane
@@ -128,10 +128,14 @@ class Segment:
     dst: bytes = DST
 
     def build(self) -> bytes:
-        if self.protocol != 6:
+        if self.protocol != 6:  # UDP: a header (with a checksum) in front of the payload
+            udp = bytearray(struct.pack("!HHHH", self.sport, 5201, 8 + len(self.payload), 0))
+            udp += self.payload
+            pseudo = self.src + self.dst + struct.pack("!BBH", 0, 17, len(udp))
+            udp[6:8] = internet_checksum(pseudo + udp + b"\0" * (len(udp) % 2)).to_bytes(2, "big")
             return build_header(
-                src=self.src, dst=self.dst, protocol=self.protocol, payload_length=len(self.payload)
-            ) + bytes(self.payload)
+                src=self.src, dst=self.dst, protocol=self.protocol, payload_length=len(udp)
+            ) + bytes(udp)
         offset = (20 + len(self.options)) // 4
         tcp = bytearray(
             struct.pack(
@@ -204,7 +208,7 @@ def streams(draw: st.DrawFn) -> list[bytes]:
                     segment.ack = 2000
             if kind == "udp":
                 segment.protocol = 17
-                segment.payload = bytes(8 + length)
+                segment.payload = bytes(length)
             packets.append(segment.build())
             if kind not in ("retx", "udp"):
                 flows[port] = (seq + length + (kind in ("syn", "fin"))) & 0xFFFFFFFF
@@ -280,7 +284,7 @@ def test_plan_tun_writes_resegments_to_the_same_packets(packets: list[bytes]) ->
     out: list[bytes] = []
     writes = 0
     for data, size, segment in gro_buffers(packets):
-        planned = gso.plan_tun_writes(data, size, segment, ANY, ANY, drops)
+        planned = gso.plan_tun_writes(data, size, segment, (ANY,), ANY, drops)
         writes += len(planned)
         out += planned_packets(planned)
     assert not drops
@@ -295,7 +299,7 @@ def test_plan_tun_writes_merges_a_bulk_run_into_one_write() -> None:
         packets.append(Segment(40000, seq, 1, 0x18 if i == 43 else 0x10, payload, ident=i).build())
         seq += len(payload)
     [(data, size, segment)] = gro_buffers(packets)
-    writes = gso.plan_tun_writes(data, size, segment, ANY, ANY, Counter())
+    writes = gso.plan_tun_writes(data, size, segment, (ANY,), ANY, Counter())
     assert [count for _, count, _ in writes] == [44]
     buffers = writes[0][0]
     assert len(buffers) == 2 + 44  # vnet header, IPv4+TCP header, 44 payload views
@@ -316,6 +320,10 @@ def test_plan_tun_writes_merges_a_bulk_run_into_one_write() -> None:
         (17, 99, "rx_not_our_subnet"),  # destination 198.99.x.x
         (1, 4, None),  # TOS: valid, but ends the run
         (35, 1, None),  # window: valid, but ends the run
+        (9, 17, "rx_bad_l4_header"),  # "UDP" whose length field is TCP's sequence number
+        (10, 0, "rx_bad_ip_checksum"),  # not resealed below
+        (500, 0x55, "rx_bad_l4_checksum"),  # a payload byte: not resealed below
+        (0, 0x46, "rx_bad_ip_options"),  # IHL 6: the first 4 TCP bytes as an option
     ],
 )
 def test_plan_tun_writes_checks_every_segment_of_a_run(
@@ -327,16 +335,34 @@ def test_plan_tun_writes_checks_every_segment_of_a_run(
         seq += 1000
     [(data, size, segment)] = gro_buffers(packets)
     data[3 * segment + offset] = value
+    if reason not in ("rx_bad_ip_checksum", "rx_bad_l4_checksum"):
+        reseal(data, 3 * segment, 4 * segment)
     theirs = ours = (0xC612, 16)  # 198.18.0.0/16 for both ends
     drops: Counter[str] = Counter()
-    writes = gso.plan_tun_writes(data, size, segment, theirs, ours, drops)
+    writes = gso.plan_tun_writes(data, size, segment, (theirs,), ours, drops)
     expected: Counter[str] = Counter()
-    good = gso.valid_pieces(data, size, segment, theirs, ours, expected)
+    good = gso.valid_pieces(data, size, segment, (theirs,), ours, expected)
     assert drops == expected == (Counter({reason: 1}) if reason else Counter())
     assert [count for _, count, _ in writes] == ([3, 2] if reason else [3, 1, 2])
     assert [_stripped(p) for p in planned_packets(writes)] == [
         _stripped(bytes(data[a:b])) for a, b in good
     ]
+
+
+def reseal(data: bytearray, start: int, end: int) -> None:
+    """Valid IPv4 header and TCP/UDP checksums again for the packet at ``data[start:end]``
+    after a test changed a header field."""
+    ihl = (data[start] & 0x0F) * 4
+    data[start + 10 : start + 12] = b"\0\0"
+    data[start + 10 : start + 12] = internet_checksum(data[start : start + ihl]).to_bytes(2, "big")
+    protocol, l4 = data[start + 9], data[start + ihl : end]
+    field = {6: 16, 17: 6}.get(protocol)
+    if field is None or len(l4) < field + 2:
+        return
+    l4[field : field + 2] = b"\0\0"
+    pseudo = data[start + 12 : start + 20] + struct.pack("!BBH", 0, protocol, len(l4))
+    checksum = internet_checksum(pseudo + l4 + b"\0" * (len(l4) % 2))
+    data[start + ihl + field : start + ihl + field + 2] = checksum.to_bytes(2, "big")
 
 
 def _stripped(packet: bytes) -> bytes:
@@ -376,9 +402,9 @@ def test_plan_tun_writes_validates_like_valid_pieces(
             if piece + offset < size:
                 data[piece + offset] = value
         expected: Counter[str] = Counter()
-        good = gso.valid_pieces(data, size, segment, theirs, ours, expected)
+        good = gso.valid_pieces(data, size, segment, (theirs,), ours, expected)
         drops: Counter[str] = Counter()
-        planned = planned_packets(gso.plan_tun_writes(data, size, segment, theirs, ours, drops))
+        planned = planned_packets(gso.plan_tun_writes(data, size, segment, (theirs,), ours, drops))
         assert drops == expected
         assert [_stripped(p) for p in planned] == [_stripped(bytes(data[a:b])) for a, b in good]
 
@@ -498,13 +524,27 @@ class FakeSocket:
         return out
 
 
+@pytest.fixture(params=["native", "pure"])
+def codecs(request: pytest.FixtureRequest) -> str:
+    """Each dataplane test runs on the native module and on the pure-Python reference."""
+    if request.param == "native" and not native.AVAILABLE:
+        pytest.fail(f"encap._native did not load: {native.LOAD_ERROR}")
+    return str(request.param)
+
+
 def dataplane(
-    tun: FakeTun, sock: FakeSocket, offload: bool = True, tun_tso: bool = False
+    tun: FakeTun,
+    sock: FakeSocket,
+    codecs: str,
+    offload: bool = True,
+    tun_tso: bool = False,
 ) -> UdpDataplane:
     peers = PeerTable(8285)
     peers.upsert(PEER_A)
     peers.upsert(PEER_B)
-    return UdpDataplane(tun, sock, peers, OWN, Counters(), offload=offload, tun_tso=tun_tso)  # type: ignore[arg-type]
+    dp = UdpDataplane(tun, sock, peers, OWN, Counters(), offload=offload, tun_tso=tun_tso)  # type: ignore[arg-type]
+    dp.native = codecs == "native"
+    return dp
 
 
 def tx_batch() -> list[tuple[bytes, tuple[str, int]]]:
@@ -525,10 +565,11 @@ def tx_batch() -> list[tuple[bytes, tuple[str, int]]]:
 
 
 @pytest.mark.parametrize("vnet", [True, False])
-def test_tx_sends_gso_groups_of_whole_packets(vnet: bool) -> None:
+def test_tx_sends_gso_groups_of_whole_packets(vnet: bool, codecs: str) -> None:
     tun, sock = FakeTun(vnet), FakeSocket()
-    dp = dataplane(tun, sock)
+    dp = dataplane(tun, sock, codecs)
     assert dp.features() == {
+        "native": codecs == "native",
         "offload": True,
         "udp_gso": True,
         "udp_gro": True,
@@ -549,13 +590,20 @@ def test_tx_sends_gso_groups_of_whole_packets(vnet: bool) -> None:
     ]
     assert dp.counters.tx_packets == len(batch)
     assert dp.counters.tx_gso_sends == 4
+    # One histogram entry per send, by datagrams carried; the peers' counters per send.
+    assert {n: k for n, k in enumerate(dp.counters.tx_batch) if k} == {44: 1, 27: 1, 3: 1, 5: 1}
+    a, b = (dp.peers.get(p.subnet) for p in (PEER_A, PEER_B))
+    assert a is not None and b is not None
+    assert (a.stats.tx_packets, b.stats.tx_packets) == (74, 5)
+    assert a.stats.tx_bytes == sum(len(p) for p, addr in batch if addr[0] == "192.0.2.2")
+    assert a.stats.last_tx > 0 and a.stats.rx_packets == 0 and a.stats.last_rx == 0
 
 
-def test_tx_cuts_tun_super_packets_and_finishes_partial_checksums() -> None:
+def test_tx_cuts_tun_super_packets_and_finishes_partial_checksums(codecs: str) -> None:
     """With TSO the TUN hands us a 64 KiB TCP super-packet and partial checksums; what
     leaves is whole MTU-sized packets with complete checksums (scapy checks them)."""
     tun, sock = FakeTun(True), FakeSocket()
-    dp = dataplane(tun, sock, tun_tso=True)
+    dp = dataplane(tun, sock, codecs, tun_tso=True)
     assert dp.features()["tun_tso"]
     dst = bytes(PEER_A.subnet.network_address.packed[:3]) + b"\x09"
     ip = IP(src="198.18.1.5", dst=".".join(map(str, dst)), id=7, flags="DF")
@@ -596,10 +644,10 @@ def test_tx_cuts_tun_super_packets_and_finishes_partial_checksums() -> None:
     [(errno.EIO, True, False), (errno.EINVAL, False, False), (errno.EINVAL, True, True)],
 )
 def test_tx_falls_back_to_sendto_when_a_gso_send_fails(
-    error: int, worked_before: bool, gso_after: bool
+    error: int, worked_before: bool, gso_after: bool, codecs: str
 ) -> None:
     tun, sock = FakeTun(True), FakeSocket()
-    dp = dataplane(tun, sock)
+    dp = dataplane(tun, sock, codecs)
     if worked_before:
         tun.inject(tx_batch()[0][0])
         tun.inject(tx_batch()[1][0])
@@ -617,11 +665,12 @@ def test_tx_falls_back_to_sendto_when_a_gso_send_fails(
     assert not dp.counters.drops
 
 
-def test_unsupported_offloads_and_no_offload_take_the_plain_path() -> None:
+def test_unsupported_offloads_and_no_offload_take_the_plain_path(codecs: str) -> None:
     for sock, offload in ((FakeSocket(refuse=(103, 104)), True), (FakeSocket(), False)):
         tun = FakeTun(True)
-        dp = dataplane(tun, sock, offload=offload)
+        dp = dataplane(tun, sock, codecs, offload=offload)
         assert dp.features() == {
+            "native": codecs == "native",
             "offload": offload,
             "udp_gso": False,
             "udp_gro": False,
@@ -637,9 +686,9 @@ def test_unsupported_offloads_and_no_offload_take_the_plain_path() -> None:
 
 
 @pytest.mark.parametrize("vnet", [True, False])
-def test_rx_splits_gro_receives_and_validates_each_datagram(vnet: bool) -> None:
+def test_rx_splits_gro_receives_and_validates_each_datagram(vnet: bool, codecs: str) -> None:
     tun, sock = FakeTun(vnet), FakeSocket()
-    dp = dataplane(tun, sock)
+    dp = dataplane(tun, sock, codecs)
     src, dst = bytes([198, 18, 2, 7]), bytes([198, 18, 1, 5])  # from A's subnet to ours
     seq, run = 1, []
     for i in range(30):
@@ -648,6 +697,7 @@ def test_rx_splits_gro_receives_and_validates_each_datagram(vnet: bool) -> None:
         seq += 1400
     spoofed = bytearray(run[10])
     spoofed[12:16] = bytes([198, 18, 3, 7])  # B's subnet, sent by A
+    reseal(spoofed, 0, len(spoofed))
     datagrams = run[:10] + [bytes(spoofed)] + run[11:]
     sock.queue.append((b"".join(datagrams), len(run[0]), "192.0.2.2"))
     sock.queue.append((run[0], 0, "192.0.2.99"))  # not a peer
@@ -667,13 +717,121 @@ def test_rx_splits_gro_receives_and_validates_each_datagram(vnet: bool) -> None:
     assert dp.counters.rx_gro_receives == 1
 
 
+def test_rx_counts_batches_and_peers(codecs: str) -> None:
+    tun, sock = FakeTun(True), FakeSocket()
+    dp = dataplane(tun, sock, codecs)
+    src, dst = bytes([198, 18, 2, 7]), bytes([198, 18, 1, 5])
+    run = [Segment(1, 1 + 100 * i, 1, 0x10, b"r" * 100, src=src, dst=dst).build() for i in range(7)]
+    sock.queue.append((b"".join(run), len(run[0]), "192.0.2.2"))
+    sock.queue.append((run[0], 0, "192.0.2.2"))  # a single one, from a GRO socket
+    dp.on_socket_readable_gro()
+    assert {n: k for n, k in enumerate(dp.counters.rx_batch) if k} == {7: 1, 1: 1}
+    a = dp.peers.get(PEER_A.subnet)
+    assert a is not None
+    assert (a.stats.rx_packets, a.stats.rx_bytes) == (8, 8 * len(run[0]))
+    assert a.stats.last_rx > 0 and a.stats.tx_packets == 0
+
+
+def test_rx_accepts_every_lease_of_a_sender(codecs: str) -> None:
+    """A node may hold several leases (PeerTable.sources_of): its datagrams are accepted
+    from inside any of them, and only those."""
+    tun, sock = FakeTun(True), FakeSocket()
+    dp = dataplane(tun, sock, codecs)
+    dp.peers.upsert(Lease(IPv4Network("198.18.9.0/24"), IPv4Address("192.0.2.2")))
+    dst = bytes([198, 18, 1, 5])
+    packets = [
+        Segment(1, 1, 1, 0x18, b"p" * 60, src=bytes([198, 18, n, 7]), dst=dst).build()
+        for n in (2, 9, 3)  # A's first lease, A's second lease, B's
+    ]
+    for packet in packets:
+        sock.queue.append((packet, 0, "192.0.2.2"))
+    dp.on_socket_readable_gro()
+    assert [_without_ident(p) for p in tun.written()] == [_without_ident(p) for p in packets[:2]]
+    assert dp.counters.drops == {"rx_foreign_source": 1}
+
+
+class RecordingTap:
+    """A fake trace: the Tap protocol (overlay.tap) is the interface under test here."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[Any, ...]] = []
+
+    def inner(self, direction: str, packet: bytes) -> None:
+        self.events.append(("inner", direction, bytes(packet)))
+
+    def outer(self, direction: str, datagram: bytes, peer: tuple[str, int]) -> None:
+        self.events.append(("outer", direction, bytes(datagram), peer))
+
+    def drop(self, reason: str, data: bytes, peer: tuple[str, int] | None) -> None:
+        self.events.append(("drop", reason, bytes(data), peer))
+
+
+def test_an_attached_tap_sees_every_packet_and_drop(codecs: str) -> None:
+    tun, sock = FakeTun(True), FakeSocket()
+    dp = dataplane(tun, sock, codecs, tun_tso=True)
+    tap = RecordingTap()
+    dp.tap = tap
+    # TX: a TCP super-packet (reported as the segments it is cut into), a packet with
+    # no route, and a 10-byte runt.
+    src, to_a = bytes([198, 18, 1, 5]), bytes([198, 18, 2, 9])
+    bulk = Segment(1, 1, 1, 0x10, bytes(range(200)) * 10, src=src, dst=to_a).build()
+    tun.inject(bulk, struct.pack("=BBHHHH", 1, 1, 52, 800, 20, 16))
+    nowhere = Segment(1, 1, 1, 0x10, b"n", src=src, dst=bytes([198, 18, 77, 1])).build()
+    tun.inject(nowhere)
+    tun.inject(b"\x45" + bytes(9))
+    dp.on_tun_readable()
+    sent = [d for d, _ in sock.datagrams()]
+    assert len(sent) == 3  # 2000 bytes of payload in 800-byte segments
+    expected_tx: list[tuple[Any, ...]] = [("drop", "tx_no_route", nowhere, None)]
+    expected_tx.append(("drop", "tx_not_ipv4", b"\x45" + bytes(9), None))
+    for datagram in sent:
+        expected_tx += [("inner", "tx", datagram), ("outer", "tx", datagram, ("192.0.2.2", 8285))]
+    assert tap.events == expected_tx
+    [unreachable] = tun.written()  # the ICMP error for the packet without a route
+    assert unreachable[9] == 1 and unreachable[28:] == nowhere
+    # RX: one GRO receive from A with a spoofed datagram in it, one from a stranger.
+    tap.events.clear()
+    dst = bytes([198, 18, 1, 5])
+    good = [
+        Segment(1, 1 + 50 * i, 1, 0x10, b"g" * 50, src=bytes([198, 18, 2, 7]), dst=dst).build()
+        for i in range(3)
+    ]
+    spoofed = bytearray(good[1])
+    spoofed[12:16] = bytes([198, 18, 3, 7])
+    reseal(spoofed, 0, len(spoofed))
+    batch = [good[0], bytes(spoofed), good[2]]
+    sock.queue.append((b"".join(batch), len(good[0]), "192.0.2.2"))
+    sock.queue.append((good[0], 0, "192.0.2.99"))
+    dp.on_socket_readable_gro()
+    peer = ("192.0.2.2", 8285)
+    assert tap.events == [
+        ("outer", "rx", good[0], peer),
+        ("inner", "rx", good[0]),
+        ("outer", "rx", bytes(spoofed), peer),
+        ("drop", "rx_foreign_source", bytes(spoofed), peer),
+        ("outer", "rx", good[2], peer),
+        ("inner", "rx", good[2]),
+        ("drop", "rx_unknown_peer", good[0], ("192.0.2.99", 8285)),
+    ]
+    assert [_without_ident(p) for p in tun.written()] == [
+        _without_ident(good[0]),
+        _without_ident(good[2]),
+    ]
+    assert dp.counters.rx_packets == 2
+    # Detached: the fast path again, nothing reported.
+    dp.tap = None
+    sock.queue.append((b"".join(batch), len(good[0]), "192.0.2.2"))
+    dp.on_socket_readable_gro()
+    assert len(tap.events) == 7 and dp.counters.rx_packets == 4
+
+
 @pytest.mark.parametrize("vnet", [True, False])
-def test_rx_gathers_single_datagrams_into_runs(vnet: bool) -> None:
+def test_rx_gathers_single_datagrams_into_runs(vnet: bool, codecs: str) -> None:
     """A sender without GSO (the kernel's vxlan device, flannel's C proxy) sends one
     datagram per packet: a run of them from one peer is gathered and written as if GRO
     had coalesced it; whatever does not fit the run ends it and is still delivered."""
     tun, sock = FakeTun(vnet), FakeSocket()
-    dp = dataplane(tun, sock)
+    dp = dataplane(tun, sock, codecs)
     src, dst = bytes([198, 18, 2, 7]), bytes([198, 18, 1, 5])
     seq, run = 1, []
     for i in range(100):
@@ -697,9 +855,9 @@ def test_rx_gathers_single_datagrams_into_runs(vnet: bool) -> None:
     assert dp.counters.rx_tun_super_packets == (4 if vnet else 0)
 
 
-def test_rx_plain_path_validates_each_datagram() -> None:
+def test_rx_plain_path_validates_each_datagram(codecs: str) -> None:
     tun, sock = FakeTun(False), FakeSocket()
-    dp = dataplane(tun, sock, offload=False)
+    dp = dataplane(tun, sock, codecs, offload=False)
     good = Segment(1, 1, 1, 0x10, b"x" * 50, src=bytes([198, 18, 2, 7]), dst=bytes([198, 18, 1, 5]))
     packet = good.build()
     for data in (packet, b"", packet[:30], b"\x60" + packet[1:]):

@@ -13,7 +13,8 @@ from typing import Any
 import pytest
 
 from overlay.testbed import Testbed
-from tests.conftest import node_status, poll
+from tests.conftest import node_status, poll, transfer, udp_transfer
+from tests.segments import snmp
 
 pytestmark = pytest.mark.netns
 SUBNETS = "/coreos.com/network/subnets"
@@ -155,6 +156,20 @@ def test_pods_ping_across_without_encapsulation(bed: Testbed) -> None:
     assert {(p[IP].src, p[IP].dst) for p in packets} == {(p1, p2), (p2, p1)}
     for a, b in (("n1-p1", p3), ("n3-p1", p1), ("n2-p1", p3), ("n3-p1", p2)):
         _ping(bed, a, b)
+
+
+def test_tcp_and_udp_between_host_gw_nodes_with_default_offloads(bed: Testbed) -> None:
+    """No encapsulation and no userspace on the way: the kernel's own checksum offload
+    across the veths, both ways, with the nodes' eth0 as the testbed leaves it (default
+    offloads)."""
+    features = bed.exec("n1", ["ethtool", "-k", "eth0"], capture_output=True, text=True)
+    assert "tx-checksumming: on" in features.stdout
+    transfer(bed, "n1-p1", "n2-p1", 20 * 1024 * 1024, 5211)
+    transfer(bed, "n2-p1", "n1-p1", 20 * 1024 * 1024, 5212)
+    before = snmp(bed, "n2-p1")
+    intact, damaged = udp_transfer(bed, "n1-p1", "n2-p1", 5000, 1400, 5413)
+    assert damaged == 0 and intact >= 5000 * 0.98, (intact, damaged)
+    assert snmp(bed, "n2-p1")["Udp.InCsumErrors"] == before["Udp.InCsumErrors"]
 
 
 def test_routes_follow_leases(bed: Testbed) -> None:

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from overlay.testbed import Testbed
-from tests.conftest import node_status, transfer
+from tests.conftest import node_status, poll, transfer
+from tests.segments import snmp, tcp_segment
 
 pytestmark = pytest.mark.netns
 
@@ -125,6 +126,23 @@ def test_bad_datagrams_are_counted_and_forwarding_goes_on(bed: Testbed) -> None:
     assert _wait_drop(bed, "n1", "rx_bad_length", drops.get("rx_bad_length", 0)) > 0
     # The daemon is still forwarding.
     test_pods_ping_across_nodes(bed)
+
+
+def test_inner_checksums_from_a_peer_partial_complete_and_corrupt(bed: Testbed) -> None:
+    """Whatever a udp peer sends (flanneld's C proxy forwards packets as they are): a
+    complete and a partial checksum are delivered (the pod answers each with a RST), a
+    corrupt one is counted and never reaches the pod."""
+    nodes = {n["name"]: n for n in bed.status()["nodes"]}
+    src, dst = bed.pod_ip("n2-p1"), bed.pod_ip("n1-p1")
+    pod_before = snmp(bed, "n1-p1")
+    drops = node_status(bed, "n1")["counters"]["drops"].get("rx_bad_l4_checksum", 0)
+    for kind in ("complete", "partial", "corrupt"):
+        _send_udp(bed, "n2", nodes["n1"]["underlay_ip"], tcp_segment(src, dst, kind))
+    assert _wait_drop(bed, "n1", "rx_bad_l4_checksum", drops) == drops + 1
+    assert poll(lambda: snmp(bed, "n1-p1")["Tcp.OutRsts"] - pod_before["Tcp.OutRsts"] >= 2)
+    pod_after = snmp(bed, "n1-p1")
+    assert pod_after["Tcp.OutRsts"] - pod_before["Tcp.OutRsts"] == 2
+    assert pod_after["Tcp.InCsumErrors"] == pod_before["Tcp.InCsumErrors"]
 
 
 def test_down_leaves_nothing_behind(bed: Testbed) -> None:

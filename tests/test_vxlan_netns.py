@@ -25,7 +25,8 @@ import pytest
 from encap import arp, vxlan
 from encap.ipv4 import build_header
 from overlay.testbed import Testbed
-from tests.conftest import node_status, poll, transfer
+from tests.conftest import node_status, poll, transfer, udp_transfer
+from tests.segments import RAW_SEND, snmp, tcp_segment
 
 pytestmark = pytest.mark.netns
 SUBNETS = "/coreos.com/network/subnets"
@@ -244,6 +245,49 @@ def test_userspace_to_kernel_100mb_transfer(bed: Testbed) -> None:
 
 def test_kernel_to_userspace_100mb_transfer(bed: Testbed) -> None:
     _transfer(bed, "n1-p1", "n3-p1", 5203)
+
+
+# A kernel vxlan node as users run it: its eth0 keeps the default offloads (a veth's, like
+# a virtio NIC's: tx checksumming and TSO on), so the inner TCP/UDP checksums of what it
+# sends us are partial and its TCP super-packets reach our socket unsegmented.
+
+
+def test_kernel_node_keeps_its_default_offloads(bed: Testbed) -> None:
+    features = bed.exec("n3", ["ethtool", "-k", "eth0"], capture_output=True, text=True)
+    assert "tx-checksumming: on" in features.stdout, features.stdout
+    assert "tcp-segmentation-offload: on" in features.stdout, features.stdout
+
+
+@pytest.mark.parametrize(
+    ("client", "server", "port"), [("n3-p1", "n1-p1", 5402), ("n1-p1", "n3-p1", 5403)]
+)
+def test_udp_between_userspace_and_kernel_is_intact(
+    bed: Testbed, client: str, server: str, port: int
+) -> None:
+    before = snmp(bed, server)
+    intact, damaged = udp_transfer(bed, client, server, 15000, 1400, port)
+    after = snmp(bed, server)
+    assert damaged == 0 and intact >= 15000 * 0.98, (intact, damaged)
+    assert after["Udp.InCsumErrors"] == before["Udp.InCsumErrors"]
+
+
+def test_kernel_peer_checksums_partial_complete_and_corrupt(bed: Testbed) -> None:
+    """Segments crafted in the kernel node's pod (raw socket, through flannel.1): a
+    complete and a partial checksum are delivered (the pod answers each with a RST), a
+    corrupt one is counted and never reaches the pod."""
+    src, dst = bed.pod_ip("n3-p1"), bed.pod_ip("n1-p1")
+    segments = [tcp_segment(src, dst, kind) for kind in ("complete", "partial", "corrupt")]
+    pod_before = snmp(bed, "n1-p1")
+    drops_before = _drops(bed, "n1").get("rx_bad_l4_checksum", 0)
+    bed.exec(
+        "n3-p1", [sys.executable, "-c", RAW_SEND, dst, *(s.hex() for s in segments)], check=True
+    )
+    assert _wait_drop(bed, "n1", "rx_bad_l4_checksum", drops_before) == 1
+    assert poll(lambda: snmp(bed, "n1-p1")["Tcp.OutRsts"] - pod_before["Tcp.OutRsts"] >= 2)
+    pod_after = snmp(bed, "n1-p1")
+    assert pod_after["Tcp.OutRsts"] - pod_before["Tcp.OutRsts"] == 2
+    assert pod_after["Tcp.InCsumErrors"] == pod_before["Tcp.InCsumErrors"]
+    assert pod_after["Tcp.InSegs"] - pod_before["Tcp.InSegs"] == 2
 
 
 # -- the wire -----------------------------------------------------------------------------
@@ -594,6 +638,7 @@ def test_no_unexpected_drops(bed: Testbed) -> None:
             "rx_vxlan_foreign_mac",
             "rx_vxlan_bad_flags",
             "rx_arp_not_for_us",
+            "rx_bad_l4_checksum",
         }
         unexpected = {k: v for k, v in drops.items() if v and k not in provoked}
         assert not unexpected, (node, drops)
@@ -648,6 +693,9 @@ def test_direct_routing_uses_plain_routes() -> None:
         assert all(ICMP in p for p in packets), [p.summary() for p in packets]
         assert {(p[IP].src, p[IP].dst) for p in packets} == {(p1, p2), (p2, p1)}
         assert not any(UDP in p for p in packets)
+        # TCP both ways over the plain routes, the kernel node with its default offloads.
+        transfer(tb, "n1-p1", "n2-p1", 20 * 1024 * 1024, 5204)
+        transfer(tb, "n2-p1", "n1-p1", 20 * 1024 * 1024, 5205)
         assert node_status(tb, "n1")["counters"]["tx_packets"] == 0
     finally:
         tb.down()

@@ -1,7 +1,10 @@
-"""A byte-exact TCP transfer check, run inside pod namespaces by the netns tests.
+"""Byte-exact transfer checks, run inside pod namespaces by the netns tests.
 
 server: accept one connection, read to EOF, print "<bytes> <sha256>".
 client: send N bytes of a deterministic stream, print "<bytes> <sha256>".
+udp-server: receive datagrams until the client's end marker (or 3 s of silence), print
+  "<intact> <damaged>": each datagram carries its number and the bytes derived from it.
+udp-client: send N such datagrams of SIZE bytes (paced), then the end marker.
 """
 
 from __future__ import annotations
@@ -9,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import socket
 import sys
+import time
 
 CHUNK = 1 << 16
 
@@ -50,9 +54,55 @@ def client(address: str, port: int, total: int) -> None:
     print(total, digest.hexdigest(), flush=True)
 
 
+END = b"end"
+
+
+def _datagram(number: int, size: int) -> bytes:
+    body = hashlib.sha256(number.to_bytes(8, "big")).digest() * (size // 32 + 1)
+    return number.to_bytes(8, "big") + body[: size - 8]
+
+
+def udp_server(address: str, port: int) -> None:
+    intact = damaged = 0
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
+        sock.bind((address, port))
+        print("ready", flush=True)
+        sock.settimeout(30)  # the first datagram
+        while True:
+            try:
+                data = sock.recv(65535)
+            except TimeoutError:
+                break
+            sock.settimeout(3)
+            if data == END:
+                break
+            number = int.from_bytes(data[:8], "big")
+            if data == _datagram(number, len(data)):
+                intact += 1
+            else:
+                damaged += 1
+    print(intact, damaged, flush=True)
+
+
+def udp_client(address: str, port: int, count: int, size: int) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        for number in range(count):
+            sock.sendto(_datagram(number, size), (address, port))
+            if number % 32 == 31:
+                time.sleep(0.001)  # well below what the path carries: nothing is lost
+        for _ in range(3):
+            sock.sendto(END, (address, port))
+    print(count, flush=True)
+
+
 if __name__ == "__main__":
     mode, address, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
     if mode == "server":
         server(address, port)
-    else:
+    elif mode == "client":
         client(address, port, int(sys.argv[4]))
+    elif mode == "udp-server":
+        udp_server(address, port)
+    else:
+        udp_client(address, port, int(sys.argv[4]), int(sys.argv[5]))

@@ -15,7 +15,7 @@ from typing import Any
 
 from control.lease import Lease
 from control.peer_table import PeerTable
-from encap import udp_frame, vxlan
+from encap import native, udp_frame, vxlan
 from overlay import kernel_routes
 from overlay.backends.base import Backend, Context
 from overlay.backends.kernel import RouteWorker, Undo, direct_route, vtep_mac_of
@@ -70,6 +70,7 @@ class UdpBackend(Backend):
             self.ctx.counters,
             offload=not self.ctx.args.no_offload,
             tun_tso=not self.ctx.args.no_tun_tso,
+            mtu=self.mtu,
             **self._dataplane_options(lease),
         )  # a worker's is built by worker_dataplane(): keep worker_spec in step
 
@@ -83,6 +84,12 @@ class UdpBackend(Backend):
             self.mtu,
             config.network,
         )
+        if not native.AVAILABLE:
+            self.ctx.log.warning(
+                "native_codecs_unavailable",
+                error=native.LOAD_ERROR,
+                effect="the pure-Python reference codecs run, several times slower",
+            )
         count = self.ctx.args.workers
         sock = self._open_socket(reuse_port=count > 1)
         self.dataplane = self._dataplane(sock, lease)
@@ -125,6 +132,7 @@ class UdpBackend(Backend):
             "node": str(self.ctx.underlay.public_ip),
             "subnet": str(lease.subnet),
             "port": self.ctx.config.backend.port,
+            "mtu": self.mtu,
             "offload": not args.no_offload,
             # TUNSETOFFLOAD is device-wide: if ours takes TCP super-packets, every queue
             # gets them, so every worker must cut them too.
@@ -257,7 +265,7 @@ def worker_dataplane(
     """A worker's dataplane and its own peer table, built from ``worker_spec`` the way
     the backend builds the main process's (same class, options and per-peer prefix)."""
     subnet = IPv4Network(spec["subnet"])
-    options: dict[str, Any] = {"offload": spec["offload"]}
+    options: dict[str, Any] = {"offload": spec["offload"], "mtu": spec.get("mtu", 0)}
     if spec.get("tun_tso"):
         options["tun_tso"] = True
     if spec["backend"] == "vxlan":

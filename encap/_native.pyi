@@ -1,0 +1,73 @@
+# Types of the C module encap/_native.c (the functions of encap.tso and encap.gso).
+from collections.abc import Callable, MutableMapping, Sequence
+from typing import Any
+
+Buffer = bytes | bytearray | memoryview
+Subnet = tuple[int, int]
+
+RX_REASONS: tuple[str, ...]
+MAX_RUN: int
+
+def segment_tcp4(
+    buf: bytearray | memoryview, at: int, length: int, gso_size: int, prefix: Buffer
+) -> tuple[int, int, int]: ...
+def finish_checksums(buf: bytearray | memoryview, regions: list[tuple[int, int, int]]) -> None: ...
+def drop_reason(
+    data: bytearray | memoryview,
+    start: int,
+    end: int,
+    sources: Sequence[Subnet],
+    destination: Subnet,
+) -> str | None: ...
+def valid_pieces(
+    data: bytearray | memoryview,
+    size: int,
+    segment: int,
+    sources: Sequence[Subnet],
+    destination: Subnet,
+    drops: MutableMapping[str, int],
+    vxlan: tuple[bytes, bytes] | None = None,
+    arp: list[int] | None = None,
+    mtu: int = 0,
+) -> list[tuple[int, int]]: ...
+def plan_tun_writes(
+    data: bytearray | memoryview,
+    size: int,
+    segment: int,
+    sources: Sequence[Subnet],
+    destination: Subnet,
+    drops: MutableMapping[str, int],
+    vxlan: tuple[bytes, bytes] | None = None,
+    arp: list[int] | None = None,
+    mtu: int = 0,
+) -> list[tuple[list[bytes], int, int]]: ...
+def deliver(
+    fd: int,
+    data: bytearray | memoryview,
+    size: int,
+    segment: int,
+    sources: Sequence[Subnet],
+    destination: Subnet,
+    drops: MutableMapping[str, int],
+    vxlan: tuple[bytes, bytes] | None = None,
+    arp: list[int] | None = None,
+    mtu: int = 0,
+    coalesce: bool = True,
+    vnet: bool = True,
+) -> tuple[int, int, int]: ...
+def read_tun(
+    fd: int,
+    arena: bytearray,
+    vnet: bool,
+    headroom: int,
+    budget: int,
+    limit: int,
+    tso: bool,
+    lookup: Callable[[bytes], Any],
+    tx_peers: dict[tuple[str, int], Any],
+    no_route: Callable[[bytes], None],
+    drop: Callable[[str, int, int], None],
+) -> tuple[list[int], list[tuple[str, int]], int]: ...
+def plan_groups(
+    lengths: Sequence[int], keys: Sequence[object], max_segments: int = 64, max_bytes: int = 65000
+) -> list[tuple[int, int]]: ...
