@@ -13,8 +13,10 @@ tooling) carries over:
   and as destination, so a DROP policy (Docker's) does not break forwarding silently.
 
 The rules are installed idempotently, re-checked every ``--iptables-resync`` seconds
-(a missing rule makes the chain's rules be re-added in order, as flanneld does), and
-removed on shutdown; a chain is deleted only if we created it. Rules of the previous
+(a missing rule makes the chain's rules be rewritten in order, as flanneld does, but in
+one ``iptables-restore --noflush`` transaction, so no packet ever sees a MASQUERADE
+without the RETURNs before it), and removed on shutdown; a chain is deleted only if we
+created it. Rules of the previous
 lease (a different network or subnet in the previous subnet.env) are removed first, as
 flanneld's recycleIPTables does. The ``iptables`` command is used (iptables-nft or
 legacy, whichever the machine's alternative is), not netlink: these are the rules an
@@ -85,28 +87,31 @@ class Iptables:
     """The machine's ``iptables`` command."""
 
     def __init__(self, binary: str = "iptables") -> None:
-        path = shutil.which(binary)
-        if path is None:
-            raise IptablesError(2, f"no {binary} command: install iptables")
-        self.path = path
+        path, restore = shutil.which(binary), shutil.which(f"{binary}-restore")
+        if path is None or restore is None:
+            raise IptablesError(2, f"no {binary} and {binary}-restore commands: install iptables")
+        self.path, self.restore_path = path, restore
         self.version = self._run("--version").stdout.strip()
 
-    def _run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    def _run(
+        self, *args: str, check: bool = True, restore: str | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        command = [self.restore_path if restore is not None else self.path, *args]
+        shown = " ".join(["iptables-restore" if restore is not None else "iptables", *args])
         try:
             proc = subprocess.run(
-                [self.path, *args],
+                command,
+                input=restore,
                 capture_output=True,
                 text=True,
                 timeout=TIMEOUT,
                 check=False,
             )
         except subprocess.TimeoutExpired:
-            raise IptablesError(62, f"iptables {' '.join(args)} timed out") from None
+            raise IptablesError(62, f"{shown} timed out") from None
         if check and proc.returncode != 0:
             text = (proc.stderr or proc.stdout).strip().splitlines()
-            raise IptablesError(
-                proc.returncode, f"iptables {' '.join(args)}: {text[0] if text else 'failed'}"
-            )
+            raise IptablesError(proc.returncode, f"{shown}: {text[0] if text else 'failed'}")
         return proc
 
     @property
@@ -130,8 +135,12 @@ class Iptables:
     def has_chain(self, table: str, chain: str) -> bool:
         return self._run("-w", "5", "-t", table, "-S", chain, check=False).returncode == 0
 
-    def create_chain(self, table: str, chain: str) -> None:
-        self._run("-w", "5", "-t", table, "-N", chain)
+    def write_chain(self, table: str, chain: str, rules: list[Rule]) -> None:
+        """Create ``chain`` or replace its rules with ``rules``, in one transaction (the
+        jumps into it, elsewhere in the table, are kept)."""
+        lines = [f"*{table}", f":{chain} - [0:0]"]
+        lines += [f"-A {chain} {' '.join(_quoted(rule.spec))}" for rule in rules]
+        self._run("-w", "5", "--noflush", restore="\n".join([*lines, "COMMIT", ""]))
 
     def delete_chain(self, table: str, chain: str) -> bool:
         """Delete an empty chain; False (and nothing done) when it still has rules."""
@@ -150,20 +159,19 @@ class RuleSet:
     def install(self, ipt: Iptables) -> list[Rule]:
         """Make every rule present (in order); the rules that had to be added."""
         table, chain = self.chain
-        if not ipt.has_chain(table, chain):
-            ipt.create_chain(table, chain)
-            self.created_chain = True
-        absent = [rule for rule in self.rules if not ipt.exists(rule)]
         own = [rule for rule in self.rules if (rule.table, rule.chain) == self.chain]
-        if any(rule in own for rule in absent):
-            # Order matters (RETURNs before MASQUERADE): re-add the chain's rules in order.
-            for rule in own:
-                ipt.delete(rule)
-            for rule in own:
-                ipt.add(rule)
-        for rule in absent:
-            if rule not in own:
-                ipt.add(rule)  # a jump into our chain
+        if not ipt.has_chain(table, chain):
+            ipt.write_chain(table, chain, own)
+            self.created_chain = True
+            absent = list(own)
+        else:
+            absent = [rule for rule in own if not ipt.exists(rule)]
+            if absent:  # order matters (RETURNs before MASQUERADE): rewrite the chain
+                ipt.write_chain(table, chain, own)
+        for rule in self.rules:
+            if rule not in own and not ipt.exists(rule):
+                ipt.add(rule)  # a jump into our chain, after the chain is complete
+                absent.append(rule)
         return absent
 
     def remove(self, ipt: Iptables) -> None:
@@ -171,6 +179,11 @@ class RuleSet:
             ipt.delete(rule)
         if self.created_chain:
             ipt.delete_chain(*self.chain)
+
+
+def _quoted(spec: tuple[str, ...]) -> list[str]:
+    """iptables-restore's quoting: an argument with spaces (a comment) in double quotes."""
+    return [f'"{arg}"' if " " in arg else arg for arg in spec]
 
 
 class IptablesRules:
@@ -219,12 +232,12 @@ class IptablesRules:
 
     def check(self) -> list[str]:
         """Re-check every rule and put back what is missing; what was put back."""
-        self.checks += 1
         repaired: list[str] = []
         for rule_set in self.sets:
             absent = rule_set.install(self.ipt)
             repaired += [rule.describe() for rule in absent]
         self.repairs += len(repaired)
+        self.checks += 1  # after the check: a watcher of this count knows one just ended
         return repaired
 
     def remove(self) -> None:
