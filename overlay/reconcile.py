@@ -96,6 +96,11 @@ class KernelState:
     def drop(self, key: Hashable) -> Future[None]:
         return self._submit(self._drop, key)
 
+    def forget(self, key: Hashable) -> Future[None]:
+        """Stop wanting ``key``'s objects without removing them (their device is gone
+        and will be made again)."""
+        return self._submit(self._desired.pop, key, None)
+
     def peers_changed(self, added: list[Lease], removed: list[Lease]) -> None:
         for lease in removed:
             self.drop(lease.subnet)

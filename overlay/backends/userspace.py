@@ -182,6 +182,8 @@ class UdpBackend(Backend):
         name = self.ctx.args.tun_name
         self.ctx.log.warning("tun_lost", tun=name, action="recreating it, datapath restarts")
         try:
+            # Until start() wants them again, a resync must not dress up the new TUN.
+            await asyncio.wrap_future(self.kernel.forget(NODE))
             await self._stop_datapath()
             self.prepare()
             await self.start(self.lease)
