@@ -132,7 +132,6 @@ class Daemon:
         self.backend: Backend | None = None
         self.peers: PeerTable | None = None
         self.iptables: IptablesRules | None = None
-        self.kernel_watch: KernelWatch | None = None
         self._warned_backend: set[IPv4Network] = set()
 
     def _notify(self, event: str, **fields: Any) -> None:
@@ -295,15 +294,16 @@ class Daemon:
                     rules.recycle(previous.network, old)
             rules.install()
 
+        self.iptables = rules  # before they exist: a stop during the install removes them
         try:
             await asyncio.to_thread(install)
         except IptablesError as e:
+            self.iptables = None
             await asyncio.to_thread(rules.remove)
             if self.args.ip_masq:
                 raise Fatal(f"installing the ip-masq rules: {e.strerror}") from None
             self.log.warning("forward_rules_skipped", reason=e.strerror)
             return
-        self.iptables = rules
         self.log.info(
             "iptables_rules_installed",
             sets=[s.name for s in rules.sets],
@@ -405,7 +405,6 @@ class Daemon:
         watch = KernelWatch(kernel.resync)
         try:
             watch.start(asyncio.get_running_loop())
-            self.kernel_watch = watch
         except OSError as e:
             self.log.warning("kernel_watch_unavailable", error=e.strerror or str(e))
         try:
