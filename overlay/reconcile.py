@@ -38,6 +38,7 @@ from overlay.kernel_routes import (
     KernelView,
     Neighbour,
     Route,
+    devices_of,
     read_view,
 )
 
@@ -139,16 +140,17 @@ class KernelState:
 
     def _resync(self) -> None:
         self.resyncs += 1
+        wanted = [o for objects in list(self._desired.values()) for o in objects]
+        devices = set(self.devices).union(*(devices_of(o) for o in wanted))
         with IPRoute() as ipr:
-            view = read_view(ipr)
+            view = read_view(ipr, devices)
             repaired = False
-            for obj in [o for objects in list(self._desired.values()) for o in objects]:
+            for obj in wanted:
                 if obj.present(view):
                     continue
                 repaired = self._repair(ipr, obj) or repaired
             if repaired:
-                view = read_view(ipr)
-        wanted = [o for objects in self._desired.values() for o in objects]
+                view = read_view(ipr, devices)
         self.missing = [o.describe() for o in wanted if not o.present(view)]
         self.extra = self._extras(view, wanted)
         self.checked_at = time.time()

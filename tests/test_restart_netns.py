@@ -19,7 +19,7 @@ from tests.conftest import node_status, poll
 
 pytestmark = pytest.mark.netns
 STREAM = str(Path(__file__).with_name("stream.py"))
-SECONDS = 8.0  # the stream's length; the restart happens 2 s in
+SECONDS = 6.0  # the stream's length; the restart happens 2 s in
 RATE = 4 * 1024 * 1024  # bytes/s: paced, so the stream is running when the daemon stops
 
 
