@@ -9,6 +9,24 @@ from typing import Any
 
 SUPPORTED_BACKENDS = ("udp", "vxlan", "host-gw")
 DEFAULT_PORTS = {"udp": 8285, "vxlan": 8472}
+# Options each backend reads (lowercased); any other is warned about, not silently dropped.
+BACKEND_OPTIONS = {
+    "udp": {"type", "port"},
+    "vxlan": {"type", "vni", "port", "directrouting", "mtu", "gbp", "learning"},
+    "host-gw": {"type"},
+}
+_KNOWN_KEYS = {"network", "subnetlen", "subnetmin", "subnetmax", "backend", "enableipv4"}
+# Keys flanneld reads that we ignore, and why (a warning); EnableIPv6 is an error instead.
+_IGNORED_KEYS = {
+    "ipv6network": "ignored without EnableIPv6, as flanneld does",
+    "ipv6subnetlen": "ignored without EnableIPv6, as flanneld does",
+    "ipv6subnetmin": "ignored without EnableIPv6, as flanneld does",
+    "ipv6subnetmax": "ignored without EnableIPv6, as flanneld does",
+    "enablenftables": "ip-masq and FORWARD rules are installed with the iptables command "
+    "(iptables-nft where the machine has it), not in flanneld's own nftables tables",
+    "networks": "flanneld's multi-CIDR list (Kubernetes only) is ignored; Network is used",
+    "ipv6networks": "flanneld's multi-CIDR list (Kubernetes only) is ignored",
+}
 
 
 class ConfigError(ValueError):
@@ -21,8 +39,11 @@ class BackendConfig:
     port: int = 8285
     vni: int = 1
     direct_routing: bool = False
+    mtu: int | None = None  # vxlan: the device MTU instead of underlay - 50
+    learning: bool = False  # vxlan: the kernel device's learning (userspace ignores it)
     # Every option as given (lowercased keys), so nothing flanneld wrote is lost.
     options: dict[str, Any] = field(default_factory=dict)
+    warnings: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -32,6 +53,8 @@ class NetworkConfig:
     subnet_min: IPv4Network
     subnet_max: IPv4Network
     backend: BackendConfig
+    # Keys that are understood but not acted on, one line each, for the daemon to log.
+    warnings: tuple[str, ...] = ()
 
     @property
     def subnet_size(self) -> int:
@@ -86,10 +109,39 @@ def parse_backend(raw: Any) -> BackendConfig:
     vni = _int_field(options, "vni", "Backend.VNI", 1)
     if not 0 <= vni < (1 << 24):
         raise ConfigError(f"Backend.VNI: {vni} does not fit in 24 bits")
-    direct = options.get("directrouting", False)
-    if not isinstance(direct, bool):
-        raise ConfigError(f"Backend.DirectRouting: {direct!r} is not true or false")
-    return BackendConfig(type=kind, port=port, vni=vni, direct_routing=direct, options=options)
+    direct = _bool_field(options, "directrouting", "Backend.DirectRouting")
+    if _bool_field(options, "gbp", "Backend.GBP"):
+        raise ConfigError(
+            "Backend.GBP: true is not supported (the VXLAN group policy extension changes "
+            "the wire format)"
+        )
+    learning = _bool_field(options, "learning", "Backend.Learning")
+    mtu: int | None = None
+    if "mtu" in options:
+        mtu = _int_field(options, "mtu", "Backend.MTU", 0)
+        if not 68 <= mtu <= 65535:
+            raise ConfigError(f"Backend.MTU: {mtu} is not an IPv4 MTU (68-65535)")
+    warnings = tuple(
+        f"Backend.{key}: not a {kind} option, ignored"
+        for key in sorted(set(options) - BACKEND_OPTIONS[kind])
+    )
+    return BackendConfig(
+        type=kind,
+        port=port,
+        vni=vni,
+        direct_routing=direct,
+        mtu=mtu,
+        learning=learning,
+        options=options,
+        warnings=warnings,
+    )
+
+
+def _bool_field(raw: dict[str, Any], key: str, name: str) -> bool:
+    value = raw.get(key, False)
+    if not isinstance(value, bool):
+        raise ConfigError(f"{name}: {value!r} is not true or false")
+    return value
 
 
 def parse_config(data: bytes | str | dict[str, Any]) -> NetworkConfig:
@@ -108,6 +160,21 @@ def parse_config(data: bytes | str | dict[str, Any]) -> NetworkConfig:
     fields = _lower_keys(raw)
     if fields.get("enableipv4", True) is False:
         raise ConfigError("EnableIPv4: false is not supported (IPv4 is required)")
+    if fields.pop("enableipv6", False) is not False:
+        raise ConfigError(
+            "EnableIPv6: dual stack is not supported (IPv4 only: pods on this node would "
+            "get no IPv6 address); set it false or keep flanneld on this node"
+        )
+    warnings = [
+        f"{_display(raw, key)}: {_IGNORED_KEYS[key]}"
+        for key in sorted(fields)
+        if key in _IGNORED_KEYS and fields[key] not in (None, False, "", [])
+    ]
+    warnings += [
+        f"{_display(raw, key)}: unknown key, ignored"
+        for key in sorted(fields)
+        if key not in _KNOWN_KEYS and key not in _IGNORED_KEYS
+    ]
     if "network" not in fields:
         raise ConfigError('Network: missing (e.g. "Network": "10.244.0.0/16")')
     try:
@@ -146,8 +213,14 @@ def parse_config(data: bytes | str | dict[str, Any]) -> NetworkConfig:
         subnet_len=subnet_len,
         subnet_min=subnet_min,
         subnet_max=subnet_max,
-        backend=parse_backend(fields.get("backend")),
+        backend=(backend := parse_backend(fields.get("backend"))),
+        warnings=(*warnings, *backend.warnings),
     )
+
+
+def _display(raw: dict[str, Any], key: str) -> str:
+    """A config key as the operator wrote it (``key`` is lowercased)."""
+    return next((str(k) for k in raw if str(k).lower() == key), key)
 
 
 def config_json(

@@ -1,11 +1,21 @@
-"""The `overlay` command: `run` (the daemon), `status`, `testbed`, `bench`."""
+"""The `overlay` command: `run` (the daemon), `status`, `testbed`, `bench`.
+
+`overlay run` reads its flags the way flanneld does: Go-style single-dash long flags
+(``-iface eth0``, ``-etcd-endpoints=...``, ``-ip-masq``, ``-v=2``) as well as ``--flag``,
+and every flag also from ``FLANNELD_<FLAG>``, where a flag given on the command line wins
+over its variable. Unlike flanneld, a bad value in a variable is an error naming the
+variable, never a silent default.
+"""
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
-from ipaddress import IPv4Address, IPv4Network
+from collections.abc import Callable, Mapping, Sequence
+from importlib import metadata
+from ipaddress import IPv4Address, IPv4Network, ip_address
 from typing import Any, NoReturn
 
 from control.config import SUPPORTED_BACKENDS
@@ -21,6 +31,28 @@ commands:
   bench     the benchmark matrix -> bench/results/ (see `overlay bench --help`)
 """
 
+PROG = "overlay run"
+ENV_PREFIX = "FLANNELD_"
+
+# flanneld flags that only mean something with its Kubernetes subnet manager.
+KUBE_ONLY = (
+    "kube-subnet-mgr",
+    "kube-api-url",
+    "kubeconfig-file",
+    "kube-annotation-prefix",
+    "net-config-path",
+    "set-node-network-unavailable",
+    "use-multi-cluster-cidr",
+    "persistent-mac",
+)
+# flanneld flags we recognise but do not implement, and why (one line each).
+UNSUPPORTED = {
+    "public-ipv6": "IPv6 is not supported (the overlay is IPv4 only)",
+    "subnet-dir": "flanneld's multi-network mode is not supported (one network per daemon)",
+}
+# klog flags flanneld copies; accepted so its unit files start, ignored with a warning.
+IGNORED = ("vmodule", "log_backtrace_at")
+
 
 class OneLineParser(argparse.ArgumentParser):
     """argparse, but a usage error is one line naming the problem."""
@@ -29,20 +61,17 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
 
 
-def _env(name: str, default: Any = None) -> Any:
-    """Every flag can also be set as FLANNELD_<FLAG> (dashes -> underscores), as in flanneld."""
-    return os.environ.get("FLANNELD_" + name.upper().replace("-", "_"), default)
+# -- value parsers (each raises ArgumentTypeError with a short reason) -------------------
 
 
-def _env_bool(name: str) -> bool:
-    value = _env(name)
-    if value is None:
-        return False
-    if value.lower() in ("1", "true", "yes", "on"):
+def parse_bool(text: str) -> bool:
+    """Go's strconv.ParseBool (flanneld's bool flags), plus yes/no/on/off."""
+    value = text.strip().lower()
+    if value in ("1", "t", "true", "yes", "on"):
         return True
-    if value.lower() in ("0", "false", "no", "off", ""):
+    if value in ("0", "f", "false", "no", "off"):
         return False
-    sys.exit(f"overlay run: error: FLANNELD_{name.upper()}={value!r} is not true or false")
+    raise argparse.ArgumentTypeError(f"{text!r} is not true or false")
 
 
 def _network(text: str) -> IPv4Network:
@@ -59,6 +88,13 @@ def _address(text: str) -> IPv4Address:
         raise argparse.ArgumentTypeError(f"{text!r} is not an IPv4 address") from None
 
 
+def _listen_address(text: str) -> str:
+    try:
+        return str(ip_address(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an IP address") from None
+
+
 def _endpoints(text: str) -> list[Endpoint]:
     try:
         return parse_endpoints(text)
@@ -66,161 +102,388 @@ def _endpoints(text: str) -> list[Endpoint]:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def _minutes(text: str) -> float:
+def _regex(text: str) -> str:
+    try:
+        re.compile(text)
+    except re.error as e:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a regular expression: {e}") from None
+    return text
+
+
+def _integer(
+    what: str, unit: str, low: int, high: int | None = None, why: str = ""
+) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+        if value < low or (high is not None and value > high):
+            bound = f"{low} to {high}" if high is not None else f"at least {low}"
+            raise argparse.ArgumentTypeError(f"{value} {unit}: must be {bound}{why}")
+        return value
+
+    parse.__name__ = what  # argparse names the type in its own messages
+    return parse
+
+
+def _seconds(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of minutes") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError("must not be negative")
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text}: must be more than 0")
     return value
 
 
 # A multi-queue TUN has at most this many queues (MAX_TAP_QUEUES in the kernel).
 MAX_WORKERS = 256
+# flanneld: the margin is whole minutes, less than the 24 h lease.
+_margin = _integer("a number of minutes", "minutes", 1, 24 * 60 - 1, " (less than the 24 h lease)")
+_workers = _integer("a number of workers", "workers", 1, MAX_WORKERS, " (a TUN's queue limit)")
+_verbosity = _integer("a log level", "(log level)", 0)
+_port = _integer("a port number", "(port)", 0, 65535)
+_resync = _integer("a number of seconds", "seconds", 1)
 
 
-def _workers(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of workers") from None
-    if not 1 <= value <= MAX_WORKERS:
-        raise argparse.ArgumentTypeError(
-            f"{value} workers: must be 1 to {MAX_WORKERS} (a TUN's queue limit)"
+class BoolFlag(argparse.Action):
+    """A Go bool flag: ``--flag`` sets it, ``--flag=false`` (or ``--flag false``) clears it."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: Any) -> None:
+        kwargs.setdefault("metavar", "BOOL")
+        super().__init__(option_strings, dest, nargs="?", const="true", **kwargs)
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        try:
+            setattr(namespace, self.dest, parse_bool(str(values)))
+        except argparse.ArgumentTypeError as e:
+            raise argparse.ArgumentError(self, str(e)) from None
+
+
+# -- the parser ----------------------------------------------------------------------------
+
+
+class RunFlags:
+    """Defaults, and the FLANNELD_* variable of every flag, beside the argparse parser."""
+
+    def __init__(self) -> None:
+        self.parser = OneLineParser(
+            prog=PROG,
+            description="The per-node overlay daemon, a drop-in for flanneld. Every flag "
+            "can also be given as FLANNELD_<FLAG> (dashes to underscores, e.g. "
+            "FLANNELD_IFACE=eth0); a flag on the command line wins over its variable. "
+            "Go-style single-dash flags (-iface eth0, -ip-masq) work too.",
+            argument_default=argparse.SUPPRESS,
         )
-    return value
+        self.defaults: dict[str, Any] = {}
+        self._add_flags()
+
+    def add(self, *names: str, default: Any = None, **kwargs: Any) -> None:
+        action = self.parser.add_argument(*names, **kwargs)
+        self.defaults[action.dest] = default
+
+    def _add_flags(self) -> None:
+        add = self.add
+        add(
+            "--registry-file",
+            default="/run/flannel/registry.json",
+            help="the embedded file registry shared by the daemons of this machine, used "
+            "when no --etcd-endpoints is given (default /run/flannel/registry.json)",
+        )
+        add(
+            "--etcd-endpoints",
+            type=_endpoints,
+            help="comma-separated etcd URLs (http(s)://host:port); without it the embedded "
+            "file registry is used (flanneld defaults to http://127.0.0.1:2379)",
+        )
+        add("--etcd-cafile", help="CA to verify etcd with")
+        add("--etcd-certfile", help="client certificate for etcd")
+        add("--etcd-keyfile", help="its private key")
+        add("--etcd-username", help="etcd user")
+        add("--etcd-password", help="etcd password (prefer FLANNELD_ETCD_PASSWORD: not in ps)")
+        add(
+            "--etcd-prefix",
+            default=DEFAULT_PREFIX,
+            help=f"registry key prefix (default {DEFAULT_PREFIX})",
+        )
+        add(
+            "--registry-timeout",
+            type=_seconds,
+            default=60.0,
+            help="at startup, keep retrying an unreachable registry this many seconds "
+            "before giving up (default 60)",
+        )
+        add(
+            "--network",
+            type=_network,
+            help="seed the registry's network config with this CIDR if it has none",
+        )
+        add(
+            "--backend",
+            choices=SUPPORTED_BACKENDS,
+            help="backend type for the seeded config (default udp, as flannel)",
+        )
+        add(
+            "--iface",
+            action="append",
+            default=[],
+            help="interface (name or IPv4 address) for inter-node traffic; repeatable, the "
+            "first that exists wins",
+        )
+        add(
+            "--iface-regex",
+            action="append",
+            type=_regex,
+            default=[],
+            help="regular expression matched against interface addresses, then names; "
+            "repeatable, checked after --iface",
+        )
+        add(
+            "--iface-can-reach",
+            type=_address,
+            help="use the interface (and source address) the kernel would use to reach "
+            "this address (`ip route get`), checked after --iface and --iface-regex",
+        )
+        add(
+            "--public-ip",
+            type=_address,
+            help="IP address other nodes use to reach us (default: the interface's address; "
+            "host-gw requires them to be the same)",
+        )
+        add(
+            "--subnet-file",
+            default="/run/flannel/subnet.env",
+            help="where to write subnet.env for the CNI plugin (default /run/flannel/subnet.env)",
+        )
+        add(
+            "--subnet-lease-renew-margin",
+            type=_margin,
+            default=60,
+            help="renew the 24 h lease this many minutes before it expires, 1 to 1439 (default 60)",
+        )
+        add(
+            "--ip-masq",
+            action=BoolFlag,
+            default=False,
+            help="masquerade pod traffic leaving the overlay network (flanneld's "
+            "FLANNEL-POSTRTG rules) and write FLANNEL_IPMASQ=true",
+        )
+        add(
+            "--iptables-resync",
+            type=_resync,
+            default=5,
+            help="re-check (and repair) our iptables rules every this many seconds (default 5)",
+        )
+        add(
+            "--iptables-forward-rules",
+            action=BoolFlag,
+            default=True,
+            help="accept the overlay network in the FORWARD chain (FLANNEL-FWD), so a DROP "
+            "policy does not break forwarding (default true; =false to disable)",
+        )
+        add(
+            "--healthz-ip",
+            type=_listen_address,
+            default="0.0.0.0",
+            help="address of the health server (default 0.0.0.0)",
+        )
+        add(
+            "--healthz-port",
+            type=_port,
+            default=0,
+            help="port of the health server, 0 = disabled (default 0)",
+        )
+        add(
+            "--status-socket",
+            default="/run/flannel/overlay.sock",
+            help="Unix socket `overlay status` reads (default /run/flannel/overlay.sock)",
+        )
+        add("--tun-name", default="flannel0", help="TUN device (default flannel0)")
+        add(
+            "--vxlan-datapath",
+            choices=("userspace", "kernel", "auto"),
+            default="userspace",
+            help="vxlan backend only: this process (default), the kernel's vxlan device "
+            "flannel.<VNI> as flanneld sets it up, or auto (kernel when it has vxlan)",
+        )
+        add(
+            "--kernel-vxlan",
+            action=BoolFlag,
+            default=False,
+            help="short for --vxlan-datapath kernel",
+        )
+        add(
+            "--no-offload",
+            action=BoolFlag,
+            default=False,
+            help="force the plain per-packet path (no UDP GSO/GRO, no TUN offloads)",
+        )
+        add(
+            "--no-tun-tso",
+            action=BoolFlag,
+            default=False,
+            help="read packets from the TUN one by one instead of as 64 KiB TCP "
+            "super-packets cut into segments here (TSO, on by default with the offloads)",
+        )
+        add(
+            "--workers",
+            type=_workers,
+            default=1,
+            help="forwarding processes for the udp and userspace vxlan backends, one per "
+            "queue of a multi-queue TUN, each with its own SO_REUSEPORT socket (default 1)",
+        )
+        add(
+            "-v",
+            "--v",
+            dest="v",
+            type=_verbosity,
+            default=0,
+            help="log verbosity (default 0)",
+        )
+        add(
+            "--log-format",
+            choices=("console", "json"),
+            default="console",
+            help="console (default) or json lines",
+        )
+        self.parser.add_argument(
+            "--version", action="store_true", help="print the version and exit"
+        )
+        for name in KUBE_ONLY:
+            add(f"--{name}", dest=_dest(name), nargs="?", const="true", help=argparse.SUPPRESS)
+        for name in UNSUPPORTED:
+            add(f"--{name}", dest=_dest(name), help=argparse.SUPPRESS)
+        for name in IGNORED:
+            add(f"--{name}", dest=_dest(name), help=argparse.SUPPRESS)
+
+    # -- parsing -----------------------------------------------------------------------
+
+    def long_names(self) -> set[str]:
+        return {
+            option[2:]
+            for action in self.parser._actions
+            for option in action.option_strings
+            if option.startswith("--")
+        }
+
+    def parse(self, argv: Sequence[str], environ: Mapping[str, str]) -> argparse.Namespace:
+        args = self.parser.parse_args(go_style(argv, self.long_names()))
+        if getattr(args, "version", False):
+            print(f"overlay {version()}")
+            raise SystemExit(0)
+        given: set[str] = set()
+        for action in self.parser._actions:
+            if action.dest in ("help", "version"):
+                continue
+            if hasattr(args, action.dest):
+                given.add(action.dest)
+                continue
+            env = env_name(action)
+            text = environ.get(env, "")
+            if text != "":  # flanneld: an empty variable leaves the default
+                setattr(args, action.dest, self._from_env(action, env, text))
+                given.add(action.dest)
+            else:
+                setattr(args, action.dest, self.defaults.get(action.dest))
+        args.version = False
+        self._check(args, given)
+        return args
+
+    def _from_env(self, action: argparse.Action, env: str, text: str) -> Any:
+        try:
+            if isinstance(action, BoolFlag):
+                return parse_bool(text)
+            if action.nargs == "?" and action.const == "true":  # a kube-only bool
+                return text
+            convert = action.type or str
+            if isinstance(action, argparse._AppendAction):
+                # One variable for a repeatable flag: comma-separated values.
+                return [convert(part.strip()) for part in text.split(",") if part.strip()]
+            value = convert(text)  # type: ignore[operator]
+            if action.choices is not None and value not in action.choices:
+                choices = ", ".join(map(str, action.choices))
+                raise argparse.ArgumentTypeError(f"{text!r} is not one of {choices}")
+            return value
+        except argparse.ArgumentTypeError as e:
+            self.parser.error(f"{env}={text!r}: {e}")
+
+    def _check(self, args: argparse.Namespace, given: set[str]) -> None:
+        for name in KUBE_ONLY:
+            value = getattr(args, _dest(name))
+            if value is None or (isinstance(value, str) and _is_false(value)):
+                continue
+            self.parser.error(
+                f"--{name}: flanneld's Kubernetes subnet manager is not supported; only "
+                "etcd (--etcd-endpoints) and the embedded file registry (--registry-file) are"
+            )
+        for name, why in UNSUPPORTED.items():
+            if getattr(args, _dest(name)) is not None:
+                self.parser.error(f"--{name}: {why}")
+        args.ignored_flags = [f"--{name}" for name in IGNORED if getattr(args, _dest(name))]
+        if args.kernel_vxlan:
+            if "vxlan_datapath" in given and args.vxlan_datapath != "kernel":
+                self.parser.error(
+                    f"--kernel-vxlan contradicts --vxlan-datapath {args.vxlan_datapath}: "
+                    "give one of them"
+                )
+            args.vxlan_datapath = "kernel"
+
+
+def _dest(name: str) -> str:
+    return name.replace("-", "_")
+
+
+def _is_false(text: str) -> bool:
+    try:
+        return not parse_bool(text)
+    except argparse.ArgumentTypeError:
+        return False
+
+
+def env_name(action: argparse.Action) -> str:
+    """FLANNELD_<FLAG> of an action: its first long option, dashes to underscores."""
+    long = next(o for o in action.option_strings if o.startswith("--"))
+    return ENV_PREFIX + long[2:].upper().replace("-", "_")
+
+
+def go_style(argv: Sequence[str], long_names: set[str]) -> list[str]:
+    """``-name`` / ``-name=value`` (Go's flag package) as ``--name`` for our long flags."""
+    result = []
+    rest = False
+    for token in argv:
+        if rest or token == "--":
+            rest = True
+        elif token.startswith("-") and not token.startswith("--") and len(token) > 2:
+            if token[1:].split("=", 1)[0] in long_names:
+                token = "-" + token
+        result.append(token)
+    return result
+
+
+def version() -> str:
+    try:
+        return metadata.version("flannel-overlay")
+    except metadata.PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+def parse_run_args(
+    argv: Sequence[str], environ: Mapping[str, str] | None = None
+) -> argparse.Namespace:
+    """`overlay run`'s flags, then FLANNELD_* for those not given, then the defaults."""
+    return RunFlags().parse(argv, os.environ if environ is None else environ)
 
 
 def run_parser() -> OneLineParser:
-    p = OneLineParser(
-        prog="overlay run",
-        description="The per-node overlay daemon. Every flag can also be given as a "
-        "FLANNELD_<FLAG> environment variable (e.g. FLANNELD_IFACE=eth0).",
-    )
-    p.add_argument(
-        "--registry-file",
-        default=_env("registry-file", "/run/flannel/registry.json"),
-        help="the embedded file registry shared by the daemons of this machine "
-        "(default /run/flannel/registry.json)",
-    )
-    p.add_argument(
-        "--etcd-endpoints",
-        type=_endpoints,
-        default=_env("etcd-endpoints"),
-        help="comma-separated etcd URLs (http(s)://host:port); without it the embedded file "
-        "registry is used",
-    )
-    p.add_argument("--etcd-cafile", default=_env("etcd-cafile"), help="CA to verify etcd with")
-    p.add_argument(
-        "--etcd-certfile", default=_env("etcd-certfile"), help="client certificate for etcd"
-    )
-    p.add_argument("--etcd-keyfile", default=_env("etcd-keyfile"), help="its private key")
-    p.add_argument("--etcd-username", default=_env("etcd-username"), help="etcd user")
-    p.add_argument("--etcd-password", default=_env("etcd-password"), help="etcd password")
-    p.add_argument(
-        "--registry-timeout",
-        type=float,
-        default=_env("registry-timeout", "60"),
-        help="at startup, keep retrying an unreachable registry this many seconds before "
-        "giving up (default 60)",
-    )
-    p.add_argument(
-        "--etcd-prefix",
-        default=_env("etcd-prefix", DEFAULT_PREFIX),
-        help=f"registry key prefix (default {DEFAULT_PREFIX})",
-    )
-    p.add_argument(
-        "--network",
-        type=_network,
-        default=_env("network"),
-        help="seed the registry's network config with this CIDR if it has none",
-    )
-    p.add_argument(
-        "--backend",
-        choices=SUPPORTED_BACKENDS,
-        default=_env("backend"),
-        help="backend type for the seeded config (default udp, as flannel)",
-    )
-    p.add_argument(
-        "--iface",
-        action="append",
-        default=[v for v in [_env("iface")] if v],
-        help="interface (name or address) for inter-node traffic; repeatable, first "
-        "that exists wins (default: the default route's interface, else the only one)",
-    )
-    p.add_argument(
-        "--public-ip",
-        type=_address,
-        default=_env("public-ip"),
-        help="IP address other nodes use to reach us (default: the interface's address)",
-    )
-    p.add_argument(
-        "--subnet-file",
-        default=_env("subnet-file", "/run/flannel/subnet.env"),
-        help="where to write the subnet.env for the CNI plugin (default /run/flannel/subnet.env)",
-    )
-    p.add_argument(
-        "--subnet-lease-renew-margin",
-        type=_minutes,
-        default=_env("subnet-lease-renew-margin", "60"),
-        help="renew the lease this many minutes before it expires (default 60)",
-    )
-    p.add_argument(
-        "--status-socket",
-        default=_env("status-socket", "/run/flannel/overlay.sock"),
-        help="Unix socket `overlay status` reads (default /run/flannel/overlay.sock)",
-    )
-    p.add_argument(
-        "--tun-name", default=_env("tun-name", "flannel0"), help="TUN device (default flannel0)"
-    )
-    p.add_argument(
-        "--vxlan-datapath",
-        choices=("userspace", "kernel", "auto"),
-        default=_env("vxlan-datapath", "userspace"),
-        help="vxlan backend only: this process (default), the kernel's vxlan device "
-        "flannel.<VNI> as flanneld sets it up, or auto (kernel when it has vxlan)",
-    )
-    p.add_argument(
-        "--kernel-vxlan",
-        dest="vxlan_datapath",
-        action="store_const",
-        const="kernel",
-        help="short for --vxlan-datapath kernel",
-    )
-    p.add_argument(
-        "--no-offload",
-        action="store_true",
-        default=_env_bool("no-offload"),
-        help="force the plain per-packet path (no UDP GSO/GRO, no TUN offloads)",
-    )
-    p.add_argument(
-        "--no-tun-tso",
-        action="store_true",
-        default=_env_bool("no-tun-tso"),
-        help="read packets from the TUN one by one instead of as 64 KiB TCP super-packets "
-        "cut into segments here (TSO, on by default with the other offloads)",
-    )
-    p.add_argument(
-        "--workers",
-        type=_workers,
-        default=_env("workers", "1"),
-        help="forwarding processes for the udp and userspace vxlan backends, one per queue "
-        "of a multi-queue TUN, each with its own SO_REUSEPORT socket (default 1)",
-    )
-    p.add_argument(
-        "-v",
-        type=int,
-        default=int(_env("v", "0")) if str(_env("v", "0")).isdigit() else 0,
-        help="log verbosity: 0 info, 1+ debug",
-    )
-    p.add_argument(
-        "--log-format",
-        choices=("console", "json"),
-        default=_env("log-format", "console"),
-        help="console (default) or json lines",
-    )
-    return p
+    """The argparse parser alone (for --help and tools that list the flags)."""
+    return RunFlags().parser
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -232,7 +495,7 @@ def main(argv: list[str] | None = None) -> int:
     if command == "run":
         from overlay.daemon import run
 
-        return run(run_parser().parse_args(rest))
+        return run(parse_run_args(rest))
     if command == "status":
         from overlay import status
 
@@ -245,5 +508,8 @@ def main(argv: list[str] | None = None) -> int:
         from bench import report
 
         return report.main(rest)
+    if command in ("--version", "-version", "version"):
+        print(f"overlay {version()}")
+        return 0
     sys.stderr.write(f"overlay: error: unknown command {command!r} (see `overlay --help`)\n")
     return 2

@@ -6,6 +6,13 @@ handing out addresses from the lease), saves that config per container so DEL st
 after the daemon and its ``subnet.env`` are gone, and execs the delegate with the same
 environment. Results and errors follow the CNI spec: JSON on stdout, exit code non-zero on
 error.
+
+A node that switches from flannel's plugin keeps working: DEL and CHECK also find the
+delegate config flannel's plugin saved (``/var/lib/cni/flannel/<container id>``), so a pod
+added by flannel is deleted cleanly (its address released). CNI spec 1.1.0 is spoken:
+STATUS (ready when the daemon's subnet.env is there) and GC (a saved attachment the runtime
+no longer lists is deleted through its delegate); a delegate that only speaks 1.0.0
+(Debian's bridge) is called with 1.0.0, whose results 1.1.0 only extends.
 """
 
 from __future__ import annotations
@@ -23,9 +30,10 @@ from typing import Any
 from control.atomic_file import write_atomic
 from control.subnet_env import SubnetEnv, SubnetEnvError, parse_subnet_env
 
-SUPPORTED_VERSIONS = ["0.3.0", "0.3.1", "0.4.0", "1.0.0"]
+SUPPORTED_VERSIONS = ["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"]
 DEFAULT_SUBNET_FILE = "/run/flannel/subnet.env"
 DEFAULT_DATA_DIR = "/var/lib/cni/overlay"
+FLANNEL_DATA_DIR = "/var/lib/cni/flannel"  # where flannel's own plugin saves delegate configs
 DEFAULT_IPAM_DATA_DIR = "/var/lib/cni/networks"
 DEFAULT_BRIDGE = "cni0"
 DELEGATE_TIMEOUT = 120.0
@@ -39,6 +47,8 @@ ERR_IO = 5
 ERR_DECODE = 6
 ERR_INVALID_CONFIG = 7
 ERR_TRY_AGAIN_LATER = 11
+ERR_PLUGIN_NOT_AVAILABLE = 50  # spec 1.1.0, STATUS: cannot service ADD requests
+GC_KEYS = ("cni.dev/valid-attachments", "cni.dev/attachments")  # libcni sends both
 
 # The spec's restriction on container ids; it also keeps them safe as file names.
 _CONTAINER_ID = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.\-]*$")
@@ -94,7 +104,12 @@ def parse_netconf(stdin: str) -> dict[str, Any]:
     name = conf.get("name")
     if not isinstance(name, str) or not name:
         raise CniError(ERR_INVALID_CONFIG, 'network config: "name" is missing')
-    for key in ("subnetFile", "dataDir", "ipamDataDir"):
+    versions = conf.get("cniVersions")
+    if versions is not None and not (
+        isinstance(versions, list) and all(isinstance(v, str) for v in versions)
+    ):
+        raise CniError(ERR_INVALID_CONFIG, 'network config: "cniVersions" must be a list')
+    for key in ("subnetFile", "dataDir", "ipamDataDir", "flannelDataDir"):
         if key in conf and (not isinstance(conf[key], str) or not conf[key]):
             raise CniError(ERR_INVALID_CONFIG, f'network config: "{key}" must be a path')
     for key in ("delegate", "ipam"):
@@ -181,6 +196,22 @@ def _saved_path(conf: Mapping[str, Any], container_id: str) -> Path:
     return Path(conf.get("dataDir", DEFAULT_DATA_DIR)) / container_id
 
 
+def _data_dirs(conf: Mapping[str, Any]) -> list[Path]:
+    """Ours, then flannel's plugin's (``flannelDataDir``), where DEL and GC look."""
+    ours = Path(conf.get("dataDir", DEFAULT_DATA_DIR))
+    flannel = Path(conf.get("flannelDataDir", FLANNEL_DATA_DIR))
+    return [ours] if flannel == ours else [ours, flannel]
+
+
+def _find_saved(conf: Mapping[str, Any], container_id: str) -> Path | None:
+    """The delegate config saved by ADD, ours or flannel's plugin's; None if neither."""
+    for directory in _data_dirs(conf):
+        path = directory / container_id
+        if path.exists():
+            return path
+    return None
+
+
 def save_delegate(path: Path, delegate: Mapping[str, Any]) -> None:
     """Write atomically (0600, like flannel) so a crash never leaves a half config."""
     try:
@@ -219,6 +250,48 @@ def find_plugin(plugin_type: str, cni_path: str) -> Path:
         f"plugin {plugin_type!r} not found in CNI_PATH {cni_path!r}",
         "install containernetworking-plugins or point CNI_PATH at its directory",
     )
+
+
+def _version_key(version: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in version.split("."))
+    except ValueError:
+        return (0,)
+
+
+def delegate_versions(plugin_type: str, environ: Mapping[str, str]) -> list[str]:
+    """The CNI versions a delegate plugin speaks (its VERSION answer; [] if it gives none)."""
+    proc = run_delegate("VERSION", {"type": plugin_type, "cniVersion": "0.4.0"}, environ)
+    try:
+        versions = json.loads(proc.stdout).get("supportedVersions", [])
+    except (ValueError, AttributeError):
+        return []
+    return [v for v in versions if isinstance(v, str)]
+
+
+def negotiate(delegate: dict[str, Any], environ: Mapping[str, str]) -> str:
+    """Lower a 1.1.0 delegate config to 1.0.0 for a delegate that does not speak 1.1.0
+    (1.1.0 only adds commands and optional result fields); the version asked for."""
+    asked = str(delegate.get("cniVersion", ""))
+    if asked == "1.1.0" and "1.1.0" not in delegate_versions(str(delegate["type"]), environ):
+        delegate["cniVersion"] = "1.0.0"
+        prev = delegate.get("prevResult")
+        if isinstance(prev, dict) and prev.get("cniVersion") == "1.1.0":
+            delegate["prevResult"] = {**prev, "cniVersion": "1.0.0"}
+    return asked
+
+
+def _as_version(stdout: str, asked: str, used: str) -> str:
+    """A delegate's result in the version the runtime asked for (1.0.0 -> 1.1.0)."""
+    if asked == used or not stdout.strip():
+        return stdout
+    try:
+        result = json.loads(stdout)
+    except ValueError:
+        return stdout
+    if isinstance(result, dict) and result.get("cniVersion") == used:
+        result["cniVersion"] = asked
+    return json.dumps(result)
 
 
 def run_delegate(
@@ -280,22 +353,88 @@ def cmd_add(conf: dict[str, Any], environ: Mapping[str, str]) -> str:
     _require(environ, "CNI_CONTAINERID", "CNI_NETNS", "CNI_IFNAME", "CNI_PATH")
     env = load_subnet_env(conf.get("subnetFile", DEFAULT_SUBNET_FILE))
     delegate = build_delegate(conf, env)
+    asked = negotiate(delegate, environ)
     # Saved before the delegate runs: a failed ADD is followed by a DEL that needs it.
     save_delegate(_saved_path(conf, environ["CNI_CONTAINERID"]), delegate)
-    return _delegate_or_fail("ADD", delegate, environ).stdout
+    out = _delegate_or_fail("ADD", delegate, environ).stdout
+    return _as_version(out, asked, str(delegate["cniVersion"]))
+
+
+def _delete(path: Path, conf: Mapping[str, Any], environ: Mapping[str, str]) -> None:
+    """DEL through the delegate config saved at ``path``, then forget it."""
+    delegate = load_delegate(path)
+    if delegate is None:
+        return  # nothing was added, or DEL already ran: the spec says succeed
+    prev = conf.get("prevResult")
+    if isinstance(prev, dict):
+        ours, theirs = str(delegate.get("cniVersion")), str(conf.get("cniVersion"))
+        if ours == theirs:
+            delegate["prevResult"] = prev
+        elif (ours, theirs) == ("1.0.0", "1.1.0"):  # negotiated down at ADD: same shape
+            delegate["prevResult"] = {**prev, "cniVersion": ours}
+        # else (a config flannel's plugin saved in its own version): DEL without it, as
+        # flannel's plugin does; the spec has DEL clean up without prevResult too.
+    _delegate_or_fail("DEL", delegate, environ)
+    # Removed only after the delegate succeeded, so a retried DEL can still clean up.
+    path.unlink(missing_ok=True)
 
 
 def cmd_del(conf: dict[str, Any], environ: Mapping[str, str]) -> str:
     _require(environ, "CNI_CONTAINERID", "CNI_IFNAME", "CNI_PATH")
-    path = _saved_path(conf, environ["CNI_CONTAINERID"])
-    delegate = load_delegate(path)
-    if delegate is None:
-        return ""  # nothing was added, or DEL already ran: the spec says succeed
-    if "prevResult" in conf:
-        delegate["prevResult"] = conf["prevResult"]
-    _delegate_or_fail("DEL", delegate, environ)
-    # Removed only after the delegate succeeded, so a retried DEL can still clean up.
-    path.unlink(missing_ok=True)
+    path = _find_saved(conf, environ["CNI_CONTAINERID"])
+    if path is not None:
+        _delete(path, conf, environ)
+    return ""
+
+
+def cmd_status(conf: dict[str, Any], environ: Mapping[str, str]) -> str:
+    """Ready when the daemon's subnet.env is there (and the delegate, if it speaks 1.1.0,
+    says it is ready too)."""
+    try:
+        env = load_subnet_env(conf.get("subnetFile", DEFAULT_SUBNET_FILE))
+    except CniError as e:
+        raise CniError(ERR_PLUGIN_NOT_AVAILABLE, e.msg, e.details) from None
+    if environ.get("CNI_PATH"):
+        delegate = build_delegate(conf, env)
+        if "1.1.0" in delegate_versions(str(delegate["type"]), environ):
+            _delegate_or_fail("STATUS", delegate, environ)
+    return ""
+
+
+def cmd_gc(conf: dict[str, Any], environ: Mapping[str, str]) -> str:
+    """Delete every saved attachment of this network the runtime does not list as valid
+    (ours and flannel's plugin's), through its delegate, so its address is released."""
+    _require(environ, "CNI_PATH")
+    listed = next((conf[key] for key in GC_KEYS if key in conf), [])
+    if not isinstance(listed, list):
+        raise CniError(ERR_INVALID_CONFIG, f'network config: "{GC_KEYS[0]}" must be a list')
+    valid = {str(a.get("containerID")) for a in listed if isinstance(a, dict)}
+    failed: list[str] = []
+    for directory in _data_dirs(conf):
+        try:
+            saved = sorted(p for p in directory.iterdir() if not p.name.startswith("."))
+        except FileNotFoundError:
+            continue
+        except OSError as e:
+            raise CniError(ERR_IO, f"cannot list {directory}: {e.strerror}") from None
+        for path in saved:
+            if path.name in valid or not _CONTAINER_ID.match(path.name):
+                continue
+            try:
+                delegate = load_delegate(path)
+                if delegate is None or delegate.get("name") != conf["name"]:
+                    continue  # another network's attachment
+                # The saved config names no interface; CNI_IFNAME is the runtime's default.
+                env = {**environ, "CNI_CONTAINERID": path.name}
+                env.setdefault("CNI_IFNAME", "eth0")
+                env.pop("CNI_NETNS", None)
+                _delete(path, {}, env)
+            except (CniError, DelegateFailed) as e:
+                failed.append(f"{path.name}: {e}")
+    if failed:
+        raise CniError(
+            ERR_IO, f"GC could not delete {len(failed)} attachment(s)", "; ".join(failed)
+        )
     return ""
 
 
@@ -327,13 +466,18 @@ def with_route_gateways(result: Any) -> Any:
 
 def cmd_check(conf: dict[str, Any], environ: Mapping[str, str]) -> str:
     _require(environ, "CNI_CONTAINERID", "CNI_NETNS", "CNI_IFNAME", "CNI_PATH")
-    delegate = load_delegate(_saved_path(conf, environ["CNI_CONTAINERID"]))
+    path = _find_saved(conf, environ["CNI_CONTAINERID"])
+    delegate = load_delegate(path) if path is not None else None
     if delegate is None:
         delegate = build_delegate(
             conf, load_subnet_env(conf.get("subnetFile", DEFAULT_SUBNET_FILE))
         )
+        negotiate(delegate, environ)
     if "prevResult" in conf:
-        delegate["prevResult"] = with_route_gateways(conf["prevResult"])
+        prev = with_route_gateways(conf["prevResult"])
+        if isinstance(prev, dict) and prev.get("cniVersion") != delegate.get("cniVersion"):
+            prev = {**prev, "cniVersion": delegate["cniVersion"]}
+        delegate["prevResult"] = prev
     _delegate_or_fail("CHECK", delegate, environ)
     return ""
 
@@ -351,25 +495,28 @@ def _error_version(stdin: str) -> str:
     return version if version in SUPPORTED_VERSIONS else SUPPORTED_VERSIONS[-1]
 
 
+COMMANDS = {
+    "ADD": cmd_add,
+    "DEL": cmd_del,
+    "CHECK": cmd_check,
+    "STATUS": cmd_status,
+    "GC": cmd_gc,
+}
+
+
 def run(environ: Mapping[str, str], stdin: str) -> tuple[int, str]:
     """Run one CNI invocation; returns (exit code, stdout). Pure enough to unit-test."""
     command = environ.get("CNI_COMMAND", "")
     if command == "VERSION":
         return 0, json.dumps(version_info())
     try:
-        if command not in ("ADD", "DEL", "CHECK"):
+        handler = COMMANDS.get(command)
+        if handler is None:
             raise CniError(
                 ERR_INVALID_ENV,
-                f"CNI_COMMAND {command!r} is not one of ADD, DEL, CHECK, VERSION",
+                f"CNI_COMMAND {command!r} is not one of {', '.join(COMMANDS)}, VERSION",
             )
-        conf = parse_netconf(stdin)
-        if command == "ADD":
-            out = cmd_add(conf, environ)
-        elif command == "DEL":
-            out = cmd_del(conf, environ)
-        else:
-            out = cmd_check(conf, environ)
-        return 0, out
+        return 0, handler(parse_netconf(stdin), environ)
     except DelegateFailed as e:
         return e.returncode, e.stdout
     except CniError as e:

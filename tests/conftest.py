@@ -67,6 +67,24 @@ def netns(prefix: str) -> Iterator[Callable[[str], str]]:
         subprocess.run(["ip", "netns", "del", name], check=False)
 
 
+@pytest.fixture
+def daemons() -> Iterator[Callable[..., Any]]:
+    """Factory: daemons(ns, tmp_path, *flags) starts `overlay run` in ns
+    (tests/single_daemon.py); every one is killed afterwards."""
+    from tests.single_daemon import Daemon
+
+    started: list[Daemon] = []
+
+    def start(*args: Any, **kwargs: Any) -> Daemon:
+        daemon = Daemon(*args, **kwargs)
+        started.append(daemon)
+        return daemon
+
+    yield start
+    for daemon in started:
+        daemon.kill()
+
+
 def overlay_cmd(*args: str) -> list[str]:
     return [PYTHON, "-m", "overlay", *args]
 

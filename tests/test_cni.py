@@ -174,7 +174,7 @@ def test_version() -> None:
     code, out = cni.run({"CNI_COMMAND": "VERSION"}, "")
     assert code == 0
     info = json.loads(out)
-    assert info["supportedVersions"] == ["0.3.0", "0.3.1", "0.4.0", "1.0.0"]
+    assert info["supportedVersions"] == ["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"]
     assert info["cniVersion"] in info["supportedVersions"]
 
 
@@ -241,8 +241,8 @@ def test_version_command() -> None:
     proc = invoke("VERSION", "")
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout) == {
-        "cniVersion": "1.0.0",
-        "supportedVersions": ["0.3.0", "0.3.1", "0.4.0", "1.0.0"],
+        "cniVersion": "1.1.0",
+        "supportedVersions": ["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"],
     }
 
 

@@ -271,8 +271,9 @@ def test_tls_daemon_with_client_cert_joins_and_one_without_fails(
         error = lines[-1]
         assert error.startswith("overlay run: error: registry unreachable for 3 s"), error
         assert f"etcd {server.endpoint}" in error and "TLS handshake failed" in error, error
-        # Before it: only the daemon's own log lines (no gRPC library noise).
-        assert all("registry_unavailable" in line for line in lines[:-1]), lines
+        # Before it: only the daemon's own log lines (no gRPC library noise): which
+        # registry it uses, then the retries.
+        assert all(re.search(r"\] (registry|registry_unavailable) ", line) for line in lines[:-1])
         assert not (tmp_path / "refused.env").exists()
 
         log = tmp_path / "daemon.log"
@@ -374,7 +375,9 @@ def test_invalid_config_exits_naming_the_field(
     )
     assert result.returncode == 1
     lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, result.stderr
+    # The registry in use (the start-up line), then the one error.
+    assert len(lines) == 2 and "] registry " in lines[0], result.stderr
+    lines = lines[1:]
     assert lines[0].startswith(f"overlay run: error: invalid network config at {prefix}/config")
     assert f"{field}: " in lines[0], lines[0]
     assert server.keys(f"{prefix}/subnets/") == []

@@ -6,7 +6,7 @@ and its async variant fails under uvloop, so the daemon calls these via to_threa
 
 from __future__ import annotations
 
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
@@ -23,22 +23,14 @@ def _index(ipr: IPRoute, name: str) -> int:
     return int(found[0])
 
 
-def configure_tun(name: str, address: IPv4Address, mtu: int, network: IPv4Network) -> None:
-    """flannel0: ``address``/32, MTU, up, and one route for the whole overlay network."""
+def prepare_tun(name: str) -> None:
+    """What flannel0 needs before its address, MTU and route (``overlay.kernel_routes``):
+    no IPv6, and a transmit queue long enough for a burst of TUN writes."""
     _disable_ipv6(name)
     with IPRoute() as ipr:
         index = _index(ipr, name)
         try:
-            ipr.link("set", index=index, mtu=mtu, txqlen=10000)
-            ipr.addr("replace", index=index, address=str(address), prefixlen=32)
-            ipr.link("set", index=index, state="up")
-            ipr.route(
-                "replace",
-                dst=str(network.network_address),
-                dst_len=network.prefixlen,
-                oif=index,
-                scope="link",
-            )
+            ipr.link("set", index=index, txqlen=10000)
         except NetlinkError as e:
             raise LinkError(f"configuring {name}: {e}") from None
 
@@ -80,3 +72,22 @@ def default_route_interface() -> str | None:
                 if links:
                     return str(links[0].get_attr("IFLA_IFNAME"))
     return None
+
+
+def route_to(address: IPv4Address) -> tuple[str, IPv4Address | None] | None:
+    """(interface, source address) the kernel would use to reach ``address`` (what
+    `ip route get` prints), or None when it has no route."""
+    with IPRoute() as ipr:
+        try:
+            routes = ipr.route("get", dst=str(address))
+        except NetlinkError:
+            return None
+        if not routes:
+            return None
+        oif = routes[0].get_attr("RTA_OIF")
+        source = routes[0].get_attr("RTA_PREFSRC")
+        links = ipr.get_links(oif) if oif is not None else []
+        if not links:
+            return None
+        name = str(links[0].get_attr("IFLA_IFNAME"))
+        return name, IPv4Address(source) if source else None

@@ -10,12 +10,19 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 from ipaddress import IPv4Address
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from control.config import NetworkConfig
 from control.lease import Lease
 from control.peer_table import PeerTable
 from overlay.counters import Counters
+
+if TYPE_CHECKING:
+    from overlay.reconcile import KernelState
+
+
+class BackendError(Exception):
+    """This backend cannot run with this config or interface; the message is the one line."""
 
 
 @dataclass(frozen=True)
@@ -45,6 +52,8 @@ class Backend:
 
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
+        # The kernel objects it programs, kept true (overlay.reconcile); None: it has none.
+        self.kernel: KernelState | None = None
 
     def lease_data(self) -> dict[str, Any] | None:
         """BackendData published in our lease (None: the field is omitted)."""
@@ -75,4 +84,5 @@ class Backend:
         return {}
 
     async def stop(self) -> None:
-        """Release sockets and file descriptors. Kernel routes are left, as flanneld does."""
+        """Release sockets and file descriptors. Kernel routes are left, as flanneld does
+        (the TUN goes with its file descriptor, and its routes with it)."""

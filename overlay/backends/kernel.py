@@ -1,97 +1,49 @@
 """Backends whose datapath is the kernel: vxlan through ``flannel.<VNI>``, and host-gw.
 
-Both program netlink state per peer from one worker thread: pyroute2's IPRoute cannot
-run inside the event loop, and one thread keeps the changes in order. For every subnet
-the worker remembers how to undo what it programmed, so a changed lease (new VtepMAC or
-PublicIP) replaces the old entries instead of leaving them behind.
+Both describe the kernel objects they want (``overlay.kernel_routes``) and hand them to a
+``KernelState``, which programs them in order on one worker thread, replaces a peer's
+objects when its lease changes (new VtepMAC or PublicIP), removes them when it goes, and
+puts back whatever disappears from the kernel.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
-from ipaddress import IPv4Network
 from typing import Any
 
 from control.lease import Lease
 from encap import vxlan
 from encap.errors import CodecError
 from overlay import kernel_routes
-from overlay.backends.base import Backend, Context
-
-Undo = Callable[[], None]
-
-
-class RouteWorker:
-    """Programs per-peer kernel state in order on one thread, remembering how to undo it."""
-
-    def __init__(self, log: Any, program: Callable[[Lease], Undo | None]) -> None:
-        self.log = log
-        self.program = program  # runs in the worker; returns the undo, or None if skipped
-        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="netlink")
-        self._programmed: dict[IPv4Network, Undo] = {}  # touched by the worker only
-        self.errors = 0
-
-    def _submit(self, call: Callable[..., None], *args: Any) -> None:
-        def done(future: Future[None]) -> None:
-            error = future.exception()
-            if error is not None:
-                self.errors += 1
-                self.log.error("netlink_failed", step=call.__name__, error=str(error))
-
-        self._worker.submit(call, *args).add_done_callback(done)
-
-    def apply(self, added: list[Lease], removed: list[Lease]) -> None:
-        for lease in removed:
-            self._submit(self._remove, lease.subnet)
-        for lease in added:
-            self._submit(self._add, lease)
-
-    def _add(self, lease: Lease) -> None:
-        self._remove(lease.subnet)
-        undo = self.program(lease)
-        if undo is not None:
-            self._programmed[lease.subnet] = undo
-
-    def _remove(self, subnet: IPv4Network) -> None:
-        undo = self._programmed.pop(subnet, None)
-        if undo is not None:
-            undo()
-
-    def status(self) -> dict[str, Any]:
-        return {
-            "programmed": sorted(str(s) for s in list(self._programmed)),
-            "netlink_errors": self.errors,
-        }
-
-    async def stop(self) -> None:
-        await asyncio.get_running_loop().run_in_executor(None, self._worker.shutdown)
+from overlay.backends.base import Backend, BackendError, Context
+from overlay.kernel_routes import Address, KernelObject, Link, Route, VxlanDevice
+from overlay.reconcile import NODE, KernelState
 
 
-def direct_route(lease: Lease) -> Undo:
-    """A plain route via the peer's public IP (host-gw, DirectRouting); returns its undo."""
-    kernel_routes.add_direct_route(lease.subnet, lease.public_ip)
-    return lambda: kernel_routes.del_direct_route(lease.subnet, lease.public_ip)
+def direct_route(lease: Lease) -> list[KernelObject]:
+    """A plain route via the peer's public IP (host-gw, DirectRouting)."""
+    return [Route(lease.subnet, gateway=lease.public_ip)]
 
 
 class RoutedBackend(Backend):
-    def __init__(self, ctx: Context) -> None:
+    def __init__(self, ctx: Context, devices: tuple[str, ...] = ()) -> None:
         super().__init__(ctx)
-        self.routes = RouteWorker(ctx.log, self._program)
+        self.kernel = KernelState(
+            ctx.log, program=self._program, devices=devices, network=ctx.config.network
+        )
 
     def peers_changed(self, added: list[Lease], removed: list[Lease]) -> None:
-        self.routes.apply(added, removed)
+        self.kernel.peers_changed(added, removed)
 
-    def _program(self, lease: Lease) -> Undo | None:
-        """Program ``lease`` (in the worker); return how to undo it, or None if skipped."""
+    def _program(self, lease: Lease) -> list[KernelObject] | None:
+        """``lease``'s kernel objects (in the worker), or None to skip it."""
         raise NotImplementedError
 
     def status(self) -> dict[str, Any]:
-        return self.routes.status()
+        return self.kernel.status()
 
     async def stop(self) -> None:
-        await self.routes.stop()
+        await self.kernel.stop()
 
 
 class HostGwBackend(RoutedBackend):
@@ -100,7 +52,16 @@ class HostGwBackend(RoutedBackend):
     lease_type = "host-gw"
     name = "host-gw"
 
-    def _program(self, lease: Lease) -> Undo | None:
+    def prepare(self) -> None:
+        underlay = self.ctx.underlay
+        if underlay.public_ip != underlay.address:  # flanneld's check, same reason
+            raise BackendError(
+                f"--public-ip {underlay.public_ip} differs from {underlay.iface}'s address "
+                f"{underlay.address}, meaning that probably you're on a NAT, which host-gw "
+                "does not support (peers route to the public IP directly): use vxlan or udp"
+            )
+
+    def _program(self, lease: Lease) -> list[KernelObject] | None:
         if not kernel_routes.directly_reachable(lease.public_ip):
             self.ctx.log.warning(
                 "peer_skipped",
@@ -124,6 +85,11 @@ def vtep_mac_of(lease: Lease) -> bytes | None:
         return None
 
 
+def vxlan_mtu(ctx: Context) -> int:
+    """Backend.MTU when the config sets it (flanneld's vxlan option), else underlay - 50."""
+    return ctx.config.backend.mtu or ctx.underlay.mtu - vxlan.OVERHEAD
+
+
 class KernelVxlanBackend(RoutedBackend):
     """flanneld's vxlan backend: the kernel's vxlan device does the datapath."""
 
@@ -131,11 +97,11 @@ class KernelVxlanBackend(RoutedBackend):
     name = "vxlan (kernel datapath)"
 
     def __init__(self, ctx: Context) -> None:
-        super().__init__(ctx)
         backend = ctx.config.backend
+        self.device = f"flannel.{backend.vni}"
+        super().__init__(ctx, devices=(self.device,))
         self.vni = backend.vni
         self.port = backend.port
-        self.device = f"flannel.{self.vni}"
         # Stable across restarts: derived from our public IP and the VNI.
         self.mac = vxlan.vtep_mac(str(ctx.underlay.public_ip), self.vni)
 
@@ -144,22 +110,29 @@ class KernelVxlanBackend(RoutedBackend):
 
     @property
     def mtu(self) -> int:
-        return self.ctx.underlay.mtu - vxlan.OVERHEAD
+        return vxlan_mtu(self.ctx)
+
+    def node_objects(self, lease: Lease) -> list[KernelObject]:
+        """The device as flanneld sets it up: learning off, our MAC, the lease's network
+        address as a /32, MTU underlay - 50 (or Backend.MTU), up."""
+        underlay = self.ctx.underlay
+        return [
+            VxlanDevice(
+                self.device,
+                vni=self.vni,
+                local=underlay.address,
+                underlay=underlay.iface,
+                port=self.port,
+                learning=self.ctx.config.backend.learning,
+            ),
+            Link(self.device, mtu=self.mtu, mac=vxlan.format_mac(self.mac)),
+            Address(self.device, lease.subnet.network_address),
+        ]
 
     async def start(self, lease: Lease) -> None:
-        await asyncio.to_thread(
-            kernel_routes.ensure_vxlan_device,
-            self.device,
-            vni=self.vni,
-            local=self.ctx.underlay.address,
-            underlay=self.ctx.underlay.iface,
-            port=self.port,
-            mac=vxlan.format_mac(self.mac),
-            address=lease.subnet.network_address,
-            mtu=self.mtu,
-        )
+        await asyncio.wrap_future(self.kernel.set(NODE, self.node_objects(lease)))
 
-    def _program(self, lease: Lease) -> Undo | None:
+    def _program(self, lease: Lease) -> list[KernelObject] | None:
         if self.ctx.config.backend.direct_routing and kernel_routes.directly_reachable(
             lease.public_ip
         ):
@@ -172,6 +145,6 @@ class KernelVxlanBackend(RoutedBackend):
                 reason="vxlan lease without a valid VtepMAC",
             )
             return None
-        mac = vxlan.format_mac(raw)
-        kernel_routes.add_vxlan_peer(self.device, lease.subnet, lease.public_ip, mac)
-        return lambda: kernel_routes.del_vxlan_peer(self.device, lease.subnet, lease.public_ip, mac)
+        return kernel_routes.vxlan_peer(
+            self.device, lease.subnet, lease.public_ip, vxlan.format_mac(raw)
+        )

@@ -18,10 +18,12 @@ from control.peer_table import PeerTable
 from encap import native, udp_frame, vxlan
 from overlay import kernel_routes
 from overlay.backends.base import Backend, Context
-from overlay.backends.kernel import RouteWorker, Undo, direct_route, vtep_mac_of
+from overlay.backends.kernel import direct_route, vtep_mac_of, vxlan_mtu
 from overlay.backends.udp import UdpDataplane, open_socket
 from overlay.backends.vxlan import VxlanDataplane
 from overlay.counters import Counters
+from overlay.kernel_routes import Address, KernelObject, Link, Route
+from overlay.reconcile import NODE, KernelState
 from overlay.worker import Workers
 from tun import netlink, steering
 from tun.device import TunDevice
@@ -38,6 +40,20 @@ class UdpBackend(Backend):
         self.dataplane: UdpDataplane | None = None
         self.workers: Workers | None = None  # queues 1..N-1 with --workers N
         self.steering = "automq"  # how the kernel picks a TUN queue (tun.steering)
+        self.lease: Lease | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._rebuild_task: asyncio.Task[None] | None = None
+        self.kernel = KernelState(
+            ctx.log,
+            program=self._peer_objects(),
+            devices=(ctx.args.tun_name,),
+            network=ctx.config.network,
+            on_gone=self._device_gone,
+        )
+
+    def _peer_objects(self) -> Callable[[Lease], list[KernelObject] | None] | None:
+        """How a peer's kernel objects are made (None: the udp backend has none)."""
+        return None
 
     @property
     def mtu(self) -> int:
@@ -74,22 +90,28 @@ class UdpBackend(Backend):
             **self._dataplane_options(lease),
         )  # a worker's is built by worker_dataplane(): keep worker_spec in step
 
+    def node_objects(self, lease: Lease) -> list[KernelObject]:
+        """flannel0: up with our MTU, the lease's network address as a /32, and one route
+        for the whole overlay network."""
+        name = self.ctx.args.tun_name
+        return [
+            Link(name, mtu=self.mtu),
+            Address(name, lease.subnet.network_address),
+            Route(self.ctx.config.network, dev=name),
+        ]
+
     async def start(self, lease: Lease) -> None:
         assert self.tun is not None
-        config = self.ctx.config
-        await asyncio.to_thread(
-            netlink.configure_tun,
-            self.tun.name,
-            lease.subnet.network_address,
-            self.mtu,
-            config.network,
-        )
         if not native.AVAILABLE:
             self.ctx.log.warning(
                 "native_codecs_unavailable",
                 error=native.LOAD_ERROR,
                 effect="the pure-Python reference codecs run, several times slower",
             )
+        self.lease = lease
+        self._loop = asyncio.get_running_loop()
+        await asyncio.to_thread(netlink.prepare_tun, self.tun.name)
+        await asyncio.wrap_future(self.kernel.set(NODE, self.node_objects(lease)))
         count = self.ctx.args.workers
         sock = self._open_socket(reuse_port=count > 1)
         self.dataplane = self._dataplane(sock, lease)
@@ -148,12 +170,43 @@ class UdpBackend(Backend):
     def peers_changed(self, added: list[Lease], removed: list[Lease]) -> None:
         if self.workers is not None:
             self.workers.peers_changed(added, removed)
+        if self.kernel.program is not None:
+            self.kernel.peers_changed(added, removed)
+
+    # -- a TUN deleted under us (`ip link del flannel0`) ---------------------------------
+
+    def _device_gone(self, obj: KernelObject) -> None:
+        """Called on the netlink worker when the TUN is gone: a TUN cannot be recreated
+        behind the dataplane's file descriptor, so the datapath is restarted."""
+        if self._loop is not None and getattr(obj, "dev", None) == self.ctx.args.tun_name:
+            self._loop.call_soon_threadsafe(self._rebuild_soon)
+
+    def _rebuild_soon(self) -> None:
+        if self._rebuild_task is None or self._rebuild_task.done():
+            self._rebuild_task = asyncio.get_running_loop().create_task(self._rebuild())
+
+    async def _rebuild(self) -> None:
+        assert self.lease is not None
+        name = self.ctx.args.tun_name
+        self.ctx.log.warning("tun_lost", tun=name, action="recreating it, datapath restarts")
+        try:
+            # Until start() wants them again, a resync must not dress up the new TUN.
+            await asyncio.wrap_future(self.kernel.forget(NODE))
+            await self._stop_datapath()
+            self.prepare()
+            await self.start(self.lease)
+        except Exception as e:  # noqa: BLE001 - the next resync tries again
+            self.ctx.log.error("tun_rebuild_failed", tun=name, error=str(e))
+            return
+        self.kernel.repairs["tun"] += 1
+        self.ctx.log.warning("kernel_object_repaired", kind="tun", object=name)
 
     def status(self) -> dict[str, Any]:
         features = getattr(self.dataplane, "features", None)
         result: dict[str, Any] = {
             "tun": self.tun.name if self.tun else None,
             "features": features() if features else {},
+            **self.kernel.status(),
         }
         if self.workers is not None:
             result["tun_steering"] = self.steering
@@ -171,14 +224,23 @@ class UdpBackend(Backend):
             "arp_replies": getattr(self.dataplane, "arp_replies", 0),
         }
 
+    async def _stop_datapath(self) -> None:
+        workers, self.workers = self.workers, None
+        if workers is not None:
+            await workers.stop()
+        dataplane, self.dataplane = self.dataplane, None
+        if dataplane is not None:
+            dataplane.stop(asyncio.get_running_loop())
+            dataplane.sock.close()
+        tun, self.tun = self.tun, None
+        if tun is not None:
+            tun.close()
+
     async def stop(self) -> None:
-        if self.workers is not None:
-            await self.workers.stop()
-        if self.dataplane is not None:
-            self.dataplane.stop(asyncio.get_running_loop())
-            self.dataplane.sock.close()
-        if self.tun is not None:
-            self.tun.close()
+        if self._rebuild_task is not None:
+            self._rebuild_task.cancel()
+        await self.kernel.stop()
+        await self._stop_datapath()
 
 
 class VxlanBackend(UdpBackend):
@@ -192,27 +254,21 @@ class VxlanBackend(UdpBackend):
         super().__init__(ctx)
         self.vni = ctx.config.backend.vni
         self.mac = vxlan.vtep_mac(str(ctx.underlay.public_ip), self.vni)
+
+    def _peer_objects(self) -> Callable[[Lease], list[KernelObject] | None] | None:
         # DirectRouting: peers on our L2 segment get a plain kernel route, more specific
         # than the network's route into the TUN, so their traffic never reaches us.
-        self.routes = (
-            RouteWorker(ctx.log, self._direct) if ctx.config.backend.direct_routing else None
-        )
+        return self._direct if self.ctx.config.backend.direct_routing else None
 
     @staticmethod
-    def _direct(lease: Lease) -> Undo | None:
+    def _direct(lease: Lease) -> list[KernelObject] | None:
         if kernel_routes.directly_reachable(lease.public_ip):
             return direct_route(lease)
         return None
 
-    def peers_changed(self, added: list[Lease], removed: list[Lease]) -> None:
-        super().peers_changed(added, removed)
-        if self.routes is not None:
-            self.routes.apply(added, removed)
-
-    async def stop(self) -> None:
-        if self.routes is not None:
-            await self.routes.stop()
-        await super().stop()
+    @property
+    def mtu(self) -> int:
+        return vxlan_mtu(self.ctx)
 
     def accepts(self, lease: Lease) -> bool:
         return lease.backend_type == "vxlan"

@@ -1,0 +1,100 @@
+"""The interface for inter-node traffic, chosen in flanneld's order.
+
+With none of ``--iface``, ``--iface-regex``, ``--iface-can-reach``: the interface that
+has ``--public-ip`` if it is a local address, else the default route's interface, else
+the only one there is. With them: each ``--iface`` (a name or an address) in turn, then
+each ``--iface-regex`` (matched against every interface's IPv4 addresses first, then
+against the names, as flanneld does), then the interface of the route to
+``--iface-can-reach`` (with that route's source address); the first match wins.
+"""
+
+from __future__ import annotations
+
+import re
+from ipaddress import IPv4Address
+from typing import Any
+
+from overlay.backends.base import Underlay
+from tun import netlink
+
+Addresses = dict[str, list[tuple[IPv4Address, int]]]
+
+
+class UnderlayError(Exception):
+    """No usable interface; the message says which flags were tried."""
+
+
+def _preferred(addrs: list[tuple[IPv4Address, int]]) -> IPv4Address:
+    """An interface's first global address, else its first (link-local) one."""
+    return next((a for a, _ in addrs if not a.is_link_local), addrs[0][0])
+
+
+def _by_name_or_address(addresses: Addresses, wanted: str) -> tuple[str, IPv4Address] | None:
+    for name, addrs in addresses.items():
+        for address, _ in addrs:
+            if str(address) == wanted:
+                return name, address
+    addrs = addresses.get(wanted)
+    return (wanted, _preferred(addrs)) if addrs else None
+
+
+def _by_regex(addresses: Addresses, pattern: str) -> tuple[str, IPv4Address] | None:
+    regex = re.compile(pattern)
+    for name, addrs in addresses.items():
+        for address, _ in addrs:
+            if regex.search(str(address)):
+                return name, address
+    for name, addrs in addresses.items():
+        if addrs and regex.search(name):
+            return name, _preferred(addrs)
+    return None
+
+
+def _by_route(addresses: Addresses, target: IPv4Address) -> tuple[str, IPv4Address] | None:
+    found = netlink.route_to(target)
+    if found is None:
+        return None
+    name, source = found
+    addrs = addresses.get(name)
+    if not addrs:
+        return None
+    if source is not None and any(a == source for a, _ in addrs):
+        return name, source
+    return name, _preferred(addrs)
+
+
+def select_underlay(args: Any) -> Underlay:
+    """The Underlay for ``args`` (iface, iface_regex, iface_can_reach, public_ip)."""
+    addresses = netlink.interface_addresses()
+    chosen: tuple[str, IPv4Address] | None = None
+    if args.iface or args.iface_regex or args.iface_can_reach:
+        for wanted in args.iface:
+            if chosen := _by_name_or_address(addresses, wanted):
+                break
+        for pattern in args.iface_regex if chosen is None else ():
+            if chosen := _by_regex(addresses, pattern):
+                break
+        if chosen is None and args.iface_can_reach is not None:
+            chosen = _by_route(addresses, args.iface_can_reach)
+        if chosen is None:
+            tried = [f"--iface {x}" for x in args.iface]
+            tried += [f"--iface-regex {x}" for x in args.iface_regex]
+            if args.iface_can_reach is not None:
+                tried.append(f"--iface-can-reach {args.iface_can_reach}")
+            raise UnderlayError(f"no interface with an IPv4 address matches {', '.join(tried)}")
+    elif args.public_ip is not None:
+        chosen = _by_name_or_address(addresses, str(args.public_ip))
+    if chosen is None:
+        candidates = [name for name, addrs in addresses.items() if name != "lo" and addrs]
+        default = netlink.default_route_interface()
+        if default and addresses.get(default):
+            chosen = (default, _preferred(addresses[default]))
+        elif len(candidates) == 1:
+            chosen = (candidates[0], _preferred(addresses[candidates[0]]))
+        else:
+            found = ", ".join(candidates) or "none"
+            raise UnderlayError(
+                f"cannot choose an interface (no default route; have {found}): use --iface"
+            )
+    name, address = chosen
+    return Underlay(name, address, args.public_ip or address, netlink.interface_mtu(name))

@@ -1,0 +1,172 @@
+"""flanneld behaviours a drop-in must match, one daemon per namespace: interface selection
+(--iface, --iface-regex, --iface-can-reach, --public-ip), host-gw's --public-ip check,
+Backend.MTU on both vxlan datapaths, and unsupported config keys logged once."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from control.file_registry import FileRegistry
+from control.subnet_env import parse_subnet_env
+from overlay import status
+
+pytestmark = pytest.mark.netns
+CONFIG_KEY = "/coreos.com/network/config"
+
+
+def two_interfaces(ns: str) -> None:
+    """eth0 192.0.2.1/24 and eth1 198.51.100.1/24 (veth pairs with their peers in the
+    same namespace), and no default route."""
+    for i, (local, cidr) in enumerate((("192.0.2.1", 24), ("198.51.100.1", 24))):
+        commands = [
+            f"ip link add eth{i} type veth peer name peer{i}",
+            f"ip addr add {local}/{cidr} dev eth{i}",
+            f"ip link set eth{i} up",
+            f"ip link set peer{i} up",
+        ]
+        for command in commands:
+            subprocess.run(["ip", "-n", ns, *command.split()[1:]], check=True)
+
+
+def seed(tmp_path: Path, config: dict[str, Any]) -> Path:
+    registry = tmp_path / "registry.json"
+    FileRegistry(registry).put_sync(CONFIG_KEY, json.dumps(config).encode(), None)
+    return registry
+
+
+def link_mtu(ns: str, dev: str) -> int:
+    out = subprocess.run(
+        ["ip", "-n", ns, "-j", "link", "show", dev], capture_output=True, text=True, check=True
+    )
+    return int(json.loads(out.stdout)[0]["mtu"])
+
+
+@pytest.mark.parametrize(
+    ("flags", "iface", "address"),
+    [
+        (["--iface", "eth9", "--iface", "eth1"], "eth1", "198.51.100.1"),
+        (["--iface", "198.51.100.1"], "eth1", "198.51.100.1"),
+        (["--iface", "eth9", "--iface-regex", "^eth1$"], "eth1", "198.51.100.1"),
+        (["--iface-regex", r"^198\.51\."], "eth1", "198.51.100.1"),
+        (
+            ["--iface-regex", "nomatch", "--iface-can-reach", "198.51.100.77"],
+            "eth1",
+            "198.51.100.1",
+        ),
+        (["--iface-can-reach", "192.0.2.200"], "eth0", "192.0.2.1"),
+        (["--public-ip", "198.51.100.1"], "eth1", "198.51.100.1"),
+    ],
+)
+def test_interface_selection_as_flanneld(
+    netns, tmp_path: Path, daemons, flags: list[str], iface: str, address: str
+) -> None:
+    ns = netns("if")
+    two_interfaces(ns)
+    registry = tmp_path / "registry.json"
+    args = ["--registry-file", str(registry), "--network", "198.18.0.0/16", *flags]
+    daemon = daemons(ns, tmp_path, *args, lo=False)
+    daemon.wait_event("started")
+    shown = status.query(daemon.socket)
+    assert shown["iface"] == iface and shown["lease"]["public_ip"] == address, shown
+
+
+def test_no_interface_matches_says_what_was_tried(netns, tmp_path: Path, daemons) -> None:
+    ns = netns("if2")
+    two_interfaces(ns)
+    daemon = daemons(
+        ns,
+        tmp_path,
+        "--registry-file",
+        str(tmp_path / "r.json"),
+        "--iface",
+        "eth9",
+        "--iface-regex",
+        "^wlan",
+        "--iface-can-reach",
+        "203.0.113.9",  # no route to it at all
+        lo=False,
+    )
+    assert daemon.proc.wait(timeout=15) == 1
+    (fatal,) = [e for e in daemon.events() if e.get("level") == "fatal"]
+    assert fatal["event"] == (
+        "no interface with an IPv4 address matches --iface eth9, --iface-regex ^wlan, "
+        "--iface-can-reach 203.0.113.9"
+    )
+
+
+def test_host_gw_refuses_a_public_ip_that_is_not_the_interfaces(
+    netns, tmp_path: Path, daemons
+) -> None:
+    ns = netns("hgw")
+    registry = seed(tmp_path, {"Network": "198.18.0.0/16", "Backend": {"Type": "host-gw"}})
+    daemon = daemons(ns, tmp_path, "--registry-file", str(registry), "--public-ip", "192.0.2.99")
+    assert daemon.proc.wait(timeout=15) == 1
+    (fatal,) = [e for e in daemon.events() if e.get("level") == "fatal"]
+    assert "--public-ip 192.0.2.99 differs from lo's address 127.0.0.1" in fatal["event"]
+    assert "NAT" in fatal["event"] and "host-gw" in fatal["event"]
+    assert "subnets" not in registry.read_text()  # refused before any lease
+
+
+@pytest.mark.parametrize("datapath", ["userspace", "kernel"])
+def test_backend_mtu_is_honoured_for_vxlan(netns, tmp_path: Path, daemons, datapath: str) -> None:
+    ns = netns("mtu")
+    registry = seed(
+        tmp_path, {"Network": "198.18.0.0/16", "Backend": {"Type": "vxlan", "MTU": 1400}}
+    )
+    extra = ["--vxlan-datapath", datapath]
+    daemon = daemons(ns, tmp_path, "--registry-file", str(registry), *extra)
+    daemon.wait_event("started")
+    device = "flannel0" if datapath == "userspace" else "flannel.1"
+    assert link_mtu(ns, device) == 1400
+    assert parse_subnet_env(daemon.subnet_file.read_text()).mtu == 1400
+    assert status.query(daemon.socket)["mtu"] == 1400
+
+
+def test_backend_learning_is_honoured_by_the_kernel_datapath(
+    netns, tmp_path: Path, daemons
+) -> None:
+    ns = netns("learn")
+    registry = seed(
+        tmp_path, {"Network": "198.18.0.0/16", "Backend": {"Type": "vxlan", "Learning": True}}
+    )
+    daemon = daemons(ns, tmp_path, "--registry-file", str(registry), "--kernel-vxlan")
+    daemon.wait_event("started")
+    details = subprocess.run(
+        ["ip", "-n", ns, "-d", "link", "show", "flannel.1"], capture_output=True, text=True
+    ).stdout
+    assert "nolearning" not in details and "vxlan id 1" in details, details
+    assert not [e for e in daemon.events() if e.get("event") == "config_key_ignored"]
+
+
+def test_unsupported_config_keys_are_logged_once(netns, tmp_path: Path, daemons) -> None:
+    ns = netns("keys")
+    registry = seed(
+        tmp_path,
+        {
+            "Network": "198.18.0.0/16",
+            "EnableNFTables": True,
+            "IPv6Network": "fc00::/48",
+            "Backend": {"Type": "vxlan", "Learning": True},
+        },
+    )
+    daemon = daemons(ns, tmp_path, "--registry-file", str(registry))
+    daemon.wait_event("started")
+    ignored = [e["detail"] for e in daemon.events() if e.get("event") == "config_key_ignored"]
+    assert len(ignored) == 3, ignored
+    assert any(d.startswith("EnableNFTables:") for d in ignored)
+    assert any(d.startswith("IPv6Network:") for d in ignored)
+    assert any(d.startswith("Backend.Learning: the userspace datapath") for d in ignored)
+
+
+def test_enable_ipv6_is_refused(netns, tmp_path: Path, daemons) -> None:
+    ns = netns("v6")
+    registry = seed(tmp_path, {"Network": "198.18.0.0/16", "EnableIPv6": True})
+    daemon = daemons(ns, tmp_path, "--registry-file", str(registry))
+    assert daemon.proc.wait(timeout=15) == 1
+    (fatal,) = [e for e in daemon.events() if e.get("level") == "fatal"]
+    assert "EnableIPv6: dual stack is not supported" in fatal["event"]
