@@ -37,11 +37,11 @@ import time
 from errno import EINVAL, EIO
 from ipaddress import IPv4Network
 
-from control.peer_table import PeerTable
+from control.peer_table import Peer, PeerTable
 from encap import gso, icmp
 from encap import tso as tso_codec
 from encap.errors import CodecError
-from overlay.counters import Counters
+from overlay.counters import BATCH_MAX, Counters
 from overlay.tap import Tap
 from tun.device import TunDevice
 from tun.offload import VNET_HDR_LEN
@@ -168,6 +168,8 @@ class UdpDataplane:
         lengths, addrs = self._read_tun()
         if not lengths:
             return
+        if self.tap is not None:
+            self._tap_sent(lengths, addrs)
         if self.gso:
             self._send_groups(lengths, addrs)
         else:
@@ -219,6 +221,8 @@ class UdpDataplane:
                 break
             if length < 20 or arena[body] >> 4 != 4:
                 drops["tx_not_ipv4"] += 1
+                if self.tap is not None:
+                    self.tap.drop("tx_not_ipv4", view[body : body + max(length, 0)], None)
                 continue
             dst = arena[body + 16 : body + 20]
             if dst != last_dst:  # a bulk drain is mostly one destination: saves ~0.5 us
@@ -248,6 +252,8 @@ class UdpDataplane:
                     partial.append(region(body, length, start, offset))
                 except CodecError as e:
                     drops[f"tx_{e.reason}"] += 1
+                    if self.tap is not None:
+                        self.tap.drop(f"tx_{e.reason}", view[body : body + length], None)
                     continue
             if headroom:
                 view[at:body] = prefix
@@ -292,6 +298,8 @@ class UdpDataplane:
             sends += 1
             sent += end - start
             sent_bytes += at - first
+            self._peer_sent(addrs[start], end - start, at - first)
+            self.counters.tx_batch[min(end - start, BATCH_MAX)] += 1
         self.counters.tx_packets += sent
         self.counters.tx_bytes += sent_bytes
         self.counters.tx_gso_sends += sends
@@ -319,12 +327,16 @@ class UdpDataplane:
                 continue
             sent += 1
             sent_bytes += length
+            self._peer_sent(addrs[i], 1, length)
         self.counters.tx_packets += sent
         self.counters.tx_bytes += sent_bytes
+        self.counters.tx_batch[1] += sent
 
     def _no_route(self, packet: bytes) -> None:
         """ICMP net unreachable back into the TUN, as flannel's proxy does (rate-limited)."""
         self.counters.drops["tx_no_route"] += 1
+        if self.tap is not None:
+            self.tap.drop("tx_no_route", packet, None)
         if not icmp.may_send_error_for(packet) or not self.icmp_limit.allow():
             return
         # Sourced from the unreachable destination: our own addresses would be dropped by
@@ -332,6 +344,8 @@ class UdpDataplane:
         reply = icmp.build_dest_unreachable(packet, src=packet[16:20])
         if self.tun.write(reply):
             self.counters.icmp_unreachable_sent += 1
+            if self.tap is not None:
+                self.tap.inner("rx", reply)
 
     # -- peer -> TUN ---------------------------------------------------------------------
 
@@ -351,6 +365,8 @@ class UdpDataplane:
                 continue
             if not size:  # an empty datagram (anyone may send one)
                 drops["rx_not_ipv4"] += 1
+                if self.tap is not None:
+                    self.tap.drop("rx_not_ipv4", b"", (source_ip, _port))
                 continue
             deliver(source_ip, size, size)
 
@@ -387,6 +403,8 @@ class UdpDataplane:
                 continue
             if not size:  # an empty datagram (anyone may send one)
                 drops["rx_not_ipv4"] += 1
+                if self.tap is not None:
+                    self.tap.drop("rx_not_ipv4", b"", (source_ip, _port))
                 moved += 1
                 continue
             segment = gro_size(ancdata, size) if ancdata else size
@@ -420,15 +438,76 @@ class UdpDataplane:
         them, else one by one."""
         drops = self.counters.drops
         peer = self.peers.by_public_ip(source_ip)
+        if self.tap is not None:
+            self._tap_received(source_ip, size, segment, peer)
         if peer is None:
             drops["rx_unknown_peer"] += -(-size // segment)
             return
         theirs = (peer.net >> peer.shift, peer.shift)
         buf = self._rx_buffer
+        counters = self.counters
+        packets, received = counters.rx_packets, counters.rx_bytes
         if self.tun_gso:
             self._write_planned(gso.plan_tun_writes(buf, size, segment, theirs, self._own, drops))
         else:
             self._write_pieces(gso.valid_pieces(buf, size, segment, theirs, self._own, drops))
+        self._peer_received(peer, counters.rx_packets - packets, counters.rx_bytes - received)
+        counters.rx_batch[min(-(-size // segment), BATCH_MAX)] += 1
+
+    # -- interim: per-peer counters and the tap's slow path (the native hot path replaces
+    # these; checked once per send group or receive, never per packet without a tap) -----
+
+    def _peer_sent(self, addr: tuple[str, int], packets: int, size: int) -> None:
+        peer = self.peers.by_public_ip(addr[0])
+        if peer is not None:
+            stats = peer.stats
+            stats.tx_packets += packets
+            stats.tx_bytes += size
+            stats.last_tx = time.monotonic()
+
+    @staticmethod
+    def _peer_received(peer: Peer, packets: int, size: int) -> None:
+        stats = peer.stats
+        stats.rx_packets += packets
+        stats.rx_bytes += size
+        stats.last_rx = time.monotonic()
+
+    def _tap_sent(self, lengths: list[int], addrs: list[tuple[str, int]]) -> None:
+        """Each datagram about to leave (one inner packet each), for the tap."""
+        tap = self.tap
+        assert tap is not None
+        view = self._tx_view
+        headroom = self.headroom
+        at = 0
+        for length, addr in zip(lengths, addrs, strict=True):
+            tap.inner("tx", view[at + headroom : at + length])
+            tap.outer("tx", view[at : at + length], addr)
+            at += length
+
+    def _tap_received(self, source_ip: str, size: int, segment: int, peer: Peer | None) -> None:
+        """Each datagram of one receive, for the tap: a drop with its reason, or the
+        datagram and the inner packet that goes into the TUN."""
+        tap = self.tap
+        assert tap is not None
+        view = self._rx_view
+        where = (source_ip, self.peers.port)
+        for start in range(0, size, segment):
+            end = min(start + segment, size)
+            reason, inner = self._tap_check(start, end, peer)
+            if reason is not None:
+                tap.drop(reason, view[start:end], where)
+                continue
+            tap.outer("rx", view[start:end], where)
+            if inner >= 0:
+                tap.inner("rx", view[inner:end])
+
+    def _tap_check(self, start: int, end: int, peer: Peer | None) -> tuple[str | None, int]:
+        """(why the datagram at ``start:end`` is dropped or None, where the packet it puts
+        into the TUN starts: -1 for none)."""
+        if peer is None:
+            return "rx_unknown_peer", start
+        theirs = (peer.net >> peer.shift, peer.shift)
+        return gso.drop_reason(self._rx_buffer, start, end, theirs, self._own), start
 
     def _write_pieces(self, pieces: list[tuple[int, int]]) -> None:
         """Stage 2 (plain): one write per packet (behind a plain virtio_net_hdr if the TUN

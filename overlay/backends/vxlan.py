@@ -11,9 +11,11 @@ neighbour entry still reaches us.
 
 from __future__ import annotations
 
+from control.peer_table import Peer
 from encap import arp, gso, vxlan
 from encap.errors import CodecError
 from overlay.backends.udp import UdpDataplane
+from overlay.counters import BATCH_MAX
 
 HEADROOM = vxlan.PREFIX_LEN
 IPV4 = b"\x08\x00"
@@ -40,6 +42,19 @@ class VxlanDataplane(UdpDataplane):
         """A GRO batch whose datagrams all carry one valid header is coalesced into TUN
         super-packets like the udp backend's; anything else goes through the per-frame
         checks (which also answer ARP)."""
+        peer = self.peers.by_public_ip(source_ip)
+        if self.tap is not None:
+            self._tap_received(source_ip, size, segment, peer)
+        if peer is None:
+            self._deliver_frames(source_ip, size, segment)
+            return
+        counters = self.counters
+        packets, received = counters.rx_packets, counters.rx_bytes
+        self._deliver_frames(source_ip, size, segment)
+        self._peer_received(peer, counters.rx_packets - packets, counters.rx_bytes - received)
+        counters.rx_batch[min(-(-size // segment), BATCH_MAX)] += 1
+
+    def _deliver_frames(self, source_ip: str, size: int, segment: int) -> None:
         if segment < size and self.tun_gso and self._same_headers(size, segment):
             peer = self.peers.by_public_ip(source_ip)
             if peer is not None:
@@ -112,6 +127,27 @@ class VxlanDataplane(UdpDataplane):
             else:
                 drops[reason] += 1
         return pieces
+
+    def _tap_check(self, start: int, end: int, peer: Peer | None) -> tuple[str | None, int]:
+        """The per-frame checks of ``_inner_pieces``, for the tap (interim: the native
+        dataplane reports its drops itself). An ARP frame puts nothing into the TUN."""
+        buf = self._rx_buffer
+        if peer is None:
+            return "rx_unknown_peer", start
+        if end - start < HEADROOM + 20:
+            return "rx_vxlan_truncated", start
+        if not buf[start] & 0x08:
+            return "rx_vxlan_bad_flags", start
+        if buf[start + 4 : start + 7] != self.vni_bytes:
+            return "rx_vxlan_wrong_vni", start
+        if buf[start + 20 : start + 22] != IPV4:
+            bad = buf[start + 20 : start + 22] != ARP
+            return ("rx_vxlan_bad_ethertype" if bad else None), -1
+        if buf[start + 8 : start + 14] != self.mac:
+            return "rx_vxlan_foreign_mac", start
+        theirs = (peer.net >> peer.shift, peer.shift)
+        reason = gso.drop_reason(buf, start + HEADROOM, end, theirs, self._own)
+        return reason, start + HEADROOM
 
     def _answer_arp(self, start: int, end: int, source_ip: str) -> None:
         """Reply to "who has <our VTEP address>" from a peer (rare: off the hot path)."""
