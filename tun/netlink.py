@@ -26,6 +26,7 @@ def _index(ipr: IPRoute, name: str) -> int:
 def configure_tun(name: str, address: IPv4Address, mtu: int, network: IPv4Network) -> None:
     """flannel0: ``address``/32, MTU, up, and one route for the whole overlay network."""
     _disable_ipv6(name)
+    _accept_local(name)
     with IPRoute() as ipr:
         index = _index(ipr, name)
         try:
@@ -50,6 +51,27 @@ def _disable_ipv6(name: str) -> None:
             f.write("1")
     except OSError:
         pass  # no IPv6 in this kernel or namespace: nothing to disable
+
+
+def _accept_local(name: str) -> None:
+    """Let the kernel take packets from the TUN whose source is one of our addresses: the
+    ICMP net-unreachable the dataplane writes back comes from the TUN's own address (as
+    flanneld's proxy sends it), which the kernel otherwise drops as a martian source
+    (checked on Linux 6.x with rp_filter 0, 1 and 2). Nothing else arrives on flannel0
+    with our address as its source: received datagrams whose inner source is outside the
+    sending peer's subnet are dropped before the TUN (rx_foreign_source)."""
+    with open(f"/proc/sys/net/ipv4/conf/{name}/accept_local", "w") as f:
+        f.write("1")
+
+
+def link_stats(name: str) -> dict[str, int] | None:
+    """The kernel's 64-bit counters of link ``name`` (IFLA_STATS64), None if it is gone."""
+    with IPRoute() as ipr:
+        found = ipr.link_lookup(ifname=name)
+        if not found:
+            return None
+        stats = ipr.get_links(found[0])[0].get_attr("IFLA_STATS64")
+        return {key: int(value) for key, value in dict(stats or {}).items()}
 
 
 def interface_addresses() -> dict[str, list[tuple[IPv4Address, int]]]:
