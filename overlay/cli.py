@@ -16,7 +16,8 @@ USAGE = """usage: overlay <command> [options]
 
 commands:
   run       the per-node daemon (flanneld's flags; see `overlay run --help`)
-  status    what a running daemon knows: lease, peers, counters
+  status    what a running daemon knows: lease, registry, peers, counters (--json, --watch)
+  trace     capture what crosses a running daemon as pcapng (tcpdump-like; see --help)
   testbed   build/tear down a network-namespace testbed (up|down|status|exec)
   bench     the benchmark matrix -> bench/results/ (see `overlay bench --help`)
 """
@@ -78,6 +79,12 @@ def _minutes(text: str) -> float:
 
 # A multi-queue TUN has at most this many queues (MAX_TAP_QUEUES in the kernel).
 MAX_WORKERS = 256
+
+
+def _port(text: str) -> int:
+    if not text.isdigit() or int(text) > 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a TCP port (0-65535)")
+    return int(text)
 
 
 def _workers(text: str) -> int:
@@ -172,6 +179,18 @@ def run_parser() -> OneLineParser:
         help="Unix socket `overlay status` reads (default /run/flannel/overlay.sock)",
     )
     p.add_argument(
+        "--healthz-ip",
+        type=_address,
+        default=_env("healthz-ip", "0.0.0.0"),
+        help="address of the health server (/healthz, /readyz, /metrics; default 0.0.0.0)",
+    )
+    p.add_argument(
+        "--healthz-port",
+        type=_port,
+        default=_env("healthz-port", "0"),
+        help="port of the health server (default 0: none, as flanneld)",
+    )
+    p.add_argument(
         "--tun-name", default=_env("tun-name", "flannel0"), help="TUN device (default flannel0)"
     )
     p.add_argument(
@@ -212,7 +231,8 @@ def run_parser() -> OneLineParser:
         "-v",
         type=int,
         default=int(_env("v", "0")) if str(_env("v", "0")).isdigit() else 0,
-        help="log verbosity: 0 info, 1+ debug",
+        help="log verbosity, as flanneld's glog: 0 lifecycle, warnings and the first drop of "
+        "each reason; 1 datapath errors (drop summaries every 5 s); 2 every event",
     )
     p.add_argument(
         "--log-format",
@@ -237,6 +257,10 @@ def main(argv: list[str] | None = None) -> int:
         from overlay import status
 
         return status.main(rest)
+    if command == "trace":
+        from overlay import trace
+
+        return trace.main(rest)
     if command == "testbed":
         from overlay import testbed
 
