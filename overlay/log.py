@@ -57,10 +57,6 @@ def enabled(level: int) -> bool:
     return _verbosity >= level
 
 
-def verbosity() -> int:
-    return _verbosity
-
-
 def _timestamp() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 

@@ -334,16 +334,13 @@ def format_table(
     return "\n".join(lines)
 
 
-def watch(
-    fetch: Callable[[], dict[str, Any]], interval: float, out: Any = None, rounds: int = 0
-) -> int:
+def watch(fetch: Callable[[], dict[str, Any]], interval: float, out: Any = None) -> int:
     """Refresh the table every ``interval`` seconds with rates (clearing a terminal, one
-    table after another in a pipe) until interrupted or ``rounds`` tables were shown."""
+    table after another in a pipe) until interrupted."""
     out = out or sys.stdout
     clear = out.isatty()
     previous: dict[str, Any] | None = None
     stamp = 0.0
-    shown = 0
     while True:
         now = time.monotonic()
         current = fetch()
@@ -353,9 +350,6 @@ def watch(
         if not clear:
             out.write("\n")
         out.flush()
-        shown += 1
-        if rounds and shown >= rounds:
-            return 0
         previous, stamp = current, now
         time.sleep(max(interval - (time.monotonic() - now), 0.0))
 

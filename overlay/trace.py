@@ -163,6 +163,8 @@ class Tracer:
     def _ip(self, text: str) -> int:
         value = self._ips.get(text)
         if value is None:
+            if len(self._ips) > 4096:  # strangers sending from many addresses
+                self._ips.clear()
             value = self._ips[text] = int(IPv4Address(text))
         return value
 
@@ -493,29 +495,34 @@ def main(argv: list[str]) -> int:
         )
         sock.close()
         return 1
-    out: IO[bytes] | None = None
-    summary: _Summary | None = None
-    if args.write == "-":
-        out = sys.stdout.buffer
-    elif args.write:
-        try:
-            fd = os.open(args.write, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        except OSError as e:
-            sys.stderr.write(f"overlay trace: error: cannot write {args.write}: {e.strerror}\n")
-            sock.close()
-            return 1
-        out = os.fdopen(fd, "wb")
-    else:
-        summary = _Summary(sys.stdout)
     reader = pcapng.BlockReader()
     packets = missed = 0
-    # Ctrl-C ends the capture like tcpdump's: close, say how many, exit 0.
-    signal.signal(signal.SIGINT, lambda *_: sock.shutdown(socket.SHUT_RDWR))
+    out: IO[bytes] | None = None
+    summary: _Summary | None = None
+
+    def interrupted(*_: object) -> None:  # Ctrl-C ends the capture like tcpdump's
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    signal.signal(signal.SIGINT, interrupted)
     try:
         first = sock.recv(65536)
         if first.startswith(b"error:"):
             sys.stderr.write(f"overlay trace: {first.decode(errors='replace').strip()}\n")
             return 1
+        if args.write == "-":
+            out = sys.stdout.buffer
+        elif args.write:
+            try:
+                fd = os.open(args.write, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            except OSError as e:
+                sys.stderr.write(f"overlay trace: error: cannot write {args.write}: {e.strerror}\n")
+                return 1
+            out = os.fdopen(fd, "wb")
+        else:
+            summary = _Summary(sys.stdout)
         # The daemon sends the file header once the trace is attached: from now on
         # nothing is missed.
         sys.stderr.write(f"overlay trace: capturing on {args.status_socket}\n")

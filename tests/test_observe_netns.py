@@ -313,7 +313,7 @@ def test_trace_to_stdout_pipes_into_tshark(bed: Testbed) -> None:
     trace = subprocess.Popen(
         overlay_cmd("trace", "--status-socket", sock, "-c", "2", "-w", "-", "inner and icmp"),
         stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
     )
     reader = subprocess.Popen(
         ["tshark", "-r", "-", "-T", "fields", "-e", "icmp.type"],
@@ -322,9 +322,9 @@ def test_trace_to_stdout_pipes_into_tshark(bed: Testbed) -> None:
         stderr=subprocess.DEVNULL,
         text=True,
     )
-    assert trace.stdout is not None
+    assert trace.stdout is not None and trace.stderr is not None
     trace.stdout.close()
-    time.sleep(0.5)
+    assert b"capturing on" in trace.stderr.readline()  # attached: nothing is missed now
     ping(bed, "n1-p1", "n3-p1", count=1)
     out, _ = reader.communicate(timeout=20)
     assert trace.wait(timeout=10) == 0
