@@ -341,3 +341,12 @@ def test_summary_lines_say_what_tcpdump_would() -> None:
     assert "flannel0 Out IP 198.18.1.5 > 198.18.2.7: ICMP echo request" in lines[0]
     assert "eth0:udp/8285 In  192.0.2.2.8285 > 192.0.2.1.8285: IP 198.18.1.5" in lines[1]
     assert lines[1].strip().endswith("[dropped: rx_foreign_source]")
+
+
+def test_trace_cost_bench_runs(capsys: pytest.CaptureFixture[str]) -> None:
+    from bench import trace_cost
+
+    assert trace_cost.main(["--rounds", "1", "--loops", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "socket -> TUN" in out and "trace keeping all" in out
+    assert "moved: 264 in, 264 out" in out  # 2 loops x 3 variants x 44, each way
