@@ -303,7 +303,7 @@ class _WorkerTraces:
     """A worker's end of ``overlay trace``: its tracers, whose captures go to the main
     process (missed, not queued, while it lags more than REPORT_BACKLOG behind)."""
 
-    def __init__(self, writer: asyncio.StreamWriter, dataplane: Any, spec: dict[str, Any]):
+    def __init__(self, writer: asyncio.StreamWriter, dataplane: Any) -> None:
         self.writer = writer
         self.dataplane = dataplane
         self.taps = TapSet(dataplane)
@@ -367,7 +367,7 @@ async def serve(args: argparse.Namespace) -> int:
         return 1
     _report(writer, dataplane)  # "forwarding": the main process waits for this
     reporting = asyncio.create_task(_reporting(writer, dataplane))
-    tracing = _WorkerTraces(writer, dataplane, spec)
+    tracing = _WorkerTraces(writer, dataplane)
     try:
         while line := await reader.readline():
             message = json.loads(line)
