@@ -69,6 +69,7 @@ from bench.measure import (
 )
 from overlay.cli import OneLineParser
 from overlay.netns import terminate
+from overlay.progress import Progress
 from overlay.testbed import Testbed, TestbedError
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -239,6 +240,7 @@ def _up(spec: PathSpec, result: PathResult) -> Bench:
         kernel_nodes=spec.kernel_nodes,
         daemon_args=spec.daemon_args,
     )
+    bed.progress = PROGRESS.sub(f"up {spec.key}")
     bed.up()  # removes whatever it made if it fails
     try:
         for i in range(1, bed.nodes + 1) if spec.tx_offload else ():
@@ -362,7 +364,7 @@ def run_matrix(specs: list[PathSpec], args: argparse.Namespace) -> list[PathResu
     results = [PathResult(spec) for spec in specs]
     try:
         for i, spec in enumerate(specs):
-            _log(f"up: {spec.key}")
+            PROGRESS.step(f"up: {spec.key}")
             try:
                 benches.append(_up(spec, results[i]))
             except (TestbedError, RuntimeError, OSError) as e:
@@ -372,7 +374,7 @@ def run_matrix(specs: list[PathSpec], args: argparse.Namespace) -> list[PathResu
             for b in benches:
                 if b.result.error:
                     continue
-                _log(f"run {run}/{args.runs}: {b.spec.key}")
+                PROGRESS.step(f"run {run}/{args.runs}: {b.spec.key}")
                 try:
                     _measure_run(b, args)
                 except (RuntimeError, OSError, ValueError, KeyError) as e:
@@ -610,9 +612,13 @@ def write_png(report: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+# What the run is doing, on a terminal only (main sets it up); errors go through _log.
+PROGRESS = Progress.off()
+
+
 def _log(message: str) -> None:
-    sys.stderr.write(f"overlay bench: {message}\n")
-    sys.stderr.flush()
+    """A line that stays, also in a pipe (errors, what was left undone)."""
+    PROGRESS.note(f"overlay bench: {message}")
 
 
 def _loadavg() -> str:
@@ -737,6 +743,8 @@ def main(argv: list[str] | None = None) -> int:
     started = datetime.now()
     t0 = time.monotonic()
     load_before = _loadavg()
+    global PROGRESS
+    PROGRESS = Progress("overlay bench", len(specs) * (1 + args.runs) + (not args.no_micro))
     try:
         results = run_matrix(specs, args)
     except KeyboardInterrupt:
@@ -745,7 +753,7 @@ def main(argv: list[str] | None = None) -> int:
     micro: dict[str, dict[str, float]] = {}
     micro_error: str | None = None
     if not args.no_micro:
-        _log("codec micro-benchmarks (pyperf, in a subprocess)")
+        PROGRESS.step("codec micro-benchmarks (pyperf, in a subprocess)")
         try:
             micro = codec_micro.run(quick=args.quick)
         except RuntimeError as e:  # keep the matrix's results; the report says what failed
@@ -784,6 +792,7 @@ def main(argv: list[str] | None = None) -> int:
 
     out_dir = Path(args.results_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    PROGRESS.done()
     md = format_markdown(report)
     (out_dir / f"{name}.json").write_text(json.dumps(report, indent=2) + "\n")
     (out_dir / f"{name}.md").write_text(md)

@@ -73,6 +73,8 @@ class SubnetManager:
         self.notify = notify
         self.rng = rng or random.Random()
         self._bad_records: set[tuple[str, bytes]] = set()
+        # The registry revision the watch has seen (for `overlay status`); None before it.
+        self.watch_revision: int | None = None
 
     @property
     def config_key(self) -> str:
@@ -253,9 +255,10 @@ class SubnetManager:
                     ):
                         raise LeaseLost(f"lease {own.subnet} is gone from the registry")
                     on_snapshot([lease for lease in leases if lease.subnet != own.subnet])
+                    self.watch_revision = revision
                 async for events in self.kv.watch(self.subnets_prefix, revision + 1):
                     for event in events:
-                        revision = event.revision
+                        revision = self.watch_revision = event.revision
                         self._apply(
                             event.kind,
                             event.key,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import signal
 import stat
@@ -33,21 +34,33 @@ from control.kv import KeyValueStore, RegistryError
 from control.lease import Lease
 from control.peer_table import PeerTable
 from control.subnet_env import SubnetEnv
-from control.subnet_manager import LeaseEvent, LeaseLost, SubnetManager
-from overlay import kernel_routes, lifecycle, status, systemd
+from control.subnet_manager import RENEW_RETRY, LeaseEvent, LeaseLost, SubnetManager
+from overlay import health, kernel_routes, lifecycle, metrics, status, systemd, trace
 from overlay import log as overlay_log
 from overlay.backends.base import Backend, BackendError, Context, Underlay
 from overlay.backends.kernel import HostGwBackend, KernelVxlanBackend
 from overlay.backends.userspace import UdpBackend, VxlanBackend
 from overlay.counters import Counters, add_snapshots
+from overlay.drop_log import DropLog, Drops
 from overlay.ipmasq import Iptables, IptablesError, IptablesRules
 from overlay.reconcile import RESYNC_INTERVAL, KernelWatch
 from overlay.subnet_file import read_previous, write_subnet_env
 from overlay.underlay import UnderlayError, select_underlay
+from tun import netlink
 
 PROG = "overlay run"
 T = TypeVar("T")
 STOP_BUDGET = 0.8  # seconds shutdown may take in all (SIGTERM -> exit within a second)
+# While the registry is unreachable, how often to ask it whether it is back (one small
+# read; nothing is asked while it answers).
+REGISTRY_PROBE = 2.0
+# Notify events of the subnet manager that mean the registry did not answer.
+REGISTRY_FAILURES = frozenset({"watch_failed", "registry_unavailable", "lease_renew_failed"})
+QUIT_EXIT = 2  # after SIGQUIT's stack dump, as a Go program exits
+# Up to this many peers /metrics is rendered on the loop, one pause between two drains
+# (0.3 ms for 2 peers, 2.2 ms for 100, 19 ms for 1000 measured here); above, in a thread,
+# whose GIL share the drain loops take back every sys.getswitchinterval() (5 ms).
+RENDER_INLINE_PEERS = 200
 
 
 class Fatal(Exception):
@@ -125,7 +138,7 @@ class Daemon:
             renew_margin=args.subnet_lease_renew_margin * 60,
             notify=self._notify,
         )
-        self.counters = Counters()
+        self.counters = Counters(drops=Drops())
         self.started = time.time()
         self.config: NetworkConfig | None = None
         self.lease: Lease | None = None
@@ -133,10 +146,31 @@ class Daemon:
         self.peers: PeerTable | None = None
         self.iptables: IptablesRules | None = None
         self._warned_backend: set[IPv4Network] = set()
+        self.readiness = health.Readiness(registry_grace=args.registry_timeout)
+        self.lease_expires: float | None = None  # Unix time; None for a reservation
+        self.next_renewal: float | None = None
+        self.captures: trace.Captures | None = None  # userspace datapaths only
+        self.stopping = asyncio.Event()
+        self.exit_code = 0
+        self._registry_down = asyncio.Event()
 
     def _notify(self, event: str, **fields: Any) -> None:
+        registry = self.readiness.registry
+        if event in REGISTRY_FAILURES:
+            registry.failed()
+            self._registry_down.set()
+        if event == "lease_renewed":
+            registry.answered()
+            self._lease_renewed(float(fields.get("ttl", self.manager.ttl)))
+        elif event == "lease_renew_failed":
+            self.next_renewal = time.time() + RENEW_RETRY
         level = "warning" if event.endswith(("failed", "invalid", "compacted", "lost")) else "info"
         getattr(self.log, level)(event, **fields)
+
+    def _lease_renewed(self, ttl: float) -> None:
+        now = time.time()
+        self.lease_expires = now + ttl
+        self.next_renewal = now + max(ttl - self.manager.renew_margin, 1.0)
 
     # -- startup -------------------------------------------------------------------------
 
@@ -237,11 +271,18 @@ class Daemon:
             "acquiring a lease",
             lambda: self.manager.acquire(config, previous.subnet.network if previous else None),
         )
+        self.readiness.registry.answered()
+        if lease.has_ttl:
+            self._lease_renewed(self.manager.ttl)
+        self.readiness.step("lease")
         await backend.start(lease)
+        self.readiness.step("datapath")
         if iptables is not None:
             await self._install_iptables(iptables, config, lease, previous)
         env = SubnetEnv.for_lease(config.network, lease.subnet, backend.mtu, self.args.ip_masq)
         await asyncio.to_thread(write_subnet_env, subnet_file, env)
+        self.readiness.step("subnet_env")
+        self._attach_captures(backend)
         shown = backend.status()
         for detail in ("workers", "kernel", "programmed", "repairs"):
             shown.pop(detail, None)  # in `overlay status`
@@ -338,10 +379,18 @@ class Daemon:
 
     def on_snapshot(self, leases: list[Lease]) -> None:
         assert self.peers is not None
+        self.readiness.registry.answered()
+        self.readiness.registry.resyncs += 1
+        if overlay_log.enabled(2):
+            self.log.debug("leases_listed", leases=len(leases))
         self._changed(*self.peers.replace_all([x for x in leases if self._usable(x)]))
 
     def on_event(self, event: LeaseEvent) -> None:
         assert self.peers is not None
+        self.readiness.registry.answered()
+        self.readiness.registry.watch_events += 1
+        if overlay_log.enabled(2):
+            self.log.debug("lease_event", kind=event.kind, subnet=str(event.subnet))
         if event.lease is not None:
             old = self.peers.get(event.subnet)
             if not self._usable(event.lease):
@@ -353,45 +402,241 @@ class Daemon:
         elif (peer := self.peers.remove(event.subnet)) is not None:
             self._changed([], [peer.lease])
 
-    def snapshot(self) -> dict[str, Any]:
-        assert self.config is not None and self.lease is not None and self.peers is not None
-        assert self.backend is not None
+    # -- what the daemon shows: status, metrics, health, traces -----------------------------
+
+    def _registry_status(self) -> dict[str, Any]:
+        """Which registry (``registry_info``) and how it answers."""
+        registry = self.readiness.registry
+        info = self.registry
+        address = ",".join(info["endpoints"]) if info["kind"] == "etcd" else info["path"]
+        gone = registry.unreachable_for()
+        state = "connected" if registry.connected else "unreachable"
+        if not registry.connected_once and gone is None:
+            state = "connecting"
         return {
+            **info,
+            "address": address,
+            "state": state,
+            "unreachable_for_s": None if gone is None else round(gone, 1),
+            "watch_revision": self.manager.watch_revision,
+            "watch_events": registry.watch_events,
+            "resyncs": registry.resyncs,
+            "watch_failures": registry.failures,
+        }
+
+    def snapshot(self) -> dict[str, Any]:
+        """Everything `overlay status` shows (and /metrics exports), also while starting."""
+        ready, reason = self.readiness.check()
+        base: dict[str, Any] = {
+            "state": "stopping" if self.stopping.is_set() else "running",
+            "version": metrics.version(),
+            "node": str(self.underlay.public_ip),
+            "started_at": round(self.started, 3),
+            "uptime_s": round(time.time() - self.started, 1),
+            "ready": {"ready": ready, "reason": reason},
+            "registry": self._registry_status(),
+        }
+        if "datapath" not in self.readiness.done:
+            return {**base, "state": "starting"}
+        assert self.config is not None and self.lease is not None
+        assert self.backend is not None
+        margin = self.manager.renew_margin
+        return {
+            **base,
             "lease": {
                 "subnet": str(self.lease.subnet),
                 "public_ip": str(self.lease.public_ip),
                 "key": self.manager.key_of(self.lease),
+                "expires": None if self.lease_expires is None else round(self.lease_expires, 3),
+                "next_renewal": None if self.next_renewal is None else round(self.next_renewal, 3),
+                "renew_margin_s": margin,
             },
-            "registry": self.registry,
             "network": str(self.config.network),
             "backend": self.config.backend.type,
             "datapath": self.backend.name,
             "iface": self.underlay.iface,
             "mtu": self.backend.mtu,
-            "uptime_s": round(time.time() - self.started, 1),
-            "peers": [
-                {"subnet": str(p.lease.subnet), "public_ip": p.addr[0], "port": p.addr[1]}
-                for p in sorted(self.peers.peers(), key=lambda p: p.net)
-            ],
             **self._counters_and_status(),
         }
 
     def _counters_and_status(self) -> dict[str, Any]:
-        """The backend's status, and the counters: with --workers, the sum of every
-        worker's (each one's own are in ``workers``). ``repairs`` counts every kernel
-        object and iptables rule put back, by kind."""
-        assert self.backend is not None
+        """The backend's status, the peers with their traffic, and the counters: with
+        --workers, the sums over every worker (each one's own are in ``workers``).
+        ``repairs`` counts every kernel object and iptables rule put back, by kind."""
+        assert self.backend is not None and self.peers is not None
         backend = self.backend.status()
         workers = backend.get("workers")
         if workers:
             counters = add_snapshots([w["counters"] for w in workers])
-        else:
+        elif isinstance(self.backend, UdpBackend):
             counters = self.counters.snapshot()
+        else:
+            counters = {}  # the kernel forwards: its counters are in kernel_counters
+        reported = [w.pop("peers", {}) for w in workers or []]
         repairs = dict(backend.pop("repairs", {}))
         if self.iptables is not None:
             repairs["iptables"] = self.iptables.repairs
             backend["iptables"] = self.iptables.status()
-        return {"counters": counters, **backend, "repairs": repairs}
+        return {
+            "peers": self._peer_rows(reported),
+            "counters": counters,
+            **backend,
+            "repairs": repairs,
+        }
+
+    def _peer_rows(self, reported: list[dict[str, list[float]]]) -> list[dict[str, Any]]:
+        """Every peer; for a userspace datapath with its traffic: this process's PeerStats
+        plus what each worker reported for the same subnet."""
+        assert self.peers is not None
+        now, wall = time.monotonic(), time.time()
+        counted = isinstance(self.backend, UdpBackend)
+        rows = []
+        for peer in sorted(self.peers.peers(), key=lambda p: p.net):
+            subnet = str(peer.lease.subnet)
+            row: dict[str, Any] = {"subnet": subnet, "public_ip": peer.addr[0]}
+            row["port"] = peer.addr[1]
+            if counted:
+                s = peer.stats
+                sums = [s.tx_packets, s.tx_bytes, s.rx_packets, s.rx_bytes]
+                last = [s.last_tx, s.last_rx]
+                for theirs in (report[subnet] for report in reported if subnet in report):
+                    sums = [a + int(b) for a, b in zip(sums, theirs[:4], strict=True)]
+                    last = [max(a, b) for a, b in zip(last, theirs[4:6], strict=True)]
+                keys = ("tx_packets", "tx_bytes", "rx_packets", "rx_bytes")
+                row.update(zip(keys, sums, strict=True))
+                for key, at in zip(("tx", "rx"), last, strict=True):
+                    row[f"last_{key}_s"] = round(now - at, 1) if at else None
+                    row[f"last_{key}_at"] = round(wall - (now - at), 3) if at else None
+            rows.append(row)
+        return rows
+
+    async def status_snapshot(self) -> dict[str, Any]:
+        """``snapshot()`` plus what must be read from the kernel (off the loop)."""
+        st = self.snapshot()
+        device = self._kernel_device()
+        if device is not None and st["state"] != "starting":
+            stats = await asyncio.to_thread(netlink.link_stats, device)
+            if stats is not None:
+                st["kernel_counters"] = {"device": device, **stats}
+                st["kernel_is_overlay"] = isinstance(self.backend, KernelVxlanBackend)
+        return st
+
+    def _kernel_device(self) -> str | None:
+        if isinstance(self.backend, KernelVxlanBackend):
+            return self.backend.device
+        if isinstance(self.backend, HostGwBackend):
+            return self.underlay.iface  # no device of its own: the underlay's statistics
+        return None
+
+    def _attach_captures(self, backend: Backend) -> None:
+        dataplane = getattr(backend, "dataplane", None)
+        if dataplane is None or self.peers is None:
+            return
+        address, port = dataplane.sock.getsockname()
+        endpoint = trace.Endpoint(address, port, dataplane.headroom)
+        self.captures = trace.Captures(
+            dataplane, endpoint, self.peers, getattr(backend, "workers", None)
+        )
+
+    async def _trace(
+        self, argument: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        """One `overlay trace` client: stream pcapng until its count or its EOF."""
+        captures, backend = self.captures, self.backend
+        if captures is None or not isinstance(backend, UdpBackend) or backend.tun is None:
+            where = getattr(backend, "device", None) or self.underlay.iface
+            writer.write(
+                f"error: this node's packets cross the kernel's datapath, not this process "
+                f"(trace them with tcpdump -i {where})\n".encode()
+            )
+            return
+        try:
+            request = trace.TraceRequest.parse(json.loads(argument or "{}"))
+        except ValueError as e:
+            writer.write(f"error: {e}\n".encode())
+            return
+        stream = trace.PcapngStream(
+            writer,
+            request,
+            backend.tun.name,
+            trace.outer_name(self.underlay.iface, captures.endpoint.port),
+        )
+        handle = captures.start(request, stream.emit)
+        self.log.info("trace_started", filter=request.filter, count=request.count)
+        waits = [
+            asyncio.create_task(reader.read(1)),  # b"" when the client goes away
+            asyncio.create_task(stream.done.wait()),
+            asyncio.create_task(self.stopping.wait()),
+        ]
+        try:
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            captures.stop(handle)
+            for task in waits:
+                task.cancel()
+            stream.close()
+            self.log.info("trace_stopped", packets=sum(stream.captured), missed=sum(stream.missed))
+
+    async def _metrics_page(self) -> health.Page:
+        started = time.perf_counter()
+        st = await self.status_snapshot()
+        if len(st.get("peers", [])) <= RENDER_INLINE_PEERS:
+            body = metrics.render(st)
+        else:  # a big table: the GIL is handed back to the drain loops every 5 ms
+            body = await asyncio.to_thread(metrics.render, st)
+        if overlay_log.enabled(2):
+            self.log.debug("scraped", ms=round((time.perf_counter() - started) * 1000, 2))
+        return 200, metrics.CONTENT_TYPE, body
+
+    async def _readyz_page(self) -> health.Page:
+        ready, reason = self.readiness.check()
+        return (200 if ready else 503), health.TEXT, f"{reason}\n".encode()
+
+    async def _healthz_page(self) -> health.Page:
+        return 200, health.TEXT, b"overlay is running\n"
+
+    async def _serve_health(self) -> asyncio.AbstractServer | None:
+        port = self.args.healthz_port
+        if not port:
+            return None
+        host = str(self.args.healthz_ip)
+        routes = {
+            "/healthz": self._healthz_page,
+            "/readyz": self._readyz_page,
+            "/metrics": self._metrics_page,
+        }
+        try:
+            server = await health.serve(host, port, routes)
+        except OSError as e:
+            raise Fatal(
+                f"cannot serve health on --healthz-ip {host} --healthz-port {port}: "
+                f"{e.strerror or e}"
+            ) from None
+        self.log.info("healthz_listening", address=f"{host}:{port}")
+        return server
+
+    async def _probe_registry(self) -> None:
+        """While the registry is unreachable, ask it every REGISTRY_PROBE seconds whether it
+        is back (the watch only reports the next event, which may be hours away)."""
+        registry = self.readiness.registry
+        while True:
+            await self._registry_down.wait()
+            while not registry.connected:
+                await asyncio.sleep(REGISTRY_PROBE)
+                try:
+                    await self.kv.get(self.manager.config_key)
+                except RegistryError:
+                    continue
+                registry.answered()
+                if overlay_log.enabled(2):
+                    self.log.debug("registry_answers")
+            self._registry_down.clear()
+
+    def _drops(self) -> dict[str, int]:
+        if self.backend is None or self.peers is None:
+            return {}
+        drops = self._counters_and_status()["counters"].get("drops") or {}
+        return dict(drops)
 
     # -- running -------------------------------------------------------------------------
 
@@ -438,30 +683,53 @@ class Daemon:
 
     async def main(self) -> int:
         loop = asyncio.get_running_loop()
-        stop = asyncio.Event()
+        stop = self.stopping
         received: list[str] = []
 
         def on_signal(signum: signal.Signals) -> None:
             received.append(signum.name)
             stop.set()
 
+        def quit_() -> None:
+            received.append("SIGQUIT")
+            self.exit_code = QUIT_EXIT
+            stop.set()
+
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, on_signal, signum)
-        stopping = asyncio.create_task(stop.wait())
-        server: asyncio.AbstractServer | None = None
-        tasks: list[asyncio.Task[Any]] = []
+        # Before anything else, so a second daemon on the same socket stops here, and
+        # `overlay status` and /healthz answer while we wait for the registry.
         try:
+            server = await status.serve(
+                Path(self.args.status_socket), self.status_snapshot, {"trace": self._trace}
+            )
+        except status.StatusSocketError as e:
+            raise Fatal(str(e)) from None
+        stopping = asyncio.create_task(stop.wait())
+        health_server: asyncio.AbstractServer | None = None
+        tasks: list[asyncio.Task[Any]] = []
+        overlay_log.install_stack_dumps(loop, quit_)
+        try:
+            health_server = await self._serve_health()
             starting = asyncio.create_task(self.start())
             await asyncio.wait([starting, stopping], return_when=asyncio.FIRST_COMPLETED)
             if not starting.done():
                 starting.cancel()
                 await asyncio.wait([starting], timeout=STOP_BUDGET / 2)
                 self.log.info("stopping", reason=received[0], stage="startup")
-                return 0
+                return self.exit_code
             starting.result()  # a startup error ends here, with everything undone below
             assert self.lease is not None
-            server = await status.serve(Path(self.args.status_socket), self.snapshot)
             systemd.notify(f"READY=1\nSTATUS=forwarding for {self.lease.subnet}")
+            drop_log = DropLog(
+                self.log,
+                self._drops,
+                self.captures.start if self.captures else None,
+                self.captures.stop if self.captures else None,
+            )
+            drops = self.counters.drops
+            if isinstance(drops, Drops):  # noticed in the drain loop, handled after it
+                drops.on_new = lambda reason: loop.call_soon(drop_log.notice, reason)
             tasks = [
                 asyncio.create_task(
                     self.manager.watch(self.lease, self.on_snapshot, self.on_event)
@@ -469,6 +737,8 @@ class Daemon:
                 asyncio.create_task(self.manager.keep_renewed(self.lease)),
                 asyncio.create_task(self._resync_kernel()),
                 asyncio.create_task(self._resync_iptables()),
+                asyncio.create_task(self._probe_registry()),
+                asyncio.create_task(drop_log.run()),
                 stopping,
             ]
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
@@ -479,15 +749,19 @@ class Daemon:
                 if error is not None:
                     raise error
             self.log.info("stopping", reason=received[0] if received else "signal")
-            return 0
+            return self.exit_code
         finally:
             systemd.notify("STOPPING=1")
+            stop.set()  # ends the traces still streaming
             for task in [*tasks, stopping]:
                 task.cancel()
             await asyncio.wait([*tasks, stopping], timeout=STOP_BUDGET / 4)
-            await self._cleanup(server)
+            await self._cleanup(server, health_server)
+            overlay_log.remove_stack_dumps(loop)
 
-    async def _cleanup(self, server: asyncio.AbstractServer | None) -> None:
+    async def _cleanup(
+        self, server: status.StatusServer, health_server: asyncio.AbstractServer | None
+    ) -> None:
         """Undo what startup made, each step bounded so the whole fits STOP_BUDGET."""
 
         async def step(what: str, call: Awaitable[Any], budget: float) -> None:
@@ -500,9 +774,9 @@ class Daemon:
             await step("iptables rules", asyncio.to_thread(self.iptables.remove), 0.3)
         if self.backend is not None:
             await step("backend", self.backend.stop(), 0.4)
-        if server is not None:
-            server.close()
-            Path(self.args.status_socket).unlink(missing_ok=True)
+        if health_server is not None:
+            health_server.close()
+        server.close()  # removes the socket only if it is still ours
         await step("registry", self.kv.close(), 0.1)
 
 
@@ -520,14 +794,16 @@ def run(args: argparse.Namespace) -> int:
     fmt = args.log_format
     for flag in getattr(args, "ignored_flags", []):
         structlog.get_logger().warning("flag_ignored", flag=flag, reason="a klog flag")
+    node = str(args.public_ip) if args.public_ip else None
     try:
         check_paths(args)
         underlay = select_underlay(args)
+        node = str(underlay.public_ip)
         registry_for(args)  # flag combinations checked before anything is created
         return lifecycle.run(Daemon(args, underlay).main())
     except (Fatal, RegistryError, UnderlayError, BackendError) as e:
-        return overlay_log.fatal(PROG, str(e), fmt)
+        return overlay_log.fatal(PROG, str(e), fmt, node)
     except OSError as e:  # TunError, LinkError, KernelError, a socket that cannot be bound
-        return overlay_log.fatal(PROG, str(e.strerror or e), fmt)
+        return overlay_log.fatal(PROG, str(e.strerror or e), fmt, node)
     except (KeyboardInterrupt, Stopped):
         return 0  # flanneld exits 0 on SIGTERM and SIGINT

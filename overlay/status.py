@@ -1,4 +1,15 @@
-"""`overlay status`: what a running daemon knows, served as JSON on a Unix socket."""
+"""`overlay status`: what a running daemon knows, over a root-only Unix socket.
+
+Protocol: the client sends one request line and reads until EOF. ``status`` (or an empty
+line, or nothing within a second, so ``socat - UNIX:...`` works) answers one JSON
+document, the daemon's snapshot; ``trace {...}`` streams pcapng (``overlay.trace``).
+An unknown request gets one ``error: ...`` line.
+
+The socket is created 0600 (only root can connect): it shows every peer and streams
+packets. The daemon removes a stale socket left at its path by a dead daemon (one nobody
+answers on, owned by us), refuses to start on anything else, and at exit removes the
+socket only if it is still the one it made.
+"""
 
 from __future__ import annotations
 
@@ -7,35 +18,135 @@ import asyncio
 import json
 import os
 import socket
+import stat
 import sys
-from collections.abc import Callable
+import time
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 DEFAULT_SOCKET = "/run/flannel/overlay.sock"
+REQUEST_TIMEOUT = 1.0  # a client that sends nothing gets the status after this long
+REQUEST_LIMIT = 64 * 1024
+
+Snapshot = Callable[[], Awaitable[dict[str, Any]]]
+# (the request's argument text, reader, writer) -> runs until the request is answered
+Handler = Callable[[str, asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
 
-async def serve(path: Path, snapshot: Callable[[], dict[str, Any]]) -> asyncio.AbstractServer:
-    """Answer every connection with one JSON document, then close it."""
+class StatusSocketError(OSError):
+    """The status socket's path is taken; the message says by what and what to do."""
+
+
+def _claim(path: Path) -> None:
+    """Make ``path`` free for our socket: remove a stale socket of ours, refuse the rest."""
+    try:
+        st = path.lstat()
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise StatusSocketError(
+            f"--status-socket {path} exists and is not a socket: refusing to replace it "
+            "(remove it or choose another path)"
+        )
+    if st.st_uid != os.geteuid():
+        raise StatusSocketError(
+            f"--status-socket {path} is a socket of uid {st.st_uid}, not ours: refusing to "
+            "replace it"
+        )
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(REQUEST_TIMEOUT)
+    try:
+        probe.connect(str(path))
+    except (ConnectionRefusedError, FileNotFoundError):
+        path.unlink(missing_ok=True)  # nobody listens: a daemon that died left it
+        return
+    except OSError as e:
+        raise StatusSocketError(f"--status-socket {path}: {e.strerror or e}") from None
+    finally:
+        probe.close()
+    raise StatusSocketError(
+        f"another daemon answers on --status-socket {path}: stop it first or give this one "
+        "another --status-socket"
+    )
+
+
+class StatusServer:
+    """The listening socket; ``close()`` removes it only if it is still the one we made."""
+
+    def __init__(self, server: asyncio.AbstractServer, path: Path, identity: tuple[int, int]):
+        self.server = server
+        self.path = path
+        self.identity = identity
+
+    def close(self) -> None:
+        self.server.close()
+        try:
+            st = self.path.lstat()
+        except OSError:
+            return
+        if (st.st_dev, st.st_ino) == self.identity:
+            self.path.unlink(missing_ok=True)
+
+
+def bind(path: Path) -> socket.socket:
+    """A listening Unix socket at ``path``, 0600 from its creation (no window in which
+    another user could connect), after ``_claim``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _claim(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o177)
+    try:
+        sock.bind(str(path))
+    except OSError as e:
+        sock.close()
+        raise StatusSocketError(f"cannot create --status-socket {path}: {e.strerror}") from None
+    finally:
+        os.umask(old)
+    sock.listen(64)
+    sock.setblocking(False)
+    return sock
+
+
+async def serve(
+    path: Path, snapshot: Snapshot, handlers: dict[str, Handler] | None = None
+) -> StatusServer:
+    """Answer status requests (and those in ``handlers``, by their first word)."""
+    handlers = handlers or {}
 
     async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        writer.write(json.dumps(snapshot()).encode() + b"\n")
         try:
+            try:
+                line = await asyncio.wait_for(reader.readline(), REQUEST_TIMEOUT)
+            except TimeoutError:
+                line = b""
+            request = line.decode("utf-8", "replace").strip()
+            command, _, rest = request.partition(" ")
+            if command in ("", "status"):
+                writer.write(json.dumps(await snapshot()).encode() + b"\n")
+            elif command in handlers:
+                await handlers[command](rest, reader, writer)
+            else:
+                writer.write(f"error: unknown request {command[:40]!r}\n".encode())
             await writer.drain()
+        except (ConnectionError, ValueError):
+            pass  # the client went away, or sent a line longer than the limit
         finally:
             writer.close()
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.unlink(missing_ok=True)
-    server = await asyncio.start_unix_server(answer, path=str(path))
-    os.chmod(path, 0o600)
-    return server
+    sock = bind(path)
+    st = path.lstat()
+    server = await asyncio.start_unix_server(answer, sock=sock, limit=REQUEST_LIMIT)
+    return StatusServer(server, path, (st.st_dev, st.st_ino))
 
 
 def query(path: str | os.PathLike[str], timeout: float = 5.0) -> dict[str, Any]:
+    """The daemon's snapshot (OSError when nobody answers, ValueError for a bad answer)."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(timeout)
         sock.connect(os.fspath(path))
+        sock.sendall(b"status\n")
         chunks = []
         while chunk := sock.recv(65536):
             chunks.append(chunk)
@@ -43,20 +154,262 @@ def query(path: str | os.PathLike[str], timeout: float = 5.0) -> dict[str, Any]:
     return result
 
 
+# -- the table ---------------------------------------------------------------------------
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+def _count(n: float) -> str:
+    if n < 10000:
+        return f"{n:.0f}"
+    for unit in ("k", "M", "G"):
+        n /= 1000
+        if n < 1000 or unit == "G":
+            return f"{n:.1f}{unit}"
+    return f"{n:.1f}G"
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(seconds, 0.0)
+    if seconds < 60:
+        return f"{seconds:.1f}s" if seconds < 10 else f"{seconds:.0f}s"
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    days, hours = divmod(hours, 24)
+    if days:
+        return f"{days}d{hours}h"
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    return f"{minutes}m{secs:02d}s"
+
+
+def _ago(seconds: float | None) -> str:
+    return "never" if seconds is None else f"{_duration(seconds)} ago"
+
+
+def _when(timestamp: float | None) -> str:
+    if timestamp is None:
+        return "never"
+    moment = datetime.fromtimestamp(timestamp, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+    return f"{moment} (in {_duration(timestamp - time.time())})"
+
+
+def _registry_line(registry: Any) -> str:
+    if not isinstance(registry, dict):  # a plain description, as an older daemon gives
+        return str(registry)
+    text = f"{registry.get('kind', '?')} {registry.get('address', '')}".strip()
+    state = registry.get("state", "?")
+    if state != "connected" and registry.get("unreachable_for_s") is not None:
+        state += f" for {_duration(registry['unreachable_for_s'])}"
+    text += f": {state}"
+    details = []
+    if registry.get("watch_revision") is not None:
+        details.append(f"watch revision {registry['watch_revision']}")
+    for key, word in (("watch_events", "events"), ("resyncs", "resyncs")):
+        if key in registry:
+            details.append(f"{registry[key]} {word}")
+    if registry.get("watch_failures"):
+        details.append(f"{registry['watch_failures']} watch failures")
+    return text + (f"; {', '.join(details)}" if details else "")
+
+
+def _rate(now: dict[str, Any], before: dict[str, Any] | None, key: str, interval: float) -> float:
+    if before is None or interval <= 0:
+        return 0.0
+    return max(float(now.get(key, 0)) - float(before.get(key, 0)), 0.0) / interval
+
+
+def format_table(
+    st: dict[str, Any], previous: dict[str, Any] | None = None, interval: float = 0.0
+) -> str:
+    """The snapshot for people; with ``previous`` (taken ``interval`` seconds earlier), the
+    per-second rates too."""
+    if st.get("state") == "starting":
+        return (
+            f"node {st.get('node', '?')}: starting ({st.get('ready', {}).get('reason', '')})\n"
+            f"registry   {_registry_line(st.get('registry', '?'))}"
+        )
+    rates = previous is not None and interval > 0
+    ready = st.get("ready", {})
+    head = (
+        f"node {st.get('node', st.get('lease', {}).get('public_ip', '?'))} "
+        f"({st.get('iface', '?')}), {st.get('datapath', st.get('backend', '?'))}, "
+        f"MTU {st.get('mtu', '?')}, up {_duration(st.get('uptime_s', 0))}, "
+        + ("ready" if ready.get("ready", True) else f"NOT READY: {ready.get('reason', '?')}")
+    )
+    lease = st.get("lease", {})
+    lines = [head, f"lease      {lease.get('subnet', '?')}  ({lease.get('key', '')})"]
+    if "expires" in lease:
+        if lease["expires"] is None:
+            lines.append("           a reservation: never expires")
+        else:
+            lines.append(
+                f"           expires {_when(lease['expires'])}, "
+                f"next renewal {_when(lease.get('next_renewal'))}"
+            )
+    lines.append(f"registry   {_registry_line(st.get('registry', '?'))}")
+    features = st.get("features") or {}
+    if features:
+        on = [name for name, value in features.items() if value] or ["none"]
+        off = [name for name, value in features.items() if not value]
+        lines.append(f"features   {' '.join(on)}" + (f"  (off: {' '.join(off)})" if off else ""))
+    counters = st.get("counters", {})
+    kernel = st.get("kernel_counters")
+    before = (previous or {}).get("counters")
+    if counters:
+        totals = (
+            f"traffic    sent {_count(counters.get('tx_packets', 0))} packets "
+            f"({_size(counters.get('tx_bytes', 0))}), received "
+            f"{_count(counters.get('rx_packets', 0))} ({_size(counters.get('rx_bytes', 0))}), "
+            f"ICMP unreachable sent {counters.get('icmp_unreachable_sent', 0)}"
+        )
+        if rates:
+            totals += (
+                f"; now {_count(_rate(counters, before, 'tx_packets', interval))}/s "
+                f"{_size(_rate(counters, before, 'tx_bytes', interval))}/s out, "
+                f"{_count(_rate(counters, before, 'rx_packets', interval))}/s "
+                f"{_size(_rate(counters, before, 'rx_bytes', interval))}/s in"
+            )
+        lines.append(totals)
+    if kernel:
+        lines.append(
+            f"kernel     {kernel.get('device')}: sent {_count(kernel.get('tx_packets', 0))} "
+            f"({_size(kernel.get('tx_bytes', 0))}), received "
+            f"{_count(kernel.get('rx_packets', 0))} ({_size(kernel.get('rx_bytes', 0))}), "
+            f"dropped {kernel.get('tx_dropped', 0)} out / {kernel.get('rx_dropped', 0)} in, "
+            f"errors {kernel.get('tx_errors', 0)} / {kernel.get('rx_errors', 0)}"
+        )
+    workers = st.get("workers")
+    if workers:
+        shown = ", ".join(
+            f"{w['index']}: pid {w['pid']} {'alive' if w['alive'] else 'EXITED'}" for w in workers
+        )
+        lines.append(f"workers    {shown}")
+    peers = st.get("peers", [])
+    lines.append("")
+    if not peers:
+        lines.append("no peers")
+    else:
+        old = {p["subnet"]: p for p in (previous or {}).get("peers", [])}
+        header = (
+            f"{'PEER':<18} {'PUBLIC IP':<15} {'SENT':>8} {'BYTES':>9} {'RECEIVED':>8} "
+            f"{'BYTES':>9} {'LAST SENT':>10} {'LAST HEARD':>11}"
+        )
+        if rates:
+            header += f" {'OUT/S':>9} {'IN/S':>9}"
+        lines.append(header)
+        for p in peers:
+            row = (
+                f"{p['subnet']:<18} {p['public_ip']:<15} {_count(p.get('tx_packets', 0)):>8} "
+                f"{_size(p.get('tx_bytes', 0)):>9} {_count(p.get('rx_packets', 0)):>8} "
+                f"{_size(p.get('rx_bytes', 0)):>9} {_ago(p.get('last_tx_s')):>10} "
+                f"{_ago(p.get('last_rx_s')):>11}"
+            )
+            if rates:
+                was = old.get(p["subnet"])
+                row += (
+                    f" {_size(_rate(p, was, 'tx_bytes', interval)) + '/s':>9}"
+                    f" {_size(_rate(p, was, 'rx_bytes', interval)) + '/s':>9}"
+                )
+            lines.append(row)
+    drops = counters.get("drops") or {}
+    lines.append("")
+    if not drops:
+        lines.append("no drops")
+    else:
+        header = f"{'DROPPED (reason)':<28} {'PACKETS':>10}"
+        lines.append(header + ("  PER SECOND" if rates else ""))
+        old_drops = (before or {}).get("drops") or {}
+        for reason, n in sorted(drops.items(), key=lambda item: (-item[1], item[0])):
+            row = f"{reason:<28} {n:>10}"
+            if rates:
+                row += f"  {_rate(drops, old_drops, reason, interval):>10.1f}"
+            lines.append(row)
+    return "\n".join(lines)
+
+
+def watch(fetch: Callable[[], dict[str, Any]], interval: float, out: Any = None) -> int:
+    """Refresh the table every ``interval`` seconds with rates (clearing a terminal, one
+    table after another in a pipe) until interrupted."""
+    out = out or sys.stdout
+    clear = out.isatty()
+    previous: dict[str, Any] | None = None
+    stamp = 0.0
+    while True:
+        now = time.monotonic()
+        current = fetch()
+        text = format_table(current, previous, now - stamp if previous else 0.0)
+        heading = f"{datetime.now().strftime('%H:%M:%S')}, every {interval:g}s (Ctrl-C stops)"
+        out.write(("\033[H\033[2J" if clear else "") + heading + "\n" + text + "\n")
+        if not clear:
+            out.write("\n")
+        out.flush()
+        previous, stamp = current, now
+        time.sleep(max(interval - (time.monotonic() - now), 0.0))
+
+
+def _interval(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0.1 <= value <= 3600:
+        raise argparse.ArgumentTypeError("must be 0.1 to 3600 seconds")
+    return value
+
+
+def add_output_flags(parser: argparse.ArgumentParser) -> None:
+    """--json and --watch, shared with `overlay testbed status --node`."""
+    parser.add_argument("--json", action="store_true", help="the full snapshot as JSON")
+    parser.add_argument(
+        "--watch",
+        nargs="?",
+        type=_interval,
+        const=1.0,
+        default=None,
+        metavar="SECONDS",
+        help="refresh every SECONDS (default 1) with rates per second, until Ctrl-C",
+    )
+
+
+def show(path: str | os.PathLike[str], args: argparse.Namespace, prog: str) -> int:
+    """Print what the daemon at ``path`` says, as ``args`` (--json, --watch) ask."""
+
+    def fetch() -> dict[str, Any]:
+        return query(path)
+
+    try:
+        if args.watch is not None:
+            return watch(fetch, args.watch)
+        status = fetch()
+    except (OSError, ValueError) as e:
+        sys.stderr.write(f"{prog}: error: no daemon answers on {path} ({e})\n")
+        return 1
+    except KeyboardInterrupt:
+        return 0
+    print(json.dumps(status, indent=2) if args.json else format_table(status))
+    return 0
+
+
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="overlay status", description=__doc__)
+    from overlay.cli import OneLineParser
+
+    parser = OneLineParser(prog="overlay status", description=__doc__.splitlines()[0])
     parser.add_argument(
         "--status-socket",
         default=os.environ.get("FLANNELD_STATUS_SOCKET", DEFAULT_SOCKET),
         help=f"the daemon's status socket (default {DEFAULT_SOCKET})",
     )
+    add_output_flags(parser)
     args = parser.parse_args(argv)
     try:
-        status = query(args.status_socket)
-    except (OSError, ValueError) as e:
-        sys.stderr.write(
-            f"overlay status: error: no daemon answers on {args.status_socket} ({e})\n"
-        )
-        return 1
-    print(json.dumps(status, indent=2))
-    return 0
+        return show(args.status_socket, args, "overlay status")
+    except BrokenPipeError:  # `overlay status | head`
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0

@@ -45,6 +45,8 @@ from overlay.netns import (
     sysctl_in,
     terminate,
 )
+from overlay.progress import Progress
+from overlay.status import add_output_flags, show
 
 STATE_ROOT = Path("/run/overlay-testbed")
 DEFAULT_PREFIX = "ovl"
@@ -177,6 +179,12 @@ class Testbed:
             )
         self.state_dir = _state_dir_for(self.prefix, state_dir)
         self._procs: dict[int, subprocess.Popen[bytes]] = {}
+        # What `up` and `down` are doing, for a terminal (the CLI sets one; silent here).
+        self.progress = Progress.off()
+
+    def up_steps(self) -> int:
+        """How many steps ``up`` reports to ``progress``."""
+        return 2 + self.nodes * (3 + self.pods_per_node)
 
     def _check_addressing(self) -> None:
         hosts = self.underlay.num_addresses - 2
@@ -423,6 +431,7 @@ class Testbed:
         (self.state_dir / "testbed.json").write_text(json.dumps(params, indent=2) + "\n")
 
     def _build_underlay(self) -> None:
+        self.progress.step("underlay bridge")
         create_netns(self.underlay_ns)
         with IPRoute(netns=self.underlay_ns, flags=0) as ipr:
             ipr.link("add", ifname=self.bridge, kind="bridge")
@@ -433,6 +442,7 @@ class Testbed:
 
     def _build_node(self, ipr: IPRoute, bridge: int, i: int) -> None:
         """Node i's namespace, plugged into the bridge (``ipr`` is in the underlay ns)."""
+        self.progress.step(f"n{i}: namespace and eth0")
         ns = self.node_ns(i)
         create_netns(ns)
         ipr.link(
@@ -458,6 +468,7 @@ class Testbed:
         # cluster, and the userspace nodes must cope (encap.gso.drop_reason).
 
     def _seed_registry(self) -> None:
+        self.progress.step(f"registry ({self.registry})")
         config = config_json(self.network, self.backend, self.direct_routing)
         if self.registry == "file":
             FileRegistry(self.registry_file).put_sync(CONFIG_KEY, config.encode(), None)
@@ -523,6 +534,7 @@ class Testbed:
     def start_daemon(self, i: int) -> subprocess.Popen[bytes]:
         """Start node i's daemon (again, after a test stopped it): ``status`` and
         ``down`` know it by its pid file."""
+        self.progress.step(f"n{i}: starting its daemon")
         if (previous := self._procs.get(i)) is not None:
             previous.poll()  # reaped if it has exited
         self.node_dir(i).mkdir(parents=True, exist_ok=True)
@@ -546,6 +558,7 @@ class Testbed:
             for i in sorted(waiting):
                 if self.subnet_file(i).exists():
                     waiting.discard(i)
+                    self.progress.step(f"n{i}: daemon up")
                     continue
                 code = self._procs[i].poll()
                 if code is not None:
@@ -605,6 +618,7 @@ class Testbed:
         (self.node_dir(i) / "pods").mkdir(exist_ok=True)
         for j in range(1, self.pods_per_node + 1):
             pod = self.pod_ns(i, j)
+            self.progress.step(f"pod n{i}-p{j}: CNI ADD")
             create_netns(pod)
             proc = self._cni("ADD", i, pod)
             try:
@@ -774,6 +788,7 @@ class Testbed:
                 or not netns_exists(self.node_ns(int(node[1])))
             ):
                 continue
+            self.progress.step(f"CNI DEL {saved.name}", advance=False)
             try:
                 deleted = self._cni("DEL", int(node[1]), saved.name)
                 if deleted.returncode == 0:
@@ -788,6 +803,7 @@ class Testbed:
             match = re.fullmatch(r"n(\d+)\.pid", pid_file.name)
             if match and (pid := self._daemon_pid(int(match[1]))) is not None:
                 daemons.append(pid)
+        self.progress.step(f"stopping {len(daemons)} daemons", advance=False)
         terminate(daemons, DAEMON_STOP_TIMEOUT)
         for proc in self._procs.values():
             if proc.poll() is None:
@@ -802,6 +818,7 @@ class Testbed:
         # 4. The namespaces, pods first; the underlay one last (its veths and bridge go
         # with it).
         for ns in pod_names + node_names:
+            self.progress.step(f"deleting netns {ns}", advance=False)
             try:
                 remove_netns(ns)
                 removed["netns"].append(ns)
@@ -944,7 +961,12 @@ def _parser() -> _Parser:
 
     status = sub.add_parser("status", help="nodes, leases, daemons and pods")
     common(status)
-    status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.add_argument(
+        "--node",
+        default=None,
+        help="what one node's daemon knows (n1, ...): as `overlay status` on its socket",
+    )
+    add_output_flags(status)
 
     run = sub.add_parser("exec", help="run a command in a node (n1) or pod (n1-p2)")
     common(run)
@@ -981,6 +1003,16 @@ def format_status(st: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def show_node(bed: Testbed, args: argparse.Namespace) -> int:
+    """`overlay status` for one node of the testbed (its daemon's status socket)."""
+    match = _MEMBER.match(args.node.removeprefix(f"{bed.prefix}-"))
+    if not match or match.group(2) is not None or not 1 <= int(match.group(1)) <= bed.nodes:
+        raise TestbedError(
+            f"{args.node!r} is not a node of testbed {bed.prefix} (n1..n{bed.nodes})"
+        )
+    return show(bed.node_dir(int(match.group(1))) / "status.sock", args, "overlay testbed status")
+
+
 def main(argv: list[str]) -> int:
     """``overlay testbed up|down|status|exec``; errors are one line on stderr, exit 1."""
     try:
@@ -1001,17 +1033,31 @@ def main(argv: list[str]) -> int:
                 kernel_nodes=tuple(args.kernel_nodes),
                 direct_routing=args.direct_routing,
             )
-            bed.up()
+            bed.progress = Progress(f"overlay testbed up {bed.prefix}", bed.up_steps())
+            try:
+                bed.up()
+            finally:
+                bed.progress.done()
             print(format_status(bed.status()))
             print(f"\ntear down with: overlay testbed down --prefix {bed.prefix}")
             return 0
         if args.command == "down":
-            removed = Testbed(args.prefix, state_dir=args.state_dir).down()
+            bed = Testbed(args.prefix, state_dir=args.state_dir)
+            bed.progress = Progress(f"overlay testbed down {bed.prefix}")
+            try:
+                removed = bed.down()
+            finally:
+                bed.progress.done()
             what = ", ".join(f"{len(v)} {k}" for k, v in removed.items() if v) or "nothing left"
             print(f"testbed {args.prefix} is down ({what})")
             return 0
         if args.command == "status":
-            st = Testbed.load(args.prefix, args.state_dir).status()
+            bed = Testbed.load(args.prefix, args.state_dir)
+            if args.node is not None:
+                return show_node(bed, args)
+            if args.watch is not None:
+                raise TestbedError("--watch shows one node: add --node n1 (or n2, ...)")
+            st = bed.status()
             print(json.dumps(st, indent=2) if args.json else format_status(st))
             return 0
         cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd

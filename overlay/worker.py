@@ -9,7 +9,10 @@ Each worker runs the backend's own dataplane class on its own uvloop.
 The socketpair carries JSON lines. Main -> worker: the spec (what the dataplane needs),
 then the full peer table, then every change (``{"add": [[key, value]], "remove": [key]}``,
 leases in the registry's own key/value form, parsed with ``control.lease``). Worker ->
-main: a report (counters, features) when forwarding starts and every second after.
+main: a report (counters, features, per-peer traffic) when forwarding starts and every
+second after. ``overlay trace`` adds ``{"trace": {"id": N, ...request}}`` and
+``{"trace_stop": N}`` (main -> worker) and ``{"capture": [N, ...]}`` (worker -> main: one
+packet the worker's tracer kept, merged into the client's stream).
 A worker exits on EOF, so a killed main leaves no orphan; the main process warns once
 when a worker dies and does not restart it: its TUN queue and socket close with it, so
 the kernel steers its share of the traffic to the queues that are left.
@@ -37,6 +40,7 @@ from control.lease import Lease, parse_lease, parse_subnet_key
 from control.peer_table import PeerTable
 from overlay import log as overlay_log
 from overlay.counters import Counters
+from overlay.trace import Capture, Endpoint, TapSet, Tracer, TraceRequest
 
 REPORT_INTERVAL = 1.0
 START_TIMEOUT = 15.0  # a worker imports the dataplane modules, ~0.5 s on a quiet machine
@@ -93,6 +97,7 @@ class Workers:
         self.log = log
         self.workers: list[Worker] = []
         self._stopping = False
+        self._traces: dict[int, Callable[[Capture], None]] = {}  # trace id -> its emit
 
     async def start(
         self,
@@ -160,7 +165,11 @@ class Workers:
         """Collect the worker's reports until EOF, then reap it (and say so if unexpected)."""
         try:
             while line := await worker.reader.readline():
-                worker.report = json.loads(line)
+                message = json.loads(line)
+                if "capture" in message:
+                    self._captured(message["capture"])
+                    continue
+                worker.report = message
                 worker.reported = time.monotonic()
                 if not worker.ready.done():
                     worker.ready.set_result(None)
@@ -200,8 +209,31 @@ class Workers:
             if worker.alive and not worker.writer.is_closing():
                 worker.writer.write(message)
 
+    def _captured(self, value: list[Any]) -> None:
+        emit = self._traces.get(value[0])
+        if emit is not None:
+            emit(Capture.from_json(value[1:]))
+
+    def start_trace(
+        self, handle: int, request: TraceRequest, emit: Callable[[Capture], None]
+    ) -> None:
+        """Every worker traces its queue for ``request`` and sends what it keeps to ``emit``."""
+        self._traces[handle] = emit
+        self._send({"trace": {"id": handle, **request._asdict()}})
+
+    def stop_trace(self, handle: int) -> None:
+        if self._traces.pop(handle, None) is not None:
+            self._send({"trace_stop": handle})
+
+    def _send(self, message: dict[str, Any]) -> None:
+        line = json.dumps(message, separators=(",", ":")).encode() + b"\n"
+        for worker in self.workers:
+            if worker.alive and not worker.writer.is_closing():
+                worker.writer.write(line)
+
     def status(self) -> list[dict[str, Any]]:
-        """Per worker: pid, whether it lives, and its last report (counters, features)."""
+        """Per worker: pid, whether it lives, and its last report (counters, features,
+        per-peer traffic)."""
         now = time.monotonic()
         return [
             {
@@ -213,6 +245,7 @@ class Workers:
                 "counters": w.report.get("counters", Counters().snapshot()),
                 "features": w.report.get("features", {}),
                 "arp_replies": w.report.get("arp_replies", 0),
+                "peers": w.report.get("peers", {}),
             }
             for w in self.workers
         ]
@@ -236,6 +269,18 @@ class Workers:
 # -- the worker's side -----------------------------------------------------------------
 
 
+def peer_report(peers: PeerTable) -> dict[str, list[float]]:
+    """Per-peer traffic of this process, by subnet (peers that saw some only):
+    [tx packets, tx bytes, rx packets, rx bytes, last tx, last rx (time.monotonic())]."""
+    report = {}
+    for peer in peers.peers():
+        s = peer.stats
+        if s.last_tx or s.last_rx:
+            row = [s.tx_packets, s.tx_bytes, s.rx_packets, s.rx_bytes, s.last_tx, s.last_rx]
+            report[str(peer.lease.subnet)] = row
+    return report
+
+
 def _report(writer: asyncio.StreamWriter, dataplane: Any) -> None:
     if writer.is_closing() or writer.transport.get_write_buffer_size() > REPORT_BACKLOG:
         return
@@ -243,6 +288,7 @@ def _report(writer: asyncio.StreamWriter, dataplane: Any) -> None:
         "counters": dataplane.counters.snapshot(),
         "features": dataplane.features(),
         "arp_replies": getattr(dataplane, "arp_replies", 0),
+        "peers": peer_report(dataplane.peers),
     }
     writer.write(json.dumps(report, separators=(",", ":")).encode() + b"\n")
 
@@ -251,6 +297,42 @@ async def _reporting(writer: asyncio.StreamWriter, dataplane: Any) -> None:
     while True:
         await asyncio.sleep(REPORT_INTERVAL)
         _report(writer, dataplane)
+
+
+class _WorkerTraces:
+    """A worker's end of ``overlay trace``: its tracers, whose captures go to the main
+    process (missed, not queued, while it lags more than REPORT_BACKLOG behind)."""
+
+    def __init__(self, writer: asyncio.StreamWriter, dataplane: Any) -> None:
+        self.writer = writer
+        self.dataplane = dataplane
+        self.taps = TapSet(dataplane)
+        address = dataplane.sock.getsockname()
+        self.endpoint = Endpoint(address[0], address[1], dataplane.headroom)
+        self.tracers: dict[int, Tracer] = {}
+
+    def start(self, message: dict[str, Any]) -> None:
+        handle = message.pop("id")
+        writer = self.writer
+
+        def emit(capture: Capture) -> None:
+            if writer.is_closing() or writer.transport.get_write_buffer_size() > REPORT_BACKLOG:
+                return
+            line = json.dumps({"capture": [handle, *capture.to_json()]}, separators=(",", ":"))
+            writer.write(line.encode() + b"\n")
+
+        tracer = Tracer(TraceRequest.parse(message), emit, self.endpoint, self.dataplane.peers)
+        self.tracers[handle] = tracer
+        self.taps.add(tracer)
+
+    def stop(self, handle: int) -> None:
+        tracer = self.tracers.pop(handle, None)
+        if tracer is not None:
+            self.taps.remove(tracer)
+
+    def stop_all(self) -> None:
+        for handle in list(self.tracers):
+            self.stop(handle)
 
 
 async def serve(args: argparse.Namespace) -> int:
@@ -285,13 +367,21 @@ async def serve(args: argparse.Namespace) -> int:
         return 1
     _report(writer, dataplane)  # "forwarding": the main process waits for this
     reporting = asyncio.create_task(_reporting(writer, dataplane))
+    tracing = _WorkerTraces(writer, dataplane)
     try:
         while line := await reader.readline():
-            apply_message(peers, json.loads(line))
+            message = json.loads(line)
+            if "trace" in message:
+                tracing.start(message["trace"])
+            elif "trace_stop" in message:
+                tracing.stop(message["trace_stop"])
+            else:
+                apply_message(peers, message)
     except ConnectionResetError:
         pass  # the main process closed with our reports unread: the same as EOF
     finally:
         reporting.cancel()
+        tracing.stop_all()
         dataplane.stop(loop)
         sock.close()
         tun.close()

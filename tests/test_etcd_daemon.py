@@ -24,7 +24,7 @@ import pytest
 from control.subnet_env import parse_subnet_env
 from overlay.netns import create_netns, netns_pids, pid_alive, remove_netns, terminate
 from overlay.testbed import Testbed
-from tests.conftest import node_status
+from tests.conftest import fatal_text, node_status
 from tests.etcd_server import EtcdServer
 
 pytestmark = [
@@ -187,6 +187,7 @@ def test_deleted_lease_makes_that_daemon_exit_with_a_clear_message(bed: Testbed)
     assert len(fatal) == 1, fatal
     message = fatal[0]["event"]
     assert "\n" not in message and "revoked" in message and lease["subnet"] in message
+    assert fatal[0]["node"] == str(bed.node_ip(k)) and fatal[0]["timestamp"].endswith("Z")
     wait_for(lambda: lease["subnet"] not in peers_of(bed, 1), 10, "n1 dropping the peer")
 
 
@@ -268,7 +269,7 @@ def test_tls_daemon_with_client_cert_joins_and_one_without_fails(
         assert refused.returncode == 1
         assert 3 <= took < 15, f"gave up after {took:.1f} s, not after --registry-timeout 3"
         lines = refused.stderr.strip().splitlines()
-        error = lines[-1]
+        error = fatal_text(lines[-1])
         assert error.startswith("overlay run: error: registry unreachable for 3 s"), error
         assert f"etcd {server.endpoint}" in error and "TLS handshake failed" in error, error
         # Before it: only the daemon's own log lines (no gRPC library noise): which
@@ -378,7 +379,8 @@ def test_invalid_config_exits_naming_the_field(
     # The registry in use (the start-up line), then the one error.
     assert len(lines) == 2 and "] registry " in lines[0], result.stderr
     lines = lines[1:]
-    assert lines[0].startswith(f"overlay run: error: invalid network config at {prefix}/config")
+    text = fatal_text(lines[0])
+    assert text.startswith(f"overlay run: error: invalid network config at {prefix}/config")
     assert f"{field}: " in lines[0], lines[0]
     assert server.keys(f"{prefix}/subnets/") == []
     assert not (tmp_path / "subnet.env").exists()

@@ -126,6 +126,20 @@ def test_no_tun_and_no_vxlan_device(bed: Testbed) -> None:
         assert not any(r.get("dst") == "198.18.0.0/16" for r in _routes(bed, i))
 
 
+def test_status_has_the_underlay_links_counters(bed: Testbed) -> None:
+    """host-gw has no device of its own: status and metrics show eth0's statistics,
+    labelled as such, and no overlay totals or per-peer counts pretending to be zero."""
+    from overlay import metrics
+
+    st = node_status(bed, 1)
+    assert st["kernel_counters"]["device"] == "eth0"
+    assert st["kernel_counters"]["rx_packets"] > 0
+    text = metrics.render(st).decode()
+    assert 'overlay_kernel_link_transmit_packets_total{device="eth0"}' in text
+    assert "overlay_sent_packets_total" not in text
+    assert "overlay_peer_sent_packets_total" not in text
+
+
 def test_pods_ping_across_without_encapsulation(bed: Testbed) -> None:
     from scapy.layers.inet import ICMP, IP
     from scapy.utils import rdpcap

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import overlay_cmd
+from tests.conftest import fatal_text, overlay_cmd
 
 
 def _run(
@@ -81,6 +81,9 @@ def test_bad_network_config_exits_with_field_name(netns, tmp_path: Path) -> None
     assert result.returncode == 1
     line = _one_line(result.stderr)
     assert "invalid network config" in line and "SubnetLen" in line
+    # Stamped like every other line: time, level, node.
+    assert fatal_text(line).startswith("overlay run: error: invalid network config")
+    assert line.endswith(" node=127.0.0.1"), line
     # Nothing was leased, nothing written, no TUN left in the namespace.
     assert "subnets" not in registry.read_text()
     assert not (tmp_path / "subnet.env").exists()

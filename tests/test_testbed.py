@@ -18,6 +18,7 @@ import pytest
 
 from overlay import testbed
 from overlay.netns import list_netns, pid_alive
+from overlay.progress import Progress
 from overlay.testbed import Testbed, TestbedError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -198,6 +199,27 @@ def test_up_status_exec_down(beds: list[Testbed], capsys: pytest.CaptureFixture[
 
 
 @pytest.mark.netns
+def test_up_reports_each_of_its_steps(beds: list[Testbed]) -> None:
+    class Recording(Progress):
+        def __init__(self) -> None:
+            super().__init__("test")
+            self.steps: list[str] = []
+
+        def step(self, text: str, advance: bool = True) -> None:
+            if advance:
+                self.steps.append(text)
+
+    bed = Testbed(
+        new_prefix(), nodes=2, pods_per_node=1, registry="file", underlay=UNDERLAY, network=NETWORK
+    )
+    beds.append(bed)
+    bed.progress = recording = Recording()
+    bed.up()
+    assert len(recording.steps) == bed.up_steps(), recording.steps
+    assert recording.steps[0] == "underlay bridge" and recording.steps[-1] == "pod n2-p1: CNI ADD"
+
+
+@pytest.mark.netns
 def test_down_after_crash_removes_everything(beds: list[Testbed]) -> None:
     """Built by one process, daemon killed with -9, the builder gone: down still cleans up."""
     underlay = UNDERLAY
@@ -217,6 +239,7 @@ def test_down_after_crash_removes_everything(beds: list[Testbed]) -> None:
         NETWORK,
     )
     assert up.returncode == 0, up.stderr
+    assert up.stderr == ""  # no progress in a pipe
     st = json.loads(cli("status", "--prefix", prefix, "--json").stdout)
     state_dir = Path(st["state_dir"])
     victim, survivor = st["nodes"][0]["pid"], st["nodes"][1]["pid"]
@@ -230,6 +253,7 @@ def test_down_after_crash_removes_everything(beds: list[Testbed]) -> None:
 
     down = cli("down", "--prefix", prefix)
     assert down.returncode == 0, down.stderr
+    assert down.stderr == ""
     assert not leftovers(prefix, state_dir)
     assert stray.wait(timeout=5) != 0
     assert not pid_alive(survivor)

@@ -627,6 +627,66 @@ def test_kernel_node_is_programmed_like_flanneld(bed: Testbed) -> None:
     _ping(bed, "n3-p1", bed.pod_ip("n1-p1"))
 
 
+def test_trace_of_a_ping_decodes_as_vxlan(bed: Testbed, tmp_path: Path) -> None:
+    from tests.conftest import overlay_cmd
+
+    capture = tmp_path / "v.pcapng"
+    sock = str(bed.node_dir(1) / "status.sock")
+    tracer = subprocess.Popen(
+        overlay_cmd("trace", "--status-socket", sock, "-c", "2", "-w", str(capture), "outer icmp"),
+        stderr=subprocess.PIPE,
+    )
+    assert tracer.stderr is not None and b"capturing on" in tracer.stderr.readline()
+    _ping(bed, "n1-p1", bed.pod_ip("n2-p1"), count=1)
+    _, err = tracer.communicate(timeout=20)
+    assert tracer.returncode == 0, err
+    fields = ["udp.dstport", "vxlan.vni", "eth.dst", "eth.src", "icmp.type"]
+    result = subprocess.run(
+        ["tshark", "-r", str(capture), "-d", "udp.port==8472,vxlan", "-T", "fields"]
+        + [a for f in fields for a in ("-e", f)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    rows = [line.split("\t") for line in result.stdout.strip().splitlines()]
+    assert [r[0] for r in rows] == ["8472", "8472"] and [r[1] for r in rows] == ["1", "1"]
+    assert rows[0][2] == _vtep_mac(bed, "n2") and rows[0][3] == _vtep_mac(bed, "n1")
+    assert [r[4] for r in rows] == ["8", "0"]  # the ICMP inside the VXLAN frame
+
+
+def test_kernel_node_reports_the_kernels_counters(bed: Testbed) -> None:
+    """n3 forwards in the kernel: its status and metrics are flannel.1's link statistics
+    (moving with traffic), not zeros; a trace there says to use tcpdump."""
+    from overlay import metrics, status
+    from tests.conftest import overlay_cmd
+
+    before = node_status(bed, "n3")["kernel_counters"]
+    _ping(bed, "n3-p1", bed.pod_ip("n1-p1"), count=3)
+    st = node_status(bed, "n3")
+    kernel = st["kernel_counters"]
+    assert kernel["device"] == "flannel.1" and st["counters"] == {}
+    assert kernel["tx_packets"] >= before["tx_packets"] + 3
+    assert kernel["rx_packets"] >= before["rx_packets"] + 3
+    link = json.loads(
+        bed.exec(
+            "n3", ["ip", "-s", "-j", "link", "show", "flannel.1"], capture_output=True, text=True
+        ).stdout
+    )[0]["stats64"]
+    assert kernel["tx_packets"] <= link["tx"]["packets"]
+    text = metrics.render(st).decode()
+    assert f"overlay_sent_packets_total {float(kernel['tx_packets'])}" in text
+    assert 'overlay_kernel_link_receive_packets_total{device="flannel.1"}' in text
+    assert "overlay_peer_sent_packets_total" not in text  # no per-peer counts, not zeros
+    table = status.format_table(st)
+    assert "kernel     flannel.1: sent" in table
+    refused = subprocess.run(
+        overlay_cmd("trace", "--status-socket", str(bed.node_dir(3) / "status.sock")),
+        capture_output=True,
+        text=True,
+    )
+    assert refused.returncode == 1 and "tcpdump -i flannel.1" in refused.stderr
+
+
 def test_no_unexpected_drops(bed: Testbed) -> None:
     """The traffic of the tests above went through without drops we did not cause."""
     for node in ("n1", "n2"):

@@ -164,6 +164,62 @@ def test_both_workers_forward_and_counters_add_up(bed: Testbed) -> None:
     assert node_status(bed, "n2")["counters"]["drops"] == drops_before
 
 
+def test_per_peer_traffic_and_metrics_add_up_over_the_workers(bed: Testbed) -> None:
+    """After the run above: n1's only peer carries exactly the node's traffic, summed over
+    both processes, and /metrics has the sum and each worker."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from overlay import metrics
+
+    time.sleep(1.1)  # a fresh report from the worker
+    st = node_status(bed, "n1")
+    (peer,) = st["peers"]
+    for key in ("tx_packets", "tx_bytes", "rx_packets", "rx_bytes"):
+        assert peer[key] == st["counters"][key], key
+    samples = {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(metrics.render(st).decode())
+        for sample in family.samples
+    }
+    per_worker = [samples[("overlay_worker_sent_packets_total", (("worker", w),))] for w in "01"]
+    assert all(n > 100 for n in per_worker), per_worker
+    assert samples[("overlay_sent_packets_total", ())] == sum(per_worker)
+    assert samples[("overlay_peer_sent_packets_total", (("peer", peer["subnet"]),))] == sum(
+        per_worker
+    )
+    assert samples[("overlay_worker_up", (("worker", "1"),))] == 1
+
+
+def test_trace_merges_the_captures_of_every_worker(bed: Testbed, tmp_path: Path) -> None:
+    """Captured datagrams sent by n1 during a 16-flow run outnumber what its main process
+    sent itself: the worker's captures are in the same stream."""
+    capture = tmp_path / "w.pcapng"
+    sock = str(bed.node_dir(1) / "status.sock")
+    tracer = subprocess.Popen(
+        overlay_cmd("trace", "--status-socket", sock, "-s", "64", "-w", str(capture), "outer out"),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    assert tracer.stderr is not None
+    assert b"capturing on" in tracer.stderr.readline()
+    before = [w["counters"]["tx_packets"] for w in node_status(bed, "n1")["workers"]]
+    server_ip = bed.pod_ip("n2-p1")
+    try:
+        with iperf3_server(bed, "n2-p1", server_ip, port=5204):
+            iperf3_tcp(bed, "n2-p1", server_ip, "n1-p1", seconds=2, streams=16, port=5204)
+        time.sleep(1.1)
+        after = [w["counters"]["tx_packets"] for w in node_status(bed, "n1")["workers"]]
+    finally:
+        tracer.send_signal(signal.SIGINT)
+        _, err = tracer.communicate(timeout=20)
+    assert tracer.returncode == 0, err
+    captured = int(re.search(rb"(\d+) packets captured", err)[1])  # type: ignore[index]
+    sent = [a - b for a, b in zip(after, before, strict=True)]
+    assert sent[1] > 100, sent  # the worker forwarded part of the run ...
+    assert captured > sent[0], (captured, sent)  # ... and its packets were captured
+    assert captured <= sum(sent) + 10, (captured, sent)
+
+
 def test_killed_worker_is_reported_and_the_rest_forwards(bed: Testbed) -> None:
     child = worker_pids(bed, "n2")[0]
     os.kill(child, signal.SIGKILL)

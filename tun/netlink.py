@@ -27,6 +27,7 @@ def prepare_tun(name: str) -> None:
     """What flannel0 needs before its address, MTU and route (``overlay.kernel_routes``):
     no IPv6, and a transmit queue long enough for a burst of TUN writes."""
     _disable_ipv6(name)
+    _accept_local(name)
     with IPRoute() as ipr:
         index = _index(ipr, name)
         try:
@@ -42,6 +43,27 @@ def _disable_ipv6(name: str) -> None:
             f.write("1")
     except OSError:
         pass  # no IPv6 in this kernel or namespace: nothing to disable
+
+
+def _accept_local(name: str) -> None:
+    """Let the kernel take packets from the TUN whose source is one of our addresses: the
+    ICMP net-unreachable the dataplane writes back comes from the TUN's own address (as
+    flanneld's proxy sends it), which the kernel otherwise drops as a martian source
+    (checked on Linux 6.x with rp_filter 0, 1 and 2). Nothing else arrives on flannel0
+    with our address as its source: received datagrams whose inner source is outside the
+    sending peer's subnet are dropped before the TUN (rx_foreign_source)."""
+    with open(f"/proc/sys/net/ipv4/conf/{name}/accept_local", "w") as f:
+        f.write("1")
+
+
+def link_stats(name: str) -> dict[str, int] | None:
+    """The kernel's 64-bit counters of link ``name`` (IFLA_STATS64), None if it is gone."""
+    with IPRoute() as ipr:
+        found = ipr.link_lookup(ifname=name)
+        if not found:
+            return None
+        stats = ipr.get_links(found[0])[0].get_attr("IFLA_STATS64")
+        return {key: int(value) for key, value in dict(stats or {}).items()}
 
 
 def interface_addresses() -> dict[str, list[tuple[IPv4Address, int]]]:

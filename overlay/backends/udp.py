@@ -396,17 +396,21 @@ class UdpDataplane:
         self.counters.tx_bytes += sent_bytes
 
     def _no_route(self, packet: bytes) -> None:
-        """ICMP net unreachable back into the TUN, as flannel's proxy does (rate-limited)."""
+        """ICMP net unreachable back into the TUN, as flannel's proxy does (rate-limited),
+        from the TUN's address as flannel's proxy sends it (``tun_addr``): the node's
+        router address in the overlay, so ``ping`` says which node had no route. The
+        kernel takes it because the TUN has accept_local (``tun.netlink``)."""
         self.counters.drops["tx_no_route"] += 1
         if self.tap is not None:
             self.tap.drop("tx_no_route", packet, None)
         if not icmp.may_send_error_for(packet) or not self.icmp_limit.allow():
             return
-        # Sourced from the unreachable destination: our own addresses would be dropped by
-        # the kernel as martians when written into the TUN.
-        reply = icmp.build_dest_unreachable(packet, src=packet[16:20])
+        tun_address = self.own_net.to_bytes(4, "big")  # our subnet's network address
+        reply = icmp.build_dest_unreachable(packet, src=tun_address)
         if self.tun.write(reply):
             self.counters.icmp_unreachable_sent += 1
+            if self.tap is not None:
+                self.tap.inner("rx", reply)
 
     # -- peer -> TUN ---------------------------------------------------------------------
 

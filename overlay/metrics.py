@@ -1,0 +1,304 @@
+"""`/metrics`: the daemon's snapshot as Prometheus metrics, built at scrape time.
+
+The dataplane keeps plain integers (``overlay.counters``, ``PeerStats``) and nothing on the
+hot path knows about Prometheus: a custom collector turns the same snapshot `overlay
+status` shows into metric families when a scrape arrives. Names follow the conventions:
+``overlay_`` prefix, ``_total`` for counters, seconds and bytes as units.
+
+With ``--workers N`` the plain families are the sum over the N processes and the
+``overlay_worker_*`` families carry each one (label ``worker``; do not sum both). Kernel
+datapaths count nothing in this process: for them the node totals come from the kernel's
+own link statistics of ``flannel.<VNI>`` (kernel vxlan), and host-gw, which has no device
+of its own, reports the underlay link's (``overlay_kernel_link_*``, all of its traffic,
+not only the overlay's); per-peer families are absent there, never zeros.
+"""
+
+from __future__ import annotations
+
+import platform
+from collections.abc import Iterator
+from importlib import metadata
+from typing import Any
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    InfoMetricFamily,
+    Metric,
+)
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 44, 64)  # 44: the most 1472-byte segments in one GSO send
+# Counters of overlay.counters.Counters other than traffic, drops and batches.
+FAST_PATH = {
+    "tx_tun_super_packets": ("tun_super_packets_read", "TCP super-packets read from the TUN"),
+    "rx_tun_super_packets": ("tun_super_packets_written", "TCP super-packets written to it"),
+    "tx_gso_sends": ("udp_gso_sends", "UDP GSO sends (several datagrams in one sendmsg)"),
+    "rx_gro_receives": ("udp_gro_receives", "UDP GRO receives holding several datagrams"),
+}
+TRAFFIC = (
+    ("tx_packets", "sent_packets", "packets sent to peers"),
+    ("tx_bytes", "sent_bytes", "bytes of inner packets sent to peers"),
+    ("rx_packets", "received_packets", "packets received from peers and written to the TUN"),
+    ("rx_bytes", "received_bytes", "bytes of inner packets received from peers"),
+)
+KERNEL_LINK = (
+    ("tx_packets", "transmit_packets"),
+    ("tx_bytes", "transmit_bytes"),
+    ("rx_packets", "receive_packets"),
+    ("rx_bytes", "receive_bytes"),
+    ("tx_dropped", "transmit_dropped"),
+    ("rx_dropped", "receive_dropped"),
+    ("tx_errors", "transmit_errors"),
+    ("rx_errors", "receive_errors"),
+)
+
+
+def version() -> str:
+    try:
+        return metadata.version("flannel-overlay")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def codecs(features: dict[str, Any]) -> str:
+    """ "native" when the dataplane says its codecs are the C extension's (a true
+    ``native*`` feature), else "pure"."""
+    native = any(value for name, value in features.items() if name.startswith("native"))
+    return "native" if native else "pure"
+
+
+def _histogram(name: str, doc: str, counts: list[int]) -> HistogramMetricFamily:
+    buckets: list[tuple[str, float]] = []
+    running = 0
+    at = 0
+    for bound in BATCH_BUCKETS:
+        while at < len(counts) and at <= bound:
+            running += counts[at]
+            at += 1
+        buckets.append((str(bound), running))
+    running += sum(counts[at:])
+    buckets.append(("+Inf", running))
+    total = sum(n * c for n, c in enumerate(counts))
+    return HistogramMetricFamily(name, doc, buckets=buckets, sum_value=total)
+
+
+def _counter(name: str, doc: str, value: float, unit: str = "") -> CounterMetricFamily:
+    return CounterMetricFamily(name, doc, value=value, unit=unit)
+
+
+def _gauge(name: str, doc: str, value: float, unit: str = "") -> GaugeMetricFamily:
+    return GaugeMetricFamily(name, doc, value=value, unit=unit)
+
+
+def _traffic(counters: dict[str, Any], prefix: str = "overlay_") -> Iterator[Metric]:
+    for key, name, doc in TRAFFIC:
+        yield _counter(prefix + name, doc, counters.get(key, 0))
+
+
+def _drops(drops: dict[str, int], extra: dict[str, int] | None = None) -> CounterMetricFamily:
+    family = CounterMetricFamily(
+        "overlay_dropped_packets",
+        "packets dropped, by the reason they were counted under",
+        labels=["reason"],
+    )
+    for reason, n in sorted({**drops, **(extra or {})}.items()):
+        family.add_metric([reason], n)
+    return family
+
+
+def families(st: dict[str, Any]) -> Iterator[Metric]:
+    """Every metric family of one snapshot (``Daemon.snapshot``)."""
+    features = st.get("features") or {}
+    info = InfoMetricFamily("overlay_build", "the running build")
+    info.add_metric(
+        [],
+        {
+            "version": str(st.get("version") or version()),
+            "codecs": codecs(features),
+            "python": platform.python_version(),
+        },
+    )
+    yield info
+    ready = st.get("ready", {})
+    yield _gauge("overlay_ready", "1 when /readyz answers 200", 1 if ready.get("ready") else 0)
+    if "started_at" in st:
+        yield _gauge("overlay_start_time_seconds", "process start (Unix time)", st["started_at"])
+
+    lease = st.get("lease") or {}
+    if lease.get("expires") is not None:
+        yield _gauge(
+            "overlay_lease_expiry_timestamp_seconds",
+            "when our subnet lease expires unless renewed (Unix time)",
+            lease["expires"],
+        )
+    if lease.get("next_renewal") is not None:
+        yield _gauge(
+            "overlay_lease_renewal_timestamp_seconds",
+            "when the next renewal of the lease is due (Unix time)",
+            lease["next_renewal"],
+        )
+
+    registry = st.get("registry")
+    if isinstance(registry, dict):
+        yield _gauge(
+            "overlay_registry_connected",
+            "1 while the registry answers (0 from the first failed watch or renewal)",
+            1 if registry.get("state") == "connected" else 0,
+        )
+        for key, name, doc in (
+            ("watch_events", "registry_watch_events", "lease events the watch delivered"),
+            ("resyncs", "registry_resyncs", "full re-lists of the leases (start, compaction)"),
+            ("watch_failures", "registry_failures", "failed watches, renewals and probes"),
+        ):
+            yield _counter(f"overlay_{name}", doc, registry.get(key, 0))
+        if registry.get("watch_revision") is not None:
+            yield _gauge(
+                "overlay_registry_watch_revision",
+                "the registry revision the watch has seen",
+                registry["watch_revision"],
+            )
+
+    peers = st.get("peers", [])
+    yield _gauge("overlay_peers", "peers in the peer table", len(peers))
+    yield from _peer_families(peers)
+
+    counters = st.get("counters") or {}
+    kernel = st.get("kernel_counters")
+    if counters:
+        yield from _traffic(counters)
+        yield _drops(counters.get("drops") or {})
+        yield _counter(
+            "overlay_icmp_unreachable_sent",
+            "ICMP net-unreachable errors written back into the TUN",
+            counters.get("icmp_unreachable_sent", 0),
+        )
+        for key, (name, doc) in FAST_PATH.items():
+            yield _counter(f"overlay_{name}", doc, counters.get(key, 0))
+        yield _histogram(
+            "overlay_send_batch_datagrams",
+            "datagrams per send (sendmsg with UDP GSO, or sendto)",
+            counters.get("tx_batch") or [],
+        )
+        yield _histogram(
+            "overlay_receive_batch_datagrams",
+            "datagrams per receive (a UDP GRO recvmsg, or a gathered run)",
+            counters.get("rx_batch") or [],
+        )
+    if kernel:
+        yield from _kernel_families(kernel, own=not counters and st.get("kernel_is_overlay"))
+
+    if "arp_replies" in st:
+        yield _counter("overlay_arp_replies", "ARP replies sent for our VTEP", st["arp_replies"])
+    if features:
+        family = GaugeMetricFamily(
+            "overlay_feature_enabled", "1 for each active offload feature", labels=["feature"]
+        )
+        for name, value in sorted(features.items()):
+            family.add_metric([name], 1 if value else 0)
+        yield family
+    repairs = st.get("repairs")
+    if isinstance(repairs, int):
+        yield _counter("overlay_kernel_repairs", "kernel objects found wrong and repaired", repairs)
+    elif isinstance(repairs, dict):
+        family = CounterMetricFamily(
+            "overlay_kernel_repairs", "kernel objects found wrong and repaired", labels=["kind"]
+        )
+        for kind, n in sorted(repairs.items()):
+            if isinstance(n, int | float):
+                family.add_metric([str(kind)], n)
+        yield family
+    yield from _worker_families(st.get("workers") or [])
+
+
+def _peer_families(peers: list[dict[str, Any]]) -> Iterator[Metric]:
+    counted = [p for p in peers if "tx_packets" in p]
+    if not counted:
+        return
+    names = (
+        ("tx_packets", "sent_packets", "packets sent to the peer"),
+        ("tx_bytes", "sent_bytes", "bytes of inner packets sent to the peer"),
+        ("rx_packets", "received_packets", "packets received from the peer"),
+        ("rx_bytes", "received_bytes", "bytes of inner packets received from the peer"),
+    )
+    for key, name, doc in names:
+        family = CounterMetricFamily(f"overlay_peer_{name}", doc, labels=["peer"])
+        for p in counted:
+            family.add_metric([p["subnet"]], p.get(key, 0))
+        yield family
+    for key, name, doc in (
+        ("last_tx_at", "last_sent", "when a packet last went to the peer (Unix time)"),
+        ("last_rx_at", "last_received", "when a datagram last came from the peer (Unix time)"),
+    ):
+        family = GaugeMetricFamily(f"overlay_peer_{name}_timestamp_seconds", doc, labels=["peer"])
+        for p in counted:
+            if p.get(key) is not None:
+                family.add_metric([p["subnet"]], p[key])
+        yield family
+
+
+def _kernel_families(kernel: dict[str, Any], own: bool) -> Iterator[Metric]:
+    """The kernel's link statistics; ``own``: the device carries only overlay traffic
+    (flannel.<VNI>), so they are the node totals as well."""
+    device = str(kernel.get("device", "?"))
+    for key, name in KERNEL_LINK:
+        family = CounterMetricFamily(
+            f"overlay_kernel_link_{name}",
+            f"the kernel's {key} of the datapath's link",
+            labels=["device"],
+        )
+        family.add_metric([device], kernel.get(key, 0))
+        yield family
+    if own:
+        yield from _traffic(kernel)
+        yield _drops(
+            {},
+            {
+                "kernel_tx_dropped": kernel.get("tx_dropped", 0),
+                "kernel_rx_dropped": kernel.get("rx_dropped", 0),
+                "kernel_tx_errors": kernel.get("tx_errors", 0),
+                "kernel_rx_errors": kernel.get("rx_errors", 0),
+            },
+        )
+
+
+def _worker_families(workers: list[dict[str, Any]]) -> Iterator[Metric]:
+    if not workers:
+        return
+    up = GaugeMetricFamily(
+        "overlay_worker_up", "1 while the forwarding process lives", labels=["worker"]
+    )
+    for w in workers:
+        up.add_metric([str(w["index"])], 1 if w.get("alive") else 0)
+    yield up
+    for key, name, doc in TRAFFIC:
+        family = CounterMetricFamily(f"overlay_worker_{name}", doc, labels=["worker"])
+        for w in workers:
+            family.add_metric([str(w["index"])], (w.get("counters") or {}).get(key, 0))
+        yield family
+    drops = CounterMetricFamily(
+        "overlay_worker_dropped_packets",
+        "packets dropped, by worker and reason",
+        labels=["worker", "reason"],
+    )
+    for w in workers:
+        for reason, n in sorted(((w.get("counters") or {}).get("drops") or {}).items()):
+            drops.add_metric([str(w["index"]), reason], n)
+    yield drops
+
+
+class _Snapshot:
+    def __init__(self, st: dict[str, Any]) -> None:
+        self.st = st
+
+    def collect(self) -> Iterator[Metric]:
+        return families(self.st)
+
+
+def render(st: dict[str, Any]) -> bytes:
+    """The text exposition of one snapshot."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Snapshot(st))
+    return generate_latest(registry)

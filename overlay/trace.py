@@ -1,0 +1,570 @@
+"""`overlay trace`: capture what crosses a running daemon, as pcapng.
+
+The client sends one request line on the status socket (``trace {"filter": ..., "count":
+..., "snaplen": ...}``); the daemon attaches a :class:`Tracer` (an ``overlay.tap.Tap``)
+to its dataplane and streams pcapng back until the count is reached or the client goes
+away, then detaches it: with no trace attached the dataplane pays nothing.
+
+Two capture points, two pcapng interfaces, both raw IPv4:
+
+- interface 0, the TUN (``flannel0``): inner packets as read from it (outbound, towards a
+  peer) and as written into it (inbound);
+- interface 1, the underlay socket: each UDP datagram with IPv4 and UDP headers
+  synthesized from the addresses and ports (``encap.pcapng.udp_headers``), so tshark
+  decodes flannel's udp with ``-d udp.port==8285,ip`` and VXLAN with
+  ``-d udp.port==8472,vxlan``.
+
+A dropped packet is captured where it was dropped (a datagram we received on interface 1,
+a packet read from the TUN on interface 0) with ``dropped: <reason>`` as its packet
+comment. With ``--workers N`` every worker traces its own queue and sends its captures to
+the main process, which merges them into the one stream.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import json
+import os
+import signal
+import socket
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from ipaddress import IPv4Address
+from typing import IO, Any, NamedTuple
+
+from control.peer_table import Peer, PeerTable
+from encap import pcapng
+from overlay import trace_filter
+from overlay.tap import Buffer, Direction, Tap
+
+DEFAULT_SNAPLEN = 262144  # tcpdump's
+MAX_SNAPLEN = 262144
+INNER, OUTER = 0, 1
+# Bytes of pcapng a slow reader may leave unread before captures are missed (counted).
+STREAM_BACKLOG = 8 * 1024 * 1024
+VXLAN_HEADROOM = 22  # VXLAN header + inner Ethernet header
+
+
+class TraceRequest(NamedTuple):
+    filter: str
+    count: int  # 0: until the client goes away
+    snaplen: int
+
+    @classmethod
+    def parse(cls, request: Any) -> TraceRequest:
+        """Validate a request from the socket (a JSON object); ValueError says what is bad."""
+        if not isinstance(request, dict):
+            raise ValueError("a trace request is a JSON object")
+        text = request.get("filter", "")
+        count = request.get("count", 0)
+        snaplen = request.get("snaplen", DEFAULT_SNAPLEN)
+        if not isinstance(text, str):
+            raise ValueError("filter must be a string")
+        if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+            raise ValueError(f"count {count!r} must be a whole number >= 0")
+        if isinstance(snaplen, bool) or not isinstance(snaplen, int):
+            raise ValueError(f"snap length {snaplen!r} must be a whole number")
+        if not 1 <= snaplen <= MAX_SNAPLEN:
+            raise ValueError(f"snap length {snaplen} must be 1 to {MAX_SNAPLEN}")
+        trace_filter.parse(text)  # FilterError (a ValueError) names the bad word
+        return cls(text, count, snaplen)
+
+
+class Capture(NamedTuple):
+    """One captured packet, already cut to the snap length."""
+
+    interface: int  # INNER or OUTER
+    direction: Direction  # tx: away from our pods, rx: towards them
+    timestamp_ns: int
+    data: bytes
+    length: int  # before the snap length
+    comment: str | None
+
+    def to_json(self) -> list[Any]:
+        data = base64.b64encode(self.data).decode()
+        return [self.interface, self.direction, self.timestamp_ns, data, self.length, self.comment]
+
+    @classmethod
+    def from_json(cls, value: list[Any]) -> Capture:
+        interface, direction, timestamp_ns, data, length, comment = value
+        return cls(interface, direction, timestamp_ns, base64.b64decode(data), length, comment)
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """What the tracer needs to know about the dataplane it is attached to."""
+
+    address: str  # our underlay address (outer headers)
+    port: int  # our UDP port
+    headroom: int  # bytes before the inner packet in a datagram (vxlan: 22)
+
+
+class Tracer:
+    """A Tap that selects packets with a filter and hands each one, cut to the snap
+    length, to ``emit``."""
+
+    def __init__(
+        self,
+        request: TraceRequest,
+        emit: Callable[[Capture], None],
+        endpoint: Endpoint,
+        peers: PeerTable | None,
+    ) -> None:
+        self.select = trace_filter.parse(request.filter)
+        self.snaplen = request.snaplen
+        self.emit = emit
+        self.endpoint = endpoint
+        self._local = IPv4Address(endpoint.address).packed
+        self.peers = peers
+        self._ips: dict[str, int] = {}
+
+    # -- Tap -----------------------------------------------------------------------------
+
+    def inner(self, direction: Direction, packet: Buffer) -> None:
+        record = trace_filter.Record("inner", direction, None)
+        trace_filter.inner_fields(record, packet)
+        if self.peers is not None and len(packet) >= 20:
+            remote = packet[16:20] if direction == "tx" else packet[12:16]
+            self._peer(record, self.peers.lookup(remote))
+        if self.select(record):
+            self._emit(INNER, direction, packet, len(packet), None)
+
+    def outer(self, direction: Direction, datagram: Buffer, peer: tuple[str, int]) -> None:
+        record = trace_filter.Record("outer", direction, None)
+        self._outer_fields(record, datagram, peer)
+        if self.select(record):
+            self._emit(OUTER, direction, *self._with_headers(direction, datagram, peer), None)
+
+    def drop(self, reason: str, data: Buffer, peer: tuple[str, int] | None) -> None:
+        direction: Direction = "rx" if reason.startswith("rx_") else "tx"
+        comment = f"dropped: {reason}"
+        if direction == "rx" and peer is not None:
+            record = trace_filter.Record("outer", direction, reason)
+            self._outer_fields(record, data, peer)
+            if self.select(record):
+                self._emit(OUTER, direction, *self._with_headers(direction, data, peer), comment)
+            return
+        record = trace_filter.Record("inner", direction, reason)
+        trace_filter.inner_fields(record, data)
+        if peer is not None and self.peers is not None:
+            self._peer(record, self.peers.by_public_ip(peer[0]), peer[0])
+        elif self.peers is not None and len(data) >= 20:
+            self._peer(record, self.peers.lookup(data[16:20]))
+        if self.select(record):
+            self._emit(INNER, direction, data, len(data), comment)
+
+    # -- helpers -------------------------------------------------------------------------
+
+    def _ip(self, text: str) -> int:
+        value = self._ips.get(text)
+        if value is None:
+            if len(self._ips) > 4096:  # strangers sending from many addresses
+                self._ips.clear()
+            value = self._ips[text] = int(IPv4Address(text))
+        return value
+
+    def _peer(self, record: trace_filter.Record, peer: Peer | None, ip: str | None = None) -> None:
+        if peer is not None:
+            record.peer_ip = self._ip(peer.addr[0])
+            record.peer_net = peer.lease.subnet
+        elif ip is not None:
+            record.peer_ip = self._ip(ip)
+
+    def _outer_fields(
+        self, record: trace_filter.Record, datagram: Buffer, peer: tuple[str, int]
+    ) -> None:
+        headroom = self.endpoint.headroom
+        if not headroom:
+            trace_filter.inner_fields(record, datagram)
+        elif len(datagram) >= headroom + 20 and datagram[20:22] == b"\x08\x00":
+            trace_filter.inner_fields(record, datagram[headroom:])
+        found = self.peers.by_public_ip(peer[0]) if self.peers is not None else None
+        self._peer(record, found, peer[0])
+
+    def _with_headers(
+        self, direction: Direction, datagram: Buffer, peer: tuple[str, int]
+    ) -> tuple[bytes, int]:
+        """The datagram behind synthesized IPv4/UDP headers, cut to the snap length, and
+        its length on the wire."""
+        remote = self._ip(peer[0]).to_bytes(4, "big")
+        local, port = self._local, self.endpoint.port
+        if direction == "tx":
+            headers = pcapng.udp_headers(local, port, remote, peer[1], len(datagram))
+        else:
+            headers = pcapng.udp_headers(remote, peer[1], local, port, len(datagram))
+        kept = headers + bytes(datagram[: max(self.snaplen - len(headers), 0)])
+        return kept, len(headers) + len(datagram)
+
+    def _emit(
+        self, interface: int, direction: Direction, data: Buffer, length: int, comment: str | None
+    ) -> None:
+        kept = bytes(data[: self.snaplen])
+        self.emit(Capture(interface, direction, time.time_ns(), kept, length, comment))
+
+
+class _Fanout:
+    """Several tracers on one dataplane (two `overlay trace` at once)."""
+
+    def __init__(self, taps: list[Tap]) -> None:
+        self.taps = taps
+
+    def inner(self, direction: Direction, packet: Buffer) -> None:
+        for tap in self.taps:
+            tap.inner(direction, packet)
+
+    def outer(self, direction: Direction, datagram: Buffer, peer: tuple[str, int]) -> None:
+        for tap in self.taps:
+            tap.outer(direction, datagram, peer)
+
+    def drop(self, reason: str, data: Buffer, peer: tuple[str, int] | None) -> None:
+        for tap in self.taps:
+            tap.drop(reason, data, peer)
+
+
+class TapSet:
+    """The tracers attached to one dataplane: ``dataplane.tap`` is None without any."""
+
+    def __init__(self, dataplane: Any) -> None:
+        self.dataplane = dataplane
+        self.taps: list[Tap] = []
+
+    def add(self, tap: Tap) -> None:
+        self.taps.append(tap)
+        self._apply()
+
+    def remove(self, tap: Tap) -> None:
+        if tap in self.taps:
+            self.taps.remove(tap)
+        self._apply()
+
+    def _apply(self) -> None:
+        if not self.taps:
+            self.dataplane.tap = None
+        elif len(self.taps) == 1:
+            self.dataplane.tap = self.taps[0]
+        else:
+            self.dataplane.tap = _Fanout(list(self.taps))
+
+
+class PcapngStream:
+    """The daemon's end of one trace: pcapng blocks to the client, at most ``count``
+    packets, captures missed (counted) while the client reads too slowly."""
+
+    def __init__(
+        self, writer: asyncio.StreamWriter, request: TraceRequest, tun: str, underlay: str
+    ) -> None:
+        self.writer = writer
+        self.count = request.count
+        self.started = time.time_ns()
+        self.captured = [0, 0]
+        self.missed = [0, 0]
+        self.done = asyncio.Event()
+        writer.write(
+            pcapng.section_header(application="overlay trace", os=os.uname().sysname)
+            + pcapng.interface_description(
+                snaplen=request.snaplen, name=tun, description="inner packets (the TUN side)"
+            )
+            + pcapng.interface_description(
+                snaplen=request.snaplen,
+                name=underlay,
+                description="outer datagrams (IPv4/UDP headers synthesized)",
+            )
+        )
+
+    def emit(self, capture: Capture) -> None:
+        if self.done.is_set():
+            return
+        transport = self.writer.transport
+        if transport.is_closing() or transport.get_write_buffer_size() > STREAM_BACKLOG:
+            self.missed[capture.interface] += 1
+            return
+        self.writer.write(
+            pcapng.enhanced_packet(
+                capture.interface,
+                capture.timestamp_ns,
+                capture.data,
+                original_length=capture.length,
+                comment=capture.comment,
+                direction="out" if capture.direction == "tx" else "in",
+            )
+        )
+        self.captured[capture.interface] += 1
+        if self.count and sum(self.captured) >= self.count:
+            self.done.set()
+
+    def close(self) -> None:
+        """The statistics blocks (packets kept and missed per interface), then EOF."""
+        if self.writer.transport.is_closing():
+            return
+        now = time.time_ns()
+        for interface in (INNER, OUTER):
+            self.writer.write(
+                pcapng.interface_statistics(
+                    interface,
+                    now,
+                    received=self.captured[interface] + self.missed[interface],
+                    dropped=self.missed[interface],
+                    start_ns=self.started,
+                )
+            )
+
+
+def outer_name(underlay: str, port: int) -> str:
+    return f"{underlay}:udp/{port}"
+
+
+class Captures:
+    """Every capture attached to a daemon's dataplanes: its own (``TapSet``) and, with
+    ``--workers``, each worker's (which send their captures back to be merged)."""
+
+    def __init__(
+        self, dataplane: Any, endpoint: Endpoint, peers: PeerTable, workers: Any = None
+    ) -> None:
+        self.taps = TapSet(dataplane)
+        self.endpoint = endpoint
+        self.peers = peers
+        self.workers = workers  # overlay.worker.Workers, or None
+        self._tracers: dict[int, Tracer] = {}
+        self._next = 1
+
+    def start(self, request: TraceRequest, emit: Callable[[Capture], None]) -> int:
+        handle = self._next
+        self._next += 1
+        tracer = Tracer(request, emit, self.endpoint, self.peers)
+        self._tracers[handle] = tracer
+        self.taps.add(tracer)
+        if self.workers is not None:
+            self.workers.start_trace(handle, request, emit)
+        return handle
+
+    def stop(self, handle: int) -> None:
+        tracer = self._tracers.pop(handle, None)
+        if tracer is not None:
+            self.taps.remove(tracer)
+        if self.workers is not None:
+            self.workers.stop_trace(handle)
+
+
+# -- the client: `overlay trace` -----------------------------------------------------------
+
+
+def _parser() -> argparse.ArgumentParser:
+    from overlay.cli import OneLineParser
+    from overlay.status import DEFAULT_SOCKET
+
+    p = OneLineParser(
+        prog="overlay trace",
+        description="Capture what crosses a running daemon (inner packets at the TUN, outer "
+        "datagrams, drops with their reason) as pcapng, like tcpdump. FILTER words: host, "
+        "src, dst, net, port, icmp, tcp, udp, proto N, peer, inner, outer, in, out, drop, "
+        "reason NAME; and, or, not, parentheses. Needs root (the socket is 0600).",
+    )
+    p.add_argument(
+        "--status-socket",
+        default=os.environ.get("FLANNELD_STATUS_SOCKET", DEFAULT_SOCKET),
+        help=f"the daemon's status socket (default {DEFAULT_SOCKET})",
+    )
+    p.add_argument("-c", dest="count", type=_count, default=0, help="stop after COUNT packets")
+    p.add_argument(
+        "-s",
+        dest="snaplen",
+        type=_snaplen,
+        default=DEFAULT_SNAPLEN,
+        help=f"keep at most SNAPLEN bytes of each packet (default {DEFAULT_SNAPLEN})",
+    )
+    p.add_argument(
+        "-w",
+        dest="write",
+        metavar="FILE",
+        default=None,
+        help="write pcapng to FILE (created 0600), or to stdout with '-' (for `| tshark -r -`);"
+        " without it one line per packet is printed",
+    )
+    p.add_argument("filter", nargs="*", help="filter expression (see above)")
+    return p
+
+
+def _count(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a packet count (1 or more)")
+    return int(text)
+
+
+def _snaplen(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= MAX_SNAPLEN:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a snap length (1 to {MAX_SNAPLEN})")
+    return int(text)
+
+
+class _Summary:
+    """One line per packet, for a terminal (what tcpdump prints without -w)."""
+
+    def __init__(self, out: IO[str]) -> None:
+        self.out = out
+        self.names: list[str] = []
+        self.vxlan = False
+
+    def block(self, kind: int, block: bytes) -> None:
+        if kind == pcapng.BLOCK_IDB:
+            self.names.append(_idb_name(block) or f"if{len(self.names)}")
+        elif kind == pcapng.BLOCK_EPB:
+            self.out.write(self.line(block) + "\n")
+            self.out.flush()
+
+    def line(self, block: bytes) -> str:
+        interface, ts, data, length, options = pcapng.parse_packet(block)
+        stamp = datetime.fromtimestamp(ts / 1e9).strftime("%H:%M:%S.%f")
+        flags = options.get(pcapng.EPB_FLAGS, [b"\0\0\0\0"])[0]
+        way = {1: "In ", 2: "Out"}.get(int.from_bytes(flags[:4], "little") & 3, "   ")
+        name = self.names[interface] if interface < len(self.names) else str(interface)
+        text = f"{stamp} {name} {way} "
+        if interface == OUTER and len(data) >= 28:
+            sport, dport = int.from_bytes(data[20:22], "big"), int.from_bytes(data[22:24], "big")
+            text += f"{_ip(data[12:16])}.{sport} > {_ip(data[16:20])}.{dport}: "
+            inner = data[28:]
+            if len(inner) >= 42 and inner[0] == 0x08 and inner[20:22] == b"\x08\x00":
+                text += "VXLAN, "
+                inner = inner[VXLAN_HEADROOM:]
+            text += describe(inner)
+        else:
+            text += describe(data)
+        text += f", length {length}"
+        for comment in options.get(pcapng.OPT_COMMENT, []):
+            text += f" [{comment.decode(errors='replace')}]"
+        return text
+
+
+def _idb_name(block: bytes) -> str | None:
+    at = 16
+    while at + 4 <= len(block) - 4:
+        code = int.from_bytes(block[at : at + 2], "little")
+        size = int.from_bytes(block[at + 2 : at + 4], "little")
+        if code == pcapng.OPT_END:
+            break
+        if code == pcapng.IF_NAME:
+            return block[at + 4 : at + 4 + size].decode(errors="replace")
+        at += 4 + size + (-size % 4)
+    return None
+
+
+def _ip(raw: bytes) -> str:
+    return ".".join(str(b) for b in raw)
+
+
+def describe(packet: bytes) -> str:
+    if len(packet) < 20 or packet[0] >> 4 != 4:
+        return f"not IPv4 ({len(packet)} bytes)"
+    record = trace_filter.Record("inner", "tx", None)
+    trace_filter.inner_fields(record, packet)
+    proto = {1: "ICMP", 6: "TCP", 17: "UDP"}.get(packet[9], f"proto {packet[9]}")
+    src, dst = _ip(packet[12:16]), _ip(packet[16:20])
+    if record.sport is not None:
+        return f"IP {src}.{record.sport} > {dst}.{record.dport}: {proto}"
+    header = (packet[0] & 0x0F) * 4
+    if packet[9] == 1 and len(packet) > header + 1:
+        kind = {0: "echo reply", 3: "unreachable", 8: "echo request", 11: "time exceeded"}
+        return f"IP {src} > {dst}: ICMP {kind.get(packet[header], f'type {packet[header]}')}"
+    return f"IP {src} > {dst}: {proto}"
+
+
+def request_line(count: int, snaplen: int, text: str) -> bytes:
+    body = json.dumps({"filter": text, "count": count, "snaplen": snaplen})
+    return f"trace {body}\n".encode()
+
+
+def main(argv: list[str]) -> int:
+    args = _parser().parse_args(argv)
+    text = " ".join(args.filter)
+    try:
+        trace_filter.parse(text)
+    except trace_filter.FilterError as e:
+        sys.stderr.write(f"overlay trace: error: {e}\n")
+        return 2
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.connect(args.status_socket)
+        sock.sendall(request_line(args.count, args.snaplen, text))
+    except OSError as e:
+        sys.stderr.write(
+            f"overlay trace: error: no daemon answers on {args.status_socket} ({e.strerror or e})\n"
+        )
+        sock.close()
+        return 1
+    reader = pcapng.BlockReader()
+    packets = missed = 0
+    out: IO[bytes] | None = None
+    summary: _Summary | None = None
+
+    def interrupted(*_: object) -> None:  # Ctrl-C ends the capture like tcpdump's
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    signal.signal(signal.SIGINT, interrupted)
+    try:
+        first = sock.recv(65536)
+        if first.startswith(b"error:"):
+            sys.stderr.write(f"overlay trace: {first.decode(errors='replace').strip()}\n")
+            return 1
+        if args.write == "-":
+            out = sys.stdout.buffer
+        elif args.write:
+            try:
+                fd = os.open(args.write, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            except OSError as e:
+                sys.stderr.write(f"overlay trace: error: cannot write {args.write}: {e.strerror}\n")
+                return 1
+            out = os.fdopen(fd, "wb")
+        else:
+            summary = _Summary(sys.stdout)
+        # The daemon sends the file header once the trace is attached: from now on
+        # nothing is missed.
+        sys.stderr.write(f"overlay trace: capturing on {args.status_socket}\n")
+        sys.stderr.flush()
+        chunk = first
+        while chunk:
+            if out is not None:
+                out.write(chunk)
+                out.flush()
+            for kind, block in reader.feed(chunk):
+                if kind == pcapng.BLOCK_EPB:
+                    packets += 1
+                elif kind == pcapng.BLOCK_ISB:
+                    missed += _isb_dropped(block)
+                if summary is not None:
+                    summary.block(kind, block)
+            chunk = sock.recv(65536)
+    except BrokenPipeError:  # `-w - | head`: the reader left
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except OSError as e:
+        sys.stderr.write(f"overlay trace: error: {e.strerror or e}\n")
+        return 1
+    except ValueError as e:
+        sys.stderr.write(f"overlay trace: error: the daemon sent a broken stream ({e})\n")
+        return 1
+    finally:
+        sock.close()
+        if out is not None and out is not sys.stdout.buffer:
+            out.close()
+    note = f", {missed} missed (the reader was too slow)" if missed else ""
+    sys.stderr.write(f"overlay trace: {packets} packets captured{note}\n")
+    return 0
+
+
+def _isb_dropped(block: bytes) -> int:
+    at = 20
+    while at + 4 <= len(block) - 4:
+        code = int.from_bytes(block[at : at + 2], "little")
+        size = int.from_bytes(block[at + 2 : at + 4], "little")
+        if code == pcapng.OPT_END:
+            break
+        if code == pcapng.ISB_IFDROP and size == 8:
+            return int.from_bytes(block[at + 4 : at + 12], "little")
+        at += 4 + size + (-size % 4)
+    return 0

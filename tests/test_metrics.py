@@ -1,0 +1,126 @@
+"""overlay.metrics, overlay.health.Readiness and overlay.drop_log without a daemon: the
+exposition parses with prometheus-client's own parser, histograms are cumulative, every
+drop reason is exported, and the drop log says each reason once."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from prometheus_client.parser import text_string_to_metric_families
+
+from overlay import drop_log, health, metrics
+from overlay.counters import BATCH_MAX, Counters
+from overlay.trace import Capture
+
+
+def samples(snapshot: dict[str, Any]) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    text = metrics.render(snapshot).decode()
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+@given(
+    st.lists(st.integers(0, 10**6), min_size=BATCH_MAX + 1, max_size=BATCH_MAX + 1),
+    st.dictionaries(st.from_regex(r"(rx|tx)_[a-z_]{1,20}", fullmatch=True), st.integers(1, 10**9)),
+)
+@settings(max_examples=60, deadline=None)
+def test_histograms_are_cumulative_and_every_drop_reason_is_exported(
+    batches: list[int], drops: dict[str, int]
+) -> None:
+    counters = Counters()
+    counters.tx_batch[:] = batches
+    counters.drops.update(drops)
+    got = samples({"counters": counters.snapshot(), "peers": []})
+    for bound in metrics.BATCH_BUCKETS:
+        key = ("overlay_send_batch_datagrams_bucket", (("le", f"{float(bound)}"),))
+        want = sum(batches[: bound + 1])
+        assert got.get(key, got.get((key[0], (("le", str(bound)),)))) == want
+    assert got[("overlay_send_batch_datagrams_count", ())] == sum(batches)
+    assert got[("overlay_send_batch_datagrams_sum", ())] == sum(
+        n * c for n, c in enumerate(batches)
+    )
+    exported = {
+        dict(labels)["reason"]: value
+        for (name, labels), value in got.items()
+        if name == "overlay_dropped_packets_total"
+    }
+    assert exported == drops
+
+
+def test_workers_kernel_and_repairs_are_read_defensively() -> None:
+    worker = {"index": 1, "alive": False, "counters": {"tx_packets": 5, "drops": {"rx_x": 2}}}
+    got = samples({"workers": [worker], "repairs": {"fdb": 2, "bogus": "n/a"}, "peers": []})
+    assert got[("overlay_worker_up", (("worker", "1"),))] == 0
+    assert got[("overlay_worker_sent_packets_total", (("worker", "1"),))] == 5
+    assert got[("overlay_worker_dropped_packets_total", (("reason", "rx_x"), ("worker", "1")))] == 2
+    assert got[("overlay_kernel_repairs_total", (("kind", "fdb"),))] == 2
+    assert ("overlay_kernel_repairs_total", (("kind", "bogus"),)) not in got
+    kernel = {"device": "flannel.1", "tx_packets": 7, "rx_dropped": 1}
+    got = samples({"kernel_counters": kernel, "kernel_is_overlay": True, "peers": []})
+    assert got[("overlay_sent_packets_total", ())] == 7
+    assert got[("overlay_dropped_packets_total", (("reason", "kernel_rx_dropped"),))] == 1
+    assert got[("overlay_kernel_link_transmit_packets_total", (("device", "flannel.1"),))] == 7
+    assert metrics.codecs({"native_codecs": True}) == "native"
+    assert metrics.codecs({"udp_gso": True}) == "pure"
+
+
+def test_readiness_waits_for_every_step_and_for_the_registry() -> None:
+    ready = health.Readiness(registry_grace=0.2)
+    assert ready.check() == (False, "waiting for a lease, the datapath, subnet.env")
+    for step in health.STEPS:
+        ready.step(step)
+    assert ready.check() == (True, "ready")
+    ready.registry.failed()
+    assert ready.check()[0] is True  # within the grace
+    time.sleep(0.25)
+    ok, reason = ready.check()
+    assert not ok and reason.startswith("registry unreachable for 0 s (more than 0.2 s)")
+    ready.registry.answered()
+    assert ready.check() == (True, "ready")
+
+
+async def test_drop_log_says_each_reason_once_then_sums_up(monkeypatch: pytest.MonkeyPatch) -> None:
+    lines: list[tuple[str, str, dict[str, Any]]] = []
+
+    class Log:
+        def warning(self, event: str, **fields: Any) -> None:
+            lines.append(("warning", event, fields))
+
+        def info(self, event: str, **fields: Any) -> None:
+            lines.append(("info", event, fields))
+
+    drops = drop_log.Drops()
+    captures: list[Any] = []
+
+    def start(request: Any, emit: Any) -> int:
+        captures.append(request)
+        packet = bytes.fromhex("450000540000400040019999c612fe09c6122d05") + b"\x08" + bytes(63)
+        emit(Capture(0, "tx", 0, packet, 84, "dropped: tx_no_route"))
+        return 1
+
+    monkeypatch.setattr(drop_log, "SUMMARY_INTERVAL", 0.0)
+    log = drop_log.DropLog(Log(), lambda: dict(drops), start, lambda handle: None)
+    drops.on_new = log.notice
+    drops["tx_no_route"] += 1  # noticed at once, through __missing__
+    drops["tx_no_route"] += 1
+    await asyncio.sleep(0.05)
+    first = [fields for level, event, fields in lines if event == "packet_dropped"]
+    assert len(first) == 1 and captures[0].filter == "reason tx_no_route"
+    assert first[0]["packet"] == "IP 198.18.254.9 > 198.18.45.5: ICMP echo request"
+    assert first[0]["length"] == 84 and first[0]["count"] == 2
+    log.check()  # nothing new since the first line
+    assert [e for _, e, _ in lines] == ["packet_dropped"]
+    drops["tx_no_route"] += 3
+    log.check()
+    assert lines[-1] == ("info", "packets_dropped", {"since_s": 0, "tx_no_route": 3})
+    drops["tx_no_route"] += 1
+    log.check()
+    assert sum(1 for _, e, _ in lines if e == "packet_dropped") == 1  # never again
