@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import socket
+import struct
 import time
 from collections.abc import Callable
 from ipaddress import IPv4Address, IPv4Network
@@ -65,8 +66,10 @@ class _PairTun:
 
 
 def _packet(src: bytes, dst: bytes) -> bytes:
+    """A UDP packet the receive checks pass: ports, length, no checksum (0 is allowed)."""
     body = SIZE - 20
-    return build_header(src=src, dst=dst, protocol=17, payload_length=body) + bytes(body)
+    udp = struct.pack("!HHHH", 5001, 5001, body, 0) + bytes(body - 8)
+    return build_header(src=src, dst=dst, protocol=17, payload_length=body) + udp
 
 
 def main(argv: list[str] | None = None) -> int:

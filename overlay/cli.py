@@ -26,7 +26,8 @@ USAGE = """usage: overlay <command> [options]
 
 commands:
   run       the per-node daemon (flanneld's flags; see `overlay run --help`)
-  status    what a running daemon knows: lease, peers, counters
+  status    what a running daemon knows: lease, registry, peers, counters (--json, --watch)
+  trace     capture what crosses a running daemon as pcapng (tcpdump-like; see --help)
   testbed   build/tear down a network-namespace testbed (up|down|status|exec)
   bench     the benchmark matrix -> bench/results/ (see `overlay bench --help`)
 """
@@ -292,7 +293,7 @@ class RunFlags:
             "--healthz-ip",
             type=_listen_address,
             default="0.0.0.0",
-            help="address of the health server (default 0.0.0.0)",
+            help="address of the health server (/healthz, /readyz, /metrics; default 0.0.0.0)",
         )
         add(
             "--healthz-port",
@@ -345,7 +346,8 @@ class RunFlags:
             dest="v",
             type=_verbosity,
             default=0,
-            help="log verbosity (default 0)",
+            help="log verbosity, as flanneld's glog: 0 lifecycle, warnings and the first drop "
+            "of each reason; 1 datapath errors (drop summaries every 5 s); 2 every event",
         )
         add(
             "--log-format",
@@ -500,6 +502,10 @@ def main(argv: list[str] | None = None) -> int:
         from overlay import status
 
         return status.main(rest)
+    if command == "trace":
+        from overlay import trace
+
+        return trace.main(rest)
     if command == "testbed":
         from overlay import testbed
 

@@ -782,13 +782,15 @@ def test_an_attached_tap_sees_every_packet_and_drop(codecs: str) -> None:
     dp.on_tun_readable()
     sent = [d for d, _ in sock.datagrams()]
     assert len(sent) == 3  # 2000 bytes of payload in 800-byte segments
+    [unreachable] = tun.written()  # the ICMP error for the packet without a route
+    assert unreachable[9] == 1 and unreachable[28:] == nowhere
+    # The ICMP error goes into the TUN, so the trace shows it written there.
     expected_tx: list[tuple[Any, ...]] = [("drop", "tx_no_route", nowhere, None)]
+    expected_tx.append(("inner", "rx", unreachable))
     expected_tx.append(("drop", "tx_not_ipv4", b"\x45" + bytes(9), None))
     for datagram in sent:
         expected_tx += [("inner", "tx", datagram), ("outer", "tx", datagram, ("192.0.2.2", 8285))]
     assert tap.events == expected_tx
-    [unreachable] = tun.written()  # the ICMP error for the packet without a route
-    assert unreachable[9] == 1 and unreachable[28:] == nowhere
     # RX: one GRO receive from A with a spoofed datagram in it, one from a stranger.
     tap.events.clear()
     dst = bytes([198, 18, 1, 5])

@@ -94,5 +94,6 @@ def test_tcp_stream_survives_a_daemon_restart(bed: Testbed, node: int) -> None:
     finally:
         server.kill()
         server.wait()
+    same = ("subnet", "public_ip", "key")  # the renewal time moves on; the lease is kept
     after = node_status(bed, node)["lease"]
-    assert after == lease  # same lease (subnet, key)
+    assert {k: after[k] for k in same} == {k: lease[k] for k in same}
