@@ -771,7 +771,9 @@ class Daemon:
                 self.log.warning("cleanup_incomplete", step=what, error=str(e) or type(e).__name__)
 
         if self.iptables is not None:
-            await step("iptables rules", asyncio.to_thread(self.iptables.remove), 0.3)
+            # One transaction per rule set, ~0.1 s; given longer on a loaded machine, as
+            # rules left behind would outlive us.
+            await step("iptables rules", asyncio.to_thread(self.iptables.remove), 2.0)
         if self.backend is not None:
             await step("backend", self.backend.stop(), 0.4)
         if health_server is not None:
