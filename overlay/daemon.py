@@ -20,10 +20,10 @@ from typing import Any, TypeVar
 import structlog
 import uvloop
 
-from control.config import ConfigError, NetworkConfig, config_json
+from control.config import ConfigError, NetworkConfig, config_json, parse_config
 from control.etcd_registry import EtcdRegistry, TlsFiles
 from control.file_registry import FileRegistry
-from control.kv import KeyValueStore, RegistryError
+from control.kv import KeyValueStore, RegistryConfigError, RegistryError
 from control.lease import Lease
 from control.peer_table import PeerTable
 from control.subnet_env import SubnetEnv
@@ -74,8 +74,10 @@ def select_underlay(ifaces: list[str], public_ip: IPv4Address | None) -> Underla
     return Underlay(name, address, public_ip or address, netlink.interface_mtu(name))
 
 
-def registry_for(args: argparse.Namespace) -> KeyValueStore:
-    """etcd when --etcd-endpoints is given, else the embedded file registry."""
+def registry_for(args: argparse.Namespace, notify: Any = None) -> KeyValueStore:
+    """etcd when --etcd-endpoints is given, else the embedded file registry. What can be
+    checked without a connection is checked here (TLS files, the registry file's path,
+    owner, mode and content): RegistryConfigError, one line, before anything is made."""
     if args.etcd_endpoints:
         if (args.etcd_username is None) != (args.etcd_password is None):
             raise Fatal("--etcd-username and --etcd-password go together")
@@ -85,7 +87,9 @@ def registry_for(args: argparse.Namespace) -> KeyValueStore:
             username=args.etcd_username,
             password=args.etcd_password,
         )
-    return FileRegistry(args.registry_file)
+    registry = FileRegistry(args.registry_file, **({"notify": notify} if notify else {}))
+    registry.check_sync()
+    return registry
 
 
 async def make_backend(ctx: Context) -> Backend:
@@ -107,7 +111,7 @@ class Daemon:
         self.args = args
         self.underlay = underlay
         self.log = structlog.get_logger().bind(node=str(underlay.public_ip))
-        self.kv = registry_for(args)
+        self.kv = registry_for(args, self._notify)
         self.manager = SubnetManager(
             self.kv,
             public_ip=underlay.public_ip,
@@ -124,7 +128,8 @@ class Daemon:
         self._warned_backend: set[IPv4Network] = set()
 
     def _notify(self, event: str, **fields: Any) -> None:
-        level = "warning" if event.endswith(("failed", "invalid", "compacted", "lost")) else "info"
+        warning = ("failed", "invalid", "compacted", "lost", "held")
+        level = "warning" if event.endswith(warning) else "info"
         getattr(self.log, level)(event, **fields)
 
     # -- startup -------------------------------------------------------------------------
@@ -137,6 +142,8 @@ class Daemon:
         while True:
             try:
                 return await call()
+            except RegistryConfigError as e:
+                raise Fatal(str(e)) from None  # retrying cannot fix it: say so at once
             except RegistryError as e:
                 left = deadline - time.monotonic()
                 if left <= 0:
@@ -157,6 +164,10 @@ class Daemon:
             config = await self._retrying("reading the config", read)
             if config is None and args.network is not None:
                 seed = config_json(args.network, args.backend or "udp").encode()
+                try:  # all of it checked before anything is written
+                    self._check_network(parse_config(seed), "--network")
+                except ConfigError as e:
+                    raise Fatal(f"--network {args.network}: {e}; nothing was written") from None
                 created = await self._retrying(
                     "seeding the config",
                     lambda: self.kv.create(self.manager.config_key, seed, None),
@@ -168,6 +179,7 @@ class Daemon:
                 config = await self.manager.wait_for_config()
         except ConfigError as e:
             raise Fatal(f"invalid network config at {self.manager.config_key}: {e}") from None
+        self._check_network(config, f"the registry's Network at {self.manager.config_key}")
         if args.network is not None and config.network != args.network:
             raise Fatal(
                 f"--network {args.network} disagrees with the registry's Network "
@@ -179,6 +191,17 @@ class Daemon:
                 f"{config.backend.type!r}"
             )
         return config
+
+    def _check_network(self, config: NetworkConfig, source: str) -> None:
+        """A network that holds this node's own underlay address cannot work: its route
+        into the TUN would swallow the traffic to the other nodes."""
+        for address in {self.underlay.address, self.underlay.public_ip}:
+            if address in config.network:
+                raise Fatal(
+                    f"{source} {config.network} contains this node's underlay address "
+                    f"{address} ({self.underlay.iface}): the overlay must not overlap the "
+                    "underlay"
+                )
 
     async def start(self) -> Backend:
         self.config = config = await self._network_config()
@@ -312,7 +335,9 @@ class Daemon:
         assert self.lease is not None
         server = await status.serve(Path(self.args.status_socket), self.snapshot)
         tasks = [
-            asyncio.create_task(self.manager.watch(self.lease, self.on_snapshot, self.on_event)),
+            asyncio.create_task(
+                self.manager.watch(self.lease, self.on_snapshot, self.on_event, config=self.config)
+            ),
             asyncio.create_task(self.manager.keep_renewed(self.lease)),
             asyncio.create_task(stop.wait()),
         ]
@@ -341,8 +366,8 @@ def run(args: argparse.Namespace) -> int:
     fmt = args.log_format
     try:
         underlay = select_underlay(args.iface, args.public_ip)
-        registry_for(args)  # flag combinations checked before anything is created
-        return uvloop.run(Daemon(args, underlay).main())
+        daemon = Daemon(args, underlay)  # the registry's flags and files checked here
+        return uvloop.run(daemon.main())
     except (Fatal, RegistryError) as e:
         return overlay_log.fatal(PROG, str(e), fmt)
     except OSError as e:  # TunError, LinkError, KernelError, a socket that cannot be bound
