@@ -9,7 +9,6 @@ holds the lock, a real `nobody` process tries to open it); the daemon-level ones
 from __future__ import annotations
 
 import asyncio
-import fcntl
 import json
 import os
 import shutil
