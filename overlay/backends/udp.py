@@ -411,7 +411,10 @@ class UdpDataplane:
                 view[:size] = view[at : at + size]
                 at = 0
             if single:
-                at, run_size, run_source = size, size, source_ip
+                if size + size <= MAX_DATAGRAM:  # room for another: open a run
+                    at, run_size, run_source = size, size, source_ip
+                    continue
+                deliver(source_ip, size, size)  # two would pass 64 KiB: never gathered
                 continue
             coalesced += 1
             deliver(source_ip, size, segment)

@@ -16,6 +16,7 @@ from encap.errors import CodecError
 from overlay.backends.udp import UdpDataplane
 
 HEADROOM = vxlan.PREFIX_LEN
+MIN_FRAME = HEADROOM + 20  # a VXLAN datagram that can hold an IPv4 header
 IPV4 = b"\x08\x00"
 ARP = b"\x08\x06"
 
@@ -56,11 +57,16 @@ class VxlanDataplane(UdpDataplane):
     def _same_headers(self, size: int, segment: int) -> bool:
         """Whether every datagram of a GRO receive carries the same, valid VXLAN and
         Ethernet header (one sender's GSO batch always does): then the inner packets can
-        be coalesced into TUN super-packets like the udp backend's."""
+        be coalesced into TUN super-packets like the udp backend's. A datagram too short
+        to hold an IPv4 header behind it goes the per-frame way, which counts it as
+        rx_vxlan_truncated however it was batched."""
         buf = self._rx_buffer
         first = buf[:HEADROOM]
+        last = size % segment or segment
         if (
-            not first[0] & 0x08
+            last < MIN_FRAME
+            or segment < MIN_FRAME
+            or not first[0] & 0x08
             or first[4:7] != self.vni_bytes
             or first[8:14] != self.mac
             or first[20:22] != IPV4
@@ -87,7 +93,7 @@ class VxlanDataplane(UdpDataplane):
         pieces: list[tuple[int, int]] = []
         for start in range(0, size, segment):
             end = min(start + segment, size)
-            if end - start < HEADROOM + 20:
+            if end - start < MIN_FRAME:
                 drops["rx_vxlan_truncated"] += 1
                 continue
             if not buf[start] & 0x08:
