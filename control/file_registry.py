@@ -120,6 +120,18 @@ def _owner_problem(st: os.stat_result, what: str, *, sticky_ok: bool = False) ->
     return None
 
 
+def _make_directories(directory: Path) -> None:
+    """Create what is missing of ``directory``, each 0755 whatever the umask (a umask of
+    002 would make them group-writable, which the checks then refuse)."""
+    missing = []
+    while not directory.exists():
+        missing.append(directory)
+        directory = directory.parent
+    for path in reversed(missing):
+        path.mkdir(exist_ok=True)
+        os.chmod(path, 0o755)
+
+
 def lock_holder(fd: int) -> str:
     """Who holds the flock on ``fd``'s file, from /proc/locks: "pid 1234 (comm)"."""
     st = os.fstat(fd)
@@ -191,7 +203,7 @@ class FileRegistry:
     def _check_directory(self) -> None:
         directory = self.path.parent
         try:
-            directory.mkdir(parents=True, exist_ok=True)
+            _make_directories(directory)
             st = os.stat(directory)
         except OSError as e:
             raise RegistryConfigError(f"registry file {self.path}: {e.strerror}") from None
