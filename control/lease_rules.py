@@ -108,18 +108,24 @@ class LeaseBook:
         *,
         own_key: str | None = None,
         own_ip: IPv4Address | None = None,
+        reported_with: LeaseBook | None = None,
     ) -> None:
+        """``reported_with``: another book whose memory of what was reported this one
+        shares (a one-off listing does not report again what a watch already did)."""
         self.config = config
         self.own_key = own_key
         self.own_ip = own_ip
         self._records: dict[str, _Checked] = {}
         self._valid: dict[IPv4Network, Lease] = {}
-        self._reported: dict[str, list[tuple[bytes, str]]] = {}
+        self._reported: dict[str, list[tuple[bytes, str]]] = (
+            reported_with._reported if reported_with is not None else {}
+        )
         self._pending: list[Rejection] = []
 
     # -- changes ----------------------------------------------------------------------
 
     def reset(self, records: Iterable[Record]) -> tuple[list[Lease], list[Lease]]:
+        """After a full listing: what it does not hold is gone, reports about it too."""
         self._records = {record.key: self._check(record) for record in records}
         for key in [k for k in self._reported if k not in self._records]:
             del self._reported[key]
@@ -131,7 +137,7 @@ class LeaseBook:
 
     def delete(self, key: str) -> tuple[list[Lease], list[Lease]]:
         self._records.pop(key, None)
-        self._reported.pop(key, None)
+        self._reported.pop(key, None)  # if it comes back, it is news again
         return self._recompute()
 
     # -- views ------------------------------------------------------------------------
@@ -168,6 +174,8 @@ class LeaseBook:
             return _Checked(record, digest, None, str(e))
         if record.key == self.own_key:
             return _Checked(record, digest, lease, "")
+        if self.own_key is None and lease.public_ip == self.own_ip:
+            return _Checked(record, digest, None, "")  # ours, before we know which: no peer
         if record.key.rsplit("/", 1)[-1].partition("&")[0] != lease.key.partition("&")[0]:
             alias = f"key is not written as flanneld writes it ({lease.key})"
             return _Checked(record, digest, None, alias)
@@ -187,7 +195,8 @@ class LeaseBook:
             if key == self.own_key:
                 continue
             if checked.lease is None:
-                self._reject(checked, checked.problem)
+                if checked.problem:
+                    self._reject(checked, checked.problem)
             else:
                 candidates.append(checked)
         candidates.sort(

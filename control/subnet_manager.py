@@ -78,8 +78,9 @@ class SubnetManager:
         self.renew_margin = renew_margin
         self.notify = notify
         self.rng = rng or random.Random()
-        # Every record under the subnets prefix and which of them are valid peers; also
-        # remembers what was reported, so each rejected record is reported once.
+        # The watch's view: every record under the subnets prefix and which of them are
+        # valid peers; remembers what was reported, so each rejected record is reported
+        # once (list_leases shares that memory).
         self.book = LeaseBook(None, own_ip=public_ip)
 
     @property
@@ -157,13 +158,13 @@ class SubnetManager:
         """The valid leases (control.lease_rules, with ``config``'s rules when given) of
         other nodes, and the revision; each rejected record is reported once."""
         entries, revision = await self.kv.list_prefix(self.subnets_prefix)
-        self.book.config = config
-        self.book.reset(_record(entry) for entry in entries)
-        self._report_rejections()
-        return self.book.valid(), revision
+        book = LeaseBook(config, own_ip=self.public_ip, reported_with=self.book)
+        book.reset(_record(entry) for entry in entries)
+        self._report_rejections(book)
+        return book.valid(), revision
 
-    def _report_rejections(self) -> None:
-        for rejection in self.book.take_rejections():
+    def _report_rejections(self, book: LeaseBook) -> None:
+        for rejection in book.take_rejections():
             self.notify("lease_record_invalid", key=rejection.key, error=rejection.reason)
 
     @staticmethod
@@ -289,13 +290,13 @@ class SubnetManager:
                         raise LeaseLost(f"lease {own.subnet} is gone from the registry")
                     book.reset(_record(entry) for entry in entries)
                     up_since = time.monotonic()
-                    self._report_rejections()
+                    self._report_rejections(book)
                     on_snapshot(book.valid())
                 async for events in self.kv.watch(self.subnets_prefix, revision + 1):
                     for event in events:
                         revision = event.revision
                         self._apply(event, own, own_key, on_event)
-                    self._report_rejections()
+                    self._report_rejections(book)
                 raise RegistryError("the watch stream was closed")
             except RegistryError as e:  # RevisionCompacted too
                 if time.monotonic() - up_since >= STABLE:

@@ -62,7 +62,7 @@ REJECTED = [
 
 @pytest.mark.parametrize(("name", "raw"), [c[1:] for c in REJECTED], ids=[c[0] for c in REJECTED])
 def test_each_invalid_record_is_rejected_once_with_its_key(name: str, raw: bytes) -> None:
-    book = LeaseBook(CONFIG, own_ip=OWN_IP)
+    book = LeaseBook(CONFIG, own_key=f"{SUBNETS}10.244.1.0-24", own_ip=OWN_IP)
     rec = Record(f"{SUBNETS}{name}", raw, True, 7)
     assert book.reset([rec]) == ([], [])
     assert book.valid() == []
@@ -74,6 +74,12 @@ def test_each_invalid_record_is_rejected_once_with_its_key(name: str, raw: bytes
     # The same record again (a re-list, a repeated put): no second report.
     book.reset([rec])
     book.put(rec)
+    assert book.take_rejections() == []
+
+
+def test_before_our_key_is_known_our_own_leases_are_no_peer_and_no_warning() -> None:
+    book = LeaseBook(CONFIG, own_ip=OWN_IP)
+    assert book.reset([record("10.244.3.0-24", str(OWN_IP), 3)]) == ([], [])
     assert book.take_rejections() == []
 
 
