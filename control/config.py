@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network
 from typing import Any
 
+from control.text import clip
+
 SUPPORTED_BACKENDS = ("udp", "vxlan", "host-gw")
 DEFAULT_PORTS = {"udp": 8285, "vxlan": 8472}
 # Options each backend reads (lowercased); any other is warned about, not silently dropped.
@@ -26,6 +28,15 @@ _IGNORED_KEYS = {
     "(iptables-nft where the machine has it), not in flanneld's own nftables tables",
     "networks": "flanneld's multi-CIDR list (Kubernetes only) is ignored; Network is used",
     "ipv6networks": "flanneld's multi-CIDR list (Kubernetes only) is ignored",
+}
+# Ranges an overlay network must not touch: routing them into the TUN breaks the node
+# ("this network", loopback) or cannot carry unicast traffic (multicast, class E and the
+# limited broadcast).
+FORBIDDEN_NETWORKS = {
+    IPv4Network("0.0.0.0/8"): "the 'this network' range",
+    IPv4Network("127.0.0.0/8"): "loopback",
+    IPv4Network("224.0.0.0/4"): "multicast",
+    IPv4Network("240.0.0.0/4"): "reserved (class E and broadcast)",
 }
 
 
@@ -78,7 +89,7 @@ def _subnet_at(value: Any, name: str, network: IPv4Network, subnet_len: int) -> 
     try:
         address = IPv4Address(str(value).split("/")[0])
     except ValueError:
-        raise ConfigError(f"{name}: {value!r} is not an IPv4 address") from None
+        raise ConfigError(f"{name}: {clip(value)} is not an IPv4 address") from None
     if address not in network:
         raise ConfigError(f"{name}: {address} is outside Network {network}")
     if int(address) % (1 << (32 - subnet_len)):
@@ -89,7 +100,7 @@ def _subnet_at(value: Any, name: str, network: IPv4Network, subnet_len: int) -> 
 def _int_field(raw: dict[str, Any], key: str, name: str, default: int) -> int:
     value = raw.get(key, default)
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigError(f"{name}: {value!r} is not an integer")
+        raise ConfigError(f"{name}: {clip(value)} is not an integer")
     return value
 
 
@@ -102,7 +113,7 @@ def parse_backend(raw: Any) -> BackendConfig:
     kind = options.get("type", "udp")
     if not isinstance(kind, str) or kind not in SUPPORTED_BACKENDS:
         supported = ", ".join(SUPPORTED_BACKENDS)
-        raise ConfigError(f"Backend.Type: {kind!r} is not supported (use one of {supported})")
+        raise ConfigError(f"Backend.Type: {clip(kind)} is not supported (use one of {supported})")
     port = _int_field(options, "port", "Backend.Port", 0) or DEFAULT_PORTS.get(kind, 0)
     if kind != "host-gw" and not 1 <= port <= 65535:
         raise ConfigError(f"Backend.Port: {port} is not a UDP port (1-65535)")
@@ -140,7 +151,7 @@ def parse_backend(raw: Any) -> BackendConfig:
 def _bool_field(raw: dict[str, Any], key: str, name: str) -> bool:
     value = raw.get(key, False)
     if not isinstance(value, bool):
-        raise ConfigError(f"{name}: {value!r} is not true or false")
+        raise ConfigError(f"{name}: {clip(value)} is not true or false")
     return value
 
 
@@ -180,9 +191,12 @@ def parse_config(data: bytes | str | dict[str, Any]) -> NetworkConfig:
     try:
         network = IPv4Network(str(fields["network"]), strict=False)
     except ValueError:
-        raise ConfigError(f"Network: {fields['network']!r} is not an IPv4 CIDR") from None
+        raise ConfigError(f"Network: {clip(fields['network'])} is not an IPv4 CIDR") from None
     if network.prefixlen > 28:
         raise ConfigError(f"Network: {network} is smaller than /28")
+    for forbidden, what in FORBIDDEN_NETWORKS.items():
+        if network.overlaps(forbidden):
+            raise ConfigError(f"Network: {network} overlaps {forbidden} ({what})")
     default_len = 24 if network.prefixlen <= 22 else network.prefixlen + 2
     subnet_len = _int_field(fields, "subnetlen", "SubnetLen", default_len)
     if subnet_len > 30:

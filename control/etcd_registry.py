@@ -2,14 +2,18 @@
 
 A thin adapter: flannel's semantics live in SubnetManager. What this adds is what the
 raw client lacks: several endpoints tried in turn, TLS with client certificates, gRPC
-keepalive pings so a frozen etcd is noticed within seconds, a deadline on every call, and
-errors translated to RegistryError / RevisionCompacted.
+keepalive pings so a frozen etcd is noticed within seconds, a deadline on every call, a
+receive limit as large as etcd's own client's, one etcd lease per key reused across
+renewals and restarts, and errors translated to RegistryError / RevisionCompacted, or
+RegistryConfigError for what retrying cannot fix (unreadable or mismatched TLS files,
+failed authentication, a response over the receive limit).
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import ssl
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +27,13 @@ os.environ.setdefault("GRPC_VERBOSITY", "NONE")
 import aetcd  # noqa: E402 - after GRPC_VERBOSITY, which the C core reads at import
 import grpc  # noqa: E402
 
-from control.kv import Entry, Event, RegistryError, RevisionCompacted  # noqa: E402
+from control.kv import (  # noqa: E402
+    Entry,
+    Event,
+    RegistryConfigError,
+    RegistryError,
+    RevisionCompacted,
+)
 
 # Ping every 5 s (etcd's default --grpc-keepalive-min-time; faster gets GOAWAY), give up
 # after 3 s without an answer: a SIGSTOPped etcd fails the watch in about 8 s.
@@ -43,6 +53,10 @@ RECONNECT = {
     "grpc.min_reconnect_backoff_ms": 100,
     "grpc.max_reconnect_backoff_ms": 5000,
 }
+# gRPC's default receive limit is 4 MiB: a listing of the prefix larger than that (a few
+# big values: etcd takes up to --max-request-bytes, 1.5 MiB, per put) would fail every
+# time. etcd's own Go client allows math.MaxInt32, and so do we.
+MAX_RECEIVE = 2**31 - 1
 CALL_TIMEOUT = 5
 
 
@@ -82,21 +96,58 @@ class TlsFiles:
     keyfile: str | None = None
 
     def credentials(self) -> grpc.ChannelCredentials:
+        """The channel credentials; RegistryConfigError (naming the file) when a file is
+        missing, unreadable or not what it should be, or the key does not match the
+        certificate: checked here, before any connection, with the ssl module."""
+
         def read(path: str | None, what: str) -> bytes | None:
             if path is None:
                 return None
             try:
                 return Path(path).read_bytes()
             except OSError as e:
-                raise RegistryError(f"cannot read etcd {what} {path}: {e.strerror}") from None
+                raise RegistryConfigError(f"cannot read etcd {what} {path}: {e.strerror}") from None
 
         if (self.certfile is None) != (self.keyfile is None):
-            raise RegistryError("--etcd-certfile and --etcd-keyfile go together")
+            given = "--etcd-certfile" if self.certfile else "--etcd-keyfile"
+            raise RegistryConfigError(
+                f"--etcd-certfile and --etcd-keyfile go together ({given} was given alone)"
+            )
+        ca = read(self.cafile, "CA file")
+        key = read(self.keyfile, "key file")
+        cert = read(self.certfile, "certificate file")
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        if ca is not None:
+            try:
+                context.load_verify_locations(cadata=ca.decode("ascii", "replace"))
+            except (ssl.SSLError, ValueError) as e:
+                raise RegistryConfigError(
+                    f"etcd CA file {self.cafile} holds no usable certificate ({_ssl_reason(e)})"
+                ) from None
+        if self.certfile is not None and self.keyfile is not None:
+            try:
+                context.load_cert_chain(self.certfile, self.keyfile, password=lambda: b"")
+            except ssl.SSLError as e:
+                reason = _ssl_reason(e)
+                if "KEY_VALUES_MISMATCH" in reason or "key values mismatch" in reason:
+                    raise RegistryConfigError(
+                        f"etcd key file {self.keyfile} does not match the certificate in "
+                        f"{self.certfile}"
+                    ) from None
+                raise RegistryConfigError(
+                    f"etcd certificate {self.certfile} or key {self.keyfile} is unusable ({reason})"
+                ) from None
+            except OSError as e:
+                raise RegistryConfigError(
+                    f"cannot read etcd certificate or key: {e.strerror}"
+                ) from None
         return grpc.ssl_channel_credentials(
-            root_certificates=read(self.cafile, "CA file"),
-            private_key=read(self.keyfile, "key file"),
-            certificate_chain=read(self.certfile, "certificate file"),
+            root_certificates=ca, private_key=key, certificate_chain=cert
         )
+
+
+def _ssl_reason(error: Exception) -> str:
+    return (getattr(error, "reason", None) or str(error) or type(error).__name__).splitlines()[0]
 
 
 class _Client(aetcd.Client):  # type: ignore[misc]
@@ -150,6 +201,7 @@ class EtcdRegistry:
         username: str | None = None,
         password: str | None = None,
         timeout: float = CALL_TIMEOUT,
+        max_receive: int = MAX_RECEIVE,
     ) -> None:
         if not endpoints:
             raise ValueError("no etcd endpoint given")
@@ -158,9 +210,15 @@ class EtcdRegistry:
         self.username = username
         self.password = password
         self.timeout = timeout
+        self.max_receive = max_receive
         self._index = 0
         self._client: _Client | None = None
         self._lock = asyncio.Lock()
+        # Built now: a bad TLS file is a one-line error at start, not a retried failure.
+        files = bool(self.tls.cafile or self.tls.certfile or self.tls.keyfile)
+        self._credentials = (
+            self.tls.credentials() if files or any(e.tls for e in endpoints) else None
+        )
 
     @property
     def endpoint(self) -> Endpoint:
@@ -171,23 +229,34 @@ class EtcdRegistry:
             if self._client is not None:
                 return self._client
             endpoint = self.endpoint
-            credentials = None
-            if endpoint.tls or self.tls.cafile or self.tls.certfile:
-                credentials = self.tls.credentials()
             client = _Client(
                 host=endpoint.host,
                 port=endpoint.port,
                 username=self.username,
                 password=self.password,
                 timeout=self.timeout,
-                options={**KEEPALIVE, **RECONNECT},
-                credentials=credentials,
+                options={
+                    **KEEPALIVE,
+                    **RECONNECT,
+                    "grpc.max_receive_message_length": self.max_receive,
+                },
+                credentials=(
+                    self._credentials
+                    if endpoint.tls or self.tls.cafile or self.tls.certfile
+                    else None
+                ),
             )
             try:
                 await client.connect()
             except aetcd.ClientError as e:
                 await self._drop(client)
-                raise RegistryError(f"etcd {endpoint}: {_describe(e, endpoint)}") from None
+                text = _describe(e, endpoint)
+                if self.username is not None and "authentication failed" in text:
+                    raise RegistryConfigError(
+                        f"etcd {endpoint}: authentication failed for user {self.username!r} "
+                        "(check --etcd-username and --etcd-password / FLANNELD_ETCD_PASSWORD)"
+                    ) from None
+                raise RegistryError(f"etcd {endpoint}: {text}") from None
             self._client = client
             return client
 
@@ -204,6 +273,12 @@ class EtcdRegistry:
 
     async def _failed(self, client: _Client, error: Exception) -> RegistryError:
         endpoint = self.endpoint
+        if _code(error) == grpc.StatusCode.RESOURCE_EXHAUSTED:
+            return RegistryConfigError(
+                f"etcd {endpoint}: a response was larger than this client accepts "
+                f"({self.max_receive} bytes): the values under the prefix are too large; "
+                f"remove the oversized ones ({_describe(error, endpoint)})"
+            )
         if isinstance(error, aetcd.ClientError | grpc.aio.AioRpcError | OSError):
             await self._drop(client)
         return RegistryError(f"etcd {endpoint}: {_describe(error, endpoint)}")
@@ -226,31 +301,61 @@ class EtcdRegistry:
             raise await self._failed(client, e) from None
         return [_entry(kv) for kv in result], int(result.header.revision)
 
-    async def _lease_id(self, client: _Client, ttl: int | None) -> Any:
-        return None if ttl is None else await client.lease(ttl)
-
     async def create(self, key: str, value: bytes, ttl: int | None) -> bool:
         client = await self._connected()
+        lease = None
         try:
-            lease = await self._lease_id(client, ttl)
+            lease = None if ttl is None else await client.lease(ttl)
             succeeded, _ = await client.transaction(
                 compare=[client.transactions.version(key.encode()) == 0],
                 success=[client.transactions.put(key.encode(), value, lease)],
                 failure=[],
             )
-            if not succeeded and lease is not None:
-                await lease.revoke()
         except (aetcd.ClientError, grpc.aio.AioRpcError) as e:
+            if lease is not None:  # granted, and maybe unused: do not leave it behind
+                await _quietly(lease.revoke())
             raise await self._failed(client, e) from None
+        if not succeeded and lease is not None:
+            await _quietly(lease.revoke())
         return bool(succeeded)
 
     async def put(self, key: str, value: bytes, ttl: int | None) -> None:
+        """Write ``key``; with a TTL, on the etcd lease it already has when that lease is
+        its alone and of the same TTL, refreshed (one keep-alive), so renewals and
+        restarts create no new lease objects. Otherwise a new lease is granted, and the
+        old one is revoked if nothing is attached to it any more."""
         client = await self._connected()
         try:
-            lease = await self._lease_id(client, ttl)
+            if ttl is None:
+                await client.put(key.encode(), value)
+                return
+            kept, old = await self._reusable_lease(client, key, ttl)
+            if kept is not None:
+                await client.put(key.encode(), value, lease=kept)
+                return
+            lease = await client.lease(ttl)
             await client.put(key.encode(), value, lease=lease)
+            if old:
+                info = await client.get_lease_info(old, keys=True)
+                if info.TTL > 0 and not list(info.keys):
+                    await client.revoke_lease(old)
         except (aetcd.ClientError, grpc.aio.AioRpcError) as e:
             raise await self._failed(client, e) from None
+
+    async def _reusable_lease(self, client: _Client, key: str, ttl: int) -> tuple[int | None, int]:
+        """(the lease to keep ``key`` on, refreshed, or None; the key's current lease)."""
+        kv = await client.get(key.encode())
+        old = int(kv.lease) if kv is not None else 0
+        if not old:
+            return None, 0
+        info = await client.get_lease_info(old, keys=True)
+        keys = [bytes(k) for k in info.keys]
+        if info.TTL <= 0 or info.grantedTTL != ttl or keys != [key.encode()]:
+            return None, old
+        reply = await client.refresh_lease(old)
+        if reply is None or reply.TTL <= 0:  # expired in between
+            return None, 0
+        return old, old
 
     async def delete(self, key: str) -> bool:
         client = await self._connected()
@@ -273,6 +378,7 @@ class EtcdRegistry:
                         bytes(kv.value) if event.kind == "PUT" else b"",
                         int(kv.mod_revision),
                         bool(kv.lease),
+                        int(kv.create_revision) if event.kind == "PUT" else 0,
                     )
                 ]
         except aetcd.RevisionCompactedError as e:
@@ -295,7 +401,25 @@ def _entry(kv: Any) -> Entry:
         bytes(kv.value),
         int(kv.mod_revision),
         bool(kv.lease),
+        int(kv.create_revision),
     )
+
+
+def _code(error: BaseException) -> grpc.StatusCode | None:
+    """The gRPC status code behind ``error`` (aetcd wraps the AioRpcError)."""
+    while error is not None:
+        if isinstance(error, grpc.aio.AioRpcError):
+            return error.code()
+        error = error.__cause__  # type: ignore[assignment]
+    return None
+
+
+async def _quietly(call: Any) -> None:
+    """Best effort (cleanup after a failure already being reported)."""
+    try:
+        await call
+    except Exception:  # noqa: BLE001 - the original failure is what matters
+        pass
 
 
 def _describe(error: Exception, endpoint: Endpoint) -> str:

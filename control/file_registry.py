@@ -4,15 +4,27 @@ one JSON file, shared by every daemon on a machine through ``flock``.
 Writers take an exclusive lock on ``<file>.lock`` and replace the data file atomically, so
 readers (the watch poller) never see a torn file and need no lock. History is kept for the
 last ``history`` revisions; a watcher that falls further behind gets RevisionCompacted,
-exactly like etcd after a compaction.
+exactly like etcd after a compaction. Each key records the revision that created it, as
+etcd's create_revision (it orders leases by age: control.lease_rules).
+
+Secure by default: the file and its lock are 0600, in a directory owned by root (or by
+us) that nobody else may write, and every ancestor directory is owned by root or us and
+not writable by others unless sticky (like /tmp). Anything else is refused with one line
+(RegistryConfigError), as is a registry that is not a regular file, not UTF-8 JSON of
+the registry's shape, or larger than MAX_FILE. A lock held by someone else is waited
+for up to ``lock_timeout`` seconds per operation, polling (so close() ends a wait at
+once); after a second of waiting the holder is reported once (``notify``), named from
+/proc/locks when it can be found.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import fcntl
 import json
 import os
+import stat
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import contextmanager
@@ -20,9 +32,20 @@ from pathlib import Path
 from typing import Any
 
 from control.atomic_file import write_atomic
-from control.kv import Entry, Event, RegistryError, RevisionCompacted
+from control.kv import Entry, Event, RegistryConfigError, RegistryError, RevisionCompacted
 
 State = dict[str, Any]
+Notify = Callable[..., None]
+
+MODE = 0o600
+MAX_FILE = 64 * 1024 * 1024  # far above what one machine's nodes write (~1 KB a lease)
+LOCK_TIMEOUT = 10.0
+LOCK_WARN = 1.0
+PROC_LOCKS = Path("/proc/locks")
+
+
+def _quiet(event: str, **fields: Any) -> None:
+    return None
 
 
 def _empty() -> State:
@@ -47,6 +70,7 @@ def _check_shape(state: Any) -> None:
             isinstance(item, dict)
             and isinstance(item.get("value"), str)
             and is_int(item.get("mod_revision"))
+            and is_int(item.get("create_revision", 0))
             and (item.get("expires") is None or isinstance(item["expires"], int | float))
         ):
             raise ValueError("bad key entry")
@@ -54,6 +78,7 @@ def _check_shape(state: Any) -> None:
         if not (
             isinstance(event, dict)
             and is_int(event.get("revision"))
+            and is_int(event.get("create_revision", 0))
             and event.get("kind") in ("put", "delete")
             and isinstance(event.get("key"), str)
             and isinstance(event.get("value"), str)
@@ -70,6 +95,69 @@ def _bytes(value: str) -> bytes:
     return value.encode("utf-8", "surrogateescape")
 
 
+def _created(item: dict[str, Any]) -> int:
+    """A key's create revision (files written before it was recorded: its mod revision)."""
+    return int(item.get("create_revision") or item["mod_revision"])
+
+
+def _entry(key: str, item: dict[str, Any]) -> Entry:
+    return Entry(
+        key,
+        _bytes(item["value"]),
+        item["mod_revision"],
+        item["expires"] is not None,
+        _created(item),
+    )
+
+
+def _owner_problem(st: os.stat_result, what: str, *, sticky_ok: bool = False) -> str | None:
+    """Why a file or directory with ``st`` may not hold (or lead to) the registry."""
+    if st.st_uid not in (0, os.geteuid()):
+        return f"{what} is owned by uid {st.st_uid}, not root"
+    writable = st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+    if writable and not (sticky_ok and st.st_mode & stat.S_ISVTX):
+        return f"{what} is writable by others (mode {stat.S_IMODE(st.st_mode):04o})"
+    return None
+
+
+def _make_directories(directory: Path) -> None:
+    """Create what is missing of ``directory``, each 0755 whatever the umask (a umask of
+    002 would make them group-writable, which the checks then refuse)."""
+    missing = []
+    while not directory.exists():
+        missing.append(directory)
+        directory = directory.parent
+    for path in reversed(missing):
+        path.mkdir(exist_ok=True)
+        os.chmod(path, 0o755)
+
+
+def lock_holder(fd: int) -> str:
+    """Who holds the flock on ``fd``'s file, from /proc/locks: "pid 1234 (comm)"."""
+    st = os.fstat(fd)
+    wanted = (os.major(st.st_dev), os.minor(st.st_dev), st.st_ino)
+    try:
+        lines = PROC_LOCKS.read_text().splitlines()
+    except OSError:
+        return "an unknown process"
+    for line in lines:
+        fields = line.split()
+        if len(fields) < 6 or fields[1] == "->":  # "->": a waiter, not the holder
+            continue
+        try:
+            major, minor, inode = fields[5].split(":")
+            found = (int(major, 16), int(minor, 16), int(inode))
+        except ValueError:
+            continue
+        if found == wanted and fields[4] != str(os.getpid()):
+            try:
+                comm = Path(f"/proc/{fields[4]}/comm").read_text().strip()
+            except OSError:
+                comm = "?"
+            return f"pid {fields[4]} ({comm})"
+    return "an unknown process"
+
+
 class FileRegistry:
     """A :class:`control.kv.KeyValueStore` in a file."""
 
@@ -80,44 +168,149 @@ class FileRegistry:
         poll_interval: float = 0.1,
         history: int = 1000,
         clock: Callable[[], float] = time.time,
+        lock_timeout: float = LOCK_TIMEOUT,
+        notify: Notify = _quiet,
     ) -> None:
         self.path = Path(path)
         self.lock_path = self.path.with_name(self.path.name + ".lock")
         self.poll_interval = poll_interval
         self.history = history
         self.clock = clock
+        self.lock_timeout = lock_timeout
+        self.notify = notify
+        self._closed = False
+        self._reported_wait = False  # a lock wait was reported; reset by a quick lock
 
     # -- file access ---------------------------------------------------------------------
 
+    def check_sync(self) -> None:
+        """Everything a start needs, checked before anything is written: the directory
+        chain, the lock and the file (type, owner, mode, content). RegistryConfigError
+        names the path and what is wrong."""
+        for ancestor in reversed(self.path.parent.absolute().parents):
+            try:
+                st = os.stat(ancestor)
+            except FileNotFoundError:
+                break  # created below, by us
+            except OSError as e:
+                raise RegistryConfigError(f"registry file {self.path}: {e.strerror}") from None
+            problem = _owner_problem(st, f"{ancestor}", sticky_ok=True)
+            if problem:
+                raise RegistryConfigError(f"registry file {self.path}: {problem}")
+        with self._locked():
+            pass  # the directory, the lock, and the file's content
+
+    def _check_directory(self) -> None:
+        directory = self.path.parent
+        try:
+            _make_directories(directory)
+            st = os.stat(directory)
+        except OSError as e:
+            raise RegistryConfigError(f"registry file {self.path}: {e.strerror}") from None
+        problem = _owner_problem(st, f"its directory {directory}")
+        if problem:
+            raise RegistryConfigError(f"registry file {self.path}: {problem}")
+
     def _load(self) -> State:
         try:
-            text = self.path.read_text()
+            fd = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         except FileNotFoundError:
             return _empty()
         except OSError as e:
-            raise RegistryError(f"registry file {self.path}: {e.strerror}") from None
+            raise RegistryConfigError(f"registry file {self.path}: {e.strerror}") from None
         try:
-            state = json.loads(text)
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise RegistryConfigError(f"registry file {self.path} is not a regular file")
+            problem = _owner_problem(st, "it")
+            if problem:
+                raise RegistryConfigError(f"registry file {self.path}: {problem}")
+            if st.st_size > MAX_FILE:
+                raise RegistryConfigError(
+                    f"registry file {self.path} is corrupt: {st.st_size} bytes, more than "
+                    f"a registry may hold ({MAX_FILE}); remove it"
+                )
+            with os.fdopen(os.dup(fd), "rb") as f:
+                data = f.read(MAX_FILE + 1)
+        except OSError as e:
+            raise RegistryConfigError(f"registry file {self.path}: {e.strerror}") from None
+        finally:
+            os.close(fd)
+        try:
+            if len(data) > MAX_FILE:
+                raise ValueError("grew too large")
+            state = json.loads(data.decode("utf-8"))
             _check_shape(state)
-        except (ValueError, TypeError, RecursionError):
-            raise RegistryError(
+        except (ValueError, TypeError, RecursionError):  # UnicodeDecodeError is a ValueError
+            raise RegistryConfigError(
                 f"registry file {self.path} is corrupt (not a registry JSON); remove it"
             ) from None
         return state  # type: ignore[no-any-return]
 
     def _store(self, state: State) -> None:
-        write_atomic(self.path, json.dumps(state), 0o644)
+        write_atomic(self.path, json.dumps(state), MODE)
+
+    def _open_lock(self) -> int:
+        """The lock file, created 0600; refused when someone else owns it or may write it
+        (one of ours from an older version, 0644, is tightened)."""
+        self._check_directory()
+        flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+        try:
+            fd = os.open(self.lock_path, flags, MODE)
+        except OSError as e:
+            reason = "is a symbolic link" if e.errno == errno.ELOOP else e.strerror
+            raise RegistryConfigError(f"registry lock {self.lock_path}: {reason}") from None
+        try:
+            st = os.fstat(fd)
+            problem = None if stat.S_ISREG(st.st_mode) else "it is not a regular file"
+            problem = problem or _owner_problem(st, "it")
+            if problem:
+                raise RegistryConfigError(f"registry lock {self.lock_path}: {problem}")
+            if stat.S_IMODE(st.st_mode) != MODE:
+                os.fchmod(fd, MODE)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def _lock(self, fd: int) -> None:
+        """flock(LOCK_EX), polled: up to ``lock_timeout`` s, the holder reported once."""
+        start = time.monotonic()
+        delay = 0.001
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                pass
+            waited = time.monotonic() - start
+            if self._closed:
+                raise RegistryError(f"registry {self.path} closed while waiting for its lock")
+            if waited >= LOCK_WARN and not self._reported_wait:
+                self._reported_wait = True
+                self.notify(
+                    "registry_lock_held",
+                    lock=str(self.lock_path),
+                    holder=lock_holder(fd),
+                    waited_s=round(waited, 1),
+                    timeout_s=self.lock_timeout,
+                )
+            if waited >= self.lock_timeout:
+                raise RegistryError(
+                    f"registry lock {self.lock_path} held by {lock_holder(fd)} for more "
+                    f"than {self.lock_timeout:g} s"
+                )
+            time.sleep(delay)
+            delay = min(delay * 2, 0.05)
+        if time.monotonic() - start < LOCK_WARN:
+            self._reported_wait = False  # the contention is over
 
     @contextmanager
     def _locked(self) -> Iterator[State]:
         """Read-modify-write under the lock; the state is written back if it changed."""
+        fd = self._open_lock()
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            lock = open(self.lock_path, "a")  # noqa: SIM115 - held for the block
-        except OSError as e:
-            raise RegistryError(f"registry file {self.path}: {e.strerror}") from None
-        with lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
+            self._lock(fd)
             state = self._load()
             before = state["revision"]
             self._expire(state)
@@ -125,6 +318,8 @@ class FileRegistry:
             if state["revision"] != before:
                 self._trim(state)
                 self._store(state)
+        finally:
+            os.close(fd)  # also releases the lock
 
     def _expire(self, state: State) -> None:
         now = self.clock()
@@ -142,7 +337,14 @@ class FileRegistry:
     def _put(state: State, key: str, value: bytes, expires: float | None) -> None:
         state["revision"] += 1
         revision = state["revision"]
-        state["keys"][key] = {"value": _text(value), "expires": expires, "mod_revision": revision}
+        old = state["keys"].get(key)
+        created = _created(old) if old is not None else revision
+        state["keys"][key] = {
+            "value": _text(value),
+            "expires": expires,
+            "mod_revision": revision,
+            "create_revision": created,
+        }
         state["events"].append(
             {
                 "revision": revision,
@@ -150,6 +352,7 @@ class FileRegistry:
                 "key": key,
                 "value": _text(value),
                 "has_ttl": expires is not None,
+                "create_revision": created,
             }
         )
 
@@ -175,18 +378,12 @@ class FileRegistry:
     def get_sync(self, key: str) -> Entry | None:
         with self._locked() as state:
             item = state["keys"].get(key)
-            if item is None:
-                return None
-            return Entry(
-                key, _bytes(item["value"]), item["mod_revision"], item["expires"] is not None
-            )
+            return None if item is None else _entry(key, item)
 
     def list_sync(self, prefix: str) -> tuple[list[Entry], int]:
         with self._locked() as state:
             entries = [
-                Entry(k, _bytes(v["value"]), v["mod_revision"], v["expires"] is not None)
-                for k, v in sorted(state["keys"].items())
-                if k.startswith(prefix)
+                _entry(k, v) for k, v in sorted(state["keys"].items()) if k.startswith(prefix)
             ]
             return entries, int(state["revision"])
 
@@ -261,7 +458,14 @@ class FileRegistry:
                 if seen < state["compact_revision"]:
                     raise RevisionCompacted(int(state["compact_revision"]))
                 batch = [
-                    Event(e["kind"], e["key"], _bytes(e["value"]), e["revision"], e["has_ttl"])
+                    Event(
+                        e["kind"],
+                        e["key"],
+                        _bytes(e["value"]),
+                        e["revision"],
+                        e["has_ttl"],
+                        e.get("create_revision") or (e["revision"] if e["kind"] == "put" else 0),
+                    )
                     for e in state["events"]
                     if e["revision"] > seen and e["key"].startswith(prefix)
                 ]
@@ -271,4 +475,5 @@ class FileRegistry:
             await asyncio.sleep(self.poll_interval)
 
     async def close(self) -> None:
-        return None
+        """Ends any lock wait in progress (a thread of ours polling for it) at once."""
+        self._closed = True

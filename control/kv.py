@@ -15,6 +15,13 @@ class RegistryError(Exception):
     """The registry could not be reached or answered with an error (worth a retry)."""
 
 
+class RegistryConfigError(RegistryError):
+    """The registry cannot be used as configured: a path, a certificate, a credential or
+    its content is wrong, and retrying will not fix it. At start the daemon stops at once
+    with this one line; while running it is handled like any RegistryError (the last good
+    state stays, the next try may find it fixed)."""
+
+
 class RevisionCompacted(RegistryError):
     """A watch asked for history the registry no longer keeps: re-list, then resume."""
 
@@ -29,6 +36,9 @@ class Entry:
     value: bytes
     mod_revision: int
     has_ttl: bool  # False: written without a lease/TTL, i.e. a reservation
+    # The revision that created the key (etcd's create_revision; kept across puts to an
+    # existing key, new after a delete): orders leases by age, lower is older.
+    create_revision: int = 0
 
 
 @dataclass(frozen=True)
@@ -38,6 +48,7 @@ class Event:
     value: bytes  # empty for a delete
     revision: int
     has_ttl: bool = True
+    create_revision: int = 0  # as Entry's; 0 for a delete
 
 
 class KeyValueStore(Protocol):

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from typing import Any
+
+from control.text import clip
 
 DEFAULT_PREFIX = "/coreos.com/network"
 
@@ -24,6 +26,14 @@ class Lease:
     public_ipv6: IPv6Address | None = None
     # False for a reservation (a key written without a TTL): it must never be taken.
     has_ttl: bool = True
+    # The registry revision that created the key (control.kv.Entry): lower is older, and
+    # the older of two conflicting leases wins (control.lease_rules). 0: not known. Not
+    # part of equality (a lease is its record's content); same_as() includes it.
+    create_revision: int = field(default=0, compare=False)
+
+    def same_as(self, other: Lease | None) -> bool:
+        """Equal, and of the same age."""
+        return other is not None and self == other and self.create_revision == other.create_revision
 
     @property
     def key(self) -> str:
@@ -49,14 +59,14 @@ def parse_subnet_key(key: str) -> tuple[IPv4Network, IPv6Network | None]:
         address, prefix = v4_part.rsplit("-", 1)
         subnet = IPv4Network(f"{address}/{int(prefix)}")
     except ValueError:
-        raise LeaseError(f"lease key {key!r}: expected e.g. 10.244.3.0-24") from None
+        raise LeaseError(f"lease key {clip(key)}: expected e.g. 10.244.3.0-24") from None
     ipv6 = None
     if v6_part:
         try:
             address6, prefix6 = v6_part.rsplit("-", 1)
             ipv6 = IPv6Network(f"{address6}/{int(prefix6)}")
         except ValueError:
-            raise LeaseError(f"lease key {key!r}: bad IPv6 part {v6_part!r}") from None
+            raise LeaseError(f"lease key {clip(key)}: bad IPv6 part") from None
     return subnet, ipv6
 
 
@@ -73,7 +83,9 @@ def lease_value_json(lease: Lease) -> str:
     return json.dumps(value, separators=(",", ":"))
 
 
-def parse_lease(key: str, value: bytes | str, *, has_ttl: bool = True) -> Lease:
+def parse_lease(
+    key: str, value: bytes | str, *, has_ttl: bool = True, create_revision: int = 0
+) -> Lease:
     """A lease from its registry key and JSON value; field names matched in any case."""
     subnet, ipv6_subnet = parse_subnet_key(key)
     try:
@@ -87,7 +99,7 @@ def parse_lease(key: str, value: bytes | str, *, has_ttl: bool = True) -> Lease:
         public_ip = IPv4Address(str(fields.get("publicip", "")))
     except ValueError:
         raise LeaseError(
-            f"lease {subnet}: PublicIP {fields.get('publicip')!r} is invalid"
+            f"lease {subnet}: PublicIP {clip(fields.get('publicip'))} is invalid"
         ) from None
     public_ipv6 = None
     if fields.get("publicipv6"):
@@ -109,4 +121,5 @@ def parse_lease(key: str, value: bytes | str, *, has_ttl: bool = True) -> Lease:
         ipv6_subnet=ipv6_subnet,
         public_ipv6=public_ipv6,
         has_ttl=has_ttl,
+        create_revision=create_revision,
     )

@@ -50,6 +50,10 @@ class Peer:
         return int.from_bytes(address, "big") >> self.shift == self.net >> self.shift
 
 
+def _age(peer: Peer) -> tuple[int, str]:
+    return peer.lease.create_revision, peer.lease.key
+
+
 class PeerTable:
     """Peers by subnet, with O(1) lookups for the hot path. Not thread-safe (one loop)."""
 
@@ -77,7 +81,7 @@ class PeerTable:
     def upsert(self, lease: Lease) -> bool:
         """Add or replace the peer for ``lease.subnet``; True when anything changed."""
         old = self._by_subnet.get(lease.subnet)
-        if old is not None and old.lease == lease:
+        if old is not None and lease.same_as(old.lease):
             return False
         self._by_subnet[lease.subnet] = self._peer(lease, old)
         self._rebuild()
@@ -99,7 +103,7 @@ class PeerTable:
         changed = [
             lease
             for subnet, lease in wanted.items()
-            if (old := self._by_subnet.get(subnet)) is None or old.lease != lease
+            if (old := self._by_subnet.get(subnet)) is None or not lease.same_as(old.lease)
         ]
         for lease in removed:
             del self._by_subnet[lease.subnet]
@@ -123,7 +127,8 @@ class PeerTable:
         by_shift: dict[int, dict[int, Peer]] = {}
         by_ip: dict[str, Peer] = {}
         sources: dict[str, list[tuple[int, int]]] = {}
-        for peer in self._by_subnet.values():
+        # Oldest first, so a public IP maps to its oldest lease (control.lease_rules).
+        for peer in sorted(self._by_subnet.values(), key=_age):
             by_shift.setdefault(peer.shift, {})[peer.net >> peer.shift] = peer
             by_ip.setdefault(peer.addr[0], peer)
             sources.setdefault(peer.addr[0], []).append((peer.net >> peer.shift, peer.shift))
@@ -142,7 +147,8 @@ class PeerTable:
         return None
 
     def by_public_ip(self, ip: str) -> Peer | None:
-        """The peer (the first of its leases) that sends from public IP ``ip``."""
+        """The peer that sends from public IP ``ip``: the oldest of its leases (lowest
+        create revision, then key), whatever order they were learnt in."""
         return self._by_public_ip.get(ip)
 
     def sources_of(self, ip: str) -> tuple[tuple[int, int], ...]:

@@ -8,7 +8,9 @@ content diff, which flanneld lacks) and backs off instead of hot-looping.
 from __future__ import annotations
 
 import asyncio
+import math
 import random
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from ipaddress import IPv4Address, IPv4Network
@@ -16,8 +18,9 @@ from typing import Any, Literal
 
 from control.allocation import choose_subnet
 from control.config import NetworkConfig, parse_config
-from control.kv import KeyValueStore, RegistryError, RevisionCompacted
+from control.kv import Entry, Event, KeyValueStore, RegistryError, RevisionCompacted
 from control.lease import DEFAULT_PREFIX, Lease, LeaseError, parse_lease, parse_subnet_key
+from control.lease_rules import LeaseBook, Record
 
 LEASE_TTL = 24 * 3600
 RENEW_MARGIN = 3600
@@ -25,6 +28,9 @@ RENEW_RETRY = 60.0
 ACQUIRE_ATTEMPTS = 10
 BACKOFF_MIN = 0.1
 BACKOFF_MAX = 5.0
+# A watch that stayed up this long was a good reconnect: its next failure is retried
+# from BACKOFF_MIN again (one that fails sooner keeps doubling: no hot loop).
+STABLE = BACKOFF_MAX
 
 # (event, fields) -> None: how the manager reports what happened, without logging itself.
 Notify = Callable[..., None]
@@ -72,7 +78,10 @@ class SubnetManager:
         self.renew_margin = renew_margin
         self.notify = notify
         self.rng = rng or random.Random()
-        self._bad_records: set[tuple[str, bytes]] = set()
+        # The watch's view: every record under the subnets prefix and which of them are
+        # valid peers; remembers what was reported, so each rejected record is reported
+        # once (list_leases shares that memory).
+        self.book = LeaseBook(None, own_ip=public_ip)
         # The registry revision the watch has seen (for `overlay status`); None before it.
         self.watch_revision: int | None = None
 
@@ -98,11 +107,14 @@ class SubnetManager:
     async def wait_for_config(self, retry: float = 1.0) -> NetworkConfig:
         """Poll until ``<prefix>/config`` exists (flanneld does the same), noting it once."""
         noted = False
+        last_error = ""
         while True:
             try:
                 config = await self.read_config()
             except RegistryError as e:
-                self.notify("registry_unavailable", error=str(e))
+                if str(e) != last_error:  # once per distinct error, not every second
+                    self.notify("registry_unavailable", error=str(e))
+                    last_error = str(e)
                 config = None
             if config is not None:
                 return config
@@ -128,11 +140,13 @@ class SubnetManager:
         taken: list[IPv4Network] = []
         for entry in entries:
             try:
-                lease = parse_lease(entry.key, entry.value, has_ttl=entry.has_ttl)
-            except LeaseError as e:
-                if (entry.key, entry.value) not in self._bad_records:
-                    self._bad_records.add((entry.key, entry.value))
-                    self.notify("lease_record_invalid", key=entry.key, error=str(e))
+                lease = parse_lease(
+                    entry.key,
+                    entry.value,
+                    has_ttl=entry.has_ttl,
+                    create_revision=entry.create_revision,
+                )
+            except LeaseError:
                 try:
                     taken.append(parse_subnet_key(entry.key)[0])
                 except LeaseError:
@@ -142,10 +156,18 @@ class SubnetManager:
             taken.append(lease.subnet)
         return leases, taken, revision
 
-    async def list_leases(self) -> tuple[list[Lease], int]:
-        """Every parseable lease and the revision; a broken record is reported once."""
-        leases, _, revision = await self._snapshot()
-        return leases, revision
+    async def list_leases(self, config: NetworkConfig | None = None) -> tuple[list[Lease], int]:
+        """The valid leases (control.lease_rules, with ``config``'s rules when given) of
+        other nodes, and the revision; each rejected record is reported once."""
+        entries, revision = await self.kv.list_prefix(self.subnets_prefix)
+        book = LeaseBook(config, own_ip=self.public_ip, reported_with=self.book)
+        book.reset(_record(entry) for entry in entries)
+        self._report_rejections(book)
+        return book.valid(), revision
+
+    def _report_rejections(self, book: LeaseBook) -> None:
+        for rejection in book.take_rejections():
+            self.notify("lease_record_invalid", key=rejection.key, error=rejection.reason)
 
     @staticmethod
     def _fits(config: NetworkConfig, subnet: IPv4Network) -> bool:
@@ -236,80 +258,97 @@ class SubnetManager:
         on_snapshot: Callable[[list[Lease]], None],
         on_event: Callable[[LeaseEvent], None],
         *,
+        config: NetworkConfig | None = None,
         revision: int | None = None,
     ) -> None:
-        """Keep the caller's view of the other leases current. Runs until cancelled.
+        """Keep the caller's view of the other nodes' valid leases current (the rules of
+        control.lease_rules, with ``config``'s when given). Runs until cancelled.
 
         ``on_snapshot`` gets the full list after every (re-)list, ``on_event`` each change
-        in between. Raises LeaseLost when our own key is deleted or taken over.
+        in between (a change to one record may validate or invalidate another: the newer
+        of two overlapping leases becomes valid when the older goes). After a broken
+        stream the watch resumes from its revision once a read of the config key
+        succeeds (after a compaction it re-lists); the failure is noted once
+        ("watch_failed") and the recovery once ("watch_recovered"), however long the
+        outage. Raises LeaseLost when our own key is deleted or taken over.
         """
         own_key = self.key_of(own)
+        book = self.book
+        book.config, book.own_key = config, own_key
         backoff = BACKOFF_MIN
+        down_since: float | None = None  # monotonic time of the failure, while down
+        up_since = time.monotonic()
         while True:
             try:
+                if down_since is not None:
+                    await self.kv.get(self.config_key)  # the registry answers again
+                    up_since = time.monotonic()
+                    self.notify("watch_recovered", down_s=round(up_since - down_since, 1))
+                    down_since = None
                 if revision is None:
-                    leases, revision = await self.list_leases()
-                    if own.has_ttl and not any(
-                        lease.subnet == own.subnet and lease.public_ip == own.public_ip
-                        for lease in leases
-                    ):
+                    entries, revision = await self.kv.list_prefix(self.subnets_prefix)
+                    mine = next((e for e in entries if e.key == own_key), None)
+                    if own.has_ttl and not _carries(mine, own):
                         raise LeaseLost(f"lease {own.subnet} is gone from the registry")
-                    on_snapshot([lease for lease in leases if lease.subnet != own.subnet])
+                    book.reset(_record(entry) for entry in entries)
+                    up_since = time.monotonic()
+                    self._report_rejections(book)
+                    on_snapshot(book.valid())
                     self.watch_revision = revision
                 async for events in self.kv.watch(self.subnets_prefix, revision + 1):
                     for event in events:
                         revision = self.watch_revision = event.revision
-                        self._apply(
-                            event.kind,
-                            event.key,
-                            event.value,
-                            event.has_ttl,
-                            own,
-                            own_key,
-                            on_event,
-                        )
-                    backoff = BACKOFF_MIN
-                self.notify("watch_closed")
-            except RevisionCompacted as e:
-                self.notify("watch_compacted", error=str(e))
-                revision = None
-            except RegistryError as e:
-                self.notify("watch_failed", error=str(e), retry_in=backoff)
+                        self._apply(event, own, own_key, on_event)
+                    self._report_rejections(book)
+                raise RegistryError("the watch stream was closed")
+            except RegistryError as e:  # RevisionCompacted too
+                if time.monotonic() - up_since >= STABLE:
+                    backoff = BACKOFF_MIN  # the first failure after a good stretch
+                up_since = math.inf  # until the next good (re)connect
+                if isinstance(e, RevisionCompacted):
+                    self.notify("watch_compacted", error=str(e))
+                    revision = None
+                elif down_since is None:
+                    self.notify("watch_failed", error=str(e), retry_in=backoff)
+                    down_since = time.monotonic()
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, BACKOFF_MAX)
 
     def _apply(
-        self,
-        kind: str,
-        key: str,
-        value: bytes,
-        has_ttl: bool,
-        own: Lease,
-        own_key: str,
-        on_event: Callable[[LeaseEvent], None],
+        self, event: Event, own: Lease, own_key: str, on_event: Callable[[LeaseEvent], None]
     ) -> None:
-        if key == own_key:
-            if kind == "delete":
-                raise LeaseLost(f"lease {own.subnet} has been revoked (key {key} deleted)")
+        if event.key == own_key:
+            if event.kind == "delete":
+                raise LeaseLost(f"lease {own.subnet} has been revoked (key {own_key} deleted)")
             try:
-                lease = parse_lease(key, value, has_ttl=has_ttl)
+                lease = parse_lease(event.key, event.value)
             except LeaseError:
                 raise LeaseLost(
                     f"lease {own.subnet} was overwritten with a broken record"
                 ) from None
             if lease.public_ip != own.public_ip:
                 raise LeaseLost(f"lease {own.subnet} was taken over by {lease.public_ip}")
-            return
-        if kind == "delete":
-            try:
-                subnet, _ = parse_subnet_key(key)
-            except LeaseError:
-                return
-            on_event(LeaseEvent("removed", subnet, None))
-            return
-        try:
-            lease = parse_lease(key, value, has_ttl=has_ttl)
-        except LeaseError as e:
-            self.notify("lease_record_invalid", key=key, error=str(e))
-            return
-        on_event(LeaseEvent("added", lease.subnet, lease))
+        if event.kind == "delete":
+            changed, removed = self.book.delete(event.key)
+        else:
+            changed, removed = self.book.put(
+                Record(event.key, event.value, event.has_ttl, event.create_revision)
+            )
+        for lease in removed:
+            on_event(LeaseEvent("removed", lease.subnet, None))
+        for lease in changed:
+            on_event(LeaseEvent("added", lease.subnet, lease))
+
+
+def _record(entry: Entry) -> Record:
+    return Record(entry.key, entry.value, entry.has_ttl, entry.create_revision)
+
+
+def _carries(entry: Entry | None, own: Lease) -> bool:
+    """Whether ``entry`` still holds ``own``: our subnet, with our public IP."""
+    if entry is None:
+        return False
+    try:
+        return parse_lease(entry.key, entry.value).public_ip == own.public_ip
+    except LeaseError:
+        return False

@@ -27,10 +27,10 @@ from typing import Any, TypeVar
 
 import structlog
 
-from control.config import ConfigError, NetworkConfig, config_json
+from control.config import ConfigError, NetworkConfig, config_json, parse_config
 from control.etcd_registry import EtcdRegistry, TlsFiles
 from control.file_registry import FileRegistry
-from control.kv import KeyValueStore, RegistryError
+from control.kv import KeyValueStore, RegistryConfigError, RegistryError
 from control.lease import Lease
 from control.peer_table import PeerTable
 from control.subnet_env import SubnetEnv
@@ -67,8 +67,10 @@ class Fatal(Exception):
     """A startup or runtime error that ends the daemon with one line and exit status 1."""
 
 
-def registry_for(args: argparse.Namespace) -> KeyValueStore:
-    """etcd when --etcd-endpoints is given, else the embedded file registry."""
+def registry_for(args: argparse.Namespace, notify: Any = None) -> KeyValueStore:
+    """etcd when --etcd-endpoints is given, else the embedded file registry. What can be
+    checked without a connection is checked here (TLS files, the registry file's path,
+    owner, mode and content): RegistryConfigError, one line, before anything is made."""
     if args.etcd_endpoints:
         if (args.etcd_username is None) != (args.etcd_password is None):
             raise Fatal("--etcd-username and --etcd-password go together")
@@ -78,7 +80,9 @@ def registry_for(args: argparse.Namespace) -> KeyValueStore:
             username=args.etcd_username,
             password=args.etcd_password,
         )
-    return FileRegistry(args.registry_file)
+    registry = FileRegistry(args.registry_file, **({"notify": notify} if notify else {}))
+    registry.check_sync()
+    return registry
 
 
 def registry_info(args: argparse.Namespace) -> dict[str, Any]:
@@ -130,7 +134,7 @@ class Daemon:
         self.underlay = underlay
         self.log = structlog.get_logger().bind(node=str(underlay.public_ip))
         self.registry = registry_info(args)
-        self.kv = registry_for(args)
+        self.kv = registry_for(args, self._notify)
         self.manager = SubnetManager(
             self.kv,
             public_ip=underlay.public_ip,
@@ -164,7 +168,8 @@ class Daemon:
             self._lease_renewed(float(fields.get("ttl", self.manager.ttl)))
         elif event == "lease_renew_failed":
             self.next_renewal = time.time() + RENEW_RETRY
-        level = "warning" if event.endswith(("failed", "invalid", "compacted", "lost")) else "info"
+        warning = ("failed", "invalid", "compacted", "lost", "held")
+        level = "warning" if event.endswith(warning) else "info"
         getattr(self.log, level)(event, **fields)
 
     def _lease_renewed(self, ttl: float) -> None:
@@ -182,6 +187,8 @@ class Daemon:
         while True:
             try:
                 return await call()
+            except RegistryConfigError as e:
+                raise Fatal(str(e)) from None  # retrying cannot fix it: say so at once
             except RegistryError as e:
                 left = deadline - time.monotonic()
                 if left <= 0:
@@ -202,6 +209,10 @@ class Daemon:
             config = await self._retrying("reading the config", read)
             if config is None and args.network is not None:
                 seed = config_json(args.network, args.backend or "udp").encode()
+                try:  # all of it checked before anything is written
+                    self._check_network(parse_config(seed), "--network")
+                except ConfigError as e:
+                    raise Fatal(f"--network {args.network}: {e}; nothing was written") from None
                 created = await self._retrying(
                     "seeding the config",
                     lambda: self.kv.create(self.manager.config_key, seed, None),
@@ -213,6 +224,7 @@ class Daemon:
                 config = await self.manager.wait_for_config()
         except ConfigError as e:
             raise Fatal(f"invalid network config at {self.manager.config_key}: {e}") from None
+        self._check_network(config, f"the registry's Network at {self.manager.config_key}")
         if args.network is not None and config.network != args.network:
             raise Fatal(
                 f"--network {args.network} disagrees with the registry's Network "
@@ -246,6 +258,17 @@ class Daemon:
                 underlay_allows=room,
                 effect="encapsulated packets exceed the underlay MTU and are fragmented",
             )
+
+    def _check_network(self, config: NetworkConfig, source: str) -> None:
+        """A network that holds this node's own underlay address cannot work: its route
+        into the TUN would swallow the traffic to the other nodes."""
+        for address in {self.underlay.address, self.underlay.public_ip}:
+            if address in config.network:
+                raise Fatal(
+                    f"{source} {config.network} contains this node's underlay address "
+                    f"{address} ({self.underlay.iface}): the overlay must not overlap the "
+                    "underlay"
+                )
 
     async def start(self) -> Backend:
         self.log.info("registry", **self.registry)
@@ -732,7 +755,9 @@ class Daemon:
                 drops.on_new = lambda reason: loop.call_soon(drop_log.notice, reason)
             tasks = [
                 asyncio.create_task(
-                    self.manager.watch(self.lease, self.on_snapshot, self.on_event)
+                    self.manager.watch(
+                        self.lease, self.on_snapshot, self.on_event, config=self.config
+                    )
                 ),
                 asyncio.create_task(self.manager.keep_renewed(self.lease)),
                 asyncio.create_task(self._resync_kernel()),
@@ -801,8 +826,8 @@ def run(args: argparse.Namespace) -> int:
         check_paths(args)
         underlay = select_underlay(args)
         node = str(underlay.public_ip)
-        registry_for(args)  # flag combinations checked before anything is created
-        return lifecycle.run(Daemon(args, underlay).main())
+        daemon = Daemon(args, underlay)  # the registry's flags and files checked here
+        return lifecycle.run(daemon.main())
     except (Fatal, RegistryError, UnderlayError, BackendError) as e:
         return overlay_log.fatal(PROG, str(e), fmt, node)
     except OSError as e:  # TunError, LinkError, KernelError, a socket that cannot be bound

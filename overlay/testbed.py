@@ -54,7 +54,9 @@ DEFAULT_UNDERLAY = "192.0.2.0/24"
 DEFAULT_NETWORK = "198.18.0.0/16"
 REGISTRIES = ("etcd", "file")
 ETCD_PORT = 2379
+ETCD_PEER_PORT = 2380
 ETCD_START_TIMEOUT = 20.0
+MAX_ETCD_MEMBERS = 7
 # Ranges reserved for documentation (RFC 5737): offered when the default underlay is taken.
 CONFIG_KEY = "/coreos.com/network/config"
 DAEMON_START_TIMEOUT = 15.0
@@ -137,6 +139,7 @@ class Testbed:
         kernel_nodes: tuple[int, ...] = (),
         daemon_args: tuple[str, ...] = (),
         direct_routing: bool = False,
+        etcd_members: int = 1,
     ) -> None:
         self.prefix = validate_prefix(prefix)
         if isinstance(nodes, bool) or not isinstance(nodes, int) or nodes < 1:
@@ -153,6 +156,13 @@ class Testbed:
             raise TestbedError(f"registry {registry!r} is unknown (use etcd or file)")
         if registry == "etcd" and shutil.which("etcd") is None:
             raise TestbedError("registry etcd needs the etcd binary: `make setup` installs it")
+        if isinstance(etcd_members, bool) or not isinstance(etcd_members, int):
+            raise TestbedError(f"etcd members must be an integer, not {etcd_members!r}")
+        if not 1 <= etcd_members <= MAX_ETCD_MEMBERS:
+            raise TestbedError(f"etcd members must be 1 to {MAX_ETCD_MEMBERS}, not {etcd_members}")
+        if etcd_members > 1 and registry != "etcd":
+            raise TestbedError("--etcd-members needs --registry etcd")
+        self.etcd_members = etcd_members
         bad = [i for i in kernel_nodes if not 1 <= i <= nodes]
         if bad:
             raise TestbedError(f"kernel nodes {bad} are not among nodes 1..{nodes}")
@@ -188,10 +198,11 @@ class Testbed:
 
     def _check_addressing(self) -> None:
         hosts = self.underlay.num_addresses - 2
-        if hosts < self.nodes + 1:
+        kept = self.etcd_members
+        if hosts < self.nodes + kept:
             raise TestbedError(
-                f"underlay {self.underlay} has room for {max(hosts - 1, 0)} nodes (one address "
-                f"is kept for a registry host), not {self.nodes}: use a larger --underlay"
+                f"underlay {self.underlay} has room for {max(hosts - kept, 0)} nodes ({kept} "
+                f"address(es) kept for the registry), not {self.nodes}: use a larger --underlay"
             )
         if self.underlay.overlaps(self.network):
             raise TestbedError(
@@ -253,19 +264,37 @@ class Testbed:
 
     @property
     def etcd_ip(self) -> IPv4Address:
-        """etcd listens on the underlay's last host address, on the bridge."""
-        return self.underlay.broadcast_address - 1
+        """etcd listens on the underlay's last host address, on the bridge (member 1;
+        member m on the m-th address from the top)."""
+        return self.etcd_member_ip(1)
+
+    def etcd_member_ip(self, member: int) -> IPv4Address:
+        return self.underlay.broadcast_address - member
 
     @property
     def etcd_endpoint(self) -> str:
         return f"http://{self.etcd_ip}:{ETCD_PORT}"
 
     @property
-    def etcd_pid_file(self) -> Path:
-        return self.state_dir / "etcd.pid"
+    def etcd_endpoints(self) -> list[str]:
+        """Every member's client URL, member 1 first (the daemons try them in turn)."""
+        return [
+            f"http://{self.etcd_member_ip(m)}:{ETCD_PORT}" for m in range(1, self.etcd_members + 1)
+        ]
 
-    def etcdctl(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        """etcdctl against this run's etcd, from the underlay namespace."""
+    def _etcd_file(self, member: int, suffix: str) -> Path:
+        """etcd, etcd.pid, etcd.log for member 1 (as with one member); etcd2... after."""
+        return self.state_dir / f"etcd{member if member > 1 else ''}{suffix}"
+
+    @property
+    def etcd_pid_file(self) -> Path:
+        return self._etcd_file(1, ".pid")
+
+    def etcdctl(
+        self, *args: str, check: bool = True, endpoints: list[str] | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        """etcdctl against this run's etcd (every member, or ``endpoints``), from the
+        underlay namespace."""
         return subprocess.run(
             [
                 "ip",
@@ -274,7 +303,7 @@ class Testbed:
                 self.underlay_ns,
                 "etcdctl",
                 "--endpoints",
-                self.etcd_endpoint,
+                ",".join(endpoints or self.etcd_endpoints),
                 "--dial-timeout",
                 "2s",
                 "--command-timeout",
@@ -288,64 +317,98 @@ class Testbed:
             env=dict(os.environ, ETCDCTL_API="3"),
         )
 
-    def start_etcd(self) -> None:
-        """Start (or restart, after stop_etcd) the run's etcd; its data survives restarts."""
-        data = self.state_dir / "etcd"
-        peer = f"http://127.0.0.1:{ETCD_PORT + 1}"
-        with open(self.state_dir / "etcd.log", "ab") as log:
-            proc = subprocess.Popen(
-                [
-                    "ip",
-                    "netns",
-                    "exec",
-                    self.underlay_ns,
-                    "etcd",
-                    "--name",
-                    self.prefix,
-                    "--data-dir",
-                    str(data),
-                    "--listen-client-urls",
-                    self.etcd_endpoint,
-                    "--advertise-client-urls",
-                    self.etcd_endpoint,
-                    "--listen-peer-urls",
-                    peer,
-                    "--initial-advertise-peer-urls",
-                    peer,
-                    "--initial-cluster",
-                    f"{self.prefix}={peer}",
-                    "--log-level",
-                    "error",
-                ],
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        self.etcd_pid_file.write_text(f"{proc.pid}\n")
-        deadline = time.monotonic() + ETCD_START_TIMEOUT
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                break
-            if self.etcdctl("endpoint", "health", check=False).returncode == 0:
-                return
-            time.sleep(0.1)
-        raise TestbedError(
-            f"etcd did not come up on {self.etcd_endpoint}: {_tail(self.state_dir / 'etcd.log')}"
-        )
+    def _members(self, member: int | None) -> list[int]:
+        if member is None:
+            return list(range(1, self.etcd_members + 1))
+        if not 1 <= member <= self.etcd_members:
+            raise TestbedError(f"etcd member {member} is not among 1..{self.etcd_members}")
+        return [member]
 
-    def stop_etcd(self) -> None:
-        """SIGKILL the run's etcd (what a crash looks like to the daemons)."""
-        try:
-            pid = int(self.etcd_pid_file.read_text())
-        except (OSError, ValueError):
-            return
-        if "etcd" in pid_cmdline(pid):
-            os.kill(pid, signal.SIGKILL)
-            for _ in range(100):
-                if not pid_alive(pid):
+    def _etcd_argv(self, m: int) -> list[str]:
+        client = f"http://{self.etcd_member_ip(m)}:{ETCD_PORT}"
+        if self.etcd_members == 1:
+            name, peer = self.prefix, f"http://127.0.0.1:{ETCD_PEER_PORT}"
+            cluster = f"{name}={peer}"
+        else:
+            name, peer = f"{self.prefix}m{m}", f"http://{self.etcd_member_ip(m)}:{ETCD_PEER_PORT}"
+            cluster = ",".join(
+                f"{self.prefix}m{k}=http://{self.etcd_member_ip(k)}:{ETCD_PEER_PORT}"
+                for k in range(1, self.etcd_members + 1)
+            )
+        return [
+            "ip",
+            "netns",
+            "exec",
+            self.underlay_ns,
+            "etcd",
+            "--name",
+            name,
+            "--data-dir",
+            str(self._etcd_file(m, "")),
+            "--listen-client-urls",
+            client,
+            "--advertise-client-urls",
+            client,
+            "--listen-peer-urls",
+            peer,
+            "--initial-advertise-peer-urls",
+            peer,
+            "--initial-cluster",
+            cluster,
+            "--initial-cluster-token",
+            self.prefix,
+            "--log-level",
+            "error",
+        ]
+
+    def start_etcd(self, member: int | None = None) -> None:
+        """Start (or restart, after stop_etcd) the run's etcd members, or one of them;
+        their data survives restarts. Returns once each started member is healthy (a
+        member of a cluster is healthy once a quorum is up)."""
+        procs = {}
+        for m in self._members(member):
+            with open(self._etcd_file(m, ".log"), "ab") as log:
+                procs[m] = subprocess.Popen(
+                    self._etcd_argv(m),
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            self._etcd_file(m, ".pid").write_text(f"{procs[m].pid}\n")
+        deadline = time.monotonic() + ETCD_START_TIMEOUT
+        waiting = dict(procs)
+        while waiting and time.monotonic() < deadline:
+            for m, proc in list(waiting.items()):
+                if proc.poll() is not None:
+                    deadline = 0.0
                     break
-                time.sleep(0.05)
+                endpoint = f"http://{self.etcd_member_ip(m)}:{ETCD_PORT}"
+                health = self.etcdctl("endpoint", "health", check=False, endpoints=[endpoint])
+                if health.returncode == 0:
+                    del waiting[m]
+            if waiting:
+                time.sleep(0.1)
+        if waiting:
+            m = min(waiting)
+            raise TestbedError(
+                f"etcd did not come up on http://{self.etcd_member_ip(m)}:{ETCD_PORT}: "
+                f"{_tail(self._etcd_file(m, '.log'))}"
+            )
+
+    def stop_etcd(self, member: int | None = None) -> None:
+        """SIGKILL the run's etcd members, or one of them (what a crash looks like)."""
+        for m in self._members(member):
+            try:
+                pid = int(self._etcd_file(m, ".pid").read_text())
+            except (OSError, ValueError):
+                continue
+            if "etcd" in pid_cmdline(pid):
+                os.kill(pid, signal.SIGKILL)
+                for _ in range(100):
+                    if not pid_alive(pid):
+                        break
+                    time.sleep(0.05)
 
     def _node_re(self) -> re.Pattern[str]:
         return re.compile(rf"^{re.escape(self.prefix)}-n(\d+)$")
@@ -424,6 +487,7 @@ class Testbed:
             "daemon_args": list(self.daemon_args),
             "direct_routing": self.direct_routing,
             "registry": self.registry,
+            "etcd_members": self.etcd_members,
             "underlay": str(self.underlay),
             "network": str(self.network),
             "state_dir": str(self.state_dir),
@@ -475,9 +539,13 @@ class Testbed:
             return
         with IPRoute(netns=self.underlay_ns, flags=0) as ipr:
             (bridge,) = ipr.link_lookup(ifname=self.bridge)
-            ipr.addr(
-                "add", index=bridge, address=str(self.etcd_ip), prefixlen=self.underlay.prefixlen
-            )
+            for m in range(1, self.etcd_members + 1):
+                ipr.addr(
+                    "add",
+                    index=bridge,
+                    address=str(self.etcd_member_ip(m)),
+                    prefixlen=self.underlay.prefixlen,
+                )
         self.start_etcd()
         self.etcdctl("put", CONFIG_KEY, config)
 
@@ -502,7 +570,7 @@ class Testbed:
             *(
                 ["--registry-file", str(self.registry_file)]
                 if self.registry == "file"
-                else ["--etcd-endpoints", self.etcd_endpoint]
+                else ["--etcd-endpoints", ",".join(self.etcd_endpoints)]
             ),
             "--network",
             str(self.network),
@@ -681,6 +749,7 @@ class Testbed:
             kernel_nodes=tuple(int(i) for i in params.get("kernel_nodes", [])),
             daemon_args=tuple(str(a) for a in params.get("daemon_args", [])),
             direct_routing=bool(params.get("direct_routing", False)),
+            etcd_members=int(params.get("etcd_members", 1)),
         )
 
     def _daemon_pid(self, i: int) -> int | None:
@@ -733,6 +802,7 @@ class Testbed:
             "prefix": self.prefix,
             "backend": self.backend,
             "registry": self.registry,
+            "etcd_endpoints": self.etcd_endpoints if self.registry == "etcd" else [],
             "underlay": str(self.underlay),
             "bridge": f"{self.bridge} in netns {self.underlay_ns}",
             "network": str(self.network),
@@ -842,7 +912,7 @@ class Testbed:
             else:
                 ours = re.compile(
                     r"^(testbed\.json|registry\.json(\.lock)?|\.registry\.json\..*"
-                    r"|n\d+\.(pid|log)|n\d+|etcd|etcd\.(pid|log))$"
+                    r"|n\d+\.(pid|log)|n\d+|etcd\d*|etcd\d*\.(pid|log))$"
                 )
                 for entry in state.iterdir():
                     if not ours.match(entry.name):
@@ -941,6 +1011,13 @@ def _parser() -> _Parser:
         help="etcd (default: a real etcd in the underlay namespace) or file",
     )
     up.add_argument(
+        "--etcd-members",
+        type=int,
+        default=1,
+        help=f"etcd cluster size, 1 to {MAX_ETCD_MEMBERS} (default 1); every daemon is given "
+        "every member's endpoint",
+    )
+    up.add_argument(
         "--kernel-nodes",
         type=_node_list,
         default=[],
@@ -1032,6 +1109,7 @@ def main(argv: list[str]) -> int:
                 state_dir=args.state_dir,
                 kernel_nodes=tuple(args.kernel_nodes),
                 direct_routing=args.direct_routing,
+                etcd_members=args.etcd_members,
             )
             bed.progress = Progress(f"overlay testbed up {bed.prefix}", bed.up_steps())
             try:

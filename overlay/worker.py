@@ -7,10 +7,11 @@ fds and one end of a socketpair (exec, never fork: the daemon has gRPC threads r
 Each worker runs the backend's own dataplane class on its own uvloop.
 
 The socketpair carries JSON lines. Main -> worker: the spec (what the dataplane needs),
-then the full peer table, then every change (``{"add": [[key, value]], "remove": [key]}``,
-leases in the registry's own key/value form, parsed with ``control.lease``). Worker ->
-main: a report (counters, features, per-peer traffic) when forwarding starts and every
-second after. ``overlay trace`` adds ``{"trace": {"id": N, ...request}}`` and
+then the full peer table, then every change (``{"add": [[key, value, create_revision]],
+"remove": [key]}``, leases in the registry's own key/value form, parsed with
+``control.lease``, and their age, which orders a public IP's leases). Worker -> main:
+a report (counters, features, per-peer traffic) when forwarding starts and every second
+after. ``overlay trace`` adds ``{"trace": {"id": N, ...request}}`` and
 ``{"trace_stop": N}`` (main -> worker) and ``{"capture": [N, ...]}`` (worker -> main: one
 packet the worker's tracer kept, merged into the client's stream).
 A worker exits on EOF, so a killed main leaves no orphan; the main process warns once
@@ -56,7 +57,7 @@ class WorkerError(OSError):
 def lease_message(added: list[Lease], removed: list[Lease]) -> bytes:
     """One peer-table change as a JSON line, leases as the registry stores them."""
     message = {
-        "add": [[lease.key, lease.value_json()] for lease in added],
+        "add": [[lease.key, lease.value_json(), lease.create_revision] for lease in added],
         "remove": [lease.key for lease in removed],
     }
     return json.dumps(message, separators=(",", ":")).encode() + b"\n"
@@ -66,8 +67,8 @@ def apply_message(peers: PeerTable, message: dict[str, Any]) -> None:
     """Apply a ``lease_message`` to a worker's copy of the peer table."""
     for key in message.get("remove", []):
         peers.remove(parse_subnet_key(key)[0])
-    for key, value in message.get("add", []):
-        peers.upsert(parse_lease(key, value))
+    for key, value, *age in message.get("add", []):  # age: the create revision
+        peers.upsert(parse_lease(key, value, create_revision=int(age[0]) if age else 0))
 
 
 # -- the main process's side -----------------------------------------------------------

@@ -11,6 +11,7 @@ import sys
 import textwrap
 import time
 from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 from typing import Any
@@ -113,9 +114,9 @@ async def test_create_if_absent(registry: FileRegistry) -> None:
 async def test_put_get_delete(registry: FileRegistry, path: Path) -> None:
     await registry.put("/a", b"1", TTL)
     entry = await registry.get("/a")
-    assert entry == Entry("/a", b"1", 1, True)
-    await registry.put("/a", b"2", None)
-    assert await registry.get("/a") == Entry("/a", b"2", 2, False)
+    assert entry == Entry("/a", b"1", 1, True, create_revision=1)
+    await registry.put("/a", b"2", None)  # an update keeps the create revision, like etcd's
+    assert await registry.get("/a") == Entry("/a", b"2", 2, False, create_revision=1)
     assert await registry.delete("/a") is True
     assert await registry.delete("/a") is False
     assert await registry.get("/a") is None
@@ -124,9 +125,10 @@ async def test_put_get_delete(registry: FileRegistry, path: Path) -> None:
     await registry.put("/bin", b"\xff\x00\xfe", None)
     entry = await registry.get("/bin")
     assert entry is not None and entry.value == b"\xff\x00\xfe"
-    # The file is plain JSON, readable by anyone on the machine, and no temp files remain.
+    # The file is plain JSON, the file and its lock 0600, and no temp files remain.
     assert isinstance(json.loads(path.read_text()), dict)
-    assert stat.S_IMODE(path.stat().st_mode) == 0o644
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert stat.S_IMODE(path.with_name("registry.json.lock").stat().st_mode) == 0o600
     assert [p.name for p in path.parent.iterdir() if p.name.startswith(".registry")] == []
 
 
@@ -147,7 +149,7 @@ def test_data_is_shared_between_instances(path: Path, clock: Clock) -> None:
     one = FileRegistry(path, clock=clock)
     two = FileRegistry(path, clock=clock)
     one.put_sync("/k", b"v", TTL)
-    assert two.get_sync("/k") == Entry("/k", b"v", 1, True)
+    assert two.get_sync("/k") == Entry("/k", b"v", 1, True, create_revision=1)
     assert two.create_sync("/k", b"w", TTL) is False
 
 
@@ -624,7 +626,10 @@ async def test_watch_snapshot_then_added_and_removed(path: Path) -> None:
         assert [lease.subnet for lease in recorder.snapshots[0]] == [existing.subnet]
         newcomer = await manager(registry, "192.0.2.3").acquire(config)
         await wait_until(lambda: len(recorder.events) == 1)
-        assert recorder.events[0] == LeaseEvent("added", newcomer.subnet, newcomer)
+        added = recorder.events[0]
+        assert added.kind == "added" and added.lease is not None
+        assert replace(added.lease, create_revision=0) == newcomer
+        assert added.lease.create_revision > 0  # its age, as the registry recorded it
         await registry.delete(f"{SUBNETS}{newcomer.key}")
         await wait_until(lambda: len(recorder.events) == 2)
         assert recorder.events[1] == LeaseEvent("removed", newcomer.subnet, None)

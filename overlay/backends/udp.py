@@ -83,10 +83,15 @@ class RateLimiter:
 
 def open_socket(address: str, port: int, *, reuse_port: bool = False) -> socket.socket:
     """The UDP socket peers send to, bound to the underlay address, with large buffers.
-    With ``reuse_port`` several sockets (one per worker) share the address; the kernel
-    picks one per datagram by a hash of its 4-tuple."""
+
+    Exclusive to this daemon: no SO_REUSEADDR, with which any local user could bind the
+    same port (UDP shares a port between sockets that all set it, whatever their uid)
+    and read the overlay's traffic. With ``reuse_port`` several sockets (one per worker)
+    share the address, the kernel picking one per datagram by a hash of its 4-tuple;
+    the kernel admits a socket to a SO_REUSEPORT group only with the effective uid of
+    the group's first socket, so only our own processes can join
+    (tests/test_hardening_netns.py tries it as nobody)."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     if reuse_port:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):

@@ -1,0 +1,252 @@
+"""Which registry records become peers: nothing from the registry is forwarded to before
+it passes these rules (pure: no I/O, no logging; the subnet manager reports).
+
+A lease is valid when
+
+- its key parses and its IPv4 part is written as flanneld writes it (``10.244.3.0-24``:
+  no ``-024`` or ``- 24`` aliases of another key's subnet);
+- its subnet lies within the network config's Network and has exactly SubnetLen, so it
+  is never the whole network nor a /25 inside another node's /24 (SubnetMin/SubnetMax
+  are not applied to other nodes: they bound where *we* allocate, and may change under
+  running nodes);
+- its PublicIP is a unicast address a peer can be: not in 0.0.0.0/8, loopback
+  127.0.0.0/8, multicast 224.0.0.0/4 or 240.0.0.0/4 (class E and the limited broadcast
+  255.255.255.255). Link-local 169.254.0.0/16 is accepted: it is unicast on the link,
+  and a cluster may run its underlay there. Nor may it be this node's own public IP
+  (only our own lease carries that): we would send pods' traffic to ourselves;
+- it overlaps neither this node's lease nor an older valid lease. "Older" is the lower
+  create revision: etcd's ``create_revision`` (kept while a lease is renewed, new when
+  a key is created again), and the same counter recorded by the file registry. Ties
+  (keys created in one etcd transaction share a revision) go to the lower key in byte
+  order. When the older lease goes, the newer one becomes valid.
+
+A node's traffic is accepted for every valid lease that carries its PublicIP
+(``PeerTable.sources_of``); ``PeerTable.by_public_ip`` gives the oldest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from bisect import bisect_left
+from collections.abc import Iterable
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv4Network
+
+from control.config import FORBIDDEN_NETWORKS, NetworkConfig
+from control.lease import Lease, LeaseError, parse_lease
+from control.text import clip
+
+# Distinct rejected records remembered per key, so each is reported once (a key
+# rewritten with ever new bad values is reported per value, up to this many at a time).
+REMEMBERED = 8
+
+
+@dataclass(frozen=True)
+class Record:
+    """One key under ``<prefix>/subnets/`` as the registry holds it."""
+
+    key: str
+    value: bytes
+    has_ttl: bool = True
+    create_revision: int = 0
+
+
+@dataclass(frozen=True)
+class Rejection:
+    """A record that is not used, and why (the key is clipped; the value never shown)."""
+
+    key: str
+    reason: str
+
+
+def public_ip_problem(address: IPv4Address) -> str | None:
+    """Why ``address`` cannot be a peer's PublicIP, or None."""
+    for network, what in FORBIDDEN_NETWORKS.items():
+        if address in network:
+            return f"PublicIP {address} is not a unicast address ({what})"
+    return None
+
+
+def lease_problem(
+    lease: Lease, config: NetworkConfig | None, own_ip: IPv4Address | None = None
+) -> str | None:
+    """Why ``lease`` is invalid on its own (without looking at other leases), or None."""
+    if config is not None:
+        if not lease.subnet.subnet_of(config.network):
+            return f"subnet {lease.subnet} is outside Network {config.network}"
+        if lease.subnet.prefixlen != config.subnet_len:
+            return f"subnet {lease.subnet} is not a /{config.subnet_len} (SubnetLen)"
+    problem = public_ip_problem(lease.public_ip)
+    if problem is not None:
+        return problem
+    if own_ip is not None and lease.public_ip == own_ip:
+        return f"PublicIP {lease.public_ip} is this node's own"
+    return None
+
+
+@dataclass(frozen=True)
+class _Checked:
+    """A record with the outcome of the rules that look at it alone (done once per put)."""
+
+    record: Record
+    digest: bytes
+    lease: Lease | None  # None: rejected for ``problem``
+    problem: str
+
+
+class LeaseBook:
+    """Every record under the subnets prefix, and the valid leases among them.
+
+    ``reset`` (after a list), ``put`` and ``delete`` (watch events) return how the valid
+    set changed, as ``(added or changed, removed)``; the leases carry their create
+    revision. ``take_rejections`` hands over the rejections not reported yet: each
+    distinct record (key and value) once per reason."""
+
+    def __init__(
+        self,
+        config: NetworkConfig | None,
+        *,
+        own_key: str | None = None,
+        own_ip: IPv4Address | None = None,
+        reported_with: LeaseBook | None = None,
+    ) -> None:
+        """``reported_with``: another book whose memory of what was reported this one
+        shares (a one-off listing does not report again what a watch already did)."""
+        self.config = config
+        self.own_key = own_key
+        self.own_ip = own_ip
+        self._records: dict[str, _Checked] = {}
+        self._valid: dict[IPv4Network, Lease] = {}
+        self._reported: dict[str, list[tuple[bytes, str]]] = (
+            reported_with._reported if reported_with is not None else {}
+        )
+        self._pending: list[Rejection] = []
+
+    # -- changes ----------------------------------------------------------------------
+
+    def reset(self, records: Iterable[Record]) -> tuple[list[Lease], list[Lease]]:
+        """After a full listing: what it does not hold is gone, reports about it too."""
+        self._records = {record.key: self._check(record) for record in records}
+        for key in [k for k in self._reported if k not in self._records]:
+            del self._reported[key]
+        return self._recompute()
+
+    def put(self, record: Record) -> tuple[list[Lease], list[Lease]]:
+        self._records[record.key] = self._check(record)
+        return self._recompute()
+
+    def delete(self, key: str) -> tuple[list[Lease], list[Lease]]:
+        self._records.pop(key, None)
+        self._reported.pop(key, None)  # if it comes back, it is news again
+        return self._recompute()
+
+    # -- views ------------------------------------------------------------------------
+
+    def valid(self) -> list[Lease]:
+        """The valid leases other than our own, in subnet order."""
+        return [self._valid[subnet] for subnet in sorted(self._valid)]
+
+    def take_rejections(self) -> list[Rejection]:
+        pending, self._pending = self._pending, []
+        return pending
+
+    # -- the rules --------------------------------------------------------------------
+
+    def _reject(self, checked: _Checked, reason: str) -> None:
+        mark = (checked.digest, reason)
+        seen = self._reported.setdefault(checked.record.key, [])
+        if mark in seen:
+            return
+        seen.append(mark)
+        del seen[:-REMEMBERED]
+        self._pending.append(Rejection(clip(checked.record.key, 120), reason))
+
+    def _check(self, record: Record) -> _Checked:
+        digest = hashlib.blake2b(record.value, digest_size=16).digest()
+        try:
+            lease = parse_lease(
+                record.key,
+                record.value,
+                has_ttl=record.has_ttl,
+                create_revision=record.create_revision,
+            )
+        except LeaseError as e:
+            return _Checked(record, digest, None, str(e))
+        if record.key == self.own_key:
+            return _Checked(record, digest, lease, "")
+        if self.own_key is None and lease.public_ip == self.own_ip:
+            return _Checked(record, digest, None, "")  # ours, before we know which: no peer
+        if record.key.rsplit("/", 1)[-1].partition("&")[0] != lease.key.partition("&")[0]:
+            alias = f"key is not written as flanneld writes it ({lease.key})"
+            return _Checked(record, digest, None, alias)
+        problem = lease_problem(lease, self.config, self.own_ip)
+        if problem is not None:
+            return _Checked(record, digest, None, f"lease {lease.subnet}: {problem}")
+        return _Checked(record, digest, lease, "")
+
+    def _recompute(self) -> tuple[list[Lease], list[Lease]]:
+        own = self._records.get(self.own_key) if self.own_key else None
+        own_subnet = own.lease.subnet if own is not None and own.lease is not None else None
+        taken = _Intervals()
+        if own_subnet is not None:
+            taken.add(own_subnet)
+        candidates: list[_Checked] = []
+        for key, checked in self._records.items():
+            if key == self.own_key:
+                continue
+            if checked.lease is None:
+                if checked.problem:
+                    self._reject(checked, checked.problem)
+            else:
+                candidates.append(checked)
+        candidates.sort(
+            key=lambda c: (
+                c.record.create_revision,
+                c.record.key.encode("utf-8", "surrogateescape"),
+            )
+        )
+        valid: dict[IPv4Network, Lease] = {}
+        for checked in candidates:
+            lease = checked.lease
+            assert lease is not None
+            if own_subnet is not None and lease.subnet.overlaps(own_subnet):
+                self._reject(checked, f"lease {lease.subnet} overlaps this node's {own_subnet}")
+            elif taken.overlaps(lease.subnet):
+                self._reject(checked, f"lease {lease.subnet} overlaps an older lease")
+            else:
+                taken.add(lease.subnet)
+                valid[lease.subnet] = lease
+        before, self._valid = self._valid, valid
+        changed = [
+            lease for subnet, lease in valid.items() if not lease.same_as(before.get(subnet))
+        ]
+        removed = [lease for subnet, lease in before.items() if subnet not in valid]
+        return changed, removed
+
+
+class _Intervals:
+    """Subnets taken so far, for overlap checks: per prefix length, sorted networks."""
+
+    def __init__(self) -> None:
+        self._by_len: dict[int, list[int]] = {}
+
+    def add(self, subnet: IPv4Network) -> None:
+        starts = self._by_len.setdefault(subnet.prefixlen, [])
+        address = int(subnet.network_address)
+        starts.insert(bisect_left(starts, address), address)
+
+    def overlaps(self, subnet: IPv4Network) -> bool:
+        first = int(subnet.network_address)
+        last = int(subnet.broadcast_address)
+        for length, starts in self._by_len.items():
+            if length <= subnet.prefixlen:  # a taken one as large or larger: contains it?
+                size = 1 << (32 - length)
+                base = first - first % size
+                i = bisect_left(starts, base)
+                if i < len(starts) and starts[i] == base:
+                    return True
+            else:  # smaller taken ones: does any start inside it?
+                i = bisect_left(starts, first)
+                if i < len(starts) and starts[i] <= last:
+                    return True
+        return False
