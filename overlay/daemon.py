@@ -68,9 +68,10 @@ class Fatal(Exception):
 
 
 def registry_for(args: argparse.Namespace, notify: Any = None) -> KeyValueStore:
-    """etcd when --etcd-endpoints is given, else the embedded file registry. What can be
-    checked without a connection is checked here (TLS files, the registry file's path,
-    owner, mode and content): RegistryConfigError, one line, before anything is made."""
+    """etcd when --etcd-endpoints is given, else the embedded file registry. etcd's TLS
+    files are checked here (RegistryConfigError, one line, before anything is made); the
+    registry file's path, owner, mode and content first thing in ``Daemon.start``, as
+    that takes its lock, which may be held."""
     if args.etcd_endpoints:
         if (args.etcd_username is None) != (args.etcd_password is None):
             raise Fatal("--etcd-username and --etcd-password go together")
@@ -80,9 +81,7 @@ def registry_for(args: argparse.Namespace, notify: Any = None) -> KeyValueStore:
             username=args.etcd_username,
             password=args.etcd_password,
         )
-    registry = FileRegistry(args.registry_file, **({"notify": notify} if notify else {}))
-    registry.check_sync()
-    return registry
+    return FileRegistry(args.registry_file, **({"notify": notify} if notify else {}))
 
 
 def registry_info(args: argparse.Namespace) -> dict[str, Any]:
@@ -133,6 +132,9 @@ class Daemon:
         self.args = args
         self.underlay = underlay
         self.log = structlog.get_logger().bind(node=str(underlay.public_ip))
+        self.readiness = health.Readiness(registry_grace=args.registry_timeout)
+        self._registry_down = asyncio.Event()
+        self._watch_down = False  # between watch_failed and watch_recovered
         self.registry = registry_info(args)
         self.kv = registry_for(args, self._notify)
         self.manager = SubnetManager(
@@ -150,19 +152,22 @@ class Daemon:
         self.peers: PeerTable | None = None
         self.iptables: IptablesRules | None = None
         self._warned_backend: set[IPv4Network] = set()
-        self.readiness = health.Readiness(registry_grace=args.registry_timeout)
         self.lease_expires: float | None = None  # Unix time; None for a reservation
         self.next_renewal: float | None = None
         self.captures: trace.Captures | None = None  # userspace datapaths only
         self.stopping = asyncio.Event()
         self.exit_code = 0
-        self._registry_down = asyncio.Event()
 
     def _notify(self, event: str, **fields: Any) -> None:
         registry = self.readiness.registry
         if event in REGISTRY_FAILURES:
             registry.failed()
             self._registry_down.set()
+        if event == "watch_failed":  # said once per outage: the probe follows it after
+            self._watch_down = True
+        elif event == "watch_recovered":
+            self._watch_down = False
+            registry.answered()
         if event == "lease_renewed":
             registry.answered()
             self._lease_renewed(float(fields.get("ttl", self.manager.ttl)))
@@ -259,6 +264,10 @@ class Daemon:
                 effect="encapsulated packets exceed the underlay MTU and are fragmented",
             )
 
+    async def _check_file_registry(self) -> None:
+        assert isinstance(self.kv, FileRegistry)
+        await asyncio.to_thread(self.kv.check_sync)
+
     def _check_network(self, config: NetworkConfig, source: str) -> None:
         """A network that holds this node's own underlay address cannot work: its route
         into the TUN would swallow the traffic to the other nodes."""
@@ -272,6 +281,8 @@ class Daemon:
 
     async def start(self) -> Backend:
         self.log.info("registry", **self.registry)
+        if isinstance(self.kv, FileRegistry):  # its directory, lock and content, at once
+            await self._retrying("checking the registry file", self._check_file_registry)
         self.config = config = await self._network_config()
         self.peers = PeerTable(config.backend.port)
         ctx = Context(self.args, self.underlay, config, self.counters, self.peers, self.log)
@@ -639,16 +650,20 @@ class Daemon:
         return server
 
     async def _probe_registry(self) -> None:
-        """While the registry is unreachable, ask it every REGISTRY_PROBE seconds whether it
-        is back (the watch only reports the next event, which may be hours away)."""
+        """While the registry is unreachable, or the watch has not recovered yet, ask it
+        every REGISTRY_PROBE seconds whether it answers (the watch only reports the next
+        event, which may be hours away, and says "watch_failed" once per outage: an
+        outage that starts again before the watch is back is only seen here)."""
         registry = self.readiness.registry
         while True:
             await self._registry_down.wait()
-            while not registry.connected:
+            while not registry.connected or self._watch_down:
                 await asyncio.sleep(REGISTRY_PROBE)
                 try:
                     await self.kv.get(self.manager.config_key)
                 except RegistryError:
+                    if registry.connected:
+                        registry.failed()
                     continue
                 registry.answered()
                 if overlay_log.enabled(2):
@@ -826,7 +841,7 @@ def run(args: argparse.Namespace) -> int:
         check_paths(args)
         underlay = select_underlay(args)
         node = str(underlay.public_ip)
-        daemon = Daemon(args, underlay)  # the registry's flags and files checked here
+        daemon = Daemon(args, underlay)  # the registry's flags and TLS files checked here
         return lifecycle.run(daemon.main())
     except (Fatal, RegistryError, UnderlayError, BackendError) as e:
         return overlay_log.fatal(PROG, str(e), fmt, node)

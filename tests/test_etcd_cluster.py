@@ -95,7 +95,7 @@ def test_a_member_killed_then_the_whole_cluster_restarted_under_traffic(bed: Tes
         k = bed.add_node()  # its lease is written through a member left
         joined = bed.status()["nodes"][k - 1]["subnet"]
         for i in (1, 2, 3):
-            assert poll(lambda i=i: joined in peers(bed, i), 15), f"n{i} did not see n{k}"
+            assert poll(lambda i=i: joined in peers(bed, i), 30), f"n{i} did not see n{k}"
         assert leases(bed, bed.etcd_endpoints[1]).keys() >= kept.keys()
         bed.start_etcd(1)
         # 2. The whole cluster down, then up again from its data dirs.
