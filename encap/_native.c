@@ -474,10 +474,9 @@ done:
 
 /* -- TX: finish_checksums --------------------------------------------------------------- */
 
-static int region_of(PyObject *item, Py_ssize_t *r)
-{
-    return PyArg_ParseTuple(item, "nnn", &r[0], &r[1], &r[2]);
-}
+typedef struct {
+    Py_ssize_t start, end, field;
+} region_t;
 
 static PyObject *finish_checksums(PyObject *self, PyObject *args)
 {
@@ -485,32 +484,42 @@ static PyObject *finish_checksums(PyObject *self, PyObject *args)
     PyObject *regions;
     if (!PyArg_ParseTuple(args, "w*O", &buf, &regions))
         return NULL;
-    PyObject *seq = PySequence_Fast(regions, "regions must be a sequence");
+    /* Our own tuple, each region read once into r: reading a region may run Python (a
+     * sequence's iterator, an __index__) that changes the list or what it would read. */
+    PyObject *seq = PySequence_Tuple(regions);
     PyObject *result = NULL;
-    if (seq == NULL)
+    Py_ssize_t n = seq ? PyTuple_GET_SIZE(seq) : 0;
+    region_t *r = seq ? PyMem_New(region_t, n ? (size_t)n : 1) : NULL;
+    if (r == NULL) {
+        if (seq != NULL)
+            PyErr_NoMemory();
         goto done;
-    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
-    PyObject **items = PySequence_Fast_ITEMS(seq);
-    Py_ssize_t r[3];
+    }
     for (Py_ssize_t i = 0; i < n; i++) { /* all checked before anything is written */
-        if (!PyTuple_Check(items[i]) || !region_of(items[i], r))
+        PyObject *item = PySequence_Tuple(PyTuple_GET_ITEM(seq, i));
+        int ok = item != NULL
+              && PyArg_ParseTuple(item, "nnn", &r[i].start, &r[i].end, &r[i].field);
+        Py_XDECREF(item);
+        if (!ok)
             goto done;
-        if (!(0 <= r[0] && r[0] <= r[2] && r[2] + 2 <= r[1] && r[1] <= buf.len)) {
+        /* start <= field, field + 2 <= end <= len(buf), without overflow */
+        if (!(0 <= r[i].start && r[i].start <= r[i].field && r[i].field < r[i].end
+              && r[i].end - r[i].field >= 2 && r[i].end <= buf.len)) {
             PyErr_Format(PyExc_ValueError, "checksum region (%zd, %zd, %zd) outside the buffer",
-                         r[0], r[1], r[2]);
+                         r[i].start, r[i].end, r[i].field);
             goto done;
         }
     }
     uint8_t *b = buf.buf;
     for (Py_ssize_t i = 0; i < n; i++) {
-        region_of(items[i], r);
-        uint32_t c = ~fold(sum16(b + r[0], r[1] - r[0])) & 0xFFFF;
-        if (c == 0 && r[2] - r[0] == 6)
+        uint32_t c = ~fold(sum16(b + r[i].start, r[i].end - r[i].start)) & 0xFFFF;
+        if (c == 0 && r[i].field - r[i].start == 6)
             c = 0xFFFF; /* UDP: 0 would mean "no checksum" */
-        put16(b + r[2], c);
+        put16(b + r[i].field, c);
     }
     result = Py_NewRef(Py_None);
 done:
+    PyMem_Free(r);
     Py_XDECREF(seq);
     PyBuffer_Release(&buf);
     return result;

@@ -511,3 +511,68 @@ def test_plan_groups_matches_the_reference(
     expected = gso.plan_groups(lengths, keys, max_segments, max_bytes)
     assert c.plan_groups(lengths, keys, max_segments, max_bytes) == expected
     assert c.plan_groups(lengths, keys) == gso.plan_groups(lengths, keys)
+
+
+# -- hostile arguments: extreme integers, objects that run Python mid-call ------------------
+# (The dataplane passes plain ints, tuples and lists it built itself; the module must still
+# not read or write outside its buffers, or crash, whatever a caller hands it.)
+
+HUGE = (2**63 - 1, 2**63 - 2, 2**62, -(2**63), -(2**63) + 1)
+
+
+@pytest.mark.parametrize("value", HUGE)
+def test_finish_checksums_regions_at_the_ends_of_ssize_t(value: int) -> None:
+    """A field or end near 2**63 once wrapped the bounds check (field + 2 < 0) and
+    wrote 2 bytes far outside the buffer (a segfault)."""
+    for region in [(0, 20, value), (0, value, 4), (value, 20, 4), (0, value, value)]:
+        ours, theirs = bytearray(64), bytearray(64)
+        expected = outcome(tso.finish_checksums, ours, [region])
+        assert outcome(c.finish_checksums, theirs, [region]) == expected
+        assert theirs == ours
+
+
+class Index:
+    """An int-like whose value changes per read and which may run ``hook`` when read."""
+
+    def __init__(self, *values: int, hook: Callable[[], None] | None = None) -> None:
+        self.values = list(values)
+        self.reads = 0
+        self.hook = hook
+
+    def __index__(self) -> int:
+        self.reads += 1
+        if self.hook is not None:
+            self.hook()
+        return self.values[min(self.reads, len(self.values)) - 1]
+
+
+def test_finish_checksums_reads_each_region_once() -> None:
+    """Regions were parsed twice (check, then write): a field that is 10 when checked and
+    2**62 when used was written outside the buffer."""
+    data = bytes(range(64))
+    field = Index(10, 2**62)
+    buf = bytearray(data)
+    c.finish_checksums(buf, [(0, 20, field)])
+    reference = bytearray(data)
+    tso.finish_checksums(reference, [(0, 20, 10)])
+    assert (buf, field.reads) == (reference, 1)
+
+
+def test_finish_checksums_survives_a_region_that_empties_the_list() -> None:
+    regions: list[Any] = []
+    regions += [(0, 20, Index(4, hook=regions.clear))] + [(0, 20, 4)] * 8
+    c.finish_checksums(bytearray(64), regions)  # a segfault before the fix
+
+
+def test_finish_checksums_takes_any_region_sequence_as_the_reference() -> None:
+    """A region as a list returned NULL without an exception (SystemError)."""
+    for regions in ([[0, 20, 4]], ([0, 20, 10],), [range(0, 30, 10)], [[0, 20]], [[0, 1, 2, 3]]):
+        ours, theirs = bytearray(range(64)), bytearray(range(64))
+        expected = outcome(tso.finish_checksums, ours, list(regions))
+        assert outcome(c.finish_checksums, theirs, regions)[0] == expected[0]
+        assert theirs == ours
+    buf = bytearray(range(64))
+    c.finish_checksums(buf, [iter((0, 20, 4))])  # any iterable, as the reference unpacks
+    reference = bytearray(range(64))
+    tso.finish_checksums(reference, [(0, 20, 4)])
+    assert buf == reference
