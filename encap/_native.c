@@ -583,12 +583,19 @@ static inline int inside(uint32_t address, subnet_t s)
 /* (network >> shift, shift) as Python passes it: shift 0..32, the network within 32 bits. */
 static int parse_subnet(PyObject *item, subnet_t *out)
 {
-    unsigned long long net;
+    PyObject *network;
     int shift;
-    if (!PyTuple_Check(item) || !PyArg_ParseTuple(item, "Ki", &net, &shift)) {
+    if (!PyTuple_Check(item) || !PyArg_ParseTuple(item, "O!i", &PyLong_Type, &network, &shift)) {
         if (!PyErr_Occurred())
             PyErr_SetString(PyExc_TypeError, "a subnet is a (network >> shift, shift) tuple");
         return 0;
+    }
+    /* not "K": it masks, so -(2**64) + 5 would be network 5 */
+    unsigned long long net = PyLong_AsUnsignedLongLong(network);
+    if (net == (unsigned long long)-1 && PyErr_Occurred()) {
+        if (!PyErr_ExceptionMatches(PyExc_OverflowError))
+            return 0;
+        PyErr_Clear();
     }
     if (shift < 0 || shift > 32 || net > 0xFFFFFFFFull) {
         PyErr_SetString(PyExc_ValueError, "a subnet needs 0 <= shift <= 32 and a 32-bit network");
@@ -886,10 +893,12 @@ typedef struct {
 static int parse_rules(rx_args_t *a, PyObject *sources, PyObject *destination, PyObject *vxlan)
 {
     memset(&a->rules, 0, sizeof a->rules);
-    PyObject *seq = PySequence_Fast(sources, "sources must be a sequence of subnets");
+    /* a tuple of our own (free when sources is one): parsing a subnet may run Python (an
+     * __index__) that changes a list of them while we walk it */
+    PyObject *seq = PySequence_Tuple(sources);
     if (seq == NULL)
         return 0;
-    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    Py_ssize_t n = PyTuple_GET_SIZE(seq);
     a->rules.sources = n <= 8 ? a->source_storage : PyMem_Malloc(sizeof(subnet_t) * (size_t)n);
     if (a->rules.sources == NULL) {
         Py_DECREF(seq);
@@ -898,7 +907,7 @@ static int parse_rules(rx_args_t *a, PyObject *sources, PyObject *destination, P
     }
     a->rules.nsources = n;
     for (Py_ssize_t i = 0; i < n; i++) {
-        if (!parse_subnet(PySequence_Fast_GET_ITEM(seq, i), &a->rules.sources[i])) {
+        if (!parse_subnet(PyTuple_GET_ITEM(seq, i), &a->rules.sources[i])) {
             Py_DECREF(seq);
             return 0;
         }

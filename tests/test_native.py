@@ -576,3 +576,27 @@ def test_finish_checksums_takes_any_region_sequence_as_the_reference() -> None:
     reference = bytearray(range(64))
     tso.finish_checksums(reference, [(0, 20, 4)])
     assert buf == reference
+
+
+def test_rx_rules_survive_a_subnet_that_empties_the_sources() -> None:
+    """The sources list was walked by borrowed items while parsing one ran Python (an
+    __index__ that clears the list): a segfault before the fix."""
+    for call in (
+        lambda s: c.drop_reason(bytearray(40), 0, 20, s, (0, 32)),
+        lambda s: c.valid_pieces(bytearray(40), 40, 40, s, (0, 32), Counter()),
+        lambda s: c.plan_tun_writes(bytearray(40), 40, 40, s, (0, 32), Counter()),
+        lambda s: c.deliver(-1, bytearray(40), 40, 40, s, (0, 32), Counter()),
+    ):
+        sources: list[Any] = []
+        sources += [(1, Index(8, hook=sources.clear))] + [(2, 8)] * 8
+        call(sources)
+
+
+@pytest.mark.parametrize("net", [-(2**64) + 5, 2**64 + 5, 2**32, -1])
+def test_rx_subnets_beyond_32_bits_are_refused(net: int) -> None:
+    """A network beyond 32 bits was masked to its low 64 (-(2**64) + 5 became 5, so
+    packets from 0.0.0.5 passed that the reference counts as foreign)."""
+    with pytest.raises(ValueError):
+        c.drop_reason(bytearray(40), 0, 20, [(net, 0)], (0, 32))
+    with pytest.raises(ValueError):
+        c.valid_pieces(bytearray(40), 40, 40, [(0, 32)], (net, 0), Counter())
