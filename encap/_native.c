@@ -222,6 +222,13 @@ done:
 
 /* -- TX: plan_groups (encap.gso.plan_groups) --------------------------------------------- */
 
+/* A group's byte total: the reference sums Python ints, which never wrap. */
+#ifdef __SIZEOF_INT128__
+typedef __int128 total_t;
+#else
+typedef long long total_t; /* Py_ssize_t is 32 bits where there is no __int128 */
+#endif
+
 static PyObject *plan_groups(PyObject *self, PyObject *args)
 {
     PyObject *lengths_in, *keys_in;
@@ -231,6 +238,7 @@ static PyObject *plan_groups(PyObject *self, PyObject *args)
     PyObject *lengths = PySequence_Fast(lengths_in, "lengths must be a sequence");
     PyObject *keys = lengths ? PySequence_Fast(keys_in, "keys must be a sequence") : NULL;
     PyObject *groups = keys ? PyList_New(0) : NULL, *result = NULL;
+    PyObject *group_key = NULL; /* owned: a key's __eq__ may drop it from the list */
     if (groups == NULL)
         goto done;
     Py_ssize_t count = PySequence_Fast_GET_SIZE(lengths);
@@ -243,9 +251,11 @@ static PyObject *plan_groups(PyObject *self, PyObject *args)
         goto done;
     }
     PyObject **len = PySequence_Fast_ITEMS(lengths), **key = PySequence_Fast_ITEMS(keys);
-    Py_ssize_t start = 0, size, total, previous;
-    PyObject *group_key = key[0];
-    size = total = previous = PyLong_AsSsize_t(len[0]);
+    Py_ssize_t start = 0, size, previous;
+    total_t total;
+    group_key = Py_NewRef(key[0]);
+    size = previous = PyLong_AsSsize_t(len[0]);
+    total = size;
     if (size == -1 && PyErr_Occurred())
         goto done;
     for (Py_ssize_t i = 1; i < count; i++) {
@@ -255,9 +265,23 @@ static PyObject *plan_groups(PyObject *self, PyObject *args)
         int same = 0;
         if (previous == size && length <= size && total + length <= max_bytes
             && i - start < max_segments) {
-            same = key[i] == group_key ? 1 : PyObject_RichCompareBool(key[i], group_key, Py_EQ);
-            if (same < 0)
-                goto done;
+            if (key[i] == group_key) {
+                same = 1;
+            } else {
+                PyObject *k = Py_NewRef(key[i]);
+                same = PyObject_RichCompareBool(k, group_key, Py_EQ);
+                Py_DECREF(k);
+                if (same < 0)
+                    goto done;
+                /* __eq__ ran Python: the lists (when they are lists) may have changed */
+                if (PySequence_Fast_GET_SIZE(lengths) < count
+                    || PySequence_Fast_GET_SIZE(keys) < count) {
+                    PyErr_SetString(PyExc_IndexError, "the lists shrank during plan_groups");
+                    goto done;
+                }
+                len = PySequence_Fast_ITEMS(lengths);
+                key = PySequence_Fast_ITEMS(keys);
+            }
         }
         if (same) {
             total += length;
@@ -271,8 +295,9 @@ static PyObject *plan_groups(PyObject *self, PyObject *args)
         }
         Py_DECREF(g);
         start = i;
-        group_key = key[i];
-        size = total = previous = length;
+        Py_SETREF(group_key, Py_NewRef(key[i]));
+        size = previous = length;
+        total = length;
     }
     PyObject *g = Py_BuildValue("(nn)", start, count);
     if (g == NULL || PyList_Append(groups, g) < 0) {
@@ -282,6 +307,7 @@ static PyObject *plan_groups(PyObject *self, PyObject *args)
     Py_DECREF(g);
     result = Py_NewRef(groups);
 done:
+    Py_XDECREF(group_key);
     Py_XDECREF(groups);
     Py_XDECREF(keys);
     Py_XDECREF(lengths);

@@ -600,3 +600,47 @@ def test_rx_subnets_beyond_32_bits_are_refused(net: int) -> None:
         c.drop_reason(bytearray(40), 0, 20, [(net, 0)], (0, 32))
     with pytest.raises(ValueError):
         c.valid_pieces(bytearray(40), 40, 40, [(0, 32)], (net, 0), Counter())
+
+
+def test_plan_groups_survives_keys_that_change_the_lists() -> None:
+    """Comparing keys runs Python (__eq__), which may empty both lists: their items were
+    read through stale pointers after it (a segfault before the fix); now an IndexError,
+    as the reference raises."""
+
+    class Key:
+        def __eq__(self, other: object) -> bool:
+            keys.clear()
+            lengths.clear()
+            return False
+
+        __hash__ = object.__hash__
+
+    results = []
+    for fn in (gso.plan_groups, c.plan_groups):
+        lengths = [10] * 50
+        keys = [Key() for _ in range(50)]
+        results.append(outcome(fn, lengths, keys))
+    assert results[1] == results[0] == ("error", "IndexError")
+
+
+SSIZE = st.integers(-(2**63), 2**63 - 1)
+
+
+@given(st.lists(st.tuples(st.one_of(SSIZE, st.integers(0, 2000)), st.integers(0, 1))), SSIZE)
+@FAST
+def test_plan_groups_with_lengths_anywhere_in_ssize_t(
+    items: list[tuple[int, int]], max_bytes: int
+) -> None:
+    """The running total of a group wrapped past 2**63 - 1 and let two huge packets share
+    one group; the reference sums without bounds."""
+    lengths = [n for n, _ in items]
+    keys = [k for _, k in items]
+    assert c.plan_groups(lengths, keys, 64, max_bytes) == gso.plan_groups(
+        lengths, keys, 64, max_bytes
+    )
+
+
+def test_plan_groups_total_beyond_ssize_t() -> None:
+    for lengths, max_bytes in (([2**62, 2**62], 2**63 - 1), ([-(2**62)] * 3, -(2**63))):
+        expected = gso.plan_groups(lengths, [0] * 3, 64, max_bytes)
+        assert c.plan_groups(lengths, [0] * 3, 64, max_bytes) == expected
