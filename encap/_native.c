@@ -114,11 +114,11 @@ static const char *cut_tcp4(uint8_t *b, Py_ssize_t size, Py_ssize_t at, Py_ssize
                             Py_ssize_t out[3], char *detail, size_t detail_size)
 {
     detail[0] = 0;
-    Py_ssize_t ip = at + room;
-    if (at < 0 || length < 0 || at > size || room > size - at || length > size - ip) {
+    if (at < 0 || length < 0 || at > size || room > size - at || length > size - at - room) {
         snprintf(detail, detail_size, "length %zd at %zd", length, at);
         return "gso_bad_length";
     }
+    Py_ssize_t ip = at + room;
     if (length < 40 || b[ip] >> 4 != 4 || b[ip + 9] != 6)
         return "gso_not_tcp4";
     Py_ssize_t ihl = (b[ip] & 0x0F) * 4;
@@ -342,7 +342,11 @@ static PyObject *read_tun(PyObject *self, PyObject *args)
     Py_ssize_t size = arena.len;
     PyObject *lengths = PyList_New(0), *addrs = PyList_New(0), *result = NULL;
     PyObject *addr = NULL, *prefix = NULL; /* the current peer's, owned */
-    Py_ssize_t (*regions)[3] = PyMem_Malloc(sizeof *regions * (size_t)(budget > 0 ? budget : 1));
+    /* at most a partial checksum per packet kept, and each kept packet takes >= 20 bytes
+     * of the arena: no more than size / 20 + 1 of them, whatever the budget (which made
+     * the size_t product wrap) */
+    Py_ssize_t most = budget < size / 20 + 1 ? budget : size / 20 + 1;
+    Py_ssize_t (*regions)[3] = PyMem_Malloc(sizeof *regions * (size_t)(most > 0 ? most : 1));
     Py_ssize_t nregions = 0, supers = 0, at = 0;
     uint8_t last_dst[4] = {0};
     int have_dst = 0;
@@ -351,7 +355,7 @@ static PyObject *read_tun(PyObject *self, PyObject *args)
         PyErr_NoMemory();
         goto done;
     }
-    if (headroom < 0 || limit > size - 2 * 65535 - headroom - 3) {
+    if (headroom < 0 || headroom > size || limit > size - 2 * 65535 - headroom - 3) {
         PyErr_SetString(PyExc_ValueError, "read_tun: the arena is too small for its limit");
         goto done;
     }
@@ -1079,7 +1083,7 @@ static PyObject *planned(PyObject *args, PyObject *kwargs, int coalesce)
             result = PyList_New(0);
         goto done;
     }
-    if (!plan_alloc(&plan, (a.size + a.segment - 1) / a.segment))
+    if (!plan_alloc(&plan, a.size / a.segment + (a.size % a.segment != 0)))
         goto done;
     uint8_t *d = a.data.buf;
     make_plan(d, a.size, a.segment, &a.rules, coalesce, a.mtu, &plan);
@@ -1180,7 +1184,7 @@ static PyObject *deliver(PyObject *self, PyObject *args, PyObject *kwargs)
     }
     if (!coalesce || !vnet)
         coalesce = 0; /* super-packets need the virtio_net_hdr */
-    if (!plan_alloc(&plan, (a.size + a.segment - 1) / a.segment))
+    if (!plan_alloc(&plan, a.size / a.segment + (a.size % a.segment != 0)))
         goto done;
     uint8_t *d = a.data.buf;
     static const uint8_t plain[10] = {0};

@@ -118,6 +118,9 @@ def test_segment_tcp4_refuses_what_does_not_fit() -> None:
         for fn in (tso.segment_tcp4, c.segment_tcp4):
             with pytest.raises(CodecError):
                 fn(bytearray(100), *args, 1400, b"")
+    for fn in (tso.segment_tcp4, c.segment_tcp4):  # at + len(prefix) beyond 2**63 - 1
+        with pytest.raises(CodecError):
+            fn(bytearray(100), 2**63 - 1, 40, 1400, b"x")
     with pytest.raises(TypeError):
         c.segment_tcp4(b"read-only", 0, 9, 1, b"")  # the buffer must be writable
 
@@ -644,3 +647,75 @@ def test_plan_groups_total_beyond_ssize_t() -> None:
     for lengths, max_bytes in (([2**62, 2**62], 2**63 - 1), ([-(2**62)] * 3, -(2**63))):
         expected = gso.plan_groups(lengths, [0] * 3, 64, max_bytes)
         assert c.plan_groups(lengths, [0] * 3, 64, max_bytes) == expected
+
+
+@pytest.mark.parametrize("segment", [2**63 - 1, 2**63 - 2, 2**62, 65536])
+def test_receive_of_one_datagram_with_any_larger_segment(segment: int) -> None:
+    """size + segment - 1 (the datagram count) wrapped for a segment near 2**63: a
+    MemoryError (UBSan: overflow) where the reference sees one datagram."""
+    packet = bytearray(Segment(1, 1, 1, 0x10, bytes(100)).build())
+    for pure, fast in ((gso.valid_pieces, c.valid_pieces), (gso.plan_tun_writes, c.plan_tun_writes)):
+        drops_a: Counter[str] = Counter()
+        drops_b: Counter[str] = Counter()
+        a = outcome(pure, bytearray(packet), len(packet), segment, [(0, 32)], (0, 32), drops_a)
+        b = outcome(fast, bytearray(packet), len(packet), segment, [(0, 32)], (0, 32), drops_b)
+        if pure is gso.plan_tun_writes:
+            a, b = ("ok", joined(a[1])), ("ok", joined(b[1]))
+        assert (b, drops_b) == (a, drops_a)
+    drops: Counter[str] = Counter()
+    counts = c.deliver(-1, bytearray(packet), len(packet), segment, [(0, 32)], (0, 32), drops)
+    assert (counts, drops) == ((0, 0, 0), {"rx_tun_error": 1})
+
+
+class _Peer:
+    def __init__(self, prefix: bytes) -> None:
+        self.addr = ("192.0.2.2", 8285)
+        self.prefix = prefix
+
+
+def _partial_udp_reads(tun: Tun, count: int) -> None:
+    """``count`` UDP packets behind a NEEDS_CSUM virtio_net_hdr (csum_start 20, offset 6)."""
+    packet = bytearray(Segment(1, 1, 1, 0x10, bytes(32), protocol=17).build())
+    for _ in range(count):
+        tun.kernel.send(struct.pack("=BBHHHH", 1, 0, 0, 0, 20, 6) + packet)
+
+
+def _read_tun(tun: Tun, arena: bytearray, headroom: int, budget: int, limit: int) -> Any:
+    peer = _Peer(bytes(headroom) if headroom < 100 else b"")
+    drops: list[str] = []
+    result = c.read_tun(
+        tun.ours.fileno(), arena, True, headroom, budget, limit, True,
+        lambda dst: peer, {}, lambda packet: None, lambda reason, at, n: drops.append(reason),
+    )  # fmt: skip
+    return result, drops
+
+
+def test_read_tun_with_a_budget_beyond_memory() -> None:
+    """The partial-checksum table was budget * 24 bytes, a size_t product that wraps to 0
+    for budget 2**62: every partial checksum was then written past a 1-byte allocation
+    (ASan: heap-buffer-overflow)."""
+    results = []
+    for budget in (2**62, 256):
+        tun = Tun()
+        try:
+            _partial_udp_reads(tun, 40)
+            arena = bytearray(1 << 18)
+            results.append((_read_tun(tun, arena, 0, budget, len(arena) - 2 * 65535 - 3), arena))
+        finally:
+            tun.close()
+    assert results[0] == results[1]
+    assert len(results[0][0][0][0]) == 40
+
+
+@pytest.mark.parametrize("headroom", [2**63 - 1, 2**63 - 100, 2**62])
+def test_read_tun_refuses_headroom_beyond_the_arena(headroom: int) -> None:
+    """The arena check (size - 2 * 65535 - headroom - 3) wrapped for a headroom near
+    2**63 and passed: readv got a pointer 2**63 bytes into the arena (EINVAL from the
+    kernel, by luck of the iovec length)."""
+    tun = Tun()
+    try:
+        _partial_udp_reads(tun, 1)
+        with pytest.raises(ValueError):
+            _read_tun(tun, bytearray(10), headroom, 4, 0)
+    finally:
+        tun.close()
