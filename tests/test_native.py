@@ -651,10 +651,12 @@ def test_plan_groups_total_beyond_ssize_t() -> None:
 
 @pytest.mark.parametrize("segment", [2**63 - 1, 2**63 - 2, 2**62, 65536])
 def test_receive_of_one_datagram_with_any_larger_segment(segment: int) -> None:
-    """size + segment - 1 (the datagram count) wrapped for a segment near 2**63: a
-    MemoryError (UBSan: overflow) where the reference sees one datagram."""
+    """size + segment - 1 (for the datagram count) wrapped for a segment near 2**63: the
+    plan arrays were allocated for 0 datagrams and written anyway (a heap overflow), where
+    the reference sees one datagram."""
     packet = bytearray(Segment(1, 1, 1, 0x10, bytes(100)).build())
-    for pure, fast in ((gso.valid_pieces, c.valid_pieces), (gso.plan_tun_writes, c.plan_tun_writes)):
+    planners = ((gso.valid_pieces, c.valid_pieces), (gso.plan_tun_writes, c.plan_tun_writes))
+    for pure, fast in planners:
         drops_a: Counter[str] = Counter()
         drops_b: Counter[str] = Counter()
         a = outcome(pure, bytearray(packet), len(packet), segment, [(0, 32)], (0, 32), drops_a)
@@ -719,3 +721,41 @@ def test_read_tun_refuses_headroom_beyond_the_arena(headroom: int) -> None:
             _read_tun(tun, bytearray(10), headroom, 4, 0)
     finally:
         tun.close()
+
+
+def test_callbacks_cannot_resize_a_buffer_the_module_is_using() -> None:
+    """read_tun calls Python (lookup, no_route, drop) and the receive calls write drop
+    counts through a mapping's methods while they hold raw pointers into the arena / RX
+    buffer; the Py_buffer export they hold makes the bytearray refuse to resize."""
+    tun = Tun()
+    try:
+        _partial_udp_reads(tun, 3)
+        arena = bytearray(1 << 18)
+
+        def lookup(dst: bytes) -> None:
+            arena.extend(bytes(1 << 20))  # would move the arena
+
+        with pytest.raises(BufferError):
+            c.read_tun(
+                tun.ours.fileno(), arena, True, 0, 8, len(arena) - 2 * 65535 - 3, True,
+                lookup, {}, lambda packet: None, lambda reason, at, n: None,
+            )  # fmt: skip
+        assert len(arena) == 1 << 18
+    finally:
+        tun.close()
+
+    data = bytearray(100)
+
+    class Drops(Counter[str]):
+        def __setitem__(self, key: str, value: int) -> None:
+            del data[:]  # would free the buffer
+            super().__setitem__(key, value)
+
+    for call in (
+        lambda: c.valid_pieces(data, 100, 50, [(0, 32)], (0, 32), Drops()),
+        lambda: c.plan_tun_writes(data, 100, 50, [(0, 32)], (0, 32), Drops()),
+        lambda: c.deliver(-1, data, 100, 50, [(0, 32)], (0, 32), Drops()),
+    ):
+        with pytest.raises(BufferError):
+            call()
+        assert len(data) == 100
