@@ -799,8 +799,8 @@ static int continues(const uint8_t *d, Py_ssize_t start, Py_ssize_t head, Py_ssi
         && memcmp(d + start + 40, d + head + 40, (size_t)(hl - 40)) == 0; /* options */
 }
 
-/* plan_tun_writes when coalesce, else valid_pieces (then every write is plain). Runs
- * without the GIL: touches only d[0:size] and the plan. */
+/* plan_tun_writes when coalesce, else valid_pieces (then every write is plain). No
+ * Python calls (the GIL is kept all the same): touches only d[0:size] and the plan. */
 static void make_plan(uint8_t *d, Py_ssize_t size, Py_ssize_t segment, const rules_t *rules,
                       int coalesce, Py_ssize_t mtu, plan_t *plan)
 {
