@@ -8,7 +8,10 @@ STAMP   := .venv/.installed
 # `make fuzz` (clang + libFuzzer through atheris, every entry point, FUZZ_SECONDS).
 NATIVE_TESTS := tests/test_native.py tests/test_encap_rx.py tests/test_encap_tso.py \
                 tests/test_fastpath.py
-SANITIZE := -fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer -g
+# -fno-wrapv: CPython's own CFLAGS (sysconfig) carry -fwrapv, which defines signed
+# overflow and so switches UBSan's signed-integer-overflow check off.
+SANITIZE := -fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer -g \
+            -fno-wrapv
 FUZZ_PKGS := clang libclang-rt-14-dev
 FUZZ_SECONDS ?= 60
 
@@ -61,7 +64,7 @@ fuzz: setup
 	@command -v clang >/dev/null && ls /usr/lib/llvm-14/lib/clang/*/lib/linux/libclang_rt.asan-x86_64.a >/dev/null 2>&1 \
 	    || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(FUZZ_PKGS)
 	rm -rf build/fuzz && mkdir -p build/fuzz/corpus
-	CC=clang LDSHARED="clang -shared" CFLAGS="-fsanitize=fuzzer-no-link,address,undefined -g" \
+	CC=clang LDSHARED="clang -shared" CFLAGS="-fsanitize=fuzzer-no-link,address,undefined -fno-wrapv -g" \
 	    LDFLAGS="-fsanitize=address,undefined" $(PY) setup.py -q build_ext \
 	    --build-lib build/fuzz --build-temp build/fuzz/tmp 2>&1 | grep -v _BetaConfiguration || true
 	cd build/fuzz && env LD_PRELOAD=$$($(CURDIR)/$(PY) -c 'import atheris; print(atheris.path())')/asan_with_fuzzer.so \

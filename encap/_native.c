@@ -114,11 +114,11 @@ static const char *cut_tcp4(uint8_t *b, Py_ssize_t size, Py_ssize_t at, Py_ssize
                             Py_ssize_t out[3], char *detail, size_t detail_size)
 {
     detail[0] = 0;
-    Py_ssize_t ip = at + room;
-    if (at < 0 || length < 0 || at > size || room > size - at || length > size - ip) {
+    if (at < 0 || length < 0 || at > size || room > size - at || length > size - at - room) {
         snprintf(detail, detail_size, "length %zd at %zd", length, at);
         return "gso_bad_length";
     }
+    Py_ssize_t ip = at + room;
     if (length < 40 || b[ip] >> 4 != 4 || b[ip + 9] != 6)
         return "gso_not_tcp4";
     Py_ssize_t ihl = (b[ip] & 0x0F) * 4;
@@ -222,6 +222,13 @@ done:
 
 /* -- TX: plan_groups (encap.gso.plan_groups) --------------------------------------------- */
 
+/* A group's byte total: the reference sums Python ints, which never wrap. */
+#ifdef __SIZEOF_INT128__
+typedef __int128 total_t;
+#else
+typedef long long total_t; /* Py_ssize_t is 32 bits where there is no __int128 */
+#endif
+
 static PyObject *plan_groups(PyObject *self, PyObject *args)
 {
     PyObject *lengths_in, *keys_in;
@@ -231,6 +238,7 @@ static PyObject *plan_groups(PyObject *self, PyObject *args)
     PyObject *lengths = PySequence_Fast(lengths_in, "lengths must be a sequence");
     PyObject *keys = lengths ? PySequence_Fast(keys_in, "keys must be a sequence") : NULL;
     PyObject *groups = keys ? PyList_New(0) : NULL, *result = NULL;
+    PyObject *group_key = NULL; /* owned: a key's __eq__ may drop it from the list */
     if (groups == NULL)
         goto done;
     Py_ssize_t count = PySequence_Fast_GET_SIZE(lengths);
@@ -243,9 +251,11 @@ static PyObject *plan_groups(PyObject *self, PyObject *args)
         goto done;
     }
     PyObject **len = PySequence_Fast_ITEMS(lengths), **key = PySequence_Fast_ITEMS(keys);
-    Py_ssize_t start = 0, size, total, previous;
-    PyObject *group_key = key[0];
-    size = total = previous = PyLong_AsSsize_t(len[0]);
+    Py_ssize_t start = 0, size, previous;
+    total_t total;
+    group_key = Py_NewRef(key[0]);
+    size = previous = PyLong_AsSsize_t(len[0]);
+    total = size;
     if (size == -1 && PyErr_Occurred())
         goto done;
     for (Py_ssize_t i = 1; i < count; i++) {
@@ -255,9 +265,23 @@ static PyObject *plan_groups(PyObject *self, PyObject *args)
         int same = 0;
         if (previous == size && length <= size && total + length <= max_bytes
             && i - start < max_segments) {
-            same = key[i] == group_key ? 1 : PyObject_RichCompareBool(key[i], group_key, Py_EQ);
-            if (same < 0)
-                goto done;
+            if (key[i] == group_key) {
+                same = 1;
+            } else {
+                PyObject *k = Py_NewRef(key[i]);
+                same = PyObject_RichCompareBool(k, group_key, Py_EQ);
+                Py_DECREF(k);
+                if (same < 0)
+                    goto done;
+                /* __eq__ ran Python: the lists (when they are lists) may have changed */
+                if (PySequence_Fast_GET_SIZE(lengths) < count
+                    || PySequence_Fast_GET_SIZE(keys) < count) {
+                    PyErr_SetString(PyExc_IndexError, "the lists shrank during plan_groups");
+                    goto done;
+                }
+                len = PySequence_Fast_ITEMS(lengths);
+                key = PySequence_Fast_ITEMS(keys);
+            }
         }
         if (same) {
             total += length;
@@ -271,8 +295,9 @@ static PyObject *plan_groups(PyObject *self, PyObject *args)
         }
         Py_DECREF(g);
         start = i;
-        group_key = key[i];
-        size = total = previous = length;
+        Py_SETREF(group_key, Py_NewRef(key[i]));
+        size = previous = length;
+        total = length;
     }
     PyObject *g = Py_BuildValue("(nn)", start, count);
     if (g == NULL || PyList_Append(groups, g) < 0) {
@@ -282,6 +307,7 @@ static PyObject *plan_groups(PyObject *self, PyObject *args)
     Py_DECREF(g);
     result = Py_NewRef(groups);
 done:
+    Py_XDECREF(group_key);
     Py_XDECREF(groups);
     Py_XDECREF(keys);
     Py_XDECREF(lengths);
@@ -316,7 +342,11 @@ static PyObject *read_tun(PyObject *self, PyObject *args)
     Py_ssize_t size = arena.len;
     PyObject *lengths = PyList_New(0), *addrs = PyList_New(0), *result = NULL;
     PyObject *addr = NULL, *prefix = NULL; /* the current peer's, owned */
-    Py_ssize_t (*regions)[3] = PyMem_Malloc(sizeof *regions * (size_t)(budget > 0 ? budget : 1));
+    /* at most a partial checksum per packet kept, and each kept packet takes >= 20 bytes
+     * of the arena: no more than size / 20 + 1 of them, whatever the budget (which made
+     * the size_t product wrap) */
+    Py_ssize_t most = budget < size / 20 + 1 ? budget : size / 20 + 1;
+    Py_ssize_t (*regions)[3] = PyMem_Malloc(sizeof *regions * (size_t)(most > 0 ? most : 1));
     Py_ssize_t nregions = 0, supers = 0, at = 0;
     uint8_t last_dst[4] = {0};
     int have_dst = 0;
@@ -325,7 +355,7 @@ static PyObject *read_tun(PyObject *self, PyObject *args)
         PyErr_NoMemory();
         goto done;
     }
-    if (headroom < 0 || limit > size - 2 * 65535 - headroom - 3) {
+    if (headroom < 0 || headroom > size || limit > size - 2 * 65535 - headroom - 3) {
         PyErr_SetString(PyExc_ValueError, "read_tun: the arena is too small for its limit");
         goto done;
     }
@@ -474,10 +504,9 @@ done:
 
 /* -- TX: finish_checksums --------------------------------------------------------------- */
 
-static int region_of(PyObject *item, Py_ssize_t *r)
-{
-    return PyArg_ParseTuple(item, "nnn", &r[0], &r[1], &r[2]);
-}
+typedef struct {
+    Py_ssize_t start, end, field;
+} region_t;
 
 static PyObject *finish_checksums(PyObject *self, PyObject *args)
 {
@@ -485,32 +514,42 @@ static PyObject *finish_checksums(PyObject *self, PyObject *args)
     PyObject *regions;
     if (!PyArg_ParseTuple(args, "w*O", &buf, &regions))
         return NULL;
-    PyObject *seq = PySequence_Fast(regions, "regions must be a sequence");
+    /* Our own tuple, each region read once into r: reading a region may run Python (a
+     * sequence's iterator, an __index__) that changes the list or what it would read. */
+    PyObject *seq = PySequence_Tuple(regions);
     PyObject *result = NULL;
-    if (seq == NULL)
+    Py_ssize_t n = seq ? PyTuple_GET_SIZE(seq) : 0;
+    region_t *r = seq ? PyMem_New(region_t, n ? (size_t)n : 1) : NULL;
+    if (r == NULL) {
+        if (seq != NULL)
+            PyErr_NoMemory();
         goto done;
-    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
-    PyObject **items = PySequence_Fast_ITEMS(seq);
-    Py_ssize_t r[3];
+    }
     for (Py_ssize_t i = 0; i < n; i++) { /* all checked before anything is written */
-        if (!PyTuple_Check(items[i]) || !region_of(items[i], r))
+        PyObject *item = PySequence_Tuple(PyTuple_GET_ITEM(seq, i));
+        int ok = item != NULL
+              && PyArg_ParseTuple(item, "nnn", &r[i].start, &r[i].end, &r[i].field);
+        Py_XDECREF(item);
+        if (!ok)
             goto done;
-        if (!(0 <= r[0] && r[0] <= r[2] && r[2] + 2 <= r[1] && r[1] <= buf.len)) {
+        /* start <= field, field + 2 <= end <= len(buf), without overflow */
+        if (!(0 <= r[i].start && r[i].start <= r[i].field && r[i].field < r[i].end
+              && r[i].end - r[i].field >= 2 && r[i].end <= buf.len)) {
             PyErr_Format(PyExc_ValueError, "checksum region (%zd, %zd, %zd) outside the buffer",
-                         r[0], r[1], r[2]);
+                         r[i].start, r[i].end, r[i].field);
             goto done;
         }
     }
     uint8_t *b = buf.buf;
     for (Py_ssize_t i = 0; i < n; i++) {
-        region_of(items[i], r);
-        uint32_t c = ~fold(sum16(b + r[0], r[1] - r[0])) & 0xFFFF;
-        if (c == 0 && r[2] - r[0] == 6)
+        uint32_t c = ~fold(sum16(b + r[i].start, r[i].end - r[i].start)) & 0xFFFF;
+        if (c == 0 && r[i].field - r[i].start == 6)
             c = 0xFFFF; /* UDP: 0 would mean "no checksum" */
-        put16(b + r[2], c);
+        put16(b + r[i].field, c);
     }
     result = Py_NewRef(Py_None);
 done:
+    PyMem_Free(r);
     Py_XDECREF(seq);
     PyBuffer_Release(&buf);
     return result;
@@ -574,12 +613,19 @@ static inline int inside(uint32_t address, subnet_t s)
 /* (network >> shift, shift) as Python passes it: shift 0..32, the network within 32 bits. */
 static int parse_subnet(PyObject *item, subnet_t *out)
 {
-    unsigned long long net;
+    PyObject *network;
     int shift;
-    if (!PyTuple_Check(item) || !PyArg_ParseTuple(item, "Ki", &net, &shift)) {
+    if (!PyTuple_Check(item) || !PyArg_ParseTuple(item, "O!i", &PyLong_Type, &network, &shift)) {
         if (!PyErr_Occurred())
             PyErr_SetString(PyExc_TypeError, "a subnet is a (network >> shift, shift) tuple");
         return 0;
+    }
+    /* not "K": it masks, so -(2**64) + 5 would be network 5 */
+    unsigned long long net = PyLong_AsUnsignedLongLong(network);
+    if (net == (unsigned long long)-1 && PyErr_Occurred()) {
+        if (!PyErr_ExceptionMatches(PyExc_OverflowError))
+            return 0;
+        PyErr_Clear();
     }
     if (shift < 0 || shift > 32 || net > 0xFFFFFFFFull) {
         PyErr_SetString(PyExc_ValueError, "a subnet needs 0 <= shift <= 32 and a 32-bit network");
@@ -753,8 +799,8 @@ static int continues(const uint8_t *d, Py_ssize_t start, Py_ssize_t head, Py_ssi
         && memcmp(d + start + 40, d + head + 40, (size_t)(hl - 40)) == 0; /* options */
 }
 
-/* plan_tun_writes when coalesce, else valid_pieces (then every write is plain). Runs
- * without the GIL: touches only d[0:size] and the plan. */
+/* plan_tun_writes when coalesce, else valid_pieces (then every write is plain). No
+ * Python calls (the GIL is kept all the same): touches only d[0:size] and the plan. */
 static void make_plan(uint8_t *d, Py_ssize_t size, Py_ssize_t segment, const rules_t *rules,
                       int coalesce, Py_ssize_t mtu, plan_t *plan)
 {
@@ -877,10 +923,12 @@ typedef struct {
 static int parse_rules(rx_args_t *a, PyObject *sources, PyObject *destination, PyObject *vxlan)
 {
     memset(&a->rules, 0, sizeof a->rules);
-    PyObject *seq = PySequence_Fast(sources, "sources must be a sequence of subnets");
+    /* a tuple of our own (free when sources is one): parsing a subnet may run Python (an
+     * __index__) that changes a list of them while we walk it */
+    PyObject *seq = PySequence_Tuple(sources);
     if (seq == NULL)
         return 0;
-    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    Py_ssize_t n = PyTuple_GET_SIZE(seq);
     a->rules.sources = n <= 8 ? a->source_storage : PyMem_Malloc(sizeof(subnet_t) * (size_t)n);
     if (a->rules.sources == NULL) {
         Py_DECREF(seq);
@@ -889,7 +937,7 @@ static int parse_rules(rx_args_t *a, PyObject *sources, PyObject *destination, P
     }
     a->rules.nsources = n;
     for (Py_ssize_t i = 0; i < n; i++) {
-        if (!parse_subnet(PySequence_Fast_GET_ITEM(seq, i), &a->rules.sources[i])) {
+        if (!parse_subnet(PyTuple_GET_ITEM(seq, i), &a->rules.sources[i])) {
             Py_DECREF(seq);
             return 0;
         }
@@ -1035,7 +1083,7 @@ static PyObject *planned(PyObject *args, PyObject *kwargs, int coalesce)
             result = PyList_New(0);
         goto done;
     }
-    if (!plan_alloc(&plan, (a.size + a.segment - 1) / a.segment))
+    if (!plan_alloc(&plan, a.size / a.segment + (a.size % a.segment != 0)))
         goto done;
     uint8_t *d = a.data.buf;
     make_plan(d, a.size, a.segment, &a.rules, coalesce, a.mtu, &plan);
@@ -1136,7 +1184,7 @@ static PyObject *deliver(PyObject *self, PyObject *args, PyObject *kwargs)
     }
     if (!coalesce || !vnet)
         coalesce = 0; /* super-packets need the virtio_net_hdr */
-    if (!plan_alloc(&plan, (a.size + a.segment - 1) / a.segment))
+    if (!plan_alloc(&plan, a.size / a.segment + (a.size % a.segment != 0)))
         goto done;
     uint8_t *d = a.data.buf;
     static const uint8_t plain[10] = {0};

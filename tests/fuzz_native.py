@@ -87,7 +87,7 @@ def _read_tun_once(data: bytearray, prefix: bytes, n: int) -> None:
 
 def one_input(blob: bytes) -> None:
     fdp = atheris.FuzzedDataProvider(blob)
-    which = fdp.ConsumeIntInRange(0, 6)
+    which = fdp.ConsumeIntInRange(0, 7)
     a = fdp.ConsumeIntInRange(-4, 70000)
     b = fdp.ConsumeIntInRange(-4, 70000)
     n = fdp.ConsumeIntInRange(-2, 3000)
@@ -104,6 +104,11 @@ def one_input(blob: bytes) -> None:
         regions = [(a % 3000, b % 3000, n % 3000), (b % 2000 - 1, a % 2000, n)]
         ref = _outcome(tso.finish_checksums, ours, regions[: 1 + (n & 1)])
         got = _outcome(_native.finish_checksums, theirs, regions[: 1 + (n & 1)])
+    elif which == 7:  # plan_groups: lengths and keys from the data, limits from a, b, n
+        lengths = [x * (n % 64 + 1) for x in data[::2]]
+        keys = [("192.0.2.1", x & 3) for x in data[1::2]]
+        ref = _outcome(gso.plan_groups, lengths, keys, a % 70 - 1, b * 4)
+        got = _outcome(_native.plan_groups, lengths, keys, a % 70 - 1, b * 4)
     elif which == 2:
         ref = _outcome(gso.drop_reason, ours, a % 3000, b % 3000, sources, destination)
         got = _outcome(_native.drop_reason, theirs, a % 3000, b % 3000, sources, destination)

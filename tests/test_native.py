@@ -118,6 +118,9 @@ def test_segment_tcp4_refuses_what_does_not_fit() -> None:
         for fn in (tso.segment_tcp4, c.segment_tcp4):
             with pytest.raises(CodecError):
                 fn(bytearray(100), *args, 1400, b"")
+    for fn in (tso.segment_tcp4, c.segment_tcp4):  # at + len(prefix) beyond 2**63 - 1
+        with pytest.raises(CodecError):
+            fn(bytearray(100), 2**63 - 1, 40, 1400, b"x")
     with pytest.raises(TypeError):
         c.segment_tcp4(b"read-only", 0, 9, 1, b"")  # the buffer must be writable
 
@@ -511,3 +514,248 @@ def test_plan_groups_matches_the_reference(
     expected = gso.plan_groups(lengths, keys, max_segments, max_bytes)
     assert c.plan_groups(lengths, keys, max_segments, max_bytes) == expected
     assert c.plan_groups(lengths, keys) == gso.plan_groups(lengths, keys)
+
+
+# -- hostile arguments: extreme integers, objects that run Python mid-call ------------------
+# (The dataplane passes plain ints, tuples and lists it built itself; the module must still
+# not read or write outside its buffers, or crash, whatever a caller hands it.)
+
+HUGE = (2**63 - 1, 2**63 - 2, 2**62, -(2**63), -(2**63) + 1)
+
+
+@pytest.mark.parametrize("value", HUGE)
+def test_finish_checksums_regions_at_the_ends_of_ssize_t(value: int) -> None:
+    """A field or end near 2**63 once wrapped the bounds check (field + 2 < 0) and
+    wrote 2 bytes far outside the buffer (a segfault)."""
+    for region in [(0, 20, value), (0, value, 4), (value, 20, 4), (0, value, value)]:
+        ours, theirs = bytearray(64), bytearray(64)
+        expected = outcome(tso.finish_checksums, ours, [region])
+        assert outcome(c.finish_checksums, theirs, [region]) == expected
+        assert theirs == ours
+
+
+class Index:
+    """An int-like whose value changes per read and which may run ``hook`` when read."""
+
+    def __init__(self, *values: int, hook: Callable[[], None] | None = None) -> None:
+        self.values = list(values)
+        self.reads = 0
+        self.hook = hook
+
+    def __index__(self) -> int:
+        self.reads += 1
+        if self.hook is not None:
+            self.hook()
+        return self.values[min(self.reads, len(self.values)) - 1]
+
+
+def test_finish_checksums_reads_each_region_once() -> None:
+    """Regions were parsed twice (check, then write): a field that is 10 when checked and
+    2**62 when used was written outside the buffer."""
+    data = bytes(range(64))
+    field = Index(10, 2**62)
+    buf = bytearray(data)
+    c.finish_checksums(buf, [(0, 20, field)])
+    reference = bytearray(data)
+    tso.finish_checksums(reference, [(0, 20, 10)])
+    assert (buf, field.reads) == (reference, 1)
+
+
+def test_finish_checksums_survives_a_region_that_empties_the_list() -> None:
+    regions: list[Any] = []
+    regions += [(0, 20, Index(4, hook=regions.clear))] + [(0, 20, 4)] * 8
+    c.finish_checksums(bytearray(64), regions)  # a segfault before the fix
+
+
+def test_finish_checksums_takes_any_region_sequence_as_the_reference() -> None:
+    """A region as a list returned NULL without an exception (SystemError)."""
+    for regions in ([[0, 20, 4]], ([0, 20, 10],), [range(0, 30, 10)], [[0, 20]], [[0, 1, 2, 3]]):
+        ours, theirs = bytearray(range(64)), bytearray(range(64))
+        expected = outcome(tso.finish_checksums, ours, list(regions))
+        assert outcome(c.finish_checksums, theirs, regions)[0] == expected[0]
+        assert theirs == ours
+    buf = bytearray(range(64))
+    c.finish_checksums(buf, [iter((0, 20, 4))])  # any iterable, as the reference unpacks
+    reference = bytearray(range(64))
+    tso.finish_checksums(reference, [(0, 20, 4)])
+    assert buf == reference
+
+
+def test_rx_rules_survive_a_subnet_that_empties_the_sources() -> None:
+    """The sources list was walked by borrowed items while parsing one ran Python (an
+    __index__ that clears the list): a segfault before the fix."""
+    for call in (
+        lambda s: c.drop_reason(bytearray(40), 0, 20, s, (0, 32)),
+        lambda s: c.valid_pieces(bytearray(40), 40, 40, s, (0, 32), Counter()),
+        lambda s: c.plan_tun_writes(bytearray(40), 40, 40, s, (0, 32), Counter()),
+        lambda s: c.deliver(-1, bytearray(40), 40, 40, s, (0, 32), Counter()),
+    ):
+        sources: list[Any] = []
+        sources += [(1, Index(8, hook=sources.clear))] + [(2, 8)] * 8
+        call(sources)
+
+
+@pytest.mark.parametrize("net", [-(2**64) + 5, 2**64 + 5, 2**32, -1])
+def test_rx_subnets_beyond_32_bits_are_refused(net: int) -> None:
+    """A network beyond 32 bits was masked to its low 64 (-(2**64) + 5 became 5, so
+    packets from 0.0.0.5 passed that the reference counts as foreign)."""
+    with pytest.raises(ValueError):
+        c.drop_reason(bytearray(40), 0, 20, [(net, 0)], (0, 32))
+    with pytest.raises(ValueError):
+        c.valid_pieces(bytearray(40), 40, 40, [(0, 32)], (net, 0), Counter())
+
+
+def test_plan_groups_survives_keys_that_change_the_lists() -> None:
+    """Comparing keys runs Python (__eq__), which may empty both lists: their items were
+    read through stale pointers after it (a segfault before the fix); now an IndexError,
+    as the reference raises."""
+
+    class Key:
+        def __eq__(self, other: object) -> bool:
+            keys.clear()
+            lengths.clear()
+            return False
+
+        __hash__ = object.__hash__
+
+    results = []
+    for fn in (gso.plan_groups, c.plan_groups):
+        lengths = [10] * 50
+        keys = [Key() for _ in range(50)]
+        results.append(outcome(fn, lengths, keys))
+    assert results[1] == results[0] == ("error", "IndexError")
+
+
+SSIZE = st.integers(-(2**63), 2**63 - 1)
+
+
+@given(st.lists(st.tuples(st.one_of(SSIZE, st.integers(0, 2000)), st.integers(0, 1))), SSIZE)
+@FAST
+def test_plan_groups_with_lengths_anywhere_in_ssize_t(
+    items: list[tuple[int, int]], max_bytes: int
+) -> None:
+    """The running total of a group wrapped past 2**63 - 1 and let two huge packets share
+    one group; the reference sums without bounds."""
+    lengths = [n for n, _ in items]
+    keys = [k for _, k in items]
+    assert c.plan_groups(lengths, keys, 64, max_bytes) == gso.plan_groups(
+        lengths, keys, 64, max_bytes
+    )
+
+
+def test_plan_groups_total_beyond_ssize_t() -> None:
+    for lengths, max_bytes in (([2**62, 2**62], 2**63 - 1), ([-(2**62)] * 3, -(2**63))):
+        expected = gso.plan_groups(lengths, [0] * 3, 64, max_bytes)
+        assert c.plan_groups(lengths, [0] * 3, 64, max_bytes) == expected
+
+
+@pytest.mark.parametrize("segment", [2**63 - 1, 2**63 - 2, 2**62, 65536])
+def test_receive_of_one_datagram_with_any_larger_segment(segment: int) -> None:
+    """size + segment - 1 (for the datagram count) wrapped for a segment near 2**63: the
+    plan arrays were allocated for 0 datagrams and written anyway (a heap overflow), where
+    the reference sees one datagram."""
+    packet = bytearray(Segment(1, 1, 1, 0x10, bytes(100)).build())
+    planners = ((gso.valid_pieces, c.valid_pieces), (gso.plan_tun_writes, c.plan_tun_writes))
+    for pure, fast in planners:
+        drops_a: Counter[str] = Counter()
+        drops_b: Counter[str] = Counter()
+        a = outcome(pure, bytearray(packet), len(packet), segment, [(0, 32)], (0, 32), drops_a)
+        b = outcome(fast, bytearray(packet), len(packet), segment, [(0, 32)], (0, 32), drops_b)
+        if pure is gso.plan_tun_writes:
+            a, b = ("ok", joined(a[1])), ("ok", joined(b[1]))
+        assert (b, drops_b) == (a, drops_a)
+    drops: Counter[str] = Counter()
+    counts = c.deliver(-1, bytearray(packet), len(packet), segment, [(0, 32)], (0, 32), drops)
+    assert (counts, drops) == ((0, 0, 0), {"rx_tun_error": 1})
+
+
+class _Peer:
+    def __init__(self, prefix: bytes) -> None:
+        self.addr = ("192.0.2.2", 8285)
+        self.prefix = prefix
+
+
+def _partial_udp_reads(tun: Tun, count: int) -> None:
+    """``count`` UDP packets behind a NEEDS_CSUM virtio_net_hdr (csum_start 20, offset 6)."""
+    packet = bytearray(Segment(1, 1, 1, 0x10, bytes(32), protocol=17).build())
+    for _ in range(count):
+        tun.kernel.send(struct.pack("=BBHHHH", 1, 0, 0, 0, 20, 6) + packet)
+
+
+def _read_tun(tun: Tun, arena: bytearray, headroom: int, budget: int, limit: int) -> Any:
+    peer = _Peer(bytes(headroom) if headroom < 100 else b"")
+    drops: list[str] = []
+    result = c.read_tun(
+        tun.ours.fileno(), arena, True, headroom, budget, limit, True,
+        lambda dst: peer, {}, lambda packet: None, lambda reason, at, n: drops.append(reason),
+    )  # fmt: skip
+    return result, drops
+
+
+def test_read_tun_with_a_budget_beyond_memory() -> None:
+    """The partial-checksum table was budget * 24 bytes, a size_t product that wraps to 0
+    for budget 2**62: every partial checksum was then written past a 1-byte allocation
+    (ASan: heap-buffer-overflow)."""
+    results = []
+    for budget in (2**62, 256):
+        tun = Tun()
+        try:
+            _partial_udp_reads(tun, 40)
+            arena = bytearray(1 << 18)
+            results.append((_read_tun(tun, arena, 0, budget, len(arena) - 2 * 65535 - 3), arena))
+        finally:
+            tun.close()
+    assert results[0] == results[1]
+    assert len(results[0][0][0][0]) == 40
+
+
+@pytest.mark.parametrize("headroom", [2**63 - 1, 2**63 - 100, 2**62])
+def test_read_tun_refuses_headroom_beyond_the_arena(headroom: int) -> None:
+    """The arena check (size - 2 * 65535 - headroom - 3) wrapped for a headroom near
+    2**63 and passed: readv got a pointer 2**63 bytes into the arena (EINVAL from the
+    kernel, by luck of the iovec length)."""
+    tun = Tun()
+    try:
+        _partial_udp_reads(tun, 1)
+        with pytest.raises(ValueError):
+            _read_tun(tun, bytearray(10), headroom, 4, 0)
+    finally:
+        tun.close()
+
+
+def test_callbacks_cannot_resize_a_buffer_the_module_is_using() -> None:
+    """read_tun calls Python (lookup, no_route, drop) and the receive calls write drop
+    counts through a mapping's methods while they hold raw pointers into the arena / RX
+    buffer; the Py_buffer export they hold makes the bytearray refuse to resize."""
+    tun = Tun()
+    try:
+        _partial_udp_reads(tun, 3)
+        arena = bytearray(1 << 18)
+
+        def lookup(dst: bytes) -> None:
+            arena.extend(bytes(1 << 20))  # would move the arena
+
+        with pytest.raises(BufferError):
+            c.read_tun(
+                tun.ours.fileno(), arena, True, 0, 8, len(arena) - 2 * 65535 - 3, True,
+                lookup, {}, lambda packet: None, lambda reason, at, n: None,
+            )  # fmt: skip
+        assert len(arena) == 1 << 18
+    finally:
+        tun.close()
+
+    data = bytearray(100)
+
+    class Drops(Counter[str]):
+        def __setitem__(self, key: str, value: int) -> None:
+            del data[:]  # would free the buffer
+            super().__setitem__(key, value)
+
+    for call in (
+        lambda: c.valid_pieces(data, 100, 50, [(0, 32)], (0, 32), Drops()),
+        lambda: c.plan_tun_writes(data, 100, 50, [(0, 32)], (0, 32), Drops()),
+        lambda: c.deliver(-1, data, 100, 50, [(0, 32)], (0, 32), Drops()),
+    ):
+        with pytest.raises(BufferError):
+            call()
+        assert len(data) == 100
