@@ -211,6 +211,7 @@ def test_garbage_in_the_registry_file_leaves_the_daemons_running(udp_bed: Testbe
     path = bed.registry_file
     good = path.read_bytes()
     seen_before = {i: len(log_events(bed, i)) for i in (1, 2)}
+
     def peers(i: int) -> list[tuple[str, str, int]]:  # who, not their (moving) traffic
         return [(p["subnet"], p["public_ip"], p["port"]) for p in node_status(bed, i)["peers"]]
 
