@@ -1,7 +1,9 @@
 """The table the dataplane reads: destination address -> peer, and public IP -> peer.
 
 Lookups are dict probes keyed by the masked destination (all leases of a network share
-SubnetLen, so there is usually one probe), not flannel's linear first-match scan.
+SubnetLen, so there is usually one probe), not flannel's linear first-match scan. The
+native drains (encap/_native.c) read ``routes`` and ``senders`` directly, so a wake-up
+routes and attributes its packets without calling back into Python.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ from dataclasses import dataclass, field
 from ipaddress import IPv4Network
 
 from control.lease import Lease
+
+Sources = tuple[tuple[int, int], ...]
 
 
 class PeerStats:
@@ -62,9 +66,12 @@ class PeerTable:
         self.prefix_for = prefix_for
         self._by_subnet: dict[IPv4Network, Peer] = {}
         # [(shift, {masked destination: peer})], longest prefix first.
-        self._by_prefix: list[tuple[int, dict[int, Peer]]] = []
+        self.routes: list[tuple[int, dict[int, Peer]]] = []
         self._by_public_ip: dict[str, Peer] = {}
-        self._sources: dict[str, tuple[tuple[int, int], ...]] = {}
+        self._sources: dict[str, Sources] = {}
+        # Public IP as an int -> (sources_of(ip), by_public_ip(ip).stats): what a receive
+        # from that address needs, keyed by what C has at hand (the sockaddr).
+        self.senders: dict[int, tuple[Sources, PeerStats]] = {}
 
     def __len__(self) -> int:
         return len(self._by_subnet)
@@ -133,14 +140,17 @@ class PeerTable:
             by_ip.setdefault(peer.addr[0], peer)
             sources.setdefault(peer.addr[0], []).append((peer.net >> peer.shift, peer.shift))
         # Swap whole objects: the hot path never sees a half-built table.
-        self._by_prefix = sorted(by_shift.items())
+        self.routes = sorted(by_shift.items())
         self._by_public_ip = by_ip
         self._sources = {ip: tuple(found) for ip, found in sources.items()}
+        self.senders = {
+            int(peer.lease.public_ip): (self._sources[ip], peer.stats) for ip, peer in by_ip.items()
+        }
 
     def lookup(self, address: bytes | bytearray | memoryview) -> Peer | None:
         """The peer whose subnet holds the 4-byte ``address`` (longest prefix wins)."""
         value = int.from_bytes(address, "big")
-        for shift, table in self._by_prefix:
+        for shift, table in self.routes:
             peer = table.get(value >> shift)
             if peer is not None:
                 return peer

@@ -6,19 +6,26 @@
  *   segment_tcp4, finish_checksums      encap.tso   (TX: TSO segmentation, checksums)
  *   drop_reason, valid_pieces,          encap.gso   (RX: validation, TUN write plan)
  *   plan_tun_writes
- *   deliver                             encap.gso.plan_tun_writes / valid_pieces + the
- *                                       TUN writes of overlay.backends.udp, in one call
+ *   tx_drain, rx_drain                  overlay.backends.udp.UdpDataplane's reader
+ *                                       callbacks, each in one call (the drains, below)
  *
  * Every offset and length is checked against the buffer before it is used; nothing here
- * reads or writes outside the buffers it is given, whatever the input.
+ * reads or writes outside the buffers it is given, whatever the input. The GIL is kept
+ * throughout (README.md, "The native codecs"): the calls last microseconds in a dataplane
+ * with one loop thread per process.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
+#include <arpa/inet.h>
 #include <errno.h>
+#include <stddef.h>
+#include <netinet/in.h>
 #include <stdint.h>
 #include <string.h>
+#include <sys/socket.h>
 #include <sys/uio.h>
+#include <time.h>
 #include <unistd.h>
 
 /* -- checksums ------------------------------------------------------------------------ */
@@ -153,7 +160,6 @@ static const char *cut_tcp4(uint8_t *b, Py_ssize_t size, Py_ssize_t at, Py_ssize
     uint32_t addresses = sum16(original + 12, 8);
     Py_ssize_t stride = room + headers + gso_size;
     Py_ssize_t last = payload - (count - 1) * gso_size;
-    /* the GIL is kept: see the module docstring */
     /* Last segment first: segment i's output never reaches below segment i-1's payload,
      * and each payload is summed and moved before its header is written over it. */
     for (Py_ssize_t i = count - 1; i >= 0; i--) {
@@ -314,194 +320,6 @@ done:
     return result;
 }
 
-/* -- TX: read_tun: the TUN drain of overlay.backends.udp.UdpDataplane._read_tun ------------ */
-
-static PyObject *str_addr, *str_prefix;
-
-#define VNET_NEEDS_CSUM 1
-#define VNET_GSO_NONE 0
-#define VNET_GSO_TCPV4 1
-
-static int tx_drop(PyObject *drop, const char *reason, Py_ssize_t at, Py_ssize_t length)
-{
-    PyObject *r = PyObject_CallFunction(drop, "snn", reason, at, length);
-    Py_XDECREF(r);
-    return r != NULL;
-}
-
-static PyObject *read_tun(PyObject *self, PyObject *args)
-{
-    int fd, vnet, tso;
-    Py_buffer arena;
-    Py_ssize_t headroom, budget, limit;
-    PyObject *lookup, *tx_peers, *no_route, *drop;
-    if (!PyArg_ParseTuple(args, "iw*pnnnpOO!OO", &fd, &arena, &vnet, &headroom, &budget, &limit,
-                          &tso, &lookup, &PyDict_Type, &tx_peers, &no_route, &drop))
-        return NULL;
-    uint8_t *b = arena.buf;
-    Py_ssize_t size = arena.len;
-    PyObject *lengths = PyList_New(0), *addrs = PyList_New(0), *result = NULL;
-    PyObject *addr = NULL, *prefix = NULL; /* the current peer's, owned */
-    /* at most a partial checksum per packet kept, and each kept packet takes >= 20 bytes
-     * of the arena: no more than size / 20 + 1 of them, whatever the budget (which made
-     * the size_t product wrap) */
-    Py_ssize_t most = budget < size / 20 + 1 ? budget : size / 20 + 1;
-    Py_ssize_t (*regions)[3] = PyMem_Malloc(sizeof *regions * (size_t)(most > 0 ? most : 1));
-    Py_ssize_t nregions = 0, supers = 0, at = 0;
-    uint8_t last_dst[4] = {0};
-    int have_dst = 0;
-    char detail[96];
-    if (lengths == NULL || addrs == NULL || regions == NULL) {
-        PyErr_NoMemory();
-        goto done;
-    }
-    if (headroom < 0 || headroom > size || limit > size - 2 * 65535 - headroom - 3) {
-        PyErr_SetString(PyExc_ValueError, "read_tun: the arena is too small for its limit");
-        goto done;
-    }
-    for (Py_ssize_t n = 0; n < budget; n++) {
-        if (at > limit)
-            break;
-        Py_ssize_t body = at + headroom;
-        uint8_t hdr[10] = {0};
-        struct iovec iov[2];
-        int k = 0;
-        if (vnet)
-            iov[k++] = (struct iovec){hdr, 10};
-        iov[k++] = (struct iovec){b + body, (size_t)(size - body)};
-        ssize_t got;
-        do
-            got = readv(fd, iov, k);
-        while (got < 0 && errno == EINTR);
-        if (got < 0) {
-            if (errno == EAGAIN || errno == EWOULDBLOCK)
-                break;
-            PyErr_SetFromErrno(PyExc_OSError);
-            goto done;
-        }
-        Py_ssize_t length = got - (vnet ? 10 : 0);
-        if (length < 20 || b[body] >> 4 != 4) {
-            if (!tx_drop(drop, "tx_not_ipv4", body, length))
-                goto done;
-            continue;
-        }
-        if (!have_dst || memcmp(b + body + 16, last_dst, 4) != 0) {
-            PyObject *dst = PyBytes_FromStringAndSize((const char *)b + body + 16, 4);
-            PyObject *peer = dst ? PyObject_CallOneArg(lookup, dst) : NULL;
-            Py_XDECREF(dst);
-            if (peer == NULL)
-                goto done;
-            PyObject *new_prefix = peer == Py_None ? NULL : PyObject_GetAttr(peer, str_prefix);
-            if (peer != Py_None && new_prefix == NULL) {
-                Py_DECREF(peer);
-                goto done;
-            }
-            if (new_prefix != NULL && !PyBytes_Check(new_prefix)) {
-                PyErr_SetString(PyExc_TypeError, "read_tun: a peer's prefix must be bytes");
-                Py_DECREF(new_prefix);
-                Py_DECREF(peer);
-                goto done;
-            }
-            if (new_prefix == NULL || PyBytes_GET_SIZE(new_prefix) != headroom) {
-                Py_XDECREF(new_prefix);
-                Py_DECREF(peer);
-                have_dst = 0;
-                PyObject *packet = PyBytes_FromStringAndSize((const char *)b + body, length);
-                PyObject *r = packet ? PyObject_CallOneArg(no_route, packet) : NULL;
-                Py_XDECREF(packet);
-                if (r == NULL)
-                    goto done;
-                Py_DECREF(r);
-                continue;
-            }
-            PyObject *new_addr = PyObject_GetAttr(peer, str_addr);
-            if (new_addr == NULL || PyDict_SetItem(tx_peers, new_addr, peer) < 0) {
-                Py_XDECREF(new_addr);
-                Py_DECREF(new_prefix);
-                Py_DECREF(peer);
-                goto done;
-            }
-            Py_DECREF(peer);
-            Py_XSETREF(addr, new_addr);
-            Py_XSETREF(prefix, new_prefix);
-            memcpy(last_dst, b + body + 16, 4);
-            have_dst = 1;
-        }
-        if (tso && (hdr[1] || hdr[0] & VNET_NEEDS_CSUM)) {
-            uint16_t gso_size, csum_start, csum_offset;
-            memcpy(&gso_size, hdr + 4, 2);
-            memcpy(&csum_start, hdr + 6, 2);
-            memcpy(&csum_offset, hdr + 8, 2);
-            if (hdr[1] == VNET_GSO_TCPV4) {
-                Py_ssize_t out[3];
-                const char *reason = cut_tcp4(b, size, at, length, gso_size,
-                                              (const uint8_t *)PyBytes_AS_STRING(prefix),
-                                              headroom, out, detail, sizeof detail);
-                if (reason != NULL) {
-                    char name[32];
-                    snprintf(name, sizeof name, "tx_%s", reason);
-                    if (!tx_drop(drop, name, body, length))
-                        goto done;
-                    continue;
-                }
-                for (Py_ssize_t i = 0; i < out[0]; i++) {
-                    PyObject *len = PyLong_FromSsize_t(i < out[0] - 1 ? out[1] : out[2]);
-                    if (len == NULL || PyList_Append(lengths, len) < 0
-                        || PyList_Append(addrs, addr) < 0) {
-                        Py_XDECREF(len);
-                        goto done;
-                    }
-                    Py_DECREF(len);
-                }
-                at += (out[0] - 1) * out[1] + out[2];
-                supers++;
-                continue;
-            }
-            if (hdr[1] != VNET_GSO_NONE) {
-                if (!tx_drop(drop, "tx_gso_unsupported", body, length))
-                    goto done;
-                continue;
-            }
-            /* encap.tso.partial_region */
-            Py_ssize_t start = body + csum_start, field = start + csum_offset, end = body + length;
-            if (!(body < start && start <= field && field <= end - 2)) {
-                if (!tx_drop(drop, "tx_bad_csum_offsets", body, length))
-                    goto done;
-                continue;
-            }
-            regions[nregions][0] = start;
-            regions[nregions][1] = end;
-            regions[nregions][2] = field;
-            nregions++;
-        }
-        if (headroom)
-            memcpy(b + at, PyBytes_AS_STRING(prefix), (size_t)headroom);
-        PyObject *len = PyLong_FromSsize_t(headroom + length);
-        if (len == NULL || PyList_Append(lengths, len) < 0 || PyList_Append(addrs, addr) < 0) {
-            Py_XDECREF(len);
-            goto done;
-        }
-        Py_DECREF(len);
-        at = body + length;
-    }
-    for (Py_ssize_t i = 0; i < nregions; i++) { /* encap.tso.finish_checksums */
-        Py_ssize_t *r = regions[i];
-        uint32_t c = ~fold(sum16(b + r[0], r[1] - r[0])) & 0xFFFF;
-        if (c == 0 && r[2] - r[0] == 6)
-            c = 0xFFFF;
-        put16(b + r[2], c);
-    }
-    result = Py_BuildValue("OOn", lengths, addrs, supers);
-done:
-    Py_XDECREF(lengths);
-    Py_XDECREF(addrs);
-    Py_XDECREF(addr);
-    Py_XDECREF(prefix);
-    PyMem_Free(regions);
-    PyBuffer_Release(&arena);
-    return result;
-}
-
 /* -- TX: finish_checksums --------------------------------------------------------------- */
 
 typedef struct {
@@ -577,9 +395,14 @@ enum {
     R_TUN_ERROR,
     R_COUNT,
     R_ARP = R_COUNT, /* not a drop: an ARP frame for the caller to answer */
+    /* a receive's own drops (rx_drain), before any datagram of it is looked at */
+    R_SOCKET_ERROR,
+    R_TRUNCATED,
+    R_UNKNOWN_PEER,
+    R_ALL,
 };
 
-static const char *const reason_names[R_COUNT] = {
+static const char *const reason_names[R_ALL] = {
     NULL,
     "rx_not_ipv4",
     "rx_bad_length",
@@ -597,8 +420,12 @@ static const char *const reason_names[R_COUNT] = {
     "rx_vxlan_foreign_mac",
     "rx_tun_full",
     "rx_tun_error",
+    NULL, /* R_ARP */
+    "rx_socket_error",
+    "rx_truncated",
+    "rx_unknown_peer",
 };
-static PyObject *reason_strings[R_COUNT];
+static PyObject *reason_strings[R_ALL];
 
 typedef struct {
     uint32_t net;
@@ -766,11 +593,23 @@ typedef struct {
     Py_ssize_t *arp;
     Py_ssize_t narp;
     Py_ssize_t drops[R_COUNT];
+    /* room for a receive of up to MAX_RUN datagrams (every GRO receive, every gathered
+     * run) without an allocation */
+    plan_write_t local_writes[MAX_RUN];
+    piece_t local_pieces[MAX_RUN];
+    Py_ssize_t local_arp[MAX_RUN];
 } plan_t;
 
 static int plan_alloc(plan_t *plan, Py_ssize_t datagrams)
 {
-    memset(plan, 0, sizeof *plan);
+    memset(plan->drops, 0, sizeof plan->drops);
+    plan->nwrites = plan->npieces = plan->narp = 0;
+    if (datagrams <= MAX_RUN) {
+        plan->writes = plan->local_writes;
+        plan->pieces = plan->local_pieces;
+        plan->arp = plan->local_arp;
+        return 1;
+    }
     plan->writes = PyMem_RawMalloc(sizeof(plan_write_t) * (size_t)datagrams);
     plan->pieces = PyMem_RawMalloc(sizeof(piece_t) * (size_t)datagrams);
     plan->arp = PyMem_RawMalloc(sizeof(Py_ssize_t) * (size_t)datagrams);
@@ -781,8 +620,11 @@ static int plan_alloc(plan_t *plan, Py_ssize_t datagrams)
     return 1;
 }
 
+/* Also for a plan whose plan_alloc failed or never ran (writes NULL). */
 static void plan_free(plan_t *plan)
 {
+    if (plan->writes == plan->local_writes)
+        return;
     PyMem_RawFree(plan->writes);
     PyMem_RawFree(plan->pieces);
     PyMem_RawFree(plan->arp);
@@ -911,7 +753,7 @@ static void super_header(const uint8_t *d, const plan_write_t *w, uint8_t *vnet,
     memcpy(vnet + 2, fields, sizeof fields);
 }
 
-/* Arguments shared by valid_pieces / plan_tun_writes / deliver. */
+/* Arguments shared by valid_pieces / plan_tun_writes / drop_reason. */
 typedef struct {
     Py_buffer data;
     Py_ssize_t size, segment, mtu;
@@ -920,39 +762,57 @@ typedef struct {
     subnet_t source_storage[8];
 } rx_args_t;
 
-static int parse_rules(rx_args_t *a, PyObject *sources, PyObject *destination, PyObject *vxlan)
+/* rules->sources from a sequence of subnets, into storage (8 of them) or the heap
+ * (sources_free releases it). */
+static int parse_sources(rules_t *rules, subnet_t *storage, PyObject *sources)
 {
-    memset(&a->rules, 0, sizeof a->rules);
     /* a tuple of our own (free when sources is one): parsing a subnet may run Python (an
      * __index__) that changes a list of them while we walk it */
     PyObject *seq = PySequence_Tuple(sources);
     if (seq == NULL)
         return 0;
     Py_ssize_t n = PyTuple_GET_SIZE(seq);
-    a->rules.sources = n <= 8 ? a->source_storage : PyMem_Malloc(sizeof(subnet_t) * (size_t)n);
-    if (a->rules.sources == NULL) {
+    rules->sources = n <= 8 ? storage : PyMem_Malloc(sizeof(subnet_t) * (size_t)n);
+    rules->nsources = 0;
+    if (rules->sources == NULL) {
+        rules->sources = storage;
         Py_DECREF(seq);
         PyErr_NoMemory();
         return 0;
     }
-    a->rules.nsources = n;
     for (Py_ssize_t i = 0; i < n; i++) {
-        if (!parse_subnet(PyTuple_GET_ITEM(seq, i), &a->rules.sources[i])) {
+        if (!parse_subnet(PyTuple_GET_ITEM(seq, i), &rules->sources[i])) {
             Py_DECREF(seq);
             return 0;
         }
     }
+    rules->nsources = n;
     Py_DECREF(seq);
-    if (!parse_subnet(destination, &a->rules.destination))
+    return 1;
+}
+
+static void sources_free(rules_t *rules, subnet_t *storage)
+{
+    if (rules->sources != storage)
+        PyMem_Free(rules->sources);
+    rules->sources = storage;
+    rules->nsources = 0;
+}
+
+/* The rest of the rules: our subnet, and (vxlan) our VNI and VTEP MAC. */
+static int parse_target(rules_t *rules, PyObject *destination, PyObject *vxlan)
+{
+    if (!parse_subnet(destination, &rules->destination))
         return 0;
+    rules->vxlan = 0;
     if (vxlan != Py_None) {
         Py_buffer vni, mac;
         if (!PyArg_ParseTuple(vxlan, "y*y*", &vni, &mac))
             return 0;
         int ok = vni.len == 3 && mac.len == 6;
         if (ok) {
-            memcpy(a->rules.vni, vni.buf, 3);
-            memcpy(a->rules.mac, mac.buf, 6);
+            memcpy(rules->vni, vni.buf, 3);
+            memcpy(rules->mac, mac.buf, 6);
         }
         PyBuffer_Release(&vni);
         PyBuffer_Release(&mac);
@@ -960,15 +820,22 @@ static int parse_rules(rx_args_t *a, PyObject *sources, PyObject *destination, P
             PyErr_SetString(PyExc_ValueError, "vxlan is (3 VNI bytes, 6-byte VTEP MAC)");
             return 0;
         }
-        a->rules.vxlan = 1;
+        rules->vxlan = 1;
     }
     return 1;
 }
 
+static int parse_rules(rx_args_t *a, PyObject *sources, PyObject *destination, PyObject *vxlan)
+{
+    memset(&a->rules, 0, sizeof a->rules);
+    a->rules.sources = a->source_storage;
+    return parse_sources(&a->rules, a->source_storage, sources)
+        && parse_target(&a->rules, destination, vxlan);
+}
+
 static void rx_args_release(rx_args_t *a)
 {
-    if (a->rules.sources != a->source_storage)
-        PyMem_Free(a->rules.sources);
+    sources_free(&a->rules, a->source_storage);
     PyBuffer_Release(&a->data);
 }
 
@@ -990,31 +857,38 @@ static int rx_check(rx_args_t *a)
     return 1;
 }
 
-static int count_drops(PyObject *drops, const Py_ssize_t *counts)
+/* drops[names[r]] += counts[r] for every r with a count, through the mapping protocol
+ * (so a Counter's or overlay.drop_log.Drops's __missing__ runs as for `drops[r] += 1`). */
+static int add_counts(PyObject *drops, PyObject *const *names, const Py_ssize_t *counts, int n)
 {
-    for (int r = 1; r < R_COUNT; r++) {
-        if (!counts[r])
+    for (int r = 0; r < n; r++) {
+        if (!counts[r] || names[r] == NULL)
             continue;
-        PyObject *old = PyObject_GetItem(drops, reason_strings[r]);
-        Py_ssize_t value = 0;
+        PyObject *old = PyObject_GetItem(drops, names[r]);
         if (old == NULL) {
             if (!PyErr_ExceptionMatches(PyExc_KeyError))
                 return 0;
             PyErr_Clear();
-        } else {
-            value = PyLong_AsSsize_t(old);
-            Py_DECREF(old);
-            if (value == -1 && PyErr_Occurred())
+            old = PyLong_FromLong(0);
+            if (old == NULL)
                 return 0;
         }
-        PyObject *new = PyLong_FromSsize_t(value + counts[r]);
-        if (new == NULL || PyObject_SetItem(drops, reason_strings[r], new) < 0) {
+        PyObject *delta = PyLong_FromSsize_t(counts[r]);
+        PyObject *new = delta ? PyNumber_Add(old, delta) : NULL;
+        Py_DECREF(old);
+        Py_XDECREF(delta);
+        if (new == NULL || PyObject_SetItem(drops, names[r], new) < 0) {
             Py_XDECREF(new);
             return 0;
         }
         Py_DECREF(new);
     }
     return 1;
+}
+
+static int count_drops(PyObject *drops, const Py_ssize_t *counts)
+{
+    return add_counts(drops, reason_strings, counts, R_COUNT);
 }
 
 static int count_empty(PyObject *drops)
@@ -1039,23 +913,16 @@ static int report(const plan_t *plan, PyObject *drops, PyObject *arp)
     return 1;
 }
 
-static int parse_rx(PyObject *args, PyObject *kwargs, rx_args_t *a, int with_fd, int *fd,
-                    int *coalesce, int *vnet)
+static int parse_rx(PyObject *args, PyObject *kwargs, rx_args_t *a)
 {
-    static char *plain_kw[] = {"data", "size", "segment", "sources", "destination", "drops",
+    static char *keywords[] = {"data", "size", "segment", "sources", "destination", "drops",
                                "vxlan", "arp", "mtu", NULL};
-    static char *fd_kw[] = {"fd", "data", "size", "segment", "sources", "destination", "drops",
-                            "vxlan", "arp", "mtu", "coalesce", "vnet", NULL};
     PyObject *sources, *destination, *vxlan = Py_None;
     memset(a, 0, sizeof *a);
     a->arp = Py_None;
-    int ok = with_fd
-        ? PyArg_ParseTupleAndKeywords(args, kwargs, "iw*nnOOO|OOnpp", fd_kw, fd, &a->data,
-                                      &a->size, &a->segment, &sources, &destination, &a->drops,
-                                      &vxlan, &a->arp, &a->mtu, coalesce, vnet)
-        : PyArg_ParseTupleAndKeywords(args, kwargs, "w*nnOOO|OOn", plain_kw, &a->data, &a->size,
-                                      &a->segment, &sources, &destination, &a->drops, &vxlan,
-                                      &a->arp, &a->mtu);
+    int ok = PyArg_ParseTupleAndKeywords(args, kwargs, "w*nnOOO|OOn", keywords, &a->data,
+                                         &a->size, &a->segment, &sources, &destination,
+                                         &a->drops, &vxlan, &a->arp, &a->mtu);
     if (!ok)
         return 0;
     if (a->arp != Py_None && !PyList_Check(a->arp)) {
@@ -1073,10 +940,13 @@ static int parse_rx(PyObject *args, PyObject *kwargs, rx_args_t *a, int with_fd,
 static PyObject *planned(PyObject *args, PyObject *kwargs, int coalesce)
 {
     rx_args_t a;
-    if (!parse_rx(args, kwargs, &a, 0, NULL, NULL, NULL))
+    if (!parse_rx(args, kwargs, &a))
         return NULL;
     PyObject *result = NULL;
-    plan_t plan = {0};
+    plan_t plan;
+    plan.writes = NULL;
+    plan.pieces = NULL;
+    plan.arp = NULL;
     int go = rx_check(&a);
     if (go <= 0) {
         if (go < 0 && count_empty(a.drops))
@@ -1166,32 +1036,697 @@ done:
     return result;
 }
 
-/* The TUN writes of a plan, then the counts: (packets, bytes, super-packets) written. */
-static PyObject *deliver(PyObject *self, PyObject *args, PyObject *kwargs)
+/* -- the drains: one call per wake-up ---------------------------------------------------
+ *
+ * tx_drain and rx_drain are the reader callbacks of overlay.backends.udp.UdpDataplane
+ * (on_tun_readable, on_socket_readable_gro / on_socket_readable) with everything they
+ * call, in C: the Python methods are the reference, run when a trace is attached or the
+ * module is missing, and the tests prove the two equal (tests/test_fastpath.py). They
+ * read the dataplane's attributes (the A_* names below) on every call, so nothing is
+ * cached that Python could change, count into C arrays and add the counts to the
+ * dataplane's counters once per call. Python runs only for the rare events that need
+ * it: a packet without a route (_no_route), an ARP request (vxlan's _answer_arp), and a
+ * drop reason counted for the first time (Drops.__missing__).
+ */
+
+#ifndef SOL_UDP
+#define SOL_UDP 17
+#endif
+#ifndef UDP_SEGMENT
+#define UDP_SEGMENT 103
+#endif
+#ifndef UDP_GRO
+#define UDP_GRO 104
+#endif
+#define VNET_NEEDS_CSUM 1
+#define VNET_GSO_NONE 0
+#define VNET_GSO_TCPV4 1
+#define BATCH_MAX 64        /* overlay.counters.BATCH_MAX */
+#define MAX_GSO_BYTES 65000 /* encap.gso.MAX_GSO_BYTES */
+#define MAX_DATAGRAM 65535  /* overlay.backends.udp.MAX_DATAGRAM */
+
+enum {
+    A_TUN, A_FD, A_VNET_HDR, A_OFFSET, A_SOCK, A_HEADROOM, A_TX_ARENA, A_RX_BUFFER, A_TSO,
+    A_GSO, A_GSO_SENT, A_GRO, A_TUN_GSO, A_MTU, A_VXLAN_RULES, A_OWN, A_PEERS, A_ROUTES,
+    A_SENDERS, A_ADDR, A_PREFIX, A_NO_ROUTE, A_ANSWER_ARP, A_COUNTERS, A_DROPS, A_TX_BATCH,
+    A_RX_BATCH, A_TX_PACKETS, A_TX_BYTES, A_TX_GSO_SENDS, A_TX_TUN_SUPER, A_RX_PACKETS,
+    A_RX_BYTES, A_RX_TUN_SUPER, A_RX_GRO_RECEIVES, A_LAST_TX, A_LAST_RX, A_COUNT
+};
+static const char *const attr_names[A_COUNT] = {
+    "tun", "fd", "vnet_hdr", "offset", "sock", "headroom", "_tx_arena", "_rx_buffer", "tso",
+    "gso", "_gso_sent", "gro", "tun_gso", "mtu", "vxlan_rules", "_own", "peers", "routes",
+    "senders", "addr", "prefix", "_no_route", "_answer_arp", "counters", "drops", "tx_batch",
+    "rx_batch", "tx_packets", "tx_bytes", "tx_gso_sends", "tx_tun_super_packets", "rx_packets",
+    "rx_bytes", "rx_tun_super_packets", "rx_gro_receives", "last_tx", "last_rx",
+};
+static PyObject *attr[A_COUNT];
+
+/* TX drop reasons ("tx_" + the CodecError reasons of encap.tso, and the send errors). */
+enum {
+    T_NONE, T_NOT_IPV4, T_GSO_BAD_LENGTH, T_GSO_NOT_TCP4, T_GSO_BAD_HEADERS, T_GSO_FRAGMENT,
+    T_GSO_BAD_SIZE, T_GSO_NO_ROOM, T_GSO_UNSUPPORTED, T_BAD_CSUM_OFFSETS, T_SOCKET_FULL,
+    T_SEND_ERROR, T_COUNT
+};
+static const char *const tx_reason_names[T_COUNT] = {
+    NULL, "tx_not_ipv4", "tx_gso_bad_length", "tx_gso_not_tcp4", "tx_gso_bad_headers",
+    "tx_gso_fragment", "tx_gso_bad_size", "tx_gso_no_room", "tx_gso_unsupported",
+    "tx_bad_csum_offsets", "tx_socket_full", "tx_send_error",
+};
+static PyObject *tx_reason_strings[T_COUNT];
+
+/* A cut_tcp4 reason as a T_* index. */
+static int tx_reason(const char *codec_reason)
 {
-    rx_args_t a;
-    int fd = -1, coalesce = 1, vnet = 1;
-    if (!parse_rx(args, kwargs, &a, 1, &fd, &coalesce, &vnet))
+    for (int r = T_GSO_BAD_LENGTH; r <= T_GSO_NO_ROOM; r++)
+        if (strcmp(tx_reason_names[r] + 3, codec_reason) == 0)
+            return r;
+    return T_GSO_BAD_LENGTH; /* not reached: cut_tcp4 has no other reasons */
+}
+
+/* Python's BlockingIOError */
+static inline int would_block(int e)
+{
+    return e == EAGAIN || e == EWOULDBLOCK || e == EALREADY || e == EINPROGRESS;
+}
+
+static double monotonic(void) /* time.monotonic() */
+{
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (double)t.tv_sec + (double)t.tv_nsec * 1e-9;
+}
+
+static int get_ssize(PyObject *o, int name, Py_ssize_t *out)
+{
+    PyObject *v = PyObject_GetAttr(o, attr[name]);
+    if (v == NULL)
+        return 0;
+    *out = PyNumber_AsSsize_t(v, PyExc_OverflowError);
+    Py_DECREF(v);
+    return !(*out == -1 && PyErr_Occurred());
+}
+
+static int get_bool(PyObject *o, int name, int *out)
+{
+    PyObject *v = PyObject_GetAttr(o, attr[name]);
+    if (v == NULL)
+        return 0;
+    *out = PyObject_IsTrue(v);
+    Py_DECREF(v);
+    return *out >= 0;
+}
+
+static int get_fd(PyObject *o, int name, int *out)
+{
+    PyObject *v = PyObject_GetAttr(o, attr[name]);
+    if (v == NULL)
+        return 0;
+    *out = PyObject_AsFileDescriptor(v); /* an int, or an object with fileno() */
+    Py_DECREF(v);
+    return *out >= 0;
+}
+
+/* o.name += delta (skipped for 0, which changes nothing) */
+static int add_attr(PyObject *o, int name, Py_ssize_t delta)
+{
+    if (!delta)
+        return 1;
+    PyObject *old = PyObject_GetAttr(o, attr[name]);
+    if (old == NULL)
+        return 0;
+    PyObject *d = PyLong_FromSsize_t(delta);
+    PyObject *new = d ? PyNumber_InPlaceAdd(old, d) : NULL;
+    Py_DECREF(old);
+    Py_XDECREF(d);
+    if (new == NULL)
+        return 0;
+    int r = PyObject_SetAttr(o, attr[name], new);
+    Py_DECREF(new);
+    return r == 0;
+}
+
+static int set_float(PyObject *o, int name, double value)
+{
+    PyObject *v = PyFloat_FromDouble(value);
+    int r = v ? PyObject_SetAttr(o, attr[name], v) : -1;
+    Py_XDECREF(v);
+    return r == 0;
+}
+
+/* histogram[n] += counts[n] for each n (counters.tx_batch / rx_batch) */
+static int add_histogram(PyObject *counters, int name, const Py_ssize_t *counts)
+{
+    PyObject *histogram = NULL;
+    for (Py_ssize_t n = 0; n <= BATCH_MAX; n++) {
+        if (!counts[n])
+            continue;
+        if (histogram == NULL && (histogram = PyObject_GetAttr(counters, attr[name])) == NULL)
+            return 0;
+        PyObject *old = PySequence_GetItem(histogram, n);
+        PyObject *d = old ? PyLong_FromSsize_t(counts[n]) : NULL;
+        PyObject *new = d ? PyNumber_Add(old, d) : NULL;
+        Py_XDECREF(old);
+        Py_XDECREF(d);
+        if (new == NULL || PySequence_SetItem(histogram, n, new) < 0) {
+            Py_XDECREF(new);
+            Py_DECREF(histogram);
+            return 0;
+        }
+        Py_DECREF(new);
+    }
+    Py_XDECREF(histogram);
+    return 1;
+}
+
+/* A (str, int) address as a sockaddr_in (PeerTable builds them from IPv4Address). */
+static int parse_addr(PyObject *addr, struct sockaddr_in *sa)
+{
+    const char *ip;
+    int port;
+    if (!PyTuple_Check(addr) || !PyArg_ParseTuple(addr, "si", &ip, &port)) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_TypeError, "a peer's addr is an (IPv4 address, port) tuple");
+        return 0;
+    }
+    memset(sa, 0, sizeof *sa);
+    sa->sin_family = AF_INET;
+    if (port < 0 || port > 0xFFFF || inet_pton(AF_INET, ip, &sa->sin_addr) != 1) {
+        PyErr_Format(PyExc_ValueError, "not an IPv4 address and port: %R", addr);
+        return 0;
+    }
+    sa->sin_port = htons((uint16_t)port);
+    return 1;
+}
+
+/* peers.senders[ip]: (sources, stats) of the node sending from ip, a new reference; NULL
+ * with no error set when it is not a peer. */
+static PyObject *sender(PyObject *senders, const struct in_addr *ip)
+{
+    PyObject *key = PyLong_FromUnsignedLong(ntohl(ip->s_addr));
+    if (key == NULL)
         return NULL;
-    PyObject *result = NULL;
-    plan_t plan = {0};
-    Py_ssize_t packets = 0, bytes = 0, supers = 0;
-    int go = rx_check(&a);
-    if (go <= 0) {
-        if (go < 0 && count_empty(a.drops))
-            result = Py_BuildValue("nnn", packets, bytes, supers);
+    PyObject *entry = PyDict_GetItemWithError(senders, key);
+    Py_XINCREF(entry);
+    Py_DECREF(key);
+    if (entry != NULL && (!PyTuple_Check(entry) || PyTuple_GET_SIZE(entry) != 2)) {
+        PyErr_SetString(PyExc_TypeError, "peers.senders maps an IP to (sources, stats)");
+        Py_CLEAR(entry);
+    }
+    return entry;
+}
+
+/* -- TX: tx_drain --------------------------------------------------------------------- */
+
+typedef struct {
+    Py_ssize_t length;
+    Py_ssize_t peer; /* index into the drain's peers */
+} tx_packet_t;
+
+typedef struct {
+    struct sockaddr_in sa;
+    PyObject *stats; /* peers.senders[ip]'s PeerStats (the by_public_ip peer's), or NULL */
+    Py_ssize_t packets, bytes;
+} tx_peer_t;
+
+typedef struct {
+    tx_packet_t *packets;
+    Py_ssize_t npackets, packets_room;
+    tx_peer_t *peers;
+    Py_ssize_t npeers, peers_room;
+    Py_ssize_t drops[T_COUNT];
+    Py_ssize_t batch[BATCH_MAX + 1];
+    Py_ssize_t sent, sent_bytes, sends, supers;
+    int gso_sent, gso_off;
+    tx_packet_t local_packets[256];
+    tx_peer_t local_peers[8];
+} tx_t;
+
+/* Room for one more element in a growing array (local storage first, then the heap). */
+static int grow(void **items, Py_ssize_t used, Py_ssize_t *room, void *local, size_t item)
+{
+    if (used < *room)
+        return 1;
+    Py_ssize_t more = *room * 2;
+    void *bigger = PyMem_Malloc(item * (size_t)more);
+    if (bigger == NULL) {
+        PyErr_NoMemory();
+        return 0;
+    }
+    memcpy(bigger, *items, item * (size_t)used);
+    if (*items != local)
+        PyMem_Free(*items);
+    *items = bigger;
+    *room = more;
+    return 1;
+}
+
+static int keep(tx_t *t, Py_ssize_t length, Py_ssize_t peer)
+{
+    if (!grow((void **)&t->packets, t->npackets, &t->packets_room, t->local_packets,
+              sizeof(tx_packet_t)))
+        return 0;
+    t->packets[t->npackets++] = (tx_packet_t){length, peer};
+    return 1;
+}
+
+/* The drain's entry for a peer's address (one per address: a GSO group's key), new or
+ * found; -1 on error. */
+static Py_ssize_t tx_peer(tx_t *t, PyObject *addr, PyObject *senders)
+{
+    struct sockaddr_in sa;
+    if (!parse_addr(addr, &sa))
+        return -1;
+    for (Py_ssize_t i = 0; i < t->npeers; i++)
+        if (t->peers[i].sa.sin_addr.s_addr == sa.sin_addr.s_addr
+            && t->peers[i].sa.sin_port == sa.sin_port)
+            return i;
+    if (!grow((void **)&t->peers, t->npeers, &t->peers_room, t->local_peers, sizeof(tx_peer_t)))
+        return -1;
+    PyObject *entry = sender(senders, &sa.sin_addr), *stats = NULL;
+    if (entry != NULL) {
+        stats = Py_NewRef(PyTuple_GET_ITEM(entry, 1));
+        Py_DECREF(entry);
+    } else if (PyErr_Occurred()) {
+        return -1;
+    }
+    t->peers[t->npeers] = (tx_peer_t){.sa = sa, .stats = stats};
+    return t->npeers++;
+}
+
+/* PeerTable.lookup over peers.routes: the Peer holding dst (new reference), Py_None when
+ * none does, NULL on error. */
+static PyObject *route(PyObject *routes, uint32_t dst)
+{
+    if (!PyList_Check(routes)) {
+        PyErr_SetString(PyExc_TypeError, "peers.routes is a list of (shift, dict)");
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(routes); i++) {
+        /* owned: a key's __eq__ (a hostile table) may empty the list */
+        PyObject *item = Py_NewRef(PyList_GET_ITEM(routes, i)), *peer = NULL;
+        long shift;
+        if (!PyTuple_Check(item) || PyTuple_GET_SIZE(item) != 2
+            || !PyDict_Check(PyTuple_GET_ITEM(item, 1))) {
+            PyErr_SetString(PyExc_TypeError, "peers.routes is a list of (shift, dict)");
+            goto fail;
+        }
+        shift = PyLong_AsLong(PyTuple_GET_ITEM(item, 0));
+        if (shift == -1 && PyErr_Occurred())
+            goto fail;
+        if (shift < 0 || shift > 32) {
+            PyErr_SetString(PyExc_ValueError, "a route's shift is 0..32");
+            goto fail;
+        }
+        PyObject *key = PyLong_FromUnsignedLong((unsigned long)((uint64_t)dst >> shift));
+        if (key == NULL)
+            goto fail;
+        peer = PyDict_GetItemWithError(PyTuple_GET_ITEM(item, 1), key);
+        Py_XINCREF(peer);
+        Py_DECREF(key);
+        Py_DECREF(item);
+        if (peer != NULL)
+            return peer;
+        if (PyErr_Occurred())
+            return NULL;
+        continue;
+    fail:
+        Py_DECREF(item);
+        return NULL;
+    }
+    return Py_NewRef(Py_None);
+}
+
+/* Stage 1, UdpDataplane._read_tun: drain the TUN into the arena (kept packets back to
+ * back from offset 0), route, cut super-packets, finish partial checksums. */
+static int tx_read(PyObject *dp, tx_t *t, int fd, uint8_t *b, Py_ssize_t size, int vnet,
+                   Py_ssize_t headroom, Py_ssize_t budget, int tso, PyObject *routes,
+                   PyObject *senders)
+{
+    int ok = 0;
+    /* room for one more read of any size, and for cutting it into segments (the headroom
+     * checked first: the difference must not overflow) */
+    if (headroom < 0 || headroom > size || size - headroom < 2 * MAX_DATAGRAM + 3) {
+        PyErr_SetString(PyExc_ValueError, "tx_drain: the arena is too small for its headroom");
+        return 0;
+    }
+    Py_ssize_t limit = size - 2 * MAX_DATAGRAM - headroom - 3;
+    /* at most a partial checksum per kept packet, and each takes >= 20 bytes of the
+     * arena: no more than size / 20 + 1 of them, whatever the budget (a size_t product of
+     * which would wrap) */
+    Py_ssize_t most = budget < size / 20 + 1 ? budget : size / 20 + 1;
+    Py_ssize_t local_regions[256][3];
+    Py_ssize_t (*regions)[3] = most <= 256 ? local_regions
+                             : PyMem_Malloc(sizeof *regions * (size_t)most);
+    Py_ssize_t nregions = 0, at = 0, peer = -1;
+    PyObject *prefix = NULL; /* the current peer's, owned */
+    uint8_t last_dst[4] = {0};
+    int have_dst = 0;
+    char detail[96];
+    if (regions == NULL) {
+        PyErr_NoMemory();
+        return 0;
+    }
+    for (Py_ssize_t n = 0; n < budget; n++) {
+        if (at > limit)
+            break;
+        Py_ssize_t body = at + headroom;
+        uint8_t hdr[10] = {0};
+        struct iovec iov[2];
+        int k = 0;
+        if (vnet)
+            iov[k++] = (struct iovec){hdr, 10};
+        iov[k++] = (struct iovec){b + body, (size_t)(size - body)};
+        ssize_t got;
+        do
+            got = readv(fd, iov, k);
+        while (got < 0 && errno == EINTR);
+        if (got < 0) {
+            if (would_block(errno))
+                break;
+            PyErr_SetFromErrno(PyExc_OSError);
+            goto done;
+        }
+        Py_ssize_t length = got - (vnet ? 10 : 0);
+        if (length < 20 || b[body] >> 4 != 4) {
+            t->drops[T_NOT_IPV4]++;
+            continue;
+        }
+        if (!have_dst || memcmp(b + body + 16, last_dst, 4) != 0) {
+            PyObject *found = route(routes, be32(b + body + 16));
+            if (found == NULL)
+                goto done;
+            PyObject *new_prefix = found == Py_None ? NULL : PyObject_GetAttr(found, attr[A_PREFIX]);
+            if (found != Py_None && new_prefix == NULL) {
+                Py_DECREF(found);
+                goto done;
+            }
+            if (new_prefix != NULL && !PyBytes_Check(new_prefix)) {
+                PyErr_SetString(PyExc_TypeError, "tx_drain: a peer's prefix must be bytes");
+                Py_DECREF(new_prefix);
+                Py_DECREF(found);
+                goto done;
+            }
+            if (new_prefix == NULL || PyBytes_GET_SIZE(new_prefix) != headroom) {
+                Py_XDECREF(new_prefix);
+                Py_DECREF(found);
+                have_dst = 0;
+                PyObject *packet = PyBytes_FromStringAndSize((const char *)b + body, length);
+                PyObject *r = packet ? PyObject_CallMethodOneArg(dp, attr[A_NO_ROUTE], packet)
+                                     : NULL;
+                Py_XDECREF(packet);
+                if (r == NULL)
+                    goto done;
+                Py_DECREF(r);
+                continue;
+            }
+            PyObject *addr = PyObject_GetAttr(found, attr[A_ADDR]);
+            Py_DECREF(found);
+            peer = addr ? tx_peer(t, addr, senders) : -1;
+            Py_XDECREF(addr);
+            if (peer < 0) {
+                Py_DECREF(new_prefix);
+                goto done;
+            }
+            Py_XSETREF(prefix, new_prefix);
+            memcpy(last_dst, b + body + 16, 4);
+            have_dst = 1;
+        }
+        if (tso && (hdr[1] || hdr[0] & VNET_NEEDS_CSUM)) {
+            uint16_t gso_size, csum_start, csum_offset;
+            memcpy(&gso_size, hdr + 4, 2);
+            memcpy(&csum_start, hdr + 6, 2);
+            memcpy(&csum_offset, hdr + 8, 2);
+            if (hdr[1] == VNET_GSO_TCPV4) {
+                Py_ssize_t out[3];
+                const char *reason = cut_tcp4(b, size, at, length, gso_size,
+                                              (const uint8_t *)PyBytes_AS_STRING(prefix),
+                                              headroom, out, detail, sizeof detail);
+                if (reason != NULL) {
+                    t->drops[tx_reason(reason)]++;
+                    continue;
+                }
+                for (Py_ssize_t i = 0; i < out[0]; i++)
+                    if (!keep(t, i < out[0] - 1 ? out[1] : out[2], peer))
+                        goto done;
+                at += (out[0] - 1) * out[1] + out[2];
+                t->supers++;
+                continue;
+            }
+            if (hdr[1] != VNET_GSO_NONE) {
+                t->drops[T_GSO_UNSUPPORTED]++;
+                continue;
+            }
+            /* encap.tso.partial_region */
+            Py_ssize_t start = body + csum_start, field = start + csum_offset, end = body + length;
+            if (!(body < start && start <= field && field <= end - 2)) {
+                t->drops[T_BAD_CSUM_OFFSETS]++;
+                continue;
+            }
+            regions[nregions][0] = start;
+            regions[nregions][1] = end;
+            regions[nregions][2] = field;
+            nregions++;
+        }
+        if (headroom)
+            memcpy(b + at, PyBytes_AS_STRING(prefix), (size_t)headroom);
+        if (!keep(t, headroom + length, peer))
+            goto done;
+        at = body + length;
+    }
+    ok = 1;
+done:
+    for (Py_ssize_t i = 0; i < nregions; i++) { /* encap.tso.finish_checksums */
+        Py_ssize_t *r = regions[i];
+        uint32_t c = ~fold(sum16(b + r[0], r[1] - r[0])) & 0xFFFF;
+        if (c == 0 && r[2] - r[0] == 6)
+            c = 0xFFFF;
+        put16(b + r[2], c);
+    }
+    Py_XDECREF(prefix);
+    if (regions != local_regions)
+        PyMem_Free(regions);
+    return ok;
+}
+
+static void tx_sent(tx_t *t, Py_ssize_t peer, Py_ssize_t packets, Py_ssize_t bytes)
+{
+    t->batch[packets < BATCH_MAX ? packets : BATCH_MAX]++;
+    t->peers[peer].packets += packets;
+    t->peers[peer].bytes += bytes;
+}
+
+/* Stage 2 (plain), UdpDataplane._send_each: one sendto per packet start:end, the first
+ * at arena offset at. */
+static void tx_send_each(tx_t *t, int fd, const uint8_t *b, Py_ssize_t start, Py_ssize_t end,
+                         Py_ssize_t at)
+{
+    for (Py_ssize_t i = start; i < end; i++) {
+        const tx_packet_t *p = &t->packets[i];
+        const tx_peer_t *peer = &t->peers[p->peer];
+        ssize_t r;
+        do
+            r = sendto(fd, b + at, (size_t)p->length, 0, (const struct sockaddr *)&peer->sa,
+                       sizeof peer->sa);
+        while (r < 0 && errno == EINTR);
+        at += p->length;
+        if (r < 0) {
+            t->drops[would_block(errno) ? T_SOCKET_FULL : T_SEND_ERROR]++;
+            continue;
+        }
+        t->sent++;
+        t->sent_bytes += p->length;
+        tx_sent(t, p->peer, 1, p->length);
+    }
+}
+
+/* Stage 2 (GSO), UdpDataplane._send_groups with encap.gso.plan_groups' grouping: one
+ * sendmsg per group, the kernel cutting it into one datagram per packet. */
+static void tx_send_groups(tx_t *t, int fd, const uint8_t *b)
+{
+    Py_ssize_t at = 0, n = t->npackets;
+    tx_packet_t *p = t->packets;
+    for (Py_ssize_t start = 0, end; start < n; start = end) {
+        Py_ssize_t size = p[start].length, previous = size, total = size;
+        for (end = start + 1; end < n; end++) {
+            Py_ssize_t length = p[end].length;
+            if (!(previous == size && length <= size && p[end].peer == p[start].peer
+                  && total + length <= MAX_GSO_BYTES && end - start < MAX_RUN))
+                break;
+            total += length;
+            previous = length;
+        }
+        Py_ssize_t first = at;
+        at += total;
+        if (end - start == 1) {
+            tx_send_each(t, fd, b, start, end, first);
+            continue;
+        }
+        const tx_peer_t *peer = &t->peers[p[start].peer];
+        union {
+            char buf[CMSG_SPACE(sizeof(uint16_t))];
+            struct cmsghdr align;
+        } control;
+        memset(&control, 0, sizeof control);
+        struct iovec iov = {(void *)(b + first), (size_t)total};
+        struct msghdr msg = {
+            .msg_name = (void *)&peer->sa,
+            .msg_namelen = sizeof peer->sa,
+            .msg_iov = &iov,
+            .msg_iovlen = 1,
+            .msg_control = control.buf,
+            .msg_controllen = sizeof control.buf,
+        };
+        struct cmsghdr *c = CMSG_FIRSTHDR(&msg);
+        c->cmsg_level = SOL_UDP;
+        c->cmsg_type = UDP_SEGMENT;
+        c->cmsg_len = CMSG_LEN(sizeof(uint16_t));
+        uint16_t segment = (uint16_t)size; /* <= MAX_GSO_BYTES */
+        memcpy(CMSG_DATA(c), &segment, sizeof segment);
+        ssize_t r;
+        do
+            r = sendmsg(fd, &msg, 0);
+        while (r < 0 && errno == EINTR);
+        if (r < 0) {
+            if (would_block(errno)) {
+                t->drops[T_SOCKET_FULL] += end - start;
+                continue;
+            }
+            /* EIO: the route's device cannot checksum a GSO send, so GSO goes off for
+             * good; EINVAL before any GSO send worked: the kernel refuses the cmsg (the
+             * reference's comment says more) */
+            if (errno == EIO || (errno == EINVAL && !t->gso_sent))
+                t->gso_off = 1;
+            tx_send_each(t, fd, b, start, end, first);
+            continue;
+        }
+        t->gso_sent = 1;
+        t->sends++;
+        t->sent += end - start;
+        t->sent_bytes += total;
+        tx_sent(t, p[start].peer, end - start, total);
+    }
+}
+
+/* The counts of a drain into the dataplane's counters and the peers' stats. */
+static int tx_flush(PyObject *dp, PyObject *counters, tx_t *t, int gso_sent_before)
+{
+    int ok = add_attr(counters, A_TX_TUN_SUPER, t->supers)
+          && add_attr(counters, A_TX_PACKETS, t->sent)
+          && add_attr(counters, A_TX_BYTES, t->sent_bytes)
+          && add_attr(counters, A_TX_GSO_SENDS, t->sends)
+          && add_histogram(counters, A_TX_BATCH, t->batch);
+    if (ok) {
+        PyObject *drops = PyObject_GetAttr(counters, attr[A_DROPS]);
+        ok = drops != NULL && add_counts(drops, tx_reason_strings, t->drops, T_COUNT);
+        Py_XDECREF(drops);
+    }
+    double now = monotonic();
+    for (Py_ssize_t i = 0; ok && i < t->npeers; i++) {
+        tx_peer_t *peer = &t->peers[i];
+        if (peer->stats == NULL || !peer->packets)
+            continue;
+        ok = add_attr(peer->stats, A_TX_PACKETS, peer->packets)
+          && add_attr(peer->stats, A_TX_BYTES, peer->bytes)
+          && set_float(peer->stats, A_LAST_TX, now);
+    }
+    if (ok && t->gso_off)
+        ok = PyObject_SetAttr(dp, attr[A_GSO], Py_False) == 0;
+    if (ok && t->gso_sent && !gso_sent_before)
+        ok = PyObject_SetAttr(dp, attr[A_GSO_SENT], Py_True) == 0;
+    return ok;
+}
+
+static PyObject *tx_drain(PyObject *self, PyObject *args)
+{
+    PyObject *dp;
+    Py_ssize_t budget;
+    if (!PyArg_ParseTuple(args, "On", &dp, &budget))
+        return NULL;
+    PyObject *tun = NULL, *peers = NULL, *routes = NULL, *senders = NULL;
+    PyObject *counters = NULL, *arena_obj = NULL, *result = NULL;
+    Py_buffer arena = {0};
+    tx_t storage, *t = &storage;
+    memset(t, 0, offsetof(tx_t, local_packets));
+    t->packets = t->local_packets;
+    t->packets_room = sizeof t->local_packets / sizeof t->local_packets[0];
+    t->peers = t->local_peers;
+    t->peers_room = sizeof t->local_peers / sizeof t->local_peers[0];
+    int tun_fd, sock_fd, tso, gso, flushed = 0;
+    Py_ssize_t offset, headroom;
+    if ((tun = PyObject_GetAttr(dp, attr[A_TUN])) == NULL || !get_fd(tun, A_FD, &tun_fd)
+        || !get_ssize(tun, A_OFFSET, &offset) || !get_fd(dp, A_SOCK, &sock_fd)
+        || !get_ssize(dp, A_HEADROOM, &headroom) || !get_bool(dp, A_TSO, &tso)
+        || !get_bool(dp, A_GSO, &gso) || !get_bool(dp, A_GSO_SENT, &t->gso_sent)
+        || (peers = PyObject_GetAttr(dp, attr[A_PEERS])) == NULL
+        || (routes = PyObject_GetAttr(peers, attr[A_ROUTES])) == NULL
+        || (senders = PyObject_GetAttr(peers, attr[A_SENDERS])) == NULL
+        || (counters = PyObject_GetAttr(dp, attr[A_COUNTERS])) == NULL
+        || (arena_obj = PyObject_GetAttr(dp, attr[A_TX_ARENA])) == NULL
+        || PyObject_GetBuffer(arena_obj, &arena, PyBUF_WRITABLE) < 0)
+        goto done;
+    if (!PyDict_Check(senders)) {
+        PyErr_SetString(PyExc_TypeError, "peers.senders must be a dict");
         goto done;
     }
-    if (!coalesce || !vnet)
-        coalesce = 0; /* super-packets need the virtio_net_hdr */
-    if (!plan_alloc(&plan, a.size / a.segment + (a.size % a.segment != 0)))
-        goto done;
-    uint8_t *d = a.data.buf;
+    int gso_sent_before = t->gso_sent;
+    int read = tx_read(dp, t, tun_fd, arena.buf, arena.len, offset != 0, headroom, budget, tso,
+                       routes, senders);
+    if (read && t->npackets) {
+        /* one packet (a ping, an ACK at low rate): a sendto, without planning groups */
+        if (gso && t->npackets > 1)
+            tx_send_groups(t, sock_fd, arena.buf);
+        else
+            tx_send_each(t, sock_fd, arena.buf, 0, t->npackets, 0);
+    }
+    /* what was counted is added even when an exception ends the drain */
+    PyObject *type, *value, *traceback;
+    PyErr_Fetch(&type, &value, &traceback);
+    flushed = tx_flush(dp, counters, t, gso_sent_before);
+    if (type != NULL) {
+        PyErr_Restore(type, value, traceback);
+        flushed = 0;
+    }
+    if (flushed)
+        result = Py_NewRef(Py_None);
+done:
+    for (Py_ssize_t i = 0; i < t->npeers; i++)
+        Py_XDECREF(t->peers[i].stats);
+    if (t->packets != t->local_packets)
+        PyMem_Free(t->packets);
+    if (t->peers != t->local_peers)
+        PyMem_Free(t->peers);
+    if (arena.obj != NULL)
+        PyBuffer_Release(&arena);
+    Py_XDECREF(arena_obj);
+    Py_XDECREF(counters);
+    Py_XDECREF(senders);
+    Py_XDECREF(routes);
+    Py_XDECREF(peers);
+    Py_XDECREF(tun);
+    return result;
+}
+
+/* -- RX: rx_drain --------------------------------------------------------------------- */
+
+typedef struct {
+    PyObject *dp, *senders;
+    int tun_fd, coalesce, vnet;
+    Py_ssize_t mtu, buffer_size;
+    uint8_t *d;
+    rules_t rules;             /* destination and vxlan for the drain, sources per sender */
+    subnet_t source_storage[8];
+    PyObject *sources;         /* the sources tuple rules.sources was parsed from (owned) */
+    Py_ssize_t drops[R_ALL];
+    Py_ssize_t batch[BATCH_MAX + 1];
+    Py_ssize_t packets, bytes, supers, coalesced;
+} rx_t;
+
+/* The TUN writes of a plan; failed ones counted as rx_tun_full / rx_tun_error. */
+static void write_plan(int fd, uint8_t *d, plan_t *plan, int vnet, Py_ssize_t out[3])
+{
     static const uint8_t plain[10] = {0};
-    /* the GIL is kept: see the module docstring */
-    make_plan(d, a.size, a.segment, &a.rules, coalesce, a.mtu, &plan);
-    for (Py_ssize_t i = 0; i < plan.nwrites; i++) {
-        const plan_write_t *w = &plan.writes[i];
+    for (Py_ssize_t i = 0; i < plan->nwrites; i++) {
+        const plan_write_t *w = &plan->writes[i];
         struct iovec iov[2 + MAX_RUN];
         uint8_t vhdr[10], header[120];
         int n = 0;
@@ -1205,26 +1740,290 @@ static PyObject *deliver(PyObject *self, PyObject *args, PyObject *kwargs)
             iov[n++] = (struct iovec){vhdr, 10};
             iov[n++] = (struct iovec){header, (size_t)w->header_length};
             for (Py_ssize_t k = 0; k < w->count; k++) {
-                const piece_t *p = &plan.pieces[w->first + k];
+                const piece_t *p = &plan->pieces[w->first + k];
                 iov[n++] = (struct iovec){d + p->start, (size_t)(p->end - p->start)};
             }
             carried = w->count;
             length = w->total + (w->count - 1) * w->header_length;
         }
-        int super = w->count > 1;
-        if (writev(fd, iov, n) < 0) {
-            plan.drops[errno == EAGAIN || errno == EWOULDBLOCK ? R_TUN_FULL : R_TUN_ERROR] += carried;
+        ssize_t r;
+        do
+            r = writev(fd, iov, n);
+        while (r < 0 && errno == EINTR);
+        if (r < 0) {
+            plan->drops[would_block(errno) ? R_TUN_FULL : R_TUN_ERROR] += carried;
             continue;
         }
-        packets += carried;
-        bytes += length;
-        supers += super;
+        out[0] += carried;
+        out[1] += length;
+        out[2] += w->count > 1;
     }
-    if (report(&plan, a.drops, a.arp))
-        result = Py_BuildValue("nnn", packets, bytes, supers);
+}
+
+/* UdpDataplane._deliver: validate the segment-byte datagrams of d[0:size] (one receive
+ * from source) and write them to the TUN. */
+static int rx_deliver(rx_t *x, const struct sockaddr_in *source, Py_ssize_t size,
+                      Py_ssize_t segment)
+{
+    Py_ssize_t count = size / segment + (size % segment != 0);
+    x->batch[count < BATCH_MAX ? count : BATCH_MAX]++;
+    PyObject *entry = sender(x->senders, &source->sin_addr);
+    if (entry == NULL) {
+        if (PyErr_Occurred())
+            return 0;
+        x->drops[R_UNKNOWN_PEER] += count;
+        return 1;
+    }
+    PyObject *sources = PyTuple_GET_ITEM(entry, 0), *stats = PyTuple_GET_ITEM(entry, 1);
+    int ok = 0, empty = PyObject_Not(sources);
+    plan_t plan;
+    plan.writes = NULL;
+    plan.pieces = NULL;
+    plan.arp = NULL;
+    if (empty) {
+        if (empty > 0) {
+            x->drops[R_UNKNOWN_PEER] += count;
+            ok = 1;
+        }
+        goto done;
+    }
+    if (sources != x->sources) { /* a drain's receives mostly come from one sender */
+        sources_free(&x->rules, x->source_storage);
+        Py_CLEAR(x->sources);
+        if (!parse_sources(&x->rules, x->source_storage, sources))
+            goto done;
+        x->sources = Py_NewRef(sources);
+    }
+    if (size > 0xFFFF || size > x->buffer_size) { /* not reached: the loop never gathers more */
+        PyErr_Format(PyExc_ValueError, "a receive of %zd bytes", size);
+        goto done;
+    }
+    if (!plan_alloc(&plan, count))
+        goto done;
+    make_plan(x->d, size, segment, &x->rules, x->coalesce, x->mtu, &plan);
+    Py_ssize_t out[3] = {0, 0, 0};
+    write_plan(x->tun_fd, x->d, &plan, x->vnet, out);
+    for (int r = 1; r < R_COUNT; r++)
+        x->drops[r] += plan.drops[r];
+    x->packets += out[0];
+    x->bytes += out[1];
+    x->supers += out[2];
+    if (out[0] && !(add_attr(stats, A_RX_PACKETS, out[0]) && add_attr(stats, A_RX_BYTES, out[1])
+                    && set_float(stats, A_LAST_RX, monotonic())))
+        goto done;
+    if (plan.narp) { /* vxlan: ARP requests, answered before the buffer is reused */
+        char ip[INET_ADDRSTRLEN];
+        inet_ntop(AF_INET, &source->sin_addr, ip, sizeof ip);
+        PyObject *peer = Py_BuildValue("(si)", ip, (int)ntohs(source->sin_port));
+        if (peer == NULL)
+            goto done;
+        for (Py_ssize_t i = 0; i < plan.narp; i++) {
+            Py_ssize_t at = plan.arp[i], end = at + segment < size ? at + segment : size;
+            PyObject *from = PyLong_FromSsize_t(at), *to = PyLong_FromSsize_t(end);
+            PyObject *r = from && to ? PyObject_CallMethodObjArgs(x->dp, attr[A_ANSWER_ARP], from,
+                                                                  to, peer, NULL)
+                                     : NULL;
+            Py_XDECREF(from);
+            Py_XDECREF(to);
+            if (r == NULL) {
+                Py_DECREF(peer);
+                goto done;
+            }
+            Py_DECREF(r);
+        }
+        Py_DECREF(peer);
+    }
+    ok = 1;
 done:
     plan_free(&plan);
-    rx_args_release(&a);
+    Py_DECREF(entry);
+    return ok;
+}
+
+static int gro_size(struct msghdr *msg, Py_ssize_t size) /* encap.gso.gro_size */
+{
+    for (struct cmsghdr *c = CMSG_FIRSTHDR(msg); c != NULL; c = CMSG_NXTHDR(msg, c)) {
+        if (c->cmsg_level == SOL_UDP && c->cmsg_type == UDP_GRO
+            && c->cmsg_len >= CMSG_LEN(sizeof(int))) {
+            int segment;
+            memcpy(&segment, CMSG_DATA(c), sizeof segment);
+            return segment > 0 ? segment : (int)size;
+        }
+    }
+    return (int)size;
+}
+
+static inline int same_source(const struct sockaddr_in *a, const struct sockaddr_in *b)
+{
+    return a->sin_addr.s_addr == b->sin_addr.s_addr && a->sin_port == b->sin_port;
+}
+
+/* UdpDataplane.on_socket_readable_gro's loop (gro), else on_socket_readable's. */
+static int rx_loop(rx_t *x, int fd, int gro, Py_ssize_t budget)
+{
+    uint8_t *d = x->d;
+    Py_ssize_t moved = 0, at = 0, run_size = 0;
+    struct sockaddr_in run_source = {0};
+    union {
+        char buf[CMSG_SPACE(sizeof(int))];
+        struct cmsghdr align;
+    } control;
+    while (moved < budget) {
+        struct sockaddr_in source;
+        struct iovec iov = {d + at, (size_t)(x->buffer_size - at)};
+        struct msghdr msg = {
+            .msg_name = &source,
+            .msg_namelen = sizeof source,
+            .msg_iov = &iov,
+            .msg_iovlen = 1,
+            .msg_control = gro ? control.buf : NULL,
+            .msg_controllen = gro ? sizeof control.buf : 0,
+        };
+        ssize_t got;
+        do
+            got = recvmsg(fd, &msg, 0);
+        while (got < 0 && errno == EINTR);
+        if (got < 0) {
+            if (would_block(errno))
+                break;
+            x->drops[R_SOCKET_ERROR]++;
+            moved++;
+            continue;
+        }
+        if (msg.msg_namelen < sizeof source || source.sin_family != AF_INET)
+            memset(&source, 0, sizeof source);
+        Py_ssize_t size = got;
+        if (!size) { /* an empty datagram (anyone may send one) */
+            x->drops[R_NOT_IPV4]++;
+            moved++;
+            continue;
+        }
+        if (!gro) {
+            moved++;
+            if (!rx_deliver(x, &source, size, size))
+                return 0;
+            continue;
+        }
+        Py_ssize_t segment = msg.msg_controllen ? gro_size(&msg, size) : size;
+        moved += size / segment + (size % segment != 0);
+        if (msg.msg_flags & MSG_TRUNC) { /* more than 64 KiB coalesced */
+            x->drops[R_TRUNCATED]++;
+            continue;
+        }
+        int single = segment == size;
+        if (at) {
+            if (single && same_source(&source, &run_source) && size <= run_size) {
+                at += size;
+                if (size < run_size || at + run_size > MAX_DATAGRAM) { /* a short one ends it */
+                    Py_ssize_t end = at;
+                    at = 0;
+                    if (!rx_deliver(x, &run_source, end, run_size))
+                        return 0;
+                }
+                continue;
+            }
+            Py_ssize_t end = at;
+            at = 0;
+            if (!rx_deliver(x, &run_source, end, run_size)) /* then this one from the front */
+                return 0;
+            memmove(d, d + end, (size_t)size);
+        }
+        if (single) {
+            if (2 * size > MAX_DATAGRAM) { /* a second one would not fit: nothing to gather */
+                if (!rx_deliver(x, &source, size, size))
+                    return 0;
+                continue;
+            }
+            at = run_size = size;
+            run_source = source;
+            continue;
+        }
+        x->coalesced++;
+        if (!rx_deliver(x, &source, size, segment))
+            return 0;
+    }
+    if (at && !rx_deliver(x, &run_source, at, run_size))
+        return 0;
+    return 1;
+}
+
+static int rx_flush(PyObject *counters, rx_t *x)
+{
+    int ok = add_attr(counters, A_RX_PACKETS, x->packets)
+          && add_attr(counters, A_RX_BYTES, x->bytes)
+          && add_attr(counters, A_RX_TUN_SUPER, x->supers)
+          && add_attr(counters, A_RX_GRO_RECEIVES, x->coalesced)
+          && add_histogram(counters, A_RX_BATCH, x->batch);
+    if (ok) {
+        PyObject *drops = PyObject_GetAttr(counters, attr[A_DROPS]);
+        ok = drops != NULL && add_counts(drops, reason_strings, x->drops, R_ALL);
+        Py_XDECREF(drops);
+    }
+    return ok;
+}
+
+static PyObject *rx_drain(PyObject *self, PyObject *args)
+{
+    PyObject *dp;
+    Py_ssize_t budget;
+    if (!PyArg_ParseTuple(args, "On", &dp, &budget))
+        return NULL;
+    PyObject *tun = NULL, *peers = NULL, *counters = NULL, *buffer_obj = NULL;
+    PyObject *own = NULL, *vxlan = NULL, *result = NULL;
+    Py_buffer buffer = {0};
+    rx_t storage, *x = &storage;
+    memset(x, 0, sizeof *x);
+    x->dp = dp;
+    x->rules.sources = x->source_storage;
+    int sock_fd, gro;
+    if ((tun = PyObject_GetAttr(dp, attr[A_TUN])) == NULL || !get_fd(tun, A_FD, &x->tun_fd)
+        || !get_bool(tun, A_VNET_HDR, &x->vnet) || !get_fd(dp, A_SOCK, &sock_fd)
+        || !get_bool(dp, A_GRO, &gro) || !get_bool(dp, A_TUN_GSO, &x->coalesce)
+        || !get_ssize(dp, A_MTU, &x->mtu)
+        || (own = PyObject_GetAttr(dp, attr[A_OWN])) == NULL
+        || (vxlan = PyObject_GetAttr(dp, attr[A_VXLAN_RULES])) == NULL
+        || !parse_target(&x->rules, own, vxlan)
+        || (peers = PyObject_GetAttr(dp, attr[A_PEERS])) == NULL
+        || (x->senders = PyObject_GetAttr(peers, attr[A_SENDERS])) == NULL
+        || (counters = PyObject_GetAttr(dp, attr[A_COUNTERS])) == NULL
+        || (buffer_obj = PyObject_GetAttr(dp, attr[A_RX_BUFFER])) == NULL
+        || PyObject_GetBuffer(buffer_obj, &buffer, PyBUF_WRITABLE) < 0)
+        goto done;
+    if (!PyDict_Check(x->senders)) {
+        PyErr_SetString(PyExc_TypeError, "peers.senders must be a dict");
+        goto done;
+    }
+    /* a gathered run stays within the first 64 KiB, and the next receive always has
+     * room for a whole datagram */
+    if (buffer.len < 2 * MAX_DATAGRAM) {
+        PyErr_SetString(PyExc_ValueError, "rx_drain: the receive buffer is under 128 KiB");
+        goto done;
+    }
+    x->d = buffer.buf;
+    x->buffer_size = buffer.len;
+    x->coalesce = x->coalesce && x->vnet; /* super-packets need the virtio_net_hdr */
+    rx_loop(x, sock_fd, gro, budget);
+    PyObject *type, *value, *traceback; /* counts are added even when an exception ends it */
+    PyErr_Fetch(&type, &value, &traceback);
+    int flushed = rx_flush(counters, x);
+    if (type != NULL) {
+        PyErr_Restore(type, value, traceback);
+        flushed = 0;
+    }
+    if (flushed)
+        result = Py_NewRef(Py_None);
+done:
+    sources_free(&x->rules, x->source_storage);
+    Py_XDECREF(x->sources);
+    Py_XDECREF(x->senders);
+    if (buffer.obj != NULL)
+        PyBuffer_Release(&buffer);
+    Py_XDECREF(buffer_obj);
+    Py_XDECREF(counters);
+    Py_XDECREF(peers);
+    Py_XDECREF(vxlan);
+    Py_XDECREF(own);
+    Py_XDECREF(tun);
     return result;
 }
 
@@ -1235,9 +2034,6 @@ static PyMethodDef methods[] = {
      "segment_tcp4(buf, at, length, gso_size, prefix) -> (count, stride, last): encap.tso's."},
     {"plan_groups", plan_groups, METH_VARARGS,
      "plan_groups(lengths, keys, max_segments=64, max_bytes=65000): encap.gso's."},
-    {"read_tun", read_tun, METH_VARARGS,
-     "read_tun(fd, arena, vnet, headroom, budget, limit, tso, lookup, tx_peers, no_route, drop) "
-     "-> (lengths, addrs, super_packets): the TUN drain of UdpDataplane._read_tun."},
     {"finish_checksums", finish_checksums, METH_VARARGS,
      "finish_checksums(buf, regions): encap.tso's."},
     {"drop_reason", drop_reason, METH_VARARGS,
@@ -1250,20 +2046,17 @@ static PyMethodDef methods[] = {
      "plan_tun_writes(data, size, segment, sources, destination, drops, vxlan=None, arp=None, "
      "mtu=0): "
      "encap.gso's, with copies (bytes) where the reference has memoryviews."},
-    {"deliver", (PyCFunction)(void (*)(void))deliver, METH_VARARGS | METH_KEYWORDS,
-     "deliver(fd, data, size, segment, sources, destination, drops, vxlan=None, arp=None, "
-     "mtu=0, coalesce=True, vnet=True) -> (packets, bytes, super_packets): the receive's TUN writes "
-     "as plan_tun_writes (or valid_pieces without coalesce) plans them, each with a "
-     "virtio_net_hdr if vnet; failed writes counted as rx_tun_full / rx_tun_error."},
+    {"tx_drain", tx_drain, METH_VARARGS,
+     "tx_drain(dataplane, budget): UdpDataplane.on_tun_readable without a trace: read the "
+     "TUN (up to budget reads), route, cut, send, count."},
+    {"rx_drain", rx_drain, METH_VARARGS,
+     "rx_drain(dataplane, budget): UdpDataplane.on_socket_readable_gro (on_socket_readable "
+     "without dataplane.gro) without a trace: receive, gather, validate, write, count."},
     {NULL, NULL, 0, NULL},
 };
 
 static int exec_module(PyObject *module)
 {
-    str_addr = PyUnicode_InternFromString("addr");
-    str_prefix = PyUnicode_InternFromString("prefix");
-    if (str_addr == NULL || str_prefix == NULL)
-        return -1;
     PyObject *errors = PyImport_ImportModule("encap.errors");
     if (errors == NULL)
         return -1;
@@ -1271,9 +2064,21 @@ static int exec_module(PyObject *module)
     Py_DECREF(errors);
     if (codec_error == NULL)
         return -1;
-    for (int r = 1; r < R_COUNT; r++) {
+    for (int r = 1; r < R_ALL; r++) {
+        if (reason_names[r] == NULL)
+            continue;
         reason_strings[r] = PyUnicode_InternFromString(reason_names[r]);
         if (reason_strings[r] == NULL)
+            return -1;
+    }
+    for (int r = 1; r < T_COUNT; r++) {
+        tx_reason_strings[r] = PyUnicode_InternFromString(tx_reason_names[r]);
+        if (tx_reason_strings[r] == NULL)
+            return -1;
+    }
+    for (int i = 0; i < A_COUNT; i++) {
+        attr[i] = PyUnicode_InternFromString(attr_names[i]);
+        if (attr[i] == NULL)
             return -1;
     }
     PyObject *reasons = PyTuple_New(R_COUNT - 1);

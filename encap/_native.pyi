@@ -1,5 +1,5 @@
 # Types of the C module encap/_native.c (the functions of encap.tso and encap.gso).
-from collections.abc import Callable, MutableMapping, Sequence
+from collections.abc import MutableMapping, Sequence
 from typing import Any
 
 Buffer = bytes | bytearray | memoryview
@@ -41,33 +41,8 @@ def plan_tun_writes(
     arp: list[int] | None = None,
     mtu: int = 0,
 ) -> list[tuple[list[bytes], int, int]]: ...
-def deliver(
-    fd: int,
-    data: bytearray | memoryview,
-    size: int,
-    segment: int,
-    sources: Sequence[Subnet],
-    destination: Subnet,
-    drops: MutableMapping[str, int],
-    vxlan: tuple[bytes, bytes] | None = None,
-    arp: list[int] | None = None,
-    mtu: int = 0,
-    coalesce: bool = True,
-    vnet: bool = True,
-) -> tuple[int, int, int]: ...
-def read_tun(
-    fd: int,
-    arena: bytearray,
-    vnet: bool,
-    headroom: int,
-    budget: int,
-    limit: int,
-    tso: bool,
-    lookup: Callable[[bytes], Any],
-    tx_peers: dict[tuple[str, int], Any],
-    no_route: Callable[[bytes], None],
-    drop: Callable[[str, int, int], None],
-) -> tuple[list[int], list[tuple[str, int]], int]: ...
+def tx_drain(dataplane: Any, budget: int) -> None: ...
+def rx_drain(dataplane: Any, budget: int) -> None: ...
 def plan_groups(
     lengths: Sequence[int], keys: Sequence[object], max_segments: int = 64, max_bytes: int = 65000
 ) -> list[tuple[int, int]]: ...

@@ -17,6 +17,7 @@ import os
 import sys
 from collections.abc import Callable
 from types import ModuleType
+from typing import Any
 
 from encap import gso, tso
 
@@ -62,13 +63,18 @@ drop_reason: Callable[..., str | None] = _module.drop_reason if _module else gso
 plan_groups: Callable[..., list[tuple[int, int]]] = (
     _module.plan_groups if _module else gso.plan_groups
 )
-# Native only (None without it): whole drain steps in one call each. ``read_tun`` is
-# overlay.backends.udp.UdpDataplane._read_tun's loop (read, route, cut, checksum),
-# ``deliver`` validates a receive and writes it into the TUN.
-read_tun: Callable[..., tuple[list[int], list[tuple[str, int]], int]] | None = (
-    _module.read_tun if _module else None
+valid_pieces: Callable[..., list[tuple[int, int]]] = (
+    _module.valid_pieces if _module else gso.valid_pieces
 )
-deliver: Callable[..., tuple[int, int, int]] | None = _module.deliver if _module else None
+plan_tun_writes: Callable[..., list[tuple[Any, int, int]]] = (
+    _module.plan_tun_writes if _module else gso.plan_tun_writes
+)
+# Native only (None without it): the dataplane's reader callbacks, each one call per
+# wake-up. ``tx_drain(dataplane, budget)`` is overlay.backends.udp.UdpDataplane.
+# on_tun_readable with all it calls, ``rx_drain(dataplane, budget)`` its
+# on_socket_readable_gro (or on_socket_readable), for a dataplane without a trace.
+tx_drain: Callable[[Any, int], None] | None = _module.tx_drain if _module else None
+rx_drain: Callable[[Any, int], None] | None = _module.rx_drain if _module else None
 
 
 def module() -> ModuleType:

@@ -37,7 +37,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     if os.environ.get("CI"):
         raise pytest.UsageError(f"CI must run the netns tests, but this machine {reason}")
     for item in items:
-        if "netns" in item.keywords:
+        if "netns" in item.keywords or "underlay" in item.keywords:
             item.add_marker(pytest.mark.skip(reason=reason))
 
 
@@ -66,6 +66,34 @@ def netns(prefix: str) -> Iterator[Callable[[str], str]]:
         ).stdout.split():
             subprocess.run(["kill", "-9", pid], check=False)
         subprocess.run(["ip", "netns", "del", name], check=False)
+
+
+@pytest.fixture(scope="module")
+def underlay() -> Iterator[Any]:
+    """Our node's network namespace and the peers', joined by a veth pair (tests/wire.py);
+    one per test module, removed afterwards."""
+    from tests.wire import Underlay
+
+    made = Underlay("t" + uuid.uuid4().hex[:7])
+    yield made
+    made.close()
+
+
+@pytest.fixture
+def wires(underlay: Any) -> Iterator[Callable[..., Any]]:
+    """Factory: wires(port=8285) opens the dataplane's socket and the peers' on the
+    underlay (tests/wire.py); all closed afterwards."""
+    from tests.wire import Wire
+
+    opened: list[Wire] = []
+
+    def make(*args: Any, **kwargs: Any) -> Wire:
+        opened.append(Wire(underlay, *args, **kwargs))
+        return opened[-1]
+
+    yield make
+    for w in opened:
+        w.close()
 
 
 @pytest.fixture

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import errno
 import json
-import os
 import socket
 import struct
 import subprocess
@@ -37,6 +36,7 @@ from encap.ipv4 import build_header
 from overlay.backends.udp import UdpDataplane
 from overlay.counters import Counters
 from overlay.testbed import Testbed
+from tests import wire
 from tests.conftest import node_status, transfer
 
 FAST = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -409,21 +409,22 @@ def test_plan_tun_writes_validates_like_valid_pieces(
         assert [_stripped(p) for p in planned] == [_stripped(bytes(data[a:b])) for a, b in good]
 
 
-# -- the dataplane's stages against a fake TUN and socket (no namespaces) ------------------
+# -- the dataplane's stages on a real underlay (tests/wire.py) and a fake TUN --------------
 
 OWN = IPv4Network("198.18.1.0/24")
-PEER_A = Lease(IPv4Network("198.18.2.0/24"), IPv4Address("192.0.2.2"))
-PEER_B = Lease(IPv4Network("198.18.3.0/24"), IPv4Address("192.0.2.3"))
+PEER_A = Lease(IPv4Network("198.18.2.0/24"), IPv4Address(wire.PEER_A))
+PEER_B = Lease(IPv4Network("198.18.3.0/24"), IPv4Address(wire.PEER_B))
+UNDERLAY = pytest.mark.underlay
 
 
 class FakeTun:
     """A TUN stand-in: a SOCK_SEQPACKET pair keeps packet boundaries like the real fd."""
 
-    def __init__(self, vnet_capable: bool) -> None:
+    def __init__(self, vnet_capable: bool, buffer: int = 1 << 22) -> None:
         self.kernel, ours = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         for end in (self.kernel, ours):  # room for a drain's worth of packets, as a TUN has
-            end.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 22)
-            end.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 22)
+            end.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, buffer)
+            end.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, buffer)
         ours.setblocking(False)
         self.kernel.setblocking(False)
         self._ours = ours
@@ -452,76 +453,26 @@ class FakeTun:
         ``vnet`` if the TUN has IFF_VNET_HDR."""
         self.kernel.send((vnet if self.vnet_hdr else b"") + packet)
 
-    def written(self) -> list[bytes]:
-        """What the dataplane wrote, resegmented as the kernel would."""
+    def raw_written(self) -> list[bytes]:
+        """Each write the dataplane made, as it made it."""
         out = []
         while True:
             try:
-                data = self.kernel.recv(1 << 17)
+                out.append(self.kernel.recv(1 << 17))
             except BlockingIOError:
                 return out
+
+    def written(self) -> list[bytes]:
+        """What the dataplane wrote, resegmented as the kernel would."""
+        out = []
+        for data in self.raw_written():
             self.writes += 1
             out += resegment([data[:10], data[10:]]) if self.vnet_hdr else [data]
-
-
-class FakeSocket:
-    """The UDP socket: records sends, replays queued receives, refuses what it is told."""
-
-    def __init__(self, refuse: tuple[int, ...] = (), send_error: int | None = None) -> None:
-        self.refuse = refuse  # setsockopt(SOL_UDP, option) that fail
-        self.send_error = send_error
-        self.options: dict[tuple[int, int], int] = {}
-        self.sent: list[tuple[bytes, int, tuple[str, int]]] = []  # (data, gso size, addr)
-        self.queue: list[tuple[bytes, int, str]] = []  # (data, gro size, source ip)
-
-    def setsockopt(self, level: int, option: int, value: int) -> None:
-        if option in self.refuse:
-            raise OSError(errno.ENOPROTOOPT, "Protocol not available")
-        self.options[(level, option)] = value
-
-    def sendmsg(
-        self,
-        buffers: list[memoryview],
-        ancdata: list[tuple[int, int, bytes]],
-        flags: int,
-        addr: tuple[str, int],
-    ) -> int:
-        if self.send_error is not None:
-            raise OSError(self.send_error, os.strerror(self.send_error))
-        [(level, kind, size)] = ancdata
-        assert (level, kind) == (17, 103)
-        data = b"".join(bytes(b) for b in buffers)
-        self.sent.append((data, struct.unpack("=H", size)[0], addr))
-        return len(data)
-
-    def sendto(self, data: memoryview, addr: tuple[str, int]) -> int:
-        self.sent.append((bytes(data), 0, addr))
-        return len(data)
-
-    def recvmsg_into(
-        self, buffers: list[bytearray], ancbufsize: int
-    ) -> tuple[int, list[tuple[int, int, bytes]], int, tuple[str, int]]:
-        if not self.queue:
-            raise BlockingIOError
-        data, size, source = self.queue.pop(0)
-        buffers[0][: len(data)] = data
-        ancdata = [(17, 104, struct.pack("=i", size))] if size else []
-        return len(data), ancdata, 0, (source, 8285)
-
-    def recvfrom_into(self, buffer: bytearray) -> tuple[int, tuple[str, int]]:
-        if not self.queue:
-            raise BlockingIOError
-        data, _, source = self.queue.pop(0)
-        buffer[: len(data)] = data
-        return len(data), (source, 8285)
-
-    def datagrams(self) -> list[tuple[bytes, tuple[str, int]]]:
-        """What went on the wire: each GSO send cut into its datagrams."""
-        out = []
-        for data, size, addr in self.sent:
-            for a, b in gso.split_points(len(data), size or len(data)):
-                out.append((data[a:b], addr))
         return out
+
+    def close(self) -> None:
+        self.kernel.close()
+        self._ours.close()
 
 
 @pytest.fixture(params=["native", "pure"])
@@ -534,15 +485,15 @@ def codecs(request: pytest.FixtureRequest) -> str:
 
 def dataplane(
     tun: FakeTun,
-    sock: FakeSocket,
+    link: wire.Wire,
     codecs: str,
     offload: bool = True,
     tun_tso: bool = False,
 ) -> UdpDataplane:
-    peers = PeerTable(8285)
+    peers = PeerTable(link.port)
     peers.upsert(PEER_A)
     peers.upsert(PEER_B)
-    dp = UdpDataplane(tun, sock, peers, OWN, Counters(), offload=offload, tun_tso=tun_tso)  # type: ignore[arg-type]
+    dp = UdpDataplane(tun, link.sock, peers, OWN, Counters(), offload=offload, tun_tso=tun_tso)  # type: ignore[arg-type]
     dp.native = codecs == "native"
     return dp
 
@@ -559,15 +510,16 @@ def tx_batch() -> list[tuple[bytes, tuple[str, int]]]:
             + bytes([i & 0xFF]) * payload
         )
 
-    a, b = ("192.0.2.2", 8285), ("192.0.2.3", 8285)
+    a, b = (wire.PEER_A, 8285), (wire.PEER_B, 8285)
     plan = [(PEER_A, 1452)] * 70 + [(PEER_A, 300)] + [(PEER_A, 32)] * 3 + [(PEER_B, 1452)] * 5
     return [(to(peer, i, n), a if peer is PEER_A else b) for i, (peer, n) in enumerate(plan)]
 
 
+@UNDERLAY
 @pytest.mark.parametrize("vnet", [True, False])
-def test_tx_sends_gso_groups_of_whole_packets(vnet: bool, codecs: str) -> None:
-    tun, sock = FakeTun(vnet), FakeSocket()
-    dp = dataplane(tun, sock, codecs)
+def test_tx_sends_gso_groups_of_whole_packets(vnet: bool, codecs: str, wires: Any) -> None:
+    tun, link = FakeTun(vnet), wires()
+    dp = dataplane(tun, link, codecs)
     assert dp.features() == {
         "native": codecs == "native",
         "offload": True,
@@ -580,9 +532,9 @@ def test_tx_sends_gso_groups_of_whole_packets(vnet: bool, codecs: str) -> None:
     for packet, _ in batch:
         tun.inject(packet)
     dp.on_tun_readable()
-    assert sock.datagrams() == batch
+    assert link.datagrams() == batch
     # 70 + 1 to A cut at 44 segments, the 3 ACKs, B's 5: five sends, no single sendto.
-    assert [(len(d) // size if size else 0, size) for d, size, _ in sock.sent] == [
+    assert [(len(d) // size if size else 0, size) for d, size, _ in link.sent()] == [
         (44, 1472),
         (26, 1472),
         (3, 52),
@@ -595,15 +547,16 @@ def test_tx_sends_gso_groups_of_whole_packets(vnet: bool, codecs: str) -> None:
     a, b = (dp.peers.get(p.subnet) for p in (PEER_A, PEER_B))
     assert a is not None and b is not None
     assert (a.stats.tx_packets, b.stats.tx_packets) == (74, 5)
-    assert a.stats.tx_bytes == sum(len(p) for p, addr in batch if addr[0] == "192.0.2.2")
+    assert a.stats.tx_bytes == sum(len(p) for p, addr in batch if addr[0] == wire.PEER_A)
     assert a.stats.last_tx > 0 and a.stats.rx_packets == 0 and a.stats.last_rx == 0
 
 
-def test_tx_cuts_tun_super_packets_and_finishes_partial_checksums(codecs: str) -> None:
+@UNDERLAY
+def test_tx_cuts_tun_super_packets_and_finishes_partial_checksums(codecs: str, wires: Any) -> None:
     """With TSO the TUN hands us a 64 KiB TCP super-packet and partial checksums; what
     leaves is whole MTU-sized packets with complete checksums (scapy checks them)."""
-    tun, sock = FakeTun(True), FakeSocket()
-    dp = dataplane(tun, sock, codecs, tun_tso=True)
+    tun, link = FakeTun(True), wires()
+    dp = dataplane(tun, link, codecs, tun_tso=True)
     assert dp.features()["tun_tso"]
     dst = bytes(PEER_A.subnet.network_address.packed[:3]) + b"\x09"
     ip = IP(src="198.18.1.5", dst=".".join(map(str, dst)), id=7, flags="DF")
@@ -618,7 +571,7 @@ def test_tx_cuts_tun_super_packets_and_finishes_partial_checksums(codecs: str) -
     valid = bytes(ip / UDP(sport=5000, dport=5202) / (b"v" * 100))
     tun.inject(valid, struct.pack("=BBHHHH", 2, 0, 0, 0, 0, 0))  # DATA_VALID: as it is
     dp.on_tun_readable()
-    datagrams = [d for d, _ in sock.datagrams()]
+    datagrams = [d for d, _ in link.datagrams()]
     assert datagrams.pop() == valid
     assert len(datagrams) == 31 + 1  # 43,520 B of payload in 1432-byte segments, the UDP one
     payload = b""
@@ -639,36 +592,55 @@ def test_tx_cuts_tun_super_packets_and_finishes_partial_checksums(codecs: str) -
     assert dp.counters.drops == {"tx_gso_unsupported": 1}
 
 
+@UNDERLAY
 @pytest.mark.parametrize(
     ("error", "worked_before", "gso_after"),
     [(errno.EIO, True, False), (errno.EINVAL, False, False), (errno.EINVAL, True, True)],
 )
 def test_tx_falls_back_to_sendto_when_a_gso_send_fails(
-    error: int, worked_before: bool, gso_after: bool, codecs: str
+    error: int, worked_before: bool, gso_after: bool, codecs: str, wires: Any
 ) -> None:
-    tun, sock = FakeTun(True), FakeSocket()
-    dp = dataplane(tun, sock, codecs)
+    """EINVAL for real: the kernel refuses GSO on a socket without UDP checksums
+    (SO_NO_CHECK). EIO (a device that cannot checksum a GSO send) cannot be produced on
+    this kernel, so seccomp fails the sendmsg calls with it (tests/wire.py)."""
+    tun, link = FakeTun(True), wires()
+    dp = dataplane(tun, link, codecs)
     if worked_before:
         tun.inject(tx_batch()[0][0])
         tun.inject(tx_batch()[1][0])
         dp.on_tun_readable()
-        assert sock.sent[0][1] == 1472
-        sock.sent.clear()
-    sock.send_error = error
+        assert link.sent()[0][1] == 1472
+        link.log.clear()
     batch = tx_batch()
     for packet, _ in batch:
         tun.inject(packet)
-    dp.on_tun_readable()
+    if error == errno.EINVAL:
+        link.sock.setsockopt(socket.SOL_SOCKET, wire.SO_NO_CHECK, 1)
+        dp.on_tun_readable()
+    else:
+        wire.failing_sendmsg(error, dp.on_tun_readable)
     # Every packet still leaves, one sendto each; GSO stays on only after a late EINVAL.
-    assert sock.datagrams() == batch and all(size == 0 for _, size, _ in sock.sent)
+    assert link.datagrams() == batch and all(size == 0 for _, size, _ in link.sent())
     assert dp.gso is gso_after and dp.features()["udp_gso"] is gso_after
     assert not dp.counters.drops
+    assert dp.counters.tx_gso_sends == worked_before and dp.counters.tx_batch[1] == len(batch)
 
 
-def test_unsupported_offloads_and_no_offload_take_the_plain_path(codecs: str) -> None:
-    for sock, offload in ((FakeSocket(refuse=(103, 104)), True), (FakeSocket(), False)):
-        tun = FakeTun(True)
-        dp = dataplane(tun, sock, codecs, offload=offload)
+class OldKernelSocket(socket.socket):
+    """A socket on a kernel without UDP_SEGMENT and UDP_GRO (Linux < 4.18): the refusal
+    is faked, the rest is the real socket."""
+
+    def setsockopt(self, level: int, option: int, value: Any, *rest: Any) -> None:
+        if level == gso.SOL_UDP and option in (gso.UDP_SEGMENT, gso.UDP_GRO):
+            raise OSError(errno.ENOPROTOOPT, "Protocol not available")
+        super().setsockopt(level, option, value, *rest)
+
+
+@UNDERLAY
+def test_unsupported_offloads_and_no_offload_take_the_plain_path(codecs: str, wires: Any) -> None:
+    for sock_class, offload in ((OldKernelSocket, True), (None, False)):
+        tun, link = FakeTun(True), wires(sock_class=sock_class)
+        dp = dataplane(tun, link, codecs, offload=offload)
         assert dp.features() == {
             "native": codecs == "native",
             "offload": offload,
@@ -677,18 +649,22 @@ def test_unsupported_offloads_and_no_offload_take_the_plain_path(codecs: str) ->
             "tun_gso": False,
             "tun_tso": False,
         }
-        assert (17, 104) not in sock.options and tun.vnet_hdr is False
+        assert link.sock.getsockopt(gso.SOL_UDP, gso.UDP_GRO) == 0 and tun.vnet_hdr is False
         batch = tx_batch()
         for packet, _ in batch:
             tun.inject(packet)
         dp.on_tun_readable()
-        assert sock.datagrams() == batch and all(size == 0 for _, size, _ in sock.sent)
+        assert link.datagrams() == batch and all(size == 0 for _, size, _ in link.sent())
+        link.close()
 
 
+@UNDERLAY
 @pytest.mark.parametrize("vnet", [True, False])
-def test_rx_splits_gro_receives_and_validates_each_datagram(vnet: bool, codecs: str) -> None:
-    tun, sock = FakeTun(vnet), FakeSocket()
-    dp = dataplane(tun, sock, codecs)
+def test_rx_splits_gro_receives_and_validates_each_datagram(
+    vnet: bool, codecs: str, wires: Any
+) -> None:
+    tun, link = FakeTun(vnet), wires()
+    dp = dataplane(tun, link, codecs)
     src, dst = bytes([198, 18, 2, 7]), bytes([198, 18, 1, 5])  # from A's subnet to ours
     seq, run = 1, []
     for i in range(30):
@@ -699,10 +675,10 @@ def test_rx_splits_gro_receives_and_validates_each_datagram(vnet: bool, codecs: 
     spoofed[12:16] = bytes([198, 18, 3, 7])  # B's subnet, sent by A
     reseal(spoofed, 0, len(spoofed))
     datagrams = run[:10] + [bytes(spoofed)] + run[11:]
-    sock.queue.append((b"".join(datagrams), len(run[0]), "192.0.2.2"))
-    sock.queue.append((run[0], 0, "192.0.2.99"))  # not a peer
-    sock.queue.append((b"", 0, "192.0.2.2"))  # empty
-    sock.queue.append((run[0][:30], 0, "192.0.2.2"))  # truncated
+    link.queue(b"".join(datagrams), len(run[0]), wire.PEER_A)
+    link.queue(run[0], 0, wire.STRANGER)  # not a peer
+    link.queue(b"", 0, wire.PEER_A)  # empty
+    link.queue(run[0][:30], 0, wire.PEER_A)  # truncated
     dp.on_socket_readable_gro()
     assert [_without_ident(p) for p in tun.written()] == [
         _without_ident(p) for p in run[:10] + run[11:]
@@ -717,13 +693,14 @@ def test_rx_splits_gro_receives_and_validates_each_datagram(vnet: bool, codecs: 
     assert dp.counters.rx_gro_receives == 1
 
 
-def test_rx_counts_batches_and_peers(codecs: str) -> None:
-    tun, sock = FakeTun(True), FakeSocket()
-    dp = dataplane(tun, sock, codecs)
+@UNDERLAY
+def test_rx_counts_batches_and_peers(codecs: str, wires: Any) -> None:
+    tun, link = FakeTun(True), wires()
+    dp = dataplane(tun, link, codecs)
     src, dst = bytes([198, 18, 2, 7]), bytes([198, 18, 1, 5])
     run = [Segment(1, 1 + 100 * i, 1, 0x10, b"r" * 100, src=src, dst=dst).build() for i in range(7)]
-    sock.queue.append((b"".join(run), len(run[0]), "192.0.2.2"))
-    sock.queue.append((run[0], 0, "192.0.2.2"))  # a single one, from a GRO socket
+    link.queue(b"".join(run), len(run[0]), wire.PEER_A)
+    link.queue(run[0], 0, wire.PEER_A)  # a single one, from a GRO socket
     dp.on_socket_readable_gro()
     assert {n: k for n, k in enumerate(dp.counters.rx_batch) if k} == {7: 1, 1: 1}
     a = dp.peers.get(PEER_A.subnet)
@@ -732,19 +709,42 @@ def test_rx_counts_batches_and_peers(codecs: str) -> None:
     assert a.stats.last_rx > 0 and a.stats.tx_packets == 0
 
 
-def test_rx_accepts_every_lease_of_a_sender(codecs: str) -> None:
+@UNDERLAY
+def test_a_nodes_traffic_counts_on_its_oldest_lease(codecs: str, wires: Any) -> None:
+    """A node with two leases: what we send to either and what it sends from either
+    counts on its oldest lease (PeerTable.by_public_ip), in both directions."""
+    tun, link = FakeTun(True), wires()
+    dp = dataplane(tun, link, codecs)
+    second = Lease(IPv4Network("198.18.9.0/24"), IPv4Address(wire.PEER_A))
+    dp.peers.upsert(second)
+    src = bytes([198, 18, 1, 5])
+    for n in (9, 2, 9):  # to A's second lease, its first, its second again
+        tun.inject(Segment(1, 1, 1, 0x18, b"t" * 60, src=src, dst=bytes([198, 18, n, 1])).build())
+    dp.on_tun_readable()
+    for n in (9, 2):
+        packet = Segment(1, 1, 1, 0x18, b"r" * 60, src=bytes([198, 18, n, 7]), dst=src).build()
+        link.queue(packet, 0, wire.PEER_A)
+    dp.on_socket_readable_gro()
+    oldest, newer = dp.peers.get(PEER_A.subnet), dp.peers.get(second.subnet)
+    assert oldest is not None and newer is not None
+    assert (oldest.stats.tx_packets, oldest.stats.rx_packets) == (3, 2)
+    assert (newer.stats.tx_packets, newer.stats.rx_packets) == (0, 0)
+
+
+@UNDERLAY
+def test_rx_accepts_every_lease_of_a_sender(codecs: str, wires: Any) -> None:
     """A node may hold several leases (PeerTable.sources_of): its datagrams are accepted
     from inside any of them, and only those."""
-    tun, sock = FakeTun(True), FakeSocket()
-    dp = dataplane(tun, sock, codecs)
-    dp.peers.upsert(Lease(IPv4Network("198.18.9.0/24"), IPv4Address("192.0.2.2")))
+    tun, link = FakeTun(True), wires()
+    dp = dataplane(tun, link, codecs)
+    dp.peers.upsert(Lease(IPv4Network("198.18.9.0/24"), IPv4Address(wire.PEER_A)))
     dst = bytes([198, 18, 1, 5])
     packets = [
         Segment(1, 1, 1, 0x18, b"p" * 60, src=bytes([198, 18, n, 7]), dst=dst).build()
         for n in (2, 9, 3)  # A's first lease, A's second lease, B's
     ]
     for packet in packets:
-        sock.queue.append((packet, 0, "192.0.2.2"))
+        link.queue(packet, 0, wire.PEER_A)
     dp.on_socket_readable_gro()
     assert [_without_ident(p) for p in tun.written()] == [_without_ident(p) for p in packets[:2]]
     assert dp.counters.drops == {"rx_foreign_source": 1}
@@ -766,9 +766,10 @@ class RecordingTap:
         self.events.append(("drop", reason, bytes(data), peer))
 
 
-def test_an_attached_tap_sees_every_packet_and_drop(codecs: str) -> None:
-    tun, sock = FakeTun(True), FakeSocket()
-    dp = dataplane(tun, sock, codecs, tun_tso=True)
+@UNDERLAY
+def test_an_attached_tap_sees_every_packet_and_drop(codecs: str, wires: Any) -> None:
+    tun, link = FakeTun(True), wires()
+    dp = dataplane(tun, link, codecs, tun_tso=True)
     tap = RecordingTap()
     dp.tap = tap
     # TX: a TCP super-packet (reported as the segments it is cut into), a packet with
@@ -780,7 +781,7 @@ def test_an_attached_tap_sees_every_packet_and_drop(codecs: str) -> None:
     tun.inject(nowhere)
     tun.inject(b"\x45" + bytes(9))
     dp.on_tun_readable()
-    sent = [d for d, _ in sock.datagrams()]
+    sent = [d for d, _ in link.datagrams()]
     assert len(sent) == 3  # 2000 bytes of payload in 800-byte segments
     [unreachable] = tun.written()  # the ICMP error for the packet without a route
     assert unreachable[9] == 1 and unreachable[28:] == nowhere
@@ -789,7 +790,7 @@ def test_an_attached_tap_sees_every_packet_and_drop(codecs: str) -> None:
     expected_tx.append(("inner", "rx", unreachable))
     expected_tx.append(("drop", "tx_not_ipv4", b"\x45" + bytes(9), None))
     for datagram in sent:
-        expected_tx += [("inner", "tx", datagram), ("outer", "tx", datagram, ("192.0.2.2", 8285))]
+        expected_tx += [("inner", "tx", datagram), ("outer", "tx", datagram, (wire.PEER_A, 8285))]
     assert tap.events == expected_tx
     # RX: one GRO receive from A with a spoofed datagram in it, one from a stranger.
     tap.events.clear()
@@ -802,10 +803,10 @@ def test_an_attached_tap_sees_every_packet_and_drop(codecs: str) -> None:
     spoofed[12:16] = bytes([198, 18, 3, 7])
     reseal(spoofed, 0, len(spoofed))
     batch = [good[0], bytes(spoofed), good[2]]
-    sock.queue.append((b"".join(batch), len(good[0]), "192.0.2.2"))
-    sock.queue.append((good[0], 0, "192.0.2.99"))
+    link.queue(b"".join(batch), len(good[0]), wire.PEER_A)
+    link.queue(good[0], 0, wire.STRANGER)
     dp.on_socket_readable_gro()
-    peer = ("192.0.2.2", 8285)
+    peer = (wire.PEER_A, 8285)
     assert tap.events == [
         ("outer", "rx", good[0], peer),
         ("inner", "rx", good[0]),
@@ -813,7 +814,7 @@ def test_an_attached_tap_sees_every_packet_and_drop(codecs: str) -> None:
         ("drop", "rx_foreign_source", bytes(spoofed), peer),
         ("outer", "rx", good[2], peer),
         ("inner", "rx", good[2]),
-        ("drop", "rx_unknown_peer", good[0], ("192.0.2.99", 8285)),
+        ("drop", "rx_unknown_peer", good[0], (wire.STRANGER, 8285)),
     ]
     assert [_without_ident(p) for p in tun.written()] == [
         _without_ident(good[0]),
@@ -822,18 +823,19 @@ def test_an_attached_tap_sees_every_packet_and_drop(codecs: str) -> None:
     assert dp.counters.rx_packets == 2
     # Detached: the fast path again, nothing reported.
     dp.tap = None
-    sock.queue.append((b"".join(batch), len(good[0]), "192.0.2.2"))
+    link.queue(b"".join(batch), len(good[0]), wire.PEER_A)
     dp.on_socket_readable_gro()
     assert len(tap.events) == 7 and dp.counters.rx_packets == 4
 
 
+@UNDERLAY
 @pytest.mark.parametrize("vnet", [True, False])
-def test_rx_gathers_single_datagrams_into_runs(vnet: bool, codecs: str) -> None:
+def test_rx_gathers_single_datagrams_into_runs(vnet: bool, codecs: str, wires: Any) -> None:
     """A sender without GSO (the kernel's vxlan device, flannel's C proxy) sends one
     datagram per packet: a run of them from one peer is gathered and written as if GRO
     had coalesced it; whatever does not fit the run ends it and is still delivered."""
-    tun, sock = FakeTun(vnet), FakeSocket()
-    dp = dataplane(tun, sock, codecs)
+    tun, link = FakeTun(vnet), wires()
+    dp = dataplane(tun, link, codecs)
     src, dst = bytes([198, 18, 2, 7]), bytes([198, 18, 1, 5])
     seq, run = 1, []
     for i in range(100):
@@ -842,9 +844,10 @@ def test_rx_gathers_single_datagrams_into_runs(vnet: bool, codecs: str) -> None:
         seq += size
     packets = [segment.build() for segment in run]
     from_b = Segment(1, 1, 1, 0x10, b"b" * 100, src=bytes([198, 18, 3, 7]), dst=dst).build()
-    arrivals = [(p, "192.0.2.2") for p in packets[:30]] + [(from_b, "192.0.2.3")]
-    arrivals += [(p, "192.0.2.2") for p in packets[30:]]
-    sock.queue += [(data, 0, source) for data, source in arrivals]
+    arrivals = [(p, wire.PEER_A) for p in packets[:30]] + [(from_b, wire.PEER_B)]
+    arrivals += [(p, wire.PEER_A) for p in packets[30:]]
+    for data, source in arrivals:
+        link.queue(data, 0, source)
     dp.on_socket_readable_gro()
     assert [_without_ident(p) for p in tun.written()] == [
         _without_ident(p) for p in packets[:30] + [from_b] + packets[30:]
@@ -857,19 +860,37 @@ def test_rx_gathers_single_datagrams_into_runs(vnet: bool, codecs: str) -> None:
     assert dp.counters.rx_tun_super_packets == (4 if vnet else 0)
 
 
-def test_rx_plain_path_validates_each_datagram(codecs: str) -> None:
-    tun, sock = FakeTun(False), FakeSocket()
-    dp = dataplane(tun, sock, codecs, offload=False)
+@UNDERLAY
+def test_rx_plain_path_validates_each_datagram(codecs: str, wires: Any) -> None:
+    tun, link = FakeTun(False), wires()
+    dp = dataplane(tun, link, codecs, offload=False)
     good = Segment(1, 1, 1, 0x10, b"x" * 50, src=bytes([198, 18, 2, 7]), dst=bytes([198, 18, 1, 5]))
     packet = good.build()
     for data in (packet, b"", packet[:30], b"\x60" + packet[1:]):
-        sock.queue.append((data, 0, "192.0.2.2"))
-    sock.queue.append((packet, 0, "192.0.2.3"))  # from B, inside A's subnet
+        link.queue(data, 0, wire.PEER_A)
+    link.queue(packet, 0, wire.PEER_B)  # from B, inside A's subnet
     dp.on_socket_readable()
     assert tun.written() == [packet]
     assert dp.counters.drops == Counter(
         {"rx_not_ipv4": 2, "rx_bad_length": 1, "rx_foreign_source": 1}
     )
+
+
+@UNDERLAY
+def test_rx_counts_a_full_or_broken_tun(codecs: str, wires: Any) -> None:
+    tun, link = FakeTun(True, buffer=4096), wires()  # room for a few writes, then EAGAIN
+    dp = dataplane(tun, link, codecs)
+    src, dst = bytes([198, 18, 2, 7]), bytes([198, 18, 1, 5])
+    run = [Segment(1, 1 + 1000 * i, 1, 0x11, bytes(1000), src=src, dst=dst) for i in range(40)]
+    for segment in run:
+        link.queue(segment.build(), 0, wire.PEER_A)
+    dp.on_socket_readable_gro()
+    written = dp.counters.rx_packets
+    assert 0 < written < 40 and dp.counters.drops == {"rx_tun_full": 40 - written}
+    tun.kernel.close()  # the reader gone: the writes fail
+    link.queue(run[0].build(), 0, wire.PEER_A)
+    dp.on_socket_readable_gro()
+    assert dp.counters.drops["rx_tun_error"] == 1 and dp.counters.rx_packets == written
 
 
 SWITCH_TUN = r"""

@@ -10,6 +10,7 @@ import socket
 import struct
 from collections import Counter
 from collections.abc import Callable
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -248,7 +249,7 @@ def receives(draw: st.DrawFn) -> tuple[bytearray, int, int, tuple[bytes, bytes] 
         packets = [draw(heads)[:22].ljust(22, b"\0") + p for p in packets]
     batches = gro_buffers(packets)
     data, size, segment = batches[draw(st.integers(0, len(batches) - 1))]
-    for _ in range(draw(st.integers(0, 4))):
+    for _ in range(draw(st.integers(0, 4)) if size else 0):
         data[draw(st.integers(0, size - 1))] = draw(st.integers(0, 255))
     if draw(st.booleans()):
         size = draw(st.integers(0, size))  # a cut-off last datagram
@@ -323,96 +324,24 @@ def test_bad_arguments_are_errors_not_crashes() -> None:
         lambda: c.drop_reason(buf, 50, 40, [], (0, 32)),
         lambda: c.finish_checksums(buf, [(0, 101, 10)]),
         lambda: c.finish_checksums(buf, [(0, 10)]),
-        lambda: c.deliver(-1, buf, 50, 10, [], (0, 32), Counter(), None, "arp"),  # not a list
+        lambda: c.valid_pieces(buf, 50, 10, [], (0, 32), Counter(), None, "arp"),  # not a list
     ):
         with pytest.raises((ValueError, TypeError)):
             call()
 
 
-class Tun:
-    """A TUN stand-in for deliver's writes: a SOCK_SEQPACKET pair keeps write boundaries."""
-
-    def __init__(self, buffer: int = 1 << 22) -> None:
-        self.kernel, self.ours = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        self.ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, buffer)
-        self.kernel.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, buffer)
-        self.ours.setblocking(False)
-        self.kernel.setblocking(False)
-
-    def written(self) -> list[bytes]:
-        out = []
-        while True:
-            try:
-                out.append(self.kernel.recv(1 << 17))
-            except BlockingIOError:
-                return out
-
-    def close(self) -> None:
-        self.kernel.close()
-        self.ours.close()
-
-
-@given(receives(), SOURCES, st.sampled_from([0, 1450]), st.booleans(), st.booleans())
-@FAST
-def test_deliver_writes_what_the_reference_plans(
-    receive: tuple[bytearray, int, int, tuple[bytes, bytes] | None],
-    sources: list[tuple[int, int]],
-    mtu: int,
-    coalesce: bool,
-    vnet: bool,
-) -> None:
-    data, size, segment, vxlan = receive
-    ours, theirs = bytearray(data), bytearray(data)
-    drops_a: Counter[str] = Counter()
-    drops_b: Counter[str] = Counter()
-    arp_a: list[int] = []
-    arp_b: list[int] = []
-    if coalesce and vnet:
-        writes = joined(
-            gso.plan_tun_writes(ours, size, segment, sources, (0, 32), drops_a, vxlan, arp_a, mtu)
-        )
-    else:
-        pieces = gso.valid_pieces(ours, size, segment, sources, (0, 32), drops_a, vxlan, arp_a)
-        head = bytes(10) if vnet else b""
-        writes = [(head + bytes(ours[a:b]), 1, b - a) for a, b in pieces]
-    tun = Tun()
-    try:
-        counts = c.deliver(
-            tun.ours.fileno(), theirs, size, segment, sources, (0, 32), drops_b, vxlan, arp_b,
-            mtu, coalesce, vnet,
-        )  # fmt: skip
-        assert tun.written() == [w for w, _, _ in writes]
-    finally:
-        tun.close()
-    supers = sum(n > 1 for _, n, _ in writes)
-    assert counts == (sum(n for _, n, _ in writes), sum(s for _, _, s in writes), supers)
-    assert (drops_b, arp_b) == (drops_a, arp_a)
-    assert theirs == ours
-
-
-def test_deliver_counts_a_full_or_broken_tun() -> None:
-    packets = [Segment(1, 1 + 1000 * i, 1, 0x11, bytes(1000)).build() for i in range(40)]
-    [(data, size, segment)] = gro_buffers(packets)
-    tun = Tun(buffer=4096)  # room for a couple of writes, then EAGAIN
-    try:
-        drops: Counter[str] = Counter()
-        packets_written, _, _ = c.deliver(
-            tun.ours.fileno(), data, size, segment, [(0, 32)], (0, 32), drops
-        )
-        assert 0 < packets_written < 40 and drops == {"rx_tun_full": 40 - packets_written}
-    finally:
-        tun.close()
-    drops = Counter()
-    assert c.deliver(-1, data, size, segment, [(0, 32)], (0, 32), drops) == (0, 0, 0)
-    assert drops == {"rx_tun_error": 40}
-
-
-# -- TX: the whole TUN drain (read_tun) against the dataplane's reference loop ------------
+# -- the drains (tx_drain, rx_drain) against the dataplane's reference methods -----------
 
 PEER_MAC = bytes.fromhex("02aabbccdd01")
 
 
-def _tx_dataplane(vxlan_framing: bool, codecs: str, tun: Any, sock: Any) -> Any:
+def _dataplane(
+    framing: bool, codecs: str, tun: Any, link: Any, *, rx: bool = False, **options: Any
+) -> Any:
+    """A udp (or, with ``framing``, vxlan) dataplane on ``link`` (tests/wire.py) with
+    three peers: A and B, and one without a VTEP MAC (so without a vxlan route). For
+    ``rx`` our subnet is 198.18.2.0/24 and A's 198.18.1.0/24, so the packets of
+    tests.test_fastpath.streams() are A's to us."""
     from ipaddress import IPv4Address, IPv4Network
 
     from control.lease import Lease
@@ -421,27 +350,43 @@ def _tx_dataplane(vxlan_framing: bool, codecs: str, tun: Any, sock: Any) -> Any:
     from overlay.backends.userspace import vxlan_prefix_for
     from overlay.backends.vxlan import VxlanDataplane
     from overlay.counters import Counters
+    from tests import wire
 
-    own = IPv4Network("198.18.1.0/24")
+    own = IPv4Network("198.18.2.0/24" if rx else "198.18.1.0/24")
     data = {"VNI": 1, "VtepMAC": PEER_MAC.hex(":")}
+    a_net = "198.18.1.0/24" if rx else "198.18.2.0/24"
     leases = [
-        Lease(IPv4Network("198.18.2.0/24"), IPv4Address("192.0.2.2"), "vxlan", data),
-        Lease(IPv4Network("198.18.3.0/24"), IPv4Address("192.0.2.3"), "vxlan", data),
-        Lease(IPv4Network("198.18.4.0/24"), IPv4Address("192.0.2.4"), "vxlan", {}),  # no MAC
+        Lease(IPv4Network(a_net), IPv4Address(wire.PEER_A), "vxlan", data),
+        Lease(IPv4Network("198.18.3.0/24"), IPv4Address(wire.PEER_B), "vxlan", data),
+        Lease(IPv4Network("198.18.4.0/24"), IPv4Address(wire.STRANGER), "vxlan", {}),  # no MAC
     ]
-    if vxlan_framing:
-        peers = PeerTable(8472, vxlan_prefix_for(1, MAC))
+    if framing:
+        peers = PeerTable(link.port, vxlan_prefix_for(1, MAC))
         dp = VxlanDataplane(
-            tun, sock, peers, own, Counters(), tun_tso=True,
-            vni=1, mac=MAC, vtep_ip=own.network_address.packed, port=8472,
+            tun, link.sock, peers, own, Counters(), **options,
+            vni=1, mac=MAC, vtep_ip=own.network_address.packed, port=link.port,
         )  # fmt: skip
     else:
-        peers = PeerTable(8285)
-        dp = UdpDataplane(tun, sock, peers, own, Counters(), tun_tso=True)
-    for lease in leases:
+        peers = PeerTable(link.port)
+        dp = UdpDataplane(tun, link.sock, peers, own, Counters(), **options)
+    for lease in leases[: 2 if rx else 3]:
         peers.upsert(lease)
     dp.native = codecs == "native"
     return dp
+
+
+def _stats(dp: Any) -> dict[str, tuple[int, int, int, int, bool, bool]]:
+    return {
+        str(p.lease.subnet): (
+            p.stats.tx_packets,
+            p.stats.tx_bytes,
+            p.stats.rx_packets,
+            p.stats.rx_bytes,
+            p.stats.last_tx > 0,
+            p.stats.last_rx > 0,
+        )  # fmt: skip
+        for p in dp.peers.peers()
+    }
 
 
 VNETS = st.one_of(
@@ -474,24 +419,135 @@ def tun_reads(draw: st.DrawFn) -> tuple[bytes, bytes]:
     return draw(VNETS), bytes(raw)
 
 
-@given(st.lists(tun_reads(), max_size=12), st.booleans())
-@FAST
-def test_read_tun_matches_the_reference_loop(
-    reads: list[tuple[bytes, bytes]], framing: bool
-) -> None:
-    from tests.test_fastpath import FakeSocket, FakeTun
+def _tx_run(underlay: Any, codecs: str, reads: list[tuple[bytes, bytes]], framing: bool,
+            offload: bool, vnet: bool, repeat: int = 1) -> Any:  # fmt: skip
+    from tests.test_fastpath import FakeTun
+    from tests.wire import Wire
 
-    results = []
-    for codecs in ("pure", "native"):
-        tun, sock = FakeTun(True), FakeSocket()
-        dp = _tx_dataplane(framing, codecs, tun, sock)
-        for vnet, packet in reads:
-            tun.inject(packet, vnet)
-        dp.on_tun_readable()
-        stats = {str(p.lease.subnet): p.stats.tx_packets for p in dp.peers.peers()}
-        results.append((sock.datagrams(), dict(dp.counters.drops), dp.counters.tx_packets,
-                        dp.counters.tx_tun_super_packets, stats, tun.written()))  # fmt: skip
-    assert results[1] == results[0]
+    tun, link = FakeTun(vnet), Wire(underlay, 8472 if framing else 8285)
+    try:
+        dp = _dataplane(framing, codecs, tun, link, offload=offload, tun_tso=True)
+        for vnet_hdr, packet in reads:
+            tun.inject(packet, vnet_hdr)
+        for _ in range(repeat):
+            dp.on_tun_readable()
+        features = {k: v for k, v in dp.features().items() if k != "native"}
+        return link.sent(), dp.counters.snapshot(), _stats(dp), tun.raw_written(), features
+    finally:
+        link.close()
+        tun.close()
+
+
+@pytest.mark.underlay
+@given(st.lists(tun_reads(), max_size=12), st.booleans(), st.booleans(), st.booleans())
+@FAST
+def test_tx_drain_matches_the_reference(
+    underlay: Any, reads: list[tuple[bytes, bytes]], framing: bool, offload: bool, vnet: bool
+) -> None:
+    """on_tun_readable on the native drain and on the Python reference, from the same TUN
+    reads: the same datagrams sent (and GSO sends), counters, drops, peer stats and
+    ICMP errors written back."""
+    pure = _tx_run(underlay, "pure", reads, framing, offload, vnet)
+    assert _tx_run(underlay, "native", reads, framing, offload, vnet) == pure
+
+
+@pytest.mark.underlay
+def test_tx_drain_stops_at_its_budget(underlay: Any) -> None:
+    """More than BUDGET (256) reads: each call reads 256, the next one the rest."""
+    packet = bytes(Segment(1, 1, 1, 0x18, b"x" * 40, protocol=17).build())
+    reads = [(bytes(10), packet[:16] + bytes([198, 18, 2 + i % 2, 9]) + packet[20:])
+             for i in range(300)]  # fmt: skip
+    results = [_tx_run(underlay, codecs, reads, False, True, True) for codecs in ("pure", "native")]
+    assert results[1] == results[0] and results[0][1]["tx_packets"] == 256
+    results = [
+        _tx_run(underlay, codecs, reads, False, True, True, 2) for codecs in ("pure", "native")
+    ]
+    assert results[1] == results[0] and results[0][1]["tx_packets"] == 300
+
+
+VXLAN_ARP = b"\x08\0\0\0" + VNI + b"\0" + b"\xff" * 6 + PEER_MAC + b"\x08\x06"
+
+
+@st.composite
+def rx_traffic(draw: st.DrawFn, framing: bool) -> list[tuple[bytes, int, str]]:
+    """What the peers send us: (datagram or GSO send, segment size or 0, source), bursts
+    of TCP streams (so runs form and are gathered) with damage, junk, empty datagrams,
+    sends from a node that is not a peer and, for vxlan, bad headers and ARP requests."""
+    from encap import arp
+    from tests import wire
+
+    traffic: list[tuple[bytes, int, str]] = []
+    for _ in range(draw(st.integers(1, 5))):
+        source = draw(st.sampled_from([wire.PEER_A] * 3 + [wire.PEER_B, wire.STRANGER]))
+        packets = draw(streams())
+        if not packets or draw(st.booleans()):
+            packets.append(bytes(draw(inner_packets())))
+        if framing:
+            heads = st.sampled_from(
+                [VXLAN_HEAD] * 6
+                + [
+                    b"\x00" + VXLAN_HEAD[1:],
+                    VXLAN_HEAD[:20] + b"\x08\x06",
+                    VXLAN_HEAD[:6] + b"\x09",
+                ]
+            )
+            packets = [draw(heads) + p for p in packets]
+            if draw(st.booleans()):  # who has our VTEP address (or another one)
+                target = bytes([198, 18, 2, draw(st.sampled_from([0, 0, 5]))])
+                request = arp.build(arp.REQUEST, PEER_MAC, bytes([198, 18, 1, 0]), bytes(6), target)
+                packets.insert(draw(st.integers(0, len(packets))), VXLAN_ARP + request)
+        packets = [bytearray(p) for p in packets]
+        for _ in range(draw(st.integers(0, 3))):
+            victim = packets[draw(st.integers(0, len(packets) - 1))]
+            if victim:
+                victim[draw(st.integers(0, len(victim) - 1))] = draw(st.integers(0, 255))
+        if draw(st.booleans()):  # as the sender's GSO sends them, else one by one
+            lengths = [len(p) for p in packets]
+            for a, b in gso.plan_groups(lengths, [0] * len(packets), 64, 65000):
+                traffic.append((b"".join(packets[a:b]), lengths[a] if b - a > 1 else 0, source))
+        else:
+            traffic += [(bytes(p), 0, source) for p in packets]
+        if draw(st.integers(0, 9)) == 0:
+            traffic.append((b"", 0, source))
+    return traffic
+
+
+def _rx_run(underlay: Any, codecs: str, traffic: list[tuple[bytes, int, str]], framing: bool,
+            offload: bool, vnet: bool, mtu: int) -> Any:  # fmt: skip
+    import select
+
+    from tests.test_fastpath import FakeTun
+    from tests.wire import Wire
+
+    tun, link = FakeTun(vnet), Wire(underlay, 8472 if framing else 8285)
+    try:
+        dp = _dataplane(framing, codecs, tun, link, rx=True, offload=offload, mtu=mtu)
+        for data, segment, source in traffic:
+            link.queue(data, segment, source)
+        receive = dp.on_socket_readable_gro if dp.gro else dp.on_socket_readable
+        calls = 0
+        while select.select([link.sock], [], [], 0)[0] and calls < 20:
+            receive()
+            calls += 1
+        return (tun.raw_written(), dp.counters.snapshot(), _stats(dp), link.sent(),
+                getattr(dp, "arp_replies", None), calls)  # fmt: skip
+    finally:
+        link.close()
+        tun.close()
+
+
+@pytest.mark.underlay
+@given(st.data(), st.booleans(), st.booleans(), st.booleans(), st.sampled_from([0, 0, 1450]))
+@FAST
+def test_rx_drain_matches_the_reference(
+    underlay: Any, data: st.DataObject, framing: bool, offload: bool, vnet: bool, mtu: int
+) -> None:
+    """The receive callback on the native drain and on the Python reference, for the
+    same datagrams from the same senders: the same TUN writes byte for byte, counters,
+    drops, batch histograms, peer stats and (vxlan) ARP replies."""
+    traffic = data.draw(rx_traffic(framing))
+    pure = _rx_run(underlay, "pure", traffic, framing, offload, vnet, mtu)
+    assert _rx_run(underlay, "native", traffic, framing, offload, vnet, mtu) == pure
 
 
 def test_every_native_drop_reason_is_a_reference_one() -> None:
@@ -588,7 +644,6 @@ def test_rx_rules_survive_a_subnet_that_empties_the_sources() -> None:
         lambda s: c.drop_reason(bytearray(40), 0, 20, s, (0, 32)),
         lambda s: c.valid_pieces(bytearray(40), 40, 40, s, (0, 32), Counter()),
         lambda s: c.plan_tun_writes(bytearray(40), 40, 40, s, (0, 32), Counter()),
-        lambda s: c.deliver(-1, bytearray(40), 40, 40, s, (0, 32), Counter()),
     ):
         sources: list[Any] = []
         sources += [(1, Index(8, hook=sources.clear))] + [(2, 8)] * 8
@@ -664,98 +719,186 @@ def test_receive_of_one_datagram_with_any_larger_segment(segment: int) -> None:
         if pure is gso.plan_tun_writes:
             a, b = ("ok", joined(a[1])), ("ok", joined(b[1]))
         assert (b, drops_b) == (a, drops_a)
-    drops: Counter[str] = Counter()
-    counts = c.deliver(-1, bytearray(packet), len(packet), segment, [(0, 32)], (0, 32), drops)
-    assert (counts, drops) == ((0, 0, 0), {"rx_tun_error": 1})
 
 
-class _Peer:
-    def __init__(self, prefix: bytes) -> None:
-        self.addr = ("192.0.2.2", 8285)
-        self.prefix = prefix
+# -- the drains on hostile dataplanes (objects with the attributes they read) -----------
 
 
-def _partial_udp_reads(tun: Tun, count: int) -> None:
+def _stand_in(tun: socket.socket, headroom: int = 0, arena: int = 1 << 18, **extra: Any) -> Any:
+    """An object with the attributes tx_drain and rx_drain read (tests/test_fastpath.py
+    runs them on real dataplanes): every peer routed to one address, sends going into
+    an AF_UNIX socket (they fail: nothing leaves)."""
+    from types import SimpleNamespace
+
+    from overlay.counters import Counters
+
+    sink = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    prefix = bytes(headroom if 0 <= headroom < 64 else 0)
+    peer = SimpleNamespace(addr=("192.0.2.2", 8285), prefix=prefix)
+    fields: dict[str, Any] = {
+        "tun": SimpleNamespace(fd=tun.fileno(), offset=10, vnet_hdr=True),
+        "sock": sink,
+        "headroom": headroom,
+        "tso": True,
+        "gso": False,
+        "_gso_sent": False,
+        "gro": True,
+        "tun_gso": True,
+        "mtu": 0,
+        "vxlan_rules": None,
+        "_own": (0, 32),
+        "peers": SimpleNamespace(routes=[(32, {0: peer})], senders={}),
+        "counters": Counters(),
+        "_tx_arena": bytearray(arena),
+        "_rx_buffer": bytearray(2 * 65535),
+        "_no_route": lambda packet: None,
+        "_answer_arp": lambda start, end, source: None,
+    }
+    fields.update(extra)
+    return SimpleNamespace(**fields)
+
+
+def _partial_udp_reads(kernel: socket.socket, count: int) -> None:
     """``count`` UDP packets behind a NEEDS_CSUM virtio_net_hdr (csum_start 20, offset 6)."""
     packet = bytearray(Segment(1, 1, 1, 0x10, bytes(32), protocol=17).build())
     for _ in range(count):
-        tun.kernel.send(struct.pack("=BBHHHH", 1, 0, 0, 0, 20, 6) + packet)
+        kernel.send(struct.pack("=BBHHHH", 1, 0, 0, 0, 20, 6) + packet)
 
 
-def _read_tun(tun: Tun, arena: bytearray, headroom: int, budget: int, limit: int) -> Any:
-    peer = _Peer(bytes(headroom) if headroom < 100 else b"")
-    drops: list[str] = []
-    result = c.read_tun(
-        tun.ours.fileno(), arena, True, headroom, budget, limit, True,
-        lambda dst: peer, {}, lambda packet: None, lambda reason, at, n: drops.append(reason),
-    )  # fmt: skip
-    return result, drops
+def _tun_pair() -> tuple[socket.socket, socket.socket]:
+    kernel, ours = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    ours.setblocking(False)
+    kernel.setblocking(False)
+    return kernel, ours
 
 
-def test_read_tun_with_a_budget_beyond_memory() -> None:
-    """The partial-checksum table was budget * 24 bytes, a size_t product that wraps to 0
-    for budget 2**62: every partial checksum was then written past a 1-byte allocation
-    (ASan: heap-buffer-overflow)."""
+def test_tx_drain_with_a_budget_beyond_memory() -> None:
+    """A partial-checksum table of budget * 24 bytes is a size_t product that wraps to 0
+    for budget 2**62: every partial checksum would then be written past the allocation."""
     results = []
     for budget in (2**62, 256):
-        tun = Tun()
+        kernel, ours = _tun_pair()
         try:
-            _partial_udp_reads(tun, 40)
-            arena = bytearray(1 << 18)
-            results.append((_read_tun(tun, arena, 0, budget, len(arena) - 2 * 65535 - 3), arena))
+            _partial_udp_reads(kernel, 40)
+            dp = _stand_in(ours)
+            c.tx_drain(dp, budget)
+            results.append((dp.counters.snapshot(), bytes(dp._tx_arena)))
         finally:
-            tun.close()
+            kernel.close()
+            ours.close()
     assert results[0] == results[1]
-    assert len(results[0][0][0][0]) == 40
+    assert results[0][0]["drops"] == {"tx_send_error": 40}
 
 
-@pytest.mark.parametrize("headroom", [2**63 - 1, 2**63 - 100, 2**62])
-def test_read_tun_refuses_headroom_beyond_the_arena(headroom: int) -> None:
-    """The arena check (size - 2 * 65535 - headroom - 3) wrapped for a headroom near
-    2**63 and passed: readv got a pointer 2**63 bytes into the arena (EINVAL from the
-    kernel, by luck of the iovec length)."""
-    tun = Tun()
+@pytest.mark.parametrize("headroom", [2**63 - 1, 2**63 - 100, 2**62, -1])
+def test_tx_drain_refuses_headroom_beyond_the_arena(headroom: int) -> None:
+    """The arena check (size - 2 * 65535 - headroom - 3) must not wrap for a headroom
+    near 2**63 (readv would get a pointer 2**63 bytes into the arena)."""
+    kernel, ours = _tun_pair()
     try:
-        _partial_udp_reads(tun, 1)
+        _partial_udp_reads(kernel, 1)
         with pytest.raises(ValueError):
-            _read_tun(tun, bytearray(10), headroom, 4, 0)
+            c.tx_drain(_stand_in(ours, headroom=headroom, arena=10), 4)
     finally:
-        tun.close()
+        kernel.close()
+        ours.close()
 
 
-def test_callbacks_cannot_resize_a_buffer_the_module_is_using() -> None:
-    """read_tun calls Python (lookup, no_route, drop) and the receive calls write drop
-    counts through a mapping's methods while they hold raw pointers into the arena / RX
-    buffer; the Py_buffer export they hold makes the bytearray refuse to resize."""
-    tun = Tun()
+def test_callbacks_cannot_resize_a_buffer_the_drains_are_using() -> None:
+    """The drains call Python (_no_route, _answer_arp, the drop counts' mapping methods)
+    while they hold raw pointers into the arena and the RX buffer; the Py_buffer export
+    they hold makes the bytearray refuse to resize."""
+    kernel, ours = _tun_pair()
     try:
-        _partial_udp_reads(tun, 3)
+        _partial_udp_reads(kernel, 3)
         arena = bytearray(1 << 18)
-
-        def lookup(dst: bytes) -> None:
-            arena.extend(bytes(1 << 20))  # would move the arena
-
+        nowhere = SimpleNamespace(routes=[], senders={})
+        dp = _stand_in(ours, _tx_arena=arena, peers=nowhere)
+        dp._no_route = lambda packet: arena.extend(bytes(1 << 20))  # would move the arena
         with pytest.raises(BufferError):
-            c.read_tun(
-                tun.ours.fileno(), arena, True, 0, 8, len(arena) - 2 * 65535 - 3, True,
-                lookup, {}, lambda packet: None, lambda reason, at, n: None,
-            )  # fmt: skip
+            c.tx_drain(dp, 8)
         assert len(arena) == 1 << 18
     finally:
-        tun.close()
-
-    data = bytearray(100)
+        kernel.close()
+        ours.close()
+    buffer = bytearray(2 * 65535)
 
     class Drops(Counter[str]):
         def __setitem__(self, key: str, value: int) -> None:
-            del data[:]  # would free the buffer
+            del buffer[:]  # would free the buffer
             super().__setitem__(key, value)
 
-    for call in (
-        lambda: c.valid_pieces(data, 100, 50, [(0, 32)], (0, 32), Drops()),
-        lambda: c.plan_tun_writes(data, 100, 50, [(0, 32)], (0, 32), Drops()),
-        lambda: c.deliver(-1, data, 100, 50, [(0, 32)], (0, 32), Drops()),
-    ):
+    sender, receiver = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    try:
+        receiver.setblocking(False)
+        sender.send(b"not from a peer")  # an AF_UNIX source: no peer's address
+        dp = _stand_in(receiver, sock=receiver, _rx_buffer=buffer)
+        dp.counters.drops = Drops()
         with pytest.raises(BufferError):
-            call()
-        assert len(data) == 100
+            c.rx_drain(dp, 8)
+        assert len(buffer) == 2 * 65535
+    finally:
+        sender.close()
+        receiver.close()
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"peers": SimpleNamespace(routes=[(33, {})], senders={})},
+        {"peers": SimpleNamespace(routes=[("x", {})], senders={})},
+        {"peers": SimpleNamespace(routes=(), senders={})},
+        {
+            "peers": SimpleNamespace(
+                routes=[(32, {0: SimpleNamespace(addr=("nowhere", 1), prefix=b"")})], senders={}
+            )
+        },
+        {
+            "peers": SimpleNamespace(
+                routes=[(32, {0: SimpleNamespace(addr="x", prefix=b"")})], senders={}
+            )
+        },
+        {
+            "peers": SimpleNamespace(
+                routes=[(32, {0: SimpleNamespace(addr=("192.0.2.2", 1), prefix="s")})], senders={}
+            )
+        },
+        {"peers": SimpleNamespace(routes=[], senders=[])},
+        {"_tx_arena": b"read-only"},
+        {"tun": SimpleNamespace(fd=-1, offset=0, vnet_hdr=False)},
+    ],
+)
+def test_tx_drain_refuses_a_broken_dataplane(change: dict[str, Any]) -> None:
+    """Wrong types and values where the dataplane's attributes should be: an exception,
+    never a crash or a write outside the arena."""
+    kernel, ours = _tun_pair()
+    try:
+        kernel.send(bytes(10) + bytes(Segment(1, 1, 1, 0x10, b"x").build()))
+        with pytest.raises((TypeError, ValueError, OSError, BufferError)):
+            c.tx_drain(_stand_in(ours, **change), 4)
+    finally:
+        kernel.close()
+        ours.close()
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"peers": SimpleNamespace(routes=[], senders={0: "not a pair"})},
+        {"peers": SimpleNamespace(routes=[], senders={0: (((1, 99),), None)})},
+        {"peers": SimpleNamespace(routes=[], senders=None)},
+        {"_rx_buffer": bytearray(1000)},
+        {"_own": (1, 33)},
+        {"vxlan_rules": (b"ab", b"c")},
+    ],
+)
+def test_rx_drain_refuses_a_broken_dataplane(change: dict[str, Any]) -> None:
+    sender, receiver = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    try:
+        receiver.setblocking(False)
+        sender.send(bytes(Segment(1, 1, 1, 0x10, b"x").build()))  # from address 0.0.0.0
+        with pytest.raises((TypeError, ValueError)):
+            c.rx_drain(_stand_in(receiver, sock=receiver, **change), 4)
+    finally:
+        sender.close()
+        receiver.close()
