@@ -1610,7 +1610,13 @@ static void tx_send_groups(tx_t *t, int fd, const uint8_t *b)
 /* The counts of a drain into the dataplane's counters and the peers' stats. */
 static int tx_flush(PyObject *dp, PyObject *counters, tx_t *t, int gso_sent_before)
 {
-    int ok = add_attr(counters, A_TX_TUN_SUPER, t->supers)
+    /* the dataplane's state first: a counter update that fails must not keep GSO on */
+    int ok = 1;
+    if (t->gso_off)
+        ok = PyObject_SetAttr(dp, attr[A_GSO], Py_False) == 0;
+    if (ok && t->gso_sent && !gso_sent_before)
+        ok = PyObject_SetAttr(dp, attr[A_GSO_SENT], Py_True) == 0;
+    ok = ok && add_attr(counters, A_TX_TUN_SUPER, t->supers)
           && add_attr(counters, A_TX_PACKETS, t->sent)
           && add_attr(counters, A_TX_BYTES, t->sent_bytes)
           && add_attr(counters, A_TX_GSO_SENDS, t->sends)
@@ -1629,10 +1635,6 @@ static int tx_flush(PyObject *dp, PyObject *counters, tx_t *t, int gso_sent_befo
           && add_attr(peer->stats, A_TX_BYTES, peer->bytes)
           && set_float(peer->stats, A_LAST_TX, now);
     }
-    if (ok && t->gso_off)
-        ok = PyObject_SetAttr(dp, attr[A_GSO], Py_False) == 0;
-    if (ok && t->gso_sent && !gso_sent_before)
-        ok = PyObject_SetAttr(dp, attr[A_GSO_SENT], Py_True) == 0;
     return ok;
 }
 
