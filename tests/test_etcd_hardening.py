@@ -31,9 +31,9 @@ from control.config import parse_config
 from control.etcd_registry import EtcdRegistry, TlsFiles, parse_endpoints
 from control.kv import RegistryConfigError
 from control.subnet_manager import SubnetManager
-from overlay.netns import create_netns, netns_pids, remove_netns, terminate
+from overlay.netns import netns_pids
 from tests.conftest import fatal_text
-from tests.etcd_server import EtcdServer
+from tests.etcd_server import EtcdServer, etcd_in_netns
 from tests.test_etcd_daemon import make_pki
 from tests.watching import Recorder, start_watch, wait_until
 
@@ -59,18 +59,8 @@ def child_env(**extra: str) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def lo_etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, EtcdServer]]:
     """A namespace (lo only) with a plain etcd on 127.0.0.1, for the daemons of this module."""
-    ns = f"h{uuid.uuid4().hex[:7]}-etc"
-    create_netns(ns)
-    try:
-        server = EtcdServer(tmp_path_factory.mktemp("hard") / "etcd", netns=ns)
-        try:
-            server.start()
-            yield ns, server
-        finally:
-            server.stop()
-    finally:
-        terminate(netns_pids(ns), 2.0)
-        remove_netns(ns)
+    with etcd_in_netns(tmp_path_factory.mktemp("hard") / "etcd", "hetc") as found:
+        yield found
 
 
 def overlay_run(ns: str, tmp_path: Path, *args: str) -> list[str]:
@@ -228,18 +218,8 @@ def tls_etcd(
     )
     (base / "pki" / "garbage.crt").write_text("-----BEGIN CERTIFICATE-----\nnope\n")
     (base / "pki" / "adir").mkdir()
-    ns = f"h{uuid.uuid4().hex[:7]}-tls"
-    create_netns(ns)
-    try:
-        server = EtcdServer(base / "etcd", netns=ns, tls=pki)
-        try:
-            server.start()
-            yield ns, server, pki, base / "pki"
-        finally:
-            server.stop()
-    finally:
-        terminate(netns_pids(ns), 2.0)
-        remove_netns(ns)
+    with etcd_in_netns(base / "etcd", "htls", tls=pki) as (ns, server):
+        yield ns, server, pki, base / "pki"
 
 
 TLS_CASES: list[tuple[str, Callable[[dict[str, str], Path], list[str]], str]] = [
@@ -345,20 +325,10 @@ def test_the_tls_checks_themselves() -> None:
 
 @pytest.fixture(scope="module")
 def auth_etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, EtcdServer]]:
-    ns = f"h{uuid.uuid4().hex[:7]}-aut"
-    create_netns(ns)
-    try:
-        server = EtcdServer(tmp_path_factory.mktemp("auth") / "etcd", netns=ns)
-        try:
-            server.start()
-            server.ctl("user", "add", "root", "--new-user-password", "s3cret-pw")
-            server.ctl("auth", "enable")
-            yield ns, server
-        finally:
-            server.stop()
-    finally:
-        terminate(netns_pids(ns), 2.0)
-        remove_netns(ns)
+    with etcd_in_netns(tmp_path_factory.mktemp("auth") / "etcd", "haut") as (ns, server):
+        server.ctl("user", "add", "root", "--new-user-password", "s3cret-pw")
+        server.ctl("auth", "enable")
+        yield ns, server
 
 
 @pytest.mark.netns
