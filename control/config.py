@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network
 from typing import Any
 
-from control.text import clip
+from control.text import clip, shorten
 
 SUPPORTED_BACKENDS = ("udp", "vxlan", "host-gw")
 DEFAULT_PORTS = {"udp": 8285, "vxlan": 8472}
@@ -133,7 +133,7 @@ def parse_backend(raw: Any) -> BackendConfig:
         if not 68 <= mtu <= 65535:
             raise ConfigError(f"Backend.MTU: {mtu} is not an IPv4 MTU (68-65535)")
     warnings = tuple(
-        f"Backend.{key}: not a {kind} option, ignored"
+        f"Backend.{shorten(key)}: not a {kind} option, ignored"
         for key in sorted(set(options) - BACKEND_OPTIONS[kind])
     )
     return BackendConfig(
@@ -233,8 +233,8 @@ def parse_config(data: bytes | str | dict[str, Any]) -> NetworkConfig:
 
 
 def _display(raw: dict[str, Any], key: str) -> str:
-    """A config key as the operator wrote it (``key`` is lowercased)."""
-    return next((str(k) for k in raw if str(k).lower() == key), key)
+    """A config key as the operator wrote it (``key`` is lowercased), cut to a few words."""
+    return shorten(next((str(k) for k in raw if str(k).lower() == key), key))
 
 
 def config_json(

@@ -16,3 +16,8 @@ def clip(value: object, limit: int = SHOWN) -> str:
     if len(text) <= limit:
         return text
     return f"{text[:limit]}... ({len(text)} chars)"
+
+
+def shorten(text: str, limit: int = 40) -> str:
+    """A key or a name as written, cut to ``limit`` characters when longer."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} chars)"

@@ -10,6 +10,7 @@ import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -154,21 +155,26 @@ def poll(check: Callable[[], Any], timeout: float = 5.0, every: float = 0.05) ->
         time.sleep(every)
 
 
+@contextmanager
+def _serving(bed: Any, pod: str, argv: list[str]) -> Iterator[subprocess.Popen[str]]:
+    """tests/transfer.py's server in ``pod``, once it says it is ready; killed after."""
+    server = bed.popen(pod, [PYTHON, TRANSFER, *argv], stdout=subprocess.PIPE, text=True)
+    try:
+        assert server.stdout is not None
+        assert server.stdout.readline().strip() == "ready"
+        yield server
+    finally:
+        server.kill()
+        server.wait()
+
+
 def transfer(
     bed: Any, client_pod: str, server_pod: str, total: int, port: int = 5201, timeout: float = 120
 ) -> None:
     """``total`` bytes over TCP from one pod to another; the byte count and sha256 seen by
     the receiver must equal the sender's (tests/transfer.py)."""
     address = bed.pod_ip(server_pod)
-    server = bed.popen(
-        server_pod,
-        [PYTHON, TRANSFER, "server", address, str(port)],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert server.stdout is not None
-        assert server.stdout.readline().strip() == "ready"
+    with _serving(bed, server_pod, ["server", address, str(port)]) as server:
         client = bed.exec(
             client_pod,
             [PYTHON, TRANSFER, "client", address, str(port), str(total)],
@@ -181,9 +187,6 @@ def transfer(
         assert int(sent[0]) == total
         received = server.stdout.readline().split()
         assert received == sent, f"{client_pod} -> {server_pod}: sent {sent}, got {received}"
-    finally:
-        server.kill()
-        server.wait()
 
 
 def udp_transfer(
@@ -193,15 +196,7 @@ def udp_transfer(
     (intact, damaged) as the receiving socket saw them. A datagram the receiving kernel
     drops (bad checksum, wrong length) is neither."""
     address = bed.pod_ip(server_pod)
-    server = bed.popen(
-        server_pod,
-        [PYTHON, TRANSFER, "udp-server", address, str(port)],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert server.stdout is not None
-        assert server.stdout.readline().strip() == "ready"
+    with _serving(bed, server_pod, ["udp-server", address, str(port)]) as server:
         client = bed.exec(
             client_pod,
             [PYTHON, TRANSFER, "udp-client", address, str(port), str(count), str(size)],
@@ -212,6 +207,3 @@ def udp_transfer(
         assert client.returncode == 0, client.stderr
         intact, damaged = map(int, server.stdout.readline().split())
         return intact, damaged
-    finally:
-        server.kill()
-        server.wait()

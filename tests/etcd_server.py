@@ -15,6 +15,9 @@ import signal
 import socket
 import subprocess
 import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -190,3 +193,22 @@ class EtcdServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+@contextmanager
+def etcd_in_netns(
+    data_dir: Path, label: str, tls: dict[str, str] | None = None
+) -> Iterator[tuple[str, EtcdServer]]:
+    """(namespace, running etcd on its 127.0.0.1): a namespace of its own (lo only) for a
+    module's daemons; on exit etcd, whatever the tests left running in there, and the
+    namespace go."""
+    from overlay.netns import create_netns, netns_pids, remove_netns, terminate
+
+    ns = f"{label[0]}{uuid.uuid4().hex[:7]}-{label[:3]}"
+    create_netns(ns)
+    try:
+        with EtcdServer(data_dir, netns=ns, tls=tls) as server:
+            yield ns, server
+    finally:
+        terminate(netns_pids(ns), 2.0)  # only what the tests started lives in there
+        remove_netns(ns)

@@ -22,10 +22,10 @@ from typing import Any
 import pytest
 
 from control.subnet_env import parse_subnet_env
-from overlay.netns import create_netns, netns_pids, pid_alive, remove_netns, terminate
+from overlay.netns import pid_alive
 from overlay.testbed import Testbed
 from tests.conftest import fatal_text, node_status
-from tests.etcd_server import EtcdServer
+from tests.etcd_server import EtcdServer, etcd_in_netns
 
 pytestmark = [
     pytest.mark.netns,
@@ -332,18 +332,8 @@ def test_tls_daemon_with_client_cert_joins_and_one_without_fails(
 @pytest.fixture(scope="module")
 def lo_etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, EtcdServer]]:
     """One namespace (lo only) with an etcd on 127.0.0.1, shared by the config tests."""
-    ns = f"c{uuid.uuid4().hex[:7]}-cfg"
-    create_netns(ns)
-    try:
-        server = EtcdServer(tmp_path_factory.mktemp("cfg") / "etcd", netns=ns)
-        try:
-            server.start()
-            yield ns, server
-        finally:
-            server.stop()
-    finally:
-        terminate(netns_pids(ns), 2.0)  # only what the tests started lives in there
-        remove_netns(ns)
+    with etcd_in_netns(tmp_path_factory.mktemp("cfg") / "etcd", "ccfg") as found:
+        yield found
 
 
 INVALID = [

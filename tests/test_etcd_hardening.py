@@ -31,9 +31,9 @@ from control.config import parse_config
 from control.etcd_registry import EtcdRegistry, TlsFiles, parse_endpoints
 from control.kv import RegistryConfigError
 from control.subnet_manager import SubnetManager
-from overlay.netns import create_netns, netns_pids, remove_netns, terminate
+from overlay.netns import netns_pids
 from tests.conftest import fatal_text
-from tests.etcd_server import EtcdServer
+from tests.etcd_server import EtcdServer, etcd_in_netns
 from tests.test_etcd_daemon import make_pki
 from tests.watching import Recorder, start_watch, wait_until
 
@@ -46,10 +46,12 @@ ROOT = Path(__file__).resolve().parent.parent
 NETWORK = "198.18.0.0/16"
 
 
-def lease_ids(server: EtcdServer) -> set[str]:
-    """``etcdctl lease list``: every etcd lease object the server holds."""
+def lease_ids(server: EtcdServer) -> set[int]:
+    """``etcdctl lease list``: every etcd lease object the server holds. As integers: etcdctl
+    zero-pads the hex IDs it prints to 16 digits, so a string compare with ``f"{id:x}"``
+    fails whenever the member ID (the ID's high bits) starts with a zero nibble."""
     out = server.ctl("lease", "list").stdout.split()
-    return set(out[3:])  # "found N leases" then one hex ID a line
+    return {int(word, 16) for word in out[3:]}  # "found N leases" then one hex ID a line
 
 
 def child_env(**extra: str) -> dict[str, str]:
@@ -59,18 +61,8 @@ def child_env(**extra: str) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def lo_etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, EtcdServer]]:
     """A namespace (lo only) with a plain etcd on 127.0.0.1, for the daemons of this module."""
-    ns = f"h{uuid.uuid4().hex[:7]}-etc"
-    create_netns(ns)
-    try:
-        server = EtcdServer(tmp_path_factory.mktemp("hard") / "etcd", netns=ns)
-        try:
-            server.start()
-            yield ns, server
-        finally:
-            server.stop()
-    finally:
-        terminate(netns_pids(ns), 2.0)
-        remove_netns(ns)
+    with etcd_in_netns(tmp_path_factory.mktemp("hard") / "etcd", "hetc") as found:
+        yield found
 
 
 def overlay_run(ns: str, tmp_path: Path, *args: str) -> list[str]:
@@ -228,18 +220,8 @@ def tls_etcd(
     )
     (base / "pki" / "garbage.crt").write_text("-----BEGIN CERTIFICATE-----\nnope\n")
     (base / "pki" / "adir").mkdir()
-    ns = f"h{uuid.uuid4().hex[:7]}-tls"
-    create_netns(ns)
-    try:
-        server = EtcdServer(base / "etcd", netns=ns, tls=pki)
-        try:
-            server.start()
-            yield ns, server, pki, base / "pki"
-        finally:
-            server.stop()
-    finally:
-        terminate(netns_pids(ns), 2.0)
-        remove_netns(ns)
+    with etcd_in_netns(base / "etcd", "htls", tls=pki) as (ns, server):
+        yield ns, server, pki, base / "pki"
 
 
 TLS_CASES: list[tuple[str, Callable[[dict[str, str], Path], list[str]], str]] = [
@@ -345,20 +327,10 @@ def test_the_tls_checks_themselves() -> None:
 
 @pytest.fixture(scope="module")
 def auth_etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, EtcdServer]]:
-    ns = f"h{uuid.uuid4().hex[:7]}-aut"
-    create_netns(ns)
-    try:
-        server = EtcdServer(tmp_path_factory.mktemp("auth") / "etcd", netns=ns)
-        try:
-            server.start()
-            server.ctl("user", "add", "root", "--new-user-password", "s3cret-pw")
-            server.ctl("auth", "enable")
-            yield ns, server
-        finally:
-            server.stop()
-    finally:
-        terminate(netns_pids(ns), 2.0)
-        remove_netns(ns)
+    with etcd_in_netns(tmp_path_factory.mktemp("auth") / "etcd", "haut") as (ns, server):
+        server.ctl("user", "add", "root", "--new-user-password", "s3cret-pw")
+        server.ctl("auth", "enable")
+        yield ns, server
 
 
 @pytest.mark.netns
@@ -443,7 +415,7 @@ def test_renewals_and_restarts_keep_one_etcd_lease(
             assert daemon.stop() == 0
     made = lease_ids(server) - before
     assert len(made) == 1, f"3 starts made {len(made)} etcd leases: {sorted(made)}"
-    assert len(set(owners)) == 1 and f"{owners[0]:x}" in made
+    assert len(set(owners)) == 1 and owners[0] in made
 
 
 async def test_renewals_refresh_the_same_lease(lo_etcd: tuple[str, EtcdServer]) -> None:
@@ -487,7 +459,7 @@ asyncio.run(main())
     made = lease_ids(server) - before
     assert len(made) == 1, f"4 renewals left {len(made)} new etcd leases"
     owner = server.lease_of(key)
-    assert f"{owner:x}" in made
+    assert owner in made
     info = server.ctl("lease", "timetolive", f"{owner:x}").stdout
     assert "granted with TTL(10s)" in info, info
 
@@ -516,9 +488,9 @@ asyncio.run(main())
         env=child_env(),
     )
     assert server.get(f"{prefix}/theirs") == "t"
-    assert f"{server.lease_of(f'{prefix}/theirs'):x}" == shared
-    assert f"{server.lease_of(f'{prefix}/ours'):x}" != shared
-    assert shared in lease_ids(server)
+    assert server.lease_of(f"{prefix}/theirs") == int(shared, 16)
+    assert server.lease_of(f"{prefix}/ours") != int(shared, 16)
+    assert int(shared, 16) in lease_ids(server)
 
 
 # -- item 13: after a good reconnect the backoff starts small again ---------------------------
