@@ -6,7 +6,7 @@
  *   segment_tcp4, finish_checksums      encap.tso   (TX: TSO segmentation, checksums)
  *   drop_reason, valid_pieces,          encap.gso   (RX: validation, TUN write plan)
  *   plan_tun_writes
- *   tx_drain, rx_drain                  overlay.backends.udp.UdpDataplane's reader
+ *   Drains (tx, rx, flush)              overlay.backends.udp.UdpDataplane's reader
  *                                       callbacks, each in one call (the drains, below)
  *
  * Every offset and length is checked against the buffer before it is used; nothing here
@@ -1038,15 +1038,28 @@ done:
 
 /* -- the drains: one call per wake-up ---------------------------------------------------
  *
- * tx_drain and rx_drain are the reader callbacks of overlay.backends.udp.UdpDataplane
- * (on_tun_readable, on_socket_readable_gro / on_socket_readable) with everything they
- * call, in C: the Python methods are the reference, run when a trace is attached or the
- * module is missing, and the tests prove the two equal (tests/test_fastpath.py). They
- * read the dataplane's attributes (the A_* names below) on every call, so nothing is
- * cached that Python could change, count into C arrays and add the counts to the
- * dataplane's counters once per call. Python runs only for the rare events that need
- * it: a packet without a route (_no_route), an ARP request (vxlan's _answer_arp), and a
- * drop reason counted for the first time (Drops.__missing__).
+ * Drains(dataplane, budget).tx and .rx are the reader callbacks of
+ * overlay.backends.udp.UdpDataplane (on_tun_readable, on_socket_readable_gro /
+ * on_socket_readable) with everything they call, in C: the Python methods are the
+ * reference, run when a trace is attached or the module is missing, and the tests prove
+ * the two equal (tests/test_fastpath.py, tests/test_native.py).
+ *
+ * At a low packet rate every Python object a wake-up touches is a cache miss, so a
+ * Drains reads the dataplane's fixed attributes once, when it is made (the fds, vnet
+ * header, headroom, tso, gro, tun_gso, mtu, our subnet, the vxlan rules, the peer table
+ * and counters objects, the two buffers, exported for its lifetime so they cannot
+ * move). Per wake-up it reads only what Python may change at run time: dataplane.tap
+ * (a trace attached: the wake-up goes to the Python method), dataplane.gso (turned off
+ * after an EIO), and peers.routes / peers.senders, whose identity says whether the last
+ * route and sender lookups it kept still hold (control.peer_table.PeerTable swaps whole
+ * tables on every change, so a new lease is used at the next wake-up). Its counts stay
+ * in C and are added to the dataplane's counters and the peers' stats by flush(): at
+ * the end of a wake-up when the last flush is a second old, before every
+ * Counters.snapshot() (the dataplane installs flush as Counters.pending), and at
+ * stop(); drops are added at once (the drop log watches for new reasons). Python runs
+ * only for the rare events that need it: a packet without a route (_no_route), an ARP
+ * request (vxlan's _answer_arp), a drop reason counted for the first time
+ * (Drops.__missing__).
  */
 
 #ifndef SOL_UDP
@@ -1066,18 +1079,20 @@ done:
 #define MAX_DATAGRAM 65535  /* overlay.backends.udp.MAX_DATAGRAM */
 
 enum {
-    A_TUN, A_FD, A_VNET_HDR, A_OFFSET, A_SOCK, A_HEADROOM, A_TX_ARENA, A_RX_BUFFER, A_TSO,
+    A_TUN, A_FD, A_VNET_HDR, A_SOCK, A_HEADROOM, A_TX_ARENA, A_RX_BUFFER, A_TSO,
     A_GSO, A_GSO_SENT, A_GRO, A_TUN_GSO, A_MTU, A_VXLAN_RULES, A_OWN, A_PEERS, A_ROUTES,
     A_SENDERS, A_ADDR, A_PREFIX, A_NO_ROUTE, A_ANSWER_ARP, A_COUNTERS, A_DROPS, A_TX_BATCH,
     A_RX_BATCH, A_TX_PACKETS, A_TX_BYTES, A_TX_GSO_SENDS, A_TX_TUN_SUPER, A_RX_PACKETS,
-    A_RX_BYTES, A_RX_TUN_SUPER, A_RX_GRO_RECEIVES, A_LAST_TX, A_LAST_RX, A_COUNT
+    A_RX_BYTES, A_RX_TUN_SUPER, A_RX_GRO_RECEIVES, A_LAST_TX, A_LAST_RX, A_TAP,
+    A_ON_TUN_READABLE, A_ON_SOCKET_READABLE, A_ON_SOCKET_READABLE_GRO, A_COUNT
 };
 static const char *const attr_names[A_COUNT] = {
-    "tun", "fd", "vnet_hdr", "offset", "sock", "headroom", "_tx_arena", "_rx_buffer", "tso",
+    "tun", "fd", "vnet_hdr", "sock", "headroom", "_tx_arena", "_rx_buffer", "tso",
     "gso", "_gso_sent", "gro", "tun_gso", "mtu", "vxlan_rules", "_own", "peers", "routes",
     "senders", "addr", "prefix", "_no_route", "_answer_arp", "counters", "drops", "tx_batch",
     "rx_batch", "tx_packets", "tx_bytes", "tx_gso_sends", "tx_tun_super_packets", "rx_packets",
-    "rx_bytes", "rx_tun_super_packets", "rx_gro_receives", "last_tx", "last_rx",
+    "rx_bytes", "rx_tun_super_packets", "rx_gro_receives", "last_tx", "last_rx", "tap",
+    "on_tun_readable", "on_socket_readable", "on_socket_readable_gro",
 };
 static PyObject *attr[A_COUNT];
 
@@ -1116,9 +1131,19 @@ static double monotonic(void) /* time.monotonic() */
     return (double)t.tv_sec + (double)t.tv_nsec * 1e-9;
 }
 
+static inline PyObject *get(PyObject *o, int name) /* o.name, new reference */
+{
+    return PyObject_GetAttr(o, attr[name]);
+}
+
+static inline int set(PyObject *o, int name, PyObject *v) /* o.name = v */
+{
+    return PyObject_SetAttr(o, attr[name], v) == 0;
+}
+
 static int get_ssize(PyObject *o, int name, Py_ssize_t *out)
 {
-    PyObject *v = PyObject_GetAttr(o, attr[name]);
+    PyObject *v = get(o, name);
     if (v == NULL)
         return 0;
     *out = PyNumber_AsSsize_t(v, PyExc_OverflowError);
@@ -1128,7 +1153,7 @@ static int get_ssize(PyObject *o, int name, Py_ssize_t *out)
 
 static int get_bool(PyObject *o, int name, int *out)
 {
-    PyObject *v = PyObject_GetAttr(o, attr[name]);
+    PyObject *v = get(o, name);
     if (v == NULL)
         return 0;
     *out = PyObject_IsTrue(v);
@@ -1138,7 +1163,7 @@ static int get_bool(PyObject *o, int name, int *out)
 
 static int get_fd(PyObject *o, int name, int *out)
 {
-    PyObject *v = PyObject_GetAttr(o, attr[name]);
+    PyObject *v = get(o, name);
     if (v == NULL)
         return 0;
     *out = PyObject_AsFileDescriptor(v); /* an int, or an object with fileno() */
@@ -1151,7 +1176,7 @@ static int add_attr(PyObject *o, int name, Py_ssize_t delta)
 {
     if (!delta)
         return 1;
-    PyObject *old = PyObject_GetAttr(o, attr[name]);
+    PyObject *old = get(o, name);
     if (old == NULL)
         return 0;
     PyObject *d = PyLong_FromSsize_t(delta);
@@ -1160,17 +1185,17 @@ static int add_attr(PyObject *o, int name, Py_ssize_t delta)
     Py_XDECREF(d);
     if (new == NULL)
         return 0;
-    int r = PyObject_SetAttr(o, attr[name], new);
+    int ok = set(o, name, new);
     Py_DECREF(new);
-    return r == 0;
+    return ok;
 }
 
 static int set_float(PyObject *o, int name, double value)
 {
     PyObject *v = PyFloat_FromDouble(value);
-    int r = v ? PyObject_SetAttr(o, attr[name], v) : -1;
+    int ok = v != NULL && set(o, name, v);
     Py_XDECREF(v);
-    return r == 0;
+    return ok;
 }
 
 /* histogram[n] += counts[n] for each n (counters.tx_batch / rx_batch) */
@@ -1180,7 +1205,7 @@ static int add_histogram(PyObject *counters, int name, const Py_ssize_t *counts)
     for (Py_ssize_t n = 0; n <= BATCH_MAX; n++) {
         if (!counts[n])
             continue;
-        if (histogram == NULL && (histogram = PyObject_GetAttr(counters, attr[name])) == NULL)
+        if (histogram == NULL && (histogram = get(counters, name)) == NULL)
             return 0;
         PyObject *old = PySequence_GetItem(histogram, n);
         PyObject *d = old ? PyLong_FromSsize_t(counts[n]) : NULL;
@@ -1235,17 +1260,225 @@ static PyObject *sender(PyObject *senders, const struct in_addr *ip)
     return entry;
 }
 
-/* -- TX: tx_drain --------------------------------------------------------------------- */
+/* -- the Drains object: the dataplane's fixed attributes, read once --------------------- */
+
+#define PENDING_PEERS 32
+#define FLUSH_EVERY 1.0 /* seconds: pending counts are added at least this often */
+
+enum {
+    C_TX_PACKETS, C_TX_BYTES, C_TX_GSO_SENDS, C_TX_TUN_SUPER, C_RX_PACKETS, C_RX_BYTES,
+    C_RX_TUN_SUPER, C_RX_GRO_RECEIVES, C_COUNT
+};
+static const int counter_attrs[C_COUNT] = {
+    A_TX_PACKETS, A_TX_BYTES, A_TX_GSO_SENDS, A_TX_TUN_SUPER, A_RX_PACKETS, A_RX_BYTES,
+    A_RX_TUN_SUPER, A_RX_GRO_RECEIVES,
+};
+
+typedef struct {
+    PyObject *stats; /* a PeerStats, owned */
+    Py_ssize_t tx_packets, tx_bytes, rx_packets, rx_bytes;
+    double last_tx, last_rx;
+} pending_peer_t;
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *dp, *counters, *peers; /* owned */
+    PyObject *arena_obj, *rx_obj;    /* owned, their buffers exported for our lifetime */
+    Py_buffer arena, rx;
+    int tun_fd, sock_fd, vnet, tso, gro, coalesce, gso_sent;
+    Py_ssize_t headroom, mtu, budget;
+    rules_t rules; /* destination and vxlan from the dataplane, sources per sender */
+    subnet_t source_storage[8];
+    PyObject *sources; /* the sources rules.sources were parsed from (owned) */
+    /* Lookups kept from one wake-up to the next while peers.routes and peers.senders are
+     * the same objects (PeerTable swaps whole tables on every change). */
+    PyObject *routes, *senders;
+    uint32_t route_dst; /* the last destination looked up, its peer's: */
+    int route_found;
+    struct sockaddr_in route_sa;
+    PyObject *route_prefix, *route_stats;
+    struct in_addr rx_ip; /* the last sender looked up, its peers.senders entry */
+    PyObject *rx_entry;
+    /* Counts not yet added to the dataplane's counters and peers' stats (flush()) */
+    Py_ssize_t counts[C_COUNT];
+    Py_ssize_t tx_batch[BATCH_MAX + 1], rx_batch[BATCH_MAX + 1];
+    pending_peer_t pending[PENDING_PEERS];
+    int npending;
+    double flushed_at;
+    /* IN_DRAIN while tx() or rx() runs, IN_FLUSH while counts are added: the Python a
+     * call may run (_no_route, _answer_arp, a hostile attribute) must not start another
+     * wake-up on the same state, nor a flush inside a flush. */
+    int busy;
+} drains_t;
+
+#define IN_DRAIN 1
+#define IN_FLUSH 2
+
+static void forget_lookups(drains_t *d)
+{
+    Py_CLEAR(d->routes);
+    Py_CLEAR(d->senders);
+    Py_CLEAR(d->route_prefix);
+    Py_CLEAR(d->route_stats);
+    Py_CLEAR(d->rx_entry);
+    d->route_found = 0;
+}
+
+/* peers.routes and peers.senders for this wake-up: the kept lookups go when either
+ * table is a new one. */
+static int tables(drains_t *d)
+{
+    PyObject *routes = get(d->peers, A_ROUTES);
+    PyObject *senders = routes ? get(d->peers, A_SENDERS) : NULL;
+    if (senders == NULL) {
+        Py_XDECREF(routes);
+        return 0;
+    }
+    if (!PyList_Check(routes) || !PyDict_Check(senders)) {
+        PyErr_SetString(PyExc_TypeError, "peers.routes must be a list, peers.senders a dict");
+        Py_DECREF(routes);
+        Py_DECREF(senders);
+        return 0;
+    }
+    if (routes != d->routes || senders != d->senders) {
+        forget_lookups(d);
+        d->routes = routes;
+        d->senders = senders;
+        return 1;
+    }
+    Py_DECREF(routes);
+    Py_DECREF(senders);
+    return 1;
+}
+
+/* The pending counts of a PeerStats (added to, or made), NULL when all PENDING_PEERS are
+ * taken and flushing them failed. */
+static int flush(drains_t *d);
+static pending_peer_t *pending_for(drains_t *d, PyObject *stats)
+{
+    for (int i = 0; i < d->npending; i++)
+        if (d->pending[i].stats == stats)
+            return &d->pending[i];
+    if (d->npending == PENDING_PEERS && !flush(d))
+        return NULL;
+    if (d->npending == PENDING_PEERS) { /* not reached: tx and rx refuse to run in a flush */
+        PyErr_SetString(PyExc_RuntimeError, "Drains: no room for a peer's counts");
+        return NULL;
+    }
+    pending_peer_t *p = &d->pending[d->npending++];
+    *p = (pending_peer_t){.stats = Py_NewRef(stats)};
+    return p;
+}
+
+/* n += *count and *count = 0 once added: a flush that fails halfway, tried again, adds
+ * nothing twice. */
+static int add_pending(PyObject *o, int name, Py_ssize_t *count)
+{
+    if (!add_attr(o, name, *count))
+        return 0;
+    *count = 0;
+    return 1;
+}
+
+static int set_pending(PyObject *o, int name, double *at)
+{
+    if (*at && !set_float(o, name, *at))
+        return 0;
+    *at = 0;
+    return 1;
+}
+
+/* Add the pending counts to the dataplane's counters and the peers' stats. Inside a
+ * flush (a hostile attribute's Python asking for another) it adds nothing: the outer one
+ * does. */
+static int flush_counts(drains_t *d)
+{
+    d->flushed_at = monotonic();
+    for (int c = 0; c < C_COUNT; c++)
+        if (!add_pending(d->counters, counter_attrs[c], &d->counts[c]))
+            return 0;
+    if (!add_histogram(d->counters, A_TX_BATCH, d->tx_batch))
+        return 0;
+    memset(d->tx_batch, 0, sizeof d->tx_batch);
+    if (!add_histogram(d->counters, A_RX_BATCH, d->rx_batch))
+        return 0;
+    memset(d->rx_batch, 0, sizeof d->rx_batch);
+    while (d->npending) {
+        pending_peer_t *p = &d->pending[d->npending - 1];
+        int ok = add_pending(p->stats, A_TX_PACKETS, &p->tx_packets)
+              && add_pending(p->stats, A_TX_BYTES, &p->tx_bytes)
+              && add_pending(p->stats, A_RX_PACKETS, &p->rx_packets)
+              && add_pending(p->stats, A_RX_BYTES, &p->rx_bytes)
+              && set_pending(p->stats, A_LAST_TX, &p->last_tx)
+              && set_pending(p->stats, A_LAST_RX, &p->last_rx);
+        if (!ok)
+            return 0;
+        PyObject *stats = p->stats;
+        d->npending--; /* the entry gone before the reference: a destructor may run Python */
+        Py_DECREF(stats);
+    }
+    return 1;
+}
+
+static int flush(drains_t *d)
+{
+    if (d->busy & IN_FLUSH)
+        return 1;
+    d->busy |= IN_FLUSH;
+    int ok = flush_counts(d);
+    d->busy &= ~IN_FLUSH;
+    return ok;
+}
+
+/* The start of tx() and rx(): 0 (an exception set) when one is already running. */
+static int enter(drains_t *d)
+{
+    if (d->busy) {
+        PyErr_SetString(PyExc_RuntimeError, "Drains: a wake-up inside a wake-up or a flush");
+        return 0;
+    }
+    d->busy |= IN_DRAIN;
+    return 1;
+}
+
+/* The end of a wake-up: its drops now (rare, and the drop log watches for new
+ * reasons), the rest at the next flush, or now when the last is FLUSH_EVERY old. */
+static int finish(drains_t *d, PyObject *const *names, const Py_ssize_t *drops, int n)
+{
+    for (int r = 0; r < n; r++) {
+        if (!drops[r])
+            continue;
+        PyObject *mapping = get(d->counters, A_DROPS);
+        int ok = mapping != NULL && add_counts(mapping, names, drops, n);
+        Py_XDECREF(mapping);
+        if (!ok)
+            return 0;
+        break;
+    }
+    return monotonic() - d->flushed_at < FLUSH_EVERY || flush(d);
+}
+
+/* Whether a trace is attached (dataplane.tap): then the wake-up goes to the Python
+ * reference, which reports every packet. -1 on error. */
+static int traced(drains_t *d)
+{
+    PyObject *tap = get(d->dp, A_TAP);
+    if (tap == NULL)
+        return -1;
+    Py_DECREF(tap);
+    return tap != Py_None;
+}
+
+/* -- TX: Drains.tx --------------------------------------------------------------------- */
 
 typedef struct {
     Py_ssize_t length;
-    Py_ssize_t peer; /* index into the drain's peers */
+    Py_ssize_t peer; /* index into the wake-up's peers */
 } tx_packet_t;
 
 typedef struct {
     struct sockaddr_in sa;
-    PyObject *stats; /* peers.senders[ip]'s PeerStats (the by_public_ip peer's), or NULL */
-    Py_ssize_t packets, bytes;
+    PyObject *stats; /* the node's oldest lease's PeerStats (peers.senders), or NULL */
 } tx_peer_t;
 
 typedef struct {
@@ -1254,9 +1487,7 @@ typedef struct {
     tx_peer_t *peers;
     Py_ssize_t npeers, peers_room;
     Py_ssize_t drops[T_COUNT];
-    Py_ssize_t batch[BATCH_MAX + 1];
-    Py_ssize_t sent, sent_bytes, sends, supers;
-    int gso_sent, gso_off;
+    int gso_off;
     tx_packet_t local_packets[256];
     tx_peer_t local_peers[8];
 } tx_t;
@@ -1289,27 +1520,18 @@ static int keep(tx_t *t, Py_ssize_t length, Py_ssize_t peer)
     return 1;
 }
 
-/* The drain's entry for a peer's address (one per address: a GSO group's key), new or
- * found; -1 on error. */
-static Py_ssize_t tx_peer(tx_t *t, PyObject *addr, PyObject *senders)
+/* The wake-up's entry for a peer address (one per address: a GSO group's key); -1 when
+ * there is no room. stats is borrowed from the drains' lookup (owned by the entry). */
+static Py_ssize_t tx_peer(tx_t *t, const struct sockaddr_in *sa, PyObject *stats)
 {
-    struct sockaddr_in sa;
-    if (!parse_addr(addr, &sa))
-        return -1;
     for (Py_ssize_t i = 0; i < t->npeers; i++)
-        if (t->peers[i].sa.sin_addr.s_addr == sa.sin_addr.s_addr
-            && t->peers[i].sa.sin_port == sa.sin_port)
+        if (t->peers[i].sa.sin_addr.s_addr == sa->sin_addr.s_addr
+            && t->peers[i].sa.sin_port == sa->sin_port)
             return i;
     if (!grow((void **)&t->peers, t->npeers, &t->peers_room, t->local_peers, sizeof(tx_peer_t)))
         return -1;
-    PyObject *entry = sender(senders, &sa.sin_addr), *stats = NULL;
-    if (entry != NULL) {
-        stats = Py_NewRef(PyTuple_GET_ITEM(entry, 1));
-        Py_DECREF(entry);
-    } else if (PyErr_Occurred()) {
-        return -1;
-    }
-    t->peers[t->npeers] = (tx_peer_t){.sa = sa, .stats = stats};
+    Py_XINCREF(stats);
+    t->peers[t->npeers] = (tx_peer_t){.sa = *sa, .stats = stats};
     return t->npeers++;
 }
 
@@ -1317,10 +1539,6 @@ static Py_ssize_t tx_peer(tx_t *t, PyObject *addr, PyObject *senders)
  * none does, NULL on error. */
 static PyObject *route(PyObject *routes, uint32_t dst)
 {
-    if (!PyList_Check(routes)) {
-        PyErr_SetString(PyExc_TypeError, "peers.routes is a list of (shift, dict)");
-        return NULL;
-    }
     for (Py_ssize_t i = 0; i < PyList_GET_SIZE(routes); i++) {
         /* owned: a key's __eq__ (a hostile table) may empty the list */
         PyObject *item = Py_NewRef(PyList_GET_ITEM(routes, i)), *peer = NULL;
@@ -1356,20 +1574,60 @@ static PyObject *route(PyObject *routes, uint32_t dst)
     return Py_NewRef(Py_None);
 }
 
+/* d->route_* for dst: kept from the last lookup, or looked up (route_found 0: no peer,
+ * or none with a prefix of our headroom). */
+static int lookup_route(drains_t *d, uint32_t dst)
+{
+    if (d->route_prefix != NULL && d->route_dst == dst)
+        return 1;
+    Py_CLEAR(d->route_prefix);
+    Py_CLEAR(d->route_stats);
+    d->route_found = 0;
+    PyObject *found = route(d->routes, dst);
+    if (found == NULL)
+        return 0;
+    d->route_dst = dst;
+    if (found == Py_None) {
+        d->route_prefix = Py_NewRef(Py_None); /* a lookup kept: no route */
+        Py_DECREF(found);
+        return 1;
+    }
+    PyObject *prefix = get(found, A_PREFIX);
+    PyObject *addr = prefix ? get(found, A_ADDR) : NULL;
+    Py_DECREF(found);
+    if (addr == NULL)
+        goto fail;
+    if (!PyBytes_Check(prefix)) {
+        PyErr_SetString(PyExc_TypeError, "tx: a peer's prefix must be bytes");
+        goto fail;
+    }
+    if (!parse_addr(addr, &d->route_sa))
+        goto fail;
+    PyObject *entry = sender(d->senders, &d->route_sa.sin_addr);
+    if (entry == NULL && PyErr_Occurred())
+        goto fail;
+    if (entry != NULL) {
+        d->route_stats = Py_NewRef(PyTuple_GET_ITEM(entry, 1));
+        Py_DECREF(entry);
+    }
+    d->route_found = PyBytes_GET_SIZE(prefix) == d->headroom;
+    d->route_prefix = prefix;
+    Py_DECREF(addr);
+    return 1;
+fail:
+    Py_XDECREF(prefix);
+    Py_XDECREF(addr);
+    return 0;
+}
+
 /* Stage 1, UdpDataplane._read_tun: drain the TUN into the arena (kept packets back to
  * back from offset 0), route, cut super-packets, finish partial checksums. */
-static int tx_read(PyObject *dp, tx_t *t, int fd, uint8_t *b, Py_ssize_t size, int vnet,
-                   Py_ssize_t headroom, Py_ssize_t budget, int tso, PyObject *routes,
-                   PyObject *senders)
+static int tx_read(drains_t *d, tx_t *t)
 {
+    uint8_t *b = d->arena.buf;
+    Py_ssize_t size = d->arena.len, headroom = d->headroom, budget = d->budget;
+    Py_ssize_t limit = size - 2 * MAX_DATAGRAM - headroom - 3; /* checked in drains_new */
     int ok = 0;
-    /* room for one more read of any size, and for cutting it into segments (the headroom
-     * checked first: the difference must not overflow) */
-    if (headroom < 0 || headroom > size || size - headroom < 2 * MAX_DATAGRAM + 3) {
-        PyErr_SetString(PyExc_ValueError, "tx_drain: the arena is too small for its headroom");
-        return 0;
-    }
-    Py_ssize_t limit = size - 2 * MAX_DATAGRAM - headroom - 3;
     /* at most a partial checksum per kept packet, and each takes >= 20 bytes of the
      * arena: no more than size / 20 + 1 of them, whatever the budget (a size_t product of
      * which would wrap) */
@@ -1378,7 +1636,6 @@ static int tx_read(PyObject *dp, tx_t *t, int fd, uint8_t *b, Py_ssize_t size, i
     Py_ssize_t (*regions)[3] = most <= 256 ? local_regions
                              : PyMem_Malloc(sizeof *regions * (size_t)most);
     Py_ssize_t nregions = 0, at = 0, peer = -1;
-    PyObject *prefix = NULL; /* the current peer's, owned */
     uint8_t last_dst[4] = {0};
     int have_dst = 0;
     char detail[96];
@@ -1393,12 +1650,12 @@ static int tx_read(PyObject *dp, tx_t *t, int fd, uint8_t *b, Py_ssize_t size, i
         uint8_t hdr[10] = {0};
         struct iovec iov[2];
         int k = 0;
-        if (vnet)
+        if (d->vnet)
             iov[k++] = (struct iovec){hdr, 10};
         iov[k++] = (struct iovec){b + body, (size_t)(size - body)};
         ssize_t got;
         do
-            got = readv(fd, iov, k);
+            got = readv(d->tun_fd, iov, k);
         while (got < 0 && errno == EINTR);
         if (got < 0) {
             if (would_block(errno))
@@ -1406,32 +1663,18 @@ static int tx_read(PyObject *dp, tx_t *t, int fd, uint8_t *b, Py_ssize_t size, i
             PyErr_SetFromErrno(PyExc_OSError);
             goto done;
         }
-        Py_ssize_t length = got - (vnet ? 10 : 0);
+        Py_ssize_t length = got - (d->vnet ? 10 : 0);
         if (length < 20 || b[body] >> 4 != 4) {
             t->drops[T_NOT_IPV4]++;
             continue;
         }
         if (!have_dst || memcmp(b + body + 16, last_dst, 4) != 0) {
-            PyObject *found = route(routes, be32(b + body + 16));
-            if (found == NULL)
+            if (!lookup_route(d, be32(b + body + 16)))
                 goto done;
-            PyObject *new_prefix = found == Py_None ? NULL : PyObject_GetAttr(found, attr[A_PREFIX]);
-            if (found != Py_None && new_prefix == NULL) {
-                Py_DECREF(found);
-                goto done;
-            }
-            if (new_prefix != NULL && !PyBytes_Check(new_prefix)) {
-                PyErr_SetString(PyExc_TypeError, "tx_drain: a peer's prefix must be bytes");
-                Py_DECREF(new_prefix);
-                Py_DECREF(found);
-                goto done;
-            }
-            if (new_prefix == NULL || PyBytes_GET_SIZE(new_prefix) != headroom) {
-                Py_XDECREF(new_prefix);
-                Py_DECREF(found);
+            if (!d->route_found) {
                 have_dst = 0;
                 PyObject *packet = PyBytes_FromStringAndSize((const char *)b + body, length);
-                PyObject *r = packet ? PyObject_CallMethodOneArg(dp, attr[A_NO_ROUTE], packet)
+                PyObject *r = packet ? PyObject_CallMethodOneArg(d->dp, attr[A_NO_ROUTE], packet)
                                      : NULL;
                 Py_XDECREF(packet);
                 if (r == NULL)
@@ -1439,28 +1682,22 @@ static int tx_read(PyObject *dp, tx_t *t, int fd, uint8_t *b, Py_ssize_t size, i
                 Py_DECREF(r);
                 continue;
             }
-            PyObject *addr = PyObject_GetAttr(found, attr[A_ADDR]);
-            Py_DECREF(found);
-            peer = addr ? tx_peer(t, addr, senders) : -1;
-            Py_XDECREF(addr);
-            if (peer < 0) {
-                Py_DECREF(new_prefix);
+            if ((peer = tx_peer(t, &d->route_sa, d->route_stats)) < 0)
                 goto done;
-            }
-            Py_XSETREF(prefix, new_prefix);
             memcpy(last_dst, b + body + 16, 4);
             have_dst = 1;
         }
-        if (tso && (hdr[1] || hdr[0] & VNET_NEEDS_CSUM)) {
+        /* the prefix the packet was routed with: _no_route may have changed the tables */
+        const uint8_t *prefix = (const uint8_t *)PyBytes_AS_STRING(d->route_prefix);
+        if (d->tso && (hdr[1] || hdr[0] & VNET_NEEDS_CSUM)) {
             uint16_t gso_size, csum_start, csum_offset;
             memcpy(&gso_size, hdr + 4, 2);
             memcpy(&csum_start, hdr + 6, 2);
             memcpy(&csum_offset, hdr + 8, 2);
             if (hdr[1] == VNET_GSO_TCPV4) {
                 Py_ssize_t out[3];
-                const char *reason = cut_tcp4(b, size, at, length, gso_size,
-                                              (const uint8_t *)PyBytes_AS_STRING(prefix),
-                                              headroom, out, detail, sizeof detail);
+                const char *reason = cut_tcp4(b, size, at, length, gso_size, prefix, headroom,
+                                              out, detail, sizeof detail);
                 if (reason != NULL) {
                     t->drops[tx_reason(reason)]++;
                     continue;
@@ -1469,7 +1706,7 @@ static int tx_read(PyObject *dp, tx_t *t, int fd, uint8_t *b, Py_ssize_t size, i
                     if (!keep(t, i < out[0] - 1 ? out[1] : out[2], peer))
                         goto done;
                 at += (out[0] - 1) * out[1] + out[2];
-                t->supers++;
+                d->counts[C_TX_TUN_SUPER]++;
                 continue;
             }
             if (hdr[1] != VNET_GSO_NONE) {
@@ -1488,7 +1725,7 @@ static int tx_read(PyObject *dp, tx_t *t, int fd, uint8_t *b, Py_ssize_t size, i
             nregions++;
         }
         if (headroom)
-            memcpy(b + at, PyBytes_AS_STRING(prefix), (size_t)headroom);
+            memcpy(b + at, prefix, (size_t)headroom);
         if (!keep(t, headroom + length, peer))
             goto done;
         at = body + length;
@@ -1502,49 +1739,72 @@ done:
             c = 0xFFFF;
         put16(b + r[2], c);
     }
-    Py_XDECREF(prefix);
     if (regions != local_regions)
         PyMem_Free(regions);
     return ok;
 }
 
-static void tx_sent(tx_t *t, Py_ssize_t peer, Py_ssize_t packets, Py_ssize_t bytes)
+/* One send of packets datagrams (bytes) to the wake-up's peer: the batch-size histogram
+ * and the peer's counts (UdpDataplane._sent). */
+static int tx_sent(drains_t *d, tx_t *t, Py_ssize_t peer, Py_ssize_t packets, Py_ssize_t bytes,
+                   double now)
 {
-    t->batch[packets < BATCH_MAX ? packets : BATCH_MAX]++;
-    t->peers[peer].packets += packets;
-    t->peers[peer].bytes += bytes;
+    d->counts[C_TX_PACKETS] += packets;
+    d->counts[C_TX_BYTES] += bytes;
+    d->tx_batch[packets < BATCH_MAX ? packets : BATCH_MAX]++;
+    PyObject *stats = t->peers[peer].stats;
+    if (stats == NULL)
+        return 1;
+    pending_peer_t *p = pending_for(d, stats);
+    if (p == NULL)
+        return 0;
+    p->tx_packets += packets;
+    p->tx_bytes += bytes;
+    p->last_tx = now;
+    return 1;
 }
 
 /* Stage 2 (plain), UdpDataplane._send_each: one sendto per packet start:end, the first
  * at arena offset at. */
-static void tx_send_each(tx_t *t, int fd, const uint8_t *b, Py_ssize_t start, Py_ssize_t end,
-                         Py_ssize_t at)
+static int tx_send_each(drains_t *d, tx_t *t, Py_ssize_t start, Py_ssize_t end, Py_ssize_t at,
+                        double now)
 {
+    const uint8_t *b = d->arena.buf;
     for (Py_ssize_t i = start; i < end; i++) {
         const tx_packet_t *p = &t->packets[i];
         const tx_peer_t *peer = &t->peers[p->peer];
         ssize_t r;
         do
-            r = sendto(fd, b + at, (size_t)p->length, 0, (const struct sockaddr *)&peer->sa,
-                       sizeof peer->sa);
+            r = sendto(d->sock_fd, b + at, (size_t)p->length, 0,
+                       (const struct sockaddr *)&peer->sa, sizeof peer->sa);
         while (r < 0 && errno == EINTR);
         at += p->length;
         if (r < 0) {
             t->drops[would_block(errno) ? T_SOCKET_FULL : T_SEND_ERROR]++;
             continue;
         }
-        t->sent++;
-        t->sent_bytes += p->length;
-        tx_sent(t, p->peer, 1, p->length);
+        if (!tx_sent(d, t, p->peer, 1, p->length, now))
+            return 0;
     }
+    return 1;
+}
+
+/* Whether the dataplane has seen a GSO send work (its _gso_sent; the reference path may
+ * have set it). -1 on error. */
+static int gso_worked(drains_t *d)
+{
+    if (!d->gso_sent && !get_bool(d->dp, A_GSO_SENT, &d->gso_sent))
+        return -1;
+    return d->gso_sent;
 }
 
 /* Stage 2 (GSO), UdpDataplane._send_groups with encap.gso.plan_groups' grouping: one
  * sendmsg per group, the kernel cutting it into one datagram per packet. */
-static void tx_send_groups(tx_t *t, int fd, const uint8_t *b)
+static int tx_send_groups(drains_t *d, tx_t *t, double now)
 {
     Py_ssize_t at = 0, n = t->npackets;
     tx_packet_t *p = t->packets;
+    const uint8_t *b = d->arena.buf;
     for (Py_ssize_t start = 0, end; start < n; start = end) {
         Py_ssize_t size = p[start].length, previous = size, total = size;
         for (end = start + 1; end < n; end++) {
@@ -1558,7 +1818,8 @@ static void tx_send_groups(tx_t *t, int fd, const uint8_t *b)
         Py_ssize_t first = at;
         at += total;
         if (end - start == 1) {
-            tx_send_each(t, fd, b, start, end, first);
+            if (!tx_send_each(d, t, start, end, first, now))
+                return 0;
             continue;
         }
         const tx_peer_t *peer = &t->peers[p[start].peer];
@@ -1584,143 +1845,90 @@ static void tx_send_groups(tx_t *t, int fd, const uint8_t *b)
         memcpy(CMSG_DATA(c), &segment, sizeof segment);
         ssize_t r;
         do
-            r = sendmsg(fd, &msg, 0);
+            r = sendmsg(d->sock_fd, &msg, 0);
         while (r < 0 && errno == EINTR);
         if (r < 0) {
-            if (would_block(errno)) {
+            int e = errno;
+            if (would_block(e)) {
                 t->drops[T_SOCKET_FULL] += end - start;
                 continue;
             }
             /* EIO: the route's device cannot checksum a GSO send, so GSO goes off for
              * good; EINVAL before any GSO send worked: the kernel refuses the cmsg (the
              * reference's comment says more) */
-            if (errno == EIO || (errno == EINVAL && !t->gso_sent))
+            int worked = e == EINVAL ? gso_worked(d) : 1;
+            if (worked < 0)
+                return 0;
+            if (e == EIO || (e == EINVAL && !worked))
                 t->gso_off = 1;
-            tx_send_each(t, fd, b, start, end, first);
+            if (!tx_send_each(d, t, start, end, first, now))
+                return 0;
             continue;
         }
-        t->gso_sent = 1;
-        t->sends++;
-        t->sent += end - start;
-        t->sent_bytes += total;
-        tx_sent(t, p[start].peer, end - start, total);
+        if (!d->gso_sent) { /* the first GSO send that worked */
+            if (!set(d->dp, A_GSO_SENT, Py_True))
+                return 0;
+            d->gso_sent = 1;
+        }
+        d->counts[C_TX_GSO_SENDS]++;
+        if (!tx_sent(d, t, p[start].peer, end - start, total, now))
+            return 0;
     }
+    return 1;
 }
 
-/* The counts of a drain into the dataplane's counters and the peers' stats. */
-static int tx_flush(PyObject *dp, PyObject *counters, tx_t *t, int gso_sent_before)
+/* UdpDataplane.on_tun_readable */
+static PyObject *tx_wake(drains_t *d);
+static PyObject *drains_tx(drains_t *d, PyObject *unused)
 {
-    /* the dataplane's state first: a counter update that fails must not keep GSO on */
-    int ok = 1;
-    if (t->gso_off)
-        ok = PyObject_SetAttr(dp, attr[A_GSO], Py_False) == 0;
-    if (ok && t->gso_sent && !gso_sent_before)
-        ok = PyObject_SetAttr(dp, attr[A_GSO_SENT], Py_True) == 0;
-    ok = ok && add_attr(counters, A_TX_TUN_SUPER, t->supers)
-          && add_attr(counters, A_TX_PACKETS, t->sent)
-          && add_attr(counters, A_TX_BYTES, t->sent_bytes)
-          && add_attr(counters, A_TX_GSO_SENDS, t->sends)
-          && add_histogram(counters, A_TX_BATCH, t->batch);
-    if (ok) {
-        PyObject *drops = PyObject_GetAttr(counters, attr[A_DROPS]);
-        ok = drops != NULL && add_counts(drops, tx_reason_strings, t->drops, T_COUNT);
-        Py_XDECREF(drops);
-    }
-    double now = monotonic();
-    for (Py_ssize_t i = 0; ok && i < t->npeers; i++) {
-        tx_peer_t *peer = &t->peers[i];
-        if (peer->stats == NULL || !peer->packets)
-            continue;
-        ok = add_attr(peer->stats, A_TX_PACKETS, peer->packets)
-          && add_attr(peer->stats, A_TX_BYTES, peer->bytes)
-          && set_float(peer->stats, A_LAST_TX, now);
-    }
-    return ok;
-}
-
-static PyObject *tx_drain(PyObject *self, PyObject *args)
-{
-    PyObject *dp;
-    Py_ssize_t budget;
-    if (!PyArg_ParseTuple(args, "On", &dp, &budget))
+    int trace = traced(d);
+    if (trace)
+        return trace < 0 ? NULL : PyObject_CallMethodNoArgs(d->dp, attr[A_ON_TUN_READABLE]);
+    if (!enter(d))
         return NULL;
-    PyObject *tun = NULL, *peers = NULL, *routes = NULL, *senders = NULL;
-    PyObject *counters = NULL, *arena_obj = NULL, *result = NULL;
-    Py_buffer arena = {0};
+    PyObject *result = tx_wake(d);
+    d->busy &= ~IN_DRAIN;
+    return result;
+}
+
+static PyObject *tx_wake(drains_t *d)
+{
+    int gso;
+    if (!get_bool(d->dp, A_GSO, &gso) || !tables(d))
+        return NULL;
     tx_t storage, *t = &storage;
     memset(t, 0, offsetof(tx_t, local_packets));
     t->packets = t->local_packets;
     t->packets_room = sizeof t->local_packets / sizeof t->local_packets[0];
     t->peers = t->local_peers;
     t->peers_room = sizeof t->local_peers / sizeof t->local_peers[0];
-    int tun_fd, sock_fd, tso, gso, flushed = 0;
-    Py_ssize_t offset, headroom;
-    if ((tun = PyObject_GetAttr(dp, attr[A_TUN])) == NULL || !get_fd(tun, A_FD, &tun_fd)
-        || !get_ssize(tun, A_OFFSET, &offset) || !get_fd(dp, A_SOCK, &sock_fd)
-        || !get_ssize(dp, A_HEADROOM, &headroom) || !get_bool(dp, A_TSO, &tso)
-        || !get_bool(dp, A_GSO, &gso) || !get_bool(dp, A_GSO_SENT, &t->gso_sent)
-        || (peers = PyObject_GetAttr(dp, attr[A_PEERS])) == NULL
-        || (routes = PyObject_GetAttr(peers, attr[A_ROUTES])) == NULL
-        || (senders = PyObject_GetAttr(peers, attr[A_SENDERS])) == NULL
-        || (counters = PyObject_GetAttr(dp, attr[A_COUNTERS])) == NULL
-        || (arena_obj = PyObject_GetAttr(dp, attr[A_TX_ARENA])) == NULL
-        || PyObject_GetBuffer(arena_obj, &arena, PyBUF_WRITABLE) < 0)
-        goto done;
-    if (!PyDict_Check(senders)) {
-        PyErr_SetString(PyExc_TypeError, "peers.senders must be a dict");
-        goto done;
-    }
-    int gso_sent_before = t->gso_sent;
-    int read = tx_read(dp, t, tun_fd, arena.buf, arena.len, offset != 0, headroom, budget, tso,
-                       routes, senders);
-    if (read && t->npackets) {
+    int ok = tx_read(d, t);
+    if (ok && t->npackets) {
+        double now = monotonic();
         /* one packet (a ping, an ACK at low rate): a sendto, without planning groups */
-        if (gso && t->npackets > 1)
-            tx_send_groups(t, sock_fd, arena.buf);
-        else
-            tx_send_each(t, sock_fd, arena.buf, 0, t->npackets, 0);
+        ok = gso && t->npackets > 1 ? tx_send_groups(d, t, now)
+                                    : tx_send_each(d, t, 0, t->npackets, 0, now);
     }
-    /* what was counted is added even when an exception ends the drain */
+    /* what was counted is added even when an exception ends the wake-up */
     PyObject *type, *value, *traceback;
     PyErr_Fetch(&type, &value, &traceback);
-    flushed = tx_flush(dp, counters, t, gso_sent_before);
-    if (type != NULL) {
+    int finished = (!t->gso_off || set(d->dp, A_GSO, Py_False))
+                && finish(d, tx_reason_strings, t->drops, T_COUNT);
+    if (type != NULL)
         PyErr_Restore(type, value, traceback);
-        flushed = 0;
-    }
-    if (flushed)
-        result = Py_NewRef(Py_None);
-done:
     for (Py_ssize_t i = 0; i < t->npeers; i++)
         Py_XDECREF(t->peers[i].stats);
     if (t->packets != t->local_packets)
         PyMem_Free(t->packets);
     if (t->peers != t->local_peers)
         PyMem_Free(t->peers);
-    if (arena.obj != NULL)
-        PyBuffer_Release(&arena);
-    Py_XDECREF(arena_obj);
-    Py_XDECREF(counters);
-    Py_XDECREF(senders);
-    Py_XDECREF(routes);
-    Py_XDECREF(peers);
-    Py_XDECREF(tun);
-    return result;
+    return ok && finished && type == NULL ? Py_NewRef(Py_None) : NULL;
 }
 
-/* -- RX: rx_drain --------------------------------------------------------------------- */
+/* -- RX: Drains.rx --------------------------------------------------------------------- */
 
 typedef struct {
-    PyObject *dp, *senders;
-    int tun_fd, coalesce, vnet;
-    Py_ssize_t mtu, buffer_size;
-    uint8_t *d;
-    rules_t rules;             /* destination and vxlan for the drain, sources per sender */
-    subnet_t source_storage[8];
-    PyObject *sources;         /* the sources tuple rules.sources was parsed from (owned) */
     Py_ssize_t drops[R_ALL];
-    Py_ssize_t batch[BATCH_MAX + 1];
-    Py_ssize_t packets, bytes, supers, coalesced;
 } rx_t;
 
 /* The TUN writes of a plan; failed ones counted as rx_tun_full / rx_tun_error. */
@@ -1762,21 +1970,38 @@ static void write_plan(int fd, uint8_t *d, plan_t *plan, int vnet, Py_ssize_t ou
     }
 }
 
-/* UdpDataplane._deliver: validate the segment-byte datagrams of d[0:size] (one receive
- * from source) and write them to the TUN. */
-static int rx_deliver(rx_t *x, const struct sockaddr_in *source, Py_ssize_t size,
+/* peers.senders[source] for a receive: kept from the last, or looked up; borrowed in
+ * d->rx_entry, NULL (no error) for a node that is not a peer. */
+static PyObject *rx_sender(drains_t *d, const struct in_addr *ip)
+{
+    if (d->rx_entry != NULL && d->rx_ip.s_addr == ip->s_addr)
+        return d->rx_entry == Py_None ? NULL : d->rx_entry;
+    Py_CLEAR(d->rx_entry);
+    PyObject *entry = sender(d->senders, ip);
+    if (entry == NULL && PyErr_Occurred())
+        return NULL;
+    d->rx_entry = entry != NULL ? entry : Py_NewRef(Py_None);
+    d->rx_ip = *ip;
+    return entry;
+}
+
+/* UdpDataplane._deliver: validate the segment-byte datagrams of the RX buffer's
+ * [0:size] (one receive from source) and write them to the TUN. */
+static int rx_deliver(drains_t *d, rx_t *x, const struct sockaddr_in *source, Py_ssize_t size,
                       Py_ssize_t segment)
 {
     Py_ssize_t count = size / segment + (size % segment != 0);
-    x->batch[count < BATCH_MAX ? count : BATCH_MAX]++;
-    PyObject *entry = sender(x->senders, &source->sin_addr);
+    d->rx_batch[count < BATCH_MAX ? count : BATCH_MAX]++;
+    PyObject *entry = rx_sender(d, &source->sin_addr);
     if (entry == NULL) {
         if (PyErr_Occurred())
             return 0;
         x->drops[R_UNKNOWN_PEER] += count;
         return 1;
     }
+    Py_INCREF(entry); /* the Python below (_answer_arp) may drop the kept one */
     PyObject *sources = PyTuple_GET_ITEM(entry, 0), *stats = PyTuple_GET_ITEM(entry, 1);
+    uint8_t *data = d->rx.buf;
     int ok = 0, empty = PyObject_Not(sources);
     plan_t plan;
     plan.writes = NULL;
@@ -1789,30 +2014,35 @@ static int rx_deliver(rx_t *x, const struct sockaddr_in *source, Py_ssize_t size
         }
         goto done;
     }
-    if (sources != x->sources) { /* a drain's receives mostly come from one sender */
-        sources_free(&x->rules, x->source_storage);
-        Py_CLEAR(x->sources);
-        if (!parse_sources(&x->rules, x->source_storage, sources))
+    if (sources != d->sources) { /* the receives mostly come from one sender */
+        sources_free(&d->rules, d->source_storage);
+        Py_CLEAR(d->sources);
+        if (!parse_sources(&d->rules, d->source_storage, sources))
             goto done;
-        x->sources = Py_NewRef(sources);
+        d->sources = Py_NewRef(sources);
     }
-    if (size > 0xFFFF || size > x->buffer_size) { /* not reached: the loop never gathers more */
+    if (size > 0xFFFF || size > d->rx.len) { /* not reached: the loop never gathers more */
         PyErr_Format(PyExc_ValueError, "a receive of %zd bytes", size);
         goto done;
     }
     if (!plan_alloc(&plan, count))
         goto done;
-    make_plan(x->d, size, segment, &x->rules, x->coalesce, x->mtu, &plan);
+    make_plan(data, size, segment, &d->rules, d->coalesce, d->mtu, &plan);
     Py_ssize_t out[3] = {0, 0, 0};
-    write_plan(x->tun_fd, x->d, &plan, x->vnet, out);
+    write_plan(d->tun_fd, data, &plan, d->vnet, out);
     for (int r = 1; r < R_COUNT; r++)
         x->drops[r] += plan.drops[r];
-    x->packets += out[0];
-    x->bytes += out[1];
-    x->supers += out[2];
-    if (out[0] && !(add_attr(stats, A_RX_PACKETS, out[0]) && add_attr(stats, A_RX_BYTES, out[1])
-                    && set_float(stats, A_LAST_RX, monotonic())))
-        goto done;
+    d->counts[C_RX_PACKETS] += out[0];
+    d->counts[C_RX_BYTES] += out[1];
+    d->counts[C_RX_TUN_SUPER] += out[2];
+    if (out[0]) {
+        pending_peer_t *p = pending_for(d, stats);
+        if (p == NULL)
+            goto done;
+        p->rx_packets += out[0];
+        p->rx_bytes += out[1];
+        p->last_rx = monotonic();
+    }
     if (plan.narp) { /* vxlan: ARP requests, answered before the buffer is reused */
         char ip[INET_ADDRSTRLEN];
         inet_ntop(AF_INET, &source->sin_addr, ip, sizeof ip);
@@ -1822,7 +2052,7 @@ static int rx_deliver(rx_t *x, const struct sockaddr_in *source, Py_ssize_t size
         for (Py_ssize_t i = 0; i < plan.narp; i++) {
             Py_ssize_t at = plan.arp[i], end = at + segment < size ? at + segment : size;
             PyObject *from = PyLong_FromSsize_t(at), *to = PyLong_FromSsize_t(end);
-            PyObject *r = from && to ? PyObject_CallMethodObjArgs(x->dp, attr[A_ANSWER_ARP], from,
+            PyObject *r = from && to ? PyObject_CallMethodObjArgs(d->dp, attr[A_ANSWER_ARP], from,
                                                                   to, peer, NULL)
                                      : NULL;
             Py_XDECREF(from);
@@ -1861,29 +2091,29 @@ static inline int same_source(const struct sockaddr_in *a, const struct sockaddr
 }
 
 /* UdpDataplane.on_socket_readable_gro's loop (gro), else on_socket_readable's. */
-static int rx_loop(rx_t *x, int fd, int gro, Py_ssize_t budget)
+static int rx_loop(drains_t *d, rx_t *x)
 {
-    uint8_t *d = x->d;
-    Py_ssize_t moved = 0, at = 0, run_size = 0;
+    uint8_t *data = d->rx.buf;
+    Py_ssize_t moved = 0, at = 0, run_size = 0, room = d->rx.len;
     struct sockaddr_in run_source = {0};
     union {
         char buf[CMSG_SPACE(sizeof(int))];
         struct cmsghdr align;
     } control;
-    while (moved < budget) {
+    while (moved < d->budget) {
         struct sockaddr_in source;
-        struct iovec iov = {d + at, (size_t)(x->buffer_size - at)};
+        struct iovec iov = {data + at, (size_t)(room - at)};
         struct msghdr msg = {
             .msg_name = &source,
             .msg_namelen = sizeof source,
             .msg_iov = &iov,
             .msg_iovlen = 1,
-            .msg_control = gro ? control.buf : NULL,
-            .msg_controllen = gro ? sizeof control.buf : 0,
+            .msg_control = d->gro ? control.buf : NULL,
+            .msg_controllen = d->gro ? sizeof control.buf : 0,
         };
         ssize_t got;
         do
-            got = recvmsg(fd, &msg, 0);
+            got = recvmsg(d->sock_fd, &msg, 0);
         while (got < 0 && errno == EINTR);
         if (got < 0) {
             if (would_block(errno))
@@ -1900,9 +2130,9 @@ static int rx_loop(rx_t *x, int fd, int gro, Py_ssize_t budget)
             moved++;
             continue;
         }
-        if (!gro) {
+        if (!d->gro) {
             moved++;
-            if (!rx_deliver(x, &source, size, size))
+            if (!rx_deliver(d, x, &source, size, size))
                 return 0;
             continue;
         }
@@ -1919,20 +2149,20 @@ static int rx_loop(rx_t *x, int fd, int gro, Py_ssize_t budget)
                 if (size < run_size || at + run_size > MAX_DATAGRAM) { /* a short one ends it */
                     Py_ssize_t end = at;
                     at = 0;
-                    if (!rx_deliver(x, &run_source, end, run_size))
+                    if (!rx_deliver(d, x, &run_source, end, run_size))
                         return 0;
                 }
                 continue;
             }
             Py_ssize_t end = at;
             at = 0;
-            if (!rx_deliver(x, &run_source, end, run_size)) /* then this one from the front */
+            if (!rx_deliver(d, x, &run_source, end, run_size)) /* then this one from the front */
                 return 0;
-            memmove(d, d + end, (size_t)size);
+            memmove(data, data + end, (size_t)size);
         }
         if (single) {
             if (2 * size > MAX_DATAGRAM) { /* a second one would not fit: nothing to gather */
-                if (!rx_deliver(x, &source, size, size))
+                if (!rx_deliver(d, x, &source, size, size))
                     return 0;
                 continue;
             }
@@ -1940,94 +2170,178 @@ static int rx_loop(rx_t *x, int fd, int gro, Py_ssize_t budget)
             run_source = source;
             continue;
         }
-        x->coalesced++;
-        if (!rx_deliver(x, &source, size, segment))
+        d->counts[C_RX_GRO_RECEIVES]++;
+        if (!rx_deliver(d, x, &source, size, segment))
             return 0;
     }
-    if (at && !rx_deliver(x, &run_source, at, run_size))
+    if (at && !rx_deliver(d, x, &run_source, at, run_size))
         return 0;
     return 1;
 }
 
-static int rx_flush(PyObject *counters, rx_t *x)
+/* UdpDataplane.on_socket_readable_gro (on_socket_readable without gro) */
+static PyObject *rx_wake(drains_t *d);
+static PyObject *drains_rx(drains_t *d, PyObject *unused)
 {
-    int ok = add_attr(counters, A_RX_PACKETS, x->packets)
-          && add_attr(counters, A_RX_BYTES, x->bytes)
-          && add_attr(counters, A_RX_TUN_SUPER, x->supers)
-          && add_attr(counters, A_RX_GRO_RECEIVES, x->coalesced)
-          && add_histogram(counters, A_RX_BATCH, x->batch);
-    if (ok) {
-        PyObject *drops = PyObject_GetAttr(counters, attr[A_DROPS]);
-        ok = drops != NULL && add_counts(drops, reason_strings, x->drops, R_ALL);
-        Py_XDECREF(drops);
+    int trace = traced(d);
+    if (trace) {
+        int method = d->gro ? A_ON_SOCKET_READABLE_GRO : A_ON_SOCKET_READABLE;
+        return trace < 0 ? NULL : PyObject_CallMethodNoArgs(d->dp, attr[method]);
     }
-    return ok;
-}
-
-static PyObject *rx_drain(PyObject *self, PyObject *args)
-{
-    PyObject *dp;
-    Py_ssize_t budget;
-    if (!PyArg_ParseTuple(args, "On", &dp, &budget))
+    if (!enter(d))
         return NULL;
-    PyObject *tun = NULL, *peers = NULL, *counters = NULL, *buffer_obj = NULL;
-    PyObject *own = NULL, *vxlan = NULL, *result = NULL;
-    Py_buffer buffer = {0};
-    rx_t storage, *x = &storage;
-    memset(x, 0, sizeof *x);
-    x->dp = dp;
-    x->rules.sources = x->source_storage;
-    int sock_fd, gro;
-    if ((tun = PyObject_GetAttr(dp, attr[A_TUN])) == NULL || !get_fd(tun, A_FD, &x->tun_fd)
-        || !get_bool(tun, A_VNET_HDR, &x->vnet) || !get_fd(dp, A_SOCK, &sock_fd)
-        || !get_bool(dp, A_GRO, &gro) || !get_bool(dp, A_TUN_GSO, &x->coalesce)
-        || !get_ssize(dp, A_MTU, &x->mtu)
-        || (own = PyObject_GetAttr(dp, attr[A_OWN])) == NULL
-        || (vxlan = PyObject_GetAttr(dp, attr[A_VXLAN_RULES])) == NULL
-        || !parse_target(&x->rules, own, vxlan)
-        || (peers = PyObject_GetAttr(dp, attr[A_PEERS])) == NULL
-        || (x->senders = PyObject_GetAttr(peers, attr[A_SENDERS])) == NULL
-        || (counters = PyObject_GetAttr(dp, attr[A_COUNTERS])) == NULL
-        || (buffer_obj = PyObject_GetAttr(dp, attr[A_RX_BUFFER])) == NULL
-        || PyObject_GetBuffer(buffer_obj, &buffer, PyBUF_WRITABLE) < 0)
-        goto done;
-    if (!PyDict_Check(x->senders)) {
-        PyErr_SetString(PyExc_TypeError, "peers.senders must be a dict");
-        goto done;
-    }
-    /* a gathered run stays within the first 64 KiB, and the next receive always has
-     * room for a whole datagram */
-    if (buffer.len < 2 * MAX_DATAGRAM) {
-        PyErr_SetString(PyExc_ValueError, "rx_drain: the receive buffer is under 128 KiB");
-        goto done;
-    }
-    x->d = buffer.buf;
-    x->buffer_size = buffer.len;
-    x->coalesce = x->coalesce && x->vnet; /* super-packets need the virtio_net_hdr */
-    rx_loop(x, sock_fd, gro, budget);
-    PyObject *type, *value, *traceback; /* counts are added even when an exception ends it */
-    PyErr_Fetch(&type, &value, &traceback);
-    int flushed = rx_flush(counters, x);
-    if (type != NULL) {
-        PyErr_Restore(type, value, traceback);
-        flushed = 0;
-    }
-    if (flushed)
-        result = Py_NewRef(Py_None);
-done:
-    sources_free(&x->rules, x->source_storage);
-    Py_XDECREF(x->sources);
-    Py_XDECREF(x->senders);
-    if (buffer.obj != NULL)
-        PyBuffer_Release(&buffer);
-    Py_XDECREF(buffer_obj);
-    Py_XDECREF(counters);
-    Py_XDECREF(peers);
-    Py_XDECREF(vxlan);
-    Py_XDECREF(own);
-    Py_XDECREF(tun);
+    PyObject *result = rx_wake(d);
+    d->busy &= ~IN_DRAIN;
     return result;
 }
+
+static PyObject *rx_wake(drains_t *d)
+{
+    if (!tables(d))
+        return NULL;
+    rx_t x;
+    memset(&x, 0, sizeof x);
+    int ok = rx_loop(d, &x);
+    PyObject *type, *value, *traceback; /* counts are added even when an exception ends it */
+    PyErr_Fetch(&type, &value, &traceback);
+    int finished = finish(d, reason_strings, x.drops, R_ALL);
+    if (type != NULL)
+        PyErr_Restore(type, value, traceback);
+    return ok && finished && type == NULL ? Py_NewRef(Py_None) : NULL;
+}
+
+/* -- Drains: making one, the type ------------------------------------------------------- */
+
+static PyObject *drains_flush(drains_t *d, PyObject *unused)
+{
+    return flush(d) ? Py_NewRef(Py_None) : NULL;
+}
+
+static int drains_traverse(drains_t *d, visitproc visit, void *arg)
+{
+    Py_VISIT(d->dp);
+    Py_VISIT(d->counters);
+    Py_VISIT(d->peers);
+    Py_VISIT(d->arena_obj);
+    Py_VISIT(d->rx_obj);
+    Py_VISIT(d->sources);
+    Py_VISIT(d->routes);
+    Py_VISIT(d->senders);
+    Py_VISIT(d->route_prefix);
+    Py_VISIT(d->route_stats);
+    Py_VISIT(d->rx_entry);
+    for (int i = 0; i < d->npending; i++)
+        Py_VISIT(d->pending[i].stats);
+    return 0;
+}
+
+static int drains_clear(drains_t *d)
+{
+    forget_lookups(d);
+    while (d->npending) {
+        d->npending--; /* not inside Py_CLEAR: a macro, it evaluates its argument twice */
+        Py_CLEAR(d->pending[d->npending].stats);
+    }
+    sources_free(&d->rules, d->source_storage);
+    Py_CLEAR(d->sources);
+    if (d->arena.obj != NULL)
+        PyBuffer_Release(&d->arena);
+    if (d->rx.obj != NULL)
+        PyBuffer_Release(&d->rx);
+    Py_CLEAR(d->arena_obj);
+    Py_CLEAR(d->rx_obj);
+    Py_CLEAR(d->dp);
+    Py_CLEAR(d->counters);
+    Py_CLEAR(d->peers);
+    return 0;
+}
+
+static void drains_dealloc(drains_t *d)
+{
+    PyObject_GC_UnTrack(d);
+    drains_clear(d);
+    Py_TYPE(d)->tp_free((PyObject *)d);
+}
+
+static PyObject *drains_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
+{
+    static char *keywords[] = {"dataplane", "budget", NULL};
+    PyObject *dp, *tun = NULL, *own = NULL, *vxlan = NULL;
+    Py_ssize_t budget;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "On", keywords, &dp, &budget))
+        return NULL;
+    drains_t *d = (drains_t *)type->tp_alloc(type, 0); /* zeroed */
+    if (d == NULL)
+        return NULL;
+    d->rules.sources = d->source_storage;
+    d->dp = Py_NewRef(dp);
+    d->budget = budget;
+    d->flushed_at = monotonic();
+    int tun_gso;
+    if ((tun = get(dp, A_TUN)) == NULL || !get_fd(tun, A_FD, &d->tun_fd)
+        || !get_bool(tun, A_VNET_HDR, &d->vnet) || !get_fd(dp, A_SOCK, &d->sock_fd)
+        || !get_ssize(dp, A_HEADROOM, &d->headroom) || !get_bool(dp, A_TSO, &d->tso)
+        || !get_bool(dp, A_GRO, &d->gro) || !get_bool(dp, A_TUN_GSO, &tun_gso)
+        || !get_bool(dp, A_GSO_SENT, &d->gso_sent) || !get_ssize(dp, A_MTU, &d->mtu)
+        || (own = get(dp, A_OWN)) == NULL || (vxlan = get(dp, A_VXLAN_RULES)) == NULL
+        || !parse_target(&d->rules, own, vxlan)
+        || (d->peers = get(dp, A_PEERS)) == NULL
+        || (d->counters = get(dp, A_COUNTERS)) == NULL
+        || (d->arena_obj = get(dp, A_TX_ARENA)) == NULL
+        || PyObject_GetBuffer(d->arena_obj, &d->arena, PyBUF_WRITABLE) < 0
+        || (d->rx_obj = get(dp, A_RX_BUFFER)) == NULL
+        || PyObject_GetBuffer(d->rx_obj, &d->rx, PyBUF_WRITABLE) < 0)
+        goto fail;
+    d->coalesce = tun_gso && d->vnet; /* super-packets need the virtio_net_hdr */
+    /* TX: room for one more read of any size, and for cutting it into segments (the
+     * headroom checked first: the difference must not overflow); RX: a gathered run stays
+     * within the first 64 KiB, and the next receive always has room for a datagram. */
+    if (d->headroom < 0 || d->headroom > d->arena.len
+        || d->arena.len - d->headroom < 2 * MAX_DATAGRAM + 3) {
+        PyErr_SetString(PyExc_ValueError, "Drains: the TX arena is too small for its headroom");
+        goto fail;
+    }
+    if (d->rx.len < 2 * MAX_DATAGRAM) {
+        PyErr_SetString(PyExc_ValueError, "Drains: the receive buffer is under 128 KiB");
+        goto fail;
+    }
+    Py_DECREF(tun);
+    Py_DECREF(own);
+    Py_DECREF(vxlan);
+    return (PyObject *)d;
+fail:
+    Py_XDECREF(tun);
+    Py_XDECREF(own);
+    Py_XDECREF(vxlan);
+    Py_DECREF(d);
+    return NULL;
+}
+
+static PyMethodDef drains_methods[] = {
+    {"tx", (PyCFunction)drains_tx, METH_NOARGS,
+     "UdpDataplane.on_tun_readable: read the TUN (up to budget reads), route, cut, send."},
+    {"rx", (PyCFunction)drains_rx, METH_NOARGS,
+     "UdpDataplane.on_socket_readable_gro (on_socket_readable without gro): receive, "
+     "gather, validate, write to the TUN."},
+    {"flush", (PyCFunction)drains_flush, METH_NOARGS,
+     "Add the counts not yet added to the dataplane's counters and the peers' stats."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject drains_type = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "encap._native.Drains",
+    .tp_basicsize = sizeof(drains_t),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "Drains(dataplane, budget): a dataplane's reader callbacks in C (tx, rx), "
+              "reading its fixed attributes once; counts are added by flush() (at least "
+              "every second, and before Counters.snapshot()), drops at once.",
+    .tp_new = drains_new,
+    .tp_dealloc = (destructor)drains_dealloc,
+    .tp_traverse = (traverseproc)drains_traverse,
+    .tp_clear = (inquiry)drains_clear,
+    .tp_methods = drains_methods,
+};
 
 /* -- the module ------------------------------------------------------------------------- */
 
@@ -2048,12 +2362,6 @@ static PyMethodDef methods[] = {
      "plan_tun_writes(data, size, segment, sources, destination, drops, vxlan=None, arp=None, "
      "mtu=0): "
      "encap.gso's, with copies (bytes) where the reference has memoryviews."},
-    {"tx_drain", tx_drain, METH_VARARGS,
-     "tx_drain(dataplane, budget): UdpDataplane.on_tun_readable without a trace: read the "
-     "TUN (up to budget reads), route, cut, send, count."},
-    {"rx_drain", rx_drain, METH_VARARGS,
-     "rx_drain(dataplane, budget): UdpDataplane.on_socket_readable_gro (on_socket_readable "
-     "without dataplane.gro) without a trace: receive, gather, validate, write, count."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -2092,6 +2400,8 @@ static int exec_module(PyObject *module)
         Py_DECREF(reasons);
         return -1;
     }
+    if (PyType_Ready(&drains_type) < 0 || PyModule_AddType(module, &drains_type) < 0)
+        return -1;
     return PyModule_AddIntConstant(module, "MAX_RUN", MAX_RUN);
 }
 

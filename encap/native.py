@@ -69,12 +69,13 @@ valid_pieces: Callable[..., list[tuple[int, int]]] = (
 plan_tun_writes: Callable[..., list[tuple[Any, int, int]]] = (
     _module.plan_tun_writes if _module else gso.plan_tun_writes
 )
-# Native only (None without it): the dataplane's reader callbacks, each one call per
-# wake-up. ``tx_drain(dataplane, budget)`` is overlay.backends.udp.UdpDataplane.
-# on_tun_readable with all it calls, ``rx_drain(dataplane, budget)`` its
-# on_socket_readable_gro (or on_socket_readable), for a dataplane without a trace.
-tx_drain: Callable[[Any, int], None] | None = _module.tx_drain if _module else None
-rx_drain: Callable[[Any, int], None] | None = _module.rx_drain if _module else None
+# Native only (None without it): the dataplane's reader callbacks in C.
+# ``Drains(dataplane, budget)`` reads the fixed attributes of an
+# overlay.backends.udp.UdpDataplane once; its ``tx()`` is the dataplane's on_tun_readable
+# and ``rx()`` its on_socket_readable_gro (on_socket_readable) with everything they call,
+# for a wake-up without a trace. Counts go to the dataplane's counters and its peers'
+# stats at ``flush()``; drops at once.
+Drains: Any = _module.Drains if _module else None
 
 
 def module() -> ModuleType:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 BATCH_MAX = 64  # UDP_MAX_SEGMENTS / a GRO receive's most datagrams
@@ -28,8 +29,19 @@ class Counters:
     # capped at BATCH_MAX. Bumped once per send or receive, never per packet.
     tx_batch: list[int] = field(default_factory=lambda: [0] * (BATCH_MAX + 1))
     rx_batch: list[int] = field(default_factory=lambda: [0] * (BATCH_MAX + 1))
+    # What adds counts kept elsewhere so far to these counters and to the peers' stats
+    # (the native drains keep theirs between wake-ups: encap.native.Drains.flush, one
+    # per running dataplane). settle() calls each; snapshot() settles first.
+    pending: list[Callable[[], object]] = field(default_factory=list, repr=False, compare=False)
+
+    def settle(self) -> None:
+        """Make these counters and the peers' ``PeerStats`` complete: call before reading
+        either other than through ``snapshot()``."""
+        for flush in self.pending:
+            flush()
 
     def snapshot(self) -> dict[str, object]:
+        self.settle()
         return {
             "tx_packets": self.tx_packets,
             "tx_bytes": self.tx_bytes,

@@ -498,6 +498,9 @@ class Daemon:
         --workers, the sums over every worker (each one's own are in ``workers``).
         ``repairs`` counts every kernel object and iptables rule put back, by kind."""
         assert self.backend is not None and self.peers is not None
+        # The native drains keep their counts between wake-ups: added here, before the
+        # counters and the peers' PeerStats (_peer_rows) are read.
+        self.counters.settle()
         backend = self.backend.status()
         workers = backend.get("workers")
         if workers:

@@ -285,6 +285,7 @@ def peer_report(peers: PeerTable) -> dict[str, list[float]]:
 def _report(writer: asyncio.StreamWriter, dataplane: Any) -> None:
     if writer.is_closing() or writer.transport.get_write_buffer_size() > REPORT_BACKLOG:
         return
+    dataplane.counters.settle()  # the native drains' counts, PeerStats included, first
     report = {
         "counters": dataplane.counters.snapshot(),
         "features": dataplane.features(),

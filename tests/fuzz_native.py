@@ -78,6 +78,7 @@ def _stand_in(tun: int, sock: socket.socket, prefix: bytes, n: int, **extra: Any
         "tun": SimpleNamespace(fd=tun, offset=10, vnet_hdr=bool(n & 4)),
         "sock": sock,
         "headroom": headroom,
+        "tap": None,
         "tso": True,
         "gso": bool(n & 2),
         "_gso_sent": bool(n & 8),
@@ -104,7 +105,13 @@ def _tx_drain_once(data: bytearray, prefix: bytes, n: int) -> None:
         tun.setblocking(False)
         for at in range(0, len(data), 97):  # reads of odd sizes, the first 10 bytes a vnet header
             reader.send(bytes(data[at : at + 97 + n % 300]))
-        _native.tx_drain(_stand_in(tun.fileno(), sink, prefix, n), 64)
+        dp = _stand_in(tun.fileno(), sink, prefix, n)
+        drains = _native.Drains(dp, 1 + n % 64)  # a wake-up, maybe another after it
+        drains.tx()
+        if n & 64:  # a new table (as PeerTable swaps them): the kept lookup goes
+            dp.peers.routes = [(31, {0: dp.peers.routes[0][1][1], 1: dp.peers.routes[0][1][0]})]
+        drains.tx()
+        drains.flush()
     finally:
         reader.close()
         tun.close()
@@ -128,7 +135,12 @@ def _rx_drain_once(data: bytearray, sources: list[Any], vxlan: Any, a: int, b: i
         stats = SimpleNamespace(rx_packets=0, rx_bytes=0, last_rx=0.0)
         peers = SimpleNamespace(routes=[], senders={0: (sources, stats)})
         dp = _stand_in(_tun.fileno(), receiver, b"", n, vxlan_rules=vxlan, peers=peers)
-        _native.rx_drain(dp, 64)
+        drains = _native.Drains(dp, 1 + n % 64)
+        drains.rx()
+        if n & 64:
+            dp.peers.senders = dict(dp.peers.senders)
+        drains.rx()
+        drains.flush()
         _drain()
     finally:
         sender.close()

@@ -1084,3 +1084,112 @@ def test_no_offload_node_talks_to_offload_nodes(bed: Testbed) -> None:
     )
     assert " 0% packet loss" in result.stdout, result.stdout
     assert not node_status(bed, "n3")["counters"]["drops"]
+
+
+class _Readers:
+    """The event loop's part of ``start()``/``stop()``: the callbacks it registers (with
+    the native module, ``native.Drains``' C methods, which keep their counts)."""
+
+    def __init__(self) -> None:
+        self.callbacks: dict[int, Any] = {}
+
+    def add_reader(self, fd: int, callback: Any) -> None:
+        self.callbacks[fd] = callback
+
+    def remove_reader(self, fd: int) -> None:
+        del self.callbacks[fd]
+
+
+@UNDERLAY
+def test_registered_callbacks_see_changes_and_count_completely(codecs: str, wires: Any) -> None:
+    """What the loop calls: a peer table change is used at the next wake-up, gso turned
+    off is honoured, a trace takes the Python path, and the counts (kept in C between
+    wake-ups) are complete in every snapshot() and after stop()."""
+    tun, link = FakeTun(True), wires()
+    dp = dataplane(tun, link, codecs)
+    loop = _Readers()
+    dp.start(loop)  # type: ignore[arg-type]
+    transmit, receive = loop.callbacks[tun.fd], loop.callbacks[link.sock.fileno()]
+    src, to_a = bytes([198, 18, 1, 5]), bytes([198, 18, 2, 9])
+    packets = [
+        build_header(src=src, dst=to_a, protocol=17, payload_length=100, ident=i) + bytes(100)
+        for i in range(3)
+    ]
+    tun.inject(packets[0])
+    transmit()
+    assert link.datagrams() == [(packets[0], (wire.PEER_A, 8285))]
+    a = dp.peers.get(PEER_A.subnet)
+    assert a is not None
+    assert dp.counters.snapshot()["tx_packets"] == 1
+    assert (a.stats.tx_packets, a.stats.tx_bytes) == (1, 120) and a.stats.last_tx > 0
+    # The lease of A's subnet moves to B's public IP: the next wake-up sends there.
+    moved = Lease(PEER_A.subnet, IPv4Address(wire.PEER_B), create_revision=9)
+    assert dp.peers.upsert(moved)
+    tun.inject(packets[1])
+    transmit()
+    assert link.datagrams()[1:] == [(packets[1], (wire.PEER_B, 8285))]  # (sent() is cumulative)
+    # gso off at run time: two packets to one peer leave as two sendto()s
+    dp.gso = False
+    tun.inject(packets[1])
+    tun.inject(packets[2])
+    transmit()
+    assert [(size, to) for _, size, to in link.sent()[2:]] == [(0, (wire.PEER_B, 8285))] * 2
+    # RX from A's old address: no longer a peer; from B (now A's subnet's node): written
+    dst = bytes([198, 18, 1, 5])
+    inner = Segment(1, 1, 1, 0x10, b"r" * 100, src=bytes([198, 18, 2, 7]), dst=dst).build()
+    link.queue(inner, 0, wire.PEER_A)
+    link.queue(inner, 0, wire.PEER_B)
+    receive()
+    assert [_without_ident(p) for p in tun.written()] == [_without_ident(inner)]
+    # a trace attached: the wake-up goes to the Python methods, which report to it
+    tap = RecordingTap()
+    dp.tap = tap  # type: ignore[assignment]
+    tun.inject(packets[0])
+    transmit()
+    assert [e[:2] for e in tap.events] == [("inner", "tx"), ("outer", "tx")]
+    dp.tap = None
+    tun.inject(packets[0])
+    transmit()
+    dp.stop(loop)  # type: ignore[arg-type]
+    assert not loop.callbacks
+    counters = dp.counters
+    assert (counters.tx_packets, counters.tx_bytes) == (6, 6 * 120)
+    assert (counters.rx_packets, counters.drops["rx_unknown_peer"]) == (1, 1)
+    assert {n: k for n, k in enumerate(counters.tx_batch) if k} == {1: 6}
+    moved_peer = dp.peers.get(PEER_A.subnet)
+    b = dp.peers.get(PEER_B.subnet)
+    assert moved_peer is not None and b is not None
+    # B's public IP maps to its oldest lease: B's own (create_revision 0), so its stats
+    assert (b.stats.tx_packets, b.stats.rx_packets) == (5, 1)
+    assert moved_peer.stats is a.stats and a.stats.tx_packets == 1
+    assert counters.snapshot() == dp.counters.snapshot()  # nothing left pending
+
+
+@UNDERLAY
+def test_native_drains_refuse_a_wake_up_inside_a_wake_up(wires: Any) -> None:
+    """A callback's Python (here _no_route) that calls the drains again gets an error,
+    not a second wake-up on the same state; a flush from there is fine."""
+    if not native.AVAILABLE:
+        pytest.fail(f"encap._native did not load: {native.LOAD_ERROR}")
+    tun, link = FakeTun(True), wires()
+    dp = dataplane(tun, link, "native")
+    loop = _Readers()
+    dp.start(loop)  # type: ignore[arg-type]
+    transmit = loop.callbacks[tun.fd]
+    seen: list[object] = []
+
+    def no_route(packet: bytes) -> None:
+        dp.counters.snapshot()
+        try:
+            transmit()
+        except RuntimeError as e:
+            seen.append(str(e))
+
+    dp._no_route = no_route  # type: ignore[method-assign]
+    src = bytes([198, 18, 1, 5])
+    tun.inject(
+        build_header(src=src, dst=bytes([198, 18, 77, 1]), protocol=17, payload_length=8) + bytes(8)
+    )
+    transmit()
+    assert len(seen) == 1 and "inside a wake-up" in str(seen[0])
+    dp.stop(loop)  # type: ignore[arg-type]

@@ -330,7 +330,7 @@ def test_bad_arguments_are_errors_not_crashes() -> None:
             call()
 
 
-# -- the drains (tx_drain, rx_drain) against the dataplane's reference methods -----------
+# -- the drains (Drains.tx, Drains.rx) against the dataplane's reference methods -------
 
 PEER_MAC = bytes.fromhex("02aabbccdd01")
 
@@ -725,7 +725,7 @@ def test_receive_of_one_datagram_with_any_larger_segment(segment: int) -> None:
 
 
 def _stand_in(tun: socket.socket, headroom: int = 0, arena: int = 1 << 18, **extra: Any) -> Any:
-    """An object with the attributes tx_drain and rx_drain read (tests/test_fastpath.py
+    """An object with the attributes native.Drains reads (tests/test_fastpath.py
     runs them on real dataplanes): every peer routed to one address, sends going into
     an AF_UNIX socket (they fail: nothing leaves)."""
     from types import SimpleNamespace
@@ -739,6 +739,7 @@ def _stand_in(tun: socket.socket, headroom: int = 0, arena: int = 1 << 18, **ext
         "tun": SimpleNamespace(fd=tun.fileno(), offset=10, vnet_hdr=True),
         "sock": sink,
         "headroom": headroom,
+        "tap": None,
         "tso": True,
         "gso": False,
         "_gso_sent": False,
@@ -781,7 +782,7 @@ def test_tx_drain_with_a_budget_beyond_memory() -> None:
         try:
             _partial_udp_reads(kernel, 40)
             dp = _stand_in(ours)
-            c.tx_drain(dp, budget)
+            c.Drains(dp, budget).tx()
             results.append((dp.counters.snapshot(), bytes(dp._tx_arena)))
         finally:
             kernel.close()
@@ -798,7 +799,7 @@ def test_tx_drain_refuses_headroom_beyond_the_arena(headroom: int) -> None:
     try:
         _partial_udp_reads(kernel, 1)
         with pytest.raises(ValueError):
-            c.tx_drain(_stand_in(ours, headroom=headroom, arena=10), 4)
+            c.Drains(_stand_in(ours, headroom=headroom, arena=10), 4).tx()
     finally:
         kernel.close()
         ours.close()
@@ -816,7 +817,7 @@ def test_callbacks_cannot_resize_a_buffer_the_drains_are_using() -> None:
         dp = _stand_in(ours, _tx_arena=arena, peers=nowhere)
         dp._no_route = lambda packet: arena.extend(bytes(1 << 20))  # would move the arena
         with pytest.raises(BufferError):
-            c.tx_drain(dp, 8)
+            c.Drains(dp, 8).tx()
         assert len(arena) == 1 << 18
     finally:
         kernel.close()
@@ -835,7 +836,7 @@ def test_callbacks_cannot_resize_a_buffer_the_drains_are_using() -> None:
         dp = _stand_in(receiver, sock=receiver, _rx_buffer=buffer)
         dp.counters.drops = Drops()
         with pytest.raises(BufferError):
-            c.rx_drain(dp, 8)
+            c.Drains(dp, 8).rx()
         assert len(buffer) == 2 * 65535
     finally:
         sender.close()
@@ -875,7 +876,7 @@ def test_tx_drain_refuses_a_broken_dataplane(change: dict[str, Any]) -> None:
     try:
         kernel.send(bytes(10) + bytes(Segment(1, 1, 1, 0x10, b"x").build()))
         with pytest.raises((TypeError, ValueError, OSError, BufferError)):
-            c.tx_drain(_stand_in(ours, **change), 4)
+            c.Drains(_stand_in(ours, **change), 4).tx()
     finally:
         kernel.close()
         ours.close()
@@ -898,7 +899,7 @@ def test_rx_drain_refuses_a_broken_dataplane(change: dict[str, Any]) -> None:
         receiver.setblocking(False)
         sender.send(bytes(Segment(1, 1, 1, 0x10, b"x").build()))  # from address 0.0.0.0
         with pytest.raises((TypeError, ValueError)):
-            c.rx_drain(_stand_in(receiver, sock=receiver, **change), 4)
+            c.Drains(_stand_in(receiver, sock=receiver, **change), 4).rx()
     finally:
         sender.close()
         receiver.close()

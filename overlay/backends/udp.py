@@ -22,13 +22,31 @@ kernel peers still interoperate:
 Everything is probed once; without it (old kernel, ``--no-offload``) the plain per-packet
 ``sendto``/``recvfrom_into``/``write`` path runs. ``features()`` says what is active.
 
-When the native module loaded (``native``, ``encap.native``) each reader callback is one
-C call, ``native.tx_drain`` / ``native.rx_drain``: the whole wake-up (reads, routing,
-cutting, GSO planning, sends; receives, gathering, validation, TUN writes; the counters)
-without Python, but for the rare events that need it (a packet without a route, an ARP
-request, a drop reason counted for the first time). The Python stages below are the same
-steps written out: the reference, the path a trace takes (``tap``) and the path without
-the module; the unit tests run both and compare them.
+When the native module loaded (``native``, ``encap.native``) the reader callbacks that
+``start()`` registers are C methods, ``native.Drains``' ``tx`` and ``rx``: the whole
+wake-up (reads, routing, cutting, GSO planning, sends; receives, gathering, validation,
+TUN writes; the counts) without Python but for the rare events that need it (a packet
+without a route, an ARP request, a drop). The Python stages below are the same steps
+written out: the reference, the path a trace takes (``tap``: ``Drains`` hands such a
+wake-up to these methods) and the path without the module; the unit tests run both and
+compare them.
+
+At a low packet rate every Python object a wake-up touches is a cache miss, so a
+``Drains`` (made at the first ``start()``, dropped at ``stop()``) reads the dataplane's
+fixed attributes once: the fds, the vnet header, headroom, tso, gro, tun_gso, mtu, our
+subnet, the vxlan rules, the peer table, the counters and the two buffers (exported for
+its lifetime). Per wake-up it reads only what may change: ``tap``, ``gso`` (TX) and the
+peer table's ``routes`` and ``senders``; it keeps its last route and sender lookups while
+those two are the same objects (``PeerTable`` swaps both on every change, so a changed
+lease is used at the next wake-up). Its counts stay in C and reach ``counters`` and the
+peers' ``PeerStats`` at ``flush()``: at the end of a wake-up when the last flush is a
+second old, from every ``Counters.snapshot()`` / ``settle()`` (the dataplane puts
+``flush`` in ``counters.pending``), and at ``stop()``; drops are added at once.
+Measured on the 2-node testbed (/tmp/pingexp.py: pod-to-pod ping, 300 each, interleaved
+with the per-call drains that read ~15 attributes and add their counts every call, 4
+pairs): p50 RTT at a 10 ms interval 330-455 us against 477-642 us (22-38 % lower in every
+pairing), at 2 ms 98-141 against 123-254 us (6-44 %); flanneld's C proxy measured
+~234-278 us in the same testbed earlier.
 
 Measured on the 2-node testbed (2 vCPUs, iperf3 TCP, 1 stream, pod to pod): 1.5 Gbit/s
 plain, 2.4 with UDP GSO+GRO, 3.4-3.9 with TUN super-packets, 4.2-5.5 after the arena
@@ -44,6 +62,7 @@ import socket
 import time
 from errno import EINVAL, EIO
 from ipaddress import IPv4Network
+from typing import Any
 
 from control.peer_table import PeerTable
 from encap import gso, icmp, native
@@ -141,6 +160,7 @@ class UdpDataplane:
         self.tap: Tap | None = None  # an attached `overlay trace` (overlay.tap)
         # The per-byte and per-packet work in C (encap.native), else the pure reference.
         self.native = native.AVAILABLE
+        self._drains: Any = None  # native.Drains, made on first use (_native_drains)
         # vxlan: (our VNI bytes, our VTEP MAC) that every received datagram must carry.
         self.vxlan_rules: tuple[bytes, bytes] | None = None
         # Two datagrams' worth: a gathered run (on_socket_readable_gro) stays within the
@@ -176,6 +196,13 @@ class UdpDataplane:
         }
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        drains = self._native_drains()
+        if drains is not None:
+            # The callbacks below, in C: no Python per wake-up. With a trace attached they
+            # hand the wake-up to these methods.
+            loop.add_reader(self.tun.fd, drains.tx)
+            loop.add_reader(self.sock.fileno(), drains.rx)
+            return
         loop.add_reader(self.tun.fd, self.on_tun_readable)
         rx = self.on_socket_readable_gro if self.gro else self.on_socket_readable
         loop.add_reader(self.sock.fileno(), rx)
@@ -183,12 +210,29 @@ class UdpDataplane:
     def stop(self, loop: asyncio.AbstractEventLoop) -> None:
         loop.remove_reader(self.tun.fd)
         loop.remove_reader(self.sock.fileno())
+        drains, self._drains = self._drains, None
+        if drains is not None:  # its counts now; a start() after this makes a new one
+            if drains.flush in self.counters.pending:
+                self.counters.pending.remove(drains.flush)
+            drains.flush()
+
+    def _native_drains(self) -> Any:
+        """The native reader callbacks (``native.Drains``), made once the dataplane is
+        complete (a subclass sets its own attributes after ours: the first start() or
+        reader call); None without the module. It keeps its counts until its flush(),
+        which every Counters.snapshot() calls first."""
+        if self._drains is None and self.native and native.Drains is not None:
+            self._drains = native.Drains(self, BUDGET)
+            self.counters.pending.append(self._drains.flush)
+        return self._drains
 
     # -- TUN -> peer ---------------------------------------------------------------------
 
     def on_tun_readable(self) -> None:
-        if self.native and self.tap is None and native.tx_drain is not None:
-            native.tx_drain(self, BUDGET)  # this method and the stages below, in C
+        drains = self._native_drains() if self.tap is None and self.native else None
+        if drains is not None:  # this method and the stages below, in C
+            drains.tx()
+            drains.flush()  # the counts now: a caller of this method may read them
             return
         lengths, addrs = self._read_tun()
         if not lengths:
@@ -402,8 +446,10 @@ class UdpDataplane:
 
     def on_socket_readable(self) -> None:
         """One datagram per recvfrom_into (no GRO): validate it and write it to the TUN."""
-        if self.native and self.tap is None and native.rx_drain is not None:
-            native.rx_drain(self, BUDGET)  # this method and _deliver, in C
+        drains = self._native_drains() if self.tap is None and self.native else None
+        if drains is not None:  # this method and _deliver, in C
+            drains.rx()
+            drains.flush()
             return
         recv = self.sock.recvfrom_into
         buf = self._rx_buffer
@@ -432,8 +478,10 @@ class UdpDataplane:
         coalesced it, so its TCP segments still reach the TUN as super-packets. A run
         ends at a datagram that does not fit it, at 64 KiB, or when the socket is empty:
         gathering never waits for more."""
-        if self.native and self.tap is None and native.rx_drain is not None:
-            native.rx_drain(self, BUDGET)  # this method and _deliver, in C
+        drains = self._native_drains() if self.tap is None and self.native else None
+        if drains is not None:  # this method and _deliver, in C
+            drains.rx()
+            drains.flush()
             return
         recv = self.sock.recvmsg_into
         view = self._rx_view
