@@ -1199,7 +1199,7 @@ static int set_float(PyObject *o, int name, double value)
 }
 
 /* histogram[n] += counts[n] for each n (counters.tx_batch / rx_batch) */
-static int add_histogram(PyObject *counters, int name, const Py_ssize_t *counts)
+static int add_histogram(PyObject *counters, int name, Py_ssize_t *counts)
 {
     PyObject *histogram = NULL;
     for (Py_ssize_t n = 0; n <= BATCH_MAX; n++) {
@@ -1218,6 +1218,7 @@ static int add_histogram(PyObject *counters, int name, const Py_ssize_t *counts)
             return 0;
         }
         Py_DECREF(new);
+        counts[n] = 0; /* added: a flush retried after a later failure adds it once */
     }
     Py_XDECREF(histogram);
     return 1;
@@ -1309,6 +1310,7 @@ typedef struct {
      * call may run (_no_route, _answer_arp, a hostile attribute) must not start another
      * wake-up on the same state, nor a flush inside a flush. */
     int busy;
+    int ready; /* set once drains_new completed */
 } drains_t;
 
 #define IN_DRAIN 1
@@ -1397,12 +1399,9 @@ static int flush_counts(drains_t *d)
     for (int c = 0; c < C_COUNT; c++)
         if (!add_pending(d->counters, counter_attrs[c], &d->counts[c]))
             return 0;
-    if (!add_histogram(d->counters, A_TX_BATCH, d->tx_batch))
+    if (!add_histogram(d->counters, A_TX_BATCH, d->tx_batch)
+        || !add_histogram(d->counters, A_RX_BATCH, d->rx_batch))
         return 0;
-    memset(d->tx_batch, 0, sizeof d->tx_batch);
-    if (!add_histogram(d->counters, A_RX_BATCH, d->rx_batch))
-        return 0;
-    memset(d->rx_batch, 0, sizeof d->rx_batch);
     while (d->npending) {
         pending_peer_t *p = &d->pending[d->npending - 1];
         int ok = add_pending(p->stats, A_TX_PACKETS, &p->tx_packets)
@@ -1422,7 +1421,7 @@ static int flush_counts(drains_t *d)
 
 static int flush(drains_t *d)
 {
-    if (d->busy & IN_FLUSH)
+    if (!d->ready || d->busy & IN_FLUSH) /* nothing counted yet, or being added */
         return 1;
     d->busy |= IN_FLUSH;
     int ok = flush_counts(d);
@@ -1433,6 +1432,10 @@ static int flush(drains_t *d)
 /* The start of tx() and rx(): 0 (an exception set) when one is already running. */
 static int enter(drains_t *d)
 {
+    if (!d->ready) {
+        PyErr_SetString(PyExc_RuntimeError, "Drains: not constructed");
+        return 0;
+    }
     if (d->busy) {
         PyErr_SetString(PyExc_RuntimeError, "Drains: a wake-up inside a wake-up or a flush");
         return 0;
@@ -1881,11 +1884,16 @@ static int tx_send_groups(drains_t *d, tx_t *t, double now)
 static PyObject *tx_wake(drains_t *d);
 static PyObject *drains_tx(drains_t *d, PyObject *unused)
 {
-    int trace = traced(d);
-    if (trace)
-        return trace < 0 ? NULL : PyObject_CallMethodNoArgs(d->dp, attr[A_ON_TUN_READABLE]);
-    if (!enter(d))
+    if (!enter(d)) /* also before a traced wake-up: it uses the same arena */
         return NULL;
+    int trace = traced(d);
+    if (trace) {
+        PyObject *result = NULL;
+        if (trace > 0)
+            result = PyObject_CallMethodNoArgs(d->dp, attr[A_ON_TUN_READABLE]);
+        d->busy &= ~IN_DRAIN;
+        return result;
+    }
     PyObject *result = tx_wake(d);
     d->busy &= ~IN_DRAIN;
     return result;
@@ -2183,13 +2191,17 @@ static int rx_loop(drains_t *d, rx_t *x)
 static PyObject *rx_wake(drains_t *d);
 static PyObject *drains_rx(drains_t *d, PyObject *unused)
 {
+    if (!enter(d)) /* also before a traced wake-up: it uses the same buffer */
+        return NULL;
     int trace = traced(d);
     if (trace) {
         int method = d->gro ? A_ON_SOCKET_READABLE_GRO : A_ON_SOCKET_READABLE;
-        return trace < 0 ? NULL : PyObject_CallMethodNoArgs(d->dp, attr[method]);
+        PyObject *result = NULL;
+        if (trace > 0)
+            result = PyObject_CallMethodNoArgs(d->dp, attr[method]);
+        d->busy &= ~IN_DRAIN;
+        return result;
     }
-    if (!enter(d))
-        return NULL;
     PyObject *result = rx_wake(d);
     d->busy &= ~IN_DRAIN;
     return result;
@@ -2273,6 +2285,9 @@ static PyObject *drains_new(PyTypeObject *type, PyObject *args, PyObject *kwargs
     drains_t *d = (drains_t *)type->tp_alloc(type, 0); /* zeroed */
     if (d == NULL)
         return NULL;
+    /* Out of the collector's sight until complete: the getters below run Python, which
+     * must not find (gc.get_objects) and call a half-made Drains. */
+    PyObject_GC_UnTrack(d);
     d->rules.sources = d->source_storage;
     d->dp = Py_NewRef(dp);
     d->budget = budget;
@@ -2308,6 +2323,8 @@ static PyObject *drains_new(PyTypeObject *type, PyObject *args, PyObject *kwargs
     Py_DECREF(tun);
     Py_DECREF(own);
     Py_DECREF(vxlan);
+    d->ready = 1;
+    PyObject_GC_Track(d);
     return (PyObject *)d;
 fail:
     Py_XDECREF(tun);

@@ -78,8 +78,14 @@ def test_quick_bench_of_the_udp_and_c_proxy_rows_writes_md_json_png(tmp_path: Pa
         assert path["error"] is None, path["error"]
         assert path["tcp1_gbits"]["median"] > 0
         assert path["tcp4_gbits"]["median"] > 0
-        assert path["udp1400_gbits"]["median"] > 0
-        assert path["udp64_pps"]["median"] > 0
+        for udp_row in ("udp1400_gbits", "udp64_pps"):
+            # Every search ran and its trials moved traffic. The answer may be 0 for the C
+            # proxy: its default-sized socket drops bursts, and the 3 quick trials (full
+            # speed, 0.9x, then 4x lower) need not reach a rate it carries loss-free.
+            (search,) = path[udp_row]["runs"]
+            assert search["trials"] and all(t["received_bps"] > 0 for t in search["trials"])
+            if path is udp:
+                assert path[udp_row]["median"] > 0
         assert path["ping_us"]["p50"] > 0 and path["ping_us"]["received"] > 0
         assert path["daemon_cpu_pct_tcp1"]["n1"]["median"] > 0  # the C proxy's, for its row
         assert path["daemon_cpu_s_per_gb_tcp1"]["n2"]["median"] > 0
