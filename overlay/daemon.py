@@ -786,11 +786,17 @@ class Daemon:
             ]
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
             for task in done:
+                if task is stopping:
+                    continue
                 error = None if task.cancelled() else task.exception()
                 if isinstance(error, LeaseLost):
                     raise Fatal(f"{error}; exiting so a supervisor restarts us")
                 if error is not None:
                     raise error
+                if stopping not in done:  # each runs until we stop: not a clean stop
+                    how = "was cancelled" if task.cancelled() else "returned"
+                    name = getattr(task.get_coro(), "__qualname__", task.get_name())
+                    raise Fatal(f"{name} {how} unexpectedly; exiting so a supervisor restarts us")
             self.log.info("stopping", reason=received[0] if received else "signal")
             return self.exit_code
         finally:
