@@ -1880,23 +1880,28 @@ static int tx_send_groups(drains_t *d, tx_t *t, double now)
     return 1;
 }
 
+/* One wake-up, never inside another (they share the arena and the receive buffer): the
+ * Python reference method when a trace is attached (it reports every packet), else the C
+ * stages. */
+static PyObject *wake(drains_t *d, int reference, PyObject *(*stages)(drains_t *))
+{
+    if (!enter(d))
+        return NULL;
+    int trace = traced(d);
+    PyObject *result = NULL;
+    if (trace > 0)
+        result = PyObject_CallMethodNoArgs(d->dp, attr[reference]);
+    else if (trace == 0)
+        result = stages(d);
+    d->busy &= ~IN_DRAIN;
+    return result;
+}
+
 /* UdpDataplane.on_tun_readable */
 static PyObject *tx_wake(drains_t *d);
 static PyObject *drains_tx(drains_t *d, PyObject *unused)
 {
-    if (!enter(d)) /* also before a traced wake-up: it uses the same arena */
-        return NULL;
-    int trace = traced(d);
-    if (trace) {
-        PyObject *result = NULL;
-        if (trace > 0)
-            result = PyObject_CallMethodNoArgs(d->dp, attr[A_ON_TUN_READABLE]);
-        d->busy &= ~IN_DRAIN;
-        return result;
-    }
-    PyObject *result = tx_wake(d);
-    d->busy &= ~IN_DRAIN;
-    return result;
+    return wake(d, A_ON_TUN_READABLE, tx_wake);
 }
 
 static PyObject *tx_wake(drains_t *d)
@@ -2191,20 +2196,7 @@ static int rx_loop(drains_t *d, rx_t *x)
 static PyObject *rx_wake(drains_t *d);
 static PyObject *drains_rx(drains_t *d, PyObject *unused)
 {
-    if (!enter(d)) /* also before a traced wake-up: it uses the same buffer */
-        return NULL;
-    int trace = traced(d);
-    if (trace) {
-        int method = d->gro ? A_ON_SOCKET_READABLE_GRO : A_ON_SOCKET_READABLE;
-        PyObject *result = NULL;
-        if (trace > 0)
-            result = PyObject_CallMethodNoArgs(d->dp, attr[method]);
-        d->busy &= ~IN_DRAIN;
-        return result;
-    }
-    PyObject *result = rx_wake(d);
-    d->busy &= ~IN_DRAIN;
-    return result;
+    return wake(d, d->gro ? A_ON_SOCKET_READABLE_GRO : A_ON_SOCKET_READABLE, rx_wake);
 }
 
 static PyObject *rx_wake(drains_t *d)
