@@ -4,7 +4,8 @@ A thin adapter: flannel's semantics live in SubnetManager. What this adds is wha
 raw client lacks: several endpoints tried in turn, TLS with client certificates, gRPC
 keepalive pings so a frozen etcd is noticed within seconds, a deadline on every call, a
 receive limit as large as etcd's own client's, one etcd lease per key reused across
-renewals and restarts, and errors translated to RegistryError / RevisionCompacted, or
+renewals and restarts, concurrent callers that cannot cut each other off (see
+EtcdRegistry), and errors translated to RegistryError / RevisionCompacted, or
 RegistryConfigError for what retrying cannot fix (unreadable or mismatched TLS files,
 failed authentication, a response over the receive limit).
 """
@@ -12,6 +13,7 @@ failed authentication, a response over the receive limit).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import ssl
 from collections.abc import AsyncIterator
@@ -58,6 +60,7 @@ RECONNECT = {
 # time. etcd's own Go client allows math.MaxInt32, and so do we.
 MAX_RECEIVE = 2**31 - 1
 CALL_TIMEOUT = 5
+CLOSE_TIMEOUT = 1.0  # a channel's close waits on nothing remote; bounded all the same
 
 
 @dataclass(frozen=True)
@@ -159,6 +162,7 @@ class _Client(aetcd.Client):  # type: ignore[misc]
     ) -> None:
         super().__init__(*args, **kwargs)
         self._credentials = credentials
+        self.endpoint_index = 0  # which of the registry's endpoints this connects to
 
     async def connect(self) -> None:
         if self._credentials is None:
@@ -190,8 +194,35 @@ class _Client(aetcd.Client):  # type: ignore[misc]
             raise aetcd.ConnectionFailedError(e.details()) from None
 
 
+# Codes with which etcd answered and refused one call: the connection is fine and kept.
+# Any other failure (unreachable, timed out, no leader, an expired auth token) moves the
+# registry to a new connection, on the next endpoint.
+REFUSALS = frozenset(
+    {
+        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.NOT_FOUND,
+        grpc.StatusCode.ALREADY_EXISTS,
+        grpc.StatusCode.PERMISSION_DENIED,
+        grpc.StatusCode.FAILED_PRECONDITION,
+        grpc.StatusCode.OUT_OF_RANGE,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.ABORTED,
+        grpc.StatusCode.UNIMPLEMENTED,
+    }
+)
+
+
 class EtcdRegistry:
-    """A :class:`control.kv.KeyValueStore` on etcd v3."""
+    """A :class:`control.kv.KeyValueStore` on etcd v3.
+
+    Its callers are concurrent tasks (in the daemon: the watch, the renewals, the registry
+    probe), so no call may hurt another. The unary calls share one connection; one that
+    fails moves them all to a new one, and the old one is closed only once the calls still
+    on it have ended by their own deadline (gRPC cancels the calls of a closed channel,
+    and a CancelledError would end the task that made the call, not just the call). Each
+    watch stream has a connection of its own, so a call that timed out does not end a
+    stream that is fine, and a broken stream does not cut off the calls.
+    """
 
     def __init__(
         self,
@@ -214,6 +245,8 @@ class EtcdRegistry:
         self._index = 0
         self._client: _Client | None = None
         self._lock = asyncio.Lock()
+        self._retiring: dict[_Client, asyncio.Task[None]] = {}  # old connections, closing
+        self._streams: set[_Client] = set()  # the watch streams' connections
         # Built now: a bad TLS file is a one-line error at start, not a retried failure.
         files = bool(self.tls.cafile or self.tls.certfile or self.tls.keyfile)
         self._credentials = (
@@ -224,99 +257,122 @@ class EtcdRegistry:
     def endpoint(self) -> Endpoint:
         return self.endpoints[self._index]
 
+    async def _open(self) -> _Client:
+        """A new connection to the current endpoint, authenticated when configured."""
+        index = self._index
+        endpoint = self.endpoints[index]
+        client = _Client(
+            host=endpoint.host,
+            port=endpoint.port,
+            username=self.username,
+            password=self.password,
+            timeout=self.timeout,
+            options={
+                **KEEPALIVE,
+                **RECONNECT,
+                "grpc.max_receive_message_length": self.max_receive,
+            },
+            credentials=(
+                self._credentials if endpoint.tls or self.tls.cafile or self.tls.certfile else None
+            ),
+        )
+        client.endpoint_index = index
+        try:
+            await client.connect()
+        except aetcd.ClientError as e:
+            await _quietly(client.close())
+            self._move_on(index)
+            text = _describe(e, endpoint)
+            if self.username is not None and "authentication failed" in text:
+                raise RegistryConfigError(
+                    f"etcd {endpoint}: authentication failed for user {self.username!r} "
+                    "(check --etcd-username and --etcd-password / FLANNELD_ETCD_PASSWORD)"
+                ) from None
+            raise RegistryError(f"etcd {endpoint}: {text}") from None
+        return client
+
     async def _connected(self) -> _Client:
         async with self._lock:
-            if self._client is not None:
-                return self._client
-            endpoint = self.endpoint
-            client = _Client(
-                host=endpoint.host,
-                port=endpoint.port,
-                username=self.username,
-                password=self.password,
-                timeout=self.timeout,
-                options={
-                    **KEEPALIVE,
-                    **RECONNECT,
-                    "grpc.max_receive_message_length": self.max_receive,
-                },
-                credentials=(
-                    self._credentials
-                    if endpoint.tls or self.tls.cafile or self.tls.certfile
-                    else None
-                ),
-            )
-            try:
-                await client.connect()
-            except aetcd.ClientError as e:
-                await self._drop(client)
-                text = _describe(e, endpoint)
-                if self.username is not None and "authentication failed" in text:
-                    raise RegistryConfigError(
-                        f"etcd {endpoint}: authentication failed for user {self.username!r} "
-                        "(check --etcd-username and --etcd-password / FLANNELD_ETCD_PASSWORD)"
-                    ) from None
-                raise RegistryError(f"etcd {endpoint}: {text}") from None
-            self._client = client
-            return client
+            if self._client is None:
+                self._client = await self._open()
+            return self._client
 
-    async def _drop(self, client: _Client | None) -> None:
-        """Forget a broken connection and move on to the next endpoint."""
-        if client is not None:
-            try:
-                await client.close()
-            except Exception:  # noqa: BLE001 - closing a broken channel may fail any way
-                pass
-        if client is self._client or self._client is None:
+    def _move_on(self, index: int) -> None:
+        """The endpoint at ``index`` failed: the next one is tried, once per failure of
+        that endpoint however many calls saw it."""
+        if self._index == index:
+            self._index = (index + 1) % len(self.endpoints)
+
+    def _retire(self, client: _Client) -> None:
+        """Stop using a broken connection; close it after the calls still on it end."""
+        if client is self._client:
             self._client = None
-            self._index = (self._index + 1) % len(self.endpoints)
+        self._move_on(client.endpoint_index)
+        if client not in self._retiring:
+            self._retiring[client] = asyncio.create_task(self._close_later(client))
 
-    async def _failed(self, client: _Client, error: Exception) -> RegistryError:
-        endpoint = self.endpoint
-        if _code(error) == grpc.StatusCode.RESOURCE_EXHAUSTED:
+    async def _close_later(self, client: _Client) -> None:
+        try:
+            await asyncio.sleep(self.timeout + 1)  # every unary call has its deadline
+            await _quietly(client.close())
+        finally:
+            self._retiring.pop(client, None)
+
+    def _failed(self, client: _Client, error: Exception) -> RegistryError:
+        endpoint = self.endpoints[client.endpoint_index]
+        code = _code(error)
+        if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
             return RegistryConfigError(
                 f"etcd {endpoint}: a response was larger than this client accepts "
                 f"({self.max_receive} bytes): the values under the prefix are too large; "
                 f"remove the oversized ones ({_describe(error, endpoint)})"
             )
-        if isinstance(error, aetcd.ClientError | grpc.aio.AioRpcError | OSError):
-            await self._drop(client)
+        if code not in REFUSALS:
+            self._retire(client)
         return RegistryError(f"etcd {endpoint}: {_describe(error, endpoint)}")
+
+    @contextlib.asynccontextmanager
+    async def _call(self) -> AsyncIterator[_Client]:
+        """The shared connection, for one operation; its failures as RegistryError."""
+        client = await self._connected()
+        try:
+            yield client
+        except (aetcd.ClientError, grpc.aio.AioRpcError, OSError) as e:
+            raise self._failed(client, e) from None
+        except asyncio.CancelledError:
+            if _cancelling():
+                raise
+            endpoint = self.endpoints[client.endpoint_index]
+            raise RegistryError(f"etcd {endpoint}: the call was cut off") from None
 
     # -- KeyValueStore -------------------------------------------------------------------
 
     async def get(self, key: str) -> Entry | None:
-        client = await self._connected()
-        try:
+        async with self._call() as client:
             kv = await client.get(key.encode())
-        except (aetcd.ClientError, grpc.aio.AioRpcError) as e:
-            raise await self._failed(client, e) from None
         return None if kv is None else _entry(kv)
 
     async def list_prefix(self, prefix: str) -> tuple[list[Entry], int]:
-        client = await self._connected()
-        try:
+        async with self._call() as client:
             result = await client.get_prefix(prefix.encode())
-        except (aetcd.ClientError, grpc.aio.AioRpcError) as e:
-            raise await self._failed(client, e) from None
         return [_entry(kv) for kv in result], int(result.header.revision)
 
     async def create(self, key: str, value: bytes, ttl: int | None) -> bool:
-        client = await self._connected()
-        lease = None
-        try:
-            lease = None if ttl is None else await client.lease(ttl)
-            succeeded, _ = await client.transaction(
-                compare=[client.transactions.version(key.encode()) == 0],
-                success=[client.transactions.put(key.encode(), value, lease)],
-                failure=[],
-            )
-        except (aetcd.ClientError, grpc.aio.AioRpcError) as e:
-            if lease is not None:  # granted, and maybe unused: do not leave it behind
+        async with self._call() as client:
+            lease = None
+            try:
+                lease = None if ttl is None else await client.lease(ttl)
+                succeeded, _ = await client.transaction(
+                    compare=[client.transactions.version(key.encode()) == 0],
+                    success=[client.transactions.put(key.encode(), value, lease)],
+                    failure=[],
+                )
+            except (aetcd.ClientError, grpc.aio.AioRpcError):
+                if lease is not None:  # granted, and maybe unused: do not leave it behind
+                    await _quietly(lease.revoke())
+                raise
+            if not succeeded and lease is not None:
                 await _quietly(lease.revoke())
-            raise await self._failed(client, e) from None
-        if not succeeded and lease is not None:
-            await _quietly(lease.revoke())
         return bool(succeeded)
 
     async def put(self, key: str, value: bytes, ttl: int | None) -> None:
@@ -324,8 +380,7 @@ class EtcdRegistry:
         its alone and of the same TTL, refreshed (one keep-alive), so renewals and
         restarts create no new lease objects. Otherwise a new lease is granted, and the
         old one is revoked if nothing is attached to it any more."""
-        client = await self._connected()
-        try:
+        async with self._call() as client:
             if ttl is None:
                 await client.put(key.encode(), value)
                 return
@@ -339,8 +394,6 @@ class EtcdRegistry:
                 info = await client.get_lease_info(old, keys=True)
                 if info.TTL > 0 and not list(info.keys):
                     await client.revoke_lease(old)
-        except (aetcd.ClientError, grpc.aio.AioRpcError) as e:
-            raise await self._failed(client, e) from None
 
     async def _reusable_lease(self, client: _Client, key: str, ttl: int) -> tuple[int | None, int]:
         """(the lease to keep ``key`` on, refreshed, or None; the key's current lease)."""
@@ -358,15 +411,14 @@ class EtcdRegistry:
         return old, old
 
     async def delete(self, key: str) -> bool:
-        client = await self._connected()
-        try:
+        async with self._call() as client:
             result = await client.delete(key.encode())
-        except (aetcd.ClientError, grpc.aio.AioRpcError) as e:
-            raise await self._failed(client, e) from None
         return result is not None and bool(getattr(result, "deleted", 1))
 
     async def watch(self, prefix: str, start_revision: int) -> AsyncIterator[list[Event]]:
-        client = await self._connected()
+        client = await self._open()  # the stream's own connection, closed with it
+        endpoint = self.endpoints[client.endpoint_index]
+        self._streams.add(client)
         try:
             stream = await client.watch_prefix(prefix.encode(), start_revision=start_revision)
             async for event in stream:
@@ -383,16 +435,34 @@ class EtcdRegistry:
                 ]
         except aetcd.RevisionCompactedError as e:
             raise RevisionCompacted(int(e.compacted_revision)) from None
-        except (aetcd.ClientError, grpc.aio.AioRpcError) as e:
-            raise await self._failed(client, e) from None
+        except (aetcd.ClientError, grpc.aio.AioRpcError, OSError) as e:
+            if _code(e) not in REFUSALS:
+                self._move_on(client.endpoint_index)
+            raise RegistryError(f"etcd {endpoint}: {_describe(e, endpoint)}") from None
+        except asyncio.CancelledError:
+            if _cancelling():
+                raise
+            raise RegistryError(f"etcd {endpoint}: the watch was cut off") from None
+        finally:
+            self._streams.discard(client)
+            await _quietly(asyncio.wait_for(client.close(), CLOSE_TIMEOUT))
 
     async def close(self) -> None:
+        """Close every connection; a watch still running ends as a closed stream."""
         client, self._client = self._client, None
-        if client is not None:
-            try:
-                await client.close()
-            except Exception:  # noqa: BLE001
-                pass
+        retiring, self._retiring = self._retiring, {}
+        for task in retiring.values():
+            task.cancel()
+        for old in [client, *retiring, *self._streams]:
+            if old is not None:
+                await _quietly(asyncio.wait_for(old.close(), CLOSE_TIMEOUT))
+
+
+def _cancelling() -> bool:
+    """Whether the running task is being cancelled (by its owner), as opposed to an
+    awaited gRPC call ending cancelled because its channel was closed."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
 
 
 def _entry(kv: Any) -> Entry:

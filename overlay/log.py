@@ -6,22 +6,23 @@ instead of every minute), 2 adds per-event debug lines (every registry event, pe
 change, trace and scrape). ``enabled(n)`` is glog's ``V(n)``: test it before building an
 expensive line.
 
-``install_stack_dumps``: SIGUSR1 and SIGQUIT print every thread's stack (faulthandler,
-from the signal handler itself, so also when the event loop is stuck) and every asyncio
-task's, as Go's runtime prints its goroutines for flanneld's users. SIGUSR1 leaves the
-daemon running; SIGQUIT then stops it (cleanly, exit status 2, like a Go program after
-its SIGQUIT dump).
+``install_stack_dumps``: SIGUSR1 and SIGQUIT print every thread's stack (from the signal
+handler, so also when the event loop is stuck in Python code) and every asyncio task's,
+as Go's runtime prints its goroutines for flanneld's users. SIGUSR1 leaves the daemon
+running; SIGQUIT then stops it (cleanly, exit status 2, like a Go program after its
+SIGQUIT dump).
 """
 
 from __future__ import annotations
 
 import asyncio
-import faulthandler
 import json
 import logging
+import os
 import signal
 import sys
 import threading
+import traceback
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
@@ -77,12 +78,45 @@ def fatal(prog: str, message: str, fmt: str = "console", node: str | None = None
     return 1
 
 
+def format_threads() -> str:
+    """Every Python thread's stack, most recent call first, as faulthandler prints them.
+
+    Read with ``sys._current_frames()``, which holds the interpreter's locks: faulthandler's
+    own all-thread dump from a signal handler reads other threads' frames without them and
+    crashes the process (SIGSEGV) when a thread starts or ends during the dump (CPython
+    gh-116008; a thread pool starting its workers is enough)."""
+    names = {t.ident: t.name for t in threading.enumerate()}
+    me = threading.get_ident()
+    lines = []
+    for ident, frame in sys._current_frames().items():
+        which = "Current thread" if ident == me else "Thread"
+        lines.append(f"{which} {ident:#x} [{names.get(ident, '?')}] (most recent call first):")
+        stack = traceback.StackSummary.extract(traceback.walk_stack(frame), lookup_lines=False)
+        lines.extend(f'  File "{f.filename}", line {f.lineno} in {f.name}' for f in stack)
+        lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+def _write_stderr(text: str) -> None:
+    """Straight to fd 2: a signal handler may interrupt a write to sys.stderr, and writing
+    to it again from there would be a reentrant call."""
+    data = text.encode("utf-8", "replace")
+    try:
+        while data:
+            data = data[os.write(2, data) :]
+    except OSError:
+        pass
+
+
 def dump_tasks(signame: str, out: Any = None) -> None:
-    """Every asyncio task's stack, and which thread is which (faulthandler has printed
-    their stacks by id just before)."""
+    """Every asyncio task's stack, and which thread is which (the thread stacks have been
+    printed just before, by id)."""
     out = out or sys.stderr
     tasks = sorted(asyncio.all_tasks(), key=lambda t: t.get_name())
-    threads = ", ".join(f"{t.ident:#x} {t.name}" for t in threading.enumerate())
+    threads = ", ".join(  # a thread still starting has no ident yet
+        f"{t.ident:#x} {t.name}" if t.ident else f"(starting) {t.name}"
+        for t in threading.enumerate()
+    )
     out.write(f"--- {signame}: {len(tasks)} asyncio tasks; threads: {threads}\n")
     for task in tasks:
         out.write(f"task {task.get_name()!r}: {task.get_coro()!r}\n")
@@ -91,24 +125,33 @@ def dump_tasks(signame: str, out: Any = None) -> None:
     out.flush()
 
 
+_SIGNALS = (signal.SIGUSR1, signal.SIGQUIT)
+
+
 def install_stack_dumps(loop: asyncio.AbstractEventLoop, on_quit: Callable[[], None]) -> None:
-    """SIGUSR1: dump and carry on; SIGQUIT: dump, then ``on_quit`` (the daemon stops)."""
+    """SIGUSR1: dump and carry on; SIGQUIT: dump, then ``on_quit`` (the daemon stops).
 
-    def usr1() -> None:
-        dump_tasks("SIGUSR1")
+    The threads are dumped in Python's handler for the signal, which the main thread runs
+    between two bytecodes, also while a callback keeps the loop from its next turn; the
+    tasks and the stop follow on the loop, which owns them. The loop's registration comes
+    first, for its wake-up descriptor: a signal that reaches another thread must still
+    wake the main thread out of its poll."""
 
-    def quit_() -> None:
-        dump_tasks("SIGQUIT")
-        on_quit()
+    def after(name: str) -> None:
+        try:
+            dump_tasks(name)
+        finally:  # the stop does not depend on the dump
+            if name == "SIGQUIT":
+                on_quit()
 
-    loop.add_signal_handler(signal.SIGUSR1, usr1)
-    loop.add_signal_handler(signal.SIGQUIT, quit_)
-    # After the loop's handlers: faulthandler prints the threads, then chains to them.
-    for signum in (signal.SIGUSR1, signal.SIGQUIT):
-        faulthandler.register(signum, file=sys.stderr, all_threads=True, chain=True)
+    def threads(signum: int, frame: object) -> None:
+        _write_stderr(f"--- {signal.Signals(signum).name}: thread stacks\n{format_threads()}")
+
+    for signum in _SIGNALS:
+        loop.add_signal_handler(signum, after, signum.name)
+        signal.signal(signum, threads)  # in place of the loop's no-op; its wake-up stays
 
 
 def remove_stack_dumps(loop: asyncio.AbstractEventLoop) -> None:
-    for signum in (signal.SIGUSR1, signal.SIGQUIT):
-        faulthandler.unregister(signum)
+    for signum in _SIGNALS:
         loop.remove_signal_handler(signum)

@@ -398,17 +398,37 @@ class Testbed:
 
     def stop_etcd(self, member: int | None = None) -> None:
         """SIGKILL the run's etcd members, or one of them (what a crash looks like)."""
+        for pid in self._etcd_pids(member):
+            os.kill(pid, signal.SIGKILL)
+            for _ in range(100):
+                if not pid_alive(pid):
+                    break
+                time.sleep(0.05)
+
+    def freeze_etcd(self, member: int | None = None) -> None:
+        """SIGSTOP the run's etcd members, or one: connections stay open and nothing
+        answers (a hung disk, a paused VM). thaw_etcd undoes it; down() kills them."""
+        self._signal_etcd(signal.SIGSTOP, member)
+
+    def thaw_etcd(self, member: int | None = None) -> None:
+        self._signal_etcd(signal.SIGCONT, member)
+
+    def _signal_etcd(self, signum: signal.Signals, member: int | None) -> None:
+        for pid in self._etcd_pids(member):
+            os.kill(pid, signum)
+
+    def _etcd_pids(self, member: int | None) -> list[int]:
+        """The pids of the run's etcd members (or one) still running: ours by their pid
+        file and their command line."""
+        pids = []
         for m in self._members(member):
             try:
                 pid = int(self._etcd_file(m, ".pid").read_text())
             except (OSError, ValueError):
                 continue
             if "etcd" in pid_cmdline(pid):
-                os.kill(pid, signal.SIGKILL)
-                for _ in range(100):
-                    if not pid_alive(pid):
-                        break
-                    time.sleep(0.05)
+                pids.append(pid)
+        return pids
 
     def _node_re(self) -> re.Pattern[str]:
         return re.compile(rf"^{re.escape(self.prefix)}-n(\d+)$")

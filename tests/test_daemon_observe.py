@@ -158,7 +158,7 @@ def test_sigusr1_dumps_every_thread_and_task_and_carries_on(start) -> None:
             break
         time.sleep(0.2)
     text = run.text()
-    assert "Current thread 0x" in text and "(most recent call first)" in text  # faulthandler
+    assert "Current thread 0x" in text and "(most recent call first)" in text  # the thread stacks
     assert "asyncio tasks; threads:" in text and "task " in text
     assert "keep_renewed" in text  # the renewal task's stack is there
     assert run.proc.poll() is None

@@ -183,6 +183,59 @@ def test_etcd_down_for_20s_traffic_flows_and_a_later_joiner_is_seen(bed: Testbed
     assert pod_pings(bed, "n1-p1", f"n{k}-p1")
 
 
+def test_etcd_frozen_for_15s_no_daemon_stops(bed: Testbed) -> None:
+    """A frozen etcd (SIGSTOP: a hung disk, a paused VM; its sockets stay open) is not a
+    dead one: the watch learns of it only from its keepalive pings, and then the watch's
+    and the registry probe's calls fail side by side until it thaws. Every daemon keeps
+    forwarding and running, says so once each way, and sees changes afterwards. (The race
+    between those calls that stopped daemons is proved deterministically in
+    test_etcd_registry.py::test_a_failed_call_does_not_cut_off_the_calls_beside_it.)"""
+    target = bed.pod_ip("n3-p1")
+    assert pod_pings(bed, "n1-p1", "n3-p1")
+    logged_before = {i: len(log_events(bed.log_file(i))) for i in (1, 2, 3)}
+    ping = bed.popen(
+        "n1-p1",
+        ["ping", "-i", "0.2", "-W", "1", target],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        time.sleep(1.0)
+        bed.freeze_etcd()
+        try:
+            time.sleep(15.0)
+        finally:
+            bed.thaw_etcd()
+        for i in (1, 2, 3):
+            wait_for(
+                lambda i=i: (
+                    "watch_recovered"
+                    in [e["event"] for e in log_events(bed.log_file(i))[logged_before[i] :]]
+                ),
+                20,
+                f"n{i} noting the recovery: {log_events(bed.log_file(i))[-6:]}",
+            )
+    finally:
+        ping.send_signal(signal.SIGINT)
+        output, _ = ping.communicate(timeout=10)
+    counts = re.search(r"(\d+) packets transmitted, (\d+) received", output)
+    assert counts, output
+    sent, received = int(counts[1]), int(counts[2])
+    print(f"through a 15 s etcd freeze: {sent} pings sent, {received} answered")
+    for i in (1, 2, 3):
+        events = log_events(bed.log_file(i))[logged_before[i] :]
+        assert node(bed, i)["running"], f"n{i}'s daemon stopped: {events[-6:]}"
+        assert not [e for e in events if e.get("level") == "fatal"], events[-6:]
+        names = [e["event"] for e in events]
+        assert names.count("watch_failed") == 1 and names.count("watch_recovered") == 1, names
+    assert received >= sent * 0.95, output[-500:]
+    k = bed.add_node()  # and the registry works for changes again
+    subnet = node(bed, k)["subnet"]
+    for i in (1, 2, 3):
+        wait_for(partial(knows, bed, i, subnet), 15, f"n{i} seeing n{k}")
+
+
 def test_deleted_lease_makes_that_daemon_exit_with_a_clear_message(bed: Testbed) -> None:
     k = bed.add_node()
     lease = node_status(bed, k)["lease"]
