@@ -154,22 +154,42 @@ def _ssl_reason(error: Exception) -> str:
 
 
 class _Client(aetcd.Client):  # type: ignore[misc]
-    """aetcd.Client with TLS: aetcd only builds insecure channels, so connect() is redone
-    here with a secure channel when credentials are given (the rest mirrors aetcd 1.0)."""
+    """aetcd.Client with TLS (aetcd only builds insecure channels, so connect() is redone
+    here with a secure channel when credentials are given; the rest mirrors aetcd 1.0),
+    watches that require a leader, and no reconnecting once retired."""
 
     def __init__(
-        self, *args: Any, credentials: grpc.ChannelCredentials | None = None, **kwargs: Any
+        self,
+        *args: Any,
+        credentials: grpc.ChannelCredentials | None = None,
+        endpoint_index: int = 0,
+        require_leader: bool = False,
+        **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
         self._credentials = credentials
-        self.endpoint_index = 0  # which of the registry's endpoints this connects to
+        self.endpoint_index = endpoint_index  # which of the registry's endpoints
+        self.require_leader = require_leader
+        self.users = 0  # operations using it now
+        self.retired = False
 
     async def connect(self) -> None:
-        if self._credentials is None:
-            await super().connect()
-            return
+        # aetcd reconnects a closed client on its next call: a retired one must fail.
+        if self.retired:
+            raise aetcd.ConnectionFailedError("the connection was retired")
         if self._connected.is_set():
             return
+        if self._credentials is None:
+            await super().connect()
+        else:
+            await self._connect_tls()
+        if self.require_leader:
+            # etcd's WithRequireLeader, as flanneld watches: a member cut off from the
+            # quorum ends the stream ("no leader") instead of keeping it open and silent.
+            metadata = (*(self.metadata or ()), ("hasleader", "true"))
+            self._watcher._metadata = metadata
+
+    async def _connect_tls(self) -> None:
         from aetcd import rpc, watcher
 
         try:
@@ -217,11 +237,12 @@ class EtcdRegistry:
 
     Its callers are concurrent tasks (in the daemon: the watch, the renewals, the registry
     probe), so no call may hurt another. The unary calls share one connection; one that
-    fails moves them all to a new one, and the old one is closed only once the calls still
-    on it have ended by their own deadline (gRPC cancels the calls of a closed channel,
+    fails moves them all to a new one, and the old one is closed once the last operation
+    still on it has ended, by its own deadline (gRPC cancels the calls of a closed channel,
     and a CancelledError would end the task that made the call, not just the call). Each
-    watch stream has a connection of its own, so a call that timed out does not end a
-    stream that is fine, and a broken stream does not cut off the calls.
+    watch stream has a connection of its own and requires a leader, so a call that timed
+    out does not end a stream that is fine, a broken stream does not cut off the calls,
+    and a member cut off from the quorum ends the stream rather than keeping it silent.
     """
 
     def __init__(
@@ -245,20 +266,18 @@ class EtcdRegistry:
         self._index = 0
         self._client: _Client | None = None
         self._lock = asyncio.Lock()
-        self._retiring: dict[_Client, asyncio.Task[None]] = {}  # old connections, closing
         self._streams: set[_Client] = set()  # the watch streams' connections
+        self._closed = False
         # Built now: a bad TLS file is a one-line error at start, not a retried failure.
         files = bool(self.tls.cafile or self.tls.certfile or self.tls.keyfile)
         self._credentials = (
             self.tls.credentials() if files or any(e.tls for e in endpoints) else None
         )
 
-    @property
-    def endpoint(self) -> Endpoint:
-        return self.endpoints[self._index]
-
-    async def _open(self) -> _Client:
+    async def _open(self, *, require_leader: bool = False) -> _Client:
         """A new connection to the current endpoint, authenticated when configured."""
+        if self._closed:
+            raise RegistryError("the etcd registry is closed")
         index = self._index
         endpoint = self.endpoints[index]
         client = _Client(
@@ -275,8 +294,9 @@ class EtcdRegistry:
             credentials=(
                 self._credentials if endpoint.tls or self.tls.cafile or self.tls.certfile else None
             ),
+            endpoint_index=index,
+            require_leader=require_leader,
         )
-        client.endpoint_index = index
         try:
             await client.connect()
         except aetcd.ClientError as e:
@@ -304,46 +324,46 @@ class EtcdRegistry:
             self._index = (index + 1) % len(self.endpoints)
 
     def _retire(self, client: _Client) -> None:
-        """Stop using a broken connection; close it after the calls still on it end."""
+        """Stop using a broken connection; it is closed when the last operation on it
+        ends (each call has its deadline), never under one."""
         if client is self._client:
             self._client = None
         self._move_on(client.endpoint_index)
-        if client not in self._retiring:
-            self._retiring[client] = asyncio.create_task(self._close_later(client))
+        client.retired = True
 
-    async def _close_later(self, client: _Client) -> None:
-        try:
-            await asyncio.sleep(self.timeout + 1)  # every unary call has its deadline
-            await _quietly(client.close())
-        finally:
-            self._retiring.pop(client, None)
-
-    def _failed(self, client: _Client, error: Exception) -> RegistryError:
+    def _error(self, client: _Client, error: Exception) -> RegistryError:
         endpoint = self.endpoints[client.endpoint_index]
-        code = _code(error)
-        if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        # RESOURCE_EXHAUSTED is also etcd's own "database space exceeded" (its NOSPACE
+        # alarm) and "too many requests": only gRPC's receive limit is ours to name.
+        limit = "larger than max" in (_details(error) or "")
+        if _code(error) == grpc.StatusCode.RESOURCE_EXHAUSTED and limit:
             return RegistryConfigError(
                 f"etcd {endpoint}: a response was larger than this client accepts "
                 f"({self.max_receive} bytes): the values under the prefix are too large; "
                 f"remove the oversized ones ({_describe(error, endpoint)})"
             )
-        if code not in REFUSALS:
-            self._retire(client)
         return RegistryError(f"etcd {endpoint}: {_describe(error, endpoint)}")
 
     @contextlib.asynccontextmanager
     async def _call(self) -> AsyncIterator[_Client]:
         """The shared connection, for one operation; its failures as RegistryError."""
         client = await self._connected()
+        client.users += 1
         try:
             yield client
         except (aetcd.ClientError, grpc.aio.AioRpcError, OSError) as e:
-            raise self._failed(client, e) from None
+            if _code(e) not in REFUSALS:
+                self._retire(client)
+            raise self._error(client, e) from None
         except asyncio.CancelledError:
             if _cancelling():
                 raise
             endpoint = self.endpoints[client.endpoint_index]
             raise RegistryError(f"etcd {endpoint}: the call was cut off") from None
+        finally:
+            client.users -= 1
+            if client.retired and client.users == 0:
+                await _close(client)
 
     # -- KeyValueStore -------------------------------------------------------------------
 
@@ -416,7 +436,7 @@ class EtcdRegistry:
         return result is not None and bool(getattr(result, "deleted", 1))
 
     async def watch(self, prefix: str, start_revision: int) -> AsyncIterator[list[Event]]:
-        client = await self._open()  # the stream's own connection, closed with it
+        client = await self._open(require_leader=True)  # the stream's own, closed with it
         endpoint = self.endpoints[client.endpoint_index]
         self._streams.add(client)
         try:
@@ -438,24 +458,27 @@ class EtcdRegistry:
         except (aetcd.ClientError, grpc.aio.AioRpcError, OSError) as e:
             if _code(e) not in REFUSALS:
                 self._move_on(client.endpoint_index)
-            raise RegistryError(f"etcd {endpoint}: {_describe(e, endpoint)}") from None
+            raise self._error(client, e) from None
         except asyncio.CancelledError:
             if _cancelling():
                 raise
             raise RegistryError(f"etcd {endpoint}: the watch was cut off") from None
         finally:
             self._streams.discard(client)
-            await _quietly(asyncio.wait_for(client.close(), CLOSE_TIMEOUT))
+            await _close(client)
 
     async def close(self) -> None:
-        """Close every connection; a watch still running ends as a closed stream."""
-        client, self._client = self._client, None
-        retiring, self._retiring = self._retiring, {}
-        for task in retiring.values():
-            task.cancel()
-        for old in [client, *retiring, *self._streams]:
-            if old is not None:
-                await _quietly(asyncio.wait_for(old.close(), CLOSE_TIMEOUT))
+        """Close every connection, at once; a watch still running ends as a closed
+        stream, and nothing opens a new one afterwards."""
+        self._closed = True
+        clients = [c for c in (self._client, *self._streams) if c is not None]
+        self._client = None
+        await asyncio.gather(*(_close(c) for c in clients))
+
+
+async def _close(client: _Client) -> None:
+    client.retired = True
+    await _quietly(asyncio.wait_for(client.close(), CLOSE_TIMEOUT))
 
 
 def _cancelling() -> bool:
@@ -475,13 +498,23 @@ def _entry(kv: Any) -> Entry:
     )
 
 
-def _code(error: BaseException) -> grpc.StatusCode | None:
-    """The gRPC status code behind ``error`` (aetcd wraps the AioRpcError)."""
+def _rpc_error(error: BaseException | None) -> grpc.aio.AioRpcError | None:
+    """The gRPC error behind ``error`` (aetcd wraps the AioRpcError)."""
     while error is not None:
         if isinstance(error, grpc.aio.AioRpcError):
-            return error.code()
-        error = error.__cause__  # type: ignore[assignment]
+            return error
+        error = error.__cause__
     return None
+
+
+def _code(error: BaseException) -> grpc.StatusCode | None:
+    rpc_error = _rpc_error(error)
+    return None if rpc_error is None else rpc_error.code()
+
+
+def _details(error: BaseException) -> str | None:
+    rpc_error = _rpc_error(error)
+    return None if rpc_error is None else rpc_error.details()
 
 
 async def _quietly(call: Any) -> None:

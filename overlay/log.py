@@ -22,9 +22,9 @@ import os
 import signal
 import sys
 import threading
-import traceback
 from collections.abc import Callable
 from datetime import UTC, datetime
+from types import FrameType
 from typing import Any
 
 import structlog
@@ -78,8 +78,10 @@ def fatal(prog: str, message: str, fmt: str = "console", node: str | None = None
     return 1
 
 
-def format_threads() -> str:
-    """Every Python thread's stack, most recent call first, as faulthandler prints them.
+def format_threads(current: FrameType | None = None) -> str:
+    """Every Python thread's stack, most recent call first, as faulthandler prints them;
+    ``current``: where the calling thread was (a signal handler's frame argument: the
+    handler's own frames are left out).
 
     Read with ``sys._current_frames()``, which holds the interpreter's locks: faulthandler's
     own all-thread dump from a signal handler reads other threads' frames without them and
@@ -91,8 +93,11 @@ def format_threads() -> str:
     for ident, frame in sys._current_frames().items():
         which = "Current thread" if ident == me else "Thread"
         lines.append(f"{which} {ident:#x} [{names.get(ident, '?')}] (most recent call first):")
-        stack = traceback.StackSummary.extract(traceback.walk_stack(frame), lookup_lines=False)
-        lines.extend(f'  File "{f.filename}", line {f.lineno} in {f.name}' for f in stack)
+        at: FrameType | None = current if ident == me and current is not None else frame
+        while at is not None:
+            code = at.f_code
+            lines.append(f'  File "{code.co_filename}", line {at.f_lineno} in {code.co_name}')
+            at = at.f_back
         lines.append("")
     return "\n".join(lines) + "\n"
 
@@ -144,12 +149,18 @@ def install_stack_dumps(loop: asyncio.AbstractEventLoop, on_quit: Callable[[], N
             if name == "SIGQUIT":
                 on_quit()
 
-    def threads(signum: int, frame: object) -> None:
-        _write_stderr(f"--- {signal.Signals(signum).name}: thread stacks\n{format_threads()}")
+    def threads(signum: int, frame: FrameType | None) -> None:
+        name = signal.Signals(signum).name
+        try:
+            text = format_threads(frame)
+        except Exception as e:  # noqa: BLE001 - never raised into whatever was running
+            text = f"(cannot read the thread stacks: {type(e).__name__}: {e})\n"
+        _write_stderr(f"--- {name}: thread stacks\n{text}")
 
     for signum in _SIGNALS:
         loop.add_signal_handler(signum, after, signum.name)
         signal.signal(signum, threads)  # in place of the loop's no-op; its wake-up stays
+        signal.siginterrupt(signum, False)  # as the loop had it: system calls restart
 
 
 def remove_stack_dumps(loop: asyncio.AbstractEventLoop) -> None:

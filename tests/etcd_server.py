@@ -35,15 +35,18 @@ class EtcdServer:
         host: str = "127.0.0.1",
         netns: str | None = None,
         tls: dict[str, str] | None = None,
+        extra: tuple[str, ...] = (),
     ) -> None:
         """``tls``: paths under the keys cert, key, ca (server side; client certificates
-        are then required) and client_cert, client_key (what ``ctl`` presents)."""
+        are then required) and client_cert, client_key (what ``ctl`` presents); ``extra``:
+        more etcd flags."""
         if shutil.which("etcd") is None:
             raise RuntimeError("etcd is not installed (`make setup` installs etcd-server)")
         self.data_dir = data_dir
         self.host = host
         self.netns = netns
         self.tls = tls or {}
+        self.extra = list(extra)
         self.port = free_port()
         self.peer_port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
@@ -87,6 +90,7 @@ class EtcdServer:
             f"test={peer}",
             "--log-level",
             "error",
+            *self.extra,
         ]
         if self.tls:
             cmd += [

@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import re
 import shutil
 import signal
 import subprocess
+import sys
+import textwrap
 import time
 import uuid
 from collections.abc import Iterator
@@ -20,7 +23,7 @@ from typing import Any
 import pytest
 
 from overlay.testbed import Testbed
-from tests.conftest import node_status, poll
+from tests.conftest import ROOT, node_status, poll
 
 pytestmark = [
     pytest.mark.netns,
@@ -136,3 +139,69 @@ def test_a_member_killed_then_the_whole_cluster_restarted_under_traffic(bed: Tes
     bed.etcdctl("del", victim)
     for i in (1, 2, 3):
         assert poll(lambda i=i: joined not in peers(bed, i), 15), f"n{i} kept a deleted peer"
+
+
+WATCHER = textwrap.dedent(
+    """
+    import asyncio, sys
+    from control.etcd_registry import EtcdRegistry, parse_endpoints
+    from control.kv import RegistryError
+
+    async def main(endpoint, prefix, patience):
+        registry = EtcdRegistry(parse_endpoints(endpoint))
+        try:
+            _, revision = await registry.list_prefix(prefix)
+
+            async def consume():
+                async for _ in registry.watch(prefix, revision + 1):
+                    pass
+
+            stream = asyncio.create_task(consume())
+            await asyncio.sleep(1.0)
+            print("watching", flush=True)
+            try:
+                await asyncio.wait_for(stream, patience)
+                print("the stream ended", flush=True)
+            except RegistryError as e:
+                print(f"failed: {e}", flush=True)
+            except TimeoutError:
+                print("still watching", flush=True)
+        finally:
+            await registry.close()
+
+    asyncio.run(main(sys.argv[1], sys.argv[2], float(sys.argv[3])))
+    """
+)
+
+
+def test_a_watch_on_a_member_cut_off_from_the_quorum_fails(bed: Testbed) -> None:
+    """The other two members frozen: the one left has no leader and sees no more writes,
+    but still answers keepalive pings. A watch stream on it must fail ("no leader", as
+    flanneld's WithRequireLeader watch does), so the watch moves to another member and
+    the outage is reported, instead of staying open and silent for as long as it lasts."""
+    watcher = subprocess.Popen(
+        ["ip", "netns", "exec", bed.underlay_ns, sys.executable, "-c", WATCHER]
+        + [bed.etcd_endpoints[0], SUBNETS, "20"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=dict(os.environ, PYTHONPATH=str(ROOT)),
+    )
+    try:
+        assert watcher.stdout is not None
+        assert watcher.stdout.readline().strip() == "watching"
+        frozen = time.monotonic()
+        bed.freeze_etcd(2)
+        bed.freeze_etcd(3)
+        try:
+            outcome = watcher.stdout.readline().strip()
+            took = time.monotonic() - frozen
+        finally:
+            bed.thaw_etcd(2)
+            bed.thaw_etcd(3)
+        print(f"a watch on a member without a quorum: {outcome!r} after {took:.1f} s")
+        assert outcome.startswith("failed:") and "no leader" in outcome, outcome
+    finally:
+        watcher.kill()
+        watcher.wait()
+    assert poll(lambda: bed.etcdctl("endpoint", "health", check=False).returncode == 0, 20)

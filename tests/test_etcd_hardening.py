@@ -29,7 +29,7 @@ import pytest
 from control import subnet_manager
 from control.config import parse_config
 from control.etcd_registry import EtcdRegistry, TlsFiles, parse_endpoints
-from control.kv import RegistryConfigError
+from control.kv import RegistryConfigError, RegistryError
 from control.subnet_manager import SubnetManager
 from overlay.netns import netns_pids
 from tests.conftest import fatal_text
@@ -200,6 +200,28 @@ asyncio.run(main())
     assert result.stdout.startswith("config-error "), result.stdout + result.stderr
     assert "larger than this client accepts (100000 bytes)" in result.stdout
     assert "registry unreachable" not in result.stdout
+
+
+async def test_a_full_etcd_is_named_as_such_not_as_a_response_over_the_limit(
+    tmp_path: Path,
+) -> None:
+    """etcd's NOSPACE alarm (its database over --quota-backend-bytes) answers with the
+    same gRPC code as a response over our receive limit, and was reported as "a response
+    was larger than this client accepts ... remove the oversized ones", which sends the
+    operator the wrong way. It is etcd's own message, a RegistryError retried as any."""
+    server = EtcdServer(tmp_path / "etcd", extra=("--quota-backend-bytes", "1000000"))
+    registry = EtcdRegistry(parse_endpoints(server.endpoint))
+    try:
+        await asyncio.to_thread(server.start)
+        with pytest.raises(RegistryError) as failed:
+            for i in range(10):
+                await registry.put(f"/full/{i}", b"x" * 900_000, None)
+                await asyncio.sleep(0.3)  # etcd measures its size at its next commit
+        assert not isinstance(failed.value, RegistryConfigError), failed.value
+        assert "database space exceeded" in str(failed.value)
+    finally:
+        await registry.close()
+        server.stop()
 
 
 # -- item 9: TLS files checked before anything is tried ---------------------------------------
