@@ -12,7 +12,7 @@ import textwrap
 CHILD = textwrap.dedent(
     """
     import asyncio, os, signal, sys, threading, time
-    from overlay import log
+    from overlay import lifecycle, log
 
     def churn(stop):  # a thread pool growing and shrinking, as fast as it can
         while not stop.is_set():
@@ -52,7 +52,7 @@ CHILD = textwrap.dedent(
         log.remove_stack_dumps(loop)
         print("survived", flush=True)
 
-    asyncio.run(main(sys.argv[1]))
+    lifecycle.run(main(sys.argv[1]))  # uvloop, as the daemon runs
     """
 )
 
