@@ -5,12 +5,14 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -153,6 +155,40 @@ def poll(check: Callable[[], Any], timeout: float = 5.0, every: float = 0.05) ->
         if result or time.monotonic() > deadline:
             return result
         time.sleep(every)
+
+
+@dataclass
+class Pings:
+    """What a background ping saw: filled in when its block ends."""
+
+    sent: int = 0
+    received: int = 0
+    lost: list[int] = field(default_factory=list)  # the icmp_seq never answered
+    output: str = ""
+
+
+@contextmanager
+def pinging(bed: Any, source_pod: str, target_pod: str) -> Iterator[Pings]:
+    """ping -i 0.2 from one pod to another for as long as the block runs (stopped with
+    SIGINT, so it prints its summary, also when the block fails)."""
+    ping = bed.popen(
+        source_pod,
+        ["ping", "-i", "0.2", "-W", "1", bed.pod_ip(target_pod)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    pings = Pings()
+    try:
+        yield pings
+    finally:
+        ping.send_signal(signal.SIGINT)
+        pings.output, _ = ping.communicate(timeout=10)
+        counts = re.search(r"(\d+) packets transmitted, (\d+) received", pings.output)
+        if counts:  # else sent stays 0, which the caller's check reports
+            pings.sent, pings.received = int(counts[1]), int(counts[2])
+        answered = {int(n) for n in re.findall(r"icmp_seq=(\d+) ", pings.output)}
+        pings.lost = sorted(set(range(1, pings.sent + 1)) - answered)
 
 
 @contextmanager

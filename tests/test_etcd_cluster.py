@@ -9,9 +9,7 @@ from __future__ import annotations
 import base64
 import json
 import os
-import re
 import shutil
-import signal
 import subprocess
 import sys
 import textwrap
@@ -23,7 +21,7 @@ from typing import Any
 import pytest
 
 from overlay.testbed import Testbed
-from tests.conftest import ROOT, node_status, poll
+from tests.conftest import ROOT, node_status, pinging, poll
 
 pytestmark = [
     pytest.mark.netns,
@@ -83,15 +81,7 @@ def test_a_member_killed_then_the_whole_cluster_restarted_under_traffic(bed: Tes
     kept = leases(bed)
     assert len(kept) == 3
     logged = {i: len(bed.log_file(i).read_text().splitlines()) for i in (1, 2, 3)}
-    target = bed.pod_ip("n3-p1")
-    ping = bed.popen(
-        "n1-p1",
-        ["ping", "-i", "0.2", "-W", "1", target],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    try:
+    with pinging(bed, "n1-p1", "n3-p1") as pings:
         time.sleep(1.0)
         # 1. The member every daemon talks to first dies: the others hold the quorum.
         bed.stop_etcd(1)
@@ -116,17 +106,10 @@ def test_a_member_killed_then_the_whole_cluster_restarted_under_traffic(bed: Tes
                 20,
             ), f"n{i} did not reconnect: {events_since(bed, i, logged[i])[-5:]}"
         time.sleep(1.0)
-    finally:
-        ping.send_signal(signal.SIGINT)
-        output, _ = ping.communicate(timeout=10)
-    counts = re.search(r"(\d+) packets transmitted, (\d+) received", output)
-    assert counts, output
-    sent, received = int(counts[1]), int(counts[2])
+    sent, received = pings.sent, pings.received
     print(f"through a member kill and a cluster restart: {sent} pings, {received} answered")
-    answered = {int(n) for n in re.findall(r"icmp_seq=(\d+) ", output)}
-    lost = sorted(set(range(1, sent + 1)) - answered)
     tails = {i: events_since(bed, i, logged[i])[-4:] for i in (1, 3)}
-    assert sent >= 40 and received >= sent * 0.95, f"lost icmp_seq {lost}; n1, n3: {tails}"
+    assert sent >= 40 and received >= sent * 0.95, f"lost icmp_seq {pings.lost}; n1, n3: {tails}"
     # Every lease kept: same keys, same values, same etcd leases (nothing re-created).
     after = leases(bed)
     for key, (value, lease_id) in kept.items():
