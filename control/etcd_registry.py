@@ -48,11 +48,12 @@ KEEPALIVE = {
 }
 # gRPC shares subchannels between channels to the same target and backs off reconnecting
 # up to 120 s: after an outage a fresh client would still wait out that backoff. A channel
-# of its own with the backoff capped at 5 s reconnects as soon as etcd is back.
+# of its own with the backoff capped at 5 s reconnects as soon as etcd is back. Not
+# grpc.min_reconnect_backoff_ms: gRPC takes it as the shortest connection attempt too,
+# and a handshake longer than that (TLS to a remote member, a loaded one) never succeeds.
 RECONNECT = {
     "grpc.use_local_subchannel_pool": 1,
     "grpc.initial_reconnect_backoff_ms": 100,
-    "grpc.min_reconnect_backoff_ms": 100,
     "grpc.max_reconnect_backoff_ms": 5000,
 }
 # gRPC's default receive limit is 4 MiB: a listing of the prefix larger than that (a few

@@ -470,6 +470,28 @@ async def test_frozen_etcd_is_noticed_within_seconds(
         await stop(task)
 
 
+async def test_a_connection_whose_handshake_is_slow_is_waited_for(own_etcd: EtcdServer) -> None:
+    """A new connection to an etcd that takes half a second to answer it (paused for that
+    long: a loaded member, a GC pause; over TLS to a remote member the handshake alone
+    takes a few round trips) must be waited for, up to the call's deadline. gRPC takes
+    grpc.min_reconnect_backoff_ms as the shortest connection attempt too: at the 100 ms
+    we set, every such attempt failed ("connection attempt timed out before receiving
+    SETTINGS frame"), and as each failure opens a fresh connection, it never connected."""
+    registry = EtcdRegistry(parse_endpoints(own_etcd.endpoint))
+    try:
+        await asyncio.to_thread(own_etcd.put, "/slow-handshake/k", "v")
+        own_etcd.pause()
+        asyncio.get_running_loop().call_later(0.5, own_etcd.resume)
+        started = time.monotonic()
+        entry = await registry.get("/slow-handshake/k")
+        took = time.monotonic() - started
+        print(f"a connection answered after 0.5 s: the call took {took:.2f} s")
+        assert entry is not None and entry.value == b"v"
+    finally:
+        own_etcd.resume()
+        await registry.close()
+
+
 async def test_a_failed_call_does_not_cut_off_the_calls_beside_it(own_etcd: EtcdServer) -> None:
     """The daemon's tasks (watch, renewals, registry probe) share one registry. When etcd
     stops answering, the first call to time out moves the registry to a new connection;
