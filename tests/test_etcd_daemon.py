@@ -201,12 +201,13 @@ def test_etcd_frozen_for_15s_no_daemon_stops(bed: Testbed) -> None:
         events = log_events(bed.log_file(i))[logged_before[i] :]
         assert node(bed, i)["running"], f"n{i}'s daemon stopped: {events[-6:]}"
         assert not [e for e in events if e.get("level") == "fatal"], events[-6:]
-        # Said when it goes and when it is back (once each per outage: the 20 s test
-        # above; a thawed etcd may stumble once more while it catches up, 1 in ~35 runs).
+        # Said when it goes and when it is back; once each per outage is the 20 s test's
+        # check. Here one more pair is allowed, for a thawed etcd that stumbles once while
+        # it catches up (a count failure, not explained, once in 43 runs).
         watch = [e["event"] for e in events if e["event"].startswith("watch_")]
         assert watch[:1] == ["watch_failed"] and watch[-1:] == ["watch_recovered"], events
         assert watch.count("watch_failed") == watch.count("watch_recovered") <= 2, events
-    assert sent >= 70 and received >= sent * 0.95, f"lost icmp_seq {pings.lost}"
+    assert sent >= 60 and received >= sent * 0.95, f"lost icmp_seq {pings.lost}"
     k = bed.add_node()  # and the registry works for changes again
     subnet = node(bed, k)["subnet"]
     for i in (1, 2, 3):
