@@ -233,6 +233,11 @@ REFUSALS = frozenset(
 )
 
 
+# What a call or a stream may end with; a CancelledError its own task did not ask for
+# means its connection was closed under it.
+FAILURES = (aetcd.ClientError, grpc.aio.AioRpcError, OSError, asyncio.CancelledError)
+
+
 class EtcdRegistry:
     """A :class:`control.kv.KeyValueStore` on etcd v3.
 
@@ -332,8 +337,14 @@ class EtcdRegistry:
         self._move_on(client.endpoint_index)
         client.retired = True
 
-    def _error(self, client: _Client, error: Exception) -> RegistryError:
+    def _failed(self, client: _Client, error: BaseException, what: str) -> RegistryError:
+        """The RegistryError for a failed ``what`` (a call, a watch) on ``client``, which
+        is retired unless etcd answered and refused just this one."""
         endpoint = self.endpoints[client.endpoint_index]
+        if isinstance(error, asyncio.CancelledError):  # its connection closed under it
+            return RegistryError(f"etcd {endpoint}: the {what} was cut off")
+        if _code(error) not in REFUSALS:
+            self._retire(client)
         # RESOURCE_EXHAUSTED is also etcd's own "database space exceeded" (its NOSPACE
         # alarm) and "too many requests": only gRPC's receive limit is ours to name.
         limit = "larger than max" in (_details(error) or "")
@@ -352,15 +363,10 @@ class EtcdRegistry:
         client.users += 1
         try:
             yield client
-        except (aetcd.ClientError, grpc.aio.AioRpcError, OSError) as e:
-            if _code(e) not in REFUSALS:
-                self._retire(client)
-            raise self._error(client, e) from None
-        except asyncio.CancelledError:
-            if _cancelling():
+        except FAILURES as e:
+            if isinstance(e, asyncio.CancelledError) and _cancelling():
                 raise
-            endpoint = self.endpoints[client.endpoint_index]
-            raise RegistryError(f"etcd {endpoint}: the call was cut off") from None
+            raise self._failed(client, e, "call") from None
         finally:
             client.users -= 1
             if client.retired and client.users == 0:
@@ -438,7 +444,6 @@ class EtcdRegistry:
 
     async def watch(self, prefix: str, start_revision: int) -> AsyncIterator[list[Event]]:
         client = await self._open(require_leader=True)  # the stream's own, closed with it
-        endpoint = self.endpoints[client.endpoint_index]
         self._streams.add(client)
         try:
             stream = await client.watch_prefix(prefix.encode(), start_revision=start_revision)
@@ -456,14 +461,10 @@ class EtcdRegistry:
                 ]
         except aetcd.RevisionCompactedError as e:
             raise RevisionCompacted(int(e.compacted_revision)) from None
-        except (aetcd.ClientError, grpc.aio.AioRpcError, OSError) as e:
-            if _code(e) not in REFUSALS:
-                self._move_on(client.endpoint_index)
-            raise self._error(client, e) from None
-        except asyncio.CancelledError:
-            if _cancelling():
+        except FAILURES as e:
+            if isinstance(e, asyncio.CancelledError) and _cancelling():
                 raise
-            raise RegistryError(f"etcd {endpoint}: the watch was cut off") from None
+            raise self._failed(client, e, "watch") from None
         finally:
             self._streams.discard(client)
             await _close(client)
@@ -526,7 +527,7 @@ async def _quietly(call: Any) -> None:
         pass
 
 
-def _describe(error: Exception, endpoint: Endpoint) -> str:
+def _describe(error: BaseException, endpoint: Endpoint) -> str:
     if isinstance(error, grpc.aio.AioRpcError):
         text = f"{error.code().name}: {error.details()}"
     else:

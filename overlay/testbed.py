@@ -286,10 +286,6 @@ class Testbed:
         """etcd, etcd.pid, etcd.log for member 1 (as with one member); etcd2... after."""
         return self.state_dir / f"etcd{member if member > 1 else ''}{suffix}"
 
-    @property
-    def etcd_pid_file(self) -> Path:
-        return self._etcd_file(1, ".pid")
-
     def etcdctl(
         self, *args: str, check: bool = True, endpoints: list[str] | None = None
     ) -> subprocess.CompletedProcess[str]:
@@ -408,14 +404,12 @@ class Testbed:
     def freeze_etcd(self, member: int | None = None) -> None:
         """SIGSTOP the run's etcd members, or one: connections stay open and nothing
         answers (a hung disk, a paused VM). thaw_etcd undoes it; down() kills them."""
-        self._signal_etcd(signal.SIGSTOP, member)
+        for pid in self._etcd_pids(member):
+            os.kill(pid, signal.SIGSTOP)
 
     def thaw_etcd(self, member: int | None = None) -> None:
-        self._signal_etcd(signal.SIGCONT, member)
-
-    def _signal_etcd(self, signum: signal.Signals, member: int | None) -> None:
         for pid in self._etcd_pids(member):
-            os.kill(pid, signum)
+            os.kill(pid, signal.SIGCONT)
 
     def _etcd_pids(self, member: int | None) -> list[int]:
         """The pids of the run's etcd members (or one) still running: ours by their pid
