@@ -29,7 +29,7 @@ $(STAMP): pyproject.toml setup.py encap/_native.c
 	touch $(STAMP)
 
 demo: setup
-	$(PY) -m overlay.demo
+	$(PY) -m bench.demo
 
 lint: setup
 	.venv/bin/ruff check .

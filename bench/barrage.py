@@ -3,7 +3,7 @@ TCP transfers, and the drop counters' account of every one of them.
 
 One testbed per backend (file registry; udp with ``--workers 2``, vxlan with a kernel
 node as well). While pod n1-p1 sends to pod n2-p1 (each transfer checked byte for byte,
-tests/transfer.py), every malformed class of CLASSES is sent to n2's daemon, from n1's
+overlay.lab.transfer), every malformed class of CLASSES is sent to n2's daemon, from n1's
 address (a known peer), from an address no lease carries, and from n2 itself. Afterwards
 the daemon must be alive, every transfer intact, and the rx drop reasons it counted must
 add up to the datagrams sent, reason by reason as the table expects.
@@ -40,7 +40,8 @@ from ipaddress import IPv4Network
 from pathlib import Path
 from typing import Any
 
-from overlay.testbed import Testbed
+from overlay.lab.testbed import Testbed
+from overlay.lab.transfer import transfer
 
 ROOT = Path(__file__).resolve().parent.parent
 PORTS = {"udp": 8285, "vxlan": 8472}
@@ -60,7 +61,7 @@ def checksum(data: bytes) -> int:
     total = sum(struct.unpack(f"!{len(data) // 2}H", data))
     while total >> 16:
         total = (total & 0xFFFF) + (total >> 16)
-    return ~total & 0xFFFF
+    return int(~total & 0xFFFF)
 
 
 def ipv4(src: str, dst: str, payload: bytes, *, total: int | None = None, ihl: int = 5) -> bytes:
@@ -335,7 +336,7 @@ def target_of(bed: Testbed, backend: str) -> Target:
 
 
 def _rx_drops(bed: Testbed) -> Counter[str]:
-    from overlay import status
+    from overlay.observe import status_socket as status
 
     drops = status.query(bed.state_dir / "n2" / "status.sock")["counters"]["drops"]
     return Counter(
@@ -478,8 +479,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--count", type=int, default=100_000, help="datagrams per backend")
     p.add_argument("--transfer-mb", type=int, default=100, help="size of each checked transfer")
     args = p.parse_args(argv)
-    from tests.conftest import transfer
-
     failed = False
     for backend in ("udp", "vxlan") if args.backend == "both" else (args.backend,):
         per_class = max(1, args.count // len(classes_for(backend)))

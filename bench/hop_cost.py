@@ -28,8 +28,8 @@ from ipaddress import IPv4Address, IPv4Network
 from control.lease import Lease
 from control.peer_table import PeerTable
 from encap.ipv4 import build_header
-from overlay.backends.udp import UdpDataplane, open_socket
-from overlay.counters import Counters
+from overlay.dataplane.counters import Counters
+from overlay.dataplane.udp import UdpDataplane, open_socket
 from tun.device import TunDevice
 
 

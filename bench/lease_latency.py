@@ -35,7 +35,7 @@ from contextlib import contextmanager
 from ipaddress import IPv4Address, IPv4Network
 from typing import Any
 
-from overlay.testbed import ETCD_PORT, Testbed
+from overlay.lab.testbed import ETCD_PORT, Testbed
 
 LISTENER_IP = "192.0.2.100"
 PORT = 8285

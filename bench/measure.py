@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from overlay.testbed import Testbed
+from overlay.lab.testbed import Testbed
 
 # iperf3 -w for UDP: the receiving socket sized so a descheduled iperf3 server does not
 # drop datagrams the path delivered (the kernel caps it at net.core.rmem_max).

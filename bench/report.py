@@ -67,10 +67,10 @@ from bench.measure import (
     ping_samples,
     summary,
 )
-from overlay.cli import OneLineParser
-from overlay.netns import terminate
-from overlay.progress import Progress
-from overlay.testbed import Testbed, TestbedError
+from overlay.cli.parser import OneLineParser
+from overlay.lab.netns import terminate
+from overlay.lab.progress import Progress
+from overlay.lab.testbed import Testbed, TestbedError
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 MAX_LOSS_PCT = 0.1

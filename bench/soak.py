@@ -25,7 +25,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from overlay.testbed import Testbed
+from overlay.lab.testbed import Testbed
 
 SUBNETS = "/coreos.com/network/subnets/"
 

@@ -24,9 +24,9 @@ from ipaddress import IPv4Address, IPv4Network
 from control.lease import Lease
 from control.peer_table import PeerTable
 from encap.ipv4 import build_header
-from overlay import trace
-from overlay.backends.udp import UdpDataplane
-from overlay.counters import Counters
+from overlay.dataplane.counters import Counters
+from overlay.dataplane.udp import UdpDataplane
+from overlay.observe import trace
 
 OWN = IPv4Network("198.18.1.0/24")
 PEER_IP = "127.0.0.2"

@@ -13,7 +13,7 @@ import sys
 import uuid
 
 from bench.measure import iperf3_tcp, ping
-from overlay.testbed import Testbed
+from overlay.lab.testbed import Testbed
 
 PAIRS = [
     ("userspace -> userspace", "n1-p1", "n2-p1"),

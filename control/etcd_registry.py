@@ -374,6 +374,10 @@ class EtcdRegistry:
 
     # -- KeyValueStore -------------------------------------------------------------------
 
+    async def check(self) -> None:
+        """Nothing to check before the first call: the TLS files were checked when the
+        registry was made, and the endpoints answer (or not) at the first call."""
+
     async def get(self, key: str) -> Entry | None:
         async with self._call() as client:
             kv = await client.get(key.encode())

@@ -423,6 +423,10 @@ class FileRegistry:
 
     # -- the async KeyValueStore API -----------------------------------------------------
 
+    async def check(self) -> None:
+        """``check_sync`` off the event loop (it may wait for the lock)."""
+        await asyncio.to_thread(self.check_sync)
+
     async def get(self, key: str) -> Entry | None:
         return await asyncio.to_thread(self.get_sync, key)
 

@@ -52,6 +52,11 @@ class Event:
 
 
 class KeyValueStore(Protocol):
+    async def check(self) -> None:
+        """What a start needs before anything is written (RegistryConfigError when
+        retrying cannot fix it; RegistryError when the registry is not reachable yet)."""
+        ...
+
     async def get(self, key: str) -> Entry | None: ...
 
     async def list_prefix(self, prefix: str) -> tuple[list[Entry], int]:

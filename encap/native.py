@@ -71,7 +71,7 @@ plan_tun_writes: Callable[..., list[tuple[Any, int, int]]] = (
 )
 # Native only (None without it): the dataplane's reader callbacks in C.
 # ``Drains(dataplane, budget)`` reads the fixed attributes of an
-# overlay.backends.udp.UdpDataplane once; its ``tx()`` is the dataplane's on_tun_readable
+# overlay.dataplane.udp.UdpDataplane once; its ``tx()`` is the dataplane's on_tun_readable
 # and ``rx()`` its on_socket_readable_gro (on_socket_readable) with everything they call,
 # for a wake-up without a trace. Counts go to the dataplane's counters and its peers'
 # stats at ``flush()``; drops at once.

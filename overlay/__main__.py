@@ -2,6 +2,7 @@
 
 import sys
 
-from overlay.cli import main
+from overlay.cli.main import main
 
-sys.exit(main())
+if __name__ == "__main__":
+    sys.exit(main())

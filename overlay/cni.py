@@ -405,7 +405,7 @@ def cmd_gc(conf: dict[str, Any], environ: Mapping[str, str]) -> str:
     """Delete every saved attachment of this network the runtime does not list as valid
     (ours and flannel's plugin's), through its delegate, so its address is released."""
     _require(environ, "CNI_PATH")
-    listed = next((conf[key] for key in GC_KEYS if key in conf), [])
+    listed: Any = next((conf[key] for key in GC_KEYS if key in conf), [])
     if not isinstance(listed, list):
         raise CniError(ERR_INVALID_CONFIG, f'network config: "{GC_KEYS[0]}" must be a list')
     valid = {str(a.get("containerID")) for a in listed if isinstance(a, dict)}

@@ -18,6 +18,8 @@ from typing import Any
 
 import pytest
 
+from overlay.lab.transfer import transfer, udp_transfer  # noqa: F401 - shared by the tests
+
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
 
@@ -135,12 +137,9 @@ def overlay_cmd(*args: str) -> list[str]:
     return [PYTHON, "-m", "overlay", *args]
 
 
-TRANSFER = str(Path(__file__).with_name("transfer.py"))
-
-
 def node_status(bed: Any, node: str | int) -> dict[str, Any]:
     """What node ``node`` ("n1", or 1) of a testbed says on its status socket."""
-    from overlay import status
+    from overlay.observe import status_socket as status
 
     name = f"n{node}" if isinstance(node, int) else node
     result: dict[str, Any] = status.query(bed.state_dir / name / "status.sock")
@@ -189,57 +188,3 @@ def pinging(bed: Any, source_pod: str, target_pod: str) -> Iterator[Pings]:
             pings.sent, pings.received = int(counts[1]), int(counts[2])
         answered = {int(n) for n in re.findall(r"icmp_seq=(\d+) ", pings.output)}
         pings.lost = sorted(set(range(1, pings.sent + 1)) - answered)
-
-
-@contextmanager
-def _serving(bed: Any, pod: str, argv: list[str]) -> Iterator[subprocess.Popen[str]]:
-    """tests/transfer.py's server in ``pod``, once it says it is ready; killed after."""
-    server = bed.popen(pod, [PYTHON, TRANSFER, *argv], stdout=subprocess.PIPE, text=True)
-    try:
-        assert server.stdout is not None
-        assert server.stdout.readline().strip() == "ready"
-        yield server
-    finally:
-        server.kill()
-        server.wait()
-
-
-def transfer(
-    bed: Any, client_pod: str, server_pod: str, total: int, port: int = 5201, timeout: float = 120
-) -> None:
-    """``total`` bytes over TCP from one pod to another; the byte count and sha256 seen by
-    the receiver must equal the sender's (tests/transfer.py)."""
-    address = bed.pod_ip(server_pod)
-    with _serving(bed, server_pod, ["server", address, str(port)]) as server:
-        client = bed.exec(
-            client_pod,
-            [PYTHON, TRANSFER, "client", address, str(port), str(total)],
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-        )
-        assert client.returncode == 0, client.stderr
-        sent = client.stdout.split()
-        assert int(sent[0]) == total
-        received = server.stdout.readline().split()
-        assert received == sent, f"{client_pod} -> {server_pod}: sent {sent}, got {received}"
-
-
-def udp_transfer(
-    bed: Any, client_pod: str, server_pod: str, count: int, size: int = 1400, port: int = 5401
-) -> tuple[int, int]:
-    """``count`` datagrams of ``size`` bytes from one pod to another (tests/transfer.py):
-    (intact, damaged) as the receiving socket saw them. A datagram the receiving kernel
-    drops (bad checksum, wrong length) is neither."""
-    address = bed.pod_ip(server_pod)
-    with _serving(bed, server_pod, ["udp-server", address, str(port)]) as server:
-        client = bed.exec(
-            client_pod,
-            [PYTHON, TRANSFER, "udp-client", address, str(port), str(count), str(size)],
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        assert client.returncode == 0, client.stderr
-        intact, damaged = map(int, server.stdout.readline().split())
-        return intact, damaged

@@ -206,7 +206,7 @@ def etcd_in_netns(
     """(namespace, running etcd on its 127.0.0.1): a namespace of its own (lo only) for a
     module's daemons; on exit etcd, whatever the tests left running in there, and the
     namespace go."""
-    from overlay.netns import create_netns, netns_pids, remove_netns, terminate
+    from overlay.lab.netns import create_netns, netns_pids, remove_netns, terminate
 
     ns = f"{label[0]}{uuid.uuid4().hex[:7]}-{label[:3]}"
     create_netns(ns)

@@ -68,7 +68,7 @@ def _stand_in(tun: int, sock: socket.socket, prefix: bytes, n: int, **extra: Any
     where they fail, and receives come from one, as if from address 0.0.0.0."""
     from types import SimpleNamespace
 
-    from overlay.counters import Counters
+    from overlay.dataplane.counters import Counters
 
     headroom = len(prefix)
     good = SimpleNamespace(addr=("192.0.2.2", 8285), prefix=prefix)

@@ -129,7 +129,7 @@ def test_search_steps_down_fast_until_a_rate_passes() -> None:
 def test_c_proxy_forwards_like_flanneld(prefix: str) -> None:
     """The reference row is a real flannel-format proxy: pods ping through it, and each
     proxy decrements the TTL as flanneld's does."""
-    from overlay.testbed import Testbed
+    from overlay.lab.testbed import Testbed
 
     with Testbed(prefix, nodes=2, pods_per_node=1, registry="file") as bed:
         bed.up()

@@ -16,7 +16,7 @@ import pytest
 
 from control.subnet_env import SubnetEnv
 from overlay import cni
-from overlay.netns import create_netns, netns_pids, remove_netns, run_in, terminate
+from overlay.lab.netns import create_netns, netns_pids, remove_netns, run_in, terminate
 
 CNI_BIN = Path("/usr/lib/cni")
 ROOT = Path(__file__).resolve().parent.parent
@@ -316,7 +316,7 @@ def test_add_check_del(tmp_path: Path, namespaces: tuple[str, str]) -> None:
     assert ("198.18.3.1", 24) in {(a["local"], a["prefixlen"]) for a in bridge["addr_info"]}
     ping = run_in(
         node,
-        [sys.executable, "-m", "overlay.netns", "ping", str(address.ip), "2"],
+        [sys.executable, "-m", "overlay.lab.netns", "ping", str(address.ip), "2"],
         capture_output=True,
         text=True,
         cwd=ROOT,

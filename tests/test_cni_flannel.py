@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from overlay import cni
-from overlay.netns import create_netns, netns_pids, remove_netns, terminate
+from overlay.lab.netns import create_netns, netns_pids, remove_netns, terminate
 from tests.test_cni import CNI_BIN, ROOT, invoke, ip_json, needs_netns, netconf, subnet_env_text
 
 

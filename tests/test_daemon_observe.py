@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from overlay import status
+from overlay.observe import status_socket as status
 from tests.conftest import fatal_text, overlay_cmd, poll
 
 pytestmark = pytest.mark.netns

@@ -13,7 +13,7 @@ import pytest
 
 from control.file_registry import FileRegistry
 from control.subnet_env import parse_subnet_env
-from overlay import status
+from overlay.observe import status_socket as status
 
 pytestmark = pytest.mark.netns
 CONFIG_KEY = "/coreos.com/network/config"

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from overlay.testbed import Testbed
+from overlay.lab.testbed import Testbed
 from tests.conftest import ROOT, node_status, pinging, poll
 
 pytestmark = [

@@ -22,8 +22,8 @@ from typing import Any
 import pytest
 
 from control.subnet_env import parse_subnet_env
-from overlay.netns import pid_alive
-from overlay.testbed import Testbed
+from overlay.lab.netns import pid_alive
+from overlay.lab.testbed import Testbed
 from tests.conftest import fatal_text, node_status, pinging
 from tests.etcd_server import EtcdServer, etcd_in_netns
 

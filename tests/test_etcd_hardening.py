@@ -31,7 +31,7 @@ from control.config import parse_config
 from control.etcd_registry import EtcdRegistry, TlsFiles, parse_endpoints
 from control.kv import RegistryConfigError, RegistryError
 from control.subnet_manager import SubnetManager
-from overlay.netns import netns_pids
+from overlay.lab.netns import netns_pids
 from tests.conftest import fatal_text
 from tests.etcd_server import EtcdServer, etcd_in_netns
 from tests.test_etcd_daemon import make_pki

@@ -33,9 +33,9 @@ from control.peer_table import PeerTable
 from encap import gso, native
 from encap.checksum import internet_checksum, ones_complement_sum
 from encap.ipv4 import build_header
-from overlay.backends.udp import UdpDataplane
-from overlay.counters import Counters
-from overlay.testbed import Testbed
+from overlay.dataplane.counters import Counters
+from overlay.dataplane.udp import UdpDataplane
+from overlay.lab.testbed import Testbed
 from tests import wire
 from tests.conftest import node_status, transfer
 
@@ -751,7 +751,7 @@ def test_rx_accepts_every_lease_of_a_sender(codecs: str, wires: Any) -> None:
 
 
 class RecordingTap:
-    """A fake trace: the Tap protocol (overlay.tap) is the interface under test here."""
+    """A fake trace: the Tap protocol (overlay.observe.tap) is the interface under test here."""
 
     def __init__(self) -> None:
         self.events: list[tuple[Any, ...]] = []

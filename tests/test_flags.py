@@ -9,7 +9,7 @@ import subprocess
 import pytest
 
 from control.config import ConfigError, parse_config
-from overlay.cli import parse_run_args
+from overlay.cli.run import parse_run_args
 from tests.conftest import overlay_cmd
 
 

@@ -25,7 +25,7 @@ import pytest
 
 from bench import barrage
 from control.file_registry import FileRegistry
-from overlay.testbed import Testbed
+from overlay.lab.testbed import Testbed
 from tests.conftest import node_status, poll, transfer
 
 pytestmark = pytest.mark.netns

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from overlay.testbed import Testbed
+from overlay.lab.testbed import Testbed
 from tests.conftest import node_status, poll, transfer, udp_transfer
 from tests.segments import snmp
 
@@ -129,7 +129,7 @@ def test_no_tun_and_no_vxlan_device(bed: Testbed) -> None:
 def test_status_has_the_underlay_links_counters(bed: Testbed) -> None:
     """host-gw has no device of its own: status and metrics show eth0's statistics,
     labelled as such, and no overlay totals or per-peer counts pretending to be zero."""
-    from overlay import metrics
+    from overlay.observe import metrics
 
     st = node_status(bed, 1)
     assert st["kernel_counters"]["device"] == "eth0"

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from control.subnet_env import parse_subnet_env
-from overlay.testbed import Testbed
+from overlay.lab.testbed import Testbed
 from tests.conftest import node_status, poll
 
 pytestmark = pytest.mark.netns

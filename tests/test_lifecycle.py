@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from control.file_registry import FileRegistry
-from overlay import status
+from overlay.observe import status_socket as status
 from tests.conftest import ROOT
 from tests.single_daemon import Daemon
 
@@ -227,7 +227,7 @@ def test_systemd_ready_once_forwarding_and_stopping(netns, tmp_path: Path, daemo
 
 def test_systemd_notify_abstract_socket(netns) -> None:
     """sd_notify to an abstract '@name' socket (how systemd usually names it), in the
-    namespace where both ends live: overlay.systemd.notify against the FAKE listener."""
+    namespace where both ends live: overlay.node.systemd.notify against the FAKE listener."""
     ns = netns("sda")
     name = f"@overlay-test-{uuid.uuid4().hex[:8]}"
     code = (

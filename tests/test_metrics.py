@@ -1,4 +1,4 @@
-"""overlay.metrics, overlay.health.Readiness and overlay.drop_log without a daemon: the
+"""overlay.observe.metrics, .health.Readiness and .drop_log without a daemon: the
 exposition parses with prometheus-client's own parser, histograms are cumulative, every
 drop reason is exported, and the drop log says each reason once."""
 
@@ -13,9 +13,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
-from overlay import drop_log, health, metrics
-from overlay.counters import BATCH_MAX, Counters
-from overlay.trace import Capture
+from overlay.dataplane.counters import BATCH_MAX, Counters
+from overlay.observe import drop_log, health, metrics
+from overlay.observe.trace import Capture
 
 
 def samples(snapshot: dict[str, Any]) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

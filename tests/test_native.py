@@ -346,10 +346,10 @@ def _dataplane(
 
     from control.lease import Lease
     from control.peer_table import PeerTable
-    from overlay.backends.udp import UdpDataplane
     from overlay.backends.userspace import vxlan_prefix_for
-    from overlay.backends.vxlan import VxlanDataplane
-    from overlay.counters import Counters
+    from overlay.dataplane.counters import Counters
+    from overlay.dataplane.udp import UdpDataplane
+    from overlay.dataplane.vxlan import VxlanDataplane
     from tests import wire
 
     own = IPv4Network("198.18.2.0/24" if rx else "198.18.1.0/24")
@@ -730,7 +730,7 @@ def _stand_in(tun: socket.socket, headroom: int = 0, arena: int = 1 << 18, **ext
     an AF_UNIX socket (they fail: nothing leaves)."""
     from types import SimpleNamespace
 
-    from overlay.counters import Counters
+    from overlay.dataplane.counters import Counters
 
     sink = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     prefix = bytes(headroom if 0 <= headroom < 64 else 0)

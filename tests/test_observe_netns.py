@@ -19,7 +19,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from encap.ipv4 import build_header
-from overlay.testbed import Testbed
+from overlay.lab.testbed import Testbed
 from tests.conftest import PYTHON, node_status, overlay_cmd, poll
 
 pytestmark = pytest.mark.netns

@@ -1,10 +1,10 @@
-"""overlay.progress: a rewritten line on a terminal, silence in a pipe."""
+"""overlay.lab.progress: a rewritten line on a terminal, silence in a pipe."""
 
 from __future__ import annotations
 
 import io
 
-from overlay.progress import Progress
+from overlay.lab.progress import Progress
 
 
 class Terminal(io.StringIO):

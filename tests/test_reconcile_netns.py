@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from overlay.testbed import Testbed
+from overlay.lab.testbed import Testbed
 from tests.conftest import node_status, poll
 
 pytestmark = pytest.mark.netns

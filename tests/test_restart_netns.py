@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from overlay.testbed import Testbed
+from overlay.lab.testbed import Testbed
 from tests.conftest import node_status, poll
 
 pytestmark = pytest.mark.netns

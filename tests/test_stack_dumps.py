@@ -1,4 +1,4 @@
-"""SIGUSR1/SIGQUIT stack dumps (overlay.log.install_stack_dumps) in a child process: they
+"""SIGUSR1/SIGQUIT stack dumps (overlay.observe.log.install_stack_dumps) in a child process: they
 must never take the process down, also while threads start and end (faulthandler's
 all-thread dump from the signal handler crashed with SIGSEGV within milliseconds of
 this), and the thread stacks still print while a callback keeps the event loop busy."""
@@ -12,7 +12,8 @@ import textwrap
 CHILD = textwrap.dedent(
     """
     import asyncio, os, signal, sys, threading, time
-    from overlay import lifecycle, log
+    from overlay.node import lifecycle
+    from overlay.observe import log
 
     def churn(stop):  # a thread pool growing and shrinking, as fast as it can
         while not stop.is_set():

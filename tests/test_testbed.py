@@ -16,10 +16,11 @@ from pathlib import Path
 
 import pytest
 
-from overlay import testbed
-from overlay.netns import list_netns, pid_alive
-from overlay.progress import Progress
-from overlay.testbed import Testbed, TestbedError
+from overlay.cli import testbed as testbed_cli
+from overlay.lab import testbed
+from overlay.lab.netns import list_netns, pid_alive
+from overlay.lab.progress import Progress
+from overlay.lab.testbed import Testbed, TestbedError
 
 ROOT = Path(__file__).resolve().parent.parent
 NETWORK = "198.18.0.0/16"
@@ -58,7 +59,7 @@ def cli(*args: str) -> subprocess.CompletedProcess[str]:
 def pings(bed: Testbed, source: str, address: str) -> bool:
     proc = bed.exec(
         source,
-        [sys.executable, "-m", "overlay.netns", "ping", address, "2"],
+        [sys.executable, "-m", "overlay.lab.netns", "ping", address, "2"],
         capture_output=True,
         text=True,
         cwd=ROOT,
@@ -86,7 +87,7 @@ def beds() -> Iterator[list[Testbed]]:
 def test_bad_prefix_rejected(prefix: str, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(TestbedError, match="prefix .* is invalid: use 1-8 characters"):
         Testbed(prefix)
-    assert testbed.main(["up", "--prefix", prefix]) == 1
+    assert testbed_cli.main(["up", "--prefix", prefix]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "invalid" in err
 
@@ -110,17 +111,17 @@ def test_bad_parameters_rejected(kwargs: dict[str, object], words: str) -> None:
 
 
 def test_cli_usage_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
-    assert testbed.main([]) == 2
-    assert testbed.main(["up", "--nodes", "many"]) == 2
-    assert testbed.main(["exec", "--prefix", "tnone", "n1"]) == 2
+    assert testbed_cli.main([]) == 2
+    assert testbed_cli.main(["up", "--nodes", "many"]) == 2
+    assert testbed_cli.main(["exec", "--prefix", "tnone", "n1"]) == 2
     capsys.readouterr()
 
 
 def test_cli_on_missing_testbed(capsys: pytest.CaptureFixture[str]) -> None:
     prefix = new_prefix()
-    assert testbed.main(["status", "--prefix", prefix]) == 1
+    assert testbed_cli.main(["status", "--prefix", prefix]) == 1
     assert f"testbed {prefix} is not up" in capsys.readouterr().err
-    assert testbed.main(["exec", "--prefix", prefix, "n1", "--", "true"]) == 1
+    assert testbed_cli.main(["exec", "--prefix", prefix, "n1", "--", "true"]) == 1
     assert "does not exist" in capsys.readouterr().err
 
 
@@ -177,12 +178,12 @@ def test_up_status_exec_down(beds: list[Testbed], capsys: pytest.CaptureFixture[
     assert pings(bed, "n2-p2", bed.pod_ip("n1-p1"))
 
     # The CLI views of the same run.
-    assert testbed.main(["status", "--prefix", prefix, "--json"]) == 0
+    assert testbed_cli.main(["status", "--prefix", prefix, "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["pods"] == st["pods"]
-    assert testbed.main(["status", "--prefix", prefix]) == 0
+    assert testbed_cli.main(["status", "--prefix", prefix]) == 0
     table = capsys.readouterr().out
     assert "n2-p1" in table and st["nodes"][0]["subnet"] in table
-    assert testbed.main(["exec", "--prefix", prefix, "n1-p1", "--", "sh", "-c", "exit 7"]) == 7
+    assert testbed_cli.main(["exec", "--prefix", prefix, "n1-p1", "--", "sh", "-c", "exit 7"]) == 7
     with pytest.raises(TestbedError, match="does not exist"):
         bed.exec("n3", ["true"])
 
@@ -195,7 +196,7 @@ def test_up_status_exec_down(beds: list[Testbed], capsys: pytest.CaptureFixture[
     assert len(removed["netns"]) == 7  # 4 pods, 2 nodes, the underlay switch
     assert not leftovers(prefix, bed.state_dir)
     assert bed.down() == {"pods": [], "processes": [], "netns": []}
-    assert testbed.main(["down", "--prefix", prefix]) == 0
+    assert testbed_cli.main(["down", "--prefix", prefix]) == 0
 
 
 @pytest.mark.netns

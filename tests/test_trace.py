@@ -18,8 +18,9 @@ from scapy.layers.vxlan import VXLAN
 from control.lease import Lease
 from control.peer_table import PeerTable
 from encap import pcapng
-from overlay import trace, trace_filter
-from overlay.trace_filter import FilterError, Record
+from overlay.cli import trace as trace_cli
+from overlay.observe import trace, trace_filter
+from overlay.observe.trace_filter import FilterError, Record
 
 FAST = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -307,7 +308,7 @@ async def test_stream_writes_pcapng_stops_at_the_count_and_counts_what_it_missed
     blocks = pcapng.BlockReader().feed(bytes(writer.data))
     kinds = [kind for kind, _ in blocks]
     assert kinds.count(pcapng.BLOCK_EPB) == 2 and kinds.count(pcapng.BLOCK_ISB) == 2
-    dropped = [trace._isb_dropped(b) for kind, b in blocks if kind == pcapng.BLOCK_ISB]
+    dropped = [trace_cli._isb_dropped(b) for kind, b in blocks if kind == pcapng.BLOCK_ISB]
     assert dropped == [0, 1]
     await asyncio.sleep(0)
 
@@ -322,7 +323,7 @@ def test_summary_lines_say_what_tcpdump_would() -> None:
         def flush(self) -> None:
             pass
 
-    summary = trace._Summary(Out())  # type: ignore[arg-type]
+    summary = trace_cli._Summary(Out())  # type: ignore[arg-type]
     for kind, block in pcapng.BlockReader().feed(
         pcapng.section_header()
         + pcapng.interface_description(name="flannel0")

@@ -24,7 +24,7 @@ import pytest
 
 from encap import arp, vxlan
 from encap.ipv4 import build_header
-from overlay.testbed import Testbed
+from overlay.lab.testbed import Testbed
 from tests.conftest import node_status, poll, transfer, udp_transfer
 from tests.segments import RAW_SEND, snmp, tcp_segment
 
@@ -657,7 +657,8 @@ def test_trace_of_a_ping_decodes_as_vxlan(bed: Testbed, tmp_path: Path) -> None:
 def test_kernel_node_reports_the_kernels_counters(bed: Testbed) -> None:
     """n3 forwards in the kernel: its status and metrics are flannel.1's link statistics
     (moving with traffic), not zeros; a trace there says to use tcpdump."""
-    from overlay import metrics, status
+    from overlay.cli import status
+    from overlay.observe import metrics
     from tests.conftest import overlay_cmd
 
     before = node_status(bed, "n3")["kernel_counters"]

@@ -15,9 +15,9 @@ import pytest
 from control.lease import Lease
 from control.peer_table import PeerTable
 from encap.ipv4 import build_header
-from overlay.backends.userspace import vxlan_prefix_for
-from overlay.counters import Counters, add_snapshots
-from overlay.worker import apply_message, lease_message
+from overlay.dataplane.vxlan import vxlan_prefix_for
+from overlay.dataplane.counters import Counters, add_snapshots
+from overlay.dataplane.worker_protocol import apply_message, lease_message
 from tun import steering
 
 BPF_PROG_TEST_RUN = 10

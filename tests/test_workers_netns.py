@@ -18,8 +18,8 @@ from typing import Any
 import pytest
 
 from bench.measure import iperf3_server, iperf3_tcp
-from overlay import status
-from overlay.testbed import Testbed
+from overlay.lab.testbed import Testbed
+from overlay.observe import status_socket as status
 from tests.conftest import node_status, overlay_cmd, transfer
 
 pytestmark = pytest.mark.netns
@@ -112,7 +112,7 @@ def test_two_forwarding_processes_per_node(bed: Testbed) -> None:
         assert workers[0]["pid"] == node["pid"]  # the daemon forwards queue 0 itself
         assert all(w["alive"] for w in workers)
         child = workers[1]["pid"]
-        assert running(child) and "overlay.worker" in cmdline(child)
+        assert running(child) and "overlay.dataplane.worker" in cmdline(child)
         assert parent(child) == node["pid"]
         assert tun_queues(bed, node["name"]) == 2
         # Outgoing flows are spread by their own hash, not pinned to the receiving worker.
@@ -169,7 +169,7 @@ def test_per_peer_traffic_and_metrics_add_up_over_the_workers(bed: Testbed) -> N
     both processes, and /metrics has the sum and each worker."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    from overlay import metrics
+    from overlay.observe import metrics
 
     time.sleep(1.1)  # a fresh report from the worker
     st = node_status(bed, "n1")

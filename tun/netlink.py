@@ -24,7 +24,7 @@ def _index(ipr: IPRoute, name: str) -> int:
 
 
 def prepare_tun(name: str) -> None:
-    """What flannel0 needs before its address, MTU and route (``overlay.kernel_routes``):
+    """What flannel0 needs before its address, MTU and route (``overlay.kernel.objects``):
     no IPv6, and a transmit queue long enough for a burst of TUN writes."""
     _disable_ipv6(name)
     _accept_local(name)

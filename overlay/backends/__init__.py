@@ -1,1 +1,2 @@
-"""Backends: how packets read from the TUN reach a peer (udp now; vxlan, host-gw later)."""
+"""One module per flannel backend (udp, vxlan with its userspace and kernel datapaths,
+host-gw) behind the interface in ``base``; ``manager`` picks one by name."""

@@ -1,24 +1,26 @@
-"""The small interface every backend implements (flannel's backend/<name> split).
+"""The interface every backend implements (flannel's backend/<name> split).
 
-The daemon owns the registry, the lease and the peer table; a backend owns the datapath:
+The node owns the registry, the lease and the peer table; a backend owns the datapath:
 what it publishes in our lease, the MTU it leaves for pods, the devices and sockets it
-needs, and what it does when peers come and go.
+needs, and what it does when peers come and go. The node asks this interface what it
+needs to know (does the datapath run in this process, which kernel link counts its
+traffic), never a backend's concrete type.
 """
 
 from __future__ import annotations
 
-import argparse
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from ipaddress import IPv4Address
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from control.config import NetworkConfig
 from control.lease import Lease
 from control.peer_table import PeerTable
-from overlay.counters import Counters
-
-if TYPE_CHECKING:
-    from overlay.reconcile import KernelState
+from overlay.dataplane.counters import Counters
+from overlay.dataplane.udp import UdpDataplane
+from overlay.dataplane.workers import Workers
+from overlay.kernel.reconcile import KernelState
+from overlay.observe.log import LogOptions
 
 
 class BackendError(Exception):
@@ -27,20 +29,44 @@ class BackendError(Exception):
 
 @dataclass(frozen=True)
 class Underlay:
+    """The interface for inter-node traffic (flannel's ExternalInterface)."""
+
     iface: str
     address: IPv4Address  # where our socket binds
     public_ip: IPv4Address  # what peers send to (differs behind NAT)
     mtu: int
 
 
+@dataclass(frozen=True)
+class DatapathOptions:
+    """How the operator wants the datapath run (``overlay run``'s datapath flags)."""
+
+    tun_name: str = "flannel0"
+    vxlan_datapath: str = "userspace"  # vxlan only: userspace, kernel or auto
+    offload: bool = True  # UDP GSO/GRO and the TUN's offloads, where the kernel has them
+    tun_tso: bool = True  # TCP super-packets from the TUN, cut into segments here
+    workers: int = 1  # forwarding processes, one per queue of a multi-queue TUN
+
+
 @dataclass
 class Context:
-    args: argparse.Namespace
+    """What the node hands every backend."""
+
+    options: DatapathOptions
     underlay: Underlay
     config: NetworkConfig
     counters: Counters
     peers: PeerTable
     log: Any  # a bound structlog logger
+    log_options: LogOptions = field(default_factory=LogOptions)  # for its worker processes
+
+
+@dataclass(frozen=True)
+class KernelLink:
+    """A kernel link whose statistics count a backend's traffic."""
+
+    name: str
+    overlay_only: bool  # False: the underlay's own link, all of its traffic (host-gw)
 
 
 class Backend:
@@ -49,11 +75,16 @@ class Backend:
     # BackendType published in our lease and required of peers' leases.
     lease_type = ""
     name = "base"
+    # True: packets cross this process (a TUN and a socket), so it counts and traces them.
+    in_process = False
 
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
-        # The kernel objects it programs, kept true (overlay.reconcile); None: it has none.
+        # The kernel objects it programs, kept true (overlay.kernel.reconcile); None: none.
         self.kernel: KernelState | None = None
+        # In-process datapaths: the dataplane of this process and its --workers processes.
+        self.dataplane: UdpDataplane | None = None
+        self.workers: Workers | None = None
 
     def lease_data(self) -> dict[str, Any] | None:
         """BackendData published in our lease (None: the field is omitted)."""
@@ -63,6 +94,15 @@ class Backend:
     def mtu(self) -> int:
         """The MTU pods get (FLANNEL_MTU)."""
         return self.ctx.underlay.mtu
+
+    def config_warnings(self) -> list[dict[str, Any]]:
+        """What in the network config this backend cannot honour (one log line each)."""
+        return []
+
+    def kernel_link(self) -> KernelLink | None:
+        """The link whose kernel statistics count this backend's traffic (None: it counts
+        its own, in this process)."""
+        return None
 
     def prefix_for(self, lease: Lease) -> bytes:
         """Per-peer encapsulation prefix the peer table precomputes (none by default)."""

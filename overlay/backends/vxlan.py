@@ -1,56 +1,185 @@
-"""VXLAN in userspace (RFC 7348, as the kernel's vxlan device and flannel.1 speak it).
+"""flannel's vxlan backend, with two datapaths that speak the same wire (RFC 7348, as the
+kernel's vxlan device and ``flannel.1`` do):
 
-The udp dataplane with two differences. TX: ``headroom`` makes the udp dataplane read every
-packet 22 bytes into its datagram and copy the peer's precomputed prefix (VXLAN header +
-inner Ethernet header, ``Peer.prefix``) in front, so a GSO group is still one contiguous
-slice. RX: ``vxlan_rules`` makes the udp dataplane's receive check each datagram's VXLAN
-header and inner Ethernet header (I flag, VNI, ethertype, our VTEP MAC,
-``encap.gso.vxlan_reason``) before the inner packet gets the udp backend's checks, in the
-same pass that coalesces TCP runs; ARP requests for our VTEP address are handed back and
-answered here, so a kernel peer without a static neighbour entry still reaches us.
+- userspace (the default): this process frames and unframes VXLAN on a TUN, so a node
+  whose kernel has no VXLAN joins a cluster of ``flannel.1`` nodes;
+- kernel (``--kernel-vxlan``): the kernel's vxlan device ``flannel.<VNI>``, programmed as
+  flanneld does (permanent neighbour + fdb entry + onlink route per peer).
+
+Both derive the VTEP MAC from the public IP and the VNI, so it is stable across restarts,
+and publish it in the lease; with DirectRouting, peers on our L2 segment get a plain
+route via their public IP instead of encapsulation.
 """
 
 from __future__ import annotations
 
-from encap import arp, vxlan
-from encap.errors import CodecError
-from overlay.backends.udp import UdpDataplane
+import asyncio
+from collections.abc import Callable
+from typing import Any
 
-HEADROOM = vxlan.PREFIX_LEN
+from control.lease import Lease
+from encap import vxlan
+from overlay.backends.base import Backend, Context, KernelLink
+from overlay.backends.routed import RoutedBackend, direct_route
+from overlay.backends.userspace import UserspaceBackend
+from overlay.dataplane.spec import DataplaneSpec
+from overlay.dataplane.vxlan import vtep_mac_of, vxlan_prefix_for
+from overlay.kernel.objects import (
+    Address,
+    KernelObject,
+    Link,
+    VxlanDevice,
+    directly_reachable,
+    vxlan_peer,
+)
+from overlay.kernel.reconcile import NODE
 
 
-class VxlanDataplane(UdpDataplane):
-    headroom = HEADROOM
+class _Vtep:
+    """What both datapaths publish and derive from the config: VNI, VTEP MAC, MTU."""
 
-    def __init__(
-        self, *args: object, vni: int, mac: bytes, vtep_ip: bytes, port: int, **kwargs: object
-    ) -> None:
-        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
-        self.vni = vni
-        self.vni_bytes = vxlan.header(vni)[4:7]
-        self.mac = mac
-        self.vtep_ip = vtep_ip  # our subnet's network address, the VTEP address peers ARP
-        self.port = port
-        self.arp_replies = 0
-        # Checked on every received datagram before its inner packet (encap.gso.vxlan_reason).
-        self.vxlan_rules = (self.vni_bytes, mac)
+    def __init__(self, ctx: Context) -> None:
+        self.vni = ctx.config.backend.vni
+        self.port = ctx.config.backend.port
+        # Stable across restarts: derived from our public IP and the VNI.
+        self.mac = vxlan.vtep_mac(str(ctx.underlay.public_ip), self.vni)
+        # Backend.MTU when the config sets it (flanneld's vxlan option), else underlay - 50.
+        self.mtu = ctx.config.backend.mtu or ctx.underlay.mtu - vxlan.OVERHEAD
 
-    def _answer_arp(self, start: int, end: int, source: tuple[str, int]) -> None:
-        """Reply to "who has <our VTEP address>" from a peer (rare: off the hot path)."""
-        frame = bytes(self._rx_buffer[start:end])
-        try:
-            vxlan.decode(frame, vni=self.vni, mac=self.mac)
-            request = arp.parse(frame[HEADROOM:])
-        except CodecError as e:
-            self.counters.drops[f"rx_arp_{e.reason}"] += 1
-            return
-        if request.operation != arp.REQUEST or request.target_ip != self.vtep_ip:
-            self.counters.drops["rx_arp_not_for_us"] += 1
-            return
-        reply = vxlan.prefix(self.vni, request.sender_mac, self.mac, vxlan.ETHERTYPE_ARP)
-        reply += arp.reply(request, self.mac)
-        try:
-            self.sock.sendto(reply, (source[0], self.port))
-            self.arp_replies += 1
-        except OSError:
-            self.counters.drops["tx_arp_reply_failed"] += 1
+    def lease_data(self) -> dict[str, Any]:
+        return {"VNI": self.vni, "VtepMAC": vxlan.format_mac(self.mac)}
+
+
+def _mtu_warning(backend: Backend) -> list[dict[str, Any]]:
+    """Backend.MTU larger than the underlay leaves room for: said once at start."""
+    options, room = backend.ctx.config.backend, backend.ctx.underlay.mtu - vxlan.OVERHEAD
+    if options.mtu is None or options.mtu <= room:
+        return []
+    return [
+        {
+            "event": "mtu_too_large",
+            "mtu": options.mtu,
+            "underlay_allows": room,
+            "effect": "encapsulated packets exceed the underlay MTU and are fragmented",
+        }
+    ]
+
+
+class VxlanBackend(UserspaceBackend):
+    """VXLAN in userspace, interoperable with the kernel's vxlan device."""
+
+    lease_type = "vxlan"
+    name = "vxlan (userspace datapath)"
+    overhead = vxlan.OVERHEAD
+
+    def __init__(self, ctx: Context) -> None:
+        self.vtep = _Vtep(ctx)
+        super().__init__(ctx)
+
+    def _peer_objects(self) -> Callable[[Lease], list[KernelObject] | None] | None:
+        # DirectRouting: peers on our L2 segment get a plain kernel route, more specific
+        # than the network's route into the TUN, so their traffic never reaches us.
+        return self._direct if self.ctx.config.backend.direct_routing else None
+
+    @staticmethod
+    def _direct(lease: Lease) -> list[KernelObject] | None:
+        return direct_route(lease) if directly_reachable(lease.public_ip) else None
+
+    @property
+    def mtu(self) -> int:
+        return self.vtep.mtu
+
+    def config_warnings(self) -> list[dict[str, Any]]:
+        warnings = _mtu_warning(self)
+        if self.ctx.config.backend.learning:
+            detail = (
+                "Backend.Learning: the userspace datapath learns nothing (it answers ARP "
+                "for its VTEP and keeps its peers from the registry)"
+            )
+            warnings.insert(0, {"event": "config_key_ignored", "detail": detail})
+        return warnings
+
+    def lease_data(self) -> dict[str, Any]:
+        return self.vtep.lease_data()
+
+    def prefix_for(self, lease: Lease) -> bytes:
+        return vxlan_prefix_for(self.vtep.vni, self.vtep.mac)(lease)
+
+    def dataplane_spec(self, lease: Lease) -> DataplaneSpec:
+        options = self.ctx.options
+        return DataplaneSpec(
+            framing="vxlan",
+            subnet=lease.subnet,
+            port=self.vtep.port,
+            mtu=self.mtu,
+            offload=options.offload,
+            tun_tso=options.tun_tso,
+            vni=self.vtep.vni,
+            mac=self.vtep.mac,
+        )
+
+    def status(self) -> dict[str, Any]:
+        status = super().status()
+        workers = status.get("workers", [])
+        arp_replies = sum(w["arp_replies"] for w in workers) if workers else None
+        if arp_replies is None:
+            arp_replies = self.dataplane.arp_replies if self.dataplane else 0
+        return {**status, "vtep_mac": vxlan.format_mac(self.vtep.mac), "arp_replies": arp_replies}
+
+
+class KernelVxlanBackend(RoutedBackend):
+    """flanneld's vxlan backend: the kernel's vxlan device does the datapath."""
+
+    lease_type = "vxlan"
+    name = "vxlan (kernel datapath)"
+
+    def __init__(self, ctx: Context) -> None:
+        self.vtep = _Vtep(ctx)
+        self.device = f"flannel.{self.vtep.vni}"
+        super().__init__(ctx, devices=(self.device,))
+
+    def lease_data(self) -> dict[str, Any]:
+        return self.vtep.lease_data()
+
+    @property
+    def mtu(self) -> int:
+        return self.vtep.mtu
+
+    def config_warnings(self) -> list[dict[str, Any]]:
+        return _mtu_warning(self)
+
+    def kernel_link(self) -> KernelLink:
+        return KernelLink(self.device, overlay_only=True)
+
+    def node_objects(self, lease: Lease) -> list[KernelObject]:
+        """The device as flanneld sets it up: learning off, our MAC, the lease's network
+        address as a /32, MTU underlay - 50 (or Backend.MTU), up."""
+        underlay = self.ctx.underlay
+        return [
+            VxlanDevice(
+                self.device,
+                vni=self.vtep.vni,
+                local=underlay.address,
+                underlay=underlay.iface,
+                port=self.vtep.port,
+                learning=self.ctx.config.backend.learning,
+            ),
+            Link(self.device, mtu=self.mtu, mac=vxlan.format_mac(self.vtep.mac)),
+            Address(self.device, lease.subnet.network_address),
+        ]
+
+    async def start(self, lease: Lease) -> None:
+        await asyncio.wrap_future(self.kernel.set(NODE, self.node_objects(lease)))
+
+    def _program(self, lease: Lease) -> list[KernelObject] | None:
+        if self.ctx.config.backend.direct_routing and directly_reachable(lease.public_ip):
+            return direct_route(lease)
+        raw = vtep_mac_of(lease)
+        if raw is None:
+            self.ctx.log.warning(
+                "peer_skipped",
+                subnet=str(lease.subnet),
+                reason="vxlan lease without a valid VtepMAC",
+            )
+            return None
+        return vxlan_peer(self.device, lease.subnet, lease.public_ip, vxlan.format_mac(raw))

@@ -1,7 +1,7 @@
 """`overlay trace`: capture what crosses a running daemon, as pcapng.
 
 The client sends one request line on the status socket (``trace {"filter": ..., "count":
-..., "snaplen": ...}``); the daemon attaches a :class:`Tracer` (an ``overlay.tap.Tap``)
+..., "snaplen": ...}``); the daemon attaches a :class:`Tracer` (an ``overlay.observe.tap.Tap``)
 to its dataplane and streams pcapng back until the count is reached or the client goes
 away, then detaches it: with no trace attached the dataplane pays nothing.
 
@@ -22,25 +22,19 @@ the main process, which merges them into the one stream.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import base64
-import json
 import os
-import signal
-import socket
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
 from ipaddress import IPv4Address
-from typing import IO, Any, NamedTuple
+from typing import Any, NamedTuple
 
 from control.peer_table import Peer, PeerTable
 from encap import pcapng
-from overlay import trace_filter
-from overlay.tap import Buffer, Direction, Tap
+from overlay.observe import trace_filter
+from overlay.observe.tap import Buffer, Direction, Tap
 
 DEFAULT_SNAPLEN = 262144  # tcpdump's
 MAX_SNAPLEN = 262144
@@ -50,10 +44,14 @@ STREAM_BACKLOG = 8 * 1024 * 1024
 VXLAN_HEADROOM = 22  # VXLAN header + inner Ethernet header
 
 
-class TraceRequest(NamedTuple):
+@dataclass(frozen=True)
+class TraceRequest:
     filter: str
     count: int  # 0: until the client goes away
     snaplen: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {"filter": self.filter, "count": self.count, "snaplen": self.snaplen}
 
     @classmethod
     def parse(cls, request: Any) -> TraceRequest:
@@ -328,7 +326,7 @@ class Captures:
         self.taps = TapSet(dataplane)
         self.endpoint = endpoint
         self.peers = peers
-        self.workers = workers  # overlay.worker.Workers, or None
+        self.workers = workers  # overlay.dataplane.worker.Workers, or None
         self._tracers: dict[int, Tracer] = {}
         self._next = 1
 
@@ -350,109 +348,7 @@ class Captures:
             self.workers.stop_trace(handle)
 
 
-# -- the client: `overlay trace` -----------------------------------------------------------
-
-
-def _parser() -> argparse.ArgumentParser:
-    from overlay.cli import OneLineParser
-    from overlay.status import DEFAULT_SOCKET
-
-    p = OneLineParser(
-        prog="overlay trace",
-        description="Capture what crosses a running daemon (inner packets at the TUN, outer "
-        "datagrams, drops with their reason) as pcapng, like tcpdump. FILTER words: host, "
-        "src, dst, net, port, icmp, tcp, udp, proto N, peer, inner, outer, in, out, drop, "
-        "reason NAME; and, or, not, parentheses. Needs root (the socket is 0600).",
-    )
-    p.add_argument(
-        "--status-socket",
-        default=os.environ.get("FLANNELD_STATUS_SOCKET", DEFAULT_SOCKET),
-        help=f"the daemon's status socket (default {DEFAULT_SOCKET})",
-    )
-    p.add_argument("-c", dest="count", type=_count, default=0, help="stop after COUNT packets")
-    p.add_argument(
-        "-s",
-        dest="snaplen",
-        type=_snaplen,
-        default=DEFAULT_SNAPLEN,
-        help=f"keep at most SNAPLEN bytes of each packet (default {DEFAULT_SNAPLEN})",
-    )
-    p.add_argument(
-        "-w",
-        dest="write",
-        metavar="FILE",
-        default=None,
-        help="write pcapng to FILE (created 0600), or to stdout with '-' (for `| tshark -r -`);"
-        " without it one line per packet is printed",
-    )
-    p.add_argument("filter", nargs="*", help="filter expression (see above)")
-    return p
-
-
-def _count(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a packet count (1 or more)")
-    return int(text)
-
-
-def _snaplen(text: str) -> int:
-    if not text.isdigit() or not 1 <= int(text) <= MAX_SNAPLEN:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a snap length (1 to {MAX_SNAPLEN})")
-    return int(text)
-
-
-class _Summary:
-    """One line per packet, for a terminal (what tcpdump prints without -w)."""
-
-    def __init__(self, out: IO[str]) -> None:
-        self.out = out
-        self.names: list[str] = []
-        self.vxlan = False
-
-    def block(self, kind: int, block: bytes) -> None:
-        if kind == pcapng.BLOCK_IDB:
-            self.names.append(_idb_name(block) or f"if{len(self.names)}")
-        elif kind == pcapng.BLOCK_EPB:
-            self.out.write(self.line(block) + "\n")
-            self.out.flush()
-
-    def line(self, block: bytes) -> str:
-        interface, ts, data, length, options = pcapng.parse_packet(block)
-        stamp = datetime.fromtimestamp(ts / 1e9).strftime("%H:%M:%S.%f")
-        flags = options.get(pcapng.EPB_FLAGS, [b"\0\0\0\0"])[0]
-        way = {1: "In ", 2: "Out"}.get(int.from_bytes(flags[:4], "little") & 3, "   ")
-        name = self.names[interface] if interface < len(self.names) else str(interface)
-        text = f"{stamp} {name} {way} "
-        if interface == OUTER and len(data) >= 28:
-            sport, dport = int.from_bytes(data[20:22], "big"), int.from_bytes(data[22:24], "big")
-            text += f"{_ip(data[12:16])}.{sport} > {_ip(data[16:20])}.{dport}: "
-            inner = data[28:]
-            if len(inner) >= 42 and inner[0] == 0x08 and inner[20:22] == b"\x08\x00":
-                text += "VXLAN, "
-                inner = inner[VXLAN_HEADROOM:]
-            text += describe(inner)
-        else:
-            text += describe(data)
-        text += f", length {length}"
-        for comment in options.get(pcapng.OPT_COMMENT, []):
-            text += f" [{comment.decode(errors='replace')}]"
-        return text
-
-
-def _idb_name(block: bytes) -> str | None:
-    at = 16
-    while at + 4 <= len(block) - 4:
-        code = int.from_bytes(block[at : at + 2], "little")
-        size = int.from_bytes(block[at + 2 : at + 4], "little")
-        if code == pcapng.OPT_END:
-            break
-        if code == pcapng.IF_NAME:
-            return block[at + 4 : at + 4 + size].decode(errors="replace")
-        at += 4 + size + (-size % 4)
-    return None
-
-
-def _ip(raw: bytes) -> str:
+def dotted(raw: bytes) -> str:
     return ".".join(str(b) for b in raw)
 
 
@@ -462,7 +358,7 @@ def describe(packet: bytes) -> str:
     record = trace_filter.Record("inner", "tx", None)
     trace_filter.inner_fields(record, packet)
     proto = {1: "ICMP", 6: "TCP", 17: "UDP"}.get(packet[9], f"proto {packet[9]}")
-    src, dst = _ip(packet[12:16]), _ip(packet[16:20])
+    src, dst = dotted(packet[12:16]), dotted(packet[16:20])
     if record.sport is not None:
         return f"IP {src}.{record.sport} > {dst}.{record.dport}: {proto}"
     header = (packet[0] & 0x0F) * 4
@@ -470,101 +366,3 @@ def describe(packet: bytes) -> str:
         kind = {0: "echo reply", 3: "unreachable", 8: "echo request", 11: "time exceeded"}
         return f"IP {src} > {dst}: ICMP {kind.get(packet[header], f'type {packet[header]}')}"
     return f"IP {src} > {dst}: {proto}"
-
-
-def request_line(count: int, snaplen: int, text: str) -> bytes:
-    body = json.dumps({"filter": text, "count": count, "snaplen": snaplen})
-    return f"trace {body}\n".encode()
-
-
-def main(argv: list[str]) -> int:
-    args = _parser().parse_args(argv)
-    text = " ".join(args.filter)
-    try:
-        trace_filter.parse(text)
-    except trace_filter.FilterError as e:
-        sys.stderr.write(f"overlay trace: error: {e}\n")
-        return 2
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        sock.connect(args.status_socket)
-        sock.sendall(request_line(args.count, args.snaplen, text))
-    except OSError as e:
-        sys.stderr.write(
-            f"overlay trace: error: no daemon answers on {args.status_socket} ({e.strerror or e})\n"
-        )
-        sock.close()
-        return 1
-    reader = pcapng.BlockReader()
-    packets = missed = 0
-    out: IO[bytes] | None = None
-    summary: _Summary | None = None
-
-    def interrupted(*_: object) -> None:  # Ctrl-C ends the capture like tcpdump's
-        try:
-            sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-
-    signal.signal(signal.SIGINT, interrupted)
-    try:
-        first = sock.recv(65536)
-        if first.startswith(b"error:"):
-            sys.stderr.write(f"overlay trace: {first.decode(errors='replace').strip()}\n")
-            return 1
-        if args.write == "-":
-            out = sys.stdout.buffer
-        elif args.write:
-            try:
-                fd = os.open(args.write, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            except OSError as e:
-                sys.stderr.write(f"overlay trace: error: cannot write {args.write}: {e.strerror}\n")
-                return 1
-            out = os.fdopen(fd, "wb")
-        else:
-            summary = _Summary(sys.stdout)
-        # The daemon sends the file header once the trace is attached: from now on
-        # nothing is missed.
-        sys.stderr.write(f"overlay trace: capturing on {args.status_socket}\n")
-        sys.stderr.flush()
-        chunk = first
-        while chunk:
-            if out is not None:
-                out.write(chunk)
-                out.flush()
-            for kind, block in reader.feed(chunk):
-                if kind == pcapng.BLOCK_EPB:
-                    packets += 1
-                elif kind == pcapng.BLOCK_ISB:
-                    missed += _isb_dropped(block)
-                if summary is not None:
-                    summary.block(kind, block)
-            chunk = sock.recv(65536)
-    except BrokenPipeError:  # `-w - | head`: the reader left
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-    except OSError as e:
-        sys.stderr.write(f"overlay trace: error: {e.strerror or e}\n")
-        return 1
-    except ValueError as e:
-        sys.stderr.write(f"overlay trace: error: the daemon sent a broken stream ({e})\n")
-        return 1
-    finally:
-        sock.close()
-        if out is not None and out is not sys.stdout.buffer:
-            out.close()
-    note = f", {missed} missed (the reader was too slow)" if missed else ""
-    sys.stderr.write(f"overlay trace: {packets} packets captured{note}\n")
-    return 0
-
-
-def _isb_dropped(block: bytes) -> int:
-    at = 20
-    while at + 4 <= len(block) - 4:
-        code = int.from_bytes(block[at : at + 2], "little")
-        size = int.from_bytes(block[at + 2 : at + 4], "little")
-        if code == pcapng.OPT_END:
-            break
-        if code == pcapng.ISB_IFDROP and size == 8:
-            return int.from_bytes(block[at + 4 : at + 12], "little")
-        at += 4 + size + (-size % 4)
-    return 0

@@ -165,10 +165,10 @@ def ping(address: str, count: int = 1, timeout: float = 2.0) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m overlay.netns ping ADDRESS [COUNT]``: exit 0 if every echo came back."""
+    """``python -m overlay.lab.netns ping ADDRESS [COUNT]``: exit 0 if every echo came back."""
     args = list(sys.argv[1:] if argv is None else argv)
     if len(args) not in (2, 3) or args[0] != "ping":
-        sys.stderr.write("usage: python -m overlay.netns ping ADDRESS [COUNT]\n")
+        sys.stderr.write("usage: python -m overlay.lab.netns ping ADDRESS [COUNT]\n")
         return 2
     count = int(args[2]) if len(args) == 3 else 1
     got = ping(args[1], count)

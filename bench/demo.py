@@ -7,7 +7,7 @@ import sys
 import uuid
 
 from bench.measure import iperf3_tcp, ping
-from overlay.testbed import Testbed
+from overlay.lab.testbed import Testbed
 
 
 def main() -> int:

@@ -23,8 +23,8 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
-from overlay import log as overlay_log
-from overlay.trace import INNER, Capture, TraceRequest, describe
+from overlay.observe import log as overlay_log
+from overlay.observe.trace import INNER, Capture, TraceRequest, describe
 
 POLL = 1.0
 SAMPLE_WAIT = 2.0
@@ -76,6 +76,10 @@ class DropLog:
         self._reported: dict[str, int] = {}
         self._last_summary = time.monotonic()
         self._firsts: set[asyncio.Task[None]] = set()
+
+    def notice_soon(self, loop: asyncio.AbstractEventLoop, reason: str) -> None:
+        """``notice`` once the loop's current callback (a drain) has returned."""
+        loop.call_soon(self.notice, reason)
 
     def notice(self, reason: str) -> None:
         """A reason counted for the first time: sample a packet of it, then log it once."""

@@ -1,158 +1,22 @@
-"""`overlay status`: what a running daemon knows, over a root-only Unix socket.
+"""`overlay status`: what a running daemon knows (its status socket), as a table or JSON.
 
-Protocol: the client sends one request line and reads until EOF. ``status`` (or an empty
-line, or nothing within a second, so ``socat - UNIX:...`` works) answers one JSON
-document, the daemon's snapshot; ``trace {...}`` streams pcapng (``overlay.trace``).
-An unknown request gets one ``error: ...`` line.
-
-The socket is created 0600 (only root can connect): it shows every peer and streams
-packets. The daemon removes a stale socket left at its path by a dead daemon (one nobody
-answers on, owned by us), refuses to start on anything else, and at exit removes the
-socket only if it is still the one it made.
+The table is the snapshot the daemon answers (``overlay.observe.status_socket.query``),
+laid out for a person; ``--watch`` refreshes it with rates per second.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
-import socket
-import stat
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
-DEFAULT_SOCKET = "/run/flannel/overlay.sock"
-REQUEST_TIMEOUT = 1.0  # a client that sends nothing gets the status after this long
-REQUEST_LIMIT = 64 * 1024
-
-Snapshot = Callable[[], Awaitable[dict[str, Any]]]
-# (the request's argument text, reader, writer) -> runs until the request is answered
-Handler = Callable[[str, asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
-
-
-class StatusSocketError(OSError):
-    """The status socket's path is taken; the message says by what and what to do."""
-
-
-def _claim(path: Path) -> None:
-    """Make ``path`` free for our socket: remove a stale socket of ours, refuse the rest."""
-    try:
-        st = path.lstat()
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(st.st_mode):
-        raise StatusSocketError(
-            f"--status-socket {path} exists and is not a socket: refusing to replace it "
-            "(remove it or choose another path)"
-        )
-    if st.st_uid != os.geteuid():
-        raise StatusSocketError(
-            f"--status-socket {path} is a socket of uid {st.st_uid}, not ours: refusing to "
-            "replace it"
-        )
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    probe.settimeout(REQUEST_TIMEOUT)
-    try:
-        probe.connect(str(path))
-    except (ConnectionRefusedError, FileNotFoundError):
-        path.unlink(missing_ok=True)  # nobody listens: a daemon that died left it
-        return
-    except OSError as e:
-        raise StatusSocketError(f"--status-socket {path}: {e.strerror or e}") from None
-    finally:
-        probe.close()
-    raise StatusSocketError(
-        f"another daemon answers on --status-socket {path}: stop it first or give this one "
-        "another --status-socket"
-    )
-
-
-class StatusServer:
-    """The listening socket; ``close()`` removes it only if it is still the one we made."""
-
-    def __init__(self, server: asyncio.AbstractServer, path: Path, identity: tuple[int, int]):
-        self.server = server
-        self.path = path
-        self.identity = identity
-
-    def close(self) -> None:
-        self.server.close()
-        try:
-            st = self.path.lstat()
-        except OSError:
-            return
-        if (st.st_dev, st.st_ino) == self.identity:
-            self.path.unlink(missing_ok=True)
-
-
-def bind(path: Path) -> socket.socket:
-    """A listening Unix socket at ``path``, 0600 from its creation (no window in which
-    another user could connect), after ``_claim``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _claim(path)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    old = os.umask(0o177)
-    try:
-        sock.bind(str(path))
-    except OSError as e:
-        sock.close()
-        raise StatusSocketError(f"cannot create --status-socket {path}: {e.strerror}") from None
-    finally:
-        os.umask(old)
-    sock.listen(64)
-    sock.setblocking(False)
-    return sock
-
-
-async def serve(
-    path: Path, snapshot: Snapshot, handlers: dict[str, Handler] | None = None
-) -> StatusServer:
-    """Answer status requests (and those in ``handlers``, by their first word)."""
-    handlers = handlers or {}
-
-    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            try:
-                line = await asyncio.wait_for(reader.readline(), REQUEST_TIMEOUT)
-            except TimeoutError:
-                line = b""
-            request = line.decode("utf-8", "replace").strip()
-            command, _, rest = request.partition(" ")
-            if command in ("", "status"):
-                writer.write(json.dumps(await snapshot()).encode() + b"\n")
-            elif command in handlers:
-                await handlers[command](rest, reader, writer)
-            else:
-                writer.write(f"error: unknown request {command[:40]!r}\n".encode())
-            await writer.drain()
-        except (ConnectionError, ValueError):
-            pass  # the client went away, or sent a line longer than the limit
-        finally:
-            writer.close()
-
-    sock = bind(path)
-    st = path.lstat()
-    server = await asyncio.start_unix_server(answer, sock=sock, limit=REQUEST_LIMIT)
-    return StatusServer(server, path, (st.st_dev, st.st_ino))
-
-
-def query(path: str | os.PathLike[str], timeout: float = 5.0) -> dict[str, Any]:
-    """The daemon's snapshot (OSError when nobody answers, ValueError for a bad answer)."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(timeout)
-        sock.connect(os.fspath(path))
-        sock.sendall(b"status\n")
-        chunks = []
-        while chunk := sock.recv(65536):
-            chunks.append(chunk)
-    result: dict[str, Any] = json.loads(b"".join(chunks))
-    return result
-
+from overlay.cli.parser import OneLineParser
+from overlay.observe.status_socket import DEFAULT_SOCKET, query
 
 # -- the table ---------------------------------------------------------------------------
 
@@ -398,8 +262,6 @@ def show(path: str | os.PathLike[str], args: argparse.Namespace, prog: str) -> i
 
 
 def main(argv: list[str]) -> int:
-    from overlay.cli import OneLineParser
-
     parser = OneLineParser(prog="overlay status", description=__doc__.splitlines()[0])
     parser.add_argument(
         "--status-socket",

@@ -14,7 +14,6 @@ netfilter (br_netfilter hooks bridged frames into it) never sees testbed traffic
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
@@ -26,14 +25,14 @@ import time
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 from types import TracebackType
-from typing import Any, NoReturn
+from typing import Any
 
 from pyroute2 import IPRoute
 
 from control.config import SUPPORTED_BACKENDS, ConfigError, config_json, parse_config
 from control.file_registry import FileRegistry
 from control.subnet_env import SubnetEnvError, parse_subnet_env
-from overlay.netns import (
+from overlay.lab.netns import (
     IFNAMSIZ,
     create_netns,
     list_netns,
@@ -45,8 +44,7 @@ from overlay.netns import (
     sysctl_in,
     terminate,
 )
-from overlay.progress import Progress
-from overlay.status import add_output_flags, show
+from overlay.lab.progress import Progress
 
 STATE_ROOT = Path("/run/overlay-testbed")
 DEFAULT_PREFIX = "ovl"
@@ -438,6 +436,19 @@ class Testbed:
             [n for n in names if self._pod_re().match(n)],
         )
 
+    def node_number(self, name: str) -> int:
+        """The number of a node given as "n2" (or its full netns name)."""
+        match = _MEMBER.match(name.removeprefix(f"{self.prefix}-"))
+        if not match or match.group(2) is not None or not 1 <= int(match.group(1)) <= self.nodes:
+            raise TestbedError(
+                f"{name!r} is not a node of testbed {self.prefix} (n1..n{self.nodes})"
+            )
+        return int(match.group(1))
+
+    def status_socket(self, i: int) -> Path:
+        """The status socket of node ``i``'s daemon."""
+        return self.node_dir(i) / "status.sock"
+
     def resolve(self, name: str) -> str:
         """The namespace of a node ("n1") or pod ("n1-p2"); the full netns name also works."""
         short = name.removeprefix(f"{self.prefix}-")
@@ -597,7 +608,7 @@ class Testbed:
             "--subnet-file",
             str(node_dir / "subnet.env"),
             "--status-socket",
-            str(node_dir / "status.sock"),
+            str(self.status_socket(i)),
             "--log-format",
             "json",
             *(["--kernel-vxlan"] if i in self.kernel_nodes else []),
@@ -980,193 +991,3 @@ def _ancestors() -> list[int]:
         except (OSError, ValueError, IndexError):
             break
     return pids
-
-
-# -- CLI ------------------------------------------------------------------------------------
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse with one-line usage errors (exit 2)."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
-
-
-def _parser() -> _Parser:
-    parser = _Parser(
-        prog="overlay testbed",
-        description="Network-namespace testbed: nodes on an underlay bridge, one overlay "
-        "daemon per node, pods attached through the CNI plugin.",
-    )
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-
-    def common(p: argparse.ArgumentParser) -> None:
-        p.add_argument(
-            "--prefix",
-            default=DEFAULT_PREFIX,
-            help=f"name prefix of the run, 1-8 of [a-z0-9] (default {DEFAULT_PREFIX})",
-        )
-        p.add_argument(
-            "--state-dir",
-            default=None,
-            help="pid files, logs, registry, subnet.env files "
-            "(default /run/overlay-testbed/PREFIX)",
-        )
-
-    up = sub.add_parser("up", help="build nodes, start daemons, add pods")
-    common(up)
-    up.add_argument("--nodes", type=int, default=3, help="number of nodes (default 3)")
-    up.add_argument("--pods-per-node", type=int, default=2, help="pods per node (default 2)")
-    up.add_argument("--backend", default="udp", choices=SUPPORTED_BACKENDS)
-    up.add_argument(
-        "--registry",
-        default="etcd",
-        choices=REGISTRIES,
-        help="etcd (default: a real etcd in the underlay namespace) or file",
-    )
-    up.add_argument(
-        "--etcd-members",
-        type=int,
-        default=1,
-        help=f"etcd cluster size, 1 to {MAX_ETCD_MEMBERS} (default 1); every daemon is given "
-        "every member's endpoint",
-    )
-    up.add_argument(
-        "--kernel-nodes",
-        type=_node_list,
-        default=[],
-        help="vxlan only: comma-separated node numbers whose datapath is the kernel's "
-        "vxlan device (e.g. 2 or 2,3); the others run the userspace datapath",
-    )
-    up.add_argument(
-        "--direct-routing",
-        action="store_true",
-        help="vxlan only: seed the config with DirectRouting (plain routes between nodes "
-        "on one L2 segment, encapsulation otherwise)",
-    )
-    up.add_argument("--underlay", default=DEFAULT_UNDERLAY, help=f"default {DEFAULT_UNDERLAY}")
-    up.add_argument("--network", default=DEFAULT_NETWORK, help=f"default {DEFAULT_NETWORK}")
-
-    down = sub.add_parser("down", help="remove everything of the prefix (also after a crash)")
-    common(down)
-
-    status = sub.add_parser("status", help="nodes, leases, daemons and pods")
-    common(status)
-    status.add_argument(
-        "--node",
-        default=None,
-        help="what one node's daemon knows (n1, ...): as `overlay status` on its socket",
-    )
-    add_output_flags(status)
-
-    run = sub.add_parser("exec", help="run a command in a node (n1) or pod (n1-p2)")
-    common(run)
-    run.add_argument("name", help="n1, n1-p2, ...")
-    run.add_argument("cmd", nargs=argparse.REMAINDER, help="-- COMMAND [ARGS...]")
-    return parser
-
-
-def _node_list(text: str) -> list[int]:
-    try:
-        return [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a list of node numbers") from None
-
-
-def format_status(st: dict[str, Any]) -> str:
-    lines = [
-        f"testbed {st['prefix']}: underlay {st['underlay']} on {st['bridge']}, "
-        f"network {st['network']}, {st['backend']} backend, "
-        f"{st['registry']} registry, state in {st['state_dir']}",
-        "",
-        f"{'NODE':<6} {'NETNS':<14} {'UNDERLAY':<16} {'SUBNET':<18} {'BACKEND':<12} DAEMON",
-    ]
-    for n in st["nodes"]:
-        daemon = f"pid {n['pid']}" if n["pid"] else "not running"
-        lines.append(
-            f"{n['name']:<6} {n['netns']:<14} {n['underlay_ip']:<16} {n['subnet'] or '-':<18} "
-            f"{n['backend']:<12} {daemon}"
-        )
-    if st["pods"]:
-        lines += ["", f"{'POD':<8} {'NETNS':<16} {'NODE':<6} IP"]
-        for p in st["pods"]:
-            lines.append(f"{p['name']:<8} {p['netns']:<16} {p['node']:<6} {p['ip'] or '-'}")
-    return "\n".join(lines)
-
-
-def show_node(bed: Testbed, args: argparse.Namespace) -> int:
-    """`overlay status` for one node of the testbed (its daemon's status socket)."""
-    match = _MEMBER.match(args.node.removeprefix(f"{bed.prefix}-"))
-    if not match or match.group(2) is not None or not 1 <= int(match.group(1)) <= bed.nodes:
-        raise TestbedError(
-            f"{args.node!r} is not a node of testbed {bed.prefix} (n1..n{bed.nodes})"
-        )
-    return show(bed.node_dir(int(match.group(1))) / "status.sock", args, "overlay testbed status")
-
-
-def main(argv: list[str]) -> int:
-    """``overlay testbed up|down|status|exec``; errors are one line on stderr, exit 1."""
-    try:
-        args = _parser().parse_args(argv)
-    except SystemExit as e:
-        return int(e.code) if isinstance(e.code, int) else 2
-    try:
-        if args.command == "up":
-            bed = Testbed(
-                args.prefix,
-                nodes=args.nodes,
-                pods_per_node=args.pods_per_node,
-                backend=args.backend,
-                registry=args.registry,
-                underlay=args.underlay,
-                network=args.network,
-                state_dir=args.state_dir,
-                kernel_nodes=tuple(args.kernel_nodes),
-                direct_routing=args.direct_routing,
-                etcd_members=args.etcd_members,
-            )
-            bed.progress = Progress(f"overlay testbed up {bed.prefix}", bed.up_steps())
-            try:
-                bed.up()
-            finally:
-                bed.progress.done()
-            print(format_status(bed.status()))
-            print(f"\ntear down with: overlay testbed down --prefix {bed.prefix}")
-            return 0
-        if args.command == "down":
-            bed = Testbed(args.prefix, state_dir=args.state_dir)
-            bed.progress = Progress(f"overlay testbed down {bed.prefix}")
-            try:
-                removed = bed.down()
-            finally:
-                bed.progress.done()
-            what = ", ".join(f"{len(v)} {k}" for k, v in removed.items() if v) or "nothing left"
-            print(f"testbed {args.prefix} is down ({what})")
-            return 0
-        if args.command == "status":
-            bed = Testbed.load(args.prefix, args.state_dir)
-            if args.node is not None:
-                return show_node(bed, args)
-            if args.watch is not None:
-                raise TestbedError("--watch shows one node: add --node n1 (or n2, ...)")
-            st = bed.status()
-            print(json.dumps(st, indent=2) if args.json else format_status(st))
-            return 0
-        cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
-        if not cmd:
-            sys.stderr.write("overlay testbed exec: error: no command given (NAME -- CMD...)\n")
-            return 2
-        bed = Testbed(args.prefix, state_dir=args.state_dir)
-        try:
-            return bed.exec(args.name, cmd).returncode
-        except FileNotFoundError as e:
-            raise TestbedError(f"cannot run {cmd[0]!r}: {e.strerror}") from None
-    except TestbedError as e:
-        sys.stderr.write(f"overlay testbed {args.command}: error: {e}\n")
-        return 1
-    except KeyboardInterrupt:
-        sys.stderr.write(f"overlay testbed {args.command}: interrupted\n")
-        return 130
-    except BrokenPipeError:  # `status | head`: the reader left, nothing to report
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 0

@@ -5,7 +5,7 @@
   up and subnet.env is written; 200 after; 503 again while the registry has been
   unreachable for longer than ``--registry-timeout`` (the time a starting daemon waits
   for it before giving up). flanneld has no /readyz; a probe of it is ours.
-- ``/metrics``: Prometheus text exposition (``overlay.metrics``).
+- ``/metrics``: Prometheus text exposition (``overlay.observe.metrics``).
 
 A small HTTP/1.1 server on the daemon's own event loop, not prometheus-client's
 threaded one: a thread would take the GIL from the drain loops at every scrape, while

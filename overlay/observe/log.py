@@ -23,6 +23,7 @@ import signal
 import sys
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from types import FrameType
 from typing import Any
@@ -30,6 +31,14 @@ from typing import Any
 import structlog
 
 _verbosity = 0
+
+
+@dataclass(frozen=True)
+class LogOptions:
+    """How a process logs: ``console`` or ``json`` lines, and glog's ``-v`` level."""
+
+    format: str = "console"
+    verbosity: int = 0
 
 
 def configure(fmt: str = "console", verbosity: int = 0) -> None:

@@ -1,6 +1,7 @@
-"""The `overlay` command: `run` (the daemon), `status`, `testbed`, `bench`.
+"""`overlay run`: flanneld's flags and FLANNELD_* variables in, the node's typed options
+(``overlay.node.options``) out, and the node agent run with them.
 
-`overlay run` reads its flags the way flanneld does: Go-style single-dash long flags
+It reads its flags the way flanneld does: Go-style single-dash long flags
 (``-iface eth0``, ``-etcd-endpoints=...``, ``-ip-masq``, ``-v=2``) as well as ``--flag``,
 and every flag also from ``FLANNELD_<FLAG>``, where a flag given on the command line wins
 over its variable. Unlike flanneld, a bad value in a variable is an error naming the
@@ -12,25 +13,23 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import sys
-from collections.abc import Callable, Mapping, Sequence
-from importlib import metadata
+from collections.abc import Mapping, Sequence
 from ipaddress import IPv4Address, IPv4Network, ip_address
-from typing import Any, NoReturn
+from pathlib import Path
+from typing import Any
 
 from control.config import SUPPORTED_BACKENDS
-from control.etcd_registry import Endpoint, parse_endpoints
+from control.etcd_registry import Endpoint, TlsFiles, parse_endpoints
 from control.lease import DEFAULT_PREFIX
-
-USAGE = """usage: overlay <command> [options]
-
-commands:
-  run       the per-node daemon (flanneld's flags; see `overlay run --help`)
-  status    what a running daemon knows: lease, registry, peers, counters (--json, --watch)
-  trace     capture what crosses a running daemon as pcapng (tcpdump-like; see --help)
-  testbed   build/tear down a network-namespace testbed (up|down|status|exec)
-  bench     the benchmark matrix -> bench/results/ (see `overlay bench --help`)
-"""
+from overlay.backends.base import DatapathOptions
+from overlay.cli.parser import BoolFlag, OneLineParser, integer, parse_bool, seconds
+from overlay.node.daemon import run
+from overlay.node.iptables import IptablesOptions
+from overlay.node.options import NodeOptions
+from overlay.node.registry import RegistryOptions
+from overlay.node.underlay import UnderlayOptions
+from overlay.observe.log import LogOptions
+from overlay.observe.version import version
 
 PROG = "overlay run"
 ENV_PREFIX = "FLANNELD_"
@@ -53,26 +52,6 @@ UNSUPPORTED = {
 }
 # klog flags flanneld copies; accepted so its unit files start, ignored with a warning.
 IGNORED = ("vmodule", "log_backtrace_at")
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line naming the problem."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
-
-
-# -- value parsers (each raises ArgumentTypeError with a short reason) -------------------
-
-
-def parse_bool(text: str) -> bool:
-    """Go's strconv.ParseBool (flanneld's bool flags), plus yes/no/on/off."""
-    value = text.strip().lower()
-    if value in ("1", "t", "true", "yes", "on"):
-        return True
-    if value in ("0", "f", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"{text!r} is not true or false")
 
 
 def _network(text: str) -> IPv4Network:
@@ -111,61 +90,14 @@ def _regex(text: str) -> str:
     return text
 
 
-def _integer(
-    what: str, unit: str, low: int, high: int | None = None, why: str = ""
-) -> Callable[[str], int]:
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
-        if value < low or (high is not None and value > high):
-            bound = f"{low} to {high}" if high is not None else f"at least {low}"
-            raise argparse.ArgumentTypeError(f"{value} {unit}: must be {bound}{why}")
-        return value
-
-    parse.__name__ = what  # argparse names the type in its own messages
-    return parse
-
-
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"{text}: must be more than 0")
-    return value
-
-
 # A multi-queue TUN has at most this many queues (MAX_TAP_QUEUES in the kernel).
 MAX_WORKERS = 256
 # flanneld: the margin is whole minutes, less than the 24 h lease.
-_margin = _integer("a number of minutes", "minutes", 1, 24 * 60 - 1, " (less than the 24 h lease)")
-_workers = _integer("a number of workers", "workers", 1, MAX_WORKERS, " (a TUN's queue limit)")
-_verbosity = _integer("a log level", "(log level)", 0)
-_port = _integer("a port number", "(port)", 0, 65535)
-_resync = _integer("a number of seconds", "seconds", 1)
-
-
-class BoolFlag(argparse.Action):
-    """A Go bool flag: ``--flag`` sets it, ``--flag=false`` (or ``--flag false``) clears it."""
-
-    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: Any) -> None:
-        kwargs.setdefault("metavar", "BOOL")
-        super().__init__(option_strings, dest, nargs="?", const="true", **kwargs)
-
-    def __call__(
-        self,
-        parser: argparse.ArgumentParser,
-        namespace: argparse.Namespace,
-        values: Any,
-        option_string: str | None = None,
-    ) -> None:
-        try:
-            setattr(namespace, self.dest, parse_bool(str(values)))
-        except argparse.ArgumentTypeError as e:
-            raise argparse.ArgumentError(self, str(e)) from None
+_margin = integer("a number of minutes", "minutes", 1, 24 * 60 - 1, " (less than the 24 h lease)")
+_workers = integer("a number of workers", "workers", 1, MAX_WORKERS, " (a TUN's queue limit)")
+_verbosity = integer("a log level", "(log level)", 0)
+_port = integer("a port number", "(port)", 0, 65535)
+_resync = integer("a number of seconds", "seconds", 1)
 
 
 # -- the parser ----------------------------------------------------------------------------
@@ -216,7 +148,7 @@ class RunFlags:
         )
         add(
             "--registry-timeout",
-            type=_seconds,
+            type=seconds,
             default=60.0,
             help="at startup, keep retrying an unreachable registry this many seconds "
             "before giving up (default 60)",
@@ -404,11 +336,11 @@ class RunFlags:
                 return parse_bool(text)
             if action.nargs == "?" and action.const == "true":  # a kube-only bool
                 return text
-            convert = action.type or str
+            convert: Any = action.type or str
             if isinstance(action, argparse._AppendAction):
                 # One variable for a repeatable flag: comma-separated values.
                 return [convert(part.strip()) for part in text.split(",") if part.strip()]
-            value = convert(text)  # type: ignore[operator]
+            value = convert(text)
             if action.choices is not None and value not in action.choices:
                 choices = ", ".join(map(str, action.choices))
                 raise argparse.ArgumentTypeError(f"{text!r} is not one of {choices}")
@@ -429,6 +361,8 @@ class RunFlags:
             if getattr(args, _dest(name)) is not None:
                 self.parser.error(f"--{name}: {why}")
         args.ignored_flags = [f"--{name}" for name in IGNORED if getattr(args, _dest(name))]
+        if args.etcd_endpoints and (args.etcd_username is None) != (args.etcd_password is None):
+            self.parser.error("--etcd-username and --etcd-password go together")
         if args.kernel_vxlan:
             if "vxlan_datapath" in given and args.vxlan_datapath != "kernel":
                 self.parser.error(
@@ -469,13 +403,6 @@ def go_style(argv: Sequence[str], long_names: set[str]) -> list[str]:
     return result
 
 
-def version() -> str:
-    try:
-        return metadata.version("flannel-overlay")
-    except metadata.PackageNotFoundError:
-        return "unknown (not installed)"
-
-
 def parse_run_args(
     argv: Sequence[str], environ: Mapping[str, str] | None = None
 ) -> argparse.Namespace:
@@ -488,34 +415,49 @@ def run_parser() -> OneLineParser:
     return RunFlags().parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
-    if not args or args[0] in ("-h", "--help", "help"):
-        sys.stdout.write(USAGE)
-        return 0 if args else 2
-    command, rest = args[0], args[1:]
-    if command == "run":
-        from overlay.daemon import run
+def options_from(args: argparse.Namespace) -> NodeOptions:
+    """The typed options the node runs with: everything below the front end gets these,
+    never the flags."""
+    return NodeOptions(
+        registry=RegistryOptions(
+            etcd_endpoints=tuple(args.etcd_endpoints or ()),
+            etcd_tls=TlsFiles(args.etcd_cafile, args.etcd_certfile, args.etcd_keyfile),
+            etcd_username=args.etcd_username,
+            etcd_password=args.etcd_password,
+            prefix=args.etcd_prefix,
+            file=Path(args.registry_file),
+            timeout=args.registry_timeout,
+            renew_margin=args.subnet_lease_renew_margin * 60,
+        ),
+        underlay=UnderlayOptions(
+            iface=tuple(args.iface),
+            iface_regex=tuple(args.iface_regex),
+            iface_can_reach=args.iface_can_reach,
+            public_ip=args.public_ip,
+        ),
+        datapath=DatapathOptions(
+            tun_name=args.tun_name,
+            vxlan_datapath=args.vxlan_datapath,
+            offload=not args.no_offload,
+            tun_tso=not args.no_tun_tso,
+            workers=args.workers,
+        ),
+        iptables=IptablesOptions(
+            ip_masq=args.ip_masq,
+            forward_rules=args.iptables_forward_rules,
+            resync=args.iptables_resync,
+        ),
+        log=LogOptions(args.log_format, args.v),
+        subnet_file=Path(args.subnet_file),
+        status_socket=Path(args.status_socket),
+        healthz_ip=args.healthz_ip,
+        healthz_port=args.healthz_port,
+        seed_network=args.network,
+        seed_backend=args.backend,
+        ignored_flags=tuple(args.ignored_flags),
+    )
 
-        return run(parse_run_args(rest))
-    if command == "status":
-        from overlay import status
 
-        return status.main(rest)
-    if command == "trace":
-        from overlay import trace
-
-        return trace.main(rest)
-    if command == "testbed":
-        from overlay import testbed
-
-        return testbed.main(rest)
-    if command == "bench":
-        from bench import report
-
-        return report.main(rest)
-    if command in ("--version", "-version", "version"):
-        print(f"overlay {version()}")
-        return 0
-    sys.stderr.write(f"overlay: error: unknown command {command!r} (see `overlay --help`)\n")
-    return 2
+def main(argv: Sequence[str]) -> int:
+    """`overlay run`: flags in, the node agent runs with the options they make."""
+    return run(options_from(parse_run_args(argv)))

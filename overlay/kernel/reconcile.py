@@ -29,7 +29,7 @@ from typing import Any
 from pyroute2 import IPRoute
 
 from control.lease import Lease
-from overlay.kernel_routes import (
+from overlay.kernel.objects import (
     Address,
     DeviceGone,
     Fdb,
@@ -100,7 +100,10 @@ class KernelState:
     def forget(self, key: Hashable) -> Future[None]:
         """Stop wanting ``key``'s objects without removing them (their device is gone
         and will be made again)."""
-        return self._submit(self._desired.pop, key, None)
+        return self._submit(self._forget, key)
+
+    def _forget(self, key: Hashable) -> None:
+        self._desired.pop(key, None)
 
     def peers_changed(self, added: list[Lease], removed: list[Lease]) -> None:
         for lease in removed:

@@ -1,9 +1,9 @@
 """`/metrics`: the daemon's snapshot as Prometheus metrics, built at scrape time.
 
-The dataplane keeps plain integers (``overlay.counters``, ``PeerStats``) and nothing on the
-hot path knows about Prometheus: a custom collector turns the same snapshot `overlay
-status` shows into metric families when a scrape arrives. Names follow the conventions:
-``overlay_`` prefix, ``_total`` for counters, seconds and bytes as units.
+The dataplane keeps plain integers (``overlay.dataplane.counters``, ``PeerStats``) and
+nothing on the hot path knows about Prometheus: a custom collector turns the same
+snapshot `overlay status` shows into metric families when a scrape arrives. Names follow
+the conventions: ``overlay_`` prefix, ``_total`` for counters, seconds and bytes as units.
 
 With ``--workers N`` the plain families are the sum over the N processes and the
 ``overlay_worker_*`` families carry each one (label ``worker``; do not sum both). Kernel
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import platform
 from collections.abc import Iterator
-from importlib import metadata
 from typing import Any
 
 from prometheus_client import CollectorRegistry, generate_latest
@@ -29,9 +28,11 @@ from prometheus_client.core import (
     Metric,
 )
 
+from overlay.observe.version import version
+
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 44, 64)  # 44: the most 1472-byte segments in one GSO send
-# Counters of overlay.counters.Counters other than traffic, drops and batches.
+# Counters of overlay.dataplane.counters.Counters other than traffic, drops and batches.
 FAST_PATH = {
     "tx_tun_super_packets": ("tun_super_packets_read", "TCP super-packets read from the TUN"),
     "rx_tun_super_packets": ("tun_super_packets_written", "TCP super-packets written to it"),
@@ -54,13 +55,6 @@ KERNEL_LINK = (
     ("tx_errors", "transmit_errors"),
     ("rx_errors", "receive_errors"),
 )
-
-
-def version() -> str:
-    try:
-        return metadata.version("flannel-overlay")
-    except metadata.PackageNotFoundError:
-        return "unknown"
 
 
 def codecs(features: dict[str, Any]) -> str:
@@ -110,14 +104,36 @@ def _drops(drops: dict[str, int], extra: dict[str, int] | None = None) -> Counte
 
 
 def families(st: dict[str, Any]) -> Iterator[Metric]:
-    """Every metric family of one snapshot (``Daemon.snapshot``)."""
-    features = st.get("features") or {}
+    """Every metric family of one snapshot (``overlay.node.view.NodeView.snapshot``)."""
+    yield from _process_families(st)
+    yield from _lease_families(st.get("lease") or {})
+    registry = st.get("registry")
+    if isinstance(registry, dict):
+        yield from _registry_families(registry)
+    peers = st.get("peers", [])
+    yield _gauge("overlay_peers", "peers in the peer table", len(peers))
+    yield from _peer_families(peers)
+    counters = st.get("counters") or {}
+    if counters:
+        yield from _datapath_families(counters)
+    kernel = st.get("kernel_counters")
+    if kernel:
+        own = not counters and bool(st.get("kernel_is_overlay"))
+        yield from _kernel_families(kernel, own=own)
+    if "arp_replies" in st:
+        yield _counter("overlay_arp_replies", "ARP replies sent for our VTEP", st["arp_replies"])
+    yield from _state_families(st)
+    yield from _worker_families(st.get("workers") or [])
+
+
+def _process_families(st: dict[str, Any]) -> Iterator[Metric]:
+    """The build, readiness and start time."""
     info = InfoMetricFamily("overlay_build", "the running build")
     info.add_metric(
         [],
         {
             "version": str(st.get("version") or version()),
-            "codecs": codecs(features),
+            "codecs": codecs(st.get("features") or {}),
             "python": platform.python_version(),
         },
     )
@@ -127,7 +143,8 @@ def families(st: dict[str, Any]) -> Iterator[Metric]:
     if "started_at" in st:
         yield _gauge("overlay_start_time_seconds", "process start (Unix time)", st["started_at"])
 
-    lease = st.get("lease") or {}
+
+def _lease_families(lease: dict[str, Any]) -> Iterator[Metric]:
     if lease.get("expires") is not None:
         yield _gauge(
             "overlay_lease_expiry_timestamp_seconds",
@@ -141,64 +158,60 @@ def families(st: dict[str, Any]) -> Iterator[Metric]:
             lease["next_renewal"],
         )
 
-    registry = st.get("registry")
-    if isinstance(registry, dict):
+
+def _registry_families(registry: dict[str, Any]) -> Iterator[Metric]:
+    yield _gauge(
+        "overlay_registry_connected",
+        "1 while the registry answers (0 from the first failed watch or renewal)",
+        1 if registry.get("state") == "connected" else 0,
+    )
+    for key, name, doc in (
+        ("watch_events", "registry_watch_events", "lease events the watch delivered"),
+        ("resyncs", "registry_resyncs", "full re-lists of the leases (start, compaction)"),
+        ("watch_failures", "registry_failures", "failed watches, renewals and probes"),
+    ):
+        yield _counter(f"overlay_{name}", doc, registry.get(key, 0))
+    if registry.get("watch_revision") is not None:
         yield _gauge(
-            "overlay_registry_connected",
-            "1 while the registry answers (0 from the first failed watch or renewal)",
-            1 if registry.get("state") == "connected" else 0,
+            "overlay_registry_watch_revision",
+            "the registry revision the watch has seen",
+            registry["watch_revision"],
         )
-        for key, name, doc in (
-            ("watch_events", "registry_watch_events", "lease events the watch delivered"),
-            ("resyncs", "registry_resyncs", "full re-lists of the leases (start, compaction)"),
-            ("watch_failures", "registry_failures", "failed watches, renewals and probes"),
-        ):
-            yield _counter(f"overlay_{name}", doc, registry.get(key, 0))
-        if registry.get("watch_revision") is not None:
-            yield _gauge(
-                "overlay_registry_watch_revision",
-                "the registry revision the watch has seen",
-                registry["watch_revision"],
-            )
 
-    peers = st.get("peers", [])
-    yield _gauge("overlay_peers", "peers in the peer table", len(peers))
-    yield from _peer_families(peers)
 
-    counters = st.get("counters") or {}
-    kernel = st.get("kernel_counters")
-    if counters:
-        yield from _traffic(counters)
-        yield _drops(counters.get("drops") or {})
-        yield _counter(
-            "overlay_icmp_unreachable_sent",
-            "ICMP net-unreachable errors written back into the TUN",
-            counters.get("icmp_unreachable_sent", 0),
-        )
-        for key, (name, doc) in FAST_PATH.items():
-            yield _counter(f"overlay_{name}", doc, counters.get(key, 0))
-        yield _histogram(
-            "overlay_send_batch_datagrams",
-            "datagrams per send (sendmsg with UDP GSO, or sendto)",
-            counters.get("tx_batch") or [],
-        )
-        yield _histogram(
-            "overlay_receive_batch_datagrams",
-            "datagrams per receive (a UDP GRO recvmsg, or a gathered run)",
-            counters.get("rx_batch") or [],
-        )
-    if kernel:
-        yield from _kernel_families(kernel, own=not counters and st.get("kernel_is_overlay"))
+def _datapath_families(counters: dict[str, Any]) -> Iterator[Metric]:
+    """What a datapath in this process counts: traffic, drops, ICMP errors, batching."""
+    yield from _traffic(counters)
+    yield _drops(counters.get("drops") or {})
+    yield _counter(
+        "overlay_icmp_unreachable_sent",
+        "ICMP net-unreachable errors written back into the TUN",
+        counters.get("icmp_unreachable_sent", 0),
+    )
+    for key, (name, doc) in FAST_PATH.items():
+        yield _counter(f"overlay_{name}", doc, counters.get(key, 0))
+    yield _histogram(
+        "overlay_send_batch_datagrams",
+        "datagrams per send (sendmsg with UDP GSO, or sendto)",
+        counters.get("tx_batch") or [],
+    )
+    yield _histogram(
+        "overlay_receive_batch_datagrams",
+        "datagrams per receive (a UDP GRO recvmsg, or a gathered run)",
+        counters.get("rx_batch") or [],
+    )
 
-    if "arp_replies" in st:
-        yield _counter("overlay_arp_replies", "ARP replies sent for our VTEP", st["arp_replies"])
+
+def _state_families(st: dict[str, Any]) -> Iterator[Metric]:
+    """The offload features in use and the kernel objects repaired."""
+    features = st.get("features") or {}
     if features:
-        family = GaugeMetricFamily(
+        enabled = GaugeMetricFamily(
             "overlay_feature_enabled", "1 for each active offload feature", labels=["feature"]
         )
         for name, value in sorted(features.items()):
-            family.add_metric([name], 1 if value else 0)
-        yield family
+            enabled.add_metric([name], 1 if value else 0)
+        yield enabled
     repairs = st.get("repairs")
     if isinstance(repairs, int):
         yield _counter("overlay_kernel_repairs", "kernel objects found wrong and repaired", repairs)
@@ -210,7 +223,6 @@ def families(st: dict[str, Any]) -> Iterator[Metric]:
             if isinstance(n, int | float):
                 family.add_metric([str(kind)], n)
         yield family
-    yield from _worker_families(st.get("workers") or [])
 
 
 def _peer_families(peers: list[dict[str, Any]]) -> Iterator[Metric]:
@@ -232,11 +244,11 @@ def _peer_families(peers: list[dict[str, Any]]) -> Iterator[Metric]:
         ("last_tx_at", "last_sent", "when a packet last went to the peer (Unix time)"),
         ("last_rx_at", "last_received", "when a datagram last came from the peer (Unix time)"),
     ):
-        family = GaugeMetricFamily(f"overlay_peer_{name}_timestamp_seconds", doc, labels=["peer"])
+        stamps = GaugeMetricFamily(f"overlay_peer_{name}_timestamp_seconds", doc, labels=["peer"])
         for p in counted:
             if p.get(key) is not None:
-                family.add_metric([p["subnet"]], p[key])
-        yield family
+                stamps.add_metric([p["subnet"]], p[key])
+        yield stamps
 
 
 def _kernel_families(kernel: dict[str, Any], own: bool) -> Iterator[Metric]:

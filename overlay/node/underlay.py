@@ -11,8 +11,8 @@ against the names, as flanneld does), then the interface of the route to
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from ipaddress import IPv4Address
-from typing import Any
 
 from overlay.backends.base import Underlay
 from tun import netlink
@@ -34,8 +34,8 @@ def _by_name_or_address(addresses: Addresses, wanted: str) -> tuple[str, IPv4Add
         for address, _ in addrs:
             if str(address) == wanted:
                 return name, address
-    addrs = addresses.get(wanted)
-    return (wanted, _preferred(addrs)) if addrs else None
+    found = addresses.get(wanted)
+    return (wanted, _preferred(found)) if found else None
 
 
 def _by_regex(addresses: Addresses, pattern: str) -> tuple[str, IPv4Address] | None:
@@ -63,8 +63,18 @@ def _by_route(addresses: Addresses, target: IPv4Address) -> tuple[str, IPv4Addre
     return name, _preferred(addrs)
 
 
-def select_underlay(args: Any) -> Underlay:
-    """The Underlay for ``args`` (iface, iface_regex, iface_can_reach, public_ip)."""
+@dataclass(frozen=True)
+class UnderlayOptions:
+    """How the operator asked for the interface (flanneld's --iface flags)."""
+
+    iface: tuple[str, ...] = ()  # names or addresses, the first that exists wins
+    iface_regex: tuple[str, ...] = ()  # matched against addresses, then names
+    iface_can_reach: IPv4Address | None = None  # the interface of the route to it
+    public_ip: IPv4Address | None = None  # what peers send to, if not the address
+
+
+def select_underlay(args: UnderlayOptions) -> Underlay:
+    """The Underlay ``args`` ask for."""
     addresses = netlink.interface_addresses()
     chosen: tuple[str, IPv4Address] | None = None
     if args.iface or args.iface_regex or args.iface_can_reach:

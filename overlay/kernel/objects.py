@@ -124,20 +124,20 @@ def read_view(ipr: IPRoute, devices: Iterable[str]) -> KernelView:
         view.links[name] = _link_info(link)
         names[link["index"]] = name
     for addr in ipr.get_addr(family=socket.AF_INET):
-        name = names.get(addr["index"])
-        if name is not None:
+        dev = names.get(addr["index"])
+        if dev is not None:
             view.addresses.add(
-                (name, IPv4Address(addr.get_attr("IFA_ADDRESS")), int(addr["prefixlen"]))
+                (dev, IPv4Address(addr.get_attr("IFA_ADDRESS")), int(addr["prefixlen"]))
             )
     for route in ipr.get_routes(family=socket.AF_INET, table=MAIN_TABLE):
         if route.get_attr("RTA_TABLE", MAIN_TABLE) != MAIN_TABLE or route["type"] != 1:
             continue  # only unicast routes of the main table
-        dst = route.get_attr("RTA_DST") or "0.0.0.0"
+        route_dst: str = route.get_attr("RTA_DST") or "0.0.0.0"
         gateway = route.get_attr("RTA_GATEWAY")
         oif = route.get_attr("RTA_OIF")
         view.routes.append(
             RouteInfo(
-                dst=IPv4Network((dst, route["dst_len"])),
+                dst=IPv4Network((route_dst, route["dst_len"])),
                 gateway=IPv4Address(gateway) if gateway else None,
                 dev=names.get(oif, f"#{oif}" if oif is not None else None),
                 onlink=bool(route["flags"] & RTNH_F_ONLINK),
@@ -145,11 +145,11 @@ def read_view(ipr: IPRoute, devices: Iterable[str]) -> KernelView:
             )
         )
     for neigh in ipr.get_neighbours(family=socket.AF_INET):
-        name = names.get(neigh["ifindex"])
+        dev = names.get(neigh["ifindex"])
         dst = neigh.get_attr("NDA_DST")
-        if name is not None and dst:
+        if dev is not None and dst:
             lladdr = neigh.get_attr("NDA_LLADDR")
-            view.neighbours[(name, IPv4Address(dst))] = (
+            view.neighbours[(dev, IPv4Address(dst))] = (
                 str(lladdr).lower() if lladdr else None,
                 bool(neigh["state"] & NUD_PERMANENT),
             )
@@ -206,7 +206,7 @@ class VxlanDevice:
         if link is None or link.vxlan is None or under is None:
             return False
         data = link.vxlan
-        return (
+        return bool(
             data["vni"] == self.vni
             and data["port"] == self.port
             and data["local"] == str(self.local)

@@ -1,0 +1,46 @@
+"""What the backends whose datapath is the kernel share (flannel's route_network.go):
+they describe the kernel objects each peer needs (``overlay.kernel.objects``) and hand
+them to a ``KernelState``, which programs them in order on one worker thread, replaces a
+peer's objects when its lease changes (new VtepMAC or PublicIP), removes them when it
+goes, and puts back whatever disappears from the kernel."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from control.lease import Lease
+from overlay.backends.base import Backend, BackendError, Context
+from overlay.kernel.objects import KernelObject, Route
+from overlay.kernel.reconcile import KernelState
+
+
+def direct_route(lease: Lease) -> list[KernelObject]:
+    """A plain route via the peer's public IP (host-gw, DirectRouting)."""
+    return [Route(lease.subnet, gateway=lease.public_ip)]
+
+
+class RoutedBackend(Backend):
+    def __init__(self, ctx: Context, devices: tuple[str, ...] = ()) -> None:
+        super().__init__(ctx)
+        if ctx.options.workers > 1:
+            raise BackendError(
+                f"--workers {ctx.options.workers} needs a userspace datapath (udp, or vxlan "
+                f"with --vxlan-datapath userspace); {self.name} forwards in the kernel: "
+                "use --workers 1"
+            )
+        self.kernel: KernelState = KernelState(
+            ctx.log, program=self._program, devices=devices, network=ctx.config.network
+        )
+
+    def peers_changed(self, added: list[Lease], removed: list[Lease]) -> None:
+        self.kernel.peers_changed(added, removed)
+
+    def _program(self, lease: Lease) -> list[KernelObject] | None:
+        """``lease``'s kernel objects (in the worker), or None to skip it."""
+        raise NotImplementedError
+
+    def status(self) -> dict[str, Any]:
+        return self.kernel.status()
+
+    async def stop(self) -> None:
+        await self.kernel.stop()

@@ -1,0 +1,1 @@
+"""The front end of each `overlay <command>`: flags in, typed options out."""

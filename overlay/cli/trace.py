@@ -1,0 +1,244 @@
+"""`overlay trace`: capture what crosses a running daemon, as pcapng, like tcpdump.
+
+The front end sends one request line on the status socket (``trace {"filter": ...,
+"count": ..., "snaplen": ...}``) and copies the pcapng stream the daemon answers to a
+file, to stdout, or as one line per packet to the terminal (``overlay.observe.trace``
+is the daemon's side).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import sys
+from datetime import datetime
+from typing import IO
+
+from encap import pcapng
+from overlay.cli.parser import OneLineParser
+from overlay.observe import trace_filter
+from overlay.observe.status_socket import DEFAULT_SOCKET
+from overlay.observe.trace import (
+    DEFAULT_SNAPLEN,
+    MAX_SNAPLEN,
+    OUTER,
+    VXLAN_HEADROOM,
+    describe,
+    dotted,
+)
+
+PROG = "overlay trace"
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = OneLineParser(
+        prog=PROG,
+        description="Capture what crosses a running daemon (inner packets at the TUN, outer "
+        "datagrams, drops with their reason) as pcapng, like tcpdump. FILTER words: host, "
+        "src, dst, net, port, icmp, tcp, udp, proto N, peer, inner, outer, in, out, drop, "
+        "reason NAME; and, or, not, parentheses. Needs root (the socket is 0600).",
+    )
+    p.add_argument(
+        "--status-socket",
+        default=os.environ.get("FLANNELD_STATUS_SOCKET", DEFAULT_SOCKET),
+        help=f"the daemon's status socket (default {DEFAULT_SOCKET})",
+    )
+    p.add_argument("-c", dest="count", type=_count, default=0, help="stop after COUNT packets")
+    p.add_argument(
+        "-s",
+        dest="snaplen",
+        type=_snaplen,
+        default=DEFAULT_SNAPLEN,
+        help=f"keep at most SNAPLEN bytes of each packet (default {DEFAULT_SNAPLEN})",
+    )
+    p.add_argument(
+        "-w",
+        dest="write",
+        metavar="FILE",
+        default=None,
+        help="write pcapng to FILE (created 0600), or to stdout with '-' (for `| tshark -r -`);"
+        " without it one line per packet is printed",
+    )
+    p.add_argument("filter", nargs="*", help="filter expression (see above)")
+    return p
+
+
+def _count(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a packet count (1 or more)")
+    return int(text)
+
+
+def _snaplen(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= MAX_SNAPLEN:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a snap length (1 to {MAX_SNAPLEN})")
+    return int(text)
+
+
+class _Summary:
+    """One line per packet, for a terminal (what tcpdump prints without -w)."""
+
+    def __init__(self, out: IO[str]) -> None:
+        self.out = out
+        self.names: list[str] = []
+        self.vxlan = False
+
+    def block(self, kind: int, block: bytes) -> None:
+        if kind == pcapng.BLOCK_IDB:
+            self.names.append(_idb_name(block) or f"if{len(self.names)}")
+        elif kind == pcapng.BLOCK_EPB:
+            self.out.write(self.line(block) + "\n")
+            self.out.flush()
+
+    def line(self, block: bytes) -> str:
+        interface, ts, data, length, options = pcapng.parse_packet(block)
+        stamp = datetime.fromtimestamp(ts / 1e9).strftime("%H:%M:%S.%f")
+        flags = options.get(pcapng.EPB_FLAGS, [b"\0\0\0\0"])[0]
+        way = {1: "In ", 2: "Out"}.get(int.from_bytes(flags[:4], "little") & 3, "   ")
+        name = self.names[interface] if interface < len(self.names) else str(interface)
+        text = f"{stamp} {name} {way} "
+        if interface == OUTER and len(data) >= 28:
+            sport, dport = int.from_bytes(data[20:22], "big"), int.from_bytes(data[22:24], "big")
+            text += f"{dotted(data[12:16])}.{sport} > {dotted(data[16:20])}.{dport}: "
+            inner = data[28:]
+            if len(inner) >= 42 and inner[0] == 0x08 and inner[20:22] == b"\x08\x00":
+                text += "VXLAN, "
+                inner = inner[VXLAN_HEADROOM:]
+            text += describe(inner)
+        else:
+            text += describe(data)
+        text += f", length {length}"
+        for comment in options.get(pcapng.OPT_COMMENT, []):
+            text += f" [{comment.decode(errors='replace')}]"
+        return text
+
+
+def _idb_name(block: bytes) -> str | None:
+    at = 16
+    while at + 4 <= len(block) - 4:
+        code = int.from_bytes(block[at : at + 2], "little")
+        size = int.from_bytes(block[at + 2 : at + 4], "little")
+        if code == pcapng.OPT_END:
+            break
+        if code == pcapng.IF_NAME:
+            return block[at + 4 : at + 4 + size].decode(errors="replace")
+        at += 4 + size + (-size % 4)
+    return None
+
+
+def request_line(count: int, snaplen: int, text: str) -> bytes:
+    body = json.dumps({"filter": text, "count": count, "snaplen": snaplen})
+    return f"trace {body}\n".encode()
+
+
+def _fail(message: str, status: int = 1) -> int:
+    sys.stderr.write(f"{PROG}: error: {message}\n")
+    return status
+
+
+def _connect(path: str, request: bytes) -> socket.socket | None:
+    """The status socket with the trace request sent, or None (said on stderr)."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.connect(path)
+        sock.sendall(request)
+    except OSError as e:
+        _fail(f"no daemon answers on {path} ({e.strerror or e})")
+        sock.close()
+        return None
+    return sock
+
+
+def _output(write: str | None) -> IO[bytes] | _Summary:
+    """Where the stream goes: a file (created 0600), stdout (``-``) or the summary lines.
+    OSError when the file cannot be made."""
+    if write == "-":
+        return sys.stdout.buffer
+    if write:
+        fd = os.open(write, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        return os.fdopen(fd, "wb")
+    return _Summary(sys.stdout)
+
+
+def _copy(sock: socket.socket, first: bytes, out: IO[bytes] | _Summary, counts: list[int]) -> None:
+    """Copy the stream until the daemon ends it, counting [packets captured, missed]."""
+    reader = pcapng.BlockReader()
+    chunk = first
+    while chunk:
+        if not isinstance(out, _Summary):
+            out.write(chunk)
+            out.flush()
+        for kind, block in reader.feed(chunk):
+            if kind == pcapng.BLOCK_EPB:
+                counts[0] += 1
+            elif kind == pcapng.BLOCK_ISB:
+                counts[1] += _isb_dropped(block)
+            if isinstance(out, _Summary):
+                out.block(kind, block)
+        chunk = sock.recv(65536)
+
+
+def main(argv: list[str]) -> int:
+    args = _parser().parse_args(argv)
+    text = " ".join(args.filter)
+    try:
+        trace_filter.parse(text)
+    except trace_filter.FilterError as e:
+        return _fail(str(e), 2)
+    sock = _connect(args.status_socket, request_line(args.count, args.snaplen, text))
+    if sock is None:
+        return 1
+
+    def interrupted(*_: object) -> None:  # Ctrl-C ends the capture like tcpdump's
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    signal.signal(signal.SIGINT, interrupted)
+    out: IO[bytes] | _Summary | None = None
+    counts = [0, 0]
+    try:
+        first = sock.recv(65536)
+        if first.startswith(b"error:"):
+            sys.stderr.write(f"{PROG}: {first.decode(errors='replace').strip()}\n")
+            return 1
+        try:
+            out = _output(args.write)
+        except OSError as e:
+            return _fail(f"cannot write {args.write}: {e.strerror}")
+        # The daemon sends the file header once the trace is attached: from now on
+        # nothing is missed.
+        sys.stderr.write(f"{PROG}: capturing on {args.status_socket}\n")
+        sys.stderr.flush()
+        _copy(sock, first, out, counts)
+    except BrokenPipeError:  # `-w - | head`: the reader left
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except OSError as e:
+        return _fail(str(e.strerror or e))
+    except ValueError as e:
+        return _fail(f"the daemon sent a broken stream ({e})")
+    finally:
+        sock.close()
+        if out is not None and not isinstance(out, _Summary) and out is not sys.stdout.buffer:
+            out.close()
+    packets, missed = counts
+    note = f", {missed} missed (the reader was too slow)" if missed else ""
+    sys.stderr.write(f"{PROG}: {packets} packets captured{note}\n")
+    return 0
+
+
+def _isb_dropped(block: bytes) -> int:
+    at = 20
+    while at + 4 <= len(block) - 4:
+        code = int.from_bytes(block[at : at + 2], "little")
+        size = int.from_bytes(block[at + 2 : at + 4], "little")
+        if code == pcapng.OPT_END:
+            break
+        if code == pcapng.ISB_IFDROP and size == 8:
+            return int.from_bytes(block[at + 4 : at + 12], "little")
+        at += 4 + size + (-size % 4)
+    return 0

@@ -1,0 +1,91 @@
+"""What a dataplane is made of, as one value: the main process builds its own from it, and
+hands it to each `--workers` process, which builds the same one (same class, options and
+per-peer prefix) on its own TUN queue and socket."""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass, replace
+from ipaddress import IPv4Network
+from typing import Any
+
+from control.peer_table import PeerTable
+from encap import vxlan
+from overlay.dataplane.counters import Counters
+from overlay.dataplane.udp import UdpDataplane
+from overlay.dataplane.vxlan import VxlanDataplane, vxlan_prefix_for
+from tun.device import TunDevice
+
+
+@dataclass(frozen=True)
+class DataplaneSpec:
+    framing: str  # "udp" (flannel's udp: the datagram is the packet) or "vxlan"
+    subnet: IPv4Network  # our lease
+    port: int  # the backend's UDP port
+    mtu: int  # the TUN's
+    offload: bool  # batching and offloads allowed (probed per socket and queue)
+    tun_tso: bool  # take TCP super-packets from the TUN and cut them here
+    vni: int = 0  # vxlan: ours
+    mac: bytes = b""  # vxlan: our VTEP MAC
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "framing": self.framing,
+            "subnet": str(self.subnet),
+            "port": self.port,
+            "mtu": self.mtu,
+            "offload": self.offload,
+            "tun_tso": self.tun_tso,
+            "vni": self.vni,
+            "mac": vxlan.format_mac(self.mac) if self.mac else "",
+        }
+
+    @classmethod
+    def from_json(cls, value: dict[str, Any]) -> DataplaneSpec:
+        return cls(
+            framing=str(value["framing"]),
+            subnet=IPv4Network(value["subnet"]),
+            port=int(value["port"]),
+            mtu=int(value["mtu"]),
+            offload=bool(value["offload"]),
+            tun_tso=bool(value["tun_tso"]),
+            vni=int(value.get("vni", 0)),
+            mac=vxlan.parse_mac(value["mac"]) if value.get("mac") else b"",
+        )
+
+    def as_built(self, dataplane: UdpDataplane) -> DataplaneSpec:
+        """This spec as ``dataplane`` turned out: TUNSETOFFLOAD is device-wide, so if the
+        main process's queue takes TCP super-packets, every queue gets them, and every
+        worker must cut them too."""
+        return replace(self, tun_tso=dataplane.tso)
+
+    def peer_table(self) -> PeerTable:
+        """An empty peer table that precomputes this framing's per-peer prefix."""
+        if self.framing == "vxlan":
+            return PeerTable(self.port, vxlan_prefix_for(self.vni, self.mac))
+        return PeerTable(self.port)
+
+
+def build_dataplane(
+    spec: DataplaneSpec,
+    tun: TunDevice,
+    sock: socket.socket,
+    peers: PeerTable,
+    counters: Counters,
+) -> UdpDataplane:
+    """The dataplane ``spec`` describes, on this TUN queue and socket."""
+    options: dict[str, Any] = {"offload": spec.offload, "tun_tso": spec.tun_tso, "mtu": spec.mtu}
+    if spec.framing == "vxlan":
+        return VxlanDataplane(
+            tun,
+            sock,
+            peers,
+            spec.subnet,
+            counters,
+            vni=spec.vni,
+            mac=spec.mac,
+            vtep_ip=spec.subnet.network_address.packed,
+            port=spec.port,
+            **options,
+        )
+    return UdpDataplane(tun, sock, peers, spec.subnet, counters, **options)

@@ -1,0 +1,32 @@
+"""Everything `overlay run` was asked to do, as typed options (built once by the front
+end, ``overlay.cli.run``, from flanneld's flags and FLANNELD_* variables): one group per
+part of the node that consumes it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from ipaddress import IPv4Network
+from pathlib import Path
+
+from overlay.backends.base import DatapathOptions
+from overlay.node.iptables import IptablesOptions
+from overlay.node.registry import RegistryOptions
+from overlay.node.underlay import UnderlayOptions
+from overlay.observe.log import LogOptions
+
+
+@dataclass(frozen=True)
+class NodeOptions:
+    registry: RegistryOptions = field(default_factory=RegistryOptions)
+    underlay: UnderlayOptions = field(default_factory=UnderlayOptions)
+    datapath: DatapathOptions = field(default_factory=DatapathOptions)
+    iptables: IptablesOptions = field(default_factory=IptablesOptions)
+    log: LogOptions = field(default_factory=LogOptions)
+    subnet_file: Path = Path("/run/flannel/subnet.env")
+    status_socket: Path = Path("/run/flannel/overlay.sock")
+    healthz_ip: str = "0.0.0.0"
+    healthz_port: int = 0  # 0: no health server
+    # The registry's config is seeded with these when it has none (and must agree).
+    seed_network: IPv4Network | None = None
+    seed_backend: str | None = None
+    ignored_flags: tuple[str, ...] = ()  # klog flags accepted only so unit files start

@@ -1,0 +1,48 @@
+"""What a running node knows, in one place: the parts of the agent (startup, registry
+events, what it shows, traces) read and fill it."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from control.config import NetworkConfig
+from control.kv import KeyValueStore
+from control.lease import Lease
+from control.peer_table import PeerTable
+from control.subnet_manager import SubnetManager
+from overlay.backends.base import Backend, Underlay
+from overlay.dataplane.counters import Counters
+from overlay.node.iptables import IptablesKeeper
+from overlay.node.options import NodeOptions
+from overlay.node.registry import RegistryMonitor
+from overlay.observe.drop_log import Drops
+from overlay.observe.health import Readiness
+from overlay.observe.trace import Captures
+
+
+@dataclass
+class NodeState:
+    options: NodeOptions
+    underlay: Underlay
+    log: Any  # a structlog logger bound to this node
+    readiness: Readiness
+    monitor: RegistryMonitor
+    kv: KeyValueStore
+    manager: SubnetManager
+    iptables: IptablesKeeper
+    drops: Drops = field(default_factory=Drops)  # the counters' drops, by reason
+    counters: Counters = field(init=False)
+    started: float = field(default_factory=time.time)
+    stopping: asyncio.Event = field(default_factory=asyncio.Event)
+    # Known once startup has got that far:
+    config: NetworkConfig | None = None
+    peers: PeerTable | None = None
+    backend: Backend | None = None
+    lease: Lease | None = None
+    captures: Captures | None = None  # in-process datapaths only
+
+    def __post_init__(self) -> None:
+        self.counters = Counters(drops=self.drops)
