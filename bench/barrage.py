@@ -42,6 +42,7 @@ from typing import Any
 
 from overlay.lab.testbed import Testbed
 from overlay.lab.transfer import transfer
+from overlay.observe import status_socket
 
 ROOT = Path(__file__).resolve().parent.parent
 PORTS = {"udp": 8285, "vxlan": 8472}
@@ -336,9 +337,7 @@ def target_of(bed: Testbed, backend: str) -> Target:
 
 
 def _rx_drops(bed: Testbed) -> Counter[str]:
-    from overlay.observe import status_socket as status
-
-    drops = status.query(bed.state_dir / "n2" / "status.sock")["counters"]["drops"]
+    drops = status_socket.query(bed.state_dir / "n2" / "status.sock")["counters"]["drops"]
     return Counter(
         {k: v for k, v in drops.items() if k.startswith("rx_") and k not in LOAD_REASONS}
     )

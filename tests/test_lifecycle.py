@@ -232,7 +232,7 @@ def test_systemd_notify_abstract_socket(netns) -> None:
     name = f"@overlay-test-{uuid.uuid4().hex[:8]}"
     code = (
         "import socket, sys\n"
-        "from overlay import systemd\n"
+        "from overlay.node import systemd\n"
         "s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)\n"
         f"s.bind('\\0{name[1:]}')\n"
         f"assert systemd.notify('READY=1', {{'NOTIFY_SOCKET': '{name}'}})\n"

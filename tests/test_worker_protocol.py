@@ -15,8 +15,8 @@ import pytest
 from control.lease import Lease
 from control.peer_table import PeerTable
 from encap.ipv4 import build_header
-from overlay.dataplane.vxlan import vxlan_prefix_for
 from overlay.dataplane.counters import Counters, add_snapshots
+from overlay.dataplane.vxlan import vxlan_prefix_for
 from overlay.dataplane.worker_protocol import apply_message, lease_message
 from tun import steering
 

@@ -19,7 +19,7 @@ from overlay.dataplane.spec import DataplaneSpec, build_dataplane
 from overlay.dataplane.udp import open_socket
 from overlay.dataplane.worker_protocol import WorkerSpec
 from overlay.dataplane.workers import Workers
-from overlay.kernel.objects import Address, KernelObject, Link, Route
+from overlay.kernel.objects import Address, KernelObject, Link, Route, devices_of
 from overlay.kernel.reconcile import NODE, KernelState
 from tun import netlink, steering
 from tun.device import TunDevice
@@ -150,7 +150,7 @@ class UserspaceBackend(Backend):
     def _device_gone(self, obj: KernelObject) -> None:
         """Called on the netlink worker when the TUN is gone: a TUN cannot be recreated
         behind the dataplane's file descriptor, so the datapath is restarted."""
-        if self._loop is not None and getattr(obj, "dev", None) == self.ctx.options.tun_name:
+        if self._loop is not None and self.ctx.options.tun_name in devices_of(obj):
             self._loop.call_soon_threadsafe(self._rebuild_soon)
 
     def _rebuild_soon(self) -> None:

@@ -78,6 +78,25 @@ def _snaplen(text: str) -> int:
     return int(text)
 
 
+class _Pcapng:
+    """The stream as it comes, to a file or to stdout (``-w``)."""
+
+    def __init__(self, out: IO[bytes], owned: bool) -> None:
+        self.out = out
+        self.owned = owned  # a file we opened: closed at the end
+
+    def chunk(self, data: bytes) -> None:
+        self.out.write(data)
+        self.out.flush()
+
+    def block(self, kind: int, block: bytes) -> None:
+        pass
+
+    def close(self) -> None:
+        if self.owned:
+            self.out.close()
+
+
 class _Summary:
     """One line per packet, for a terminal (what tcpdump prints without -w)."""
 
@@ -85,6 +104,12 @@ class _Summary:
         self.out = out
         self.names: list[str] = []
         self.vxlan = False
+
+    def chunk(self, data: bytes) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
     def block(self, kind: int, block: bytes) -> None:
         if kind == pcapng.BLOCK_IDB:
@@ -152,32 +177,29 @@ def _connect(path: str, request: bytes) -> socket.socket | None:
     return sock
 
 
-def _output(write: str | None) -> IO[bytes] | _Summary:
+def _output(write: str | None) -> _Pcapng | _Summary:
     """Where the stream goes: a file (created 0600), stdout (``-``) or the summary lines.
     OSError when the file cannot be made."""
     if write == "-":
-        return sys.stdout.buffer
+        return _Pcapng(sys.stdout.buffer, owned=False)
     if write:
         fd = os.open(write, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        return os.fdopen(fd, "wb")
+        return _Pcapng(os.fdopen(fd, "wb"), owned=True)
     return _Summary(sys.stdout)
 
 
-def _copy(sock: socket.socket, first: bytes, out: IO[bytes] | _Summary, counts: list[int]) -> None:
+def _copy(sock: socket.socket, first: bytes, out: _Pcapng | _Summary, counts: list[int]) -> None:
     """Copy the stream until the daemon ends it, counting [packets captured, missed]."""
     reader = pcapng.BlockReader()
     chunk = first
     while chunk:
-        if not isinstance(out, _Summary):
-            out.write(chunk)
-            out.flush()
+        out.chunk(chunk)
         for kind, block in reader.feed(chunk):
             if kind == pcapng.BLOCK_EPB:
                 counts[0] += 1
             elif kind == pcapng.BLOCK_ISB:
                 counts[1] += _isb_dropped(block)
-            if isinstance(out, _Summary):
-                out.block(kind, block)
+            out.block(kind, block)
         chunk = sock.recv(65536)
 
 
@@ -199,7 +221,7 @@ def main(argv: list[str]) -> int:
             pass
 
     signal.signal(signal.SIGINT, interrupted)
-    out: IO[bytes] | _Summary | None = None
+    out: _Pcapng | _Summary | None = None
     counts = [0, 0]
     try:
         first = sock.recv(65536)
@@ -223,7 +245,7 @@ def main(argv: list[str]) -> int:
         return _fail(f"the daemon sent a broken stream ({e})")
     finally:
         sock.close()
-        if out is not None and not isinstance(out, _Summary) and out is not sys.stdout.buffer:
+        if out is not None:
             out.close()
     packets, missed = counts
     note = f", {missed} missed (the reader was too slow)" if missed else ""
