@@ -1,7 +1,7 @@
 """The Internet checksum (RFC 1071) and its incremental update (RFC 1624).
 
-``int.from_bytes`` folds the whole buffer in C: 3 us for 1400 B here, 25x faster than a
-loop over 16-bit words (reference/fast-path.md).
+``int.from_bytes`` folds the whole buffer in C, far faster than a loop over 16-bit words
+(bench/results/design-measurements.md).
 """
 
 

@@ -351,10 +351,8 @@ def plan_tun_writes(
     between us (Linux queues a UDP-tunnel GSO packet to a UDP socket whole). Payloads are
     memoryviews of ``data``: nothing is copied.
 
-    Measured: one writev per 44-segment run instead of 44 os.write calls took the
-    receiving daemon's TUN writes from ~50% of its CPU to ~12%. This reference costs
-    ~0.5 us per segment plus its checksums (3 us per 1400 bytes); the native module runs
-    the same plan in C.
+    One writev per run, not one write per segment, is what makes the receiver cheap
+    (bench/results/design-measurements.md); the native module runs the same plan in C.
     """
     _check_receive(data, size)
     if size <= 0 or segment <= 0:

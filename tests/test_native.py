@@ -346,7 +346,7 @@ def _dataplane(
 
     from control.lease import Lease
     from control.peer_table import PeerTable
-    from overlay.backends.userspace import vxlan_prefix_for
+    from overlay.dataplane.vxlan import vxlan_prefix_for
     from overlay.dataplane.counters import Counters
     from overlay.dataplane.udp import UdpDataplane
     from overlay.dataplane.vxlan import VxlanDataplane

@@ -5,10 +5,10 @@ Without a steering program the kernel's "automq" remembers, per flow, the queue 
 queue (good for a VM's vhost thread). For us it pins every flow to whichever worker
 receives from the flow's peer: flannel's wire format gives all traffic between two nodes
 one UDP 4-tuple, so SO_REUSEPORT hands it all to one socket, and with automq all of the
-TX towards that peer followed it into the same worker (measured: 4 TCP streams, 2 workers,
-956k packets sent by one worker, 5 by the other). A small BPF program attached with
+TX towards that peer followed it into the same worker (nearly all of it, measured:
+bench/results/design-measurements.md). A small BPF program attached with
 TUNSETSTEERINGEBPF returns the packet's own flow hash instead, so outgoing flows are
-spread over the queues however the replies arrive (the same run: 1.14M / 0.77M).
+spread over the queues however the replies arrive.
 """
 
 from __future__ import annotations

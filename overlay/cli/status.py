@@ -12,6 +12,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -99,7 +100,33 @@ def format_table(
             f"node {st.get('node', '?')}: starting ({st.get('ready', {}).get('reason', '')})\n"
             f"registry   {_registry_line(st.get('registry', '?'))}"
         )
-    rates = previous is not None and interval > 0
+    rates = Rates(previous, interval) if previous is not None and interval > 0 else None
+    counters = st.get("counters", {})
+    lines = [
+        *_node_lines(st),
+        *_traffic_lines(counters, st.get("kernel_counters"), rates),
+        *_worker_lines(st.get("workers")),
+        "",
+        *_peer_lines(st.get("peers", []), rates),
+        "",
+        *_drop_lines(counters.get("drops") or {}, rates),
+    ]
+    return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class Rates:
+    """The snapshot taken ``interval`` seconds before the one shown."""
+
+    previous: dict[str, Any]
+    interval: float
+
+    def of(self, now: dict[str, Any], before: dict[str, Any] | None, key: str) -> float:
+        return _rate(now, before, key, self.interval)
+
+
+def _node_lines(st: dict[str, Any]) -> list[str]:
+    """Who the node is, its lease, its registry and its offloads."""
     ready = st.get("ready", {})
     head = (
         f"node {st.get('node', st.get('lease', {}).get('public_ip', '?'))} "
@@ -123,9 +150,14 @@ def format_table(
         on = [name for name, value in features.items() if value] or ["none"]
         off = [name for name, value in features.items() if not value]
         lines.append(f"features   {' '.join(on)}" + (f"  (off: {' '.join(off)})" if off else ""))
-    counters = st.get("counters", {})
-    kernel = st.get("kernel_counters")
-    before = (previous or {}).get("counters")
+    return lines
+
+
+def _traffic_lines(
+    counters: dict[str, Any], kernel: dict[str, Any] | None, rates: Rates | None
+) -> list[str]:
+    """What this process forwarded (and its rates), or the kernel link's statistics."""
+    lines = []
     if counters:
         totals = (
             f"traffic    sent {_count(counters.get('tx_packets', 0))} packets "
@@ -133,12 +165,13 @@ def format_table(
             f"{_count(counters.get('rx_packets', 0))} ({_size(counters.get('rx_bytes', 0))}), "
             f"ICMP unreachable sent {counters.get('icmp_unreachable_sent', 0)}"
         )
-        if rates:
+        if rates is not None:
+            before = rates.previous.get("counters")
             totals += (
-                f"; now {_count(_rate(counters, before, 'tx_packets', interval))}/s "
-                f"{_size(_rate(counters, before, 'tx_bytes', interval))}/s out, "
-                f"{_count(_rate(counters, before, 'rx_packets', interval))}/s "
-                f"{_size(_rate(counters, before, 'rx_bytes', interval))}/s in"
+                f"; now {_count(rates.of(counters, before, 'tx_packets'))}/s "
+                f"{_size(rates.of(counters, before, 'tx_bytes'))}/s out, "
+                f"{_count(rates.of(counters, before, 'rx_packets'))}/s "
+                f"{_size(rates.of(counters, before, 'rx_bytes'))}/s in"
             )
         lines.append(totals)
     if kernel:
@@ -149,53 +182,59 @@ def format_table(
             f"dropped {kernel.get('tx_dropped', 0)} out / {kernel.get('rx_dropped', 0)} in, "
             f"errors {kernel.get('tx_errors', 0)} / {kernel.get('rx_errors', 0)}"
         )
-    workers = st.get("workers")
-    if workers:
-        shown = ", ".join(
-            f"{w['index']}: pid {w['pid']} {'alive' if w['alive'] else 'EXITED'}" for w in workers
-        )
-        lines.append(f"workers    {shown}")
-    peers = st.get("peers", [])
-    lines.append("")
+    return lines
+
+
+def _worker_lines(workers: list[dict[str, Any]] | None) -> list[str]:
+    if not workers:
+        return []
+    shown = ", ".join(
+        f"{w['index']}: pid {w['pid']} {'alive' if w['alive'] else 'EXITED'}" for w in workers
+    )
+    return [f"workers    {shown}"]
+
+
+def _peer_lines(peers: list[dict[str, Any]], rates: Rates | None) -> list[str]:
     if not peers:
-        lines.append("no peers")
-    else:
-        old = {p["subnet"]: p for p in (previous or {}).get("peers", [])}
-        header = (
-            f"{'PEER':<18} {'PUBLIC IP':<15} {'SENT':>8} {'BYTES':>9} {'RECEIVED':>8} "
-            f"{'BYTES':>9} {'LAST SENT':>10} {'LAST HEARD':>11}"
+        return ["no peers"]
+    header = (
+        f"{'PEER':<18} {'PUBLIC IP':<15} {'SENT':>8} {'BYTES':>9} {'RECEIVED':>8} "
+        f"{'BYTES':>9} {'LAST SENT':>10} {'LAST HEARD':>11}"
+    )
+    if rates is not None:
+        header += f" {'OUT/S':>9} {'IN/S':>9}"
+    lines = [header]
+    old = {p["subnet"]: p for p in (rates.previous.get("peers", []) if rates else [])}
+    for p in peers:
+        row = (
+            f"{p['subnet']:<18} {p['public_ip']:<15} {_count(p.get('tx_packets', 0)):>8} "
+            f"{_size(p.get('tx_bytes', 0)):>9} {_count(p.get('rx_packets', 0)):>8} "
+            f"{_size(p.get('rx_bytes', 0)):>9} {_ago(p.get('last_tx_s')):>10} "
+            f"{_ago(p.get('last_rx_s')):>11}"
         )
-        if rates:
-            header += f" {'OUT/S':>9} {'IN/S':>9}"
-        lines.append(header)
-        for p in peers:
-            row = (
-                f"{p['subnet']:<18} {p['public_ip']:<15} {_count(p.get('tx_packets', 0)):>8} "
-                f"{_size(p.get('tx_bytes', 0)):>9} {_count(p.get('rx_packets', 0)):>8} "
-                f"{_size(p.get('rx_bytes', 0)):>9} {_ago(p.get('last_tx_s')):>10} "
-                f"{_ago(p.get('last_rx_s')):>11}"
+        if rates is not None:
+            was = old.get(p["subnet"])
+            row += (
+                f" {_size(rates.of(p, was, 'tx_bytes')) + '/s':>9}"
+                f" {_size(rates.of(p, was, 'rx_bytes')) + '/s':>9}"
             )
-            if rates:
-                was = old.get(p["subnet"])
-                row += (
-                    f" {_size(_rate(p, was, 'tx_bytes', interval)) + '/s':>9}"
-                    f" {_size(_rate(p, was, 'rx_bytes', interval)) + '/s':>9}"
-                )
-            lines.append(row)
-    drops = counters.get("drops") or {}
-    lines.append("")
+        lines.append(row)
+    return lines
+
+
+def _drop_lines(drops: dict[str, int], rates: Rates | None) -> list[str]:
     if not drops:
-        lines.append("no drops")
-    else:
-        header = f"{'DROPPED (reason)':<28} {'PACKETS':>10}"
-        lines.append(header + ("  PER SECOND" if rates else ""))
-        old_drops = (before or {}).get("drops") or {}
-        for reason, n in sorted(drops.items(), key=lambda item: (-item[1], item[0])):
-            row = f"{reason:<28} {n:>10}"
-            if rates:
-                row += f"  {_rate(drops, old_drops, reason, interval):>10.1f}"
-            lines.append(row)
-    return "\n".join(lines)
+        return ["no drops"]
+    header = f"{'DROPPED (reason)':<28} {'PACKETS':>10}"
+    lines = [header + ("  PER SECOND" if rates is not None else "")]
+    before = rates.previous.get("counters") or {} if rates is not None else {}
+    old_drops = before.get("drops") or {}
+    for reason, n in sorted(drops.items(), key=lambda item: (-item[1], item[0])):
+        row = f"{reason:<28} {n:>10}"
+        if rates is not None:
+            row += f"  {rates.of(drops, old_drops, reason):>10.1f}"
+        lines.append(row)
+    return lines
 
 
 def watch(fetch: Callable[[], dict[str, Any]], interval: float, out: Any = None) -> int:

@@ -42,16 +42,8 @@ lease is used at the next wake-up). Its counts stay in C and reach ``counters`` 
 peers' ``PeerStats`` at ``flush()``: at the end of a wake-up when the last flush is a
 second old, from every ``Counters.snapshot()`` / ``settle()`` (the dataplane puts
 ``flush`` in ``counters.pending``), and at ``stop()``; drops are added at once.
-Measured on the 2-node testbed (/tmp/pingexp.py: pod-to-pod ping, 300 each, interleaved
-with the per-call drains that read ~15 attributes and add their counts every call, 4
-pairs): p50 RTT at a 10 ms interval 330-455 us against 477-642 us (22-38 % lower in every
-pairing), at 2 ms 98-141 against 123-254 us (6-44 %); flanneld's C proxy measured
-~234-278 us in the same testbed earlier.
 
-Measured on the 2-node testbed (2 vCPUs, iperf3 TCP, 1 stream, pod to pod): 1.5 Gbit/s
-plain, 2.4 with UDP GSO+GRO, 3.4-3.9 with TUN super-packets, 4.2-5.5 after the arena
-reads and the one-unpack continuation check, 4.8-5.1 with TSO reads (`overlay bench`, udp
-rows); with the native codecs 5.2-6.6 Gbit/s at half the daemon CPU per GB (README).
+What each of these choices bought is in bench/results/design-measurements.md.
 """
 
 from __future__ import annotations
@@ -178,11 +170,7 @@ class UdpDataplane:
         # TCP super-packets into the TUN pay only when GRO hands us runs of segments.
         self.tun_gso = self.gro and tun.enable_vnet_hdr()
         # TCP super-packets out of the TUN (TSO4, partial checksums), cut here into the
-        # segments of one GSO send (the daemon passes tun_tso unless --no-tun-tso).
-        # Measured on the 2-vCPU testbed, udp backend, runs interleaved with the
-        # per-packet reads: sender daemon 1.31-1.79 s/GB vs 1.45-2.04 (iperf3 -n 3G, 3
-        # pairs); `overlay bench --only udp,udp-tso`: TCP 1 stream 5.11 vs 3.54 Gbit/s,
-        # UDP 1400 B loss-free 2.19 vs 1.47 Gbit/s.
+        # segments of one GSO send (the node passes tun_tso unless --no-tun-tso).
         self.tso = tun_tso and self.gso and tun.vnet_hdr and tun.enable_tso()
 
     def features(self) -> dict[str, bool]:
@@ -249,9 +237,8 @@ class UdpDataplane:
         """Stage 1: drain the TUN (up to BUDGET) into the TX arena, drop what cannot go,
         route the rest. Kept datagrams lie back to back from offset 0, so a GSO group is
         one contiguous slice; each packet is read ``headroom`` bytes into its datagram and
-        the peer's prefix (vxlan: VXLAN + Ethernet header) copied in front. Measured:
-        readv into the arena costs 1.4-1.7 us per packet, os.read 1.7-2.0 us, and
-        os.read + a memoryview past the virtio_net_hdr 2.6 us."""
+        the peer's prefix (vxlan: VXLAN + Ethernet header) copied in front: one readv per
+        packet, the cheapest read measured."""
         headroom = self.headroom
         # Room for one more read of any size, and for cutting it into segments.
         limit = len(self._tx_arena) - 2 * MAX_DATAGRAM - headroom - 3
@@ -349,8 +336,7 @@ class UdpDataplane:
 
     def _send_groups(self, lengths: list[int], addrs: list[tuple[str, int]]) -> None:
         """Stage 2 (GSO): one sendmsg per group; the kernel cuts it into one datagram per
-        packet. Measured: 40 segments per sendmsg cost 1.6 us, vs ~4.7 us per packet for
-        read + sendto (reference/fast-path.md)."""
+        packet, a third of a sendto's cost per packet."""
         sendmsg = self.sock.sendmsg
         view = self._tx_view
         drops = self.counters.drops
@@ -470,8 +456,6 @@ class UdpDataplane:
 
     def on_socket_readable_gro(self) -> None:
         """One recvmsg may hold up to 64 datagrams of one sender (UDP_GRO): split them.
-        Measured: GRO + per-segment TUN write moves 398 kpps vs 317-323 kpps for one
-        recv per datagram (reference/fast-path.md).
 
         GRO only coalesces what the sender sent with GSO. A run of single datagrams (the
         kernel's vxlan device, flannel's C proxy) from one source, all of one size but

@@ -1,4 +1,4 @@
-"""Small network-namespace helpers shared by the testbed, the CNI tests and the demo.
+"""Small network-namespace helpers of the testbed (and of the CNI tests and the bench).
 
 Namespaces are made with pyroute2 (the same bind mount under /run/netns that
 ``ip netns add`` makes, so both tools see them); commands run inside one through
