@@ -28,8 +28,8 @@
  * for the first time (overlay.observe.drop_log.Drops.__missing__).
  */
 
-#define BATCH_MAX 64        /* overlay.counters.BATCH_MAX */
-#define MAX_DATAGRAM 65535  /* overlay.backends.udp.MAX_DATAGRAM */
+#define BATCH_MAX 64        /* overlay.dataplane.counters.BATCH_MAX */
+#define MAX_DATAGRAM 65535  /* overlay.dataplane.udp.MAX_DATAGRAM */
 
 enum {
     A_TUN, A_FD, A_VNET_HDR, A_SOCK, A_HEADROOM, A_TX_ARENA, A_RX_BUFFER, A_TSO,

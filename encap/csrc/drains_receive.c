@@ -72,6 +72,48 @@ static PyObject *rx_sender(drains_t *d, const struct in_addr *ip)
     return entry;
 }
 
+/* d->rules.sources for a sender's sources: parsed again only when they are not the
+ * object the last ones were parsed from (the receives mostly come from one sender). */
+static inline int rx_rules(drains_t *d, PyObject *sources)
+{
+    if (sources == d->sources)
+        return 1;
+    sources_free(&d->rules, d->source_storage);
+    Py_CLEAR(d->sources);
+    if (!parse_sources(&d->rules, d->source_storage, sources))
+        return 0;
+    d->sources = Py_NewRef(sources);
+    return 1;
+}
+
+/* vxlan: the ARP requests of a receive from source, each to
+ * dataplane._answer_arp(start, end, (ip, port)) before the buffer is reused. */
+static int answer_arp(drains_t *d, const plan_t *plan, const struct sockaddr_in *source,
+                      Py_ssize_t size, Py_ssize_t segment)
+{
+    char ip[INET_ADDRSTRLEN];
+    inet_ntop(AF_INET, &source->sin_addr, ip, sizeof ip);
+    PyObject *peer = Py_BuildValue("(si)", ip, (int)ntohs(source->sin_port));
+    if (peer == NULL)
+        return 0;
+    for (Py_ssize_t i = 0; i < plan->narp; i++) {
+        Py_ssize_t at = plan->arp[i], end = at + segment < size ? at + segment : size;
+        PyObject *from = PyLong_FromSsize_t(at), *to = PyLong_FromSsize_t(end);
+        PyObject *r = from && to ? PyObject_CallMethodObjArgs(d->dp, attr[A_ANSWER_ARP], from,
+                                                              to, peer, NULL)
+                                 : NULL;
+        Py_XDECREF(from);
+        Py_XDECREF(to);
+        if (r == NULL) {
+            Py_DECREF(peer);
+            return 0;
+        }
+        Py_DECREF(r);
+    }
+    Py_DECREF(peer);
+    return 1;
+}
+
 /* UdpDataplane._deliver: validate the segment-byte datagrams of the RX buffer's
  * [0:size] (one receive from source) and write them to the TUN. */
 static int rx_deliver(drains_t *d, rx_t *x, const struct sockaddr_in *source, Py_ssize_t size,
@@ -101,13 +143,8 @@ static int rx_deliver(drains_t *d, rx_t *x, const struct sockaddr_in *source, Py
         }
         goto done;
     }
-    if (sources != d->sources) { /* the receives mostly come from one sender */
-        sources_free(&d->rules, d->source_storage);
-        Py_CLEAR(d->sources);
-        if (!parse_sources(&d->rules, d->source_storage, sources))
-            goto done;
-        d->sources = Py_NewRef(sources);
-    }
+    if (!rx_rules(d, sources))
+        goto done;
     if (size > 0xFFFF || size > d->rx.len) { /* not reached: the loop never gathers more */
         PyErr_Format(PyExc_ValueError, "a receive of %zd bytes", size);
         goto done;
@@ -130,28 +167,8 @@ static int rx_deliver(drains_t *d, rx_t *x, const struct sockaddr_in *source, Py
         p->rx_bytes += out[1];
         p->last_rx = monotonic();
     }
-    if (plan.narp) { /* vxlan: ARP requests, answered before the buffer is reused */
-        char ip[INET_ADDRSTRLEN];
-        inet_ntop(AF_INET, &source->sin_addr, ip, sizeof ip);
-        PyObject *peer = Py_BuildValue("(si)", ip, (int)ntohs(source->sin_port));
-        if (peer == NULL)
-            goto done;
-        for (Py_ssize_t i = 0; i < plan.narp; i++) {
-            Py_ssize_t at = plan.arp[i], end = at + segment < size ? at + segment : size;
-            PyObject *from = PyLong_FromSsize_t(at), *to = PyLong_FromSsize_t(end);
-            PyObject *r = from && to ? PyObject_CallMethodObjArgs(d->dp, attr[A_ANSWER_ARP], from,
-                                                                  to, peer, NULL)
-                                     : NULL;
-            Py_XDECREF(from);
-            Py_XDECREF(to);
-            if (r == NULL) {
-                Py_DECREF(peer);
-                goto done;
-            }
-            Py_DECREF(r);
-        }
-        Py_DECREF(peer);
-    }
+    if (plan.narp && !answer_arp(d, &plan, source, size, segment))
+        goto done;
     ok = 1;
 done:
     plan_free(&plan);
@@ -164,19 +181,65 @@ static inline int same_source(const struct sockaddr_in *a, const struct sockaddr
     return a->sin_addr.s_addr == b->sin_addr.s_addr && a->sin_port == b->sin_port;
 }
 
+/* The open run: single datagrams of one source gathered back to back at the front of the
+ * RX buffer (at bytes so far, each of size bytes but a shorter last); none when at is 0. */
+typedef struct {
+    Py_ssize_t at, size;
+    struct sockaddr_in source;
+} rx_run_t;
+
+/* UdpDataplane.on_socket_readable_gro's gathering, for a receive of size bytes at
+ * data[run->at:] (one datagram when segment is size, else a GRO receive): a datagram that
+ * fits the open run joins it (a short one, or 64 KiB, ends it); anything else ends the
+ * open run, then a single datagram opens one (or goes alone when a second would not fit)
+ * and a GRO receive is delivered. 0 on error. */
+static inline int rx_gather(drains_t *d, rx_t *x, rx_run_t *run,
+                            const struct sockaddr_in *source, Py_ssize_t size,
+                            Py_ssize_t segment)
+{
+    uint8_t *data = d->rx.buf;
+    int single = segment == size;
+    if (run->at) {
+        if (single && same_source(source, &run->source) && size <= run->size) {
+            run->at += size;
+            if (size < run->size || run->at + run->size > MAX_DATAGRAM) { /* a short one ends it */
+                Py_ssize_t end = run->at;
+                run->at = 0;
+                if (!rx_deliver(d, x, &run->source, end, run->size))
+                    return 0;
+            }
+            return 1;
+        }
+        Py_ssize_t end = run->at;
+        run->at = 0;
+        if (!rx_deliver(d, x, &run->source, end, run->size)) /* then this one from the front */
+            return 0;
+        memmove(data, data + end, (size_t)size);
+    }
+    if (single) {
+        if (2 * size > MAX_DATAGRAM) /* a second one would not fit: nothing to gather */
+            return rx_deliver(d, x, source, size, size);
+        run->at = run->size = size;
+        run->source = *source;
+        return 1;
+    }
+    d->counts[C_RX_GRO_RECEIVES]++;
+    return rx_deliver(d, x, source, size, segment);
+}
+
 /* UdpDataplane.on_socket_readable_gro's loop (gro), else on_socket_readable's. */
 static int rx_loop(drains_t *d, rx_t *x)
 {
     uint8_t *data = d->rx.buf;
-    Py_ssize_t moved = 0, at = 0, run_size = 0, room = d->rx.len;
-    struct sockaddr_in run_source = {0};
+    Py_ssize_t moved = 0, room = d->rx.len;
+    rx_run_t run = {0};
     union {
         char buf[CMSG_SPACE(sizeof(int))];
         struct cmsghdr align;
     } control;
     while (moved < d->budget) {
         struct sockaddr_in source;
-        struct iovec iov = {data + at, (size_t)(room - at)};
+        struct iovec iov = {data + run.at, (size_t)(room - run.at)};
         struct msghdr msg = {
             .msg_name = &source,
             .msg_namelen = sizeof source,
@@ -216,39 +279,10 @@ static int rx_loop(drains_t *d, rx_t *x)
             x->drops[R_TRUNCATED]++;
             continue;
         }
-        int single = segment == size;
-        if (at) {
-            if (single && same_source(&source, &run_source) && size <= run_size) {
-                at += size;
-                if (size < run_size || at + run_size > MAX_DATAGRAM) { /* a short one ends it */
-                    Py_ssize_t end = at;
-                    at = 0;
-                    if (!rx_deliver(d, x, &run_source, end, run_size))
-                        return 0;
-                }
-                continue;
-            }
-            Py_ssize_t end = at;
-            at = 0;
-            if (!rx_deliver(d, x, &run_source, end, run_size)) /* then this one from the front */
-                return 0;
-            memmove(data, data + end, (size_t)size);
-        }
-        if (single) {
-            if (2 * size > MAX_DATAGRAM) { /* a second one would not fit: nothing to gather */
-                if (!rx_deliver(d, x, &source, size, size))
-                    return 0;
-                continue;
-            }
-            at = run_size = size;
-            run_source = source;
-            continue;
-        }
-        d->counts[C_RX_GRO_RECEIVES]++;
-        if (!rx_deliver(d, x, &source, size, segment))
+        if (!rx_gather(d, x, &run, &source, size, segment))
             return 0;
     }
-    if (at && !rx_deliver(d, x, &run_source, at, run_size))
+    if (run.at && !rx_deliver(d, x, &run.source, run.at, run.size))
         return 0;
     return 1;
 }

@@ -207,6 +207,93 @@ fail:
     return 0;
 }
 
+/* One read from the TUN: its virtio_net_hdr into hdr (when the TUN has one), the packet
+ * into packet[0:room]. readv's result, EINTR retried. */
+static inline ssize_t tun_readv(const drains_t *d, uint8_t *hdr, uint8_t *packet,
+                                Py_ssize_t room)
+{
+    struct iovec iov[2];
+    int k = 0;
+    if (d->vnet)
+        iov[k++] = (struct iovec){hdr, 10};
+    iov[k++] = (struct iovec){packet, (size_t)room};
+    ssize_t got;
+    do
+        got = readv(d->tun_fd, iov, k);
+    while (got < 0 && errno == EINTR);
+    return got;
+}
+
+/* The wake-up's peer for the packet read at packet[0:length], in *peer: its destination
+ * looked up when it is not the last packet's (last_dst, when *have_dst). 1: routed; 0: no
+ * route (dataplane._no_route ran: it counts the drop and may answer with an ICMP error);
+ * -1 on error. */
+static inline int tx_route(drains_t *d, tx_t *t, const uint8_t *packet, Py_ssize_t length,
+                           uint8_t last_dst[4], int *have_dst, Py_ssize_t *peer)
+{
+    if (*have_dst && memcmp(packet + 16, last_dst, 4) == 0)
+        return 1;
+    if (!lookup_route(d, be32(packet + 16)))
+        return -1;
+    if (!d->route_found) {
+        *have_dst = 0;
+        PyObject *copy = PyBytes_FromStringAndSize((const char *)packet, length);
+        PyObject *r = copy ? PyObject_CallMethodOneArg(d->dp, attr[A_NO_ROUTE], copy) : NULL;
+        Py_XDECREF(copy);
+        if (r == NULL)
+            return -1;
+        Py_DECREF(r);
+        return 0;
+    }
+    if ((*peer = tx_peer(t, &d->route_sa, d->route_stats)) < 0)
+        return -1;
+    memcpy(last_dst, packet + 16, 4);
+    *have_dst = 1;
+    return 1;
+}
+
+/* The offloads the virtio_net_hdr of the packet read at arena[*at + headroom:][:length]
+ * asks for: a TCP super-packet is cut in place into segments behind the prefix
+ * (encap.tso.segment_tcp4), each kept, *at moved past them; a partial checksum's region
+ * is noted in regions (finished after the drain). What cannot be done is counted. 1: keep
+ * the packet as read; 0: done with it (cut, or dropped); -1 on error. */
+static inline int tx_offload(drains_t *d, tx_t *t, const uint8_t hdr[10], Py_ssize_t *at,
+                             Py_ssize_t length, Py_ssize_t peer, const uint8_t *prefix,
+                             Py_ssize_t (*regions)[3], Py_ssize_t *nregions)
+{
+    uint16_t gso_size, csum_start, csum_offset;
+    memcpy(&gso_size, hdr + 4, 2);
+    memcpy(&csum_start, hdr + 6, 2);
+    memcpy(&csum_offset, hdr + 8, 2);
+    if (hdr[1] == VNET_GSO_TCPV4) {
+        char detail[96];
+        Py_ssize_t out[3];
+        const char *reason = cut_tcp4(d->arena.buf, d->arena.len, *at, length, gso_size,
+                                      prefix, d->headroom, out, detail, sizeof detail);
+        if (reason != NULL) {
+            t->drops[tx_reason(reason)]++;
+            return 0;
+        }
+        for (Py_ssize_t i = 0; i < out[0]; i++)
+            if (!keep(t, i < out[0] - 1 ? out[1] : out[2], peer))
+                return -1;
+        *at += (out[0] - 1) * out[1] + out[2];
+        d->counts[C_TX_TUN_SUPER]++;
+        return 0;
+    }
+    if (hdr[1] != VNET_GSO_NONE) {
+        t->drops[T_GSO_UNSUPPORTED]++;
+        return 0;
+    }
+    if (!partial_region(*at + d->headroom, length, csum_start, csum_offset,
+                        regions[*nregions])) {
+        t->drops[T_BAD_CSUM_OFFSETS]++;
+        return 0;
+    }
+    (*nregions)++;
+    return 1;
+}
+
 /* Stage 1, UdpDataplane._read_tun: drain the TUN into the arena (kept packets back to
  * back from offset 0), route, cut super-packets, finish partial checksums. */
 static int tx_read(drains_t *d, tx_t *t)
@@ -225,7 +312,6 @@ static int tx_read(drains_t *d, tx_t *t)
     Py_ssize_t nregions = 0, at = 0, peer = -1;
     uint8_t last_dst[4] = {0};
     int have_dst = 0;
-    char detail[96];
     if (regions == NULL) {
         PyErr_NoMemory();
         return 0;
@@ -235,15 +321,7 @@ static int tx_read(drains_t *d, tx_t *t)
             break;
         Py_ssize_t body = at + headroom;
         uint8_t hdr[10] = {0};
-        struct iovec iov[2];
-        int k = 0;
-        if (d->vnet)
-            iov[k++] = (struct iovec){hdr, 10};
-        iov[k++] = (struct iovec){b + body, (size_t)(size - body)};
-        ssize_t got;
-        do
-            got = readv(d->tun_fd, iov, k);
-        while (got < 0 && errno == EINTR);
+        ssize_t got = tun_readv(d, hdr, b + body, size - body);
         if (got < 0) {
             if (would_block(errno))
                 break;
@@ -255,61 +333,21 @@ static int tx_read(drains_t *d, tx_t *t)
             t->drops[T_NOT_IPV4]++;
             continue;
         }
-        if (!have_dst || memcmp(b + body + 16, last_dst, 4) != 0) {
-            if (!lookup_route(d, be32(b + body + 16)))
+        int routed = tx_route(d, t, b + body, length, last_dst, &have_dst, &peer);
+        if (routed <= 0) {
+            if (routed < 0)
                 goto done;
-            if (!d->route_found) {
-                have_dst = 0;
-                PyObject *packet = PyBytes_FromStringAndSize((const char *)b + body, length);
-                PyObject *r = packet ? PyObject_CallMethodOneArg(d->dp, attr[A_NO_ROUTE], packet)
-                                     : NULL;
-                Py_XDECREF(packet);
-                if (r == NULL)
-                    goto done;
-                Py_DECREF(r);
-                continue;
-            }
-            if ((peer = tx_peer(t, &d->route_sa, d->route_stats)) < 0)
-                goto done;
-            memcpy(last_dst, b + body + 16, 4);
-            have_dst = 1;
+            continue;
         }
         /* the prefix the packet was routed with: _no_route may have changed the tables */
         const uint8_t *prefix = (const uint8_t *)PyBytes_AS_STRING(d->route_prefix);
         if (d->tso && (hdr[1] || hdr[0] & VNET_NEEDS_CSUM)) {
-            uint16_t gso_size, csum_start, csum_offset;
-            memcpy(&gso_size, hdr + 4, 2);
-            memcpy(&csum_start, hdr + 6, 2);
-            memcpy(&csum_offset, hdr + 8, 2);
-            if (hdr[1] == VNET_GSO_TCPV4) {
-                Py_ssize_t out[3];
-                const char *reason = cut_tcp4(b, size, at, length, gso_size, prefix, headroom,
-                                              out, detail, sizeof detail);
-                if (reason != NULL) {
-                    t->drops[tx_reason(reason)]++;
-                    continue;
-                }
-                for (Py_ssize_t i = 0; i < out[0]; i++)
-                    if (!keep(t, i < out[0] - 1 ? out[1] : out[2], peer))
-                        goto done;
-                at += (out[0] - 1) * out[1] + out[2];
-                d->counts[C_TX_TUN_SUPER]++;
+            int as_read = tx_offload(d, t, hdr, &at, length, peer, prefix, regions, &nregions);
+            if (as_read <= 0) {
+                if (as_read < 0)
+                    goto done;
                 continue;
             }
-            if (hdr[1] != VNET_GSO_NONE) {
-                t->drops[T_GSO_UNSUPPORTED]++;
-                continue;
-            }
-            /* encap.tso.partial_region */
-            Py_ssize_t start = body + csum_start, field = start + csum_offset, end = body + length;
-            if (!(body < start && start <= field && field <= end - 2)) {
-                t->drops[T_BAD_CSUM_OFFSETS]++;
-                continue;
-            }
-            regions[nregions][0] = start;
-            regions[nregions][1] = end;
-            regions[nregions][2] = field;
-            nregions++;
         }
         if (headroom)
             memcpy(b + at, prefix, (size_t)headroom);
@@ -319,13 +357,7 @@ static int tx_read(drains_t *d, tx_t *t)
     }
     ok = 1;
 done:
-    for (Py_ssize_t i = 0; i < nregions; i++) { /* encap.tso.finish_checksums */
-        Py_ssize_t *r = regions[i];
-        uint32_t c = ~fold(sum16(b + r[0], r[1] - r[0])) & 0xFFFF;
-        if (c == 0 && r[2] - r[0] == 6)
-            c = 0xFFFF;
-        put16(b + r[2], c);
-    }
+    finish_regions(b, regions, nregions); /* encap.tso.finish_checksums */
     if (regions != local_regions)
         PyMem_Free(regions);
     return ok;
@@ -385,6 +417,58 @@ static int gso_worked(drains_t *d)
     return d->gso_sent;
 }
 
+/* The GSO group of the packets from start on (encap.gso.plan_groups' rule: one peer,
+ * every length the first's but the last, which may be shorter, at most MAX_RUN packets
+ * and MAX_GSO_BYTES): its end, *total its bytes. */
+static inline Py_ssize_t next_group(const tx_t *t, Py_ssize_t start, Py_ssize_t *total)
+{
+    const tx_packet_t *p = t->packets;
+    Py_ssize_t n = t->npackets, size = p[start].length, previous = size, end;
+    *total = size;
+    for (end = start + 1; end < n; end++) {
+        Py_ssize_t length = p[end].length;
+        if (!(previous == size && length <= size && p[end].peer == p[start].peer
+              && *total + length <= MAX_GSO_BYTES && end - start < MAX_RUN))
+            break;
+        *total += length;
+        previous = length;
+    }
+    return end;
+}
+
+/* One sendmsg of data[0:total] to sa with UDP_SEGMENT size (encap.gso.segment_cmsg): the
+ * kernel cuts it into datagrams of size bytes, the last shorter. sendmsg's result, EINTR
+ * retried. */
+static inline ssize_t send_gso(int fd, const struct sockaddr_in *sa, const uint8_t *data,
+                               Py_ssize_t total, Py_ssize_t size)
+{
+    union {
+        char buf[CMSG_SPACE(sizeof(uint16_t))];
+        struct cmsghdr align;
+    } control;
+    memset(&control, 0, sizeof control);
+    struct iovec iov = {(void *)data, (size_t)total};
+    struct msghdr msg = {
+        .msg_name = (void *)sa,
+        .msg_namelen = sizeof *sa,
+        .msg_iov = &iov,
+        .msg_iovlen = 1,
+        .msg_control = control.buf,
+        .msg_controllen = sizeof control.buf,
+    };
+    struct cmsghdr *c = CMSG_FIRSTHDR(&msg);
+    c->cmsg_level = SOL_UDP;
+    c->cmsg_type = UDP_SEGMENT;
+    c->cmsg_len = CMSG_LEN(sizeof(uint16_t));
+    uint16_t segment = (uint16_t)size; /* <= MAX_GSO_BYTES */
+    memcpy(CMSG_DATA(c), &segment, sizeof segment);
+    ssize_t r;
+    do
+        r = sendmsg(fd, &msg, 0);
+    while (r < 0 && errno == EINTR);
+    return r;
+}
+
 /* Stage 2 (GSO), UdpDataplane._send_groups with encap.gso.plan_groups' grouping: one
  * sendmsg per group, the kernel cutting it into one datagram per packet. */
 static int tx_send_groups(drains_t *d, tx_t *t, double now)
@@ -393,15 +477,8 @@ static int tx_send_groups(drains_t *d, tx_t *t, double now)
     tx_packet_t *p = t->packets;
     const uint8_t *b = d->arena.buf;
     for (Py_ssize_t start = 0, end; start < n; start = end) {
-        Py_ssize_t size = p[start].length, previous = size, total = size;
-        for (end = start + 1; end < n; end++) {
-            Py_ssize_t length = p[end].length;
-            if (!(previous == size && length <= size && p[end].peer == p[start].peer
-                  && total + length <= MAX_GSO_BYTES && end - start < MAX_RUN))
-                break;
-            total += length;
-            previous = length;
-        }
+        Py_ssize_t total;
+        end = next_group(t, start, &total);
         Py_ssize_t first = at;
         at += total;
         if (end - start == 1) {
@@ -410,30 +487,7 @@ static int tx_send_groups(drains_t *d, tx_t *t, double now)
             continue;
         }
         const tx_peer_t *peer = &t->peers[p[start].peer];
-        union {
-            char buf[CMSG_SPACE(sizeof(uint16_t))];
-            struct cmsghdr align;
-        } control;
-        memset(&control, 0, sizeof control);
-        struct iovec iov = {(void *)(b + first), (size_t)total};
-        struct msghdr msg = {
-            .msg_name = (void *)&peer->sa,
-            .msg_namelen = sizeof peer->sa,
-            .msg_iov = &iov,
-            .msg_iovlen = 1,
-            .msg_control = control.buf,
-            .msg_controllen = sizeof control.buf,
-        };
-        struct cmsghdr *c = CMSG_FIRSTHDR(&msg);
-        c->cmsg_level = SOL_UDP;
-        c->cmsg_type = UDP_SEGMENT;
-        c->cmsg_len = CMSG_LEN(sizeof(uint16_t));
-        uint16_t segment = (uint16_t)size; /* <= MAX_GSO_BYTES */
-        memcpy(CMSG_DATA(c), &segment, sizeof segment);
-        ssize_t r;
-        do
-            r = sendmsg(d->sock_fd, &msg, 0);
-        while (r < 0 && errno == EINTR);
+        ssize_t r = send_gso(d->sock_fd, &peer->sa, b + first, total, p[start].length);
         if (r < 0) {
             int e = errno;
             if (would_block(e)) {

@@ -10,7 +10,8 @@
  *     (make_plan, super_header)           TUN write plan), tcp_super_header
  *
  * Drains.rx (drains_receive.c) runs the same plan (make_plan) and writes it.
- * tests/encap/test_native.py and tests/encap/test_rx.py prove them equal.
+ * tests/encap/test_native.py proves them equal to the reference; tests/encap/test_rx.py
+ * checks both against scapy.
  */
 
 /* Linux constants (include/uapi/linux/udp.h), as encap/gso.py has them */
@@ -23,7 +24,10 @@
 #ifndef UDP_GRO
 #define UDP_GRO 104
 #endif
+#define MAX_RUN 64 /* encap.gso.MAX_SEGMENTS */
 #define MAX_GSO_BYTES 65000 /* encap.gso.MAX_GSO_BYTES */
+
+/* -- RX: gro_size ---------------------------------------------------------------------- */
 
 static int gro_size(struct msghdr *msg, Py_ssize_t size) /* encap.gso.gro_size */
 {
@@ -46,6 +50,35 @@ typedef __int128 total_t;
 #else
 typedef long long total_t; /* Py_ssize_t is 32 bits where there is no __int128 */
 #endif
+
+/* groups.append((start, end)); 0 on error. */
+static int append_group(PyObject *groups, Py_ssize_t start, Py_ssize_t end)
+{
+    PyObject *g = Py_BuildValue("(nn)", start, end);
+    if (g == NULL || PyList_Append(groups, g) < 0) {
+        Py_XDECREF(g);
+        return 0;
+    }
+    Py_DECREF(g);
+    return 1;
+}
+
+/* key == group_key by __eq__, which runs Python: the lists (when they are lists) may have
+ * changed, and fewer than count items is an IndexError. 1, 0, or -1 on error. */
+static int same_key(PyObject *key, PyObject *group_key, PyObject *lengths, PyObject *keys,
+                    Py_ssize_t count)
+{
+    PyObject *k = Py_NewRef(key);
+    int same = PyObject_RichCompareBool(k, group_key, Py_EQ);
+    Py_DECREF(k);
+    if (same < 0)
+        return -1;
+    if (PySequence_Fast_GET_SIZE(lengths) < count || PySequence_Fast_GET_SIZE(keys) < count) {
+        PyErr_SetString(PyExc_IndexError, "the lists shrank during plan_groups");
+        return -1;
+    }
+    return same;
+}
 
 static PyObject *plan_groups(PyObject *self, PyObject *args)
 {
@@ -86,18 +119,10 @@ static PyObject *plan_groups(PyObject *self, PyObject *args)
             if (key[i] == group_key) {
                 same = 1;
             } else {
-                PyObject *k = Py_NewRef(key[i]);
-                same = PyObject_RichCompareBool(k, group_key, Py_EQ);
-                Py_DECREF(k);
+                same = same_key(key[i], group_key, lengths, keys, count);
                 if (same < 0)
                     goto done;
-                /* __eq__ ran Python: the lists (when they are lists) may have changed */
-                if (PySequence_Fast_GET_SIZE(lengths) < count
-                    || PySequence_Fast_GET_SIZE(keys) < count) {
-                    PyErr_SetString(PyExc_IndexError, "the lists shrank during plan_groups");
-                    goto done;
-                }
-                len = PySequence_Fast_ITEMS(lengths);
+                len = PySequence_Fast_ITEMS(lengths); /* __eq__ may have changed the lists */
                 key = PySequence_Fast_ITEMS(keys);
             }
         }
@@ -106,23 +131,15 @@ static PyObject *plan_groups(PyObject *self, PyObject *args)
             previous = length;
             continue;
         }
-        PyObject *g = Py_BuildValue("(nn)", start, i);
-        if (g == NULL || PyList_Append(groups, g) < 0) {
-            Py_XDECREF(g);
+        if (!append_group(groups, start, i))
             goto done;
-        }
-        Py_DECREF(g);
         start = i;
         Py_SETREF(group_key, Py_NewRef(key[i]));
         size = previous = length;
         total = length;
     }
-    PyObject *g = Py_BuildValue("(nn)", start, count);
-    if (g == NULL || PyList_Append(groups, g) < 0) {
-        Py_XDECREF(g);
+    if (!append_group(groups, start, count))
         goto done;
-    }
-    Py_DECREF(g);
     result = Py_NewRef(groups);
 done:
     Py_XDECREF(group_key);
@@ -327,7 +344,6 @@ static int check_vxlan(const uint8_t *d, Py_ssize_t at, Py_ssize_t end, const ru
 
 /* -- RX: the plan of encap.gso.plan_tun_writes / valid_pieces ------------------------------ */
 
-#define MAX_RUN 64 /* encap.gso.MAX_SEGMENTS */
 #define VXLAN_HEADROOM 22
 
 typedef struct {
@@ -400,6 +416,42 @@ static int continues(const uint8_t *d, Py_ssize_t start, Py_ssize_t head, Py_ssi
         && memcmp(d + start + 40, d + head + 40, (size_t)(hl - 40)) == 0; /* options */
 }
 
+/* The write of a packet that passed check_inner, d[start:end], at w (the plan's next):
+ * with coalesce, one TCP packet beyond the TUN's MTU as a super-packet of mtu-sized
+ * segments, or a TCP segment with data and flags exactly ACK as the first of a run, left
+ * open (1; *expect the next segment's sequence number); else the packet alone. */
+static inline int open_write(const uint8_t *d, Py_ssize_t start, Py_ssize_t end, int coalesce,
+                             Py_ssize_t mtu, plan_t *plan, plan_write_t *w, uint32_t *expect)
+{
+    Py_ssize_t length = end - start;
+    int simple_tcp = d[start] == 0x45 && d[start + 9] == 6 && (d[start + 6] & 0x3F) == 0
+                  && d[start + 7] == 0; /* no IP options, not a fragment */
+    if (coalesce && simple_tcp && length > mtu && mtu > 20 + (d[start + 32] >> 4) * 4) {
+        /* one TCP packet beyond the TUN's MTU: a super-packet of mtu-sized segments */
+        Py_ssize_t hl = 20 + (d[start + 32] >> 4) * 4;
+        *w = (plan_write_t){.head = start, .head_end = end, .header_length = hl,
+                            .total = length, .run_length = mtu, .first = plan->npieces,
+                            .count = 1, .oversize = 1};
+        plan->pieces[plan->npieces++] = (piece_t){start + hl, end};
+        plan->nwrites++;
+        return 0;
+    }
+    if (coalesce && simple_tcp && length > 40 && d[start + 33] == ACK) {
+        Py_ssize_t offset = d[start + 32] >> 4;
+        if (offset >= 5 && length > 20 + offset * 4) {
+            *w = (plan_write_t){.head = start, .head_end = end, .header_length = 20 + offset * 4,
+                                .total = length, .run_length = length,
+                                .first = plan->npieces, .count = 1};
+            plan->pieces[plan->npieces++] = (piece_t){start + w->header_length, end};
+            *expect = be32(d + start + 24) + (uint32_t)(length - w->header_length);
+            return 1;
+        }
+    }
+    *w = (plan_write_t){.head = start, .head_end = end};
+    plan->nwrites++;
+    return 0;
+}
+
 /* plan_tun_writes when coalesce, else valid_pieces (then every write is plain). No
  * Python calls (the GIL is kept all the same): touches only d[0:size] and the plan. */
 static void make_plan(uint8_t *d, Py_ssize_t size, Py_ssize_t segment, const rules_t *rules,
@@ -460,32 +512,7 @@ static void make_plan(uint8_t *d, Py_ssize_t size, Py_ssize_t segment, const rul
             continue;
         }
         w = &plan->writes[plan->nwrites];
-        int simple_tcp = d[start] == 0x45 && d[start + 9] == 6 && (d[start + 6] & 0x3F) == 0
-                      && d[start + 7] == 0; /* no IP options, not a fragment */
-        if (coalesce && simple_tcp && length > mtu && mtu > 20 + (d[start + 32] >> 4) * 4) {
-            /* one TCP packet beyond the TUN's MTU: a super-packet of mtu-sized segments */
-            Py_ssize_t hl = 20 + (d[start + 32] >> 4) * 4;
-            *w = (plan_write_t){.head = start, .head_end = end, .header_length = hl,
-                                .total = length, .run_length = mtu, .first = plan->npieces,
-                                .count = 1, .oversize = 1};
-            plan->pieces[plan->npieces++] = (piece_t){start + hl, end};
-            plan->nwrites++;
-            continue;
-        }
-        if (coalesce && simple_tcp && length > 40 && d[start + 33] == ACK) {
-            Py_ssize_t offset = d[start + 32] >> 4;
-            if (offset >= 5 && length > 20 + offset * 4) {
-                *w = (plan_write_t){.head = start, .head_end = end, .header_length = 20 + offset * 4,
-                                    .total = length, .run_length = length,
-                                    .first = plan->npieces, .count = 1};
-                plan->pieces[plan->npieces++] = (piece_t){start + w->header_length, end};
-                expect = be32(d + start + 24) + (uint32_t)(length - w->header_length);
-                run = 1;
-                continue;
-            }
-        }
-        *w = (plan_write_t){.head = start, .head_end = end};
-        plan->nwrites++;
+        run = open_write(d, start, end, coalesce, mtu, plan, w, &expect);
     }
     if (run)
         EMIT(0);
@@ -616,8 +643,8 @@ static int rx_check(rx_args_t *a)
     return 1;
 }
 
-/* drops[names[r]] += counts[r] for every r with a count, through the mapping protocol
- * (so a Counter's or overlay.drop_log.Drops's __missing__ runs as for `drops[r] += 1`). */
+/* drops[names[r]] += counts[r] for every r with a count, through the mapping protocol (so
+ * a Counter's or overlay.observe.drop_log.Drops's __missing__ runs as for `drops[r] += 1`). */
 static int add_counts(PyObject *drops, PyObject *const *names, const Py_ssize_t *counts, int n)
 {
     for (int r = 0; r < n; r++) {
@@ -696,6 +723,34 @@ static int parse_rx(PyObject *args, PyObject *kwargs, rx_args_t *a)
     return 1;
 }
 
+/* A write of the plan as the reference returns it, a new reference: valid_pieces'
+ * (start, end) when not coalesce, else plan_tun_writes' ([buffers], packets, bytes): the
+ * plain virtio_net_hdr and the packet, or the run's super-packet header and its payloads,
+ * as copies (bytes). */
+static PyObject *write_item(const uint8_t *d, const plan_t *plan, const plan_write_t *w,
+                            int coalesce)
+{
+    if (!coalesce)
+        return Py_BuildValue("nn", w->head, w->head_end);
+    if (w->count == 0)
+        return Py_BuildValue("[y#y#]nn", "\0\0\0\0\0\0\0\0\0\0", (Py_ssize_t)10,
+                             (const char *)d + w->head, w->head_end - w->head, (Py_ssize_t)1,
+                             w->head_end - w->head);
+    uint8_t vnet[10], header[120];
+    super_header(d, w, vnet, header);
+    PyObject *buffers = Py_BuildValue("[y#y#]", (const char *)vnet, (Py_ssize_t)10,
+                                      (const char *)header, w->header_length);
+    for (Py_ssize_t k = 0; buffers != NULL && k < w->count; k++) {
+        const piece_t *p = &plan->pieces[w->first + k];
+        PyObject *b = PyBytes_FromStringAndSize((const char *)d + p->start, p->end - p->start);
+        if (b == NULL || PyList_Append(buffers, b) < 0)
+            Py_CLEAR(buffers);
+        Py_XDECREF(b);
+    }
+    return buffers == NULL ? NULL
+         : Py_BuildValue("Nnn", buffers, w->count, w->total + (w->count - 1) * w->header_length);
+}
+
 static PyObject *planned(PyObject *args, PyObject *kwargs, int coalesce)
 {
     rx_args_t a;
@@ -722,31 +777,7 @@ static PyObject *planned(PyObject *args, PyObject *kwargs, int coalesce)
     if (list == NULL)
         goto done;
     for (Py_ssize_t i = 0; i < plan.nwrites; i++) {
-        const plan_write_t *w = &plan.writes[i];
-        PyObject *item;
-        if (!coalesce) {
-            item = Py_BuildValue("nn", w->head, w->head_end);
-        } else if (w->count == 0) {
-            item = Py_BuildValue("[y#y#]nn", "\0\0\0\0\0\0\0\0\0\0", (Py_ssize_t)10,
-                                 (const char *)d + w->head, w->head_end - w->head, (Py_ssize_t)1,
-                                 w->head_end - w->head);
-        } else {
-            uint8_t vnet[10], header[120];
-            super_header(d, w, vnet, header);
-            PyObject *buffers = Py_BuildValue("[y#y#]", (const char *)vnet, (Py_ssize_t)10,
-                                              (const char *)header, w->header_length);
-            for (Py_ssize_t k = 0; buffers != NULL && k < w->count; k++) {
-                const piece_t *p = &plan.pieces[w->first + k];
-                PyObject *b = PyBytes_FromStringAndSize((const char *)d + p->start,
-                                                        p->end - p->start);
-                if (b == NULL || PyList_Append(buffers, b) < 0)
-                    Py_CLEAR(buffers);
-                Py_XDECREF(b);
-            }
-            item = buffers == NULL ? NULL
-                 : Py_BuildValue("Nnn", buffers, w->count,
-                                 w->total + (w->count - 1) * w->header_length);
-        }
+        PyObject *item = write_item(d, &plan, &plan.writes[i], coalesce);
         if (item == NULL || PyList_Append(list, item) < 0) {
             Py_XDECREF(item);
             Py_DECREF(list);

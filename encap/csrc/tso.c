@@ -1,14 +1,15 @@
 /* encap._native: TX, what a NIC's TSO engine does for the packets the TUN hands over
  * with TSO4 and CSUM offloads. Reference: encap/tso.py, rule for rule:
  *
- *   segment_tcp4 (cut_tcp4: the checks,   segment_tcp4
- *     then the cut)
+ *   segment_tcp4, cut_tcp4 (check_tcp4,   segment_tcp4
+ *     then cut_segments)
  *   partial_region                        partial_region
  *   finish_checksums, finish_regions      finish_checksums (finish_regions: its second
  *                                         loop, for regions already checked)
  *
  * Drains.tx (drains_send.c) calls cut_tcp4, partial_region and finish_regions directly.
- * tests/encap/test_native.py and tests/encap/test_tso.py prove them equal.
+ * tests/encap/test_native.py proves them equal to the reference (tests/encap/test_tso.py
+ * checks the reference against scapy).
  */
 
 /* struct virtio_net_hdr (encap.tso.VNET): flags, gso_type */
@@ -18,11 +19,19 @@
 
 /* -- segment_tcp4 ----------------------------------------------------------------------- */
 
-/* The cut itself: NULL when done (count, stride, last set), else the CodecError reason
- * (detail filled). ``prefix`` must not lie in ``b``. */
-static const char *cut_tcp4(uint8_t *b, Py_ssize_t size, Py_ssize_t at, Py_ssize_t length,
-                            Py_ssize_t gso_size, const uint8_t *prefix, Py_ssize_t room,
-                            Py_ssize_t out[3], char *detail, size_t detail_size)
+/* Where a super-packet's headers and payload lie, as check_tcp4 found them. */
+typedef struct {
+    Py_ssize_t ip;              /* its IPv4 header: b[ip:] */
+    Py_ssize_t ihl, headers;    /* the IPv4 header's length; IPv4 + TCP headers' */
+    Py_ssize_t payload, count;  /* TCP payload bytes; segments of gso_size */
+} tcp4_layout_t;
+
+/* The checks of encap.tso.segment_tcp4, before anything is written: NULL when the
+ * super-packet at b[at + room:][:length] can be cut (*layout filled), else the CodecError
+ * reason (detail filled). */
+static inline const char *check_tcp4(const uint8_t *b, Py_ssize_t size, Py_ssize_t at,
+                                     Py_ssize_t length, Py_ssize_t gso_size, Py_ssize_t room,
+                                     tcp4_layout_t *layout, char *detail, size_t detail_size)
 {
     detail[0] = 0;
     if (at < 0 || length < 0 || at > size || room > size - at || length > size - at - room) {
@@ -56,6 +65,19 @@ static const char *cut_tcp4(uint8_t *b, Py_ssize_t size, Py_ssize_t at, Py_ssize
         snprintf(detail, detail_size, "%zd segments", count);
         return "gso_no_room";
     }
+    *layout = (tcp4_layout_t){.ip = ip, .ihl = ihl, .headers = headers, .payload = payload,
+                              .count = count};
+    return NULL;
+}
+
+/* The cut of a checked super-packet, in place: each segment prefix + IPv4 + TCP header +
+ * payload, back to back from at (out: count, stride, last). */
+static inline void cut_segments(uint8_t *b, Py_ssize_t at, Py_ssize_t gso_size,
+                                const uint8_t *prefix, Py_ssize_t room,
+                                const tcp4_layout_t *layout, Py_ssize_t out[3])
+{
+    Py_ssize_t ip = layout->ip, ihl = layout->ihl, headers = layout->headers;
+    Py_ssize_t count = layout->count;
     uint8_t original[120]; /* IPv4 (<= 60) + TCP (<= 60) headers */
     memcpy(original, b + ip, (size_t)headers);
     uint32_t ip_id = be16(original + 4);
@@ -63,7 +85,7 @@ static const char *cut_tcp4(uint8_t *b, Py_ssize_t size, Py_ssize_t at, Py_ssize
     uint8_t flags = original[ihl + 13];
     uint32_t addresses = sum16(original + 12, 8);
     Py_ssize_t stride = room + headers + gso_size;
-    Py_ssize_t last = payload - (count - 1) * gso_size;
+    Py_ssize_t last = layout->payload - (count - 1) * gso_size;
     /* Last segment first: segment i's output never reaches below segment i-1's payload,
      * and each payload is summed and moved before its header is written over it. */
     for (Py_ssize_t i = count - 1; i >= 0; i--) {
@@ -99,7 +121,20 @@ static const char *cut_tcp4(uint8_t *b, Py_ssize_t size, Py_ssize_t at, Py_ssize
     out[0] = count;
     out[1] = stride;
     out[2] = room + headers + last;
-    return NULL;
+}
+
+/* The cut itself: NULL when done (count, stride, last set), else the CodecError reason
+ * (detail filled). ``prefix`` must not lie in ``b``. */
+static const char *cut_tcp4(uint8_t *b, Py_ssize_t size, Py_ssize_t at, Py_ssize_t length,
+                            Py_ssize_t gso_size, const uint8_t *prefix, Py_ssize_t room,
+                            Py_ssize_t out[3], char *detail, size_t detail_size)
+{
+    tcp4_layout_t layout;
+    const char *reason = check_tcp4(b, size, at, length, gso_size, room, &layout, detail,
+                                    detail_size);
+    if (reason == NULL)
+        cut_segments(b, at, gso_size, prefix, room, &layout, out);
+    return reason;
 }
 
 static PyObject *segment_tcp4(PyObject *self, PyObject *args)
@@ -131,6 +166,21 @@ done:
 }
 
 /* -- finish_checksums ------------------------------------------------------------------- */
+
+/* encap.tso.partial_region: where the packet of length bytes at at has its partial
+ * checksum (virtio_net_hdr csum_start, csum_offset), as region = (start, end, field); 0
+ * when that does not lie in the packet. */
+static inline int partial_region(Py_ssize_t at, Py_ssize_t length, Py_ssize_t csum_start,
+                                 Py_ssize_t csum_offset, Py_ssize_t region[3])
+{
+    Py_ssize_t start = at + csum_start, field = start + csum_offset, end = at + length;
+    if (!(at < start && start <= field && field <= end - 2))
+        return 0;
+    region[0] = start;
+    region[1] = end;
+    region[2] = field;
+    return 1;
+}
 
 typedef struct {
     Py_ssize_t start, end, field;
@@ -181,4 +231,16 @@ done:
     Py_XDECREF(seq);
     PyBuffer_Release(&buf);
     return result;
+}
+
+/* finish_checksums' second loop, for regions partial_region made (Drains.tx's). */
+static inline void finish_regions(uint8_t *b, Py_ssize_t (*regions)[3], Py_ssize_t n)
+{
+    for (Py_ssize_t i = 0; i < n; i++) {
+        Py_ssize_t *r = regions[i];
+        uint32_t c = ~fold(sum16(b + r[0], r[1] - r[0])) & 0xFFFF;
+        if (c == 0 && r[2] - r[0] == 6)
+            c = 0xFFFF;
+        put16(b + r[2], c);
+    }
 }
