@@ -19,7 +19,7 @@ FUZZ_SECONDS ?= 60
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml setup.py encap/_native.c
+$(STAMP): pyproject.toml setup.py $(wildcard encap/csrc/*.c encap/csrc/*.h)
 	@if [ "$$(id -u)" != 0 ]; then echo "make setup: run as root (it installs Debian packages and creates network namespaces)"; exit 1; fi
 	DEBIAN_FRONTEND=noninteractive apt-get update -qq
 	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(APT_PKGS)

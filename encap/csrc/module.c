@@ -1,0 +1,112 @@
+/* encap._native: the dataplane's per-byte and per-packet work in C.
+ *
+ * Each function here implements exactly the rules of a pure-Python function in encap/
+ * (the reference and test oracle; tests/encap/test_native.py proves them equal byte for
+ * byte):
+ *
+ *   segment_tcp4, finish_checksums      encap.tso   (TX: TSO segmentation, checksums)
+ *   plan_groups                         encap.gso   (TX: GSO groups)
+ *   drop_reason, valid_pieces,          encap.gso   (RX: validation, TUN write plan)
+ *   plan_tun_writes
+ *   Drains (tx, rx, flush)              overlay.dataplane.udp.UdpDataplane's reader
+ *                                       callbacks, each in one call (the drains)
+ *
+ * One translation unit: this file holds the module (its method table and init) and
+ * includes the others, each after what it uses, so every function stays static and the
+ * compiler inlines across them as in one file. Each is named after its reference:
+ * errors.c, checksum.c, tso.c and gso.c mirror encap/errors.py, encap/checksum.py,
+ * encap/tso.py and encap/gso.py; drains.c (the object), drains_send.c (Drains.tx) and
+ * drains_receive.c (Drains.rx) mirror UdpDataplane in overlay/dataplane/udp.py.
+ *
+ * Every offset and length is checked against the buffer before it is used; nothing here
+ * reads or writes outside the buffers it is given, whatever the input. The GIL is kept
+ * throughout (README.md, "The native codecs"): the calls last microseconds in a dataplane
+ * with one loop thread per process.
+ */
+#include "common.h"
+
+#include "errors.c"
+#include "checksum.c"
+#include "tso.c"
+#include "gso.c"
+#include "drains.c"
+#include "drains_send.c"
+#include "drains_receive.c"
+
+/* -- the module ------------------------------------------------------------------------- */
+
+static PyMethodDef methods[] = {
+    {"segment_tcp4", segment_tcp4, METH_VARARGS,
+     "segment_tcp4(buf, at, length, gso_size, prefix) -> (count, stride, last): encap.tso's."},
+    {"plan_groups", plan_groups, METH_VARARGS,
+     "plan_groups(lengths, keys, max_segments=64, max_bytes=65000): encap.gso's."},
+    {"finish_checksums", finish_checksums, METH_VARARGS,
+     "finish_checksums(buf, regions): encap.tso's."},
+    {"drop_reason", drop_reason, METH_VARARGS,
+     "drop_reason(data, start, end, sources, destination) -> str | None: encap.gso's."},
+    {"valid_pieces", (PyCFunction)(void (*)(void))valid_pieces, METH_VARARGS | METH_KEYWORDS,
+     "valid_pieces(data, size, segment, sources, destination, drops, vxlan=None, arp=None): "
+     "encap.gso's (mtu is ignored)."},
+    {"plan_tun_writes", (PyCFunction)(void (*)(void))plan_tun_writes,
+     METH_VARARGS | METH_KEYWORDS,
+     "plan_tun_writes(data, size, segment, sources, destination, drops, vxlan=None, arp=None, "
+     "mtu=0): "
+     "encap.gso's, with copies (bytes) where the reference has memoryviews."},
+    {NULL, NULL, 0, NULL},
+};
+
+static int exec_module(PyObject *module)
+{
+    PyObject *errors = PyImport_ImportModule("encap.errors");
+    if (errors == NULL)
+        return -1;
+    codec_error = PyObject_GetAttrString(errors, "CodecError");
+    Py_DECREF(errors);
+    if (codec_error == NULL)
+        return -1;
+    for (int r = 1; r < R_ALL; r++) {
+        if (reason_names[r] == NULL)
+            continue;
+        reason_strings[r] = PyUnicode_InternFromString(reason_names[r]);
+        if (reason_strings[r] == NULL)
+            return -1;
+    }
+    for (int r = 1; r < T_COUNT; r++) {
+        tx_reason_strings[r] = PyUnicode_InternFromString(tx_reason_names[r]);
+        if (tx_reason_strings[r] == NULL)
+            return -1;
+    }
+    for (int i = 0; i < A_COUNT; i++) {
+        attr[i] = PyUnicode_InternFromString(attr_names[i]);
+        if (attr[i] == NULL)
+            return -1;
+    }
+    PyObject *reasons = PyTuple_New(R_COUNT - 1);
+    if (reasons == NULL)
+        return -1;
+    for (int r = 1; r < R_COUNT; r++)
+        PyTuple_SET_ITEM(reasons, r - 1, Py_NewRef(reason_strings[r]));
+    if (PyModule_AddObject(module, "RX_REASONS", reasons) < 0) {
+        Py_DECREF(reasons);
+        return -1;
+    }
+    if (PyType_Ready(&drains_type) < 0 || PyModule_AddType(module, &drains_type) < 0)
+        return -1;
+    return PyModule_AddIntConstant(module, "MAX_RUN", MAX_RUN);
+}
+
+static PyModuleDef_Slot slots[] = {{Py_mod_exec, exec_module}, {0, NULL}};
+
+static struct PyModuleDef module_def = {
+    .m_base = PyModuleDef_HEAD_INIT,
+    .m_name = "encap._native",
+    .m_doc = "The dataplane's per-byte and per-packet work in C (see encap/native.py).",
+    .m_size = 0,
+    .m_methods = methods,
+    .m_slots = slots,
+};
+
+PyMODINIT_FUNC PyInit__native(void)
+{
+    return PyModuleDef_Init(&module_def);
+}
