@@ -2,7 +2,7 @@
 
 Lookups are dict probes keyed by the masked destination (all leases of a network share
 SubnetLen, so there is usually one probe), not flannel's linear first-match scan. The
-native drains (encap/_native.c) read ``routes`` and ``senders`` directly, so a wake-up
+native drains (encap/csrc/) read ``routes`` and ``senders`` directly, so a wake-up
 routes and attributes its packets without calling back into Python.
 """
 

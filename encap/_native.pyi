@@ -1,4 +1,4 @@
-# Types of the C module encap/_native.c (the functions of encap.tso and encap.gso).
+# Types of the C module encap._native, built from encap/csrc/ (encap.tso, encap.gso, Drains).
 from collections.abc import MutableMapping, Sequence
 from typing import Any
 

@@ -1,5 +1,5 @@
 """Which codecs the dataplane runs: the native module ``encap._native`` (C, built by
-``pip install`` from encap/_native.c) when it loads, else the pure-Python reference in
+``pip install`` from encap/csrc/) when it loads, else the pure-Python reference in
 ``encap.tso`` and ``encap.gso``.
 
 The two implement the same functions with the same results, byte for byte and drop for
