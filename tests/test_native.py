@@ -346,10 +346,9 @@ def _dataplane(
 
     from control.lease import Lease
     from control.peer_table import PeerTable
-    from overlay.dataplane.vxlan import vxlan_prefix_for
     from overlay.dataplane.counters import Counters
     from overlay.dataplane.udp import UdpDataplane
-    from overlay.dataplane.vxlan import VxlanDataplane
+    from overlay.dataplane.vxlan import VxlanDataplane, vxlan_prefix_for
     from tests import wire
 
     own = IPv4Network("198.18.2.0/24" if rx else "198.18.1.0/24")
