@@ -29,7 +29,8 @@ from control.lease import Lease
 from control.peer_table import PeerTable
 from encap.ipv4 import build_header
 from overlay.dataplane.counters import Counters
-from overlay.dataplane.udp import UdpDataplane, open_socket
+from overlay.dataplane.udp import UdpDataplane
+from overlay.dataplane.udp_socket import open_socket
 from tun.device import TunDevice
 
 

@@ -4,7 +4,7 @@
 .99 = a stranger), joined by a veth pair (jumbo frames, so a VXLAN datagram of a 1472-byte
 packet is a GSO segment too) with static neighbour entries, so a send is delivered before
 it returns (nothing waits for ARP). A ``Wire`` is one test's sockets on it: the
-dataplane's own (``overlay.dataplane.udp.open_socket``, in our namespace) and one socket
+dataplane's own (``overlay.dataplane.udp_socket.open_socket``, in our namespace) and one socket
 for all the peers (IP_PKTINFO picks a send's source address and reports a receive's
 destination; UDP_GRO hands over a GSO send as it was sent, with its segment size).
 Sockets are opened in a namespace by a thread that enters it (setns), and stay there.
@@ -29,7 +29,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from encap import gso
-from overlay.dataplane.udp import open_socket
+from overlay.dataplane.udp_socket import open_socket
 
 T = TypeVar("T")
 

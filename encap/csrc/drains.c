@@ -29,7 +29,7 @@
  */
 
 #define BATCH_MAX 64        /* overlay.dataplane.counters.BATCH_MAX */
-#define MAX_DATAGRAM 65535  /* overlay.dataplane.udp.MAX_DATAGRAM */
+#define MAX_DATAGRAM 65535  /* overlay.dataplane.limits.MAX_DATAGRAM */
 
 enum {
     A_TUN, A_FD, A_VNET_HDR, A_SOCK, A_HEADROOM, A_TX_ARENA, A_RX_BUFFER, A_TSO,

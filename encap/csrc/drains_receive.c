@@ -1,5 +1,5 @@
 /* encap._native: Drains.rx, peer -> TUN: one call per wake-up of the socket's reader.
- * Reference: overlay/dataplane/udp.py, UdpDataplane.on_socket_readable_gro (and
+ * Reference: overlay/dataplane/receive.py, ReceivePath.on_socket_readable_gro (and
  * on_socket_readable without GRO) and what they call:
  *
  *   rx_loop                        the receive loop of on_socket_readable_gro (gro), else

@@ -1,5 +1,5 @@
 /* encap._native: Drains.tx, TUN -> peer: one call per wake-up of the TUN's reader.
- * Reference: overlay/dataplane/udp.py, UdpDataplane.on_tun_readable and what it calls:
+ * Reference: overlay/dataplane/send.py, SendPath.on_tun_readable and what it calls:
  *
  *   tx_read (stage 1)              _read_tun: drain the TUN into the arena, route
  *     tun_readv, tx_route,           (route, lookup_route: PeerTable.lookup; _no_route),

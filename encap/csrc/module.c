@@ -16,7 +16,7 @@
  * compiler inlines across them as in one file. Each is named after its reference:
  * errors.c, checksum.c, tso.c and gso.c mirror encap/errors.py, encap/checksum.py,
  * encap/tso.py and encap/gso.py; drains.c (the object), drains_send.c (Drains.tx) and
- * drains_receive.c (Drains.rx) mirror UdpDataplane in overlay/dataplane/udp.py.
+ * drains_receive.c (Drains.rx) mirror overlay/dataplane/send.py and receive.py.
  *
  * Every offset and length is checked against the buffer before it is used; nothing here
  * reads or writes outside the buffers it is given, whatever the input. The GIL is kept

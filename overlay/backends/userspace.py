@@ -16,7 +16,7 @@ from control.lease import Lease
 from encap import native
 from overlay.backends.base import Backend, Context
 from overlay.dataplane.spec import DataplaneSpec, build_dataplane
-from overlay.dataplane.udp import open_socket
+from overlay.dataplane.udp_socket import open_socket
 from overlay.dataplane.worker_protocol import WorkerSpec
 from overlay.dataplane.workers import Workers
 from overlay.kernel.objects import Address, KernelObject, Link, Route, devices_of
