@@ -35,7 +35,8 @@ from contextlib import contextmanager
 from ipaddress import IPv4Address, IPv4Network
 from typing import Any
 
-from overlay.lab.testbed import ETCD_PORT, Testbed
+from overlay.lab.etcd import CLIENT_PORT
+from overlay.lab.testbed import Testbed
 
 LISTENER_IP = "192.0.2.100"
 PORT = 8285
@@ -69,9 +70,9 @@ class Gateway:
 
     def __init__(self, bed: Testbed) -> None:
         with netns(bed.underlay_ns):
-            sock = socket.create_connection((str(bed.etcd_ip), ETCD_PORT), timeout=5)
+            sock = socket.create_connection((str(bed.etcd.member_ip(1)), CLIENT_PORT), timeout=5)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.http = http.client.HTTPConnection(str(bed.etcd_ip), ETCD_PORT, timeout=5)
+        self.http = http.client.HTTPConnection(str(bed.etcd.member_ip(1)), CLIENT_PORT, timeout=5)
         self.http.sock = sock
 
     def call(self, path: str, body: dict[str, Any]) -> dict[str, Any]:

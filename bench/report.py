@@ -68,9 +68,10 @@ from bench.measure import (
     summary,
 )
 from overlay.cli.parser import OneLineParser
+from overlay.lab.errors import TestbedError
 from overlay.lab.netns import terminate
 from overlay.lab.progress import Progress
-from overlay.lab.testbed import Testbed, TestbedError
+from overlay.lab.testbed import Testbed
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 MAX_LOSS_PCT = 0.1

@@ -42,8 +42,8 @@ def proc_sample(pid: int) -> dict[str, int]:
 
 
 def etcd_sample(bed: Testbed) -> dict[str, int]:
-    leases = bed.etcdctl("lease", "list").stdout.split()
-    keys = bed.etcdctl("get", SUBNETS, "--prefix", "--keys-only").stdout.split()
+    leases = bed.etcd.etcdctl("lease", "list").stdout.split()
+    keys = bed.etcd.etcdctl("get", SUBNETS, "--prefix", "--keys-only").stdout.split()
     return {"etcd_leases": max(len(leases) - 3, 0), "lease_keys": len(keys)}
 
 

@@ -18,9 +18,10 @@ import pytest
 
 from overlay.cli import testbed as testbed_cli
 from overlay.lab import testbed
+from overlay.lab.errors import TestbedError
 from overlay.lab.netns import list_netns, pid_alive
 from overlay.lab.progress import Progress
-from overlay.lab.testbed import Testbed, TestbedError
+from overlay.lab.testbed import Testbed
 
 ROOT = Path(__file__).resolve().parent.parent
 NETWORK = "198.18.0.0/16"

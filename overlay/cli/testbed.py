@@ -12,15 +12,15 @@ from typing import Any
 from control.config import SUPPORTED_BACKENDS
 from overlay.cli.parser import OneLineParser
 from overlay.cli.status import add_output_flags, show
+from overlay.lab.errors import TestbedError
+from overlay.lab.etcd import MAX_MEMBERS
 from overlay.lab.progress import Progress
 from overlay.lab.testbed import (
     DEFAULT_NETWORK,
     DEFAULT_PREFIX,
     DEFAULT_UNDERLAY,
-    MAX_ETCD_MEMBERS,
     REGISTRIES,
     Testbed,
-    TestbedError,
 )
 
 
@@ -60,7 +60,7 @@ def _parser() -> OneLineParser:
         "--etcd-members",
         type=int,
         default=1,
-        help=f"etcd cluster size, 1 to {MAX_ETCD_MEMBERS} (default 1); every daemon is given "
+        help=f"etcd cluster size, 1 to {MAX_MEMBERS} (default 1); every daemon is given "
         "every member's endpoint",
     )
     up.add_argument(

@@ -104,6 +104,17 @@ def pid_cmdline(pid: int) -> list[str]:
     return [part.decode(errors="replace") for part in raw.split(b"\0") if part]
 
 
+def log_tail(path: Path, lines: int = 3, limit: int = 600) -> str:
+    """The last lines of a log file, for a one-line error message."""
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return "(no log)"
+    last = [line.strip() for line in text.strip().splitlines()[-lines:] if line.strip()]
+    joined = " | ".join(last) or "(empty log)"
+    return joined if len(joined) <= limit else "..." + joined[-limit:]
+
+
 def terminate(pids: Sequence[int], timeout: float = 5.0) -> None:
     """SIGTERM, wait up to ``timeout``, then SIGKILL whatever is left."""
     for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 2.0)):

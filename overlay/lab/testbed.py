@@ -18,7 +18,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -32,10 +31,13 @@ from pyroute2 import IPRoute
 from control.config import SUPPORTED_BACKENDS, ConfigError, config_json, parse_config
 from control.file_registry import FileRegistry
 from control.subnet_env import SubnetEnvError, parse_subnet_env
+from overlay.lab.errors import TestbedError
+from overlay.lab.etcd import MAX_MEMBERS, EtcdCluster
 from overlay.lab.netns import (
     IFNAMSIZ,
     create_netns,
     list_netns,
+    log_tail,
     netns_exists,
     netns_pids,
     pid_alive,
@@ -51,10 +53,6 @@ DEFAULT_PREFIX = "ovl"
 DEFAULT_UNDERLAY = "192.0.2.0/24"
 DEFAULT_NETWORK = "198.18.0.0/16"
 REGISTRIES = ("etcd", "file")
-ETCD_PORT = 2379
-ETCD_PEER_PORT = 2380
-ETCD_START_TIMEOUT = 20.0
-MAX_ETCD_MEMBERS = 7
 # Ranges reserved for documentation (RFC 5737): offered when the default underlay is taken.
 CONFIG_KEY = "/coreos.com/network/config"
 DAEMON_START_TIMEOUT = 15.0
@@ -66,12 +64,6 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 _PREFIX = re.compile(r"^[a-z0-9]{1,8}$")
 _MEMBER = re.compile(r"^n(\d+)(?:-p(\d+))?$")
-
-
-class TestbedError(Exception):
-    """A one-line, actionable reason the testbed could not do what was asked."""
-
-    __test__ = False  # not a pytest test class despite the name
 
 
 def validate_prefix(prefix: str) -> str:
@@ -106,16 +98,6 @@ def _state_dir_for(prefix: str, state_dir: Path | str | None) -> Path:
     if recorded and (recorded / "testbed.json").exists():
         return recorded
     return STATE_ROOT / prefix
-
-
-def _tail(path: Path, lines: int = 3, limit: int = 600) -> str:
-    try:
-        text = path.read_text(errors="replace")
-    except OSError:
-        return "(no log)"
-    last = [line.strip() for line in text.strip().splitlines()[-lines:] if line.strip()]
-    joined = " | ".join(last) or "(empty log)"
-    return joined if len(joined) <= limit else "..." + joined[-limit:]
 
 
 class Testbed:
@@ -156,8 +138,8 @@ class Testbed:
             raise TestbedError("registry etcd needs the etcd binary: `make setup` installs it")
         if isinstance(etcd_members, bool) or not isinstance(etcd_members, int):
             raise TestbedError(f"etcd members must be an integer, not {etcd_members!r}")
-        if not 1 <= etcd_members <= MAX_ETCD_MEMBERS:
-            raise TestbedError(f"etcd members must be 1 to {MAX_ETCD_MEMBERS}, not {etcd_members}")
+        if not 1 <= etcd_members <= MAX_MEMBERS:
+            raise TestbedError(f"etcd members must be 1 to {MAX_MEMBERS}, not {etcd_members}")
         if etcd_members > 1 and registry != "etcd":
             raise TestbedError("--etcd-members needs --registry etcd")
         self.etcd_members = etcd_members
@@ -261,166 +243,11 @@ class Testbed:
         return self.state_dir / "registry.json"
 
     @property
-    def etcd_ip(self) -> IPv4Address:
-        """etcd listens on the underlay's last host address, on the bridge (member 1;
-        member m on the m-th address from the top)."""
-        return self.etcd_member_ip(1)
-
-    def etcd_member_ip(self, member: int) -> IPv4Address:
-        return self.underlay.broadcast_address - member
-
-    @property
-    def etcd_endpoint(self) -> str:
-        return f"http://{self.etcd_ip}:{ETCD_PORT}"
-
-    @property
-    def etcd_endpoints(self) -> list[str]:
-        """Every member's client URL, member 1 first (the daemons try them in turn)."""
-        return [
-            f"http://{self.etcd_member_ip(m)}:{ETCD_PORT}" for m in range(1, self.etcd_members + 1)
-        ]
-
-    def _etcd_file(self, member: int, suffix: str) -> Path:
-        """etcd, etcd.pid, etcd.log for member 1 (as with one member); etcd2... after."""
-        return self.state_dir / f"etcd{member if member > 1 else ''}{suffix}"
-
-    def etcdctl(
-        self, *args: str, check: bool = True, endpoints: list[str] | None = None
-    ) -> subprocess.CompletedProcess[str]:
-        """etcdctl against this run's etcd (every member, or ``endpoints``), from the
-        underlay namespace."""
-        return subprocess.run(
-            [
-                "ip",
-                "netns",
-                "exec",
-                self.underlay_ns,
-                "etcdctl",
-                "--endpoints",
-                ",".join(endpoints or self.etcd_endpoints),
-                "--dial-timeout",
-                "2s",
-                "--command-timeout",
-                "5s",
-                *args,
-            ],
-            capture_output=True,
-            text=True,
-            check=check,
-            timeout=30,
-            env=dict(os.environ, ETCDCTL_API="3"),
+    def etcd(self) -> EtcdCluster:
+        """The run's etcd (its members are driven through it: start, stop, freeze...)."""
+        return EtcdCluster(
+            self.prefix, self.etcd_members, self.underlay_ns, self.underlay, self.state_dir
         )
-
-    def _members(self, member: int | None) -> list[int]:
-        if member is None:
-            return list(range(1, self.etcd_members + 1))
-        if not 1 <= member <= self.etcd_members:
-            raise TestbedError(f"etcd member {member} is not among 1..{self.etcd_members}")
-        return [member]
-
-    def _etcd_argv(self, m: int) -> list[str]:
-        client = f"http://{self.etcd_member_ip(m)}:{ETCD_PORT}"
-        if self.etcd_members == 1:
-            name, peer = self.prefix, f"http://127.0.0.1:{ETCD_PEER_PORT}"
-            cluster = f"{name}={peer}"
-        else:
-            name, peer = f"{self.prefix}m{m}", f"http://{self.etcd_member_ip(m)}:{ETCD_PEER_PORT}"
-            cluster = ",".join(
-                f"{self.prefix}m{k}=http://{self.etcd_member_ip(k)}:{ETCD_PEER_PORT}"
-                for k in range(1, self.etcd_members + 1)
-            )
-        return [
-            "ip",
-            "netns",
-            "exec",
-            self.underlay_ns,
-            "etcd",
-            "--name",
-            name,
-            "--data-dir",
-            str(self._etcd_file(m, "")),
-            "--listen-client-urls",
-            client,
-            "--advertise-client-urls",
-            client,
-            "--listen-peer-urls",
-            peer,
-            "--initial-advertise-peer-urls",
-            peer,
-            "--initial-cluster",
-            cluster,
-            "--initial-cluster-token",
-            self.prefix,
-            "--log-level",
-            "error",
-        ]
-
-    def start_etcd(self, member: int | None = None) -> None:
-        """Start (or restart, after stop_etcd) the run's etcd members, or one of them;
-        their data survives restarts. Returns once each started member is healthy (a
-        member of a cluster is healthy once a quorum is up)."""
-        procs = {}
-        for m in self._members(member):
-            with open(self._etcd_file(m, ".log"), "ab") as log:
-                procs[m] = subprocess.Popen(
-                    self._etcd_argv(m),
-                    stdin=subprocess.DEVNULL,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,
-                )
-            self._etcd_file(m, ".pid").write_text(f"{procs[m].pid}\n")
-        deadline = time.monotonic() + ETCD_START_TIMEOUT
-        waiting = dict(procs)
-        while waiting and time.monotonic() < deadline:
-            for m, proc in list(waiting.items()):
-                if proc.poll() is not None:
-                    deadline = 0.0
-                    break
-                endpoint = f"http://{self.etcd_member_ip(m)}:{ETCD_PORT}"
-                health = self.etcdctl("endpoint", "health", check=False, endpoints=[endpoint])
-                if health.returncode == 0:
-                    del waiting[m]
-            if waiting:
-                time.sleep(0.1)
-        if waiting:
-            m = min(waiting)
-            raise TestbedError(
-                f"etcd did not come up on http://{self.etcd_member_ip(m)}:{ETCD_PORT}: "
-                f"{_tail(self._etcd_file(m, '.log'))}"
-            )
-
-    def stop_etcd(self, member: int | None = None) -> None:
-        """SIGKILL the run's etcd members, or one of them (what a crash looks like)."""
-        for pid in self._etcd_pids(member):
-            os.kill(pid, signal.SIGKILL)
-            for _ in range(100):
-                if not pid_alive(pid):
-                    break
-                time.sleep(0.05)
-
-    def freeze_etcd(self, member: int | None = None) -> None:
-        """SIGSTOP the run's etcd members, or one: connections stay open and nothing
-        answers (a hung disk, a paused VM). thaw_etcd undoes it; down() kills them."""
-        for pid in self._etcd_pids(member):
-            os.kill(pid, signal.SIGSTOP)
-
-    def thaw_etcd(self, member: int | None = None) -> None:
-        for pid in self._etcd_pids(member):
-            os.kill(pid, signal.SIGCONT)
-
-    def _etcd_pids(self, member: int | None) -> list[int]:
-        """The pids of the run's etcd members (or one) still running: ours by their pid
-        file and their command line."""
-        pids = []
-        for m in self._members(member):
-            try:
-                pid = int(self._etcd_file(m, ".pid").read_text())
-            except (OSError, ValueError):
-                continue
-            if "etcd" in pid_cmdline(pid):
-                pids.append(pid)
-        return pids
 
     def _node_re(self) -> re.Pattern[str]:
         return re.compile(rf"^{re.escape(self.prefix)}-n(\d+)$")
@@ -568,11 +395,11 @@ class Testbed:
                 ipr.addr(
                     "add",
                     index=bridge,
-                    address=str(self.etcd_member_ip(m)),
+                    address=str(self.etcd.member_ip(m)),
                     prefixlen=self.underlay.prefixlen,
                 )
-        self.start_etcd()
-        self.etcdctl("put", CONFIG_KEY, config)
+        self.etcd.start()
+        self.etcd.etcdctl("put", CONFIG_KEY, config)
 
     def _child_env(self) -> dict[str, str]:
         """Our environment, with this checkout importable even if it is not installed."""
@@ -595,7 +422,7 @@ class Testbed:
             *(
                 ["--registry-file", str(self.registry_file)]
                 if self.registry == "file"
-                else ["--etcd-endpoints", ",".join(self.etcd_endpoints)]
+                else ["--etcd-endpoints", ",".join(self.etcd.endpoints)]
             ),
             "--network",
             str(self.network),
@@ -657,7 +484,7 @@ class Testbed:
                 if code is not None:
                     raise TestbedError(
                         f"daemon of n{i} exited with code {code} before writing "
-                        f"{self.subnet_file(i)}: {_tail(self.log_file(i))}"
+                        f"{self.subnet_file(i)}: {log_tail(self.log_file(i))}"
                     )
             if not waiting:
                 break
@@ -665,7 +492,7 @@ class Testbed:
                 i = min(waiting)
                 raise TestbedError(
                     f"daemon of n{i} wrote no {self.subnet_file(i)} within "
-                    f"{DAEMON_START_TIMEOUT:.0f} s: {_tail(self.log_file(i))}"
+                    f"{DAEMON_START_TIMEOUT:.0f} s: {log_tail(self.log_file(i))}"
                 )
             time.sleep(0.05)
 
@@ -827,7 +654,7 @@ class Testbed:
             "prefix": self.prefix,
             "backend": self.backend,
             "registry": self.registry,
-            "etcd_endpoints": self.etcd_endpoints if self.registry == "etcd" else [],
+            "etcd_endpoints": self.etcd.endpoints if self.registry == "etcd" else [],
             "underlay": str(self.underlay),
             "bridge": f"{self.bridge} in netns {self.underlay_ns}",
             "network": str(self.network),

@@ -1,0 +1,157 @@
+"""A testbed's etcd: one member, or a cluster of up to ``MAX_MEMBERS``, each a real etcd
+(Debian's etcd-server) in the underlay namespace on the bridge, on the underlay's last
+host addresses (member m on the m-th address from the top). Its data, pid and log files
+live in the testbed's state directory, so it survives restarts and ``down`` finds it.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from ipaddress import IPv4Address, IPv4Network
+from pathlib import Path
+
+from overlay.lab.errors import TestbedError
+from overlay.lab.netns import log_tail, pid_alive, pid_cmdline
+
+CLIENT_PORT = 2379
+PEER_PORT = 2380
+START_TIMEOUT = 20.0
+MAX_MEMBERS = 7
+
+
+class EtcdCluster:
+    def __init__(
+        self, name: str, members: int, netns: str, underlay: IPv4Network, state_dir: Path
+    ) -> None:
+        self.name = name  # the testbed's prefix: member names and the cluster token
+        self.members = members
+        self.netns = netns  # where the members run (the testbed's underlay namespace)
+        self.underlay = underlay
+        self.state_dir = state_dir
+
+    def member_ip(self, member: int) -> IPv4Address:
+        return self.underlay.broadcast_address - member
+
+    @property
+    def endpoints(self) -> list[str]:
+        """Every member's client URL, member 1 first (the daemons try them in turn)."""
+        return [f"http://{self.member_ip(m)}:{CLIENT_PORT}" for m in range(1, self.members + 1)]
+
+    def file(self, member: int, suffix: str) -> Path:
+        """etcd, etcd.pid, etcd.log for member 1 (as with one member); etcd2... after."""
+        return self.state_dir / f"etcd{member if member > 1 else ''}{suffix}"
+
+    def etcdctl(
+        self, *args: str, check: bool = True, endpoints: list[str] | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        """etcdctl against every member (or ``endpoints``), from the underlay namespace."""
+        return subprocess.run(
+            [
+                *("ip", "netns", "exec", self.netns, "etcdctl"),
+                *("--endpoints", ",".join(endpoints or self.endpoints)),
+                *("--dial-timeout", "2s", "--command-timeout", "5s"),
+                *args,
+            ],
+            capture_output=True,
+            text=True,
+            check=check,
+            timeout=30,
+            env=dict(os.environ, ETCDCTL_API="3"),
+        )
+
+    def _chosen(self, member: int | None) -> list[int]:
+        if member is None:
+            return list(range(1, self.members + 1))
+        if not 1 <= member <= self.members:
+            raise TestbedError(f"etcd member {member} is not among 1..{self.members}")
+        return [member]
+
+    def _argv(self, m: int) -> list[str]:
+        client = f"http://{self.member_ip(m)}:{CLIENT_PORT}"
+        if self.members == 1:
+            name, peer = self.name, f"http://127.0.0.1:{PEER_PORT}"
+            cluster = f"{name}={peer}"
+        else:
+            name, peer = f"{self.name}m{m}", f"http://{self.member_ip(m)}:{PEER_PORT}"
+            cluster = ",".join(
+                f"{self.name}m{k}=http://{self.member_ip(k)}:{PEER_PORT}"
+                for k in range(1, self.members + 1)
+            )
+        return [
+            *("ip", "netns", "exec", self.netns, "etcd", "--name", name),
+            *("--data-dir", str(self.file(m, ""))),
+            *("--listen-client-urls", client, "--advertise-client-urls", client),
+            *("--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer),
+            *("--initial-cluster", cluster, "--initial-cluster-token", self.name),
+            *("--log-level", "error"),
+        ]
+
+    def start(self, member: int | None = None) -> None:
+        """Start (or restart, after ``stop``) every member, or one; their data survives
+        restarts. Returns once each started member is healthy (a member of a cluster is
+        healthy once a quorum is up)."""
+        procs = {}
+        for m in self._chosen(member):
+            with open(self.file(m, ".log"), "ab") as log:
+                procs[m] = subprocess.Popen(
+                    self._argv(m),
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            self.file(m, ".pid").write_text(f"{procs[m].pid}\n")
+        deadline = time.monotonic() + START_TIMEOUT
+        waiting = dict(procs)
+        while waiting and time.monotonic() < deadline:
+            for m, proc in list(waiting.items()):
+                if proc.poll() is not None:
+                    deadline = 0.0
+                    break
+                endpoint = f"http://{self.member_ip(m)}:{CLIENT_PORT}"
+                health = self.etcdctl("endpoint", "health", check=False, endpoints=[endpoint])
+                if health.returncode == 0:
+                    del waiting[m]
+            if waiting:
+                time.sleep(0.1)
+        if waiting:
+            m = min(waiting)
+            raise TestbedError(
+                f"etcd did not come up on http://{self.member_ip(m)}:{CLIENT_PORT}: "
+                f"{log_tail(self.file(m, '.log'))}"
+            )
+
+    def stop(self, member: int | None = None) -> None:
+        """SIGKILL every member, or one (what a crash looks like)."""
+        for pid in self.pids(member):
+            os.kill(pid, signal.SIGKILL)
+            for _ in range(100):
+                if not pid_alive(pid):
+                    break
+                time.sleep(0.05)
+
+    def freeze(self, member: int | None = None) -> None:
+        """SIGSTOP every member, or one: connections stay open and nothing answers (a
+        hung disk, a paused VM). ``thaw`` undoes it; ``stop`` kills them."""
+        for pid in self.pids(member):
+            os.kill(pid, signal.SIGSTOP)
+
+    def thaw(self, member: int | None = None) -> None:
+        for pid in self.pids(member):
+            os.kill(pid, signal.SIGCONT)
+
+    def pids(self, member: int | None = None) -> list[int]:
+        """The pids of the members (or one) still running: ours by their pid file and
+        their command line."""
+        pids = []
+        for m in self._chosen(member):
+            try:
+                pid = int(self.file(m, ".pid").read_text())
+            except (OSError, ValueError):
+                continue
+            if "etcd" in pid_cmdline(pid):
+                pids.append(pid)
+        return pids
