@@ -6,8 +6,8 @@ STAMP   := .venv/.installed
 
 # The native codecs under sanitizers: `make asan` (gcc ASan + UBSan, the codec tests) and
 # `make fuzz` (clang + libFuzzer through atheris, every entry point, FUZZ_SECONDS).
-NATIVE_TESTS := tests/test_native.py tests/test_encap_rx.py tests/test_encap_tso.py \
-                tests/test_fastpath.py
+NATIVE_TESTS := tests/encap/test_native.py tests/encap/test_rx.py tests/encap/test_tso.py \
+                tests/overlay/dataplane/test_fastpath.py
 # -fno-wrapv: CPython's own CFLAGS (sysconfig) carry -fwrapv, which defines signed
 # overflow and so switches UBSan's signed-integer-overflow check off.
 SANITIZE := -fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer -g \
@@ -57,7 +57,7 @@ asan: setup
 	env $(ASAN_ENV) $(PY) -c 'import encap.native as n; assert "/build/asan/" in n.module().__file__'
 	env $(ASAN_ENV) .venv/bin/pytest -q -p no:cacheprovider -m "not netns" $(NATIVE_TESTS)
 
-# tests/fuzz_native.py under atheris against a clang build with -fsanitize=fuzzer-no-link
+# tests/encap/fuzz_native.py under atheris against a clang build with -fsanitize=fuzzer-no-link
 # (the C branches guide the inputs), ASan and UBSan; each input is also checked against
 # the pure-Python reference. An input that fails is written to build/fuzz/crash-*.
 fuzz: setup
@@ -70,7 +70,7 @@ fuzz: setup
 	cd build/fuzz && env LD_PRELOAD=$$($(CURDIR)/$(PY) -c 'import atheris; print(atheris.path())')/asan_with_fuzzer.so \
 	    ASAN_OPTIONS=detect_leaks=0 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
 	    OVERLAY_NATIVE_LIB=$$(ls $(CURDIR)/build/fuzz/encap/_native*.so) PYTHONPATH=$(CURDIR) \
-	    $(CURDIR)/$(PY) $(CURDIR)/tests/fuzz_native.py -max_total_time=$(FUZZ_SECONDS) \
+	    $(CURDIR)/$(PY) $(CURDIR)/tests/encap/fuzz_native.py -max_total_time=$(FUZZ_SECONDS) \
 	    -rss_limit_mb=4096 -print_final_stats=1 corpus
 
 # The benchmark matrix (several minutes); results in bench/results/<date-time>.{md,json,png}.

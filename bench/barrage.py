@@ -13,7 +13,7 @@ construction of the same wire formats). The expected drop reason of each class l
 CLASSES only; a reason the daemon counts that the table does not expect (say a new one
 for bad header checksums) is printed by name in the failure.
 
-The suite runs a few hundred of each class (tests/test_hardening_netns.py); this script
+The suite runs a few hundred of each class (tests/netns/test_hardening.py); this script
 runs the 100k version and prints its figures::
 
     python -m bench.barrage                      # both backends, 100000 datagrams each

@@ -3,8 +3,8 @@
 ``encap.tso`` and ``encap.gso``.
 
 The two implement the same functions with the same results, byte for byte and drop for
-drop (tests/test_native.py proves it on random and malformed input); the reference stays
-the description of the rules and the test oracle. ``OVERLAY_NATIVE=0`` in the
+drop (tests/encap/test_native.py proves it on random and malformed input); the reference
+stays the description of the rules and the test oracle. ``OVERLAY_NATIVE=0`` in the
 environment selects the reference (to measure it, or to rule the native module out);
 ``OVERLAY_NATIVE_LIB=path/to/_native....so`` loads another build of the module (the
 sanitizer builds of ``make asan`` and ``make fuzz``).

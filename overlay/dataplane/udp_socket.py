@@ -22,7 +22,7 @@ def open_socket(address: str, port: int, *, reuse_port: bool = False) -> socket.
     share the address, the kernel picking one per datagram by a hash of its 4-tuple;
     the kernel admits a socket to a SO_REUSEPORT group only with the effective uid of
     the group's first socket, so only our own processes can join
-    (tests/test_hardening_netns.py tries it as nobody)."""
+    (tests/netns/test_hardening.py tries it as nobody)."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     if reuse_port:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)

@@ -1,0 +1,215 @@
+"""Coverage-guided fuzzing of every entry point of encap._native (`make fuzz`).
+
+Run by atheris (libFuzzer) against an extension built with clang's
+``-fsanitize=fuzzer-no-link,address,undefined``, so the C code's own branches guide the
+inputs and any out-of-bounds access or undefined behaviour aborts with a report. Each
+input is also run through the pure-Python reference, and any difference in result,
+exception, counts or the bytes left in the buffer aborts too: the fuzzer searches for
+crashes and for disagreements.
+
+    python tests/encap/fuzz_native.py -max_total_time=60 [corpus_dir]
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from collections import Counter
+from types import SimpleNamespace
+from typing import Any
+
+import atheris
+
+with atheris.instrument_imports():
+    from encap import gso, native, tso
+    from encap.errors import CodecError
+
+_native = native.module()
+VXLAN = (b"\x00\x00\x01", bytes.fromhex("02aabbccddee"))
+SUBNETS = [(0xC61201, 8), (0xC612, 16), (0, 32), (0xC6120203, 0), (0x0A, 24)]
+_tun_reader, _tun = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+_tun.setblocking(False)
+_tun_reader.setblocking(False)
+
+
+def _outcome(call: Any, *args: Any) -> Any:
+    try:
+        return ("ok", call(*args))
+    except CodecError as e:
+        return ("codec", e.reason)
+    except (ValueError, TypeError, IndexError) as e:
+        return ("error", type(e).__name__)
+
+
+def _same(a: Any, b: Any, what: str) -> None:
+    if a != b:
+        raise AssertionError(f"{what}: reference {a!r} != native {b!r}")
+
+
+def _joined(result: Any) -> Any:
+    if result[0] != "ok" or not result[1] or not isinstance(result[1][0][0], list):
+        return result
+    return ("ok", [(b"".join(bytes(x) for x in bufs), n, s) for bufs, n, s in result[1]])
+
+
+def _drain() -> list[bytes]:
+    out = []
+    while True:
+        try:
+            out.append(_tun_reader.recv(1 << 17))
+        except BlockingIOError:
+            return out
+
+
+def _stand_in(tun: int, sock: socket.socket, prefix: bytes, n: int, **extra: Any) -> Any:
+    """An object with the attributes the drains read (tests/encap/test_native.py and
+    tests/overlay/dataplane/test_fastpath.py run them on real dataplanes): sends go into an
+    AF_UNIX socket, where they fail, and receives come from one, as if from address 0.0.0.0."""
+    from types import SimpleNamespace
+
+    from overlay.dataplane.counters import Counters
+
+    headroom = len(prefix)
+    good = SimpleNamespace(addr=("192.0.2.2", 8285), prefix=prefix)
+    odd = SimpleNamespace(addr=("192.0.2.3", 8285), prefix=bytes(headroom ^ (n & 1)))
+    stats = SimpleNamespace(rx_packets=0, rx_bytes=0, last_rx=0.0, tx_packets=0, tx_bytes=0)
+    fields: dict[str, Any] = {
+        "tun": SimpleNamespace(fd=tun, offset=10, vnet_hdr=bool(n & 4)),
+        "sock": sock,
+        "headroom": headroom,
+        "tap": None,
+        "tso": True,
+        "gso": bool(n & 2),
+        "_gso_sent": bool(n & 8),
+        "gro": bool(n & 16),
+        "tun_gso": bool(n & 32),
+        "mtu": n % 2000,
+        "vxlan_rules": None,
+        "_own": (0, 32),
+        "peers": SimpleNamespace(routes=[(31, {0: good, 1: odd})], senders={0: ((), stats)}),
+        "counters": Counters(),
+        "_tx_arena": bytearray(2 * 65535 + 4096 + headroom + 3),
+        "_rx_buffer": bytearray(2 * 65535),
+        "_no_route": lambda packet: None,
+        "_answer_arp": lambda start, end, source: None,
+    }
+    fields.update(extra)
+    return SimpleNamespace(**fields)
+
+
+def _tx_drain_once(data: bytearray, prefix: bytes, n: int) -> None:
+    reader, tun = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    sink = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    try:
+        tun.setblocking(False)
+        for at in range(0, len(data), 97):  # reads of odd sizes, the first 10 bytes a vnet header
+            reader.send(bytes(data[at : at + 97 + n % 300]))
+        dp = _stand_in(tun.fileno(), sink, prefix, n)
+        drains = _native.Drains(dp, 1 + n % 64)  # a wake-up, maybe another after it
+        drains.tx()
+        if n & 64:  # a new table (as PeerTable swaps them): the kept lookup goes
+            dp.peers.routes = [(31, {0: dp.peers.routes[0][1][1], 1: dp.peers.routes[0][1][0]})]
+        drains.tx()
+        drains.flush()
+    finally:
+        reader.close()
+        tun.close()
+        sink.close()
+
+
+def _rx_drain_once(data: bytearray, sources: list[Any], vxlan: Any, a: int, b: int, n: int) -> None:
+    sender, receiver = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    try:
+        receiver.setblocking(False)
+        sender.setblocking(False)
+        at, step, sent = 0, 1 + a % 1600, 0
+        # datagrams of one size, then of another: runs form and end
+        while at < len(data) and sent < 100:
+            sender.send(bytes(data[at : at + step]))
+            at += step
+            sent += 1
+            step = 1 + (b % 1600 if at > len(data) // 2 else a % 1600)
+        if b & 1:
+            sender.send(b"")
+        stats = SimpleNamespace(rx_packets=0, rx_bytes=0, last_rx=0.0)
+        peers = SimpleNamespace(routes=[], senders={0: (sources, stats)})
+        dp = _stand_in(_tun.fileno(), receiver, b"", n, vxlan_rules=vxlan, peers=peers)
+        drains = _native.Drains(dp, 1 + n % 64)
+        drains.rx()
+        if n & 64:
+            dp.peers.senders = dict(dp.peers.senders)
+        drains.rx()
+        drains.flush()
+        _drain()
+    finally:
+        sender.close()
+        receiver.close()
+
+
+def one_input(blob: bytes) -> None:
+    fdp = atheris.FuzzedDataProvider(blob)
+    which = fdp.ConsumeIntInRange(0, 7)
+    a = fdp.ConsumeIntInRange(-4, 70000)
+    b = fdp.ConsumeIntInRange(-4, 70000)
+    n = fdp.ConsumeIntInRange(-2, 3000)
+    sources = [SUBNETS[i % len(SUBNETS)] for i in fdp.ConsumeBytes(fdp.ConsumeIntInRange(0, 3))]
+    destination = SUBNETS[fdp.ConsumeIntInRange(0, len(SUBNETS) - 1)]
+    vxlan = VXLAN if fdp.ConsumeBool() else None
+    prefix = fdp.ConsumeBytes(fdp.ConsumeIntInRange(0, 30))
+    data = bytearray(fdp.ConsumeBytes(fdp.remaining_bytes()))
+    ours, theirs = bytearray(data), bytearray(data)
+    if which == 0:
+        ref = _outcome(tso.segment_tcp4, ours, a % 64, len(data) - a % 64 - b % 64, n, prefix)
+        got = _outcome(_native.segment_tcp4, theirs, a % 64, len(data) - a % 64 - b % 64, n, prefix)
+    elif which == 1:
+        regions = [(a % 3000, b % 3000, n % 3000), (b % 2000 - 1, a % 2000, n)]
+        ref = _outcome(tso.finish_checksums, ours, regions[: 1 + (n & 1)])
+        got = _outcome(_native.finish_checksums, theirs, regions[: 1 + (n & 1)])
+    elif which == 7:  # plan_groups: lengths and keys from the data, limits from a, b, n
+        lengths = [x * (n % 64 + 1) for x in data[::2]]
+        keys = [("192.0.2.1", x & 3) for x in data[1::2]]
+        ref = _outcome(gso.plan_groups, lengths, keys, a % 70 - 1, b * 4)
+        got = _outcome(_native.plan_groups, lengths, keys, a % 70 - 1, b * 4)
+    elif which == 2:
+        ref = _outcome(gso.drop_reason, ours, a % 3000, b % 3000, sources, destination)
+        got = _outcome(_native.drop_reason, theirs, a % 3000, b % 3000, sources, destination)
+    elif which in (3, 4):
+        pure = gso.valid_pieces if which == 3 else gso.plan_tun_writes
+        fast = _native.valid_pieces if which == 3 else _native.plan_tun_writes
+        extra = () if which == 3 else (n % 2000,)
+        drops_a: Counter[str] = Counter()
+        drops_b: Counter[str] = Counter()
+        arp_a: list[int] = []
+        arp_b: list[int] = []
+        size, segment = a % (len(data) + 2), b % 1600 - 1
+        ref = _joined(
+            _outcome(pure, ours, size, segment, sources, destination, drops_a, vxlan, arp_a, *extra)
+        )
+        got = _joined(
+            _outcome(
+                fast, theirs, size, segment, sources, destination, drops_b, vxlan, arp_b, *extra
+            )
+        )
+        _same((drops_a, arp_a), (drops_b, arp_b), "drops, arp")
+    else:  # the drains (crashes only: tests/encap/test_native.py compares them with the
+        # dataplane's reference methods)
+        if which == 5:
+            _rx_drain_once(data, sources, vxlan, a, b, n)
+        else:
+            _tx_drain_once(data, prefix, n)
+        return
+    _same(ref, got, f"entry point {which}")
+    _same(bytes(ours), bytes(theirs), f"buffer after entry point {which}")
+
+
+def main() -> None:
+    if not native.AVAILABLE or "fuzz" not in (_native.__file__ or ""):
+        sys.exit(f"fuzz_native: needs the fuzzing build of encap._native (make fuzz): {_native}")
+    atheris.Setup([sys.argv[0], *sys.argv[1:]], one_input)
+    atheris.Fuzz()
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OVERLAY_NATIVE", "1")
+    main()
