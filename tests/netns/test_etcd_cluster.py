@@ -44,7 +44,7 @@ def bed() -> Iterator[Testbed]:
 
 def leases(bed: Testbed, endpoint: str | None = None) -> dict[str, tuple[str, int]]:
     """Every lease key: (value, etcd lease ID), read from one member or any."""
-    out = bed.etcdctl(
+    out = bed.etcd.etcdctl(
         "get", SUBNETS, "--prefix", "-w", "json", endpoints=[endpoint] if endpoint else None
     ).stdout
     found = {}
@@ -72,11 +72,11 @@ def peers(bed: Testbed, i: int) -> set[str]:
 
 
 def test_members_and_endpoints(bed: Testbed) -> None:
-    members = bed.etcdctl("member", "list", "-w", "json").stdout
+    members = bed.etcd.etcdctl("member", "list", "-w", "json").stdout
     assert len(json.loads(members)["members"]) == 3
-    assert len(bed.etcd_endpoints) == 3
+    assert len(bed.etcd.endpoints) == 3
     argv = bed.daemon_argv(1)
-    assert argv[argv.index("--etcd-endpoints") + 1] == ",".join(bed.etcd_endpoints)
+    assert argv[argv.index("--etcd-endpoints") + 1] == ",".join(bed.etcd.endpoints)
 
 
 def test_a_member_killed_then_the_whole_cluster_restarted_under_traffic(bed: Testbed) -> None:
@@ -86,19 +86,19 @@ def test_a_member_killed_then_the_whole_cluster_restarted_under_traffic(bed: Tes
     with pinging(bed, "n1-p1", "n3-p1") as pings:
         time.sleep(1.0)
         # 1. The member every daemon talks to first dies: the others hold the quorum.
-        bed.stop_etcd(1)
+        bed.etcd.stop(1)
         k = bed.add_node()  # its lease is written through a member left
         joined = bed.status()["nodes"][k - 1]["subnet"]
         for i in (1, 2, 3):
             assert poll(lambda i=i: joined in peers(bed, i), 30), (
                 f"n{i} did not see n{k}: {events_since(bed, i, logged[i])[-12:]}"
             )
-        assert leases(bed, bed.etcd_endpoints[1]).keys() >= kept.keys()
-        bed.start_etcd(1)
+        assert leases(bed, bed.etcd.endpoints[1]).keys() >= kept.keys()
+        bed.etcd.start(1)
         # 2. The whole cluster down, then up again from its data dirs.
-        bed.stop_etcd()
+        bed.etcd.stop()
         time.sleep(6.0)
-        bed.start_etcd()
+        bed.etcd.start()
         for i in (1, 2, 3):
             assert poll(
                 lambda i=i: any(
@@ -121,7 +121,7 @@ def test_a_member_killed_then_the_whole_cluster_restarted_under_traffic(bed: Tes
         assert not [e for e in events_since(bed, i, logged.get(i, 0)) if e.get("level") == "fatal"]
     # And the registry works for changes again: a lease deleted is seen by every node.
     victim = f"{SUBNETS}{joined.replace('/', '-')}"
-    bed.etcdctl("del", victim)
+    bed.etcd.etcdctl("del", victim)
     for i in (1, 2, 3):
         assert poll(lambda i=i: joined not in peers(bed, i), 15), f"n{i} kept a deleted peer"
 
@@ -166,7 +166,7 @@ def test_a_watch_on_a_member_cut_off_from_the_quorum_fails(bed: Testbed) -> None
     the outage is reported, instead of staying open and silent for as long as it lasts."""
     watcher = subprocess.Popen(
         ["ip", "netns", "exec", bed.underlay_ns, sys.executable, "-c", WATCHER]
-        + [bed.etcd_endpoints[0], SUBNETS, "20"],
+        + [bed.etcd.endpoints[0], SUBNETS, "20"],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -176,17 +176,17 @@ def test_a_watch_on_a_member_cut_off_from_the_quorum_fails(bed: Testbed) -> None
         assert watcher.stdout is not None
         assert watcher.stdout.readline().strip() == "watching"
         frozen = time.monotonic()
-        bed.freeze_etcd(2)
-        bed.freeze_etcd(3)
+        bed.etcd.freeze(2)
+        bed.etcd.freeze(3)
         try:
             outcome = watcher.stdout.readline().strip()
             took = time.monotonic() - frozen
         finally:
-            bed.thaw_etcd(2)
-            bed.thaw_etcd(3)
+            bed.etcd.thaw(2)
+            bed.etcd.thaw(3)
         print(f"a watch on a member without a quorum: {outcome!r} after {took:.1f} s")
         assert outcome.startswith("failed:") and "no leader" in outcome, outcome
     finally:
         watcher.kill()
         watcher.wait()
-    assert poll(lambda: bed.etcdctl("endpoint", "health", check=False).returncode == 0, 20)
+    assert poll(lambda: bed.etcd.etcdctl("endpoint", "health", check=False).returncode == 0, 20)

@@ -126,7 +126,7 @@ def test_restarted_daemon_gets_its_old_subnet_back(bed: Testbed) -> None:
     after = node(bed, 2)
     assert after["running"] and after["subnet"] == before["subnet"]
     assert node_status(bed, 2)["lease"]["key"] == key
-    value = bed.etcdctl("get", key, "--print-value-only").stdout.strip()
+    value = bed.etcd.etcdctl("get", key, "--print-value-only").stdout.strip()
     assert value == f'{{"PublicIP":"{after["underlay_ip"]}","PublicIPv6":null}}'
     assert before["subnet"] in peers_of(bed, 1)
     assert pod_pings(bed, "n1-p1", "n2-p1") and pod_pings(bed, "n2-p1", "n3-p1")
@@ -137,11 +137,11 @@ def test_etcd_down_for_20s_traffic_flows_and_a_later_joiner_is_seen(bed: Testbed
     logged_before = {i: log_events(bed.log_file(i)) for i in (1, 2, 3)}
     with pinging(bed, "n1-p1", "n3-p1") as pings:
         time.sleep(1.0)
-        bed.stop_etcd()  # SIGKILL
+        bed.etcd.stop()  # SIGKILL
         try:
             time.sleep(20.0)
         finally:
-            bed.start_etcd()  # same data dir: the leases are all still there
+            bed.etcd.start()  # same data dir: the leases are all still there
         time.sleep(1.0)
     sent, received = pings.sent, pings.received
     loss = 1 - received / max(sent, 1)
@@ -183,11 +183,11 @@ def test_etcd_frozen_for_15s_no_daemon_stops(bed: Testbed) -> None:
     logged_before = {i: len(log_events(bed.log_file(i))) for i in (1, 2, 3)}
     with pinging(bed, "n1-p1", "n3-p1") as pings:
         time.sleep(1.0)
-        bed.freeze_etcd()
+        bed.etcd.freeze()
         try:
             time.sleep(15.0)
         finally:
-            bed.thaw_etcd()
+            bed.etcd.thaw()
         for i in (1, 2, 3):
             wait_for(
                 lambda i=i: (
@@ -222,7 +222,7 @@ def test_deleted_lease_makes_that_daemon_exit_with_a_clear_message(bed: Testbed)
     pid = node(bed, k)["pid"]
     wait_for(lambda: lease["subnet"] in peers_of(bed, 1), 10, "n1 seeing the new node")
 
-    bed.etcdctl("del", lease["key"])
+    bed.etcd.etcdctl("del", lease["key"])
     took = wait_for(lambda: not pid_alive(pid), 10, f"n{k}'s daemon to exit")
     print(f"daemon exited {took:.1f} s after its lease was deleted")
     code = bed._procs[k].wait(timeout=5)  # the testbed started it: it holds the exit status

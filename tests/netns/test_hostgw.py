@@ -75,7 +75,7 @@ def _key(subnet: str) -> str:
 
 def _put_hostgw_lease(bed: Testbed, subnet: str, public_ip: str) -> None:
     value = {"PublicIP": public_ip, "PublicIPv6": None, "BackendType": "host-gw"}
-    bed.etcdctl("put", _key(subnet), json.dumps(value, separators=(",", ":")))
+    bed.etcd.etcdctl("put", _key(subnet), json.dumps(value, separators=(",", ":")))
 
 
 def _skipped(bed: Testbed, i: int, subnet: str) -> list[dict[str, Any]]:
@@ -91,7 +91,7 @@ def _skipped(bed: Testbed, i: int, subnet: str) -> list[dict[str, Any]]:
 
 
 def test_leases_are_host_gw(bed: Testbed) -> None:
-    out = bed.etcdctl("get", "--prefix", SUBNETS, "--print-value-only").stdout.split()
+    out = bed.etcd.etcdctl("get", "--prefix", SUBNETS, "--print-value-only").stdout.split()
     leases = [json.loads(v) for v in out]
     assert sorted(x["PublicIP"] for x in leases) == [str(bed.node_ip(i)) for i in NODES]
     assert all(x["BackendType"] == "host-gw" and "BackendData" not in x for x in leases)
@@ -196,7 +196,7 @@ def test_routes_follow_leases(bed: Testbed) -> None:
             assert poll(lambda i=i: _has_route(bed, i, fake, FAKE_IP)), (i, _routes(bed, i))
             assert fake in node_status(bed, i)["programmed"]
     finally:
-        bed.etcdctl("del", _key(fake))
+        bed.etcd.etcdctl("del", _key(fake))
     for i in NODES:
         assert poll(lambda i=i: not _routes(bed, i, fake)), (i, _routes(bed, i))
         assert fake not in node_status(bed, i)["programmed"]
@@ -222,7 +222,7 @@ def test_peer_behind_a_router_gets_no_route(bed: Testbed) -> None:
         assert far not in node_status(bed, 1)["programmed"]
         assert node_status(bed, 1)["netlink_errors"] == 0
     finally:
-        bed.etcdctl("del", _key(far))
+        bed.etcd.etcdctl("del", _key(far))
         bed.exec("n1", ["ip", "route", "del", "192.0.2.200/29"], check=False)
     for i in (2, 3):
         assert poll(lambda i=i: not _routes(bed, i, far)), (i, _routes(bed, i))

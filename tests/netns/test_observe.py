@@ -435,7 +435,7 @@ def test_icmp_unreachable_comes_from_the_nodes_tun_address(bed: Testbed) -> None
 def test_readyz_is_503_while_starting_and_while_the_registry_is_gone(bed: Testbed) -> None:
     # Start: n3's daemon restarted while etcd is down answers /healthz at once, and
     # /readyz only once it holds its lease again.
-    bed.stop_etcd()
+    bed.etcd.stop()
     try:
         bed._procs[3].terminate()
         bed._procs[3].wait(timeout=10)
@@ -446,11 +446,11 @@ def test_readyz_is_503_while_starting_and_while_the_registry_is_gone(bed: Testbe
         st = node_status(bed, "n3")
         assert st["state"] == "starting" and st["registry"]["state"] != "connected"
     finally:
-        bed.start_etcd()
+        bed.etcd.start()
     assert poll(lambda: get(bed, "n3", "/readyz")[0] == 200, 15)
 
     # Running: n1 stays ready through a short outage, not through a long one.
-    bed.stop_etcd()
+    bed.etcd.stop()
     try:
         assert poll(lambda: node_status(bed, "n1")["registry"]["state"] == "unreachable", 15)
         assert get(bed, "n1", "/readyz")[0] == 200  # within the grace
@@ -461,7 +461,7 @@ def test_readyz_is_503_while_starting_and_while_the_registry_is_gone(bed: Testbe
         assert get(bed, "n1", "/healthz")[0] == 200  # alive all along
         ping(bed, "n1-p1", "n2-p1", count=1)  # and forwarding with the peers it knows
     finally:
-        bed.start_etcd()
+        bed.etcd.start()
     assert poll(lambda: get(bed, "n1", "/readyz")[0] == 200, 15)
     assert node_status(bed, "n1")["registry"]["state"] == "connected"
 

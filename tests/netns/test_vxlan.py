@@ -66,7 +66,7 @@ def _subnet(bed: Testbed, node: str) -> IPv4Network:
 
 def _leases(bed: Testbed) -> dict[str, dict[str, Any]]:
     """The registry's leases, by subnet ("198.18.7.0/24")."""
-    out = bed.etcdctl("get", "--prefix", SUBNETS).stdout.splitlines()
+    out = bed.etcd.etcdctl("get", "--prefix", SUBNETS).stdout.splitlines()
     return {
         out[k].rsplit("/", 1)[1].replace("-", "/"): json.loads(out[k + 1])
         for k in range(0, len(out) - 1, 2)
@@ -176,11 +176,11 @@ def _free_subnet(bed: Testbed, start: int = 250) -> IPv4Network:
 
 def _put_lease(bed: Testbed, subnet: IPv4Network, value: dict[str, Any]) -> None:
     key = f"{SUBNETS}/{subnet.network_address}-{subnet.prefixlen}"
-    bed.etcdctl("put", key, json.dumps(value, separators=(",", ":")))
+    bed.etcd.etcdctl("put", key, json.dumps(value, separators=(",", ":")))
 
 
 def _del_lease(bed: Testbed, subnet: IPv4Network) -> None:
-    bed.etcdctl("del", f"{SUBNETS}/{subnet.network_address}-{subnet.prefixlen}")
+    bed.etcd.etcdctl("del", f"{SUBNETS}/{subnet.network_address}-{subnet.prefixlen}")
 
 
 def _vxlan_lease(public_ip: str) -> dict[str, Any]:
