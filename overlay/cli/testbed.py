@@ -131,6 +131,68 @@ def show_node(bed: Testbed, args: argparse.Namespace) -> int:
     return show(bed.status_socket(bed.node_number(args.node)), args, "overlay testbed status")
 
 
+def _up(args: argparse.Namespace) -> int:
+    bed = Testbed(
+        args.prefix,
+        nodes=args.nodes,
+        pods_per_node=args.pods_per_node,
+        backend=args.backend,
+        registry=args.registry,
+        underlay=args.underlay,
+        network=args.network,
+        state_dir=args.state_dir,
+        kernel_nodes=tuple(args.kernel_nodes),
+        direct_routing=args.direct_routing,
+        etcd_members=args.etcd_members,
+    )
+    bed.progress = Progress(f"overlay testbed up {bed.prefix}", bed.up_steps())
+    try:
+        bed.up()
+    finally:
+        bed.progress.done()
+    print(format_status(bed.status()))
+    print(f"\ntear down with: overlay testbed down --prefix {bed.prefix}")
+    return 0
+
+
+def _down(args: argparse.Namespace) -> int:
+    bed = Testbed(args.prefix, state_dir=args.state_dir)
+    bed.progress = Progress(f"overlay testbed down {bed.prefix}")
+    try:
+        removed = bed.down()
+    finally:
+        bed.progress.done()
+    what = ", ".join(f"{len(v)} {k}" for k, v in removed.items() if v) or "nothing left"
+    print(f"testbed {args.prefix} is down ({what})")
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    bed = Testbed.load(args.prefix, args.state_dir)
+    if args.node is not None:
+        return show_node(bed, args)
+    if args.watch is not None:
+        raise TestbedError("--watch shows one node: add --node n1 (or n2, ...)")
+    st = bed.status()
+    print(json.dumps(st, indent=2) if args.json else format_status(st))
+    return 0
+
+
+def _exec(args: argparse.Namespace) -> int:
+    cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
+    if not cmd:
+        sys.stderr.write("overlay testbed exec: error: no command given (NAME -- CMD...)\n")
+        return 2
+    bed = Testbed(args.prefix, state_dir=args.state_dir)
+    try:
+        return bed.exec(args.name, cmd).returncode
+    except FileNotFoundError as e:
+        raise TestbedError(f"cannot run {cmd[0]!r}: {e.strerror}") from None
+
+
+COMMANDS = {"up": _up, "down": _down, "status": _status, "exec": _exec}
+
+
 def main(argv: list[str]) -> int:
     """``overlay testbed up|down|status|exec``; errors are one line on stderr, exit 1."""
     try:
@@ -138,56 +200,7 @@ def main(argv: list[str]) -> int:
     except SystemExit as e:
         return int(e.code) if isinstance(e.code, int) else 2
     try:
-        if args.command == "up":
-            bed = Testbed(
-                args.prefix,
-                nodes=args.nodes,
-                pods_per_node=args.pods_per_node,
-                backend=args.backend,
-                registry=args.registry,
-                underlay=args.underlay,
-                network=args.network,
-                state_dir=args.state_dir,
-                kernel_nodes=tuple(args.kernel_nodes),
-                direct_routing=args.direct_routing,
-                etcd_members=args.etcd_members,
-            )
-            bed.progress = Progress(f"overlay testbed up {bed.prefix}", bed.up_steps())
-            try:
-                bed.up()
-            finally:
-                bed.progress.done()
-            print(format_status(bed.status()))
-            print(f"\ntear down with: overlay testbed down --prefix {bed.prefix}")
-            return 0
-        if args.command == "down":
-            bed = Testbed(args.prefix, state_dir=args.state_dir)
-            bed.progress = Progress(f"overlay testbed down {bed.prefix}")
-            try:
-                removed = bed.down()
-            finally:
-                bed.progress.done()
-            what = ", ".join(f"{len(v)} {k}" for k, v in removed.items() if v) or "nothing left"
-            print(f"testbed {args.prefix} is down ({what})")
-            return 0
-        if args.command == "status":
-            bed = Testbed.load(args.prefix, args.state_dir)
-            if args.node is not None:
-                return show_node(bed, args)
-            if args.watch is not None:
-                raise TestbedError("--watch shows one node: add --node n1 (or n2, ...)")
-            st = bed.status()
-            print(json.dumps(st, indent=2) if args.json else format_status(st))
-            return 0
-        cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
-        if not cmd:
-            sys.stderr.write("overlay testbed exec: error: no command given (NAME -- CMD...)\n")
-            return 2
-        bed = Testbed(args.prefix, state_dir=args.state_dir)
-        try:
-            return bed.exec(args.name, cmd).returncode
-        except FileNotFoundError as e:
-            raise TestbedError(f"cannot run {cmd[0]!r}: {e.strerror}") from None
+        return COMMANDS[args.command](args)
     except TestbedError as e:
         sys.stderr.write(f"overlay testbed {args.command}: error: {e}\n")
         return 1
