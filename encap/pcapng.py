@@ -228,12 +228,19 @@ def parse_packet(block: bytes) -> tuple[int, int, bytes, int, dict[int, list[byt
     end = 28 + captured
     if end > length - 4:
         raise ValueError("captured length beyond the block")
+    options = block_options(block, end + _pad(captured))
+    return interface_id, high << 32 | low, bytes(block[28:end]), original, options
+
+
+def block_options(block: bytes, at: int) -> dict[int, list[bytes]]:
+    """The options of a block, by code, from offset ``at`` to the block's end (its last
+    four bytes repeat its length); a truncated option ends the list."""
     options: dict[int, list[bytes]] = {}
-    at = end + _pad(captured)
-    while at + 4 <= length - 4:
+    end = len(block) - 4
+    while at + 4 <= end:
         code, size = struct.unpack_from("<HH", block, at)
         if code == OPT_END:
             break
         options.setdefault(code, []).append(bytes(block[at + 4 : at + 4 + size]))
         at += 4 + size + _pad(size)
-    return interface_id, high << 32 | low, bytes(block[28:end]), original, options
+    return options

@@ -142,16 +142,9 @@ class _Summary:
 
 
 def _idb_name(block: bytes) -> str | None:
-    at = 16
-    while at + 4 <= len(block) - 4:
-        code = int.from_bytes(block[at : at + 2], "little")
-        size = int.from_bytes(block[at + 2 : at + 4], "little")
-        if code == pcapng.OPT_END:
-            break
-        if code == pcapng.IF_NAME:
-            return block[at + 4 : at + 4 + size].decode(errors="replace")
-        at += 4 + size + (-size % 4)
-    return None
+    """The if_name option of an Interface Description Block."""
+    names = pcapng.block_options(block, 16).get(pcapng.IF_NAME)
+    return names[0].decode(errors="replace") if names else None
 
 
 def request_line(count: int, snaplen: int, text: str) -> bytes:
@@ -254,13 +247,6 @@ def main(argv: list[str]) -> int:
 
 
 def _isb_dropped(block: bytes) -> int:
-    at = 20
-    while at + 4 <= len(block) - 4:
-        code = int.from_bytes(block[at : at + 2], "little")
-        size = int.from_bytes(block[at + 2 : at + 4], "little")
-        if code == pcapng.OPT_END:
-            break
-        if code == pcapng.ISB_IFDROP and size == 8:
-            return int.from_bytes(block[at + 4 : at + 12], "little")
-        at += 4 + size + (-size % 4)
-    return 0
+    """The isb_ifdrop option of an Interface Statistics Block (0 when absent)."""
+    dropped = [v for v in pcapng.block_options(block, 20).get(pcapng.ISB_IFDROP, []) if len(v) == 8]
+    return int.from_bytes(dropped[0], "little") if dropped else 0
