@@ -15,6 +15,13 @@ the registry's shape, or larger than MAX_FILE. A lock held by someone else is wa
 for up to ``lock_timeout`` seconds per operation, polling (so close() ends a wait at
 once); after a second of waiting the holder is reported once (``notify``), named from
 /proc/locks when it can be found.
+
+Every operation's I/O failure is a RegistryError naming the path and what failed
+(``registry file /run/flannel/registry.json: cannot write it: No space left on
+device``), never a bare OSError: a full or read-only filesystem, an I/O error or a
+directory that went away is worth a retry (a running daemon keeps its lease and state
+and tries again); a permission or a path of the wrong kind is a RegistryConfigError.
+A write that fails leaves the file as it was.
 """
 
 from __future__ import annotations
@@ -85,6 +92,30 @@ def _check_shape(state: Any) -> None:
             and isinstance(event.get("has_ttl"), bool)
         ):
             raise ValueError("bad event")
+
+
+# errnos that retrying cannot fix: a path of the wrong kind, or one we may not use. Any
+# other OSError (ENOSPC, EDQUOT, EROFS, EIO, ENOENT of a directory that went away, ...)
+# may be gone at the next try.
+LASTING = frozenset(
+    {
+        errno.EACCES,
+        errno.EPERM,
+        errno.ELOOP,
+        errno.ENOTDIR,
+        errno.EISDIR,
+        errno.ENAMETOOLONG,
+        errno.ENXIO,
+    }
+)
+
+
+def io_failure(what: str, doing: str, error: OSError) -> RegistryError:
+    """``<what>: cannot <doing>: <reason>``, as RegistryConfigError when retrying cannot
+    fix it, else as RegistryError."""
+    reason = "it is a symbolic link" if error.errno == errno.ELOOP else error.strerror
+    kind = RegistryConfigError if error.errno in LASTING else RegistryError
+    return kind(f"{what}: cannot {doing}: {reason or error}")
 
 
 def _text(value: bytes) -> str:
@@ -181,6 +212,14 @@ class FileRegistry:
         self._closed = False
         self._reported_wait = False  # a lock wait was reported; reset by a quick lock
 
+    @property
+    def _file_label(self) -> str:
+        return f"registry file {self.path}"
+
+    @property
+    def _lock_label(self) -> str:
+        return f"registry lock {self.lock_path}"
+
     # -- file access ---------------------------------------------------------------------
 
     def check_sync(self) -> None:
@@ -193,10 +232,10 @@ class FileRegistry:
             except FileNotFoundError:
                 break  # created below, by us
             except OSError as e:
-                raise RegistryConfigError(f"registry file {self.path}: {e.strerror}") from None
+                raise io_failure(self._file_label, f"read {ancestor}", e) from None
             problem = _owner_problem(st, f"{ancestor}", sticky_ok=True)
             if problem:
-                raise RegistryConfigError(f"registry file {self.path}: {problem}")
+                raise RegistryConfigError(f"{self._file_label}: {problem}")
         with self._locked():
             pass  # the directory, the lock, and the file's content
 
@@ -206,10 +245,12 @@ class FileRegistry:
             _make_directories(directory)
             st = os.stat(directory)
         except OSError as e:
-            raise RegistryConfigError(f"registry file {self.path}: {e.strerror}") from None
+            raise io_failure(
+                self._file_label, f"make or read its directory {directory}", e
+            ) from None
         problem = _owner_problem(st, f"its directory {directory}")
         if problem:
-            raise RegistryConfigError(f"registry file {self.path}: {problem}")
+            raise RegistryConfigError(f"{self._file_label}: {problem}")
 
     def _load(self) -> State:
         try:
@@ -217,14 +258,14 @@ class FileRegistry:
         except FileNotFoundError:
             return _empty()
         except OSError as e:
-            raise RegistryConfigError(f"registry file {self.path}: {e.strerror}") from None
+            raise io_failure(self._file_label, "open it", e) from None
         try:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
-                raise RegistryConfigError(f"registry file {self.path} is not a regular file")
+                raise RegistryConfigError(f"{self._file_label} is not a regular file")
             problem = _owner_problem(st, "it")
             if problem:
-                raise RegistryConfigError(f"registry file {self.path}: {problem}")
+                raise RegistryConfigError(f"{self._file_label}: {problem}")
             if st.st_size > MAX_FILE:
                 raise RegistryConfigError(
                     f"registry file {self.path} is corrupt: {st.st_size} bytes, more than "
@@ -233,7 +274,7 @@ class FileRegistry:
             with os.fdopen(os.dup(fd), "rb") as f:
                 data = f.read(MAX_FILE + 1)
         except OSError as e:
-            raise RegistryConfigError(f"registry file {self.path}: {e.strerror}") from None
+            raise io_failure(self._file_label, "read it", e) from None
         finally:
             os.close(fd)
         try:
@@ -248,7 +289,10 @@ class FileRegistry:
         return state  # type: ignore[no-any-return]
 
     def _store(self, state: State) -> None:
-        write_atomic(self.path, json.dumps(state), MODE)
+        try:
+            write_atomic(self.path, json.dumps(state), MODE)
+        except OSError as e:
+            raise io_failure(self._file_label, "write it", e) from None
 
     def _open_lock(self) -> int:
         """The lock file, created 0600; refused when someone else owns it or may write it
@@ -258,16 +302,18 @@ class FileRegistry:
         try:
             fd = os.open(self.lock_path, flags, MODE)
         except OSError as e:
-            reason = "is a symbolic link" if e.errno == errno.ELOOP else e.strerror
-            raise RegistryConfigError(f"registry lock {self.lock_path}: {reason}") from None
+            raise io_failure(self._lock_label, "open it", e) from None
         try:
             st = os.fstat(fd)
             problem = None if stat.S_ISREG(st.st_mode) else "it is not a regular file"
             problem = problem or _owner_problem(st, "it")
             if problem:
-                raise RegistryConfigError(f"registry lock {self.lock_path}: {problem}")
+                raise RegistryConfigError(f"{self._lock_label}: {problem}")
             if stat.S_IMODE(st.st_mode) != MODE:
                 os.fchmod(fd, MODE)
+        except OSError as e:
+            os.close(fd)
+            raise io_failure(self._lock_label, "check it or tighten its mode", e) from None
         except BaseException:
             os.close(fd)
             raise
@@ -283,6 +329,8 @@ class FileRegistry:
                 break
             except BlockingIOError:
                 pass
+            except OSError as e:
+                raise io_failure(self._lock_label, "lock it", e) from None
             waited = time.monotonic() - start
             if self._closed:
                 raise RegistryError(f"registry {self.path} closed while waiting for its lock")
@@ -456,6 +504,8 @@ class FileRegistry:
                 current = (st.st_mtime_ns, st.st_ino, st.st_size)
             except FileNotFoundError:
                 current = (0, 0, 0)
+            except OSError as e:
+                raise io_failure(self._file_label, "read it", e) from None
             if current != stamp:
                 stamp = current
                 state = self._load()

@@ -109,3 +109,28 @@ def daemons() -> Iterator[Callable[..., Any]]:
     yield start
     for daemon in started:
         daemon.kill()
+
+
+@pytest.fixture
+def disks(tmp_path: Path) -> Iterator[Any]:
+    """Factory: disks.tmpfs("name", size="256k") mounts a tmpfs at tmp_path/name,
+    disks.failing("name") an ext4 whose writes can be made to fail with EIO
+    (tests/helpers/disks.py); all unmounted (and loop devices detached) afterwards."""
+    from tests.helpers.disks import FailingDisk, Tmpfs
+
+    made: list[Tmpfs | FailingDisk] = []
+
+    class Disks:
+        def tmpfs(self, name: str, size: str = "256k") -> Tmpfs:
+            disk = Tmpfs(tmp_path / name, size)
+            made.append(disk)
+            return disk
+
+        def failing(self, name: str) -> FailingDisk:
+            disk = FailingDisk(tmp_path / name)
+            made.append(disk)
+            return disk
+
+    yield Disks()
+    for disk in reversed(made):
+        disk.close()
