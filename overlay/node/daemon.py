@@ -189,18 +189,25 @@ class Daemon:
 
     def _why_ended(self, done: set[asyncio.Task[Any]], stopping: asyncio.Task[Any]) -> None:
         """A long-running task ended: its error, or a fatal line if it ended otherwise
-        (each runs until we stop: anything else is not a clean stop)."""
+        (each runs until we stop: anything else is not a clean stop). Each task handles
+        the failures it expects (a registry's, a log line that cannot be written); an
+        OSError that still gets here is named with the task it ended, in one line."""
         for task in done:
             if task is stopping:
                 continue
             error = None if task.cancelled() else task.exception()
+            name = getattr(task.get_coro(), "__qualname__", task.get_name())
             if isinstance(error, LeaseLost):
                 raise Fatal(f"{error}; exiting so a supervisor restarts us")
+            if isinstance(error, OSError):
+                raise Fatal(
+                    f"{name} failed: {describe_os_error(error)}; exiting so a supervisor "
+                    "restarts us"
+                )
             if error is not None:
                 raise error
             if stopping not in done:
                 how = "was cancelled" if task.cancelled() else "returned"
-                name = getattr(task.get_coro(), "__qualname__", task.get_name())
                 raise Fatal(f"{name} {how} unexpectedly; exiting so a supervisor restarts us")
 
     async def main(self) -> int:
@@ -227,6 +234,7 @@ class Daemon:
         finally:
             systemd.notify("STOPPING=1")
             stop.set()  # ends the traces still streaming
+            self.events.peer_log.close()
             for task in [*tasks, stopping]:
                 task.cancel()
             await asyncio.wait([*tasks, stopping], timeout=STOP_BUDGET / 4)
@@ -257,6 +265,12 @@ class Daemon:
         await step("registry", node.kv.close(), 0.1)
 
 
+def describe_os_error(error: OSError) -> str:
+    """Its reason, with the path it concerns when it has one."""
+    reason = error.strerror or str(error)
+    return f"{error.filename}: {reason}" if error.filename and error.strerror else reason
+
+
 class Stopped(Exception):
     """SIGTERM before the event loop took over the signals."""
 
@@ -282,6 +296,6 @@ def run(options: NodeOptions) -> int:
     except (Fatal, RegistryError, UnderlayError, BackendError) as e:
         return overlay_log.fatal(PROG, str(e), fmt, node)
     except OSError as e:  # TunError, LinkError, KernelError, a socket that cannot be bound
-        return overlay_log.fatal(PROG, str(e.strerror or e), fmt, node)
+        return overlay_log.fatal(PROG, describe_os_error(e), fmt, node)
     except (KeyboardInterrupt, Stopped):
         return 0  # flanneld exits 0 on SIGTERM and SIGINT

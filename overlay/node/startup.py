@@ -21,7 +21,7 @@ from overlay.backends.manager import make_backend
 from overlay.node.fatal import Fatal
 from overlay.node.options import NodeOptions
 from overlay.node.state import NodeState
-from overlay.node.subnet_file import read_previous, write_subnet_env
+from overlay.node.subnet_file import SubnetFileError, read_previous, write_subnet_env
 
 T = TypeVar("T")
 
@@ -180,7 +180,10 @@ class Startup:
             await node.iptables.install(iptables, config.network, lease.subnet, previous)
         masq = node.options.iptables.ip_masq
         env = SubnetEnv.for_lease(config.network, lease.subnet, backend.mtu, masq)
-        await asyncio.to_thread(write_subnet_env, subnet_file, env)
+        try:
+            await asyncio.to_thread(write_subnet_env, subnet_file, env)
+        except SubnetFileError as e:
+            raise Fatal(str(e)) from None
         node.readiness.step("subnet_env")
         self._log_started(backend)
         return backend
