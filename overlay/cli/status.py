@@ -126,7 +126,7 @@ class Rates:
 
 
 def _node_lines(st: dict[str, Any]) -> list[str]:
-    """Who the node is, its lease, its registry and its offloads."""
+    """Who the node is, its lease, its registry, its offloads and log lines lost."""
     ready = st.get("ready", {})
     head = (
         f"node {st.get('node', st.get('lease', {}).get('public_ip', '?'))} "
@@ -150,6 +150,8 @@ def _node_lines(st: dict[str, Any]) -> list[str]:
         on = [name for name, value in features.items() if value] or ["none"]
         off = [name for name, value in features.items() if not value]
         lines.append(f"features   {' '.join(on)}" + (f"  (off: {' '.join(off)})" if off else ""))
+    if st.get("log_lines_lost"):
+        lines.append(f"log        {st['log_lines_lost']} lines could not be written (stderr)")
     return lines
 
 

@@ -36,6 +36,7 @@ class NodeView:
             "uptime_s": round(time.time() - node.started, 1),
             "ready": {"ready": ready, "reason": reason},
             "registry": node.monitor.status(),
+            "log_lines_lost": overlay_log.lines_lost(),
         }
         if "datapath" not in node.readiness.done:
             return {**base, "state": "starting"}

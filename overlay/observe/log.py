@@ -6,6 +6,10 @@ instead of every minute), 2 adds per-event debug lines (every registry event, pe
 change, trace and scrape). ``enabled(n)`` is glog's ``V(n)``: test it before building an
 expensive line.
 
+A line that cannot be written (stderr a file on a full disk, a pipe whose reader went
+away) is counted (``lines_lost``, in `overlay status` and /metrics), never raised into the
+task that logged it: a daemon must not stop forwarding because its log cannot grow.
+
 ``install_stack_dumps``: SIGUSR1 and SIGQUIT print every thread's stack (from the signal
 handler, so also when the event loop is stuck in Python code) and every asyncio task's,
 as Go's runtime prints its goroutines for flanneld's users. SIGUSR1 leaves the daemon
@@ -31,6 +35,26 @@ from typing import Any
 import structlog
 
 _verbosity = 0
+_lines_lost = 0
+
+
+class _LossyPrintLogger(structlog.PrintLogger):
+    """structlog's PrintLogger, counting a line it cannot write instead of raising."""
+
+    def msg(self, message: str) -> None:
+        global _lines_lost
+        try:
+            super().msg(message)
+        except OSError:
+            _lines_lost += 1
+
+    log = debug = info = warn = warning = msg
+    fatal = failure = err = error = critical = exception = msg
+
+
+def lines_lost() -> int:
+    """Log lines this process could not write (stderr full, or gone)."""
+    return _lines_lost
 
 
 @dataclass(frozen=True)
@@ -57,7 +81,7 @@ def configure(fmt: str = "console", verbosity: int = 0) -> None:
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(level),
-        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+        logger_factory=lambda *args: _LossyPrintLogger(sys.stderr),
         cache_logger_on_first_use=False,
     )
 
@@ -79,11 +103,15 @@ def fatal(prog: str, message: str, fmt: str = "console", node: str | None = None
         if node:
             line["node"] = node
         line["timestamp"] = _timestamp()
-        sys.stderr.write(json.dumps(line) + "\n")
+        text = json.dumps(line) + "\n"
     else:
         where = f" node={node}" if node else ""
-        sys.stderr.write(f"{_timestamp()} [fatal    ] {prog}: error: {message}{where}\n")
-    sys.stderr.flush()
+        text = f"{_timestamp()} [fatal    ] {prog}: error: {message}{where}\n"
+    try:
+        sys.stderr.write(text)
+        sys.stderr.flush()
+    except OSError:
+        pass  # nowhere left to say it: the exit status still does
     return 1
 
 

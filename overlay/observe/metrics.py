@@ -127,7 +127,7 @@ def families(st: dict[str, Any]) -> Iterator[Metric]:
 
 
 def _process_families(st: dict[str, Any]) -> Iterator[Metric]:
-    """The build, readiness and start time."""
+    """The build, readiness, start time and the log lines lost."""
     info = InfoMetricFamily("overlay_build", "the running build")
     info.add_metric(
         [],
@@ -142,6 +142,12 @@ def _process_families(st: dict[str, Any]) -> Iterator[Metric]:
     yield _gauge("overlay_ready", "1 when /readyz answers 200", 1 if ready.get("ready") else 0)
     if "started_at" in st:
         yield _gauge("overlay_start_time_seconds", "process start (Unix time)", st["started_at"])
+    if "log_lines_lost" in st:
+        yield _counter(
+            "overlay_log_lines_lost",
+            "log lines that could not be written (stderr full or gone)",
+            st["log_lines_lost"],
+        )
 
 
 def _lease_families(lease: dict[str, Any]) -> Iterator[Metric]:

@@ -19,10 +19,17 @@ class Daemon:
     """`overlay run` in a namespace, its JSON log in a file."""
 
     def __init__(
-        self, ns: str, tmp: Path, *args: str, env: dict[str, str] | None = None, lo: bool = True
+        self,
+        ns: str,
+        tmp: Path,
+        *args: str,
+        env: dict[str, str] | None = None,
+        lo: bool = True,
+        log: Path | None = None,
     ):
+        """``log``: where its output goes (appended to) instead of ``tmp/daemon.log``."""
         self.tmp = tmp
-        self.log = tmp / "daemon.log"
+        self.log = log or tmp / "daemon.log"
         self.subnet_file = tmp / "subnet.env"
         self.socket = tmp / "status.sock"
         argv = [
@@ -34,7 +41,7 @@ class Daemon:
         if "--subnet-file" not in args:
             argv += ["--subnet-file", str(self.subnet_file)]
         environ = dict(os.environ, PYTHONPATH=str(ROOT), **(env or {}))
-        with open(self.log, "wb") as out:
+        with open(self.log, "ab" if log else "wb") as out:
             self.proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=environ)
 
     def events(self) -> list[dict[str, Any]]:
