@@ -9,11 +9,13 @@ is the daemon's side).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
 import socket
 import sys
+from collections.abc import Iterator
 from datetime import datetime
 from typing import IO
 
@@ -78,23 +80,43 @@ def _snaplen(text: str) -> int:
     return int(text)
 
 
+class OutputError(Exception):
+    """What the capture is written to failed (a full disk): the message names it."""
+
+
+@contextlib.contextmanager
+def _writing(name: str) -> Iterator[None]:
+    """An OSError of a write to ``name`` as OutputError (a reader that went away, a
+    BrokenPipeError, stays itself: it ends the capture quietly)."""
+    try:
+        yield
+    except BrokenPipeError:
+        raise
+    except OSError as e:
+        raise OutputError(f"cannot write {name}: {e.strerror or e}") from None
+
+
 class _Pcapng:
     """The stream as it comes, to a file or to stdout (``-w``)."""
 
-    def __init__(self, out: IO[bytes], owned: bool) -> None:
+    def __init__(self, out: IO[bytes], owned: bool, name: str) -> None:
         self.out = out
         self.owned = owned  # a file we opened: closed at the end
+        self.name = name
 
     def chunk(self, data: bytes) -> None:
-        self.out.write(data)
-        self.out.flush()
+        with _writing(self.name):
+            self.out.write(data)
+            self.out.flush()
 
     def block(self, kind: int, block: bytes) -> None:
         pass
 
     def close(self) -> None:
+        """Closed in any case; a failure to write the rest was said by ``chunk``."""
         if self.owned:
-            self.out.close()
+            with contextlib.suppress(OSError):
+                self.out.close()
 
 
 class _Summary:
@@ -115,8 +137,9 @@ class _Summary:
         if kind == pcapng.BLOCK_IDB:
             self.names.append(_idb_name(block) or f"if{len(self.names)}")
         elif kind == pcapng.BLOCK_EPB:
-            self.out.write(self.line(block) + "\n")
-            self.out.flush()
+            with _writing("standard output"):
+                self.out.write(self.line(block) + "\n")
+                self.out.flush()
 
     def line(self, block: bytes) -> str:
         interface, ts, data, length, options = pcapng.parse_packet(block)
@@ -174,10 +197,10 @@ def _output(write: str | None) -> _Pcapng | _Summary:
     """Where the stream goes: a file (created 0600), stdout (``-``) or the summary lines.
     OSError when the file cannot be made."""
     if write == "-":
-        return _Pcapng(sys.stdout.buffer, owned=False)
+        return _Pcapng(sys.stdout.buffer, owned=False, name="standard output")
     if write:
         fd = os.open(write, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        return _Pcapng(os.fdopen(fd, "wb"), owned=True)
+        return _Pcapng(os.fdopen(fd, "wb"), owned=True, name=write)
     return _Summary(sys.stdout)
 
 
@@ -232,6 +255,8 @@ def main(argv: list[str]) -> int:
         _copy(sock, first, out, counts)
     except BrokenPipeError:  # `-w - | head`: the reader left
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except OutputError as e:
+        return _fail(str(e))
     except OSError as e:
         return _fail(str(e.strerror or e))
     except ValueError as e:
