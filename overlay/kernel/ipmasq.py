@@ -109,6 +109,8 @@ class Iptables:
             )
         except subprocess.TimeoutExpired:
             raise IptablesError(62, f"{shown} timed out") from None
+        except OSError as e:  # the command went away (a package removed), no process left
+            raise IptablesError(e.errno or 1, f"{shown}: {e.strerror or e}") from None
         if check and proc.returncode != 0:
             text = (proc.stderr or proc.stdout).strip().splitlines()
             raise IptablesError(proc.returncode, f"{shown}: {text[0] if text else 'failed'}")

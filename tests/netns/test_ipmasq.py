@@ -6,6 +6,8 @@ the resync, and every rule gone after the daemon stops."""
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 import sys
 import time
@@ -25,6 +27,7 @@ OUTSIDE = "192.0.2.254"  # on the underlay bridge: outside the overlay, no route
 RESYNC = 3  # --iptables-resync for this testbed
 MASQ = '-m comment --comment "flanneld masq"'
 FWD = '-m comment --comment "flanneld forward"'
+FWD_RULE = ("-m", "comment", "--comment", "flanneld forward", "-j", "FLANNEL-FWD")
 
 # Who connected, as the server saw it: prints the peer address of one TCP connection.
 PEER_SERVER = """
@@ -232,3 +235,44 @@ def test_rules_are_removed_on_stop(bed: Testbed) -> None:
     bed.start_daemon(1)
     assert poll(lambda: any("FLANNEL-POSTRTG" in x for x in iptables_save(bed, "n1", "nat")), 15)
     assert subnet(bed, 1) == before
+
+
+def test_an_iptables_command_that_goes_away_is_said_once_and_the_node_carries_on(
+    netns, daemons, tmp_path
+) -> None:
+    """The iptables command removed under a running daemon (its package removed): each
+    resync fails, which is said once; the daemon keeps running (it used to exit 1: the
+    OSError of the missing command ended the resync task) and repairs again once the
+    command is back."""
+    ns = netns("ipt")
+    commands = tmp_path / "bin"
+    commands.mkdir()
+    names = ("iptables", "iptables-restore")
+
+    def link_commands() -> None:
+        for name in names:
+            found = shutil.which(name)
+            assert found is not None
+            (commands / name).symlink_to(found)
+
+    link_commands()
+    daemon = daemons(
+        ns,
+        tmp_path,
+        *["--registry-file", str(tmp_path / "registry.json"), "--network", "198.18.0.0/16"],
+        *["--iptables-resync", "1", "--log-format", "json"],
+        env={"PATH": f"{commands}:{os.environ['PATH']}"},
+    )
+    daemon.wait_event("iptables_rules_installed", 20)
+    for name in names:
+        (commands / name).unlink()
+    failed = daemon.wait_event("iptables_check_failed", 10)
+    assert "No such file or directory" in failed["error"], failed
+    time.sleep(3)  # three more resyncs, which say nothing more
+    assert daemon.proc.poll() is None, daemon.log.read_text()[-1000:]
+    assert [e["event"] for e in daemon.events()].count("iptables_check_failed") == 1
+
+    link_commands()
+    subprocess.run(["ip", "netns", "exec", ns, "iptables", "-D", "FORWARD", *FWD_RULE], check=True)
+    daemon.wait_event("iptables_rule_repaired", 10)
+    assert daemon.stop()[0] == 0
