@@ -110,7 +110,7 @@ LASTING = frozenset(
 )
 
 
-def io_failure(what: str, doing: str, error: OSError) -> RegistryError:
+def _io_failure(what: str, doing: str, error: OSError) -> RegistryError:
     """``<what>: cannot <doing>: <reason>``, as RegistryConfigError when retrying cannot
     fix it, else as RegistryError."""
     reason = "it is a symbolic link" if error.errno == errno.ELOOP else error.strerror
@@ -232,7 +232,7 @@ class FileRegistry:
             except FileNotFoundError:
                 break  # created below, by us
             except OSError as e:
-                raise io_failure(self._file_label, f"read {ancestor}", e) from None
+                raise _io_failure(self._file_label, f"read {ancestor}", e) from None
             problem = _owner_problem(st, f"{ancestor}", sticky_ok=True)
             if problem:
                 raise RegistryConfigError(f"{self._file_label}: {problem}")
@@ -245,7 +245,7 @@ class FileRegistry:
             _make_directories(directory)
             st = os.stat(directory)
         except OSError as e:
-            raise io_failure(
+            raise _io_failure(
                 self._file_label, f"make or read its directory {directory}", e
             ) from None
         problem = _owner_problem(st, f"its directory {directory}")
@@ -258,7 +258,7 @@ class FileRegistry:
         except FileNotFoundError:
             return _empty()
         except OSError as e:
-            raise io_failure(self._file_label, "open it", e) from None
+            raise _io_failure(self._file_label, "open it", e) from None
         try:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
@@ -274,7 +274,7 @@ class FileRegistry:
             with os.fdopen(os.dup(fd), "rb") as f:
                 data = f.read(MAX_FILE + 1)
         except OSError as e:
-            raise io_failure(self._file_label, "read it", e) from None
+            raise _io_failure(self._file_label, "read it", e) from None
         finally:
             os.close(fd)
         try:
@@ -292,7 +292,7 @@ class FileRegistry:
         try:
             write_atomic(self.path, json.dumps(state), MODE)
         except OSError as e:
-            raise io_failure(self._file_label, "write it", e) from None
+            raise _io_failure(self._file_label, "write it", e) from None
 
     def _open_lock(self) -> int:
         """The lock file, created 0600; refused when someone else owns it or may write it
@@ -302,7 +302,7 @@ class FileRegistry:
         try:
             fd = os.open(self.lock_path, flags, MODE)
         except OSError as e:
-            raise io_failure(self._lock_label, "open it", e) from None
+            raise _io_failure(self._lock_label, "open it", e) from None
         try:
             st = os.fstat(fd)
             problem = None if stat.S_ISREG(st.st_mode) else "it is not a regular file"
@@ -313,7 +313,7 @@ class FileRegistry:
                 os.fchmod(fd, MODE)
         except OSError as e:
             os.close(fd)
-            raise io_failure(self._lock_label, "check it or tighten its mode", e) from None
+            raise _io_failure(self._lock_label, "check it or tighten its mode", e) from None
         except BaseException:
             os.close(fd)
             raise
@@ -330,7 +330,7 @@ class FileRegistry:
             except BlockingIOError:
                 pass
             except OSError as e:
-                raise io_failure(self._lock_label, "lock it", e) from None
+                raise _io_failure(self._lock_label, "lock it", e) from None
             waited = time.monotonic() - start
             if self._closed:
                 raise RegistryError(f"registry {self.path} closed while waiting for its lock")
@@ -505,7 +505,7 @@ class FileRegistry:
             except FileNotFoundError:
                 current = (0, 0, 0)
             except OSError as e:
-                raise io_failure(self._file_label, "read it", e) from None
+                raise _io_failure(self._file_label, "read it", e) from None
             if current != stamp:
                 stamp = current
                 state = self._load()
