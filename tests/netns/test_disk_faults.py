@@ -133,7 +133,7 @@ def test_nodes_forward_and_renew_through_a_full_then_read_only_registry_disk(
 ) -> None:
     disk = disks.tmpfs("reg")
     registry = disk.path / "registry.json"
-    flags = ("--subnet-lease-renew-margin", "1439", "--log-format", "json")
+    flags = ("--subnet-lease-renew-margin", "1439")
     a = node(daemons, pair.a, pair.a_iface, tmp_path / "a", registry, *flags)
     b = node(daemons, pair.b, pair.b_iface, tmp_path / "b", registry, *flags)
     target = tun_address(b)
@@ -197,7 +197,7 @@ def test_a_start_on_a_full_registry_disk_says_which_file_in_one_line(
     disk.fill()
     registry = disk.path / "registry.json"
     flags = ["--registry-file", str(registry), "--network", NETWORK, "--registry-timeout", "1"]
-    line = fatal_line(daemons(ns, tmp_path, *flags, "--log-format", "json"))
+    line = fatal_line(daemons(ns, tmp_path, *flags))
     assert str(registry) in line and "cannot write it: No space left on device" in line
     assert "flannel0" not in links(ns)
 
@@ -215,7 +215,7 @@ def test_subnet_env_on_a_full_disk_restarts_unchanged_and_fails_in_one_line_else
     disk = disks.tmpfs("run")
     subnet_env = disk.path / "subnet.env"
     flags = ["--registry-file", str(tmp_path / "registry.json"), "--network", NETWORK]
-    flags += ["--subnet-file", str(subnet_env), "--log-format", "json"]
+    flags += ["--subnet-file", str(subnet_env)]
     for run in ("1", "2", "3"):
         (tmp_path / run).mkdir()
     first = daemons(ns, tmp_path / "1", *flags)

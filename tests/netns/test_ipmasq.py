@@ -260,7 +260,7 @@ def test_an_iptables_command_that_goes_away_is_said_once_and_the_node_carries_on
         ns,
         tmp_path,
         *["--registry-file", str(tmp_path / "registry.json"), "--network", "198.18.0.0/16"],
-        *["--iptables-resync", "1", "--log-format", "json"],
+        *["--iptables-resync", "1"],
         env={"PATH": f"{commands}:{os.environ['PATH']}"},
     )
     daemon.wait_event("iptables_rules_installed", 20)

@@ -59,7 +59,8 @@ def test_a_burst_of_2000_lease_events_is_summed_up_below_v_2(
         ns,
         tmp_path,
         *["--etcd-endpoints", server.endpoint, "--etcd-prefix", prefix],
-        *["-v", level, "--log-format", "json"],
+        "-v",
+        level,
     )
     daemon.wait_event("started", 20)
     started = len(daemon.events())
