@@ -471,6 +471,19 @@ class Testbed:
         self.pid_file(i).write_text(f"{proc.pid}\n")
         return proc
 
+    def stop_daemon(self, i: int) -> int | None:
+        """SIGTERM node i's daemon (started by this object) and wait for it; its exit
+        status (None: it was not running). ``start_daemon`` brings it back."""
+        proc = self._procs.get(i)
+        if proc is None or proc.poll() is not None:
+            return None
+        proc.terminate()
+        try:
+            return proc.wait(timeout=DAEMON_STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            return proc.wait()
+
     def _wait_daemons(self, nodes: list[int] | None = None) -> None:
         deadline = time.monotonic() + DAEMON_START_TIMEOUT
         waiting = set(nodes or range(1, self.nodes + 1))
