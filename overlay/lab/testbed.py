@@ -60,7 +60,7 @@ DAEMON_STOP_TIMEOUT = 5.0
 CNI_TIMEOUT = 60.0
 CNI_VERSION = "1.0.0"
 CNI_PATH = "/usr/lib/cni"
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+PROJECT_ROOT = Path(__file__).resolve().parents[2]  # the checkout: overlay/lab/ is two below
 
 _PREFIX = re.compile(r"^[a-z0-9]{1,8}$")
 _MEMBER = re.compile(r"^n(\d+)(?:-p(\d+))?$")
