@@ -46,7 +46,15 @@ from typing import Any
 
 from control.lease import Lease
 from control.subnet_env import parse_subnet_env
-from overlay.kernel.objects import Address, KernelObject, Link, Route, VxlanDevice, vxlan_peer
+from overlay.kernel.objects import (
+    Address,
+    KernelObject,
+    Link,
+    Reachable,
+    Route,
+    VxlanDevice,
+    vxlan_peer,
+)
 from overlay.kernel.reconcile import NODE, KernelState
 from overlay.lab.etcd import EtcdGateway
 from overlay.lab.fake_peers import (
@@ -365,7 +373,7 @@ def _scratch_leases(count: int, datapath: str) -> list[Lease]:
 def _program_for(datapath: str) -> Any:
     macs: dict[IPv4Address, str] = {}
 
-    def program(lease: Lease) -> list[Any]:
+    def program(lease: Lease, reachable: Reachable) -> list[Any]:
         if datapath == "host-gw":
             return [Route(lease.subnet, gateway=lease.public_ip)]
         mac = macs.setdefault(lease.public_ip, FakePeer(lease.subnet, lease.public_ip).mac)
@@ -399,7 +407,7 @@ def reconcile_cost(prefix: str, count: int, datapath: str) -> tuple[float, float
 
 
 def _reconcile_in(count: int, datapath: str) -> tuple[float, float]:
-    devices = (DEVICE,) if datapath == "vxlan-kernel" else ("u0",)
+    devices = (DEVICE,) if datapath == "vxlan-kernel" else ()  # host-gw: no device of its own
     state = KernelState(
         _Quiet(),
         program=_program_for(datapath),
