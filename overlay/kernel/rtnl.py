@@ -56,6 +56,8 @@ CHUNK = 256  # requests per sendmsg: their acknowledgements fit the receive buff
 RECEIVE_BUFFER = 4 << 20
 READ_SIZE = 256 << 10
 DUMP_RETRIES = 3
+# Seconds a receive waits: a kernel that never answers is an error, not a hang.
+ANSWER_TIMEOUT = 10.0
 
 
 @dataclass(frozen=True)
@@ -211,6 +213,7 @@ class Rtnl:
                 self.sock.setsockopt(level, option, value)
             except OSError:
                 pass  # an old kernel, or not root: smaller chunks still fit the default
+        self.sock.settimeout(ANSWER_TIMEOUT)
         self._seq = int.from_bytes(os.urandom(2), "big") << 8
 
     def close(self) -> None:

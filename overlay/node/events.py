@@ -35,7 +35,6 @@ class PeerEvents:
         self._pending: dict[IPv4Network, Lease | None] = {}
         self._flush: asyncio.TimerHandle | None = None
         self._quiet_from = 0.0  # time.monotonic() from which a batch may run again
-        self.batches = 0  # batches applied to the peer table
 
     def _usable(self, lease: Lease) -> bool:
         backend = self.node.backend
@@ -108,6 +107,5 @@ class PeerEvents:
         """Run one batch and note when the next may run."""
         started = time.monotonic()
         batch()
-        self.batches += 1
         now = time.monotonic()
         self._quiet_from = now + SPACING * (now - started)
