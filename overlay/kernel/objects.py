@@ -25,7 +25,7 @@ from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from ipaddress import IPv4Address, IPv4Network
-from typing import Any, ClassVar, Protocol, TypeVar
+from typing import Any, ClassVar, Protocol, TypeVar, cast
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
@@ -505,11 +505,46 @@ def _mac_bytes(mac: str) -> bytes:
     return bytes.fromhex(mac.replace(":", ""))
 
 
+class _DeviceEntry(_Batched):
+    """A neighbour or an fdb entry: a device's (address, MAC) pair, found in the view's and
+    the claims' set named ``table`` under ``_key``."""
+
+    table: ClassVar[str]  # "neighbours" or "fdb"
+    dev: str
+    lladdr: str
+    dst: IPv4Address
+
+    def devices(self) -> tuple[str, ...]:
+        return (self.dev,)
+
+    @cached_property
+    def _lladdr(self) -> bytes:
+        return _mac_bytes(self.lladdr)
+
+    @cached_property
+    def _dst(self) -> bytes:
+        return self.dst.packed
+
+    def _key(self, indexes: dict[str, int]) -> tuple[int, bytes, bytes]:
+        raise NotImplementedError
+
+    def present(self, view: KernelView) -> bool:
+        found: set[tuple[int, bytes, bytes]] = getattr(view, self.table)
+        return self._key(view.indexes) in found
+
+    def claim(self, claimed: Claimed, indexes: dict[str, int]) -> None:
+        key = self._key(indexes)
+        mine: set[tuple[int, bytes, bytes]] = getattr(claimed, self.table)
+        mine.add(key)
+        claimed.owners.setdefault(key, cast("KernelObject", self))  # Neighbour or Fdb
+
+
 @dataclass(frozen=True)
-class Neighbour(_Batched):
+class Neighbour(_DeviceEntry):
     """A permanent ARP entry: the peer's VTEP address -> its VTEP MAC."""
 
     kind: ClassVar[str] = "neighbour"
+    table: ClassVar[str] = "neighbours"
     dev: str
     dst: IPv4Address
     lladdr: str
@@ -517,37 +552,19 @@ class Neighbour(_Batched):
     def describe(self) -> str:
         return f"{self.dst} lladdr {self.lladdr} dev {self.dev} permanent"
 
-    def devices(self) -> tuple[str, ...]:
-        return (self.dev,)
-
-    @cached_property
-    def _lladdr(self) -> bytes:
-        return _mac_bytes(self.lladdr)
-
     def _key(self, indexes: dict[str, int]) -> NeighbourKey:
         return indexes.get(self.dev, -1), self._dst, self._lladdr
 
-    @cached_property
-    def _dst(self) -> bytes:
-        return self.dst.packed
-
-    def present(self, view: KernelView) -> bool:
-        return self._key(view.indexes) in view.neighbours
-
-    def claim(self, claimed: Claimed, indexes: dict[str, int]) -> None:
-        key = self._key(indexes)
-        claimed.neighbours.add(key)
-        claimed.owners.setdefault(key, self)
-
     def request(self, session: Session, add: bool) -> Request:
-        return rtnl.neighbour_request(add, session.index(self.dev), self.dst.packed, self._lladdr)
+        return rtnl.neighbour_request(add, session.index(self.dev), self._dst, self._lladdr)
 
 
 @dataclass(frozen=True)
-class Fdb(_Batched):
+class Fdb(_DeviceEntry):
     """A permanent fdb entry on flannel.<VNI>: the peer's VTEP MAC -> its public IP."""
 
     kind: ClassVar[str] = "fdb"
+    table: ClassVar[str] = "fdb"
     dev: str
     lladdr: str
     dst: IPv4Address
@@ -555,30 +572,11 @@ class Fdb(_Batched):
     def describe(self) -> str:
         return f"{self.lladdr} dst {self.dst} dev {self.dev} self permanent"
 
-    def devices(self) -> tuple[str, ...]:
-        return (self.dev,)
-
-    @cached_property
-    def _lladdr(self) -> bytes:
-        return _mac_bytes(self.lladdr)
-
     def _key(self, indexes: dict[str, int]) -> FdbKey:
         return indexes.get(self.dev, -1), self._lladdr, self._dst
 
-    @cached_property
-    def _dst(self) -> bytes:
-        return self.dst.packed
-
-    def present(self, view: KernelView) -> bool:
-        return self._key(view.indexes) in view.fdb
-
-    def claim(self, claimed: Claimed, indexes: dict[str, int]) -> None:
-        key = self._key(indexes)
-        claimed.fdb.add(key)
-        claimed.owners.setdefault(key, self)
-
     def request(self, session: Session, add: bool) -> Request:
-        return rtnl.fdb_request(add, session.index(self.dev), self._lladdr, self.dst.packed)
+        return rtnl.fdb_request(add, session.index(self.dev), self._lladdr, self._dst)
 
 
 KernelObject = VxlanDevice | Link | Address | Route | Neighbour | Fdb
