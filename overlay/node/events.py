@@ -14,6 +14,7 @@ in the next loop iteration.
 from __future__ import annotations
 
 import asyncio
+import gc
 import time
 from collections.abc import Callable
 from ipaddress import IPv4Network
@@ -76,6 +77,7 @@ class PeerEvents:
         self._timed(
             lambda: self._changed(*peers.replace_all([x for x in leases if self._usable(x)]))
         )
+        _freeze_long_lived()
 
     def on_events(self, events: list[LeaseEvent]) -> None:
         """One watch response: its changes join those pending, applied as one batch as
@@ -109,3 +111,13 @@ class PeerEvents:
         batch()
         now = time.monotonic()
         self._quiet_from = now + SPACING * (now - started)
+
+
+def _freeze_long_lived() -> None:
+    """Move what a listing built (the leases, the peer table: until the next listing)
+    out of reach of the cyclic GC's full passes. Each pass walks every tracked object,
+    ~20 ms at 10,000 peers, and runs on the loop whenever enough new objects (a status
+    answer's rows) have survived: a stall of the drains. Collected first, so no cyclic
+    garbage of the moment is frozen with it; once per listing, not per watch batch."""
+    gc.collect()
+    gc.freeze()
