@@ -113,7 +113,7 @@ class KernelState:
                 return
             error = future.exception()
             if error is not None:
-                self.errors += getattr(error, "failed", 1)
+                self.errors += getattr(error, "failed", 1)  # a batch: every object that failed
                 self.log.error("netlink_failed", step=call.__name__, error=str(error))
 
         future = self._worker.submit(call, *args)
@@ -196,11 +196,13 @@ class KernelState:
         failed = self._run(session, [(o, False) for o in gone] + [(o, True) for o in made])
         if failed:
             obj, code = failed[0]
-            raise KernelError(
+            error = KernelError(
                 code,
                 f"{obj.kind} {obj.describe()}: {os.strerror(code)}"
                 + (f" (and {len(failed) - 1} more)" if len(failed) > 1 else ""),
             )
+            error.failed = len(failed)  # netlink_errors counts objects, as before batching
+            raise error
 
     def _run(
         self, session: Session, changes: list[tuple[KernelObject, bool]]
