@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 from bisect import bisect_left
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network
@@ -97,10 +98,18 @@ class _Checked:
 class LeaseBook:
     """Every record under the subnets prefix, and the valid leases among them.
 
-    ``reset`` (after a list), ``put`` and ``delete`` (watch events) return how the valid
-    set changed, as ``(added or changed, removed)``; the leases carry their create
-    revision. ``take_rejections`` hands over the rejections not reported yet: each
-    distinct record (key and value) once per reason."""
+    ``reset`` (after a list), ``apply`` (a batch of watch events: records put, keys
+    deleted), ``put`` and ``delete`` return how the valid set changed, as ``(added or
+    changed, removed)``; the leases carry their create revision. ``take_rejections``
+    hands over the rejections not reported yet: each distinct record (key and value)
+    once per reason.
+
+    A change costs what it touches, not a pass over every record: two leases can only
+    conflict when one contains the other, so the candidates are kept in buckets (their
+    network at the shortest prefix length among them: with a config, every valid lease
+    has SubnetLen, so a bucket is one subnet), and a change re-runs the rules on its
+    buckets only. A change of our own subnet, of the shortest length, of the config or of
+    our key re-runs them on everything, as a listing does."""
 
     def __init__(
         self,
@@ -121,6 +130,13 @@ class LeaseBook:
             reported_with._reported if reported_with is not None else {}
         )
         self._pending: list[Rejection] = []
+        # The index the rules run on, valid for (config, own key) as they were then.
+        self._indexed_for: tuple[NetworkConfig | None, str | None] | None = None
+        self._own_subnet: IPv4Network | None = None
+        self._lengths: Counter[int] = Counter()  # prefix lengths of the candidates
+        self._coarse = 32  # the bucket length: the shortest among the candidates
+        self._buckets: dict[int, dict[str, _Checked]] = {}
+        self._valid_in: dict[int, dict[IPv4Network, Lease]] = {}
 
     # -- changes ----------------------------------------------------------------------
 
@@ -132,13 +148,34 @@ class LeaseBook:
         return self._recompute()
 
     def put(self, record: Record) -> tuple[list[Lease], list[Lease]]:
-        self._records[record.key] = self._check(record)
-        return self._recompute()
+        return self.apply([record])
 
     def delete(self, key: str) -> tuple[list[Lease], list[Lease]]:
-        self._records.pop(key, None)
-        self._reported.pop(key, None)  # if it comes back, it is news again
-        return self._recompute()
+        return self.apply([key])
+
+    def apply(self, changes: Iterable[Record | str]) -> tuple[list[Lease], list[Lease]]:
+        """A batch of watch events, in order: a Record is put, a key (str) deleted. The
+        result is the batch's net change (a lease added and deleted again is none)."""
+        full = self._indexed_for != (self.config, self.own_key)
+        dirty: set[int] = set()
+        for change in changes:
+            key = change if isinstance(change, str) else change.key
+            old = self._records.pop(key, None)
+            if old is not None and not full:
+                self._unindex(old, dirty)
+            if isinstance(change, str):
+                self._reported.pop(key, None)  # if it comes back, it is news again
+            else:
+                checked = self._records[key] = self._check(change)
+                if checked.lease is None and checked.problem:
+                    self._reject(checked, checked.problem)
+                elif not full:
+                    self._index(checked, dirty)
+            if key == self.own_key:
+                full = full or self._own_now() != self._own_subnet
+        if full or min(self._lengths, default=self._coarse) != self._coarse:
+            return self._recompute()
+        return self._rerun(dirty)
 
     # -- views ------------------------------------------------------------------------
 
@@ -184,27 +221,94 @@ class LeaseBook:
             return _Checked(record, digest, None, f"lease {lease.subnet}: {problem}")
         return _Checked(record, digest, lease, "")
 
-    def _recompute(self) -> tuple[list[Lease], list[Lease]]:
+    def _own_now(self) -> IPv4Network | None:
         own = self._records.get(self.own_key) if self.own_key else None
-        own_subnet = own.lease.subnet if own is not None and own.lease is not None else None
-        taken = _Intervals()
-        if own_subnet is not None:
-            taken.add(own_subnet)
-        candidates: list[_Checked] = []
-        for key, checked in self._records.items():
-            if key == self.own_key:
-                continue
-            if checked.lease is None:
-                if checked.problem:
-                    self._reject(checked, checked.problem)
-            else:
-                candidates.append(checked)
-        candidates.sort(
+        return own.lease.subnet if own is not None and own.lease is not None else None
+
+    def _bucket(self, subnet: IPv4Network) -> int:
+        return int(subnet.network_address) >> (32 - self._coarse)
+
+    def _index(self, checked: _Checked, dirty: set[int]) -> None:
+        """A candidate (a lease that passed the rules of its own, not ours) into its bucket."""
+        lease = checked.lease
+        if lease is None or checked.record.key == self.own_key:
+            return
+        self._lengths[lease.subnet.prefixlen] += 1
+        bucket = self._bucket(lease.subnet)
+        self._buckets.setdefault(bucket, {})[checked.record.key] = checked
+        dirty.add(bucket)
+
+    def _unindex(self, checked: _Checked, dirty: set[int]) -> None:
+        lease = checked.lease
+        if lease is None or checked.record.key == self.own_key:
+            return
+        self._lengths[lease.subnet.prefixlen] -= 1
+        if not self._lengths[lease.subnet.prefixlen]:
+            del self._lengths[lease.subnet.prefixlen]
+        bucket = self._bucket(lease.subnet)
+        members = self._buckets.get(bucket, {})
+        members.pop(checked.record.key, None)
+        if not members:
+            self._buckets.pop(bucket, None)
+        dirty.add(bucket)
+
+    def _recompute(self) -> tuple[list[Lease], list[Lease]]:
+        """The rules over every record: the index rebuilt, every bucket chosen again."""
+        self._indexed_for = (self.config, self.own_key)
+        self._own_subnet = self._own_now()
+        self._lengths = Counter(
+            c.lease.subnet.prefixlen
+            for key, c in self._records.items()
+            if c.lease is not None and key != self.own_key
+        )
+        self._coarse = min(self._lengths, default=32)
+        self._buckets, self._valid_in = {}, {}
+        dirty: set[int] = set()
+        for checked in self._records.values():
+            if checked.lease is None and checked.problem:
+                self._reject(checked, checked.problem)
+            self._index(checked, dirty)
+        before, self._valid = self._valid, {}
+        for bucket in dirty:
+            self._valid_in[bucket] = chosen = self._choose(bucket)
+            self._valid.update(chosen)
+        changed = [
+            lease for subnet, lease in self._valid.items() if not lease.same_as(before.get(subnet))
+        ]
+        removed = [lease for subnet, lease in before.items() if subnet not in self._valid]
+        return changed, removed
+
+    def _rerun(self, dirty: set[int]) -> tuple[list[Lease], list[Lease]]:
+        """The rules over the buckets a batch touched; their net change."""
+        changed: list[Lease] = []
+        removed: list[Lease] = []
+        for bucket in dirty:
+            before = self._valid_in.pop(bucket, {})
+            after = self._choose(bucket)
+            if after:
+                self._valid_in[bucket] = after
+            for subnet, lease in before.items():
+                if subnet not in after:
+                    del self._valid[subnet]
+                    removed.append(lease)
+            for subnet, lease in after.items():
+                if not lease.same_as(before.get(subnet)):
+                    self._valid[subnet] = lease
+                    changed.append(lease)
+        return changed, removed
+
+    def _choose(self, bucket: int) -> dict[IPv4Network, Lease]:
+        """The valid leases of one bucket: oldest first, each unless it overlaps our own
+        subnet or one chosen before it."""
+        candidates = sorted(
+            self._buckets.get(bucket, {}).values(),
             key=lambda c: (
                 c.record.create_revision,
                 c.record.key.encode("utf-8", "surrogateescape"),
-            )
+            ),
         )
+        own_subnet = self._own_subnet
+        taken = _Intervals()
         valid: dict[IPv4Network, Lease] = {}
         for checked in candidates:
             lease = checked.lease
@@ -216,12 +320,7 @@ class LeaseBook:
             else:
                 taken.add(lease.subnet)
                 valid[lease.subnet] = lease
-        before, self._valid = self._valid, valid
-        changed = [
-            lease for subnet, lease in valid.items() if not lease.same_as(before.get(subnet))
-        ]
-        removed = [lease for subnet, lease in before.items() if subnet not in valid]
-        return changed, removed
+        return valid
 
 
 class _Intervals:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from control.lease import Lease
 from overlay.backends.base import BackendError, KernelLink
 from overlay.backends.routed import RoutedBackend, direct_route
-from overlay.kernel.objects import KernelObject, directly_reachable
+from overlay.kernel.objects import KernelObject, Reachable
 
 
 class HostGwBackend(RoutedBackend):
@@ -26,8 +26,8 @@ class HostGwBackend(RoutedBackend):
                 "does not support (peers route to the public IP directly): use vxlan or udp"
             )
 
-    def _program(self, lease: Lease) -> list[KernelObject] | None:
-        if not directly_reachable(lease.public_ip):
+    def _program(self, lease: Lease, reachable: Reachable) -> list[KernelObject] | None:
+        if not reachable(lease.public_ip):
             self.ctx.log.warning(
                 "peer_skipped",
                 subnet=str(lease.subnet),

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
-from collections.abc import Callable
 from typing import Any
 
 from control.lease import Lease
@@ -19,8 +18,8 @@ from overlay.dataplane.spec import DataplaneSpec, build_dataplane
 from overlay.dataplane.udp_socket import open_socket
 from overlay.dataplane.worker_protocol import WorkerSpec
 from overlay.dataplane.workers import Workers
-from overlay.kernel.objects import Address, KernelObject, Link, Route, devices_of
-from overlay.kernel.reconcile import NODE, KernelState
+from overlay.kernel.objects import Address, KernelObject, Link, Route
+from overlay.kernel.reconcile import NODE, KernelState, Program
 from tun import netlink, steering
 from tun.device import TunDevice
 
@@ -44,7 +43,7 @@ class UserspaceBackend(Backend):
             on_gone=self._device_gone,
         )
 
-    def _peer_objects(self) -> Callable[[Lease], list[KernelObject] | None] | None:
+    def _peer_objects(self) -> Program | None:
         """How a peer's kernel objects are made (None: it has none)."""
         return None
 
@@ -150,7 +149,7 @@ class UserspaceBackend(Backend):
     def _device_gone(self, obj: KernelObject) -> None:
         """Called on the netlink worker when the TUN is gone: a TUN cannot be recreated
         behind the dataplane's file descriptor, so the datapath is restarted."""
-        if self._loop is not None and self.ctx.options.tun_name in devices_of(obj):
+        if self._loop is not None and self.ctx.options.tun_name in obj.devices():
             self._loop.call_soon_threadsafe(self._rebuild_soon)
 
     def _rebuild_soon(self) -> None:

@@ -14,7 +14,6 @@ route via their public IP instead of encapsulation.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
 from typing import Any
 
 from control.lease import Lease
@@ -28,11 +27,11 @@ from overlay.kernel.objects import (
     Address,
     KernelObject,
     Link,
+    Reachable,
     VxlanDevice,
-    directly_reachable,
     vxlan_peer,
 )
-from overlay.kernel.reconcile import NODE
+from overlay.kernel.reconcile import NODE, Program
 
 
 class _Vtep:
@@ -76,14 +75,14 @@ class VxlanBackend(UserspaceBackend):
         self.vtep = _Vtep(ctx)
         super().__init__(ctx)
 
-    def _peer_objects(self) -> Callable[[Lease], list[KernelObject] | None] | None:
+    def _peer_objects(self) -> Program | None:
         # DirectRouting: peers on our L2 segment get a plain kernel route, more specific
         # than the network's route into the TUN, so their traffic never reaches us.
         return self._direct if self.ctx.config.backend.direct_routing else None
 
     @staticmethod
-    def _direct(lease: Lease) -> list[KernelObject] | None:
-        return direct_route(lease) if directly_reachable(lease.public_ip) else None
+    def _direct(lease: Lease, reachable: Reachable) -> list[KernelObject] | None:
+        return direct_route(lease) if reachable(lease.public_ip) else None
 
     @property
     def mtu(self) -> int:
@@ -171,8 +170,8 @@ class KernelVxlanBackend(RoutedBackend):
     async def start(self, lease: Lease) -> None:
         await asyncio.wrap_future(self.kernel.set(NODE, self.node_objects(lease)))
 
-    def _program(self, lease: Lease) -> list[KernelObject] | None:
-        if self.ctx.config.backend.direct_routing and directly_reachable(lease.public_ip):
+    def _program(self, lease: Lease, reachable: Reachable) -> list[KernelObject] | None:
+        if self.ctx.config.backend.direct_routing and reachable(lease.public_ip):
             return direct_route(lease)
         raw = vtep_mac_of(lease)
         if raw is None:

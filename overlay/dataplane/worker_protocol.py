@@ -83,11 +83,14 @@ def lease_message(added: list[Lease], removed: list[Lease]) -> bytes:
 
 
 def apply_message(peers: PeerTable, message: dict[str, Any]) -> None:
-    """Apply a ``lease_message`` to a worker's copy of the peer table."""
-    for key in message.get("remove", []):
-        peers.remove(parse_subnet_key(key)[0])
-    for key, value, *age in message.get("add", []):  # age: the create revision
-        peers.upsert(parse_lease(key, value, create_revision=int(age[0]) if age else 0))
+    """Apply a ``lease_message`` to a worker's copy of the peer table, as one batch."""
+    peers.apply(
+        [
+            parse_lease(key, value, create_revision=int(age[0]) if age else 0)
+            for key, value, *age in message.get("add", [])  # age: the create revision
+        ],
+        [parse_subnet_key(key)[0] for key in message.get("remove", [])],
+    )
 
 
 def peer_report(peers: PeerTable) -> dict[str, list[float]]:

@@ -177,7 +177,7 @@ class Daemon:
         return [
             asyncio.create_task(
                 manager.watch(
-                    node.lease, self.events.on_snapshot, self.events.on_event, config=node.config
+                    node.lease, self.events.on_snapshot, self.events.on_events, config=node.config
                 )
             ),
             asyncio.create_task(manager.keep_renewed(node.lease)),
