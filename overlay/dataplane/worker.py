@@ -135,6 +135,8 @@ async def serve(args: argparse.Namespace) -> int:
                 tracing.start(message["trace"])
             elif "trace_stop" in message:
                 tracing.stop(message["trace_stop"])
+            elif "mtu" in message:
+                dataplane.set_mtu(int(message["mtu"]))
             else:
                 apply_message(dataplane.peers, message)
     except ConnectionResetError:

@@ -174,6 +174,10 @@ class Workers:
             if worker.alive and not worker.writer.is_closing():
                 worker.writer.write(message)
 
+    def set_mtu(self, mtu: int) -> None:
+        """The TUN's MTU changed: every worker's dataplane takes it (``set_mtu``)."""
+        self._send({"mtu": mtu})
+
     def _captured(self, value: list[Any]) -> None:
         emit = self._traces.get(value[0])
         if emit is not None:

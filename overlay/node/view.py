@@ -49,6 +49,8 @@ class NodeView:
             "datapath": node.backend.name,
             "iface": node.underlay.iface,
             "mtu": node.backend.mtu,
+            "underlay_mtu": node.underlay.mtu,
+            "mtu_changes": node.mtu_changes,
             **self.counters_and_status(),
         }
 

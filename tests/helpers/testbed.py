@@ -1,5 +1,6 @@
 """Asking a running namespace testbed (overlay.lab.testbed): what a node says on its
-status socket, and a ping between two pods for as long as a block runs."""
+status socket and its health server, and a ping between two pods for as long as a block
+runs."""
 
 from __future__ import annotations
 
@@ -11,6 +12,20 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.helpers.commands import PYTHON
+
+HEALTH_PORT = 9100  # --healthz-port of the testbeds that serve /metrics
+HTTP_GET = (  # a GET from inside a node: the status code on the first line, then the body
+    "import sys, urllib.request, urllib.error\n"
+    "try:\n"
+    "    r = urllib.request.urlopen(sys.argv[1], timeout=5); code, body = r.status, r.read()\n"
+    "except urllib.error.HTTPError as e:\n"
+    "    code, body = e.code, e.read()\n"
+    "sys.stdout.write(f'{code}\\n' + body.decode())\n"
+)
+
 
 def node_status(bed: Any, node: str | int) -> dict[str, Any]:
     """What node ``node`` ("n1", or 1) of a testbed says on its status socket."""
@@ -19,6 +34,29 @@ def node_status(bed: Any, node: str | int) -> dict[str, Any]:
     name = f"n{node}" if isinstance(node, int) else node
     result: dict[str, Any] = status.query(bed.state_dir / name / "status.sock")
     return result
+
+
+def health_get(bed: Any, node: str, path: str) -> tuple[int, str]:
+    """An HTTP GET of the node's health server, from inside the node."""
+    url = f"http://127.0.0.1:{HEALTH_PORT}{path}"
+    result = bed.exec(
+        node, [PYTHON, "-c", HTTP_GET, url], capture_output=True, text=True, timeout=20
+    )
+    assert result.returncode == 0, result.stderr
+    code, _, body = result.stdout.partition("\n")
+    return int(code), body
+
+
+def scrape(bed: Any, node: str) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
+    """/metrics parsed by prometheus-client's own parser: sample name -> labels -> value."""
+    code, body = health_get(bed, node, "/metrics")
+    assert code == 200
+    samples: dict[str, dict[tuple[tuple[str, str], ...], float]] = {}
+    for family in text_string_to_metric_families(body):
+        for sample in family.samples:
+            labels = tuple(sorted(sample.labels.items()))
+            samples.setdefault(sample.name, {})[labels] = sample.value
+    return samples
 
 
 @dataclass
