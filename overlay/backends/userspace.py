@@ -204,6 +204,7 @@ class UserspaceBackend(Backend):
             "alive": True,
             "counters": self.ctx.counters.snapshot(),
             "features": self.dataplane.features() if self.dataplane else {},
+            "mtu": self.dataplane.mtu if self.dataplane else None,
             "arp_replies": self.dataplane.arp_replies if self.dataplane else 0,
         }
 

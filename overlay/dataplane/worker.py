@@ -40,6 +40,7 @@ def _report(writer: asyncio.StreamWriter, dataplane: UdpDataplane) -> None:
     report = {
         "counters": dataplane.counters.snapshot(),
         "features": dataplane.features(),
+        "mtu": dataplane.mtu,
         "arp_replies": dataplane.arp_replies,
         "peers": peer_report(dataplane.peers),
     }

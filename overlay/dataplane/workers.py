@@ -202,7 +202,7 @@ class Workers:
 
     def status(self) -> list[dict[str, Any]]:
         """Per worker: pid, whether it lives, and its last report (counters, features,
-        per-peer traffic)."""
+        the MTU its dataplane has, per-peer traffic)."""
         now = time.monotonic()
         return [
             {
@@ -213,6 +213,7 @@ class Workers:
                 "report_age_s": round(now - w.reported, 1) if w.reported else None,
                 "counters": w.report.get("counters", Counters().snapshot()),
                 "features": w.report.get("features", {}),
+                "mtu": w.report.get("mtu"),
                 "arp_replies": w.report.get("arp_replies", 0),
                 "peers": w.report.get("peers", {}),
             }
