@@ -225,6 +225,20 @@ static inline ssize_t tun_readv(const drains_t *d, uint8_t *hdr, uint8_t *packet
     return got;
 }
 
+/* A rare event: the dataplane's method attr[method] runs on a copy of the packet at
+ * packet[0:length] (it counts the drop and may answer with an ICMP error). 0 when it
+ * ran, -1 on error. */
+static int tell_dataplane(drains_t *d, int method, const uint8_t *packet, Py_ssize_t length)
+{
+    PyObject *copy = PyBytes_FromStringAndSize((const char *)packet, length);
+    PyObject *r = copy ? PyObject_CallMethodOneArg(d->dp, attr[method], copy) : NULL;
+    Py_XDECREF(copy);
+    if (r == NULL)
+        return -1;
+    Py_DECREF(r);
+    return 0;
+}
+
 /* The wake-up's peer for the packet read at packet[0:length], in *peer: its destination
  * looked up when it is not the last packet's (last_dst, when *have_dst). 1: routed; 0: no
  * route (dataplane._no_route ran: it counts the drop and may answer with an ICMP error);
@@ -238,13 +252,7 @@ static inline int tx_route(drains_t *d, tx_t *t, const uint8_t *packet, Py_ssize
         return -1;
     if (!d->route_found) {
         *have_dst = 0;
-        PyObject *copy = PyBytes_FromStringAndSize((const char *)packet, length);
-        PyObject *r = copy ? PyObject_CallMethodOneArg(d->dp, attr[A_NO_ROUTE], copy) : NULL;
-        Py_XDECREF(copy);
-        if (r == NULL)
-            return -1;
-        Py_DECREF(r);
-        return 0;
+        return tell_dataplane(d, A_NO_ROUTE, packet, length);
     }
     if ((*peer = tx_peer(t, &d->route_sa, d->route_stats)) < 0)
         return -1;
@@ -261,13 +269,7 @@ static int tx_too_big(drains_t *d, const uint8_t *packet, Py_ssize_t length)
 {
     if (!(packet[6] & 0x40)) /* DF */
         return 1;
-    PyObject *copy = PyBytes_FromStringAndSize((const char *)packet, length);
-    PyObject *r = copy ? PyObject_CallMethodOneArg(d->dp, attr[A_TOO_BIG], copy) : NULL;
-    Py_XDECREF(copy);
-    if (r == NULL)
-        return -1;
-    Py_DECREF(r);
-    return 0;
+    return tell_dataplane(d, A_TOO_BIG, packet, length);
 }
 
 /* The offloads the virtio_net_hdr of the packet read at arena[*at + headroom:][:length]
