@@ -1,12 +1,13 @@
-"""Asking a running namespace testbed (overlay.lab.testbed): what a node says on its
-status socket and its health server, and a ping between two pods for as long as a block
-runs."""
+"""A namespace testbed (overlay.lab.testbed) for a test module, and asking it: what a node
+says on its status socket and its health server, and a ping between two pods for as long
+as a block runs."""
 
 from __future__ import annotations
 
 import re
 import signal
 import subprocess
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -14,6 +15,7 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from overlay.lab.testbed import Testbed
 from tests.helpers.commands import PYTHON
 
 HEALTH_PORT = 9100  # --healthz-port of the testbeds that serve /metrics
@@ -25,6 +27,18 @@ HTTP_GET = (  # a GET from inside a node: the status code on the first line, the
     "    code, body = e.code, e.read()\n"
     "sys.stdout.write(f'{code}\\n' + body.decode())\n"
 )
+
+
+def two_nodes(name: str, **kwargs: Any) -> Iterator[Testbed]:
+    """A 2-node testbed on the file registry, named ``name`` and a random suffix, for a
+    module fixture to yield from: up until the generator is closed, then down (also
+    after a failure)."""
+    tb = Testbed(name + uuid.uuid4().hex[:6], nodes=2, registry="file", **kwargs)
+    try:
+        tb.up()
+        yield tb
+    finally:
+        tb.down()
 
 
 def node_status(bed: Any, node: str | int) -> dict[str, Any]:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import subprocess
 import time
-import uuid
 from collections.abc import Iterator
 from ipaddress import IPv4Network
 from typing import Any
@@ -24,7 +23,7 @@ from overlay.lab.testbed import Testbed
 from tests.helpers.commands import PYTHON
 from tests.helpers.paths import ROOT
 from tests.helpers.polling import poll
-from tests.helpers.testbed import HEALTH_PORT, node_status, scrape
+from tests.helpers.testbed import HEALTH_PORT, node_status, scrape, two_nodes
 
 pytestmark = pytest.mark.netns
 
@@ -36,19 +35,9 @@ SECONDS, RATE = 6.0, 16 * 1024 * 1024  # a paced stream, running while the MTU c
 
 
 def _bed(name: str, **kwargs: Any) -> Iterator[Testbed]:
-    tb = Testbed(
-        name + uuid.uuid4().hex[:6],
-        nodes=2,
-        pods_per_node=1,
-        registry="file",
-        daemon_args=("--healthz-port", str(HEALTH_PORT)),
-        **kwargs,
+    yield from two_nodes(
+        name, pods_per_node=1, daemon_args=("--healthz-port", str(HEALTH_PORT)), **kwargs
     )
-    try:
-        tb.up()
-        yield tb
-    finally:
-        tb.down()
 
 
 @pytest.fixture(scope="module")
