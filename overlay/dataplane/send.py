@@ -182,8 +182,9 @@ class SendPath(Dataplane):
             except OSError as e:
                 # EIO: the route's device cannot checksum a GSO send (wireguard-go turns GSO
                 # off for good then, so do we); EINVAL before any GSO send worked: the
-                # kernel refuses the cmsg. A later EINVAL (e.g. a packet above the
-                # underlay MTU) costs only this group its batching.
+                # kernel refuses the cmsg. Any other error (EMSGSIZE: a datagram above
+                # the route's MTU, the underlay's lowered under a packet without DF; a
+                # later EINVAL) costs only this group its batching.
                 if e.errno == EIO or (e.errno == EINVAL and not self._gso_sent):
                     self.gso = False
                 self._send_each(lengths, addrs, start, end, first)
