@@ -18,7 +18,7 @@ from typing import Any
 
 from control.lease import Lease
 from encap import vxlan
-from overlay.backends.base import Backend, Context, KernelLink
+from overlay.backends.base import Backend, Context, KernelLink, Underlay
 from overlay.backends.routed import RoutedBackend, direct_route
 from overlay.backends.userspace import UserspaceBackend
 from overlay.dataplane.spec import DataplaneSpec
@@ -42,8 +42,11 @@ class _Vtep:
         self.port = ctx.config.backend.port
         # Stable across restarts: derived from our public IP and the VNI.
         self.mac = vxlan.vtep_mac(str(ctx.underlay.public_ip), self.vni)
-        # Backend.MTU when the config sets it (flanneld's vxlan option), else underlay - 50.
-        self.mtu = ctx.config.backend.mtu or ctx.underlay.mtu - vxlan.OVERHEAD
+        self.configured_mtu = ctx.config.backend.mtu  # flanneld's vxlan option Backend.MTU
+
+    def mtu_for(self, underlay: Underlay) -> int:
+        """Backend.MTU when the config sets it, else underlay - 50."""
+        return self.configured_mtu or underlay.mtu - vxlan.OVERHEAD
 
     def lease_data(self) -> dict[str, Any]:
         return {"VNI": self.vni, "VtepMAC": vxlan.format_mac(self.mac)}
@@ -84,9 +87,8 @@ class VxlanBackend(UserspaceBackend):
     def _direct(lease: Lease, reachable: Reachable) -> list[KernelObject] | None:
         return direct_route(lease) if reachable(lease.public_ip) else None
 
-    @property
-    def mtu(self) -> int:
-        return self.vtep.mtu
+    def mtu_for(self, underlay: Underlay) -> int:
+        return self.vtep.mtu_for(underlay)
 
     def config_warnings(self) -> list[dict[str, Any]]:
         warnings = _mtu_warning(self)
@@ -135,14 +137,14 @@ class KernelVxlanBackend(RoutedBackend):
     def __init__(self, ctx: Context) -> None:
         self.vtep = _Vtep(ctx)
         self.device = f"flannel.{self.vtep.vni}"
+        self.lease: Lease | None = None
         super().__init__(ctx, devices=(self.device,))
 
     def lease_data(self) -> dict[str, Any]:
         return self.vtep.lease_data()
 
-    @property
-    def mtu(self) -> int:
-        return self.vtep.mtu
+    def mtu_for(self, underlay: Underlay) -> int:
+        return self.vtep.mtu_for(underlay)
 
     def config_warnings(self) -> list[dict[str, Any]]:
         return _mtu_warning(self)
@@ -168,7 +170,15 @@ class KernelVxlanBackend(RoutedBackend):
         ]
 
     async def start(self, lease: Lease) -> None:
+        self.lease = lease
         await asyncio.wrap_future(self.kernel.set(NODE, self.node_objects(lease)))
+
+    async def follow_underlay(self, underlay: Underlay) -> None:
+        """flannel.<VNI>'s MTU follows; the kernel then answers forwarded packets longer
+        than it with frag-needed (and its queue is empty: the device has none)."""
+        await super().follow_underlay(underlay)
+        if self.lease is not None:
+            await asyncio.wrap_future(self.kernel.set(NODE, self.node_objects(self.lease)))
 
     def _program(self, lease: Lease, reachable: Reachable) -> list[KernelObject] | None:
         if self.ctx.config.backend.direct_routing and reachable(lease.public_ip):

@@ -15,7 +15,6 @@ from typing import TypeVar
 from control.config import ConfigError, NetworkConfig, config_json, parse_config
 from control.kv import RegistryConfigError, RegistryError
 from control.peer_table import PeerTable
-from control.subnet_env import SubnetEnv
 from overlay.backends.base import Backend, Context
 from overlay.backends.manager import make_backend
 from overlay.node.fatal import Fatal
@@ -178,10 +177,8 @@ class Startup:
         node.readiness.step("datapath")
         if iptables is not None:
             await node.iptables.install(iptables, config.network, lease.subnet, previous)
-        masq = node.options.iptables.ip_masq
-        env = SubnetEnv.for_lease(config.network, lease.subnet, backend.mtu, masq)
         try:
-            await asyncio.to_thread(write_subnet_env, subnet_file, env)
+            await asyncio.to_thread(write_subnet_env, subnet_file, node.subnet_env())
         except SubnetFileError as e:
             raise Fatal(str(e)) from None
         node.readiness.step("subnet_env")

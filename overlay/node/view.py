@@ -81,6 +81,8 @@ class NodeView:
             "datapath": node.backend.name,
             "iface": node.underlay.iface,
             "mtu": node.backend.mtu,
+            "underlay_mtu": node.underlay.mtu,
+            "mtu_changes": node.mtu_changes,
             "peer_count": len(node.peers),
             **status,
         }
