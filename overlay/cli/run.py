@@ -29,6 +29,7 @@ from overlay.node.options import NodeOptions
 from overlay.node.registry import RegistryOptions
 from overlay.node.underlay import UnderlayOptions
 from overlay.observe.log import LogOptions
+from overlay.observe.status_socket import default_path
 from overlay.observe.version import version
 
 PROG = "overlay run"
@@ -235,8 +236,9 @@ class RunFlags:
         )
         add(
             "--status-socket",
-            default="/run/flannel/overlay.sock",
-            help="Unix socket `overlay status` reads (default /run/flannel/overlay.sock)",
+            help="Unix socket (0600) `overlay status`, `trace` and `impair` talk to (default: "
+            "per network namespace, /run/flannel/overlay.sock in the machine's own, "
+            "/run/flannel/netns/<name>/overlay.sock in one `ip netns` named)",
         )
         add("--tun-name", default="flannel0", help="TUN device (default flannel0)")
         add(
@@ -449,7 +451,7 @@ def options_from(args: argparse.Namespace) -> NodeOptions:
         ),
         log=LogOptions(args.log_format, args.v),
         subnet_file=Path(args.subnet_file),
-        status_socket=Path(args.status_socket),
+        status_socket=Path(args.status_socket) if args.status_socket else default_path(),
         healthz_ip=args.healthz_ip,
         healthz_port=args.healthz_port,
         seed_network=args.network,

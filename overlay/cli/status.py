@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from overlay.cli.parser import OneLineParser
-from overlay.observe.status_socket import DEFAULT_SOCKET, query
+from overlay.observe.status_socket import default_path, query
 
 # -- the table ---------------------------------------------------------------------------
 
@@ -304,8 +304,9 @@ def main(argv: list[str]) -> int:
     parser = OneLineParser(prog="overlay status", description=__doc__.splitlines()[0])
     parser.add_argument(
         "--status-socket",
-        default=os.environ.get("FLANNELD_STATUS_SOCKET", DEFAULT_SOCKET),
-        help=f"the daemon's status socket (default {DEFAULT_SOCKET})",
+        default=os.environ.get("FLANNELD_STATUS_SOCKET") or str(default_path()),
+        help="the daemon's status socket (default: this network namespace's, as `overlay "
+        "run` chooses it; FLANNELD_STATUS_SOCKET also sets it)",
     )
     add_output_flags(parser)
     args = parser.parse_args(argv)
