@@ -42,29 +42,21 @@ from __future__ import annotations
 
 import asyncio
 
-from overlay.dataplane.receive import ReceivePath
-from overlay.dataplane.send import SendPath
+from overlay.dataplane.impaired import ImpairPath
 
 
-class UdpDataplane(SendPath, ReceivePath):
+class UdpDataplane(ImpairPath):
     """flannel's udp framing: the datagram is the inner packet (``VxlanDataplane`` adds
     its prefix and its receive rules)."""
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
-        drains = self._native_drains()
-        if drains is not None:
-            # The callbacks below, in C: no Python per wake-up. With a trace attached they
-            # hand the wake-up to these methods.
-            loop.add_reader(self.tun.fd, drains.tx)
-            loop.add_reader(self.sock.fileno(), drains.rx)
-            return
-        loop.add_reader(self.tun.fd, self.on_tun_readable)
-        rx = self.on_socket_readable_gro if self.gro else self.on_socket_readable
-        loop.add_reader(self.sock.fileno(), rx)
+        # The native drains' tx and rx (no Python per wake-up; with a trace attached they
+        # hand the wake-up to the Python methods), else those methods; an impaired
+        # direction's reader is the impaired path's (overlay.dataplane.impaired).
+        self._register(loop)
 
     def stop(self, loop: asyncio.AbstractEventLoop) -> None:
-        loop.remove_reader(self.tun.fd)
-        loop.remove_reader(self.sock.fileno())
+        self._unregister(loop)
         drains, self._drains = self._drains, None
         if drains is not None:  # its counts now; a start() after this makes a new one
             if drains.flush in self.counters.pending:
