@@ -23,6 +23,8 @@ from control.etcd_registry import Endpoint, TlsFiles, parse_endpoints
 from control.lease import DEFAULT_PREFIX
 from overlay.backends.base import DatapathOptions
 from overlay.cli.parser import BoolFlag, OneLineParser, integer, parse_bool, seconds
+from overlay.impair.rules import Change, Rules
+from overlay.impair.spec import ImpairError
 from overlay.node.daemon import run
 from overlay.node.iptables import IptablesOptions
 from overlay.node.options import NodeOptions
@@ -80,6 +82,13 @@ def _endpoints(text: str) -> list[Endpoint]:
     try:
         return parse_endpoints(text)
     except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _impairment(text: str) -> Change:
+    try:
+        return Change.from_words(text)
+    except ImpairError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
@@ -275,6 +284,17 @@ class RunFlags:
             "queue of a multi-queue TUN, each with its own SO_REUSEPORT socket (default 1)",
         )
         add(
+            "--impair",
+            action="append",
+            type=_impairment,
+            default=[],
+            metavar="'[peer SUBNET] [direction out|in|both] NETEM'",
+            help="udp and userspace vxlan: impair the datapath from the start as netem "
+            "would, e.g. 'delay 20ms 5ms loss 1%%' (every peer, what we send) or 'peer "
+            "198.18.3.0/24 direction in rate 10mbit'; repeatable; `overlay impair` changes "
+            "it while running",
+        )
+        add(
             "-v",
             "--v",
             dest="v",
@@ -443,6 +463,7 @@ def options_from(args: argparse.Namespace) -> NodeOptions:
             offload=not args.no_offload,
             tun_tso=not args.no_tun_tso,
             workers=args.workers,
+            impairment=_rules(args.impair),
         ),
         iptables=IptablesOptions(
             ip_masq=args.ip_masq,
@@ -458,6 +479,13 @@ def options_from(args: argparse.Namespace) -> NodeOptions:
         seed_backend=args.backend,
         ignored_flags=tuple(args.ignored_flags),
     )
+
+
+def _rules(changes: list[Change]) -> Rules:
+    rules = Rules()
+    for change in changes:
+        rules = rules.changed(change)
+    return rules
 
 
 def main(argv: Sequence[str]) -> int:

@@ -28,6 +28,7 @@ from overlay.dataplane.worker_protocol import (
     apply_message,
     peer_report,
 )
+from overlay.impair.rules import Rules
 from overlay.observe import log as overlay_log
 from overlay.observe.trace import Capture, Endpoint, TapSet, Tracer, TraceRequest
 from tun.device import TunDevice
@@ -119,6 +120,7 @@ async def serve(args: argparse.Namespace) -> int:
     try:
         dataplane = _built(spec, tun, sock)
         apply_message(dataplane.peers, json.loads(await reader.readline() or b"{}"))
+        dataplane.set_impairment(Rules.from_json(spec.impairment))
         dataplane.start(loop)
     except Exception as e:
         log.error("worker_failed", error=str(e) or type(e).__name__)
@@ -135,6 +137,8 @@ async def serve(args: argparse.Namespace) -> int:
                 tracing.start(message["trace"])
             elif "trace_stop" in message:
                 tracing.stop(message["trace_stop"])
+            elif "impair" in message:
+                dataplane.set_impairment(Rules.from_json(message["impair"]))
             else:
                 apply_message(dataplane.peers, message)
     except ConnectionResetError:

@@ -27,6 +27,8 @@ CHOICES = ("out", "in", "both")
 def parse_peer(text: str) -> IPv4Network:
     """A peer as `overlay status` lists it: its lease's subnet."""
     try:
+        if "/" not in text:
+            raise ValueError(text)
         return IPv4Network(text)
     except ValueError:
         raise ImpairError(

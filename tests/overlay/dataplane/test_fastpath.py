@@ -38,8 +38,8 @@ from overlay.lab.testbed import Testbed
 from overlay.lab.transfer import transfer
 from tests.helpers import wire
 from tests.helpers.fake_tun import FakeTun
-from tests.helpers.readers import Readers
 from tests.helpers.paths import ROOT
+from tests.helpers.readers import Readers
 from tests.helpers.tcp_streams import Segment, gro_buffers, reseal, resegment, streams
 from tests.helpers.testbed import node_status
 
