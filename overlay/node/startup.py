@@ -159,6 +159,8 @@ class Startup:
         await self.retrying("checking the registry file", node.kv.check)
         node.config = config = await self.network_config()
         node.backend = backend = await self._backend(config)
+        if node.options.datapath.impairment:  # refused at once by a kernel datapath
+            backend.impair(node.options.datapath.impairment)
         iptables = node.iptables.command()
         backend.prepare()  # the TUN, before any lease: a permission error leaves nothing
         node.manager.backend_type = backend.lease_type
