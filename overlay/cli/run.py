@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from control.config import SUPPORTED_BACKENDS
-from control.etcd_registry import Endpoint, TlsFiles, parse_endpoints
+from control.etcd_endpoints import Endpoint, TlsFiles, parse_endpoints
 from control.lease import DEFAULT_PREFIX
 from overlay.backends.base import DatapathOptions
 from overlay.cli.parser import BoolFlag, OneLineParser, integer, parse_bool, seconds
