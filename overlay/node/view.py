@@ -9,7 +9,7 @@ from typing import Any
 
 from overlay.dataplane.counters import add_snapshots
 from overlay.node.state import NodeState
-from overlay.observe import health, metrics
+from overlay.observe import health
 from overlay.observe import log as overlay_log
 from overlay.observe.version import version
 from tun import netlink
@@ -147,6 +147,10 @@ class NodeView:
     # -- the health server's pages ------------------------------------------------------
 
     async def metrics_page(self) -> health.Page:
+        # Imported at the first scrape, not above: prometheus_client brings http.server,
+        # email and wsgiref along, which a daemon without --healthz-port never needs.
+        from overlay.observe import metrics
+
         started = time.perf_counter()
         st = await self.status_snapshot()
         if len(st.get("peers", [])) <= RENDER_INLINE_PEERS:
