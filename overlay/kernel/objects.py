@@ -22,8 +22,7 @@ from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network
 from typing import Any, ClassVar
 
-from pyroute2 import IPRoute
-from pyroute2.netlink.exceptions import NetlinkError
+from tun.rtnl import IPRoute, NetlinkError
 
 NUD_PERMANENT = 0x80
 NTF_SELF = 0x02

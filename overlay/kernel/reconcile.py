@@ -26,8 +26,6 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from ipaddress import IPv4Network
 from typing import Any
 
-from pyroute2 import IPRoute
-
 from control.lease import Lease
 from overlay.kernel.objects import (
     Address,
@@ -41,6 +39,7 @@ from overlay.kernel.objects import (
     devices_of,
     read_view,
 )
+from tun.rtnl import IPRoute
 
 RESYNC_INTERVAL = 10.0  # flanneld's route check period
 EVENT_DELAY = 0.2  # batch a burst of netlink events into one resync

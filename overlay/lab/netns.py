@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from pyroute2 import IPRoute, netns
+from tun.rtnl import IPRoute, netns
 
 NETNS_DIR = Path("/run/netns")
 IFNAMSIZ = 15  # usable characters in an interface name (16 with the NUL)

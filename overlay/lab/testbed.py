@@ -26,8 +26,6 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from pyroute2 import IPRoute
-
 from control.config import SUPPORTED_BACKENDS, ConfigError, config_json, parse_config
 from control.file_registry import FileRegistry
 from control.subnet_env import SubnetEnvError, parse_subnet_env
@@ -47,6 +45,7 @@ from overlay.lab.netns import (
     terminate,
 )
 from overlay.lab.progress import Progress
+from tun.rtnl import IPRoute
 
 STATE_ROOT = Path("/run/overlay-testbed")
 DEFAULT_PREFIX = "ovl"
