@@ -22,7 +22,6 @@ from typing import Any
 from tun.rtnl import IPRoute, netns
 
 NETNS_DIR = Path("/run/netns")
-IFNAMSIZ = 15  # usable characters in an interface name (16 with the NUL)
 
 
 def list_netns() -> list[str]:
