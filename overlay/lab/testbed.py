@@ -35,6 +35,7 @@ from control.subnet_env import SubnetEnvError, parse_subnet_env
 from overlay.lab.errors import TestbedError
 from overlay.lab.etcd import MAX_MEMBERS, EtcdCluster
 from overlay.lab.events import EventLog
+from overlay.lab.impairment import daemon_can_impair
 from overlay.lab.netns import (
     create_netns,
     list_netns,
@@ -383,6 +384,7 @@ class Testbed:
 
     def up(self) -> Testbed:
         """Build the whole run; on any failure (or Ctrl-C) everything made is removed."""
+        self._refuse_impairment_unless_supported()
         self._refuse_leftovers()
         try:
             self._write_state()
@@ -400,6 +402,16 @@ class Testbed:
                 sys.stderr.write(f"overlay testbed: cleanup after failed up: {cleanup}\n")
             raise
         return self
+
+    def _refuse_impairment_unless_supported(self) -> None:
+        """A file that asks for impairment needs daemons that can impair (``overlay run
+        --impair``): refused before anything is made, naming the first key that asks."""
+        if self.topology.impair_keys and not daemon_can_impair():
+            source = f"{self.topology.source}: " if self.topology.source else ""
+            raise TestbedError(
+                f"{source}{self.topology.impair_keys[0]}: needs the impair feature "
+                "(`overlay run --impair`), which this build lacks: remove the key"
+            )
 
     def _refuse_leftovers(self) -> None:
         nodes, pods = self._our_netns()
@@ -523,7 +535,7 @@ class Testbed:
         self.etcd.start()
         self.etcd.etcdctl("put", CONFIG_KEY, config)
 
-    def _child_env(self) -> dict[str, str]:
+    def child_env(self) -> dict[str, str]:
         """Our environment, with this checkout importable even if it is not installed."""
         env = dict(os.environ)
         path = env.get("PYTHONPATH")
@@ -586,7 +598,7 @@ class Testbed:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
-                env=self._child_env(),
+                env=self.child_env(),
             )
         self._procs[i] = proc
         self.pid_file(i).write_text(f"{proc.pid}\n")
@@ -631,7 +643,7 @@ class Testbed:
 
     def _cni(self, command: str, i: int, container: str) -> subprocess.CompletedProcess[str]:
         """Run the plugin inside node ``i``'s namespace, as a kubelet on that node would."""
-        env = self._child_env()
+        env = self.child_env()
         env.update(
             CNI_COMMAND=command,
             CNI_CONTAINERID=container,
@@ -708,13 +720,17 @@ class Testbed:
     def impair(self, i: int, words: str | None, peer: int | None = None) -> str:
         """Impair what node i's daemon sends (to every peer, or to node ``peer``) with
         netem's words; None clears it. Returns what `overlay impair` printed."""
+        if not daemon_can_impair():
+            raise TestbedError(
+                "impairment needs the impair feature (`overlay impair`), which this build lacks"
+            )
         argv = [sys.executable, "-m", "overlay", "impair"]
         argv += ["--status-socket", str(self.status_socket(i))]
         if peer is not None:
             argv += ["--peer", self.subnet_of(peer)]
         argv += ["--clear"] if words is None else words.split()
         proc = subprocess.run(
-            argv, capture_output=True, text=True, env=self._child_env(), timeout=30, check=False
+            argv, capture_output=True, text=True, env=self.child_env(), timeout=30, check=False
         )
         if proc.returncode != 0:
             reason = (proc.stderr or proc.stdout).strip().splitlines()
@@ -760,7 +776,7 @@ class Testbed:
             ) from None
         return cls.from_topology(topology, prefix, path.parent, daemon_args)
 
-    def _daemon_pid(self, i: int) -> int | None:
+    def daemon_pid(self, i: int) -> int | None:
         """The pid in n{i}.pid if that process is alive and really our daemon."""
         try:
             pid = int(self.pid_file(i).read_text().strip())
@@ -784,7 +800,7 @@ class Testbed:
                 subnet: str | None = self.subnet_of(i)
             except TestbedError:
                 subnet = None
-            pid = self._daemon_pid(i)
+            pid = self.daemon_pid(i)
             nodes.append(
                 {
                     "name": node.name,
@@ -893,7 +909,7 @@ class Testbed:
         daemons = []
         for pid_file in sorted(self.state_dir.glob("n*.pid")):
             match = re.fullmatch(r"n(\d+)\.pid", pid_file.name)
-            if match and (pid := self._daemon_pid(int(match[1]))) is not None:
+            if match and (pid := self.daemon_pid(int(match[1]))) is not None:
                 daemons.append(pid)
         self.progress.step(f"stopping {len(daemons)} daemons", advance=False)
         terminate(daemons, DAEMON_STOP_TIMEOUT)

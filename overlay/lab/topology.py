@@ -22,7 +22,10 @@ vxlan, kernel-vxlan, host-gw``. The file's keys::
       - {between: [n1, n3], impair: delay 20ms 5ms loss 1%}
 
 Impairment is in netem's words (``overlay impair``), applied by the daemons' userspace
-datapaths (udp, vxlan); the words themselves are checked by the daemon that gets them.
+datapaths (udp, vxlan): checked against netem's grammar here (``overlay.lab.impairment``),
+again by the daemon that gets them. A node's goes to its daemon as ``overlay run --impair
+WORDS``; a link's, once both ends hold a lease, as ``overlay impair --peer SUBNET WORDS``
+at each end.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ import yaml
 from control.config import ConfigError, config_json, parse_config
 from overlay.lab.errors import TestbedError
 from overlay.lab.etcd import MAX_MEMBERS
+from overlay.lab.impairment import NetemError, check_netem
 
 BACKENDS = ("udp", "vxlan", "kernel-vxlan", "host-gw")
 # flannel has one backend per network: the Backend.Type each node's backend needs.
@@ -108,6 +112,8 @@ class Topology:
     links: tuple[LinkSpec, ...] = ()
     name: str | None = None  # the prefix the file suggests
     source: str | None = field(default=None, compare=False)  # the file it came from
+    # Where the file asks for impairment ("nodes[0].impair", ...): named when refused.
+    impair_keys: tuple[str, ...] = field(default=(), compare=False)
 
     @property
     def backend_type(self) -> str:
@@ -133,6 +139,7 @@ class Topology:
                 for n in self.nodes
             ],
             "links": [{"ends": list(link.ends), "impair": link.impair} for link in self.links],
+            "impair_keys": list(self.impair_keys),
         }
 
     @classmethod
@@ -156,6 +163,7 @@ class Topology:
             ),
             name=data.get("name"),
             source=data.get("source"),
+            impair_keys=tuple(str(k) for k in data.get("impair_keys", [])),
         )
 
 
@@ -229,6 +237,7 @@ def parse_topology(data: Any, source: str) -> Topology:
         links=_links(top, nodes),
         name=name,
         source=source,
+        impair_keys=_impair_keys(top),
     )
     _check(topology, top)
     return topology
@@ -287,7 +296,7 @@ def _nodes(top: _Mapping, segments: tuple[Segment, ...], backend: str) -> tuple[
             segment=entry.choice("segment", names[0], names),
             backend=entry.choice("backend", backend, BACKENDS),
             pods=entry.integer("pods", 1, 0, 64),
-            impair=entry.text("impair", None, None, "netem's words, e.g. 'delay 20ms'"),
+            impair=entry.netem("impair", None),
         )
         count = entry.integer("count", 1, 1, MAX_NODES)
         if len(nodes) + count > MAX_NODES:
@@ -302,7 +311,7 @@ def _links(top: _Mapping, nodes: tuple[NodeSpec, ...]) -> tuple[LinkSpec, ...]:
     links: list[LinkSpec] = []
     for index, item in enumerate(top.items("links", min_length=0)):
         entry = top.child("links", index, item, _LINK_KEYS)
-        impair = str(entry.text("impair", ..., None, "netem's words, e.g. 'delay 20ms'"))
+        impair = str(entry.netem("impair", ...))
         ends = entry.data.get("between")
         if not (isinstance(ends, list) and len(ends) == 2):
             entry.fail("between", f"{_show(ends)} is not a pair of nodes, e.g. [n1, n3]")
@@ -318,6 +327,15 @@ def _links(top: _Mapping, nodes: tuple[NodeSpec, ...]) -> tuple[LinkSpec, ...]:
                 )
         links.append(LinkSpec((numbers[0], numbers[1]), impair))
     return tuple(links)
+
+
+def _impair_keys(top: _Mapping) -> tuple[str, ...]:
+    keys = []
+    for section in ("nodes", "links"):
+        for index, item in enumerate(top.data.get(section) or []):
+            if isinstance(item, dict) and "impair" in item:
+                keys.append(f"{section}[{index}].impair")
+    return tuple(keys)
 
 
 def _node_number(entry: _Mapping, end: Any, count: int) -> int:
@@ -439,6 +457,16 @@ class _Mapping:
         if pattern is not None and not pattern.match(value):
             self.fail(name, f"{_show(value)} is not valid: use {hint}")
         return str(value).strip()
+
+    def netem(self, name: str, default: Any) -> str | None:
+        """netem's words (``delay 20ms 5ms loss 1%``), checked against its grammar."""
+        words = self.text(name, default, None, "netem's words, e.g. 'delay 20ms loss 1%'")
+        if words is None:
+            return None
+        try:
+            return check_netem(words)
+        except NetemError as e:
+            self.fail(name, f"{e} (netem's words, as tc-netem(8))")
 
     def choice(self, name: str, default: str, choices: tuple[str, ...]) -> str:
         value = self._get(name, default)
