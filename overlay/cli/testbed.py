@@ -6,7 +6,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
+import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -14,9 +17,11 @@ from typing import Any
 from control.config import SUPPORTED_BACKENDS
 from overlay.cli.parser import OneLineParser, seconds
 from overlay.cli.status import add_output_flags, show
+from overlay.lab import capture, graph
 from overlay.lab.errors import TestbedError
 from overlay.lab.etcd import MAX_MEMBERS
 from overlay.lab.faults import Event, Faults
+from overlay.lab.guard import Guard
 from overlay.lab.plan import describe
 from overlay.lab.progress import Progress
 from overlay.lab.testbed import DEFAULT_PREFIX, Testbed
@@ -27,6 +32,7 @@ from overlay.lab.topology import (
     Topology,
     load_topology,
 )
+from overlay.observe import status_socket
 
 # The quick form's flags, which a topology file replaces (given with -f: an error).
 SHAPE_FLAGS: dict[str, tuple[str, Any]] = {
@@ -99,6 +105,35 @@ def _parser() -> OneLineParser:
     events = sub.add_parser("events", help="the bed's event log (up, every fault, its undoing)")
     common(events)
     events.add_argument("--json", action="store_true", help="one JSON object per line")
+
+    picture = sub.add_parser("graph", help="the bed as a picture: SVG (Graphviz) and Mermaid")
+    common(picture)
+    picture.add_argument(
+        "-o", "--output", default=None, help="the picture (.svg or .png; default PREFIX.svg)"
+    )
+    picture.add_argument(
+        "--mermaid", default=None, help="Mermaid text too, to this file ('-': stdout)"
+    )
+    picture.add_argument(
+        "--interval", type=seconds, default=1.0, help="seconds the rates are measured over (1)"
+    )
+
+    cap = sub.add_parser("capture", help="one pcapng of nodes' eth0 and overlay devices")
+    common(cap)
+    cap.add_argument(
+        "--nodes", default="all", help="comma-separated nodes (n1,n3; default all of them)"
+    )
+    cap.add_argument("-w", "--write", required=True, help="the pcapng file (created 0600)")
+    cap.add_argument(
+        "-i",
+        "--interfaces",
+        default=None,
+        help="comma-separated (default eth0 and the overlay device)",
+    )
+    cap.add_argument("--seconds", type=seconds, default=10.0, help="how long (default 10)")
+    cap.add_argument("-c", "--count", type=int, default=None, help="stop after COUNT packets")
+    cap.add_argument("-s", "--snaplen", type=int, default=262144, help="bytes kept per packet")
+    cap.add_argument("filter", nargs="*", help="a tcpdump (BPF) filter, e.g. icmp")
     return parser
 
 
@@ -276,8 +311,14 @@ def _up(args: argparse.Namespace) -> int:
         print(describe(bed.plan, endpoints))
         return 0
     bed.progress = Progress(f"overlay testbed up {bed.prefix}", bed.up_steps())
+    guard = Guard(bed.prefix, bed.state_dir, bed.child_env())
     try:
         bed.up()
+    except BaseException:
+        guard.abandon()
+        raise
+    else:
+        guard.built()
     finally:
         bed.progress.done()
     print(format_status(bed.status()))
@@ -383,6 +424,72 @@ def _events(args: argparse.Namespace) -> int:
     return 0
 
 
+def _graph(args: argparse.Namespace) -> int:
+    bed = _bed(args)
+    status = bed.status()
+    before = _snapshots(bed, status)
+    time.sleep(args.interval)
+    found = graph.flows(status, before, _snapshots(bed, status), args.interval)
+    if args.mermaid == "-":
+        print(graph.mermaid(status, found), end="")
+    elif args.mermaid:
+        Path(args.mermaid).write_text(graph.mermaid(status, found))
+    output = Path(args.output or f"{bed.prefix}.svg")
+    fmt = output.suffix.lstrip(".")
+    if fmt not in ("svg", "png", "dot"):
+        raise TestbedError(f"graph: {output} is not .svg, .png or .dot")
+    text = graph.dot(status, found)
+    if fmt == "dot":
+        output.write_text(text)
+    elif shutil.which("dot") is None:
+        output = output.with_suffix(".dot")
+        output.write_text(text)
+        sys.stderr.write(
+            f"overlay testbed graph: no Graphviz `dot` here (apt-get install graphviz): "
+            f"wrote {output}\n"
+        )
+    else:
+        drawn = subprocess.run(
+            ["dot", f"-T{fmt}", "-o", str(output)], input=text.encode(), capture_output=True
+        )
+        if drawn.returncode != 0:
+            raise TestbedError(f"dot failed: {drawn.stderr.decode(errors='replace').strip()}")
+    if args.mermaid != "-":
+        print(f"wrote {output}" + (f" and {args.mermaid}" if args.mermaid else ""))
+    return 0
+
+
+def _snapshots(bed: Testbed, status: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Each running daemon's status, by node name (a daemon that does not answer: none)."""
+    found = {}
+    for node in status["nodes"]:
+        if node["running"]:
+            try:
+                found[node["name"]] = status_socket.query(
+                    bed.status_socket(bed.node_number(node["name"])), timeout=2.0
+                )
+            except (OSError, ValueError):
+                continue
+    return found
+
+
+def _capture(args: argparse.Namespace) -> int:
+    bed = _bed(args)
+    names = (
+        [f"n{i}" for i in range(1, bed.nodes + 1)] if args.nodes == "all" else args.nodes.split(",")
+    )
+    wanted = tuple(args.interfaces.split(",")) if args.interfaces else None
+    points = [
+        point for name in names for point in capture.interfaces_of(name, bed.resolve(name), wanted)
+    ]
+    capture.capture(points, args.seconds, args.count, args.snaplen, args.filter)
+    data, count = capture.to_pcapng(points, args.count, args.snaplen)
+    capture.write_private(Path(args.write), data)
+    shown = ", ".join(f"{p.name} {len(p.packets)}" for p in points)
+    print(f"wrote {args.write}: {count} packets ({shown})")
+    return 0
+
+
 COMMANDS = {
     "up": _up,
     "down": _down,
@@ -390,6 +497,8 @@ COMMANDS = {
     "exec": _exec,
     "fault": _fault,
     "events": _events,
+    "graph": _graph,
+    "capture": _capture,
 }
 
 

@@ -68,7 +68,7 @@ class Faults:
         """Start node i's daemon again; returns once it forwards, with its new pid and
         the lease it holds."""
         bed = self.bed
-        running = bed.daemon_pid(i)
+        running = bed._daemon_pid(i)
         if running is not None:
             raise TestbedError(f"n{i}'s daemon is already running (pid {running})")
         since = time.time()
@@ -84,7 +84,7 @@ class Faults:
 
     def _running(self, i: int) -> int:
         self.bed.node_number(f"n{i}")
-        pid = self.bed.daemon_pid(i)
+        pid = self.bed._daemon_pid(i)
         if pid is None:
             raise TestbedError(
                 f"n{i}'s daemon is not running: `overlay testbed fault node start n{i}` starts it"

@@ -776,7 +776,7 @@ class Testbed:
             ) from None
         return cls.from_topology(topology, prefix, path.parent, daemon_args)
 
-    def daemon_pid(self, i: int) -> int | None:
+    def _daemon_pid(self, i: int) -> int | None:
         """The pid in n{i}.pid if that process is alive and really our daemon."""
         try:
             pid = int(self.pid_file(i).read_text().strip())
@@ -800,7 +800,7 @@ class Testbed:
                 subnet: str | None = self.subnet_of(i)
             except TestbedError:
                 subnet = None
-            pid = self.daemon_pid(i)
+            pid = self._daemon_pid(i)
             nodes.append(
                 {
                     "name": node.name,
@@ -909,7 +909,7 @@ class Testbed:
         daemons = []
         for pid_file in sorted(self.state_dir.glob("n*.pid")):
             match = re.fullmatch(r"n(\d+)\.pid", pid_file.name)
-            if match and (pid := self.daemon_pid(int(match[1]))) is not None:
+            if match and (pid := self._daemon_pid(int(match[1]))) is not None:
                 daemons.append(pid)
         self.progress.step(f"stopping {len(daemons)} daemons", advance=False)
         terminate(daemons, DAEMON_STOP_TIMEOUT)

@@ -264,6 +264,36 @@ def test_down_after_crash_removes_everything(beds: list[Testbed]) -> None:
 
 
 @pytest.mark.netns
+def test_kill_9_of_up_midway_leaves_nothing_behind(beds: list[Testbed]) -> None:
+    """`up` killed with -9 while it builds: its guard tears down what was made, with no
+    `down` from anyone."""
+    prefix = new_prefix()
+    beds.append(Testbed(prefix, registry="file"))  # a down in any case, if this fails
+    state_dir = testbed.STATE_ROOT / prefix
+    up = subprocess.Popen(
+        [sys.executable, "-m", "overlay", "testbed", "up", "--prefix", prefix]
+        + ["--nodes", "6", "--pods-per-node", "1", "--registry", "file"],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while not (state_dir / "n3.pid").exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert up.poll() is None, "up finished before it could be killed midway"
+        assert leftovers(prefix, state_dir)
+    finally:
+        up.kill()
+        up.wait()
+    deadline = time.monotonic() + 30
+    while leftovers(prefix, state_dir) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert leftovers(prefix, state_dir) == []
+    assert not [n for n in list_netns() if n.startswith(f"{prefix}-")]
+
+
+@pytest.mark.netns
 def test_two_testbeds_coexist(beds: list[Testbed]) -> None:
     """Down of one run must not touch another, even one whose prefix extends its own."""
     # The same underlay range twice: each run's bridge is its own L2 segment, and the root
