@@ -3,13 +3,17 @@ status socket, and a ping between two pods for as long as a block runs."""
 
 from __future__ import annotations
 
+import json
 import re
 import signal
 import subprocess
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
+
+from tests.helpers.paths import ROOT
 
 
 def node_status(bed: Any, node: str | int) -> dict[str, Any]:
@@ -53,3 +57,26 @@ def pinging(bed: Any, source_pod: str, target_pod: str) -> Iterator[Pings]:
             pings.sent, pings.received = int(counts[1]), int(counts[2])
         answered = {int(n) for n in re.findall(r"icmp_seq=(\d+) ", pings.output)}
         pings.lost = sorted(set(range(1, pings.sent + 1)) - answered)
+
+
+def testbed_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """`overlay testbed ...` in its own process, as a user or a script runs it."""
+    return subprocess.run(
+        [sys.executable, "-m", "overlay", "testbed", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+        check=False,
+    )
+
+
+def daemon_log(bed: Any, i: int) -> list[dict[str, Any]]:
+    """Node i's daemon log lines (run with --log-format json), decoded; others skipped."""
+    events = []
+    for line in bed.log_file(i).read_text(errors="replace").splitlines():
+        try:
+            events.append(json.loads(line))
+        except ValueError:
+            continue
+    return events

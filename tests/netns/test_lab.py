@@ -8,12 +8,11 @@ from __future__ import annotations
 import itertools
 import json
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -21,21 +20,15 @@ from overlay.lab.testbed import Testbed
 from overlay.lab.topology import load_topology
 from tests.helpers.paths import ROOT
 from tests.helpers.polling import poll
-from tests.helpers.testbed import node_status, pinging
+from tests.helpers.testbed import daemon_log, node_status, pinging
+from tests.helpers.testbed import testbed_cli as run_testbed_cli
 
 pytestmark = pytest.mark.netns
 
 
-def testbed_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    """`overlay testbed ...` as a user's script runs it."""
-    proc = subprocess.run(
-        [sys.executable, "-m", "overlay", "testbed", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=ROOT,
-        check=False,
-    )
+def testbed_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    """`overlay testbed ...` as a user's script runs it, which must succeed."""
+    proc = run_testbed_cli(*args)
     assert proc.returncode == 0, f"overlay testbed {' '.join(args)}: {proc.stderr}"
     return proc
 
@@ -90,19 +83,8 @@ def peer_counters(bed: Testbed, i: int, j: int) -> dict[str, int]:
     return {"tx": int(row["tx_packets"]), "rx": int(row["rx_packets"])}
 
 
-def daemon_log(bed: Testbed, i: int) -> list[dict[str, Any]]:
-    events = []
-    for line in bed.log_file(i).read_text(errors="replace").splitlines():
-        try:
-            events.append(json.loads(line))
-        except ValueError:
-            continue
-    return events
-
-
 def unix(stamp: str) -> float:
-    from datetime import datetime
-
+    """A daemon log line's ISO 8601 timestamp as Unix time."""
     return datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
 
 

@@ -3,8 +3,6 @@ fails in one line naming its key (from the API and from `overlay testbed up -f`)
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +13,7 @@ from overlay.lab.plan import describe, make_plan
 from overlay.lab.testbed import Testbed
 from overlay.lab.topology import TopologyError, load_topology
 from tests.helpers.paths import ROOT
+from tests.helpers.testbed import testbed_cli as cli
 
 EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
 
@@ -113,17 +112,6 @@ def test_impairment_without_the_feature_is_refused_naming_the_key(tmp_path: Path
     with pytest.raises(TestbedError, match=r"^bed.yaml: nodes\[1\].impair: needs the impair"):
         bed.up()
     assert not (tmp_path / "state").exists()  # refused before anything was made
-
-
-def cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "overlay", "testbed", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=ROOT,
-        check=False,
-    )
 
 
 def test_up_with_a_bad_file_exits_1_with_one_line(tmp_path: Path) -> None:
