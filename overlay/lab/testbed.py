@@ -23,6 +23,7 @@ import shutil
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
@@ -69,6 +70,7 @@ CONFIG_KEY = "/coreos.com/network/config"
 DAEMON_START_TIMEOUT = 15.0
 DAEMON_STOP_TIMEOUT = 5.0
 CNI_TIMEOUT = 60.0
+CNI_PARALLEL = 8  # CNI plugin runs at once (each waits on its own exec and netlink)
 CNI_VERSION = "1.0.0"
 CNI_PATH = "/usr/lib/cni"
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -612,6 +614,8 @@ class Testbed:
                 if self.subnet_file(i).exists():
                     waiting.discard(i)
                     self.progress.step(f"n{i}: daemon up")
+                    # From the last one up: 200 daemons starting at once share the CPU.
+                    deadline = time.monotonic() + DAEMON_START_TIMEOUT
                     continue
                 code = self._procs[i].poll()
                 if code is not None:
@@ -663,27 +667,34 @@ class Testbed:
             check=False,
         )
 
-    def _add_pods(self) -> None:
-        for i in range(1, self.nodes + 1):
-            self._add_pods_of(i)
+    def _add_pods(self, nodes: list[int] | None = None) -> None:
+        """Every pod of ``nodes`` (default all): the namespaces one by one, then the CNI
+        ADDs side by side (each a plugin process: one after the other, a 200-pod bed
+        spent over a minute waiting for them)."""
+        pods = [
+            (i, j) for i in nodes or range(1, self.nodes + 1) for j in range(1, self.pods_of(i) + 1)
+        ]
+        for i in {i for i, _ in pods}:
+            (self.node_dir(i) / "pods").mkdir(exist_ok=True)
+        for i, j in pods:
+            create_netns(self.pod_ns(i, j))
+        with ThreadPoolExecutor(CNI_PARALLEL) as pool:
+            for _ in pool.map(lambda pod: self._add_pod(*pod), pods):
+                pass  # map re-raises the first failure here
 
-    def _add_pods_of(self, i: int) -> None:
-        (self.node_dir(i) / "pods").mkdir(exist_ok=True)
-        for j in range(1, self.pods_of(i) + 1):
-            pod = self.pod_ns(i, j)
-            self.progress.step(f"pod n{i}-p{j}: CNI ADD")
-            create_netns(pod)
-            proc = self._cni("ADD", i, pod)
-            try:
-                result = json.loads(proc.stdout)
-            except ValueError:
-                result = None
-            if proc.returncode != 0 or not isinstance(result, dict):
-                reason = result.get("msg", proc.stdout) if isinstance(result, dict) else proc.stdout
-                detail = str(reason).strip() or proc.stderr.strip()[-300:]
-                raise TestbedError(f"CNI ADD of pod n{i}-p{j} failed: {detail}")
-            pod_file = self.node_dir(i) / "pods" / f"n{i}-p{j}.json"
-            pod_file.write_text(json.dumps(result, indent=2) + "\n")
+    def _add_pod(self, i: int, j: int) -> None:
+        proc = self._cni("ADD", i, self.pod_ns(i, j))
+        try:
+            result = json.loads(proc.stdout)
+        except ValueError:
+            result = None
+        if proc.returncode != 0 or not isinstance(result, dict):
+            reason = result.get("msg", proc.stdout) if isinstance(result, dict) else proc.stdout
+            detail = str(reason).strip() or proc.stderr.strip()[-300:]
+            raise TestbedError(f"CNI ADD of pod n{i}-p{j} failed: {detail}")
+        pod_file = self.node_dir(i) / "pods" / f"n{i}-p{j}.json"
+        pod_file.write_text(json.dumps(result, indent=2) + "\n")
+        self.progress.step(f"pod n{i}-p{j}: added")
 
     def add_node(self) -> int:
         """Join one more node to the running testbed (on the first segment, with the
@@ -706,7 +717,7 @@ class Testbed:
             self._build_node(ipr, bridge, i)
         self.start_daemon(i)
         self._wait_daemons([i])
-        self._add_pods_of(i)
+        self._add_pods([i])
         return i
 
     def _impair_links(self) -> None:
@@ -887,22 +898,18 @@ class Testbed:
         # The router, then the underlay namespace last (its veths and bridges go with it).
         node_names += [ns for ns in (self.router_ns, self.underlay_ns) if netns_exists(ns)]
 
-        # 1. CNI DEL every pod that was added, as a kubelet would (best effort).
+        # 1. CNI DEL every pod that was added, as a kubelet would (best effort), side by
+        # side as up adds them.
+        added = []
         for saved in sorted(self.state_dir.glob("n*/cni/*")):
             node = re.fullmatch(r"n(\d+)", saved.parent.parent.name)
-            if (
-                not node
-                or saved.name.startswith(".")
-                or not netns_exists(self.node_ns(int(node[1])))
-            ):
-                continue
-            self.progress.step(f"CNI DEL {saved.name}", advance=False)
-            try:
-                deleted = self._cni("DEL", int(node[1]), saved.name)
-                if deleted.returncode == 0:
-                    removed["pods"].append(saved.name)
-            except (OSError, subprocess.SubprocessError):
-                pass
+            if node and not saved.name.startswith(".") and netns_exists(self.node_ns(int(node[1]))):
+                added.append((int(node[1]), saved.name))
+        self.progress.step(f"CNI DEL of {len(added)} pods", advance=False)
+        with ThreadPoolExecutor(CNI_PARALLEL) as pool:
+            for pod, deleted in zip(added, pool.map(self._cni_del, added), strict=True):
+                if deleted:
+                    removed["pods"].append(pod[1])
 
         # 2. The daemons, by pid file (checked to still be ours), then 3. anything else
         # running in our namespaces (servers a test started, a daemon without pid file).
@@ -937,6 +944,12 @@ class Testbed:
         if errors:
             raise TestbedError(f"down of testbed {self.prefix} left things: {'; '.join(errors)}")
         return removed
+
+    def _cni_del(self, pod: tuple[int, str]) -> bool:
+        try:
+            return self._cni("DEL", *pod).returncode == 0
+        except (OSError, subprocess.SubprocessError):
+            return False
 
     def _remove_state(self) -> list[str]:
         """Remove the files a run makes; a custom state dir is emptied of ours only."""
