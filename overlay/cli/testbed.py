@@ -383,6 +383,8 @@ def _fault_steps(
             lambda: faults.etcd(_undoable(undo_action, args), args.member),
         )
     i = bed.node_number(args.node)
+    if args.hold is not None and getattr(args, "action", None) in ("up", "start", "restart"):
+        raise TestbedError(f"--for undoes a fault: {args.kind} {args.action} is not one")
     if args.kind == "link":
         return lambda: faults.link(i, args.action == "up"), lambda: faults.link(i, True)
     if args.kind == "node":
