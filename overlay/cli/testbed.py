@@ -467,11 +467,12 @@ def _snapshots(bed: Testbed, status: dict[str, Any]) -> dict[str, dict[str, Any]
     for node in status["nodes"]:
         if node["running"]:
             try:
-                found[node["name"]] = status_socket.query(
+                snapshot = status_socket.query(
                     bed.status_socket(bed.node_number(node["name"])), timeout=2.0
                 )
             except (OSError, ValueError):
                 continue
+            found[node["name"]] = {**snapshot, "sampled_at": time.monotonic()}
     return found
 
 

@@ -29,11 +29,17 @@ def flows(
     after: dict[str, dict[str, Any]],
     seconds: float,
 ) -> list[Flow]:
-    """The per-peer rates between two snapshots (by node name), sending nodes only."""
+    """The per-peer rates between two snapshots (by node name), sending nodes only. A
+    snapshot's ``sampled_at`` (monotonic seconds), when both have one, gives that node's
+    own interval: asked one after another, the nodes' pairs are ``seconds`` plus the
+    time a round of questions takes apart."""
     node_of = {n["subnet"]: n["name"] for n in bed["nodes"] if n["subnet"]}
     found = []
     for name, late in sorted(after.items()):
-        early = {p["subnet"]: p for p in before.get(name, {}).get("peers", [])}
+        first = before.get(name, {})
+        took = late.get("sampled_at", 0.0) - first.get("sampled_at", 0.0)
+        interval = took if "sampled_at" in late and "sampled_at" in first and took > 0 else seconds
+        early = {p["subnet"]: p for p in first.get("peers", [])}
         for peer in late.get("peers", []):
             then = early.get(peer["subnet"])
             if then is None or "tx_bytes" not in peer or peer["subnet"] not in node_of:
@@ -42,7 +48,7 @@ def flows(
             packets = peer["tx_packets"] - then["tx_packets"]
             if packets > 0:
                 found.append(
-                    Flow(name, node_of[peer["subnet"]], sent * 8 / seconds, packets / seconds)
+                    Flow(name, node_of[peer["subnet"]], sent * 8 / interval, packets / interval)
                 )
     return found
 

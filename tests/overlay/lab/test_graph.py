@@ -56,6 +56,14 @@ def test_rates_come_from_the_difference_of_two_snapshots() -> None:
     assert (flow.source, flow.target) == ("n1", "n2")
     assert flow.bits_per_s == 1_000_000 and flow.packets_per_s == 100
     assert flows(BED, after, after, 2.0) == []  # nothing sent, no arrow
+    # Each node's own interval, when the snapshots say when they were taken.
+    timed = flows(
+        BED,
+        {"n1": {**before["n1"], "sampled_at": 10.0}},
+        {"n1": {**after["n1"], "sampled_at": 14.0}},
+        2.0,
+    )
+    assert timed[0].packets_per_s == 50
     assert rate(1_000_000) == "1.0 Mbit/s" and rate(12) == "12 bit/s"
 
 
