@@ -93,6 +93,7 @@ def measure(nodes: int, pods: int, registry: str, settle: float) -> dict[str, An
             bed.progress.done()
         down_s = time.monotonic() - started
     return {
+        "prefix": bed.prefix,
         "nodes": nodes,
         "pods_per_node": pods,
         "registry": registry,
