@@ -26,7 +26,7 @@ from tests.helpers.testbed import testbed_cli as run_testbed_cli
 pytestmark = pytest.mark.netns
 
 
-def testbed_cli(*args: str) -> subprocess.CompletedProcess[str]:
+def must_run(*args: str) -> subprocess.CompletedProcess[str]:
     """`overlay testbed ...` as a user's script runs it, which must succeed."""
     proc = run_testbed_cli(*args)
     assert proc.returncode == 0, f"overlay testbed {' '.join(args)}: {proc.stderr}"
@@ -97,15 +97,15 @@ def test_fault_script_event_log_agrees_with_the_daemons(bed: Testbed) -> None:
     n3 = {"pid": bed.status()["nodes"][2]["pid"], "subnet": bed.subnet_of(3)}
     with pinging(bed, "n1-p1", "n2-p1") as pings:
         time.sleep(1.0)
-        testbed_cli("fault", "link", "down", "n2", "--for", "5", *prefix)
+        must_run("fault", "link", "down", "n2", "--for", "5", *prefix)
         time.sleep(2.0)
-        testbed_cli("fault", "etcd", "freeze", "--for", "10", *prefix)
-        testbed_cli("fault", "node", "kill", "n3", *prefix)
-        testbed_cli("fault", "node", "start", "n3", *prefix)
+        must_run("fault", "etcd", "freeze", "--for", "10", *prefix)
+        must_run("fault", "node", "kill", "n3", *prefix)
+        must_run("fault", "node", "start", "n3", *prefix)
         time.sleep(2.0)
     time.sleep(0.5)
     after = (peer_counters(bed, 1, 2), peer_counters(bed, 2, 1))
-    listed = testbed_cli("events", "--json", *prefix).stdout
+    listed = must_run("events", "--json", *prefix).stdout
     events = [json.loads(line) for line in listed.splitlines()]
     names = [e["event"] for e in events]
     assert names == [
