@@ -694,7 +694,7 @@ class Testbed:
             raise TestbedError(f"CNI ADD of pod n{i}-p{j} failed: {detail}")
         pod_file = self.node_dir(i) / "pods" / f"n{i}-p{j}.json"
         pod_file.write_text(json.dumps(result, indent=2) + "\n")
-        self.progress.step(f"pod n{i}-p{j}: added")
+        self.progress.step(f"pod n{i}-p{j}: CNI ADD")
 
     def add_node(self) -> int:
         """Join one more node to the running testbed (on the first segment, with the

@@ -218,7 +218,9 @@ def test_up_reports_each_of_its_steps(beds: list[Testbed]) -> None:
     bed.progress = recording = Recording()
     bed.up()
     assert len(recording.steps) == bed.up_steps(), recording.steps
-    assert recording.steps[0] == "underlay bridge" and recording.steps[-1] == "pod n2-p1: CNI ADD"
+    # The pods' CNI ADDs run side by side: the last one done is either pod.
+    assert recording.steps[0] == "underlay bridge"
+    assert recording.steps[-1] in ("pod n1-p1: CNI ADD", "pod n2-p1: CNI ADD")
 
 
 @pytest.mark.netns
