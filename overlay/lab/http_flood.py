@@ -125,7 +125,7 @@ class Flood:
             self.report.fail(failure)
         elif not req.response:
             self.report.fail("closed unanswered")
-        elif not req.response.startswith(b"HTTP/1.1 200 "):
+        elif not req.response.startswith(b"HTTP/1.") or req.response[9:13] != b"200 ":
             self.report.fail(f"status {req.response[9:12].decode('latin-1') or 'none'}")
         else:
             self.report.answered += 1

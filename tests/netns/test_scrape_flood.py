@@ -75,6 +75,7 @@ def test_held_connections_cannot_take_the_daemons_file_descriptors(bed: Testbed)
             assert _alive(pid), f"n2's daemon died: {log_tail(bed.log_file(2), 5)}"
             with flooding(bed, "n2", probe_url, 10, 1) as probe:
                 time.sleep(1.3)
+            assert _alive(pid), f"n2's daemon died: {log_tail(bed.log_file(2), 5)}"
             status = node_status(bed, "n2")
     time.sleep(1.5)  # the held ones are closed by now
     assert max(fds) <= before["fds"] + Limits().max_connections + 4, (before, max(fds))
