@@ -46,6 +46,7 @@ class DatapathOptions:
     offload: bool = True  # UDP GSO/GRO and the TUN's offloads, where the kernel has them
     tun_tso: bool = True  # TCP super-packets from the TUN, cut into segments here
     workers: int = 1  # forwarding processes, one per queue of a multi-queue TUN
+    busy_poll_us: int = 0  # after a wake-up, keep polling TUN and socket this long (0: off)
 
 
 @dataclass

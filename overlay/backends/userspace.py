@@ -177,6 +177,7 @@ class UserspaceBackend(Backend):
         result: dict[str, Any] = {
             "tun": self.tun.name if self.tun else None,
             "features": self.dataplane.features() if self.dataplane else {},
+            "busy_poll_us": self.ctx.options.busy_poll_us,
             **self.kernel.status(),
         }
         if self.workers is not None:

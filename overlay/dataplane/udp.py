@@ -41,7 +41,9 @@ What each of these choices bought is in bench/results/design-measurements.md.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
+from overlay.dataplane import busy_poll
 from overlay.dataplane.receive import ReceivePath
 from overlay.dataplane.send import SendPath
 
@@ -51,16 +53,28 @@ class UdpDataplane(SendPath, ReceivePath):
     its prefix and its receive rules)."""
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        tx, rx = self.reader_callbacks()
+        loop.add_reader(self.tun.fd, tx)
+        loop.add_reader(self.sock.fileno(), rx)
+
+    def reader_callbacks(self) -> tuple[Callable[[], object], Callable[[], object]]:
+        """(TUN readable, socket readable): the native drains' C methods (no Python per
+        wake-up; with a trace attached they hand the wake-up to the methods here), else
+        these methods; with ``busy_poll_us`` each wrapped to poll both fds after its
+        wake-up (``busy_poll``), without it the drains themselves."""
         drains = self._native_drains()
         if drains is not None:
-            # The callbacks below, in C: no Python per wake-up. With a trace attached they
-            # hand the wake-up to these methods.
-            loop.add_reader(self.tun.fd, drains.tx)
-            loop.add_reader(self.sock.fileno(), drains.rx)
-            return
-        loop.add_reader(self.tun.fd, self.on_tun_readable)
-        rx = self.on_socket_readable_gro if self.gro else self.on_socket_readable
-        loop.add_reader(self.sock.fileno(), rx)
+            tx, rx = drains.tx, drains.rx
+        else:
+            tx = self.on_tun_readable
+            rx = self.on_socket_readable_gro if self.gro else self.on_socket_readable
+        if not self.busy_poll_us:
+            return tx, rx
+        tun_fd, sock_fd, window = self.tun.fd, self.sock.fileno(), self.busy_poll_us
+        return (
+            busy_poll.polling_after(tx, tun_fd, rx, sock_fd, window),
+            busy_poll.polling_after(rx, sock_fd, tx, tun_fd, window),
+        )
 
     def stop(self, loop: asyncio.AbstractEventLoop) -> None:
         loop.remove_reader(self.tun.fd)
