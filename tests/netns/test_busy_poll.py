@@ -14,7 +14,7 @@ import pytest
 from bench.measure import cpu_seconds
 from overlay.lab.testbed import Testbed
 from overlay.lab.transfer import transfer
-from tests.helpers.testbed import node_status
+from tests.helpers.testbed import node_status, pings_answered
 
 pytestmark = pytest.mark.netns
 
@@ -49,14 +49,8 @@ def test_status_shows_the_window(bed: Testbed) -> None:
 
 
 def test_pods_ping_and_transfer_byte_identical(bed: Testbed) -> None:
-    for src, dst in (("n1-p1", "n2-p1"), ("n2-p1", "n1-p1")):
-        result = bed.exec(
-            src,
-            ["ping", "-c", "20", "-i", "0.01", "-W", "2", bed.pod_ip(dst)],
-            capture_output=True,
-            text=True,
-        )
-        assert result.returncode == 0 and " 0% packet loss" in result.stdout, result.stdout
+    pings_answered(bed, "n1-p1", "n2-p1", count=20, interval=0.01)
+    pings_answered(bed, "n2-p1", "n1-p1", count=20, interval=0.01)
     transfer(bed, "n1-p1", "n2-p1", 30 * 1024 * 1024)
     transfer(bed, "n2-p1", "n1-p1", 30 * 1024 * 1024, port=5202)
 
