@@ -28,6 +28,12 @@ class RoutedBackend(Backend):
                 f"with --vxlan-datapath userspace); {self.name} forwards in the kernel: "
                 "use --workers 1"
             )
+        if ctx.options.busy_poll_us:
+            raise BackendError(
+                f"--busy-poll-us {ctx.options.busy_poll_us} needs a userspace datapath (udp, "
+                f"or vxlan with --vxlan-datapath userspace); {self.name} forwards in the "
+                "kernel: leave it at 0 (the kernel's own is net.core.busy_read)"
+            )
         self.kernel: KernelState = KernelState(
             ctx.log, program=self._program, devices=devices, network=ctx.config.network
         )
