@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import time
@@ -55,9 +56,10 @@ class FloodRun:
 
     @property
     def kept(self) -> float:
-        """Flooded throughput as a fraction of the quiet one, over every round."""
-        quiet = sum(self.quiet_gbps)
-        return sum(self.flood_gbps) / quiet if quiet else 0.0
+        """Flooded throughput as a fraction of the quiet one: median over median, so one
+        round disturbed by something else on a shared machine does not decide it."""
+        quiet = statistics.median(self.quiet_gbps) if self.quiet_gbps else 0.0
+        return statistics.median(self.flood_gbps) / quiet if quiet else 0.0
 
     def lines(self) -> list[str]:
         p, f = self.probe, self.flood

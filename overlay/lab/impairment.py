@@ -1,18 +1,14 @@
 """Impairment in a topology file, in tc-netem's words (``delay 20ms 5ms loss 1%``), checked
-before anything is built, and whether the daemons can apply it.
+before anything is built.
 
 The words are checked here against netem's grammar (tc-netem(8)) so a bad file fails in
 one line naming its key; the daemon that gets them (``overlay run --impair``, ``overlay
-impair``) checks them again with its own model. Pure, but for ``daemon_can_impair``,
-which asks the installed ``overlay run`` whether it has ``--impair`` at all.
+impair``) checks them again with its own model. Pure.
 """
 
 from __future__ import annotations
 
-import functools
 import re
-import subprocess
-import sys
 from collections.abc import Callable
 
 _TIME = re.compile(r"^\d+(\.\d+)?(s|sec|secs|ms|msec|msecs|us|usec|usecs)?$")
@@ -122,17 +118,3 @@ _ARGUMENTS: dict[str, _Parser] = {
     "limit": _count("limit"),
     "seed": _count("seed"),
 }
-
-
-@functools.cache
-def daemon_can_impair() -> bool:
-    """Whether ``overlay run`` in this checkout takes ``--impair`` (the impair feature):
-    asked of the program itself, as the lab stands beside the node and cannot import it."""
-    proc = subprocess.run(
-        [sys.executable, "-m", "overlay", "run", "--help"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    return "--impair" in proc.stdout

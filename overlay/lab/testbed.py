@@ -36,7 +36,6 @@ from control.subnet_env import SubnetEnvError, parse_subnet_env
 from overlay.lab.errors import TestbedError
 from overlay.lab.etcd import MAX_MEMBERS, EtcdCluster
 from overlay.lab.events import EventLog
-from overlay.lab.impairment import daemon_can_impair
 from overlay.lab.netns import (
     create_netns,
     list_netns,
@@ -386,7 +385,6 @@ class Testbed:
 
     def up(self) -> Testbed:
         """Build the whole run; on any failure (or Ctrl-C) everything made is removed."""
-        self._refuse_impairment_unless_supported()
         self._refuse_leftovers()
         try:
             self._write_state()
@@ -404,16 +402,6 @@ class Testbed:
                 sys.stderr.write(f"overlay testbed: cleanup after failed up: {cleanup}\n")
             raise
         return self
-
-    def _refuse_impairment_unless_supported(self) -> None:
-        """A file that asks for impairment needs daemons that can impair (``overlay run
-        --impair``): refused before anything is made, naming the first key that asks."""
-        if self.topology.impair_keys and not daemon_can_impair():
-            source = f"{self.topology.source}: " if self.topology.source else ""
-            raise TestbedError(
-                f"{source}{self.topology.impair_keys[0]}: needs the impair feature "
-                "(`overlay run --impair`), which this build lacks: remove the key"
-            )
 
     def _refuse_leftovers(self) -> None:
         nodes, pods = self._our_netns()
@@ -744,10 +732,6 @@ class Testbed:
     def impair(self, i: int, words: str | None, peer: int | None = None) -> str:
         """Impair what node i's daemon sends (to every peer, or to node ``peer``) with
         netem's words; None clears it. Returns what `overlay impair` printed."""
-        if not daemon_can_impair():
-            raise TestbedError(
-                "impairment needs the impair feature (`overlay impair`), which this build lacks"
-            )
         argv = [sys.executable, "-m", "overlay", "impair"]
         argv += ["--status-socket", str(self.status_socket(i))]
         if peer is not None:

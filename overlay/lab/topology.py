@@ -112,8 +112,6 @@ class Topology:
     links: tuple[LinkSpec, ...] = ()
     name: str | None = None  # the prefix the file suggests
     source: str | None = field(default=None, compare=False)  # the file it came from
-    # Where the file asks for impairment ("nodes[0].impair", ...): named when refused.
-    impair_keys: tuple[str, ...] = field(default=(), compare=False)
 
     @property
     def backend_type(self) -> str:
@@ -139,7 +137,6 @@ class Topology:
                 for n in self.nodes
             ],
             "links": [{"ends": list(link.ends), "impair": link.impair} for link in self.links],
-            "impair_keys": list(self.impair_keys),
         }
 
     @classmethod
@@ -163,7 +160,6 @@ class Topology:
             ),
             name=data.get("name"),
             source=data.get("source"),
-            impair_keys=tuple(str(k) for k in data.get("impair_keys", [])),
         )
 
 
@@ -237,7 +233,6 @@ def parse_topology(data: Any, source: str) -> Topology:
         links=_links(top, nodes),
         name=name,
         source=source,
-        impair_keys=_impair_keys(top),
     )
     _check(topology, top)
     return topology
@@ -327,15 +322,6 @@ def _links(top: _Mapping, nodes: tuple[NodeSpec, ...]) -> tuple[LinkSpec, ...]:
                 )
         links.append(LinkSpec((numbers[0], numbers[1]), impair))
     return tuple(links)
-
-
-def _impair_keys(top: _Mapping) -> tuple[str, ...]:
-    keys = []
-    for section in ("nodes", "links"):
-        for index, item in enumerate(top.data.get(section) or []):
-            if isinstance(item, dict) and "impair" in item:
-                keys.append(f"{section}[{index}].impair")
-    return tuple(keys)
 
 
 def _node_number(entry: _Mapping, end: Any, count: int) -> int:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import statistics
 import subprocess
 import time
 import uuid
@@ -20,7 +21,7 @@ from overlay.lab.testbed import Testbed
 from overlay.lab.topology import load_topology
 from tests.helpers.paths import ROOT
 from tests.helpers.polling import poll
-from tests.helpers.testbed import daemon_log, node_status, pinging
+from tests.helpers.testbed import daemon_log, node_status, ping_rtts, pinging
 from tests.helpers.testbed import testbed_cli as run_testbed_cli
 
 pytestmark = pytest.mark.netns
@@ -147,3 +148,38 @@ def test_fault_script_event_log_agrees_with_the_daemons(bed: Testbed) -> None:
     assert bed.status()["nodes"][2]["pid"] == at["node_start"]["pid"]
     assert poll(lambda: reaches(bed, "n1-p1", "n3-p1"), 10, 0.2)
     assert Path(bed.events.path).stat().st_mode & 0o777 == 0o600
+
+
+# -- impairment from the file ---------------------------------------------------------------
+
+IMPAIRED_BED = """\
+name: timpair
+backend: udp
+registry: file
+nodes:
+  - {count: 2}
+  - {impair: delay 10ms}
+links:
+  - {between: [n1, n2], impair: delay 20ms}
+"""
+
+
+def test_a_files_impairments_reach_the_daemons() -> None:
+    """A link's impairment (20 ms each way, at each end) and a node's (10 ms on what n3
+    sends) from the file show in the pods' round trip times, and nowhere else."""
+    topology = load_topology(IMPAIRED_BED, "impaired.yaml")
+    with Testbed.from_topology(topology, "t" + uuid.uuid4().hex[:6]) as bed:
+        bed.up()
+
+        def rtt_p50(source: str, target: str) -> float:
+            sent, rtts = ping_rtts(bed, source, bed.pod_ip(target), 20, 0.05)
+            assert len(rtts) >= sent - 1, f"{source} -> {target}: {len(rtts)} of {sent}"
+            return statistics.median(rtts)
+
+        linked = rtt_p50("n1-p1", "n2-p1")  # 20 ms out at n1, 20 ms back at n2
+        to_n3 = rtt_p50("n1-p1", "n3-p1")  # n3's 10 ms on the way back
+        plain_n3 = rtt_p50("n2-p1", "n3-p1")
+        assert 38 <= linked < 80, f"n1 <-> n2 p50 {linked:.1f} ms, the link adds 40 ms"
+        assert 9 <= to_n3 < 30 and 9 <= plain_n3 < 30, (to_n3, plain_n3)
+        rules = node_status(bed, "n1")["impairment"]
+        assert [r["netem"] for r in rules] == ["delay 20ms"], rules

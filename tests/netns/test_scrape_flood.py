@@ -41,7 +41,7 @@ def bed() -> Iterator[Testbed]:
 
 def test_a_scrape_flood_leaves_the_dataplane_and_the_liveness_probe_alone(bed: Testbed) -> None:
     # n1's daemon is the busier one (it segments the sender's super-packets): flood it.
-    run = measure(bed, "n1", RATE, rounds=3, seconds=4)
+    run = measure(bed, "n1", RATE, rounds=5, seconds=3)
     report = "\n".join(run.lines())
     print(report)
     probe, flood = run.probe, run.flood

@@ -7,10 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from overlay.lab.errors import TestbedError
-from overlay.lab.impairment import NetemError, check_netem, daemon_can_impair
+from overlay.lab.impairment import NetemError, check_netem
 from overlay.lab.plan import describe, make_plan
-from overlay.lab.testbed import Testbed
 from overlay.lab.topology import TopologyError, load_topology
 from tests.helpers.paths import ROOT
 from tests.helpers.testbed import testbed_cli as cli
@@ -99,19 +97,6 @@ def test_netem_words_as_tc_netem_takes_them() -> None:
     for bad in ("", "delay", "loss 1% loss 2%", "rate 10 mbit", "limit many", "reorder x"):
         with pytest.raises(NetemError):
             check_netem(bad)
-
-
-def test_impairment_without_the_feature_is_refused_naming_the_key(tmp_path: Path) -> None:
-    topology = load_topology(
-        "registry: file\nnodes: [{count: 2}, {impair: delay 5ms}]\n", "bed.yaml"
-    )
-    assert topology.nodes[2].impair == "delay 5ms"
-    if daemon_can_impair():
-        pytest.skip("this build has `overlay run --impair`: nothing to refuse")
-    bed = Testbed.from_topology(topology, "timp", tmp_path / "state")
-    with pytest.raises(TestbedError, match=r"^bed.yaml: nodes\[1\].impair: needs the impair"):
-        bed.up()
-    assert not (tmp_path / "state").exists()  # refused before anything was made
 
 
 def test_up_with_a_bad_file_exits_1_with_one_line(tmp_path: Path) -> None:
