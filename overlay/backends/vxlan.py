@@ -4,7 +4,9 @@ kernel's vxlan device and ``flannel.1`` do):
 - userspace (the default): this process frames and unframes VXLAN on a TUN, so a node
   whose kernel has no VXLAN joins a cluster of ``flannel.1`` nodes;
 - kernel (``--kernel-vxlan``): the kernel's vxlan device ``flannel.<VNI>``, programmed as
-  flanneld does (permanent neighbour + fdb entry + onlink route per peer).
+  flanneld does (permanent neighbour + fdb entry + onlink route per peer); with
+  EnableIPv6 a second one, ``flannel-v6.<VNI>``, over the IPv6 underlay, programmed the
+  same way in IPv6 (its VTEP MAC published as BackendV6Data).
 
 Both derive the VTEP MAC from the public IP and the VNI, so it is stable across restarts,
 and publish it in the lease; with DirectRouting, peers on our L2 segment get a plain
@@ -19,8 +21,9 @@ from typing import Any
 
 from control.lease import Lease
 from encap import vxlan
+from encap.errors import CodecError
 from overlay.backends.base import Backend, Context, KernelLink
-from overlay.backends.routed import RoutedBackend, direct_route
+from overlay.backends.routed import RoutedBackend, direct_route, direct_route6, ipv6_half
 from overlay.backends.userspace import UserspaceBackend
 from overlay.dataplane.spec import DataplaneSpec
 from overlay.dataplane.vxlan import vtep_mac_of, vxlan_prefix_for
@@ -50,6 +53,22 @@ class _Vtep:
         return {"VNI": self.vni, "VtepMAC": vxlan.format_mac(self.mac)}
 
 
+# An IPv6 underlay costs 20 bytes more than an IPv4 one (the kernel's VXLAN6_HEADROOM).
+IPV6_OVERHEAD = vxlan.OVERHEAD + 20
+
+
+def _v6_mac(lease: Lease) -> str | None:
+    """The VtepMAC a dual-stack vxlan lease publishes in BackendV6Data, or None."""
+    data = lease.backend_v6_data or {}
+    text = next((v for k, v in data.items() if k.lower() == "vtepmac"), None)
+    if not isinstance(text, str):
+        return None
+    try:
+        return vxlan.format_mac(vxlan.parse_mac(text))
+    except CodecError:
+        return None
+
+
 def _mtu_warning(backend: Backend) -> list[dict[str, Any]]:
     """Backend.MTU larger than the underlay leaves room for: said once at start."""
     options, room = backend.ctx.config.backend, backend.ctx.underlay.mtu - vxlan.OVERHEAD
@@ -67,6 +86,10 @@ def _mtu_warning(backend: Backend) -> list[dict[str, Any]]:
 
 class VxlanBackend(UserspaceBackend):
     """VXLAN in userspace, interoperable with the kernel's vxlan device."""
+
+    ipv6_refusal = (
+        "IPv6 needs --kernel-vxlan or host-gw for now (the userspace vxlan datapath is IPv4 only)"
+    )
 
     lease_type = "vxlan"
     name = "vxlan (userspace datapath)"
@@ -133,13 +156,25 @@ class KernelVxlanBackend(RoutedBackend):
     lease_type = "vxlan"
     name = "vxlan (kernel datapath)"
 
+    ipv6_refusal = ""
+
     def __init__(self, ctx: Context) -> None:
         self.vtep = _Vtep(ctx)
         self.device = f"flannel.{self.vtep.vni}"
-        super().__init__(ctx, devices=(self.device,))
+        self.device6 = f"flannel-v6.{self.vtep.vni}"
+        public6 = ctx.underlay.public_ipv6
+        # flannel-v6's MAC: stable across restarts, like the IPv4 one, from PublicIPv6.
+        self.mac6 = vxlan.vtep_mac(str(public6), self.vtep.vni) if public6 else None
+        ipv6 = ctx.config.ipv6 is not None
+        super().__init__(ctx, devices=(self.device, *((self.device6,) if ipv6 else ())))
 
     def lease_data(self) -> dict[str, Any]:
         return self.vtep.lease_data()
+
+    def lease_v6_data(self) -> dict[str, Any] | None:
+        if self.ctx.config.ipv6 is None or self.mac6 is None:
+            return None
+        return {"VNI": self.vtep.vni, "VtepMAC": vxlan.format_mac(self.mac6)}
 
     @property
     def mtu(self) -> int:
@@ -166,12 +201,56 @@ class KernelVxlanBackend(RoutedBackend):
             ),
             Link(self.device, mtu=self.mtu, mac=vxlan.format_mac(self.vtep.mac)),
             Address(self.device, lease.subnet.network_address),
+            *self._node_objects6(lease),
+        ]
+
+    def _node_objects6(self, lease: Lease) -> list[KernelObject]:
+        """flannel-v6.<VNI> as flanneld sets it up: the same VNI, port and learning, our
+        IPv6 underlay address as its local one, the lease's IPv6 subnet address as a
+        /128, MTU underlay - 70 (or Backend.MTU)."""
+        underlay = self.ctx.underlay
+        if lease.ipv6_subnet is None or underlay.address6 is None or self.mac6 is None:
+            return []
+        mtu = self.ctx.config.backend.mtu or underlay.mtu - IPV6_OVERHEAD
+        return [
+            VxlanDevice(
+                self.device6,
+                vni=self.vtep.vni,
+                local=underlay.address6,
+                underlay=underlay.iface,
+                port=self.vtep.port,
+                learning=self.ctx.config.backend.learning,
+            ),
+            Link(self.device6, mtu=mtu, mac=vxlan.format_mac(self.mac6)),
+            Address(self.device6, lease.ipv6_subnet.network_address),
         ]
 
     async def start(self, lease: Lease) -> None:
         await asyncio.wrap_future(self.kernel.set(NODE, self.node_objects(lease)))
 
     def _program(self, lease: Lease) -> list[KernelObject] | None:
+        objects = self._program4(lease) or []
+        if ipv6_half(self.ctx, lease):
+            objects += self._program6(lease)
+        return objects or None
+
+    def _program6(self, lease: Lease) -> list[KernelObject]:
+        """The IPv6 half of a peer: a plain route with DirectRouting on our segment, else
+        flanneld's neighbour + fdb + onlink route on flannel-v6.<VNI>."""
+        assert lease.ipv6_subnet is not None and lease.public_ipv6 is not None
+        if self.ctx.config.backend.direct_routing and directly_reachable(lease.public_ipv6):
+            return direct_route6(lease)
+        mac = _v6_mac(lease)
+        if mac is None:
+            self.ctx.log.warning(
+                "peer_skipped",
+                subnet=str(lease.ipv6_subnet),
+                reason="dual-stack vxlan lease without a valid BackendV6Data VtepMAC",
+            )
+            return []
+        return vxlan_peer(self.device6, lease.ipv6_subnet, lease.public_ipv6, mac)
+
+    def _program4(self, lease: Lease) -> list[KernelObject] | None:
         if self.ctx.config.backend.direct_routing and directly_reachable(lease.public_ip):
             return direct_route(lease)
         raw = vtep_mac_of(lease)

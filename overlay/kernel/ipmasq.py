@@ -219,10 +219,13 @@ class IptablesRules:
         *,
         ip_masq: bool,
         forward: bool,
+        random_fully_disable: bool = False,
     ) -> None:
+        """``random_fully_disable``: flanneld's --ip-masq-fully-random-disable, a plain
+        MASQUERADE even where iptables knows --random-fully."""
         self.ipt = ipt
         self.network, self.subnet = network, subnet
-        self.random_fully = ipt.random_fully
+        self.random_fully = ipt.random_fully and not random_fully_disable
         self.sets: list[RuleSet] = []
         if ip_masq:
             rules = masq_rules(network, subnet, self.random_fully)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import socket
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address, ip_network
 from typing import Any, ClassVar
 
 from pyroute2 import IPRoute
@@ -33,6 +33,15 @@ MAIN_TABLE = 254
 SCOPE_LINK = 253
 ENOENT, ESRCH, ENODEV = 2, 3, 19
 GONE = (ENOENT, ESRCH, ENODEV)
+RTN_UNICAST = 1
+
+# Either family: flannel.<VNI> carries IPv4, flannel-v6.<VNI> IPv6, host-gw routes both.
+IPAddress = IPv4Address | IPv6Address
+IPNetwork = IPv4Network | IPv6Network
+
+
+def _family(address: IPAddress | IPNetwork) -> int:
+    return socket.AF_INET if address.version == 4 else socket.AF_INET6
 
 
 class KernelError(OSError):
@@ -58,8 +67,8 @@ class LinkInfo:
 
 @dataclass(frozen=True)
 class RouteInfo:
-    dst: IPv4Network
-    gateway: IPv4Address | None
+    dst: IPNetwork
+    gateway: IPAddress | None
     dev: str | None
     onlink: bool
     scope: int
@@ -75,12 +84,12 @@ class KernelView:
     """One dump of the kernel state the objects below are checked against."""
 
     links: dict[str, LinkInfo] = field(default_factory=dict)
-    addresses: set[tuple[str, IPv4Address, int]] = field(default_factory=set)
+    addresses: set[tuple[str, IPAddress, int]] = field(default_factory=set)
     routes: list[RouteInfo] = field(default_factory=list)
-    neighbours: dict[tuple[str, IPv4Address], tuple[str | None, bool]] = field(
+    neighbours: dict[tuple[str, IPAddress], tuple[str | None, bool]] = field(
         default_factory=dict
     )  # (dev, address) -> (lladdr, permanent)
-    fdb: set[tuple[str, str, IPv4Address]] = field(default_factory=set)
+    fdb: set[tuple[str, str, IPAddress]] = field(default_factory=set)
 
 
 def _link_info(link: Any) -> LinkInfo:
@@ -92,7 +101,7 @@ def _link_info(link: Any) -> LinkInfo:
         vxlan = {
             "vni": data.get_attr("IFLA_VXLAN_ID"),
             "port": data.get_attr("IFLA_VXLAN_PORT"),
-            "local": data.get_attr("IFLA_VXLAN_LOCAL"),
+            "local": data.get_attr("IFLA_VXLAN_LOCAL") or data.get_attr("IFLA_VXLAN_LOCAL6"),
             "link": data.get_attr("IFLA_VXLAN_LINK"),
             "learning": bool(data.get_attr("IFLA_VXLAN_LEARNING")),
         }
@@ -107,11 +116,13 @@ def _link_info(link: Any) -> LinkInfo:
     )
 
 
-def read_view(ipr: IPRoute, devices: Iterable[str]) -> KernelView:
+def read_view(ipr: IPRoute, devices: Iterable[str], ipv6: bool = False) -> KernelView:
     """The kernel's state as far as ``devices`` (the names our objects use) are concerned:
-    their links, addresses, neighbours and fdb entries, and the whole main routing table.
-    Links are fetched by name: a full link dump of a node with many pods costs tens of
-    milliseconds of Python (pyroute2) parsing, every resync."""
+    their links, addresses, neighbours and fdb entries, and the whole main routing table;
+    with ``ipv6``, the IPv6 ones too (their link-local addresses and routes, which the
+    kernel makes on every device, left out). Links are fetched by name: a full link dump
+    of a node with many pods costs tens of milliseconds of Python (pyroute2) parsing,
+    every resync."""
     view = KernelView()
     names: dict[int, str] = {}
     for name in sorted(set(devices)):
@@ -123,45 +134,56 @@ def read_view(ipr: IPRoute, devices: Iterable[str]) -> KernelView:
             raise
         view.links[name] = _link_info(link)
         names[link["index"]] = name
-    for addr in ipr.get_addr(family=socket.AF_INET):
-        dev = names.get(addr["index"])
-        if dev is not None:
-            view.addresses.add(
-                (dev, IPv4Address(addr.get_attr("IFA_ADDRESS")), int(addr["prefixlen"]))
-            )
-    for route in ipr.get_routes(family=socket.AF_INET, table=MAIN_TABLE):
-        if route.get_attr("RTA_TABLE", MAIN_TABLE) != MAIN_TABLE or route["type"] != 1:
-            continue  # only unicast routes of the main table
-        route_dst: str = route.get_attr("RTA_DST") or "0.0.0.0"
-        gateway = route.get_attr("RTA_GATEWAY")
-        oif = route.get_attr("RTA_OIF")
-        view.routes.append(
-            RouteInfo(
-                dst=IPv4Network((route_dst, route["dst_len"])),
-                gateway=IPv4Address(gateway) if gateway else None,
-                dev=names.get(oif, f"#{oif}" if oif is not None else None),
-                onlink=bool(route["flags"] & RTNH_F_ONLINK),
-                scope=int(route["scope"]),
-            )
-        )
-    for neigh in ipr.get_neighbours(family=socket.AF_INET):
-        dev = names.get(neigh["ifindex"])
-        dst = neigh.get_attr("NDA_DST")
-        if dev is not None and dst:
-            lladdr = neigh.get_attr("NDA_LLADDR")
-            view.neighbours[(dev, IPv4Address(dst))] = (
-                str(lladdr).lower() if lladdr else None,
-                bool(neigh["state"] & NUD_PERMANENT),
-            )
+    families = (socket.AF_INET, socket.AF_INET6) if ipv6 else (socket.AF_INET,)
+    for family in families:
+        _read_family(ipr, family, names, view)
     for name, link in view.links.items():
         if link.kind != "vxlan":
             continue  # fdb entries with a remote (dst) only exist on vxlan devices
         for entry in ipr.get_neighbours(family=socket.AF_BRIDGE, ifindex=link.index):
             dst = entry.get_attr("NDA_DST")
             lladdr = entry.get_attr("NDA_LLADDR")
-            if entry["ifindex"] == link.index and dst and lladdr and ":" not in str(dst):
-                view.fdb.add((name, str(lladdr).lower(), IPv4Address(dst)))
+            if entry["ifindex"] == link.index and dst and lladdr:
+                remote = ip_address(dst)
+                if remote.version == 4 or ipv6:
+                    view.fdb.add((name, str(lladdr).lower(), remote))
     return view
+
+
+def _read_family(ipr: IPRoute, family: int, names: dict[int, str], view: KernelView) -> None:
+    """One family's addresses (on our devices), main-table unicast routes and neighbours."""
+    for addr in ipr.get_addr(family=family):
+        dev = names.get(addr["index"])
+        address = ip_address(addr.get_attr("IFA_ADDRESS"))
+        if dev is not None and not address.is_link_local:
+            view.addresses.add((dev, address, int(addr["prefixlen"])))
+    default = "0.0.0.0" if family == socket.AF_INET else "::"
+    for route in ipr.get_routes(family=family, table=MAIN_TABLE):
+        if route.get_attr("RTA_TABLE", MAIN_TABLE) != MAIN_TABLE or route["type"] != RTN_UNICAST:
+            continue  # only unicast routes of the main table
+        dst = ip_network((route.get_attr("RTA_DST") or default, route["dst_len"]))
+        if dst.is_link_local or dst.is_multicast:
+            continue  # IPv6: the kernel's own fe80::/64 and ff00::/8 on every device
+        gateway = route.get_attr("RTA_GATEWAY")
+        oif = route.get_attr("RTA_OIF")
+        view.routes.append(
+            RouteInfo(
+                dst=dst,
+                gateway=ip_address(gateway) if gateway else None,
+                dev=names.get(oif, f"#{oif}" if oif is not None else None),
+                onlink=bool(route["flags"] & RTNH_F_ONLINK),
+                scope=int(route["scope"]),
+            )
+        )
+    for neigh in ipr.get_neighbours(family=family):
+        dev = names.get(neigh["ifindex"])
+        dst = neigh.get_attr("NDA_DST")
+        if dev is not None and dst:
+            lladdr = neigh.get_attr("NDA_LLADDR")
+            view.neighbours[(dev, ip_address(dst))] = (
+                str(lladdr).lower() if lladdr else None,
+                bool(neigh["state"] & NUD_PERMANENT),
+            )
 
 
 def _index(ipr: IPRoute, name: str) -> int:
@@ -192,7 +214,7 @@ class VxlanDevice:
     kind: ClassVar[str] = "vxlan_device"
     name: str
     vni: int
-    local: IPv4Address
+    local: IPAddress  # IPv6 for flannel-v6.<VNI>
     underlay: str
     port: int
     learning: bool = False
@@ -219,16 +241,17 @@ class VxlanDevice:
 
     def apply(self, ipr: IPRoute) -> None:
         try:
-            view = read_view(ipr, (self.name, self.underlay))
+            view = read_view(ipr, (self.name, self.underlay), self.local.version == 6)
             if self.name in view.links and not self._compatible(view):
                 ipr.link("del", ifname=self.name)
             if not ipr.link_lookup(ifname=self.name):
+                local = "vxlan_local" if self.local.version == 4 else "vxlan_local6"
                 ipr.link(
                     "add",
                     ifname=self.name,
                     kind="vxlan",
                     vxlan_id=self.vni,
-                    vxlan_local=str(self.local),
+                    **{local: str(self.local)},
                     vxlan_link=_index(ipr, self.underlay),
                     vxlan_port=self.port,
                     vxlan_learning=int(self.learning),
@@ -279,22 +302,33 @@ class Link:
 
 @dataclass(frozen=True)
 class Address:
-    """The lease's network address as a /32 on our device (flanneld's VTEP/TUN address)."""
+    """The lease's network address as a /32 (IPv6: a /128) on our device (flanneld's
+    VTEP/TUN address)."""
 
     kind: ClassVar[str] = "address"
     dev: str
-    address: IPv4Address
+    address: IPAddress
+
+    @property
+    def prefixlen(self) -> int:
+        return self.address.max_prefixlen
 
     def describe(self) -> str:
-        return f"{self.address}/32 dev {self.dev}"
+        return f"{self.address}/{self.prefixlen} dev {self.dev}"
 
     def present(self, view: KernelView) -> bool:
-        return (self.dev, self.address, 32) in view.addresses
+        return (self.dev, self.address, self.prefixlen) in view.addresses
 
     def apply(self, ipr: IPRoute) -> None:
         index = _index(ipr, self.dev)
         try:
-            ipr.addr("replace", index=index, address=str(self.address), prefixlen=32)
+            ipr.addr(
+                "replace",
+                index=index,
+                address=str(self.address),
+                prefixlen=self.prefixlen,
+                family=_family(self.address),
+            )
         except NetlinkError as e:
             raise KernelError(e.code, f"address {self.describe()}: {e}") from None
 
@@ -307,18 +341,20 @@ class Address:
                 "del",
                 index=found[0],
                 address=str(self.address),
-                prefixlen=32,
+                prefixlen=self.prefixlen,
+                family=_family(self.address),
             )
 
 
 @dataclass(frozen=True)
 class Route:
-    """A main-table IPv4 route: via a gateway (host-gw, DirectRouting), onlink via a VTEP
-    address on flannel.<VNI>, or the whole network on the TUN (scope link)."""
+    """A main-table route: via a gateway (host-gw, DirectRouting), onlink via a VTEP
+    address on flannel.<VNI> (flannel-v6.<VNI>), or the whole network on the TUN (scope
+    link)."""
 
     kind: ClassVar[str] = "route"
-    dst: IPv4Network
-    gateway: IPv4Address | None = None
+    dst: IPNetwork
+    gateway: IPAddress | None = None
     dev: str | None = None
     onlink: bool = False
 
@@ -340,6 +376,7 @@ class Route:
         spec: dict[str, Any] = {
             "dst": str(self.dst.network_address),
             "dst_len": self.dst.prefixlen,
+            "family": _family(self.dst),
         }
         if self.gateway is not None:
             spec["gateway"] = str(self.gateway)
@@ -347,7 +384,7 @@ class Route:
             spec["oif"] = _index(ipr, self.dev)
         if self.onlink:
             spec["flags"] = RTNH_F_ONLINK
-        elif self.gateway is None:
+        elif self.gateway is None and self.dst.version == 4:
             spec["scope"] = "link"
         return spec
 
@@ -369,11 +406,12 @@ class Route:
 
 @dataclass(frozen=True)
 class Neighbour:
-    """A permanent ARP entry: the peer's VTEP address -> its VTEP MAC."""
+    """A permanent ARP (IPv6: neighbour discovery) entry: the peer's VTEP address -> its
+    VTEP MAC."""
 
     kind: ClassVar[str] = "neighbour"
     dev: str
-    dst: IPv4Address
+    dst: IPAddress
     lladdr: str
 
     def describe(self) -> str:
@@ -391,6 +429,7 @@ class Neighbour:
                 dst=str(self.dst),
                 lladdr=self.lladdr,
                 state=NUD_PERMANENT,
+                family=_family(self.dst),
             )
         except NetlinkError as e:
             raise KernelError(e.code, f"neighbour {self.describe()}: {e}") from None
@@ -405,6 +444,7 @@ class Neighbour:
                 ifindex=found[0],
                 dst=str(self.dst),
                 lladdr=self.lladdr,
+                family=_family(self.dst),
             )
 
 
@@ -415,7 +455,7 @@ class Fdb:
     kind: ClassVar[str] = "fdb"
     dev: str
     lladdr: str
-    dst: IPv4Address
+    dst: IPAddress
 
     def describe(self) -> str:
         return f"{self.lladdr} dst {self.dst} dev {self.dev} self permanent"
@@ -462,7 +502,7 @@ def devices_of(obj: KernelObject) -> tuple[str, ...]:
 
 
 def vxlan_peer(
-    device: str, subnet: IPv4Network, public_ip: IPv4Address, mac: str
+    device: str, subnet: IPNetwork, public_ip: IPAddress, mac: str
 ) -> list[KernelObject]:
     """flanneld's three objects for a vxlan peer, in the order they must be made."""
     vtep = subnet.network_address
@@ -488,7 +528,7 @@ def kernel_has_vxlan() -> bool:
         return True
 
 
-def directly_reachable(address: IPv4Address) -> bool:
+def directly_reachable(address: IPAddress) -> bool:
     """flanneld's DirectRouting test: the route to ``address`` is one hop, no gateway."""
     with IPRoute() as ipr:
         try:

@@ -23,7 +23,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Hashable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
-from ipaddress import IPv4Network
+from ipaddress import IPv4Network, IPv6Network
 from typing import Any
 
 from pyroute2 import IPRoute
@@ -57,13 +57,16 @@ class KernelState:
         *,
         program: Callable[[Lease], list[KernelObject] | None] | None = None,
         devices: Iterable[str] = (),
-        network: IPv4Network | None = None,
+        networks: Iterable[IPv4Network | IPv6Network] = (),
         on_gone: Callable[[KernelObject], None] | None = None,
     ) -> None:
         self.log = log
         self.program = program  # a peer's objects (runs in the worker); None: skipped
         self.devices = set(devices)  # ours: anything on them that we do not want is extra
-        self.network = network  # gateway routes inside it that we do not want are extra
+        # Gateway routes inside these (the overlay network of each family) that we do
+        # not want are extra; an IPv6 one also makes each check read the IPv6 state.
+        self.networks = tuple(networks)
+        self.ipv6 = any(network.version == 6 for network in self.networks)
         self.on_gone = on_gone  # a device we cannot recreate ourselves disappeared
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="netlink")
         self._desired: dict[Hashable, list[KernelObject]] = {}  # touched by the worker only
@@ -146,14 +149,14 @@ class KernelState:
         wanted = [o for objects in list(self._desired.values()) for o in objects]
         devices = set(self.devices).union(*(devices_of(o) for o in wanted))
         with IPRoute() as ipr:
-            view = read_view(ipr, devices)
+            view = read_view(ipr, devices, self.ipv6)
             repaired = False
             for obj in wanted:
                 if obj.present(view):
                     continue
                 repaired = self._repair(ipr, obj) or repaired
             if repaired:
-                view = read_view(ipr, devices)
+                view = read_view(ipr, devices, self.ipv6)
         self.missing = [o.describe() for o in wanted if not o.present(view)]
         self.extra = self._extras(view, wanted)
         self.checked_at = time.time()
@@ -196,10 +199,8 @@ class KernelState:
         extra: list[str] = []
         for route in view.routes:
             ours = route.dev in self.devices
-            stale_gateway = (
-                self.network is not None
-                and route.gateway is not None
-                and route.dst.subnet_of(self.network)
+            stale_gateway = route.gateway is not None and any(
+                _inside(route.dst, network) for network in self.networks
             )
             if (ours or stale_gateway) and not any(r.matches(route) for r in routes):
                 extra.append(f"route {route.describe()}")
@@ -236,6 +237,14 @@ class KernelState:
 
     async def stop(self) -> None:
         self._worker.shutdown(wait=False, cancel_futures=True)
+
+
+def _inside(dst: IPv4Network | IPv6Network, network: IPv4Network | IPv6Network) -> bool:
+    if isinstance(dst, IPv4Network) and isinstance(network, IPv4Network):
+        return dst.subnet_of(network)
+    if isinstance(dst, IPv6Network) and isinstance(network, IPv6Network):
+        return dst.subnet_of(network)
+    return False
 
 
 # -- event-driven resyncs -------------------------------------------------------------------

@@ -51,6 +51,7 @@ def _new_state(options: NodeOptions, underlay: Underlay) -> NodeState:
     manager = SubnetManager(
         kv,
         public_ip=underlay.public_ip,
+        public_ipv6=underlay.public_ipv6,
         prefix=options.registry.prefix,
         renew_margin=options.registry.renew_margin,
         notify=monitor.notify,

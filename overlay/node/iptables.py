@@ -19,6 +19,7 @@ class IptablesOptions:
     ip_masq: bool = False  # masquerade pod traffic leaving the overlay (FLANNEL-POSTRTG)
     forward_rules: bool = True  # accept the overlay in FORWARD (FLANNEL-FWD)
     resync: int = 5  # seconds between checks
+    random_fully_disable: bool = False  # plain MASQUERADE (--ip-masq-fully-random-disable)
 
 
 class IptablesKeeper:
@@ -55,7 +56,12 @@ class IptablesKeeper:
         last subnet.env) are replaced."""
         masq = self.options.ip_masq
         rules = IptablesRules(
-            ipt, network, subnet, ip_masq=masq, forward=self.options.forward_rules
+            ipt,
+            network,
+            subnet,
+            ip_masq=masq,
+            forward=self.options.forward_rules,
+            random_fully_disable=self.options.random_fully_disable,
         )
 
         def install() -> None:

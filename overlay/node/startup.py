@@ -10,14 +10,18 @@ import os
 import stat
 import time
 from collections.abc import Awaitable, Callable
+from ipaddress import IPv4Network, IPv6Network
 from typing import TypeVar
 
 from control.config import ConfigError, NetworkConfig, config_json, parse_config
 from control.kv import RegistryConfigError, RegistryError
+from control.lease import Lease
 from control.peer_table import PeerTable
 from control.subnet_env import SubnetEnv
 from overlay.backends.base import Backend, Context
 from overlay.backends.manager import make_backend
+from overlay.kernel.blackhole import add_blackhole_routes
+from overlay.kernel.objects import KernelError
 from overlay.node.fatal import Fatal
 from overlay.node.options import NodeOptions
 from overlay.node.state import NodeState
@@ -85,6 +89,7 @@ class Startup:
                 config = await manager.wait_for_config()
         except ConfigError as e:
             raise Fatal(f"invalid network config at {manager.config_key}: {e}") from None
+        self.check_ipv6(config, manager.config_key)
         self.check_network(config, f"the registry's Network at {manager.config_key}")
         if options.seed_network is not None and config.network != options.seed_network:
             raise Fatal(
@@ -129,6 +134,32 @@ class Startup:
                     "underlay"
                 )
 
+    def check_ipv6(self, config: NetworkConfig, key: str) -> None:
+        """What the IPv6 half of the config needs of this node: an IPv6 address to
+        publish, outside IPv6Network; and IPv4 beside it (IPv6-only is not run yet)."""
+        underlay = self.node.underlay
+        if not config.enable_ipv4:
+            raise Fatal(
+                f"EnableIPv4: false at {key}: IPv6-only networks are parsed and their "
+                "leases read, but the daemon runs dual stack only for now: keep EnableIPv4 "
+                "true"
+            )
+        ipv6 = config.ipv6
+        if ipv6 is None:
+            return
+        if underlay.public_ipv6 is None:
+            raise Fatal(
+                f"EnableIPv6: {underlay.iface} has no IPv6 address to publish: give it "
+                "one, or pass --public-ipv6"
+            )
+        for address in {underlay.address6, underlay.public_ipv6} - {None}:
+            if address in ipv6.network:
+                raise Fatal(
+                    f"the registry's IPv6Network {ipv6.network} contains this node's "
+                    f"underlay address {address} ({underlay.iface}): the overlay must not "
+                    "overlap the underlay"
+                )
+
     async def _backend(self, config: NetworkConfig) -> Backend:
         """The backend the config names, its complaints about the config said."""
         node = self.node
@@ -164,11 +195,17 @@ class Startup:
         backend.prepare()  # the TUN, before any lease: a permission error leaves nothing
         node.manager.backend_type = backend.lease_type
         node.manager.backend_data = backend.lease_data()
+        node.manager.backend_v6_data = backend.lease_v6_data()
         subnet_file = node.options.subnet_file
         previous = await asyncio.to_thread(read_previous, subnet_file)
+        previous_v6 = previous.ipv6_subnet if previous is not None else None
         node.lease = lease = await self.retrying(
             "acquiring a lease",
-            lambda: node.manager.acquire(config, previous.subnet.network if previous else None),
+            lambda: node.manager.acquire(
+                config,
+                previous.subnet.network if previous else None,
+                previous_v6.network if previous_v6 is not None else None,
+            ),
         )
         node.readiness.registry.answered()
         if lease.has_ttl:
@@ -178,8 +215,19 @@ class Startup:
         node.readiness.step("datapath")
         if iptables is not None:
             await node.iptables.install(iptables, config.network, lease.subnet, previous)
+        if node.options.blackhole_route:
+            await self._blackhole_routes(lease)
+        if config.ipv6 is not None and iptables is not None:
+            self.log.warning(
+                "ipv6_rules_missing",
+                effect="no ip6tables FLANNEL-POSTRTG or FLANNEL-FWD: pods' IPv6 traffic is "
+                "not masqueraded and an ip6tables FORWARD policy of DROP blocks it",
+            )
         masq = node.options.iptables.ip_masq
-        env = SubnetEnv.for_lease(config.network, lease.subnet, backend.mtu, masq)
+        ipv6 = None
+        if config.ipv6 is not None and lease.ipv6_subnet is not None:
+            ipv6 = (config.ipv6.network, lease.ipv6_subnet)
+        env = SubnetEnv.for_lease(config.network, lease.subnet, backend.mtu, masq, ipv6)
         try:
             await asyncio.to_thread(write_subnet_env, subnet_file, env)
         except SubnetFileError as e:
@@ -187,6 +235,18 @@ class Startup:
         node.readiness.step("subnet_env")
         self._log_started(backend)
         return backend
+
+    async def _blackhole_routes(self, lease: Lease) -> None:
+        """--ip-blackhole-route: one for each of the lease's subnets (as flanneld)."""
+        subnets: list[IPv4Network | IPv6Network] = [lease.subnet]
+        if lease.ipv6_subnet is not None:
+            subnets.append(lease.ipv6_subnet)
+        try:
+            added = await asyncio.to_thread(add_blackhole_routes, subnets)
+        except KernelError as e:
+            raise Fatal(f"--ip-blackhole-route: {e.strerror}") from None
+        if added:
+            self.log.info("blackhole_routes_added", subnets=added)
 
     def _log_started(self, backend: Backend) -> None:
         node = self.node
