@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
-from typing import Any
+from ipaddress import IPv4Network, IPv6Network, ip_address
+from typing import Any, TypeVar
 
 from control.text import clip, shorten
 
@@ -43,6 +43,9 @@ IPV6_UNICAST_RANGES = (IPv6Network("fc00::/7"), IPv6Network("2000::/3"))
 # flanneld: the IPv4 half of a lease when EnableIPv4 is false (Go's zero IP4Net, which its
 # lease keys spell ``0.0.0.0-0``).
 NO_IPV4 = IPv4Network("0.0.0.0/0")
+
+
+Net = TypeVar("Net", IPv4Network, IPv6Network)
 
 
 class ConfigError(ValueError):
@@ -103,16 +106,40 @@ def _lower_keys(raw: dict[str, Any]) -> dict[str, Any]:
     return {str(k).lower(): v for k, v in raw.items()}
 
 
-def _subnet_at(value: Any, name: str, network: IPv4Network, subnet_len: int) -> IPv4Network:
+def _subnet_at(value: Any, name: str, network: Net, subnet_len: int) -> Net:
+    """A SubnetMin/SubnetMax (or IPv6) value: an address of the network's family, inside
+    it, on a subnet boundary."""
+    network_name = "Network" if network.version == 4 else "IPv6Network"
     try:
-        address = IPv4Address(str(value).split("/")[0])
+        address = ip_address(str(value).split("/")[0])
     except ValueError:
-        raise ConfigError(f"{name}: {clip(value)} is not an IPv4 address") from None
-    if address not in network:
-        raise ConfigError(f"{name}: {address} is outside Network {network}")
-    if int(address) % (1 << (32 - subnet_len)):
+        address = None
+    if address is None or address.version != network.version:
+        raise ConfigError(f"{name}: {clip(value)} is not an IPv{network.version} address")
+    if not int(network.network_address) <= int(address) <= int(network.broadcast_address):
+        raise ConfigError(f"{name}: {address} is outside {network_name} {network}")
+    if int(address) % (1 << (network.max_prefixlen - subnet_len)):
         raise ConfigError(f"{name}: {address} is not on a /{subnet_len} subnet boundary")
-    return IPv4Network((address, subnet_len))
+    return type(network)((int(address), subnet_len))
+
+
+def _bounds(
+    fields: dict[str, Any], names: tuple[str, str], network: Net, subnet_len: int
+) -> tuple[Net, Net]:
+    """SubnetMin and SubnetMax (or their IPv6 pair) as given, else (absent or null)
+    flanneld's defaults: the second subnet (the first is skipped) and the last."""
+    size = 1 << (network.max_prefixlen - subnet_len)
+    base = int(network.network_address)
+    defaults = (base + size, base + network.num_addresses - size)
+    low, high = (
+        _subnet_at(fields[name.lower()], name, network, subnet_len)
+        if fields.get(name.lower()) is not None
+        else type(network)((default, subnet_len))
+        for name, default in zip(names, defaults, strict=True)
+    )
+    if low.network_address > high.network_address:
+        raise ConfigError(f"{names[0]}: {low} is above {names[1]} {high}")
+    return low, high
 
 
 def _int_field(raw: dict[str, Any], key: str, name: str, default: int) -> int:
@@ -240,20 +267,7 @@ def _parse_ipv4(fields: dict[str, Any]) -> tuple[IPv4Network, int, IPv4Network, 
             f"SubnetLen: {subnet_len} is smaller than the network prefix + 2 "
             f"(/{network.prefixlen + 2} for Network {network})"
         )
-    size = 1 << (32 - subnet_len)
-    base = int(network.network_address)
-    subnet_min = (
-        _subnet_at(fields["subnetmin"], "SubnetMin", network, subnet_len)
-        if "subnetmin" in fields
-        else IPv4Network((base + size, subnet_len))
-    )
-    subnet_max = (
-        _subnet_at(fields["subnetmax"], "SubnetMax", network, subnet_len)
-        if "subnetmax" in fields
-        else IPv4Network((base + network.num_addresses - size, subnet_len))
-    )
-    if subnet_min.network_address > subnet_max.network_address:
-        raise ConfigError(f"SubnetMin: {subnet_min} is above SubnetMax {subnet_max}")
+    subnet_min, subnet_max = _bounds(fields, ("SubnetMin", "SubnetMax"), network, subnet_len)
     return network, subnet_len, subnet_min, subnet_max
 
 
@@ -285,33 +299,9 @@ def _parse_ipv6(fields: dict[str, Any]) -> IPv6Config:
             f"IPv6SubnetLen: {subnet_len} is smaller than the network prefix + 2 "
             f"(/{network.prefixlen + 2} for IPv6Network {network})"
         )
-    size = 1 << (128 - subnet_len)
-    base = int(network.network_address)
-    subnet_min = (
-        _subnet6_at(fields["ipv6subnetmin"], "IPv6SubnetMin", network, subnet_len)
-        if fields.get("ipv6subnetmin")
-        else IPv6Network((base + size, subnet_len))
-    )
-    subnet_max = (
-        _subnet6_at(fields["ipv6subnetmax"], "IPv6SubnetMax", network, subnet_len)
-        if fields.get("ipv6subnetmax")
-        else IPv6Network((base + network.num_addresses - size, subnet_len))
-    )
-    if subnet_min.network_address > subnet_max.network_address:
-        raise ConfigError(f"IPv6SubnetMin: {subnet_min} is above IPv6SubnetMax {subnet_max}")
+    names = ("IPv6SubnetMin", "IPv6SubnetMax")
+    subnet_min, subnet_max = _bounds(fields, names, network, subnet_len)
     return IPv6Config(network, subnet_len, subnet_min, subnet_max)
-
-
-def _subnet6_at(value: Any, name: str, network: IPv6Network, subnet_len: int) -> IPv6Network:
-    try:
-        address = IPv6Address(str(value).split("/")[0])
-    except ValueError:
-        raise ConfigError(f"{name}: {clip(value)} is not an IPv6 address") from None
-    if address not in network:
-        raise ConfigError(f"{name}: {address} is outside IPv6Network {network}")
-    if int(address) % (1 << (128 - subnet_len)):
-        raise ConfigError(f"{name}: {address} is not on a /{subnet_len} subnet boundary")
-    return IPv6Network((address, subnet_len))
 
 
 def _display(raw: dict[str, Any], key: str) -> str:

@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 from control.lease import Lease
 from encap import vxlan
-from encap.errors import CodecError
 from overlay.backends.base import Backend, Context, KernelLink
 from overlay.backends.routed import RoutedBackend, direct_route, direct_route6, ipv6_half
 from overlay.backends.userspace import UserspaceBackend
@@ -29,6 +29,7 @@ from overlay.dataplane.spec import DataplaneSpec
 from overlay.dataplane.vxlan import vtep_mac_of, vxlan_prefix_for
 from overlay.kernel.objects import (
     Address,
+    IPAddress,
     KernelObject,
     Link,
     VxlanDevice,
@@ -59,14 +60,8 @@ IPV6_OVERHEAD = vxlan.OVERHEAD + 20
 
 def _v6_mac(lease: Lease) -> str | None:
     """The VtepMAC a dual-stack vxlan lease publishes in BackendV6Data, or None."""
-    data = lease.backend_v6_data or {}
-    text = next((v for k, v in data.items() if k.lower() == "vtepmac"), None)
-    if not isinstance(text, str):
-        return None
-    try:
-        return vxlan.format_mac(vxlan.parse_mac(text))
-    except CodecError:
-        return None
+    raw = vtep_mac_of(replace(lease, backend_data=lease.backend_v6_data))
+    return vxlan.format_mac(raw) if raw is not None else None
 
 
 def _mtu_warning(backend: Backend) -> list[dict[str, Any]]:
@@ -191,17 +186,23 @@ class KernelVxlanBackend(RoutedBackend):
         address as a /32, MTU underlay - 50 (or Backend.MTU), up."""
         underlay = self.ctx.underlay
         return [
+            *self._device(self.device, underlay.address, self.mtu, self.vtep.mac),
+            Address(self.device, lease.subnet.network_address),
+            *self._node_objects6(lease),
+        ]
+
+    def _device(self, name: str, local: IPAddress, mtu: int, mac: bytes) -> list[KernelObject]:
+        """A vxlan device of ours, up: the VNI, port and learning of the config."""
+        return [
             VxlanDevice(
-                self.device,
+                name,
                 vni=self.vtep.vni,
-                local=underlay.address,
-                underlay=underlay.iface,
+                local=local,
+                underlay=self.ctx.underlay.iface,
                 port=self.vtep.port,
                 learning=self.ctx.config.backend.learning,
             ),
-            Link(self.device, mtu=self.mtu, mac=vxlan.format_mac(self.vtep.mac)),
-            Address(self.device, lease.subnet.network_address),
-            *self._node_objects6(lease),
+            Link(name, mtu=mtu, mac=vxlan.format_mac(mac)),
         ]
 
     def _node_objects6(self, lease: Lease) -> list[KernelObject]:
@@ -213,15 +214,7 @@ class KernelVxlanBackend(RoutedBackend):
             return []
         mtu = self.ctx.config.backend.mtu or underlay.mtu - IPV6_OVERHEAD
         return [
-            VxlanDevice(
-                self.device6,
-                vni=self.vtep.vni,
-                local=underlay.address6,
-                underlay=underlay.iface,
-                port=self.vtep.port,
-                learning=self.ctx.config.backend.learning,
-            ),
-            Link(self.device6, mtu=mtu, mac=vxlan.format_mac(self.mac6)),
+            *self._device(self.device6, underlay.address6, mtu, self.mac6),
             Address(self.device6, lease.ipv6_subnet.network_address),
         ]
 
