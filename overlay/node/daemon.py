@@ -254,7 +254,7 @@ class Daemon:
                 self.log.warning("cleanup_incomplete", step=what, error=str(e) or type(e).__name__)
 
         node = self.node
-        if node.iptables.rules is not None:
+        if node.iptables.installed():
             # One transaction per rule set, ~0.1 s; given longer on a loaded machine, as
             # rules left behind would outlive us.
             await step("iptables rules", node.iptables.remove(), 2.0)

@@ -213,20 +213,14 @@ class Startup:
         node.readiness.step("lease")
         await backend.start(lease)
         node.readiness.step("datapath")
-        if iptables is not None:
-            await node.iptables.install(iptables, config.network, lease.subnet, previous)
-        if node.options.blackhole_route:
-            await self._blackhole_routes(lease)
-        if config.ipv6 is not None and iptables is not None:
-            self.log.warning(
-                "ipv6_rules_missing",
-                effect="no ip6tables FLANNEL-POSTRTG or FLANNEL-FWD: pods' IPv6 traffic is "
-                "not masqueraded and an ip6tables FORWARD policy of DROP blocks it",
-            )
-        masq = node.options.iptables.ip_masq
         ipv6 = None
         if config.ipv6 is not None and lease.ipv6_subnet is not None:
             ipv6 = (config.ipv6.network, lease.ipv6_subnet)
+        if iptables is not None:
+            await node.iptables.install(iptables, config.network, lease.subnet, previous, ipv6)
+        if node.options.blackhole_route:
+            await self._blackhole_routes(lease)
+        masq = node.options.iptables.ip_masq
         env = SubnetEnv.for_lease(config.network, lease.subnet, backend.mtu, masq, ipv6)
         try:
             await asyncio.to_thread(write_subnet_env, subnet_file, env)

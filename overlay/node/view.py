@@ -88,10 +88,13 @@ class NodeView:
             counters = {}  # the kernel forwards: its counters are in kernel_counters
         reported = [w.pop("peers", {}) for w in workers or []]
         repairs = dict(backend.pop("repairs", {}))
-        rules = node.iptables.rules
+        rules, rules6 = node.iptables.rules, node.iptables.rules6
         if rules is not None:
             repairs["iptables"] = rules.repairs
             backend["iptables"] = rules.status()
+        if rules6 is not None:
+            repairs["iptables"] = repairs.get("iptables", 0) + rules6.repairs
+            backend["ip6tables"] = rules6.status()
         return {
             "peers": self.peer_rows(reported),
             "counters": counters,

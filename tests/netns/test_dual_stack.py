@@ -311,3 +311,73 @@ def test_enable_ipv6_without_an_ipv6_address_says_so(
     assert daemon.proc.wait(timeout=15) == 1
     (fatal,) = [e for e in daemon.events() if e.get("level") == "fatal"]
     assert "EnableIPv6: eth0 has no IPv6 address to publish" in fatal["event"]
+
+
+# Who connected, as the server saw it: prints the peer address of one TCP connection.
+PEER_SERVER = """
+import socket, sys
+s = socket.create_server((sys.argv[1], 7777), family=socket.AF_INET6)
+print("ready", flush=True)
+conn, peer = s.accept()
+print(peer[0], flush=True)
+"""
+CONNECT = "import socket, sys; socket.create_connection((sys.argv[1], 7777), timeout=5).close()"
+
+
+def peer_seen(server_ns: str, address: str, client_ns: str) -> str:
+    """The source address a TCP connection from ``client_ns`` to ``address`` arrives with."""
+    server = subprocess.Popen(
+        ["ip", "netns", "exec", server_ns, "python3", "-c", PEER_SERVER, address],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert server.stdout is not None and server.stdout.readline().strip() == "ready"
+        in_ns(client_ns, "python3", "-c", CONNECT, address)
+        return server.stdout.readline().strip()
+    finally:
+        server.kill()
+        server.wait()
+
+
+@pytest.mark.parametrize(
+    "random_fully", [True, False], ids=["random-fully", "fully-random-disable"]
+)
+def test_ip6tables_masq_and_forward_rules_as_flanneld(
+    netns: Callable[[str], str], daemons: Any, tmp_path: Path, random_fully: bool
+) -> None:
+    flags = ["--ip-masq", *([] if random_fully else ["--ip-masq-fully-random-disable"])]
+    nodes, started, _ = start_nodes(
+        netns, daemons, tmp_path, {**DUAL, "Backend": {"Type": "host-gw"}}, *flags
+    )
+    envs = [parse_subnet_env(d.subnet_file.read_text()) for d in started]
+    assert envs[0].ipv6_subnet is not None
+    lease6 = envs[0].ipv6_subnet.network
+    masq6 = in_ns(nodes[0], "ip6tables", "-t", "nat", "-S", "FLANNEL-POSTRTG").stdout
+    fully = " --random-fully" if random_fully else ""
+    comment = '-m comment --comment "flanneld masq"'
+    for rule in (
+        f"-A FLANNEL-POSTRTG -m mark --mark 0x4000/0x4000 {comment} -j RETURN",
+        f"-A FLANNEL-POSTRTG -s {lease6} -d fd00:10::/56 {comment} -j RETURN",
+        f"-A FLANNEL-POSTRTG -s fd00:10::/56 -d {lease6} {comment} -j RETURN",
+        f"-A FLANNEL-POSTRTG ! -s fd00:10::/56 -d {lease6} {comment} -j RETURN",
+        f"-A FLANNEL-POSTRTG -s fd00:10::/56 ! -d ff00::/8 {comment} -j MASQUERADE{fully}",
+        f"-A FLANNEL-POSTRTG ! -s fd00:10::/56 -d fd00:10::/56 {comment} -j MASQUERADE{fully}",
+    ):
+        assert rule in masq6.splitlines(), (rule, masq6)
+    masq4 = in_ns(nodes[0], "iptables", "-t", "nat", "-S", "FLANNEL-POSTRTG").stdout
+    assert ("--random-fully" in masq4) is random_fully, masq4
+    forward6 = in_ns(nodes[0], "ip6tables", "-S", "FLANNEL-FWD").stdout
+    assert '-A FLANNEL-FWD -s fd00:10::/56 -m comment --comment "flanneld forward" -j ACCEPT' in (
+        forward6
+    )
+    pods = [netns("p1"), netns("p2")]
+    addresses = [pod(node, p, env) for node, p, env in zip(nodes, pods, envs, strict=True)]
+    assert poll(lambda: pings(pods[0], addresses[1][1]), timeout=10)
+    # Leaving the overlay (to node 2's underlay address): masqueraded to node 1's.
+    assert peer_seen(nodes[1], "2001:db8::2", pods[0]) == "2001:db8::1"
+    # Pod to pod: the pod's own address.
+    assert peer_seen(pods[1], addresses[1][1], pods[0]) == addresses[0][1]
+    assert started[0].stop()[0] == 0
+    gone = in_ns(nodes[0], "ip6tables", "-t", "nat", "-S", "FLANNEL-POSTRTG", check=False)
+    assert gone.returncode != 0 and "FLANNEL" not in in_ns(nodes[0], "ip6tables-save").stdout
