@@ -60,9 +60,13 @@ class NodeView:
         def stamp(t: float | None) -> float | None:
             return None if t is None else round(t, 3)
 
+        ipv6 = {}
+        if lease.ipv6_subnet is not None:  # dual stack: the IPv6 half
+            ipv6 = {"ipv6_subnet": str(lease.ipv6_subnet), "public_ipv6": str(lease.public_ipv6)}
         return {
             "subnet": str(lease.subnet),
             "public_ip": str(lease.public_ip),
+            **ipv6,
             "key": node.manager.key_of(lease),
             "expires": stamp(monitor.lease_expires),
             "next_renewal": stamp(monitor.next_renewal),

@@ -19,6 +19,7 @@ import pytest
 
 from control.file_registry import FileRegistry
 from control.subnet_env import SubnetEnv, parse_subnet_env
+from overlay.observe import status_socket as status
 from tests.helpers.polling import poll
 
 pytestmark = pytest.mark.netns
@@ -128,9 +129,12 @@ def test_pods_ping_over_ipv4_and_ipv6_both_ways(
         netns, daemons, tmp_path, {**DUAL, "Backend": backend}, *flags, "--ip-blackhole-route"
     )
     envs = [parse_subnet_env(d.subnet_file.read_text()) for d in started]
-    for env in envs:
+    for n, (env, daemon) in enumerate(zip(envs, started, strict=True), 1):
         assert env.ipv6_network is not None and str(env.ipv6_network) == "fd00:10::/56"
         assert env.ipv6_subnet is not None and env.ipv6_subnet.network.prefixlen == 64
+        lease = status.query(daemon.socket)["lease"]
+        assert lease["ipv6_subnet"] == str(env.ipv6_subnet.network)
+        assert lease["public_ipv6"] == f"2001:db8::{n}"
     pods = [netns("p1"), netns("p2")]
     addresses = [pod(node, p, env) for node, p, env in zip(nodes, pods, envs, strict=True)]
     for src, dst in ((0, 1), (1, 0)):
