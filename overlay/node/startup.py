@@ -147,11 +147,6 @@ class Startup:
         ipv6 = config.ipv6
         if ipv6 is None:
             return
-        if underlay.public_ipv6 is None:
-            raise Fatal(
-                f"EnableIPv6: {underlay.iface} has no IPv6 address to publish: give it "
-                "one, or pass --public-ipv6"
-            )
         for address in {underlay.address6, underlay.public_ipv6} - {None}:
             if address in ipv6.network:
                 raise Fatal(
@@ -159,6 +154,16 @@ class Startup:
                     f"underlay address {address} ({underlay.iface}): the overlay must not "
                     "overlap the underlay"
                 )
+
+    def check_ipv6_address(self, config: NetworkConfig) -> None:
+        """EnableIPv6 needs an IPv6 address to publish (checked after the backend, so a
+        backend that cannot carry IPv6 says that first)."""
+        underlay = self.node.underlay
+        if config.ipv6 is not None and underlay.public_ipv6 is None:
+            raise Fatal(
+                f"EnableIPv6: {underlay.iface} has no IPv6 address to publish: give it "
+                "one, or pass --public-ipv6"
+            )
 
     async def _backend(self, config: NetworkConfig) -> Backend:
         """The backend the config names, its complaints about the config said."""
@@ -191,6 +196,7 @@ class Startup:
         await self.retrying("checking the registry file", node.kv.check)
         node.config = config = await self.network_config()
         node.backend = backend = await self._backend(config)
+        self.check_ipv6_address(config)
         iptables = node.iptables.command()
         backend.prepare()  # the TUN, before any lease: a permission error leaves nothing
         node.manager.backend_type = backend.lease_type
