@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import subprocess
 from collections.abc import Callable
-from ipaddress import IPv4Interface, IPv6Interface
+from ipaddress import IPv4Interface, IPv6Interface, ip_interface
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +20,7 @@ import pytest
 from control.file_registry import FileRegistry
 from control.subnet_env import SubnetEnv, parse_subnet_env
 from overlay.observe import status_socket as status
+from tests.helpers.cni import invoke, netconf
 from tests.helpers.polling import poll
 
 pytestmark = pytest.mark.netns
@@ -385,3 +386,27 @@ def test_ip6tables_masq_and_forward_rules_as_flanneld(
     assert started[0].stop()[0] == 0
     gone = in_ns(nodes[0], "ip6tables", "-t", "nat", "-S", "FLANNEL-POSTRTG", check=False)
     assert gone.returncode != 0 and "FLANNEL" not in in_ns(nodes[0], "ip6tables-save").stdout
+
+
+def test_pods_added_by_the_cni_plugin_get_both_families_and_talk(
+    netns: Callable[[str], str], daemons: Any, tmp_path: Path
+) -> None:
+    """The real bridge + host-local plugins behind ours: each pod gets an address from
+    both leases (flannel's plugin's two ranges) and reaches the other pod over both."""
+    nodes, started, _ = start_nodes(
+        netns, daemons, tmp_path, {**DUAL, "Backend": {"Type": "vxlan"}}, "--kernel-vxlan"
+    )
+    pods = [netns("p1"), netns("p2")]
+    addresses: list[dict[int, str]] = []
+    for n, (node, pod_ns, daemon) in enumerate(zip(nodes, pods, started, strict=True), 1):
+        conf = netconf(tmp_path / f"n{n}", subnetFile=str(daemon.subnet_file))
+        added = invoke("ADD", conf, node=node, pod=pod_ns, container=f"c{n}")
+        assert added.returncode == 0, added.stdout + added.stderr
+        ips = json.loads(added.stdout)["ips"]
+        addresses.append(
+            {ip_interface(x["address"]).version: str(ip_interface(x["address"]).ip) for x in ips}
+        )
+    assert all(set(found) == {4, 6} for found in addresses), addresses
+    for src, dst in ((0, 1), (1, 0)):
+        for address in addresses[dst].values():
+            assert poll(lambda a=address, s=src: pings(pods[s], a), timeout=15), address
