@@ -34,6 +34,7 @@ SCOPE_LINK = 253
 ENOENT, ESRCH, ENODEV = 2, 3, 19
 GONE = (ENOENT, ESRCH, ENODEV)
 RTN_UNICAST = 1
+RTPROT_KERNEL = 2
 
 # Either family: flannel.<VNI> carries IPv4, flannel-v6.<VNI> IPv6, host-gw routes both.
 IPAddress = IPv4Address | IPv6Address
@@ -161,9 +162,11 @@ def _read_family(ipr: IPRoute, family: int, names: dict[int, str], view: KernelV
     for route in ipr.get_routes(family=family, table=MAIN_TABLE):
         if route.get_attr("RTA_TABLE", MAIN_TABLE) != MAIN_TABLE or route["type"] != RTN_UNICAST:
             continue  # only unicast routes of the main table
+        if family == socket.AF_INET6 and route["proto"] == RTPROT_KERNEL:
+            continue  # IPv6: the kernel's own routes for each address (our /128 too)
         dst = ip_network((route.get_attr("RTA_DST") or default, route["dst_len"]))
         if dst.is_link_local or dst.is_multicast:
-            continue  # IPv6: the kernel's own fe80::/64 and ff00::/8 on every device
+            continue  # IPv6: fe80::/64 and ff00::/8 on every device
         gateway = route.get_attr("RTA_GATEWAY")
         oif = route.get_attr("RTA_OIF")
         view.routes.append(

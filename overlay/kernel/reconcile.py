@@ -204,16 +204,17 @@ class KernelState:
             )
             if (ours or stale_gateway) and not any(r.matches(route) for r in routes):
                 extra.append(f"route {route.describe()}")
+        # Sorted by their text: IPv4 and IPv6 addresses do not compare with each other.
         neighbours = {(o.dev, o.dst) for o in wanted if isinstance(o, Neighbour)}
-        for (dev, dst), (lladdr, permanent) in sorted(view.neighbours.items()):
+        for (dev, dst), (lladdr, permanent) in sorted(view.neighbours.items(), key=str):
             if dev in self.devices and permanent and (dev, dst) not in neighbours:
                 extra.append(f"neighbour {dst} lladdr {lladdr} dev {dev}")
         fdb = {(o.dev, o.lladdr.lower(), o.dst) for o in wanted if isinstance(o, Fdb)}
-        for dev, lladdr, dst in sorted(view.fdb):
+        for dev, lladdr, dst in sorted(view.fdb, key=str):
             if dev in self.devices and (dev, lladdr, dst) not in fdb:
                 extra.append(f"fdb {lladdr} dst {dst} dev {dev}")
         addresses = {(o.dev, o.address) for o in wanted if isinstance(o, Address)}
-        for dev, address, prefixlen in sorted(view.addresses):
+        for dev, address, prefixlen in sorted(view.addresses, key=str):
             if dev in self.devices and (dev, address) not in addresses:
                 extra.append(f"address {address}/{prefixlen} dev {dev}")
         return extra

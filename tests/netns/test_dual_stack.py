@@ -85,6 +85,16 @@ def pings(src_ns: str, address: str) -> bool:
     return in_ns(src_ns, "ping", "-c", "1", "-W", "1", address, check=False).returncode == 0
 
 
+def kernel_of(daemon: Any) -> dict[str, Any]:
+    return dict(status.query(daemon.socket)["kernel"])
+
+
+def kernel_exact(daemon: Any) -> bool:
+    """A check has run and found nothing missing and nothing extra, in both families."""
+    kernel = kernel_of(daemon)
+    return bool(kernel["checked_at"]) and kernel["missing"] == kernel["extra"] == []
+
+
 def seed(tmp_path: Path, config: dict[str, Any]) -> Path:
     registry = tmp_path / "registry.json"
     FileRegistry(registry).put_sync(CONFIG_KEY, json.dumps(config).encode(), None)
@@ -145,6 +155,8 @@ def test_pods_ping_over_ipv4_and_ipv6_both_ways(
                 + ip(nodes[src], "-6", "route")
                 + ip(nodes[src], "route")
             )
+    for daemon in started:  # reconciled: what the kernel has is exactly what we programmed
+        assert poll(lambda d=daemon: kernel_exact(d), timeout=15), kernel_of(daemon)
     # The records: flanneld's keys and values, with PublicIPv6 (and BackendV6Data).
     records = leases(registry)
     assert len(records) == 2
@@ -204,6 +216,7 @@ def test_kernel_vxlan_v6_device_as_flanneld_makes_it(
         )
 
     assert poll(programmed, timeout=10)
+    assert poll(lambda: kernel_exact(started[0]), timeout=15), kernel_of(started[0])
     # Deleted, it comes back (reconciled like the IPv4 device).
     ip(nodes[0], "link", "del", "flannel-v6.1")
     assert poll(programmed, timeout=15)
