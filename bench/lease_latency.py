@@ -19,89 +19,21 @@ send interval).
 from __future__ import annotations
 
 import argparse
-import base64
-import ctypes
-import http.client
-import json
-import os
 import socket
 import statistics
 import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from ipaddress import IPv4Address, IPv4Network
-from typing import Any
 
-from overlay.lab.etcd import CLIENT_PORT
+from overlay.lab.etcd import EtcdGateway
+from overlay.lab.netns import entered
 from overlay.lab.testbed import Testbed
 
 LISTENER_IP = "192.0.2.100"
 PORT = 8285
 LEASE_PREFIX = "/coreos.com/network/subnets/"
-CLONE_NEWNET = 0x40000000
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-@contextmanager
-def netns(name: str) -> Iterator[None]:
-    """Run the body in network namespace ``name`` (this thread only); sockets made here
-    stay in that namespace after we switch back."""
-    home = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
-    target = os.open(f"/run/netns/{name}", os.O_RDONLY)
-    try:
-        if _libc.setns(target, CLONE_NEWNET) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, f"setns into {name}: {os.strerror(err)}")
-        try:
-            yield
-        finally:
-            if _libc.setns(home, CLONE_NEWNET) != 0:
-                raise OSError(ctypes.get_errno(), "setns back to our own namespace")
-    finally:
-        os.close(target)
-        os.close(home)
-
-
-class Gateway:
-    """etcd's v3 JSON gateway over one kept-alive connection made inside the testbed."""
-
-    def __init__(self, bed: Testbed) -> None:
-        with netns(bed.underlay_ns):
-            sock = socket.create_connection((str(bed.etcd.member_ip(1)), CLIENT_PORT), timeout=5)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.http = http.client.HTTPConnection(str(bed.etcd.member_ip(1)), CLIENT_PORT, timeout=5)
-        self.http.sock = sock
-
-    def call(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
-        self.http.request("POST", path, json.dumps(body), {"Content-Type": "application/json"})
-        response = self.http.getresponse()
-        data = response.read()
-        if response.status != 200:
-            raise RuntimeError(f"etcd {path}: HTTP {response.status}: {data[:200]!r}")
-        result: dict[str, Any] = json.loads(data)
-        return result
-
-    def grant(self, ttl: int) -> str:
-        return str(self.call("/v3/lease/grant", {"TTL": ttl})["ID"])
-
-    def put(self, key: str, value: str, lease: str) -> None:
-        self.call("/v3/kv/put", {"key": _b64(key), "value": _b64(value), "lease": lease})
-
-    def delete(self, key: str) -> None:
-        self.call("/v3/kv/deleterange", {"key": _b64(key)})
-
-    def revoke(self, lease: str) -> None:
-        self.call("/v3/lease/revoke", {"ID": lease})
-
-    def close(self) -> None:
-        self.http.close()
-
-
-def _b64(text: str) -> str:
-    return base64.b64encode(text.encode()).decode()
 
 
 class Listener(threading.Thread):
@@ -177,10 +109,10 @@ def measure(rounds: int, interval: float, prefix: str) -> list[tuple[IPv4Network
     try:
         bed.up()
         bed.exec("n2", ["ip", "addr", "add", f"{LISTENER_IP}/24", "dev", "eth0"], check=True)
-        with netns(bed.node_ns(2)):
+        with entered(bed.node_ns(2)):
             rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
             rx.bind((LISTENER_IP, PORT))
-        with netns(bed.node_ns(1)):
+        with entered(bed.node_ns(1)):
             tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         sockets += [rx, tx]
         listener = Listener(rx)
@@ -188,7 +120,7 @@ def measure(rounds: int, interval: float, prefix: str) -> list[tuple[IPv4Network
         sender = Sender(tx, interval)
         sender.start()
         bed.exec("n1", ["ping", "-c", "1", "-W", "2", LISTENER_IP], capture_output=True)  # ARP
-        gateway = Gateway(bed)
+        gateway = EtcdGateway(bed.underlay_ns, bed.etcd.member_ip(1))
         lease = gateway.grant(600)
         try:
             for subnet in free_subnets(bed, rounds):

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import hashlib
 from bisect import bisect_left
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
@@ -138,10 +139,20 @@ class _Checked:
 class LeaseBook:
     """Every record under the subnets prefix, and the valid leases among them.
 
-    ``reset`` (after a list), ``put`` and ``delete`` (watch events) return how the valid
-    set changed, as ``(added or changed, removed)``; the leases carry their create
-    revision. ``take_rejections`` hands over the rejections not reported yet: each
-    distinct record (key and value) once per reason."""
+    ``reset`` (after a list), ``apply`` (a batch of watch events: records put, keys
+    deleted), ``put`` and ``delete`` return how the valid set changed, as ``(added or
+    changed, removed)``; the leases carry their create revision. ``take_rejections``
+    hands over the rejections not reported yet: each distinct record (key and value)
+    once per reason.
+
+    A change costs what it touches, not a pass over every record: two leases can only
+    conflict when one contains the other, so the candidates are kept in buckets (their
+    network at the shortest prefix length among them: with a config, every valid lease
+    has SubnetLen, so a bucket is one subnet), and a change re-runs the rules on its
+    buckets only. A change of our own subnet, of the shortest length, of the config or of
+    our key re-runs them on everything, as a listing does. So does every change of a
+    dual-stack or IPv6-only network: a lease's IPv6 half can clash with a lease in any
+    IPv4 bucket."""
 
     def __init__(
         self,
@@ -164,6 +175,13 @@ class LeaseBook:
             reported_with._reported if reported_with is not None else {}
         )
         self._pending: list[Rejection] = []
+        # The index the rules run on, valid for (config, own key) as they were then.
+        self._indexed_for: tuple[NetworkConfig | None, str | None] | None = None
+        self._own_subnet: IPv4Network | None = None
+        self._lengths: Counter[int] = Counter()  # prefix lengths of the candidates
+        self._coarse = 32  # the bucket length: the shortest among the candidates
+        self._buckets: dict[int, dict[str, _Checked]] = {}
+        self._valid_in: dict[int, dict[_Subnets, Lease]] = {}
 
     # -- changes ----------------------------------------------------------------------
 
@@ -175,13 +193,38 @@ class LeaseBook:
         return self._recompute()
 
     def put(self, record: Record) -> tuple[list[Lease], list[Lease]]:
-        self._records[record.key] = self._check(record)
-        return self._recompute()
+        return self.apply([record])
 
     def delete(self, key: str) -> tuple[list[Lease], list[Lease]]:
-        self._records.pop(key, None)
-        self._reported.pop(key, None)  # if it comes back, it is news again
-        return self._recompute()
+        return self.apply([key])
+
+    def apply(self, changes: Iterable[Record | str]) -> tuple[list[Lease], list[Lease]]:
+        """A batch of watch events, in order: a Record is put, a key (str) deleted. The
+        result is the batch's net change (a lease added and deleted again is none)."""
+        # Dual stack and IPv6 only are not bucketed: every batch runs the rules on all.
+        full = self._indexed_for != (self.config, self.own_key) or self._families() != (
+            True,
+            False,
+        )
+        dirty: set[int] = set()
+        for change in changes:
+            key = change if isinstance(change, str) else change.key
+            old = self._records.pop(key, None)
+            if old is not None and not full:
+                self._unindex(old, dirty)
+            if isinstance(change, str):
+                self._reported.pop(key, None)  # if it comes back, it is news again
+            else:
+                checked = self._records[key] = self._check(change)
+                if checked.lease is None and checked.problem:
+                    self._reject(checked, checked.problem)
+                elif not full:
+                    self._index(checked, dirty)
+            if key == self.own_key:
+                full = full or self._own_now() != self._own_subnet
+        if full or min(self._lengths, default=self._coarse) != self._coarse:
+            return self._recompute()
+        return self._rerun(dirty)
 
     # -- views ------------------------------------------------------------------------
 
@@ -239,7 +282,120 @@ class LeaseBook:
             return True, False
         return self.config.enable_ipv4, self.config.ipv6 is not None
 
+    def _own_now(self) -> IPv4Network | None:
+        own = self._records.get(self.own_key) if self.own_key else None
+        return own.lease.subnet if own is not None and own.lease is not None else None
+
+    def _bucket(self, subnet: IPv4Network) -> int:
+        return int(subnet.network_address) >> (32 - self._coarse)
+
+    def _index(self, checked: _Checked, dirty: set[int]) -> None:
+        """A candidate (a lease that passed the rules of its own, not ours) into its bucket."""
+        lease = checked.lease
+        if lease is None or checked.record.key == self.own_key:
+            return
+        self._lengths[lease.subnet.prefixlen] += 1
+        bucket = self._bucket(lease.subnet)
+        self._buckets.setdefault(bucket, {})[checked.record.key] = checked
+        dirty.add(bucket)
+
+    def _unindex(self, checked: _Checked, dirty: set[int]) -> None:
+        lease = checked.lease
+        if lease is None or checked.record.key == self.own_key:
+            return
+        self._lengths[lease.subnet.prefixlen] -= 1
+        if not self._lengths[lease.subnet.prefixlen]:
+            del self._lengths[lease.subnet.prefixlen]
+        bucket = self._bucket(lease.subnet)
+        members = self._buckets.get(bucket, {})
+        members.pop(checked.record.key, None)
+        if not members:
+            self._buckets.pop(bucket, None)
+        dirty.add(bucket)
+
     def _recompute(self) -> tuple[list[Lease], list[Lease]]:
+        """The rules over every record: the index rebuilt, every bucket chosen again."""
+        self._indexed_for = (self.config, self.own_key)
+        if self._families() != (True, False):
+            return self._recompute_families()
+        self._own_subnet = self._own_now()
+        self._lengths = Counter(
+            c.lease.subnet.prefixlen
+            for key, c in self._records.items()
+            if c.lease is not None and key != self.own_key
+        )
+        self._coarse = min(self._lengths, default=32)
+        self._buckets, self._valid_in = {}, {}
+        dirty: set[int] = set()
+        for checked in self._records.values():
+            if checked.lease is None and checked.problem:
+                self._reject(checked, checked.problem)
+            self._index(checked, dirty)
+        before, self._valid = self._valid, {}
+        for bucket in dirty:
+            self._valid_in[bucket] = chosen = self._choose(bucket)
+            self._valid.update(chosen)
+        return self._difference(before)
+
+    def _difference(self, before: dict[_Subnets, Lease]) -> tuple[list[Lease], list[Lease]]:
+        """(added or changed, removed) from ``before`` to the valid leases now."""
+        changed = [
+            lease for subnet, lease in self._valid.items() if not lease.same_as(before.get(subnet))
+        ]
+        removed = [lease for subnet, lease in before.items() if subnet not in self._valid]
+        return changed, removed
+
+    def _rerun(self, dirty: set[int]) -> tuple[list[Lease], list[Lease]]:
+        """The rules over the buckets a batch touched; their net change."""
+        changed: list[Lease] = []
+        removed: list[Lease] = []
+        for bucket in dirty:
+            before = self._valid_in.pop(bucket, {})
+            after = self._choose(bucket)
+            if after:
+                self._valid_in[bucket] = after
+            for subnet, lease in before.items():
+                if subnet not in after:
+                    del self._valid[subnet]
+                    removed.append(lease)
+            for subnet, lease in after.items():
+                if not lease.same_as(before.get(subnet)):
+                    self._valid[subnet] = lease
+                    changed.append(lease)
+        return changed, removed
+
+    def _by_age(self, checked: Iterable[_Checked]) -> list[_Checked]:
+        """Oldest first: create revision, then the key in byte order."""
+        return sorted(
+            checked,
+            key=lambda c: (
+                c.record.create_revision,
+                c.record.key.encode("utf-8", "surrogateescape"),
+            ),
+        )
+
+    def _choose(self, bucket: int) -> dict[_Subnets, Lease]:
+        """The valid leases of one bucket (IPv4 only): oldest first, each unless it
+        overlaps our own subnet or one chosen before it."""
+        own_subnet = self._own_subnet
+        taken = _Intervals(32)
+        valid: dict[_Subnets, Lease] = {}
+        for checked in self._by_age(self._buckets.get(bucket, {}).values()):
+            lease = checked.lease
+            assert lease is not None
+            if own_subnet is not None and lease.subnet.overlaps(own_subnet):
+                self._reject(checked, f"lease {lease.subnet} overlaps this node's {own_subnet}")
+            elif taken.overlaps(lease.subnet):
+                self._reject(checked, f"lease {lease.subnet} overlaps an older lease")
+            else:
+                taken.add(lease.subnet)
+                valid[lease.subnet] = lease
+        return valid
+
+    def _recompute_families(self) -> tuple[list[Lease], list[Lease]]:
+        """Dual stack or IPv6 only: the rules over every record, both families at once (a
+        lease's IPv6 half can clash with a lease in any IPv4 bucket, and the older of two
+        wins in both families: not split into buckets, every batch runs them all)."""
         own = self._records.get(self.own_key) if self.own_key else None
         own_lease = own.lease if own is not None else None
         use_v4, use_v6 = self._families()
@@ -258,14 +414,8 @@ class LeaseBook:
                     self._reject(checked, checked.problem)
             else:
                 candidates.append(checked)
-        candidates.sort(
-            key=lambda c: (
-                c.record.create_revision,
-                c.record.key.encode("utf-8", "surrogateescape"),
-            )
-        )
-        valid: dict[_Subnets, Lease] = {}
-        for checked in candidates:
+        before, self._valid = self._valid, {}
+        for checked in self._by_age(candidates):
             lease = checked.lease
             assert lease is not None
             subnet6 = lease.ipv6_subnet if use_v6 else None
@@ -286,11 +436,8 @@ class LeaseBook:
                     taken.add(lease.subnet)
                 if subnet6 is not None:
                     taken6.add(subnet6)
-                valid[lease.subnet if use_v4 or subnet6 is None else subnet6] = lease
-        before, self._valid = self._valid, valid
-        changed = [lease for at, lease in valid.items() if not lease.same_as(before.get(at))]
-        removed = [lease for at, lease in before.items() if at not in valid]
-        return changed, removed
+                self._valid[lease.subnet if use_v4 or subnet6 is None else subnet6] = lease
+        return self._difference(before)
 
 
 # What a valid lease is known by: its IPv4 subnet, or its IPv6 one when IPv6 only.

@@ -8,9 +8,9 @@ routes and attributes its packets without calling back into Python.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from ipaddress import IPv4Network
+from ipaddress import IPv4Address, IPv4Network
 
 from control.lease import Lease
 
@@ -48,6 +48,7 @@ class Peer:
     # computed once here instead of per packet; empty for flannel's udp framing.
     prefix: bytes = b""
     stats: PeerStats = field(default_factory=PeerStats, compare=False)
+    name: str = ""  # the subnet as text (``10.244.3.0/24``): how status and metrics name it
 
     def owns(self, address: bytes) -> bool:
         """Whether a 4-byte address lies inside this peer's subnet."""
@@ -59,12 +60,23 @@ def _age(peer: Peer) -> tuple[int, str]:
 
 
 class PeerTable:
-    """Peers by subnet, with O(1) lookups for the hot path. Not thread-safe (one loop)."""
+    """Peers by subnet, with O(1) lookups for the hot path. Not thread-safe (one loop).
+
+    Every change is a batch (``apply``; ``upsert``, ``remove`` and ``replace_all`` are
+    batches too) applied copy-on-write: the objects the hot path reads (``routes``, the
+    per-length route dicts, ``senders``) are never changed once published; a batch copies
+    the ones it touches, changes the copies and publishes them together at its end. A
+    reader between two batches sees the table before or after a whole batch, never part
+    of one, and the cost of a batch is a few dict copies in C plus its own changes (not
+    a rebuild and sort of every peer)."""
 
     def __init__(self, port: int, prefix_for: Callable[[Lease], bytes] | None = None) -> None:
         self.port = port
         self.prefix_for = prefix_for
         self._by_subnet: dict[IPv4Network, Peer] = {}
+        # Public IP -> its peers by subnet (a node may hold several leases): the index a
+        # batch recomputes the touched public IPs' entries from.
+        self._by_ip: dict[str, dict[IPv4Network, Peer]] = {}
         # [(shift, {masked destination: peer})], longest prefix first.
         self.routes: list[tuple[int, dict[int, Peer]]] = []
         self._by_public_ip: dict[str, Peer] = {}
@@ -87,17 +99,11 @@ class PeerTable:
 
     def upsert(self, lease: Lease) -> bool:
         """Add or replace the peer for ``lease.subnet``; True when anything changed."""
-        old = self._by_subnet.get(lease.subnet)
-        if old is not None and lease.same_as(old.lease):
-            return False
-        self._by_subnet[lease.subnet] = self._peer(lease, old)
-        self._rebuild()
-        return True
+        return bool(self.apply([lease], [])[0])
 
     def remove(self, subnet: IPv4Network) -> Peer | None:
-        peer = self._by_subnet.pop(subnet, None)
-        if peer is not None:
-            self._rebuild()
+        peer = self._by_subnet.get(subnet)
+        self.apply([], [subnet])
         return peer
 
     def replace_all(self, leases: list[Lease]) -> tuple[list[Lease], list[Lease]]:
@@ -105,20 +111,50 @@ class PeerTable:
 
         Compares content, not only subnets, so a changed PublicIP or VtepMAC is applied.
         """
-        wanted = {lease.subnet: lease for lease in leases}
-        removed = [p.lease for s, p in self._by_subnet.items() if s not in wanted]
-        changed = [
-            lease
-            for subnet, lease in wanted.items()
-            if (old := self._by_subnet.get(subnet)) is None or not lease.same_as(old.lease)
-        ]
-        for lease in removed:
-            del self._by_subnet[lease.subnet]
-        for lease in changed:
-            self._by_subnet[lease.subnet] = self._peer(lease, self._by_subnet.get(lease.subnet))
-        if removed or changed:
-            self._rebuild()
-        return changed, removed
+        wanted = {lease.subnet for lease in leases}
+        return self.apply(leases, [s for s in self._by_subnet if s not in wanted])
+
+    def apply(
+        self, leases: Iterable[Lease], removed: Iterable[IPv4Network]
+    ) -> tuple[list[Lease], list[Lease]]:
+        """One batch: the peers of ``removed`` go, then each of ``leases`` is added or
+        replaces its subnet's peer; published at once. Returns what changed: (added or
+        changed leases, removed leases); a lease equal to its subnet's peer (and of the
+        same age) is no change."""
+        edits: dict[int, dict[int, Peer | None]] = {}  # shift -> {masked net: peer or None}
+        touched: set[str] = set()
+        gone: list[Lease] = []
+        for subnet in removed:
+            peer = self._by_subnet.pop(subnet, None)
+            if peer is not None:
+                self._unindex(peer, edits, touched)
+                gone.append(peer.lease)
+        changed: dict[IPv4Network, Lease] = {}
+        for lease in leases:
+            old = self._by_subnet.get(lease.subnet)
+            if old is not None and lease.same_as(old.lease):
+                continue
+            if old is not None:
+                self._unindex(old, edits, touched)
+            peer = self._by_subnet[lease.subnet] = self._peer(lease, old)
+            self._by_ip.setdefault(peer.addr[0], {})[lease.subnet] = peer
+            edits.setdefault(peer.shift, {})[peer.net >> peer.shift] = peer
+            touched.add(peer.addr[0])
+            changed[lease.subnet] = lease
+        if edits:
+            self._publish(edits, touched)
+        return list(changed.values()), gone
+
+    def _unindex(
+        self, peer: Peer, edits: dict[int, dict[int, Peer | None]], touched: set[str]
+    ) -> None:
+        ip = peer.addr[0]
+        of_ip = self._by_ip.get(ip, {})
+        of_ip.pop(peer.lease.subnet, None)
+        if not of_ip:
+            self._by_ip.pop(ip, None)
+        edits.setdefault(peer.shift, {})[peer.net >> peer.shift] = None
+        touched.add(ip)
 
     def _peer(self, lease: Lease, old: Peer | None = None) -> Peer:
         return Peer(
@@ -128,24 +164,41 @@ class PeerTable:
             shift=32 - lease.subnet.prefixlen,
             prefix=self.prefix_for(lease) if self.prefix_for else b"",
             stats=old.stats if old is not None else PeerStats(),
+            name=str(lease.subnet),
         )
 
-    def _rebuild(self) -> None:
-        by_shift: dict[int, dict[int, Peer]] = {}
-        by_ip: dict[str, Peer] = {}
-        sources: dict[str, list[tuple[int, int]]] = {}
-        # Oldest first, so a public IP maps to its oldest lease (control.lease_rules).
-        for peer in sorted(self._by_subnet.values(), key=_age):
-            by_shift.setdefault(peer.shift, {})[peer.net >> peer.shift] = peer
-            by_ip.setdefault(peer.addr[0], peer)
-            sources.setdefault(peer.addr[0], []).append((peer.net >> peer.shift, peer.shift))
+    def _publish(self, edits: dict[int, dict[int, Peer | None]], touched: set[str]) -> None:
+        """Copies of what the batch touched, changed, then swapped in together."""
+        routes = dict(self.routes)
+        for shift, changes in edits.items():
+            table = routes[shift].copy() if shift in routes else {}
+            for key, peer in changes.items():
+                if peer is None:
+                    table.pop(key, None)
+                else:
+                    table[key] = peer
+            if table:
+                routes[shift] = table
+            else:
+                routes.pop(shift, None)
+        # .copy(), not dict(): it stays a block copy when entries have been deleted.
+        by_ip, sources = self._by_public_ip.copy(), self._sources.copy()
+        senders = self.senders.copy()
+        for ip in touched:
+            of_ip = self._by_ip.get(ip)
+            if not of_ip:
+                by_ip.pop(ip, None)
+                sources.pop(ip, None)
+                senders.pop(int(IPv4Address(ip)), None)
+                continue
+            # Oldest first, so a public IP maps to its oldest lease (control.lease_rules).
+            ordered = sorted(of_ip.values(), key=_age)
+            by_ip[ip] = ordered[0]
+            sources[ip] = tuple((p.net >> p.shift, p.shift) for p in ordered)
+            senders[int(IPv4Address(ip))] = (sources[ip], ordered[0].stats)
         # Swap whole objects: the hot path never sees a half-built table.
-        self.routes = sorted(by_shift.items())
-        self._by_public_ip = by_ip
-        self._sources = {ip: tuple(found) for ip, found in sources.items()}
-        self.senders = {
-            int(peer.lease.public_ip): (self._sources[ip], peer.stats) for ip, peer in by_ip.items()
-        }
+        self.routes = sorted(routes.items())
+        self._by_public_ip, self._sources, self.senders = by_ip, sources, senders
 
     def lookup(self, address: bytes | bytearray | memoryview) -> Peer | None:
         """The peer whose subnet holds the 4-byte ``address`` (longest prefix wins)."""

@@ -339,7 +339,7 @@ class SubnetManager:
         self,
         own: Lease,
         on_snapshot: Callable[[list[Lease]], None],
-        on_event: Callable[[LeaseEvent], None],
+        on_events: Callable[[list[LeaseEvent]], None],
         *,
         config: NetworkConfig | None = None,
         revision: int | None = None,
@@ -347,9 +347,11 @@ class SubnetManager:
         """Keep the caller's view of the other nodes' valid leases current (the rules of
         control.lease_rules, with ``config``'s when given). Runs until cancelled.
 
-        ``on_snapshot`` gets the full list after every (re-)list, ``on_event`` each change
-        in between (a change to one record may validate or invalidate another: the newer
-        of two overlapping leases becomes valid when the older goes). After a broken
+        ``on_snapshot`` gets the full list after every (re-)list, ``on_events`` the
+        changes in between, once per watch response (the registry's batch: one etcd
+        transaction, or what piled up while we were busy) with its net effect, removals
+        first (a change to one record may validate or invalidate another: the newer of
+        two overlapping leases becomes valid when the older goes). After a broken
         stream the watch resumes from its revision once a read of the config key
         succeeds (after a compaction it re-lists); the failure is noted once
         ("watch_failed") and the recovery once ("watch_recovered"), however long the
@@ -379,10 +381,12 @@ class SubnetManager:
                     on_snapshot(book.valid())
                     self.watch_revision = revision
                 async for events in self.kv.watch(self.subnets_prefix, revision + 1):
-                    for event in events:
-                        revision = self.watch_revision = event.revision
-                        self._apply(event, own, own_key, on_event)
+                    if events:
+                        revision = self.watch_revision = events[-1].revision
+                    changes = self._apply(events, own, own_key)
                     self._report_rejections(book)
+                    if changes:
+                        on_events(changes)
                 raise RegistryError("the watch stream was closed")
             except RegistryError as e:  # RevisionCompacted too
                 if time.monotonic() - up_since >= STABLE:
@@ -397,30 +401,32 @@ class SubnetManager:
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, BACKOFF_MAX)
 
-    def _apply(
-        self, event: Event, own: Lease, own_key: str, on_event: Callable[[LeaseEvent], None]
-    ) -> None:
-        if event.key == own_key:
-            if event.kind == "delete":
-                raise LeaseLost(f"lease {own.subnet} has been revoked (key {own_key} deleted)")
-            try:
-                lease = parse_lease(event.key, event.value)
-            except LeaseError:
-                raise LeaseLost(
-                    f"lease {own.subnet} was overwritten with a broken record"
-                ) from None
-            if not _same_owner(lease, own, self.book.config):
-                raise LeaseLost(f"lease {own.subnet} was taken over by {_owner(lease)}")
-        if event.kind == "delete":
-            changed, removed = self.book.delete(event.key)
-        else:
-            changed, removed = self.book.put(
-                Record(event.key, event.value, event.has_ttl, event.create_revision)
-            )
-        for lease in removed:
-            on_event(LeaseEvent("removed", lease.subnet, None))
-        for lease in changed:
-            on_event(LeaseEvent("added", lease.subnet, lease))
+    def _apply(self, events: list[Event], own: Lease, own_key: str) -> list[LeaseEvent]:
+        """One watch response into the book, as one batch; what it changed."""
+        for event in events:
+            if event.key == own_key:
+                _check_own(event, own, own_key, self.book.config)
+        changed, removed = self.book.apply(
+            event.key
+            if event.kind == "delete"
+            else Record(event.key, event.value, event.has_ttl, event.create_revision)
+            for event in events
+        )
+        return [LeaseEvent("removed", lease.subnet, None) for lease in removed] + [
+            LeaseEvent("added", lease.subnet, lease) for lease in changed
+        ]
+
+
+def _check_own(event: Event, own: Lease, own_key: str, config: NetworkConfig | None) -> None:
+    """LeaseLost when an event deletes our key or gives it to another node."""
+    if event.kind == "delete":
+        raise LeaseLost(f"lease {own.subnet} has been revoked (key {own_key} deleted)")
+    try:
+        lease = parse_lease(event.key, event.value)
+    except LeaseError:
+        raise LeaseLost(f"lease {own.subnet} was overwritten with a broken record") from None
+    if not _same_owner(lease, own, config):
+        raise LeaseLost(f"lease {own.subnet} was taken over by {_owner(lease)}")
 
 
 def _record(entry: Entry) -> Record:

@@ -23,9 +23,11 @@
  * the end of a wake-up when the last flush is a second old, before every
  * Counters.snapshot() (the dataplane installs flush as Counters.pending), and at
  * stop(); drops are added at once (the drop log watches for new reasons). Python runs
- * only for the rare events that need it: a packet without a route (_no_route), an ARP
- * request (_answer_arp of overlay.dataplane.vxlan.VxlanDataplane), a drop reason counted
- * for the first time (overlay.observe.drop_log.Drops.__missing__).
+ * only for the rare events that need it: a packet without a route (_no_route), one with
+ * DF longer than the MTU (_too_big: queued before the MTU was lowered), an ARP request
+ * (_answer_arp of overlay.dataplane.vxlan.VxlanDataplane), a drop reason counted for the
+ * first time (overlay.observe.drop_log.Drops.__missing__). The MTU is read once, too: the
+ * dataplane makes a new Drains when it changes (UdpDataplane.set_mtu).
  */
 
 #define BATCH_MAX 64        /* overlay.dataplane.counters.BATCH_MAX */
@@ -34,18 +36,18 @@
 enum {
     A_TUN, A_FD, A_VNET_HDR, A_SOCK, A_HEADROOM, A_TX_ARENA, A_RX_BUFFER, A_TSO,
     A_GSO, A_GSO_SENT, A_GRO, A_TUN_GSO, A_MTU, A_VXLAN_RULES, A_OWN, A_PEERS, A_ROUTES,
-    A_SENDERS, A_ADDR, A_PREFIX, A_NO_ROUTE, A_ANSWER_ARP, A_COUNTERS, A_DROPS, A_TX_BATCH,
-    A_RX_BATCH, A_TX_PACKETS, A_TX_BYTES, A_TX_GSO_SENDS, A_TX_TUN_SUPER, A_RX_PACKETS,
-    A_RX_BYTES, A_RX_TUN_SUPER, A_RX_GRO_RECEIVES, A_LAST_TX, A_LAST_RX, A_TAP,
+    A_SENDERS, A_ADDR, A_PREFIX, A_NO_ROUTE, A_TOO_BIG, A_ANSWER_ARP, A_COUNTERS, A_DROPS,
+    A_TX_BATCH, A_RX_BATCH, A_TX_PACKETS, A_TX_BYTES, A_TX_GSO_SENDS, A_TX_TUN_SUPER,
+    A_RX_PACKETS, A_RX_BYTES, A_RX_TUN_SUPER, A_RX_GRO_RECEIVES, A_LAST_TX, A_LAST_RX, A_TAP,
     A_ON_TUN_READABLE, A_ON_SOCKET_READABLE, A_ON_SOCKET_READABLE_GRO, A_COUNT
 };
 static const char *const attr_names[A_COUNT] = {
     "tun", "fd", "vnet_hdr", "sock", "headroom", "_tx_arena", "_rx_buffer", "tso",
     "gso", "_gso_sent", "gro", "tun_gso", "mtu", "vxlan_rules", "_own", "peers", "routes",
-    "senders", "addr", "prefix", "_no_route", "_answer_arp", "counters", "drops", "tx_batch",
-    "rx_batch", "tx_packets", "tx_bytes", "tx_gso_sends", "tx_tun_super_packets", "rx_packets",
-    "rx_bytes", "rx_tun_super_packets", "rx_gro_receives", "last_tx", "last_rx", "tap",
-    "on_tun_readable", "on_socket_readable", "on_socket_readable_gro",
+    "senders", "addr", "prefix", "_no_route", "_too_big", "_answer_arp", "counters", "drops",
+    "tx_batch", "rx_batch", "tx_packets", "tx_bytes", "tx_gso_sends", "tx_tun_super_packets",
+    "rx_packets", "rx_bytes", "rx_tun_super_packets", "rx_gro_receives", "last_tx", "last_rx",
+    "tap", "on_tun_readable", "on_socket_readable", "on_socket_readable_gro",
 };
 static PyObject *attr[A_COUNT];
 
@@ -199,6 +201,7 @@ typedef struct {
     Py_buffer arena, rx;
     int tun_fd, sock_fd, vnet, tso, gro, coalesce, gso_sent;
     Py_ssize_t headroom, mtu, budget;
+    Py_ssize_t tx_limit; /* the longest packet read from the TUN that goes (mtu, 0: any) */
     rules_t rules; /* destination and vxlan from the dataplane, sources per sender */
     subnet_t source_storage[8];
     PyObject *sources; /* the sources rules.sources were parsed from (owned) */
@@ -486,6 +489,7 @@ static PyObject *drains_new(PyTypeObject *type, PyObject *args, PyObject *kwargs
         || PyObject_GetBuffer(d->rx_obj, &d->rx, PyBUF_WRITABLE) < 0)
         goto fail;
     d->coalesce = tun_gso && d->vnet; /* super-packets need the virtio_net_hdr */
+    d->tx_limit = d->mtu ? d->mtu : MAX_DATAGRAM; /* SendPath._read_tun's limit */
     /* TX: room for one more read of any size, and for cutting it into segments (the
      * headroom checked first: the difference must not overflow); RX: a gathered run stays
      * within the first 64 KiB, and the next receive always has room for a datagram. */

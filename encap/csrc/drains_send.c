@@ -3,7 +3,8 @@
  *
  *   tx_read (stage 1)              _read_tun: drain the TUN into the arena, route
  *     tun_readv, tx_route,           (route, lookup_route: PeerTable.lookup; _no_route),
- *     tx_offload                     cut super-packets, note partial checksums (tso.c)
+ *     tx_too_big, tx_offload         answer DF packets beyond the MTU (_too_big), cut
+ *                                    super-packets, note partial checksums (tso.c)
  *   tx_send_groups (stage 2, GSO)  _send_groups: one UDP_SEGMENT sendmsg per group of
  *     next_group, send_gso           encap.gso.plan_groups
  *   tx_send_each (stage 2)         _send_each: one sendto per packet
@@ -224,6 +225,20 @@ static inline ssize_t tun_readv(const drains_t *d, uint8_t *hdr, uint8_t *packet
     return got;
 }
 
+/* A rare event: the dataplane's method attr[method] runs on a copy of the packet at
+ * packet[0:length] (it counts the drop and may answer with an ICMP error). 0 when it
+ * ran, -1 on error. */
+static int tell_dataplane(drains_t *d, int method, const uint8_t *packet, Py_ssize_t length)
+{
+    PyObject *copy = PyBytes_FromStringAndSize((const char *)packet, length);
+    PyObject *r = copy ? PyObject_CallMethodOneArg(d->dp, attr[method], copy) : NULL;
+    Py_XDECREF(copy);
+    if (r == NULL)
+        return -1;
+    Py_DECREF(r);
+    return 0;
+}
+
 /* The wake-up's peer for the packet read at packet[0:length], in *peer: its destination
  * looked up when it is not the last packet's (last_dst, when *have_dst). 1: routed; 0: no
  * route (dataplane._no_route ran: it counts the drop and may answer with an ICMP error);
@@ -237,13 +252,7 @@ static inline int tx_route(drains_t *d, tx_t *t, const uint8_t *packet, Py_ssize
         return -1;
     if (!d->route_found) {
         *have_dst = 0;
-        PyObject *copy = PyBytes_FromStringAndSize((const char *)packet, length);
-        PyObject *r = copy ? PyObject_CallMethodOneArg(d->dp, attr[A_NO_ROUTE], copy) : NULL;
-        Py_XDECREF(copy);
-        if (r == NULL)
-            return -1;
-        Py_DECREF(r);
-        return 0;
+        return tell_dataplane(d, A_NO_ROUTE, packet, length);
     }
     if ((*peer = tx_peer(t, &d->route_sa, d->route_stats)) < 0)
         return -1;
@@ -252,11 +261,23 @@ static inline int tx_route(drains_t *d, tx_t *t, const uint8_t *packet, Py_ssize
     return 1;
 }
 
+/* The packet at packet[0:length] is longer than the TUN's MTU (it was queued before the
+ * MTU was lowered): with DF it cannot go, and dataplane._too_big runs (it counts the drop
+ * and answers with ICMP frag-needed); without DF it goes as it is, the kernel fragmenting
+ * its datagram. 1: it goes; 0: dropped; -1 on error. */
+static int tx_too_big(drains_t *d, const uint8_t *packet, Py_ssize_t length)
+{
+    if (!(packet[6] & 0x40)) /* DF */
+        return 1;
+    return tell_dataplane(d, A_TOO_BIG, packet, length);
+}
+
 /* The offloads the virtio_net_hdr of the packet read at arena[*at + headroom:][:length]
  * asks for: a TCP super-packet is cut in place into segments behind the prefix
- * (encap.tso.segment_tcp4), each kept, *at moved past them; a partial checksum's region
- * is noted in regions (finished after the drain). What cannot be done is counted. 1: keep
- * the packet as read; 0: done with it (cut, or dropped); -1 on error. */
+ * (encap.tso.segment_tcp4), each kept, *at moved past them, unless they are longer than
+ * the MTU (tx_too_big); a partial checksum's region is noted in regions (finished after
+ * the drain). What cannot be done is counted. 1: keep the packet as read; 0: done with it
+ * (cut, or dropped); -1 on error. */
 static inline int tx_offload(drains_t *d, tx_t *t, const uint8_t hdr[10], Py_ssize_t *at,
                              Py_ssize_t length, Py_ssize_t peer, const uint8_t *prefix,
                              Py_ssize_t (*regions)[3], Py_ssize_t *nregions)
@@ -273,6 +294,12 @@ static inline int tx_offload(drains_t *d, tx_t *t, const uint8_t hdr[10], Py_ssi
         if (reason != NULL) {
             t->drops[tx_reason(reason)]++;
             return 0;
+        }
+        Py_ssize_t first = (out[0] > 1 ? out[1] : out[2]) - d->headroom;
+        if (first > d->tx_limit) { /* cut at a larger MTU */
+            int goes = tx_too_big(d, d->arena.buf + *at + d->headroom, first);
+            if (goes <= 0)
+                return goes;
         }
         for (Py_ssize_t i = 0; i < out[0]; i++)
             if (!keep(t, i < out[0] - 1 ? out[1] : out[2], peer))
@@ -339,7 +366,16 @@ static int tx_read(drains_t *d, tx_t *t)
                 goto done;
             continue;
         }
-        /* the prefix the packet was routed with: _no_route may have changed the tables */
+        if (length > d->tx_limit && !(d->tso && hdr[1])) {
+            int goes = tx_too_big(d, b + body, length);
+            if (goes <= 0) {
+                if (goes < 0)
+                    goto done;
+                continue;
+            }
+        }
+        /* the prefix the packet was routed with: _no_route (and _too_big) may have changed
+         * the tables */
         const uint8_t *prefix = (const uint8_t *)PyBytes_AS_STRING(d->route_prefix);
         if (d->tso && (hdr[1] || hdr[0] & VNET_NEEDS_CSUM)) {
             int as_read = tx_offload(d, t, hdr, &at, length, peer, prefix, regions, &nregions);

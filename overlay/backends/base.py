@@ -105,7 +105,16 @@ class Backend:
     @property
     def mtu(self) -> int:
         """The MTU pods get (FLANNEL_MTU)."""
-        return self.ctx.underlay.mtu
+        return self.mtu_for(self.ctx.underlay)
+
+    def mtu_for(self, underlay: Underlay) -> int:
+        """The MTU pods get over ``underlay`` (host-gw: the underlay's own)."""
+        return underlay.mtu
+
+    async def follow_underlay(self, underlay: Underlay) -> None:
+        """The underlay's MTU changed (``underlay`` is the new one): what depends on it
+        follows, the MTU of the devices and of the datapath this backend runs."""
+        self.ctx.underlay = underlay
 
     def config_warnings(self) -> list[dict[str, Any]]:
         """What in the network config this backend cannot honour (one log line each)."""

@@ -5,12 +5,11 @@ route for each peer's IPv6 subnet via its PublicIPv6 (flannel's route_network.go
 from __future__ import annotations
 
 from collections.abc import Callable
-from ipaddress import IPv4Address, IPv6Address
 
 from control.lease import Lease
 from overlay.backends.base import BackendError, KernelLink
 from overlay.backends.routed import RoutedBackend, direct_route, direct_route6, ipv6_half
-from overlay.kernel.objects import KernelObject, directly_reachable
+from overlay.kernel.objects import IPAddress, KernelObject, Reachable
 
 
 class HostGwBackend(RoutedBackend):
@@ -36,14 +35,14 @@ class HostGwBackend(RoutedBackend):
                 f"address {underlay.address6}: host-gw peers route to it directly"
             )
 
-    def _program(self, lease: Lease) -> list[KernelObject] | None:
+    def _program(self, lease: Lease, reachable: Reachable) -> list[KernelObject] | None:
         objects: list[KernelObject] = []
-        halves: list[tuple[IPv4Address | IPv6Address, Callable[[Lease], list[KernelObject]]]]
+        halves: list[tuple[IPAddress, Callable[[Lease], list[KernelObject]]]]
         halves = [(lease.public_ip, direct_route)]
         if ipv6_half(self.ctx, lease) and lease.public_ipv6 is not None:
             halves.append((lease.public_ipv6, direct_route6))
         for public, routes in halves:
-            if directly_reachable(public):
+            if reachable(public):
                 objects += routes(lease)
                 continue
             self.ctx.log.warning(

@@ -10,7 +10,7 @@ from typing import Any
 
 from control.lease import Lease
 from overlay.backends.base import Backend, BackendError, Context
-from overlay.kernel.objects import KernelObject, Route
+from overlay.kernel.objects import KernelObject, Reachable, Route
 from overlay.kernel.reconcile import KernelState
 
 
@@ -53,8 +53,9 @@ class RoutedBackend(Backend):
     def peers_changed(self, added: list[Lease], removed: list[Lease]) -> None:
         self.kernel.peers_changed(added, removed)
 
-    def _program(self, lease: Lease) -> list[KernelObject] | None:
-        """``lease``'s kernel objects (in the worker), or None to skip it."""
+    def _program(self, lease: Lease, reachable: Reachable) -> list[KernelObject] | None:
+        """``lease``'s kernel objects (in the worker), or None to skip it; ``reachable``
+        says whether a public IP is on our L2 segment."""
         raise NotImplementedError
 
     def status(self) -> dict[str, Any]:

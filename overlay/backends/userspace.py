@@ -9,18 +9,17 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
-from collections.abc import Callable
 from typing import Any
 
 from control.lease import Lease
 from encap import native
-from overlay.backends.base import Backend, Context
+from overlay.backends.base import Backend, Context, Underlay
 from overlay.dataplane.spec import DataplaneSpec, build_dataplane
 from overlay.dataplane.udp_socket import open_socket
 from overlay.dataplane.worker_protocol import WorkerSpec
 from overlay.dataplane.workers import Workers
-from overlay.kernel.objects import Address, KernelObject, Link, Route, devices_of
-from overlay.kernel.reconcile import NODE, KernelState
+from overlay.kernel.objects import Address, KernelObject, Link, Route
+from overlay.kernel.reconcile import NODE, KernelState, Program
 from tun import netlink, steering
 from tun.device import TunDevice
 
@@ -44,7 +43,7 @@ class UserspaceBackend(Backend):
             on_gone=self._device_gone,
         )
 
-    def _peer_objects(self) -> Callable[[Lease], list[KernelObject] | None] | None:
+    def _peer_objects(self) -> Program | None:
         """How a peer's kernel objects are made (None: it has none)."""
         return None
 
@@ -52,9 +51,8 @@ class UserspaceBackend(Backend):
         """The dataplane this backend forwards with, for ``lease``."""
         raise NotImplementedError
 
-    @property
-    def mtu(self) -> int:
-        return self.ctx.underlay.mtu - self.overhead
+    def mtu_for(self, underlay: Underlay) -> int:
+        return underlay.mtu - self.overhead
 
     def prepare(self) -> None:
         # With offloads, IFF_VNET_HDR from the start (TCP super-packets can then be written
@@ -139,6 +137,19 @@ class UserspaceBackend(Backend):
             log=self.ctx.log_options,
         )
 
+    async def follow_underlay(self, underlay: Underlay) -> None:
+        """The dataplanes first (they answer a packet longer than the new MTU with
+        frag-needed, whatever the TUN's MTU is still), then the TUN's MTU, after which the
+        kernel answers for the packets it routes there."""
+        await super().follow_underlay(underlay)
+        mtu = self.mtu
+        if self.dataplane is not None:
+            self.dataplane.set_mtu(mtu)
+        if self.workers is not None:
+            self.workers.set_mtu(mtu)
+        if self.lease is not None:
+            await asyncio.wrap_future(self.kernel.set(NODE, self.node_objects(self.lease)))
+
     def peers_changed(self, added: list[Lease], removed: list[Lease]) -> None:
         if self.workers is not None:
             self.workers.peers_changed(added, removed)
@@ -150,7 +161,7 @@ class UserspaceBackend(Backend):
     def _device_gone(self, obj: KernelObject) -> None:
         """Called on the netlink worker when the TUN is gone: a TUN cannot be recreated
         behind the dataplane's file descriptor, so the datapath is restarted."""
-        if self._loop is not None and self.ctx.options.tun_name in devices_of(obj):
+        if self._loop is not None and self.ctx.options.tun_name in obj.devices():
             self._loop.call_soon_threadsafe(self._rebuild_soon)
 
     def _rebuild_soon(self) -> None:
@@ -192,6 +203,7 @@ class UserspaceBackend(Backend):
             "alive": True,
             "counters": self.ctx.counters.snapshot(),
             "features": self.dataplane.features() if self.dataplane else {},
+            "mtu": self.dataplane.mtu if self.dataplane else None,
             "arp_replies": self.dataplane.arp_replies if self.dataplane else 0,
         }
 

@@ -16,13 +16,12 @@ route via their public IP instead of encapsulation.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
 from control.lease import Lease
 from encap import vxlan
-from overlay.backends.base import Backend, Context, KernelLink
+from overlay.backends.base import Backend, Context, KernelLink, Underlay
 from overlay.backends.routed import RoutedBackend, direct_route, direct_route6, ipv6_half
 from overlay.backends.userspace import UserspaceBackend
 from overlay.dataplane.spec import DataplaneSpec
@@ -32,11 +31,14 @@ from overlay.kernel.objects import (
     IPAddress,
     KernelObject,
     Link,
+    Reachable,
     VxlanDevice,
-    directly_reachable,
     vxlan_peer,
 )
-from overlay.kernel.reconcile import NODE
+from overlay.kernel.reconcile import NODE, Program
+
+# An IPv6 underlay costs 20 bytes more than an IPv4 one (the kernel's VXLAN6_HEADROOM).
+IPV6_OVERHEAD = vxlan.OVERHEAD + 20
 
 
 class _Vtep:
@@ -47,15 +49,18 @@ class _Vtep:
         self.port = ctx.config.backend.port
         # Stable across restarts: derived from our public IP and the VNI.
         self.mac = vxlan.vtep_mac(str(ctx.underlay.public_ip), self.vni)
-        # Backend.MTU when the config sets it (flanneld's vxlan option), else underlay - 50.
-        self.mtu = ctx.config.backend.mtu or ctx.underlay.mtu - vxlan.OVERHEAD
+        self.configured_mtu = ctx.config.backend.mtu  # flanneld's vxlan option Backend.MTU
+
+    def mtu_for(self, underlay: Underlay) -> int:
+        """Backend.MTU when the config sets it, else underlay - 50."""
+        return self.configured_mtu or underlay.mtu - vxlan.OVERHEAD
+
+    def mtu6_for(self, underlay: Underlay) -> int:
+        """flannel-v6.<VNI>'s: Backend.MTU when the config sets it, else underlay - 70."""
+        return self.configured_mtu or underlay.mtu - IPV6_OVERHEAD
 
     def lease_data(self) -> dict[str, Any]:
         return {"VNI": self.vni, "VtepMAC": vxlan.format_mac(self.mac)}
-
-
-# An IPv6 underlay costs 20 bytes more than an IPv4 one (the kernel's VXLAN6_HEADROOM).
-IPV6_OVERHEAD = vxlan.OVERHEAD + 20
 
 
 def _v6_mac(lease: Lease) -> str | None:
@@ -94,18 +99,17 @@ class VxlanBackend(UserspaceBackend):
         self.vtep = _Vtep(ctx)
         super().__init__(ctx)
 
-    def _peer_objects(self) -> Callable[[Lease], list[KernelObject] | None] | None:
+    def _peer_objects(self) -> Program | None:
         # DirectRouting: peers on our L2 segment get a plain kernel route, more specific
         # than the network's route into the TUN, so their traffic never reaches us.
         return self._direct if self.ctx.config.backend.direct_routing else None
 
     @staticmethod
-    def _direct(lease: Lease) -> list[KernelObject] | None:
-        return direct_route(lease) if directly_reachable(lease.public_ip) else None
+    def _direct(lease: Lease, reachable: Reachable) -> list[KernelObject] | None:
+        return direct_route(lease) if reachable(lease.public_ip) else None
 
-    @property
-    def mtu(self) -> int:
-        return self.vtep.mtu
+    def mtu_for(self, underlay: Underlay) -> int:
+        return self.vtep.mtu_for(underlay)
 
     def config_warnings(self) -> list[dict[str, Any]]:
         warnings = _mtu_warning(self)
@@ -160,6 +164,7 @@ class KernelVxlanBackend(RoutedBackend):
         public6 = ctx.underlay.public_ipv6
         # flannel-v6's MAC: stable across restarts, like the IPv4 one, from PublicIPv6.
         self.mac6 = vxlan.vtep_mac(str(public6), self.vtep.vni) if public6 else None
+        self.lease: Lease | None = None
         ipv6 = ctx.config.ipv6 is not None
         super().__init__(ctx, devices=(self.device, *((self.device6,) if ipv6 else ())))
 
@@ -171,9 +176,8 @@ class KernelVxlanBackend(RoutedBackend):
             return None
         return {"VNI": self.vtep.vni, "VtepMAC": vxlan.format_mac(self.mac6)}
 
-    @property
-    def mtu(self) -> int:
-        return self.vtep.mtu
+    def mtu_for(self, underlay: Underlay) -> int:
+        return self.vtep.mtu_for(underlay)
 
     def config_warnings(self) -> list[dict[str, Any]]:
         return _mtu_warning(self)
@@ -212,26 +216,35 @@ class KernelVxlanBackend(RoutedBackend):
         underlay = self.ctx.underlay
         if lease.ipv6_subnet is None or underlay.address6 is None or self.mac6 is None:
             return []
-        mtu = self.ctx.config.backend.mtu or underlay.mtu - IPV6_OVERHEAD
+        mtu = self.vtep.mtu6_for(underlay)
         return [
             *self._device(self.device6, underlay.address6, mtu, self.mac6),
             Address(self.device6, lease.ipv6_subnet.network_address),
         ]
 
     async def start(self, lease: Lease) -> None:
+        self.lease = lease
         await asyncio.wrap_future(self.kernel.set(NODE, self.node_objects(lease)))
 
-    def _program(self, lease: Lease) -> list[KernelObject] | None:
-        objects = self._program4(lease) or []
+    async def follow_underlay(self, underlay: Underlay) -> None:
+        """flannel.<VNI>'s MTU follows, and flannel-v6.<VNI>'s (underlay - 70); the kernel
+        then answers forwarded packets longer than them with frag-needed (IPv6: packet
+        too big), and their queue is empty: the devices have none."""
+        await super().follow_underlay(underlay)
+        if self.lease is not None:
+            await asyncio.wrap_future(self.kernel.set(NODE, self.node_objects(self.lease)))
+
+    def _program(self, lease: Lease, reachable: Reachable) -> list[KernelObject] | None:
+        objects = self._program4(lease, reachable) or []
         if ipv6_half(self.ctx, lease):
-            objects += self._program6(lease)
+            objects += self._program6(lease, reachable)
         return objects or None
 
-    def _program6(self, lease: Lease) -> list[KernelObject]:
+    def _program6(self, lease: Lease, reachable: Reachable) -> list[KernelObject]:
         """The IPv6 half of a peer: a plain route with DirectRouting on our segment, else
         flanneld's neighbour + fdb + onlink route on flannel-v6.<VNI>."""
         assert lease.ipv6_subnet is not None and lease.public_ipv6 is not None
-        if self.ctx.config.backend.direct_routing and directly_reachable(lease.public_ipv6):
+        if self.ctx.config.backend.direct_routing and reachable(lease.public_ipv6):
             return direct_route6(lease)
         mac = _v6_mac(lease)
         if mac is None:
@@ -243,8 +256,8 @@ class KernelVxlanBackend(RoutedBackend):
             return []
         return vxlan_peer(self.device6, lease.ipv6_subnet, lease.public_ipv6, mac)
 
-    def _program4(self, lease: Lease) -> list[KernelObject] | None:
-        if self.ctx.config.backend.direct_routing and directly_reachable(lease.public_ip):
+    def _program4(self, lease: Lease, reachable: Reachable) -> list[KernelObject] | None:
+        if self.ctx.config.backend.direct_routing and reachable(lease.public_ip):
             return direct_route(lease)
         raw = vtep_mac_of(lease)
         if raw is None:

@@ -29,6 +29,7 @@ from overlay.node.options import NodeOptions
 from overlay.node.registry import RegistryOptions
 from overlay.node.underlay import UnderlayOptions
 from overlay.observe.log import LogOptions
+from overlay.observe.metrics import PEER_SERIES
 from overlay.observe.version import version
 
 PROG = "overlay run"
@@ -104,6 +105,7 @@ _workers = integer("a number of workers", "workers", 1, MAX_WORKERS, " (a TUN's 
 _verbosity = integer("a log level", "(log level)", 0)
 _port = integer("a port number", "(port)", 0, 65535)
 _resync = integer("a number of seconds", "seconds", 1)
+_peer_limit = integer("a number of peers", "peers", 0)
 
 
 # -- the parser ----------------------------------------------------------------------------
@@ -257,6 +259,13 @@ class RunFlags:
             type=_port,
             default=0,
             help="port of the health server, 0 = disabled (default 0)",
+        )
+        add(
+            "--metrics-peer-limit",
+            type=_peer_limit,
+            default=PEER_SERIES,
+            help="/metrics has per-peer series for at most this many peers: all of them up "
+            f"to that many, else the busiest (most bytes); 0 = none (default {PEER_SERIES})",
         )
         add(
             "--status-socket",
@@ -479,6 +488,7 @@ def options_from(args: argparse.Namespace) -> NodeOptions:
         status_socket=Path(args.status_socket),
         healthz_ip=args.healthz_ip,
         healthz_port=args.healthz_port,
+        metrics_peer_limit=args.metrics_peer_limit,
         seed_network=args.network,
         seed_backend=args.backend,
         blackhole_route=args.ip_blackhole_route,

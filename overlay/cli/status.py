@@ -125,13 +125,22 @@ class Rates:
         return _rate(now, before, key, self.interval)
 
 
+def _underlay_mtu(st: dict[str, Any]) -> str:
+    """The underlay's MTU and how often it changed, once it has (else nothing)."""
+    changes = st.get("mtu_changes", 0)
+    if not changes:
+        return ""
+    followed = f"{changes} change{'s' if changes > 1 else ''} followed"
+    return f" (underlay {st.get('underlay_mtu', '?')}, {followed})"
+
+
 def _node_lines(st: dict[str, Any]) -> list[str]:
     """Who the node is, its lease, its registry, its offloads and log lines lost."""
     ready = st.get("ready", {})
     head = (
         f"node {st.get('node', st.get('lease', {}).get('public_ip', '?'))} "
         f"({st.get('iface', '?')}), {st.get('datapath', st.get('backend', '?'))}, "
-        f"MTU {st.get('mtu', '?')}, up {_duration(st.get('uptime_s', 0))}, "
+        f"MTU {st.get('mtu', '?')}{_underlay_mtu(st)}, up {_duration(st.get('uptime_s', 0))}, "
         + ("ready" if ready.get("ready", True) else f"NOT READY: {ready.get('reason', '?')}")
     )
     lease = st.get("lease", {})
@@ -165,7 +174,8 @@ def _traffic_lines(
             f"traffic    sent {_count(counters.get('tx_packets', 0))} packets "
             f"({_size(counters.get('tx_bytes', 0))}), received "
             f"{_count(counters.get('rx_packets', 0))} ({_size(counters.get('rx_bytes', 0))}), "
-            f"ICMP unreachable sent {counters.get('icmp_unreachable_sent', 0)}"
+            f"ICMP unreachable sent {counters.get('icmp_unreachable_sent', 0)}, "
+            f"frag-needed sent {counters.get('icmp_frag_needed_sent', 0)}"
         )
         if rates is not None:
             before = rates.previous.get("counters")

@@ -16,6 +16,7 @@ class Counters:
     rx_packets: int = 0
     rx_bytes: int = 0
     icmp_unreachable_sent: int = 0
+    icmp_frag_needed_sent: int = 0
     # The fast path at work: TCP super-packets read from the TUN (cut into segments here),
     # UDP GSO sends, UDP GRO receives holding more than one datagram, and TCP
     # super-packets written to the TUN (each carries several packets).
@@ -48,6 +49,7 @@ class Counters:
             "rx_packets": self.rx_packets,
             "rx_bytes": self.rx_bytes,
             "icmp_unreachable_sent": self.icmp_unreachable_sent,
+            "icmp_frag_needed_sent": self.icmp_frag_needed_sent,
             "tx_tun_super_packets": self.tx_tun_super_packets,
             "tx_gso_sends": self.tx_gso_sends,
             "rx_gro_receives": self.rx_gro_receives,

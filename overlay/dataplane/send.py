@@ -5,13 +5,21 @@ peer of one length (the last may be shorter) leave in one ``sendmsg`` with UDP_S
 which the kernel cuts into one datagram per packet. With TSO on the TUN (``tun_tso``), a
 TCP super-packet is one read, cut in place into segments (``encap.tso``). Its C twin is
 encap/csrc/drains_send.c.
+
+A packet (or a super-packet's segment) longer than the TUN's MTU was queued before the
+MTU was lowered (the kernel checks every packet it routes into the TUN against the MTU
+of the moment): with DF it is dropped and answered with ICMP frag-needed carrying the
+MTU, as the kernel answers the packets after it; without DF it goes as it is, the kernel
+fragmenting its datagram. Only a packet that is too long costs more than a comparison.
 """
 
 from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from errno import EINVAL, EIO
+from functools import partial
 
 from encap import gso, icmp, native
 from encap import tso as tso_codec
@@ -19,6 +27,8 @@ from encap.errors import CodecError
 from overlay.dataplane.base import Dataplane
 from overlay.dataplane.counters import BATCH_MAX
 from overlay.dataplane.limits import BUDGET, MAX_DATAGRAM
+
+DF = 0x40  # in the IPv4 header's byte 6
 
 
 class SendPath(Dataplane):
@@ -54,6 +64,7 @@ class SendPath(Dataplane):
         skip = self.tun.offset
         scratch = self._vnet_scratch  # receives the virtio_net_hdr, if the TUN has one
         tso = self.tso
+        longest = self.mtu or MAX_DATAGRAM  # a longer packet was queued at a larger MTU
         unpack_vnet = tso_codec.VNET.unpack
         needs_csum = tso_codec.NEEDS_CSUM
         segment = native.segment_tcp4 if self.native else tso_codec.segment_tcp4
@@ -93,6 +104,9 @@ class SendPath(Dataplane):
                 last_dst = dst
                 addr = peer.addr
                 prefix = peer.prefix
+            if length > longest and not (tso and scratch[1]) and arena[body + 6] & DF:
+                self._too_big(bytes(arena[body : body + length]))
+                continue
             # A super-packet or a partial checksum (DATA_VALID, the other flag, needs
             # nothing from us).
             if tso and (scratch[1] or scratch[0] & needs_csum):
@@ -100,6 +114,10 @@ class SendPath(Dataplane):
                 try:
                     if gso_type == tso_codec.GSO_TCPV4:
                         count, stride, last = segment(arena, at, length, gso_size, prefix)
+                        first = (stride if count > 1 else last) - headroom
+                        if first > longest and arena[body + 6] & DF:  # cut at a larger MTU
+                            self._too_big(bytes(arena[body : body + first]))
+                            continue
                         lengths.extend([stride] * (count - 1))
                         keep(last)
                         addrs.extend([addr] * count)
@@ -164,8 +182,9 @@ class SendPath(Dataplane):
             except OSError as e:
                 # EIO: the route's device cannot checksum a GSO send (wireguard-go turns GSO
                 # off for good then, so do we); EINVAL before any GSO send worked: the
-                # kernel refuses the cmsg. A later EINVAL (e.g. a packet above the
-                # underlay MTU) costs only this group its batching.
+                # kernel refuses the cmsg. Any other error (EMSGSIZE: a datagram above
+                # the route's MTU, the underlay's lowered under a packet without DF; a
+                # later EINVAL) costs only this group its batching.
                 if e.errno == EIO or (e.errno == EINVAL and not self._gso_sent):
                     self.gso = False
                 self._send_each(lengths, addrs, start, end, first)
@@ -222,14 +241,32 @@ class SendPath(Dataplane):
         from the TUN's address as flannel's proxy sends it (``tun_addr``): the node's
         router address in the overlay, so ``ping`` says which node had no route. The
         kernel takes it because the TUN has accept_local (``tun.netlink``)."""
-        self.counters.drops["tx_no_route"] += 1
-        if self.tap is not None:
-            self.tap.drop("tx_no_route", packet, None)
-        if not icmp.may_send_error_for(packet) or not self.icmp_limit.allow():
-            return
-        tun_address = self.own_net.to_bytes(4, "big")  # our subnet's network address
-        reply = icmp.build_dest_unreachable(packet, src=tun_address)
-        if self.tun.write(reply):
+        if self._answer("tx_no_route", packet, icmp.build_dest_unreachable):
             self.counters.icmp_unreachable_sent += 1
-            if self.tap is not None:
-                self.tap.inner("rx", reply)
+
+    def _too_big(self, packet: bytes) -> None:
+        """A packet with DF longer than the TUN's MTU (queued before the MTU was lowered):
+        ICMP frag-needed with the MTU back into the TUN (rate-limited), so the sender's
+        path MTU discovery converges."""
+        if self._answer("tx_too_big", packet, partial(icmp.build_frag_needed, mtu=self.mtu)):
+            self.counters.icmp_frag_needed_sent += 1
+
+    def _answer(self, reason: str, packet: bytes, build: Callable[..., bytes]) -> bool:
+        """Count ``packet`` dropped for ``reason`` and write the ICMP error ``build(packet,
+        src=...)`` makes into the TUN, from the TUN's address (our subnet's network
+        address), unless it is one of the packets no error may answer or the rate limit
+        is spent: whether one was written."""
+        self.counters.drops[reason] += 1
+        if self.tap is not None:
+            self.tap.drop(reason, packet, None)
+        if not icmp.may_send_error_for(packet) or not self.icmp_limit.allow():
+            return False
+        try:
+            reply = build(packet, src=self.own_net.to_bytes(4, "big"))
+        except CodecError:
+            return False
+        if not self.tun.write(reply):
+            return False
+        if self.tap is not None:
+            self.tap.inner("rx", reply)
+        return True

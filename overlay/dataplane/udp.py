@@ -50,7 +50,10 @@ class UdpDataplane(SendPath, ReceivePath):
     """flannel's udp framing: the datagram is the inner packet (``VxlanDataplane`` adds
     its prefix and its receive rules)."""
 
+    _loop: asyncio.AbstractEventLoop | None = None  # while started: the readers' loop
+
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
         drains = self._native_drains()
         if drains is not None:
             # The callbacks below, in C: no Python per wake-up. With a trace attached they
@@ -65,8 +68,26 @@ class UdpDataplane(SendPath, ReceivePath):
     def stop(self, loop: asyncio.AbstractEventLoop) -> None:
         loop.remove_reader(self.tun.fd)
         loop.remove_reader(self.sock.fileno())
+        self._loop = None
+        self._retire_drains()
+
+    def set_mtu(self, mtu: int) -> None:
+        """The TUN's MTU changed (the underlay's did): longer packets read from the TUN get
+        frag-needed with it, received TCP packets longer than it go in as segments of it.
+        A Drains reads the MTU once, when made: a running one is replaced (its readers
+        with it, between two wake-ups; nothing queued is lost)."""
+        self.mtu = mtu
+        had_drains = self._retire_drains()
+        if had_drains and self._loop is not None:
+            self.start(self._loop)
+
+    def _retire_drains(self) -> bool:
+        """Add the native drains' counts now and drop them (a start() makes new ones):
+        whether there were any."""
         drains, self._drains = self._drains, None
-        if drains is not None:  # its counts now; a start() after this makes a new one
-            if drains.flush in self.counters.pending:
-                self.counters.pending.remove(drains.flush)
-            drains.flush()
+        if drains is None:
+            return False
+        if drains.flush in self.counters.pending:
+            self.counters.pending.remove(drains.flush)
+        drains.flush()
+        return True

@@ -40,6 +40,7 @@ def _report(writer: asyncio.StreamWriter, dataplane: UdpDataplane) -> None:
     report = {
         "counters": dataplane.counters.snapshot(),
         "features": dataplane.features(),
+        "mtu": dataplane.mtu,
         "arp_replies": dataplane.arp_replies,
         "peers": peer_report(dataplane.peers),
     }
@@ -135,6 +136,8 @@ async def serve(args: argparse.Namespace) -> int:
                 tracing.start(message["trace"])
             elif "trace_stop" in message:
                 tracing.stop(message["trace_stop"])
+            elif "mtu" in message:
+                dataplane.set_mtu(int(message["mtu"]))
             else:
                 apply_message(dataplane.peers, message)
     except ConnectionResetError:

@@ -10,10 +10,11 @@ The socketpair carries JSON lines. Main -> worker: the spec (what the dataplane 
 then the full peer table, then every change (``{"add": [[key, value, create_revision]],
 "remove": [key]}``, leases in the registry's own key/value form, parsed with
 ``control.lease``, and their age, which orders a public IP's leases). Worker -> main:
-a report (counters, features, per-peer traffic) when forwarding starts and every second
-after. ``overlay trace`` adds ``{"trace": {"id": N, ...request}}`` and
+a report (counters, features, its MTU, per-peer traffic) when forwarding starts and every
+second after. ``overlay trace`` adds ``{"trace": {"id": N, ...request}}`` and
 ``{"trace_stop": N}`` (main -> worker) and ``{"capture": [N, ...]}`` (worker -> main: one
-packet the worker's tracer kept, merged into the client's stream).
+packet the worker's tracer kept, merged into the client's stream). ``{"mtu": N}`` (main ->
+worker): the TUN's MTU changed, as the underlay's did (``UdpDataplane.set_mtu``).
 A worker exits on EOF, so a killed main leaves no orphan; the main process warns once
 when a worker dies and does not restart it: its TUN queue and socket close with it, so
 the kernel steers its share of the traffic to the queues that are left.
@@ -83,11 +84,14 @@ def lease_message(added: list[Lease], removed: list[Lease]) -> bytes:
 
 
 def apply_message(peers: PeerTable, message: dict[str, Any]) -> None:
-    """Apply a ``lease_message`` to a worker's copy of the peer table."""
-    for key in message.get("remove", []):
-        peers.remove(parse_subnet_key(key)[0])
-    for key, value, *age in message.get("add", []):  # age: the create revision
-        peers.upsert(parse_lease(key, value, create_revision=int(age[0]) if age else 0))
+    """Apply a ``lease_message`` to a worker's copy of the peer table, as one batch."""
+    peers.apply(
+        [
+            parse_lease(key, value, create_revision=int(age[0]) if age else 0)
+            for key, value, *age in message.get("add", [])  # age: the create revision
+        ],
+        [parse_subnet_key(key)[0] for key in message.get("remove", [])],
+    )
 
 
 def peer_report(peers: PeerTable) -> dict[str, list[float]]:

@@ -174,6 +174,10 @@ class Workers:
             if worker.alive and not worker.writer.is_closing():
                 worker.writer.write(message)
 
+    def set_mtu(self, mtu: int) -> None:
+        """The TUN's MTU changed: every worker's dataplane takes it (``set_mtu``)."""
+        self._send({"mtu": mtu})
+
     def _captured(self, value: list[Any]) -> None:
         emit = self._traces.get(value[0])
         if emit is not None:
@@ -198,7 +202,7 @@ class Workers:
 
     def status(self) -> list[dict[str, Any]]:
         """Per worker: pid, whether it lives, and its last report (counters, features,
-        per-peer traffic)."""
+        the MTU its dataplane has, per-peer traffic)."""
         now = time.monotonic()
         return [
             {
@@ -209,6 +213,7 @@ class Workers:
                 "report_age_s": round(now - w.reported, 1) if w.reported else None,
                 "counters": w.report.get("counters", Counters().snapshot()),
                 "features": w.report.get("features", {}),
+                "mtu": w.report.get("mtu"),
                 "arp_replies": w.report.get("arp_replies", 0),
                 "peers": w.report.get("peers", {}),
             }

@@ -17,7 +17,8 @@ from ipaddress import IPv4Network, IPv6Network
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from overlay.kernel.objects import MAIN_TABLE, KernelError
+from overlay.kernel.objects import KernelError
+from overlay.kernel.rtnl import RT_TABLE_MAIN
 
 RTN_BLACKHOLE = 6
 METRIC = 1024  # above the connected route of the pod bridge (0 for IPv4, 256 for IPv6)
@@ -25,7 +26,7 @@ METRIC = 1024  # above the connected route of the pod bridge (0 for IPv4, 256 fo
 
 def has_blackhole_route(ipr: IPRoute, subnet: IPv4Network | IPv6Network) -> bool:
     family = socket.AF_INET if subnet.version == 4 else socket.AF_INET6
-    for route in ipr.get_routes(family=family, table=MAIN_TABLE):
+    for route in ipr.get_routes(family=family, table=RT_TABLE_MAIN):
         if (
             route["type"] == RTN_BLACKHOLE
             and route["dst_len"] == subnet.prefixlen
@@ -48,7 +49,7 @@ def add_blackhole_routes(subnets: list[IPv4Network | IPv6Network]) -> list[str]:
                     dst=str(subnet.network_address),
                     dst_len=subnet.prefixlen,
                     type=RTN_BLACKHOLE,
-                    table=MAIN_TABLE,
+                    table=RT_TABLE_MAIN,
                     priority=METRIC,
                     family=socket.AF_INET if subnet.version == 4 else socket.AF_INET6,
                 )

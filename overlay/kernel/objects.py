@@ -4,41 +4,45 @@ flanneld's recipe, per remote lease: for vxlan a permanent neighbour entry (the 
 VTEP address -> its VTEP MAC), a permanent fdb entry (that MAC -> the peer's public IP)
 and an onlink route for the peer's subnet via its VTEP address; for host-gw (and vxlan
 DirectRouting) a plain route via the peer's public IP. Per node: the vxlan device
-``flannel.<VNI>`` or the TUN, its link settings, its /32 address and (TUN) the route for
-the whole network.
+``flannel.<VNI>`` (IPv6: ``flannel-v6.<VNI>``) or the TUN, its link settings, its /32
+(/128) address and (TUN) the route for the whole network. Every object takes either
+family; a view holds the IPv6 state when it was read with ``ipv6``.
 
 Each object is a small frozen dataclass with ``apply`` (idempotent: replace), ``remove``
 (a piece that is already gone is fine) and ``present`` against a ``KernelView``, one
 dump of the kernel's links, addresses, routes, neighbours and fdb entries, so checking
-a whole node costs five netlink dumps however many peers it has. Synchronous: pyroute2's
+a whole node costs five netlink dumps however many peers it has, and one dictionary
+probe per object. The per-peer objects (routes, neighbours, fdb entries) are
+``batched``: their ``request`` is one rtnetlink message (``overlay.kernel.rtnl``), and a
+``Session`` sends thousands of them in a few system calls. Synchronous: pyroute2's
 IPRoute refuses to run inside an event loop, so the daemon calls these from one thread.
 """
 
 from __future__ import annotations
 
+import os
 import socket
-from collections.abc import Iterable
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address, ip_network
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol, TypeVar, cast
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-NUD_PERMANENT = 0x80
-NTF_SELF = 0x02
-RTNH_F_ONLINK = 4
+from overlay.kernel import rtnl
+from overlay.kernel.rtnl import FdbKey, NeighbourKey, Request, RouteKey, Rtnl
+
 IFF_UP = 1
-MAIN_TABLE = 254
-SCOPE_LINK = 253
 ENOENT, ESRCH, ENODEV = 2, 3, 19
 GONE = (ENOENT, ESRCH, ENODEV)
-RTN_UNICAST = 1
-RTPROT_KERNEL = 2
 
 # Either family: flannel.<VNI> carries IPv4, flannel-v6.<VNI> IPv6, host-gw routes both.
 IPAddress = IPv4Address | IPv6Address
 IPNetwork = IPv4Network | IPv6Network
+# A route on whichever device: (family, destination, length, gateway, onlink).
+RouteAnyKey = tuple[int, int, int, int | None, bool]
 
 
 def _family(address: IPAddress | IPNetwork) -> int:
@@ -46,7 +50,10 @@ def _family(address: IPAddress | IPNetwork) -> int:
 
 
 class KernelError(OSError):
-    """A netlink change failed; the message names the object and the step."""
+    """A netlink change failed; the message names the object and the step. ``failed``:
+    how many objects (a batch reports all its failures in one error)."""
+
+    failed = 1
 
 
 class DeviceGone(KernelError):
@@ -66,31 +73,70 @@ class LinkInfo:
     vxlan: dict[str, Any] | None  # vni, port, local, link (index), learning
 
 
-@dataclass(frozen=True)
-class RouteInfo:
-    dst: IPNetwork
-    gateway: IPAddress | None
-    dev: str | None
-    onlink: bool
-    scope: int
+def describe_route(dst: IPNetwork, gateway: IPAddress | None, dev: str | None, onlink: bool) -> str:
+    via = f" via {gateway}" if gateway else ""
+    on = f" dev {dev}" if dev else ""
+    return f"{dst}{via}{on}{' onlink' if onlink else ''}"
 
-    def describe(self) -> str:
-        via = f" via {self.gateway}" if self.gateway else ""
-        dev = f" dev {self.dev}" if self.dev else ""
-        return f"{self.dst}{via}{dev}{' onlink' if self.onlink else ''}"
+
+def format_mac(raw: bytes) -> str:
+    return ":".join(f"{b:02x}" for b in raw)
 
 
 @dataclass
 class KernelView:
-    """One dump of the kernel state the objects below are checked against."""
+    """One dump of the kernel state the objects below are checked against. Entries are
+    kept as the kernel gives them (packed addresses, integers, device indexes), the way
+    the objects look themselves up: a check is a set probe per object."""
 
     links: dict[str, LinkInfo] = field(default_factory=dict)
     addresses: set[tuple[str, IPAddress, int]] = field(default_factory=set)
-    routes: list[RouteInfo] = field(default_factory=list)
-    neighbours: dict[tuple[str, IPAddress], tuple[str | None, bool]] = field(
-        default_factory=dict
-    )  # (dev, address) -> (lladdr, permanent)
-    fdb: set[tuple[str, str, IPAddress]] = field(default_factory=set)
+    routes: set[RouteKey] = field(default_factory=set)
+    neighbours: set[NeighbourKey] = field(default_factory=set)  # permanent ones, our devices
+    fdb: set[FdbKey] = field(default_factory=set)
+    indexes: dict[str, int] = field(default_factory=dict)  # our devices' names -> index
+
+    @cached_property
+    def routes_any(self) -> set[RouteAnyKey]:
+        """The routes without their device, for routes wanted on whichever one."""
+        return {(family, dst, size, gw, onlink) for family, dst, size, gw, _, onlink in self.routes}
+
+    def describe_route(self, route: RouteKey) -> str:
+        family, dst, size, gateway, oif, onlink = route
+        names = {index: name for name, index in self.indexes.items()}
+        dev = names.get(oif, f"#{oif}") if oif is not None else None
+        via = _address(family, gateway) if gateway is not None else None
+        return describe_route(ip_network((_address(family, dst), size)), via, dev, onlink)
+
+
+def _address(family: int, value: int) -> IPAddress:
+    """An address of a route key (an int) back as an address of its family."""
+    return IPv4Address(value) if family == socket.AF_INET else IPv6Address(value)
+
+
+@dataclass
+class Claimed:
+    """What a set of wanted objects covers, as a view holds it (devices by index):
+    anything else on our devices is extra (``overlay.kernel.reconcile``)."""
+
+    routes: set[RouteKey] = field(default_factory=set)
+    routes_any: set[RouteAnyKey] = field(default_factory=set)
+    neighbours: set[NeighbourKey] = field(default_factory=set)
+    fdb: set[FdbKey] = field(default_factory=set)
+    addresses: set[tuple[str, IPAddress]] = field(default_factory=set)
+    owners: dict[Hashable, KernelObject] = field(default_factory=dict)  # key -> its object
+
+    def missing(self, view: KernelView) -> list[KernelObject]:
+        """The claimed routes, neighbours and fdb entries the view lacks (set differences:
+        a check of thousands costs what C takes to compare them)."""
+        absent = [
+            *(self.routes - view.routes),
+            *(self.neighbours - view.neighbours),
+            *(self.fdb - view.fdb),
+        ]
+        if self.routes_any:
+            absent += self.routes_any - view.routes_any
+        return [self.owners[key] for key in absent]
 
 
 def _link_info(link: Any) -> LinkInfo:
@@ -117,83 +163,105 @@ def _link_info(link: Any) -> LinkInfo:
     )
 
 
-def read_view(ipr: IPRoute, devices: Iterable[str], ipv6: bool = False) -> KernelView:
-    """The kernel's state as far as ``devices`` (the names our objects use) are concerned:
-    their links, addresses, neighbours and fdb entries, and the whole main routing table;
-    with ``ipv6``, the IPv6 ones too (their link-local addresses and routes, which the
-    kernel makes on every device, left out). Links are fetched by name: a full link dump
-    of a node with many pods costs tens of milliseconds of Python (pyroute2) parsing,
-    every resync."""
-    view = KernelView()
-    names: dict[int, str] = {}
+class Batchable(Protocol):
+    def request(self, session: Session, add: bool) -> Request: ...
+
+
+B = TypeVar("B", bound=Batchable)
+
+
+class Session:
+    """The netlink of one batch of changes or one check: the worker's raw socket for
+    the per-peer objects, pyroute2 (opened on first use, closed by ``close``) for links
+    and addresses, and device indexes looked up once."""
+
+    def __init__(self, socket: Rtnl) -> None:
+        self.rtnl = socket
+        self._ipr: IPRoute | None = None
+        self._indexes: dict[str, int] = {}
+
+    @property
+    def ipr(self) -> IPRoute:
+        if self._ipr is None:
+            self._ipr = IPRoute()
+        return self._ipr
+
+    def close(self) -> None:
+        if self._ipr is not None:
+            self._ipr.close()
+            self._ipr = None
+
+    def index(self, name: str) -> int:
+        """The device's index (DeviceGone when it does not exist)."""
+        found = self._indexes.get(name)
+        if found is None:
+            indexes = self.ipr.link_lookup(ifname=name)
+            if not indexes:
+                raise DeviceGone(ENODEV, f"link {name} does not exist")
+            found = self._indexes[name] = int(indexes[0])
+        return found
+
+    def forget_indexes(self) -> None:
+        """After a device was made again: its index changed."""
+        self._indexes.clear()
+
+    def run(self, changes: Sequence[tuple[B, bool]]) -> list[tuple[B, int]]:
+        """Batched objects applied (True) or removed (False), in order, in as few system
+        calls as the kernel takes; the ones that failed, with their errno. A removal
+        of something already gone (or whose device is gone) is no failure."""
+        sent: list[tuple[B, bool]] = []
+        requests: list[Request] = []
+        failed: list[tuple[B, int]] = []
+        for obj, add in changes:
+            try:
+                requests.append(obj.request(self, add))
+            except DeviceGone:
+                if add:
+                    failed.append((obj, ENODEV))
+                continue
+            sent.append((obj, add))
+        for (obj, add), code in zip(sent, self.rtnl.run(requests), strict=True):
+            if code and (add or code not in GONE):
+                failed.append((obj, code))
+        return failed
+
+
+def read_links(session: Session, devices: Iterable[str]) -> dict[str, LinkInfo]:
+    """The links of these names that exist (fetched by name: a full link dump of a node
+    with many pods costs tens of milliseconds of pyroute2 parsing)."""
+    links: dict[str, LinkInfo] = {}
     for name in sorted(set(devices)):
         try:
-            (link,) = ipr.link("get", ifname=name)
+            (link,) = session.ipr.link("get", ifname=name)
         except NetlinkError as e:
             if e.code in GONE:
                 continue
             raise
-        view.links[name] = _link_info(link)
-        names[link["index"]] = name
+        links[name] = _link_info(link)
+    return links
+
+
+def read_view(session: Session, devices: Iterable[str], ipv6: bool = False) -> KernelView:
+    """The kernel's state as far as ``devices`` (the names our objects use) are concerned:
+    their links, addresses, neighbours and fdb entries, and the whole main routing table;
+    with ``ipv6``, the IPv6 ones too (without the link-local addresses and the routes the
+    kernel makes itself on every device)."""
+    view = KernelView(links=read_links(session, devices))
+    view.indexes = {name: link.index for name, link in view.links.items()}
+    names = {index: name for name, index in view.indexes.items()}
     families = (socket.AF_INET, socket.AF_INET6) if ipv6 else (socket.AF_INET,)
     for family in families:
-        _read_family(ipr, family, names, view)
-    for name, link in view.links.items():
-        if link.kind != "vxlan":
-            continue  # fdb entries with a remote (dst) only exist on vxlan devices
-        for entry in ipr.get_neighbours(family=socket.AF_BRIDGE, ifindex=link.index):
-            dst = entry.get_attr("NDA_DST")
-            lladdr = entry.get_attr("NDA_LLADDR")
-            if entry["ifindex"] == link.index and dst and lladdr:
-                remote = ip_address(dst)
-                if remote.version == 4 or ipv6:
-                    view.fdb.add((name, str(lladdr).lower(), remote))
+        for addr in session.ipr.get_addr(family=family):
+            dev = names.get(addr["index"])
+            address = ip_address(addr.get_attr("IFA_ADDRESS"))
+            if dev is not None and not address.is_link_local:
+                view.addresses.add((dev, address, int(addr["prefixlen"])))
+        view.routes |= session.rtnl.routes(family)
+        view.neighbours |= session.rtnl.neighbours(set(names), family)
+    for link in view.links.values():
+        if link.kind == "vxlan":  # fdb entries with a remote (dst) only exist on vxlan devices
+            view.fdb |= session.rtnl.fdb(link.index)
     return view
-
-
-def _read_family(ipr: IPRoute, family: int, names: dict[int, str], view: KernelView) -> None:
-    """One family's addresses (on our devices), main-table unicast routes and neighbours."""
-    for addr in ipr.get_addr(family=family):
-        dev = names.get(addr["index"])
-        address = ip_address(addr.get_attr("IFA_ADDRESS"))
-        if dev is not None and not address.is_link_local:
-            view.addresses.add((dev, address, int(addr["prefixlen"])))
-    default = "0.0.0.0" if family == socket.AF_INET else "::"
-    for route in ipr.get_routes(family=family, table=MAIN_TABLE):
-        if route.get_attr("RTA_TABLE", MAIN_TABLE) != MAIN_TABLE or route["type"] != RTN_UNICAST:
-            continue  # only unicast routes of the main table
-        if family == socket.AF_INET6 and route["proto"] == RTPROT_KERNEL:
-            continue  # IPv6: the kernel's own routes for each address (our /128 too)
-        dst = ip_network((route.get_attr("RTA_DST") or default, route["dst_len"]))
-        if dst.is_link_local or dst.is_multicast:
-            continue  # IPv6: fe80::/64 and ff00::/8 on every device
-        gateway = route.get_attr("RTA_GATEWAY")
-        oif = route.get_attr("RTA_OIF")
-        view.routes.append(
-            RouteInfo(
-                dst=dst,
-                gateway=ip_address(gateway) if gateway else None,
-                dev=names.get(oif, f"#{oif}" if oif is not None else None),
-                onlink=bool(route["flags"] & RTNH_F_ONLINK),
-                scope=int(route["scope"]),
-            )
-        )
-    for neigh in ipr.get_neighbours(family=family):
-        dev = names.get(neigh["ifindex"])
-        dst = neigh.get_attr("NDA_DST")
-        if dev is not None and dst:
-            lladdr = neigh.get_attr("NDA_LLADDR")
-            view.neighbours[(dev, ip_address(dst))] = (
-                str(lladdr).lower() if lladdr else None,
-                bool(neigh["state"] & NUD_PERMANENT),
-            )
-
-
-def _index(ipr: IPRoute, name: str) -> int:
-    found = ipr.link_lookup(ifname=name)
-    if not found:
-        raise DeviceGone(ENODEV, f"link {name} does not exist")
-    return int(found[0])
 
 
 def _tolerant(step: str, call: Any, *args: Any, **kwargs: Any) -> None:
@@ -208,16 +276,62 @@ def _tolerant(step: str, call: Any, *args: Any, **kwargs: Any) -> None:
 # -- the objects ---------------------------------------------------------------------------
 
 
+class _Single:
+    """An object applied with pyroute2, one call at a time (a node has a few)."""
+
+    batched: ClassVar[bool] = False
+
+    def claim(self, claimed: Claimed, indexes: dict[str, int]) -> None:
+        """Nothing a check could find extra is this object's."""
+
+    def request(self, session: Session, add: bool) -> Request:
+        raise NotImplementedError(f"{type(self).__name__} is not batched")
+
+
+class _Batched:
+    """An object that is one rtnetlink message: applied and removed through the batch
+    (a batch of one, when alone)."""
+
+    batched: ClassVar[bool] = True
+
+    def request(self, session: Session, add: bool) -> Request:
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        raise NotImplementedError
+
+    def _one(self, session: Session, add: bool) -> None:
+        failed = session.run([(self, add)])
+        if failed:
+            code = failed[0][1]
+            step = "" if add else "removing "
+            raise KernelError(code, f"{step}{self.describe()}: {_strerror(code)}")
+
+    def apply(self, session: Session) -> None:
+        self._one(session, True)
+
+    def remove(self, session: Session) -> None:
+        self._one(session, False)
+
+
+def _strerror(code: int) -> str:
+    try:
+        return os.strerror(code)
+    except ValueError:
+        return f"error {code}"
+
+
 @dataclass(frozen=True)
-class VxlanDevice:
-    """``flannel.<VNI>`` as flanneld creates it: learning off (unless Backend.Learning),
-    our local address, the underlay as its link. A device of that name with other
-    parameters is deleted and recreated, as flanneld does."""
+class VxlanDevice(_Single):
+    """``flannel.<VNI>`` (``flannel-v6.<VNI>``: an IPv6 ``local``) as flanneld creates
+    it: learning off (unless Backend.Learning), our local address, the underlay as its
+    link. A device of that name with other parameters is deleted and recreated, as
+    flanneld does."""
 
     kind: ClassVar[str] = "vxlan_device"
     name: str
     vni: int
-    local: IPAddress  # IPv6 for flannel-v6.<VNI>
+    local: IPAddress
     underlay: str
     port: int
     learning: bool = False
@@ -225,9 +339,12 @@ class VxlanDevice:
     def describe(self) -> str:
         return f"{self.name} (vxlan id {self.vni} local {self.local} dstport {self.port})"
 
-    def _compatible(self, view: KernelView) -> bool:
-        link = view.links.get(self.name)
-        under = view.links.get(self.underlay)
+    def devices(self) -> tuple[str, ...]:
+        return (self.name, self.underlay)
+
+    def _compatible(self, links: dict[str, LinkInfo]) -> bool:
+        link = links.get(self.name)
+        under = links.get(self.underlay)
         if link is None or link.vxlan is None or under is None:
             return False
         data = link.vxlan
@@ -240,12 +357,13 @@ class VxlanDevice:
         )
 
     def present(self, view: KernelView) -> bool:
-        return self._compatible(view)
+        return self._compatible(view.links)
 
-    def apply(self, ipr: IPRoute) -> None:
+    def apply(self, session: Session) -> None:
+        ipr = session.ipr
         try:
-            view = read_view(ipr, (self.name, self.underlay), self.local.version == 6)
-            if self.name in view.links and not self._compatible(view):
+            links = read_links(session, (self.name, self.underlay))
+            if self.name in links and not self._compatible(links):
                 ipr.link("del", ifname=self.name)
             if not ipr.link_lookup(ifname=self.name):
                 local = "vxlan_local" if self.local.version == 4 else "vxlan_local6"
@@ -255,19 +373,21 @@ class VxlanDevice:
                     kind="vxlan",
                     vxlan_id=self.vni,
                     **{local: str(self.local)},
-                    vxlan_link=_index(ipr, self.underlay),
+                    vxlan_link=session.index(self.underlay),
                     vxlan_port=self.port,
                     vxlan_learning=int(self.learning),
                 )
         except NetlinkError as e:
             raise KernelError(e.code, f"creating vxlan device {self.name}: {e}") from None
+        finally:
+            session.forget_indexes()  # a new device has a new index
 
-    def remove(self, ipr: IPRoute) -> None:
-        _tolerant(f"deleting {self.name}", ipr.link, "del", ifname=self.name)
+    def remove(self, session: Session) -> None:
+        _tolerant(f"deleting {self.name}", session.ipr.link, "del", ifname=self.name)
 
 
 @dataclass(frozen=True)
-class Link:
+class Link(_Single):
     """A device's MTU (and MAC), up."""
 
     kind: ClassVar[str] = "link"
@@ -279,6 +399,9 @@ class Link:
         mac = f" address {self.mac}" if self.mac else ""
         return f"{self.dev} up mtu {self.mtu}{mac}"
 
+    def devices(self) -> tuple[str, ...]:
+        return (self.dev,)
+
     def present(self, view: KernelView) -> bool:
         link = view.links.get(self.dev)
         return (
@@ -288,23 +411,23 @@ class Link:
             and (self.mac is None or link.mac == self.mac.lower())
         )
 
-    def apply(self, ipr: IPRoute) -> None:
-        index = _index(ipr, self.dev)
+    def apply(self, session: Session) -> None:
+        index = session.index(self.dev)
         try:
             settings: dict[str, Any] = {"mtu": self.mtu}
             if self.mac:
                 settings["address"] = self.mac
-            ipr.link("set", index=index, **settings)
-            ipr.link("set", index=index, state="up")
+            session.ipr.link("set", index=index, **settings)
+            session.ipr.link("set", index=index, state="up")
         except NetlinkError as e:
             raise KernelError(e.code, f"setting up {self.dev}: {e}") from None
 
-    def remove(self, ipr: IPRoute) -> None:
+    def remove(self, session: Session) -> None:
         """A link's settings are not undone (the device goes with its owner)."""
 
 
 @dataclass(frozen=True)
-class Address:
+class Address(_Single):
     """The lease's network address as a /32 (IPv6: a /128) on our device (flanneld's
     VTEP/TUN address)."""
 
@@ -319,13 +442,19 @@ class Address:
     def describe(self) -> str:
         return f"{self.address}/{self.prefixlen} dev {self.dev}"
 
+    def devices(self) -> tuple[str, ...]:
+        return (self.dev,)
+
     def present(self, view: KernelView) -> bool:
         return (self.dev, self.address, self.prefixlen) in view.addresses
 
-    def apply(self, ipr: IPRoute) -> None:
-        index = _index(ipr, self.dev)
+    def claim(self, claimed: Claimed, indexes: dict[str, int]) -> None:
+        claimed.addresses.add((self.dev, self.address))
+
+    def apply(self, session: Session) -> None:
+        index = session.index(self.dev)
         try:
-            ipr.addr(
+            session.ipr.addr(
                 "replace",
                 index=index,
                 address=str(self.address),
@@ -335,22 +464,24 @@ class Address:
         except NetlinkError as e:
             raise KernelError(e.code, f"address {self.describe()}: {e}") from None
 
-    def remove(self, ipr: IPRoute) -> None:
-        found = ipr.link_lookup(ifname=self.dev)
-        if found:
-            _tolerant(
-                f"removing {self.describe()}",
-                ipr.addr,
-                "del",
-                index=found[0],
-                address=str(self.address),
-                prefixlen=self.prefixlen,
-                family=_family(self.address),
-            )
+    def remove(self, session: Session) -> None:
+        try:
+            index = session.index(self.dev)
+        except DeviceGone:
+            return
+        _tolerant(
+            f"removing {self.describe()}",
+            session.ipr.addr,
+            "del",
+            index=index,
+            address=str(self.address),
+            prefixlen=self.prefixlen,
+            family=_family(self.address),
+        )
 
 
 @dataclass(frozen=True)
-class Route:
+class Route(_Batched):
     """A main-table route: via a gateway (host-gw, DirectRouting), onlink via a VTEP
     address on flannel.<VNI> (flannel-v6.<VNI>), or the whole network on the TUN (scope
     link)."""
@@ -362,57 +493,93 @@ class Route:
     onlink: bool = False
 
     def describe(self) -> str:
-        return RouteInfo(self.dst, self.gateway, self.dev, self.onlink, 0).describe()
+        return describe_route(self.dst, self.gateway, self.dev, self.onlink)
 
-    def matches(self, route: RouteInfo) -> bool:
-        return (
-            route.dst == self.dst
-            and route.gateway == self.gateway
-            and (self.dev is None or route.dev == self.dev)
-            and route.onlink == self.onlink
-        )
+    def devices(self) -> tuple[str, ...]:
+        return (self.dev,) if self.dev else ()
+
+    @cached_property
+    def _any(self) -> RouteAnyKey:
+        """(family, destination, length, gateway, onlink): the route on whichever device."""
+        gateway = int(self.gateway) if self.gateway is not None else None
+        dst = int(self.dst.network_address)
+        return _family(self.dst), dst, self.dst.prefixlen, gateway, self.onlink
+
+    def _key(self, indexes: dict[str, int]) -> RouteKey:
+        family, dst, size, gateway, onlink = self._any
+        oif = indexes.get(self.dev, -1) if self.dev else None
+        return family, dst, size, gateway, oif, onlink
 
     def present(self, view: KernelView) -> bool:
-        return any(self.matches(route) for route in view.routes)
+        if self.dev is None:
+            return self._any in view.routes_any
+        return self._key(view.indexes) in view.routes
 
-    def _spec(self, ipr: IPRoute) -> dict[str, Any]:
-        spec: dict[str, Any] = {
-            "dst": str(self.dst.network_address),
-            "dst_len": self.dst.prefixlen,
-            "family": _family(self.dst),
-        }
-        if self.gateway is not None:
-            spec["gateway"] = str(self.gateway)
-        if self.dev is not None:
-            spec["oif"] = _index(ipr, self.dev)
-        if self.onlink:
-            spec["flags"] = RTNH_F_ONLINK
-        elif self.gateway is None and self.dst.version == 4:
-            spec["scope"] = "link"
-        return spec
+    def claim(self, claimed: Claimed, indexes: dict[str, int]) -> None:
+        if self.dev is None:
+            claimed.routes_any.add(self._any)
+            claimed.owners.setdefault(self._any, self)
+        else:
+            key = self._key(indexes)
+            claimed.routes.add(key)
+            claimed.owners.setdefault(key, self)
 
-    def apply(self, ipr: IPRoute) -> None:
-        try:
-            ipr.route("replace", **self._spec(ipr))
-        except NetlinkError as e:
-            raise KernelError(e.code, f"route {self.describe()}: {e}") from None
+    def request(self, session: Session, add: bool) -> Request:
+        return rtnl.route_request(
+            add,
+            self.dst.network_address.packed,
+            self.dst.prefixlen,
+            gateway=self.gateway.packed if self.gateway is not None else None,
+            oif=session.index(self.dev) if self.dev is not None else None,
+            onlink=self.onlink,
+        )
 
-    def remove(self, ipr: IPRoute) -> None:
-        try:
-            spec = self._spec(ipr)
-        except DeviceGone:
-            return  # the route went with its device
-        spec.pop("flags", None)
-        spec.pop("scope", None)
-        _tolerant(f"removing route {self.describe()}", ipr.route, "del", **spec)
+
+def _mac_bytes(mac: str) -> bytes:
+    return bytes.fromhex(mac.replace(":", ""))
+
+
+class _DeviceEntry(_Batched):
+    """A neighbour or an fdb entry: a device's (address, MAC) pair, found in the view's and
+    the claims' set named ``table`` under ``_key``."""
+
+    table: ClassVar[str]  # "neighbours" or "fdb"
+    dev: str
+    lladdr: str
+    dst: IPAddress
+
+    def devices(self) -> tuple[str, ...]:
+        return (self.dev,)
+
+    @cached_property
+    def _lladdr(self) -> bytes:
+        return _mac_bytes(self.lladdr)
+
+    @cached_property
+    def _dst(self) -> bytes:
+        return self.dst.packed
+
+    def _key(self, indexes: dict[str, int]) -> tuple[int, bytes, bytes]:
+        raise NotImplementedError
+
+    def present(self, view: KernelView) -> bool:
+        found: set[tuple[int, bytes, bytes]] = getattr(view, self.table)
+        return self._key(view.indexes) in found
+
+    def claim(self, claimed: Claimed, indexes: dict[str, int]) -> None:
+        key = self._key(indexes)
+        mine: set[tuple[int, bytes, bytes]] = getattr(claimed, self.table)
+        mine.add(key)
+        claimed.owners.setdefault(key, cast("KernelObject", self))  # Neighbour or Fdb
 
 
 @dataclass(frozen=True)
-class Neighbour:
+class Neighbour(_DeviceEntry):
     """A permanent ARP (IPv6: neighbour discovery) entry: the peer's VTEP address -> its
     VTEP MAC."""
 
     kind: ClassVar[str] = "neighbour"
+    table: ClassVar[str] = "neighbours"
     dev: str
     dst: IPAddress
     lladdr: str
@@ -420,42 +587,20 @@ class Neighbour:
     def describe(self) -> str:
         return f"{self.dst} lladdr {self.lladdr} dev {self.dev} permanent"
 
-    def present(self, view: KernelView) -> bool:
-        return view.neighbours.get((self.dev, self.dst)) == (self.lladdr.lower(), True)
+    def _key(self, indexes: dict[str, int]) -> NeighbourKey:
+        return indexes.get(self.dev, -1), self._dst, self._lladdr
 
-    def apply(self, ipr: IPRoute) -> None:
-        index = _index(ipr, self.dev)
-        try:
-            ipr.neigh(
-                "replace",
-                ifindex=index,
-                dst=str(self.dst),
-                lladdr=self.lladdr,
-                state=NUD_PERMANENT,
-                family=_family(self.dst),
-            )
-        except NetlinkError as e:
-            raise KernelError(e.code, f"neighbour {self.describe()}: {e}") from None
-
-    def remove(self, ipr: IPRoute) -> None:
-        found = ipr.link_lookup(ifname=self.dev)
-        if found:
-            _tolerant(
-                f"removing neighbour {self.dst}",
-                ipr.neigh,
-                "del",
-                ifindex=found[0],
-                dst=str(self.dst),
-                lladdr=self.lladdr,
-                family=_family(self.dst),
-            )
+    def request(self, session: Session, add: bool) -> Request:
+        return rtnl.neighbour_request(add, session.index(self.dev), self._dst, self._lladdr)
 
 
 @dataclass(frozen=True)
-class Fdb:
-    """A permanent fdb entry on flannel.<VNI>: the peer's VTEP MAC -> its public IP."""
+class Fdb(_DeviceEntry):
+    """A permanent fdb entry on flannel.<VNI> (flannel-v6.<VNI>): the peer's VTEP MAC ->
+    its public IP (PublicIPv6)."""
 
     kind: ClassVar[str] = "fdb"
+    table: ClassVar[str] = "fdb"
     dev: str
     lladdr: str
     dst: IPAddress
@@ -463,45 +608,14 @@ class Fdb:
     def describe(self) -> str:
         return f"{self.lladdr} dst {self.dst} dev {self.dev} self permanent"
 
-    def present(self, view: KernelView) -> bool:
-        return (self.dev, self.lladdr.lower(), self.dst) in view.fdb
+    def _key(self, indexes: dict[str, int]) -> FdbKey:
+        return indexes.get(self.dev, -1), self._lladdr, self._dst
 
-    def apply(self, ipr: IPRoute) -> None:
-        index = _index(ipr, self.dev)
-        try:
-            ipr.fdb(
-                "replace",
-                ifindex=index,
-                lladdr=self.lladdr,
-                dst=str(self.dst),
-                state=NUD_PERMANENT,
-                flags=NTF_SELF,
-            )
-        except NetlinkError as e:
-            raise KernelError(e.code, f"fdb {self.describe()}: {e}") from None
-
-    def remove(self, ipr: IPRoute) -> None:
-        found = ipr.link_lookup(ifname=self.dev)
-        if found:
-            _tolerant(
-                f"removing fdb {self.lladdr}",
-                ipr.fdb,
-                "del",
-                ifindex=found[0],
-                lladdr=self.lladdr,
-                dst=str(self.dst),
-            )
+    def request(self, session: Session, add: bool) -> Request:
+        return rtnl.fdb_request(add, session.index(self.dev), self._lladdr, self._dst)
 
 
 KernelObject = VxlanDevice | Link | Address | Route | Neighbour | Fdb
-
-
-def devices_of(obj: KernelObject) -> tuple[str, ...]:
-    """The link names an object's check needs in the KernelView."""
-    if isinstance(obj, VxlanDevice):
-        return (obj.name, obj.underlay)
-    dev = obj.dev
-    return (dev,) if dev else ()
 
 
 def vxlan_peer(
@@ -518,6 +632,9 @@ def vxlan_peer(
 
 # -- questions -----------------------------------------------------------------------------
 
+# Whether a peer's public IP is on our L2 segment (flanneld's DirectRouting test).
+Reachable = Callable[[IPAddress], bool]
+
 
 def kernel_has_vxlan() -> bool:
     """Whether this kernel can make a vxlan device (created and deleted again)."""
@@ -531,11 +648,14 @@ def kernel_has_vxlan() -> bool:
         return True
 
 
-def directly_reachable(address: IPAddress) -> bool:
-    """flanneld's DirectRouting test: the route to ``address`` is one hop, no gateway."""
-    with IPRoute() as ipr:
-        try:
-            routes = ipr.route("get", dst=str(address))
-        except NetlinkError:
-            return False
-        return len(routes) == 1 and routes[0].get_attr("RTA_GATEWAY") is None
+def directly_reachable(session: Session, addresses: Iterable[IPAddress]) -> set[IPAddress]:
+    """flanneld's DirectRouting test for many addresses (either family) at once (``ip
+    route get``, one message each, sent together): those whose route is one hop without
+    a gateway."""
+    wanted = list(set(addresses))
+    answers = session.rtnl.route_get([address.packed for address in wanted])
+    return {
+        address
+        for address, route in zip(wanted, answers, strict=True)
+        if route is not None and route.gateway is None and not route.multipath
+    }

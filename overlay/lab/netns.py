@@ -7,6 +7,7 @@ Namespaces are made with pyroute2 (the same bind mount under /run/netns that
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
 import signal
@@ -15,7 +16,8 @@ import struct
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +25,8 @@ from pyroute2 import IPRoute, netns
 
 NETNS_DIR = Path("/run/netns")
 IFNAMSIZ = 15  # usable characters in an interface name (16 with the NUL)
+CLONE_NEWNET = 0x40000000
+_libc = ctypes.CDLL(None, use_errno=True)
 
 
 def list_netns() -> list[str]:
@@ -48,6 +52,26 @@ def remove_netns(name: str) -> None:
         netns.remove(name)
     except FileNotFoundError:
         pass
+
+
+@contextmanager
+def entered(name: str) -> Iterator[None]:
+    """Run the body in network namespace ``name`` (this thread only, and the threads it
+    starts meanwhile); sockets made here stay in that namespace after we switch back."""
+    home = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+    target = os.open(NETNS_DIR / name, os.O_RDONLY)
+    try:
+        if _libc.setns(target, CLONE_NEWNET) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"setns into {name}: {os.strerror(err)}")
+        try:
+            yield
+        finally:
+            if _libc.setns(home, CLONE_NEWNET) != 0:
+                raise OSError(ctypes.get_errno(), "setns back to our own namespace")
+    finally:
+        os.close(target)
+        os.close(home)
 
 
 def exec_argv(name: str, argv: Sequence[str]) -> list[str]:

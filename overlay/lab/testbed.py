@@ -60,7 +60,7 @@ DAEMON_STOP_TIMEOUT = 5.0
 CNI_TIMEOUT = 60.0
 CNI_VERSION = "1.0.0"
 CNI_PATH = "/usr/lib/cni"
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+PROJECT_ROOT = Path(__file__).resolve().parents[2]  # the checkout: overlay/lab/ is two below
 
 _PREFIX = re.compile(r"^[a-z0-9]{1,8}$")
 _MEMBER = re.compile(r"^n(\d+)(?:-p(\d+))?$")
@@ -470,6 +470,19 @@ class Testbed:
         self._procs[i] = proc
         self.pid_file(i).write_text(f"{proc.pid}\n")
         return proc
+
+    def stop_daemon(self, i: int) -> int | None:
+        """SIGTERM node i's daemon (started by this object) and wait for it; its exit
+        status (None: it was not running). ``start_daemon`` brings it back."""
+        proc = self._procs.get(i)
+        if proc is None or proc.poll() is not None:
+            return None
+        proc.terminate()
+        try:
+            return proc.wait(timeout=DAEMON_STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            return proc.wait()
 
     def _wait_daemons(self, nodes: list[int] | None = None) -> None:
         deadline = time.monotonic() + DAEMON_START_TIMEOUT

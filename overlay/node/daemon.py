@@ -25,6 +25,7 @@ from overlay.node import lifecycle, systemd
 from overlay.node.events import PeerEvents
 from overlay.node.fatal import Fatal
 from overlay.node.iptables import IptablesKeeper
+from overlay.node.mtu import MtuFollower
 from overlay.node.options import NodeOptions
 from overlay.node.registry import RegistryMonitor, open_registry
 from overlay.node.startup import Startup, check_paths
@@ -80,28 +81,36 @@ class Daemon:
 
     # -- running -------------------------------------------------------------------------
 
-    async def _resync_kernel(self) -> None:
-        """Check (and repair) our kernel objects every RESYNC_INTERVAL seconds; the
-        netlink watch asks for one sooner when the kernel announces a change."""
+    async def _watch_kernel(self) -> None:
+        """Check (and repair) our kernel objects, and compare the underlay's MTU with ours
+        (``overlay.node.mtu``), every RESYNC_INTERVAL seconds; the netlink watch asks for
+        both sooner when the kernel announces a change."""
         backend = self.node.backend
         kernel = backend.kernel if backend is not None else None
-        if kernel is None:
-            await asyncio.Event().wait()
-            return
-        watch = KernelWatch(kernel.resync)
+        follower = MtuFollower(self.node)
+
+        def changed() -> None:
+            if kernel is not None:
+                kernel.resync()
+            follower.check_soon()
+
+        watch = KernelWatch(changed, ipv6=kernel is not None and kernel.ipv6)
         try:
             watch.start(asyncio.get_running_loop())
         except OSError as e:
             self.log.warning("kernel_watch_unavailable", error=e.strerror or str(e))
         try:
             while True:
-                try:
-                    await asyncio.wrap_future(kernel.resync())
-                except Exception:  # noqa: BLE001 - logged by the worker; tried again
-                    pass
+                follower.check_soon()
+                if kernel is not None:
+                    try:
+                        await asyncio.wrap_future(kernel.resync())
+                    except Exception:  # noqa: BLE001 - logged by the worker; tried again
+                        pass
                 await asyncio.sleep(RESYNC_INTERVAL)
         finally:
             watch.stop()
+            follower.stop()
 
     def _on_signal(self, signum: signal.Signals) -> None:
         self._signals.append(signum.name)
@@ -162,7 +171,8 @@ class Daemon:
 
     def _tasks(self, loop: asyncio.AbstractEventLoop) -> list[asyncio.Task[Any]]:
         """What runs until the daemon stops: the watch, renewals, the kernel's and
-        iptables' resyncs, the registry probe and the drop log."""
+        iptables' resyncs (the kernel's with the underlay's MTU), the registry probe and
+        the drop log."""
         node = self.node
         assert node.lease is not None
         captures = node.captures
@@ -178,11 +188,11 @@ class Daemon:
         return [
             asyncio.create_task(
                 manager.watch(
-                    node.lease, self.events.on_snapshot, self.events.on_event, config=node.config
+                    node.lease, self.events.on_snapshot, self.events.on_events, config=node.config
                 )
             ),
             asyncio.create_task(manager.keep_renewed(node.lease)),
-            asyncio.create_task(self._resync_kernel()),
+            asyncio.create_task(self._watch_kernel()),
             asyncio.create_task(node.iptables.keep()),
             asyncio.create_task(node.monitor.probe(node.kv, manager.config_key)),
             asyncio.create_task(drop_log.run()),

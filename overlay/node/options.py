@@ -13,6 +13,7 @@ from overlay.node.iptables import IptablesOptions
 from overlay.node.registry import RegistryOptions
 from overlay.node.underlay import UnderlayOptions
 from overlay.observe.log import LogOptions
+from overlay.observe.metrics import PEER_SERIES
 
 
 @dataclass(frozen=True)
@@ -26,6 +27,7 @@ class NodeOptions:
     status_socket: Path = Path("/run/flannel/overlay.sock")
     healthz_ip: str = "0.0.0.0"
     healthz_port: int = 0  # 0: no health server
+    metrics_peer_limit: int = PEER_SERIES  # /metrics: per-peer series for at most this many
     # The registry's config is seeded with these when it has none (and must agree).
     seed_network: IPv4Network | None = None
     seed_backend: str | None = None

@@ -17,7 +17,6 @@ from control.config import ConfigError, NetworkConfig, config_json, parse_config
 from control.kv import RegistryConfigError, RegistryError
 from control.lease import Lease
 from control.peer_table import PeerTable
-from control.subnet_env import SubnetEnv
 from overlay.backends.base import Backend, Context
 from overlay.backends.manager import make_backend
 from overlay.kernel.blackhole import add_blackhole_routes
@@ -226,10 +225,8 @@ class Startup:
             await node.iptables.install(iptables, config.network, lease.subnet, previous, ipv6)
         if node.options.blackhole_route:
             await self._blackhole_routes(lease)
-        masq = node.options.iptables.ip_masq
-        env = SubnetEnv.for_lease(config.network, lease.subnet, backend.mtu, masq, ipv6)
         try:
-            await asyncio.to_thread(write_subnet_env, subnet_file, env)
+            await asyncio.to_thread(write_subnet_env, subnet_file, node.subnet_env())
         except SubnetFileError as e:
             raise Fatal(str(e)) from None
         node.readiness.step("subnet_env")

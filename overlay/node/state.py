@@ -12,6 +12,7 @@ from control.config import NetworkConfig
 from control.kv import KeyValueStore
 from control.lease import Lease
 from control.peer_table import PeerTable
+from control.subnet_env import SubnetEnv
 from control.subnet_manager import SubnetManager
 from overlay.backends.base import Backend, Underlay
 from overlay.dataplane.counters import Counters
@@ -43,6 +44,19 @@ class NodeState:
     backend: Backend | None = None
     lease: Lease | None = None
     captures: Captures | None = None  # in-process datapaths only
+    mtu_changes: int = 0  # changes of the underlay's MTU followed (overlay.node.mtu)
 
     def __post_init__(self) -> None:
         self.counters = Counters(drops=self.drops)
+
+    def subnet_env(self) -> SubnetEnv:
+        """What subnet.env says for our lease: the network, the lease, the MTU pods get;
+        with EnableIPv6, the IPv6 network and the lease's IPv6 subnet too."""
+        config, lease = self.config, self.lease
+        assert config is not None and lease is not None and self.backend is not None
+        ipv6 = None
+        if config.ipv6 is not None and lease.ipv6_subnet is not None:
+            ipv6 = (config.ipv6.network, lease.ipv6_subnet)
+        return SubnetEnv.for_lease(
+            config.network, lease.subnet, self.backend.mtu, self.options.iptables.ip_masq, ipv6
+        )

@@ -4,9 +4,12 @@ while it starts, and the pages of its health server (/healthz, /readyz, /metrics
 from __future__ import annotations
 
 import asyncio
+import heapq
 import time
+from collections.abc import Iterator
 from typing import Any
 
+from control.peer_table import Peer
 from overlay.dataplane.counters import add_snapshots
 from overlay.node.state import NodeState
 from overlay.observe import health, metrics
@@ -14,18 +17,46 @@ from overlay.observe import log as overlay_log
 from overlay.observe.version import version
 from tun import netlink
 
-# Up to this many peers /metrics is rendered on the loop, one pause between two drains
-# (README, "Health and metrics", has the cost per peer count); above, in a thread,
-# whose GIL share the drain loops take back every sys.getswitchinterval() (5 ms).
-RENDER_INLINE_PEERS = 200
+# Peer rows are built this many at a time for the status socket, the loop taking its
+# turn between slices: at 10,000 peers the table is a few tens of milliseconds of Python,
+# which as one piece would hold up the drains (README, "Scale").
+ROW_SLICE = 500
 
 
 class NodeView:
     def __init__(self, node: NodeState) -> None:
         self.node = node
 
-    def snapshot(self) -> dict[str, Any]:
-        """Everything `overlay status` shows (and /metrics exports), also while starting."""
+    def snapshot(self, peer_limit: int | None = None) -> dict[str, Any]:
+        """Everything `overlay status` shows (and /metrics exports), also while starting;
+        with ``peer_limit``, the rows of that many peers at most (the busiest)."""
+        st, rows = self._snapshot(peer_limit)
+        if rows is not None:
+            st["peers"] = [row for part in rows for row in part]
+        return st
+
+    async def status_snapshot(self, peer_limit: int | None = None) -> dict[str, Any]:
+        """``snapshot()``, its peer rows built a slice at a time (the drains run between
+        slices), plus what must be read from the kernel (off the loop)."""
+        st, rows = self._snapshot(peer_limit)
+        if rows is not None:
+            st["peers"] = found = []
+            for part in rows:
+                found += part
+                await asyncio.sleep(0)
+        backend = self.node.backend
+        link = backend.kernel_link() if backend is not None else None
+        if link is not None and st["state"] != "starting":
+            stats = await asyncio.to_thread(netlink.link_stats, link.name)
+            if stats is not None:
+                st["kernel_counters"] = {"device": link.name, **stats}
+                st["kernel_is_overlay"] = link.overlay_only
+        return st
+
+    def _snapshot(
+        self, peer_limit: int | None
+    ) -> tuple[dict[str, Any], Iterator[list[dict[str, Any]]] | None]:
+        """The snapshot without its peer rows, and the rows to come, in slices."""
         node = self.node
         ready, reason = node.readiness.check()
         base: dict[str, Any] = {
@@ -39,9 +70,10 @@ class NodeView:
             "log_lines_lost": overlay_log.lines_lost(),
         }
         if "datapath" not in node.readiness.done:
-            return {**base, "state": "starting"}
-        assert node.config is not None and node.backend is not None
-        return {
+            return {**base, "state": "starting"}, None
+        assert node.config is not None and node.backend is not None and node.peers is not None
+        status, reported = self.counters_and_status()
+        st = {
             **base,
             "lease": self._lease(),
             "network": str(node.config.network),
@@ -49,8 +81,12 @@ class NodeView:
             "datapath": node.backend.name,
             "iface": node.underlay.iface,
             "mtu": node.backend.mtu,
-            **self.counters_and_status(),
+            "underlay_mtu": node.underlay.mtu,
+            "mtu_changes": node.mtu_changes,
+            "peer_count": len(node.peers),
+            **status,
         }
+        return st, self._peer_slices(reported, peer_limit)
 
     def _lease(self) -> dict[str, Any]:
         node = self.node
@@ -73,14 +109,14 @@ class NodeView:
             "renew_margin_s": node.manager.renew_margin,
         }
 
-    def counters_and_status(self) -> dict[str, Any]:
-        """The backend's status, the peers with their traffic, and the counters: with
-        --workers, the sums over every worker (each one's own are in ``workers``).
-        ``repairs`` counts every kernel object and iptables rule put back, by kind."""
+    def counters_and_status(self) -> tuple[dict[str, Any], list[dict[str, list[float]]]]:
+        """The backend's status and the counters: with --workers, the sums over every
+        worker (each one's own are in ``workers``), and what each worker reported per
+        peer. ``repairs`` counts every kernel object and iptables rule put back, by kind."""
         node = self.node
-        assert node.backend is not None and node.peers is not None
+        assert node.backend is not None
         # The native drains keep their counts between wake-ups: added here, before the
-        # counters and the peers' PeerStats (peer_rows) are read.
+        # counters and the peers' PeerStats (peer rows) are read.
         node.counters.settle()
         backend = node.backend.status()
         workers = backend.get("workers")
@@ -99,68 +135,42 @@ class NodeView:
         if rules6 is not None:
             repairs["iptables"] = repairs.get("iptables", 0) + rules6.repairs
             backend["ip6tables"] = rules6.status()
-        return {
-            "peers": self.peer_rows(reported),
-            "counters": counters,
-            **backend,
-            "repairs": repairs,
-        }
+        return {"counters": counters, **backend, "repairs": repairs}, reported
 
-    def peer_rows(self, reported: list[dict[str, list[float]]]) -> list[dict[str, Any]]:
-        """Every peer; for a datapath in this process with its traffic: this process's
-        PeerStats plus what each worker reported for the same subnet."""
+    def _peer_slices(
+        self, reported: list[dict[str, list[float]]], limit: int | None
+    ) -> Iterator[list[dict[str, Any]]]:
+        """Every peer's row (or the ``limit`` busiest: most bytes both ways), by subnet,
+        ROW_SLICE at a time; for a datapath in this process with its traffic: this
+        process's PeerStats plus what each worker reported for the same subnet."""
         node = self.node
         assert node.peers is not None and node.backend is not None
-        now, wall = time.monotonic(), time.time()
+        peers = node.peers.peers()
         counted = node.backend.in_process
-        rows = []
-        for peer in sorted(node.peers.peers(), key=lambda p: p.net):
-            subnet = str(peer.lease.subnet)
-            row: dict[str, Any] = {"subnet": subnet, "public_ip": peer.addr[0]}
-            row["port"] = peer.addr[1]
-            if counted:
-                s = peer.stats
-                sums = [s.tx_packets, s.tx_bytes, s.rx_packets, s.rx_bytes]
-                last = [s.last_tx, s.last_rx]
-                for theirs in (report[subnet] for report in reported if subnet in report):
-                    sums = [a + int(b) for a, b in zip(sums, theirs[:4], strict=True)]
-                    last = [max(a, b) for a, b in zip(last, theirs[4:6], strict=True)]
-                keys = ("tx_packets", "tx_bytes", "rx_packets", "rx_bytes")
-                row.update(zip(keys, sums, strict=True))
-                for key, at in zip(("tx", "rx"), last, strict=True):
-                    row[f"last_{key}_s"] = round(now - at, 1) if at else None
-                    row[f"last_{key}_at"] = round(wall - (now - at), 3) if at else None
-            rows.append(row)
-        return rows
-
-    async def status_snapshot(self) -> dict[str, Any]:
-        """``snapshot()`` plus what must be read from the kernel (off the loop)."""
-        st = self.snapshot()
-        backend = self.node.backend
-        link = backend.kernel_link() if backend is not None else None
-        if link is not None and st["state"] != "starting":
-            stats = await asyncio.to_thread(netlink.link_stats, link.name)
-            if stats is not None:
-                st["kernel_counters"] = {"device": link.name, **stats}
-                st["kernel_is_overlay"] = link.overlay_only
-        return st
+        if limit is not None and len(peers) > limit:
+            peers = (
+                heapq.nlargest(limit, peers, key=lambda p: _traffic(p, reported)) if counted else []
+            )
+        peers.sort(key=lambda p: p.net)
+        now, wall = time.monotonic(), time.time()
+        for start in range(0, len(peers), ROW_SLICE):
+            yield [_row(p, reported, counted, now, wall) for p in peers[start : start + ROW_SLICE]]
 
     def drops(self) -> dict[str, int]:
         """Drops by reason, summed over every forwarding process."""
         if self.node.backend is None or self.node.peers is None:
             return {}
-        drops = self.counters_and_status()["counters"].get("drops") or {}
+        drops = self.counters_and_status()[0]["counters"].get("drops") or {}
         return dict(drops)
 
     # -- the health server's pages ------------------------------------------------------
 
     async def metrics_page(self) -> health.Page:
+        """/metrics: per-peer series for ``--metrics-peer-limit`` peers at most (the
+        busiest), so its size and cost stay bounded however large the cluster."""
         started = time.perf_counter()
-        st = await self.status_snapshot()
-        if len(st.get("peers", [])) <= RENDER_INLINE_PEERS:
-            body = metrics.render(st)
-        else:  # a big table: the GIL is handed back to the drain loops every 5 ms
-            body = await asyncio.to_thread(metrics.render, st)
+        st = await self.status_snapshot(self.node.options.metrics_peer_limit)
+        body = metrics.render(st)
         if overlay_log.enabled(2):
             ms = round((time.perf_counter() - started) * 1000, 2)
             self.node.log.debug("scraped", ms=ms)
@@ -179,3 +189,34 @@ class NodeView:
             "/readyz": self.readyz_page,
             "/metrics": self.metrics_page,
         }
+
+
+def _traffic(peer: Peer, reported: list[dict[str, list[float]]]) -> float:
+    """Bytes sent to and received from a peer, by every forwarding process."""
+    s = peer.stats
+    total: float = s.tx_bytes + s.rx_bytes
+    for report in reported:
+        theirs = report.get(peer.name)
+        if theirs is not None:
+            total += theirs[1] + theirs[3]
+    return total
+
+
+def _row(
+    peer: Peer, reported: list[dict[str, list[float]]], counted: bool, now: float, wall: float
+) -> dict[str, Any]:
+    """One peer as `overlay status` shows it; with its traffic when ``counted``."""
+    row: dict[str, Any] = {"subnet": peer.name, "public_ip": peer.addr[0], "port": peer.addr[1]}
+    if not counted:
+        return row
+    s = peer.stats
+    sums = [s.tx_packets, s.tx_bytes, s.rx_packets, s.rx_bytes]
+    last = [s.last_tx, s.last_rx]
+    for theirs in (report[peer.name] for report in reported if peer.name in report):
+        sums = [a + int(b) for a, b in zip(sums, theirs[:4], strict=True)]
+        last = [max(a, b) for a, b in zip(last, theirs[4:6], strict=True)]
+    row["tx_packets"], row["tx_bytes"], row["rx_packets"], row["rx_bytes"] = sums
+    for key, at in zip(("tx", "rx"), last, strict=True):
+        row[f"last_{key}_s"] = round(now - at, 1) if at else None
+        row[f"last_{key}_at"] = round(wall - (now - at), 3) if at else None
+    return row

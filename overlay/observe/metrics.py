@@ -32,6 +32,10 @@ from overlay.observe.version import version
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 44, 64)  # 44: the most 1472-byte segments in one GSO send
+# Per-peer series for at most this many peers by default (`--metrics-peer-limit`): every
+# node exports its peers, so a cluster of N nodes holds N x N of each per-peer family;
+# beyond the limit, the busiest peers (README, "Health and metrics").
+PEER_SERIES = 100
 # Counters of overlay.dataplane.counters.Counters other than traffic, drops and batches.
 FAST_PATH = {
     "tx_tun_super_packets": ("tun_super_packets_read", "TCP super-packets read from the TUN"),
@@ -110,8 +114,9 @@ def families(st: dict[str, Any]) -> Iterator[Metric]:
     registry = st.get("registry")
     if isinstance(registry, dict):
         yield from _registry_families(registry)
+    yield from _mtu_families(st)
     peers = st.get("peers", [])
-    yield _gauge("overlay_peers", "peers in the peer table", len(peers))
+    yield _gauge("overlay_peers", "peers in the peer table", st.get("peer_count", len(peers)))
     yield from _peer_families(peers)
     counters = st.get("counters") or {}
     if counters:
@@ -148,6 +153,20 @@ def _process_families(st: dict[str, Any]) -> Iterator[Metric]:
             "log lines that could not be written (stderr full or gone)",
             st["log_lines_lost"],
         )
+
+
+def _mtu_families(st: dict[str, Any]) -> Iterator[Metric]:
+    """The MTU pods get, the underlay's, and the changes of the underlay's followed."""
+    if "mtu" not in st:
+        return  # starting: no backend yet
+    yield _gauge("overlay_mtu", "the MTU pods get (FLANNEL_MTU)", st["mtu"])
+    if "underlay_mtu" in st:
+        yield _gauge("overlay_underlay_mtu", "the underlay interface's MTU", st["underlay_mtu"])
+    yield _counter(
+        "overlay_underlay_mtu_changes",
+        "changes of the underlay's MTU the node followed",
+        st.get("mtu_changes", 0),
+    )
 
 
 def _lease_families(lease: dict[str, Any]) -> Iterator[Metric]:
@@ -193,6 +212,11 @@ def _datapath_families(counters: dict[str, Any]) -> Iterator[Metric]:
         "overlay_icmp_unreachable_sent",
         "ICMP net-unreachable errors written back into the TUN",
         counters.get("icmp_unreachable_sent", 0),
+    )
+    yield _counter(
+        "overlay_icmp_frag_needed_sent",
+        "ICMP frag-needed errors written back into the TUN (packets longer than its MTU)",
+        counters.get("icmp_frag_needed_sent", 0),
     )
     for key, (name, doc) in FAST_PATH.items():
         yield _counter(f"overlay_{name}", doc, counters.get(key, 0))

@@ -18,13 +18,14 @@ import json
 import os
 import socket
 import stat
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 DEFAULT_SOCKET = "/run/flannel/overlay.sock"
 REQUEST_TIMEOUT = 1.0  # a client that sends nothing gets the status after this long
 REQUEST_LIMIT = 64 * 1024
+PIECE_ROWS = 500  # peers encoded per slice of a status answer
 
 Snapshot = Callable[[], Awaitable[dict[str, Any]]]
 # (the request's argument text, reader, writer) -> runs until the request is answered
@@ -120,7 +121,10 @@ async def serve(
             request = line.decode("utf-8", "replace").strip()
             command, _, rest = request.partition(" ")
             if command in ("", "status"):
-                writer.write(json.dumps(await snapshot()).encode() + b"\n")
+                for piece in json_pieces(await snapshot()):
+                    writer.write(piece)
+                    await asyncio.sleep(0)  # the drains run between two slices
+                writer.write(b"\n")
             elif command in handlers:
                 await handlers[command](rest, reader, writer)
             else:
@@ -135,6 +139,21 @@ async def serve(
     st = path.lstat()
     server = await asyncio.start_unix_server(answer, sock=sock, limit=REQUEST_LIMIT)
     return StatusServer(server, path, (st.st_dev, st.st_ino))
+
+
+def json_pieces(doc: dict[str, Any], key: str = "peers") -> Iterator[bytes]:
+    """``doc`` as JSON, its list under ``key`` (last) encoded PIECE_ROWS entries at a
+    time: tens of thousands of peers are not one long pause of the event loop."""
+    rows = doc.get(key)
+    if not isinstance(rows, list) or len(rows) <= PIECE_ROWS:
+        yield json.dumps(doc).encode()
+        return
+    rest = json.dumps({k: v for k, v in doc.items() if k != key})
+    yield f"{rest[:-1]}{', ' if len(rest) > 2 else ''}{json.dumps(key)}: [".encode()
+    for start in range(0, len(rows), PIECE_ROWS):
+        comma = ", " if start else ""
+        yield (comma + json.dumps(rows[start : start + PIECE_ROWS])[1:-1]).encode()
+    yield b"]}"
 
 
 def query(path: str | os.PathLike[str], timeout: float = 5.0) -> dict[str, Any]:

@@ -201,7 +201,9 @@ async def test_watch_applies_the_rules_to_snapshots_and_events(tmp_path: Path) -
     await registry.put(f"{SUBNETS}10.244.201.0-25", value("192.0.2.5"), TTL)
     await registry.put(f"{SUBNETS}10.244.202.0-24", value("0.0.0.0", Pad=HUGE), TTL)
     recorder = Recorder()
-    task = asyncio.create_task(m.watch(own, recorder.on_snapshot, recorder.on_event, config=CONFIG))
+    task = asyncio.create_task(
+        m.watch(own, recorder.on_snapshot, recorder.on_events, config=CONFIG)
+    )
     try:
         await wait_until(lambda: len(recorder.snapshots) == 1)
         assert [lease.subnet for lease in recorder.snapshots[0]] == [older.subnet]

@@ -92,6 +92,7 @@ def _stand_in(tun: int, sock: socket.socket, prefix: bytes, n: int, **extra: Any
         "_tx_arena": bytearray(2 * 65535 + 4096 + headroom + 3),
         "_rx_buffer": bytearray(2 * 65535),
         "_no_route": lambda packet: None,
+        "_too_big": lambda packet: None,
         "_answer_arp": lambda start, end, source: None,
     }
     fields.update(extra)

@@ -545,3 +545,56 @@ def test_mutated_packets_only_raise_codec_error(data: bytes) -> None:
     out = icmp.build_dest_unreachable(data, src=b"\x0a\x00\x00\x01")
     assert ipv4.header_checksum_ok(out)
     assert scapy_checksum(out[20:]) == 0
+
+
+# -- ICMP fragmentation needed (RFC 1191) ----------------------------------------------------
+
+
+@FAST
+@given(
+    pkt=scapy_packets(),
+    router=unicast_addresses,
+    mtu=st.integers(0, 0xFFFF),
+    ttl=st.integers(1, 255),
+)
+@example(pkt=IP(src="10.244.1.2", dst="10.244.2.3", flags="DF") / UDP() / (b"x" * 1400),
+         router="10.244.1.0", mtu=1372, ttl=64)  # fmt: skip
+def test_frag_needed_is_what_scapy_builds(pkt: IP, router: str, mtu: int, ttl: int) -> None:
+    """Byte for byte the packet scapy makes of the same fields: type 3 code 4, the
+    next-hop MTU in the header's last two bytes, the original quoted as for any
+    destination-unreachable (its header and up to 548 bytes, so the error stays <= 576)."""
+    original = bytes(pkt)
+    src = bytes(int(x) for x in router.split("."))
+    out = icmp.build_frag_needed(original, src=src, mtu=mtu, ttl=ttl)
+    quote = original[: min(IP(original).len, 548)]
+    theirs = IP(src=router, dst=pkt.src, ttl=ttl, id=0) / ICMP(
+        type=3, code=4, nexthopmtu=mtu
+    ) / quote  # fmt: skip
+    assert out == bytes(theirs)
+    parsed = IP(out)
+    assert (parsed[ICMP].type, parsed[ICMP].code, parsed[ICMP].nexthopmtu) == (3, 4, mtu)
+    assert out[24:26] == b"\x00\x00"  # unused
+    assert scapy_checksum(out[:20]) == 0 and scapy_checksum(out[20:]) == 0
+    assert len(out) <= 576
+
+
+@pytest.mark.parametrize("mtu", [-1, 0x10000, 2**63])
+def test_frag_needed_refuses_an_mtu_beyond_16_bits(mtu: int) -> None:
+    original = bytes(IP(src="10.244.1.2", dst="10.244.2.3") / UDP() / b"x")
+    with pytest.raises(CodecError) as info:
+        icmp.build_frag_needed(original, src=bytes([10, 244, 1, 0]), mtu=mtu)
+    assert info.value.reason == "bad_mtu"
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.binary(max_size=120) | mutated_packets(), st.integers(0, 0xFFFF))
+def test_frag_needed_of_anything_is_a_packet_or_a_codec_error(data: bytes, mtu: int) -> None:
+    """Malformed originals raise CodecError only; what is built is a valid IPv4 ICMP packet."""
+    try:
+        out = icmp.build_frag_needed(data, src=bytes([10, 244, 1, 0]), mtu=mtu)
+    except CodecError as e:
+        assert e.reason in PARSE_REASONS, e.reason
+        return
+    assert ipv4.header_checksum_ok(out)
+    assert scapy_checksum(out[20:]) == 0
+    assert IP(out)[ICMP].nexthopmtu == mtu

@@ -419,13 +419,13 @@ def tun_reads(draw: st.DrawFn) -> tuple[bytes, bytes]:
 
 
 def _tx_run(underlay: Any, codecs: str, reads: list[tuple[bytes, bytes]], framing: bool,
-            offload: bool, vnet: bool, repeat: int = 1) -> Any:  # fmt: skip
+            offload: bool, vnet: bool, repeat: int = 1, mtu: int = 0) -> Any:  # fmt: skip
     from tests.helpers.fake_tun import FakeTun
     from tests.helpers.wire import Wire
 
     tun, link = FakeTun(vnet), Wire(underlay, 8472 if framing else 8285)
     try:
-        dp = _dataplane(framing, codecs, tun, link, offload=offload, tun_tso=True)
+        dp = _dataplane(framing, codecs, tun, link, offload=offload, tun_tso=True, mtu=mtu)
         for vnet_hdr, packet in reads:
             tun.inject(packet, vnet_hdr)
         for _ in range(repeat):
@@ -448,6 +448,30 @@ def test_tx_drain_matches_the_reference(
     ICMP errors written back."""
     pure = _tx_run(underlay, "pure", reads, framing, offload, vnet)
     assert _tx_run(underlay, "native", reads, framing, offload, vnet) == pure
+
+
+@pytest.mark.underlay
+@given(
+    st.lists(tun_reads(), max_size=12),
+    st.booleans(),
+    st.booleans(),
+    st.booleans(),
+    st.sampled_from([68, 300, 576, 1372]),
+)
+@FAST
+def test_tx_drain_beyond_the_mtu_matches_the_reference(
+    underlay: Any,
+    reads: list[tuple[bytes, bytes]],
+    framing: bool,
+    offload: bool,
+    vnet: bool,
+    mtu: int,
+) -> None:
+    """With an MTU some reads exceed (packets queued before it was lowered, super-packets
+    cut at a larger one): the same DF packets answered with frag-needed (the ICMP errors
+    written back are compared), the same others sent, the same counts."""
+    pure = _tx_run(underlay, "pure", reads, framing, offload, vnet, mtu=mtu)
+    assert _tx_run(underlay, "native", reads, framing, offload, vnet, mtu=mtu) == pure
 
 
 @pytest.mark.underlay
@@ -752,6 +776,7 @@ def _stand_in(tun: socket.socket, headroom: int = 0, arena: int = 1 << 18, **ext
         "_tx_arena": bytearray(arena),
         "_rx_buffer": bytearray(2 * 65535),
         "_no_route": lambda packet: None,
+        "_too_big": lambda packet: None,
         "_answer_arp": lambda start, end, source: None,
     }
     fields.update(extra)

@@ -1,15 +1,44 @@
-"""Asking a running namespace testbed (overlay.lab.testbed): what a node says on its
-status socket, and a ping between two pods for as long as a block runs."""
+"""A namespace testbed (overlay.lab.testbed) for a test module, and asking it: what a node
+says on its status socket and its health server, and a ping between two pods for as long
+as a block runs."""
 
 from __future__ import annotations
 
 import re
 import signal
 import subprocess
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from overlay.lab.testbed import Testbed
+from tests.helpers.commands import PYTHON
+
+HEALTH_PORT = 9100  # --healthz-port of the testbeds that serve /metrics
+HTTP_GET = (  # a GET from inside a node: the status code on the first line, then the body
+    "import sys, urllib.request, urllib.error\n"
+    "try:\n"
+    "    r = urllib.request.urlopen(sys.argv[1], timeout=5); code, body = r.status, r.read()\n"
+    "except urllib.error.HTTPError as e:\n"
+    "    code, body = e.code, e.read()\n"
+    "sys.stdout.write(f'{code}\\n' + body.decode())\n"
+)
+
+
+def two_nodes(name: str, **kwargs: Any) -> Iterator[Testbed]:
+    """A 2-node testbed on the file registry, named ``name`` and a random suffix, for a
+    module fixture to yield from: up until the generator is closed, then down (also
+    after a failure)."""
+    tb = Testbed(name + uuid.uuid4().hex[:6], nodes=2, registry="file", **kwargs)
+    try:
+        tb.up()
+        yield tb
+    finally:
+        tb.down()
 
 
 def node_status(bed: Any, node: str | int) -> dict[str, Any]:
@@ -19,6 +48,29 @@ def node_status(bed: Any, node: str | int) -> dict[str, Any]:
     name = f"n{node}" if isinstance(node, int) else node
     result: dict[str, Any] = status.query(bed.state_dir / name / "status.sock")
     return result
+
+
+def health_get(bed: Any, node: str, path: str) -> tuple[int, str]:
+    """An HTTP GET of the node's health server, from inside the node."""
+    url = f"http://127.0.0.1:{HEALTH_PORT}{path}"
+    result = bed.exec(
+        node, [PYTHON, "-c", HTTP_GET, url], capture_output=True, text=True, timeout=20
+    )
+    assert result.returncode == 0, result.stderr
+    code, _, body = result.stdout.partition("\n")
+    return int(code), body
+
+
+def scrape(bed: Any, node: str) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
+    """/metrics parsed by prometheus-client's own parser: sample name -> labels -> value."""
+    code, body = health_get(bed, node, "/metrics")
+    assert code == 200
+    samples: dict[str, dict[tuple[tuple[str, str], ...], float]] = {}
+    for family in text_string_to_metric_families(body):
+        for sample in family.samples:
+            labels = tuple(sorted(sample.labels.items()))
+            samples.setdefault(sample.name, {})[labels] = sample.value
+    return samples
 
 
 @dataclass

@@ -26,17 +26,19 @@ async def wait_until(
 
 
 class Recorder:
-    """What a watch delivered: its snapshots and events, in order."""
+    """What a watch delivered: its snapshots and events, in order (and in batches)."""
 
     def __init__(self) -> None:
         self.snapshots: list[list[Lease]] = []
         self.events: list[LeaseEvent] = []
+        self.batches: list[list[LeaseEvent]] = []  # as delivered: one per watch response
 
     def on_snapshot(self, leases: list[Lease]) -> None:
         self.snapshots.append(leases)
 
-    def on_event(self, event: LeaseEvent) -> None:
-        self.events.append(event)
+    def on_events(self, events: list[LeaseEvent]) -> None:
+        self.events.extend(events)
+        self.batches.append(events)
 
     def added(self, subnet: IPv4Network) -> bool:
         return any(e.kind == "added" and e.subnet == subnet for e in self.events)
@@ -46,7 +48,7 @@ def start_watch(
     m: SubnetManager, own: Lease, recorder: Recorder, revision: int | None = None
 ) -> asyncio.Task[None]:
     return asyncio.create_task(
-        m.watch(own, recorder.on_snapshot, recorder.on_event, revision=revision)
+        m.watch(own, recorder.on_snapshot, recorder.on_events, revision=revision)
     )
 
 

@@ -16,26 +16,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from encap.ipv4 import build_header
 from overlay.lab.testbed import Testbed
 from tests.helpers.commands import PYTHON, overlay_cmd
 from tests.helpers.polling import poll
-from tests.helpers.testbed import node_status
+from tests.helpers.testbed import HEALTH_PORT, node_status, scrape
+from tests.helpers.testbed import HTTP_GET as GET
+from tests.helpers.testbed import health_get as get
 
 pytestmark = pytest.mark.netns
 
-HEALTH_PORT = 9100
 REGISTRY_TIMEOUT = 6  # the readiness grace for an unreachable registry, in seconds
-GET = (
-    "import sys, urllib.request, urllib.error\n"
-    "try:\n"
-    "    r = urllib.request.urlopen(sys.argv[1], timeout=5); code, body = r.status, r.read()\n"
-    "except urllib.error.HTTPError as e:\n"
-    "    code, body = e.code, e.read()\n"
-    "sys.stdout.write(f'{code}\\n' + body.decode())\n"
-)
 
 
 @pytest.fixture(scope="module")
@@ -57,27 +49,6 @@ def bed() -> Iterator[Testbed]:
         yield tb
     finally:
         tb.down()
-
-
-def get(bed: Testbed, node: str, path: str) -> tuple[int, str]:
-    """An HTTP GET of the node's health server, from inside the node."""
-    url = f"http://127.0.0.1:{HEALTH_PORT}{path}"
-    result = bed.exec(node, [PYTHON, "-c", GET, url], capture_output=True, text=True, timeout=20)
-    assert result.returncode == 0, result.stderr
-    code, _, body = result.stdout.partition("\n")
-    return int(code), body
-
-
-def scrape(bed: Testbed, node: str) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
-    """/metrics parsed by prometheus-client's own parser: sample name -> labels -> value."""
-    code, body = get(bed, node, "/metrics")
-    assert code == 200
-    samples: dict[str, dict[tuple[tuple[str, str], ...], float]] = {}
-    for family in text_string_to_metric_families(body):
-        for sample in family.samples:
-            labels = tuple(sorted(sample.labels.items()))
-            samples.setdefault(sample.name, {})[labels] = sample.value
-    return samples
 
 
 def ping(bed: Testbed, src: str, dst: str, count: int = 3) -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -17,34 +16,27 @@ import pytest
 
 from overlay.lab.testbed import Testbed
 from tests.helpers.polling import poll
-from tests.helpers.testbed import node_status
+from tests.helpers.testbed import node_status, two_nodes
 
 pytestmark = pytest.mark.netns
 EVENT_REPAIR = 3.0  # seconds: well under the 10 s periodic resync, so events did it
 
 
-def _bed(name: str, **kwargs: Any) -> Iterator[Testbed]:
-    tb = Testbed(name + uuid.uuid4().hex[:6], nodes=2, registry="file", **kwargs)
-    try:
-        tb.up()
-        yield tb
-    finally:
-        tb.down()
-
-
 @pytest.fixture(scope="module")
 def vx() -> Iterator[Testbed]:
-    yield from _bed("rv", backend="vxlan", kernel_nodes=(2,), pods_per_node=1)
+    yield from two_nodes("rv", backend="vxlan", kernel_nodes=(2,), pods_per_node=1)
 
 
 @pytest.fixture(scope="module")
 def hg() -> Iterator[Testbed]:
-    yield from _bed("rh", backend="host-gw", pods_per_node=1)
+    yield from two_nodes("rh", backend="host-gw", pods_per_node=1)
 
 
 @pytest.fixture(scope="module")
 def dr() -> Iterator[Testbed]:
-    yield from _bed("rd", backend="vxlan", kernel_nodes=(2,), direct_routing=True, pods_per_node=0)
+    yield from two_nodes(
+        "rd", backend="vxlan", kernel_nodes=(2,), direct_routing=True, pods_per_node=0
+    )
 
 
 def sh(bed: Testbed, node: str, command: str) -> str:

@@ -222,6 +222,26 @@ def test_trace_merges_the_captures_of_every_worker(bed: Testbed, tmp_path: Path)
     assert captured <= sum(sent) + 10, (captured, sent)
 
 
+def test_every_worker_follows_the_underlay_mtu(bed: Testbed) -> None:
+    """n1's eth0 lowered to 1400 and raised back: every process's dataplane reports the
+    new MTU (the main process tells its workers), and a pod's DF packet between the two
+    limits is answered with frag-needed."""
+    overhead = 28 if bed.backend == "udp" else 50
+
+    def mtus() -> list[Any]:
+        return [w["mtu"] for w in node_status(bed, "n1")["workers"]]
+
+    try:
+        bed.exec("n1", ["ip", "link", "set", "eth0", "mtu", "1400"], check=True)
+        wait_for(lambda: mtus() == [1400 - overhead] * 2, 5, f"both at {1400 - overhead}")
+        ping = ["ping", "-c", "1", "-W", "2", "-M", "do", "-s", "1400", bed.pod_ip("n2-p1")]
+        out = bed.exec("n1-p1", ping, capture_output=True, text=True).stdout
+        assert f"Frag needed and DF set (mtu = {1400 - overhead})" in out, out
+    finally:
+        bed.exec("n1", ["ip", "link", "set", "eth0", "mtu", "1500"], check=True)
+    wait_for(lambda: mtus() == [1500 - overhead] * 2, 5, f"both back at {1500 - overhead}")
+
+
 def test_killed_worker_is_reported_and_the_rest_forwards(bed: Testbed) -> None:
     child = worker_pids(bed, "n2")[0]
     os.kill(child, signal.SIGKILL)

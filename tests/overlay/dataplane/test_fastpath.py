@@ -9,6 +9,7 @@ one inner IPv4 packet no larger than the TUN MTU, with complete checksums.
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import json
 import socket
@@ -17,7 +18,7 @@ import subprocess
 import sys
 import uuid
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from scapy.layers.inet import IP, TCP, UDP
+from scapy.layers.inet import ICMP, IP, TCP, UDP
 
 from control.lease import Lease
 from control.peer_table import PeerTable
@@ -264,11 +265,14 @@ def dataplane(
     codecs: str,
     offload: bool = True,
     tun_tso: bool = False,
+    mtu: int = 0,
 ) -> UdpDataplane:
     peers = PeerTable(link.port)
     peers.upsert(PEER_A)
     peers.upsert(PEER_B)
-    dp = UdpDataplane(tun, link.sock, peers, OWN, Counters(), offload=offload, tun_tso=tun_tso)  # type: ignore[arg-type]
+    dp = UdpDataplane(
+        tun, link.sock, peers, OWN, Counters(), offload=offload, tun_tso=tun_tso, mtu=mtu
+    )  # type: ignore[arg-type]
     dp.native = codecs == "native"
     return dp
 
@@ -523,6 +527,101 @@ def test_rx_accepts_every_lease_of_a_sender(codecs: str, wires: Any) -> None:
     dp.on_socket_readable_gro()
     assert [_without_ident(p) for p in tun.written()] == [_without_ident(p) for p in packets[:2]]
     assert dp.counters.drops == {"rx_foreign_source": 1}
+
+
+# -- packets beyond the TUN's MTU (queued before the underlay's MTU was lowered) ----------
+
+
+def _frag_needed_for(reply: bytes, original: bytes, mtu: int) -> bool:
+    """``reply`` is ICMP frag-needed from our TUN address to ``original``'s sender, with
+    ``mtu`` and the quote a router sends (scapy decodes it)."""
+    parsed = IP(reply)
+    return bool(
+        parsed.src == "198.18.1.0"
+        and parsed.dst == IP(original).src
+        and (parsed[ICMP].type, parsed[ICMP].code, parsed[ICMP].nexthopmtu) == (3, 4, mtu)
+        and reply[28:] == original[:548]
+    )
+
+
+@UNDERLAY
+def test_tx_answers_frag_needed_beyond_the_mtu(codecs: str, wires: Any) -> None:
+    """MTU 1372: a TCP packet of 1428 bytes with DF, and a super-packet cut into segments
+    of 1452, are dropped and answered with frag-needed (mtu 1372); a UDP packet of 1428
+    without DF goes as it is; packets of exactly 1372 go. After set_mtu(1472) the same
+    packets go: the native drains heard of the new MTU."""
+    tun, link = FakeTun(True), wires()
+    dp = dataplane(tun, link, codecs, tun_tso=True, mtu=1372)
+    src, to_a = bytes([198, 18, 1, 5]), bytes([198, 18, 2, 9])
+    options = b""  # TCP headers of 20 bytes: the super-packet's hdr_len 40
+    big_tcp = Segment(1, 1, 1, 0x18, b"t" * 1388, src=src, dst=to_a, options=options).build()
+    big_udp = Segment(1, 1, 1, 0, b"u" * 1400, src=src, dst=to_a, protocol=17).build()
+    fits = Segment(1, 1, 1, 0x18, b"f" * 1332, src=src, dst=to_a, options=options).build()
+    bulk = Segment(1, 1, 1, 0x10, b"s" * 4200, src=src, dst=to_a, options=options).build()
+    super_hdr = struct.pack("=BBHHHH", 1, 1, 40, 1412, 20, 16)  # segments of 40 + 1412
+    assert (len(big_tcp), len(big_udp), len(fits)) == (1428, 1428, 1372)
+
+    def run() -> tuple[list[bytes], list[bytes]]:
+        """One drain of the four reads: the datagrams it sent, what it wrote back."""
+        before = len(link.datagrams())  # every send so far
+        for packet in (big_tcp, big_udp, fits):
+            tun.inject(packet)
+        tun.inject(bulk, super_hdr)
+        dp.on_tun_readable()
+        return [d for d, _ in link.datagrams()[before:]], tun.written()
+
+    sent, written = run()
+    assert sent == [big_udp, fits]
+    # The super-packet's quote is its first segment, as cut (ident, sequence, checksums).
+    first_segment = Segment(1, 1, 1, 0x10, b"s" * 1412, src=src, dst=to_a, options=b"").build()
+    assert len(written) == 2
+    assert _frag_needed_for(written[0], big_tcp, 1372)
+    assert _frag_needed_for(written[1], first_segment, 1372)
+    counters = dp.counters.snapshot()
+    assert counters["drops"] == {"tx_too_big": 2}
+    assert counters["icmp_frag_needed_sent"] == 2
+    assert counters["tx_packets"] == 2
+
+    dp.set_mtu(1472)
+    sent, written = run()
+    assert written == []
+    assert len(sent) == 3 + 3  # the three packets, the super-packet as 3 segments of <= 1452
+    assert sent[:3] == [big_tcp, big_udp, fits]
+    assert dp.counters.snapshot()["drops"] == {"tx_too_big": 2}
+
+
+@UNDERLAY
+def test_set_mtu_reaches_a_running_dataplane(codecs: str, wires: Any) -> None:
+    """Started on an event loop (the native drains are its readers), then set_mtu: the
+    readers that run next use the new MTU, and nothing the old ones counted is lost."""
+    tun, link = FakeTun(True), wires()
+    dp = dataplane(tun, link, codecs, mtu=1372)
+    src, to_a = bytes([198, 18, 1, 5]), bytes([198, 18, 2, 9])
+    packet = Segment(1, 1, 1, 0x18, b"t" * 1388, src=src, dst=to_a, options=b"").build()
+    loop = asyncio.new_event_loop()
+
+    def run_until(done: Callable[[], object]) -> None:
+        for _ in range(200):
+            loop.run_until_complete(asyncio.sleep(0.01))
+            if done():
+                return
+        raise AssertionError("the dataplane did not get to it in 2 s")
+
+    try:
+        dp.start(loop)
+        tun.inject(packet)
+        written: list[bytes] = []
+        run_until(lambda: written.extend(tun.written()) or written)
+        assert _frag_needed_for(written[0], packet, 1372)
+        dp.set_mtu(1472)
+        tun.inject(packet)
+        run_until(link.datagrams)
+        assert [d for d, _ in link.datagrams()] == [packet]
+        dp.stop(loop)
+        counters = dp.counters.snapshot()
+        assert (counters["drops"], counters["tx_packets"]) == ({"tx_too_big": 1}, 1)
+    finally:
+        loop.close()
 
 
 class RecordingTap:

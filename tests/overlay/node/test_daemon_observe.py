@@ -4,8 +4,10 @@ something, and the fatal line is stamped like the others."""
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -16,7 +18,10 @@ from pathlib import Path
 
 import pytest
 
+from control.file_registry import FileRegistry
+from overlay.lab.netns import entered
 from overlay.observe import status_socket as status
+from overlay.observe.metrics import PEER_SERIES
 from tests.helpers.commands import fatal_text, overlay_cmd
 from tests.helpers.polling import poll
 
@@ -188,3 +193,29 @@ def test_v_2_logs_every_registry_event(start, level: str, debug: bool) -> None:
     if debug:
         assert listed[0]["level"] == "debug"
     assert all(e["level"] != "debug" for e in run.events()) or debug
+
+
+def _metrics(ns: str, port: int) -> str:
+    with entered(ns):  # the connection's socket is made in the daemon's namespace
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        try:
+            connection.request("GET", "/metrics")
+            return connection.getresponse().read().decode()
+        finally:
+            connection.close()
+
+
+def test_metrics_have_per_peer_series_for_a_bounded_number_of_peers(start, tmp_path: Path) -> None:
+    """Issue 19: 150 peers, per-peer series for PEER_SERIES (100) of them; overlay_peers
+    and `overlay status` still count and list them all."""
+    port = 9155
+    run = up(start("--healthz-port", str(port), "--healthz-ip", "127.0.0.1"))
+    registry = FileRegistry(tmp_path / "r.json")
+    for i in range(150):
+        value = json.dumps({"PublicIP": f"192.0.2.{i + 10}", "PublicIPv6": None})
+        registry.put_sync(f"/coreos.com/network/subnets/198.18.{i + 100}.0-24", value.encode(), 600)
+    assert poll(lambda: len(status.query(run.sock)["peers"]) == 150, 20), run.text()
+    text = _metrics(run.ns, port)
+    assert "overlay_peers 150.0" in text
+    labelled = set(re.findall(r'^overlay_peer_sent_packets_total\{peer="([^"]+)"', text, re.M))
+    assert len(labelled) == PEER_SERIES, f"{len(labelled)} peers have series"

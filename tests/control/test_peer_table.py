@@ -1,0 +1,176 @@
+"""Issue 19: a burst of lease changes is applied in batches (one per watch response), each
+costing what it touches, and each gives exactly the table a from-scratch build gives.
+
+The registry is simulated as etcd keeps it (a key's create revision is the revision of
+its first put after it was absent); records are drawn from a small pool so that keys
+collide, overlap (two keys for one /24, a /23 over two /24s without a config), carry our
+own public IP, bad values or alias spellings. After every batch the incremental book and
+peer table are compared with a new book and table built from the registry's content.
+"""
+
+from __future__ import annotations
+
+import json
+from ipaddress import IPv4Address, IPv4Network
+from typing import Any
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from control.config import NetworkConfig, config_json, parse_config
+from control.lease import Lease
+from control.lease_rules import LeaseBook, Record
+from control.peer_table import PeerTable
+
+SUBNETS = "/coreos.com/network/subnets/"
+CONFIG = parse_config(config_json(IPv4Network("10.244.0.0/16")))
+OWN_IP = IPv4Address("192.0.2.1")
+NAMES = [
+    "10.244.1.0-24",
+    "10.244.1.0-24&fc00::-64",  # a second key for the same /24
+    "10.244.2.0-24",
+    "10.244.3.0-24",
+    "10.244.3.0-024",  # an alias spelling: rejected
+    "10.244.2.0-23",  # over .2 and .3: valid only without a config
+    "10.244.4.0-25",
+    "10.245.0.0-24",  # outside the config's network
+]
+PUBLIC = ["192.0.2.2", "192.0.2.3", "192.0.2.4", str(OWN_IP), "127.0.0.1"]
+
+# (name, public IP index or None for a broken value, backend type) or ("delete", name)
+put = st.tuples(
+    st.sampled_from(NAMES),
+    st.one_of(st.none(), st.integers(0, len(PUBLIC) - 1)),
+    st.sampled_from(["", "vxlan"]),
+)
+change = st.one_of(put, st.tuples(st.just("delete"), st.sampled_from(NAMES)))
+
+
+class Registry:
+    """Keys as etcd keeps them: value and create revision, one revision per change."""
+
+    def __init__(self) -> None:
+        self.revision = 0
+        self.keys: dict[str, tuple[bytes, int]] = {}
+
+    def record(self, name: str, public: int | None, backend: str) -> Record:
+        self.revision += 1
+        if public is None:
+            value = b"{not json"
+        else:
+            fields: dict[str, Any] = {"PublicIP": PUBLIC[public], "PublicIPv6": None}
+            if backend:
+                fields["BackendType"] = backend
+            value = json.dumps(fields).encode()
+        key = SUBNETS + name
+        created = self.keys[key][1] if key in self.keys else self.revision
+        self.keys[key] = (value, created)
+        return Record(key, value, True, created)
+
+    def delete(self, name: str) -> str:
+        self.revision += 1
+        self.keys.pop(SUBNETS + name, None)
+        return SUBNETS + name
+
+    def apply(self, item: tuple[Any, ...]) -> Record | str:
+        return self.delete(item[1]) if item[0] == "delete" else self.record(*item)
+
+    def records(self) -> list[Record]:
+        return [Record(k, v, True, c) for k, (v, c) in self.keys.items()]
+
+
+def leases_of(book: LeaseBook) -> list[tuple[Lease, int]]:
+    return [(lease, lease.create_revision) for lease in book.valid()]
+
+
+def same_table(a: PeerTable, b: PeerTable) -> None:
+    """Everything the hot path and the trace read, equal (stats are per object)."""
+    assert a.routes == b.routes
+    assert a.senders.keys() == b.senders.keys()
+    for ip, (sources, stats) in a.senders.items():
+        assert sources == b.senders[ip][0]
+        peer = a.by_public_ip(str(IPv4Address(ip)))
+        assert peer is not None and stats is peer.stats
+    assert sorted(a.peers(), key=lambda p: p.net) == sorted(b.peers(), key=lambda p: p.net)
+    for peer in a.peers():
+        ip = peer.addr[0]
+        assert a.by_public_ip(ip) == b.by_public_ip(ip)
+        assert a.sources_of(ip) == b.sources_of(ip)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    initial=st.lists(put, max_size=8),
+    batches=st.lists(st.lists(change, min_size=1, max_size=6), min_size=1, max_size=6),
+    with_config=st.booleans(),
+    own=st.sampled_from([None, "10.244.1.0-24", "10.244.2.0-24"]),
+)
+def test_each_batch_gives_the_table_a_fresh_build_gives(
+    initial: list[tuple[Any, ...]],
+    batches: list[list[tuple[Any, ...]]],
+    with_config: bool,
+    own: str | None,
+) -> None:
+    config: NetworkConfig | None = CONFIG if with_config else None
+    own_key = SUBNETS + own if own else None
+    registry = Registry()
+    book = LeaseBook(config, own_key=own_key, own_ip=OWN_IP)
+    book.reset([registry.record(*item) for item in initial])
+    table = PeerTable(8285)
+    table.replace_all(book.valid())
+    for batch in batches:
+        before = {lease.subnet: lease for lease in book.valid()}
+        changed, removed = book.apply([registry.apply(item) for item in batch])
+        fresh = LeaseBook(config, own_key=own_key, own_ip=OWN_IP)
+        fresh.reset(registry.records())
+        assert leases_of(book) == leases_of(fresh)
+        # The batch's net change, applied to what was valid before, is what is valid now.
+        for lease in removed:
+            del before[lease.subnet]
+        before.update((lease.subnet, lease) for lease in changed)
+        assert sorted(before.values(), key=lambda lease: lease.subnet) == book.valid()
+        table.apply(changed, [lease.subnet for lease in removed])
+        rebuilt = PeerTable(8285)
+        rebuilt.replace_all(fresh.valid())
+        same_table(table, rebuilt)
+
+
+@settings(max_examples=200, deadline=None)
+@given(batches=st.lists(st.lists(change, min_size=1, max_size=8), min_size=1, max_size=8))
+def test_a_published_table_is_never_changed_afterwards(batches: list[list[Any]]) -> None:
+    """What a reader (the native drains keep it between wake-ups) holds stays whole: a
+    batch changes copies and swaps them in, never the objects already published."""
+    registry = Registry()
+    book = LeaseBook(None, own_ip=OWN_IP)
+    table = PeerTable(8285)
+    for batch in batches:
+        routes, senders = table.routes, table.senders
+        frozen = ([(shift, dict(t)) for shift, t in routes], dict(senders))
+        changed, removed = book.apply([registry.apply(item) for item in batch])
+        table.apply(changed, [lease.subnet for lease in removed])
+        assert ([(shift, dict(t)) for shift, t in routes], dict(senders)) == frozen
+        if changed or removed:
+            assert table.routes is not routes and table.senders is not senders
+
+
+def test_a_batch_of_changes_is_one_swap_and_untouched_peers_stay_the_same_objects() -> None:
+    table = PeerTable(8285)
+    leases = [
+        Lease(IPv4Network(f"10.244.{i}.0/24"), IPv4Address(f"192.0.2.{i}"), create_revision=i)
+        for i in range(2, 12)
+    ]
+    table.replace_all(leases)
+    kept = table.get(leases[0].subnet)
+    routes = table.routes
+    moved = Lease(leases[1].subnet, IPv4Address("192.0.2.99"), create_revision=40)
+    new = Lease(IPv4Network("10.244.50.0/24"), IPv4Address("192.0.2.50"), create_revision=41)
+    changed, removed = table.apply([moved, new, leases[3]], [leases[2].subnet])
+    assert changed == [moved, new] and removed == [leases[2]]  # leases[3] is unchanged
+    assert table.routes is not routes
+    assert table.get(leases[0].subnet) is kept
+    assert table.by_public_ip("192.0.2.99") == table.get(moved.subnet)
+    assert table.by_public_ip("192.0.2.3") is None and table.sources_of("192.0.2.4") == ()
+    assert table.lookup(bytes([10, 244, 4, 9])) is None
+    # Removing the last peer of a length leaves no empty route table behind.
+    table.replace_all([])
+    assert table.routes == [] and table.senders == {} and len(table) == 0
