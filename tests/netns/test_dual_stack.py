@@ -223,6 +223,43 @@ def test_kernel_vxlan_v6_device_as_flanneld_makes_it(
     assert len(leases(registry)) == 2
 
 
+def link_mtu(ns: str, dev: str) -> int:
+    return int(json.loads(ip(ns, "-j", "link", "show", dev))[0]["mtu"])
+
+
+def test_flannel_v6_follows_the_underlays_mtu(
+    netns: Callable[[str], str], daemons: Any, tmp_path: Path
+) -> None:
+    """eth0 lowered under a running dual-stack kernel-vxlan node: flannel.1 takes
+    underlay - 50, flannel-v6.1 underlay - 70, subnet.env is rewritten with the new MTU
+    and keeps its IPv6 lines, the kernel state stays exact; raised, both come back."""
+    nodes, started, _ = start_nodes(
+        netns, daemons, tmp_path, {**DUAL, "Backend": {"Type": "vxlan"}}, "--kernel-vxlan"
+    )
+    node, daemon = nodes[0], started[0]
+    assert (link_mtu(node, "flannel.1"), link_mtu(node, "flannel-v6.1")) == (1450, 1430)
+    before = parse_subnet_env(daemon.subnet_file.read_text())
+    assert before.ipv6_network is not None and before.ipv6_subnet is not None
+    for underlay_mtu in (1400, 1500):
+        ip(node, "link", "set", "eth0", "mtu", str(underlay_mtu))
+
+        def devices(wanted: tuple[int, int] = (underlay_mtu - 50, underlay_mtu - 70)) -> bool:
+            return (link_mtu(node, "flannel.1"), link_mtu(node, "flannel-v6.1")) == wanted
+
+        def rewritten(mtu: int = underlay_mtu - 50) -> bool:
+            return parse_subnet_env(daemon.subnet_file.read_text()).mtu == mtu
+
+        assert poll(devices, timeout=5), (
+            link_mtu(node, "flannel.1"),
+            link_mtu(node, "flannel-v6.1"),
+        )
+        assert poll(rewritten, timeout=5), daemon.subnet_file.read_text()
+        env = parse_subnet_env(daemon.subnet_file.read_text())
+        assert (env.ipv6_network, env.ipv6_subnet) == (before.ipv6_network, before.ipv6_subnet)
+        assert poll(lambda: kernel_exact(daemon), timeout=15), kernel_of(daemon)
+    assert status.query(daemon.socket)["mtu_changes"] == 2
+
+
 def test_our_node_against_a_flannel_v6_made_by_hand(
     netns: Callable[[str], str], daemons: Any, tmp_path: Path
 ) -> None:
