@@ -22,7 +22,7 @@ PACKAGES = ("overlay", "bench", "control", "encap", "tun")
 # never one on its own floor or above. The top-level files of overlay/ are the programs.
 FLOORS: tuple[tuple[str, ...], ...] = (
     ("control", "encap", "tun"),
-    ("overlay/kernel", "overlay/observe"),
+    ("overlay/kernel", "overlay/observe", "overlay/impair"),
     ("overlay/dataplane",),
     ("overlay/backends",),
     ("overlay/node", "overlay/lab"),

@@ -19,6 +19,7 @@ from control.peer_table import PeerTable
 from overlay.dataplane.counters import Counters
 from overlay.dataplane.udp import UdpDataplane
 from overlay.dataplane.workers import Workers
+from overlay.impair.rules import Rules
 from overlay.kernel.reconcile import KernelState
 from overlay.observe.log import LogOptions
 
@@ -50,6 +51,7 @@ class DatapathOptions:
     offload: bool = True  # UDP GSO/GRO and the TUN's offloads, where the kernel has them
     tun_tso: bool = True  # TCP super-packets from the TUN, cut into segments here
     workers: int = 1  # forwarding processes, one per queue of a multi-queue TUN
+    impairment: Rules = field(default_factory=Rules)  # --impair: netem's rules at start
 
 
 @dataclass
@@ -140,6 +142,19 @@ class Backend:
 
     def peers_changed(self, added: list[Lease], removed: list[Lease]) -> None:
         """Peers were added (or changed) and removed; the peer table is already updated."""
+
+    @property
+    def impairment(self) -> Rules:
+        """The impairment rules in force (overlay.impair)."""
+        return Rules()
+
+    def impair(self, rules: Rules) -> None:
+        """Impair the datapath as ``rules`` say from now on; only a datapath in this
+        process can (the message says why not)."""
+        raise BackendError(
+            f"impairment needs a datapath in this process (the udp backend, or vxlan's "
+            f"userspace datapath): this node's {self.name} datapath forwards in the kernel"
+        )
 
     def status(self) -> dict[str, Any]:
         return {}

@@ -18,6 +18,7 @@ from overlay.dataplane.spec import DataplaneSpec, build_dataplane
 from overlay.dataplane.udp_socket import open_socket
 from overlay.dataplane.worker_protocol import WorkerSpec
 from overlay.dataplane.workers import Workers
+from overlay.impair.rules import Rules
 from overlay.kernel.objects import Address, KernelObject, Link, Route
 from overlay.kernel.reconcile import NODE, KernelState, Program
 from tun import netlink, steering
@@ -35,6 +36,7 @@ class UserspaceBackend(Backend):
         self.lease: Lease | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._rebuild_task: asyncio.Task[None] | None = None
+        self._impairment = Rules()
         self.kernel: KernelState = KernelState(
             ctx.log,
             program=self._peer_objects(),
@@ -90,6 +92,7 @@ class UserspaceBackend(Backend):
         self.dataplane = dataplane = build_dataplane(
             spec, self.tun, sock, self.ctx.peers, self.ctx.counters
         )
+        dataplane.set_impairment(self._impairment)
         if count > 1:
             await self._start_workers(count - 1, self.worker_spec(spec.as_built(dataplane)))
         dataplane.start(asyncio.get_running_loop())
@@ -135,6 +138,7 @@ class UserspaceBackend(Backend):
             offload_features=self.tun.offload_features,
             features=self.dataplane.features(),
             log=self.ctx.log_options,
+            impairment=self._impairment.to_json(),
         )
 
     async def follow_underlay(self, underlay: Underlay) -> None:
@@ -149,6 +153,19 @@ class UserspaceBackend(Backend):
             self.workers.set_mtu(mtu)
         if self.lease is not None:
             await asyncio.wrap_future(self.kernel.set(NODE, self.node_objects(self.lease)))
+
+    @property
+    def impairment(self) -> Rules:
+        return self._impairment
+
+    def impair(self, rules: Rules) -> None:
+        """This process's dataplane and every worker's, from their next wake-up on (before
+        start: from the first)."""
+        self._impairment = rules
+        if self.dataplane is not None:
+            self.dataplane.set_impairment(rules)
+        if self.workers is not None:
+            self.workers.impair(rules)
 
     def peers_changed(self, added: list[Lease], removed: list[Lease]) -> None:
         if self.workers is not None:
@@ -188,6 +205,7 @@ class UserspaceBackend(Backend):
         result: dict[str, Any] = {
             "tun": self.tun.name if self.tun else None,
             "features": self.dataplane.features() if self.dataplane else {},
+            "impairment": self._impairment.to_json(),
             **self.kernel.status(),
         }
         if self.workers is not None:

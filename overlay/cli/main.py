@@ -18,6 +18,7 @@ commands:
   run       the per-node daemon (flanneld's flags; see `overlay run --help`)
   status    what a running daemon knows: lease, registry, peers, counters (--json, --watch)
   trace     capture what crosses a running daemon as pcapng (tcpdump-like; see --help)
+  impair    delay, lose, duplicate, corrupt, reorder, rate-limit its packets, as netem would
   testbed   build/tear down a network-namespace testbed (up|down|status|exec)
   bench     the benchmark matrix -> bench/results/ (see `overlay bench --help`)
 """
@@ -41,6 +42,10 @@ def main(argv: list[str] | None = None) -> int:
         from overlay.cli import trace
 
         return trace.main(rest)
+    if command == "impair":
+        from overlay.cli import impair
+
+        return impair.main(rest)
     if command == "testbed":
         from overlay.cli import testbed
 

@@ -23,6 +23,8 @@ from control.etcd_registry import Endpoint, TlsFiles, parse_endpoints
 from control.lease import DEFAULT_PREFIX
 from overlay.backends.base import DatapathOptions
 from overlay.cli.parser import BoolFlag, OneLineParser, integer, parse_bool, seconds
+from overlay.impair.rules import Change, Rules
+from overlay.impair.spec import ImpairError
 from overlay.node.daemon import run
 from overlay.node.iptables import IptablesOptions
 from overlay.node.options import NodeOptions
@@ -30,6 +32,7 @@ from overlay.node.registry import RegistryOptions
 from overlay.node.underlay import UnderlayOptions
 from overlay.observe.log import LogOptions
 from overlay.observe.metrics import PEER_SERIES
+from overlay.observe.status_socket import default_path
 from overlay.observe.version import version
 
 PROG = "overlay run"
@@ -86,6 +89,13 @@ def _endpoints(text: str) -> list[Endpoint]:
     try:
         return parse_endpoints(text)
     except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _impairment(text: str) -> Change:
+    try:
+        return Change.from_words(text)
+    except ImpairError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
@@ -269,8 +279,9 @@ class RunFlags:
         )
         add(
             "--status-socket",
-            default="/run/flannel/overlay.sock",
-            help="Unix socket `overlay status` reads (default /run/flannel/overlay.sock)",
+            help="Unix socket (0600) `overlay status`, `trace` and `impair` talk to (default: "
+            "per network namespace, /run/flannel/overlay.sock in the machine's own, "
+            "/run/flannel/netns/<name>/overlay.sock in one `ip netns` named)",
         )
         add("--tun-name", default="flannel0", help="TUN device (default flannel0)")
         add(
@@ -305,6 +316,17 @@ class RunFlags:
             default=1,
             help="forwarding processes for the udp and userspace vxlan backends, one per "
             "queue of a multi-queue TUN, each with its own SO_REUSEPORT socket (default 1)",
+        )
+        add(
+            "--impair",
+            action="append",
+            type=_impairment,
+            default=[],
+            metavar="'[peer SUBNET] [direction out|in|both] NETEM'",
+            help="udp and userspace vxlan: impair the datapath from the start as netem "
+            "would, e.g. 'delay 20ms 5ms loss 1%%' (every peer, what we send) or 'peer "
+            "198.18.3.0/24 direction in rate 10mbit'; repeatable; `overlay impair` changes "
+            "it while running",
         )
         add(
             "-v",
@@ -476,6 +498,7 @@ def options_from(args: argparse.Namespace) -> NodeOptions:
             offload=not args.no_offload,
             tun_tso=not args.no_tun_tso,
             workers=args.workers,
+            impairment=_rules(args.impair),
         ),
         iptables=IptablesOptions(
             ip_masq=args.ip_masq,
@@ -485,7 +508,7 @@ def options_from(args: argparse.Namespace) -> NodeOptions:
         ),
         log=LogOptions(args.log_format, args.v),
         subnet_file=Path(args.subnet_file),
-        status_socket=Path(args.status_socket),
+        status_socket=Path(args.status_socket) if args.status_socket else default_path(),
         healthz_ip=args.healthz_ip,
         healthz_port=args.healthz_port,
         metrics_peer_limit=args.metrics_peer_limit,
@@ -494,6 +517,13 @@ def options_from(args: argparse.Namespace) -> NodeOptions:
         blackhole_route=args.ip_blackhole_route,
         ignored_flags=tuple(args.ignored_flags),
     )
+
+
+def _rules(changes: list[Change]) -> Rules:
+    rules = Rules()
+    for change in changes:
+        rules = rules.changed(change)
+    return rules
 
 
 def main(argv: Sequence[str]) -> int:

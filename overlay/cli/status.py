@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from overlay.cli.parser import OneLineParser
-from overlay.observe.status_socket import DEFAULT_SOCKET, query
+from overlay.observe.status_socket import default_path, query
 
 # -- the table ---------------------------------------------------------------------------
 
@@ -106,6 +106,7 @@ def format_table(
         *_node_lines(st),
         *_traffic_lines(counters, st.get("kernel_counters"), rates),
         *_worker_lines(st.get("workers")),
+        *_impairment_lines(st.get("impairment"), counters),
         "",
         *_peer_lines(st.get("peers", []), rates),
         "",
@@ -194,6 +195,32 @@ def _traffic_lines(
             f"dropped {kernel.get('tx_dropped', 0)} out / {kernel.get('rx_dropped', 0)} in, "
             f"errors {kernel.get('tx_errors', 0)} / {kernel.get('rx_errors', 0)}"
         )
+    return lines
+
+
+def _impairment_lines(rules: list[dict[str, Any]] | None, counters: dict[str, Any]) -> list[str]:
+    """The impairment rules in force and what they did, out / in."""
+    if not rules:
+        return []
+    lines = [
+        f"{'impaired' if i == 0 else '':<10} {rule['peer'] or 'all peers'} {rule['direction']}: "
+        f"{rule['netem']}"
+        for i, rule in enumerate(rules)
+    ]
+    done = counters.get("impaired") or {}
+    drops = counters.get("drops") or {}
+
+    def both(what: str) -> str:
+        return f"{_count(done.get(f'tx_{what}', 0))} / {_count(done.get(f'rx_{what}', 0))}"
+
+    lost = [
+        sum(n for r, n in drops.items() if r.startswith(f"{side}_impair_")) for side in ("tx", "rx")
+    ]
+    lines.append(
+        f"{'':<10} out / in: delayed {both('delayed')}, dropped {_count(lost[0])} / "
+        f"{_count(lost[1])}, duplicated {both('duplicated')}, corrupted {both('corrupted')}, "
+        f"reordered {both('reordered')}; queued now {counters.get('impair_queued', 0)}"
+    )
     return lines
 
 
@@ -316,8 +343,9 @@ def main(argv: list[str]) -> int:
     parser = OneLineParser(prog="overlay status", description=__doc__.splitlines()[0])
     parser.add_argument(
         "--status-socket",
-        default=os.environ.get("FLANNELD_STATUS_SOCKET", DEFAULT_SOCKET),
-        help=f"the daemon's status socket (default {DEFAULT_SOCKET})",
+        default=os.environ.get("FLANNELD_STATUS_SOCKET") or str(default_path()),
+        help="the daemon's status socket (default: this network namespace's, as `overlay "
+        "run` chooses it; FLANNELD_STATUS_SOCKET also sets it)",
     )
     add_output_flags(parser)
     args = parser.parse_args(argv)

@@ -22,7 +22,7 @@ from typing import IO
 from encap import pcapng
 from overlay.cli.parser import OneLineParser
 from overlay.observe import trace_filter
-from overlay.observe.status_socket import DEFAULT_SOCKET
+from overlay.observe.status_socket import default_path
 from overlay.observe.trace import (
     DEFAULT_SNAPLEN,
     MAX_SNAPLEN,
@@ -45,8 +45,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--status-socket",
-        default=os.environ.get("FLANNELD_STATUS_SOCKET", DEFAULT_SOCKET),
-        help=f"the daemon's status socket (default {DEFAULT_SOCKET})",
+        default=os.environ.get("FLANNELD_STATUS_SOCKET") or str(default_path()),
+        help="the daemon's status socket (default: this network namespace's, as `overlay "
+        "run` chooses it; FLANNELD_STATUS_SOCKET also sets it)",
     )
     p.add_argument("-c", dest="count", type=_count, default=0, help="stop after COUNT packets")
     p.add_argument(

@@ -15,6 +15,7 @@ from overlay.dataplane.counters import Counters
 from overlay.dataplane.limits import BUDGET, MAX_DATAGRAM, TX_ARENA
 from overlay.dataplane.rate_limiter import RateLimiter
 from overlay.dataplane.udp_socket import enable_udp_gro, probe_udp_segment
+from overlay.impair.rules import Links
 from overlay.observe.tap import Tap
 from tun.device import TunDevice
 from tun.offload import VNET_HDR_LEN
@@ -50,6 +51,10 @@ class Dataplane:
         self._own = (self.own_net >> self.own_shift, self.own_shift)  # as gso.valid_pieces
         self.icmp_limit = RateLimiter()
         self.tap: Tap | None = None  # an attached `overlay trace` (overlay.observe.tap)
+        # Impairment (overlay.dataplane.impaired): the models of the impaired links, None
+        # while nothing is impaired; what the wake-ups then hand over is in ``impaired``.
+        self.links: Links | None = None
+        self.impaired: frozenset[str] = frozenset()  # directions impaired: "out", "in"
         # The per-byte and per-packet work in C (encap.native), else the pure reference.
         self.native = native.AVAILABLE
         self._drains: Any = None  # native.Drains, made on first use (_native_drains)

@@ -30,6 +30,10 @@ class Counters:
     # capped at BATCH_MAX. Bumped once per send or receive, never per packet.
     tx_batch: list[int] = field(default_factory=lambda: [0] * (BATCH_MAX + 1))
     rx_batch: list[int] = field(default_factory=lambda: [0] * (BATCH_MAX + 1))
+    # Impairment (overlay.dataplane.impaired): "tx_delayed", "rx_duplicated", ... (its
+    # drops are in ``drops``: "tx_impair_loss", ...), and the packets held right now.
+    impaired: Counter[str] = field(default_factory=Counter)
+    impair_queued: int = 0
     # What adds counts kept elsewhere so far to these counters and to the peers' stats
     # (the native drains keep theirs between wake-ups: encap.native.Drains.flush, one
     # per running dataplane). settle() calls each; snapshot() settles first.
@@ -55,24 +59,31 @@ class Counters:
             "rx_gro_receives": self.rx_gro_receives,
             "rx_tun_super_packets": self.rx_tun_super_packets,
             "drops": dict(sorted(self.drops.items())),
+            "impaired": dict(sorted(self.impaired.items())),
+            "impair_queued": self.impair_queued,
             "tx_batch": list(self.tx_batch),
             "rx_batch": list(self.rx_batch),
         }
 
 
 def add_snapshots(snapshots: list[dict[str, object]]) -> dict[str, object]:
-    """The sum of several ``Counters.snapshot()``s (one per worker), drops by reason."""
+    """The sum of several ``Counters.snapshot()``s (one per worker); dicts (drops,
+    impaired) by key."""
     sums: Counter[str] = Counter()
-    drops: Counter[str] = Counter()
+    tables: dict[str, Counter[str]] = {"drops": Counter()}
     batches: dict[str, list[int]] = {}
     for snapshot in snapshots:
         for name, value in snapshot.items():
             if isinstance(value, dict):
-                drops.update(value)
+                tables.setdefault(name, Counter()).update(value)
             elif isinstance(value, list):
                 total = batches.setdefault(name, [0] * len(value))
                 for i, n in enumerate(value[: len(total)]):
                     total[i] += n
             elif isinstance(value, int):
                 sums[name] += value
-    return {**sums, "drops": dict(sorted(drops.items())), **batches}
+    return {
+        **sums,
+        **{name: dict(sorted(table.items())) for name, table in tables.items()},
+        **batches,
+    }

@@ -12,12 +12,16 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 
 from encap import gso, native
 from overlay.dataplane.base import Dataplane
 from overlay.dataplane.counters import BATCH_MAX
 from overlay.dataplane.limits import BUDGET, MAX_DATAGRAM
 from overlay.dataplane.udp_socket import GRO_CMSG_SPACE, MSG_TRUNC
+
+# Where a receive goes: (source, bytes in the RX buffer, datagram size) -> written or not.
+Deliver = Callable[[tuple[str, int], int, int], None]
 
 
 class ReceivePath(Dataplane):
@@ -28,9 +32,20 @@ class ReceivePath(Dataplane):
             drains.rx()
             drains.flush()
             return
+        self._receive_each(self._deliver)
+
+    def _receive(self, deliver: Deliver) -> None:
+        """One wake-up's receives, each handed to ``deliver`` (``_deliver``, or the
+        impaired path's, ``overlay.dataplane.impaired``)."""
+        if self.gro:
+            self._receive_gro(deliver)
+        else:
+            self._receive_each(deliver)
+
+    def _receive_each(self, deliver: Deliver) -> None:
+        """on_socket_readable's loop."""
         recv = self.sock.recvfrom_into
         buf = self._rx_buffer
-        deliver = self._deliver
         for _ in range(BUDGET):
             try:
                 size, source = recv(buf)
@@ -58,11 +73,14 @@ class ReceivePath(Dataplane):
             drains.rx()
             drains.flush()
             return
+        self._receive_gro(self._deliver)
+
+    def _receive_gro(self, deliver: Deliver) -> None:
+        """on_socket_readable_gro's loop: receive, split, gather."""
         recv = self.sock.recvmsg_into
         view = self._rx_view
         whole = [self._rx_buffer]  # no run open: receive at the front, no new slice
         gro_size = gso.gro_size
-        deliver = self._deliver
         moved = coalesced = 0
         at = run_size = 0  # the open run: its bytes so far, its datagram size
         run_source = ("", 0)

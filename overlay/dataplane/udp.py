@@ -42,33 +42,18 @@ from __future__ import annotations
 
 import asyncio
 
-from overlay.dataplane.receive import ReceivePath
-from overlay.dataplane.send import SendPath
+from overlay.dataplane.impaired import ImpairPath
 
 
-class UdpDataplane(SendPath, ReceivePath):
+class UdpDataplane(ImpairPath):
     """flannel's udp framing: the datagram is the inner packet (``VxlanDataplane`` adds
     its prefix and its receive rules)."""
 
-    _loop: asyncio.AbstractEventLoop | None = None  # while started: the readers' loop
-
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
-        drains = self._native_drains()
-        if drains is not None:
-            # The callbacks below, in C: no Python per wake-up. With a trace attached they
-            # hand the wake-up to these methods.
-            loop.add_reader(self.tun.fd, drains.tx)
-            loop.add_reader(self.sock.fileno(), drains.rx)
-            return
-        loop.add_reader(self.tun.fd, self.on_tun_readable)
-        rx = self.on_socket_readable_gro if self.gro else self.on_socket_readable
-        loop.add_reader(self.sock.fileno(), rx)
+        self._register(loop)  # sets self._loop
 
     def stop(self, loop: asyncio.AbstractEventLoop) -> None:
-        loop.remove_reader(self.tun.fd)
-        loop.remove_reader(self.sock.fileno())
-        self._loop = None
+        self._unregister(loop)  # clears self._loop
         self._retire_drains()
 
     def set_mtu(self, mtu: int) -> None:
@@ -79,7 +64,7 @@ class UdpDataplane(SendPath, ReceivePath):
         self.mtu = mtu
         had_drains = self._retire_drains()
         if had_drains and self._loop is not None:
-            self.start(self._loop)
+            self._register(self._loop)
 
     def _retire_drains(self) -> bool:
         """Add the native drains' counts now and drop them (a start() makes new ones):

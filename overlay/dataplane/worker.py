@@ -28,6 +28,7 @@ from overlay.dataplane.worker_protocol import (
     apply_message,
     peer_report,
 )
+from overlay.impair.rules import Rules
 from overlay.observe import log as overlay_log
 from overlay.observe.trace import Capture, Endpoint, TapSet, Tracer, TraceRequest
 from tun.device import TunDevice
@@ -120,6 +121,7 @@ async def serve(args: argparse.Namespace) -> int:
     try:
         dataplane = _built(spec, tun, sock)
         apply_message(dataplane.peers, json.loads(await reader.readline() or b"{}"))
+        dataplane.set_impairment(Rules.from_json(spec.impairment))
         dataplane.start(loop)
     except Exception as e:
         log.error("worker_failed", error=str(e) or type(e).__name__)
@@ -138,6 +140,8 @@ async def serve(args: argparse.Namespace) -> int:
                 tracing.stop(message["trace_stop"])
             elif "mtu" in message:
                 dataplane.set_mtu(int(message["mtu"]))
+            elif "impair" in message:
+                dataplane.set_impairment(Rules.from_json(message["impair"]))
             else:
                 apply_message(dataplane.peers, message)
     except ConnectionResetError:

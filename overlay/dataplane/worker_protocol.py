@@ -11,10 +11,12 @@ then the full peer table, then every change (``{"add": [[key, value, create_revi
 "remove": [key]}``, leases in the registry's own key/value form, parsed with
 ``control.lease``, and their age, which orders a public IP's leases). Worker -> main:
 a report (counters, features, its MTU, per-peer traffic) when forwarding starts and every
-second after. ``overlay trace`` adds ``{"trace": {"id": N, ...request}}`` and
-``{"trace_stop": N}`` (main -> worker) and ``{"capture": [N, ...]}`` (worker -> main: one
-packet the worker's tracer kept, merged into the client's stream). ``{"mtu": N}`` (main ->
-worker): the TUN's MTU changed, as the underlay's did (``UdpDataplane.set_mtu``).
+second after. ``overlay impair`` sends ``{"impair": [rule, ...]}`` (the rules in force, as
+``overlay.impair.rules.Rules.to_json``; the spec carries those at start). ``{"mtu": N}``
+(main -> worker): the TUN's MTU changed, as the underlay's did (``UdpDataplane.set_mtu``).
+``overlay trace`` adds ``{"trace": {"id": N, ...request}}`` and ``{"trace_stop": N}``
+(main -> worker) and ``{"capture": [N, ...]}`` (worker -> main: one packet the worker's
+tracer kept, merged into the client's stream).
 A worker exits on EOF, so a killed main leaves no orphan; the main process warns once
 when a worker dies and does not restart it: its TUN queue and socket close with it, so
 the kernel steers its share of the traffic to the queues that are left.
@@ -23,7 +25,7 @@ the kernel steers its share of the traffic to the queues that are left.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from control.lease import Lease, parse_lease, parse_subnet_key
@@ -47,6 +49,7 @@ class WorkerSpec:
     offload_features: int  # TUNSETOFFLOAD flags set on the device
     features: dict[str, bool]  # the main process's dataplane features: a worker must match
     log: LogOptions
+    impairment: list[dict[str, Any]] = field(default_factory=list)  # Rules.to_json()
 
     def to_json(self, index: int) -> dict[str, Any]:
         return {
@@ -59,6 +62,7 @@ class WorkerSpec:
             "features": self.features,
             "log_format": self.log.format,
             "v": self.log.verbosity,
+            "impairment": self.impairment,
         }
 
     @classmethod
@@ -71,6 +75,7 @@ class WorkerSpec:
             offload_features=int(value["offload_features"]),
             features={str(k): bool(v) for k, v in value["features"].items()},
             log=LogOptions(str(value.get("log_format", "console")), int(value.get("v", 0))),
+            impairment=list(value.get("impairment", [])),
         )
 
 

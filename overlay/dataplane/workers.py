@@ -28,6 +28,7 @@ from typing import Any
 from control.lease import Lease
 from overlay.dataplane.counters import Counters
 from overlay.dataplane.worker_protocol import LINE_LIMIT, WorkerSpec, lease_message
+from overlay.impair.rules import Rules
 from overlay.observe.trace import Capture, TraceRequest
 
 START_TIMEOUT = 15.0  # a worker imports the dataplane modules, ~0.5 s on a quiet machine
@@ -177,6 +178,10 @@ class Workers:
     def set_mtu(self, mtu: int) -> None:
         """The TUN's MTU changed: every worker's dataplane takes it (``set_mtu``)."""
         self._send({"mtu": mtu})
+
+    def impair(self, rules: Rules) -> None:
+        """Every worker impairs as ``rules`` say, from its next wake-up on."""
+        self._send({"impair": rules.to_json()})
 
     def _captured(self, value: list[Any]) -> None:
         emit = self._traces.get(value[0])

@@ -24,6 +24,7 @@ from overlay.kernel.reconcile import RESYNC_INTERVAL, KernelWatch
 from overlay.node import lifecycle, systemd
 from overlay.node.events import PeerEvents
 from overlay.node.fatal import Fatal
+from overlay.node.impairing import serve_impair
 from overlay.node.iptables import IptablesKeeper
 from overlay.node.mtu import MtuFollower
 from overlay.node.options import NodeOptions
@@ -132,9 +133,15 @@ class Daemon:
         ) -> None:
             await serve_trace(node, argument, reader, writer)
 
+        async def impair(
+            argument: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+        ) -> None:
+            await serve_impair(node, argument, reader, writer)
+
+        handlers: dict[str, status_socket.Handler] = {"trace": trace, "impair": impair}
         try:
             return await status_socket.serve(
-                node.options.status_socket, self.view.status_snapshot, {"trace": trace}
+                node.options.status_socket, self.view.status_snapshot, handlers
             )
         except status_socket.StatusSocketError as e:
             raise Fatal(str(e)) from None

@@ -14,6 +14,7 @@ from overlay.node.registry import RegistryOptions
 from overlay.node.underlay import UnderlayOptions
 from overlay.observe.log import LogOptions
 from overlay.observe.metrics import PEER_SERIES
+from overlay.observe.status_socket import default_path
 
 
 @dataclass(frozen=True)
@@ -24,7 +25,7 @@ class NodeOptions:
     iptables: IptablesOptions = field(default_factory=IptablesOptions)
     log: LogOptions = field(default_factory=LogOptions)
     subnet_file: Path = Path("/run/flannel/subnet.env")
-    status_socket: Path = Path("/run/flannel/overlay.sock")
+    status_socket: Path = field(default_factory=default_path)  # per network namespace
     healthz_ip: str = "0.0.0.0"
     healthz_port: int = 0  # 0: no health server
     metrics_peer_limit: int = PEER_SERIES  # /metrics: per-peer series for at most this many

@@ -196,6 +196,8 @@ class Startup:
         node.config = config = await self.network_config()
         node.backend = backend = await self._backend(config)
         self.check_ipv6_address(config)
+        if node.options.datapath.impairment:  # refused at once by a kernel datapath
+            backend.impair(node.options.datapath.impairment)
         iptables = node.iptables.command()
         backend.prepare()  # the TUN, before any lease: a permission error leaves nothing
         node.manager.backend_type = backend.lease_type

@@ -125,6 +125,8 @@ def families(st: dict[str, Any]) -> Iterator[Metric]:
     if kernel:
         own = not counters and bool(st.get("kernel_is_overlay"))
         yield from _kernel_families(kernel, own=own)
+    if "impairment" in st:
+        yield from _impairment_families(st["impairment"], counters)
     if "arp_replies" in st:
         yield _counter("overlay_arp_replies", "ARP replies sent for our VTEP", st["arp_replies"])
     yield from _state_families(st)
@@ -229,6 +231,38 @@ def _datapath_families(counters: dict[str, Any]) -> Iterator[Metric]:
         "overlay_receive_batch_datagrams",
         "datagrams per receive (a UDP GRO recvmsg, or a gathered run)",
         counters.get("rx_batch") or [],
+    )
+
+
+IMPAIRED = (
+    ("delayed", "packets held back by impairment (delay, jitter, rate)"),
+    ("duplicated", "packets sent twice by impairment"),
+    ("corrupted", "packets with a bit flipped by impairment"),
+    ("reordered", "packets sent ahead of those delayed by impairment (reorder)"),
+)
+
+
+def _impairment_families(rules: list[dict[str, Any]], counters: dict[str, Any]) -> Iterator[Metric]:
+    """The rules in force (one series each) and what they did; their drops are in
+    overlay_dropped_packets_total (reason tx_impair_loss, rx_impair_limit, ...)."""
+    family = GaugeMetricFamily(
+        "overlay_impairment_rule",
+        "1 for each impairment rule in force (peer: a subnet or all)",
+        labels=["peer", "direction", "netem"],
+    )
+    for rule in rules:
+        family.add_metric([rule["peer"] or "all", rule["direction"], rule["netem"]], 1)
+    yield family
+    impaired = counters.get("impaired") or {}
+    for what, doc in IMPAIRED:
+        counted = CounterMetricFamily(f"overlay_impair_{what}_packets", doc, labels=["direction"])
+        for side, direction in (("tx", "out"), ("rx", "in")):
+            counted.add_metric([direction], impaired.get(f"{side}_{what}", 0))
+        yield counted
+    yield _gauge(
+        "overlay_impair_queued_packets",
+        "packets held by impairment right now, waiting for their time",
+        counters.get("impair_queued", 0),
     )
 
 

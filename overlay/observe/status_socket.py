@@ -2,8 +2,15 @@
 
 Protocol: the client sends one request line and reads until EOF. ``status`` (or an empty
 line, or nothing within a second, so ``socat - UNIX:...`` works) answers one JSON
-document, the daemon's snapshot; ``trace {...}`` streams pcapng (``overlay.observe.trace``).
-An unknown request gets one ``error: ...`` line.
+document, the daemon's snapshot; ``trace {...}`` streams pcapng (``overlay.observe.trace``);
+``impair {...}`` changes the impairment rules and answers the rules in force
+(``overlay.node.impairing``). An unknown request gets one ``error: ...`` line.
+
+Its default path is per network namespace (``default_path``), so daemons in several
+namespaces of one machine run with their defaults and ``ip netns exec nX overlay status``
+finds nX's: the machine's own namespace keeps ``/run/flannel/overlay.sock``, a named one
+(``ip netns identify``) gets ``/run/flannel/netns/<name>/overlay.sock``, any other
+``/run/flannel/netns-inode/<inode>/overlay.sock``.
 
 The socket is created 0600 (only root can connect): it shows every peer and streams
 packets. The daemon removes a stale socket left at its path by a dead daemon (one nobody
@@ -14,6 +21,7 @@ socket only if it is still the one it made.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import socket
@@ -22,7 +30,14 @@ from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-DEFAULT_SOCKET = "/run/flannel/overlay.sock"
+DEFAULT_SOCKET = "/run/flannel/overlay.sock"  # in the machine's own network namespace
+RUN_DIR = Path("/run/flannel")
+NETNS_DIRS = (Path("/run/netns"), Path("/var/run/netns"))  # where `ip netns` names them
+# The initial network namespace's inode number, fixed since Linux 6.18 (NET_NS_INIT_INO
+# in linux/nsfs.h): the machine's namespace where /proc/1 is hidden from us.
+NET_NS_INIT_INO = 0xEFFFFFF9
+PER_NAMESPACE = (RUN_DIR / "netns", RUN_DIR / "netns-inode")
+SUN_PATH_MAX = 107  # a Unix socket path's bytes, without the NUL
 REQUEST_TIMEOUT = 1.0  # a client that sends nothing gets the status after this long
 REQUEST_LIMIT = 64 * 1024
 PIECE_ROWS = 500  # peers encoded per slice of a status answer
@@ -30,6 +45,52 @@ PIECE_ROWS = 500  # peers encoded per slice of a status answer
 Snapshot = Callable[[], Awaitable[dict[str, Any]]]
 # (the request's argument text, reader, writer) -> runs until the request is answered
 Handler = Callable[[str, asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+def _namespace_name(own: os.stat_result) -> str | None:
+    """The name `ip netns identify` gives the namespace ``own`` (same device and inode
+    as a file in /run/netns), None when it has none."""
+    for directory in NETNS_DIRS:
+        try:
+            entries = sorted(os.scandir(directory), key=lambda e: e.name)
+        except OSError:
+            continue
+        for entry in entries:
+            try:
+                st = os.stat(entry.path)
+            except OSError:
+                continue
+            if (st.st_dev, st.st_ino) == (own.st_dev, own.st_ino):
+                return entry.name
+    return None
+
+
+def _is_machines(own: os.stat_result) -> bool:
+    """Whether ``own`` is the machine's network namespace: PID 1's, or, where /proc/1 is
+    hidden, the kernel's initial one; an unnamed namespace we cannot place counts as the
+    machine's (today's default path)."""
+    try:
+        init = os.stat("/proc/1/ns/net")
+    except OSError:
+        return own.st_ino == NET_NS_INIT_INO or _namespace_name(own) is None
+    return (init.st_dev, init.st_ino) == (own.st_dev, own.st_ino)
+
+
+def default_path() -> Path:
+    """The status socket of this network namespace's daemon: what `overlay run` listens
+    on and `overlay status|trace|impair` ask, both computed in the namespace they run in."""
+    try:
+        own = os.stat("/proc/self/ns/net")
+    except OSError:
+        return Path(DEFAULT_SOCKET)
+    if _is_machines(own):
+        return Path(DEFAULT_SOCKET)
+    name = _namespace_name(own)
+    if name is not None:
+        path = PER_NAMESPACE[0] / name / "overlay.sock"
+        if len(os.fsencode(path)) <= SUN_PATH_MAX:
+            return path
+    return PER_NAMESPACE[1] / str(own.st_ino) / "overlay.sock"
 
 
 class StatusSocketError(OSError):
@@ -85,6 +146,9 @@ class StatusServer:
             return
         if (st.st_dev, st.st_ino) == self.identity:
             self.path.unlink(missing_ok=True)
+            if self.path.parent.parent in PER_NAMESPACE:  # a namespace's directory: ours
+                with contextlib.suppress(OSError):  # not empty: someone else's files
+                    self.path.parent.rmdir()
 
 
 def bind(path: Path) -> socket.socket:
@@ -156,14 +220,19 @@ def json_pieces(doc: dict[str, Any], key: str = "peers") -> Iterator[bytes]:
     yield b"]}"
 
 
-def query(path: str | os.PathLike[str], timeout: float = 5.0) -> dict[str, Any]:
-    """The daemon's snapshot (OSError when nobody answers, ValueError for a bad answer)."""
+def ask(path: str | os.PathLike[str], request: str, timeout: float = 5.0) -> bytes:
+    """Send one request line, return the whole answer (OSError when nobody answers)."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(timeout)
         sock.connect(os.fspath(path))
-        sock.sendall(b"status\n")
+        sock.sendall(request.encode() + b"\n")
         chunks = []
         while chunk := sock.recv(65536):
             chunks.append(chunk)
-    result: dict[str, Any] = json.loads(b"".join(chunks))
+    return b"".join(chunks)
+
+
+def query(path: str | os.PathLike[str], timeout: float = 5.0) -> dict[str, Any]:
+    """The daemon's snapshot (OSError when nobody answers, ValueError for a bad answer)."""
+    result: dict[str, Any] = json.loads(ask(path, "status", timeout))
     return result

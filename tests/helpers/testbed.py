@@ -1,6 +1,6 @@
 """A namespace testbed (overlay.lab.testbed) for a test module, and asking it: what a node
-says on its status socket and its health server, and a ping between two pods for as long
-as a block runs."""
+says on its status socket and its health server, a ping between two pods for as long as a
+block runs, and a burst of pings with every round trip time."""
 
 from __future__ import annotations
 
@@ -71,6 +71,22 @@ def scrape(bed: Any, node: str) -> dict[str, dict[tuple[tuple[str, str], ...], f
             labels = tuple(sorted(sample.labels.items()))
             samples.setdefault(sample.name, {})[labels] = sample.value
     return samples
+
+
+def ping_rtts(
+    bed: Any, source: str, target_ip: str, count: int, interval: float = 0.01
+) -> tuple[int, list[float]]:
+    """(pings sent, the round trip time of every reply in ms) from node or pod ``source``."""
+    result = bed.exec(
+        source,
+        ["ping", "-n", "-c", str(count), "-i", str(interval), "-W", "2", target_ip],
+        capture_output=True,
+        text=True,
+        timeout=count * interval + 30,
+    )
+    sent = re.search(r"(\d+) packets transmitted", result.stdout)
+    assert sent, f"ping {source} -> {target_ip}: {result.stdout[-300:]} {result.stderr[-300:]}"
+    return int(sent[1]), [float(m) for m in re.findall(r"time=([\d.]+) ms", result.stdout)]
 
 
 @dataclass

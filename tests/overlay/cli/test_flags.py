@@ -12,6 +12,7 @@ import pytest
 
 from control.config import ConfigError, parse_config
 from overlay.cli.run import options_from, parse_run_args
+from overlay.observe import status_socket
 from tests.helpers.commands import overlay_cmd
 
 
@@ -260,3 +261,43 @@ def test_vxlan_mtu_and_learning_are_read() -> None:
     assert backend.warnings == ()
     plain = parse_config({**NET, "Backend": {"Type": "vxlan"}}).backend
     assert plain.mtu is None and plain.learning is False
+
+
+# -- ours: impairment at start, the status socket's default ---------------------------------
+
+
+def test_impair_flags_become_rules_in_the_datapath_options() -> None:
+    args = parse(
+        "--impair", "delay 20ms 5ms", "--impair", "peer 198.18.3.0/24 direction both loss 1%"
+    )
+    rules = options_from(args).datapath.impairment
+    assert [(str(r.peer), r.direction, str(r.spec)) for r in rules] == [
+        ("None", "out", "delay 20ms 5ms"),
+        ("198.18.3.0/24", "out", "loss 1%"),
+        ("198.18.3.0/24", "in", "loss 1%"),
+    ]
+    from_env = options_from(parse(FLANNELD_IMPAIR="delay 1ms,direction in loss 2%"))
+    assert len(list(from_env.datapath.impairment)) == 2
+    assert not options_from(parse()).datapath.impairment
+
+
+@pytest.mark.parametrize(
+    ("argv", "env", "message"),
+    [
+        (["--impair", "delay 20"], {}, "'20' needs a unit"),
+        (["--impair", "peer 10.0.0.1 delay 1ms"], {}, "is not a subnet"),
+        (["--impair", "direction up delay 1ms"], {}, "direction 'up'"),
+        ([], {"FLANNELD_IMPAIR": "wobble 5%"}, "FLANNELD_IMPAIR='wobble 5%': unknown word"),
+    ],
+)
+def test_bad_impair_is_one_line(
+    capsys: pytest.CaptureFixture[str], argv: list[str], env: dict[str, str], message: str
+) -> None:
+    assert message in usage_error(capsys, *argv, **env)
+
+
+def test_status_socket_defaults_to_this_namespace_s() -> None:
+    assert options_from(parse()).status_socket == status_socket.default_path()
+    assert str(options_from(parse("--status-socket", "/tmp/x.sock")).status_socket) == (
+        "/tmp/x.sock"
+    )

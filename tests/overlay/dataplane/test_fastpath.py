@@ -40,6 +40,7 @@ from overlay.lab.transfer import transfer
 from tests.helpers import wire
 from tests.helpers.fake_tun import FakeTun
 from tests.helpers.paths import ROOT
+from tests.helpers.readers import Readers
 from tests.helpers.tcp_streams import Segment, gro_buffers, reseal, resegment, streams
 from tests.helpers.testbed import node_status
 
@@ -960,20 +961,6 @@ def test_no_offload_node_talks_to_offload_nodes(bed: Testbed) -> None:
     assert not node_status(bed, "n3")["counters"]["drops"]
 
 
-class _Readers:
-    """The event loop's part of ``start()``/``stop()``: the callbacks it registers (with
-    the native module, ``native.Drains``' C methods, which keep their counts)."""
-
-    def __init__(self) -> None:
-        self.callbacks: dict[int, Any] = {}
-
-    def add_reader(self, fd: int, callback: Any) -> None:
-        self.callbacks[fd] = callback
-
-    def remove_reader(self, fd: int) -> None:
-        del self.callbacks[fd]
-
-
 @UNDERLAY
 def test_registered_callbacks_see_changes_and_count_completely(codecs: str, wires: Any) -> None:
     """What the loop calls: a peer table change is used at the next wake-up, gso turned
@@ -981,7 +968,7 @@ def test_registered_callbacks_see_changes_and_count_completely(codecs: str, wire
     wake-ups) are complete in every snapshot() and after stop()."""
     tun, link = FakeTun(True), wires()
     dp = dataplane(tun, link, codecs)
-    loop = _Readers()
+    loop = Readers()
     dp.start(loop)  # type: ignore[arg-type]
     transmit, receive = loop.callbacks[tun.fd], loop.callbacks[link.sock.fileno()]
     src, to_a = bytes([198, 18, 1, 5]), bytes([198, 18, 2, 9])
@@ -1048,7 +1035,7 @@ def test_native_drains_refuse_a_wake_up_inside_a_wake_up(wires: Any) -> None:
         pytest.fail(f"encap._native did not load: {native.LOAD_ERROR}")
     tun, link = FakeTun(True), wires()
     dp = dataplane(tun, link, "native")
-    loop = _Readers()
+    loop = Readers()
     dp.start(loop)  # type: ignore[arg-type]
     transmit = loop.callbacks[tun.fd]
     seen: list[object] = []

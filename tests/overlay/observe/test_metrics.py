@@ -72,6 +72,30 @@ def test_workers_kernel_and_repairs_are_read_defensively() -> None:
     assert metrics.codecs({"udp_gso": True}) == "pure"
 
 
+def test_impairment_rules_and_what_they_did_are_exported() -> None:
+    counters = Counters()
+    counters.impaired.update({"tx_delayed": 7, "rx_duplicated": 2, "tx_corrupted": 1})
+    counters.drops.update({"tx_impair_loss": 3, "rx_impair_limit": 4})
+    counters.impair_queued = 5
+    rules = [
+        {"peer": None, "direction": "out", "netem": "delay 20ms loss 1%"},
+        {"peer": "198.18.3.0/24", "direction": "in", "netem": "rate 10mbit"},
+    ]
+    got = samples({"counters": counters.snapshot(), "impairment": rules, "peers": []})
+    rule = "overlay_impairment_rule"
+    assert got[(rule, (("direction", "out"), ("netem", "delay 20ms loss 1%"), ("peer", "all")))]
+    assert got[(rule, (("direction", "in"), ("netem", "rate 10mbit"), ("peer", "198.18.3.0/24")))]
+    assert got[("overlay_impair_delayed_packets_total", (("direction", "out"),))] == 7
+    assert got[("overlay_impair_delayed_packets_total", (("direction", "in"),))] == 0
+    assert got[("overlay_impair_duplicated_packets_total", (("direction", "in"),))] == 2
+    assert got[("overlay_impair_corrupted_packets_total", (("direction", "out"),))] == 1
+    assert got[("overlay_impair_queued_packets", ())] == 5
+    assert got[("overlay_dropped_packets_total", (("reason", "tx_impair_loss"),))] == 3
+    assert got[("overlay_dropped_packets_total", (("reason", "rx_impair_limit"),))] == 4
+    without = samples({"counters": Counters().snapshot(), "peers": []})  # a kernel datapath
+    assert not any(name.startswith("overlay_impair") for name, _ in without)
+
+
 def test_readiness_waits_for_every_step_and_for_the_registry() -> None:
     ready = health.Readiness(registry_grace=0.2)
     assert ready.check() == (False, "waiting for a lease, the datapath, subnet.env")
