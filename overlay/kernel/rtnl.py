@@ -186,6 +186,8 @@ FAST_THIRD = (RTA_GATEWAY, RTA_PREFSRC)
 
 
 ZERO = {socket.AF_INET: bytes(4), socket.AF_INET6: bytes(16)}  # RTA_DST of a default route
+LINK_LOCAL6 = 0xFE80 >> 6  # fe80::/10, the top 10 bits
+MULTICAST6 = 0xFF  # ff00::/8
 
 
 def _route(data: bytes, start: int, end: int) -> DumpedRoute | None:
@@ -359,7 +361,8 @@ class Rtnl:
     def _routes6(self) -> set[RouteKey]:
         """IPv6 routes take the general walk: they are laid out with more attributes
         (priority, cache info, preference) and a node has a peer's worth of them only on
-        host-gw or flannel-v6.<VNI>."""
+        host-gw or flannel-v6.<VNI>. fe80::/10 and ff00::/8 are the kernel's on every
+        device, whoever added them."""
         request = RTMSG.pack(socket.AF_INET6, 0, 0, 0, 0, 0, 0, 0, 0)
         found: set[RouteKey] = set()
         for data, start, end in self._dump(RTM_GETROUTE, request):
@@ -369,6 +372,8 @@ class Rtnl:
                 and route.family == socket.AF_INET6
                 and route.table == RT_TABLE_MAIN
                 and route.protocol != RTPROT_KERNEL
+                and route.dst >> 118 != LINK_LOCAL6
+                and route.dst >> 120 != MULTICAST6
             ):
                 found.add(route[:6])
         return found
