@@ -1,7 +1,7 @@
 # The two commands that matter: `make demo` and `make test`. Both install what they need.
 PY      := .venv/bin/python
 APT_PKGS := iproute2 etcd-server etcd-client containernetworking-plugins iperf3 iptables \
-            tcpdump tshark procps util-linux kmod iputils-ping ethtool systemd
+            tcpdump tshark procps util-linux kmod iputils-ping ethtool systemd graphviz
 STAMP   := .venv/.installed
 
 # The native codecs under sanitizers: `make asan` (gcc ASan + UBSan, the codec tests) and

@@ -15,12 +15,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import ssl
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 # gRPC's C core logs its own lines to stderr (a refused TLS handshake prints several):
 # they would break "one error line" and duplicate what RegistryError already says.
@@ -29,6 +25,7 @@ os.environ.setdefault("GRPC_VERBOSITY", "NONE")
 import aetcd  # noqa: E402 - after GRPC_VERBOSITY, which the C core reads at import
 import grpc  # noqa: E402
 
+from control.etcd_endpoints import Endpoint, TlsFiles  # noqa: E402
 from control.kv import (  # noqa: E402
     Entry,
     Event,
@@ -64,94 +61,12 @@ CALL_TIMEOUT = 5
 CLOSE_TIMEOUT = 1.0  # a channel's close waits on nothing remote; bounded all the same
 
 
-@dataclass(frozen=True)
-class Endpoint:
-    host: str
-    port: int
-    tls: bool
-
-    def __str__(self) -> str:
-        return f"{'https' if self.tls else 'http'}://{self.host}:{self.port}"
-
-
-def parse_endpoints(text: str) -> list[Endpoint]:
-    """flanneld's --etcd-endpoints: comma-separated URLs (http:// or https://)."""
-    endpoints = []
-    for item in (part.strip() for part in text.split(",")):
-        if not item:
-            continue
-        url = urlsplit(item if "://" in item else f"http://{item}")
-        if url.scheme not in ("http", "https") or not url.hostname:
-            raise ValueError(f"etcd endpoint {item!r}: expected http(s)://host:port")
-        try:
-            port = url.port or 2379
-        except ValueError:
-            raise ValueError(f"etcd endpoint {item!r}: bad port") from None
-        endpoints.append(Endpoint(url.hostname, port, url.scheme == "https"))
-    if not endpoints:
-        raise ValueError("no etcd endpoint given")
-    return endpoints
-
-
-@dataclass(frozen=True)
-class TlsFiles:
-    cafile: str | None = None
-    certfile: str | None = None
-    keyfile: str | None = None
-
-    def credentials(self) -> grpc.ChannelCredentials:
-        """The channel credentials; RegistryConfigError (naming the file) when a file is
-        missing, unreadable or not what it should be, or the key does not match the
-        certificate: checked here, before any connection, with the ssl module."""
-
-        def read(path: str | None, what: str) -> bytes | None:
-            if path is None:
-                return None
-            try:
-                return Path(path).read_bytes()
-            except OSError as e:
-                raise RegistryConfigError(f"cannot read etcd {what} {path}: {e.strerror}") from None
-
-        if (self.certfile is None) != (self.keyfile is None):
-            given = "--etcd-certfile" if self.certfile else "--etcd-keyfile"
-            raise RegistryConfigError(
-                f"--etcd-certfile and --etcd-keyfile go together ({given} was given alone)"
-            )
-        ca = read(self.cafile, "CA file")
-        key = read(self.keyfile, "key file")
-        cert = read(self.certfile, "certificate file")
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-        if ca is not None:
-            try:
-                context.load_verify_locations(cadata=ca.decode("ascii", "replace"))
-            except (ssl.SSLError, ValueError) as e:
-                raise RegistryConfigError(
-                    f"etcd CA file {self.cafile} holds no usable certificate ({_ssl_reason(e)})"
-                ) from None
-        if self.certfile is not None and self.keyfile is not None:
-            try:
-                context.load_cert_chain(self.certfile, self.keyfile, password=lambda: b"")
-            except ssl.SSLError as e:
-                reason = _ssl_reason(e)
-                if "KEY_VALUES_MISMATCH" in reason or "key values mismatch" in reason:
-                    raise RegistryConfigError(
-                        f"etcd key file {self.keyfile} does not match the certificate in "
-                        f"{self.certfile}"
-                    ) from None
-                raise RegistryConfigError(
-                    f"etcd certificate {self.certfile} or key {self.keyfile} is unusable ({reason})"
-                ) from None
-            except OSError as e:
-                raise RegistryConfigError(
-                    f"cannot read etcd certificate or key: {e.strerror}"
-                ) from None
-        return grpc.ssl_channel_credentials(
-            root_certificates=ca, private_key=key, certificate_chain=cert
-        )
-
-
-def _ssl_reason(error: Exception) -> str:
-    return (getattr(error, "reason", None) or str(error) or type(error).__name__).splitlines()[0]
+def channel_credentials(tls: TlsFiles) -> grpc.ChannelCredentials:
+    """gRPC's channel credentials from the files ``tls.read()`` has checked."""
+    ca, key, cert = tls.read()
+    return grpc.ssl_channel_credentials(
+        root_certificates=ca, private_key=key, certificate_chain=cert
+    )
 
 
 class _Client(aetcd.Client):  # type: ignore[misc]
@@ -277,7 +192,7 @@ class EtcdRegistry:
         # Built now: a bad TLS file is a one-line error at start, not a retried failure.
         files = bool(self.tls.cafile or self.tls.certfile or self.tls.keyfile)
         self._credentials = (
-            self.tls.credentials() if files or any(e.tls for e in endpoints) else None
+            channel_credentials(self.tls) if files or any(e.tls for e in endpoints) else None
         )
 
     async def _open(self, *, require_leader: bool = False) -> _Client:

@@ -18,6 +18,7 @@ native module (``encap.native``), which does the same in C and is what the datap
 from __future__ import annotations
 
 import struct
+from mmap import mmap
 
 from encap.errors import CodecError
 
@@ -45,6 +46,9 @@ def _sum(data: bytes | bytearray | memoryview) -> int:
 
 
 Region = tuple[int, int, int]  # (start, end, field) of a partial checksum in a buffer
+# What packets are cut and summed in: a bytearray, or the dataplane's arena of anonymous
+# pages (overlay.dataplane.base).
+Arena = bytearray | mmap
 
 
 def partial_region(at: int, length: int, csum_start: int, csum_offset: int) -> Region:
@@ -59,7 +63,7 @@ def partial_region(at: int, length: int, csum_start: int, csum_offset: int) -> R
     return start, end, field
 
 
-def finish_checksums(buf: bytearray, regions: list[Region]) -> None:
+def finish_checksums(buf: Arena, regions: list[Region]) -> None:
     """Complete partial checksums (``partial_region``s of ``buf``): each region summed,
     inverted and stored in its field; a UDP result of 0 is sent as 0xFFFF (0 means "no
     checksum"). Raises ValueError, before writing anything, for a region that does not
@@ -75,7 +79,7 @@ def finish_checksums(buf: bytearray, regions: list[Region]) -> None:
 
 
 def segment_tcp4(
-    buf: bytearray, at: int, length: int, gso_size: int, prefix: bytes
+    buf: Arena, at: int, length: int, gso_size: int, prefix: bytes
 ) -> tuple[int, int, int]:
     """Cut the IPv4/TCP super-packet at ``buf[at + len(prefix):][:length]`` in place into
     ``gso_size``-payload segments, each ``prefix`` + IPv4 + TCP header + payload, back to

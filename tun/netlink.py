@@ -8,8 +8,7 @@ from __future__ import annotations
 
 from ipaddress import IPv4Address, IPv6Address
 
-from pyroute2 import IPRoute
-from pyroute2.netlink.exceptions import NetlinkError
+from tun.rtnl import IPRoute, NetlinkError
 
 
 class LinkError(OSError):

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from control.config import SUPPORTED_BACKENDS
-from control.etcd_registry import Endpoint, TlsFiles, parse_endpoints
+from control.etcd_endpoints import Endpoint, TlsFiles, parse_endpoints
 from control.lease import DEFAULT_PREFIX
 from overlay.backends.base import DatapathOptions
 from overlay.cli.parser import BoolFlag, OneLineParser, integer, parse_bool, seconds
@@ -27,11 +27,10 @@ from overlay.impair.rules import Change, Rules
 from overlay.impair.spec import ImpairError
 from overlay.node.daemon import run
 from overlay.node.iptables import IptablesOptions
-from overlay.node.options import NodeOptions
+from overlay.node.options import PEER_SERIES, NodeOptions
 from overlay.node.registry import RegistryOptions
 from overlay.node.underlay import UnderlayOptions
 from overlay.observe.log import LogOptions
-from overlay.observe.metrics import PEER_SERIES
 from overlay.observe.status_socket import default_path
 from overlay.observe.version import version
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import heapq
 import time
+from mmap import mmap
 from typing import Any, NamedTuple
 
 from encap import gso
@@ -160,7 +161,7 @@ class ImpairPath(SendPath, ReceivePath):
         self,
         verdict: Verdict,
         now: float,
-        buf: bytearray,
+        buf: bytearray | mmap,
         start: int,
         end: int,
         peer: tuple[str, int],

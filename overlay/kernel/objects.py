@@ -28,11 +28,9 @@ from functools import cached_property
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address, ip_network
 from typing import Any, ClassVar, Protocol, TypeVar, cast
 
-from pyroute2 import IPRoute
-from pyroute2.netlink.exceptions import NetlinkError
-
 from overlay.kernel import rtnl
 from overlay.kernel.rtnl import FdbKey, NeighbourKey, Request, RouteKey, Rtnl
+from tun.rtnl import IPRoute, NetlinkError
 
 IFF_UP = 1
 ENOENT, ESRCH, ENODEV = 2, 3, 19

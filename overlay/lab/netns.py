@@ -21,10 +21,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from pyroute2 import IPRoute, netns
+from tun.rtnl import IPRoute, netns
 
 NETNS_DIR = Path("/run/netns")
-IFNAMSIZ = 15  # usable characters in an interface name (16 with the NUL)
 CLONE_NEWNET = 0x40000000
 _libc = ctypes.CDLL(None, use_errno=True)
 

@@ -1,12 +1,14 @@
-"""``overlay testbed``: N nodes as network namespaces on one underlay bridge, a daemon per
-node, and pods attached through the CNI plugin the way a kubelet would.
+"""``overlay testbed``: nodes as network namespaces on underlay bridges (one per L2
+segment, a router namespace between them), a daemon per node, and pods attached through
+the CNI plugin the way a kubelet would. What is made comes from ``overlay.lab.plan``.
 
 Everything a run creates carries its prefix, so ``down`` can find and remove it from the
 names alone (plus the pid files), also after a crash or ``kill -9``, without touching any
-other run: namespaces ``{P}-ul`` (the underlay switch), ``{P}-n{i}`` and
-``{P}-n{i}-p{j}``, and the state directory (default ``/run/overlay-testbed/{P}``).
+other run: namespaces ``{P}-ul`` (the underlay switch), ``{P}-rt`` (the router),
+``{P}-n{i}`` and ``{P}-n{i}-p{j}``, and the state directory (default
+``/run/overlay-testbed/{P}``).
 
-The underlay bridge lives in its own namespace, not the root one: the root namespace
+The underlay bridges live in their own namespace, not the root one: the root namespace
 then routes nothing into or out of the testbed, the machine's own addresses can overlap
 the underlay range (192.0.2.0/24 is this sandbox's LAN), and the root namespace's
 netfilter (br_netfilter hooks bridged frames into it) never sees testbed traffic.
@@ -21,20 +23,21 @@ import shutil
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from pyroute2 import IPRoute
-
-from control.config import SUPPORTED_BACKENDS, ConfigError, config_json, parse_config
+from control.config import SUPPORTED_BACKENDS, config_json
 from control.file_registry import FileRegistry
 from control.subnet_env import SubnetEnvError, parse_subnet_env
 from overlay.lab.errors import TestbedError
 from overlay.lab.etcd import MAX_MEMBERS, EtcdCluster
+from overlay.lab.events import EventLog
+from overlay.lab.impairment import daemon_can_impair
 from overlay.lab.netns import (
-    IFNAMSIZ,
     create_netns,
     list_netns,
     log_tail,
@@ -46,18 +49,28 @@ from overlay.lab.netns import (
     sysctl_in,
     terminate,
 )
+from overlay.lab.plan import make_plan
 from overlay.lab.progress import Progress
+from overlay.lab.topology import (
+    DEFAULT_NETWORK,
+    DEFAULT_SEGMENT,
+    DEFAULT_UNDERLAY,
+    REGISTRIES,
+    NodeSpec,
+    Segment,
+    Topology,
+    network_problem,
+    room,
+)
+from tun.rtnl import IPRoute
 
 STATE_ROOT = Path("/run/overlay-testbed")
 DEFAULT_PREFIX = "ovl"
-DEFAULT_UNDERLAY = "192.0.2.0/24"
-DEFAULT_NETWORK = "198.18.0.0/16"
-REGISTRIES = ("etcd", "file")
-# Ranges reserved for documentation (RFC 5737): offered when the default underlay is taken.
 CONFIG_KEY = "/coreos.com/network/config"
 DAEMON_START_TIMEOUT = 15.0
 DAEMON_STOP_TIMEOUT = 5.0
 CNI_TIMEOUT = 60.0
+CNI_PARALLEL = 8  # CNI plugin runs at once (each waits on its own exec and netlink)
 CNI_VERSION = "1.0.0"
 CNI_PATH = "/usr/lib/cni"
 PROJECT_ROOT = Path(__file__).resolve().parents[2]  # the checkout: overlay/lab/ is two below
@@ -102,7 +115,9 @@ def _state_dir_for(prefix: str, state_dir: Path | str | None) -> Path:
 
 class Testbed:
     """One testbed run, addressed by its prefix. Use as a context manager to always tear
-    down: ``with Testbed("demo") as bed: bed.up(); ...``."""
+    down: ``with Testbed("demo") as bed: bed.up(); ...``. The arguments are the quick
+    form (one segment, one backend); ``Testbed.from_topology`` builds a bed described in
+    a file (``overlay.lab.topology``)."""
 
     __test__ = False
 
@@ -113,15 +128,15 @@ class Testbed:
         pods_per_node: int = 2,
         backend: str = "udp",
         registry: str = "etcd",
-        underlay: str = DEFAULT_UNDERLAY,
-        network: str = DEFAULT_NETWORK,
+        underlay: str = str(DEFAULT_UNDERLAY),
+        network: str = str(DEFAULT_NETWORK),
         state_dir: Path | str | None = None,
         kernel_nodes: tuple[int, ...] = (),
         daemon_args: tuple[str, ...] = (),
         direct_routing: bool = False,
         etcd_members: int = 1,
     ) -> None:
-        self.prefix = validate_prefix(prefix)
+        validate_prefix(prefix)
         if isinstance(nodes, bool) or not isinstance(nodes, int) or nodes < 1:
             raise TestbedError(f"nodes must be a positive integer, not {nodes!r}")
         if isinstance(pods_per_node, bool) or not isinstance(pods_per_node, int):
@@ -134,15 +149,12 @@ class Testbed:
             )
         if registry not in REGISTRIES:
             raise TestbedError(f"registry {registry!r} is unknown (use etcd or file)")
-        if registry == "etcd" and shutil.which("etcd") is None:
-            raise TestbedError("registry etcd needs the etcd binary: `make setup` installs it")
         if isinstance(etcd_members, bool) or not isinstance(etcd_members, int):
             raise TestbedError(f"etcd members must be an integer, not {etcd_members!r}")
         if not 1 <= etcd_members <= MAX_MEMBERS:
             raise TestbedError(f"etcd members must be 1 to {MAX_MEMBERS}, not {etcd_members}")
         if etcd_members > 1 and registry != "etcd":
             raise TestbedError("--etcd-members needs --registry etcd")
-        self.etcd_members = etcd_members
         bad = [i for i in kernel_nodes if not 1 <= i <= nodes]
         if bad:
             raise TestbedError(f"kernel nodes {bad} are not among nodes 1..{nodes}")
@@ -150,77 +162,147 @@ class Testbed:
             raise TestbedError("direct routing is a vxlan option: use --backend vxlan")
         if kernel_nodes and backend != "vxlan":
             raise TestbedError("kernel nodes need --backend vxlan (they use flannel.<VNI>)")
-        self.nodes = nodes
-        self.pods_per_node = pods_per_node
-        self.backend = backend
-        # Nodes whose vxlan datapath is the kernel's vxlan device (the others: userspace).
-        self.kernel_nodes = tuple(sorted(set(kernel_nodes)))
+        kernel = set(kernel_nodes)
+        topology = Topology(
+            segments=(Segment(DEFAULT_SEGMENT, _parse_cidr(underlay, "underlay")),),
+            nodes=tuple(
+                NodeSpec(DEFAULT_SEGMENT, "kernel-vxlan" if i in kernel else backend, pods_per_node)
+                for i in range(1, nodes + 1)
+            ),
+            network=_parse_cidr(network, "network"),
+            registry=registry,
+            etcd_members=etcd_members,
+            direct_routing=direct_routing,
+        )
+        self._adopt(prefix, topology, state_dir, daemon_args)
+
+    @classmethod
+    def from_topology(
+        cls,
+        topology: Topology,
+        prefix: str | None = None,
+        state_dir: Path | str | None = None,
+        daemon_args: tuple[str, ...] = (),
+    ) -> Testbed:
+        """A bed described in a file; ``prefix`` defaults to the file's ``name``."""
+        bed = cls.__new__(cls)
+        if prefix is None:
+            prefix = topology.name or DEFAULT_PREFIX
+        bed._adopt(prefix, topology, state_dir, daemon_args)
+        return bed
+
+    def _adopt(
+        self,
+        prefix: str,
+        topology: Topology,
+        state_dir: Path | str | None,
+        daemon_args: tuple[str, ...],
+    ) -> None:
+        self.prefix = validate_prefix(prefix)
+        if topology.registry == "etcd" and shutil.which("etcd") is None:
+            raise TestbedError("registry etcd needs the etcd binary: `make setup` installs it")
+        self.topology = topology
+        self.plan = make_plan(topology, self.prefix)
+        self._check_addressing()
         # Extra `overlay run` flags for every daemon (e.g. --no-offload for a benchmark).
         self.daemon_args = tuple(daemon_args)
-        self.direct_routing = direct_routing
-        self.registry = registry
-        self.underlay = _parse_cidr(underlay, "underlay")
-        self.network = _parse_cidr(network, "network")
-        self._check_addressing()
-        if len(self.node_ns(nodes)) > IFNAMSIZ:
-            raise TestbedError(
-                f"name {self.node_ns(nodes)!r} would exceed {IFNAMSIZ} characters: "
-                "use a shorter prefix or fewer nodes"
-            )
         self.state_dir = _state_dir_for(self.prefix, state_dir)
         self._procs: dict[int, subprocess.Popen[bytes]] = {}
         # What `up` and `down` are doing, for a terminal (the CLI sets one; silent here).
         self.progress = Progress.off()
 
+    # -- what the topology says -------------------------------------------------------
+
+    @property
+    def nodes(self) -> int:
+        return len(self.topology.nodes)
+
+    @property
+    def backend(self) -> str:
+        """The network's Backend.Type (udp, vxlan or host-gw)."""
+        return self.topology.backend_type
+
+    @property
+    def registry(self) -> str:
+        return self.topology.registry
+
+    @property
+    def etcd_members(self) -> int:
+        return self.topology.etcd_members
+
+    @property
+    def direct_routing(self) -> bool:
+        return self.topology.direct_routing
+
+    @property
+    def network(self) -> IPv4Network:
+        return self.topology.network
+
+    @property
+    def underlay(self) -> IPv4Network:
+        """The first segment (the only one of a quick-form bed)."""
+        return self.topology.segments[0].cidr
+
+    @property
+    def kernel_nodes(self) -> tuple[int, ...]:
+        """Nodes whose vxlan datapath is the kernel's vxlan device (the others: userspace)."""
+        return tuple(n.number for n in self.plan.nodes if n.spec.backend == "kernel-vxlan")
+
+    def pods_of(self, i: int) -> int:
+        return self.plan.node(i).spec.pods
+
     def up_steps(self) -> int:
         """How many steps ``up`` reports to ``progress``."""
-        return 2 + self.nodes * (3 + self.pods_per_node)
+        router = 1 if self.plan.legs else 0
+        return 2 + router + sum(3 + node.spec.pods for node in self.plan.nodes)
 
     def _check_addressing(self) -> None:
-        hosts = self.underlay.num_addresses - 2
-        kept = self.etcd_members
-        if hosts < self.nodes + kept:
-            raise TestbedError(
-                f"underlay {self.underlay} has room for {max(hosts - kept, 0)} nodes ({kept} "
-                f"address(es) kept for the registry), not {self.nodes}: use a larger --underlay"
-            )
-        if self.underlay.overlaps(self.network):
-            raise TestbedError(
-                f"underlay {self.underlay} overlaps the overlay network {self.network}: "
-                "they must be disjoint"
-            )
-        try:
-            config = parse_config(config_json(self.network, self.backend))
-        except ConfigError as e:
-            raise TestbedError(f"network {self.network}: {e}") from None
-        leases = len(config.subnets())
-        if leases < self.nodes:
-            raise TestbedError(
-                f"network {self.network} has only {leases} subnet leases for {self.nodes} "
-                "nodes: use a larger --network"
-            )
+        """The quick form's flags against the room they leave (a file's own keys are
+        checked, and named, by ``overlay.lab.topology``)."""
+        for segment in self.topology.segments:
+            here = sum(1 for n in self.topology.nodes if n.segment == segment.name)
+            if here > room(self.topology, segment):
+                kept = segment.cidr.num_addresses - 2 - room(self.topology, segment)
+                raise TestbedError(
+                    f"underlay {segment.cidr} has room for {room(self.topology, segment)} "
+                    f"nodes ({kept} address(es) kept for the registry and router), not "
+                    f"{here}: use a larger --underlay"
+                )
+            if segment.cidr.overlaps(self.network):
+                raise TestbedError(
+                    f"underlay {segment.cidr} overlaps the overlay network {self.network}: "
+                    "they must be disjoint"
+                )
+        problem = network_problem(self.network, self.backend, self.nodes)
+        if problem:
+            raise TestbedError(f"network {self.network}: {problem}")
 
     # -- names and addresses ------------------------------------------------------------
 
     @property
     def underlay_ns(self) -> str:
-        """The namespace holding the underlay bridge and the etcd registry host."""
-        return f"{self.prefix}-ul"
+        """The namespace holding the segments' bridges and the etcd registry host."""
+        return self.plan.underlay_ns
 
-    bridge = "br0"  # inside underlay_ns
+    @property
+    def router_ns(self) -> str:
+        """The router between the segments (only with several segments)."""
+        return self.plan.router_ns
+
+    bridge = "br0"  # the first segment's bridge, inside underlay_ns
 
     def veth(self, i: int) -> str:
         """The switch-side end of node i's link, inside underlay_ns."""
         return f"n{i}"
 
     def node_ns(self, i: int) -> str:
-        return f"{self.prefix}-n{i}"
+        return self.plan.node_ns(i)
 
     def pod_ns(self, i: int, j: int) -> str:
-        return f"{self.prefix}-n{i}-p{j}"
+        return self.plan.pod_ns(i, j)
 
     def node_ip(self, i: int) -> IPv4Address:
-        return self.underlay.network_address + i
+        return self.plan.node(i).address
 
     @property
     def cni_network_name(self) -> str:
@@ -243,10 +325,19 @@ class Testbed:
         return self.state_dir / "registry.json"
 
     @property
+    def events(self) -> EventLog:
+        """The bed's event log: up, down, every fault and its undoing (JSON lines)."""
+        return EventLog(self.state_dir / "events.jsonl")
+
+    @property
     def etcd(self) -> EtcdCluster:
         """The run's etcd (its members are driven through it: start, stop, freeze...)."""
         return EtcdCluster(
-            self.prefix, self.etcd_members, self.underlay_ns, self.underlay, self.state_dir
+            self.prefix,
+            self.etcd_members,
+            self.underlay_ns,
+            self.plan.etcd_segment.cidr,
+            self.state_dir,
         )
 
     def _node_re(self) -> re.Pattern[str]:
@@ -295,6 +386,7 @@ class Testbed:
 
     def up(self) -> Testbed:
         """Build the whole run; on any failure (or Ctrl-C) everything made is removed."""
+        self._refuse_impairment_unless_supported()
         self._refuse_leftovers()
         try:
             self._write_state()
@@ -303,6 +395,8 @@ class Testbed:
             self._start_daemons()
             self._wait_daemons()
             self._add_pods()
+            self._impair_links()
+            self.events.record("up", nodes=self.nodes, pods=self._pod_count())
         except BaseException:
             try:
                 self.down()
@@ -310,6 +404,16 @@ class Testbed:
                 sys.stderr.write(f"overlay testbed: cleanup after failed up: {cleanup}\n")
             raise
         return self
+
+    def _refuse_impairment_unless_supported(self) -> None:
+        """A file that asks for impairment needs daemons that can impair (``overlay run
+        --impair``): refused before anything is made, naming the first key that asks."""
+        if self.topology.impair_keys and not daemon_can_impair():
+            source = f"{self.topology.source}: " if self.topology.source else ""
+            raise TestbedError(
+                f"{source}{self.topology.impair_keys[0]}: needs the impair feature "
+                "(`overlay run --impair`), which this build lacks: remove the key"
+            )
 
     def _refuse_leftovers(self) -> None:
         nodes, pods = self._our_netns()
@@ -333,16 +437,12 @@ class Testbed:
         params = {
             "prefix": self.prefix,
             "nodes": self.nodes,
-            "pods_per_node": self.pods_per_node,
             "backend": self.backend,
-            "kernel_nodes": list(self.kernel_nodes),
-            "daemon_args": list(self.daemon_args),
-            "direct_routing": self.direct_routing,
             "registry": self.registry,
-            "etcd_members": self.etcd_members,
-            "underlay": str(self.underlay),
             "network": str(self.network),
             "state_dir": str(self.state_dir),
+            "daemon_args": list(self.daemon_args),
+            "topology": self.topology.to_json(),
         }
         (self.state_dir / "testbed.json").write_text(json.dumps(params, indent=2) + "\n")
 
@@ -350,16 +450,47 @@ class Testbed:
         self.progress.step("underlay bridge")
         create_netns(self.underlay_ns)
         with IPRoute(netns=self.underlay_ns, flags=0) as ipr:
-            ipr.link("add", ifname=self.bridge, kind="bridge")
-            (bridge,) = ipr.link_lookup(ifname=self.bridge)
-            ipr.link("set", index=bridge, state="up")
-            for i in range(1, self.nodes + 1):
-                self._build_node(ipr, bridge, i)
+            bridges = {}
+            for name, _ in self.plan.bridges:
+                ipr.link("add", ifname=name, kind="bridge")
+                (bridges[name],) = ipr.link_lookup(ifname=name)
+                ipr.link("set", index=bridges[name], state="up")
+            if self.plan.legs:
+                self._build_router(ipr, bridges)
+            for node in self.plan.nodes:
+                self._build_node(ipr, bridges[node.bridge], node.number)
+
+    def _build_router(self, ipr: IPRoute, bridges: dict[str, int]) -> None:
+        """The router namespace: a leg on every segment's bridge, forwarding between them
+        (``ipr`` is in the underlay ns)."""
+        self.progress.step("router between the segments")
+        create_netns(self.router_ns)
+        for leg in self.plan.legs:
+            ipr.link(
+                "add",
+                ifname=leg.outside,
+                kind="veth",
+                peer={"ifname": leg.inside, "net_ns_fd": self.router_ns},
+            )
+            (outside,) = ipr.link_lookup(ifname=leg.outside)
+            ipr.link("set", index=outside, master=bridges[leg.bridge], state="up")
+        with IPRoute(netns=self.router_ns, flags=0) as router:
+            for leg in self.plan.legs:
+                (inside,) = router.link_lookup(ifname=leg.inside)
+                router.addr(
+                    "add",
+                    index=inside,
+                    address=str(leg.address),
+                    prefixlen=leg.segment.cidr.prefixlen,
+                )
+                router.link("set", index=inside, state="up")
+        sysctl_in(self.router_ns, "net.ipv4.ip_forward", "1")
 
     def _build_node(self, ipr: IPRoute, bridge: int, i: int) -> None:
-        """Node i's namespace, plugged into the bridge (``ipr`` is in the underlay ns)."""
+        """Node i's namespace, plugged into its segment's bridge (``ipr`` is in the
+        underlay ns), with a route to each other segment via the router."""
         self.progress.step(f"n{i}: namespace and eth0")
-        ns = self.node_ns(i)
+        ns, plan = self.node_ns(i), self.plan.node(i)
         create_netns(ns)
         ipr.link(
             "add",
@@ -374,10 +505,12 @@ class Testbed:
             node.addr(
                 "add",
                 index=eth0,
-                address=str(self.node_ip(i)),
-                prefixlen=self.underlay.prefixlen,
+                address=str(plan.address),
+                prefixlen=plan.segment.cidr.prefixlen,
             )
             node.link("set", index=eth0, state="up")
+            for cidr, via in plan.routes:
+                node.route("add", dst=str(cidr), gateway=str(via))
         sysctl_in(ns, "net.ipv4.ip_forward", "1")
         # Kernel-datapath nodes keep eth0's default offloads (tx checksumming on, as a
         # veth or virtio NIC has): their inner checksums arrive partial, as in a real
@@ -389,19 +522,22 @@ class Testbed:
         if self.registry == "file":
             FileRegistry(self.registry_file).put_sync(CONFIG_KEY, config.encode(), None)
             return
+        segment = self.plan.etcd_segment
         with IPRoute(netns=self.underlay_ns, flags=0) as ipr:
-            (bridge,) = ipr.link_lookup(ifname=self.bridge)
+            (bridge,) = ipr.link_lookup(ifname=self.plan.etcd_bridge)
             for m in range(1, self.etcd_members + 1):
                 ipr.addr(
                     "add",
                     index=bridge,
                     address=str(self.etcd.member_ip(m)),
-                    prefixlen=self.underlay.prefixlen,
+                    prefixlen=segment.cidr.prefixlen,
                 )
+            for cidr, via in self.plan.etcd_routes():  # back to the other segments' nodes
+                ipr.route("add", dst=str(cidr), gateway=str(via))
         self.etcd.start()
         self.etcd.etcdctl("put", CONFIG_KEY, config)
 
-    def _child_env(self) -> dict[str, str]:
+    def child_env(self) -> dict[str, str]:
         """Our environment, with this checkout importable even if it is not installed."""
         env = dict(os.environ)
         path = env.get("PYTHONPATH")
@@ -439,13 +575,12 @@ class Testbed:
             "--log-format",
             "json",
             *(["--kernel-vxlan"] if i in self.kernel_nodes else []),
+            *(["--impair", impair] if (impair := self.plan.node(i).spec.impair) else []),
             *self.daemon_args,
         ]
 
     def datapath(self, i: int) -> str:
-        if self.backend != "vxlan":
-            return self.backend
-        return "vxlan-kernel" if i in self.kernel_nodes else "vxlan-user"
+        return self.plan.node(i).datapath
 
     def _start_daemons(self) -> None:
         for i in range(1, self.nodes + 1):
@@ -465,7 +600,7 @@ class Testbed:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
-                env=self._child_env(),
+                env=self.child_env(),
             )
         self._procs[i] = proc
         self.pid_file(i).write_text(f"{proc.pid}\n")
@@ -492,6 +627,8 @@ class Testbed:
                 if self.subnet_file(i).exists():
                     waiting.discard(i)
                     self.progress.step(f"n{i}: daemon up")
+                    # From the last one up: 200 daemons starting at once share the CPU.
+                    deadline = time.monotonic() + DAEMON_START_TIMEOUT
                     continue
                 code = self._procs[i].poll()
                 if code is not None:
@@ -523,7 +660,7 @@ class Testbed:
 
     def _cni(self, command: str, i: int, container: str) -> subprocess.CompletedProcess[str]:
         """Run the plugin inside node ``i``'s namespace, as a kubelet on that node would."""
-        env = self._child_env()
+        env = self.child_env()
         env.update(
             CNI_COMMAND=command,
             CNI_CONTAINERID=container,
@@ -543,48 +680,99 @@ class Testbed:
             check=False,
         )
 
-    def _add_pods(self) -> None:
-        for i in range(1, self.nodes + 1):
-            self._add_pods_of(i)
+    def _add_pods(self, nodes: list[int] | None = None) -> None:
+        """Every pod of ``nodes`` (default all): the namespaces one by one, then the CNI
+        ADDs side by side (each a plugin process: one after the other, a 200-pod bed
+        spent over a minute waiting for them)."""
+        pods = [
+            (i, j) for i in nodes or range(1, self.nodes + 1) for j in range(1, self.pods_of(i) + 1)
+        ]
+        for i in {i for i, _ in pods}:
+            (self.node_dir(i) / "pods").mkdir(exist_ok=True)
+        for i, j in pods:
+            create_netns(self.pod_ns(i, j))
+        with ThreadPoolExecutor(CNI_PARALLEL) as pool:
+            for _ in pool.map(lambda pod: self._add_pod(*pod), pods):
+                pass  # map re-raises the first failure here
 
-    def _add_pods_of(self, i: int) -> None:
-        (self.node_dir(i) / "pods").mkdir(exist_ok=True)
-        for j in range(1, self.pods_per_node + 1):
-            pod = self.pod_ns(i, j)
-            self.progress.step(f"pod n{i}-p{j}: CNI ADD")
-            create_netns(pod)
-            proc = self._cni("ADD", i, pod)
-            try:
-                result = json.loads(proc.stdout)
-            except ValueError:
-                result = None
-            if proc.returncode != 0 or not isinstance(result, dict):
-                reason = result.get("msg", proc.stdout) if isinstance(result, dict) else proc.stdout
-                detail = str(reason).strip() or proc.stderr.strip()[-300:]
-                raise TestbedError(f"CNI ADD of pod n{i}-p{j} failed: {detail}")
-            pod_file = self.node_dir(i) / "pods" / f"n{i}-p{j}.json"
-            pod_file.write_text(json.dumps(result, indent=2) + "\n")
+    def _add_pod(self, i: int, j: int) -> None:
+        proc = self._cni("ADD", i, self.pod_ns(i, j))
+        try:
+            result = json.loads(proc.stdout)
+        except ValueError:
+            result = None
+        if proc.returncode != 0 or not isinstance(result, dict):
+            reason = result.get("msg", proc.stdout) if isinstance(result, dict) else proc.stdout
+            detail = str(reason).strip() or proc.stderr.strip()[-300:]
+            raise TestbedError(f"CNI ADD of pod n{i}-p{j} failed: {detail}")
+        pod_file = self.node_dir(i) / "pods" / f"n{i}-p{j}.json"
+        pod_file.write_text(json.dumps(result, indent=2) + "\n")
+        self.progress.step(f"pod n{i}-p{j}: CNI ADD")
 
     def add_node(self) -> int:
-        """Join one more node to the running testbed (namespace on the bridge, daemon,
-        pods); returns its number. ``down`` removes it with the rest."""
-        i = self.nodes + 1
-        if len(self.node_ns(i)) > IFNAMSIZ:
-            raise TestbedError(f"name {self.node_ns(i)!r} would exceed {IFNAMSIZ} characters")
-        self.nodes = i
+        """Join one more node to the running testbed (on the first segment, with the
+        network's backend and node 1's pod count: namespace, daemon, pods); returns its
+        number. ``down`` removes it with the rest."""
+        first = self.topology.nodes[0]
+        spec = NodeSpec(self.topology.segments[0].name, self.backend, first.pods)
+        grown = replace(self.topology, nodes=(*self.topology.nodes, spec))
+        before = (self.topology, self.plan)
+        self.topology, self.plan = grown, make_plan(grown, self.prefix)
         try:
             self._check_addressing()
         except TestbedError:
-            self.nodes = i - 1
+            self.topology, self.plan = before
             raise
-        self._write_state()  # records the new count, so status/load/down see the node
+        i = self.nodes
+        self._write_state()  # records the new node, so status/load/down see it
         with IPRoute(netns=self.underlay_ns, flags=0) as ipr:
-            (bridge,) = ipr.link_lookup(ifname=self.bridge)
+            (bridge,) = ipr.link_lookup(ifname=self.plan.node(i).bridge)
             self._build_node(ipr, bridge, i)
         self.start_daemon(i)
         self._wait_daemons([i])
-        self._add_pods_of(i)
+        self._add_pods([i])
         return i
+
+    def _impair_links(self) -> None:
+        """Each link's impairment, at both ends, toward the other end's lease (known only
+        now): through `overlay impair` on the node's status socket."""
+        for link in self.topology.links:
+            for here, there in (link.ends, link.ends[::-1]):
+                self.progress.step(f"n{here}: impair toward n{there}", advance=False)
+                self.impair(here, link.impair, peer=there)
+
+    def impair(self, i: int, words: str | None, peer: int | None = None) -> str:
+        """Impair what node i's daemon sends (to every peer, or to node ``peer``) with
+        netem's words; None clears it. Returns what `overlay impair` printed."""
+        if not daemon_can_impair():
+            raise TestbedError(
+                "impairment needs the impair feature (`overlay impair`), which this build lacks"
+            )
+        argv = [sys.executable, "-m", "overlay", "impair"]
+        argv += ["--status-socket", str(self.status_socket(i))]
+        if peer is not None:
+            argv += ["--peer", self.subnet_of(peer)]
+        argv += ["--clear"] if words is None else words.split()
+        proc = subprocess.run(
+            argv, capture_output=True, text=True, env=self.child_env(), timeout=30, check=False
+        )
+        if proc.returncode != 0:
+            reason = (proc.stderr or proc.stdout).strip().splitlines()
+            raise TestbedError(
+                f"impairing n{i}{f' toward n{peer}' if peer else ''}: "
+                f"{reason[-1] if reason else f'exit {proc.returncode}'}"
+            )
+        return proc.stdout
+
+    def subnet_of(self, i: int) -> str:
+        """Node i's lease, from its subnet.env."""
+        try:
+            return str(parse_subnet_env(self.subnet_file(i).read_text()).subnet.network)
+        except (OSError, SubnetEnvError) as e:
+            raise TestbedError(f"n{i} holds no lease yet ({self.subnet_file(i)}: {e})") from None
+
+    def _pod_count(self) -> int:
+        return sum(node.spec.pods for node in self.plan.nodes)
 
     # -- status / exec ----------------------------------------------------------------------
 
@@ -592,30 +780,25 @@ class Testbed:
     def load(cls, prefix: str = DEFAULT_PREFIX, state_dir: Path | str | None = None) -> Testbed:
         """The testbed ``up`` recorded under this prefix (for status/exec from the CLI)."""
         validate_prefix(prefix)
-        probe = cls(prefix, state_dir=state_dir)
+        path = _state_dir_for(prefix, state_dir) / "testbed.json"
         try:
-            params = json.loads((probe.state_dir / "testbed.json").read_text())
+            params = json.loads(path.read_text())
         except FileNotFoundError:
             raise TestbedError(
-                f"testbed {prefix} is not up (no {probe.state_dir / 'testbed.json'}): "
+                f"testbed {prefix} is not up (no {path}): "
                 f"`overlay testbed up --prefix {prefix}` builds it"
             ) from None
         except (OSError, ValueError) as e:
-            raise TestbedError(f"{probe.state_dir / 'testbed.json'} is unreadable: {e}") from None
-        return cls(
-            prefix,
-            nodes=int(params["nodes"]),
-            pods_per_node=int(params["pods_per_node"]),
-            backend=str(params["backend"]),
-            registry=str(params["registry"]),
-            underlay=str(params["underlay"]),
-            network=str(params["network"]),
-            state_dir=probe.state_dir,
-            kernel_nodes=tuple(int(i) for i in params.get("kernel_nodes", [])),
-            daemon_args=tuple(str(a) for a in params.get("daemon_args", [])),
-            direct_routing=bool(params.get("direct_routing", False)),
-            etcd_members=int(params.get("etcd_members", 1)),
-        )
+            raise TestbedError(f"{path} is unreadable: {e}") from None
+        try:
+            topology = Topology.from_json(params["topology"])
+            daemon_args = tuple(str(a) for a in params.get("daemon_args", []))
+        except (KeyError, TypeError, ValueError) as e:
+            raise TestbedError(
+                f"{path} holds no topology ({e!r}): made by an older version? "
+                f"`overlay testbed down --prefix {prefix}` still removes it"
+            ) from None
+        return cls.from_topology(topology, prefix, path.parent, daemon_args)
 
     def _daemon_pid(self, i: int) -> int | None:
         """The pid in n{i}.pid if that process is alive and really our daemon."""
@@ -635,41 +818,55 @@ class Testbed:
     def status(self) -> dict[str, Any]:
         nodes: list[dict[str, Any]] = []
         pods: list[dict[str, Any]] = []
-        for i in range(1, self.nodes + 1):
+        for node in self.plan.nodes:
+            i = node.number
             try:
-                subnet: str | None = str(
-                    parse_subnet_env(self.subnet_file(i).read_text()).subnet.network
-                )
-            except (OSError, SubnetEnvError):
+                subnet: str | None = self.subnet_of(i)
+            except TestbedError:
                 subnet = None
             pid = self._daemon_pid(i)
             nodes.append(
                 {
-                    "name": f"n{i}",
+                    "name": node.name,
                     "netns": self.node_ns(i),
-                    "underlay_ip": str(self.node_ip(i)),
+                    "segment": node.segment.name,
+                    "underlay_ip": str(node.address),
                     "subnet": subnet,
-                    "backend": self.datapath(i),
+                    "backend": node.datapath,
+                    "impair": node.spec.impair,
                     "pid": pid,
                     "running": pid is not None,
                 }
             )
-            for j in range(1, self.pods_per_node + 1):
+            for j in range(1, node.spec.pods + 1):
                 pods.append(
                     {
                         "name": f"n{i}-p{j}",
                         "netns": self.pod_ns(i, j),
-                        "node": f"n{i}",
+                        "node": node.name,
                         "ip": self._pod_address(i, j),
                     }
                 )
+        bridges = ", ".join(name for name, _ in self.plan.bridges)
         return {
             "prefix": self.prefix,
+            "source": self.topology.source,
             "backend": self.backend,
+            "direct_routing": self.direct_routing,
             "registry": self.registry,
             "etcd_endpoints": self.etcd.endpoints if self.registry == "etcd" else [],
             "underlay": str(self.underlay),
-            "bridge": f"{self.bridge} in netns {self.underlay_ns}",
+            "bridge": f"{bridges} in netns {self.underlay_ns}",
+            "segments": [
+                {"name": segment.name, "cidr": str(segment.cidr), "bridge": bridge}
+                for bridge, segment in self.plan.bridges
+            ],
+            "router": self.router_ns if self.plan.legs else None,
+            "links": [
+                {"between": [f"n{a}", f"n{b}"], "impair": link.impair}
+                for link in self.topology.links
+                for a, b in [link.ends]
+            ],
             "network": str(self.network),
             "state_dir": str(self.state_dir),
             "nodes": nodes,
@@ -711,25 +908,21 @@ class Testbed:
         removed: dict[str, list[str]] = {"pods": [], "processes": [], "netns": []}
         errors: list[str] = []
         node_names, pod_names = self._our_netns()
-        if self.underlay_ns in list_netns():
-            node_names.append(self.underlay_ns)
+        # The router, then the underlay namespace last (its veths and bridges go with it).
+        node_names += [ns for ns in (self.router_ns, self.underlay_ns) if netns_exists(ns)]
 
-        # 1. CNI DEL every pod that was added, as a kubelet would (best effort).
+        # 1. CNI DEL every pod that was added, as a kubelet would (best effort), side by
+        # side as up adds them.
+        added = []
         for saved in sorted(self.state_dir.glob("n*/cni/*")):
             node = re.fullmatch(r"n(\d+)", saved.parent.parent.name)
-            if (
-                not node
-                or saved.name.startswith(".")
-                or not netns_exists(self.node_ns(int(node[1])))
-            ):
-                continue
-            self.progress.step(f"CNI DEL {saved.name}", advance=False)
-            try:
-                deleted = self._cni("DEL", int(node[1]), saved.name)
-                if deleted.returncode == 0:
-                    removed["pods"].append(saved.name)
-            except (OSError, subprocess.SubprocessError):
-                pass
+            if node and not saved.name.startswith(".") and netns_exists(self.node_ns(int(node[1]))):
+                added.append((int(node[1]), saved.name))
+        self.progress.step(f"CNI DEL of {len(added)} pods", advance=False)
+        with ThreadPoolExecutor(CNI_PARALLEL) as pool:
+            for pod, deleted in zip(added, pool.map(self._cni_del, added), strict=True):
+                if deleted:
+                    removed["pods"].append(pod[1])
 
         # 2. The daemons, by pid file (checked to still be ours), then 3. anything else
         # running in our namespaces (servers a test started, a daemon without pid file).
@@ -750,8 +943,7 @@ class Testbed:
         terminate(strays, 2.0)
         removed["processes"] = [str(pid) for pid in daemons + strays]
 
-        # 4. The namespaces, pods first; the underlay one last (its veths and bridge go
-        # with it).
+        # 4. The namespaces, pods first.
         for ns in pod_names + node_names:
             self.progress.step(f"deleting netns {ns}", advance=False)
             try:
@@ -766,6 +958,12 @@ class Testbed:
             raise TestbedError(f"down of testbed {self.prefix} left things: {'; '.join(errors)}")
         return removed
 
+    def _cni_del(self, pod: tuple[int, str]) -> bool:
+        try:
+            return self._cni("DEL", *pod).returncode == 0
+        except (OSError, subprocess.SubprocessError):
+            return False
+
     def _remove_state(self) -> list[str]:
         """Remove the files a run makes; a custom state dir is emptied of ours only."""
         errors: list[str] = []
@@ -777,7 +975,7 @@ class Testbed:
             else:
                 ours = re.compile(
                     r"^(testbed\.json|registry\.json(\.lock)?|\.registry\.json\..*"
-                    r"|n\d+\.(pid|log)|n\d+|etcd\d*|etcd\d*\.(pid|log))$"
+                    r"|n\d+\.(pid|log)|n\d+|etcd\d*|etcd\d*\.(pid|log)|events\.jsonl)$"
                 )
                 for entry in state.iterdir():
                     if not ours.match(entry.name):

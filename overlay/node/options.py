@@ -13,8 +13,12 @@ from overlay.node.iptables import IptablesOptions
 from overlay.node.registry import RegistryOptions
 from overlay.node.underlay import UnderlayOptions
 from overlay.observe.log import LogOptions
-from overlay.observe.metrics import PEER_SERIES
 from overlay.observe.status_socket import default_path
+
+# Per-peer series for at most this many peers by default (`--metrics-peer-limit`): every
+# node exports its peers, so a cluster of N nodes holds N x N of each per-peer family;
+# beyond the limit, the busiest peers (README, "Health and metrics").
+PEER_SERIES = 100
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from control.etcd_registry import Endpoint, EtcdRegistry, TlsFiles
+from control.etcd_endpoints import Endpoint, TlsFiles
 from control.file_registry import FileRegistry
 from control.kv import KeyValueStore, RegistryError
 from control.lease import DEFAULT_PREFIX
@@ -50,6 +50,10 @@ def open_registry(options: RegistryOptions, notify: Any = None) -> KeyValueStore
     registry file's path, owner, mode and content by ``KeyValueStore.check`` at start,
     as that takes its lock, which may be held."""
     if options.etcd_endpoints:
+        # Imported here, not above: the gRPC stack it loads is most of the memory of a
+        # daemon (README, "Memory"), and a daemon on the file registry never needs it.
+        from control.etcd_registry import EtcdRegistry
+
         return EtcdRegistry(
             list(options.etcd_endpoints),
             tls=options.etcd_tls,

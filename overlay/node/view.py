@@ -12,7 +12,7 @@ from typing import Any
 from control.peer_table import Peer
 from overlay.dataplane.counters import add_snapshots
 from overlay.node.state import NodeState
-from overlay.observe import health, metrics
+from overlay.observe import health
 from overlay.observe import log as overlay_log
 from overlay.observe.version import version
 from tun import netlink
@@ -168,6 +168,10 @@ class NodeView:
     async def metrics_page(self) -> health.Page:
         """/metrics: per-peer series for ``--metrics-peer-limit`` peers at most (the
         busiest), so its size and cost stay bounded however large the cluster."""
+        # Imported at the first scrape, not above: prometheus_client brings http.server,
+        # email and wsgiref along, which a daemon without --healthz-port never needs.
+        from overlay.observe import metrics
+
         started = time.perf_counter()
         st = await self.status_snapshot(self.node.options.metrics_peer_limit)
         body = metrics.render(st)

@@ -32,10 +32,6 @@ from overlay.observe.version import version
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 44, 64)  # 44: the most 1472-byte segments in one GSO send
-# Per-peer series for at most this many peers by default (`--metrics-peer-limit`): every
-# node exports its peers, so a cluster of N nodes holds N x N of each per-peer family;
-# beyond the limit, the busiest peers (README, "Health and metrics").
-PEER_SERIES = 100
 # Counters of overlay.dataplane.counters.Counters other than traffic, drops and batches.
 FAST_PATH = {
     "tx_tun_super_packets": ("tun_super_packets_read", "TCP super-packets read from the TUN"),

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from importlib import metadata
-
 
 def version() -> str:
+    # Imported when asked, not above: importlib.metadata loads the email parser, zipfile
+    # and csv (1 MB of a daemon nobody has asked for its status yet).
+    from importlib import metadata
+
     try:
         return metadata.version("flannel-overlay")
     except metadata.PackageNotFoundError:

@@ -28,7 +28,8 @@ import pytest
 
 from control import subnet_manager
 from control.config import parse_config
-from control.etcd_registry import EtcdRegistry, TlsFiles, parse_endpoints
+from control.etcd_endpoints import TlsFiles, parse_endpoints
+from control.etcd_registry import EtcdRegistry
 from control.kv import RegistryConfigError, RegistryError
 from control.subnet_manager import SubnetManager
 from overlay.lab.netns import netns_pids
@@ -178,7 +179,8 @@ async def test_a_response_over_the_limit_names_the_real_cause(
     # From the root namespace the etcd in `ns` is not reachable on 127.0.0.1: run inside.
     script = f"""
 import asyncio
-from control.etcd_registry import EtcdRegistry, parse_endpoints
+from control.etcd_endpoints import parse_endpoints
+from control.etcd_registry import EtcdRegistry
 from control.kv import RegistryConfigError
 async def main():
     registry = EtcdRegistry(parse_endpoints({server.endpoint!r}), max_receive=100_000)
@@ -337,7 +339,7 @@ def test_bad_tls_files_are_one_line_at_once(
 def test_the_tls_checks_themselves() -> None:
     """Without a server: the same checks, as the library raises them."""
     with pytest.raises(RegistryConfigError, match="go together"):
-        TlsFiles(keyfile="/k").credentials()
+        TlsFiles(keyfile="/k").read()
     with pytest.raises(RegistryConfigError, match="/nonexistent/ca.crt"):
         EtcdRegistry(
             parse_endpoints("https://127.0.0.1:1"), tls=TlsFiles(cafile="/nonexistent/ca.crt")
@@ -446,7 +448,8 @@ async def test_renewals_refresh_the_same_lease(lo_etcd: tuple[str, EtcdServer]) 
     script = f"""
 import asyncio, json
 from ipaddress import IPv4Address
-from control.etcd_registry import EtcdRegistry, parse_endpoints
+from control.etcd_endpoints import parse_endpoints
+from control.etcd_registry import EtcdRegistry
 from control import subnet_manager
 from control.subnet_manager import SubnetManager
 async def main():
@@ -496,7 +499,8 @@ def test_a_lease_shared_with_another_key_is_left_alone(lo_etcd: tuple[str, EtcdS
     server.put(f"{prefix}/theirs", "t", lease=shared)
     script = f"""
 import asyncio
-from control.etcd_registry import EtcdRegistry, parse_endpoints
+from control.etcd_endpoints import parse_endpoints
+from control.etcd_registry import EtcdRegistry
 async def main():
     registry = EtcdRegistry(parse_endpoints({server.endpoint!r}))
     await registry.put({prefix + "/ours"!r}, b"v1", 3600)

@@ -23,7 +23,8 @@ from typing import Any
 import pytest
 
 from control.config import NetworkConfig
-from control.etcd_registry import EtcdRegistry, parse_endpoints
+from control.etcd_endpoints import parse_endpoints
+from control.etcd_registry import EtcdRegistry
 from control.kv import Entry, RegistryError
 from control.subnet_manager import LeaseEvent, LeaseLost, NetworkFull, SubnetManager
 from tests.helpers.etcd_server import EtcdServer

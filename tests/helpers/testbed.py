@@ -4,9 +4,11 @@ block runs, and a burst of pings with every round trip time."""
 
 from __future__ import annotations
 
+import json
 import re
 import signal
 import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -17,6 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from overlay.lab.testbed import Testbed
 from tests.helpers.commands import PYTHON
+from tests.helpers.paths import ROOT
 
 HEALTH_PORT = 9100  # --healthz-port of the testbeds that serve /metrics
 HTTP_GET = (  # a GET from inside a node: the status code on the first line, then the body
@@ -121,3 +124,26 @@ def pinging(bed: Any, source_pod: str, target_pod: str) -> Iterator[Pings]:
             pings.sent, pings.received = int(counts[1]), int(counts[2])
         answered = {int(n) for n in re.findall(r"icmp_seq=(\d+) ", pings.output)}
         pings.lost = sorted(set(range(1, pings.sent + 1)) - answered)
+
+
+def testbed_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """`overlay testbed ...` in its own process, as a user or a script runs it."""
+    return subprocess.run(
+        [sys.executable, "-m", "overlay", "testbed", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+        check=False,
+    )
+
+
+def daemon_log(bed: Any, i: int) -> list[dict[str, Any]]:
+    """Node i's daemon log lines (run with --log-format json), decoded; others skipped."""
+    events = []
+    for line in bed.log_file(i).read_text(errors="replace").splitlines():
+        try:
+            events.append(json.loads(line))
+        except ValueError:
+            continue
+    return events

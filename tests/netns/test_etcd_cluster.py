@@ -129,7 +129,8 @@ def test_a_member_killed_then_the_whole_cluster_restarted_under_traffic(bed: Tes
 WATCHER = textwrap.dedent(
     """
     import asyncio, sys
-    from control.etcd_registry import EtcdRegistry, parse_endpoints
+    from control.etcd_endpoints import parse_endpoints
+    from control.etcd_registry import EtcdRegistry
     from control.kv import RegistryError
 
     async def main(endpoint, prefix, patience):

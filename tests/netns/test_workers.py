@@ -151,11 +151,11 @@ def test_both_workers_forward_and_counters_add_up(bed: Testbed) -> None:
     assert all(n > 100 for n in sent), f"packets sent per worker during the run: {sent}"
     total = st["counters"]
     for name, value in total.items():
-        if name == "drops":
-            reasons = {r for w in workers for r in w["counters"]["drops"]}
+        if isinstance(value, dict):  # drops and impaired: by reason, added reason by reason
+            reasons = {r for w in workers for r in w["counters"][name]}
             assert value == {
-                r: sum(w["counters"]["drops"].get(r, 0) for w in workers) for r in sorted(reasons)
-            }
+                r: sum(w["counters"][name].get(r, 0) for w in workers) for r in sorted(reasons)
+            }, name
         elif isinstance(value, list):  # batch-size histograms add bucket by bucket
             buckets = zip(*(w["counters"][name] for w in workers), strict=True)
             assert value == [sum(b) for b in buckets], name

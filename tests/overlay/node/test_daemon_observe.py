@@ -20,8 +20,8 @@ import pytest
 
 from control.file_registry import FileRegistry
 from overlay.lab.netns import entered
+from overlay.node.options import PEER_SERIES
 from overlay.observe import status_socket as status
-from overlay.observe.metrics import PEER_SERIES
 from tests.helpers.commands import fatal_text, overlay_cmd
 from tests.helpers.polling import poll
 

@@ -1,0 +1,49 @@
+"""What a daemon loads: the memory of an idle daemon is mostly the modules it imported
+(README, "Memory of a daemon"), so what it does not need must stay out. Each check runs in
+a fresh interpreter, as `overlay run` starts."""
+
+from __future__ import annotations
+
+from tests.helpers.modules import loaded_after
+
+# Loaded by nothing a daemon on the file registry without --healthz-port needs.
+NOT_LOADED = (
+    "grpc",  # the etcd client's stack: only with --etcd-endpoints
+    "aetcd",
+    "google.protobuf",
+    "prometheus_client",  # /metrics: only at the first scrape
+    "http.server",
+    "pyroute2.ndb",  # what `import pyroute2` would add to rtnetlink (tun.rtnl)
+    "pyroute2.ipdb",
+    "pyroute2.nftables",
+    "sqlite3",
+    "psutil",
+    "importlib.metadata",  # the version: only when asked
+)
+
+
+def test_a_file_registry_daemon_loads_no_etcd_metrics_or_whole_pyroute2() -> None:
+    loaded = loaded_after(
+        "from overlay.cli.run import options_from, parse_run_args\n"
+        "import overlay.node.daemon\n"
+        "from overlay.node.registry import open_registry\n"
+        "options = options_from(parse_run_args(['--registry-file', '/nonexistent/r.json']))\n"
+        "open_registry(options.registry)"
+    )
+    assert "overlay.node.daemon" in loaded and "pyroute2.iproute.linux" in loaded
+    assert sorted(m for m in NOT_LOADED if m in loaded) == []
+
+
+def test_an_etcd_daemon_loads_the_etcd_client() -> None:
+    loaded = loaded_after(
+        "from overlay.cli.run import options_from, parse_run_args\n"
+        "from overlay.node.registry import open_registry\n"
+        "options = options_from(parse_run_args(['--etcd-endpoints', 'http://192.0.2.254:2379']))\n"
+        "open_registry(options.registry)"
+    )
+    assert {"aetcd", "grpc"} <= loaded
+
+
+def test_the_first_scrape_loads_the_metrics_module() -> None:
+    loaded = loaded_after("import overlay.node.view\nimport overlay.observe.metrics")
+    assert "prometheus_client" in loaded
