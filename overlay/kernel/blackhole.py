@@ -14,11 +14,9 @@ from __future__ import annotations
 import socket
 from ipaddress import IPv4Network, IPv6Network
 
-from pyroute2 import IPRoute
-from pyroute2.netlink.exceptions import NetlinkError
-
 from overlay.kernel.objects import KernelError
 from overlay.kernel.rtnl import RT_TABLE_MAIN
+from tun.rtnl import IPRoute, NetlinkError
 
 RTN_BLACKHOLE = 6
 METRIC = 1024  # above the connected route of the pod bridge (0 for IPv4, 256 for IPv6)
