@@ -242,7 +242,7 @@ def read_links(session: Session, devices: Iterable[str]) -> dict[str, LinkInfo]:
 def read_view(session: Session, devices: Iterable[str], ipv6: bool = False) -> KernelView:
     """The kernel's state as far as ``devices`` (the names our objects use) are concerned:
     their links, addresses, neighbours and fdb entries, and the whole main routing table;
-    with ``ipv6``, the IPv6 ones too (without the link-local addresses and the routes the
+    with ``ipv6``, the IPv6 ones too (without the fe80:: addresses and the routes the
     kernel makes itself on every device)."""
     view = KernelView(links=read_links(session, devices))
     view.indexes = {name: link.index for name, link in view.links.items()}
@@ -252,7 +252,7 @@ def read_view(session: Session, devices: Iterable[str], ipv6: bool = False) -> K
         for addr in session.ipr.get_addr(family=family):
             dev = names.get(addr["index"])
             address = ip_address(addr.get_attr("IFA_ADDRESS"))
-            if dev is not None and not address.is_link_local:
+            if dev is not None and not (address.version == 6 and address.is_link_local):
                 view.addresses.add((dev, address, int(addr["prefixlen"])))
         view.routes |= session.rtnl.routes(family)
         view.neighbours |= session.rtnl.neighbours(set(names), family)
