@@ -21,7 +21,8 @@ from hypothesis import strategies as st
 
 from control.allocation import CANDIDATES, free_ipv6_subnets
 from control.config import NO_IPV4, ConfigError, parse_config
-from control.etcd_registry import EtcdRegistry, parse_endpoints
+from control.etcd_endpoints import parse_endpoints
+from control.etcd_registry import EtcdRegistry
 from control.file_registry import FileRegistry
 from control.kv import KeyValueStore
 from control.lease import Lease, LeaseError, parse_lease, parse_subnet_key, subnet_key
