@@ -34,7 +34,7 @@ from overlay.node.state import NodeState
 from overlay.node.tracing import attach_captures, serve_trace
 from overlay.node.underlay import UnderlayError, select_underlay
 from overlay.node.view import NodeView
-from overlay.observe import health, status_socket
+from overlay.observe import health, health_server, status_socket
 from overlay.observe import log as overlay_log
 from overlay.observe.drop_log import DropLog
 
@@ -146,20 +146,21 @@ class Daemon:
         except status_socket.StatusSocketError as e:
             raise Fatal(str(e)) from None
 
-    async def _serve_health(self) -> asyncio.AbstractServer | None:
+    async def _serve_health(self) -> health_server.HealthServer | None:
         options = self.node.options
         port = options.healthz_port
         if not port:
             return None
         host = str(options.healthz_ip)
         try:
-            server = await health.serve(host, port, self.view.routes())
+            server = await health_server.serve(host, port, self.view.routes())
         except OSError as e:
             raise Fatal(
                 f"cannot serve health on --healthz-ip {host} --healthz-port {port}: "
                 f"{e.strerror or e}"
             ) from None
         self.log.info("healthz_listening", address=f"{host}:{port}")
+        self.view.health_server_stats = server.stats
         return server
 
     async def _started(self, stopping: asyncio.Task[Any]) -> bool:
@@ -235,11 +236,11 @@ class Daemon:
             loop.add_signal_handler(signum, self._on_signal, signum)
         server = await self._serve_status()
         stopping = asyncio.create_task(stop.wait())
-        health_server: asyncio.AbstractServer | None = None
+        http_server: health_server.HealthServer | None = None
         tasks: list[asyncio.Task[Any]] = []
         overlay_log.install_stack_dumps(loop, self._on_quit)
         try:
-            health_server = await self._serve_health()
+            http_server = await self._serve_health()
             if not await self._started(stopping):
                 return self.exit_code
             assert self.node.lease is not None
@@ -256,11 +257,11 @@ class Daemon:
             for task in [*tasks, stopping]:
                 task.cancel()
             await asyncio.wait([*tasks, stopping], timeout=STOP_BUDGET / 4)
-            await self._cleanup(server, health_server)
+            await self._cleanup(server, http_server)
             overlay_log.remove_stack_dumps(loop)
 
     async def _cleanup(
-        self, server: status_socket.StatusServer, health_server: asyncio.AbstractServer | None
+        self, server: status_socket.StatusServer, http_server: health_server.HealthServer | None
     ) -> None:
         """Undo what startup made, each step bounded so the whole fits STOP_BUDGET."""
 
@@ -277,8 +278,8 @@ class Daemon:
             await step("iptables rules", node.iptables.remove(), 2.0)
         if node.backend is not None:
             await step("backend", node.backend.stop(), 0.4)
-        if health_server is not None:
-            health_server.close()
+        if http_server is not None:
+            http_server.close()
         server.close()  # removes the socket only if it is still ours
         await step("registry", node.kv.close(), 0.1)
 

@@ -6,13 +6,13 @@ from __future__ import annotations
 import asyncio
 import heapq
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from control.peer_table import Peer
 from overlay.dataplane.counters import add_snapshots
 from overlay.node.state import NodeState
-from overlay.observe import health
+from overlay.observe import health_server
 from overlay.observe import log as overlay_log
 from overlay.observe.version import version
 from tun import netlink
@@ -21,11 +21,17 @@ from tun import netlink
 # turn between slices: at 10,000 peers the table is a few tens of milliseconds of Python,
 # which as one piece would hold up the drains (README, "Scale").
 ROW_SLICE = 500
+# /metrics is made at most this often, or less often when making it takes longer than 5%
+# of this (health_server.Cached): a scrape flood costs the loop one page per period.
+METRICS_MIN_AGE = 0.25
+HEALTHY: health_server.Page = (200, health_server.TEXT, b"overlay is running\n")
 
 
 class NodeView:
     def __init__(self, node: NodeState) -> None:
         self.node = node
+        # The health server's counts, once it listens (HealthServer.stats).
+        self.health_server_stats: Callable[[], dict[str, int]] | None = None
 
     def snapshot(self, peer_limit: int | None = None) -> dict[str, Any]:
         """Everything `overlay status` shows (and /metrics exports), also while starting;
@@ -69,6 +75,8 @@ class NodeView:
             "registry": node.monitor.status(),
             "log_lines_lost": overlay_log.lines_lost(),
         }
+        if self.health_server_stats is not None:
+            base["health_server"] = self.health_server_stats()
         if "datapath" not in node.readiness.done:
             return {**base, "state": "starting"}, None
         assert node.config is not None and node.backend is not None and node.peers is not None
@@ -165,7 +173,7 @@ class NodeView:
 
     # -- the health server's pages ------------------------------------------------------
 
-    async def metrics_page(self) -> health.Page:
+    async def metrics_page(self) -> health_server.Page:
         """/metrics: per-peer series for ``--metrics-peer-limit`` peers at most (the
         busiest), so its size and cost stay bounded however large the cluster."""
         # Imported at the first scrape, not above: prometheus_client brings http.server,
@@ -180,18 +188,18 @@ class NodeView:
             self.node.log.debug("scraped", ms=ms)
         return 200, metrics.CONTENT_TYPE, body
 
-    async def readyz_page(self) -> health.Page:
+    def readyz_page(self) -> health_server.Page:
         ready, reason = self.node.readiness.check()
-        return (200 if ready else 503), health.TEXT, f"{reason}\n".encode()
+        return (200 if ready else 503), health_server.TEXT, f"{reason}\n".encode()
 
-    async def healthz_page(self) -> health.Page:
-        return 200, health.TEXT, b"overlay is running\n"
+    def healthz_page(self) -> health_server.Page:
+        return HEALTHY
 
-    def routes(self) -> dict[str, health.Route]:
+    def routes(self) -> dict[str, health_server.Route]:
         return {
-            "/healthz": self.healthz_page,
-            "/readyz": self.readyz_page,
-            "/metrics": self.metrics_page,
+            "/healthz": health_server.Immediate(self.healthz_page),
+            "/readyz": health_server.Immediate(self.readyz_page),
+            "/metrics": health_server.Cached(self.metrics_page, METRICS_MIN_AGE),
         }
 
 

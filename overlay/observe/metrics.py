@@ -127,6 +127,7 @@ def families(st: dict[str, Any]) -> Iterator[Metric]:
         yield _counter("overlay_arp_replies", "ARP replies sent for our VTEP", st["arp_replies"])
     yield from _state_families(st)
     yield from _worker_families(st.get("workers") or [])
+    yield from _health_server_families(st.get("health_server") or {})
 
 
 def _process_families(st: dict[str, Any]) -> Iterator[Metric]:
@@ -259,6 +260,39 @@ def _impairment_families(rules: list[dict[str, Any]], counters: dict[str, Any]) 
         "overlay_impair_queued_packets",
         "packets held by impairment right now, waiting for their time",
         counters.get("impair_queued", 0),
+    )
+
+
+def _health_server_families(served: dict[str, int]) -> Iterator[Metric]:
+    """What the health server met (``overlay.observe.health_server.HealthServer.stats``)."""
+    if not served:
+        return
+    yield _gauge(
+        "overlay_health_connections",
+        "connections open to /healthz, /readyz, /metrics",
+        served.get("open", 0),
+    )
+    yield _counter(
+        "overlay_health_requests", "requests answered (any status)", served.get("served", 0)
+    )
+    closed = CounterMetricFamily(
+        "overlay_health_connections_closed",
+        "connections closed before they were answered: evicted (the oldest, when the limit "
+        "of open ones was reached) or timed_out",
+        labels=["reason"],
+    )
+    for reason in ("evicted", "timed_out"):
+        closed.add_metric([reason], served.get(reason, 0))
+    yield closed
+    yield _counter(
+        "overlay_health_accept_pauses",
+        "times accepting rested: the accept budget spent, or out of fds",
+        served.get("accept_pauses", 0),
+    )
+    yield _counter(
+        "overlay_health_accept_errors",
+        "failed accepts (e.g. out of fds)",
+        served.get("accept_errors", 0),
     )
 
 

@@ -19,6 +19,7 @@ import pytest
 
 from encap.ipv4 import build_header
 from overlay.lab.testbed import Testbed
+from overlay.node.view import METRICS_MIN_AGE
 from tests.helpers.commands import PYTHON, overlay_cmd
 from tests.helpers.polling import poll
 from tests.helpers.testbed import HEALTH_PORT, node_status, scrape
@@ -126,12 +127,18 @@ def test_every_drop_reason_is_a_metric(bed: Testbed) -> None:
     want = poll(lambda: len(node_status(bed, "n1")["counters"]["drops"]) >= 2, 5)
     assert want
     drops = node_status(bed, "n1")["counters"]["drops"]
-    exported = {
-        dict(labels)["reason"]: value
-        for labels, value in scrape(bed, "n1")["overlay_dropped_packets_total"].items()
-    }
-    assert set(exported) == set(drops)
-    assert all(exported[r] >= n for r, n in drops.items())
+
+    def exported() -> dict[str, float]:
+        families = scrape(bed, "n1")
+        return {
+            dict(labels)["reason"]: value
+            for labels, value in families.get("overlay_dropped_packets_total", {}).items()
+        }
+
+    # /metrics may show a page made up to METRICS_MIN_AGE before the drops were counted
+    got = poll(lambda: (e := exported()).keys() == drops.keys() and e, 2 * METRICS_MIN_AGE + 1)
+    assert got and set(got) == set(drops), (got, drops)
+    assert all(got[r] >= n for r, n in drops.items())
 
 
 # -- overlay status -----------------------------------------------------------------------

@@ -96,6 +96,18 @@ def test_impairment_rules_and_what_they_did_are_exported() -> None:
     assert not any(name.startswith("overlay_impair") for name, _ in without)
 
 
+def test_what_the_health_server_met_is_exported() -> None:
+    served = {"open": 3, "served": 120, "evicted": 7, "timed_out": 2, "accept_pauses": 4}
+    got = samples({"health_server": {**served, "accept_errors": 1}, "peers": []})
+    assert got[("overlay_health_connections", ())] == 3
+    assert got[("overlay_health_requests_total", ())] == 120
+    assert got[("overlay_health_connections_closed_total", (("reason", "evicted"),))] == 7
+    assert got[("overlay_health_connections_closed_total", (("reason", "timed_out"),))] == 2
+    assert got[("overlay_health_accept_pauses_total", ())] == 4
+    assert got[("overlay_health_accept_errors_total", ())] == 1
+    assert not any(name.startswith("overlay_health_") for name, _ in samples({"peers": []}))
+
+
 def test_readiness_waits_for_every_step_and_for_the_registry() -> None:
     ready = health.Readiness(registry_grace=0.2)
     assert ready.check() == (False, "waiting for a lease, the datapath, subnet.env")
