@@ -221,6 +221,32 @@ def cpu_seconds(pid: int) -> float:
     return total
 
 
+def machine_cpu_seconds() -> float:
+    """CPU seconds the whole machine has been busy since boot, all CPUs: every process,
+    the kernel and its interrupt and softirq work (/proc/stat: user, nice, system, irq,
+    softirq; guest time is inside user; steal, the hypervisor's, is not ours). The
+    kernel's vxlan device does its work in softirq, which no process's CPU time shows."""
+    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()
+    user, nice, system, _idle, _iowait, irq, softirq = (int(f) for f in fields[1:8])
+    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
+
+
+def sleeps(pid: int) -> int:
+    """How often ``pid`` (all threads) and its live descendants went to sleep and were
+    woken: the voluntary context switches of /proc/<pid>/task/<tid>/status."""
+    total = 0
+    for p in [pid, *_descendants(pid)]:
+        for status in Path(f"/proc/{p}/task").glob("*/status"):
+            try:
+                text = status.read_text()
+            except OSError:
+                continue
+            for line in text.splitlines():
+                if line.startswith("voluntary_ctxt_switches:"):
+                    total += int(line.split()[1])
+    return total
+
+
 def _descendants(pid: int) -> list[int]:
     found: list[int] = []
     todo = [pid]

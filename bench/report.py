@@ -14,15 +14,21 @@ Rows (paths), each its own 2-node testbed with one pod per node and the file reg
   TUN, socket and control socket, then one TUN read + sendto and one recv + TUN write in
   turn until both are empty, TTL decrement with an incremental checksum, a first-match
   route table fed over the control socket: the bar "beat flannel's C proxy" is measured;
-- ``udp-notso``, ``udp-workers2`` (only with ``--only``): our udp backend with
-  ``--no-tun-tso``, with ``--workers 2``.
+- ``udp-busypoll``: our udp backend with ``--busy-poll-us`` ``BUSY_POLL_US``;
+- ``udp-workers2``: our udp backend with ``--workers 2`` (beside the single process);
+- ``udp-notso`` (only with ``--only``): our udp backend with ``--no-tun-tso``.
 
 Columns: iperf3 TCP with 1 and 4 streams (Gbit/s, receiver side); UDP with 1400-byte and
 64-byte datagrams at the highest offered rate that lost < 0.1% (a short search, below);
 ping RTT p50/p99/avg from every reply of ``--pings`` pings 10 ms apart (on an idle VM
-the RTT depends on that gap: waking a halted vCPU costs ~100 us); and the CPU of each
+the RTT depends on that gap: waking a halted vCPU costs ~100 us); the CPU of each
 node's daemon during the TCP 1-stream run, as % of one core and as CPU seconds per GB
-the receiver got (n1 sends, n2 receives). Throughput is measured
+the receiver got (n1 sends, n2 receives); the whole machine's CPU seconds per GB during
+the TCP 1- and 4-stream runs (/proc/stat: every process and the kernel's softirq work,
+where kernel vxlan does its forwarding, so every row is on the same scale); and what
+latency costs: each daemon's CPU % with no traffic (``IDLE_SECONDS``) and during the
+pings, and how often it went to sleep (voluntary context switches) per ping: its
+wake-ups per round trip. Throughput is measured
 ``--runs`` times, round-robin over the paths (all testbeds are up together, so a burst of
 other load on the machine hits every path instead of all runs of one), and reported as
 min / median / max; the pings of all runs are pooled.
@@ -60,11 +66,12 @@ from bench.measure import (
     UDP_SOCKET_BUFFER,
     UdpTrial,
     cpu_seconds,
-    iperf3_tcp,
     iperf3_tcp_bytes,
     iperf3_udp,
+    machine_cpu_seconds,
     percentile,
     ping_samples,
+    sleeps,
     summary,
 )
 from overlay.cli.parser import OneLineParser
@@ -76,6 +83,11 @@ from overlay.lab.testbed import Testbed
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 MAX_LOSS_PCT = 0.1
 BASE = "kernel-vxlan"  # ratios are to this path (and to veth)
+# The busy-poll row's window: on the bench's testbed a ping's reply reaches the sending
+# node a few hundred us after its request; the poll ends once the reply is forwarded, so
+# a window with room costs more only when no reply comes.
+BUSY_POLL_US = 500
+IDLE_SECONDS = 3.0  # no traffic: what each daemon burns doing nothing
 
 
 @dataclass(frozen=True)
@@ -97,17 +109,16 @@ PATHS = [
     PathSpec("vxlan", "our userspace vxlan", "vxlan"),
     PathSpec("udp-nooffload", "our udp --no-offload", "udp", daemon_args=("--no-offload",)),
     PathSpec("c-proxy", "C proxy (flanneld's udp loop)", "udp", proxy=True),
-    # Only on request (--only udp,udp-notso,udp-workers2): options measured against the
-    # default in the README.
+    PathSpec(
+        "udp-busypoll",
+        f"our udp --busy-poll-us {BUSY_POLL_US}",
+        "udp",
+        daemon_args=("--busy-poll-us", str(BUSY_POLL_US)),
+    ),
+    PathSpec("udp-workers2", "our udp --workers 2", "udp", daemon_args=("--workers", "2")),
+    # Only on request (--only udp,udp-notso): an option measured against the default.
     PathSpec(
         "udp-notso", "our udp --no-tun-tso", "udp", daemon_args=("--no-tun-tso",), default=False
-    ),
-    PathSpec(
-        "udp-workers2",
-        "our udp --workers 2",
-        "udp",
-        daemon_args=("--workers", "2"),
-        default=False,
     ),
 ]
 BY_KEY = {p.key: p for p in PATHS}
@@ -124,11 +135,18 @@ class PathResult:
     pings_sent: int = 0
     cpu: dict[str, list[float]] = field(default_factory=dict)
     cpu_s_per_gb: dict[str, list[float]] = field(default_factory=dict)
+    machine_s_per_gb: dict[str, list[float]] = field(default_factory=dict)  # tcp1, tcp4
+    idle_cpu: dict[str, list[float]] = field(default_factory=dict)  # % of a core, by node
+    ping_cpu: dict[str, list[float]] = field(default_factory=dict)  # % of a core, by node
+    sleeps_per_ping: dict[str, list[float]] = field(default_factory=dict)  # by node
     error: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         def udp(searches: list[dict[str, Any]], key: str) -> dict[str, Any]:
             return {**summary([s[key] for s in searches]), "runs": searches}
+
+        def by_node(values: dict[str, list[float]]) -> dict[str, Any]:
+            return {node: {**summary(v), "runs": v} for node, v in values.items()}
 
         rtt = self.rtts_us
         return {
@@ -152,13 +170,12 @@ class PathResult:
                 "min": min(rtt) if rtt else 0.0,
                 "max": max(rtt) if rtt else 0.0,
             },
-            "daemon_cpu_pct_tcp1": {
-                node: {**summary(values), "runs": values} for node, values in self.cpu.items()
-            },
-            "daemon_cpu_s_per_gb_tcp1": {
-                node: {**summary(values), "runs": values}
-                for node, values in self.cpu_s_per_gb.items()
-            },
+            "daemon_cpu_pct_tcp1": by_node(self.cpu),
+            "daemon_cpu_s_per_gb_tcp1": by_node(self.cpu_s_per_gb),
+            "machine_cpu_s_per_gb": by_node(self.machine_s_per_gb),
+            "daemon_cpu_pct_idle": by_node(self.idle_cpu),
+            "daemon_cpu_pct_ping": by_node(self.ping_cpu),
+            "daemon_sleeps_per_ping": by_node(self.sleeps_per_ping),
         }
 
 
@@ -326,26 +343,69 @@ def _swap_in_c_proxy(bed: Testbed) -> tuple[dict[str, int], list[socket.socket]]
     return pids, controls
 
 
+def _measure_latency(b: Bench, args: argparse.Namespace, pids: dict[str, int]) -> None:
+    """The daemons' CPU with no traffic, then the pings: RTTs, the daemons' CPU and how
+    often each went to sleep per round trip."""
+    r, bed = b.result, b.bed
+    cpu = {node: cpu_seconds(pid) for node, pid in pids.items()}
+    time.sleep(IDLE_SECONDS)
+    for node, pid in pids.items():
+        r.idle_cpu.setdefault(node, []).append(100 * (cpu_seconds(pid) - cpu[node]) / IDLE_SECONDS)
+    cpu = {node: cpu_seconds(pid) for node, pid in pids.items()}
+    slept = {node: sleeps(pid) for node, pid in pids.items()}
+    start = time.monotonic()
+    sent, rtts = ping_samples(bed, b.src, b.dst_ip, count=args.pings, interval=args.ping_interval)
+    wall = time.monotonic() - start
+    r.pings_sent += sent
+    r.rtts_us += rtts
+    for node, pid in pids.items():
+        r.ping_cpu.setdefault(node, []).append(100 * (cpu_seconds(pid) - cpu[node]) / wall)
+        r.sleeps_per_ping.setdefault(node, []).append((sleeps(pid) - slept[node]) / sent)
+
+
+@dataclass(frozen=True)
+class TcpCost:
+    """One iperf3 TCP run and the CPU it took."""
+
+    gbits: float
+    received_gb: float  # what the receiver got
+    daemon_seconds: dict[str, float]  # each daemon's CPU seconds, by node
+    machine_seconds: float  # the whole machine's (machine_cpu_seconds)
+    wall: float
+
+
+def _tcp_with_cost(
+    b: Bench, args: argparse.Namespace, pids: dict[str, int], streams: int
+) -> TcpCost:
+    before = {node: cpu_seconds(pid) for node, pid in pids.items()}
+    machine = machine_cpu_seconds()
+    start = time.monotonic()
+    gbits, received = iperf3_tcp_bytes(
+        b.bed, b.dst, b.dst_ip, b.src, seconds=args.seconds, streams=streams
+    )
+    wall = time.monotonic() - start
+    machine = machine_cpu_seconds() - machine
+    used = {node: cpu_seconds(pid) - before[node] for node, pid in pids.items()}
+    return TcpCost(gbits, received / 1e9, used, machine, wall)
+
+
 def _measure_run(b: Bench, args: argparse.Namespace) -> None:
     """One run of every column for one path, appended to ``b.result``."""
     r, bed = b.result, b.bed
-    sent, rtts = ping_samples(bed, b.src, b.dst_ip, count=args.pings, interval=args.ping_interval)
-    r.pings_sent += sent
-    r.rtts_us += rtts
-
     pids = b.pids or _daemon_pids(bed)
-    before = {node: cpu_seconds(pid) for node, pid in pids.items()}
-    start = time.monotonic()
-    gbits, received = iperf3_tcp_bytes(bed, b.dst, b.dst_ip, b.src, seconds=args.seconds)
-    wall = time.monotonic() - start
-    r.tcp1.append(gbits)
-    for node, pid in pids.items():
-        used = cpu_seconds(pid) - before[node]
-        r.cpu.setdefault(node, []).append(100 * used / wall)
-        if received:
-            r.cpu_s_per_gb.setdefault(node, []).append(used / (received / 1e9))
-
-    r.tcp4.append(iperf3_tcp(bed, b.dst, b.dst_ip, b.src, seconds=args.seconds, streams=4))
+    _measure_latency(b, args, pids)
+    for streams, runs in ((1, r.tcp1), (4, r.tcp4)):
+        tcp = _tcp_with_cost(b, args, pids, streams)
+        runs.append(tcp.gbits)
+        if tcp.received_gb:
+            per_gb = tcp.machine_seconds / tcp.received_gb
+            r.machine_s_per_gb.setdefault(f"tcp{streams}", []).append(per_gb)
+        if streams != 1:
+            continue
+        for node, used in tcp.daemon_seconds.items():
+            r.cpu.setdefault(node, []).append(100 * used / tcp.wall)
+            if tcp.received_gb:
+                r.cpu_s_per_gb.setdefault(node, []).append(used / tcp.received_gb)
     r.udp1400.append(_udp_search(bed, b.src, b.dst, b.dst_ip, 1400, args))
     r.udp64.append(_udp_search(bed, b.src, b.dst, b.dst_ip, 64, args))
 
@@ -425,14 +485,16 @@ def format_markdown(report: dict[str, Any]) -> str:
         f"Ping: {s['pings']} pings {1000 * s['ping_interval']:g} ms apart per run, all runs "
         f"pooled. CPU: each daemon "
         f"during the TCP 1-stream run, as % of one core and as CPU seconds per GB "
-        f"received (n1 sends, n2 receives). Every eth0 keeps a veth's default offloads. "
+        f"received (n1 sends, n2 receives); machine: the whole machine's CPU seconds "
+        f"(/proc/stat, every process and softirq) per GB received during the TCP 1- and "
+        f"4-stream runs. Every eth0 keeps a veth's default offloads. "
         f"The C proxy is bench/c_proxy.c, flanneld's udp proxy loop. iperf3 UDP uses -w "
         f"{UDP_SOCKET_BUFFER}, so the receiving iperf3's socket is not what drops.",
         "",
         "| path | TCP 1 stream Gbit/s | TCP 4 streams Gbit/s | UDP 1400 B Gbit/s "
         "| UDP 64 B kpps | ping p50 us | ping p99 us | ping avg us | daemon CPU% n1 / n2 "
-        "| daemon CPU s/GB n1 / n2 |",
-        "|---|---|---|---|---|---:|---:|---:|---|---|",
+        "| daemon CPU s/GB n1 / n2 | machine CPU s/GB TCP 1 / TCP 4 |",
+        "|---|---|---|---|---|---:|---:|---:|---|---|---|",
     ]
     for p in paths:
         if p["error"] and not p["tcp1_gbits"]["runs"]:
@@ -452,11 +514,12 @@ def format_markdown(report: dict[str, Any]) -> str:
             f"| {_spread(p['udp1400_gbits'], 1, 3)}{star} "
             f"| {_spread(p['udp64_pps'], 1e-3, 0)}{star64} "
             f"| {ping['p50']:.0f} | {ping['p99']:.0f} | {ping['avg']:.0f} | {cpu_text} "
-            f"| {per_gb_text} |"
+            f"| {per_gb_text} | {_by_node(p.get('machine_cpu_s_per_gb', {}), ('tcp1', 'tcp4'))} |"
         )
     errors = [p for p in paths if p["error"]]
     for p in errors:
         lines.append(f"\n{p['label']}: {p['error']}")
+    lines += _latency_table(paths, s)
 
     base, veth = by_key.get(BASE), by_key.get("veth")
     if base or veth:
@@ -489,7 +552,7 @@ def format_markdown(report: dict[str, Any]) -> str:
             )
     targets = report.get("targets") or []
     if targets:
-        lines += ["", "Targets of issue 12 (ratios measured in this run):", ""]
+        lines += ["", "Targets of issues 12 and 19 (ratios measured in this run):", ""]
         lines += [f"- {t['text']}: {t['measured']} -> **{t['verdict']}**" for t in targets]
     if report.get("micro"):
         pyperf_args = " ".join(s.get("micro_pyperf_args", []))
@@ -505,6 +568,41 @@ def format_markdown(report: dict[str, Any]) -> str:
         lines += ["", f"Codec micro-benchmarks failed: {report['micro_error']}"]
     lines += ["", f"![TCP 1 stream and ping RTT per path]({report['name']}.png)", ""]
     return "\n".join(lines)
+
+
+def _by_node(values: dict[str, Any], keys: tuple[str, ...] = ("n1", "n2"), digits: int = 2) -> str:
+    """Medians of ``keys`` joined by " / " ("-" for one not measured)."""
+    return " / ".join(f"{values[k]['median']:.{digits}f}" if k in values else "-" for k in keys)
+
+
+def _latency_table(paths: list[dict[str, Any]], s: dict[str, Any]) -> list[str]:
+    """Latency and what it costs: RTTs, each daemon's CPU idle and under the pings, and
+    its sleeps (wake-ups) per round trip."""
+    lines = [
+        "",
+        f"Latency and what it costs: each daemon's CPU with no traffic ({IDLE_SECONDS:g} s) "
+        f"and during the pings (one every {1000 * s['ping_interval']:g} ms), and how often "
+        "it went to sleep per ping (voluntary context switches: its wake-ups per round "
+        "trip; kernel vxlan's daemons do not forward, the kernel does):",
+        "",
+        "| path | ping p50 / p99 / avg us | avg x C proxy | idle CPU% n1 / n2 "
+        "| CPU% at the pings n1 / n2 | sleeps per ping n1 / n2 |",
+        "|---|---|---:|---|---|---|",
+    ]
+    proxy = next((p for p in paths if p["key"] == "c-proxy"), None)
+    for p in paths:
+        if not p["ping_us"]["received"]:
+            continue
+        ping = p["ping_us"]
+        base = proxy["ping_us"]["avg"] if proxy else None
+        lines.append(
+            f"| {p['label']} | {ping['p50']:.0f} / {ping['p99']:.0f} / {ping['avg']:.0f} "
+            f"| {_ratio(ping['avg'], base)} "
+            f"| {_by_node(p.get('daemon_cpu_pct_idle', {}), digits=1)} "
+            f"| {_by_node(p.get('daemon_cpu_pct_ping', {}), digits=1)} "
+            f"| {_by_node(p.get('daemon_sleeps_per_ping', {}), digits=1)} |"
+        )
+    return lines
 
 
 def check_targets(
@@ -540,6 +638,20 @@ def check_targets(
             "ping RTT avg, udp backend <= the C proxy's (stretch <= 2x kernel vxlan)",
             shown,
             verdict,
+        )
+    r = ratio("udp-busypoll", "c-proxy", "ping_us", "avg")
+    if r is not None:
+        target(
+            f"ping RTT avg, udp --busy-poll-us {BUSY_POLL_US} <= the C proxy's",
+            f"{r:.2f}x",
+            _met(r <= 1),
+        )
+    r = ratio("udp", "c-proxy", "ping_us", "avg")
+    if r is not None:
+        target(
+            "ping RTT avg, udp backend without busy-poll no worse than before (<= 1.42x C proxy)",
+            f"{r:.2f}x",
+            _met(r <= 1.42),
         )
     r = ratio("udp", BASE, "udp64_pps", "median")
     if r is not None:

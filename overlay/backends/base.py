@@ -52,6 +52,7 @@ class DatapathOptions:
     tun_tso: bool = True  # TCP super-packets from the TUN, cut into segments here
     workers: int = 1  # forwarding processes, one per queue of a multi-queue TUN
     impairment: Rules = field(default_factory=Rules)  # --impair: netem's rules at start
+    busy_poll_us: int = 0  # after a wake-up, keep polling TUN and socket this long (0: off)
 
 
 @dataclass

@@ -44,6 +44,12 @@ class RoutedBackend(Backend):
                 f"with --vxlan-datapath userspace); {self.name} forwards in the kernel: "
                 "use --workers 1"
             )
+        if ctx.options.busy_poll_us:
+            raise BackendError(
+                f"--busy-poll-us {ctx.options.busy_poll_us} needs a userspace datapath (udp, "
+                f"or vxlan with --vxlan-datapath userspace); {self.name} forwards in the "
+                "kernel: leave it at 0 (the kernel's own is net.core.busy_read)"
+            )
         ipv6 = ctx.config.ipv6
         networks = (ctx.config.network, *((ipv6.network,) if ipv6 is not None else ()))
         self.kernel: KernelState = KernelState(

@@ -31,4 +31,5 @@ class UdpBackend(UserspaceBackend):
             mtu=self.mtu,
             offload=options.offload,
             tun_tso=options.tun_tso,
+            busy_poll_us=options.busy_poll_us,
         )

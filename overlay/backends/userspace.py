@@ -206,6 +206,7 @@ class UserspaceBackend(Backend):
             "tun": self.tun.name if self.tun else None,
             "features": self.dataplane.features() if self.dataplane else {},
             "impairment": self._impairment.to_json(),
+            "busy_poll_us": self.ctx.options.busy_poll_us,
             **self.kernel.status(),
         }
         if self.workers is not None:

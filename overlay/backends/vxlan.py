@@ -136,6 +136,7 @@ class VxlanBackend(UserspaceBackend):
             mtu=self.mtu,
             offload=options.offload,
             tun_tso=options.tun_tso,
+            busy_poll_us=options.busy_poll_us,
             vni=self.vtep.vni,
             mac=self.vtep.mac,
         )

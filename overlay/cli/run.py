@@ -111,6 +111,12 @@ MAX_WORKERS = 256
 # flanneld: the margin is whole minutes, less than the 24 h lease.
 _margin = integer("a number of minutes", "minutes", 1, 24 * 60 - 1, " (less than the 24 h lease)")
 _workers = integer("a number of workers", "workers", 1, MAX_WORKERS, " (a TUN's queue limit)")
+# --busy-poll-us: a poll window beyond 10 ms would stall the event loop's other work
+# (status, watch, renewals) for longer than a scheduler tick; 0 turns it off.
+MAX_BUSY_POLL_US = 10_000
+_busy_poll_us = integer(
+    "a number of microseconds", "us", 0, MAX_BUSY_POLL_US, " (0 turns busy-polling off)"
+)
 _verbosity = integer("a log level", "(log level)", 0)
 _port = integer("a port number", "(port)", 0, 65535)
 _resync = integer("a number of seconds", "seconds", 1)
@@ -328,6 +334,14 @@ class RunFlags:
             "it while running",
         )
         add(
+            "--busy-poll-us",
+            type=_busy_poll_us,
+            default=0,
+            help="udp and userspace vxlan: after each wake-up keep polling the TUN and the "
+            "socket for up to N microseconds before going back to the event loop (lower "
+            "ping RTT for CPU; as net.core.busy_read; default 0: off)",
+        )
+        add(
             "-v",
             "--v",
             dest="v",
@@ -498,6 +512,7 @@ def options_from(args: argparse.Namespace) -> NodeOptions:
             tun_tso=not args.no_tun_tso,
             workers=args.workers,
             impairment=_rules(args.impair),
+            busy_poll_us=args.busy_poll_us,
         ),
         iptables=IptablesOptions(
             ip_masq=args.ip_masq,

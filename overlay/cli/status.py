@@ -159,6 +159,8 @@ def _node_lines(st: dict[str, Any]) -> list[str]:
     if features:
         on = [name for name, value in features.items() if value] or ["none"]
         off = [name for name, value in features.items() if not value]
+        if st.get("busy_poll_us"):
+            on.append(f"busy_poll={st['busy_poll_us']}us")
         lines.append(f"features   {' '.join(on)}" + (f"  (off: {' '.join(off)})" if off else ""))
     if st.get("log_lines_lost"):
         lines.append(f"log        {st['log_lines_lost']} lines could not be written (stderr)")

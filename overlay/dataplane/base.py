@@ -38,7 +38,10 @@ class Dataplane:
         offload: bool = True,
         tun_tso: bool = False,
         mtu: int = 0,
+        busy_poll_us: int = 0,
     ) -> None:
+        # After a wake-up, keep polling both directions this long (overlay.dataplane.busy_poll).
+        self.busy_poll_us = busy_poll_us
         self.offload = offload  # batching/offloads allowed (probed features permitting)
         # The TUN's MTU: a received TCP packet beyond it goes into the TUN as a super-packet
         # of MTU-sized segments (encap.gso.plan_tun_writes; 0: never).

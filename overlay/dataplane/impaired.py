@@ -22,10 +22,12 @@ from __future__ import annotations
 import asyncio
 import heapq
 import time
+from collections.abc import Callable
 from mmap import mmap
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 from encap import gso
+from overlay.dataplane import busy_poll
 from overlay.dataplane.receive import ReceivePath
 from overlay.dataplane.send import SendPath
 from overlay.dataplane.timer import MonotonicTimer
@@ -67,21 +69,36 @@ class ImpairPath(SendPath, ReceivePath):
         if self._loop is not None:
             self._register(self._loop)
 
-    def _register(self, loop: asyncio.AbstractEventLoop) -> None:
-        """The reader callbacks: impaired directions get this module's, the others the
-        native drains' (or the Python methods without the module)."""
-        self._loop = loop
+    def reader_callbacks(self) -> tuple[Callable[[], object], Callable[[], object]]:
+        """(TUN readable, socket readable) of an unimpaired dataplane: the native drains'
+        C methods (no Python per wake-up; with a trace attached they hand the wake-up to
+        the Python methods), else those methods; with ``busy_poll_us`` each wrapped to poll
+        both fds after its wake-up (``busy_poll``), without it the drains themselves."""
         drains = self._native_drains()
-        if "out" in self.impaired:
-            tx: Any = self.on_tun_readable_impaired
+        tx: Callable[[], object]
+        rx: Callable[[], object]
+        if drains is not None:
+            tx, rx = drains.tx, drains.rx
         else:
-            tx = drains.tx if drains is not None else self.on_tun_readable
-        if "in" in self.impaired:
-            rx: Any = self.on_socket_readable_impaired
-        elif drains is not None:
-            rx = drains.rx
-        else:
+            tx = self.on_tun_readable
             rx = self.on_socket_readable_gro if self.gro else self.on_socket_readable
+        if not self.busy_poll_us:
+            return tx, rx
+        tun_fd, sock_fd, window = self.tun.fd, self.sock.fileno(), self.busy_poll_us
+        return (
+            busy_poll.polling_after(tx, tun_fd, rx, sock_fd, window),
+            busy_poll.polling_after(rx, sock_fd, tx, tun_fd, window),
+        )
+
+    def _register(self, loop: asyncio.AbstractEventLoop) -> None:
+        """The reader callbacks: impaired directions get this module's, the others
+        ``reader_callbacks``'."""
+        self._loop = loop
+        tx, rx = self.reader_callbacks()
+        if "out" in self.impaired:
+            tx = self.on_tun_readable_impaired
+        if "in" in self.impaired:
+            rx = self.on_socket_readable_impaired
         loop.remove_reader(self.tun.fd)
         loop.add_reader(self.tun.fd, tx)
         loop.remove_reader(self.sock.fileno())

@@ -25,6 +25,7 @@ class DataplaneSpec:
     mtu: int  # the TUN's
     offload: bool  # batching and offloads allowed (probed per socket and queue)
     tun_tso: bool  # take TCP super-packets from the TUN and cut them here
+    busy_poll_us: int = 0  # after a wake-up, poll TUN and socket this long (0: off)
     vni: int = 0  # vxlan: ours
     mac: bytes = b""  # vxlan: our VTEP MAC
 
@@ -36,6 +37,7 @@ class DataplaneSpec:
             "mtu": self.mtu,
             "offload": self.offload,
             "tun_tso": self.tun_tso,
+            "busy_poll_us": self.busy_poll_us,
             "vni": self.vni,
             "mac": vxlan.format_mac(self.mac) if self.mac else "",
         }
@@ -49,6 +51,7 @@ class DataplaneSpec:
             mtu=int(value["mtu"]),
             offload=bool(value["offload"]),
             tun_tso=bool(value["tun_tso"]),
+            busy_poll_us=int(value.get("busy_poll_us", 0)),
             vni=int(value.get("vni", 0)),
             mac=vxlan.parse_mac(value["mac"]) if value.get("mac") else b"",
         )
@@ -74,7 +77,12 @@ def build_dataplane(
     counters: Counters,
 ) -> UdpDataplane:
     """The dataplane ``spec`` describes, on this TUN queue and socket."""
-    options: dict[str, Any] = {"offload": spec.offload, "tun_tso": spec.tun_tso, "mtu": spec.mtu}
+    options: dict[str, Any] = {
+        "offload": spec.offload,
+        "tun_tso": spec.tun_tso,
+        "mtu": spec.mtu,
+        "busy_poll_us": spec.busy_poll_us,
+    }
     if spec.framing == "vxlan":
         return VxlanDataplane(
             tun,

@@ -67,9 +67,18 @@ class VxlanDataplane(UdpDataplane):
         offload: bool = True,
         tun_tso: bool = False,
         mtu: int = 0,
+        busy_poll_us: int = 0,
     ) -> None:
         super().__init__(
-            tun, sock, peers, own_subnet, counters, offload=offload, tun_tso=tun_tso, mtu=mtu
+            tun,
+            sock,
+            peers,
+            own_subnet,
+            counters,
+            offload=offload,
+            tun_tso=tun_tso,
+            mtu=mtu,
+            busy_poll_us=busy_poll_us,
         )
         self.vni = vni
         self.vni_bytes = vxlan.header(vni)[4:7]

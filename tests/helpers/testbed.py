@@ -92,6 +92,19 @@ def ping_rtts(
     return int(sent[1]), [float(m) for m in re.findall(r"time=([\d.]+) ms", result.stdout)]
 
 
+def pings_answered(
+    bed: Any, source_pod: str, target_pod: str, count: int = 3, interval: float = 0.2
+) -> None:
+    """``count`` pings from one pod to another, every one answered."""
+    result = bed.exec(
+        source_pod,
+        ["ping", "-c", str(count), "-i", str(interval), "-W", "2", bed.pod_ip(target_pod)],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0 and " 0% packet loss" in result.stdout, result.stdout
+
+
 @dataclass
 class Pings:
     """What a background ping saw: filled in when its block ends."""

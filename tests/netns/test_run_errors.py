@@ -163,13 +163,38 @@ def test_bad_workers_env_var() -> None:
     assert "-1 workers: must be 1 to 256" in _one_line(result.stderr)
 
 
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("-1", "-1 us: must be 0 to 10000"),
+        ("10001", "must be 0 to 10000"),
+        ("fast", "'fast' is not a number of microseconds"),
+    ],
+)
+def test_bad_busy_poll_value(value: str, message: str) -> None:
+    result = _run(["--busy-poll-us", value])
+    assert result.returncode == 2
+    line = _one_line(result.stderr)
+    assert "argument --busy-poll-us" in line and message in line
+
+
 @pytest.mark.netns
 @pytest.mark.parametrize(
     ("backend", "extra", "datapath"),
     [("host-gw", [], "host-gw"), ("vxlan", ["--kernel-vxlan"], "vxlan (kernel datapath)")],
 )
-def test_workers_with_a_kernel_datapath(
-    netns, tmp_path: Path, backend: str, extra: list[str], datapath: str
+@pytest.mark.parametrize(
+    ("flag", "advice"),
+    [(["--workers", "2"], "use --workers 1"), (["--busy-poll-us", "100"], "leave it at 0")],
+)
+def test_userspace_options_with_a_kernel_datapath(
+    netns,
+    tmp_path: Path,
+    backend: str,
+    extra: list[str],
+    datapath: str,
+    flag: list[str],
+    advice: str,
 ) -> None:
     ns = netns("wk")
     result = _run(
@@ -187,15 +212,14 @@ def test_workers_with_a_kernel_datapath(
             str(tmp_path / "subnet.env"),
             "--status-socket",
             str(tmp_path / "s.sock"),
-            "--workers",
-            "2",
+            *flag,
         ],
         netns=ns,
     )
     assert result.returncode == 1
     line = _one_line(result.stderr)
-    assert "--workers 2 needs a userspace datapath" in line and datapath in line
-    assert "use --workers 1" in line
+    assert f"{' '.join(flag)} needs a userspace datapath" in line and datapath in line
+    assert advice in line
     # Refused before anything was made: no lease, no subnet.env, no device.
     assert "subnets" not in (tmp_path / "r.json").read_text()
     assert not (tmp_path / "subnet.env").exists()

@@ -22,7 +22,7 @@ from overlay.lab.testbed import Testbed
 from overlay.lab.transfer import transfer
 from overlay.observe import status_socket as status
 from tests.helpers.commands import overlay_cmd
-from tests.helpers.testbed import node_status
+from tests.helpers.testbed import node_status, pings_answered
 
 pytestmark = pytest.mark.netns
 
@@ -96,16 +96,6 @@ def log_events(bed: Testbed, i: int) -> list[dict[str, Any]]:
     return events
 
 
-def pings(bed: Testbed, src: str, dst: str) -> None:
-    result = bed.exec(
-        src,
-        ["ping", "-c", "3", "-i", "0.2", "-W", "2", bed.pod_ip(dst)],
-        capture_output=True,
-        text=True,
-    )
-    assert result.returncode == 0 and " 0% packet loss" in result.stdout, result.stdout
-
-
 def test_two_forwarding_processes_per_node(bed: Testbed) -> None:
     for node in bed.status()["nodes"]:
         st = node_status(bed, node["name"])
@@ -123,8 +113,8 @@ def test_two_forwarding_processes_per_node(bed: Testbed) -> None:
 
 
 def test_pods_ping_and_transfer_byte_identical(bed: Testbed) -> None:
-    pings(bed, "n1-p1", "n2-p1")
-    pings(bed, "n2-p1", "n1-p1")
+    pings_answered(bed, "n1-p1", "n2-p1")
+    pings_answered(bed, "n2-p1", "n1-p1")
     transfer(bed, "n1-p1", "n2-p1", 30 * 1024 * 1024)
     transfer(bed, "n2-p1", "n1-p1", 30 * 1024 * 1024, port=5202)
 
@@ -255,8 +245,8 @@ def test_killed_worker_is_reported_and_the_rest_forwards(bed: Testbed) -> None:
     assert len(exited) == 1 and exited[0]["level"] == "warning", exited
     assert exited[0]["pid"] == child
     assert tun_queues(bed, "n2") == 1  # its queue went with it: nothing is steered there
-    pings(bed, "n1-p1", "n2-p1")
-    pings(bed, "n2-p1", "n1-p1")
+    pings_answered(bed, "n1-p1", "n2-p1")
+    pings_answered(bed, "n2-p1", "n1-p1")
     transfer(bed, "n1-p1", "n2-p1", 10 * 1024 * 1024, port=5204)
     transfer(bed, "n2-p1", "n1-p1", 10 * 1024 * 1024, port=5205)
     assert node_status(bed, "n2")["counters"]["tx_packets"] > 0

@@ -60,6 +60,7 @@ def test_every_flag_has_its_variable() -> None:
     assert parse(FLANNELD_KERNEL_VXLAN="1").vxlan_datapath == "kernel"
     assert parse(FLANNELD_NO_OFFLOAD="true").no_offload is True
     assert parse(FLANNELD_WORKERS="2").workers == 2
+    assert parse(FLANNELD_BUSY_POLL_US="50").busy_poll_us == 50
     assert parse(FLANNELD_IFACE_REGEX="^eth").iface_regex == ["^eth"]
     assert str(parse(FLANNELD_IFACE_CAN_REACH="192.0.2.9").iface_can_reach) == "192.0.2.9"
 
@@ -301,3 +302,11 @@ def test_status_socket_defaults_to_this_namespace_s() -> None:
     assert str(options_from(parse("--status-socket", "/tmp/x.sock")).status_socket) == (
         "/tmp/x.sock"
     )
+
+
+def test_busy_poll_reaches_the_datapath_options() -> None:
+    """--busy-poll-us is a typed option below the CLI (DatapathOptions), 0 (off) unless
+    given."""
+    assert options_from(parse()).datapath.busy_poll_us == 0
+    assert options_from(parse("--busy-poll-us", "250")).datapath.busy_poll_us == 250
+    assert options_from(parse(FLANNELD_BUSY_POLL_US="80")).datapath.busy_poll_us == 80

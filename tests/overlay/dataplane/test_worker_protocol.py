@@ -16,8 +16,10 @@ from control.lease import Lease
 from control.peer_table import PeerTable
 from encap.ipv4 import build_header
 from overlay.dataplane.counters import Counters, add_snapshots
+from overlay.dataplane.spec import DataplaneSpec
 from overlay.dataplane.vxlan import vxlan_prefix_for
-from overlay.dataplane.worker_protocol import apply_message, lease_message
+from overlay.dataplane.worker_protocol import WorkerSpec, apply_message, lease_message
+from overlay.observe.log import LogOptions
 from tun import steering
 
 BPF_PROG_TEST_RUN = 10
@@ -127,3 +129,23 @@ def test_tun_steering_hashes_flows_without_a_socket_hash() -> None:
     assert _steering_result(_udp_packet(40001, fragment=100)) == _steering_result(
         _udp_packet(40002, fragment=100)
     )
+
+
+@pytest.mark.parametrize("busy_poll_us", [0, 250])
+def test_a_worker_gets_the_busy_poll_window_in_its_spec(busy_poll_us: int) -> None:
+    """--busy-poll-us reaches each --workers process: the spec it is sent, as JSON."""
+    spec = DataplaneSpec(
+        framing="vxlan",
+        subnet=IPv4Network("198.18.3.0/24"),
+        port=8472,
+        mtu=1450,
+        offload=True,
+        tun_tso=True,
+        busy_poll_us=busy_poll_us,
+        vni=1,
+        mac=bytes.fromhex("020000000003"),
+    )
+    sent = WorkerSpec(spec, "192.0.2.3", "flannel0", True, 3, {}, LogOptions())
+    received = WorkerSpec.from_json(json.loads(json.dumps(sent.to_json(1))))
+    assert received.dataplane == spec
+    assert received.dataplane.busy_poll_us == busy_poll_us
