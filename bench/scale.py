@@ -415,7 +415,7 @@ def _reconcile_in(count: int, datapath: str) -> tuple[float, float]:
         _Quiet(),
         program=_program_for(datapath),
         devices=devices,
-        network=IPv4Network(SCALE_NETWORK),
+        networks=(IPv4Network(SCALE_NETWORK),),
     )
     try:
         if datapath == "vxlan-kernel":

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from ipaddress import IPv4Address, IPv4Network
-from typing import Any
+from ipaddress import IPv4Network, IPv6Network, ip_address
+from typing import Any, TypeVar
 
 from control.text import clip, shorten
 
@@ -18,12 +18,10 @@ BACKEND_OPTIONS = {
     "host-gw": {"type"},
 }
 _KNOWN_KEYS = {"network", "subnetlen", "subnetmin", "subnetmax", "backend", "enableipv4"}
-# Keys flanneld reads that we ignore, and why (a warning); EnableIPv6 is an error instead.
+_IPV6_KEYS = {"ipv6network", "ipv6subnetlen", "ipv6subnetmin", "ipv6subnetmax"}
+# Keys flanneld reads that we ignore, and why (a warning).
 _IGNORED_KEYS = {
-    "ipv6network": "ignored without EnableIPv6, as flanneld does",
-    "ipv6subnetlen": "ignored without EnableIPv6, as flanneld does",
-    "ipv6subnetmin": "ignored without EnableIPv6, as flanneld does",
-    "ipv6subnetmax": "ignored without EnableIPv6, as flanneld does",
+    **{key: "ignored without EnableIPv6, as flanneld does" for key in _IPV6_KEYS},
     "enablenftables": "ip-masq and FORWARD rules are installed with the iptables command "
     "(iptables-nft where the machine has it), not in flanneld's own nftables tables",
     "networks": "flanneld's multi-CIDR list (Kubernetes only) is ignored; Network is used",
@@ -38,6 +36,16 @@ FORBIDDEN_NETWORKS = {
     IPv4Network("224.0.0.0/4"): "multicast",
     IPv4Network("240.0.0.0/4"): "reserved (class E and broadcast)",
 }
+# An IPv6 overlay network is a unique local (ULA) or a global unicast range: anything
+# else is loopback, link-local, multicast, IPv4-mapped or reserved, which a route into
+# the overlay would break or which cannot carry unicast traffic between nodes.
+IPV6_UNICAST_RANGES = (IPv6Network("fc00::/7"), IPv6Network("2000::/3"))
+# flanneld: the IPv4 half of a lease when EnableIPv4 is false (Go's zero IP4Net, which its
+# lease keys spell ``0.0.0.0-0``).
+NO_IPV4 = IPv4Network("0.0.0.0/0")
+
+
+Net = TypeVar("Net", IPv4Network, IPv6Network)
 
 
 class ConfigError(ValueError):
@@ -58,7 +66,18 @@ class BackendConfig:
 
 
 @dataclass(frozen=True)
+class IPv6Config:
+    """The IPv6 half of a dual-stack or IPv6-only config (EnableIPv6)."""
+
+    network: IPv6Network
+    subnet_len: int
+    subnet_min: IPv6Network
+    subnet_max: IPv6Network
+
+
+@dataclass(frozen=True)
 class NetworkConfig:
+    # With EnableIPv4 false (IPv6 only) these hold flanneld's zero values: NO_IPV4, 0.
     network: IPv4Network
     subnet_len: int
     subnet_min: IPv4Network
@@ -66,6 +85,8 @@ class NetworkConfig:
     backend: BackendConfig
     # Keys that are understood but not acted on, one line each, for the daemon to log.
     warnings: tuple[str, ...] = ()
+    enable_ipv4: bool = True
+    ipv6: IPv6Config | None = None  # None: EnableIPv6 is false
 
     @property
     def subnet_size(self) -> int:
@@ -85,16 +106,40 @@ def _lower_keys(raw: dict[str, Any]) -> dict[str, Any]:
     return {str(k).lower(): v for k, v in raw.items()}
 
 
-def _subnet_at(value: Any, name: str, network: IPv4Network, subnet_len: int) -> IPv4Network:
+def _subnet_at(value: Any, name: str, network: Net, subnet_len: int) -> Net:
+    """A SubnetMin/SubnetMax (or IPv6) value: an address of the network's family, inside
+    it, on a subnet boundary."""
+    network_name = "Network" if network.version == 4 else "IPv6Network"
     try:
-        address = IPv4Address(str(value).split("/")[0])
+        address = ip_address(str(value).split("/")[0])
     except ValueError:
-        raise ConfigError(f"{name}: {clip(value)} is not an IPv4 address") from None
-    if address not in network:
-        raise ConfigError(f"{name}: {address} is outside Network {network}")
-    if int(address) % (1 << (32 - subnet_len)):
+        address = None
+    if address is None or address.version != network.version:
+        raise ConfigError(f"{name}: {clip(value)} is not an IPv{network.version} address")
+    if not int(network.network_address) <= int(address) <= int(network.broadcast_address):
+        raise ConfigError(f"{name}: {address} is outside {network_name} {network}")
+    if int(address) % (1 << (network.max_prefixlen - subnet_len)):
         raise ConfigError(f"{name}: {address} is not on a /{subnet_len} subnet boundary")
-    return IPv4Network((address, subnet_len))
+    return type(network)((int(address), subnet_len))
+
+
+def _bounds(
+    fields: dict[str, Any], names: tuple[str, str], network: Net, subnet_len: int
+) -> tuple[Net, Net]:
+    """SubnetMin and SubnetMax (or their IPv6 pair) as given, else (absent or null)
+    flanneld's defaults: the second subnet (the first is skipped) and the last."""
+    size = 1 << (network.max_prefixlen - subnet_len)
+    base = int(network.network_address)
+    defaults = (base + size, base + network.num_addresses - size)
+    low, high = (
+        _subnet_at(fields[name.lower()], name, network, subnet_len)
+        if fields.get(name.lower()) is not None
+        else type(network)((default, subnet_len))
+        for name, default in zip(names, defaults, strict=True)
+    )
+    if low.network_address > high.network_address:
+        raise ConfigError(f"{names[0]}: {low} is above {names[1]} {high}")
+    return low, high
 
 
 def _int_field(raw: dict[str, Any], key: str, name: str, default: int) -> int:
@@ -148,8 +193,8 @@ def parse_backend(raw: Any) -> BackendConfig:
     )
 
 
-def _bool_field(raw: dict[str, Any], key: str, name: str) -> bool:
-    value = raw.get(key, False)
+def _bool_field(raw: dict[str, Any], key: str, name: str, default: bool = False) -> bool:
+    value = raw.get(key, default)
     if not isinstance(value, bool):
         raise ConfigError(f"{name}: {clip(value)} is not true or false")
     return value
@@ -169,23 +214,39 @@ def parse_config(data: bytes | str | dict[str, Any]) -> NetworkConfig:
     if not isinstance(raw, dict):
         raise ConfigError("config must be a JSON object")
     fields = _lower_keys(raw)
-    if fields.get("enableipv4", True) is False:
-        raise ConfigError("EnableIPv4: false is not supported (IPv4 is required)")
-    if fields.pop("enableipv6", False) is not False:
-        raise ConfigError(
-            "EnableIPv6: dual stack is not supported (IPv4 only: pods on this node would "
-            "get no IPv6 address); set it false or keep flanneld on this node"
-        )
+    enable_ipv4 = _bool_field(fields, "enableipv4", "EnableIPv4", default=True)
+    enable_ipv6 = _bool_field(fields, "enableipv6", "EnableIPv6")
+    if not enable_ipv4 and not enable_ipv6:
+        raise ConfigError("EnableIPv4 and EnableIPv6 are both false: enable one of them")
+    known = _KNOWN_KEYS | {"enableipv6"} | (_IPV6_KEYS if enable_ipv6 else set())
     warnings = [
         f"{_display(raw, key)}: {_IGNORED_KEYS[key]}"
         for key in sorted(fields)
-        if key in _IGNORED_KEYS and fields[key] not in (None, False, "", [])
+        if key not in known and key in _IGNORED_KEYS and fields[key] not in (None, False, "", [])
     ]
     warnings += [
         f"{_display(raw, key)}: unknown key, ignored"
         for key in sorted(fields)
-        if key not in _KNOWN_KEYS and key not in _IGNORED_KEYS
+        if key not in known and key not in _IGNORED_KEYS
     ]
+    if enable_ipv4:
+        network, subnet_len, subnet_min, subnet_max = _parse_ipv4(fields)
+    else:  # flanneld leaves the IPv4 half at Go's zero values and never reads it
+        network, subnet_len, subnet_min, subnet_max = NO_IPV4, 0, NO_IPV4, NO_IPV4
+    return NetworkConfig(
+        network=network,
+        subnet_len=subnet_len,
+        subnet_min=subnet_min,
+        subnet_max=subnet_max,
+        backend=(backend := parse_backend(fields.get("backend"))),
+        warnings=(*warnings, *backend.warnings),
+        enable_ipv4=enable_ipv4,
+        ipv6=_parse_ipv6(fields) if enable_ipv6 else None,
+    )
+
+
+def _parse_ipv4(fields: dict[str, Any]) -> tuple[IPv4Network, int, IPv4Network, IPv4Network]:
+    """Network, SubnetLen, SubnetMin, SubnetMax with flanneld's defaults and rules."""
     if "network" not in fields:
         raise ConfigError('Network: missing (e.g. "Network": "10.244.0.0/16")')
     try:
@@ -206,30 +267,41 @@ def parse_config(data: bytes | str | dict[str, Any]) -> NetworkConfig:
             f"SubnetLen: {subnet_len} is smaller than the network prefix + 2 "
             f"(/{network.prefixlen + 2} for Network {network})"
         )
-    size = 1 << (32 - subnet_len)
-    base = int(network.network_address)
-    default_min = IPv4Network((base + size, subnet_len))
-    default_max = IPv4Network((base + network.num_addresses - size, subnet_len))
-    subnet_min = (
-        _subnet_at(fields["subnetmin"], "SubnetMin", network, subnet_len)
-        if "subnetmin" in fields
-        else default_min
-    )
-    subnet_max = (
-        _subnet_at(fields["subnetmax"], "SubnetMax", network, subnet_len)
-        if "subnetmax" in fields
-        else default_max
-    )
-    if subnet_min.network_address > subnet_max.network_address:
-        raise ConfigError(f"SubnetMin: {subnet_min} is above SubnetMax {subnet_max}")
-    return NetworkConfig(
-        network=network,
-        subnet_len=subnet_len,
-        subnet_min=subnet_min,
-        subnet_max=subnet_max,
-        backend=(backend := parse_backend(fields.get("backend"))),
-        warnings=(*warnings, *backend.warnings),
-    )
+    subnet_min, subnet_max = _bounds(fields, ("SubnetMin", "SubnetMax"), network, subnet_len)
+    return network, subnet_len, subnet_min, subnet_max
+
+
+def _parse_ipv6(fields: dict[str, Any]) -> IPv6Config:
+    """IPv6Network, IPv6SubnetLen, IPv6SubnetMin, IPv6SubnetMax with flanneld's defaults
+    (a /64 per node when the network is a /62 or larger, else prefix + 2) and rules."""
+    value = fields.get("ipv6network")
+    if not value:
+        raise ConfigError(
+            'IPv6Network: missing with EnableIPv6 (e.g. "IPv6Network": "fd00:10::/56")'
+        )
+    try:
+        network = IPv6Network(str(value), strict=False)
+    except ValueError:
+        raise ConfigError(f"IPv6Network: {clip(value)} is not an IPv6 CIDR") from None
+    if not any(network.subnet_of(r) for r in IPV6_UNICAST_RANGES):
+        raise ConfigError(
+            f"IPv6Network: {network} is not a unique local (fc00::/7) or global unicast "
+            "(2000::/3) range"
+        )
+    if network.prefixlen > 124:
+        raise ConfigError(f"IPv6Network: {network} is smaller than /124")
+    default_len = 64 if network.prefixlen <= 62 else network.prefixlen + 2
+    subnet_len = _int_field(fields, "ipv6subnetlen", "IPv6SubnetLen", 0) or default_len
+    if subnet_len > 126:
+        raise ConfigError(f"IPv6SubnetLen: {subnet_len} is larger than 126")
+    if subnet_len < network.prefixlen + 2:
+        raise ConfigError(
+            f"IPv6SubnetLen: {subnet_len} is smaller than the network prefix + 2 "
+            f"(/{network.prefixlen + 2} for IPv6Network {network})"
+        )
+    names = ("IPv6SubnetMin", "IPv6SubnetMax")
+    subnet_min, subnet_max = _bounds(fields, names, network, subnet_len)
+    return IPv6Config(network, subnet_len, subnet_min, subnet_max)
 
 
 def _display(raw: dict[str, Any], key: str) -> str:

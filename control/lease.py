@@ -24,6 +24,7 @@ class Lease:
     backend_data: dict[str, Any] | None = None
     ipv6_subnet: IPv6Network | None = None
     public_ipv6: IPv6Address | None = None
+    backend_v6_data: dict[str, Any] | None = None  # vxlan: VNI and VtepMAC of flannel-v6.<VNI>
     # False for a reservation (a key written without a TTL): it must never be taken.
     has_ttl: bool = True
     # The registry revision that created the key (control.kv.Entry): lower is older, and
@@ -44,7 +45,8 @@ class Lease:
 
 
 def subnet_key(subnet: IPv4Network, ipv6_subnet: IPv6Network | None = None) -> str:
-    """``10.244.3.0-24``, or ``10.244.3.0-24&fc00::-64`` for a dual-stack lease."""
+    """``10.244.3.0-24``, or ``10.244.3.0-24&fc00::-64`` for a dual-stack lease, or
+    ``0.0.0.0-0&fc00::-64`` for an IPv6-only one (flanneld keys it with Go's zero IP4Net)."""
     key = f"{subnet.network_address}-{subnet.prefixlen}"
     if ipv6_subnet is not None:
         key += f"&{ipv6_subnet.network_address}-{ipv6_subnet.prefixlen}"
@@ -80,6 +82,8 @@ def lease_value_json(lease: Lease) -> str:
         value["BackendType"] = lease.backend_type
     if lease.backend_data is not None:
         value["BackendData"] = lease.backend_data
+    if lease.backend_v6_data is not None:
+        value["BackendV6Data"] = lease.backend_v6_data
     return json.dumps(value, separators=(",", ":"))
 
 
@@ -102,17 +106,22 @@ def parse_lease(
             f"lease {subnet}: PublicIP {clip(fields.get('publicip'))} is invalid"
         ) from None
     public_ipv6 = None
-    if fields.get("publicipv6"):
+    if fields.get("publicipv6") is not None:
         try:
             public_ipv6 = IPv6Address(str(fields["publicipv6"]))
         except ValueError:
-            raise LeaseError(f"lease {subnet}: PublicIPv6 is invalid") from None
+            raise LeaseError(
+                f"lease {subnet}: PublicIPv6 {clip(fields['publicipv6'])} is invalid"
+            ) from None
     backend_type = fields.get("backendtype") or ""
     if not isinstance(backend_type, str):
         raise LeaseError(f"lease {subnet}: BackendType must be a string")
     backend_data = fields.get("backenddata")
     if backend_data is not None and not isinstance(backend_data, dict):
         raise LeaseError(f"lease {subnet}: BackendData must be an object")
+    backend_v6_data = fields.get("backendv6data")
+    if backend_v6_data is not None and not isinstance(backend_v6_data, dict):
+        raise LeaseError(f"lease {subnet}: BackendV6Data must be an object")
     return Lease(
         subnet=subnet,
         public_ip=public_ip,
@@ -120,6 +129,7 @@ def parse_lease(
         backend_data=backend_data,
         ipv6_subnet=ipv6_subnet,
         public_ipv6=public_ipv6,
+        backend_v6_data=backend_v6_data,
         has_ttl=has_ttl,
         create_revision=create_revision,
     )

@@ -14,11 +14,16 @@ A lease is valid when
   255.255.255.255). Link-local 169.254.0.0/16 is accepted: it is unicast on the link,
   and a cluster may run its underlay there. Nor may it be this node's own public IP
   (only our own lease carries that): we would send pods' traffic to ourselves;
-- it overlaps neither this node's lease nor an older valid lease. "Older" is the lower
-  create revision: etcd's ``create_revision`` (kept while a lease is renewed, new when
-  a key is created again), and the same counter recorded by the file registry. Ties
-  (keys created in one etcd transaction share a revision) go to the lower key in byte
-  order. When the older lease goes, the newer one becomes valid.
+- with EnableIPv6, its IPv6 part (when it has one; a lease without it is a peer for
+  IPv4 only) lies within IPv6Network with exactly IPv6SubnetLen, and it carries a
+  PublicIPv6 that is a unique local or global unicast address and not ours. IPv6 only
+  (EnableIPv4 false): the IPv4 part is ``0.0.0.0-0`` as flanneld writes it, PublicIP is
+  not looked at, and the IPv6 part is required;
+- it overlaps neither this node's lease nor an older valid lease, in either family.
+  "Older" is the lower create revision: etcd's ``create_revision`` (kept while a lease
+  is renewed, new when a key is created again), and the same counter recorded by the
+  file registry. Ties (keys created in one etcd transaction share a revision) go to the
+  lower key in byte order. When the older lease goes, the newer one becomes valid.
 
 A node's traffic is accepted for every valid lease that carries its PublicIP
 (``PeerTable.sources_of``); ``PeerTable.by_public_ip`` gives the oldest.
@@ -31,9 +36,9 @@ from bisect import bisect_left
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 
-from control.config import FORBIDDEN_NETWORKS, NetworkConfig
+from control.config import FORBIDDEN_NETWORKS, IPV6_UNICAST_RANGES, NO_IPV4, NetworkConfig
 from control.lease import Lease, LeaseError, parse_lease
 from control.text import clip
 
@@ -68,20 +73,56 @@ def public_ip_problem(address: IPv4Address) -> str | None:
     return None
 
 
+def public_ipv6_problem(address: IPv6Address) -> str | None:
+    """Why ``address`` cannot be a peer's PublicIPv6, or None."""
+    if not any(address in network for network in IPV6_UNICAST_RANGES):
+        return f"PublicIPv6 {address} is not a unique local or global unicast address"
+    return None
+
+
 def lease_problem(
-    lease: Lease, config: NetworkConfig | None, own_ip: IPv4Address | None = None
+    lease: Lease,
+    config: NetworkConfig | None,
+    own_ip: IPv4Address | None = None,
+    own_ipv6: IPv6Address | None = None,
 ) -> str | None:
     """Why ``lease`` is invalid on its own (without looking at other leases), or None."""
-    if config is not None:
-        if not lease.subnet.subnet_of(config.network):
-            return f"subnet {lease.subnet} is outside Network {config.network}"
-        if lease.subnet.prefixlen != config.subnet_len:
-            return f"subnet {lease.subnet} is not a /{config.subnet_len} (SubnetLen)"
-    problem = public_ip_problem(lease.public_ip)
+    if config is not None and not config.enable_ipv4:
+        if lease.subnet != NO_IPV4:
+            return f"subnet {lease.subnet}: EnableIPv4 is false (IPv6-only keys start 0.0.0.0-0)"
+        if lease.ipv6_subnet is None:
+            return "no IPv6 subnet in an IPv6-only network"
+    else:
+        if config is not None:
+            if not lease.subnet.subnet_of(config.network):
+                return f"subnet {lease.subnet} is outside Network {config.network}"
+            if lease.subnet.prefixlen != config.subnet_len:
+                return f"subnet {lease.subnet} is not a /{config.subnet_len} (SubnetLen)"
+        problem = public_ip_problem(lease.public_ip)
+        if problem is not None:
+            return problem
+        if own_ip is not None and lease.public_ip == own_ip:
+            return f"PublicIP {lease.public_ip} is this node's own"
+    if config is not None and config.ipv6 is not None and lease.ipv6_subnet is not None:
+        return _ipv6_problem(lease, config, own_ipv6)
+    return None
+
+
+def _ipv6_problem(lease: Lease, config: NetworkConfig, own_ipv6: IPv6Address | None) -> str | None:
+    """The IPv6 half's rules (EnableIPv6, and the lease has an IPv6 part)."""
+    assert config.ipv6 is not None and lease.ipv6_subnet is not None
+    subnet6, ipv6 = lease.ipv6_subnet, config.ipv6
+    if not subnet6.subnet_of(ipv6.network):
+        return f"IPv6 subnet {subnet6} is outside IPv6Network {ipv6.network}"
+    if subnet6.prefixlen != ipv6.subnet_len:
+        return f"IPv6 subnet {subnet6} is not a /{ipv6.subnet_len} (IPv6SubnetLen)"
+    if lease.public_ipv6 is None:
+        return f"IPv6 subnet {subnet6} has no PublicIPv6"
+    problem = public_ipv6_problem(lease.public_ipv6)
     if problem is not None:
         return problem
-    if own_ip is not None and lease.public_ip == own_ip:
-        return f"PublicIP {lease.public_ip} is this node's own"
+    if own_ipv6 is not None and lease.public_ipv6 == own_ipv6:
+        return f"PublicIPv6 {lease.public_ipv6} is this node's own"
     return None
 
 
@@ -109,7 +150,9 @@ class LeaseBook:
     network at the shortest prefix length among them: with a config, every valid lease
     has SubnetLen, so a bucket is one subnet), and a change re-runs the rules on its
     buckets only. A change of our own subnet, of the shortest length, of the config or of
-    our key re-runs them on everything, as a listing does."""
+    our key re-runs them on everything, as a listing does. So does every change of a
+    dual-stack or IPv6-only network: a lease's IPv6 half can clash with a lease in any
+    IPv4 bucket."""
 
     def __init__(
         self,
@@ -117,6 +160,7 @@ class LeaseBook:
         *,
         own_key: str | None = None,
         own_ip: IPv4Address | None = None,
+        own_ipv6: IPv6Address | None = None,
         reported_with: LeaseBook | None = None,
     ) -> None:
         """``reported_with``: another book whose memory of what was reported this one
@@ -124,8 +168,9 @@ class LeaseBook:
         self.config = config
         self.own_key = own_key
         self.own_ip = own_ip
+        self.own_ipv6 = own_ipv6
         self._records: dict[str, _Checked] = {}
-        self._valid: dict[IPv4Network, Lease] = {}
+        self._valid: dict[_Subnets, Lease] = {}
         self._reported: dict[str, list[tuple[bytes, str]]] = (
             reported_with._reported if reported_with is not None else {}
         )
@@ -136,7 +181,7 @@ class LeaseBook:
         self._lengths: Counter[int] = Counter()  # prefix lengths of the candidates
         self._coarse = 32  # the bucket length: the shortest among the candidates
         self._buckets: dict[int, dict[str, _Checked]] = {}
-        self._valid_in: dict[int, dict[IPv4Network, Lease]] = {}
+        self._valid_in: dict[int, dict[_Subnets, Lease]] = {}
 
     # -- changes ----------------------------------------------------------------------
 
@@ -156,7 +201,11 @@ class LeaseBook:
     def apply(self, changes: Iterable[Record | str]) -> tuple[list[Lease], list[Lease]]:
         """A batch of watch events, in order: a Record is put, a key (str) deleted. The
         result is the batch's net change (a lease added and deleted again is none)."""
-        full = self._indexed_for != (self.config, self.own_key)
+        # Dual stack and IPv6 only are not bucketed: every batch runs the rules on all.
+        full = self._indexed_for != (self.config, self.own_key) or self._families() != (
+            True,
+            False,
+        )
         dirty: set[int] = set()
         for change in changes:
             key = change if isinstance(change, str) else change.key
@@ -181,7 +230,7 @@ class LeaseBook:
 
     def valid(self) -> list[Lease]:
         """The valid leases other than our own, in subnet order."""
-        return [self._valid[subnet] for subnet in sorted(self._valid)]
+        return [self._valid[subnets] for subnets in sorted(self._valid, key=_order)]
 
     def take_rejections(self) -> list[Rejection]:
         pending, self._pending = self._pending, []
@@ -211,15 +260,27 @@ class LeaseBook:
             return _Checked(record, digest, None, str(e))
         if record.key == self.own_key:
             return _Checked(record, digest, lease, "")
-        if self.own_key is None and lease.public_ip == self.own_ip:
+        if self.own_key is None and self._carries_ours(lease):
             return _Checked(record, digest, None, "")  # ours, before we know which: no peer
-        if record.key.rsplit("/", 1)[-1].partition("&")[0] != lease.key.partition("&")[0]:
+        if record.key.rsplit("/", 1)[-1] != lease.key:
             alias = f"key is not written as flanneld writes it ({lease.key})"
             return _Checked(record, digest, None, alias)
-        problem = lease_problem(lease, self.config, self.own_ip)
+        problem = lease_problem(lease, self.config, self.own_ip, self.own_ipv6)
         if problem is not None:
-            return _Checked(record, digest, None, f"lease {lease.subnet}: {problem}")
+            return _Checked(record, digest, None, f"lease {_name(lease)}: {problem}")
         return _Checked(record, digest, lease, "")
+
+    def _carries_ours(self, lease: Lease) -> bool:
+        """Whether ``lease`` carries our public address (IPv4, or IPv6 when IPv6 only)."""
+        if self.config is not None and not self.config.enable_ipv4:
+            return self.own_ipv6 is not None and lease.public_ipv6 == self.own_ipv6
+        return lease.public_ip == self.own_ip
+
+    def _families(self) -> tuple[bool, bool]:
+        """Which halves of a lease take part in the overlap rules: (IPv4, IPv6)."""
+        if self.config is None:
+            return True, False
+        return self.config.enable_ipv4, self.config.ipv6 is not None
 
     def _own_now(self) -> IPv4Network | None:
         own = self._records.get(self.own_key) if self.own_key else None
@@ -255,6 +316,8 @@ class LeaseBook:
     def _recompute(self) -> tuple[list[Lease], list[Lease]]:
         """The rules over every record: the index rebuilt, every bucket chosen again."""
         self._indexed_for = (self.config, self.own_key)
+        if self._families() != (True, False):
+            return self._recompute_families()
         self._own_subnet = self._own_now()
         self._lengths = Counter(
             c.lease.subnet.prefixlen
@@ -272,6 +335,10 @@ class LeaseBook:
         for bucket in dirty:
             self._valid_in[bucket] = chosen = self._choose(bucket)
             self._valid.update(chosen)
+        return self._difference(before)
+
+    def _difference(self, before: dict[_Subnets, Lease]) -> tuple[list[Lease], list[Lease]]:
+        """(added or changed, removed) from ``before`` to the valid leases now."""
         changed = [
             lease for subnet, lease in self._valid.items() if not lease.same_as(before.get(subnet))
         ]
@@ -297,20 +364,23 @@ class LeaseBook:
                     changed.append(lease)
         return changed, removed
 
-    def _choose(self, bucket: int) -> dict[IPv4Network, Lease]:
-        """The valid leases of one bucket: oldest first, each unless it overlaps our own
-        subnet or one chosen before it."""
-        candidates = sorted(
-            self._buckets.get(bucket, {}).values(),
+    def _by_age(self, checked: Iterable[_Checked]) -> list[_Checked]:
+        """Oldest first: create revision, then the key in byte order."""
+        return sorted(
+            checked,
             key=lambda c: (
                 c.record.create_revision,
                 c.record.key.encode("utf-8", "surrogateescape"),
             ),
         )
+
+    def _choose(self, bucket: int) -> dict[_Subnets, Lease]:
+        """The valid leases of one bucket (IPv4 only): oldest first, each unless it
+        overlaps our own subnet or one chosen before it."""
         own_subnet = self._own_subnet
-        taken = _Intervals()
-        valid: dict[IPv4Network, Lease] = {}
-        for checked in candidates:
+        taken = _Intervals(32)
+        valid: dict[_Subnets, Lease] = {}
+        for checked in self._by_age(self._buckets.get(bucket, {}).values()):
             lease = checked.lease
             assert lease is not None
             if own_subnet is not None and lease.subnet.overlaps(own_subnet):
@@ -322,24 +392,92 @@ class LeaseBook:
                 valid[lease.subnet] = lease
         return valid
 
+    def _recompute_families(self) -> tuple[list[Lease], list[Lease]]:
+        """Dual stack or IPv6 only: the rules over every record, both families at once (a
+        lease's IPv6 half can clash with a lease in any IPv4 bucket, and the older of two
+        wins in both families: not split into buckets, every batch runs them all)."""
+        own = self._records.get(self.own_key) if self.own_key else None
+        own_lease = own.lease if own is not None else None
+        use_v4, use_v6 = self._families()
+        taken, taken6 = _Intervals(32), _Intervals(128)
+        if own_lease is not None:
+            if use_v4:
+                taken.add(own_lease.subnet)
+            if use_v6 and own_lease.ipv6_subnet is not None:
+                taken6.add(own_lease.ipv6_subnet)
+        candidates: list[_Checked] = []
+        for key, checked in self._records.items():
+            if key == self.own_key:
+                continue
+            if checked.lease is None:
+                if checked.problem:
+                    self._reject(checked, checked.problem)
+            else:
+                candidates.append(checked)
+        before, self._valid = self._valid, {}
+        for checked in self._by_age(candidates):
+            lease = checked.lease
+            assert lease is not None
+            subnet6 = lease.ipv6_subnet if use_v6 else None
+            clash = (use_v4 and taken.overlaps(lease.subnet)) or (
+                subnet6 is not None and taken6.overlaps(subnet6)
+            )
+            if clash:
+                mine = own_lease is not None and (
+                    (use_v4 and lease.subnet.overlaps(own_lease.subnet))
+                    or _overlap6(subnet6, own_lease.ipv6_subnet)
+                )
+                whose = "an older lease"
+                if mine and own_lease is not None:
+                    whose = f"this node's {_name(own_lease)}"
+                self._reject(checked, f"lease {_name(lease)} overlaps {whose}")
+            else:
+                if use_v4:
+                    taken.add(lease.subnet)
+                if subnet6 is not None:
+                    taken6.add(subnet6)
+                self._valid[lease.subnet if use_v4 or subnet6 is None else subnet6] = lease
+        return self._difference(before)
+
+
+# What a valid lease is known by: its IPv4 subnet, or its IPv6 one when IPv6 only.
+_Subnets = IPv4Network | IPv6Network
+
+
+def _order(subnet: _Subnets) -> tuple[int, int]:
+    return subnet.version, int(subnet.network_address)
+
+
+def _name(lease: Lease) -> str:
+    """A lease's subnets as a log shows them: ``10.244.3.0/24 fd00:10:0:3::/64``."""
+    v6 = lease.ipv6_subnet
+    if v6 is None:
+        return str(lease.subnet)
+    return str(v6) if lease.subnet == NO_IPV4 else f"{lease.subnet} {v6}"
+
+
+def _overlap6(a: IPv6Network | None, b: IPv6Network | None) -> bool:
+    return a is not None and b is not None and a.overlaps(b)
+
 
 class _Intervals:
     """Subnets taken so far, for overlap checks: per prefix length, sorted networks."""
 
-    def __init__(self) -> None:
+    def __init__(self, bits: int) -> None:
+        self.bits = bits  # 32 for IPv4, 128 for IPv6
         self._by_len: dict[int, list[int]] = {}
 
-    def add(self, subnet: IPv4Network) -> None:
+    def add(self, subnet: IPv4Network | IPv6Network) -> None:
         starts = self._by_len.setdefault(subnet.prefixlen, [])
         address = int(subnet.network_address)
         starts.insert(bisect_left(starts, address), address)
 
-    def overlaps(self, subnet: IPv4Network) -> bool:
+    def overlaps(self, subnet: IPv4Network | IPv6Network) -> bool:
         first = int(subnet.network_address)
         last = int(subnet.broadcast_address)
         for length, starts in self._by_len.items():
             if length <= subnet.prefixlen:  # a taken one as large or larger: contains it?
-                size = 1 << (32 - length)
+                size = 1 << (self.bits - length)
                 base = first - first % size
                 i = bisect_left(starts, base)
                 if i < len(starts) and starts[i] == base:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from ipaddress import IPv4Interface, IPv4Network
+from ipaddress import IPv4Interface, IPv4Network, IPv6Interface, IPv6Network
 
 
 class SubnetEnvError(ValueError):
@@ -16,21 +16,37 @@ class SubnetEnv:
     subnet: IPv4Interface  # the lease with the gateway address: 10.244.3.1/24
     mtu: int
     ip_masq: bool = False
+    # Dual stack (EnableIPv6): FLANNEL_IPV6_NETWORK and FLANNEL_IPV6_SUBNET.
+    ipv6_network: IPv6Network | None = None
+    ipv6_subnet: IPv6Interface | None = None  # fd00:10:0:34::1/64
 
     def render(self) -> str:
-        return (
-            f"FLANNEL_NETWORK={self.network}\n"
-            f"FLANNEL_SUBNET={self.subnet}\n"
-            f"FLANNEL_MTU={self.mtu}\n"
-            f"FLANNEL_IPMASQ={'true' if self.ip_masq else 'false'}\n"
-        )
+        """flanneld's order: the IPv4 lines, the IPv6 lines, MTU, IPMASQ."""
+        lines = [f"FLANNEL_NETWORK={self.network}", f"FLANNEL_SUBNET={self.subnet}"]
+        if self.ipv6_network is not None and self.ipv6_subnet is not None:
+            lines += [
+                f"FLANNEL_IPV6_NETWORK={self.ipv6_network}",
+                f"FLANNEL_IPV6_SUBNET={self.ipv6_subnet}",
+            ]
+        lines += [f"FLANNEL_MTU={self.mtu}", f"FLANNEL_IPMASQ={str(self.ip_masq).lower()}"]
+        return "".join(f"{line}\n" for line in lines)
 
     @classmethod
     def for_lease(
-        cls, network: IPv4Network, lease_subnet: IPv4Network, mtu: int, ip_masq: bool = False
+        cls,
+        network: IPv4Network,
+        lease_subnet: IPv4Network,
+        mtu: int,
+        ip_masq: bool = False,
+        ipv6: tuple[IPv6Network, IPv6Network] | None = None,
     ) -> SubnetEnv:
+        """``ipv6``: (IPv6Network, the lease's IPv6 subnet) with EnableIPv6."""
         gateway = IPv4Interface((int(lease_subnet.network_address) + 1, lease_subnet.prefixlen))
-        return cls(network=network, subnet=gateway, mtu=mtu, ip_masq=ip_masq)
+        ipv6_network = ipv6_gateway = None
+        if ipv6 is not None:
+            ipv6_network, subnet6 = ipv6
+            ipv6_gateway = IPv6Interface((int(subnet6.network_address) + 1, subnet6.prefixlen))
+        return cls(network, gateway, mtu, ip_masq, ipv6_network, ipv6_gateway)
 
 
 def parse_subnet_env(text: str) -> SubnetEnv:
@@ -44,11 +60,15 @@ def parse_subnet_env(text: str) -> SubnetEnv:
             raise SubnetEnvError(f"subnet.env: line {line!r} is not NAME=VALUE")
         values[name.strip()] = value.strip()
     try:
+        ipv6_network = values.get("FLANNEL_IPV6_NETWORK")
+        ipv6_subnet = values.get("FLANNEL_IPV6_SUBNET")
         return SubnetEnv(
             network=IPv4Network(values["FLANNEL_NETWORK"], strict=False),
             subnet=IPv4Interface(values["FLANNEL_SUBNET"]),
             mtu=int(values["FLANNEL_MTU"]),
             ip_masq=values.get("FLANNEL_IPMASQ", "false").lower() == "true",
+            ipv6_network=IPv6Network(ipv6_network, strict=False) if ipv6_network else None,
+            ipv6_subnet=IPv6Interface(ipv6_subnet) if ipv6_subnet else None,
         )
     except KeyError as e:
         raise SubnetEnvError(f"subnet.env: {e.args[0]} is missing") from None

@@ -6,7 +6,7 @@ and its async variant fails under uvloop, so the daemon calls these via to_threa
 
 from __future__ import annotations
 
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, IPv6Address
 
 from tun.rtnl import IPRoute, NetlinkError
 
@@ -75,6 +75,24 @@ def interface_addresses() -> dict[str, list[tuple[IPv4Address, int]]]:
             result.setdefault(name, []).append(
                 (IPv4Address(addr.get_attr("IFA_ADDRESS")), addr["prefixlen"])
             )
+    return result
+
+
+IFA_F_DEPRECATED = 0x20
+
+
+def interface_ipv6_addresses() -> dict[str, list[IPv6Address]]:
+    """IPv6 addresses per interface, in the kernel's order, but deprecated ones (as
+    flanneld skips them)."""
+    result: dict[str, list[IPv6Address]] = {}
+    with IPRoute() as ipr:
+        names = {link["index"]: link.get_attr("IFLA_IFNAME") for link in ipr.get_links()}
+        for addr in ipr.get_addr(family=10):
+            flags = addr.get_attr("IFA_FLAGS") or addr["flags"]
+            if flags & IFA_F_DEPRECATED:
+                continue
+            address = addr.get_attr("IFA_ADDRESS")
+            result.setdefault(names.get(addr["index"], "?"), []).append(IPv6Address(address))
     return result
 
 

@@ -10,7 +10,7 @@ traffic), never a backend's concrete type.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, IPv6Address
 from typing import Any
 
 from control.config import NetworkConfig
@@ -36,6 +36,10 @@ class Underlay:
     address: IPv4Address  # where our socket binds
     public_ip: IPv4Address  # what peers send to (differs behind NAT)
     mtu: int
+    # The interface's IPv6 address (flanneld's rule: its first global unicast one, else
+    # its first link-local one) and the one peers send to (--public-ipv6); None: none.
+    address6: IPv6Address | None = None
+    public_ipv6: IPv6Address | None = None
 
 
 @dataclass(frozen=True)
@@ -80,8 +84,12 @@ class Backend:
     name = "base"
     # True: packets cross this process (a TUN and a socket), so it counts and traces them.
     in_process = False
+    # Why this backend cannot carry IPv6 with EnableIPv6 (one line), or "" when it can.
+    ipv6_refusal = "this backend carries IPv4 only"
 
     def __init__(self, ctx: Context) -> None:
+        if ctx.config.ipv6 is not None and self.ipv6_refusal:
+            raise BackendError(f"EnableIPv6: {self.ipv6_refusal}")
         self.ctx = ctx
         # The kernel objects it programs, kept true (overlay.kernel.reconcile); None: none.
         self.kernel: KernelState | None = None
@@ -91,6 +99,10 @@ class Backend:
 
     def lease_data(self) -> dict[str, Any] | None:
         """BackendData published in our lease (None: the field is omitted)."""
+        return None
+
+    def lease_v6_data(self) -> dict[str, Any] | None:
+        """BackendV6Data published in a dual-stack lease (None: the field is omitted)."""
         return None
 
     @property

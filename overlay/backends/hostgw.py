@@ -1,17 +1,21 @@
 """flannel's host-gw backend: plain kernel routes via each peer's public IP, for the peers
-on our L2 segment (a route via a gateway cannot carry them)."""
+on our L2 segment (a route via a gateway cannot carry them); with EnableIPv6, also a
+route for each peer's IPv6 subnet via its PublicIPv6 (flannel's route_network.go)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from control.lease import Lease
 from overlay.backends.base import BackendError, KernelLink
-from overlay.backends.routed import RoutedBackend, direct_route
-from overlay.kernel.objects import KernelObject, Reachable
+from overlay.backends.routed import RoutedBackend, direct_route, direct_route6, ipv6_half
+from overlay.kernel.objects import IPAddress, KernelObject, Reachable
 
 
 class HostGwBackend(RoutedBackend):
     lease_type = "host-gw"
     name = "host-gw"
+    ipv6_refusal = ""
 
     def kernel_link(self) -> KernelLink:
         # No device of its own: the underlay's statistics, all of its traffic.
@@ -25,14 +29,26 @@ class HostGwBackend(RoutedBackend):
                 f"{underlay.address}, meaning that probably you're on a NAT, which host-gw "
                 "does not support (peers route to the public IP directly): use vxlan or udp"
             )
+        if self.ctx.config.ipv6 is not None and underlay.public_ipv6 != underlay.address6:
+            raise BackendError(
+                f"--public-ipv6 {underlay.public_ipv6} differs from {underlay.iface}'s IPv6 "
+                f"address {underlay.address6}: host-gw peers route to it directly"
+            )
 
     def _program(self, lease: Lease, reachable: Reachable) -> list[KernelObject] | None:
-        if not reachable(lease.public_ip):
+        objects: list[KernelObject] = []
+        halves: list[tuple[IPAddress, Callable[[Lease], list[KernelObject]]]]
+        halves = [(lease.public_ip, direct_route)]
+        if ipv6_half(self.ctx, lease) and lease.public_ipv6 is not None:
+            halves.append((lease.public_ipv6, direct_route6))
+        for public, routes in halves:
+            if reachable(public):
+                objects += routes(lease)
+                continue
             self.ctx.log.warning(
                 "peer_skipped",
                 subnet=str(lease.subnet),
-                public_ip=str(lease.public_ip),
+                public_ip=str(public),
                 reason="host-gw needs the peer on our L2 segment (its route has a gateway)",
             )
-            return None
-        return direct_route(lease)
+        return objects or None

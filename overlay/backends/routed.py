@@ -19,6 +19,22 @@ def direct_route(lease: Lease) -> list[KernelObject]:
     return [Route(lease.subnet, gateway=lease.public_ip)]
 
 
+def direct_route6(lease: Lease) -> list[KernelObject]:
+    """The IPv6 one: the peer's IPv6 subnet via its PublicIPv6."""
+    assert lease.ipv6_subnet is not None and lease.public_ipv6 is not None
+    return [Route(lease.ipv6_subnet, gateway=lease.public_ipv6)]
+
+
+def ipv6_half(ctx: Context, lease: Lease) -> bool:
+    """Whether a peer's IPv6 half is programmed: EnableIPv6, and the (validated) lease
+    has one (a peer without it is an IPv4 peer)."""
+    return (
+        ctx.config.ipv6 is not None
+        and lease.ipv6_subnet is not None
+        and lease.public_ipv6 is not None
+    )
+
+
 class RoutedBackend(Backend):
     def __init__(self, ctx: Context, devices: tuple[str, ...] = ()) -> None:
         super().__init__(ctx)
@@ -34,8 +50,10 @@ class RoutedBackend(Backend):
                 f"or vxlan with --vxlan-datapath userspace); {self.name} forwards in the "
                 "kernel: leave it at 0 (the kernel's own is net.core.busy_read)"
             )
+        ipv6 = ctx.config.ipv6
+        networks = (ctx.config.network, *((ipv6.network,) if ipv6 is not None else ()))
         self.kernel: KernelState = KernelState(
-            ctx.log, program=self._program, devices=devices, network=ctx.config.network
+            ctx.log, program=self._program, devices=devices, networks=networks
         )
 
     def peers_changed(self, added: list[Lease], removed: list[Lease]) -> None:

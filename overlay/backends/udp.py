@@ -9,6 +9,12 @@ from overlay.dataplane.spec import DataplaneSpec
 
 
 class UdpBackend(UserspaceBackend):
+    # flanneld runs udp with EnableIPv6 without a word: it takes an IPv6 subnet, writes
+    # FLANNEL_IPV6_SUBNET, and the pods' IPv6 addresses reach nothing. We say so instead.
+    ipv6_refusal = (
+        "flannel's udp backend is IPv4 only (flanneld would hand pods IPv6 addresses that "
+        "nothing forwards): use vxlan with --kernel-vxlan, or host-gw"
+    )
     lease_type = ""  # flannel's udp backend publishes no BackendType
     name = "udp"
     overhead = udp_frame.OVERHEAD

@@ -41,7 +41,7 @@ class UserspaceBackend(Backend):
             ctx.log,
             program=self._peer_objects(),
             devices=(ctx.options.tun_name,),
-            network=ctx.config.network,
+            networks=(ctx.config.network,),
             on_gone=self._device_gone,
         )
 

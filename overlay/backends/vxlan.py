@@ -4,7 +4,9 @@ kernel's vxlan device and ``flannel.1`` do):
 - userspace (the default): this process frames and unframes VXLAN on a TUN, so a node
   whose kernel has no VXLAN joins a cluster of ``flannel.1`` nodes;
 - kernel (``--kernel-vxlan``): the kernel's vxlan device ``flannel.<VNI>``, programmed as
-  flanneld does (permanent neighbour + fdb entry + onlink route per peer).
+  flanneld does (permanent neighbour + fdb entry + onlink route per peer); with
+  EnableIPv6 a second one, ``flannel-v6.<VNI>``, over the IPv6 underlay, programmed the
+  same way in IPv6 (its VTEP MAC published as BackendV6Data).
 
 Both derive the VTEP MAC from the public IP and the VNI, so it is stable across restarts,
 and publish it in the lease; with DirectRouting, peers on our L2 segment get a plain
@@ -14,17 +16,19 @@ route via their public IP instead of encapsulation.
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 from typing import Any
 
 from control.lease import Lease
 from encap import vxlan
 from overlay.backends.base import Backend, Context, KernelLink, Underlay
-from overlay.backends.routed import RoutedBackend, direct_route
+from overlay.backends.routed import RoutedBackend, direct_route, direct_route6, ipv6_half
 from overlay.backends.userspace import UserspaceBackend
 from overlay.dataplane.spec import DataplaneSpec
 from overlay.dataplane.vxlan import vtep_mac_of, vxlan_prefix_for
 from overlay.kernel.objects import (
     Address,
+    IPAddress,
     KernelObject,
     Link,
     Reachable,
@@ -32,6 +36,9 @@ from overlay.kernel.objects import (
     vxlan_peer,
 )
 from overlay.kernel.reconcile import NODE, Program
+
+# An IPv6 underlay costs 20 bytes more than an IPv4 one (the kernel's VXLAN6_HEADROOM).
+IPV6_OVERHEAD = vxlan.OVERHEAD + 20
 
 
 class _Vtep:
@@ -48,8 +55,18 @@ class _Vtep:
         """Backend.MTU when the config sets it, else underlay - 50."""
         return self.configured_mtu or underlay.mtu - vxlan.OVERHEAD
 
+    def mtu6_for(self, underlay: Underlay) -> int:
+        """flannel-v6.<VNI>'s: Backend.MTU when the config sets it, else underlay - 70."""
+        return self.configured_mtu or underlay.mtu - IPV6_OVERHEAD
+
     def lease_data(self) -> dict[str, Any]:
         return {"VNI": self.vni, "VtepMAC": vxlan.format_mac(self.mac)}
+
+
+def _v6_mac(lease: Lease) -> str | None:
+    """The VtepMAC a dual-stack vxlan lease publishes in BackendV6Data, or None."""
+    raw = vtep_mac_of(replace(lease, backend_data=lease.backend_v6_data))
+    return vxlan.format_mac(raw) if raw is not None else None
 
 
 def _mtu_warning(backend: Backend) -> list[dict[str, Any]]:
@@ -69,6 +86,10 @@ def _mtu_warning(backend: Backend) -> list[dict[str, Any]]:
 
 class VxlanBackend(UserspaceBackend):
     """VXLAN in userspace, interoperable with the kernel's vxlan device."""
+
+    ipv6_refusal = (
+        "IPv6 needs --kernel-vxlan or host-gw for now (the userspace vxlan datapath is IPv4 only)"
+    )
 
     lease_type = "vxlan"
     name = "vxlan (userspace datapath)"
@@ -135,14 +156,26 @@ class KernelVxlanBackend(RoutedBackend):
     lease_type = "vxlan"
     name = "vxlan (kernel datapath)"
 
+    ipv6_refusal = ""
+
     def __init__(self, ctx: Context) -> None:
         self.vtep = _Vtep(ctx)
         self.device = f"flannel.{self.vtep.vni}"
+        self.device6 = f"flannel-v6.{self.vtep.vni}"
+        public6 = ctx.underlay.public_ipv6
+        # flannel-v6's MAC: stable across restarts, like the IPv4 one, from PublicIPv6.
+        self.mac6 = vxlan.vtep_mac(str(public6), self.vtep.vni) if public6 else None
         self.lease: Lease | None = None
-        super().__init__(ctx, devices=(self.device,))
+        ipv6 = ctx.config.ipv6 is not None
+        super().__init__(ctx, devices=(self.device, *((self.device6,) if ipv6 else ())))
 
     def lease_data(self) -> dict[str, Any]:
         return self.vtep.lease_data()
+
+    def lease_v6_data(self) -> dict[str, Any] | None:
+        if self.ctx.config.ipv6 is None or self.mac6 is None:
+            return None
+        return {"VNI": self.vtep.vni, "VtepMAC": vxlan.format_mac(self.mac6)}
 
     def mtu_for(self, underlay: Underlay) -> int:
         return self.vtep.mtu_for(underlay)
@@ -158,16 +191,36 @@ class KernelVxlanBackend(RoutedBackend):
         address as a /32, MTU underlay - 50 (or Backend.MTU), up."""
         underlay = self.ctx.underlay
         return [
+            *self._device(self.device, underlay.address, self.mtu, self.vtep.mac),
+            Address(self.device, lease.subnet.network_address),
+            *self._node_objects6(lease),
+        ]
+
+    def _device(self, name: str, local: IPAddress, mtu: int, mac: bytes) -> list[KernelObject]:
+        """A vxlan device of ours, up: the VNI, port and learning of the config."""
+        return [
             VxlanDevice(
-                self.device,
+                name,
                 vni=self.vtep.vni,
-                local=underlay.address,
-                underlay=underlay.iface,
+                local=local,
+                underlay=self.ctx.underlay.iface,
                 port=self.vtep.port,
                 learning=self.ctx.config.backend.learning,
             ),
-            Link(self.device, mtu=self.mtu, mac=vxlan.format_mac(self.vtep.mac)),
-            Address(self.device, lease.subnet.network_address),
+            Link(name, mtu=mtu, mac=vxlan.format_mac(mac)),
+        ]
+
+    def _node_objects6(self, lease: Lease) -> list[KernelObject]:
+        """flannel-v6.<VNI> as flanneld sets it up: the same VNI, port and learning, our
+        IPv6 underlay address as its local one, the lease's IPv6 subnet address as a
+        /128, MTU underlay - 70 (or Backend.MTU)."""
+        underlay = self.ctx.underlay
+        if lease.ipv6_subnet is None or underlay.address6 is None or self.mac6 is None:
+            return []
+        mtu = self.vtep.mtu6_for(underlay)
+        return [
+            *self._device(self.device6, underlay.address6, mtu, self.mac6),
+            Address(self.device6, lease.ipv6_subnet.network_address),
         ]
 
     async def start(self, lease: Lease) -> None:
@@ -175,13 +228,36 @@ class KernelVxlanBackend(RoutedBackend):
         await asyncio.wrap_future(self.kernel.set(NODE, self.node_objects(lease)))
 
     async def follow_underlay(self, underlay: Underlay) -> None:
-        """flannel.<VNI>'s MTU follows; the kernel then answers forwarded packets longer
-        than it with frag-needed (and its queue is empty: the device has none)."""
+        """flannel.<VNI>'s MTU follows, and flannel-v6.<VNI>'s (underlay - 70); the kernel
+        then answers forwarded packets longer than them with frag-needed (IPv6: packet
+        too big), and their queue is empty: the devices have none."""
         await super().follow_underlay(underlay)
         if self.lease is not None:
             await asyncio.wrap_future(self.kernel.set(NODE, self.node_objects(self.lease)))
 
     def _program(self, lease: Lease, reachable: Reachable) -> list[KernelObject] | None:
+        objects = self._program4(lease, reachable) or []
+        if ipv6_half(self.ctx, lease):
+            objects += self._program6(lease, reachable)
+        return objects or None
+
+    def _program6(self, lease: Lease, reachable: Reachable) -> list[KernelObject]:
+        """The IPv6 half of a peer: a plain route with DirectRouting on our segment, else
+        flanneld's neighbour + fdb + onlink route on flannel-v6.<VNI>."""
+        assert lease.ipv6_subnet is not None and lease.public_ipv6 is not None
+        if self.ctx.config.backend.direct_routing and reachable(lease.public_ipv6):
+            return direct_route6(lease)
+        mac = _v6_mac(lease)
+        if mac is None:
+            self.ctx.log.warning(
+                "peer_skipped",
+                subnet=str(lease.ipv6_subnet),
+                reason="dual-stack vxlan lease without a valid BackendV6Data VtepMAC",
+            )
+            return []
+        return vxlan_peer(self.device6, lease.ipv6_subnet, lease.public_ipv6, mac)
+
+    def _program4(self, lease: Lease, reachable: Reachable) -> list[KernelObject] | None:
         if self.ctx.config.backend.direct_routing and reachable(lease.public_ip):
             return direct_route(lease)
         raw = vtep_mac_of(lease)

@@ -14,7 +14,7 @@ import argparse
 import os
 import re
 from collections.abc import Mapping, Sequence
-from ipaddress import IPv4Address, IPv4Network, ip_address
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, ip_address
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +50,6 @@ KUBE_ONLY = (
 )
 # flanneld flags we recognise but do not implement, and why (one line each).
 UNSUPPORTED = {
-    "public-ipv6": "IPv6 is not supported (the overlay is IPv4 only)",
     "subnet-dir": "flanneld's multi-network mode is not supported (one network per daemon)",
 }
 # klog flags flanneld copies; accepted so its unit files start, ignored with a warning.
@@ -69,6 +68,13 @@ def _address(text: str) -> IPv4Address:
         return IPv4Address(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not an IPv4 address") from None
+
+
+def _address6(text: str) -> IPv6Address:
+    try:
+        return IPv6Address(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an IPv6 address") from None
 
 
 def _listen_address(text: str) -> str:
@@ -184,8 +190,8 @@ class RunFlags:
             "--iface",
             action="append",
             default=[],
-            help="interface (name or IPv4 address) for inter-node traffic; repeatable, the "
-            "first that exists wins",
+            help="interface (name, IPv4 or IPv6 address) for inter-node traffic; "
+            "repeatable, the first that exists wins",
         )
         add(
             "--iface-regex",
@@ -208,6 +214,12 @@ class RunFlags:
             "host-gw requires them to be the same)",
         )
         add(
+            "--public-ipv6",
+            type=_address6,
+            help="IPv6 address other nodes use to reach us with EnableIPv6 (default: the "
+            "interface's first global unicast IPv6 address)",
+        )
+        add(
             "--subnet-file",
             default="/run/flannel/subnet.env",
             help="where to write subnet.env for the CNI plugin (default /run/flannel/subnet.env)",
@@ -224,6 +236,19 @@ class RunFlags:
             default=False,
             help="masquerade pod traffic leaving the overlay network (flanneld's "
             "FLANNEL-POSTRTG rules) and write FLANNEL_IPMASQ=true",
+        )
+        add(
+            "--ip-masq-fully-random-disable",
+            action=BoolFlag,
+            default=False,
+            help="with --ip-masq, a plain MASQUERADE instead of MASQUERADE --random-fully",
+        )
+        add(
+            "--ip-blackhole-route",
+            action=BoolFlag,
+            default=False,
+            help="add a blackhole route for this node's pod subnets (each family), so "
+            "traffic to an unused pod address is dropped here, not routed out",
         )
         add(
             "--iptables-resync",
@@ -478,6 +503,7 @@ def options_from(args: argparse.Namespace) -> NodeOptions:
             iface_regex=tuple(args.iface_regex),
             iface_can_reach=args.iface_can_reach,
             public_ip=args.public_ip,
+            public_ipv6=args.public_ipv6,
         ),
         datapath=DatapathOptions(
             tun_name=args.tun_name,
@@ -492,6 +518,7 @@ def options_from(args: argparse.Namespace) -> NodeOptions:
             ip_masq=args.ip_masq,
             forward_rules=args.iptables_forward_rules,
             resync=args.iptables_resync,
+            random_fully_disable=args.ip_masq_fully_random_disable,
         ),
         log=LogOptions(args.log_format, args.v),
         subnet_file=Path(args.subnet_file),
@@ -501,6 +528,7 @@ def options_from(args: argparse.Namespace) -> NodeOptions:
         metrics_peer_limit=args.metrics_peer_limit,
         seed_network=args.network,
         seed_backend=args.backend,
+        blackhole_route=args.ip_blackhole_route,
         ignored_flags=tuple(args.ignored_flags),
     )
 

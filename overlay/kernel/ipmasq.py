@@ -12,6 +12,9 @@ tooling) carries over:
 - filter: ``FORWARD -j FLANNEL-FWD`` appended, FLANNEL-FWD accepting the network as source
   and as destination, so a DROP policy (Docker's) does not break forwarding silently.
 
+With EnableIPv6 the same two sets go into ip6tables for the IPv6 network and lease, as
+flanneld's masqIP6Rules and forwardRules make them (multicast there is ff00::/8).
+
 The rules are installed idempotently, re-checked every ``--iptables-resync`` seconds
 (a missing rule makes the chain's rules be rewritten in order, as flanneld does, but in
 one ``iptables-restore --noflush`` transaction, so no packet ever sees a MASQUERADE
@@ -29,14 +32,15 @@ import re
 import shutil
 import subprocess
 from dataclasses import dataclass
-from ipaddress import IPv4Network
+from ipaddress import IPv4Network, IPv6Network
 
 KUBE_PROXY_MARK = "0x4000/0x4000"
 MASQ_COMMENT = "flanneld masq"
 FORWARD_COMMENT = "flanneld forward"
 MASQ_CHAIN = "FLANNEL-POSTRTG"
 FORWARD_CHAIN = "FLANNEL-FWD"
-MULTICAST = "224.0.0.0/4"
+MULTICAST = {4: "224.0.0.0/4", 6: "ff00::/8"}
+Network = IPv4Network | IPv6Network
 TIMEOUT = 10.0
 
 
@@ -55,7 +59,7 @@ class Rule:
         return f"-t {self.table} -A {self.chain} {' '.join(self.spec)}"
 
 
-def masq_rules(network: IPv4Network, subnet: IPv4Network, random_fully: bool) -> list[Rule]:
+def masq_rules(network: Network, subnet: Network, random_fully: bool) -> list[Rule]:
     net, sub = str(network), str(subnet)
     comment = ("-m", "comment", "--comment", MASQ_COMMENT)
     masquerade = ("-j", "MASQUERADE", *(("--random-fully",) if random_fully else ()))
@@ -69,12 +73,12 @@ def masq_rules(network: IPv4Network, subnet: IPv4Network, random_fully: bool) ->
         rule("-s", sub, "-d", net, *comment, "-j", "RETURN"),
         rule("-s", net, "-d", sub, *comment, "-j", "RETURN"),
         rule("!", "-s", net, "-d", sub, *comment, "-j", "RETURN"),
-        rule("-s", net, "!", "-d", MULTICAST, *comment, *masquerade),
+        rule("-s", net, "!", "-d", MULTICAST[network.version], *comment, *masquerade),
         rule("!", "-s", net, "-d", net, *comment, *masquerade),
     ]
 
 
-def forward_rules(network: IPv4Network) -> list[Rule]:
+def forward_rules(network: Network) -> list[Rule]:
     comment = ("-m", "comment", "--comment", FORWARD_COMMENT)
     return [
         Rule("filter", "FORWARD", (*comment, "-j", FORWARD_CHAIN)),
@@ -90,6 +94,7 @@ class Iptables:
         path, restore = shutil.which(binary), shutil.which(f"{binary}-restore")
         if path is None or restore is None:
             raise IptablesError(2, f"no {binary} and {binary}-restore commands: install iptables")
+        self.binary = binary
         self.path, self.restore_path = path, restore
         self.version = self._run("--version").stdout.strip()
 
@@ -97,7 +102,8 @@ class Iptables:
         self, *args: str, check: bool = True, restore: str | None = None
     ) -> subprocess.CompletedProcess[str]:
         command = [self.restore_path if restore is not None else self.path, *args]
-        shown = " ".join(["iptables-restore" if restore is not None else "iptables", *args])
+        name = f"{self.binary}-restore" if restore is not None else self.binary
+        shown = " ".join([name, *args])
         try:
             proc = subprocess.run(
                 command,
@@ -214,15 +220,18 @@ class IptablesRules:
     def __init__(
         self,
         ipt: Iptables,
-        network: IPv4Network,
-        subnet: IPv4Network,
+        network: Network,
+        subnet: Network,
         *,
         ip_masq: bool,
         forward: bool,
+        random_fully_disable: bool = False,
     ) -> None:
+        """``random_fully_disable``: flanneld's --ip-masq-fully-random-disable, a plain
+        MASQUERADE even where iptables knows --random-fully."""
         self.ipt = ipt
         self.network, self.subnet = network, subnet
-        self.random_fully = ipt.random_fully
+        self.random_fully = ipt.random_fully and not random_fully_disable
         self.sets: list[RuleSet] = []
         if ip_masq:
             rules = masq_rules(network, subnet, self.random_fully)
@@ -232,7 +241,7 @@ class IptablesRules:
         self.repairs = 0
         self.checks = 0
 
-    def recycle(self, network: IPv4Network, subnet: IPv4Network) -> None:
+    def recycle(self, network: Network, subnet: Network) -> None:
         """Remove the masq rules of a previous lease that differs from ours."""
         current = {rule for s in self.sets for rule in s.rules}
         for rule in masq_rules(network, subnet, self.random_fully):

@@ -4,8 +4,9 @@ flanneld's recipe, per remote lease: for vxlan a permanent neighbour entry (the 
 VTEP address -> its VTEP MAC), a permanent fdb entry (that MAC -> the peer's public IP)
 and an onlink route for the peer's subnet via its VTEP address; for host-gw (and vxlan
 DirectRouting) a plain route via the peer's public IP. Per node: the vxlan device
-``flannel.<VNI>`` or the TUN, its link settings, its /32 address and (TUN) the route for
-the whole network.
+``flannel.<VNI>`` (IPv6: ``flannel-v6.<VNI>``) or the TUN, its link settings, its /32
+(/128) address and (TUN) the route for the whole network. Every object takes either
+family; a view holds the IPv6 state when it was read with ``ipv6``.
 
 Each object is a small frozen dataclass with ``apply`` (idempotent: replace), ``remove``
 (a piece that is already gone is fine) and ``present`` against a ``KernelView``, one
@@ -24,7 +25,7 @@ import socket
 from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address, ip_network
 from typing import Any, ClassVar, Protocol, TypeVar, cast
 
 from overlay.kernel import rtnl
@@ -34,6 +35,16 @@ from tun.rtnl import IPRoute, NetlinkError
 IFF_UP = 1
 ENOENT, ESRCH, ENODEV = 2, 3, 19
 GONE = (ENOENT, ESRCH, ENODEV)
+
+# Either family: flannel.<VNI> carries IPv4, flannel-v6.<VNI> IPv6, host-gw routes both.
+IPAddress = IPv4Address | IPv6Address
+IPNetwork = IPv4Network | IPv6Network
+# A route on whichever device: (family, destination, length, gateway, onlink).
+RouteAnyKey = tuple[int, int, int, int | None, bool]
+
+
+def _family(address: IPAddress | IPNetwork) -> int:
+    return socket.AF_INET if address.version == 4 else socket.AF_INET6
 
 
 class KernelError(OSError):
@@ -60,9 +71,7 @@ class LinkInfo:
     vxlan: dict[str, Any] | None  # vni, port, local, link (index), learning
 
 
-def describe_route(
-    dst: IPv4Network, gateway: IPv4Address | None, dev: str | None, onlink: bool
-) -> str:
+def describe_route(dst: IPNetwork, gateway: IPAddress | None, dev: str | None, onlink: bool) -> str:
     via = f" via {gateway}" if gateway else ""
     on = f" dev {dev}" if dev else ""
     return f"{dst}{via}{on}{' onlink' if onlink else ''}"
@@ -79,23 +88,28 @@ class KernelView:
     the objects look themselves up: a check is a set probe per object."""
 
     links: dict[str, LinkInfo] = field(default_factory=dict)
-    addresses: set[tuple[str, IPv4Address, int]] = field(default_factory=set)
+    addresses: set[tuple[str, IPAddress, int]] = field(default_factory=set)
     routes: set[RouteKey] = field(default_factory=set)
     neighbours: set[NeighbourKey] = field(default_factory=set)  # permanent ones, our devices
     fdb: set[FdbKey] = field(default_factory=set)
     indexes: dict[str, int] = field(default_factory=dict)  # our devices' names -> index
 
     @cached_property
-    def routes_any(self) -> set[tuple[int, int, int | None, bool]]:
+    def routes_any(self) -> set[RouteAnyKey]:
         """The routes without their device, for routes wanted on whichever one."""
-        return {(dst, size, gateway, onlink) for dst, size, gateway, _, onlink in self.routes}
+        return {(family, dst, size, gw, onlink) for family, dst, size, gw, _, onlink in self.routes}
 
     def describe_route(self, route: RouteKey) -> str:
-        dst, size, gateway, oif, onlink = route
+        family, dst, size, gateway, oif, onlink = route
         names = {index: name for name, index in self.indexes.items()}
         dev = names.get(oif, f"#{oif}") if oif is not None else None
-        via = IPv4Address(gateway) if gateway is not None else None
-        return describe_route(IPv4Network((dst, size)), via, dev, onlink)
+        via = _address(family, gateway) if gateway is not None else None
+        return describe_route(ip_network((_address(family, dst), size)), via, dev, onlink)
+
+
+def _address(family: int, value: int) -> IPAddress:
+    """An address of a route key (an int) back as an address of its family."""
+    return IPv4Address(value) if family == socket.AF_INET else IPv6Address(value)
 
 
 @dataclass
@@ -104,10 +118,10 @@ class Claimed:
     anything else on our devices is extra (``overlay.kernel.reconcile``)."""
 
     routes: set[RouteKey] = field(default_factory=set)
-    routes_any: set[tuple[int, int, int | None, bool]] = field(default_factory=set)
+    routes_any: set[RouteAnyKey] = field(default_factory=set)
     neighbours: set[NeighbourKey] = field(default_factory=set)
     fdb: set[FdbKey] = field(default_factory=set)
-    addresses: set[tuple[str, IPv4Address]] = field(default_factory=set)
+    addresses: set[tuple[str, IPAddress]] = field(default_factory=set)
     owners: dict[Hashable, KernelObject] = field(default_factory=dict)  # key -> its object
 
     def missing(self, view: KernelView) -> list[KernelObject]:
@@ -132,7 +146,7 @@ def _link_info(link: Any) -> LinkInfo:
         vxlan = {
             "vni": data.get_attr("IFLA_VXLAN_ID"),
             "port": data.get_attr("IFLA_VXLAN_PORT"),
-            "local": data.get_attr("IFLA_VXLAN_LOCAL"),
+            "local": data.get_attr("IFLA_VXLAN_LOCAL") or data.get_attr("IFLA_VXLAN_LOCAL6"),
             "link": data.get_attr("IFLA_VXLAN_LINK"),
             "learning": bool(data.get_attr("IFLA_VXLAN_LEARNING")),
         }
@@ -225,20 +239,23 @@ def read_links(session: Session, devices: Iterable[str]) -> dict[str, LinkInfo]:
     return links
 
 
-def read_view(session: Session, devices: Iterable[str]) -> KernelView:
+def read_view(session: Session, devices: Iterable[str], ipv6: bool = False) -> KernelView:
     """The kernel's state as far as ``devices`` (the names our objects use) are concerned:
-    their links, addresses, neighbours and fdb entries, and the whole main routing table."""
+    their links, addresses, neighbours and fdb entries, and the whole main routing table;
+    with ``ipv6``, the IPv6 ones too (without the fe80:: addresses and the routes the
+    kernel makes itself on every device)."""
     view = KernelView(links=read_links(session, devices))
     view.indexes = {name: link.index for name, link in view.links.items()}
     names = {index: name for name, index in view.indexes.items()}
-    for addr in session.ipr.get_addr(family=socket.AF_INET):
-        dev = names.get(addr["index"])
-        if dev is not None:
-            view.addresses.add(
-                (dev, IPv4Address(addr.get_attr("IFA_ADDRESS")), int(addr["prefixlen"]))
-            )
-    view.routes = session.rtnl.routes()
-    view.neighbours = session.rtnl.neighbours(set(names))
+    families = (socket.AF_INET, socket.AF_INET6) if ipv6 else (socket.AF_INET,)
+    for family in families:
+        for addr in session.ipr.get_addr(family=family):
+            dev = names.get(addr["index"])
+            address = ip_address(addr.get_attr("IFA_ADDRESS"))
+            if dev is not None and not (address.version == 6 and address.is_link_local):
+                view.addresses.add((dev, address, int(addr["prefixlen"])))
+        view.routes |= session.rtnl.routes(family)
+        view.neighbours |= session.rtnl.neighbours(set(names), family)
     for link in view.links.values():
         if link.kind == "vxlan":  # fdb entries with a remote (dst) only exist on vxlan devices
             view.fdb |= session.rtnl.fdb(link.index)
@@ -304,14 +321,15 @@ def _strerror(code: int) -> str:
 
 @dataclass(frozen=True)
 class VxlanDevice(_Single):
-    """``flannel.<VNI>`` as flanneld creates it: learning off (unless Backend.Learning),
-    our local address, the underlay as its link. A device of that name with other
-    parameters is deleted and recreated, as flanneld does."""
+    """``flannel.<VNI>`` (``flannel-v6.<VNI>``: an IPv6 ``local``) as flanneld creates
+    it: learning off (unless Backend.Learning), our local address, the underlay as its
+    link. A device of that name with other parameters is deleted and recreated, as
+    flanneld does."""
 
     kind: ClassVar[str] = "vxlan_device"
     name: str
     vni: int
-    local: IPv4Address
+    local: IPAddress
     underlay: str
     port: int
     learning: bool = False
@@ -346,12 +364,13 @@ class VxlanDevice(_Single):
             if self.name in links and not self._compatible(links):
                 ipr.link("del", ifname=self.name)
             if not ipr.link_lookup(ifname=self.name):
+                local = "vxlan_local" if self.local.version == 4 else "vxlan_local6"
                 ipr.link(
                     "add",
                     ifname=self.name,
                     kind="vxlan",
                     vxlan_id=self.vni,
-                    vxlan_local=str(self.local),
+                    **{local: str(self.local)},
                     vxlan_link=session.index(self.underlay),
                     vxlan_port=self.port,
                     vxlan_learning=int(self.learning),
@@ -407,20 +426,25 @@ class Link(_Single):
 
 @dataclass(frozen=True)
 class Address(_Single):
-    """The lease's network address as a /32 on our device (flanneld's VTEP/TUN address)."""
+    """The lease's network address as a /32 (IPv6: a /128) on our device (flanneld's
+    VTEP/TUN address)."""
 
     kind: ClassVar[str] = "address"
     dev: str
-    address: IPv4Address
+    address: IPAddress
+
+    @property
+    def prefixlen(self) -> int:
+        return self.address.max_prefixlen
 
     def describe(self) -> str:
-        return f"{self.address}/32 dev {self.dev}"
+        return f"{self.address}/{self.prefixlen} dev {self.dev}"
 
     def devices(self) -> tuple[str, ...]:
         return (self.dev,)
 
     def present(self, view: KernelView) -> bool:
-        return (self.dev, self.address, 32) in view.addresses
+        return (self.dev, self.address, self.prefixlen) in view.addresses
 
     def claim(self, claimed: Claimed, indexes: dict[str, int]) -> None:
         claimed.addresses.add((self.dev, self.address))
@@ -428,7 +452,13 @@ class Address(_Single):
     def apply(self, session: Session) -> None:
         index = session.index(self.dev)
         try:
-            session.ipr.addr("replace", index=index, address=str(self.address), prefixlen=32)
+            session.ipr.addr(
+                "replace",
+                index=index,
+                address=str(self.address),
+                prefixlen=self.prefixlen,
+                family=_family(self.address),
+            )
         except NetlinkError as e:
             raise KernelError(e.code, f"address {self.describe()}: {e}") from None
 
@@ -443,18 +473,20 @@ class Address(_Single):
             "del",
             index=index,
             address=str(self.address),
-            prefixlen=32,
+            prefixlen=self.prefixlen,
+            family=_family(self.address),
         )
 
 
 @dataclass(frozen=True)
 class Route(_Batched):
-    """A main-table IPv4 route: via a gateway (host-gw, DirectRouting), onlink via a VTEP
-    address on flannel.<VNI>, or the whole network on the TUN (scope link)."""
+    """A main-table route: via a gateway (host-gw, DirectRouting), onlink via a VTEP
+    address on flannel.<VNI> (flannel-v6.<VNI>), or the whole network on the TUN (scope
+    link)."""
 
     kind: ClassVar[str] = "route"
-    dst: IPv4Network
-    gateway: IPv4Address | None = None
+    dst: IPNetwork
+    gateway: IPAddress | None = None
     dev: str | None = None
     onlink: bool = False
 
@@ -465,14 +497,16 @@ class Route(_Batched):
         return (self.dev,) if self.dev else ()
 
     @cached_property
-    def _any(self) -> tuple[int, int, int | None, bool]:
-        """(destination, length, gateway, onlink): the route on whichever device."""
+    def _any(self) -> RouteAnyKey:
+        """(family, destination, length, gateway, onlink): the route on whichever device."""
         gateway = int(self.gateway) if self.gateway is not None else None
-        return int(self.dst.network_address), self.dst.prefixlen, gateway, self.onlink
+        dst = int(self.dst.network_address)
+        return _family(self.dst), dst, self.dst.prefixlen, gateway, self.onlink
 
     def _key(self, indexes: dict[str, int]) -> RouteKey:
-        dst, size, gateway, onlink = self._any
-        return dst, size, gateway, indexes.get(self.dev, -1) if self.dev else None, onlink
+        family, dst, size, gateway, onlink = self._any
+        oif = indexes.get(self.dev, -1) if self.dev else None
+        return family, dst, size, gateway, oif, onlink
 
     def present(self, view: KernelView) -> bool:
         if self.dev is None:
@@ -510,7 +544,7 @@ class _DeviceEntry(_Batched):
     table: ClassVar[str]  # "neighbours" or "fdb"
     dev: str
     lladdr: str
-    dst: IPv4Address
+    dst: IPAddress
 
     def devices(self) -> tuple[str, ...]:
         return (self.dev,)
@@ -539,12 +573,13 @@ class _DeviceEntry(_Batched):
 
 @dataclass(frozen=True)
 class Neighbour(_DeviceEntry):
-    """A permanent ARP entry: the peer's VTEP address -> its VTEP MAC."""
+    """A permanent ARP (IPv6: neighbour discovery) entry: the peer's VTEP address -> its
+    VTEP MAC."""
 
     kind: ClassVar[str] = "neighbour"
     table: ClassVar[str] = "neighbours"
     dev: str
-    dst: IPv4Address
+    dst: IPAddress
     lladdr: str
 
     def describe(self) -> str:
@@ -559,13 +594,14 @@ class Neighbour(_DeviceEntry):
 
 @dataclass(frozen=True)
 class Fdb(_DeviceEntry):
-    """A permanent fdb entry on flannel.<VNI>: the peer's VTEP MAC -> its public IP."""
+    """A permanent fdb entry on flannel.<VNI> (flannel-v6.<VNI>): the peer's VTEP MAC ->
+    its public IP (PublicIPv6)."""
 
     kind: ClassVar[str] = "fdb"
     table: ClassVar[str] = "fdb"
     dev: str
     lladdr: str
-    dst: IPv4Address
+    dst: IPAddress
 
     def describe(self) -> str:
         return f"{self.lladdr} dst {self.dst} dev {self.dev} self permanent"
@@ -581,7 +617,7 @@ KernelObject = VxlanDevice | Link | Address | Route | Neighbour | Fdb
 
 
 def vxlan_peer(
-    device: str, subnet: IPv4Network, public_ip: IPv4Address, mac: str
+    device: str, subnet: IPNetwork, public_ip: IPAddress, mac: str
 ) -> list[KernelObject]:
     """flanneld's three objects for a vxlan peer, in the order they must be made."""
     vtep = subnet.network_address
@@ -595,7 +631,7 @@ def vxlan_peer(
 # -- questions -----------------------------------------------------------------------------
 
 # Whether a peer's public IP is on our L2 segment (flanneld's DirectRouting test).
-Reachable = Callable[[IPv4Address], bool]
+Reachable = Callable[[IPAddress], bool]
 
 
 def kernel_has_vxlan() -> bool:
@@ -610,10 +646,11 @@ def kernel_has_vxlan() -> bool:
         return True
 
 
-def directly_reachable(session: Session, addresses: Iterable[IPv4Address]) -> set[IPv4Address]:
-    """flanneld's DirectRouting test for many addresses at once (``ip route get``, one
-    message each, sent together): those whose route is one hop without a gateway."""
-    wanted = sorted(set(addresses))
+def directly_reachable(session: Session, addresses: Iterable[IPAddress]) -> set[IPAddress]:
+    """flanneld's DirectRouting test for many addresses (either family) at once (``ip
+    route get``, one message each, sent together): those whose route is one hop without
+    a gateway."""
+    wanted = list(set(addresses))
     answers = session.rtnl.route_get([address.packed for address in wanted])
     return {
         address

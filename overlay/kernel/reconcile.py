@@ -28,13 +28,15 @@ import time
 from collections import Counter
 from collections.abc import Callable, Hashable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Network, ip_address
 from typing import Any
 
 from control.lease import Lease
 from overlay.kernel.objects import (
     ENODEV,
     Claimed,
+    IPAddress,
+    IPNetwork,
     KernelError,
     KernelObject,
     KernelView,
@@ -70,13 +72,16 @@ class KernelState:
         *,
         program: Program | None = None,
         devices: Iterable[str] = (),
-        network: IPv4Network | None = None,
+        networks: Iterable[IPNetwork] = (),
         on_gone: Callable[[KernelObject], None] | None = None,
     ) -> None:
         self.log = log
         self.program = program  # a peer's objects (runs in the worker); None: skipped
         self.devices = set(devices)  # ours: anything on them that we do not want is extra
-        self.network = network  # gateway routes inside it that we do not want are extra
+        # Gateway routes inside these (the overlay network of each family) that we do
+        # not want are extra; an IPv6 one also makes each check read the IPv6 state.
+        self.networks = tuple(networks)
+        self.ipv6 = any(network.version == 6 for network in self.networks)
         self.on_gone = on_gone  # a device we cannot recreate ourselves disappeared
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="netlink")
         # Touched by the worker only: what each key wants, and how many keys want each
@@ -161,7 +166,13 @@ class KernelState:
         assert self.program is not None
         session = self._session()
         try:
-            reachable = _Reachability(session, [x.public_ip for x in pending.values() if x])
+            publics: list[IPAddress] = []
+            for lease in pending.values():
+                if lease is not None:
+                    publics.append(lease.public_ip)
+                    if lease.public_ipv6 is not None:
+                        publics.append(lease.public_ipv6)
+            reachable = _Reachability(session, publics)
             changes: dict[Hashable, list[KernelObject] | None] = {}
             for subnet, lease in pending.items():
                 changes[subnet] = None if lease is None else self.program(lease, reachable)
@@ -258,10 +269,10 @@ class KernelState:
         wanted, devices = self._wanted_now()
         session = self._session()
         try:
-            view = read_view(session, devices)
+            view = read_view(session, devices, self.ipv6)
             missing = self._missing(wanted, view)
             if missing and self._repair(session, missing):
-                view = read_view(session, devices)
+                view = read_view(session, devices, self.ipv6)
                 missing = self._missing(wanted, view)
         finally:
             session.close()
@@ -325,32 +336,36 @@ class KernelState:
         ours = {index for name, index in view.indexes.items() if name in self.devices}
         extra: list[str] = []
         for route in view.routes - claimed.routes:
-            dst, size, gateway, oif, onlink = route
-            if (dst, size, gateway, onlink) in claimed.routes_any:
+            family, dst, size, gateway, oif, onlink = route
+            if (family, dst, size, gateway, onlink) in claimed.routes_any:
                 continue
-            if oif in ours or (gateway is not None and self._inside(dst, size)):
+            if oif in ours or (gateway is not None and self._inside(family, dst, size)):
                 extra.append(f"route {view.describe_route(route)}")
         names = {index: name for name, index in view.indexes.items()}
         for index, ip, lladdr in view.neighbours - claimed.neighbours:
             if index in ours:
                 mac = format_mac(lladdr)
-                extra.append(f"neighbour {IPv4Address(ip)} lladdr {mac} dev {names[index]}")
+                extra.append(f"neighbour {ip_address(ip)} lladdr {mac} dev {names[index]}")
         for index, lladdr, remote in view.fdb - claimed.fdb:
             if index in ours:
                 mac = format_mac(lladdr)
-                extra.append(f"fdb {mac} dst {IPv4Address(remote)} dev {names[index]}")
+                extra.append(f"fdb {mac} dst {ip_address(remote)} dev {names[index]}")
         for dev, address, prefixlen in view.addresses:
             if dev in self.devices and (dev, address) not in claimed.addresses:
                 extra.append(f"address {address}/{prefixlen} dev {dev}")
         return sorted(extra)
 
-    def _inside(self, dst: int, size: int) -> bool:
-        """Whether the route to ``dst/size`` lies inside the overlay network."""
-        network = self.network
-        if network is None or size < network.prefixlen:
-            return False
-        shift = 32 - network.prefixlen
-        return dst >> shift == int(network.network_address) >> shift
+    def _inside(self, family: int, dst: int, size: int) -> bool:
+        """Whether the route to ``dst/size`` (of ``family``) lies inside an overlay network
+        of that family."""
+        version = 4 if family == socket.AF_INET else 6
+        for network in self.networks:
+            if network.version != version or size < network.prefixlen:
+                continue
+            shift = network.max_prefixlen - network.prefixlen
+            if dst >> shift == int(network.network_address) >> shift:
+                return True
+        return False
 
     # -- reporting and shutdown -----------------------------------------------------------
 
@@ -383,12 +398,12 @@ class _Reachability:
     """Which public IPs of one batch are on our L2 segment: asked of the kernel for all
     of them together, the first time a peer's objects need to know."""
 
-    def __init__(self, session: Session, addresses: list[IPv4Address]) -> None:
+    def __init__(self, session: Session, addresses: list[IPAddress]) -> None:
         self.session = session
         self.addresses = addresses
-        self._direct: set[IPv4Address] | None = None
+        self._direct: set[IPAddress] | None = None
 
-    def __call__(self, address: IPv4Address) -> bool:
+    def __call__(self, address: IPAddress) -> bool:
         if self._direct is None:
             self._direct = directly_reachable(self.session, self.addresses)
         return address in self._direct
@@ -396,19 +411,28 @@ class _Reachability:
 
 # -- event-driven resyncs -------------------------------------------------------------------
 
-# rtnetlink multicast groups (linux/rtnetlink.h): links, neighbours, IPv4 addresses, routes.
+# rtnetlink multicast groups (linux/rtnetlink.h): links, neighbours (both families), IPv4
+# addresses and routes, IPv6 addresses and routes.
 RTMGRP_LINK, RTMGRP_NEIGH, RTMGRP_IPV4_IFADDR, RTMGRP_IPV4_ROUTE = 0x1, 0x4, 0x10, 0x40
+RTMGRP_IPV6_IFADDR, RTMGRP_IPV6_ROUTE = 0x100, 0x400
 NLMSG_HEADER = struct.Struct("=IHHII")
 
 
 class KernelWatch:
     """Asks for a resync soon after the kernel announces a change to links, addresses,
-    routes or neighbours. Messages are not parsed beyond their header: any change may be
-    one to our objects, and a resync is a handful of dumps."""
+    routes or neighbours (IPv6 addresses and routes with ``ipv6``: only a node that
+    programs IPv6 objects resyncs on the host's IPv6 changes). Messages are not parsed
+    beyond their header: any change may be one to our objects, and a resync is a handful
+    of dumps."""
 
-    def __init__(self, resync: Callable[[], object], delay: float = EVENT_DELAY) -> None:
+    def __init__(
+        self, resync: Callable[[], object], delay: float = EVENT_DELAY, ipv6: bool = False
+    ) -> None:
         self.resync = resync
         self.delay = delay
+        self.groups = RTMGRP_LINK | RTMGRP_NEIGH | RTMGRP_IPV4_IFADDR | RTMGRP_IPV4_ROUTE
+        if ipv6:
+            self.groups |= RTMGRP_IPV6_IFADDR | RTMGRP_IPV6_ROUTE
         self.events = 0
         self._sock: socket.socket | None = None
         self._pending: asyncio.TimerHandle | None = None
@@ -420,7 +444,7 @@ class KernelWatch:
             socket.SOCK_RAW | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC,
             socket.NETLINK_ROUTE,
         )
-        sock.bind((0, RTMGRP_LINK | RTMGRP_NEIGH | RTMGRP_IPV4_IFADDR | RTMGRP_IPV4_ROUTE))
+        sock.bind((0, self.groups))
         self._sock, self._loop = sock, loop
         loop.add_reader(sock.fileno(), self._readable)
 

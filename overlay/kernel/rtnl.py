@@ -6,7 +6,9 @@ for each answer, ~3 ms a peer; here requests are packed with ``struct``, sent ma
 ``sendmsg`` (as one buffer: the kernel runs them in order and acknowledges each), and
 the acknowledgements read back in bulk, so a batch of thousands costs the kernel's own
 work plus a few microseconds of Python per message. Dumps are parsed for the handful
-of attributes a check needs, not decoded whole.
+of attributes a check needs, not decoded whole. Both families: a message's family follows
+from its address (4 bytes: IPv4, 16: IPv6), and the IPv6 dumps are asked for on their own
+(a node without IPv6 does not pay for them).
 
 Links, addresses and the vxlan device stay with pyroute2 (``overlay.kernel.objects``):
 a node has a few of them.
@@ -41,6 +43,7 @@ RTM_NEWNEIGH, RTM_DELNEIGH, RTM_GETNEIGH = 28, 29, 30
 RTA_DST, RTA_OIF, RTA_GATEWAY, RTA_MULTIPATH, RTA_TABLE = 1, 4, 5, 9, 15
 NDA_DST, NDA_LLADDR = 1, 2
 RT_TABLE_MAIN = 254
+RTPROT_KERNEL = 2  # the kernel's own routes (IPv6: one per address, fe80::/64, ff00::/8)
 RTPROT_STATIC = 4  # what pyroute2 (and so we, before) wrote
 RT_SCOPE_UNIVERSE, RT_SCOPE_LINK, RT_SCOPE_NOWHERE = 0, 253, 255
 RTN_UNICAST = 1
@@ -69,6 +72,15 @@ class Request:
     body: bytes
 
 
+def family_of(address: bytes) -> int:
+    """AF_INET for a packed IPv4 address, AF_INET6 for a packed IPv6 one."""
+    if len(address) == 4:
+        return socket.AF_INET
+    if len(address) == 16:
+        return socket.AF_INET6
+    raise ValueError(f"not a packed IPv4 or IPv6 address: {len(address)} bytes")
+
+
 def attr(kind: int, payload: bytes) -> bytes:
     """One rtattr, padded to 4 bytes."""
     size = RTATTR.size + len(payload)
@@ -84,16 +96,19 @@ def route_request(
     oif: int | None = None,
     onlink: bool = False,
 ) -> Request:
-    """Replace (``add``) or delete an IPv4 route of the main table. A deletion matches
-    any scope and protocol, as ``ip route del`` does."""
+    """Replace (``add``) or delete a route of the main table (the family: ``dst``'s). A
+    deletion matches any scope and protocol, as ``ip route del`` does. A device route is
+    scope link in IPv4; IPv6 routes have no scope (the kernel keeps them universe)."""
+    family = family_of(dst)
     if add:
-        scope = RT_SCOPE_LINK if gateway is None and not onlink else RT_SCOPE_UNIVERSE
+        link = gateway is None and not onlink and family == socket.AF_INET
+        scope = RT_SCOPE_LINK if link else RT_SCOPE_UNIVERSE
         header = RTMSG.pack(
-            socket.AF_INET, dst_len, 0, 0, RT_TABLE_MAIN, RTPROT_STATIC, scope, RTN_UNICAST,
+            family, dst_len, 0, 0, RT_TABLE_MAIN, RTPROT_STATIC, scope, RTN_UNICAST,
             RTNH_F_ONLINK if onlink else 0,
         )  # fmt: skip
     else:
-        header = RTMSG.pack(socket.AF_INET, dst_len, 0, 0, RT_TABLE_MAIN, 0, RT_SCOPE_NOWHERE, 0, 0)
+        header = RTMSG.pack(family, dst_len, 0, 0, RT_TABLE_MAIN, 0, RT_SCOPE_NOWHERE, 0, 0)
     body = header + attr(RTA_TABLE, U32.pack(RT_TABLE_MAIN)) + attr(RTA_DST, dst)
     if gateway is not None:
         body += attr(RTA_GATEWAY, gateway)
@@ -105,8 +120,8 @@ def route_request(
 
 
 def neighbour_request(add: bool, ifindex: int, dst: bytes, lladdr: bytes) -> Request:
-    """A permanent ARP entry (replace), or its deletion."""
-    body = NDMSG.pack(socket.AF_INET, ifindex, NUD_PERMANENT, 0, 0) + attr(NDA_DST, dst)
+    """A permanent ARP (IPv6: neighbour discovery) entry (replace), or its deletion."""
+    body = NDMSG.pack(family_of(dst), ifindex, NUD_PERMANENT, 0, 0) + attr(NDA_DST, dst)
     if add:
         body += attr(NDA_LLADDR, lladdr)
         return Request(RTM_NEWNEIGH, NLM_F_CREATE | NLM_F_REPLACE, body)
@@ -115,7 +130,9 @@ def neighbour_request(add: bool, ifindex: int, dst: bytes, lladdr: bytes) -> Req
 
 def fdb_request(add: bool, ifindex: int, lladdr: bytes, dst: bytes) -> Request:
     """A permanent fdb entry of a vxlan device (``bridge fdb replace ... self``): the MAC
-    is reached through the remote ``dst``; or its deletion (that MAC and remote only)."""
+    is reached through the remote ``dst`` (IPv4, or IPv6 on flannel-v6.<VNI>); or its
+    deletion (that MAC and remote only)."""
+    family_of(dst)  # a remote of another size is a bug, not a message the kernel refuses
     body = NDMSG.pack(AF_BRIDGE, ifindex, NUD_PERMANENT, NTF_SELF, 0)
     body += attr(NDA_LLADDR, lladdr) + attr(NDA_DST, dst)
     if add:
@@ -144,6 +161,7 @@ NEIGHBOUR_ATTRS = frozenset({NDA_DST, NDA_LLADDR})
 
 
 class DumpedRoute(NamedTuple):
+    family: int  # AF_INET or AF_INET6
     dst: int  # network address as an int
     dst_len: int
     gateway: int | None
@@ -152,6 +170,7 @@ class DumpedRoute(NamedTuple):
     scope: int
     table: int
     multipath: bool
+    protocol: int
 
 
 # The layouts the kernel dumps our objects in, read with one unpack each (anything else
@@ -166,17 +185,23 @@ FAST_ROUTE_LAYOUT = (8, RTA_TABLE, 8, RTA_DST, 8, 8, RTA_OIF)
 FAST_THIRD = (RTA_GATEWAY, RTA_PREFSRC)
 
 
+ZERO = {socket.AF_INET: bytes(4), socket.AF_INET6: bytes(16)}  # RTA_DST of a default route
+LINK_LOCAL6 = 0xFE80 >> 6  # fe80::/10, the top 10 bits
+MULTICAST6 = 0xFF  # ff00::/8
+
+
 def _route(data: bytes, start: int, end: int) -> DumpedRoute | None:
-    """An IPv4 unicast route message (None: another family or type)."""
-    family, dst_len, _, _, table, _, scope, kind, flags = RTMSG.unpack_from(data, start)
-    if family != socket.AF_INET or kind != RTN_UNICAST:
+    """An IPv4 or IPv6 unicast route message (None: another family or type)."""
+    family, dst_len, _, _, table, protocol, scope, kind, flags = RTMSG.unpack_from(data, start)
+    if family not in ZERO or kind != RTN_UNICAST:
         return None
     got = attrs(data, start + RTMSG.size, end, ROUTE_ATTRS)
     if RTA_TABLE in got:
         table = U32.unpack(got[RTA_TABLE])[0]
     gateway, oif = got.get(RTA_GATEWAY), got.get(RTA_OIF)
     return DumpedRoute(
-        dst=int.from_bytes(got.get(RTA_DST, b"\0\0\0\0"), "big"),
+        family=family,
+        dst=int.from_bytes(got.get(RTA_DST, ZERO[family]), "big"),
         dst_len=dst_len,
         gateway=int.from_bytes(gateway, "big") if gateway else None,
         oif=U32.unpack(oif)[0] if oif else None,
@@ -184,14 +209,16 @@ def _route(data: bytes, start: int, end: int) -> DumpedRoute | None:
         scope=scope,
         table=table,
         multipath=RTA_MULTIPATH in got,
+        protocol=protocol,
     )
 
 
-# A main-table IPv4 unicast route as a check compares it: (destination as an int, its
-# length, gateway as an int or None, output device index or None, onlink).
-RouteKey = tuple[int, int, int | None, int | None, bool]
-# A permanent ARP entry: (device index, IPv4 address, MAC); an fdb entry: (device index,
-# MAC, remote IPv4).
+# A main-table unicast route as a check compares it: (family, destination as an int, its
+# length, gateway as an int or None, output device index or None, onlink). The family
+# keeps 10.0.0.0/8 and ::a00:0/8 apart.
+RouteKey = tuple[int, int, int, int | None, int | None, bool]
+# A permanent neighbour: (device index, packed address, MAC); an fdb entry: (device
+# index, MAC, packed remote). 4 or 16 bytes: the family is in the address's size.
 NeighbourKey = tuple[int, bytes, bytes]
 FdbKey = tuple[int, bytes, bytes]
 
@@ -228,13 +255,13 @@ class Rtnl:
         return [code for code, _ in self._exchange(requests, NLM_F_ACK)]
 
     def route_get(self, addresses: Sequence[bytes]) -> list[DumpedRoute | None]:
-        """``ip route get`` for each address, all sent together; None where the kernel
-        has no route (or a multipath one, which is not one hop)."""
+        """``ip route get`` for each address (IPv4 or IPv6), all sent together; None where
+        the kernel has no route (or a multipath one, which is not one hop)."""
         requests = [
             Request(
                 RTM_GETROUTE,
                 0,
-                RTMSG.pack(socket.AF_INET, 32, 0, 0, 0, 0, 0, 0, 0) + attr(RTA_DST, a),
+                RTMSG.pack(family_of(a), len(a) * 8, 0, 0, 0, 0, 0, 0, 0) + attr(RTA_DST, a),
             )
             for a in addresses
         ]
@@ -307,8 +334,11 @@ class Rtnl:
                 return found
         raise OSError(errno.EAGAIN, "rtnetlink dump kept being interrupted by changes")
 
-    def routes(self) -> set[RouteKey]:
-        """The IPv4 unicast routes of the main table."""
+    def routes(self, family: int = socket.AF_INET) -> set[RouteKey]:
+        """The unicast routes of the main table of one family; IPv6 without the kernel's
+        own (an address's, fe80::/64 on every device), which no one programs."""
+        if family == socket.AF_INET6:
+            return self._routes6()
         request = RTMSG.pack(socket.AF_INET, 0, 0, 0, 0, 0, 0, 0, 0)
         found: set[RouteKey] = set()
         size = FAST_ROUTE.size
@@ -320,28 +350,49 @@ class Rtnl:
                     if family == socket.AF_INET and kind == RTN_UNICAST and table == RT_TABLE_MAIN:
                         gateway = int.from_bytes(third, "big") if t3 == RTA_GATEWAY else None
                         onlink = bool(flags & RTNH_F_ONLINK)
-                        found.add((int.from_bytes(dst, "big"), dst_len, gateway, oif, onlink))
+                        dst_int = int.from_bytes(dst, "big")
+                        found.add((socket.AF_INET, dst_int, dst_len, gateway, oif, onlink))
                     continue
             route = _route(data, start, end)
             if route is not None and route.table == RT_TABLE_MAIN:
-                found.add(route[:5])
+                found.add(route[:6])
         return found
 
-    def neighbours(self, ifindexes: set[int]) -> set[NeighbourKey]:
-        """The permanent IPv4 neighbours (ARP entries) of these devices."""
-        request = NDMSG.pack(socket.AF_INET, 0, 0, 0, 0)
+    def _routes6(self) -> set[RouteKey]:
+        """IPv6 routes take the general walk: they are laid out with more attributes
+        (priority, cache info, preference) and a node has a peer's worth of them only on
+        host-gw or flannel-v6.<VNI>. fe80::/10 and ff00::/8 are the kernel's on every
+        device, whoever added them."""
+        request = RTMSG.pack(socket.AF_INET6, 0, 0, 0, 0, 0, 0, 0, 0)
+        found: set[RouteKey] = set()
+        for data, start, end in self._dump(RTM_GETROUTE, request):
+            route = _route(data, start, end)
+            if (
+                route is not None
+                and route.family == socket.AF_INET6
+                and route.table == RT_TABLE_MAIN
+                and route.protocol != RTPROT_KERNEL
+                and route.dst >> 118 != LINK_LOCAL6
+                and route.dst >> 120 != MULTICAST6
+            ):
+                found.add(route[:6])
+        return found
+
+    def neighbours(self, ifindexes: set[int], family: int = socket.AF_INET) -> set[NeighbourKey]:
+        """The permanent neighbours (ARP entries; IPv6: neighbour discovery) of one family
+        on these devices."""
+        request = NDMSG.pack(family, 0, 0, 0, 0)
         found: set[NeighbourKey] = set()
         for data, start, end in self._dump(RTM_GETNEIGH, request):
             if end - start >= FAST_NEIGHBOUR.size:
-                family, ifindex, state, _, _, l1, t1, dst, l2, t2, mac = FAST_NEIGHBOUR.unpack_from(
-                    data, start
-                )
+                (entry_family, ifindex, state, _, _, l1, t1, dst, l2, t2,
+                 mac) = FAST_NEIGHBOUR.unpack_from(data, start)  # fmt: skip
                 if (l1, t1, l2, t2) == (8, NDA_DST, 10, NDA_LLADDR):
-                    if state & NUD_PERMANENT and family == socket.AF_INET and ifindex in ifindexes:
+                    if state & NUD_PERMANENT and entry_family == family and ifindex in ifindexes:
                         found.add((ifindex, dst, mac))
                     continue
-            family, ifindex, state, _, _ = NDMSG.unpack_from(data, start)
-            if family != socket.AF_INET or ifindex not in ifindexes or not state & NUD_PERMANENT:
+            entry_family, ifindex, state, _, _ = NDMSG.unpack_from(data, start)
+            if entry_family != family or ifindex not in ifindexes or not state & NUD_PERMANENT:
                 continue
             got = attrs(data, start + NDMSG.size, end, NEIGHBOUR_ATTRS)
             if NDA_DST in got and NDA_LLADDR in got:
@@ -349,7 +400,8 @@ class Rtnl:
         return found
 
     def fdb(self, ifindex: int) -> set[FdbKey]:
-        """Each fdb entry of one vxlan device that has an IPv4 remote."""
+        """Each fdb entry of one vxlan device that has a remote (IPv4, or IPv6 on
+        flannel-v6.<VNI>)."""
         request = IFINFOMSG.pack(AF_BRIDGE, 0, ifindex, 0, 0)  # the device: ifi_index
         found: set[FdbKey] = set()
         for data, start, end in self._dump(RTM_GETNEIGH, request):
@@ -364,7 +416,7 @@ class Rtnl:
                 continue
             got = attrs(data, start + NDMSG.size, end, NEIGHBOUR_ATTRS)
             dst, lladdr = got.get(NDA_DST), got.get(NDA_LLADDR)
-            if dst is not None and lladdr is not None and len(dst) == 4:
+            if dst is not None and lladdr is not None and len(dst) in (4, 16):
                 found.add((index, lladdr, dst))
         return found
 

@@ -53,6 +53,7 @@ def _new_state(options: NodeOptions, underlay: Underlay) -> NodeState:
     manager = SubnetManager(
         kv,
         public_ip=underlay.public_ip,
+        public_ipv6=underlay.public_ipv6,
         prefix=options.registry.prefix,
         renew_margin=options.registry.renew_margin,
         notify=monitor.notify,
@@ -94,7 +95,7 @@ class Daemon:
                 kernel.resync()
             follower.check_soon()
 
-        watch = KernelWatch(changed)
+        watch = KernelWatch(changed, ipv6=kernel is not None and kernel.ipv6)
         try:
             watch.start(asyncio.get_running_loop())
         except OSError as e:
@@ -271,7 +272,7 @@ class Daemon:
                 self.log.warning("cleanup_incomplete", step=what, error=str(e) or type(e).__name__)
 
         node = self.node
-        if node.iptables.rules is not None:
+        if node.iptables.installed():
             # One transaction per rule set, ~0.1 s; given longer on a loaded machine, as
             # rules left behind would outlive us.
             await step("iptables rules", node.iptables.remove(), 2.0)

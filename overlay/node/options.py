@@ -36,4 +36,8 @@ class NodeOptions:
     # The registry's config is seeded with these when it has none (and must agree).
     seed_network: IPv4Network | None = None
     seed_backend: str | None = None
+    # flanneld's --ip-blackhole-route: a blackhole route for our lease's subnets, so pod
+    # traffic for an address no pod holds is dropped here instead of leaving by the
+    # default route.
+    blackhole_route: bool = False
     ignored_flags: tuple[str, ...] = ()  # klog flags accepted only so unit files start

@@ -10,13 +10,17 @@ import os
 import stat
 import time
 from collections.abc import Awaitable, Callable
+from ipaddress import IPv4Network, IPv6Network
 from typing import TypeVar
 
 from control.config import ConfigError, NetworkConfig, config_json, parse_config
 from control.kv import RegistryConfigError, RegistryError
+from control.lease import Lease
 from control.peer_table import PeerTable
 from overlay.backends.base import Backend, Context
 from overlay.backends.manager import make_backend
+from overlay.kernel.blackhole import add_blackhole_routes
+from overlay.kernel.objects import KernelError
 from overlay.node.fatal import Fatal
 from overlay.node.options import NodeOptions
 from overlay.node.state import NodeState
@@ -84,6 +88,7 @@ class Startup:
                 config = await manager.wait_for_config()
         except ConfigError as e:
             raise Fatal(f"invalid network config at {manager.config_key}: {e}") from None
+        self.check_ipv6(config, manager.config_key)
         self.check_network(config, f"the registry's Network at {manager.config_key}")
         if options.seed_network is not None and config.network != options.seed_network:
             raise Fatal(
@@ -128,6 +133,37 @@ class Startup:
                     "underlay"
                 )
 
+    def check_ipv6(self, config: NetworkConfig, key: str) -> None:
+        """What the IPv6 half of the config needs of this node: an IPv6 address to
+        publish, outside IPv6Network; and IPv4 beside it (IPv6-only is not run yet)."""
+        underlay = self.node.underlay
+        if not config.enable_ipv4:
+            raise Fatal(
+                f"EnableIPv4: false at {key}: IPv6-only networks are parsed and their "
+                "leases read, but the daemon runs dual stack only for now: keep EnableIPv4 "
+                "true"
+            )
+        ipv6 = config.ipv6
+        if ipv6 is None:
+            return
+        for address in {underlay.address6, underlay.public_ipv6} - {None}:
+            if address in ipv6.network:
+                raise Fatal(
+                    f"the registry's IPv6Network {ipv6.network} contains this node's "
+                    f"underlay address {address} ({underlay.iface}): the overlay must not "
+                    "overlap the underlay"
+                )
+
+    def check_ipv6_address(self, config: NetworkConfig) -> None:
+        """EnableIPv6 needs an IPv6 address to publish (checked after the backend, so a
+        backend that cannot carry IPv6 says that first)."""
+        underlay = self.node.underlay
+        if config.ipv6 is not None and underlay.public_ipv6 is None:
+            raise Fatal(
+                f"EnableIPv6: {underlay.iface} has no IPv6 address to publish: give it "
+                "one, or pass --public-ipv6"
+            )
+
     async def _backend(self, config: NetworkConfig) -> Backend:
         """The backend the config names, its complaints about the config said."""
         node = self.node
@@ -159,17 +195,24 @@ class Startup:
         await self.retrying("checking the registry file", node.kv.check)
         node.config = config = await self.network_config()
         node.backend = backend = await self._backend(config)
+        self.check_ipv6_address(config)
         if node.options.datapath.impairment:  # refused at once by a kernel datapath
             backend.impair(node.options.datapath.impairment)
         iptables = node.iptables.command()
         backend.prepare()  # the TUN, before any lease: a permission error leaves nothing
         node.manager.backend_type = backend.lease_type
         node.manager.backend_data = backend.lease_data()
+        node.manager.backend_v6_data = backend.lease_v6_data()
         subnet_file = node.options.subnet_file
         previous = await asyncio.to_thread(read_previous, subnet_file)
+        previous_v6 = previous.ipv6_subnet if previous is not None else None
         node.lease = lease = await self.retrying(
             "acquiring a lease",
-            lambda: node.manager.acquire(config, previous.subnet.network if previous else None),
+            lambda: node.manager.acquire(
+                config,
+                previous.subnet.network if previous else None,
+                previous_v6.network if previous_v6 is not None else None,
+            ),
         )
         node.readiness.registry.answered()
         if lease.has_ttl:
@@ -177,8 +220,13 @@ class Startup:
         node.readiness.step("lease")
         await backend.start(lease)
         node.readiness.step("datapath")
+        ipv6 = None
+        if config.ipv6 is not None and lease.ipv6_subnet is not None:
+            ipv6 = (config.ipv6.network, lease.ipv6_subnet)
         if iptables is not None:
-            await node.iptables.install(iptables, config.network, lease.subnet, previous)
+            await node.iptables.install(iptables, config.network, lease.subnet, previous, ipv6)
+        if node.options.blackhole_route:
+            await self._blackhole_routes(lease)
         try:
             await asyncio.to_thread(write_subnet_env, subnet_file, node.subnet_env())
         except SubnetFileError as e:
@@ -186,6 +234,18 @@ class Startup:
         node.readiness.step("subnet_env")
         self._log_started(backend)
         return backend
+
+    async def _blackhole_routes(self, lease: Lease) -> None:
+        """--ip-blackhole-route: one for each of the lease's subnets (as flanneld)."""
+        subnets: list[IPv4Network | IPv6Network] = [lease.subnet]
+        if lease.ipv6_subnet is not None:
+            subnets.append(lease.ipv6_subnet)
+        try:
+            added = await asyncio.to_thread(add_blackhole_routes, subnets)
+        except KernelError as e:
+            raise Fatal(f"--ip-blackhole-route: {e.strerror}") from None
+        if added:
+            self.log.info("blackhole_routes_added", subnets=added)
 
     def _log_started(self, backend: Backend) -> None:
         node = self.node

@@ -50,11 +50,13 @@ class NodeState:
         self.counters = Counters(drops=self.drops)
 
     def subnet_env(self) -> SubnetEnv:
-        """What subnet.env says for our lease: the network, the lease, the MTU pods get."""
-        assert self.config is not None and self.lease is not None and self.backend is not None
+        """What subnet.env says for our lease: the network, the lease, the MTU pods get;
+        with EnableIPv6, the IPv6 network and the lease's IPv6 subnet too."""
+        config, lease = self.config, self.lease
+        assert config is not None and lease is not None and self.backend is not None
+        ipv6 = None
+        if config.ipv6 is not None and lease.ipv6_subnet is not None:
+            ipv6 = (config.ipv6.network, lease.ipv6_subnet)
         return SubnetEnv.for_lease(
-            self.config.network,
-            self.lease.subnet,
-            self.backend.mtu,
-            self.options.iptables.ip_masq,
+            config.network, lease.subnet, self.backend.mtu, self.options.iptables.ip_masq, ipv6
         )

@@ -6,13 +6,17 @@ the only one there is. With them: each ``--iface`` (a name or an address) in tur
 each ``--iface-regex`` (matched against every interface's IPv4 addresses first, then
 against the names, as flanneld does), then the interface of the route to
 ``--iface-can-reach`` (with that route's source address); the first match wins.
+
+Its IPv6 address (for EnableIPv6) is flanneld's choice too: an ``--iface`` given as an
+IPv6 address picks that address (and its interface), else the interface's first global
+unicast IPv6 address (ULA included, as Go's IsGlobalUnicast), else its first link-local.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, IPv6Address
 
 from overlay.backends.base import Underlay
 from tun import netlink
@@ -29,7 +33,12 @@ def _preferred(addrs: list[tuple[IPv4Address, int]]) -> IPv4Address:
     return next((a for a, _ in addrs if not a.is_link_local), addrs[0][0])
 
 
-def _by_name_or_address(addresses: Addresses, wanted: str) -> tuple[str, IPv4Address] | None:
+def _by_name_or_address(
+    addresses: Addresses, wanted: str, addresses6: dict[str, list[IPv6Address]]
+) -> tuple[str, IPv4Address] | None:
+    for name, found6 in addresses6.items():
+        if wanted in map(str, found6) and addresses.get(name):
+            return name, _preferred(addresses[name])
     for name, addrs in addresses.items():
         for address, _ in addrs:
             if str(address) == wanted:
@@ -71,15 +80,30 @@ class UnderlayOptions:
     iface_regex: tuple[str, ...] = ()  # matched against addresses, then names
     iface_can_reach: IPv4Address | None = None  # the interface of the route to it
     public_ip: IPv4Address | None = None  # what peers send to, if not the address
+    public_ipv6: IPv6Address | None = None  # the same for IPv6 (EnableIPv6)
+
+
+def _preferred6(
+    name: str, addresses6: dict[str, list[IPv6Address]], wanted: tuple[str, ...]
+) -> IPv6Address | None:
+    """The IPv6 address of interface ``name``: one given as --iface, else the first
+    global unicast one, else the first link-local one."""
+    found = addresses6.get(name, [])
+    for address in found:
+        if str(address) in wanted:
+            return address
+    usable = [a for a in found if not (a.is_loopback or a.is_multicast or a.is_unspecified)]
+    return next((a for a in usable if not a.is_link_local), usable[0] if usable else None)
 
 
 def select_underlay(args: UnderlayOptions) -> Underlay:
     """The Underlay ``args`` ask for."""
     addresses = netlink.interface_addresses()
+    addresses6 = netlink.interface_ipv6_addresses()
     chosen: tuple[str, IPv4Address] | None = None
     if args.iface or args.iface_regex or args.iface_can_reach:
         for wanted in args.iface:
-            if chosen := _by_name_or_address(addresses, wanted):
+            if chosen := _by_name_or_address(addresses, wanted, addresses6):
                 break
         for pattern in args.iface_regex if chosen is None else ():
             if chosen := _by_regex(addresses, pattern):
@@ -93,7 +117,7 @@ def select_underlay(args: UnderlayOptions) -> Underlay:
                 tried.append(f"--iface-can-reach {args.iface_can_reach}")
             raise UnderlayError(f"no interface with an IPv4 address matches {', '.join(tried)}")
     elif args.public_ip is not None:
-        chosen = _by_name_or_address(addresses, str(args.public_ip))
+        chosen = _by_name_or_address(addresses, str(args.public_ip), {})
     if chosen is None:
         candidates = [name for name, addrs in addresses.items() if name != "lo" and addrs]
         default = netlink.default_route_interface()
@@ -107,4 +131,12 @@ def select_underlay(args: UnderlayOptions) -> Underlay:
                 f"cannot choose an interface (no default route; have {found}): use --iface"
             )
     name, address = chosen
-    return Underlay(name, address, args.public_ip or address, netlink.interface_mtu(name))
+    address6 = _preferred6(name, addresses6, tuple(args.iface))
+    return Underlay(
+        name,
+        address,
+        args.public_ip or address,
+        netlink.interface_mtu(name),
+        address6=address6,
+        public_ipv6=args.public_ipv6 or address6,
+    )

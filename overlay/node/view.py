@@ -104,9 +104,13 @@ class NodeView:
         def stamp(t: float | None) -> float | None:
             return None if t is None else round(t, 3)
 
+        ipv6 = {}
+        if lease.ipv6_subnet is not None:  # dual stack: the IPv6 half
+            ipv6 = {"ipv6_subnet": str(lease.ipv6_subnet), "public_ipv6": str(lease.public_ipv6)}
         return {
             "subnet": str(lease.subnet),
             "public_ip": str(lease.public_ip),
+            **ipv6,
             "key": node.manager.key_of(lease),
             "expires": stamp(monitor.lease_expires),
             "next_renewal": stamp(monitor.next_renewal),
@@ -132,10 +136,13 @@ class NodeView:
             counters = {}  # the kernel forwards: its counters are in kernel_counters
         reported = [w.pop("peers", {}) for w in workers or []]
         repairs = dict(backend.pop("repairs", {}))
-        rules = node.iptables.rules
+        rules, rules6 = node.iptables.rules, node.iptables.rules6
         if rules is not None:
             repairs["iptables"] = rules.repairs
             backend["iptables"] = rules.status()
+        if rules6 is not None:
+            repairs["iptables"] = repairs.get("iptables", 0) + rules6.repairs
+            backend["ip6tables"] = rules6.status()
         return {"counters": counters, **backend, "repairs": repairs}, reported
 
     def _peer_slices(

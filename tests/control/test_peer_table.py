@@ -6,12 +6,15 @@ its first put after it was absent); records are drawn from a small pool so that 
 collide, overlap (two keys for one /24, a /23 over two /24s without a config), carry our
 own public IP, bad values or alias spellings. After every batch the incremental book and
 peer table are compared with a new book and table built from the registry's content.
+Dual stack too: there the IPv6 halves clash across IPv4 buckets (two leases of different
+/24s with one IPv6 /64), which a batch must settle as a fresh build does.
 """
 
 from __future__ import annotations
 
 import json
-from ipaddress import IPv4Address, IPv4Network
+from collections.abc import Callable
+from ipaddress import IPv4Address, IPv4Network, IPv6Address
 from typing import Any
 
 from hypothesis import given, settings
@@ -36,6 +39,21 @@ NAMES = [
     "10.245.0.0-24",  # outside the config's network
 ]
 PUBLIC = ["192.0.2.2", "192.0.2.3", "192.0.2.4", str(OWN_IP), "127.0.0.1"]
+DUAL_CONFIG = parse_config(
+    {"Network": "10.244.0.0/16", "EnableIPv6": True, "IPv6Network": "fd00:10::/56"}
+)
+OWN_IPV6 = IPv6Address("2001:db8::1")
+# The IPv6 half's PublicIPv6, by the same index as PUBLIC (ours, then not unicast).
+PUBLIC6 = ["2001:db8::2", "2001:db8::3", "2001:db8::4", str(OWN_IPV6), "ff02::1"]
+DUAL_NAMES = [
+    "10.244.1.0-24&fd00:10:0:1::-64",
+    "10.244.2.0-24&fd00:10:0:1::-64",  # another /24, the same IPv6 /64: a clash
+    "10.244.2.0-24&fd00:10:0:2::-64",  # a second key for the same /24
+    "10.244.3.0-24&fd00:10:0:3::-64",
+    "10.244.4.0-24",  # no IPv6 half: a peer for IPv4 only
+    "10.244.5.0-24&fd00:10:0:3::-64",
+    "10.244.6.0-24&fd00:10:0:06::-64",  # an alias spelling of the IPv6 half: rejected
+]
 
 # (name, public IP index or None for a broken value, backend type) or ("delete", name)
 put = st.tuples(
@@ -58,7 +76,8 @@ class Registry:
         if public is None:
             value = b"{not json"
         else:
-            fields: dict[str, Any] = {"PublicIP": PUBLIC[public], "PublicIPv6": None}
+            public6 = PUBLIC6[public] if "&" in name else None
+            fields: dict[str, Any] = {"PublicIP": PUBLIC[public], "PublicIPv6": public6}
             if backend:
                 fields["BackendType"] = backend
             value = json.dumps(fields).encode()
@@ -113,16 +132,30 @@ def test_each_batch_gives_the_table_a_fresh_build_gives(
 ) -> None:
     config: NetworkConfig | None = CONFIG if with_config else None
     own_key = SUBNETS + own if own else None
+
+    def book_of(records: list[Record]) -> LeaseBook:
+        book = LeaseBook(config, own_key=own_key, own_ip=OWN_IP)
+        book.reset(records)
+        return book
+
+    each_batch_as_fresh(book_of, initial, batches)
+
+
+def each_batch_as_fresh(
+    book_of: Callable[[list[Record]], LeaseBook],
+    initial: list[tuple[Any, ...]],
+    batches: list[list[tuple[Any, ...]]],
+) -> None:
+    """Each batch applied to a book (and its peer table) leaves them as a book built
+    fresh from the registry (``book_of``) and its table."""
     registry = Registry()
-    book = LeaseBook(config, own_key=own_key, own_ip=OWN_IP)
-    book.reset([registry.record(*item) for item in initial])
+    book = book_of([registry.record(*item) for item in initial])
     table = PeerTable(8285)
     table.replace_all(book.valid())
     for batch in batches:
         before = {lease.subnet: lease for lease in book.valid()}
         changed, removed = book.apply([registry.apply(item) for item in batch])
-        fresh = LeaseBook(config, own_key=own_key, own_ip=OWN_IP)
-        fresh.reset(registry.records())
+        fresh = book_of(registry.records())
         assert leases_of(book) == leases_of(fresh)
         # The batch's net change, applied to what was valid before, is what is valid now.
         for lease in removed:
@@ -174,3 +207,32 @@ def test_a_batch_of_changes_is_one_swap_and_untouched_peers_stay_the_same_object
     # Removing the last peer of a length leaves no empty route table behind.
     table.replace_all([])
     assert table.routes == [] and table.senders == {} and len(table) == 0
+
+
+dual_put = st.tuples(
+    st.sampled_from(DUAL_NAMES),
+    st.one_of(st.none(), st.integers(0, len(PUBLIC) - 1)),
+    st.sampled_from(["", "vxlan"]),
+)
+dual_change = st.one_of(dual_put, st.tuples(st.just("delete"), st.sampled_from(DUAL_NAMES)))
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    initial=st.lists(dual_put, max_size=8),
+    batches=st.lists(st.lists(dual_change, min_size=1, max_size=6), min_size=1, max_size=6),
+    own=st.sampled_from([None, DUAL_NAMES[0], DUAL_NAMES[3]]),
+)
+def test_each_dual_stack_batch_gives_what_a_fresh_build_gives(
+    initial: list[tuple[Any, ...]],
+    batches: list[list[tuple[Any, ...]]],
+    own: str | None,
+) -> None:
+    own_key = SUBNETS + own if own else None
+
+    def book_of(records: list[Record]) -> LeaseBook:
+        book = LeaseBook(DUAL_CONFIG, own_key=own_key, own_ip=OWN_IP, own_ipv6=OWN_IPV6)
+        book.reset(records)
+        return book
+
+    each_batch_as_fresh(book_of, initial, batches)

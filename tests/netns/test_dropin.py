@@ -163,10 +163,20 @@ def test_unsupported_config_keys_are_logged_once(netns, tmp_path: Path, daemons)
     assert any(d.startswith("Backend.Learning: the userspace datapath") for d in ignored)
 
 
-def test_enable_ipv6_is_refused(netns, tmp_path: Path, daemons) -> None:
+def test_enable_ipv6_without_ipv6_network_is_refused(netns, tmp_path: Path, daemons) -> None:
     ns = netns("v6")
     registry = seed(tmp_path, {"Network": "198.18.0.0/16", "EnableIPv6": True})
     daemon = daemons(ns, tmp_path, "--registry-file", str(registry))
     assert daemon.proc.wait(timeout=15) == 1
     (fatal,) = [e for e in daemon.events() if e.get("level") == "fatal"]
-    assert "EnableIPv6: dual stack is not supported" in fatal["event"]
+    assert "IPv6Network: missing with EnableIPv6" in fatal["event"]
+
+
+def test_ipv6_only_is_refused_in_one_line(netns, tmp_path: Path, daemons) -> None:
+    ns = netns("v6o")
+    config = {"EnableIPv4": False, "EnableIPv6": True, "IPv6Network": "fd00:10::/56"}
+    registry = seed(tmp_path, config)
+    daemon = daemons(ns, tmp_path, "--registry-file", str(registry))
+    assert daemon.proc.wait(timeout=15) == 1
+    (fatal,) = [e for e in daemon.events() if e.get("level") == "fatal"]
+    assert "EnableIPv4: false at /coreos.com/network/config: IPv6-only" in fatal["event"]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Iterator
-from ipaddress import IPv4Address, IPv4Interface, IPv4Network
+from ipaddress import IPv4Address, IPv4Interface, IPv4Network, IPv6Network
 from pathlib import Path
 
 import pytest
@@ -48,6 +48,19 @@ def test_delegate_defaults_follow_flannel() -> None:
         },
     }
     assert cni.build_delegate(conf, lease(ip_masq=True))["ipMasq"] is False
+
+
+def test_dual_stack_delegate_has_both_ranges_and_routes_as_flannels_plugin() -> None:
+    env = SubnetEnv.for_lease(
+        IPv4Network("198.18.0.0/16"),
+        IPv4Network("198.18.3.0/24"),
+        1450,
+        True,
+        (IPv6Network("fd00:10::/56"), IPv6Network("fd00:10:0:3::/64")),
+    )
+    ipam = cni.build_delegate({"cniVersion": "1.0.0", "name": "net"}, env)["ipam"]
+    assert ipam["ranges"] == [[{"subnet": "198.18.3.0/24"}], [{"subnet": "fd00:10:0:3::/64"}]]
+    assert ipam["routes"] == [{"dst": "198.18.0.0/16"}, {"dst": "fd00:10::/56"}]
 
 
 def test_delegate_overrides() -> None:

@@ -3,8 +3,10 @@ config keys we do not support say so instead of being ignored."""
 
 from __future__ import annotations
 
+import argparse
 import os
 import subprocess
+from ipaddress import IPv6Address
 
 import pytest
 
@@ -14,7 +16,7 @@ from overlay.observe import status_socket
 from tests.helpers.commands import overlay_cmd
 
 
-def parse(*argv: str, **env: str) -> object:
+def parse(*argv: str, **env: str) -> argparse.Namespace:
     return parse_run_args(list(argv), env)
 
 
@@ -175,9 +177,27 @@ def test_daemonset_arguments(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_unsupported_and_ignored_flags(capsys: pytest.CaptureFixture[str]) -> None:
-    assert "IPv6 is not supported" in usage_error(capsys, "--public-ipv6", "fc00::1")
     assert "multi-network" in usage_error(capsys, "--subnet-dir", "/run/flannel/networks")
     assert parse("-vmodule=main=2").ignored_flags == ["--vmodule"]
+
+
+def test_flanneld_ipv6_and_newer_flags(capsys: pytest.CaptureFixture[str]) -> None:
+    """--public-ipv6, --ip-blackhole-route (RKE2 passes it), --ip-masq-fully-random-disable:
+    flanneld's defaults (unset, false, false), its spellings, and their typed options."""
+    defaults = options_from(parse())
+    assert defaults.underlay.public_ipv6 is None and defaults.blackhole_route is False
+    assert defaults.iptables.random_fully_disable is False
+    options = options_from(
+        parse("-public-ipv6=2001:db8::7", "--ip-blackhole-route", "-ip-masq-fully-random-disable")
+    )
+    assert options.underlay.public_ipv6 == IPv6Address("2001:db8::7")
+    assert options.blackhole_route and options.iptables.random_fully_disable
+    from_env = options_from(
+        parse(FLANNELD_IP_BLACKHOLE_ROUTE="true", FLANNELD_PUBLIC_IPV6="fd00::7")
+    )
+    assert from_env.blackhole_route and from_env.underlay.public_ipv6 == IPv6Address("fd00::7")
+    assert "is not an IPv6 address" in usage_error(capsys, "--public-ipv6", "192.0.2.1")
+    assert parse("--iface", "2001:db8::7").iface == ["2001:db8::7"]
 
 
 def test_kernel_vxlan_and_datapath(capsys: pytest.CaptureFixture[str]) -> None:
@@ -202,7 +222,7 @@ NET = {"Network": "10.244.0.0/16"}
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        ({"EnableIPv6": True}, "EnableIPv6: dual stack is not supported"),
+        ({"EnableIPv6": True}, "IPv6Network: missing with EnableIPv6"),
         ({"Backend": {"Type": "vxlan", "GBP": True}}, "Backend.GBP: true is not supported"),
         ({"Backend": {"Type": "vxlan", "MTU": 20}}, "Backend.MTU: 20 is not an IPv4 MTU"),
         ({"Backend": {"Type": "vxlan", "MTU": "1400"}}, "Backend.MTU: '1400' is not an integer"),

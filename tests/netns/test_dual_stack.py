@@ -1,0 +1,462 @@
+"""Dual stack end to end, one daemon per node namespace on one IPv4 + IPv6 underlay
+(192.0.2.0/24 and 2001:db8::/64), each node with a pod namespace behind a veth holding
+the lease's gateway addresses (what the CNI bridge does): pods ping each other over IPv4
+and IPv6, both ways, on host-gw and on the kernel's vxlan devices (flannel.1 and
+flannel-v6.1 made and programmed as flanneld makes them); a node of ours against a
+flannel-v6.1 made by hand the way flanneld makes it; --ip-blackhole-route; and what is
+refused, in one line."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from collections.abc import Callable
+from ipaddress import IPv4Interface, IPv6Interface, ip_interface
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from control.file_registry import FileRegistry
+from control.subnet_env import SubnetEnv, parse_subnet_env
+from overlay.observe import status_socket as status
+from tests.helpers.cni import invoke, netconf
+from tests.helpers.polling import poll
+
+pytestmark = pytest.mark.netns
+CONFIG_KEY = "/coreos.com/network/config"
+SUBNETS = "/coreos.com/network/subnets/"
+DUAL = {"Network": "198.18.0.0/16", "EnableIPv6": True, "IPv6Network": "fd00:10::/56"}
+
+
+def ip(ns: str, *args: str) -> str:
+    return subprocess.run(
+        ["ip", "-n", ns, *args], check=True, capture_output=True, text=True
+    ).stdout
+
+
+def ip_out(ns: str, *args: str) -> str:
+    """``ip`` output, empty when it fails (a device that is gone, for now)."""
+    return subprocess.run(["ip", "-n", ns, *args], capture_output=True, text=True).stdout
+
+
+def in_ns(ns: str, *argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["ip", "netns", "exec", ns, *argv], check=check, capture_output=True, text=True
+    )
+
+
+def underlay(nodes: list[str]) -> None:
+    """eth0 in each node on one bridge in the first node's namespace (br0, with a port
+    per node), 192.0.2.<n>/24 and 2001:db8::<n>/64 (no DAD: usable at once)."""
+    hub = nodes[0]
+    ip(hub, "link", "add", "br0", "type", "bridge")
+    ip(hub, "link", "set", "br0", "up")
+    for n, ns in enumerate(nodes, 1):
+        ip(hub, "link", "add", f"p{n}", "type", "veth", "peer", "name", "eth0", "netns", ns)
+        ip(hub, "link", "set", f"p{n}", "master", "br0", "up")
+        ip(ns, "addr", "add", f"192.0.2.{n}/24", "dev", "eth0")
+        ip(ns, "addr", "add", f"2001:db8::{n}/64", "dev", "eth0", "nodad")
+        ip(ns, "link", "set", "eth0", "up")
+        for sysctl in ("net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"):
+            in_ns(ns, "sysctl", "-qw", sysctl)
+
+
+def pod(node: str, pod_ns: str, env: SubnetEnv) -> tuple[str, str]:
+    """A pod behind a veth: the node side holds the lease's gateway addresses (as the CNI
+    bridge cni0 does), the pod .2 of each subnet with default routes; its addresses."""
+    assert env.ipv6_subnet is not None
+    ip(node, "link", "add", "veth0", "type", "veth", "peer", "name", "eth0", "netns", pod_ns)
+    ip(node, "addr", "add", str(env.subnet), "dev", "veth0")
+    ip(node, "addr", "add", str(env.ipv6_subnet), "dev", "veth0", "nodad")
+    ip(node, "link", "set", "veth0", "up")
+    v4 = IPv4Interface((int(env.subnet.network.network_address) + 2, env.subnet.network.prefixlen))
+    subnet6 = env.ipv6_subnet.network
+    v6 = IPv6Interface((int(subnet6.network_address) + 2, subnet6.prefixlen))
+    ip(pod_ns, "addr", "add", str(v4), "dev", "eth0")
+    ip(pod_ns, "addr", "add", str(v6), "dev", "eth0", "nodad")
+    ip(pod_ns, "link", "set", "eth0", "up")
+    ip(pod_ns, "route", "add", "default", "via", str(env.subnet.ip))
+    ip(pod_ns, "-6", "route", "add", "default", "via", str(env.ipv6_subnet.ip))
+    return str(v4.ip), str(v6.ip)
+
+
+def pings(src_ns: str, address: str) -> bool:
+    return in_ns(src_ns, "ping", "-c", "1", "-W", "1", address, check=False).returncode == 0
+
+
+def kernel_of(daemon: Any) -> dict[str, Any]:
+    return dict(status.query(daemon.socket)["kernel"])
+
+
+def kernel_exact(daemon: Any) -> bool:
+    """A check has run and found nothing missing and nothing extra, in both families."""
+    kernel = kernel_of(daemon)
+    return bool(kernel["checked_at"]) and kernel["missing"] == kernel["extra"] == []
+
+
+def seed(tmp_path: Path, config: dict[str, Any]) -> Path:
+    registry = tmp_path / "registry.json"
+    FileRegistry(registry).put_sync(CONFIG_KEY, json.dumps(config).encode(), None)
+    return registry
+
+
+def leases(registry: Path) -> dict[str, dict[str, Any]]:
+    entries, _ = FileRegistry(registry).list_sync(SUBNETS)
+    return {e.key.rsplit("/", 1)[-1]: json.loads(e.value) for e in entries}
+
+
+def start_nodes(
+    netns: Callable[[str], str], daemons: Any, tmp_path: Path, config: dict[str, Any], *flags: str
+) -> tuple[list[str], list[Any], Path]:
+    nodes = [netns("n1"), netns("n2")]
+    underlay(nodes)
+    registry = seed(tmp_path, config)
+    started = []
+    for n, ns in enumerate(nodes, 1):
+        work = tmp_path / f"n{n}"
+        work.mkdir()
+        started.append(
+            daemons(ns, work, "--registry-file", str(registry), "--iface", "eth0", *flags, lo=False)
+        )
+    for daemon in started:
+        daemon.wait_event("started")
+    return nodes, started, registry
+
+
+@pytest.mark.parametrize(
+    ("backend", "flags"),
+    [({"Type": "host-gw"}, ()), ({"Type": "vxlan"}, ("--kernel-vxlan",))],
+    ids=["host-gw", "kernel-vxlan"],
+)
+def test_pods_ping_over_ipv4_and_ipv6_both_ways(
+    netns: Callable[[str], str],
+    daemons: Any,
+    tmp_path: Path,
+    backend: dict[str, Any],
+    flags: tuple[str, ...],
+) -> None:
+    nodes, started, registry = start_nodes(
+        netns, daemons, tmp_path, {**DUAL, "Backend": backend}, *flags, "--ip-blackhole-route"
+    )
+    envs = [parse_subnet_env(d.subnet_file.read_text()) for d in started]
+    for n, (env, daemon) in enumerate(zip(envs, started, strict=True), 1):
+        assert env.ipv6_network is not None and str(env.ipv6_network) == "fd00:10::/56"
+        assert env.ipv6_subnet is not None and env.ipv6_subnet.network.prefixlen == 64
+        lease = status.query(daemon.socket)["lease"]
+        assert lease["ipv6_subnet"] == str(env.ipv6_subnet.network)
+        assert lease["public_ipv6"] == f"2001:db8::{n}"
+    pods = [netns("p1"), netns("p2")]
+    addresses = [pod(node, p, env) for node, p, env in zip(nodes, pods, envs, strict=True)]
+    for src, dst in ((0, 1), (1, 0)):
+        for address in addresses[dst]:
+            assert poll(lambda a=address, s=src: pings(pods[s], a), timeout=10), (
+                f"pod {src + 1} cannot reach {address}: "
+                + ip(nodes[src], "-6", "route")
+                + ip(nodes[src], "route")
+            )
+    for daemon in started:  # reconciled: what the kernel has is exactly what we programmed
+        assert poll(lambda d=daemon: kernel_exact(d), timeout=15), kernel_of(daemon)
+    # The records: flanneld's keys and values, with PublicIPv6 (and BackendV6Data).
+    records = leases(registry)
+    assert len(records) == 2
+    for n, (key, value) in enumerate(sorted(records.items(), key=lambda kv: kv[1]["PublicIP"]), 1):
+        assert "&fd00:10:0:" in key and key.endswith("::-64")
+        assert value["PublicIP"] == f"192.0.2.{n}" and value["PublicIPv6"] == f"2001:db8::{n}"
+        if backend["Type"] == "vxlan":
+            mac6 = json.loads(ip(nodes[n - 1], "-j", "link", "show", "flannel-v6.1"))[0]["address"]
+            assert value["BackendV6Data"] == {"VNI": 1, "VtepMAC": mac6}
+            assert list(value) == [
+                "PublicIP",
+                "PublicIPv6",
+                "BackendType",
+                "BackendData",
+                "BackendV6Data",
+            ]
+        else:
+            assert list(value) == ["PublicIP", "PublicIPv6", "BackendType"]
+    # --ip-blackhole-route: one per family, for the lease's subnets.
+    for node, env in zip(nodes, envs, strict=True):
+        assert env.ipv6_subnet is not None
+        assert f"blackhole {env.subnet.network}" in ip(node, "route", "show", "type", "blackhole")
+        shown6 = ip(node, "-6", "route", "show", "type", "blackhole")
+        assert f"blackhole {env.ipv6_subnet.network}" in shown6
+
+
+def test_kernel_vxlan_v6_device_as_flanneld_makes_it(
+    netns: Callable[[str], str], daemons: Any, tmp_path: Path
+) -> None:
+    nodes, started, registry = start_nodes(
+        netns, daemons, tmp_path, {**DUAL, "Backend": {"Type": "vxlan"}}, "--kernel-vxlan"
+    )
+    env = parse_subnet_env(started[0].subnet_file.read_text())
+    peer = parse_subnet_env(started[1].subnet_file.read_text())
+    assert env.ipv6_subnet is not None and peer.ipv6_subnet is not None
+    details = ip(nodes[0], "-d", "link", "show", "flannel-v6.1")
+    assert "vxlan id 1 local 2001:db8::1 dev eth0" in details and "dstport 8472" in details
+    assert "nolearning" in details and "mtu 1430" in details, details
+    shown = ip(nodes[0], "-6", "addr", "show", "dev", "flannel-v6.1")
+    assert f"inet6 {env.ipv6_subnet.network.network_address}/128" in shown, shown
+    vtep = peer.ipv6_subnet.network.network_address
+    peer_mac = json.loads(ip(nodes[1], "-j", "link", "show", "flannel-v6.1"))[0]["address"]
+
+    def programmed() -> bool:
+        neigh = ip_out(nodes[0], "-6", "neigh", "show", "dev", "flannel-v6.1")
+        fdb = subprocess.run(
+            ["bridge", "-n", nodes[0], "fdb", "show", "dev", "flannel-v6.1"],
+            capture_output=True,
+            text=True,
+        ).stdout
+        routes = ip_out(nodes[0], "-6", "route", "show", "dev", "flannel-v6.1")
+        return (
+            f"{vtep} lladdr {peer_mac} PERMANENT" in neigh
+            and f"{peer_mac} dst 2001:db8::2 self permanent" in fdb
+            and f"{peer.ipv6_subnet.network} via {vtep}" in routes
+            and "onlink" in routes
+        )
+
+    assert poll(programmed, timeout=10)
+    assert poll(lambda: kernel_exact(started[0]), timeout=15), kernel_of(started[0])
+    # Deleted, it comes back (reconciled like the IPv4 device).
+    ip(nodes[0], "link", "del", "flannel-v6.1")
+    assert poll(programmed, timeout=15)
+    assert len(leases(registry)) == 2
+
+
+def link_mtu(ns: str, dev: str) -> int:
+    return int(json.loads(ip(ns, "-j", "link", "show", dev))[0]["mtu"])
+
+
+def test_flannel_v6_follows_the_underlays_mtu(
+    netns: Callable[[str], str], daemons: Any, tmp_path: Path
+) -> None:
+    """eth0 lowered under a running dual-stack kernel-vxlan node: flannel.1 takes
+    underlay - 50, flannel-v6.1 underlay - 70, subnet.env is rewritten with the new MTU
+    and keeps its IPv6 lines, the kernel state stays exact; raised, both come back."""
+    nodes, started, _ = start_nodes(
+        netns, daemons, tmp_path, {**DUAL, "Backend": {"Type": "vxlan"}}, "--kernel-vxlan"
+    )
+    node, daemon = nodes[0], started[0]
+    assert (link_mtu(node, "flannel.1"), link_mtu(node, "flannel-v6.1")) == (1450, 1430)
+    before = parse_subnet_env(daemon.subnet_file.read_text())
+    assert before.ipv6_network is not None and before.ipv6_subnet is not None
+    for underlay_mtu in (1400, 1500):
+        ip(node, "link", "set", "eth0", "mtu", str(underlay_mtu))
+
+        def devices(wanted: tuple[int, int] = (underlay_mtu - 50, underlay_mtu - 70)) -> bool:
+            return (link_mtu(node, "flannel.1"), link_mtu(node, "flannel-v6.1")) == wanted
+
+        def rewritten(mtu: int = underlay_mtu - 50) -> bool:
+            return parse_subnet_env(daemon.subnet_file.read_text()).mtu == mtu
+
+        assert poll(devices, timeout=5), (
+            link_mtu(node, "flannel.1"),
+            link_mtu(node, "flannel-v6.1"),
+        )
+        assert poll(rewritten, timeout=5), daemon.subnet_file.read_text()
+        env = parse_subnet_env(daemon.subnet_file.read_text())
+        assert (env.ipv6_network, env.ipv6_subnet) == (before.ipv6_network, before.ipv6_subnet)
+        assert poll(lambda: kernel_exact(daemon), timeout=15), kernel_of(daemon)
+    assert status.query(daemon.socket)["mtu_changes"] == 2
+
+
+def test_our_node_against_a_flannel_v6_made_by_hand(
+    netns: Callable[[str], str], daemons: Any, tmp_path: Path
+) -> None:
+    """Interop: node 2 is no daemon of ours but the kernel config flanneld makes for a
+    dual-stack vxlan node (flannel.1 and flannel-v6.1, its lease written in flanneld's
+    JSON); our node 1 reaches its addresses over IPv4 and IPv6, and it reaches ours."""
+    nodes = [netns("n1"), netns("n2")]
+    underlay(nodes)
+    registry = seed(tmp_path, {**DUAL, "Backend": {"Type": "vxlan"}})
+    hand, mac4, mac6 = nodes[1], "0e:00:00:00:02:04", "0e:00:00:00:02:06"
+    for dev, local, mac in (
+        ("flannel.1", "192.0.2.2", mac4),
+        ("flannel-v6.1", "2001:db8::2", mac6),
+    ):
+        ip(hand, "link", "add", dev, "address", mac, "type", "vxlan", "id", "1", "local", local,
+           "dev", "eth0", "dstport", "8472", "nolearning")  # fmt: skip
+        ip(hand, "link", "set", dev, "up")
+    ip(hand, "addr", "add", "198.18.77.0/32", "dev", "flannel.1")
+    ip(hand, "addr", "add", "fd00:10:0:77::/128", "dev", "flannel-v6.1", "nodad")
+    value = (
+        '{"PublicIP":"192.0.2.2","PublicIPv6":"2001:db8::2","BackendType":"vxlan",'
+        f'"BackendData":{{"VNI":1,"VtepMAC":"{mac4}"}},'
+        f'"BackendV6Data":{{"VNI":1,"VtepMAC":"{mac6}"}}}}'
+    )
+    FileRegistry(registry).put_sync(
+        f"{SUBNETS}198.18.77.0-24&fd00:10:0:77::-64", value.encode(), 3600
+    )
+    work = tmp_path / "n1"
+    work.mkdir()
+    ours = daemons(
+        nodes[0], work, "--registry-file", str(registry), "--iface", "eth0", "--kernel-vxlan",
+        lo=False,
+    )  # fmt: skip
+    ours.wait_event("started")
+    env = parse_subnet_env(ours.subnet_file.read_text())
+    assert env.ipv6_subnet is not None
+    record = leases(registry)
+    our_value = next(v for k, v in record.items() if v["PublicIP"] == "192.0.2.1")
+    # flanneld's programming on the hand-made node, for our lease.
+    vtep4 = env.subnet.network.network_address
+    vtep6 = env.ipv6_subnet.network.network_address
+    mac4_ours = our_value["BackendData"]["VtepMAC"]
+    mac6_ours = our_value["BackendV6Data"]["VtepMAC"]
+    for dev, vtep, mac, public, subnet, six in (
+        ("flannel.1", vtep4, mac4_ours, "192.0.2.1", env.subnet.network, []),
+        ("flannel-v6.1", vtep6, mac6_ours, "2001:db8::1", env.ipv6_subnet.network, ["-6"]),
+    ):
+        ip(hand, *six, "neigh", "replace", str(vtep), "lladdr", mac, "dev", dev, "nud", "permanent")
+        subprocess.run(
+            ["bridge", "-n", hand, "fdb", "replace", mac, "dev", dev, "dst", public, "self",
+             "permanent"],
+            check=True,
+        )  # fmt: skip
+        ip(hand, *six, "route", "replace", str(subnet), "via", str(vtep), "dev", dev, "onlink")
+    # Our node's TUN-less kernel datapath: ping the hand node's VTEP addresses from ours,
+    # sourced from our gateway addresses (held on a pod veth, as cni0 holds them).
+    pod_ns = netns("p1")
+    pod(nodes[0], pod_ns, env)
+    for address in ("198.18.77.0", "fd00:10:0:77::"):
+        assert poll(lambda a=address: pings(pod_ns, a), timeout=10), (
+            address,
+            ip(nodes[0], "-6", "neigh"),
+            ip(nodes[0], "-6", "route"),
+        )
+
+
+@pytest.mark.parametrize(
+    ("backend", "flags", "message"),
+    [
+        ({"Type": "udp"}, (), "EnableIPv6: flannel's udp backend is IPv4 only"),
+        ({"Type": "vxlan"}, (), "EnableIPv6: IPv6 needs --kernel-vxlan or host-gw for now"),
+    ],
+    ids=["udp", "userspace-vxlan"],
+)
+def test_ipv6_on_an_ipv4_only_datapath_is_refused_in_one_line(
+    netns: Callable[[str], str],
+    daemons: Any,
+    tmp_path: Path,
+    backend: dict[str, Any],
+    flags: tuple[str, ...],
+    message: str,
+) -> None:
+    ns = netns("v6")
+    underlay([ns])
+    registry = seed(tmp_path, {**DUAL, "Backend": backend})
+    daemon = daemons(ns, tmp_path, "--registry-file", str(registry), "--iface", "eth0", *flags,
+                     lo=False)  # fmt: skip
+    assert daemon.proc.wait(timeout=15) == 1
+    (fatal,) = [e for e in daemon.events() if e.get("level") == "fatal"]
+    assert message in fatal["event"] and "\n" not in fatal["event"]
+    assert leases(registry) == {}  # refused before any lease was taken
+
+
+def test_enable_ipv6_without_an_ipv6_address_says_so(
+    netns: Callable[[str], str], daemons: Any, tmp_path: Path
+) -> None:
+    ns = netns("nov6")
+    ip(ns, "link", "add", "eth0", "type", "veth", "peer", "name", "peer0")
+    ip(ns, "addr", "add", "192.0.2.1/24", "dev", "eth0")
+    ip(ns, "link", "set", "eth0", "up")
+    in_ns(ns, "sysctl", "-qw", "net.ipv6.conf.eth0.disable_ipv6=1")
+    registry = seed(tmp_path, {**DUAL, "Backend": {"Type": "host-gw"}})
+    daemon = daemons(ns, tmp_path, "--registry-file", str(registry), "--iface", "eth0", lo=False)
+    assert daemon.proc.wait(timeout=15) == 1
+    (fatal,) = [e for e in daemon.events() if e.get("level") == "fatal"]
+    assert "EnableIPv6: eth0 has no IPv6 address to publish" in fatal["event"]
+
+
+# Who connected, as the server saw it: prints the peer address of one TCP connection.
+PEER_SERVER = """
+import socket, sys
+s = socket.create_server((sys.argv[1], 7777), family=socket.AF_INET6)
+print("ready", flush=True)
+conn, peer = s.accept()
+print(peer[0], flush=True)
+"""
+CONNECT = "import socket, sys; socket.create_connection((sys.argv[1], 7777), timeout=5).close()"
+
+
+def peer_seen(server_ns: str, address: str, client_ns: str) -> str:
+    """The source address a TCP connection from ``client_ns`` to ``address`` arrives with."""
+    server = subprocess.Popen(
+        ["ip", "netns", "exec", server_ns, "python3", "-c", PEER_SERVER, address],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert server.stdout is not None and server.stdout.readline().strip() == "ready"
+        in_ns(client_ns, "python3", "-c", CONNECT, address)
+        return server.stdout.readline().strip()
+    finally:
+        server.kill()
+        server.wait()
+
+
+@pytest.mark.parametrize(
+    "random_fully", [True, False], ids=["random-fully", "fully-random-disable"]
+)
+def test_ip6tables_masq_and_forward_rules_as_flanneld(
+    netns: Callable[[str], str], daemons: Any, tmp_path: Path, random_fully: bool
+) -> None:
+    flags = ["--ip-masq", *([] if random_fully else ["--ip-masq-fully-random-disable"])]
+    nodes, started, _ = start_nodes(
+        netns, daemons, tmp_path, {**DUAL, "Backend": {"Type": "host-gw"}}, *flags
+    )
+    envs = [parse_subnet_env(d.subnet_file.read_text()) for d in started]
+    assert envs[0].ipv6_subnet is not None
+    lease6 = envs[0].ipv6_subnet.network
+    masq6 = in_ns(nodes[0], "ip6tables", "-t", "nat", "-S", "FLANNEL-POSTRTG").stdout
+    fully = " --random-fully" if random_fully else ""
+    comment = '-m comment --comment "flanneld masq"'
+    for rule in (
+        f"-A FLANNEL-POSTRTG -m mark --mark 0x4000/0x4000 {comment} -j RETURN",
+        f"-A FLANNEL-POSTRTG -s {lease6} -d fd00:10::/56 {comment} -j RETURN",
+        f"-A FLANNEL-POSTRTG -s fd00:10::/56 -d {lease6} {comment} -j RETURN",
+        f"-A FLANNEL-POSTRTG ! -s fd00:10::/56 -d {lease6} {comment} -j RETURN",
+        f"-A FLANNEL-POSTRTG -s fd00:10::/56 ! -d ff00::/8 {comment} -j MASQUERADE{fully}",
+        f"-A FLANNEL-POSTRTG ! -s fd00:10::/56 -d fd00:10::/56 {comment} -j MASQUERADE{fully}",
+    ):
+        assert rule in masq6.splitlines(), (rule, masq6)
+    masq4 = in_ns(nodes[0], "iptables", "-t", "nat", "-S", "FLANNEL-POSTRTG").stdout
+    assert ("--random-fully" in masq4) is random_fully, masq4
+    forward6 = in_ns(nodes[0], "ip6tables", "-S", "FLANNEL-FWD").stdout
+    assert '-A FLANNEL-FWD -s fd00:10::/56 -m comment --comment "flanneld forward" -j ACCEPT' in (
+        forward6
+    )
+    pods = [netns("p1"), netns("p2")]
+    addresses = [pod(node, p, env) for node, p, env in zip(nodes, pods, envs, strict=True)]
+    assert poll(lambda: pings(pods[0], addresses[1][1]), timeout=10)
+    # Leaving the overlay (to node 2's underlay address): masqueraded to node 1's.
+    assert peer_seen(nodes[1], "2001:db8::2", pods[0]) == "2001:db8::1"
+    # Pod to pod: the pod's own address.
+    assert peer_seen(pods[1], addresses[1][1], pods[0]) == addresses[0][1]
+    assert started[0].stop()[0] == 0
+    gone = in_ns(nodes[0], "ip6tables", "-t", "nat", "-S", "FLANNEL-POSTRTG", check=False)
+    assert gone.returncode != 0 and "FLANNEL" not in in_ns(nodes[0], "ip6tables-save").stdout
+
+
+def test_pods_added_by_the_cni_plugin_get_both_families_and_talk(
+    netns: Callable[[str], str], daemons: Any, tmp_path: Path
+) -> None:
+    """The real bridge + host-local plugins behind ours: each pod gets an address from
+    both leases (flannel's plugin's two ranges) and reaches the other pod over both."""
+    nodes, started, _ = start_nodes(
+        netns, daemons, tmp_path, {**DUAL, "Backend": {"Type": "vxlan"}}, "--kernel-vxlan"
+    )
+    pods = [netns("p1"), netns("p2")]
+    addresses: list[dict[int, str]] = []
+    for n, (node, pod_ns, daemon) in enumerate(zip(nodes, pods, started, strict=True), 1):
+        conf = netconf(tmp_path / f"n{n}", subnetFile=str(daemon.subnet_file))
+        added = invoke("ADD", conf, node=node, pod=pod_ns, container=f"c{n}")
+        assert added.returncode == 0, added.stdout + added.stderr
+        ips = json.loads(added.stdout)["ips"]
+        addresses.append(
+            {ip_interface(x["address"]).version: str(ip_interface(x["address"]).ip) for x in ips}
+        )
+    assert all(set(found) == {4, 6} for found in addresses), addresses
+    for src, dst in ((0, 1), (1, 0)):
+        for address in addresses[dst].values():
+            assert poll(lambda a=address, s=src: pings(pods[s], a), timeout=15), address
