@@ -89,7 +89,8 @@ class Cached:
     """A page made at most once per ``max_age()`` seconds, however many ask for it: the
     snapshot it shows is at most that old when it is sent. The age grows with what the
     page costs (``min_age``, or ``1 / share`` times the last making, whichever is
-    longer), so making it takes at most ``share`` of the loop. A page that fails to be
+    longer; not the first making, which pays what is done once), so making it takes at
+    most ``share`` of the loop. A page that fails to be
     made is a 500 page, cached the same way."""
 
     def __init__(
@@ -125,7 +126,8 @@ class Cached:
             page = 500, TEXT, f"internal error: {type(e).__name__}: {e}\n".encode()
         finally:
             self._pending = None
-        self.cost = time.monotonic() - started
+        if self.made:  # the first page pays one-time costs (prometheus_client's import)
+            self.cost = time.monotonic() - started
         self.page, self.made_at = page, started
         self.made += 1
         return page

@@ -125,8 +125,30 @@ def test_the_page_age_grows_with_what_making_it_costs() -> None:
         metrics = Cached(slow, min_age=0.25, share=0.05)
         assert metrics.current() is None
         await metrics.refresh()
+        assert metrics.max_age() == 0.25  # the first making pays one-time costs
+        await metrics.refresh()
         # 0.1 s to make: made again at most every 2 s, so making it takes <= 5% of the loop
         assert metrics.max_age() >= 1.9 and metrics.current() == HEALTHY
+
+    run(scenario)
+
+
+def test_a_slow_first_page_does_not_hold_back_the_next() -> None:
+    """The daemon imports prometheus_client at the first scrape (hundreds of ms on a busy
+    machine): that must not make the next scrape, a second later, get the first page."""
+    made: list[int] = []
+
+    async def make() -> Page:
+        made.append(1)
+        await asyncio.sleep(0.3 if len(made) == 1 else 0.001)
+        return 200, TEXT, f"page {len(made)}\n".encode()
+
+    async def scenario() -> None:
+        metrics = Cached(make, min_age=0.05, share=0.05)
+        await metrics.refresh()
+        await asyncio.sleep(0.1)
+        assert metrics.current() is None  # too old: the next scrape makes page 2
+        assert (await metrics.refresh())[2] == b"page 2\n"
 
     run(scenario)
 
