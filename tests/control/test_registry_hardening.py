@@ -285,7 +285,8 @@ async def test_a_running_watch_keeps_its_last_good_state_through_garbage(tmp_pat
     config = await m.read_config()
     assert config is not None
     own = await m.acquire(config)
-    peer = Lease(IPv4Network("10.244.99.0/24"), IPv4Address("192.0.2.2"))
+    # Peers beyond the first 100 free subnets acquire picks from: never our own.
+    peer = Lease(IPv4Network("10.244.200.0/24"), IPv4Address("192.0.2.2"))
     registry.put_sync(f"{SUBNETS}{peer.key}", peer.value_json().encode(), 3600)
     good = path.read_bytes()
     recorder = Recorder()
@@ -303,7 +304,7 @@ async def test_a_running_watch_keeps_its_last_good_state_through_garbage(tmp_pat
         await wait_until(lambda: "watch_recovered" in notes, 10, "the recovery noticed")
         assert notes.count("watch_failed") == 1 and notes.count("watch_recovered") == 1
         # Working again: a change is delivered.
-        newcomer = Lease(IPv4Network("10.244.98.0/24"), IPv4Address("192.0.2.3"))
+        newcomer = Lease(IPv4Network("10.244.201.0/24"), IPv4Address("192.0.2.3"))
         registry.put_sync(f"{SUBNETS}{newcomer.key}", newcomer.value_json().encode(), 3600)
         await wait_until(lambda: recorder.added(newcomer.subnet), 5, "a change after it")
     finally:
