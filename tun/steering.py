@@ -17,10 +17,12 @@ import ctypes
 import fcntl
 import os
 import struct
+from errno import EAGAIN
 
 # include/uapi/linux/if_tun.h, include/uapi/linux/bpf.h
 TUNSETSTEERINGEBPF = 0x800454E0
 BPF_PROG_LOAD = 5
+LOAD_ATTEMPTS = 5  # as libbpf
 BPF_PROG_TYPE_SOCKET_FILTER = 1
 SYS_BPF = {"x86_64": 321, "aarch64": 280}.get(os.uname().machine)
 SKB_HASH_OFFSET = 68  # offsetof(struct __sk_buff, hash)
@@ -93,11 +95,16 @@ def load_hash_program() -> int:
         0,
     ).ljust(128, b"\0")
     buffer = ctypes.create_string_buffer(attr, len(attr))
-    fd = libc.syscall(SYS_BPF, BPF_PROG_LOAD, buffer, len(attr))
-    if fd < 0:
+    # The verifier gives up with EAGAIN when a signal arrives while it runs; libbpf
+    # retries that (PROG_LOAD_ATTEMPTS), and so do we.
+    for _ in range(LOAD_ATTEMPTS):
+        fd = libc.syscall(SYS_BPF, BPF_PROG_LOAD, buffer, len(attr))
+        if fd >= 0:
+            return int(fd)
         errno = ctypes.get_errno()
-        raise OSError(errno, f"loading the TUN steering program: {os.strerror(errno)}")
-    return int(fd)
+        if errno != EAGAIN:
+            break
+    raise OSError(errno, f"loading the TUN steering program: {os.strerror(errno)}")
 
 
 def steer_by_flow_hash(tun_fd: int) -> None:
