@@ -32,7 +32,8 @@ import re
 import shutil
 import subprocess
 from dataclasses import dataclass
-from ipaddress import IPv4Network, IPv6Network
+
+from overlay.kernel.traffic import Network, RuleCommand, RulesError
 
 KUBE_PROXY_MARK = "0x4000/0x4000"
 MASQ_COMMENT = "flanneld masq"
@@ -40,11 +41,10 @@ FORWARD_COMMENT = "flanneld forward"
 MASQ_CHAIN = "FLANNEL-POSTRTG"
 FORWARD_CHAIN = "FLANNEL-FWD"
 MULTICAST = {4: "224.0.0.0/4", 6: "ff00::/8"}
-Network = IPv4Network | IPv6Network
 TIMEOUT = 10.0
 
 
-class IptablesError(OSError):
+class IptablesError(RulesError):
     """An iptables command failed; the message is its first line of output."""
 
 
@@ -97,6 +97,27 @@ class Iptables:
         self.binary = binary
         self.path, self.restore_path = path, restore
         self.version = self._run("--version").stdout.strip()
+
+    def for_ipv6(self) -> RuleCommand:
+        return Iptables("ip6tables")
+
+    def rules(
+        self,
+        network: Network,
+        subnet: Network,
+        *,
+        ip_masq: bool,
+        forward: bool,
+        random_fully_disable: bool,
+    ) -> IptablesRules:
+        return IptablesRules(
+            self,
+            network,
+            subnet,
+            ip_masq=ip_masq,
+            forward=forward,
+            random_fully_disable=random_fully_disable,
+        )
 
     def _run(
         self, *args: str, check: bool = True, restore: str | None = None
@@ -215,7 +236,10 @@ def _quoted(spec: tuple[str, ...]) -> list[str]:
 
 
 class IptablesRules:
-    """Both rule sets of one daemon: install, periodic check and repair, removal."""
+    """Both rule sets of one daemon in one family: install, periodic check and repair,
+    removal (a ``TrafficRules``)."""
+
+    repair_kind = "iptables"
 
     def __init__(
         self,
@@ -230,6 +254,7 @@ class IptablesRules:
         """``random_fully_disable``: flanneld's --ip-masq-fully-random-disable, a plain
         MASQUERADE even where iptables knows --random-fully."""
         self.ipt = ipt
+        self.status_key = ipt.binary
         self.network, self.subnet = network, subnet
         self.random_fully = ipt.random_fully and not random_fully_disable
         self.sets: list[RuleSet] = []
@@ -240,6 +265,9 @@ class IptablesRules:
             self.sets.append(RuleSet("forward", ("filter", FORWARD_CHAIN), forward_rules(network)))
         self.repairs = 0
         self.checks = 0
+
+    def names(self) -> list[str]:
+        return [s.name for s in self.sets]
 
     def recycle(self, network: Network, subnet: Network) -> None:
         """Remove the masq rules of a previous lease that differs from ours."""

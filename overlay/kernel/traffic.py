@@ -1,0 +1,63 @@
+"""What the node asks of flanneld's ip-masq and FORWARD rules, whichever tool holds them:
+the iptables chains (``ipmasq``) or flanneld's own nftables tables (``nftables``, with
+EnableNFTables). flanneld calls this its traffic manager; the node picks the command
+once, then only talks to these two interfaces."""
+
+from __future__ import annotations
+
+from ipaddress import IPv4Network, IPv6Network
+from typing import Protocol
+
+Network = IPv4Network | IPv6Network
+
+
+class RulesError(OSError):
+    """A rule command failed; the message says which and its first line of output."""
+
+
+class TrafficRules(Protocol):
+    """One family's rule sets of one daemon: installed, checked and repaired, removed."""
+
+    status_key: str  # where ``overlay status --json`` shows them ("iptables", "nftables6")
+    repair_kind: str  # the ``repairs`` counter they add to
+    random_fully: bool  # the masquerade randomises source ports fully
+    repairs: int
+    checks: int
+
+    def names(self) -> list[str]:
+        """The sets kept ("masq", "forward")."""
+        ...
+
+    def recycle(self, network: Network, subnet: Network) -> None:
+        """Remove the masq rules a previous lease (network, subnet) left."""
+        ...
+
+    def install(self) -> None: ...
+
+    def check(self) -> list[str]:
+        """Re-check everything and put back what is missing; what was put back."""
+        ...
+
+    def remove(self) -> None: ...
+
+    def status(self) -> dict[str, object]: ...
+
+
+class RuleCommand(Protocol):
+    """The tool that holds the rules of one family (iptables, ip6tables, nft)."""
+
+    binary: str
+
+    def for_ipv6(self) -> RuleCommand:
+        """The same tool for IPv6 (raises RulesError when the machine has none)."""
+        ...
+
+    def rules(
+        self,
+        network: Network,
+        subnet: Network,
+        *,
+        ip_masq: bool,
+        forward: bool,
+        random_fully_disable: bool,
+    ) -> TrafficRules: ...
