@@ -33,7 +33,7 @@ import shutil
 import subprocess
 from dataclasses import dataclass
 
-from overlay.kernel.traffic import Network, RuleCommand, RulesError
+from overlay.kernel.traffic import Network, RuleCommand, RulesError, Wanted, run_command
 
 KUBE_PROXY_MARK = "0x4000/0x4000"
 MASQ_COMMENT = "flanneld masq"
@@ -41,7 +41,6 @@ FORWARD_COMMENT = "flanneld forward"
 MASQ_CHAIN = "FLANNEL-POSTRTG"
 FORWARD_CHAIN = "FLANNEL-FWD"
 MULTICAST = {4: "224.0.0.0/4", 6: "ff00::/8"}
-TIMEOUT = 10.0
 
 
 class IptablesError(RulesError):
@@ -101,23 +100,8 @@ class Iptables:
     def for_ipv6(self) -> RuleCommand:
         return Iptables("ip6tables")
 
-    def rules(
-        self,
-        network: Network,
-        subnet: Network,
-        *,
-        ip_masq: bool,
-        forward: bool,
-        random_fully_disable: bool,
-    ) -> IptablesRules:
-        return IptablesRules(
-            self,
-            network,
-            subnet,
-            ip_masq=ip_masq,
-            forward=forward,
-            random_fully_disable=random_fully_disable,
-        )
+    def rules(self, network: Network, subnet: Network, wanted: Wanted) -> IptablesRules:
+        return IptablesRules(self, network, subnet, wanted)
 
     def _run(
         self, *args: str, check: bool = True, restore: str | None = None
@@ -125,23 +109,7 @@ class Iptables:
         command = [self.restore_path if restore is not None else self.path, *args]
         name = f"{self.binary}-restore" if restore is not None else self.binary
         shown = " ".join([name, *args])
-        try:
-            proc = subprocess.run(
-                command,
-                input=restore,
-                capture_output=True,
-                text=True,
-                timeout=TIMEOUT,
-                check=False,
-            )
-        except subprocess.TimeoutExpired:
-            raise IptablesError(62, f"{shown} timed out") from None
-        except OSError as e:  # the command went away (a package removed), no process left
-            raise IptablesError(e.errno or 1, f"{shown}: {e.strerror or e}") from None
-        if check and proc.returncode != 0:
-            text = (proc.stderr or proc.stdout).strip().splitlines()
-            raise IptablesError(proc.returncode, f"{shown}: {text[0] if text else 'failed'}")
-        return proc
+        return run_command(command, shown, IptablesError, stdin=restore, check=check)
 
     @property
     def random_fully(self) -> bool:
@@ -241,27 +209,18 @@ class IptablesRules:
 
     repair_kind = "iptables"
 
-    def __init__(
-        self,
-        ipt: Iptables,
-        network: Network,
-        subnet: Network,
-        *,
-        ip_masq: bool,
-        forward: bool,
-        random_fully_disable: bool = False,
-    ) -> None:
-        """``random_fully_disable``: flanneld's --ip-masq-fully-random-disable, a plain
-        MASQUERADE even where iptables knows --random-fully."""
+    def __init__(self, ipt: Iptables, network: Network, subnet: Network, wanted: Wanted) -> None:
+        """``wanted.random_fully_disable``: flanneld's --ip-masq-fully-random-disable, a
+        plain MASQUERADE even where iptables knows --random-fully."""
         self.ipt = ipt
         self.status_key = ipt.binary
         self.network, self.subnet = network, subnet
-        self.random_fully = ipt.random_fully and not random_fully_disable
+        self.random_fully = ipt.random_fully and not wanted.random_fully_disable
         self.sets: list[RuleSet] = []
-        if ip_masq:
+        if wanted.ip_masq:
             rules = masq_rules(network, subnet, self.random_fully)
             self.sets.append(RuleSet("masq", ("nat", MASQ_CHAIN), rules))
-        if forward:
+        if wanted.forward:
             self.sets.append(RuleSet("forward", ("filter", FORWARD_CHAIN), forward_rules(network)))
         self.repairs = 0
         self.checks = 0

@@ -32,13 +32,12 @@ from ipaddress import ip_network
 from typing import Any
 
 from overlay.kernel.ipmasq import MULTICAST
-from overlay.kernel.traffic import Network, RulesError
+from overlay.kernel.traffic import Network, RulesError, Wanted, run_command
 
 TABLES = {4: ("ip", "flannel-ipv4"), 6: ("ip6", "flannel-ipv6")}
 MASQ_CHAIN = "postrtg"
 FORWARD_CHAIN = "forward"
 KUBE_PROXY_MARK = "0x4000"
-TIMEOUT = 10.0
 
 
 class NftError(RulesError):
@@ -225,23 +224,7 @@ class Nft:
         self, *args: str, script: str | None = None, check: bool = True
     ) -> subprocess.CompletedProcess[str]:
         shown = " ".join(["nft", *args])
-        try:
-            proc = subprocess.run(
-                [self.path, *args],
-                input=script,
-                capture_output=True,
-                text=True,
-                timeout=TIMEOUT,
-                check=False,
-            )
-        except subprocess.TimeoutExpired:
-            raise NftError(62, f"{shown} timed out") from None
-        except OSError as e:  # the command went away (its package removed)
-            raise NftError(e.errno or 1, f"{shown}: {e.strerror or e}") from None
-        if check and proc.returncode != 0:
-            text = (proc.stderr or proc.stdout).strip().splitlines()
-            raise NftError(proc.returncode, f"{shown}: {text[0] if text else 'failed'}")
-        return proc
+        return run_command([self.path, *args], shown, NftError, stdin=script, check=check)
 
     def apply(self, lines: list[str]) -> None:
         """Run ``lines`` as one transaction: all of them take effect or none."""
@@ -264,23 +247,8 @@ class Nft:
     def for_ipv6(self) -> Nft:
         return self
 
-    def rules(
-        self,
-        network: Network,
-        subnet: Network,
-        *,
-        ip_masq: bool,
-        forward: bool,
-        random_fully_disable: bool,
-    ) -> NftablesRules:
-        return NftablesRules(
-            self,
-            network,
-            subnet,
-            ip_masq=ip_masq,
-            forward=forward,
-            random_fully_disable=random_fully_disable,
-        )
+    def rules(self, network: Network, subnet: Network, wanted: Wanted) -> NftablesRules:
+        return NftablesRules(self, network, subnet, wanted)
 
 
 class NftablesRules:
@@ -288,22 +256,13 @@ class NftablesRules:
 
     repair_kind = "nftables"
 
-    def __init__(
-        self,
-        nft: Nft,
-        network: Network,
-        subnet: Network,
-        *,
-        ip_masq: bool,
-        forward: bool,
-        random_fully_disable: bool = False,
-    ) -> None:
+    def __init__(self, nft: Nft, network: Network, subnet: Network, wanted: Wanted) -> None:
         self.nft = nft
         self.version = network.version
         self.status_key = "nftables" if self.version == 4 else "nftables6"
         self.network, self.subnet = network, subnet
-        self.ip_masq, self.forward = ip_masq, forward
-        self.random_fully = not random_fully_disable
+        self.ip_masq, self.forward = wanted.ip_masq, wanted.forward
+        self.random_fully = not wanted.random_fully_disable
         self.chains = self._chains()
         self.repairs = 0
         self.checks = 0

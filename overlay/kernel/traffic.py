@@ -5,14 +5,50 @@ once, then only talks to these two interfaces."""
 
 from __future__ import annotations
 
+import subprocess
+from dataclasses import dataclass
 from ipaddress import IPv4Network, IPv6Network
 from typing import Protocol
 
 Network = IPv4Network | IPv6Network
+TIMEOUT = 10.0  # seconds a rule command may take
 
 
 class RulesError(OSError):
     """A rule command failed; the message says which and its first line of output."""
+
+
+@dataclass(frozen=True)
+class Wanted:
+    """Which of flanneld's rule sets the node keeps, and how."""
+
+    ip_masq: bool  # masquerade pod traffic leaving the overlay
+    forward: bool  # accept the overlay in FORWARD
+    random_fully_disable: bool = False  # --ip-masq-fully-random-disable
+
+
+def run_command(
+    command: list[str],
+    shown: str,
+    error: type[RulesError],
+    *,
+    stdin: str | None = None,
+    check: bool = True,
+) -> subprocess.CompletedProcess[str]:
+    """Run a rule command; ``error`` (its message starting with ``shown``) when it cannot
+    run, times out or (with ``check``) fails."""
+    try:
+        proc = subprocess.run(
+            command, input=stdin, capture_output=True, text=True, timeout=TIMEOUT, check=False
+        )
+    except subprocess.TimeoutExpired:
+        raise error(62, f"{shown} timed out") from None
+    except OSError as e:  # the command went away (a package removed), no process left
+        raise error(e.errno or 1, f"{shown}: {e.strerror or e}") from None
+    if check and proc.returncode != 0:
+        text = (proc.stderr or proc.stdout).strip().splitlines()
+        raise error(proc.returncode, f"{shown}: {text[0] if text else 'failed'}")
+    return proc
 
 
 class TrafficRules(Protocol):
@@ -52,12 +88,4 @@ class RuleCommand(Protocol):
         """The same tool for IPv6 (raises RulesError when the machine has none)."""
         ...
 
-    def rules(
-        self,
-        network: Network,
-        subnet: Network,
-        *,
-        ip_masq: bool,
-        forward: bool,
-        random_fully_disable: bool,
-    ) -> TrafficRules: ...
+    def rules(self, network: Network, subnet: Network, wanted: Wanted) -> TrafficRules: ...

@@ -13,7 +13,7 @@ from typing import Any
 from control.subnet_env import SubnetEnv
 from overlay.kernel.ipmasq import Iptables
 from overlay.kernel.nftables import Nft
-from overlay.kernel.traffic import Network, RuleCommand, RulesError, TrafficRules
+from overlay.kernel.traffic import Network, RuleCommand, RulesError, TrafficRules, Wanted
 from overlay.node.fatal import Fatal
 
 
@@ -87,13 +87,8 @@ class IptablesKeeper:
     ) -> TrafficRules | None:
         """One family's rules installed, or None when the FORWARD ones failed (warned)."""
         masq = self.options.ip_masq
-        rules = ipt.rules(
-            network,
-            subnet,
-            ip_masq=masq,
-            forward=self.options.forward_rules,
-            random_fully_disable=self.options.random_fully_disable,
-        )
+        wanted = Wanted(masq, self.options.forward_rules, self.options.random_fully_disable)
+        rules = ipt.rules(network, subnet, wanted)
 
         def install() -> None:
             if previous is not None and masq and previous != (network, subnet):
