@@ -1,6 +1,6 @@
 # The two commands that matter: `make demo` and `make test`. Both install what they need.
 PY      := .venv/bin/python
-APT_PKGS := iproute2 etcd-server etcd-client containernetworking-plugins iperf3 iptables \
+APT_PKGS := iproute2 etcd-server etcd-client containernetworking-plugins iperf3 iptables nftables \
             tcpdump tshark procps util-linux kmod iputils-ping ethtool systemd graphviz
 STAMP   := .venv/.installed
 

@@ -18,12 +18,11 @@ BACKEND_OPTIONS = {
     "host-gw": {"type"},
 }
 _KNOWN_KEYS = {"network", "subnetlen", "subnetmin", "subnetmax", "backend", "enableipv4"}
+_KNOWN_KEYS |= {"enablenftables"}
 _IPV6_KEYS = {"ipv6network", "ipv6subnetlen", "ipv6subnetmin", "ipv6subnetmax"}
 # Keys flanneld reads that we ignore, and why (a warning).
 _IGNORED_KEYS = {
     **{key: "ignored without EnableIPv6, as flanneld does" for key in _IPV6_KEYS},
-    "enablenftables": "ip-masq and FORWARD rules are installed with the iptables command "
-    "(iptables-nft where the machine has it), not in flanneld's own nftables tables",
     "networks": "flanneld's multi-CIDR list (Kubernetes only) is ignored; Network is used",
     "ipv6networks": "flanneld's multi-CIDR list (Kubernetes only) is ignored",
 }
@@ -87,6 +86,8 @@ class NetworkConfig:
     warnings: tuple[str, ...] = ()
     enable_ipv4: bool = True
     ipv6: IPv6Config | None = None  # None: EnableIPv6 is false
+    # flanneld's ip-masq and FORWARD rules in its own nftables tables, not iptables chains.
+    enable_nftables: bool = False
 
     @property
     def subnet_size(self) -> int:
@@ -242,6 +243,7 @@ def parse_config(data: bytes | str | dict[str, Any]) -> NetworkConfig:
         warnings=(*warnings, *backend.warnings),
         enable_ipv4=enable_ipv4,
         ipv6=_parse_ipv6(fields) if enable_ipv6 else None,
+        enable_nftables=_bool_field(fields, "enablenftables", "EnableNFTables"),
     )
 
 

@@ -241,7 +241,8 @@ class RunFlags:
             "--ip-masq-fully-random-disable",
             action=BoolFlag,
             default=False,
-            help="with --ip-masq, a plain MASQUERADE instead of MASQUERADE --random-fully",
+            help="with --ip-masq, a plain MASQUERADE instead of MASQUERADE --random-fully "
+            "(EnableNFTables: masquerade without fully-random)",
         )
         add(
             "--ip-blackhole-route",
@@ -254,7 +255,8 @@ class RunFlags:
             "--iptables-resync",
             type=_resync,
             default=5,
-            help="re-check (and repair) our iptables rules every this many seconds (default 5)",
+            help="re-check (and repair) our iptables rules, or with EnableNFTables our nftables "
+            "tables, every this many seconds (default 5)",
         )
         add(
             "--iptables-forward-rules",

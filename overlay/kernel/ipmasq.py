@@ -32,7 +32,8 @@ import re
 import shutil
 import subprocess
 from dataclasses import dataclass
-from ipaddress import IPv4Network, IPv6Network
+
+from overlay.kernel.traffic import Network, RuleCommand, RulesError, Wanted, run_command
 
 KUBE_PROXY_MARK = "0x4000/0x4000"
 MASQ_COMMENT = "flanneld masq"
@@ -40,11 +41,9 @@ FORWARD_COMMENT = "flanneld forward"
 MASQ_CHAIN = "FLANNEL-POSTRTG"
 FORWARD_CHAIN = "FLANNEL-FWD"
 MULTICAST = {4: "224.0.0.0/4", 6: "ff00::/8"}
-Network = IPv4Network | IPv6Network
-TIMEOUT = 10.0
 
 
-class IptablesError(OSError):
+class IptablesError(RulesError):
     """An iptables command failed; the message is its first line of output."""
 
 
@@ -98,29 +97,19 @@ class Iptables:
         self.path, self.restore_path = path, restore
         self.version = self._run("--version").stdout.strip()
 
+    def for_ipv6(self) -> RuleCommand:
+        return Iptables("ip6tables")
+
+    def rules(self, network: Network, subnet: Network, wanted: Wanted) -> IptablesRules:
+        return IptablesRules(self, network, subnet, wanted)
+
     def _run(
         self, *args: str, check: bool = True, restore: str | None = None
     ) -> subprocess.CompletedProcess[str]:
         command = [self.restore_path if restore is not None else self.path, *args]
         name = f"{self.binary}-restore" if restore is not None else self.binary
         shown = " ".join([name, *args])
-        try:
-            proc = subprocess.run(
-                command,
-                input=restore,
-                capture_output=True,
-                text=True,
-                timeout=TIMEOUT,
-                check=False,
-            )
-        except subprocess.TimeoutExpired:
-            raise IptablesError(62, f"{shown} timed out") from None
-        except OSError as e:  # the command went away (a package removed), no process left
-            raise IptablesError(e.errno or 1, f"{shown}: {e.strerror or e}") from None
-        if check and proc.returncode != 0:
-            text = (proc.stderr or proc.stdout).strip().splitlines()
-            raise IptablesError(proc.returncode, f"{shown}: {text[0] if text else 'failed'}")
-        return proc
+        return run_command(command, shown, IptablesError, stdin=restore, check=check)
 
     @property
     def random_fully(self) -> bool:
@@ -215,31 +204,29 @@ def _quoted(spec: tuple[str, ...]) -> list[str]:
 
 
 class IptablesRules:
-    """Both rule sets of one daemon: install, periodic check and repair, removal."""
+    """Both rule sets of one daemon in one family: install, periodic check and repair,
+    removal (a ``TrafficRules``)."""
 
-    def __init__(
-        self,
-        ipt: Iptables,
-        network: Network,
-        subnet: Network,
-        *,
-        ip_masq: bool,
-        forward: bool,
-        random_fully_disable: bool = False,
-    ) -> None:
-        """``random_fully_disable``: flanneld's --ip-masq-fully-random-disable, a plain
-        MASQUERADE even where iptables knows --random-fully."""
+    repair_kind = "iptables"
+
+    def __init__(self, ipt: Iptables, network: Network, subnet: Network, wanted: Wanted) -> None:
+        """``wanted.random_fully_disable``: flanneld's --ip-masq-fully-random-disable, a
+        plain MASQUERADE even where iptables knows --random-fully."""
         self.ipt = ipt
+        self.status_key = ipt.binary
         self.network, self.subnet = network, subnet
-        self.random_fully = ipt.random_fully and not random_fully_disable
+        self.random_fully = ipt.random_fully and not wanted.random_fully_disable
         self.sets: list[RuleSet] = []
-        if ip_masq:
+        if wanted.ip_masq:
             rules = masq_rules(network, subnet, self.random_fully)
             self.sets.append(RuleSet("masq", ("nat", MASQ_CHAIN), rules))
-        if forward:
+        if wanted.forward:
             self.sets.append(RuleSet("forward", ("filter", FORWARD_CHAIN), forward_rules(network)))
         self.repairs = 0
         self.checks = 0
+
+    def names(self) -> list[str]:
+        return [s.name for s in self.sets]
 
     def recycle(self, network: Network, subnet: Network) -> None:
         """Remove the masq rules of a previous lease that differs from ours."""

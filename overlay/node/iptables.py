@@ -1,6 +1,7 @@
-"""flanneld's iptables rules on this node (``overlay.kernel.ipmasq``): whether they are
-wanted, installed once the lease is known, re-checked and repaired every
-``--iptables-resync`` seconds, and removed at stop."""
+"""flanneld's ip-masq and FORWARD rules on this node: whether they are wanted, in which
+tool (its iptables chains, ``overlay.kernel.ipmasq``, or with EnableNFTables its own
+nftables tables, ``overlay.kernel.nftables``), installed once the lease is known,
+re-checked and repaired every ``--iptables-resync`` seconds, and removed at stop."""
 
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ from ipaddress import IPv4Network, IPv6Network
 from typing import Any
 
 from control.subnet_env import SubnetEnv
-from overlay.kernel.ipmasq import Iptables, IptablesError, IptablesRules, Network
+from overlay.kernel.ipmasq import Iptables
+from overlay.kernel.nftables import Nft
+from overlay.kernel.traffic import Network, RuleCommand, RulesError, TrafficRules, Wanted
 from overlay.node.fatal import Fatal
 
 
@@ -26,18 +29,19 @@ class IptablesKeeper:
     def __init__(self, options: IptablesOptions, log: Any) -> None:
         self.options = options
         self.log = log
-        self.rules: IptablesRules | None = None  # IPv4 (iptables), until removed
-        self.rules6: IptablesRules | None = None  # IPv6 (ip6tables) with EnableIPv6
-        self._installing: list[IptablesRules] = []  # being installed (a stop removes them)
+        self.rules: TrafficRules | None = None  # IPv4, until removed
+        self.rules6: TrafficRules | None = None  # IPv6, with EnableIPv6
+        self._installing: list[TrafficRules] = []  # being installed (a stop removes them)
 
-    def command(self) -> Iptables | None:
-        """The iptables command, if rules are wanted: --ip-masq needs it, the default
-        FORWARD rules are skipped with one warning where there is none."""
+    def command(self, nftables: bool = False) -> RuleCommand | None:
+        """The command, if rules are wanted (``nftables``: the config's EnableNFTables,
+        nft in place of iptables): --ip-masq needs it, the default FORWARD rules are
+        skipped with one warning where there is none."""
         if not (self.options.ip_masq or self.options.forward_rules):
             return None
         try:
-            return Iptables()
-        except IptablesError as e:
+            return Nft() if nftables else Iptables()
+        except RulesError as e:
             if self.options.ip_masq:
                 raise Fatal(f"--ip-masq: {e.strerror}") from None
             self.log.warning(
@@ -49,7 +53,7 @@ class IptablesKeeper:
 
     async def install(
         self,
-        ipt: Iptables,
+        ipt: RuleCommand,
         network: IPv4Network,
         subnet: IPv4Network,
         previous: SubnetEnv | None,
@@ -57,14 +61,14 @@ class IptablesKeeper:
     ) -> None:
         """The rules for our lease; with --ip-masq, those of the previous lease (from the
         last subnet.env) are replaced. ``ipv6``: (IPv6Network, our IPv6 subnet) with
-        EnableIPv6, whose rules go into ip6tables."""
+        EnableIPv6, whose rules go into ip6tables (or nftables' ip6 table)."""
         old = (previous.network, previous.subnet.network) if previous is not None else None
         self.rules = await self._install(ipt, network, subnet, old)
         if ipv6 is None:
             return
         try:
-            ipt6 = Iptables("ip6tables")
-        except IptablesError as e:
+            ipt6 = ipt.for_ipv6()
+        except RulesError as e:
             if self.options.ip_masq:
                 raise Fatal(f"--ip-masq with EnableIPv6: {e.strerror}") from None
             self.log.warning("forward_rules_skipped", family="ipv6", reason=e.strerror)
@@ -76,21 +80,15 @@ class IptablesKeeper:
 
     async def _install(
         self,
-        ipt: Iptables,
+        ipt: RuleCommand,
         network: Network,
         subnet: Network,
         previous: tuple[Network, Network] | None,
-    ) -> IptablesRules | None:
+    ) -> TrafficRules | None:
         """One family's rules installed, or None when the FORWARD ones failed (warned)."""
         masq = self.options.ip_masq
-        rules = IptablesRules(
-            ipt,
-            network,
-            subnet,
-            ip_masq=masq,
-            forward=self.options.forward_rules,
-            random_fully_disable=self.options.random_fully_disable,
-        )
+        wanted = Wanted(masq, self.options.forward_rules, self.options.random_fully_disable)
+        rules = ipt.rules(network, subnet, wanted)
 
         def install() -> None:
             if previous is not None and masq and previous != (network, subnet):
@@ -101,7 +99,7 @@ class IptablesKeeper:
         self._installing.append(rules)
         try:
             await asyncio.to_thread(install)
-        except IptablesError as e:
+        except RulesError as e:
             await asyncio.to_thread(rules.remove)
             if masq:
                 raise Fatal(f"installing the ip-masq rules: {e.strerror}") from None
@@ -110,17 +108,21 @@ class IptablesKeeper:
         finally:
             self._installing.remove(rules)
         self.log.info(
-            "iptables_rules_installed",
+            f"{rules.repair_kind}_rules_installed",
             command=ipt.binary,
-            sets=[s.name for s in rules.sets],
+            sets=rules.names(),
             random_fully=rules.random_fully,
             resync_s=self.options.resync,
         )
         return rules
 
-    def installed(self) -> list[IptablesRules]:
+    def kept(self) -> list[TrafficRules]:
+        """The rule sets installed and kept, IPv4 first."""
+        return [r for r in (self.rules, self.rules6) if r is not None]
+
+    def installed(self) -> list[TrafficRules]:
         """Every rule set of ours that may exist, IPv4 first."""
-        found = [r for r in (self.rules, self.rules6) if r is not None]
+        found = self.kept()
         return found + [r for r in self._installing if r not in found]
 
     async def keep(self) -> None:
@@ -129,6 +131,7 @@ class IptablesKeeper:
         if not installed:
             await asyncio.Event().wait()
             return
+        kind = installed[0].repair_kind  # one tool for both families
         failing = False
         while True:
             await asyncio.sleep(self.options.resync)
@@ -136,14 +139,14 @@ class IptablesKeeper:
                 repaired = [
                     line for rules in installed for line in await asyncio.to_thread(rules.check)
                 ]
-            except IptablesError as e:
+            except RulesError as e:
                 if not failing:
-                    self.log.error("iptables_check_failed", error=e.strerror)
+                    self.log.error(f"{kind}_check_failed", error=e.strerror)
                 failing = True
                 continue
             failing = False
             for rule in repaired:
-                self.log.warning("iptables_rule_repaired", rule=rule)
+                self.log.warning(f"{kind}_rule_repaired", rule=rule)
 
     async def remove(self) -> None:
         for rules in reversed(self.installed()):

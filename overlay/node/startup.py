@@ -198,7 +198,7 @@ class Startup:
         self.check_ipv6_address(config)
         if node.options.datapath.impairment:  # refused at once by a kernel datapath
             backend.impair(node.options.datapath.impairment)
-        iptables = node.iptables.command()
+        iptables = node.iptables.command(config.enable_nftables)
         backend.prepare()  # the TUN, before any lease: a permission error leaves nothing
         node.manager.backend_type = backend.lease_type
         node.manager.backend_data = backend.lease_data()

@@ -120,7 +120,7 @@ class NodeView:
     def counters_and_status(self) -> tuple[dict[str, Any], list[dict[str, list[float]]]]:
         """The backend's status and the counters: with --workers, the sums over every
         worker (each one's own are in ``workers``), and what each worker reported per
-        peer. ``repairs`` counts every kernel object and iptables rule put back, by kind."""
+        peer. ``repairs`` counts every kernel object and ip-masq/FORWARD rule put back, by kind."""
         node = self.node
         assert node.backend is not None
         # The native drains keep their counts between wake-ups: added here, before the
@@ -136,13 +136,9 @@ class NodeView:
             counters = {}  # the kernel forwards: its counters are in kernel_counters
         reported = [w.pop("peers", {}) for w in workers or []]
         repairs = dict(backend.pop("repairs", {}))
-        rules, rules6 = node.iptables.rules, node.iptables.rules6
-        if rules is not None:
-            repairs["iptables"] = rules.repairs
-            backend["iptables"] = rules.status()
-        if rules6 is not None:
-            repairs["iptables"] = repairs.get("iptables", 0) + rules6.repairs
-            backend["ip6tables"] = rules6.status()
+        for rules in node.iptables.kept():  # iptables/ip6tables or nftables/nftables6
+            repairs[rules.repair_kind] = repairs.get(rules.repair_kind, 0) + rules.repairs
+            backend[rules.status_key] = rules.status()
         return {"counters": counters, **backend, "repairs": repairs}, reported
 
     def _peer_slices(

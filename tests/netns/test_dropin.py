@@ -149,7 +149,6 @@ def test_unsupported_config_keys_are_logged_once(netns, tmp_path: Path, daemons)
         tmp_path,
         {
             "Network": "198.18.0.0/16",
-            "EnableNFTables": True,
             "IPv6Network": "fc00::/48",
             "Backend": {"Type": "vxlan", "Learning": True},
         },
@@ -157,8 +156,7 @@ def test_unsupported_config_keys_are_logged_once(netns, tmp_path: Path, daemons)
     daemon = daemons(ns, tmp_path, "--registry-file", str(registry))
     daemon.wait_event("started")
     ignored = [e["detail"] for e in daemon.events() if e.get("event") == "config_key_ignored"]
-    assert len(ignored) == 3, ignored
-    assert any(d.startswith("EnableNFTables:") for d in ignored)
+    assert len(ignored) == 2, ignored
     assert any(d.startswith("IPv6Network:") for d in ignored)
     assert any(d.startswith("Backend.Learning: the userspace datapath") for d in ignored)
 

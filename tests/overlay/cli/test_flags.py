@@ -240,7 +240,6 @@ def test_ignored_config_keys_are_warnings() -> None:
             **NET,
             "EnableIPv6": False,
             "IPv6Network": "fc00::/48",
-            "EnableNFTables": True,
             "Networks": ["10.245.0.0/16"],
             "Colour": "blue",
             "Backend": {"Type": "udp", "Port": 8285, "VNI": 2},
@@ -248,12 +247,19 @@ def test_ignored_config_keys_are_warnings() -> None:
     )
     text = "\n".join(config.warnings)
     assert "IPv6Network: ignored without EnableIPv6" in text
-    assert "EnableNFTables: ip-masq and FORWARD rules are installed with the iptables" in text
     assert "Networks: flanneld's multi-CIDR list" in text
     assert "Colour: unknown key, ignored" in text
     assert "Backend.vni: not a udp option, ignored" in text
-    assert len(config.warnings) == 5
-    assert parse_config({**NET, "EnableNFTables": False}).warnings == ()
+    assert len(config.warnings) == 4
+
+
+def test_enable_nftables_is_read_not_warned_about() -> None:
+    """flanneld's own nftables tables (overlay/kernel/nftables.py) in place of iptables."""
+    assert parse_config({**NET, "EnableNFTables": True}).enable_nftables is True
+    assert parse_config({**NET, "enablenftables": True}).warnings == ()
+    assert parse_config(NET).enable_nftables is False
+    with pytest.raises(ConfigError, match="EnableNFTables: 'yes' is not true or false"):
+        parse_config({**NET, "EnableNFTables": "yes"})
 
 
 def test_vxlan_mtu_and_learning_are_read() -> None:
