@@ -126,8 +126,12 @@ def start_nodes(
 
 @pytest.mark.parametrize(
     ("backend", "flags"),
-    [({"Type": "host-gw"}, ()), ({"Type": "vxlan"}, ("--kernel-vxlan",))],
-    ids=["host-gw", "kernel-vxlan"],
+    [
+        ({"Type": "host-gw"}, ()),
+        ({"Type": "vxlan"}, ("--kernel-vxlan",)),
+        ({"Type": "vxlan"}, ()),
+    ],
+    ids=["host-gw", "kernel-vxlan", "userspace-vxlan"],
 )
 def test_pods_ping_over_ipv4_and_ipv6_both_ways(
     netns: Callable[[str], str],
@@ -163,8 +167,11 @@ def test_pods_ping_over_ipv4_and_ipv6_both_ways(
     for n, (key, value) in enumerate(sorted(records.items(), key=lambda kv: kv[1]["PublicIP"]), 1):
         assert "&fd00:10:0:" in key and key.endswith("::-64")
         assert value["PublicIP"] == f"192.0.2.{n}" and value["PublicIPv6"] == f"2001:db8::{n}"
-        if backend["Type"] == "vxlan":
+        if backend["Type"] == "vxlan" and flags:
             mac6 = json.loads(ip(nodes[n - 1], "-j", "link", "show", "flannel-v6.1"))[0]["address"]
+        elif backend["Type"] == "vxlan":  # userspace: the TUN has no MAC; status shows it
+            mac6 = status.query(started[n - 1].socket)["vtep_mac6"]
+        if backend["Type"] == "vxlan":
             assert value["BackendV6Data"] == {"VNI": 1, "VtepMAC": mac6}
             assert list(value) == [
                 "PublicIP",
@@ -330,9 +337,14 @@ def test_our_node_against_a_flannel_v6_made_by_hand(
     ("backend", "flags", "message"),
     [
         ({"Type": "udp"}, (), "EnableIPv6: flannel's udp backend is IPv4 only"),
-        ({"Type": "vxlan"}, (), "EnableIPv6: IPv6 needs --kernel-vxlan or host-gw for now"),
+        (
+            {"Type": "vxlan"},
+            ("--workers", "2"),
+            "EnableIPv6 with --workers 2: the userspace vxlan datapath carries IPv6 in its "
+            "main process only",
+        ),
     ],
-    ids=["udp", "userspace-vxlan"],
+    ids=["udp", "userspace-vxlan-workers"],
 )
 def test_ipv6_on_an_ipv4_only_datapath_is_refused_in_one_line(
     netns: Callable[[str], str],
