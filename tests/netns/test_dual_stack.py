@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 from collections.abc import Callable
 from ipaddress import IPv4Interface, IPv6Interface, ip_interface
 from pathlib import Path
@@ -19,6 +20,7 @@ import pytest
 
 from control.file_registry import FileRegistry
 from control.subnet_env import SubnetEnv, parse_subnet_env
+from encap import vxlan as vxlan_codec
 from overlay.observe import status_socket as status
 from tests.helpers.cni import invoke, netconf
 from tests.helpers.polling import poll
@@ -472,3 +474,218 @@ def test_pods_added_by_the_cni_plugin_get_both_families_and_talk(
     for src, dst in ((0, 1), (1, 0)):
         for address in addresses[dst].values():
             assert poll(lambda a=address, s=src: pings(pods[s], a), timeout=15), address
+
+
+# -- IPv6 on the userspace vxlan datapath (issue 20) --------------------------------------
+
+# Receives one TCP connection on [address]:7778 and prints the SHA-256 of what came.
+SINK = """
+import hashlib, socket, sys
+s = socket.create_server((sys.argv[1], 7778), family=socket.AF_INET6)
+print("ready", flush=True)
+conn, _ = s.accept()
+digest = hashlib.sha256()
+while chunk := conn.recv(1 << 16):
+    digest.update(chunk)
+print(digest.hexdigest(), flush=True)
+"""
+# Sends argv[2] MB of seeded random bytes to [argv[1]]:7778; prints their SHA-256.
+SOURCE = """
+import hashlib, random, socket, sys
+data = random.Random(7).randbytes(int(sys.argv[2]) << 20)
+with socket.create_connection((sys.argv[1], 7778), timeout=30) as c:
+    c.sendall(data)
+print(hashlib.sha256(data).hexdigest(), flush=True)
+"""
+
+
+def tcp_transfer(src_ns: str, dst_ns: str, address: str, megabytes: int = 20) -> None:
+    """``megabytes`` over one TCP connection from ``src_ns`` to ``address`` in ``dst_ns``,
+    arriving intact (the SHA-256 of both ends compared)."""
+    sink = subprocess.Popen(
+        ["ip", "netns", "exec", dst_ns, "python3", "-c", SINK, address],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert sink.stdout is not None and sink.stdout.readline().strip() == "ready"
+        sent = in_ns(src_ns, "timeout", "60", "python3", "-c", SOURCE, address, str(megabytes))
+        assert sink.stdout.readline().strip() == sent.stdout.strip()
+    finally:
+        sink.kill()
+        sink.wait()
+
+
+def start_pair(
+    netns: Callable[[str], str],
+    daemons: Any,
+    tmp_path: Path,
+    flags: tuple[tuple[str, ...], tuple[str, ...]],
+    env: dict[str, str] | None = None,
+) -> tuple[list[str], list[Any], list[str], list[tuple[str, str]]]:
+    """Two dual-stack vxlan nodes (each with its own flags) and a pod on each: nodes,
+    daemons, pods, the pods' (IPv4, IPv6) addresses."""
+    nodes = [netns("n1"), netns("n2")]
+    underlay(nodes)
+    registry = seed(tmp_path, {**DUAL, "Backend": {"Type": "vxlan"}})
+    started = []
+    for n, (ns, extra) in enumerate(zip(nodes, flags, strict=True), 1):
+        work = tmp_path / f"n{n}"
+        work.mkdir()
+        started.append(
+            daemons(ns, work, "--registry-file", str(registry), "--iface", "eth0", *extra,
+                    lo=False, env=env)
+        )  # fmt: skip
+    for daemon in started:
+        daemon.wait_event("started")
+    envs = [parse_subnet_env(d.subnet_file.read_text()) for d in started]
+    pods = [netns("p1"), netns("p2")]
+    addresses = [pod(node, p, e) for node, p, e in zip(nodes, pods, envs, strict=True)]
+    for src, dst in ((0, 1), (1, 0)):
+        v6 = addresses[dst][1]
+        assert poll(lambda a=v6, s=src: pings(pods[s], a), timeout=10), (
+            f"pod {src + 1} cannot reach {v6}: " + ip(nodes[src], "-6", "route")
+        )
+    return nodes, started, pods, addresses
+
+
+@pytest.mark.parametrize("native", ["1", "0"], ids=["native", "reference"])
+def test_userspace_vxlan_ipv6_tcp_both_ways_and_unreachable(
+    netns: Callable[[str], str], daemons: Any, tmp_path: Path, native: str
+) -> None:
+    """Two userspace-vxlan nodes, with the native drains and with the pure reference:
+    the TUN holds the lease's IPv6 address and the route for IPv6Network, 20 MB cross
+    over TCP/IPv6 intact each way, and a destination no peer owns gets ICMPv6
+    destination unreachable (no route) from the node's TUN address."""
+    nodes, started, pods, addresses = start_pair(
+        netns, daemons, tmp_path, ((), ()), env={"OVERLAY_NATIVE": native}
+    )
+    assert status.query(started[0].socket)["features"]["native"] is (native == "1")
+    env = parse_subnet_env(started[0].subnet_file.read_text())
+    assert env.ipv6_subnet is not None
+    shown = ip(nodes[0], "-6", "addr", "show", "dev", "flannel0")
+    assert f"inet6 {env.ipv6_subnet.network.network_address}/128" in shown, shown
+    assert "fe80" not in shown  # no link-local: nothing of the kernel's own in the TUN
+    assert "fd00:10::/56 dev flannel0" in ip(nodes[0], "-6", "route")
+    for src, dst in ((0, 1), (1, 0)):
+        tcp_transfer(pods[src], pods[dst], addresses[dst][1])
+    for daemon in started:
+        counts = status.query(daemon.socket)["counters"]
+        assert counts["rx_packets"] > 10000 and counts["tx_packets"] > 10000, counts
+    unreachable = in_ns(pods[0], "ping", "-6", "-c", "1", "-W", "2", "fd00:10:0:ff::1", check=False)
+    gateway = env.ipv6_subnet.network.network_address
+    assert f"From {gateway} icmp_seq=1 Destination unreachable: No route" in unreachable.stdout, (
+        unreachable.stdout
+    )
+    assert status.query(started[0].socket)["counters"]["drops"]["tx_no_route"] >= 1
+
+
+# A UDP socket that sends without a checksum over IPv6 (udp6zerocsumtx's way):
+# UDP_NO_CHECK6_TX. argv: bind address, destination, hex payload.
+ZERO_CSUM_SEND = """
+import socket, sys
+s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+s.setsockopt(socket.SOL_UDP, 101, int(sys.argv[4]))
+s.bind((sys.argv[1], 0))
+s.sendto(bytes.fromhex(sys.argv[3]), (sys.argv[2], 8472))
+"""
+# Waits up to 3 s for one datagram on [argv[1]]:9999; prints it (hex) or "none".
+UDP_SINK = """
+import socket, sys
+s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+s.bind((sys.argv[1], 9999))
+print("ready", flush=True)
+s.settimeout(3)
+try:
+    print(s.recv(2048).hex(), flush=True)
+except TimeoutError:
+    print("none", flush=True)
+"""
+
+
+def inner_udp6(src: str, dst: str, payload: bytes) -> bytes:
+    """An IPv6 UDP packet to port 9999 with a valid checksum."""
+    from ipaddress import IPv6Address
+
+    from encap import ipv6 as codec
+    from encap.checksum import internet_checksum
+
+    s, d = IPv6Address(src).packed, IPv6Address(dst).packed
+    udp = bytearray((4321).to_bytes(2, "big") + (9999).to_bytes(2, "big"))
+    udp += (8 + len(payload)).to_bytes(2, "big") + b"\0\0" + payload
+    pseudo = s + d + len(udp).to_bytes(4, "big") + bytes((0, 0, 0, 17))
+    udp[6:8] = internet_checksum(pseudo + udp + b"\0" * (len(udp) % 2)).to_bytes(2, "big")
+    return codec.build_packet(s, d, 17, bytes(udp), 64)
+
+
+def delivered(
+    sender_ns: str, bind: str, to: str, datagram: bytes, sink_ns: str, sink: str, zero: bool
+) -> bool:
+    """Whether ``datagram`` sent to [to]:8472 from [bind] (``zero``: without a UDP
+    checksum) brings its inner UDP payload to [sink]:9999 in ``sink_ns``."""
+    listener = subprocess.Popen(
+        ["ip", "netns", "exec", sink_ns, "python3", "-c", UDP_SINK, sink],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert listener.stdout is not None and listener.stdout.readline().strip() == "ready"
+        in_ns(sender_ns, "python3", "-c", ZERO_CSUM_SEND, bind, to, datagram.hex(), str(int(zero)))
+        return listener.stdout.readline().strip() != "none"
+    finally:
+        listener.kill()
+        listener.wait()
+
+
+def outer_checksums(capture: Path) -> list[tuple[str, str]]:
+    """(source, UDP checksum) of every VXLAN-over-IPv6 datagram in ``capture``."""
+    fields = subprocess.run(
+        ["tshark", "-r", str(capture), "-Y", "ipv6 && udp.port == 8472", "-T", "fields",
+         "-e", "ipv6.src", "-e", "udp.checksum"],
+        check=True, capture_output=True, text=True,
+    ).stdout  # fmt: skip
+    return [tuple(line.split("\t")) for line in fields.splitlines() if line]  # type: ignore[misc]
+
+
+def test_userspace_vxlan_ipv6_against_kernel_vxlan_with_default_offloads(
+    netns: Callable[[str], str], daemons: Any, tmp_path: Path
+) -> None:
+    """Interop: node 1 on our userspace datapath, node 2 on the kernel's flannel-v6.1
+    (programmed as flanneld does, offloads at their defaults everywhere). Pods ping and
+    move 20 MB over TCP/IPv6 intact both ways. On the wire both send outer UDP checksums
+    over IPv6 (the kernel's udp6zerocsumtx is off by default), and both drop a datagram
+    without one (udp6zerocsumrx off) while the same datagram with one is delivered."""
+    nodes, started, pods, addresses = start_pair(
+        netns, daemons, tmp_path, ((), ("--kernel-vxlan",))
+    )
+    details = ip(nodes[1], "-d", "link", "show", "flannel-v6.1")
+    assert "noudp6zerocsumtx noudp6zerocsumrx" in details, details  # the kernel's defaults
+    capture = tmp_path / "outer.pcap"
+    dump = subprocess.Popen(
+        ["ip", "netns", "exec", nodes[0], "tcpdump", "-i", "eth0", "-w", str(capture),
+         "-U", "-c", "400", "ip6 and udp port 8472"],
+        stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        time.sleep(1)
+        for src, dst in ((0, 1), (1, 0)):
+            tcp_transfer(pods[src], pods[dst], addresses[dst][1])
+    finally:
+        dump.terminate()
+        dump.wait()
+    seen = outer_checksums(capture)
+    assert {source for source, _ in seen} == {"2001:db8::1", "2001:db8::2"}, seen[:5]
+    assert all(int(checksum, 16) != 0 for _, checksum in seen), seen
+    # Without a checksum: dropped by both (the kernel's device, our socket); with one,
+    # the same datagram arrives (the test can fail).
+    mac6 = json.loads(ip(nodes[1], "-j", "link", "show", "flannel-v6.1"))[0]["address"]
+    ours = status.query(started[0].socket)["vtep_mac6"]
+    for sender, bind, to, mac, sink_ns, src, dst in (
+        (nodes[0], "2001:db8::1", "2001:db8::2", mac6, pods[1], addresses[0][1], addresses[1][1]),
+        (nodes[1], "2001:db8::2", "2001:db8::1", ours, pods[0], addresses[1][1], addresses[0][1]),
+    ):
+        frame = vxlan_codec.prefix(
+            1, vxlan_codec.parse_mac(mac), bytes(6), vxlan_codec.ETHERTYPE_IPV6
+        ) + inner_udp6(src, dst, b"zero-checksum probe")
+        assert not delivered(sender, bind, to, frame, sink_ns, dst, zero=True), to
+        assert delivered(sender, bind, to, frame, sink_ns, dst, zero=False), to
