@@ -3,7 +3,8 @@ speaks it: inner IPv6 in VXLAN (inner Ethernet type 0x86DD, the peer's BackendV6
 VTEP MAC) over a second UDP socket bound to our IPv6 underlay address, to each peer's
 PublicIPv6.
 
-The pure-Python path, one packet at a time, for both directions: the TUN's IPv6 packets
+The pure-Python path, one packet at a time, for both directions (not yet shown to an
+attached ``overlay trace``, whose decoders read IPv4): the TUN's IPv6 packets
 reach ``send`` from the send drain (Python's or the native one's, which hand over any
 IPv6 packet with its virtio_net_hdr: the IPv4 path pays nothing more than the version
 test it already made), and ``on_socket_readable`` is the IPv6 socket's own reader. The
@@ -28,7 +29,6 @@ from encap.errors import CodecError
 from overlay.dataplane.counters import Counters
 from overlay.dataplane.limits import BUDGET, MAX_DATAGRAM
 from overlay.dataplane.rate_limiter import RateLimiter
-from overlay.observe.tap import Tap
 from tun.device import TunDevice
 from tun.offload import VNET_HDR_LEN
 
@@ -80,7 +80,7 @@ class Ipv6Path:
 
     # -- TUN -> peer --------------------------------------------------------------------
 
-    def send(self, frame: bytes, mtu: int, tap: Tap | None) -> None:
+    def send(self, frame: bytes, mtu: int) -> None:
         """One IPv6 packet read from the TUN (``frame``: its virtio_net_hdr, zeros when the
         TUN has none, then the packet) to the peer owning its destination; ``mtu``: the
         TUN's (0: no limit)."""
@@ -101,12 +101,12 @@ class Ipv6Path:
                 return
         peer = self.peers.lookup6(packet[24:40])
         if peer is None or len(peer.prefix) != HEADROOM:
-            self._answer("tx_no_route", packet, ipv6.build_dest_unreachable, tap)
+            self._answer("tx_no_route", packet, ipv6.build_dest_unreachable)
             return
         limit = mtu - IPV6_EXTRA_OVERHEAD if mtu else 0
         if limit and len(packet) > limit:
             too_big = partial(ipv6.build_packet_too_big, mtu=limit)
-            self._answer("tx_too_big", packet, too_big, tap)
+            self._answer("tx_too_big", packet, too_big)
             return
         datagram = peer.prefix + packet
         try:
@@ -123,31 +123,22 @@ class Ipv6Path:
         stats.tx_packets += 1
         stats.tx_bytes += len(datagram)
         stats.last_tx = time.monotonic()
-        if tap is not None:
-            tap.inner("tx", packet)
-            tap.outer("tx", datagram, peer.addr)
 
-    def _answer(
-        self, reason: str, packet: bytearray, build: Callable[..., bytes], tap: Tap | None
-    ) -> None:
+    def _answer(self, reason: str, packet: bytearray, build: Callable[..., bytes]) -> None:
         """Count ``packet`` dropped for ``reason`` and write the ICMPv6 error ``build``
         makes into the TUN (from the TUN's address), unless no error may answer it or the
         rate limit (the IPv4 path's) is spent."""
         self.counters.drops[reason] += 1
-        if tap is not None:
-            tap.drop(reason, packet, None)
         if not ipv6.may_send_error_for(packet) or not self.icmp_limit.allow():
             return
         reply = build(packet, src=self.vtep_ip)
         if self.tun.write(reply):
             self.counters.icmp_unreachable_sent += reason == "tx_no_route"
             self.counters.icmp_frag_needed_sent += reason == "tx_too_big"
-            if tap is not None:
-                tap.inner("rx", reply)
 
     # -- peer -> TUN --------------------------------------------------------------------
 
-    def on_socket_readable(self, mtu: int, tap: Tap | None) -> None:
+    def on_socket_readable(self, mtu: int) -> None:
         """Receive up to BUDGET datagrams from the IPv6 socket, each checked and written
         into the TUN; ``mtu``: the TUN's (a longer TCP packet, a kernel peer's TSO packet
         that crossed only veths, goes in as a TCP super-packet the kernel cuts)."""
@@ -162,25 +153,18 @@ class Ipv6Path:
             except OSError:
                 drops["rx_socket_error"] += 1
                 continue
-            if tap is not None:
-                tap.outer("rx", self._rx_view[:size], source[:2])
             reason = self._receive(size, source[0], mtu)
             if reason is not None:
                 drops[reason] += 1
-                if tap is not None:
-                    tap.drop(reason, self._rx_view[:size], source[:2])
-            elif tap is not None:
-                tap.inner("rx", self._rx_view[HEADROOM:size])
 
     def _receive(self, size: int, source: str, mtu: int) -> str | None:
         """The datagram ``buf[:size]`` from ``source``: written into the TUN (None), a
-        neighbour solicitation answered ("" then, nothing counted as dropped), or the
-        reason it was dropped."""
+        neighbour solicitation answered (None too), or the reason it was dropped."""
         buf = self._rx_buffer
         sources = self.peers.sources6_of(source)
         if not sources:
             return "rx_unknown_peer"
-        if size < HEADROOM + ipv6.HEADER_LEN:
+        if size < HEADROOM:
             return "rx_vxlan_truncated"
         if not buf[0] & vxlan.FLAG_I:
             return "rx_vxlan_bad_flags"

@@ -122,7 +122,7 @@ class VxlanDataplane(UdpDataplane):
         super().start(loop)
         if self.ipv6 is not None:
             ipv6 = self.ipv6
-            loop.add_reader(ipv6.sock.fileno(), lambda: ipv6.on_socket_readable(self.mtu, self.tap))
+            loop.add_reader(ipv6.sock.fileno(), lambda: ipv6.on_socket_readable(self.mtu))
 
     def stop(self, loop: asyncio.AbstractEventLoop) -> None:
         if self.ipv6 is not None:
@@ -139,7 +139,7 @@ class VxlanDataplane(UdpDataplane):
         if self.ipv6 is None:
             super()._send_ipv6(frame)
         else:
-            self.ipv6.send(frame, self.mtu, self.tap)
+            self.ipv6.send(frame, self.mtu)
 
     def _answer_arp(self, start: int, end: int, source: tuple[str, int]) -> None:
         """Reply to "who has <our VTEP address>" from a peer (rare: off the hot path)."""

@@ -689,3 +689,146 @@ def test_userspace_vxlan_ipv6_against_kernel_vxlan_with_default_offloads(
         ) + inner_udp6(src, dst, b"zero-checksum probe")
         assert not delivered(sender, bind, to, frame, sink_ns, dst, zero=True), to
         assert delivered(sender, bind, to, frame, sink_ns, dst, zero=False), to
+
+
+# A fake peer on [2001:db8::2]:8472: sends each hex datagram of argv[1] (comma-separated)
+# to our node, then prints (hex) the first datagram that comes back within 2 s, or "none".
+FAKE_PEER = """
+import socket, sys
+s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+s.bind(("2001:db8::2", 8472))
+for frame in sys.argv[1].split(","):
+    s.sendto(bytes.fromhex(frame), ("2001:db8::1", 8472))
+s.settimeout(2)
+try:
+    print(s.recv(2048).hex(), flush=True)
+except TimeoutError:
+    print("none", flush=True)
+"""
+
+
+def hostile_frames(src: bytes, dst: bytes) -> dict[str, bytes]:
+    """Inner IPv6 packets that must not reach the TUN, by the reason they are counted
+    under; ``src`` inside the fake peer's subnet, ``dst`` inside ours."""
+    from encap import ipv6 as codec
+
+    good = codec.build_packet(src, dst, 59, b"", 64)  # no next header, no payload
+
+    def ext(next_header: int, chain: list[int], tail: bytes = b"") -> bytes:
+        """A chain of 8-byte extension headers of the kinds in ``chain``."""
+        body = b""
+        for i, kind in enumerate(chain):
+            follows = chain[i + 1] if i + 1 < len(chain) else next_header
+            body += bytes((follows, 0)) + bytes(6) if kind != 44 else bytes((follows, 0)) + bytes(6)
+        return codec.build_packet(src, dst, chain[0], body + tail, 64)
+
+    jumbo = bytearray(codec.build_packet(src, dst, 0, bytes((59, 0)) + bytes(6), 64))
+    jumbo[4:6] = b"\0\0"
+    bad_tcp = bytearray(codec.build_packet(src, dst, 6, bytes(20), 64))
+    bad_tcp[40 + 12] = 0x50
+    bad_tcp[40 + 16 : 40 + 18] = b"\x12\x34"
+    zero_udp = codec.build_packet(src, dst, 17, bytes((0, 1, 0, 2, 0, 8, 0, 0)), 64)
+    return {
+        "rx_ipv6_truncated": good[:39],
+        "rx_ipv6_bad_version": bytes((0x40,)) + good[1:],
+        "rx_ipv6_jumbo": bytes(jumbo),
+        "rx_ipv6_bad_length": good + b"\0\0\0\0",
+        "rx_ipv6_ext_chain_too_long": ext(59, [60] * 9),
+        "rx_ipv6_bad_ext_header": codec.build_packet(src, dst, 60, bytes((59, 4)) + bytes(6), 64),
+        "rx_ipv6_bad_next_header": ext(255, [60]),
+        "rx_bad_l4_checksum": bytes(bad_tcp),
+        "rx_foreign_source": codec.build_packet(dst, dst, 59, b"", 64),
+        "rx_not_our_subnet": codec.build_packet(src, src, 59, b"", 64),
+    } | {"rx_bad_l4_checksum_udp": zero_udp}
+
+
+def neighbor_solicitation(src: bytes, target: bytes) -> bytes:
+    """An NS for ``target`` from ``src`` (RFC 4861 7.1.1), its checksum right."""
+    from encap import ipv6 as codec
+    from encap.checksum import internet_checksum
+
+    dst = bytes.fromhex("ff0200000000000000000001ff") + target[13:]
+    message = bytearray((135, 0, 0, 0, 0, 0, 0, 0)) + target + bytes((1, 1)) + bytes(6)
+    pseudo = src + dst + len(message).to_bytes(4, "big") + bytes((0, 0, 0, 58))
+    message[2:4] = internet_checksum(pseudo + message).to_bytes(2, "big")
+    return codec.build_packet(src, dst, 58, bytes(message), 255)
+
+
+def test_userspace_vxlan_ipv6_answers_solicitations_and_counts_hostile_input(
+    netns: Callable[[str], str], daemons: Any, tmp_path: Path
+) -> None:
+    """Node 2 is a fake peer (a lease written by hand, a socket on its 8472): a neighbour
+    solicitation for our IPv6 VTEP address gets an advertisement with our IPv6 VTEP MAC;
+    hostile inner IPv6 (truncated, wrong version, jumbo, length beyond the frame, an
+    extension-header chain too long or running past the end, a reserved next header,
+    corrupt and missing L4 checksums, foreign addresses) is dropped and counted by
+    reason, the daemon runs on, and a good packet after them is delivered."""
+    from ipaddress import IPv6Address
+
+    nodes = [netns("n1"), netns("n2")]
+    underlay(nodes)
+    registry = seed(tmp_path, {**DUAL, "Backend": {"Type": "vxlan"}})
+    value = (
+        '{"PublicIP":"192.0.2.2","PublicIPv6":"2001:db8::2","BackendType":"vxlan",'
+        '"BackendData":{"VNI":1,"VtepMAC":"0e:00:00:00:02:04"},'
+        '"BackendV6Data":{"VNI":1,"VtepMAC":"0e:00:00:00:02:06"}}'
+    )
+    FileRegistry(registry).put_sync(
+        f"{SUBNETS}198.18.77.0-24&fd00:10:0:77::-64", value.encode(), 3600
+    )
+    work = tmp_path / "n1"
+    work.mkdir()
+    ours = daemons(nodes[0], work, "--registry-file", str(registry), "--iface", "eth0", lo=False)
+    ours.wait_event("started")
+    env = parse_subnet_env(ours.subnet_file.read_text())
+    assert env.ipv6_subnet is not None
+    pod_ns = netns("p1")
+    _, pod6 = pod(nodes[0], pod_ns, env)
+    our_mac6 = vxlan_codec.parse_mac(status.query(ours.socket)["vtep_mac6"])
+    vtep6 = env.ipv6_subnet.network.network_address.packed
+    peer_src = IPv6Address("fd00:10:0:77::5").packed
+
+    def to_us(packet: bytes, mac: bytes = our_mac6) -> bytes:
+        return vxlan_codec.prefix(1, mac, bytes.fromhex("0e0000000206"), 0x86DD) + packet
+
+    def exchange(*frames: bytes) -> str:
+        joined = ",".join(frame.hex() for frame in frames)
+        return in_ns(nodes[1], "python3", "-c", FAKE_PEER, joined).stdout.strip()
+
+    # A solicitation to the solicited-node group (multicast MAC), as the kernel sends it.
+    solicitation = neighbor_solicitation(peer_src, vtep6)
+    reply = bytes.fromhex(exchange(to_us(solicitation, b"\x33\x33\xff" + vtep6[13:])))
+    assert reply[8:14] == bytes.fromhex("0e0000000206") and reply[14:20] == our_mac6
+    assert reply[20:22] == b"\x86\xdd"
+    advert = reply[22:]
+    assert advert[6] == 58 and advert[7] == 255 and advert[24:40] == peer_src
+    assert advert[40] == 136 and advert[48:64] == vtep6 and advert[64:72] == b"\x02\x01" + our_mac6
+    assert status.query(ours.socket)["ndp_replies"] == 1
+    # Hostile input, one datagram per reason; then a good packet still arrives.
+    frames = hostile_frames(peer_src, IPv6Address(pod6).packed)
+    before = status.query(ours.socket)["counters"]["drops"]
+    exchange(*(to_us(frame) for frame in frames.values()))
+    expected: dict[str, int] = {}
+    for reason in frames:
+        key = reason.removesuffix("_udp")
+        expected[key] = expected.get(key, 0) + 1
+
+    def counted() -> bool:
+        drops = status.query(ours.socket)["counters"]["drops"]
+        return all(drops.get(k, 0) - before.get(k, 0) == n for k, n in expected.items())
+
+    assert poll(counted, timeout=5), (expected, status.query(ours.socket)["counters"]["drops"])
+    assert ours.proc.poll() is None
+    probe = inner_udp6("fd00:10:0:77::5", pod6, b"still forwarding")
+    listener = subprocess.Popen(
+        ["ip", "netns", "exec", pod_ns, "python3", "-c", UDP_SINK, pod6],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert listener.stdout is not None and listener.stdout.readline().strip() == "ready"
+        exchange(to_us(probe))
+        assert listener.stdout.readline().strip() == b"still forwarding".hex()
+    finally:
+        listener.kill()
+        listener.wait()
