@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 from encap.checksum import internet_checksum
 from encap.errors import CodecError
+from encap.gso import checksum_reason
 
 Buffer = bytes | bytearray | memoryview
 Sources6 = Sequence[tuple[int, int]]  # (network >> shift, shift) of each IPv6 subnet
@@ -161,21 +162,7 @@ def l4_checksum_reason6(
             return "rx_bad_l4_header"
         field = l4 + 2
     pseudo = pseudo_sum6(data, start, protocol, length)
-    body = int.from_bytes(data[l4:end], "big") << (8 if length & 1 else 0)
-    if (pseudo + body) % 0xFFFF == 0:
-        return None
-    if ((data[field] << 8 | data[field + 1]) - pseudo) % 0xFFFF:
-        return "rx_bad_l4_checksum"
-    checksum = ~_fold(body) & 0xFFFF  # the field's pseudo-header sum is part of ``body``
-    if checksum == 0 and protocol == PROTO_UDP:
-        checksum = 0xFFFF
-    data[field] = checksum >> 8
-    data[field + 1] = checksum & 0xFF
-    return None
-
-
-def _fold(total: int) -> int:
-    return total % 0xFFFF or 0xFFFF
+    return checksum_reason(data, pseudo, l4, end, field, udp=protocol == PROTO_UDP)
 
 
 def _checksummed(src: bytes, dst: bytes, protocol: int, message: bytearray, field: int) -> bytes:

@@ -11,7 +11,8 @@ from __future__ import annotations
 import json
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from ipaddress import IPv4Interface, IPv6Interface, ip_interface
 from pathlib import Path
 from typing import Any
@@ -393,20 +394,30 @@ print(peer[0], flush=True)
 CONNECT = "import socket, sys; socket.create_connection((sys.argv[1], 7777), timeout=5).close()"
 
 
-def peer_seen(server_ns: str, address: str, client_ns: str) -> str:
-    """The source address a TCP connection from ``client_ns`` to ``address`` arrives with."""
+@contextmanager
+def serving(ns: str, script: str, *args: str) -> Iterator[Callable[[], str]]:
+    """``script`` running in ``ns`` until the block ends, once it printed "ready": its
+    next output line, on each call."""
     server = subprocess.Popen(
-        ["ip", "netns", "exec", server_ns, "python3", "-c", PEER_SERVER, address],
+        ["ip", "netns", "exec", ns, "python3", "-c", script, *args],
         stdout=subprocess.PIPE,
         text=True,
     )
     try:
-        assert server.stdout is not None and server.stdout.readline().strip() == "ready"
-        in_ns(client_ns, "python3", "-c", CONNECT, address)
-        return server.stdout.readline().strip()
+        assert server.stdout is not None
+        out = server.stdout
+        assert out.readline().strip() == "ready"
+        yield lambda: out.readline().strip()
     finally:
         server.kill()
         server.wait()
+
+
+def peer_seen(server_ns: str, address: str, client_ns: str) -> str:
+    """The source address a TCP connection from ``client_ns`` to ``address`` arrives with."""
+    with serving(server_ns, PEER_SERVER, address) as line:
+        in_ns(client_ns, "python3", "-c", CONNECT, address)
+        return line()
 
 
 @pytest.mark.parametrize(
@@ -502,18 +513,9 @@ print(hashlib.sha256(data).hexdigest(), flush=True)
 def tcp_transfer(src_ns: str, dst_ns: str, address: str, megabytes: int = 20) -> None:
     """``megabytes`` over one TCP connection from ``src_ns`` to ``address`` in ``dst_ns``,
     arriving intact (the SHA-256 of both ends compared)."""
-    sink = subprocess.Popen(
-        ["ip", "netns", "exec", dst_ns, "python3", "-c", SINK, address],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert sink.stdout is not None and sink.stdout.readline().strip() == "ready"
+    with serving(dst_ns, SINK, address) as line:
         sent = in_ns(src_ns, "timeout", "60", "python3", "-c", SOURCE, address, str(megabytes))
-        assert sink.stdout.readline().strip() == sent.stdout.strip()
-    finally:
-        sink.kill()
-        sink.wait()
+        assert line() == sent.stdout.strip()
 
 
 def start_pair(
@@ -623,18 +625,9 @@ def delivered(
 ) -> bool:
     """Whether ``datagram`` sent to [to]:8472 from [bind] (``zero``: without a UDP
     checksum) brings its inner UDP payload to [sink]:9999 in ``sink_ns``."""
-    listener = subprocess.Popen(
-        ["ip", "netns", "exec", sink_ns, "python3", "-c", UDP_SINK, sink],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert listener.stdout is not None and listener.stdout.readline().strip() == "ready"
+    with serving(sink_ns, UDP_SINK, sink) as line:
         in_ns(sender_ns, "python3", "-c", ZERO_CSUM_SEND, bind, to, datagram.hex(), str(int(zero)))
-        return listener.stdout.readline().strip() != "none"
-    finally:
-        listener.kill()
-        listener.wait()
+        return line() != "none"
 
 
 def outer_checksums(capture: Path) -> list[tuple[str, str]]:
@@ -754,6 +747,26 @@ def neighbor_solicitation(src: bytes, target: bytes) -> bytes:
     return codec.build_packet(src, dst, 58, bytes(message), 255)
 
 
+# As nobody, tries to bind [argv[1]]:8472 and [::]:8472 with each combination of
+# SO_REUSEADDR and SO_REUSEPORT; prints what happened to each.
+BIND6_AS_NOBODY = """
+import os, socket, sys
+os.setgroups([]); os.setgid(65534); os.setuid(65534)
+for options in ([], [socket.SO_REUSEADDR], [socket.SO_REUSEPORT],
+                [socket.SO_REUSEADDR, socket.SO_REUSEPORT]):
+    for host in (sys.argv[1], "::"):
+        s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+        for option in options:
+            s.setsockopt(socket.SOL_SOCKET, option, 1)
+        try:
+            s.bind((host, 8472))
+            print(host, options, "BOUND")
+        except OSError as e:
+            print(host, options, "errno", e.errno)
+        s.close()
+"""
+
+
 def test_userspace_vxlan_ipv6_answers_solicitations_and_counts_hostile_input(
     netns: Callable[[str], str], daemons: Any, tmp_path: Path
 ) -> None:
@@ -784,6 +797,10 @@ def test_userspace_vxlan_ipv6_answers_solicitations_and_counts_hostile_input(
     assert env.ipv6_subnet is not None
     pod_ns = netns("p1")
     _, pod6 = pod(nodes[0], pod_ns, env)
+    # The IPv6 socket is exclusive to the daemon, as the IPv4 one (test_hardening.py).
+    attempts = in_ns(nodes[0], "python3", "-c", BIND6_AS_NOBODY, "2001:db8::1").stdout
+    assert len(attempts.splitlines()) == 8, attempts
+    assert all(line.endswith("errno 98") for line in attempts.splitlines()), attempts
     our_mac6 = vxlan_codec.parse_mac(status.query(ours.socket)["vtep_mac6"])
     vtep6 = env.ipv6_subnet.network.network_address.packed
     peer_src = IPv6Address("fd00:10:0:77::5").packed
@@ -820,15 +837,6 @@ def test_userspace_vxlan_ipv6_answers_solicitations_and_counts_hostile_input(
     assert poll(counted, timeout=5), (expected, status.query(ours.socket)["counters"]["drops"])
     assert ours.proc.poll() is None
     probe = inner_udp6("fd00:10:0:77::5", pod6, b"still forwarding")
-    listener = subprocess.Popen(
-        ["ip", "netns", "exec", pod_ns, "python3", "-c", UDP_SINK, pod6],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert listener.stdout is not None and listener.stdout.readline().strip() == "ready"
+    with serving(pod_ns, UDP_SINK, pod6) as line:
         exchange(to_us(probe))
-        assert listener.stdout.readline().strip() == b"still forwarding".hex()
-    finally:
-        listener.kill()
-        listener.wait()
+        assert line() == b"still forwarding".hex()
