@@ -4,6 +4,10 @@ Lookups are dict probes keyed by the masked destination (all leases of a network
 SubnetLen, so there is usually one probe), not flannel's linear first-match scan. The
 native drains (encap/csrc/) read ``routes`` and ``senders`` directly, so a wake-up
 routes and attributes its packets without calling back into Python.
+
+A dual-stack lease (EnableIPv6) is a peer in both families: its IPv6 half (``routes6``,
+``lookup6``, ``sources6_of``, keyed by its IPv6 subnet and sent to at its PublicIPv6) is
+indexed in the same batches and published in the same swap as the IPv4 side.
 """
 
 from __future__ import annotations
@@ -43,7 +47,7 @@ class Peer:
     # (public IP as str, UDP port): the sendto() address, built once.
     addr: tuple[str, int]
     net: int  # subnet network address as an int
-    shift: int  # 32 - prefix length
+    shift: int  # address bits - prefix length (32 - prefix length for IPv4, 128 - for IPv6)
     # Encapsulation bytes put before every packet to this peer (VXLAN + Ethernet header),
     # computed once here instead of per packet; empty for flannel's udp framing.
     prefix: bytes = b""
@@ -51,7 +55,7 @@ class Peer:
     name: str = ""  # the subnet as text (``10.244.3.0/24``): how status and metrics name it
 
     def owns(self, address: bytes) -> bool:
-        """Whether a 4-byte address lies inside this peer's subnet."""
+        """Whether an address of the subnet's family (4 or 16 bytes) lies inside it."""
         return int.from_bytes(address, "big") >> self.shift == self.net >> self.shift
 
 
@@ -70,9 +74,15 @@ class PeerTable:
     of one, and the cost of a batch is a few dict copies in C plus its own changes (not
     a rebuild and sort of every peer)."""
 
-    def __init__(self, port: int, prefix_for: Callable[[Lease], bytes] | None = None) -> None:
+    def __init__(
+        self,
+        port: int,
+        prefix_for: Callable[[Lease], bytes] | None = None,
+        prefix6_for: Callable[[Lease], bytes] | None = None,
+    ) -> None:
         self.port = port
         self.prefix_for = prefix_for
+        self.prefix6_for = prefix6_for  # the IPv6 half's prefix (vxlan: BackendV6Data's MAC)
         self._by_subnet: dict[IPv4Network, Peer] = {}
         # Public IP -> its peers by subnet (a node may hold several leases): the index a
         # batch recomputes the touched public IPs' entries from.
@@ -84,6 +94,13 @@ class PeerTable:
         # Public IP as an int -> (sources_of(ip), by_public_ip(ip).stats): what a receive
         # from that address needs, keyed by what C has at hand (the sockaddr).
         self.senders: dict[int, tuple[Sources, PeerStats]] = {}
+        # The IPv6 halves of dual-stack leases, by the lease's (IPv4) subnet, and what
+        # the hot path reads of them: [(shift, {masked destination: peer})] longest
+        # prefix first, and PublicIPv6 -> ((network >> shift, shift), ...).
+        self._v6: dict[IPv4Network, Peer] = {}
+        self._by_ip6: dict[str, dict[IPv4Network, Peer]] = {}
+        self.routes6: list[tuple[int, dict[int, Peer]]] = []
+        self._sources6: dict[str, Sources] = {}
 
     def __len__(self) -> int:
         return len(self._by_subnet)
@@ -122,12 +139,15 @@ class PeerTable:
         changed leases, removed leases); a lease equal to its subnet's peer (and of the
         same age) is no change."""
         edits: dict[int, dict[int, Peer | None]] = {}  # shift -> {masked net: peer or None}
+        edits6: dict[int, dict[int, Peer | None]] = {}
         touched: set[str] = set()
+        touched6: set[str] = set()
         gone: list[Lease] = []
         for subnet in removed:
             peer = self._by_subnet.pop(subnet, None)
             if peer is not None:
                 self._unindex(peer, edits, touched)
+                self._unindex6(subnet, edits6, touched6)
                 gone.append(peer.lease)
         changed: dict[IPv4Network, Lease] = {}
         for lease in leases:
@@ -136,13 +156,20 @@ class PeerTable:
                 continue
             if old is not None:
                 self._unindex(old, edits, touched)
+                self._unindex6(lease.subnet, edits6, touched6)
             peer = self._by_subnet[lease.subnet] = self._peer(lease, old)
             self._by_ip.setdefault(peer.addr[0], {})[lease.subnet] = peer
             edits.setdefault(peer.shift, {})[peer.net >> peer.shift] = peer
             touched.add(peer.addr[0])
             changed[lease.subnet] = lease
+            peer6 = self._peer6(lease, peer.stats)
+            if peer6 is not None:
+                self._v6[lease.subnet] = peer6
+                self._by_ip6.setdefault(peer6.addr[0], {})[lease.subnet] = peer6
+                edits6.setdefault(peer6.shift, {})[peer6.net >> peer6.shift] = peer6
+                touched6.add(peer6.addr[0])
         if edits:
-            self._publish(edits, touched)
+            self._publish(edits, touched, edits6, touched6)
         return list(changed.values()), gone
 
     def _unindex(
@@ -156,6 +183,36 @@ class PeerTable:
         edits.setdefault(peer.shift, {})[peer.net >> peer.shift] = None
         touched.add(ip)
 
+    def _unindex6(
+        self, subnet: IPv4Network, edits: dict[int, dict[int, Peer | None]], touched: set[str]
+    ) -> None:
+        """The IPv6 half of the lease of ``subnet``, if it had one, out of the indexes."""
+        peer = self._v6.pop(subnet, None)
+        if peer is None:
+            return
+        ip = peer.addr[0]
+        of_ip = self._by_ip6.get(ip, {})
+        of_ip.pop(subnet, None)
+        if not of_ip:
+            self._by_ip6.pop(ip, None)
+        edits.setdefault(peer.shift, {})[peer.net >> peer.shift] = None
+        touched.add(ip)
+
+    def _peer6(self, lease: Lease, stats: PeerStats) -> Peer | None:
+        """The IPv6 half of a dual-stack ``lease`` (None without one); it shares the
+        lease's traffic counters."""
+        if lease.ipv6_subnet is None or lease.public_ipv6 is None:
+            return None
+        return Peer(
+            lease=lease,
+            addr=(str(lease.public_ipv6), self.port),
+            net=int(lease.ipv6_subnet.network_address),
+            shift=128 - lease.ipv6_subnet.prefixlen,
+            prefix=self.prefix6_for(lease) if self.prefix6_for else b"",
+            stats=stats,
+            name=str(lease.ipv6_subnet),
+        )
+
     def _peer(self, lease: Lease, old: Peer | None = None) -> Peer:
         return Peer(
             lease=lease,
@@ -167,20 +224,24 @@ class PeerTable:
             name=str(lease.subnet),
         )
 
-    def _publish(self, edits: dict[int, dict[int, Peer | None]], touched: set[str]) -> None:
+    def _publish(
+        self,
+        edits: dict[int, dict[int, Peer | None]],
+        touched: set[str],
+        edits6: dict[int, dict[int, Peer | None]],
+        touched6: set[str],
+    ) -> None:
         """Copies of what the batch touched, changed, then swapped in together."""
-        routes = dict(self.routes)
-        for shift, changes in edits.items():
-            table = routes[shift].copy() if shift in routes else {}
-            for key, peer in changes.items():
-                if peer is None:
-                    table.pop(key, None)
-                else:
-                    table[key] = peer
-            if table:
-                routes[shift] = table
+        routes = _edited(self.routes, edits)
+        routes6 = _edited(self.routes6, edits6) if edits6 else self.routes6
+        sources6 = self._sources6.copy() if touched6 else self._sources6
+        for ip in touched6:
+            of_ip6 = self._by_ip6.get(ip)
+            if of_ip6:
+                ordered6 = sorted(of_ip6.values(), key=_age)
+                sources6[ip] = tuple((p.net >> p.shift, p.shift) for p in ordered6)
             else:
-                routes.pop(shift, None)
+                sources6.pop(ip, None)
         # .copy(), not dict(): it stays a block copy when entries have been deleted.
         by_ip, sources = self._by_public_ip.copy(), self._sources.copy()
         senders = self.senders.copy()
@@ -197,8 +258,9 @@ class PeerTable:
             sources[ip] = tuple((p.net >> p.shift, p.shift) for p in ordered)
             senders[int(IPv4Address(ip))] = (sources[ip], ordered[0].stats)
         # Swap whole objects: the hot path never sees a half-built table.
-        self.routes = sorted(routes.items())
+        self.routes = routes
         self._by_public_ip, self._sources, self.senders = by_ip, sources, senders
+        self.routes6, self._sources6 = routes6, sources6
 
     def lookup(self, address: bytes | bytearray | memoryview) -> Peer | None:
         """The peer whose subnet holds the 4-byte ``address`` (longest prefix wins)."""
@@ -208,6 +270,26 @@ class PeerTable:
             if peer is not None:
                 return peer
         return None
+
+    def lookup6(self, address: bytes | bytearray | memoryview) -> Peer | None:
+        """The IPv6 half whose IPv6 subnet holds the 16-byte ``address`` (longest prefix)."""
+        value = int.from_bytes(address, "big")
+        for shift, table in self.routes6:
+            peer = table.get(value >> shift)
+            if peer is not None:
+                return peer
+        return None
+
+    def sources6_of(self, ip: str) -> Sources:
+        """Where inner IPv6 sources of datagrams from PublicIPv6 ``ip`` (as the socket
+        gives it: compressed, lower case) may lie; empty for an unknown sender."""
+        return self._sources6.get(ip, ())
+
+    def by_public_ipv6(self, ip: str) -> Peer | None:
+        """The IPv6 half of a lease whose PublicIPv6 is ``ip`` (any of them: they share
+        the node's counters only through their own lease)."""
+        of_ip = self._by_ip6.get(ip)
+        return min(of_ip.values(), key=_age) if of_ip else None
 
     def by_public_ip(self, ip: str) -> Peer | None:
         """The peer that sends from public IP ``ip``: the oldest of its leases (lowest
@@ -219,3 +301,22 @@ class PeerTable:
         shift, shift)`` of every lease that carries it (a node may hold several); empty
         for an unknown sender."""
         return self._sources.get(ip, ())
+
+
+def _edited(
+    routes: list[tuple[int, dict[int, Peer]]], edits: dict[int, dict[int, Peer | None]]
+) -> list[tuple[int, dict[int, Peer]]]:
+    """``routes`` with ``edits`` applied to copies of the tables they touch."""
+    tables = dict(routes)
+    for shift, changes in edits.items():
+        table = tables[shift].copy() if shift in tables else {}
+        for key, peer in changes.items():
+            if peer is None:
+                table.pop(key, None)
+            else:
+                table[key] = peer
+        if table:
+            tables[shift] = table
+        else:
+            tables.pop(shift, None)
+    return sorted(tables.items())

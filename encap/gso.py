@@ -214,13 +214,24 @@ def l4_checksum_reason(data: bytearray | memoryview, start: int, l4: int, end: i
         if not data[field] and not data[field + 1]:
             return None  # UDP without a checksum
     pseudo = int.from_bytes(data[start + 12 : start + 20], "big") + data[start + 9] + length
+    return checksum_reason(data, pseudo, l4, end, field, udp=field == l4 + 6)
+
+
+def checksum_reason(
+    data: bytearray | memoryview, pseudo: int, l4: int, end: int, field: int, *, udp: bool
+) -> str | None:
+    """The checksum rule of both families: ``data[l4:end]`` (checksum at ``field``) sums
+    with ``pseudo`` (the pseudo-header, as one integer congruent to its word sum) to a
+    complete checksum (None), or the field holds the folded pseudo-header sum (partial:
+    completed in place, None), or it is corrupt."""
+    length = end - l4
     body = int.from_bytes(data[l4:end], "big") << (8 if length & 1 else 0)
     if (pseudo + body) % 0xFFFF == 0:
         return None
     if ((data[field] << 8 | data[field + 1]) - pseudo) % 0xFFFF:
         return "rx_bad_l4_checksum"
     checksum = ~_fold(body) & 0xFFFF  # the field's pseudo-header sum is part of ``body``
-    if checksum == 0 and field == l4 + 6:
+    if checksum == 0 and udp:
         checksum = 0xFFFF  # UDP sends a zero result as 0xFFFF (0 means "no checksum")
     data[field] = checksum >> 8
     data[field + 1] = checksum & 0xFF

@@ -22,10 +22,15 @@ def _index(ipr: IPRoute, name: str) -> int:
     return int(found[0])
 
 
-def prepare_tun(name: str) -> None:
+def prepare_tun(name: str, *, ipv6: bool = False) -> None:
     """What flannel0 needs before its address, MTU and route (``overlay.kernel.objects``):
-    no IPv6, and a transmit queue long enough for a burst of TUN writes."""
-    _disable_ipv6(name)
+    no IPv6 (with ``ipv6``, IPv6 without a link-local address or router solicitations:
+    the overlay's IPv6 half needs only the lease's address), and a transmit queue long
+    enough for a burst of TUN writes."""
+    if ipv6:
+        _quiet_ipv6(name)
+    else:
+        _disable_ipv6(name)
     _accept_local(name)
     with IPRoute() as ipr:
         index = _index(ipr, name)
@@ -42,6 +47,14 @@ def _disable_ipv6(name: str) -> None:
             f.write("1")
     except OSError:
         pass  # no IPv6 in this kernel or namespace: nothing to disable
+
+
+def _quiet_ipv6(name: str) -> None:
+    """IPv6 on, but nothing of the kernel's own in the TUN: no link-local address (so
+    no MLD reports or duplicate address detection) and no router solicitations."""
+    for setting, value in (("disable_ipv6", "0"), ("addr_gen_mode", "1"), ("accept_ra", "0")):
+        with open(f"/proc/sys/net/ipv6/conf/{name}/{setting}", "w") as f:
+            f.write(value)
 
 
 def _accept_local(name: str) -> None:

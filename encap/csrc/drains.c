@@ -39,7 +39,7 @@ enum {
     A_SENDERS, A_ADDR, A_PREFIX, A_NO_ROUTE, A_TOO_BIG, A_ANSWER_ARP, A_COUNTERS, A_DROPS,
     A_TX_BATCH, A_RX_BATCH, A_TX_PACKETS, A_TX_BYTES, A_TX_GSO_SENDS, A_TX_TUN_SUPER,
     A_RX_PACKETS, A_RX_BYTES, A_RX_TUN_SUPER, A_RX_GRO_RECEIVES, A_LAST_TX, A_LAST_RX, A_TAP,
-    A_ON_TUN_READABLE, A_ON_SOCKET_READABLE, A_ON_SOCKET_READABLE_GRO, A_COUNT
+    A_ON_TUN_READABLE, A_ON_SOCKET_READABLE, A_ON_SOCKET_READABLE_GRO, A_SEND_IPV6, A_COUNT
 };
 static const char *const attr_names[A_COUNT] = {
     "tun", "fd", "vnet_hdr", "sock", "headroom", "_tx_arena", "_rx_buffer", "tso",
@@ -47,7 +47,7 @@ static const char *const attr_names[A_COUNT] = {
     "senders", "addr", "prefix", "_no_route", "_too_big", "_answer_arp", "counters", "drops",
     "tx_batch", "rx_batch", "tx_packets", "tx_bytes", "tx_gso_sends", "tx_tun_super_packets",
     "rx_packets", "rx_bytes", "rx_tun_super_packets", "rx_gro_receives", "last_tx", "last_rx",
-    "tap", "on_tun_readable", "on_socket_readable", "on_socket_readable_gro",
+    "tap", "on_tun_readable", "on_socket_readable", "on_socket_readable_gro", "_send_ipv6",
 };
 static PyObject *attr[A_COUNT];
 

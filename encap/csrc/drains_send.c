@@ -239,6 +239,26 @@ static int tell_dataplane(drains_t *d, int method, const uint8_t *packet, Py_ssi
     return 0;
 }
 
+/* An IPv6 packet read from the TUN (rare on an IPv4 datapath; vxlan's IPv6 half with
+ * EnableIPv6): the dataplane's _send_ipv6 runs on a copy of its virtio_net_hdr (zeros
+ * when the TUN has none) followed by the packet at packet[0:length]. 0 when it ran, -1
+ * on error. */
+static int tell_ipv6(drains_t *d, const uint8_t hdr[10], const uint8_t *packet,
+                     Py_ssize_t length)
+{
+    PyObject *frame = PyBytes_FromStringAndSize(NULL, 10 + length);
+    if (frame == NULL)
+        return -1;
+    memcpy(PyBytes_AS_STRING(frame), hdr, 10);
+    memcpy(PyBytes_AS_STRING(frame) + 10, packet, (size_t)length);
+    PyObject *r = PyObject_CallMethodOneArg(d->dp, attr[A_SEND_IPV6], frame);
+    Py_DECREF(frame);
+    if (r == NULL)
+        return -1;
+    Py_DECREF(r);
+    return 0;
+}
+
 /* The wake-up's peer for the packet read at packet[0:length], in *peer: its destination
  * looked up when it is not the last packet's (last_dst, when *have_dst). 1: routed; 0: no
  * route (dataplane._no_route ran: it counts the drop and may answer with an ICMP error);
@@ -357,6 +377,12 @@ static int tx_read(drains_t *d, tx_t *t)
         }
         Py_ssize_t length = got - (d->vnet ? 10 : 0);
         if (length < 20 || b[body] >> 4 != 4) {
+            if (length >= 40 && b[body] >> 4 == 6) { /* IPv6: the dataplane's _send_ipv6 */
+                if (tell_ipv6(d, hdr, b + body, length) < 0)
+                    goto done;
+                have_dst = 0; /* Python ran: route afresh */
+                continue;
+            }
             t->drops[T_NOT_IPV4]++;
             continue;
         }

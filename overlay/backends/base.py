@@ -132,6 +132,10 @@ class Backend:
         """Per-peer encapsulation prefix the peer table precomputes (none by default)."""
         return b""
 
+    def prefix6_for(self, lease: Lease) -> bytes:
+        """The same for a dual-stack peer's IPv6 half (userspace vxlan with EnableIPv6)."""
+        return b""
+
     def accepts(self, lease: Lease) -> bool:
         return lease.backend_type == self.lease_type
 

@@ -41,7 +41,7 @@ class UserspaceBackend(Backend):
             ctx.log,
             program=self._peer_objects(),
             devices=(ctx.options.tun_name,),
-            networks=(ctx.config.network,),
+            networks=(ctx.config.network, *((ipv6.network,) if (ipv6 := ctx.config.ipv6) else ())),
             on_gone=self._device_gone,
         )
 
@@ -84,13 +84,15 @@ class UserspaceBackend(Backend):
             )
         self.lease = lease
         self._loop = asyncio.get_running_loop()
-        await asyncio.to_thread(netlink.prepare_tun, self.tun.name)
+        spec = self.dataplane_spec(lease)
+        ipv6 = spec.subnet6 is not None
+        await asyncio.to_thread(netlink.prepare_tun, self.tun.name, ipv6=ipv6)
         await asyncio.wrap_future(self.kernel.set(NODE, self.node_objects(lease)))
         count = self.ctx.options.workers
-        spec = self.dataplane_spec(lease)
         sock = self._open_socket(reuse_port=count > 1)
+        sock6 = self._open_socket(reuse_port=False, ipv6=True) if ipv6 else None
         self.dataplane = dataplane = build_dataplane(
-            spec, self.tun, sock, self.ctx.peers, self.ctx.counters
+            spec, self.tun, sock, self.ctx.peers, self.ctx.counters, sock6
         )
         dataplane.set_impairment(self._impairment)
         if count > 1:
@@ -119,13 +121,16 @@ class UserspaceBackend(Backend):
             [peer.lease for peer in self.ctx.peers.peers()],
         )
 
-    def _open_socket(self, *, reuse_port: bool) -> socket.socket:
-        address = str(self.ctx.underlay.address)
+    def _open_socket(self, *, reuse_port: bool, ipv6: bool = False) -> socket.socket:
+        """The socket peers send to, on our underlay address (``ipv6``: the IPv6 one)."""
+        underlay = self.ctx.underlay
+        address = str(underlay.address6 if ipv6 else underlay.address)
         port = self.ctx.config.backend.port
         try:
             return open_socket(address, port, reuse_port=reuse_port)
         except OSError as e:
-            raise OSError(e.errno, f"cannot bind UDP {address}:{port}: {e.strerror}") from None
+            shown = f"[{address}]" if ipv6 else address
+            raise OSError(e.errno, f"cannot bind UDP {shown}:{port}: {e.strerror}") from None
 
     def worker_spec(self, spec: DataplaneSpec) -> WorkerSpec:
         """What a worker process needs to build the same dataplane on its own queue."""
@@ -233,7 +238,8 @@ class UserspaceBackend(Backend):
         dataplane, self.dataplane = self.dataplane, None
         if dataplane is not None:
             dataplane.stop(asyncio.get_running_loop())
-            dataplane.sock.close()
+            for sock in dataplane.sockets():
+                sock.close()
         tun, self.tun = self.tun, None
         if tun is not None:
             tun.close()

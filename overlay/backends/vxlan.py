@@ -2,7 +2,9 @@
 kernel's vxlan device and ``flannel.1`` do):
 
 - userspace (the default): this process frames and unframes VXLAN on a TUN, so a node
-  whose kernel has no VXLAN joins a cluster of ``flannel.1`` nodes;
+  whose kernel has no VXLAN joins a cluster of ``flannel.1`` nodes; with EnableIPv6 it
+  carries the IPv6 half too, as ``flannel-v6.<VNI>`` does (a second socket on our IPv6
+  underlay address, the TUN with the lease's IPv6 address and a route for IPv6Network);
 - kernel (``--kernel-vxlan``): the kernel's vxlan device ``flannel.<VNI>``, programmed as
   flanneld does (permanent neighbour + fdb entry + onlink route per peer); with
   EnableIPv6 a second one, ``flannel-v6.<VNI>``, over the IPv6 underlay, programmed the
@@ -16,22 +18,22 @@ route via their public IP instead of encapsulation.
 from __future__ import annotations
 
 import asyncio
-from dataclasses import replace
 from typing import Any
 
 from control.lease import Lease
 from encap import vxlan
-from overlay.backends.base import Backend, Context, KernelLink, Underlay
+from overlay.backends.base import Backend, BackendError, Context, KernelLink, Underlay
 from overlay.backends.routed import RoutedBackend, direct_route, direct_route6, ipv6_half
 from overlay.backends.userspace import UserspaceBackend
 from overlay.dataplane.spec import DataplaneSpec
-from overlay.dataplane.vxlan import vtep_mac_of, vxlan_prefix_for
+from overlay.dataplane.vxlan import vtep6_mac_of, vtep_mac_of, vxlan6_prefix_for, vxlan_prefix_for
 from overlay.kernel.objects import (
     Address,
     IPAddress,
     KernelObject,
     Link,
     Reachable,
+    Route,
     VxlanDevice,
     vxlan_peer,
 )
@@ -49,6 +51,10 @@ class _Vtep:
         self.port = ctx.config.backend.port
         # Stable across restarts: derived from our public IP and the VNI.
         self.mac = vxlan.vtep_mac(str(ctx.underlay.public_ip), self.vni)
+        # The IPv6 VTEP's (flannel-v6.<VNI>'s), the same way from PublicIPv6.
+        public6 = ctx.underlay.public_ipv6
+        self.mac6 = vxlan.vtep_mac(str(public6), self.vni) if public6 else None
+        self.ipv6 = ctx.config.ipv6 is not None
         self.configured_mtu = ctx.config.backend.mtu  # flanneld's vxlan option Backend.MTU
 
     def mtu_for(self, underlay: Underlay) -> int:
@@ -62,11 +68,11 @@ class _Vtep:
     def lease_data(self) -> dict[str, Any]:
         return {"VNI": self.vni, "VtepMAC": vxlan.format_mac(self.mac)}
 
-
-def _v6_mac(lease: Lease) -> str | None:
-    """The VtepMAC a dual-stack vxlan lease publishes in BackendV6Data, or None."""
-    raw = vtep_mac_of(replace(lease, backend_data=lease.backend_v6_data))
-    return vxlan.format_mac(raw) if raw is not None else None
+    def lease_v6_data(self) -> dict[str, Any] | None:
+        """BackendV6Data, as flanneld publishes flannel-v6's VNI and MAC (EnableIPv6)."""
+        if not self.ipv6 or self.mac6 is None:
+            return None
+        return {"VNI": self.vni, "VtepMAC": vxlan.format_mac(self.mac6)}
 
 
 def _mtu_warning(backend: Backend) -> list[dict[str, Any]]:
@@ -87,15 +93,19 @@ def _mtu_warning(backend: Backend) -> list[dict[str, Any]]:
 class VxlanBackend(UserspaceBackend):
     """VXLAN in userspace, interoperable with the kernel's vxlan device."""
 
-    ipv6_refusal = (
-        "IPv6 needs --kernel-vxlan or host-gw for now (the userspace vxlan datapath is IPv4 only)"
-    )
+    ipv6_refusal = ""
 
     lease_type = "vxlan"
     name = "vxlan (userspace datapath)"
     overhead = vxlan.OVERHEAD
 
     def __init__(self, ctx: Context) -> None:
+        if ctx.config.ipv6 is not None and ctx.options.workers > 1:
+            raise BackendError(
+                f"EnableIPv6 with --workers {ctx.options.workers}: the userspace vxlan "
+                "datapath carries IPv6 in its main process only; use --workers 1 (or "
+                "--kernel-vxlan)"
+            )
         self.vtep = _Vtep(ctx)
         super().__init__(ctx)
 
@@ -124,8 +134,29 @@ class VxlanBackend(UserspaceBackend):
     def lease_data(self) -> dict[str, Any]:
         return self.vtep.lease_data()
 
+    def lease_v6_data(self) -> dict[str, Any] | None:
+        return self.vtep.lease_v6_data()
+
     def prefix_for(self, lease: Lease) -> bytes:
         return vxlan_prefix_for(self.vtep.vni, self.vtep.mac)(lease)
+
+    def prefix6_for(self, lease: Lease) -> bytes:
+        if self.vtep.mac6 is None:
+            return b""
+        return vxlan6_prefix_for(self.vtep.vni, self.vtep.mac6)(lease)
+
+    def node_objects(self, lease: Lease) -> list[KernelObject]:
+        """The TUN as the udp backend's, and with EnableIPv6 also the lease's IPv6 subnet
+        address (a /128, as flannel-v6.<VNI>'s) and a route for IPv6Network."""
+        objects = super().node_objects(lease)
+        ipv6 = self.ctx.config.ipv6
+        if ipv6 is not None and lease.ipv6_subnet is not None:
+            name = self.ctx.options.tun_name
+            objects += [
+                Address(name, lease.ipv6_subnet.network_address),
+                Route(ipv6.network, dev=name),
+            ]
+        return objects
 
     def dataplane_spec(self, lease: Lease) -> DataplaneSpec:
         options = self.ctx.options
@@ -139,6 +170,8 @@ class VxlanBackend(UserspaceBackend):
             busy_poll_us=options.busy_poll_us,
             vni=self.vtep.vni,
             mac=self.vtep.mac,
+            subnet6=lease.ipv6_subnet if self.vtep.ipv6 else None,
+            mac6=self.vtep.mac6 or b"",
         )
 
     def status(self) -> dict[str, Any]:
@@ -147,7 +180,11 @@ class VxlanBackend(UserspaceBackend):
         arp_replies = sum(w["arp_replies"] for w in workers) if workers else None
         if arp_replies is None:
             arp_replies = self.dataplane.arp_replies if self.dataplane else 0
-        return {**status, "vtep_mac": vxlan.format_mac(self.vtep.mac), "arp_replies": arp_replies}
+        result = {**status, "vtep_mac": vxlan.format_mac(self.vtep.mac), "arp_replies": arp_replies}
+        ipv6 = self.dataplane.ipv6_status() if self.dataplane is not None else {}
+        if self.vtep.ipv6 and self.vtep.mac6 is not None:
+            result |= {"vtep_mac6": vxlan.format_mac(self.vtep.mac6), **ipv6}
+        return result
 
 
 class KernelVxlanBackend(RoutedBackend):
@@ -162,9 +199,7 @@ class KernelVxlanBackend(RoutedBackend):
         self.vtep = _Vtep(ctx)
         self.device = f"flannel.{self.vtep.vni}"
         self.device6 = f"flannel-v6.{self.vtep.vni}"
-        public6 = ctx.underlay.public_ipv6
-        # flannel-v6's MAC: stable across restarts, like the IPv4 one, from PublicIPv6.
-        self.mac6 = vxlan.vtep_mac(str(public6), self.vtep.vni) if public6 else None
+        self.mac6 = self.vtep.mac6
         self.lease: Lease | None = None
         ipv6 = ctx.config.ipv6 is not None
         super().__init__(ctx, devices=(self.device, *((self.device6,) if ipv6 else ())))
@@ -173,9 +208,7 @@ class KernelVxlanBackend(RoutedBackend):
         return self.vtep.lease_data()
 
     def lease_v6_data(self) -> dict[str, Any] | None:
-        if self.ctx.config.ipv6 is None or self.mac6 is None:
-            return None
-        return {"VNI": self.vtep.vni, "VtepMAC": vxlan.format_mac(self.mac6)}
+        return self.vtep.lease_v6_data()
 
     def mtu_for(self, underlay: Underlay) -> int:
         return self.vtep.mtu_for(underlay)
@@ -247,15 +280,15 @@ class KernelVxlanBackend(RoutedBackend):
         assert lease.ipv6_subnet is not None and lease.public_ipv6 is not None
         if self.ctx.config.backend.direct_routing and reachable(lease.public_ipv6):
             return direct_route6(lease)
-        mac = _v6_mac(lease)
-        if mac is None:
+        raw = vtep6_mac_of(lease)
+        if raw is None:
             self.ctx.log.warning(
                 "peer_skipped",
                 subnet=str(lease.ipv6_subnet),
                 reason="dual-stack vxlan lease without a valid BackendV6Data VtepMAC",
             )
             return []
-        return vxlan_peer(self.device6, lease.ipv6_subnet, lease.public_ipv6, mac)
+        return vxlan_peer(self.device6, lease.ipv6_subnet, lease.public_ipv6, vxlan.format_mac(raw))
 
     def _program4(self, lease: Lease, reachable: Reachable) -> list[KernelObject] | None:
         if self.ctx.config.backend.direct_routing and reachable(lease.public_ip):

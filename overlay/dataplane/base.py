@@ -83,6 +83,14 @@ class Dataplane:
         # segments of one GSO send (the node passes tun_tso unless --no-tun-tso).
         self.tso = tun_tso and self.gso and tun.vnet_hdr and tun.enable_tso()
 
+    def ipv6_status(self) -> dict[str, int]:
+        """What the IPv6 half reports (vxlan with EnableIPv6); nothing here."""
+        return {}
+
+    def sockets(self) -> list[socket.socket]:
+        """The sockets this dataplane receives on (closed with it)."""
+        return [self.sock]
+
     def features(self) -> dict[str, bool]:
         """What the daemon may report: which offloads are active on this dataplane."""
         return {

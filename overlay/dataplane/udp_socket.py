@@ -22,8 +22,10 @@ def open_socket(address: str, port: int, *, reuse_port: bool = False) -> socket.
     share the address, the kernel picking one per datagram by a hash of its 4-tuple;
     the kernel admits a socket to a SO_REUSEPORT group only with the effective uid of
     the group's first socket, so only our own processes can join
-    (tests/netns/test_hardening.py tries it as nobody)."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    (tests/netns/test_hardening.py tries it as nobody). An IPv6 ``address`` gives an
+    IPv6 socket (vxlan's IPv6 half), exclusive the same way."""
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_DGRAM)
     if reuse_port:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):

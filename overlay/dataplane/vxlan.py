@@ -8,12 +8,18 @@ header and inner Ethernet header (I flag, VNI, ethertype, our VTEP MAC,
 ``encap.gso.vxlan_reason``) before the inner packet gets the udp backend's checks, in the
 same pass that coalesces TCP runs; ARP requests for our VTEP address are handed back and
 answered here, so a kernel peer without a static neighbour entry still reaches us.
+
+With EnableIPv6 an ``Ipv6Path`` (``overlay.dataplane.ipv6``) carries the IPv6 half over
+its own socket: the send drain hands it the TUN's IPv6 packets, and its socket has its
+own reader.
 """
 
 from __future__ import annotations
 
+import asyncio
 import socket
 from collections.abc import Callable
+from dataclasses import replace
 from ipaddress import IPv4Network
 
 from control.lease import Lease
@@ -21,6 +27,7 @@ from control.peer_table import PeerTable
 from encap import arp, vxlan
 from encap.errors import CodecError
 from overlay.dataplane.counters import Counters
+from overlay.dataplane.ipv6 import Ipv6Path
 from overlay.dataplane.udp import UdpDataplane
 from tun.device import TunDevice
 
@@ -47,6 +54,23 @@ def vxlan_prefix_for(vni: int, mac: bytes) -> Callable[[Lease], bytes]:
         return vxlan.prefix(vni, peer_mac, mac) if peer_mac is not None else b""
 
     return prefix_for
+
+
+def vtep6_mac_of(lease: Lease) -> bytes | None:
+    """The VtepMAC of flannel-v6.<VNI> a dual-stack lease publishes in BackendV6Data."""
+    return vtep_mac_of(replace(lease, backend_data=lease.backend_v6_data))
+
+
+def vxlan6_prefix_for(vni: int, mac: bytes) -> Callable[[Lease], bytes]:
+    """The IPv6 half's prefix: to the peer's BackendV6Data VTEP MAC, inner type 0x86DD."""
+
+    def prefix6_for(lease: Lease) -> bytes:
+        peer_mac = vtep6_mac_of(lease)
+        if peer_mac is None:
+            return b""
+        return vxlan.prefix(vni, peer_mac, mac, vxlan.ETHERTYPE_IPV6)
+
+    return prefix6_for
 
 
 class VxlanDataplane(UdpDataplane):
@@ -88,6 +112,34 @@ class VxlanDataplane(UdpDataplane):
         self.arp_replies = 0
         # Checked on every received datagram before its inner packet (encap.gso.vxlan_reason).
         self.vxlan_rules = (self.vni_bytes, mac)
+        self.ipv6: Ipv6Path | None = None  # the IPv6 half (EnableIPv6): attach_ipv6
+
+    def attach_ipv6(self, path: Ipv6Path) -> None:
+        """Carry IPv6 too, over ``path`` (before start)."""
+        self.ipv6 = path
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        super().start(loop)
+        if self.ipv6 is not None:
+            ipv6 = self.ipv6
+            loop.add_reader(ipv6.sock.fileno(), lambda: ipv6.on_socket_readable(self.mtu))
+
+    def stop(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self.ipv6 is not None:
+            loop.remove_reader(self.ipv6.sock.fileno())
+        super().stop(loop)
+
+    def ipv6_status(self) -> dict[str, int]:
+        return {"ndp_replies": self.ipv6.neighbor_adverts} if self.ipv6 is not None else {}
+
+    def sockets(self) -> list[socket.socket]:
+        return [*super().sockets(), *((self.ipv6.sock,) if self.ipv6 is not None else ())]
+
+    def _send_ipv6(self, frame: bytes) -> None:
+        if self.ipv6 is None:
+            super()._send_ipv6(frame)
+        else:
+            self.ipv6.send(frame, self.mtu)
 
     def _answer_arp(self, start: int, end: int, source: tuple[str, int]) -> None:
         """Reply to "who has <our VTEP address>" from a peer (rare: off the hot path)."""

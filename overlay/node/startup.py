@@ -185,6 +185,7 @@ class Startup:
                 fields["key"] = node.manager.config_key
             self.log.warning(event, **fields)
         node.peers.prefix_for = backend.prefix_for
+        node.peers.prefix6_for = backend.prefix6_for
         return backend
 
     async def start(self) -> Backend:

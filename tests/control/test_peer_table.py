@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from ipaddress import IPv4Address, IPv4Network, IPv6Address
+from dataclasses import replace
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from typing import Any
 
 from hypothesis import given, settings
@@ -115,6 +116,19 @@ def same_table(a: PeerTable, b: PeerTable) -> None:
         ip = peer.addr[0]
         assert a.by_public_ip(ip) == b.by_public_ip(ip)
         assert a.sources_of(ip) == b.sources_of(ip)
+    # The IPv6 halves (issue 20): the same routes and senders, and each dual-stack
+    # lease's IPv6 subnet routed to its PublicIPv6 and sharing its counters.
+    assert a.routes6 == b.routes6
+    for peer in a.peers():
+        lease = peer.lease
+        if lease.ipv6_subnet is None or lease.public_ipv6 is None:
+            continue
+        ip6 = str(lease.public_ipv6)
+        assert a.sources6_of(ip6) == b.sources6_of(ip6)
+        assert (int(lease.ipv6_subnet.network_address) >> 64, 64) in a.sources6_of(ip6)
+        half = a.lookup6(lease.ipv6_subnet.network_address.packed)
+        assert half is not None and half.addr == (ip6, a.port) and half.lease == lease
+        assert half.stats is peer.stats
 
 
 @settings(max_examples=300, deadline=None)
@@ -177,11 +191,13 @@ def test_a_published_table_is_never_changed_afterwards(batches: list[list[Any]])
     book = LeaseBook(None, own_ip=OWN_IP)
     table = PeerTable(8285)
     for batch in batches:
-        routes, senders = table.routes, table.senders
+        routes, senders, routes6 = table.routes, table.senders, table.routes6
         frozen = ([(shift, dict(t)) for shift, t in routes], dict(senders))
+        frozen6 = [(shift, dict(t)) for shift, t in routes6]
         changed, removed = book.apply([registry.apply(item) for item in batch])
         table.apply(changed, [lease.subnet for lease in removed])
         assert ([(shift, dict(t)) for shift, t in routes], dict(senders)) == frozen
+        assert [(shift, dict(t)) for shift, t in routes6] == frozen6
         if changed or removed:
             assert table.routes is not routes and table.senders is not senders
 
@@ -236,3 +252,46 @@ def test_each_dual_stack_batch_gives_what_a_fresh_build_gives(
         return book
 
     each_batch_as_fresh(book_of, initial, batches)
+
+
+def test_ipv6_halves_route_by_longest_prefix_and_go_with_their_lease() -> None:
+    """lookup6 is a longest match over the peers' IPv6 subnets; a lease without an IPv6
+    half is no IPv6 peer; removing or changing a lease takes its IPv6 half with it."""
+    table = PeerTable(8472, prefix6_for=lambda lease: b"v6" + lease.subnet.network_address.packed)
+
+    def dual(i: int, v6: str | None, create_revision: int) -> Lease:
+        return Lease(
+            IPv4Network(f"10.244.{i}.0/24"),
+            IPv4Address(f"192.0.2.{i}"),
+            ipv6_subnet=IPv6Network(v6) if v6 else None,
+            public_ipv6=IPv6Address(f"2001:db8::{i}") if v6 else None,
+            create_revision=create_revision,
+        )
+
+    wide, narrow, v4only = (
+        dual(1, "fd00:10::/56", 1),
+        dual(2, "fd00:10:0:7::/64", 2),
+        dual(3, None, 3),
+    )
+    table.replace_all([wide, narrow, v4only])
+    inside_narrow = IPv6Address("fd00:10:0:7::9").packed
+    inside_wide = IPv6Address("fd00:10:0:8::9").packed
+    peer = table.lookup6(inside_narrow)
+    assert peer is not None and peer.addr == ("2001:db8::2", 8472)
+    assert peer.prefix == b"v6" + narrow.subnet.network_address.packed
+    peer = table.lookup6(inside_wide)
+    assert peer is not None and peer.addr == ("2001:db8::1", 8472)
+    assert table.lookup6(IPv6Address("fd00:11::1").packed) is None
+    assert table.sources6_of("2001:db8::3") == ()
+    assert table.by_public_ipv6("2001:db8::2") == table.lookup6(inside_narrow)
+    table.apply([], [narrow.subnet])
+    peer = table.lookup6(inside_narrow)
+    assert peer is not None and peer.addr == ("2001:db8::1", 8472)
+    assert table.sources6_of("2001:db8::2") == ()
+    moved = replace(wide, public_ipv6=IPv6Address("2001:db8::99"), create_revision=9)
+    table.apply([moved], [])
+    peer = table.lookup6(inside_wide)
+    assert peer is not None and peer.addr == ("2001:db8::99", 8472)
+    assert table.sources6_of("2001:db8::1") == ()
+    table.replace_all([])
+    assert table.routes6 == [] and table.lookup6(inside_wide) is None

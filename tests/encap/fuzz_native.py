@@ -62,6 +62,12 @@ def _drain() -> list[bytes]:
             return out
 
 
+def _ipv6_frame(frame: bytes) -> None:
+    """The send drain's IPv6 hand-over: a virtio_net_hdr and an IPv6 header at least."""
+    if len(frame) < 10 + 40 or frame[10] >> 4 != 6:
+        raise AssertionError(f"an IPv6 hand-over of {len(frame)} bytes: {frame[:12].hex()}")
+
+
 def _stand_in(tun: int, sock: socket.socket, prefix: bytes, n: int, **extra: Any) -> Any:
     """An object with the attributes the drains read (tests/encap/test_native.py and
     tests/overlay/dataplane/test_fastpath.py run them on real dataplanes): sends go into an
@@ -94,6 +100,7 @@ def _stand_in(tun: int, sock: socket.socket, prefix: bytes, n: int, **extra: Any
         "_no_route": lambda packet: None,
         "_too_big": lambda packet: None,
         "_answer_arp": lambda start, end, source: None,
+        "_send_ipv6": _ipv6_frame,
     }
     fields.update(extra)
     return SimpleNamespace(**fields)

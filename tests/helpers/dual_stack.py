@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import json
 import subprocess
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from ipaddress import IPv4Interface, IPv6Interface
 from pathlib import Path
 from typing import Any
@@ -118,17 +119,27 @@ print(peer[0], flush=True)
 CONNECT = "import socket, sys; socket.create_connection((sys.argv[1], 7777), timeout=5).close()"
 
 
-def peer_seen(server_ns: str, address: str, client_ns: str) -> str:
-    """The source address a TCP connection from ``client_ns`` to ``address`` arrives with."""
+@contextmanager
+def serving(ns: str, script: str, *args: str) -> Iterator[Callable[[], str]]:
+    """``script`` running in ``ns`` until the block ends, once it printed "ready": its
+    next output line, on each call."""
     server = subprocess.Popen(
-        ["ip", "netns", "exec", server_ns, "python3", "-c", PEER_SERVER, address],
+        ["ip", "netns", "exec", ns, "python3", "-c", script, *args],
         stdout=subprocess.PIPE,
         text=True,
     )
     try:
-        assert server.stdout is not None and server.stdout.readline().strip() == "ready"
-        in_ns(client_ns, "python3", "-c", CONNECT, address)
-        return server.stdout.readline().strip()
+        assert server.stdout is not None
+        out = server.stdout
+        assert out.readline().strip() == "ready"
+        yield lambda: out.readline().strip()
     finally:
         server.kill()
         server.wait()
+
+
+def peer_seen(server_ns: str, address: str, client_ns: str) -> str:
+    """The source address a TCP connection from ``client_ns`` to ``address`` arrives with."""
+    with serving(server_ns, PEER_SERVER, address) as line:
+        in_ns(client_ns, "python3", "-c", CONNECT, address)
+        return line()
