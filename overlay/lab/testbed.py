@@ -408,7 +408,7 @@ class Testbed:
             with self._stage("registry"):
                 self._seed_registry()
             self._start_daemons()
-            self._ready_then_pods(list(range(1, self.nodes + 1)))
+            self._ready_then_pods(self._numbers())
             self._impair_links()
             self.events.record("up", nodes=self.nodes, pods=self._pod_count())
         except BaseException:
@@ -960,8 +960,8 @@ class Testbed:
         # anything else running in our namespaces (servers a test started, a daemon
         # without pid file). No CNI DEL: all that a DEL undoes (the pod's veth, the
         # bridge's port, host-local's reservation) lives in the namespaces and the state
-        # directory removed below, as when a node is switched off; DELs were a third of
-        # the time a 200-node bed took to go.
+        # directory removed below, as when a node is switched off (the DELs, a plugin
+        # process each, were most of the time a 200-node bed took to go: README).
         with self._stage("daemons stopped"):
             daemons = []
             for pid_file in sorted(self.state_dir.glob("n*.pid")):
