@@ -98,7 +98,8 @@ def _normal(u: float) -> float:
 @functools.cache
 def _standard_normal() -> NormalDist:
     """Imported at the first normal-distributed jitter, for memory: statistics brings
-    decimal and fractions, half a MiB that every idle daemon held for nothing."""
+    decimal and fractions, which a daemon without such a jitter never uses (README,
+    "Memory of a daemon")."""
     from statistics import NormalDist
 
     return NormalDist()
