@@ -1,11 +1,11 @@
 """``python -m bench.bed_scale``: how large a namespace testbed this machine holds.
 
 Builds N nodes x K pods (``overlay testbed up``'s code, progress on a terminal), lets the
-daemons idle, then measures: the time up took, each idle daemon's RSS (min, median,
-max), etcd's, the machine's memory the bed holds (MemAvailable before up minus after),
-and the time ``down`` took. Also where a daemon's memory goes: the RSS of a fresh
-interpreter, after the daemon's imports, and after the etcd client's. Run it under the
-heavy lock (it is the machine's figure)::
+daemons idle, then measures: the time up took and each of its stages, each idle daemon's
+RSS (min, median, max), etcd's, the machine's memory the bed holds (MemAvailable before
+up minus after), and the time ``down`` took and each of its stages. Also where a daemon's
+memory goes: the RSS of a fresh interpreter, after the daemon's imports, and after the
+etcd client's. Run it under the heavy lock (it is the machine's figure)::
 
     flock /work/heavy.lock python -m bench.bed_scale                  # 200 nodes x 1 pod, etcd
     flock /work/heavy.lock python -m bench.bed_scale --nodes 50 --registry file
@@ -79,6 +79,7 @@ def measure(nodes: int, pods: int, registry: str, settle: float) -> dict[str, An
         finally:
             bed.progress.done()
         up_s = time.monotonic() - started
+        up_stages = dict(bed.timings)
         time.sleep(settle)
         pids = [n["pid"] for n in bed.status()["nodes"]]
         rss = sorted(rss_kib(pid) / 1024 for pid in pids if pid)
@@ -92,6 +93,7 @@ def measure(nodes: int, pods: int, registry: str, settle: float) -> dict[str, An
         finally:
             bed.progress.done()
         down_s = time.monotonic() - started
+        down_stages = dict(bed.timings)
     return {
         "prefix": bed.prefix,
         "nodes": nodes,
@@ -99,6 +101,8 @@ def measure(nodes: int, pods: int, registry: str, settle: float) -> dict[str, An
         "registry": registry,
         "up_s": round(up_s, 1),
         "down_s": round(down_s, 1),
+        "up_stages_s": up_stages,
+        "down_stages_s": down_stages,
         "daemons": len(rss),
         "daemon_rss_mib": {
             "min": round(rss[0], 1),
@@ -124,6 +128,15 @@ def report(result: dict[str, Any]) -> str:
         "",
         f"(RSS after {r['settle_s']:.0f} s idle; machine memory = MemAvailable before up "
         "minus after.)",
+        "",
+        "| stage | seconds |",
+        "|---|---|",
+        *(f"| up: {stage} | {s} |" for stage, s in r["up_stages_s"].items()),
+        *(f"| down: {stage} | {s} |" for stage, s in r["down_stages_s"].items()),
+        "",
+        "(Daemons start all at once and each node's pods are added as soon as its daemon is "
+        "up, so `daemons up` includes pods' CNI ADDs; `pods after the last daemon` is the "
+        "tail.)",
         "",
         "| a fresh interpreter | RSS MiB |",
         "|---|---|",

@@ -21,17 +21,19 @@ Correlations are netem's: the next random number is ``(1 - rho) * fresh + rho * 
 
 from __future__ import annotations
 
+import functools
 import heapq
 import math
 import random
 from dataclasses import dataclass
-from statistics import NormalDist
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 from overlay.impair.spec import Spec
 
+if TYPE_CHECKING:
+    from statistics import NormalDist
+
 TAIL_CUT = 4.0  # jitters: the most a distribution's sample may stray from the delay
-_NORMAL = NormalDist()
 _PARETO_SHAPE = 3.0
 _PARETO_MEAN = _PARETO_SHAPE / (_PARETO_SHAPE - 1)  # with scale 1
 _PARETO_SD = math.sqrt(_PARETO_SHAPE / ((_PARETO_SHAPE - 1) ** 2 * (_PARETO_SHAPE - 2)))
@@ -90,7 +92,17 @@ def standard_sample(distribution: str, u: float, rng: random.Random) -> float:
 
 
 def _normal(u: float) -> float:
-    return float(_NORMAL.inv_cdf(min(max(u, 1e-12), 1 - 1e-12)))
+    return float(_standard_normal().inv_cdf(min(max(u, 1e-12), 1 - 1e-12)))
+
+
+@functools.cache
+def _standard_normal() -> NormalDist:
+    """Imported at the first normal-distributed jitter, for memory: statistics brings
+    decimal and fractions, which a daemon without such a jitter never uses (README,
+    "Memory of a daemon")."""
+    from statistics import NormalDist
+
+    return NormalDist()
 
 
 def _pareto(u: float) -> float:

@@ -23,7 +23,9 @@ import shutil
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import replace
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
@@ -38,13 +40,16 @@ from overlay.lab.etcd import MAX_MEMBERS, EtcdCluster
 from overlay.lab.events import EventLog
 from overlay.lab.netns import (
     create_netns,
+    create_netns_all,
+    entered,
+    ip_batch,
     list_netns,
     log_tail,
     netns_exists,
-    netns_pids,
+    netns_pids_all,
     pid_alive,
     pid_cmdline,
-    remove_netns,
+    remove_netns_all,
     sysctl_in,
     terminate,
 )
@@ -61,7 +66,7 @@ from overlay.lab.topology import (
     network_problem,
     room,
 )
-from tun.rtnl import IPRoute
+from tun.rtnl import IPRoute, NetlinkError
 
 STATE_ROOT = Path("/run/overlay-testbed")
 DEFAULT_PREFIX = "ovl"
@@ -209,6 +214,16 @@ class Testbed:
         self._procs: dict[int, subprocess.Popen[bytes]] = {}
         # What `up` and `down` are doing, for a terminal (the CLI sets one; silent here).
         self.progress = Progress.off()
+        # Seconds each stage of the last up/down took (bench.bed_scale reports them).
+        self.timings: dict[str, float] = {}
+
+    @contextmanager
+    def _stage(self, name: str) -> Iterator[None]:
+        started = time.monotonic()
+        try:
+            yield
+        finally:
+            self.timings[name] = round(time.monotonic() - started, 2)
 
     # -- what the topology says -------------------------------------------------------
 
@@ -386,13 +401,14 @@ class Testbed:
     def up(self) -> Testbed:
         """Build the whole run; on any failure (or Ctrl-C) everything made is removed."""
         self._refuse_leftovers()
+        self.timings = {}
         try:
             self._write_state()
             self._build_underlay()
-            self._seed_registry()
+            with self._stage("registry"):
+                self._seed_registry()
             self._start_daemons()
-            self._wait_daemons()
-            self._add_pods()
+            self._ready_then_pods(self._numbers())
             self._impair_links()
             self.events.record("up", nodes=self.nodes, pods=self._pod_count())
         except BaseException:
@@ -435,18 +451,39 @@ class Testbed:
         (self.state_dir / "testbed.json").write_text(json.dumps(params, indent=2) + "\n")
 
     def _build_underlay(self) -> None:
+        """Every namespace of the bed (switch, nodes, pods) in one ``ip -batch``, the
+        bridges in another, the router if there are several segments, then the nodes'
+        links: a stage costs a process, not a process per node."""
         self.progress.step("underlay bridge")
-        create_netns(self.underlay_ns)
-        with IPRoute(netns=self.underlay_ns, flags=0) as ipr:
-            bridges = {}
-            for name, _ in self.plan.bridges:
-                ipr.link("add", ifname=name, kind="bridge")
-                (bridges[name],) = ipr.link_lookup(ifname=name)
-                ipr.link("set", index=bridges[name], state="up")
+        with self._stage("namespaces"), _as_testbed_error("creating the namespaces"):
+            create_netns_all([self.underlay_ns, *self._member_namespaces(self._numbers())])
+        with self._stage("bridges and router"), _as_testbed_error("making the bridges"):
+            ip_batch(
+                [
+                    command
+                    for name, _ in self.plan.bridges
+                    for command in (f"link add {name} type bridge", f"link set {name} up")
+                ],
+                netns=self.underlay_ns,
+            )
             if self.plan.legs:
-                self._build_router(ipr, bridges)
-            for node in self.plan.nodes:
-                self._build_node(ipr, bridges[node.bridge], node.number)
+                with IPRoute(netns=self.underlay_ns, flags=0) as ipr:
+                    bridges = {
+                        name: ipr.link_lookup(ifname=name)[0] for name, _ in self.plan.bridges
+                    }
+                    self._build_router(ipr, bridges)
+        self._build_nodes(self._numbers())
+
+    def _numbers(self) -> list[int]:
+        return list(range(1, self.nodes + 1))
+
+    def _member_namespaces(self, numbers: list[int]) -> list[str]:
+        """The namespaces of these nodes and of their pods."""
+        return [
+            ns
+            for i in numbers
+            for ns in (self.node_ns(i), *(self.pod_ns(i, j) for j in range(1, self.pods_of(i) + 1)))
+        ]
 
     def _build_router(self, ipr: IPRoute, bridges: dict[str, int]) -> None:
         """The router namespace: a leg on every segment's bridge, forwarding between them
@@ -474,21 +511,27 @@ class Testbed:
                 router.link("set", index=inside, state="up")
         sysctl_in(self.router_ns, "net.ipv4.ip_forward", "1")
 
-    def _build_node(self, ipr: IPRoute, bridge: int, i: int) -> None:
-        """Node i's namespace, plugged into its segment's bridge (``ipr`` is in the
-        underlay ns), with a route to each other segment via the router."""
+    def _build_nodes(self, numbers: list[int]) -> None:
+        """Each node's eth0, a veth whose other end is on its segment's bridge (one
+        ``ip -batch`` in the underlay ns for all of them), then its address, routes and
+        forwarding, set from inside the node."""
+        with self._stage("node links"), _as_testbed_error("linking the nodes"):
+            commands = []
+            for i in numbers:
+                veth, ns = self.veth(i), self.node_ns(i)
+                commands.append(f"link add {veth} type veth peer name eth0 netns {ns}")
+                commands.append(f"link set {veth} master {self.plan.node(i).bridge} up")
+            ip_batch(commands, netns=self.underlay_ns)
+        with self._stage("node addresses"), _as_testbed_error("addressing the nodes"):
+            for i in numbers:
+                self._configure_node(i)
+
+    def _configure_node(self, i: int) -> None:
+        """Node i's eth0 address, a route to each other segment via the router, and
+        forwarding on (/proc/sys/net is the namespace of the thread that opens it)."""
         self.progress.step(f"n{i}: namespace and eth0")
-        ns, plan = self.node_ns(i), self.plan.node(i)
-        create_netns(ns)
-        ipr.link(
-            "add",
-            ifname=self.veth(i),
-            kind="veth",
-            peer={"ifname": "eth0", "net_ns_fd": ns},
-        )
-        (veth,) = ipr.link_lookup(ifname=self.veth(i))
-        ipr.link("set", index=veth, master=bridge, state="up")
-        with IPRoute(netns=ns, flags=0) as node:
+        plan = self.plan.node(i)
+        with entered(self.node_ns(i)), IPRoute() as node:
             (eth0,) = node.link_lookup(ifname="eth0")
             node.addr(
                 "add",
@@ -499,7 +542,7 @@ class Testbed:
             node.link("set", index=eth0, state="up")
             for cidr, via in plan.routes:
                 node.route("add", dst=str(cidr), gateway=str(via))
-        sysctl_in(ns, "net.ipv4.ip_forward", "1")
+            Path("/proc/sys/net/ipv4/ip_forward").write_text("1\n")
         # Kernel-datapath nodes keep eth0's default offloads (tx checksumming on, as a
         # veth or virtio NIC has): their inner checksums arrive partial, as in a real
         # cluster, and the userspace nodes must cope (encap.gso.drop_reason).
@@ -571,8 +614,10 @@ class Testbed:
         return self.plan.node(i).datapath
 
     def _start_daemons(self) -> None:
-        for i in range(1, self.nodes + 1):
-            self.start_daemon(i)
+        """Every daemon at once; ``_ready_then_pods`` waits for them all together."""
+        with self._stage("daemons started"):
+            for i in self._numbers():
+                self.start_daemon(i)
 
     def start_daemon(self, i: int) -> subprocess.Popen[bytes]:
         """Start node i's daemon (again, after a test stopped it): ``status`` and
@@ -607,9 +652,14 @@ class Testbed:
             proc.kill()
             return proc.wait()
 
-    def _wait_daemons(self, nodes: list[int] | None = None) -> None:
+    def _wait_daemons(
+        self, nodes: list[int] | None = None, on_ready: Callable[[int], None] | None = None
+    ) -> None:
+        """Until each daemon of ``nodes`` (default all) has written its subnet.env, calling
+        ``on_ready`` for each as it does; the first that exits or stays silent for
+        DAEMON_START_TIMEOUT after the last one came up is an error."""
         deadline = time.monotonic() + DAEMON_START_TIMEOUT
-        waiting = set(nodes or range(1, self.nodes + 1))
+        waiting = set(nodes or self._numbers())
         while waiting:
             for i in sorted(waiting):
                 if self.subnet_file(i).exists():
@@ -617,6 +667,8 @@ class Testbed:
                     self.progress.step(f"n{i}: daemon up")
                     # From the last one up: 200 daemons starting at once share the CPU.
                     deadline = time.monotonic() + DAEMON_START_TIMEOUT
+                    if on_ready is not None:
+                        on_ready(i)
                     continue
                 code = self._procs[i].poll()
                 if code is not None:
@@ -633,6 +685,31 @@ class Testbed:
                     f"{DAEMON_START_TIMEOUT:.0f} s: {log_tail(self.log_file(i))}"
                 )
             time.sleep(0.05)
+
+    def _ready_then_pods(self, numbers: list[int]) -> None:
+        """Wait for these nodes' daemons all together, and start the CNI ADDs of a node's
+        pods as soon as its daemon holds its lease (CNI_PARALLEL plugin runs at a time):
+        the first nodes' pods come up while the last daemons still start. The pods'
+        namespaces exist already (``_build_underlay``)."""
+        for i in numbers:
+            (self.node_dir(i) / "pods").mkdir(exist_ok=True)
+        pool = ThreadPoolExecutor(CNI_PARALLEL)
+        adds: list[Future[None]] = []
+
+        def add_pods_of(i: int) -> None:
+            for add in adds:
+                if add.done() and add.exception() is not None:
+                    add.result()  # a failed ADD stops the wait (up rolls back)
+            adds.extend(pool.submit(self._add_pod, i, j) for j in range(1, self.pods_of(i) + 1))
+
+        try:
+            with self._stage("daemons up"):
+                self._wait_daemons(numbers, on_ready=add_pods_of)
+            with self._stage("pods after the last daemon"):
+                for add in adds:
+                    add.result()  # the first failure raises here
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
 
     def cni_config(self, i: int) -> dict[str, Any]:
         node_dir = self.node_dir(i)
@@ -668,21 +745,6 @@ class Testbed:
             check=False,
         )
 
-    def _add_pods(self, nodes: list[int] | None = None) -> None:
-        """Every pod of ``nodes`` (default all): the namespaces one by one, then the CNI
-        ADDs side by side (each a plugin process: one after the other, a 200-pod bed
-        spent over a minute waiting for them)."""
-        pods = [
-            (i, j) for i in nodes or range(1, self.nodes + 1) for j in range(1, self.pods_of(i) + 1)
-        ]
-        for i in {i for i, _ in pods}:
-            (self.node_dir(i) / "pods").mkdir(exist_ok=True)
-        for i, j in pods:
-            create_netns(self.pod_ns(i, j))
-        with ThreadPoolExecutor(CNI_PARALLEL) as pool:
-            for _ in pool.map(lambda pod: self._add_pod(*pod), pods):
-                pass  # map re-raises the first failure here
-
     def _add_pod(self, i: int, j: int) -> None:
         proc = self._cni("ADD", i, self.pod_ns(i, j))
         try:
@@ -713,12 +775,11 @@ class Testbed:
             raise
         i = self.nodes
         self._write_state()  # records the new node, so status/load/down see it
-        with IPRoute(netns=self.underlay_ns, flags=0) as ipr:
-            (bridge,) = ipr.link_lookup(ifname=self.plan.node(i).bridge)
-            self._build_node(ipr, bridge, i)
+        with _as_testbed_error(f"creating n{i}'s namespaces"):
+            create_netns_all(self._member_namespaces([i]))
+        self._build_nodes([i])
         self.start_daemon(i)
-        self._wait_daemons([i])
-        self._add_pods([i])
+        self._ready_then_pods([i])
         return i
 
     def _impair_links(self) -> None:
@@ -890,63 +951,50 @@ class Testbed:
         removed, after trying everything else.
         """
         removed: dict[str, list[str]] = {"pods": [], "processes": [], "netns": []}
-        errors: list[str] = []
+        self.timings = {}
         node_names, pod_names = self._our_netns()
         # The router, then the underlay namespace last (its veths and bridges go with it).
         node_names += [ns for ns in (self.router_ns, self.underlay_ns) if netns_exists(ns)]
 
-        # 1. CNI DEL every pod that was added, as a kubelet would (best effort), side by
-        # side as up adds them.
-        added = []
-        for saved in sorted(self.state_dir.glob("n*/cni/*")):
-            node = re.fullmatch(r"n(\d+)", saved.parent.parent.name)
-            if node and not saved.name.startswith(".") and netns_exists(self.node_ns(int(node[1]))):
-                added.append((int(node[1]), saved.name))
-        self.progress.step(f"CNI DEL of {len(added)} pods", advance=False)
-        with ThreadPoolExecutor(CNI_PARALLEL) as pool:
-            for pod, deleted in zip(added, pool.map(self._cni_del, added), strict=True):
-                if deleted:
-                    removed["pods"].append(pod[1])
-
-        # 2. The daemons, by pid file (checked to still be ours), then 3. anything else
-        # running in our namespaces (servers a test started, a daemon without pid file).
-        daemons = []
-        for pid_file in sorted(self.state_dir.glob("n*.pid")):
-            match = re.fullmatch(r"n(\d+)\.pid", pid_file.name)
-            if match and (pid := self._daemon_pid(int(match[1]))) is not None:
-                daemons.append(pid)
-        self.progress.step(f"stopping {len(daemons)} daemons", advance=False)
-        terminate(daemons, DAEMON_STOP_TIMEOUT)
-        for proc in self._procs.values():
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait()
-        self._procs.clear()
-        ours = set(_ancestors())
-        strays = [pid for ns in pod_names + node_names for pid in netns_pids(ns) if pid not in ours]
-        terminate(strays, 2.0)
+        # 1. The daemons, by pid file (checked to still be ours), all at once, then 2.
+        # anything else running in our namespaces (servers a test started, a daemon
+        # without pid file). No CNI DEL: all that a DEL undoes (the pod's veth, the
+        # bridge's port, host-local's reservation) lives in the namespaces and the state
+        # directory removed below, as when a node is switched off (the DELs, a plugin
+        # process each, were most of the time a 200-node bed took to go: README).
+        with self._stage("daemons stopped"):
+            daemons = []
+            for pid_file in sorted(self.state_dir.glob("n*.pid")):
+                match = re.fullmatch(r"n(\d+)\.pid", pid_file.name)
+                if match and (pid := self._daemon_pid(int(match[1]))) is not None:
+                    daemons.append(pid)
+            self.progress.step(f"stopping {len(daemons)} daemons", advance=False)
+            terminate(daemons, DAEMON_STOP_TIMEOUT)
+            for proc in self._procs.values():
+                if proc.poll() is None:
+                    proc.kill()
+                proc.wait()
+            self._procs.clear()
+        with self._stage("other processes stopped"):
+            ours = set(_ancestors())
+            strays = [pid for pid in netns_pids_all(pod_names + node_names) if pid not in ours]
+            terminate(strays, 2.0)
         removed["processes"] = [str(pid) for pid in daemons + strays]
 
-        # 4. The namespaces, pods first.
-        for ns in pod_names + node_names:
-            self.progress.step(f"deleting netns {ns}", advance=False)
-            try:
-                remove_netns(ns)
-                removed["netns"].append(ns)
-            except OSError as e:
-                errors.append(f"deleting netns {ns}: {e}")
+        # 3. The namespaces, pods first (their links go with them).
+        with self._stage("namespaces deleted"):
+            self.progress.step(f"deleting {len(pod_names + node_names)} namespaces", advance=False)
+            errors = remove_netns_all(pod_names + node_names)
+            gone = [ns for ns in pod_names + node_names if not netns_exists(ns)]
+            removed["netns"] = gone
+            removed["pods"] = [ns for ns in pod_names if ns in gone]
 
-        # 6. The state directory.
-        errors.extend(self._remove_state())
+        # 4. The state directory.
+        with self._stage("state removed"):
+            errors.extend(self._remove_state())
         if errors:
             raise TestbedError(f"down of testbed {self.prefix} left things: {'; '.join(errors)}")
         return removed
-
-    def _cni_del(self, pod: tuple[int, str]) -> bool:
-        try:
-            return self._cni("DEL", *pod).returncode == 0
-        except (OSError, subprocess.SubprocessError):
-            return False
 
     def _remove_state(self) -> list[str]:
         """Remove the files a run makes; a custom state dir is emptied of ours only."""
@@ -999,6 +1047,15 @@ class Testbed:
             if exc is None:
                 raise
             sys.stderr.write(f"overlay testbed: {e}\n")
+
+
+@contextmanager
+def _as_testbed_error(doing: str) -> Iterator[None]:
+    """An iproute2 or netlink failure while building, as the one-line error of up."""
+    try:
+        yield
+    except (OSError, NetlinkError) as e:
+        raise TestbedError(f"{doing}: {e}") from None
 
 
 def _ancestors() -> list[int]:

@@ -19,7 +19,7 @@ import pytest
 from overlay.cli import testbed as testbed_cli
 from overlay.lab import testbed
 from overlay.lab.errors import TestbedError
-from overlay.lab.netns import list_netns, pid_alive
+from overlay.lab.netns import list_netns, pid_alive, pid_cmdline
 from overlay.lab.progress import Progress
 from overlay.lab.testbed import Testbed
 from tests.helpers.paths import ROOT
@@ -221,6 +221,91 @@ def test_up_reports_each_of_its_steps(beds: list[Testbed]) -> None:
     # The pods' CNI ADDs run side by side: the last one done is either pod.
     assert recording.steps[0] == "underlay bridge"
     assert recording.steps[-1] in ("pod n1-p1: CNI ADD", "pod n2-p1: CNI ADD")
+    # And how long each stage took (bench.bed_scale reports them), for up, then down.
+    assert list(bed.timings) == [
+        "namespaces",
+        "bridges and router",
+        "node links",
+        "node addresses",
+        "registry",
+        "daemons started",
+        "daemons up",
+        "pods after the last daemon",
+    ]
+    assert all(seconds >= 0 for seconds in bed.timings.values())
+    bed.down()
+    assert list(bed.timings) == [
+        "daemons stopped",
+        "other processes stopped",
+        "namespaces deleted",
+        "state removed",
+    ]
+
+
+@pytest.mark.netns
+def test_building_costs_a_process_per_stage_not_one_per_node(
+    beds: list[Testbed], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Namespaces, bridges, links and addresses of 2 nodes or of 8: the same processes
+    (a 200-node bed spent a minute forking one or more per node)."""
+    started: list[list[str]] = []
+    real_run = subprocess.run
+
+    def counted(argv: list[str], *args: object, **kwargs: object) -> object:
+        started.append(list(argv))
+        return real_run(argv, *args, **kwargs)  # type: ignore[call-overload]
+
+    monkeypatch.setattr(subprocess, "run", counted)
+    counts = []
+    for nodes in (2, 8):
+        bed = Testbed(new_prefix(), nodes=nodes, pods_per_node=1, registry="file")
+        beds.append(bed)
+        started.clear()
+        bed._write_state()
+        bed._build_underlay()
+        counts.append(len(started))
+        link = real_run(
+            ["ip", "-n", bed.node_ns(nodes), "-o", "addr", "show", "eth0"],
+            capture_output=True,
+            text=True,
+        )
+        assert f"inet {bed.node_ip(nodes)}/24" in link.stdout
+        forwarding = real_run(
+            ["ip", "netns", "exec", bed.node_ns(nodes), "sysctl", "-n", "net.ipv4.ip_forward"],
+            capture_output=True,
+            text=True,
+        )
+        assert forwarding.stdout.strip() == "1"
+        bed.down()
+        assert not leftovers(bed.prefix, bed.state_dir)
+    assert counts[0] == counts[1], started
+
+
+@pytest.mark.netns
+def test_a_pod_that_fails_midway_rolls_back_everything(beds: list[Testbed]) -> None:
+    """One node's CNI ADD fails while the other nodes' pods are being added: up fails in
+    one line naming that pod, and nothing of the bed is left (namespaces made in one
+    batch, daemons, plugin runs, state)."""
+    bed = Testbed(new_prefix(), nodes=4, pods_per_node=1, registry="file")
+    beds.append(bed)
+    real_config = bed.cni_config
+
+    def config(i: int) -> dict[str, object]:
+        conf = real_config(i)
+        if i == 3:
+            conf["subnetFile"] = str(bed.state_dir / "no-such-subnet.env")
+        return conf
+
+    bed.cni_config = config  # type: ignore[method-assign]
+    with pytest.raises(TestbedError, match=r"CNI ADD of pod n3-p1 failed: .*no-such-subnet"):
+        bed.up()
+    assert leftovers(bed.prefix, bed.state_dir) == []
+    running = [
+        pid
+        for pid in map(int, filter(str.isdigit, os.listdir("/proc")))
+        if str(bed.state_dir) in " ".join(pid_cmdline(pid))
+    ]
+    assert running == []
 
 
 @pytest.mark.netns

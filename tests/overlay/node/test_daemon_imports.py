@@ -19,6 +19,8 @@ NOT_LOADED = (
     "sqlite3",
     "psutil",
     "importlib.metadata",  # the version: only when asked
+    "statistics",  # (with decimal, fractions) a normal-distributed jitter only
+    "decimal",
 )
 
 
