@@ -35,7 +35,8 @@ class PeerOrder:
     changed in place, so an answer built over several turns of the loop walks the list
     it started with."""
 
-    def __init__(self) -> None:
+    def __init__(self, small_batch: int = SMALL_BATCH) -> None:
+        self.small_batch = small_batch
         self.peers: list[Peer] = []
         self._keys: list[int] = []  # order_key of each of ``peers``
 
@@ -43,7 +44,7 @@ class PeerOrder:
         """Follow one batch of ``table``'s: the subnets it changed or removed take what
         the table holds for them now (a peer, or nothing)."""
         touched = {lease.subnet for lease in changed} | {lease.subnet for lease in removed}
-        if len(touched) > SMALL_BATCH:
+        if len(touched) > self.small_batch:
             self._resort(table, touched)
             return
         keys, peers = self._keys.copy(), self.peers.copy()

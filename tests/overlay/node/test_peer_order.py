@@ -12,32 +12,24 @@ from hypothesis import strategies as st
 
 from control.lease import Lease
 from control.peer_table import PeerTable
-from overlay.node.peer_order import SMALL_BATCH, Busiest, PeerOrder, rebuilt
+from overlay.node.peer_order import Busiest, PeerOrder, rebuilt
 
-# Subnets sharing network addresses with different lengths (the order's tie-break),
-# enough of them for a batch to take either way (bisect, or a re-sort).
+SMALL_BATCH = 4  # the test's PeerOrder re-sorts beyond this (the daemon's: beyond 32)
+# Subnets sharing network addresses with different lengths (the order's tie-break).
 SUBNETS = [
-    IPv4Network(f"10.{a}.{b}.0/{length}")
-    for a in range(3)
-    for b in (0, 16, 32, 48)
-    for length in (20, 24)
-] + [IPv4Network(f"10.9.{b}.0/24") for b in range(SMALL_BATCH + 8)]
-
+    IPv4Network(f"10.{a}.{b}.0/{n}") for a in range(2) for b in (0, 16, 32) for n in (20, 24)
+]
 # (subnet index, public IP's last byte or None to remove it); a batch of a few changes
 # (inserted one by one) or of more than SMALL_BATCH (a re-sort)
-change = st.tuples(st.integers(0, len(SUBNETS) - 1), st.one_of(st.none(), st.integers(1, 4)))
-batch = st.one_of(
-    st.lists(change, max_size=6),
-    st.lists(change, min_size=SMALL_BATCH + 1, max_size=len(SUBNETS), unique_by=lambda c: c[0]),
-)
+change = st.tuples(st.integers(0, len(SUBNETS) - 1), st.one_of(st.none(), st.integers(1, 3)))
 
 
-@settings(max_examples=300, deadline=None)
-@given(st.lists(batch, min_size=1, max_size=8))
+@settings(max_examples=400, deadline=None)
+@given(st.lists(st.lists(change, max_size=2 * SMALL_BATCH + 2), min_size=1, max_size=8))
 def test_the_order_kept_by_batches_is_the_order_made_from_scratch(
     batches: list[list[tuple[int, int | None]]],
 ) -> None:
-    table, order = PeerTable(8285), PeerOrder()
+    table, order = PeerTable(8285), PeerOrder(SMALL_BATCH)
     published: list[tuple[list[object], list[object]]] = []
     for changes in batches:
         upserts = [
