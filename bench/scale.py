@@ -29,13 +29,13 @@ import argparse
 import asyncio
 import http.client
 import json
+import multiprocessing
 import os
 import re
 import signal
 import statistics
 import subprocess
 import sys
-import threading
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
@@ -280,20 +280,44 @@ def time_status_command(path: Path) -> float:
     return (time.perf_counter() - started) * 1000
 
 
-class ScrapeLoop(threading.Thread):
-    """/metrics and the status socket, one after the other, 100 ms apart, until stopped."""
+def _scrape_loop(ns: str, status_path: Path, stop: Any, scrapes: Any) -> None:
+    """/metrics and the status socket, one after the other, 100 ms apart, until ``stop``
+    is set: in a process of its own (``ScrapeLoop``)."""
+    while not stop.wait(0.1):
+        fetch_metrics(ns)
+        query(status_path, timeout=30)
+        with scrapes.get_lock():
+            scrapes.value += 2
+
+
+class ScrapeLoop:
+    """``_scrape_loop`` in another process, not a thread of this one: the echo peers
+    answer pings from a thread here, and parsing a status answer (2.4 MB of JSON at
+    10,000 peers, tens of milliseconds holding the GIL) in this process would delay
+    their replies: the ping would measure the probe, not the daemon."""
 
     def __init__(self, bed: Testbed) -> None:
-        super().__init__(daemon=True)
-        self.bed = bed
-        self.scrapes = 0
-        self.stopped = threading.Event()
+        context = multiprocessing.get_context("spawn")
+        self.stopped = context.Event()
+        self._scrapes = context.Value("i", 0)
+        self._process = context.Process(
+            target=_scrape_loop,
+            args=(bed.node_ns(1), bed.status_socket(1), self.stopped, self._scrapes),
+            daemon=True,
+        )
 
-    def run(self) -> None:
-        while not self.stopped.wait(0.1):
-            fetch_metrics(self.bed.node_ns(1))
-            query(self.bed.status_socket(1), timeout=30)
-            self.scrapes += 2
+    @property
+    def scrapes(self) -> int:
+        return int(self._scrapes.value)
+
+    def start(self) -> None:
+        self._process.start()
+
+    def join(self, timeout: float) -> None:
+        self._process.join(timeout)
+        if self._process.is_alive():
+            self._process.kill()
+            self._process.join()
 
 
 def observe(bed: Testbed, plan: FakePeers, figures: Figures) -> None:
