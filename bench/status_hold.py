@@ -3,9 +3,10 @@ answer holds the event loop at a time, in this process, with the daemon's own co
 
 A table of N peers (``control.peer_table`` + ``overlay.node.peer_order``, frozen out of
 the cyclic GC's reach as the daemon's is) and the rows and encoding the status socket
-sends (``overlay.observe.status_socket.json_pieces``), on uvloop; meanwhile a callback re-schedules itself with ``call_soon`` and notes the time
-between two of its runs: what a drain woken by a packet would wait. ``bench.scale``
-measures the same from outside, as ping RTTs through a daemon.
+sends (``overlay.observe.status_socket.json_pieces``), on uvloop; meanwhile a callback
+re-schedules itself with ``call_soon`` and notes the time between two of its runs: what
+a drain woken by a packet would wait. ``bench.scale`` measures the same from outside, as
+ping RTTs through a daemon.
 """
 
 from __future__ import annotations
