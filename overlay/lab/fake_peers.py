@@ -22,12 +22,11 @@ import time
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network
 
-from pyroute2 import IPRoute
-
 from control.lease import subnet_key
 from encap import vxlan
 from overlay.lab.etcd import EtcdGateway
 from overlay.lab.netns import entered
+from tun.rtnl import IPRoute
 
 SCALE_UNDERLAY = "198.18.0.0/15"
 SCALE_NETWORK = "10.0.0.0/8"

@@ -141,7 +141,7 @@ class Daemon:
         handlers: dict[str, status_socket.Handler] = {"trace": trace, "impair": impair}
         try:
             return await status_socket.serve(
-                node.options.status_socket, self.view.status_snapshot, handlers
+                node.options.status_socket, self.view.status_pieces, handlers
             )
         except status_socket.StatusSocketError as e:
             raise Fatal(str(e)) from None

@@ -133,7 +133,8 @@ class PeerEvents:
         return False
 
     def _changed(self, added: list[Lease], removed: list[Lease]) -> None:
-        assert self.node.backend is not None
+        assert self.node.backend is not None and self.node.peers is not None
+        self.node.peer_order.apply(self.node.peers, added, removed)
         for lease in added:
             self.peer_log.added(lease)
         for lease in removed:

@@ -18,6 +18,7 @@ from overlay.backends.base import Backend, Underlay
 from overlay.dataplane.counters import Counters
 from overlay.node.iptables import IptablesKeeper
 from overlay.node.options import NodeOptions
+from overlay.node.peer_order import PeerOrder
 from overlay.node.registry import RegistryMonitor
 from overlay.observe.drop_log import Drops
 from overlay.observe.health import Readiness
@@ -41,6 +42,8 @@ class NodeState:
     # Known once startup has got that far:
     config: NetworkConfig | None = None
     peers: PeerTable | None = None
+    # The peers by subnet, following each of the table's batches (overlay.node.events).
+    peer_order: PeerOrder = field(default_factory=PeerOrder)
     backend: Backend | None = None
     lease: Lease | None = None
     captures: Captures | None = None  # in-process datapaths only

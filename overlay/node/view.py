@@ -4,27 +4,27 @@ while it starts, and the pages of its health server (/healthz, /readyz, /metrics
 from __future__ import annotations
 
 import asyncio
-import heapq
+import json
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 from control.peer_table import Peer
 from overlay.dataplane.counters import add_snapshots
+from overlay.node.peer_order import Busiest
 from overlay.node.state import NodeState
-from overlay.observe import health_server
+from overlay.observe import health_server, status_socket
 from overlay.observe import log as overlay_log
+from overlay.observe.slices import STEP, LoopBudget
 from overlay.observe.version import version
 from tun import netlink
 
-# Peer rows are built this many at a time for the status socket, the loop taking its
-# turn between slices: at 10,000 peers the table is a few tens of milliseconds of Python,
-# which as one piece would hold up the drains (README, "Scale").
-ROW_SLICE = 500
 # /metrics is made at most this often, or less often when making it takes longer than 5%
 # of this (health_server.Cached): a scrape flood costs the loop one page per period.
 METRICS_MIN_AGE = 0.25
 HEALTHY: health_server.Page = (200, health_server.TEXT, b"overlay is running\n")
+
+Reported = list[dict[str, list[float]]]  # what each --workers process counted per peer
 
 
 class NodeView:
@@ -33,23 +33,44 @@ class NodeView:
         # The health server's counts, once it listens (HealthServer.stats).
         self.health_server_stats: Callable[[], dict[str, int]] | None = None
 
-    def snapshot(self, peer_limit: int | None = None) -> dict[str, Any]:
-        """Everything `overlay status` shows (and /metrics exports), also while starting;
-        with ``peer_limit``, the rows of that many peers at most (the busiest)."""
-        st, rows = self._snapshot(peer_limit)
-        if rows is not None:
-            st["peers"] = [row for part in rows for row in part]
+    async def status_pieces(self) -> AsyncIterator[bytes]:
+        """The status answer as JSON with every peer's row, made and encoded a slice at
+        a time (the loop gets its turn between two)."""
+        st, peers, reported = self._head()
+        await self._kernel_counters(st)
+        if peers is None:
+            yield json.dumps(st).encode()
+            return
+        counted = self._counted()
+
+        def rows(some: Sequence[Peer]) -> list[dict[str, Any]]:
+            return _rows(some, reported, counted)
+
+        async for piece in status_socket.json_pieces(st, peers, rows, LoopBudget()):
+            yield piece
+
+    async def status_snapshot(
+        self, peer_limit: int | None = None, budget: LoopBudget | None = None
+    ) -> dict[str, Any]:
+        """What `overlay status` shows (and /metrics exports), also while starting; with
+        ``peer_limit``, the rows of that many peers at most (the busiest). The peers are
+        walked a slice at a time (of ``budget``)."""
+        budget = budget or LoopBudget()
+        st, peers, reported = self._head()
+        if peers is not None:
+            if peer_limit is not None and len(peers) > peer_limit:
+                peers = await self._busiest(peers, reported, peer_limit, budget)
+            counted = self._counted()
+            st["peers"] = found = []
+            for start in range(0, len(peers), STEP):
+                found += _rows(peers[start : start + STEP], reported, counted)
+                if budget.spent():
+                    await budget.turn()
+        await self._kernel_counters(st)
         return st
 
-    async def status_snapshot(self, peer_limit: int | None = None) -> dict[str, Any]:
-        """``snapshot()``, its peer rows built a slice at a time (the drains run between
-        slices), plus what must be read from the kernel (off the loop)."""
-        st, rows = self._snapshot(peer_limit)
-        if rows is not None:
-            st["peers"] = found = []
-            for part in rows:
-                found += part
-                await asyncio.sleep(0)
+    async def _kernel_counters(self, st: dict[str, Any]) -> None:
+        """What must be read from the kernel (off the loop): the kernel datapath's link."""
         backend = self.node.backend
         link = backend.kernel_link() if backend is not None else None
         if link is not None and st["state"] != "starting":
@@ -57,12 +78,10 @@ class NodeView:
             if stats is not None:
                 st["kernel_counters"] = {"device": link.name, **stats}
                 st["kernel_is_overlay"] = link.overlay_only
-        return st
 
-    def _snapshot(
-        self, peer_limit: int | None
-    ) -> tuple[dict[str, Any], Iterator[list[dict[str, Any]]] | None]:
-        """The snapshot without its peer rows, and the rows to come, in slices."""
+    def _head(self) -> tuple[dict[str, Any], list[Peer] | None, Reported]:
+        """The snapshot without its peer rows; the peers in subnet order (None while
+        starting) and what the workers reported per peer."""
         node = self.node
         ready, reason = node.readiness.check()
         base: dict[str, Any] = {
@@ -78,7 +97,7 @@ class NodeView:
         if self.health_server_stats is not None:
             base["health_server"] = self.health_server_stats()
         if "datapath" not in node.readiness.done:
-            return {**base, "state": "starting"}, None
+            return {**base, "state": "starting"}, None, []
         assert node.config is not None and node.backend is not None and node.peers is not None
         status, reported = self.counters_and_status()
         st = {
@@ -94,7 +113,7 @@ class NodeView:
             "peer_count": len(node.peers),
             **status,
         }
-        return st, self._peer_slices(reported, peer_limit)
+        return st, node.peer_order.peers, reported
 
     def _lease(self) -> dict[str, Any]:
         node = self.node
@@ -117,7 +136,7 @@ class NodeView:
             "renew_margin_s": node.manager.renew_margin,
         }
 
-    def counters_and_status(self) -> tuple[dict[str, Any], list[dict[str, list[float]]]]:
+    def counters_and_status(self) -> tuple[dict[str, Any], Reported]:
         """The backend's status and the counters: with --workers, the sums over every
         worker (each one's own are in ``workers``), and what each worker reported per
         peer. ``repairs`` counts every kernel object and ip-masq/FORWARD rule put back, by kind."""
@@ -141,24 +160,24 @@ class NodeView:
             backend[rules.status_key] = rules.status()
         return {"counters": counters, **backend, "repairs": repairs}, reported
 
-    def _peer_slices(
-        self, reported: list[dict[str, list[float]]], limit: int | None
-    ) -> Iterator[list[dict[str, Any]]]:
-        """Every peer's row (or the ``limit`` busiest: most bytes both ways), by subnet,
-        ROW_SLICE at a time; for a datapath in this process with its traffic: this
-        process's PeerStats plus what each worker reported for the same subnet."""
-        node = self.node
-        assert node.peers is not None and node.backend is not None
-        peers = node.peers.peers()
-        counted = node.backend.in_process
-        if limit is not None and len(peers) > limit:
-            peers = (
-                heapq.nlargest(limit, peers, key=lambda p: _traffic(p, reported)) if counted else []
-            )
-        peers.sort(key=lambda p: p.net)
-        now, wall = time.monotonic(), time.time()
-        for start in range(0, len(peers), ROW_SLICE):
-            yield [_row(p, reported, counted, now, wall) for p in peers[start : start + ROW_SLICE]]
+    def _counted(self) -> bool:
+        """Whether this process forwards, and so counts each peer's traffic."""
+        return self.node.backend is not None and self.node.backend.in_process
+
+    async def _busiest(
+        self, peers: list[Peer], reported: Reported, limit: int, budget: LoopBudget
+    ) -> list[Peer]:
+        """The ``limit`` peers with most bytes both ways, in subnet order; none for a
+        datapath that does not count them."""
+        if not self._counted():
+            return []
+        busiest = Busiest(limit)
+        for start in range(0, len(peers), STEP):
+            for peer in peers[start : start + STEP]:
+                busiest.offer(peer, _traffic(peer, reported))
+            if budget.spent():
+                await budget.turn()
+        return busiest.chosen()
 
     def drops(self) -> dict[str, int]:
         """Drops by reason, summed over every forwarding process."""
@@ -177,8 +196,14 @@ class NodeView:
         from overlay.observe import metrics
 
         started = time.perf_counter()
-        st = await self.status_snapshot(self.node.options.metrics_peer_limit)
-        body = metrics.render(st)
+        budget = LoopBudget()
+        st = await self.status_snapshot(self.node.options.metrics_peer_limit, budget)
+        parts = []
+        for family in metrics.families(st):  # rendered one family at a time
+            parts.append(metrics.render_families([family]))
+            if budget.spent():
+                await budget.turn()
+        body = b"".join(parts)
         if overlay_log.enabled(2):
             ms = round((time.perf_counter() - started) * 1000, 2)
             self.node.log.debug("scraped", ms=ms)
@@ -199,7 +224,12 @@ class NodeView:
         }
 
 
-def _traffic(peer: Peer, reported: list[dict[str, list[float]]]) -> float:
+def _rows(peers: Sequence[Peer], reported: Reported, counted: bool) -> list[dict[str, Any]]:
+    now, wall = time.monotonic(), time.time()
+    return [_row(p, reported, counted, now, wall) for p in peers]
+
+
+def _traffic(peer: Peer, reported: Reported) -> float:
     """Bytes sent to and received from a peer, by every forwarding process."""
     s = peer.stats
     total: float = s.tx_bytes + s.rx_bytes
@@ -210,9 +240,7 @@ def _traffic(peer: Peer, reported: list[dict[str, list[float]]]) -> float:
     return total
 
 
-def _row(
-    peer: Peer, reported: list[dict[str, list[float]]], counted: bool, now: float, wall: float
-) -> dict[str, Any]:
+def _row(peer: Peer, reported: Reported, counted: bool, now: float, wall: float) -> dict[str, Any]:
     """One peer as `overlay status` shows it; with its traffic when ``counted``."""
     row: dict[str, Any] = {"subnet": peer.name, "public_ip": peer.addr[0], "port": peer.addr[1]}
     if not counted:

@@ -16,7 +16,7 @@ not only the overlay's); per-peer families are absent there, never zeros.
 from __future__ import annotations
 
 import platform
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, generate_latest
@@ -395,16 +395,22 @@ def _worker_families(workers: list[dict[str, Any]]) -> Iterator[Metric]:
     yield drops
 
 
-class _Snapshot:
-    def __init__(self, st: dict[str, Any]) -> None:
-        self.st = st
+class _Families:
+    def __init__(self, metrics: Iterable[Metric]) -> None:
+        self.metrics = metrics
 
-    def collect(self) -> Iterator[Metric]:
-        return families(self.st)
+    def collect(self) -> Iterable[Metric]:
+        return self.metrics
+
+
+def render_families(metrics: Iterable[Metric]) -> bytes:
+    """The text exposition of these families: the pages of several calls, joined, are
+    one page (each family is whole in one of them)."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Families(metrics))
+    return generate_latest(registry)
 
 
 def render(st: dict[str, Any]) -> bytes:
     """The text exposition of one snapshot."""
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(_Snapshot(st))
-    return generate_latest(registry)
+    return render_families(families(st))
