@@ -30,6 +30,7 @@ import asyncio
 import errno
 import fcntl
 import json
+import math
 import os
 import stat
 import time
@@ -187,6 +188,16 @@ def lock_holder(fd: int) -> str:
                 comm = "?"
             return f"pid {fields[4]} ({comm})"
     return "an unknown process"
+
+
+def _earliest_expiry(state: State) -> float:
+    """When the first key with a TTL expires (inf: none has one). A watcher sweeps then,
+    not every second: N watchers each taking the lock and parsing the whole file every
+    second is work quadratic in the nodes of a bed, with nothing to expire for a day."""
+    return min(
+        (item["expires"] for item in state["keys"].values() if item["expires"] is not None),
+        default=math.inf,
+    )
 
 
 class FileRegistry:
@@ -493,12 +504,13 @@ class FileRegistry:
     async def watch(self, prefix: str, start_revision: int) -> AsyncIterator[list[Event]]:
         seen = start_revision - 1
         stamp: tuple[int, int, int] | None = None
-        next_sweep = 0.0
+        sweep_at = -math.inf  # self.clock() time; at once, then when the next TTL ends
         while True:
-            now = time.monotonic()
-            if now >= next_sweep:
+            if self.clock() >= sweep_at:
                 await asyncio.to_thread(self.sweep_sync)
-                next_sweep = now + 1.0
+                # Not again before a second has passed if nothing changed the file (a
+                # renewal in between, or a writer's clock behind ours): a load sets it.
+                sweep_at = self.clock() + 1.0
             try:
                 st = os.stat(self.path)
                 current = (st.st_mtime_ns, st.st_ino, st.st_size)
@@ -509,6 +521,7 @@ class FileRegistry:
             if current != stamp:
                 stamp = current
                 state = self._load()
+                sweep_at = _earliest_expiry(state)
                 if seen < state["compact_revision"]:
                     raise RevisionCompacted(int(state["compact_revision"]))
                 batch = [
