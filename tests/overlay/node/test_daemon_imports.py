@@ -21,6 +21,10 @@ NOT_LOADED = (
     "importlib.metadata",  # the version: only when asked
     "statistics",  # (with decimal, fractions) a normal-distributed jitter only
     "decimal",
+    "overlay.impair.model",  # the impairment models: only once a dataplane is impaired
+    "overlay.impair.links",
+    "unittest",  # what pyroute2's iprsocket imports for IPRSocket, which we never use
+    "unittest.mock",
 )
 
 
