@@ -25,6 +25,9 @@ NOT_LOADED = (
     "overlay.impair.links",
     "unittest",  # what pyroute2's iprsocket imports for IPRSocket, which we never use
     "unittest.mock",
+    "overlay.observe.trace",  # `overlay trace`'s filter compiler and pcapng writer: only at
+    "overlay.observe.trace_filter",  # the first trace or the drop log's first sample
+    "encap.pcapng",
 )
 
 
