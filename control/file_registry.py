@@ -501,6 +501,26 @@ class FileRegistry:
     async def delete(self, key: str) -> bool:
         return await asyncio.to_thread(self.delete_sync, key)
 
+    def _changes(self, prefix: str, seen: int) -> tuple[list[Event], int, float]:
+        """The events under ``prefix`` after revision ``seen``, the file's revision and its
+        earliest expiry. The parsed file is dropped on return, not held by an idle watch."""
+        state = self._load()
+        if seen < state["compact_revision"]:
+            raise RevisionCompacted(int(state["compact_revision"]))
+        batch = [
+            Event(
+                e["kind"],
+                e["key"],
+                _bytes(e["value"]),
+                e["revision"],
+                e["has_ttl"],
+                e.get("create_revision") or (e["revision"] if e["kind"] == "put" else 0),
+            )
+            for e in state["events"]
+            if e["revision"] > seen and e["key"].startswith(prefix)
+        ]
+        return batch, int(state["revision"]), _earliest_expiry(state)
+
     async def watch(self, prefix: str, start_revision: int) -> AsyncIterator[list[Event]]:
         seen = start_revision - 1
         stamp: tuple[int, int, int] | None = None
@@ -520,23 +540,8 @@ class FileRegistry:
                 raise _io_failure(self._file_label, "read it", e) from None
             if current != stamp:
                 stamp = current
-                state = self._load()
-                sweep_at = _earliest_expiry(state)
-                if seen < state["compact_revision"]:
-                    raise RevisionCompacted(int(state["compact_revision"]))
-                batch = [
-                    Event(
-                        e["kind"],
-                        e["key"],
-                        _bytes(e["value"]),
-                        e["revision"],
-                        e["has_ttl"],
-                        e.get("create_revision") or (e["revision"] if e["kind"] == "put" else 0),
-                    )
-                    for e in state["events"]
-                    if e["revision"] > seen and e["key"].startswith(prefix)
-                ]
-                seen = max(seen, int(state["revision"]))
+                batch, revision, sweep_at = self._changes(prefix, seen)
+                seen = max(seen, revision)
                 if batch:
                     yield batch
             await asyncio.sleep(self.poll_interval)
