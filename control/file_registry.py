@@ -30,6 +30,7 @@ import asyncio
 import errno
 import fcntl
 import json
+import math
 import os
 import stat
 import time
@@ -187,6 +188,16 @@ def lock_holder(fd: int) -> str:
                 comm = "?"
             return f"pid {fields[4]} ({comm})"
     return "an unknown process"
+
+
+def _earliest_expiry(state: State) -> float:
+    """When the first key with a TTL expires (inf: none has one). A watcher sweeps then,
+    not every second: N watchers each taking the lock and parsing the whole file every
+    second is work quadratic in the nodes of a bed, with nothing to expire for a day."""
+    return min(
+        (item["expires"] for item in state["keys"].values() if item["expires"] is not None),
+        default=math.inf,
+    )
 
 
 class FileRegistry:
@@ -490,15 +501,36 @@ class FileRegistry:
     async def delete(self, key: str) -> bool:
         return await asyncio.to_thread(self.delete_sync, key)
 
+    def _changes(self, prefix: str, seen: int) -> tuple[list[Event], int, float]:
+        """The events under ``prefix`` after revision ``seen``, the file's revision and its
+        earliest expiry. The parsed file is dropped on return, not held by an idle watch."""
+        state = self._load()
+        if seen < state["compact_revision"]:
+            raise RevisionCompacted(int(state["compact_revision"]))
+        batch = [
+            Event(
+                e["kind"],
+                e["key"],
+                _bytes(e["value"]),
+                e["revision"],
+                e["has_ttl"],
+                e.get("create_revision") or (e["revision"] if e["kind"] == "put" else 0),
+            )
+            for e in state["events"]
+            if e["revision"] > seen and e["key"].startswith(prefix)
+        ]
+        return batch, int(state["revision"]), _earliest_expiry(state)
+
     async def watch(self, prefix: str, start_revision: int) -> AsyncIterator[list[Event]]:
         seen = start_revision - 1
         stamp: tuple[int, int, int] | None = None
-        next_sweep = 0.0
+        sweep_at = -math.inf  # self.clock() time; at once, then when the next TTL ends
         while True:
-            now = time.monotonic()
-            if now >= next_sweep:
+            if self.clock() >= sweep_at:
                 await asyncio.to_thread(self.sweep_sync)
-                next_sweep = now + 1.0
+                # Not again before a second has passed if nothing changed the file (a
+                # renewal in between, or a writer's clock behind ours): a load sets it.
+                sweep_at = self.clock() + 1.0
             try:
                 st = os.stat(self.path)
                 current = (st.st_mtime_ns, st.st_ino, st.st_size)
@@ -508,22 +540,8 @@ class FileRegistry:
                 raise _io_failure(self._file_label, "read it", e) from None
             if current != stamp:
                 stamp = current
-                state = self._load()
-                if seen < state["compact_revision"]:
-                    raise RevisionCompacted(int(state["compact_revision"]))
-                batch = [
-                    Event(
-                        e["kind"],
-                        e["key"],
-                        _bytes(e["value"]),
-                        e["revision"],
-                        e["has_ttl"],
-                        e.get("create_revision") or (e["revision"] if e["kind"] == "put" else 0),
-                    )
-                    for e in state["events"]
-                    if e["revision"] > seen and e["key"].startswith(prefix)
-                ]
-                seen = max(seen, int(state["revision"]))
+                batch, revision, sweep_at = self._changes(prefix, seen)
+                seen = max(seen, revision)
                 if batch:
                     yield batch
             await asyncio.sleep(self.poll_interval)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import mmap
 import socket
 from ipaddress import IPv4Network
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from control.peer_table import PeerTable
 from encap import native
@@ -16,10 +16,12 @@ from overlay.dataplane.counters import Counters
 from overlay.dataplane.limits import BUDGET, MAX_DATAGRAM, TX_ARENA
 from overlay.dataplane.rate_limiter import RateLimiter
 from overlay.dataplane.udp_socket import enable_udp_gro, probe_udp_segment
-from overlay.impair.rules import Links
 from overlay.observe.tap import Tap
 from tun.device import TunDevice
 from tun.offload import VNET_HDR_LEN
+
+if TYPE_CHECKING:
+    from overlay.impair.links import Links
 
 
 class Dataplane:

@@ -24,15 +24,17 @@ import heapq
 import time
 from collections.abc import Callable
 from mmap import mmap
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 from encap import gso
 from overlay.dataplane import busy_poll
 from overlay.dataplane.receive import ReceivePath
 from overlay.dataplane.send import SendPath
 from overlay.dataplane.timer import MonotonicTimer
-from overlay.impair.model import Verdict
-from overlay.impair.rules import Links, Rules
+from overlay.impair.rules import Rules
+
+if TYPE_CHECKING:
+    from overlay.impair.model import Verdict
 
 # Our names for the rules' directions, as the counters and the trace spell them.
 SIDE = {"out": "tx", "in": "rx"}
@@ -60,6 +62,10 @@ class ImpairPath(SendPath, ReceivePath):
         is held still leaves at its time)."""
         if rules:
             if self.links is None:
+                # Here, not at the top: the models (overlay.impair.model, random) are for a
+                # dataplane that is impaired, not in every daemon (README, "Memory of a daemon").
+                from overlay.impair.links import Links
+
                 self.links = Links(rules, self.peers)
             else:
                 self.links.set_rules(rules)

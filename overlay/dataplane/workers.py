@@ -23,13 +23,15 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from control.lease import Lease
 from overlay.dataplane.counters import Counters
 from overlay.dataplane.worker_protocol import LINE_LIMIT, WorkerSpec, lease_message
 from overlay.impair.rules import Rules
-from overlay.observe.trace import Capture, TraceRequest
+
+if TYPE_CHECKING:
+    from overlay.observe.trace import Capture, TraceRequest
 
 START_TIMEOUT = 15.0  # a worker imports the dataplane modules, ~0.5 s on a quiet machine
 STOP_TIMEOUT = 2.0
@@ -186,6 +188,8 @@ class Workers:
     def _captured(self, value: list[Any]) -> None:
         emit = self._traces.get(value[0])
         if emit is not None:
+            from overlay.observe.trace import Capture  # loaded: start_trace's caller traces
+
             emit(Capture.from_json(value[1:]))
 
     def start_trace(

@@ -31,7 +31,7 @@ from overlay.node.options import NodeOptions
 from overlay.node.registry import RegistryMonitor, open_registry
 from overlay.node.startup import Startup, check_paths
 from overlay.node.state import NodeState
-from overlay.node.tracing import attach_captures, serve_trace
+from overlay.node.tracing import capture_hooks, serve_trace
 from overlay.node.underlay import UnderlayError, select_underlay
 from overlay.node.view import NodeView
 from overlay.observe import health, health_server, status_socket
@@ -174,7 +174,6 @@ class Daemon:
             self.log.info("stopping", reason=self._signals[0], stage="startup")
             return False
         starting.result()  # a startup error ends here, with everything undone by main()
-        attach_captures(self.node)
         return True
 
     def _tasks(self, loop: asyncio.AbstractEventLoop) -> list[asyncio.Task[Any]]:
@@ -183,12 +182,12 @@ class Daemon:
         the drop log."""
         node = self.node
         assert node.lease is not None
-        captures = node.captures
+        hooks = capture_hooks(node)
         drop_log = DropLog(
             self.log,
             self.view.drops,
-            captures.start if captures else None,
-            captures.stop if captures else None,
+            hooks[0] if hooks else None,
+            hooks[1] if hooks else None,
         )
         # A new drop reason is noticed in the drain loop, handled after it.
         node.drops.on_new = lambda reason: drop_log.notice_soon(loop, reason)

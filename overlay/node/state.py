@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from control.config import NetworkConfig
 from control.kv import KeyValueStore
@@ -22,7 +22,9 @@ from overlay.node.peer_order import PeerOrder
 from overlay.node.registry import RegistryMonitor
 from overlay.observe.drop_log import Drops
 from overlay.observe.health import Readiness
-from overlay.observe.trace import Captures
+
+if TYPE_CHECKING:
+    from overlay.observe.trace import Captures
 
 
 @dataclass
@@ -46,7 +48,7 @@ class NodeState:
     peer_order: PeerOrder = field(default_factory=PeerOrder)
     backend: Backend | None = None
     lease: Lease | None = None
-    captures: Captures | None = None  # in-process datapaths only
+    captures: Captures | None = None  # made at the first trace (node.tracing.captures_of)
     mtu_changes: int = 0  # changes of the underlay's MTU followed (overlay.node.mtu)
 
     def __post_init__(self) -> None:

@@ -21,17 +21,19 @@ import asyncio
 import time
 from collections import Counter
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from overlay.observe import log as overlay_log
-from overlay.observe.trace import INNER, Capture, TraceRequest, describe
+
+if TYPE_CHECKING:
+    from overlay.observe.trace import Capture, TraceRequest
 
 POLL = 1.0
 SAMPLE_WAIT = 2.0
 SUMMARY_INTERVAL = 60.0
 SUMMARY_INTERVAL_V1 = 5.0
 
-Start = Callable[[TraceRequest, Callable[[Capture], None]], Any]
+Start = Callable[["TraceRequest", Callable[["Capture"], None]], Any]
 Stop = Callable[[Any], None]
 
 
@@ -48,6 +50,8 @@ class Drops(Counter[str]):
 
 def summary(capture: Capture) -> dict[str, Any]:
     """What a log line may say about a dropped packet: addresses, protocol, length."""
+    from overlay.observe.trace import INNER, describe  # loaded by the capture's trace
+
     data = capture.data
     fields: dict[str, Any] = {"length": capture.length}
     if capture.interface != INNER and len(data) >= 28:
@@ -133,6 +137,9 @@ class DropLog:
             if not caught:
                 caught.append(summary(capture))
                 got.set()
+
+        # Here: the trace modules load at the first drop sampled, not in every daemon.
+        from overlay.observe.trace import TraceRequest
 
         handle = self.start_capture(TraceRequest(f"reason {reason}", 1, 128), emit)
         try:

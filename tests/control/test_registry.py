@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import stat
@@ -830,3 +831,57 @@ async def test_our_lease_that_no_longer_fits_is_replaced(registry: FileRegistry,
     assert lease.subnet != stale.subnet
     assert config.subnet_min <= lease.subnet <= config.subnet_max
     assert registry.get_sync(f"{SUBNETS}{stale.key}") is None
+
+
+class CountingSweeps(FileRegistry):
+    """A real FileRegistry that counts its sweeps (each takes the lock and parses the file)."""
+
+    sweeps = 0
+
+    def sweep_sync(self) -> None:
+        self.sweeps += 1
+        super().sweep_sync()
+
+
+async def watch_for(registry: FileRegistry, seconds: float) -> list[Event]:
+    """What a watch from revision 1 delivers in ``seconds``."""
+    events: list[Event] = []
+
+    async def run() -> None:
+        async for batch in registry.watch("/p/", 1):
+            events.extend(batch)
+
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(run(), seconds)
+    return events
+
+
+async def test_a_watcher_sweeps_only_when_an_expiry_is_due(path: Path, clock: Clock) -> None:
+    """Nothing expires for a day: the watcher sweeps once as it starts, not every second."""
+    registry = CountingSweeps(path, poll_interval=0.01, clock=clock)
+    registry.put_sync("/p/lease", b"v", TTL)
+    events = await watch_for(registry, 2.5)
+    assert [(e.kind, e.key) for e in events] == [("put", "/p/lease")]
+    assert registry.sweeps == 1
+
+
+async def test_a_running_watcher_sweeps_when_an_expiry_falls_due(path: Path, clock: Clock) -> None:
+    """A lease that expires while the watch runs, with no other write, is deleted and its
+    delete delivered: the sweep happens when the earliest expiry is due."""
+    registry = CountingSweeps(path, poll_interval=0.01, clock=clock)
+    registry.put_sync("/p/lease", b"v", 10)
+    registry.put_sync("/p/later", b"v", 100)
+
+    async def expire_later() -> None:
+        await asyncio.sleep(0.3)
+        clock.now += 11
+
+    timer = asyncio.create_task(expire_later())
+    events = await watch_for(registry, 1.5)
+    await timer
+    assert [(e.kind, e.key) for e in events] == [
+        ("put", "/p/lease"),
+        ("put", "/p/later"),
+        ("delete", "/p/lease"),
+    ]
+    assert registry.get_sync("/p/later") is not None

@@ -20,3 +20,16 @@ def test_rtnl_speaks_netlink_with_or_without_the_whole_library(whole_first: bool
         "assert issubclass(NetlinkError, Exception)"
     )
     assert ("pyroute2.ndb.main" in loaded) is whole_first
+
+
+def test_rtnl_leaves_unittest_out_and_the_real_mock_to_a_later_import() -> None:
+    """iprsocket's ``unittest.mock`` is a stand-in only while tun.rtnl loads: unittest is
+    not loaded after it, and an import after it gets the real ``Mock``."""
+    loaded = loaded_after(
+        "import tun.rtnl\n"
+        "assert 'unittest' not in sys.modules and 'unittest.mock' not in sys.modules\n"
+        "from unittest import mock\n"
+        "assert mock.Mock().anything is not None\n"
+        "assert mock.Mock.__module__ == 'unittest.mock'"
+    )
+    assert "unittest.case" in loaded

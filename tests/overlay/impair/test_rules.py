@@ -13,7 +13,8 @@ from hypothesis import strategies as st
 
 from control.lease import Lease
 from control.peer_table import PeerTable
-from overlay.impair.rules import Change, Links, Rules
+from overlay.impair.links import Links
+from overlay.impair.rules import Change, Rules
 from overlay.impair.spec import ImpairError, parse_spec
 
 A = Lease(IPv4Network("198.18.2.0/24"), IPv4Address("192.0.2.2"))

@@ -21,6 +21,13 @@ NOT_LOADED = (
     "importlib.metadata",  # the version: only when asked
     "statistics",  # (with decimal, fractions) a normal-distributed jitter only
     "decimal",
+    "overlay.impair.model",  # the impairment models: only once a dataplane is impaired
+    "overlay.impair.links",
+    "unittest",  # what pyroute2's iprsocket imports for IPRSocket, which we never use
+    "unittest.mock",
+    "overlay.observe.trace",  # `overlay trace`'s filter compiler and pcapng writer: only at
+    "overlay.observe.trace_filter",  # the first trace or the drop log's first sample
+    "encap.pcapng",
 )
 
 
