@@ -149,19 +149,24 @@ class PeerTable:
                 self._unindex(peer, edits, touched)
                 self._unindex6(subnet, edits6, touched6)
                 gone.append(peer.lease)
-        changed: dict[IPv4Network, Lease] = {}
-        for lease in leases:
-            old = self._by_subnet.get(lease.subnet)
-            if old is not None and lease.same_as(old.lease):
+        # Every old entry out before any new one goes in: an IPv6 subnet may pass from
+        # one lease to another within a batch, and its removal must not undo its addition.
+        changed = {lease.subnet: lease for lease in leases}
+        for subnet, lease in list(changed.items()):
+            old = self._by_subnet.get(subnet)
+            if old is None:
                 continue
-            if old is not None:
-                self._unindex(old, edits, touched)
-                self._unindex6(lease.subnet, edits6, touched6)
+            if lease.same_as(old.lease):
+                del changed[subnet]
+                continue
+            self._unindex(old, edits, touched)
+            self._unindex6(subnet, edits6, touched6)
+        for lease in changed.values():
+            old = self._by_subnet.get(lease.subnet)
             peer = self._by_subnet[lease.subnet] = self._peer(lease, old)
             self._by_ip.setdefault(peer.addr[0], {})[lease.subnet] = peer
             edits.setdefault(peer.shift, {})[peer.net >> peer.shift] = peer
             touched.add(peer.addr[0])
-            changed[lease.subnet] = lease
             peer6 = self._peer6(lease, peer.stats)
             if peer6 is not None:
                 self._v6[lease.subnet] = peer6

@@ -18,7 +18,7 @@ from dataclasses import replace
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from typing import Any
 
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from control.config import NetworkConfig, config_json, parse_config
@@ -234,6 +234,14 @@ dual_change = st.one_of(dual_put, st.tuples(st.just("delete"), st.sampled_from(D
 
 
 @settings(max_examples=300, deadline=None)
+@example(  # an IPv6 subnet passing from one lease to another in one batch (a full run found it)
+    initial=[("10.244.1.0-24&fd00:10:0:1::-64", None, "")],
+    batches=[
+        [("10.244.2.0-24&fd00:10:0:1::-64", 0, "")],
+        [("10.244.1.0-24&fd00:10:0:1::-64", 0, ""), ("10.244.2.0-24&fd00:10:0:2::-64", 0, "")],
+    ],
+    own=None,
+)
 @given(
     initial=st.lists(dual_put, max_size=8),
     batches=st.lists(st.lists(dual_change, min_size=1, max_size=6), min_size=1, max_size=6),
