@@ -11,6 +11,9 @@ MAX_RUN: int
 def segment_tcp4(
     buf: bytearray | memoryview, at: int, length: int, gso_size: int, prefix: Buffer
 ) -> tuple[int, int, int]: ...
+def segment_tcp6(
+    buf: bytearray | memoryview, at: int, length: int, gso_size: int, prefix: Buffer
+) -> tuple[int, int, int]: ...
 def finish_checksums(buf: bytearray | memoryview, regions: list[tuple[int, int, int]]) -> None: ...
 def drop_reason(
     data: bytearray | memoryview,

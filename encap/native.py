@@ -56,6 +56,9 @@ AVAILABLE = _module is not None
 segment_tcp4: Callable[..., tuple[int, int, int]] = (
     _module.segment_tcp4 if _module else tso.segment_tcp4
 )
+segment_tcp6: Callable[..., tuple[int, int, int]] = (
+    _module.segment_tcp6 if _module else tso.segment_tcp6
+)
 finish_checksums: Callable[..., None] = (
     _module.finish_checksums if _module else tso.finish_checksums
 )

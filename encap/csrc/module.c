@@ -4,7 +4,8 @@
  * (the reference and test oracle; tests/encap/test_native.py proves them equal byte for
  * byte):
  *
- *   segment_tcp4, finish_checksums      encap.tso   (TX: TSO segmentation, checksums)
+ *   segment_tcp4, segment_tcp6,         encap.tso   (TX: TSO segmentation, checksums)
+ *   finish_checksums
  *   plan_groups                         encap.gso   (TX: GSO groups)
  *   drop_reason, valid_pieces,          encap.gso   (RX: validation, TUN write plan)
  *   plan_tun_writes
@@ -38,6 +39,8 @@
 static PyMethodDef methods[] = {
     {"segment_tcp4", segment_tcp4, METH_VARARGS,
      "segment_tcp4(buf, at, length, gso_size, prefix) -> (count, stride, last): encap.tso's."},
+    {"segment_tcp6", segment_tcp6, METH_VARARGS,
+     "segment_tcp6(buf, at, length, gso_size, prefix) -> (count, stride, last): encap.tso's."},
     {"plan_groups", plan_groups, METH_VARARGS,
      "plan_groups(lengths, keys, max_segments=64, max_bytes=65000): encap.gso's."},
     {"finish_checksums", finish_checksums, METH_VARARGS,

@@ -3,6 +3,8 @@
  *
  *   segment_tcp4, cut_tcp4 (check_tcp4,   segment_tcp4
  *     then cut_segments)
+ *   segment_tcp6 (check_tcp6, then        segment_tcp6 (TSO6: vxlan's IPv6 half)
+ *     cut_segments6)
  *   partial_region                        partial_region
  *   finish_checksums, finish_regions      finish_checksums (finish_regions: its second
  *                                         loop, for regions already checked)
@@ -158,6 +160,120 @@ static PyObject *segment_tcp4(PyObject *self, PyObject *args)
         raise_codec(reason, detail);
     else
         result = Py_BuildValue("nnn", out[0], out[1], out[2]);
+done:
+    PyMem_Free(prefix_copy);
+    PyBuffer_Release(&buf);
+    PyBuffer_Release(&prefix);
+    return result;
+}
+
+/* -- segment_tcp6 ----------------------------------------------------------------------- */
+
+/* The checks of encap.tso.segment_tcp6, before anything is written: NULL when the IPv6
+ * super-packet at b[at + room:][:length] can be cut (*layout filled; ihl is the IPv6
+ * header's 40), else the CodecError reason (detail filled). */
+static inline const char *check_tcp6(const uint8_t *b, Py_ssize_t size, Py_ssize_t at,
+                                     Py_ssize_t length, Py_ssize_t gso_size, Py_ssize_t room,
+                                     tcp4_layout_t *layout, char *detail, size_t detail_size)
+{
+    detail[0] = 0;
+    if (at < 0 || length < 0 || at > size || room > size - at || length > size - at - room) {
+        snprintf(detail, detail_size, "length %zd at %zd", length, at);
+        return "gso_bad_length";
+    }
+    Py_ssize_t ip = at + room;
+    if (length < 60 || b[ip] >> 4 != 6 || b[ip + 6] != 6)
+        return "gso_not_tcp6";
+    Py_ssize_t headers = 40 + (b[ip + 40 + 12] >> 4) * 4;
+    if (headers < 60 || headers >= length) {
+        snprintf(detail, detail_size, "length %zd", length);
+        return "gso_bad_headers";
+    }
+    if (!(gso_size > 0 && gso_size <= 0xFFFF - headers)) {
+        snprintf(detail, detail_size, "gso_size %zd", gso_size);
+        return "gso_bad_size";
+    }
+    Py_ssize_t payload = length - headers;
+    Py_ssize_t count = (payload + gso_size - 1) / gso_size;
+    Py_ssize_t end = ip + length;
+    if ((count - 1) * (room + headers) + 3 > size - end) {
+        snprintf(detail, detail_size, "%zd segments", count);
+        return "gso_no_room";
+    }
+    *layout = (tcp4_layout_t){.ip = ip, .ihl = 40, .headers = headers, .payload = payload,
+                              .count = count};
+    return NULL;
+}
+
+/* cut_segments for IPv6: per segment the payload length, the TCP sequence and flags and
+ * the full checksum over the IPv6 pseudo-header; no IP id or header checksum. */
+static inline void cut_segments6(uint8_t *b, Py_ssize_t at, Py_ssize_t gso_size,
+                                 const uint8_t *prefix, Py_ssize_t room,
+                                 const tcp4_layout_t *layout, Py_ssize_t out[3])
+{
+    Py_ssize_t ip = layout->ip, headers = layout->headers, count = layout->count;
+    uint8_t original[100]; /* IPv6 (40) + TCP (<= 60) headers */
+    memcpy(original, b + ip, (size_t)headers);
+    uint32_t seq = be32(original + 40 + 4);
+    uint8_t flags = original[40 + 13];
+    uint32_t addresses = sum16(original + 8, 32);
+    Py_ssize_t stride = room + headers + gso_size;
+    Py_ssize_t last = layout->payload - (count - 1) * gso_size;
+    for (Py_ssize_t i = count - 1; i >= 0; i--) { /* last first, as cut_segments */
+        Py_ssize_t chunk = i == count - 1 ? last : gso_size;
+        const uint8_t *source = b + ip + headers + i * gso_size;
+        uint8_t *dest = b + at + i * stride;
+        uint32_t chunk_sum = sum16(source, chunk);
+        memmove(dest + room + headers, source, (size_t)chunk);
+        uint8_t *h = dest + room;
+        memcpy(h, original, (size_t)headers);
+        uint32_t upper = (uint32_t)(headers - 40 + chunk);
+        put16(h + 4, upper);
+        uint32_t s = seq + (uint32_t)(i * gso_size); /* modulo 2**32 */
+        h[40 + 4] = (uint8_t)(s >> 24);
+        h[40 + 5] = (uint8_t)(s >> 16);
+        h[40 + 6] = (uint8_t)(s >> 8);
+        h[40 + 7] = (uint8_t)s;
+        uint8_t f = flags & (uint8_t)~(FIN | PSH | CWR);
+        if (i == 0)
+            f |= flags & CWR;
+        if (i == count - 1)
+            f |= flags & (FIN | PSH);
+        h[40 + 13] = f;
+        put16(h + 40 + 16, 0);
+        uint64_t tcp = (uint64_t)addresses + 6 + upper + sum16(h + 40, headers - 40) + chunk_sum;
+        put16(h + 40 + 16, ~fold((uint32_t)(tcp % 0xFFFF)) & 0xFFFF);
+        memcpy(dest, prefix, (size_t)room);
+    }
+    out[0] = count;
+    out[1] = stride;
+    out[2] = room + headers + last;
+}
+
+static PyObject *segment_tcp6(PyObject *self, PyObject *args)
+{
+    Py_buffer buf, prefix;
+    Py_ssize_t at, length, gso_size;
+    if (!PyArg_ParseTuple(args, "w*nnny*", &buf, &at, &length, &gso_size, &prefix))
+        return NULL;
+    PyObject *result = NULL;
+    char detail[96];
+    Py_ssize_t out[3];
+    tcp4_layout_t layout;
+    uint8_t *prefix_copy = PyMem_Malloc(prefix.len ? (size_t)prefix.len : 1); /* may alias buf */
+    if (prefix_copy == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    memcpy(prefix_copy, prefix.buf, (size_t)prefix.len);
+    const char *reason = check_tcp6(buf.buf, buf.len, at, length, gso_size, prefix.len,
+                                    &layout, detail, sizeof detail);
+    if (reason != NULL) {
+        raise_codec(reason, detail);
+    } else {
+        cut_segments6(buf.buf, at, gso_size, prefix_copy, prefix.len, &layout, out);
+        result = Py_BuildValue("nnn", out[0], out[1], out[2]);
+    }
 done:
     PyMem_Free(prefix_copy);
     PyBuffer_Release(&buf);
