@@ -10,7 +10,7 @@ does for IPv4).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import MutableMapping, Sequence
 
 from encap.checksum import internet_checksum
 from encap.errors import CodecError
@@ -277,6 +277,85 @@ def build_neighbor_advertisement(solicitation: Buffer, *, target: bytes, mac: by
     return build_packet(bytes(target), dst, PROTO_ICMPV6, body, 255)
 
 
+# -- RX: a GRO receive of VXLAN datagrams checked, segment by segment --------------------
+
+VXLAN_HEADROOM = 22  # VXLAN header + inner Ethernet header (encap.vxlan.PREFIX_LEN)
+# Why a datagram's VXLAN and Ethernet headers are not ours (before drop_reason6's).
+VXLAN_DROP_REASONS6 = (
+    "rx_vxlan_truncated",
+    "rx_vxlan_bad_flags",
+    "rx_vxlan_wrong_vni",
+    "rx_vxlan_bad_ethertype",
+    "rx_vxlan_foreign_mac",
+)
+NDP = "ndp"  # not a drop: maybe a neighbour solicitation, for the caller to check
+
+
+def vxlan_reason6(data: Buffer, at: int, end: int, vxlan: tuple[bytes, bytes, bytes]) -> str | None:
+    """Why the VXLAN datagram ``data[at:end]`` does not carry an IPv6 packet for us
+    (``vxlan`` = (our 3 VNI bytes, our IPv6 VTEP MAC, its solicited-node group's MAC)),
+    ``NDP`` when it may be a neighbour solicitation (sent to the group, or an ICMPv6 type
+    135 with hop limit 255 to us: the caller checks it whole and answers it), or None."""
+    if end - at < VXLAN_HEADROOM:
+        return "rx_vxlan_truncated"
+    if not data[at] & 0x08:
+        return "rx_vxlan_bad_flags"
+    if data[at + 4 : at + 7] != vxlan[0]:
+        return "rx_vxlan_wrong_vni"
+    if data[at + 20] != 0x86 or data[at + 21] != 0xDD:
+        return "rx_vxlan_bad_ethertype"
+    mac = data[at + 8 : at + 14]
+    if mac != vxlan[1]:
+        return NDP if mac == vxlan[2] else "rx_vxlan_foreign_mac"
+    inner = at + VXLAN_HEADROOM
+    if (
+        end - inner >= HEADER_LEN + 24
+        and data[inner + 6] == PROTO_ICMPV6
+        and data[inner + 7] == 255
+        and data[inner + HEADER_LEN] == TYPE_NEIGHBOR_SOLICITATION
+    ):
+        return NDP
+    return None
+
+
+def valid_pieces6(
+    data: bytearray,
+    size: int,
+    segment: int,
+    sources: Sources6,
+    destination: tuple[int, int],
+    drops: MutableMapping[str, int],
+    vxlan: tuple[bytes, bytes, bytes],
+    ndp: list[int],
+) -> list[tuple[int, int]]:
+    """The ``(start, end)`` of the inner IPv6 packets of the ``segment``-byte VXLAN
+    datagrams in ``data[:size]`` (one GRO receive from one peer) that pass
+    ``vxlan_reason6`` and ``drop_reason6`` (a partial checksum completed in place); the
+    others are counted in ``drops`` by reason, and the offsets of possible neighbour
+    solicitations go to ``ndp``. The native module runs the same rules in C."""
+    if size > 0xFFFF:
+        raise ValueError(f"a GRO receive is at most 65535 bytes, not {size}")
+    if size > len(data):
+        raise ValueError(f"size {size} is beyond the buffer ({len(data)} bytes)")
+    if size <= 0 or segment <= 0:
+        drops["rx_vxlan_truncated"] += 1  # an empty datagram
+        return []
+    pieces: list[tuple[int, int]] = []
+    for base in range(0, size, segment):
+        end = min(base + segment, size)
+        reason = vxlan_reason6(data, base, end, vxlan)
+        if reason == NDP:
+            ndp.append(base)
+            continue
+        if reason is None:
+            reason = drop_reason6(data, base + VXLAN_HEADROOM, end, sources, destination)
+        if reason is None:
+            pieces.append((base + VXLAN_HEADROOM, end))
+        else:
+            drops[reason] += 1
+    return pieces
+
+
 # -- RX: validated IPv6 TCP segments of one flow coalesced into GSO_TCPV6 writes ----------
 
 _VNET_NEEDS_CSUM = 1
@@ -337,7 +416,12 @@ def plan_tun_writes6(data: bytearray, pieces: Sequence[tuple[int, int]], mtu: in
     last, at most 64) become one GSO_TCPV6 super-packet, as the kernel's GRO merges
     them; a TCP packet longer than ``mtu`` (a kernel peer's TSO packet that crossed only
     veths) goes in as a super-packet of ``mtu``-sized segments; everything else as it
-    came. Payloads are memoryviews of ``data``: nothing is copied."""
+    came. Payloads are memoryviews of ``data``: nothing is copied. A piece outside
+    ``data`` or shorter than an IPv6 header is a ValueError; one whose TCP header does
+    not fit it is written as it came (``drop_reason6`` passes neither)."""
+    for start, end in pieces:
+        if not 0 <= start <= end - HEADER_LEN or end > len(data):
+            raise ValueError(f"piece {start}:{end} outside the buffer or too short")
     view = memoryview(data)
     writes: list[Write] = []
     run: list[Buffer] = []
@@ -355,8 +439,9 @@ def plan_tun_writes6(data: bytearray, pieces: Sequence[tuple[int, int]], mtu: in
 
     for start, end in pieces:
         length = end - start
-        tcp = data[start + 6] == PROTO_TCP
+        tcp = data[start + 6] == PROTO_TCP and HEADER_LEN + 20 <= length <= HEADER_LEN + 0xFFFF
         offset = HEADER_LEN + (data[start + HEADER_LEN + 12] >> 4) * 4 if tcp else 0
+        tcp = tcp and HEADER_LEN + 20 <= offset <= length
         flags = data[start + HEADER_LEN + 13] if tcp else 0
         if run:
             seq = int.from_bytes(data[start + 44 : start + 48], "big")

@@ -87,6 +87,8 @@ class Ipv6Path:
         self.vni_bytes = vxlan.header(vni)[4:7]
         self.mac = mac
         self.solicited_mac = ipv6.solicited_node_mac(self.vtep_ip)
+        # What every received datagram's VXLAN and Ethernet headers must carry.
+        self.vxlan_rules = (self.vni_bytes, mac, self.solicited_mac)
         self.port = port
         self.icmp_limit = icmp_limit  # shared with the IPv4 path: one budget of errors
         self.neighbor_adverts = 0
@@ -308,17 +310,32 @@ class Ipv6Path:
                 continue
             self.gro_receives += 1
             self.counters.rx_gro_receives += 1
-            pieces = []
-            for base, end in gso.split_points(size, segment):
-                reason = self._check(base, end, source[0])
-                if reason is None:
-                    pieces.append((base + HEADROOM, end))
-                elif reason:
-                    drops[reason] += 1
-            if pieces:
-                reason = self._write(pieces, mtu, source[0])
-                if reason:
-                    drops[reason] += 1
+            self._receive_run(size, segment, source[0], mtu)
+
+    def _receive_run(self, size: int, segment: int, source: str, mtu: int) -> None:
+        """The GRO receive ``buf[:size]`` of ``segment``-byte datagrams from ``source``:
+        every datagram checked in one call (``valid_pieces6``, C with the native module),
+        the valid ones written (a flow's run as one super-packet); a possible neighbour
+        solicitation (never in a GSO send in practice) goes through ``_check``."""
+        drops = self.counters.drops
+        sources = self.peers.sources6_of(source)
+        if not sources:
+            drops["rx_unknown_peer"] += -(-size // segment)
+            return
+        ndp: list[int] = []
+        pieces = native.valid_pieces6(
+            self._rx_buffer, size, segment, sources, self.own, drops, self.vxlan_rules, ndp
+        )
+        for base in ndp:
+            reason = self._check(base, min(base + segment, size), source)
+            if reason is None:
+                pieces.append((base + HEADROOM, min(base + segment, size)))
+            elif reason:
+                drops[reason] += 1
+        if pieces:
+            reason = self._write(pieces, mtu, source)
+            if reason:
+                drops[reason] += 1
 
     def _check(self, base: int, end: int, source: str) -> str | None:
         """The datagram ``buf[base:end]`` from ``source``: None when its inner packet may
@@ -348,12 +365,12 @@ class Ipv6Path:
 
     def _write(self, pieces: list[tuple[int, int]], mtu: int, source: str) -> str | None:
         """Write the checked inner packets ``pieces`` of the RX buffer into the TUN: runs
-        of one TCP flow as GSO_TCPV6 super-packets (``ipv6.plan_tun_writes6``) when the
+        of one TCP flow as GSO_TCPV6 super-packets (``plan_tun_writes6``) when the
         TUN has IFF_VNET_HDR; the reason of the last write that failed, or None."""
         reason = None
         packets = size = 0
         if self.tun.vnet_hdr:
-            writes = ipv6.plan_tun_writes6(self._rx_buffer, pieces, mtu)
+            writes = native.plan_tun_writes6(self._rx_buffer, pieces, mtu)
         else:
             writes = []
             for start, end in pieces:
