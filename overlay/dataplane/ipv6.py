@@ -276,11 +276,7 @@ class Ipv6Path:
             except OSError:
                 drops["rx_socket_error"] += 1
                 continue
-            reason = self._check(0, size, source[0])
-            if reason is None:
-                reason = self._write([(HEADROOM, size)], mtu, source[0])
-            if reason:
-                drops[reason] += 1
+            self._receive_one(size, source[0], mtu)
 
     def _receive_gro(self, mtu: int) -> None:
         recv = self.sock.recvmsg_into
@@ -302,18 +298,22 @@ class Ipv6Path:
                 drops["rx_truncated"] += 1
                 continue
             if segment == size:
-                reason = self._check(0, size, source[0])
-                if reason is None:
-                    reason = self._write([(HEADROOM, size)], mtu, source[0])
-                if reason:
-                    drops[reason] += 1
+                self._receive_one(size, source[0], mtu)
                 continue
             self.gro_receives += 1
             self.counters.rx_gro_receives += 1
             self._receive_run(size, segment, source[0], mtu)
 
+    def _receive_one(self, size: int, source: str, mtu: int) -> None:
+        """One datagram ``buf[:size]``: ``_receive_run``'s rules (an empty one has no
+        VXLAN header)."""
+        if size:
+            self._receive_run(size, size, source, mtu)
+        else:
+            self.counters.drops[self._check(0, 0, source) or "rx_vxlan_truncated"] += 1
+
     def _receive_run(self, size: int, segment: int, source: str, mtu: int) -> None:
-        """The GRO receive ``buf[:size]`` of ``segment``-byte datagrams from ``source``:
+        """The receive ``buf[:size]`` of ``segment``-byte datagrams from ``source``:
         every datagram checked in one call (``valid_pieces6``, C with the native module),
         the valid ones written (a flow's run as one super-packet); a possible neighbour
         solicitation (never in a GSO send in practice) goes through ``_check``."""
