@@ -116,22 +116,46 @@ def segment_tcp4(
     if end + (count - 1) * (room + headers) + 3 > len(buf):
         raise CodecError("gso_no_room", f"{count} segments")
 
+    return _cut(buf, at, gso_size, prefix, ihl, headers, count, end)
+
+
+def _cut(
+    buf: Arena,
+    at: int,
+    gso_size: int,
+    prefix: bytes,
+    ihl: int,
+    headers: int,
+    count: int,
+    end: int,
+) -> tuple[int, int, int]:
+    """The cut both families share, once the super-packet ``buf[end - length:end]``
+    (IP header ``ihl`` bytes: 40 for IPv6) is checked: each segment ``prefix`` + IP +
+    TCP header + payload, from ``at``. IPv4 gets its total length, identification + i
+    and header checksum; IPv6 its payload length; both the TCP sequence, the flags and
+    the full checksum over their pseudo-header."""
+    room = len(prefix)
+    ip = at + room
+    v6 = buf[ip] >> 4 == 6
     original = bytes(buf[ip : ip + headers])
     data = bytes(buf[ip + headers : end])  # the segments are written over it
     ip_id = int.from_bytes(original[4:6], "big")
     seq = int.from_bytes(original[ihl + 4 : ihl + 8], "big")
     flags = original[ihl + 13]
-    addresses = _sum(original[12:20])
+    addresses = _sum(original[8:40] if v6 else original[12:20])
     stride = room + headers + gso_size
     out = at
     for i in range(count):
         chunk = data[i * gso_size : (i + 1) * gso_size]
         total = headers + len(chunk)
         header = bytearray(original)
-        header[2:4] = total.to_bytes(2, "big")
-        header[4:6] = ((ip_id + i) & 0xFFFF).to_bytes(2, "big")
-        header[10:12] = bytes(2)
-        header[10:12] = (~_fold(_sum(header[:ihl])) & 0xFFFF).to_bytes(2, "big")
+        if v6:
+            header[4:6] = (total - ihl).to_bytes(2, "big")
+        else:
+            header[2:4] = total.to_bytes(2, "big")
+            header[4:6] = ((ip_id + i) & 0xFFFF).to_bytes(2, "big")
+            header[10:12] = bytes(2)
+            header[10:12] = (~_fold(_sum(header[:ihl])) & 0xFFFF).to_bytes(2, "big")
         header[ihl + 4 : ihl + 8] = ((seq + i * gso_size) & 0xFFFFFFFF).to_bytes(4, "big")
         header[ihl + 13] = flags & ~(_FIN | _PSH | _CWR)
         if i == 0:
@@ -145,7 +169,7 @@ def segment_tcp4(
         buf[out + room : out + room + headers] = header
         buf[out + room + headers : out + room + total] = chunk
         out += room + total
-    return count, stride, room + headers + payload - (count - 1) * gso_size
+    return count, stride, out - (count - 1) * stride - at
 
 
 IPV6_HEADER = 40
@@ -181,30 +205,4 @@ def segment_tcp6(
     if end + (count - 1) * (room + headers) + 3 > len(buf):
         raise CodecError("gso_no_room", f"{count} segments")
 
-    original = bytes(buf[ip : ip + headers])
-    data = bytes(buf[ip + headers : end])  # the segments are written over it
-    tcp = IPV6_HEADER
-    seq = int.from_bytes(original[tcp + 4 : tcp + 8], "big")
-    flags = original[tcp + 13]
-    addresses = _sum(original[8:40])
-    stride = room + headers + gso_size
-    out = at
-    for i in range(count):
-        chunk = data[i * gso_size : (i + 1) * gso_size]
-        upper = headers - tcp + len(chunk)
-        header = bytearray(original)
-        header[4:6] = upper.to_bytes(2, "big")
-        header[tcp + 4 : tcp + 8] = ((seq + i * gso_size) & 0xFFFFFFFF).to_bytes(4, "big")
-        header[tcp + 13] = flags & ~(_FIN | _PSH | _CWR)
-        if i == 0:
-            header[tcp + 13] |= flags & _CWR
-        if i == count - 1:
-            header[tcp + 13] |= flags & (_FIN | _PSH)
-        header[tcp + 16 : tcp + 18] = bytes(2)
-        tcp_sum = addresses + 6 + upper + _sum(header[tcp:]) + _sum(chunk)
-        header[tcp + 16 : tcp + 18] = (~_fold(tcp_sum) & 0xFFFF).to_bytes(2, "big")
-        buf[out : out + room] = prefix
-        buf[out + room : out + room + headers] = header
-        buf[out + room + headers : out + room + tcp + upper] = chunk
-        out += room + tcp + upper
-    return count, stride, room + headers + payload - (count - 1) * gso_size
+    return _cut(buf, at, gso_size, prefix, IPV6_HEADER, headers, count, end)

@@ -3,8 +3,8 @@
  *
  *   segment_tcp4, cut_tcp4 (check_tcp4,   segment_tcp4
  *     then cut_segments)
- *   segment_tcp6 (check_tcp6, then        segment_tcp6 (TSO6: vxlan's IPv6 half)
- *     cut_segments6)
+ *   segment_tcp6 (check_tcp6, then        segment_tcp6 (TSO6: vxlan's IPv6 half; the
+ *     cut_segments)                        cut both share is _cut)
  *   partial_region                        partial_region
  *   finish_checksums, finish_regions      finish_checksums (finish_regions: its second
  *                                         loop, for regions already checked)
@@ -26,14 +26,15 @@ typedef struct {
     Py_ssize_t ip;              /* its IPv4 header: b[ip:] */
     Py_ssize_t ihl, headers;    /* the IPv4 header's length; IPv4 + TCP headers' */
     Py_ssize_t payload, count;  /* TCP payload bytes; segments of gso_size */
-} tcp4_layout_t;
+    int v6;                     /* an IPv6 header (ihl 40): no id, no header checksum */
+} tcp_layout_t;
 
 /* The checks of encap.tso.segment_tcp4, before anything is written: NULL when the
  * super-packet at b[at + room:][:length] can be cut (*layout filled), else the CodecError
  * reason (detail filled). */
 static inline const char *check_tcp4(const uint8_t *b, Py_ssize_t size, Py_ssize_t at,
                                      Py_ssize_t length, Py_ssize_t gso_size, Py_ssize_t room,
-                                     tcp4_layout_t *layout, char *detail, size_t detail_size)
+                                     tcp_layout_t *layout, char *detail, size_t detail_size)
 {
     detail[0] = 0;
     if (at < 0 || length < 0 || at > size || room > size - at || length > size - at - room) {
@@ -67,25 +68,26 @@ static inline const char *check_tcp4(const uint8_t *b, Py_ssize_t size, Py_ssize
         snprintf(detail, detail_size, "%zd segments", count);
         return "gso_no_room";
     }
-    *layout = (tcp4_layout_t){.ip = ip, .ihl = ihl, .headers = headers, .payload = payload,
+    *layout = (tcp_layout_t){.ip = ip, .ihl = ihl, .headers = headers, .payload = payload,
                               .count = count};
     return NULL;
 }
 
-/* The cut of a checked super-packet, in place: each segment prefix + IPv4 + TCP header +
- * payload, back to back from at (out: count, stride, last). */
+/* The cut of a checked super-packet, in place: each segment prefix + IP + TCP header +
+ * payload, back to back from at (out: count, stride, last). encap.tso._cut: IPv4 gets
+ * its total length, id + i and header checksum, IPv6 its payload length. */
 static inline void cut_segments(uint8_t *b, Py_ssize_t at, Py_ssize_t gso_size,
                                 const uint8_t *prefix, Py_ssize_t room,
-                                const tcp4_layout_t *layout, Py_ssize_t out[3])
+                                const tcp_layout_t *layout, Py_ssize_t out[3])
 {
     Py_ssize_t ip = layout->ip, ihl = layout->ihl, headers = layout->headers;
     Py_ssize_t count = layout->count;
-    uint8_t original[120]; /* IPv4 (<= 60) + TCP (<= 60) headers */
+    uint8_t original[120]; /* IPv4 (<= 60) or IPv6 (40) + TCP (<= 60) headers */
     memcpy(original, b + ip, (size_t)headers);
     uint32_t ip_id = be16(original + 4);
     uint32_t seq = be32(original + ihl + 4);
     uint8_t flags = original[ihl + 13];
-    uint32_t addresses = sum16(original + 12, 8);
+    uint32_t addresses = layout->v6 ? sum16(original + 8, 32) : sum16(original + 12, 8);
     Py_ssize_t stride = room + headers + gso_size;
     Py_ssize_t last = layout->payload - (count - 1) * gso_size;
     /* Last segment first: segment i's output never reaches below segment i-1's payload,
@@ -99,10 +101,14 @@ static inline void cut_segments(uint8_t *b, Py_ssize_t at, Py_ssize_t gso_size,
         uint8_t *h = dest + room;
         memcpy(h, original, (size_t)headers);
         uint32_t total = (uint32_t)(headers + chunk);
-        put16(h + 2, total);
-        put16(h + 4, (ip_id + (uint32_t)i) & 0xFFFF);
-        put16(h + 10, 0);
-        put16(h + 10, ~fold(sum16(h, ihl)) & 0xFFFF);
+        if (layout->v6) {
+            put16(h + 4, total - 40); /* the payload length */
+        } else {
+            put16(h + 2, total);
+            put16(h + 4, (ip_id + (uint32_t)i) & 0xFFFF);
+            put16(h + 10, 0);
+            put16(h + 10, ~fold(sum16(h, ihl)) & 0xFFFF);
+        }
         uint32_t s = seq + (uint32_t)(i * gso_size); /* modulo 2**32 */
         h[ihl + 4] = (uint8_t)(s >> 24);
         h[ihl + 5] = (uint8_t)(s >> 16);
@@ -131,7 +137,7 @@ static const char *cut_tcp4(uint8_t *b, Py_ssize_t size, Py_ssize_t at, Py_ssize
                             Py_ssize_t gso_size, const uint8_t *prefix, Py_ssize_t room,
                             Py_ssize_t out[3], char *detail, size_t detail_size)
 {
-    tcp4_layout_t layout;
+    tcp_layout_t layout;
     const char *reason = check_tcp4(b, size, at, length, gso_size, room, &layout, detail,
                                     detail_size);
     if (reason == NULL)
@@ -139,7 +145,11 @@ static const char *cut_tcp4(uint8_t *b, Py_ssize_t size, Py_ssize_t at, Py_ssize
     return reason;
 }
 
-static PyObject *segment_tcp4(PyObject *self, PyObject *args)
+typedef const char *(*check_tcp_t)(const uint8_t *, Py_ssize_t, Py_ssize_t, Py_ssize_t,
+                                    Py_ssize_t, Py_ssize_t, tcp_layout_t *, char *, size_t);
+
+/* segment_tcp4 and segment_tcp6: the arguments, the family's check, the cut. */
+static PyObject *segment_tcp(PyObject *args, check_tcp_t check)
 {
     Py_buffer buf, prefix;
     Py_ssize_t at, length, gso_size;
@@ -148,23 +158,31 @@ static PyObject *segment_tcp4(PyObject *self, PyObject *args)
     PyObject *result = NULL;
     char detail[96];
     Py_ssize_t out[3];
+    tcp_layout_t layout;
     uint8_t *prefix_copy = PyMem_Malloc(prefix.len ? (size_t)prefix.len : 1); /* may alias buf */
     if (prefix_copy == NULL) {
         PyErr_NoMemory();
         goto done;
     }
     memcpy(prefix_copy, prefix.buf, (size_t)prefix.len);
-    const char *reason = cut_tcp4(buf.buf, buf.len, at, length, gso_size, prefix_copy,
-                                  prefix.len, out, detail, sizeof detail);
-    if (reason != NULL)
+    const char *reason = check(buf.buf, buf.len, at, length, gso_size, prefix.len, &layout,
+                               detail, sizeof detail);
+    if (reason != NULL) {
         raise_codec(reason, detail);
-    else
+    } else {
+        cut_segments(buf.buf, at, gso_size, prefix_copy, prefix.len, &layout, out);
         result = Py_BuildValue("nnn", out[0], out[1], out[2]);
+    }
 done:
     PyMem_Free(prefix_copy);
     PyBuffer_Release(&buf);
     PyBuffer_Release(&prefix);
     return result;
+}
+
+static PyObject *segment_tcp4(PyObject *self, PyObject *args)
+{
+    return segment_tcp(args, check_tcp4);
 }
 
 /* -- segment_tcp6 ----------------------------------------------------------------------- */
@@ -174,7 +192,7 @@ done:
  * header's 40), else the CodecError reason (detail filled). */
 static inline const char *check_tcp6(const uint8_t *b, Py_ssize_t size, Py_ssize_t at,
                                      Py_ssize_t length, Py_ssize_t gso_size, Py_ssize_t room,
-                                     tcp4_layout_t *layout, char *detail, size_t detail_size)
+                                     tcp_layout_t *layout, char *detail, size_t detail_size)
 {
     detail[0] = 0;
     if (at < 0 || length < 0 || at > size || room > size - at || length > size - at - room) {
@@ -200,85 +218,14 @@ static inline const char *check_tcp6(const uint8_t *b, Py_ssize_t size, Py_ssize
         snprintf(detail, detail_size, "%zd segments", count);
         return "gso_no_room";
     }
-    *layout = (tcp4_layout_t){.ip = ip, .ihl = 40, .headers = headers, .payload = payload,
-                              .count = count};
+    *layout = (tcp_layout_t){.ip = ip, .ihl = 40, .headers = headers, .payload = payload,
+                              .count = count, .v6 = 1};
     return NULL;
-}
-
-/* cut_segments for IPv6: per segment the payload length, the TCP sequence and flags and
- * the full checksum over the IPv6 pseudo-header; no IP id or header checksum. */
-static inline void cut_segments6(uint8_t *b, Py_ssize_t at, Py_ssize_t gso_size,
-                                 const uint8_t *prefix, Py_ssize_t room,
-                                 const tcp4_layout_t *layout, Py_ssize_t out[3])
-{
-    Py_ssize_t ip = layout->ip, headers = layout->headers, count = layout->count;
-    uint8_t original[100]; /* IPv6 (40) + TCP (<= 60) headers */
-    memcpy(original, b + ip, (size_t)headers);
-    uint32_t seq = be32(original + 40 + 4);
-    uint8_t flags = original[40 + 13];
-    uint32_t addresses = sum16(original + 8, 32);
-    Py_ssize_t stride = room + headers + gso_size;
-    Py_ssize_t last = layout->payload - (count - 1) * gso_size;
-    for (Py_ssize_t i = count - 1; i >= 0; i--) { /* last first, as cut_segments */
-        Py_ssize_t chunk = i == count - 1 ? last : gso_size;
-        const uint8_t *source = b + ip + headers + i * gso_size;
-        uint8_t *dest = b + at + i * stride;
-        uint32_t chunk_sum = sum16(source, chunk);
-        memmove(dest + room + headers, source, (size_t)chunk);
-        uint8_t *h = dest + room;
-        memcpy(h, original, (size_t)headers);
-        uint32_t upper = (uint32_t)(headers - 40 + chunk);
-        put16(h + 4, upper);
-        uint32_t s = seq + (uint32_t)(i * gso_size); /* modulo 2**32 */
-        h[40 + 4] = (uint8_t)(s >> 24);
-        h[40 + 5] = (uint8_t)(s >> 16);
-        h[40 + 6] = (uint8_t)(s >> 8);
-        h[40 + 7] = (uint8_t)s;
-        uint8_t f = flags & (uint8_t)~(FIN | PSH | CWR);
-        if (i == 0)
-            f |= flags & CWR;
-        if (i == count - 1)
-            f |= flags & (FIN | PSH);
-        h[40 + 13] = f;
-        put16(h + 40 + 16, 0);
-        uint64_t tcp = (uint64_t)addresses + 6 + upper + sum16(h + 40, headers - 40) + chunk_sum;
-        put16(h + 40 + 16, ~fold((uint32_t)(tcp % 0xFFFF)) & 0xFFFF);
-        memcpy(dest, prefix, (size_t)room);
-    }
-    out[0] = count;
-    out[1] = stride;
-    out[2] = room + headers + last;
 }
 
 static PyObject *segment_tcp6(PyObject *self, PyObject *args)
 {
-    Py_buffer buf, prefix;
-    Py_ssize_t at, length, gso_size;
-    if (!PyArg_ParseTuple(args, "w*nnny*", &buf, &at, &length, &gso_size, &prefix))
-        return NULL;
-    PyObject *result = NULL;
-    char detail[96];
-    Py_ssize_t out[3];
-    tcp4_layout_t layout;
-    uint8_t *prefix_copy = PyMem_Malloc(prefix.len ? (size_t)prefix.len : 1); /* may alias buf */
-    if (prefix_copy == NULL) {
-        PyErr_NoMemory();
-        goto done;
-    }
-    memcpy(prefix_copy, prefix.buf, (size_t)prefix.len);
-    const char *reason = check_tcp6(buf.buf, buf.len, at, length, gso_size, prefix.len,
-                                    &layout, detail, sizeof detail);
-    if (reason != NULL) {
-        raise_codec(reason, detail);
-    } else {
-        cut_segments6(buf.buf, at, gso_size, prefix_copy, prefix.len, &layout, out);
-        result = Py_BuildValue("nnn", out[0], out[1], out[2]);
-    }
-done:
-    PyMem_Free(prefix_copy);
-    PyBuffer_Release(&buf);
-    PyBuffer_Release(&prefix);
-    return result;
+    return segment_tcp(args, check_tcp6);
 }
 
 /* -- finish_checksums ------------------------------------------------------------------- */
