@@ -105,7 +105,7 @@ class Ipv6Path:
         self.tun_super_packets_written = 0
         self._rx_buffer = bytearray(MAX_DATAGRAM)
         self._rx_view = memoryview(self._rx_buffer)
-        self._tx_arena = bytearray(TX_ARENA6) if self.gso else bytearray()
+        self._tx_arena = bytearray(TX_ARENA6) if offload else bytearray()
         self._tx_view = memoryview(self._tx_arena)
 
     def status(self) -> dict[str, int]:
@@ -126,9 +126,9 @@ class Ipv6Path:
         TUN's (0: no limit). A TCP super-packet (TSO6) leaves as its segments."""
         drops = self.counters.drops
         if frame[1] != tso.GSO_NONE:
-            if frame[1] == tso.GSO_TCPV6 and self.gso:
-                self._send_super(frame, mtu)
-            else:  # TSO6 is offered only with UDP GSO; USO is never offered
+            if frame[1] == tso.GSO_TCPV6 and self._tx_arena:
+                self._send_super(frame, mtu)  # its segments one by one if GSO is off
+            else:  # TSO6 is offered only with the offloads; USO is never offered
                 drops["tx_ipv6_gso_unsupported"] += 1
             return
         packet = bytearray(frame[VNET_HDR_LEN:])  # the drains hand over 40 bytes or more

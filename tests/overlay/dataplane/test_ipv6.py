@@ -7,6 +7,7 @@ tests/netns/test_dual_stack.py."""
 
 from __future__ import annotations
 
+import errno
 import select
 import socket
 import struct
@@ -279,3 +280,22 @@ def test_a_gro_receive_goes_into_the_tun_as_one_gso_tcpv6_super_packet(
         assert status["ipv6_rx_tun_super_packets"] == 2
         assert dict(p.path.counters.drops) == {"rx_bad_l4_checksum": 1}
     assert p.path.counters.rx_packets == len(expected)
+
+
+@pytest.mark.underlay
+def test_after_an_eio_the_segments_leave_one_by_one(pair: Callable[[bool], Pair]) -> None:
+    """A GSO send failing with EIO (a route whose device cannot checksum it) turns UDP GSO
+    off for good, as on the IPv4 path: that super-packet and the next still leave, each
+    segment in a datagram of its own."""
+    p = pair(True)
+    payload = bytes(range(256)) * 20  # 5120 bytes: 4 segments of 1370
+    vnet = struct.pack("=BBHHHH", 1, 4, 60, 1370, 40, 16)
+    frame = vnet + bytes(tcp6(payload))
+    wire.failing_sendmsg(errno.EIO, lambda: p.path.send(frame, MTU))
+    p.path.send(frame, MTU)
+    received = p.received()
+    assert p.path.gso is False
+    assert [size for _, size in received] == [0] * 8  # single datagrams, not a GSO batch
+    assert b"".join(bytes(IPv6(d[22:])[TCP].payload) for d, _ in received) == payload * 2
+    assert p.path.status()["ipv6_tx_gso_sends"] == 0
+    assert dict(p.path.counters.drops) == {}
