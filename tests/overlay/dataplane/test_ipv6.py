@@ -299,3 +299,24 @@ def test_after_an_eio_the_segments_leave_one_by_one(pair: Callable[[bool], Pair]
     assert b"".join(bytes(IPv6(d[22:])[TCP].payload) for d, _ in received) == payload * 2
     assert p.path.status()["ipv6_tx_gso_sends"] == 0
     assert dict(p.path.counters.drops) == {}
+
+
+@pytest.mark.underlay
+@pytest.mark.parametrize("codecs", ["native", "pure"])
+def test_single_datagrams_are_checked_the_same_way(
+    pair: Callable[[bool], Pair], codecs: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Datagrams sent one by one (a kernel peer's, ACKs): each checked by the same rules;
+    the one with a corrupt TCP checksum is counted and never written."""
+    if codecs == "pure":
+        monkeypatch.setattr(native, "valid_pieces6", ipv6.valid_pieces6)
+        monkeypatch.setattr(native, "plan_tun_writes6", ipv6.plan_tun_writes6)
+    p = pair(True)
+    datagrams = peer_segments(b"s" * 3000, corrupt=1)
+    for datagram in datagrams:
+        p.peer.sendto(datagram, p.ours.getsockname()[:2])
+    select.select([p.ours], [], [], 1)
+    p.path.on_socket_readable(MTU)
+    written = [s for data in p.tun.raw_written() for s in resegment([data[:10], data[10:]])]
+    assert written == [d[22:] for i, d in enumerate(datagrams) if i != 1]
+    assert dict(p.path.counters.drops) == {"rx_bad_l4_checksum": 1}
