@@ -1,14 +1,15 @@
-"""What a NIC's TSO engine does, for packets the TUN hands us with TSO4 and CSUM offloads.
+"""What a NIC's TSO engine does, for packets the TUN hands us with TSO4/TSO6 and CSUM
+offloads.
 
-With TUNSETOFFLOAD(TUN_F_CSUM | TUN_F_TSO4) the kernel passes one TCP super-packet of up
-to 64 KiB per read where it would otherwise pass ~45 MTU-sized segments (saving a read
-per segment here and the segmentation in the sender's kernel), and it leaves L4
-checksums for us to finish (virtio_net_hdr NEEDS_CSUM: the field holds the pseudo-header
-sum, the sum from ``csum_start`` to the end goes in). A flannel or kernel peer does
-neither for us, so every packet that leaves is one MTU-sized IPv4 packet with complete
-checksums: ``segment_tcp4`` cuts a super-packet in place into segments, each behind a
-copy of the per-peer prefix; ``finish_checksums`` completes the partial checksums of
-plain packets.
+With TUNSETOFFLOAD(TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6) the kernel passes one TCP
+super-packet of up to 64 KiB per read where it would otherwise pass ~45 MTU-sized
+segments (saving a read per segment here and the segmentation in the sender's kernel),
+and it leaves L4 checksums for us to finish (virtio_net_hdr NEEDS_CSUM: the field holds
+the pseudo-header sum, the sum from ``csum_start`` to the end goes in). A flannel or
+kernel peer does neither for us, so every packet that leaves is one MTU-sized packet
+with complete checksums: ``segment_tcp4`` (``segment_tcp6`` for vxlan's IPv6 half) cuts
+a super-packet in place into segments, each behind a copy of the per-peer prefix;
+``finish_checksums`` completes the partial checksums of plain packets.
 
 This is the reference: plain Python, written to be read and to be the test oracle of the
 native module (``encap.native``), which does the same in C and is what the dataplane runs
