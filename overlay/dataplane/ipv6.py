@@ -333,9 +333,7 @@ class Ipv6Path:
             elif reason:
                 drops[reason] += 1
         if pieces:
-            reason = self._write(pieces, mtu, source)
-            if reason:
-                drops[reason] += 1
+            self._write(pieces, mtu, source)
 
     def _check(self, base: int, end: int, source: str) -> str | None:
         """The datagram ``buf[base:end]`` from ``source``: None when its inner packet may
@@ -363,11 +361,11 @@ class Ipv6Path:
             return self._answer_solicitation(base, end, source)
         return ipv6.drop_reason6(buf, base + HEADROOM, end, sources, self.own)
 
-    def _write(self, pieces: list[tuple[int, int]], mtu: int, source: str) -> str | None:
+    def _write(self, pieces: list[tuple[int, int]], mtu: int, source: str) -> None:
         """Write the checked inner packets ``pieces`` of the RX buffer into the TUN: runs
-        of one TCP flow as GSO_TCPV6 super-packets (``plan_tun_writes6``) when the
-        TUN has IFF_VNET_HDR; the reason of the last write that failed, or None."""
-        reason = None
+        of one TCP flow as GSO_TCPV6 super-packets (``plan_tun_writes6``) when the TUN
+        has IFF_VNET_HDR; a failed write's packets are counted by reason."""
+        drops = self.counters.drops
         packets = size = 0
         if self.tun.vnet_hdr:
             writes = native.plan_tun_writes6(self._rx_buffer, pieces, mtu)
@@ -375,7 +373,7 @@ class Ipv6Path:
             writes = []
             for start, end in pieces:
                 if mtu and end - start > mtu and self._rx_buffer[start + 6] == ipv6.PROTO_TCP:
-                    reason = "rx_too_big"
+                    drops["rx_too_big"] += 1
                     continue
                 writes.append(([self._rx_view[start:end]], 1, end - start))
         supers = 0
@@ -383,16 +381,16 @@ class Ipv6Path:
             try:
                 os.writev(self.tun.fd, buffers)
             except BlockingIOError:
-                reason = "rx_tun_full"
+                drops["rx_tun_full"] += count
                 continue
             except OSError:
-                reason = "rx_tun_error"
+                drops["rx_tun_error"] += count
                 continue
             packets += count
             size += length
             supers += count > 1
         if not packets:
-            return reason
+            return
         self.tun_super_packets_written += supers
         counters = self.counters
         counters.rx_tun_super_packets += supers
@@ -404,7 +402,6 @@ class Ipv6Path:
             stats.rx_packets += packets
             stats.rx_bytes += size + packets * HEADROOM
             stats.last_rx = time.monotonic()
-        return reason
 
     def _answer_solicitation(self, base: int, end: int, source: str) -> str:
         """A neighbour solicitation for our VTEP address, answered with an advertisement
