@@ -11,7 +11,23 @@ MAX_RUN: int
 def segment_tcp4(
     buf: bytearray | memoryview, at: int, length: int, gso_size: int, prefix: Buffer
 ) -> tuple[int, int, int]: ...
+def segment_tcp6(
+    buf: bytearray | memoryview, at: int, length: int, gso_size: int, prefix: Buffer
+) -> tuple[int, int, int]: ...
 def finish_checksums(buf: bytearray | memoryview, regions: list[tuple[int, int, int]]) -> None: ...
+def valid_pieces6(
+    data: bytearray | memoryview,
+    size: int,
+    segment: int,
+    sources: Sequence[tuple[int, int]],
+    destination: tuple[int, int],
+    drops: MutableMapping[str, int],
+    vxlan: tuple[bytes, bytes, bytes],
+    ndp: list[int],
+) -> list[tuple[int, int]]: ...
+def plan_tun_writes6(
+    data: bytearray | memoryview, pieces: Sequence[tuple[int, int]], mtu: int
+) -> list[tuple[list[bytes], int, int]]: ...
 def drop_reason(
     data: bytearray | memoryview,
     start: int,

@@ -10,7 +10,7 @@ does for IPv4).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import MutableMapping, Sequence
 
 from encap.checksum import internet_checksum
 from encap.errors import CodecError
@@ -275,3 +275,209 @@ def build_neighbor_advertisement(solicitation: Buffer, *, target: bytes, mac: by
     message += bytes(target) + bytes((2, 1)) + bytes(mac)  # option 2: target link-layer
     body = _checksummed(bytes(target), dst, PROTO_ICMPV6, message, 2)
     return build_packet(bytes(target), dst, PROTO_ICMPV6, body, 255)
+
+
+# -- RX: a GRO receive of VXLAN datagrams checked, segment by segment --------------------
+
+VXLAN_HEADROOM = 22  # VXLAN header + inner Ethernet header (encap.vxlan.PREFIX_LEN)
+# Why a datagram's VXLAN and Ethernet headers are not ours (before drop_reason6's).
+VXLAN_DROP_REASONS6 = (
+    "rx_vxlan_truncated",
+    "rx_vxlan_bad_flags",
+    "rx_vxlan_wrong_vni",
+    "rx_vxlan_bad_ethertype",
+    "rx_vxlan_foreign_mac",
+)
+NDP = "ndp"  # not a drop: maybe a neighbour solicitation, for the caller to check
+
+
+def vxlan_reason6(data: Buffer, at: int, end: int, vxlan: tuple[bytes, bytes, bytes]) -> str | None:
+    """Why the VXLAN datagram ``data[at:end]`` does not carry an IPv6 packet for us
+    (``vxlan`` = (our 3 VNI bytes, our IPv6 VTEP MAC, its solicited-node group's MAC)),
+    ``NDP`` when it may be a neighbour solicitation (sent to the group, or an ICMPv6 type
+    135 with hop limit 255 to us: the caller checks it whole and answers it), or None."""
+    if end - at < VXLAN_HEADROOM:
+        return "rx_vxlan_truncated"
+    if not data[at] & 0x08:
+        return "rx_vxlan_bad_flags"
+    if data[at + 4 : at + 7] != vxlan[0]:
+        return "rx_vxlan_wrong_vni"
+    if data[at + 20] != 0x86 or data[at + 21] != 0xDD:
+        return "rx_vxlan_bad_ethertype"
+    mac = data[at + 8 : at + 14]
+    if mac != vxlan[1]:
+        return NDP if mac == vxlan[2] else "rx_vxlan_foreign_mac"
+    inner = at + VXLAN_HEADROOM
+    if (
+        end - inner >= HEADER_LEN + 24
+        and data[inner + 6] == PROTO_ICMPV6
+        and data[inner + 7] == 255
+        and data[inner + HEADER_LEN] == TYPE_NEIGHBOR_SOLICITATION
+    ):
+        return NDP
+    return None
+
+
+def valid_pieces6(
+    data: bytearray,
+    size: int,
+    segment: int,
+    sources: Sources6,
+    destination: tuple[int, int],
+    drops: MutableMapping[str, int],
+    vxlan: tuple[bytes, bytes, bytes],
+    ndp: list[int],
+) -> list[tuple[int, int]]:
+    """The ``(start, end)`` of the inner IPv6 packets of the ``segment``-byte VXLAN
+    datagrams in ``data[:size]`` (one GRO receive from one peer) that pass
+    ``vxlan_reason6`` and ``drop_reason6`` (a partial checksum completed in place); the
+    others are counted in ``drops`` by reason, and the offsets of possible neighbour
+    solicitations go to ``ndp``. The native module runs the same rules in C."""
+    if size > 0xFFFF:
+        raise ValueError(f"a GRO receive is at most 65535 bytes, not {size}")
+    if size > len(data):
+        raise ValueError(f"size {size} is beyond the buffer ({len(data)} bytes)")
+    if size <= 0 or segment <= 0:
+        drops["rx_vxlan_truncated"] += 1  # an empty datagram
+        return []
+    pieces: list[tuple[int, int]] = []
+    for base in range(0, size, segment):
+        end = min(base + segment, size)
+        reason = vxlan_reason6(data, base, end, vxlan)
+        if reason == NDP:
+            ndp.append(base)
+            continue
+        if reason is None:
+            reason = drop_reason6(data, base + VXLAN_HEADROOM, end, sources, destination)
+        if reason is None:
+            pieces.append((base + VXLAN_HEADROOM, end))
+        else:
+            drops[reason] += 1
+    return pieces
+
+
+# -- RX: validated IPv6 TCP segments of one flow coalesced into GSO_TCPV6 writes ----------
+
+_VNET_NEEDS_CSUM = 1
+_VNET_GSO_TCPV6 = 4
+_VNET_PLAIN = bytes(10)
+_ACK = 0x10
+_PSH = 0x08
+# A GSO packet carries at most this many segments (the kernel's limit, as for IPv4).
+MAX_RUN = 64
+
+Write = tuple[list[Buffer], int, int]  # (buffers for one writev, packets, their bytes)
+
+
+def tcp6_super_header(
+    head: Buffer, header_length: int, total_length: int, psh: bool, segment: int
+) -> tuple[bytes, bytes]:
+    """(virtio_net_hdr, IPv6+TCP header) of a GSO_TCPV6 super-packet of ``total_length``
+    bytes built on the header of ``head``: the payload length covers the whole, the TCP
+    checksum field holds the pseudo-header sum (NEEDS_CSUM, csum_start 40, offset 16:
+    whoever segments it completes each segment's checksum)."""
+    header = bytearray(head[:header_length])
+    upper = total_length - HEADER_LEN
+    header[4:6] = upper.to_bytes(2, "big")
+    if psh:
+        header[HEADER_LEN + 13] |= _PSH
+    pseudo = pseudo_sum6(header, 0, PROTO_TCP, upper) % 0xFFFF
+    header[HEADER_LEN + 16 : HEADER_LEN + 18] = pseudo.to_bytes(2, "big")
+    fields = (header_length, segment, HEADER_LEN, 16)
+    vnet = bytes((_VNET_NEEDS_CSUM, _VNET_GSO_TCPV6)) + b"".join(
+        value.to_bytes(2, "little") for value in fields
+    )
+    return vnet, bytes(header)
+
+
+def _run_key(data: Buffer, start: int, header_length: int) -> bytes:
+    """What every segment of a run shares: the IPv6 header but its payload length, the
+    TCP ports, acknowledgement, data offset, window, urgent pointer and options (not the
+    sequence number, flags or checksum)."""
+    l4 = start + HEADER_LEN
+    return b"".join(
+        (
+            bytes(data[start : start + 4]),
+            bytes(data[start + 6 : l4 + 4]),
+            bytes(data[l4 + 8 : l4 + 13]),
+            bytes(data[l4 + 14 : l4 + 16]),
+            bytes(data[l4 + 18 : start + header_length]),
+        )
+    )
+
+
+def plan_tun_writes6(data: bytearray, pieces: Sequence[tuple[int, int]], mtu: int) -> list[Write]:
+    """The TUN writes (each behind a virtio_net_hdr) for the inner IPv6 packets
+    ``data[start:end]`` of ``pieces``, each already passed by ``drop_reason6`` (so with
+    complete checksums), in order.
+
+    Consecutive TCP segments of one flow (``_run_key`` equal, adjacent sequence numbers,
+    flags ACK, ACK|PSH only on the last, payloads all of the first one's size but the
+    last, at most 64) become one GSO_TCPV6 super-packet, as the kernel's GRO merges
+    them; a TCP packet longer than ``mtu`` (a kernel peer's TSO packet that crossed only
+    veths) goes in as a super-packet of ``mtu``-sized segments; everything else as it
+    came. Payloads are memoryviews of ``data``: nothing is copied. A piece outside
+    ``data`` or shorter than an IPv6 header is a ValueError; one whose TCP header does
+    not fit it is written as it came (``drop_reason6`` passes neither)."""
+    for start, end in pieces:
+        if not 0 <= start <= end - HEADER_LEN or end > len(data):
+            raise ValueError(f"piece {start}:{end} outside the buffer or too short")
+    view = memoryview(data)
+    writes: list[Write] = []
+    run: list[Buffer] = []
+    head = head_end = header_length = run_length = total = expect = 0
+    key = b""
+
+    def close(psh: bool) -> None:
+        if len(run) == 1:
+            writes.append(([_VNET_PLAIN, view[head:head_end]], 1, head_end - head))
+            return
+        vnet, header = tcp6_super_header(
+            view[head:], header_length, total, psh, run_length - header_length
+        )
+        writes.append(([vnet, header, *run], len(run), total + (len(run) - 1) * header_length))
+
+    for start, end in pieces:
+        length = end - start
+        tcp = data[start + 6] == PROTO_TCP and HEADER_LEN + 20 <= length <= HEADER_LEN + 0xFFFF
+        offset = HEADER_LEN + (data[start + HEADER_LEN + 12] >> 4) * 4 if tcp else 0
+        tcp = tcp and HEADER_LEN + 20 <= offset <= length
+        flags = data[start + HEADER_LEN + 13] if tcp else 0
+        if run:
+            seq = int.from_bytes(data[start + 44 : start + 48], "big")
+            if (
+                tcp
+                and offset == header_length
+                and length > header_length
+                and length <= run_length
+                and seq == expect
+                and total + length - header_length <= HEADER_LEN + 0xFFFF
+                and flags in (_ACK, _ACK | _PSH)
+                and _run_key(data, start, header_length) == key
+            ):
+                run.append(view[start + header_length : end])
+                total += length - header_length
+                expect = (seq + length - header_length) & 0xFFFFFFFF
+                psh = flags != _ACK
+                if psh or length < run_length or len(run) == MAX_RUN:
+                    close(psh)
+                    run = []
+                continue
+            close(False)
+            run = []
+        if tcp and mtu and length > mtu > offset:
+            vnet, header = tcp6_super_header(view[start:], offset, length, False, mtu - offset)
+            writes.append(([vnet, header, view[start + offset : end]], 1, length))
+            continue
+        if tcp and flags == _ACK and length > offset:
+            head, head_end, header_length, run_length = start, end, offset, length
+            key = _run_key(data, start, offset)
+            total = length
+            expect = int.from_bytes(data[start + 44 : start + 48], "big") + length - offset
+            expect &= 0xFFFFFFFF
+            run = [view[start + offset : end]]
+            continue
+        writes.append(([_VNET_PLAIN, view[start:end]], 1, length))
+    if run:
+        close(False)
+    return writes

@@ -1,6 +1,6 @@
 """Which codecs the dataplane runs: the native module ``encap._native`` (C, built by
 ``pip install`` from encap/csrc/) when it loads, else the pure-Python reference in
-``encap.tso`` and ``encap.gso``.
+``encap.tso``, ``encap.gso`` and ``encap.ipv6``.
 
 The two implement the same functions with the same results, byte for byte and drop for
 drop (tests/encap/test_native.py proves it on random and malformed input); the reference
@@ -19,7 +19,7 @@ from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 
-from encap import gso, tso
+from encap import gso, ipv6, tso
 
 
 def _load() -> ModuleType:
@@ -56,6 +56,9 @@ AVAILABLE = _module is not None
 segment_tcp4: Callable[..., tuple[int, int, int]] = (
     _module.segment_tcp4 if _module else tso.segment_tcp4
 )
+segment_tcp6: Callable[..., tuple[int, int, int]] = (
+    _module.segment_tcp6 if _module else tso.segment_tcp6
+)
 finish_checksums: Callable[..., None] = (
     _module.finish_checksums if _module else tso.finish_checksums
 )
@@ -68,6 +71,12 @@ valid_pieces: Callable[..., list[tuple[int, int]]] = (
 )
 plan_tun_writes: Callable[..., list[tuple[Any, int, int]]] = (
     _module.plan_tun_writes if _module else gso.plan_tun_writes
+)
+valid_pieces6: Callable[..., list[tuple[int, int]]] = (
+    _module.valid_pieces6 if _module else ipv6.valid_pieces6
+)
+plan_tun_writes6: Callable[..., list[tuple[Any, int, int]]] = (
+    _module.plan_tun_writes6 if _module else ipv6.plan_tun_writes6
 )
 # Native only (None without it): the dataplane's reader callbacks in C.
 # ``Drains(dataplane, budget)`` reads the fixed attributes of an

@@ -3,7 +3,7 @@
 With IFF_VNET_HDR every read from and write to the TUN carries a 10-byte
 ``struct virtio_net_hdr`` in front of the packet. Writes may be TCP super-packets
 (GSO_TCPV4) that the kernel forwards whole and segments only if some device on the way
-needs it. Reads are plain packets while TUNSETOFFLOAD is 0; with ``TSO`` (CSUM | TSO4) the
+needs it. Reads are plain packets while TUNSETOFFLOAD is 0; with ``TSO`` (CSUM | TSO4 | TSO6) the
 kernel may hand us TCP super-packets and partial checksums, which ``encap.tso`` finishes.
 """
 
@@ -25,9 +25,12 @@ IFF_VNET_HDR = 0x4000
 IFF_MULTI_QUEUE = 0x0100
 TUN_F_CSUM = 0x01
 TUN_F_TSO4 = 0x02
-# What we offer the kernel: IPv4 TCP super-packets (which need checksum offload too). Not
-# TSO_ECN (the kernel then cuts CWR-marked ones itself) nor USO (UDP super-packets).
-TSO = TUN_F_CSUM | TUN_F_TSO4
+TUN_F_TSO6 = 0x04
+# What we offer the kernel: IPv4 and IPv6 TCP super-packets (which need checksum offload
+# too; IPv6 ones go to vxlan's IPv6 half, else are dropped as not IPv4, one count per
+# super-packet). Not TSO_ECN (the kernel then cuts CWR-marked ones itself) nor USO (UDP
+# super-packets).
+TSO = TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6
 
 # struct virtio_net_hdr (include/uapi/linux/virtio_net.h): flags, gso_type, hdr_len,
 # gso_size, csum_start, csum_offset, in native byte order (no TUNSETVNETLE). The GSO

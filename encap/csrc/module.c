@@ -4,18 +4,20 @@
  * (the reference and test oracle; tests/encap/test_native.py proves them equal byte for
  * byte):
  *
- *   segment_tcp4, finish_checksums      encap.tso   (TX: TSO segmentation, checksums)
+ *   segment_tcp4, segment_tcp6,         encap.tso   (TX: TSO segmentation, checksums)
+ *   finish_checksums
  *   plan_groups                         encap.gso   (TX: GSO groups)
  *   drop_reason, valid_pieces,          encap.gso   (RX: validation, TUN write plan)
  *   plan_tun_writes
+ *   valid_pieces6, plan_tun_writes6     encap.ipv6  (RX: vxlan's IPv6 half)
  *   Drains (tx, rx, flush)              overlay.dataplane.udp.UdpDataplane's reader
  *                                       callbacks, each in one call (the drains)
  *
  * One translation unit: this file holds the module (its method table and init) and
  * includes the others, each after what it uses, so every function stays static and the
  * compiler inlines across them as in one file. Each is named after its reference:
- * errors.c, checksum.c, tso.c and gso.c mirror encap/errors.py, encap/checksum.py,
- * encap/tso.py and encap/gso.py; drains.c (the object), drains_send.c (Drains.tx) and
+ * errors.c, checksum.c, tso.c, gso.c and ipv6.c mirror encap/errors.py,
+ * encap/checksum.py, encap/tso.py, encap/gso.py and encap/ipv6.py; drains.c (the object), drains_send.c (Drains.tx) and
  * drains_receive.c (Drains.rx) mirror overlay/dataplane/send.py and receive.py.
  *
  * Every offset and length is checked against the buffer before it is used; nothing here
@@ -29,6 +31,7 @@
 #include "checksum.c"
 #include "tso.c"
 #include "gso.c"
+#include "ipv6.c"
 #include "drains.c"
 #include "drains_send.c"
 #include "drains_receive.c"
@@ -38,10 +41,18 @@
 static PyMethodDef methods[] = {
     {"segment_tcp4", segment_tcp4, METH_VARARGS,
      "segment_tcp4(buf, at, length, gso_size, prefix) -> (count, stride, last): encap.tso's."},
+    {"segment_tcp6", segment_tcp6, METH_VARARGS,
+     "segment_tcp6(buf, at, length, gso_size, prefix) -> (count, stride, last): encap.tso's."},
     {"plan_groups", plan_groups, METH_VARARGS,
      "plan_groups(lengths, keys, max_segments=64, max_bytes=65000): encap.gso's."},
     {"finish_checksums", finish_checksums, METH_VARARGS,
      "finish_checksums(buf, regions): encap.tso's."},
+    {"valid_pieces6", valid_pieces6, METH_VARARGS,
+     "valid_pieces6(data, size, segment, sources, destination, drops, vxlan, ndp): "
+     "encap.ipv6's."},
+    {"plan_tun_writes6", plan_tun_writes6, METH_VARARGS,
+     "plan_tun_writes6(data, pieces, mtu): encap.ipv6's, with copies (bytes) where the "
+     "reference has memoryviews."},
     {"drop_reason", drop_reason, METH_VARARGS,
      "drop_reason(data, start, end, sources, destination) -> str | None: encap.gso's."},
     {"valid_pieces", (PyCFunction)(void (*)(void))valid_pieces, METH_VARARGS | METH_KEYWORDS,
@@ -69,6 +80,11 @@ static int exec_module(PyObject *module)
             continue;
         reason_strings[r] = PyUnicode_InternFromString(reason_names[r]);
         if (reason_strings[r] == NULL)
+            return -1;
+    }
+    for (int r = 1; r < V6_COUNT; r++) {
+        v6_reason_strings[r] = PyUnicode_InternFromString(v6_reason_names[r]);
+        if (v6_reason_strings[r] == NULL)
             return -1;
     }
     for (int r = 1; r < T_COUNT; r++) {

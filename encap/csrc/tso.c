@@ -3,6 +3,8 @@
  *
  *   segment_tcp4, cut_tcp4 (check_tcp4,   segment_tcp4
  *     then cut_segments)
+ *   segment_tcp6 (check_tcp6, then        segment_tcp6 (TSO6: vxlan's IPv6 half; the
+ *     cut_segments)                        cut both share is _cut)
  *   partial_region                        partial_region
  *   finish_checksums, finish_regions      finish_checksums (finish_regions: its second
  *                                         loop, for regions already checked)
@@ -24,14 +26,15 @@ typedef struct {
     Py_ssize_t ip;              /* its IPv4 header: b[ip:] */
     Py_ssize_t ihl, headers;    /* the IPv4 header's length; IPv4 + TCP headers' */
     Py_ssize_t payload, count;  /* TCP payload bytes; segments of gso_size */
-} tcp4_layout_t;
+    int v6;                     /* an IPv6 header (ihl 40): no id, no header checksum */
+} tcp_layout_t;
 
 /* The checks of encap.tso.segment_tcp4, before anything is written: NULL when the
  * super-packet at b[at + room:][:length] can be cut (*layout filled), else the CodecError
  * reason (detail filled). */
 static inline const char *check_tcp4(const uint8_t *b, Py_ssize_t size, Py_ssize_t at,
                                      Py_ssize_t length, Py_ssize_t gso_size, Py_ssize_t room,
-                                     tcp4_layout_t *layout, char *detail, size_t detail_size)
+                                     tcp_layout_t *layout, char *detail, size_t detail_size)
 {
     detail[0] = 0;
     if (at < 0 || length < 0 || at > size || room > size - at || length > size - at - room) {
@@ -65,25 +68,26 @@ static inline const char *check_tcp4(const uint8_t *b, Py_ssize_t size, Py_ssize
         snprintf(detail, detail_size, "%zd segments", count);
         return "gso_no_room";
     }
-    *layout = (tcp4_layout_t){.ip = ip, .ihl = ihl, .headers = headers, .payload = payload,
+    *layout = (tcp_layout_t){.ip = ip, .ihl = ihl, .headers = headers, .payload = payload,
                               .count = count};
     return NULL;
 }
 
-/* The cut of a checked super-packet, in place: each segment prefix + IPv4 + TCP header +
- * payload, back to back from at (out: count, stride, last). */
+/* The cut of a checked super-packet, in place: each segment prefix + IP + TCP header +
+ * payload, back to back from at (out: count, stride, last). encap.tso._cut: IPv4 gets
+ * its total length, id + i and header checksum, IPv6 its payload length. */
 static inline void cut_segments(uint8_t *b, Py_ssize_t at, Py_ssize_t gso_size,
                                 const uint8_t *prefix, Py_ssize_t room,
-                                const tcp4_layout_t *layout, Py_ssize_t out[3])
+                                const tcp_layout_t *layout, Py_ssize_t out[3])
 {
     Py_ssize_t ip = layout->ip, ihl = layout->ihl, headers = layout->headers;
     Py_ssize_t count = layout->count;
-    uint8_t original[120]; /* IPv4 (<= 60) + TCP (<= 60) headers */
+    uint8_t original[120]; /* IPv4 (<= 60) or IPv6 (40) + TCP (<= 60) headers */
     memcpy(original, b + ip, (size_t)headers);
     uint32_t ip_id = be16(original + 4);
     uint32_t seq = be32(original + ihl + 4);
     uint8_t flags = original[ihl + 13];
-    uint32_t addresses = sum16(original + 12, 8);
+    uint32_t addresses = layout->v6 ? sum16(original + 8, 32) : sum16(original + 12, 8);
     Py_ssize_t stride = room + headers + gso_size;
     Py_ssize_t last = layout->payload - (count - 1) * gso_size;
     /* Last segment first: segment i's output never reaches below segment i-1's payload,
@@ -97,10 +101,14 @@ static inline void cut_segments(uint8_t *b, Py_ssize_t at, Py_ssize_t gso_size,
         uint8_t *h = dest + room;
         memcpy(h, original, (size_t)headers);
         uint32_t total = (uint32_t)(headers + chunk);
-        put16(h + 2, total);
-        put16(h + 4, (ip_id + (uint32_t)i) & 0xFFFF);
-        put16(h + 10, 0);
-        put16(h + 10, ~fold(sum16(h, ihl)) & 0xFFFF);
+        if (layout->v6) {
+            put16(h + 4, total - 40); /* the payload length */
+        } else {
+            put16(h + 2, total);
+            put16(h + 4, (ip_id + (uint32_t)i) & 0xFFFF);
+            put16(h + 10, 0);
+            put16(h + 10, ~fold(sum16(h, ihl)) & 0xFFFF);
+        }
         uint32_t s = seq + (uint32_t)(i * gso_size); /* modulo 2**32 */
         h[ihl + 4] = (uint8_t)(s >> 24);
         h[ihl + 5] = (uint8_t)(s >> 16);
@@ -129,7 +137,7 @@ static const char *cut_tcp4(uint8_t *b, Py_ssize_t size, Py_ssize_t at, Py_ssize
                             Py_ssize_t gso_size, const uint8_t *prefix, Py_ssize_t room,
                             Py_ssize_t out[3], char *detail, size_t detail_size)
 {
-    tcp4_layout_t layout;
+    tcp_layout_t layout;
     const char *reason = check_tcp4(b, size, at, length, gso_size, room, &layout, detail,
                                     detail_size);
     if (reason == NULL)
@@ -137,7 +145,11 @@ static const char *cut_tcp4(uint8_t *b, Py_ssize_t size, Py_ssize_t at, Py_ssize
     return reason;
 }
 
-static PyObject *segment_tcp4(PyObject *self, PyObject *args)
+typedef const char *(*check_tcp_t)(const uint8_t *, Py_ssize_t, Py_ssize_t, Py_ssize_t,
+                                    Py_ssize_t, Py_ssize_t, tcp_layout_t *, char *, size_t);
+
+/* segment_tcp4 and segment_tcp6: the arguments, the family's check, the cut. */
+static PyObject *segment_tcp(PyObject *args, check_tcp_t check)
 {
     Py_buffer buf, prefix;
     Py_ssize_t at, length, gso_size;
@@ -146,23 +158,74 @@ static PyObject *segment_tcp4(PyObject *self, PyObject *args)
     PyObject *result = NULL;
     char detail[96];
     Py_ssize_t out[3];
+    tcp_layout_t layout;
     uint8_t *prefix_copy = PyMem_Malloc(prefix.len ? (size_t)prefix.len : 1); /* may alias buf */
     if (prefix_copy == NULL) {
         PyErr_NoMemory();
         goto done;
     }
     memcpy(prefix_copy, prefix.buf, (size_t)prefix.len);
-    const char *reason = cut_tcp4(buf.buf, buf.len, at, length, gso_size, prefix_copy,
-                                  prefix.len, out, detail, sizeof detail);
-    if (reason != NULL)
+    const char *reason = check(buf.buf, buf.len, at, length, gso_size, prefix.len, &layout,
+                               detail, sizeof detail);
+    if (reason != NULL) {
         raise_codec(reason, detail);
-    else
+    } else {
+        cut_segments(buf.buf, at, gso_size, prefix_copy, prefix.len, &layout, out);
         result = Py_BuildValue("nnn", out[0], out[1], out[2]);
+    }
 done:
     PyMem_Free(prefix_copy);
     PyBuffer_Release(&buf);
     PyBuffer_Release(&prefix);
     return result;
+}
+
+static PyObject *segment_tcp4(PyObject *self, PyObject *args)
+{
+    return segment_tcp(args, check_tcp4);
+}
+
+/* -- segment_tcp6 ----------------------------------------------------------------------- */
+
+/* The checks of encap.tso.segment_tcp6, before anything is written: NULL when the IPv6
+ * super-packet at b[at + room:][:length] can be cut (*layout filled; ihl is the IPv6
+ * header's 40), else the CodecError reason (detail filled). */
+static inline const char *check_tcp6(const uint8_t *b, Py_ssize_t size, Py_ssize_t at,
+                                     Py_ssize_t length, Py_ssize_t gso_size, Py_ssize_t room,
+                                     tcp_layout_t *layout, char *detail, size_t detail_size)
+{
+    detail[0] = 0;
+    if (at < 0 || length < 0 || at > size || room > size - at || length > size - at - room) {
+        snprintf(detail, detail_size, "length %zd at %zd", length, at);
+        return "gso_bad_length";
+    }
+    Py_ssize_t ip = at + room;
+    if (length < 60 || b[ip] >> 4 != 6 || b[ip + 6] != 6)
+        return "gso_not_tcp6";
+    Py_ssize_t headers = 40 + (b[ip + 40 + 12] >> 4) * 4;
+    if (headers < 60 || headers >= length) {
+        snprintf(detail, detail_size, "length %zd", length);
+        return "gso_bad_headers";
+    }
+    if (!(gso_size > 0 && gso_size <= 0xFFFF - headers)) {
+        snprintf(detail, detail_size, "gso_size %zd", gso_size);
+        return "gso_bad_size";
+    }
+    Py_ssize_t payload = length - headers;
+    Py_ssize_t count = (payload + gso_size - 1) / gso_size;
+    Py_ssize_t end = ip + length;
+    if ((count - 1) * (room + headers) + 3 > size - end) {
+        snprintf(detail, detail_size, "%zd segments", count);
+        return "gso_no_room";
+    }
+    *layout = (tcp_layout_t){.ip = ip, .ihl = 40, .headers = headers, .payload = payload,
+                              .count = count, .v6 = 1};
+    return NULL;
+}
+
+static PyObject *segment_tcp6(PyObject *self, PyObject *args)
+{
+    return segment_tcp(args, check_tcp6);
 }
 
 /* -- finish_checksums ------------------------------------------------------------------- */

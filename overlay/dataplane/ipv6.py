@@ -3,11 +3,15 @@ speaks it: inner IPv6 in VXLAN (inner Ethernet type 0x86DD, the peer's BackendV6
 VTEP MAC) over a second UDP socket bound to our IPv6 underlay address, to each peer's
 PublicIPv6.
 
-The pure-Python path, one packet at a time, for both directions (not yet shown to an
-attached ``overlay trace``, whose decoders read IPv4): the TUN's IPv6 packets
-reach ``send`` from the send drain (Python's or the native one's, which hand over any
-IPv6 packet with its virtio_net_hdr: the IPv4 path pays nothing more than the version
-test it already made), and ``on_socket_readable`` is the IPv6 socket's own reader. The
+Python around the native codecs (not yet shown to an attached ``overlay trace``, whose
+decoders read IPv4): the TUN's IPv6 packets reach ``send`` from the send drain
+(Python's or the native one's, which hand over any IPv6 packet with its virtio_net_hdr:
+the IPv4 path pays nothing more than the version test it already made), and
+``on_socket_readable`` is the IPv6 socket's own reader. With the offloads the work is per
+super-packet, as on the IPv4 path: the TUN offers TSO6, so an IPv6 TCP flow arrives as
+64 KiB GSO_TCPV6 super-packets, cut here (``segment_tcp6``) and sent with UDP_SEGMENT;
+UDP_GRO hands the receiver the peer's GSO sends whole, and each flow's validated
+segments go into the TUN as one GSO_TCPV6 super-packet (``ipv6.plan_tun_writes6``). The
 outer UDP checksum is the kernel's: a UDP socket over IPv6 always sends one, and the
 kernel drops a received datagram without one, exactly what a vxlan device does with its
 defaults (udp6zerocsumtx and udp6zerocsumrx off); tests/netns/test_dual_stack.py
@@ -20,15 +24,22 @@ import os
 import socket
 import time
 from collections.abc import Callable
+from errno import EINVAL, EIO
 from functools import partial
 from ipaddress import IPv6Network
 
-from control.peer_table import PeerTable
-from encap import ipv6, tso, vxlan
+from control.peer_table import Peer, PeerStats, PeerTable
+from encap import gso, ipv6, native, tso, vxlan
 from encap.errors import CodecError
 from overlay.dataplane.counters import Counters
 from overlay.dataplane.limits import BUDGET, MAX_DATAGRAM
 from overlay.dataplane.rate_limiter import RateLimiter
+from overlay.dataplane.udp_socket import (
+    GRO_CMSG_SPACE,
+    MSG_TRUNC,
+    enable_udp_gro,
+    probe_udp_segment,
+)
 from tun.device import TunDevice
 from tun.offload import VNET_HDR_LEN
 
@@ -37,8 +48,11 @@ HEADROOM = vxlan.PREFIX_LEN
 # TUN's (underlay - 50) less 20, flannel-v6.<VNI>'s underlay - 70.
 IPV6_EXTRA_OVERHEAD = 20
 _ETH_IPV6 = vxlan.ETHERTYPE_IPV6.to_bytes(2, "big")
-_VNET_PLAIN = bytes(VNET_HDR_LEN)
-_GSO_TCPV6 = 4  # virtio_net_hdr gso_type
+
+
+# Room for one super-packet cut in place: the packet, and every segment's prefix and
+# headers (tso.segment_tcp6's ``gso_no_room`` refuses what would not fit).
+TX_ARENA6 = 3 * MAX_DATAGRAM
 
 
 class Ipv6Path:
@@ -56,6 +70,7 @@ class Ipv6Path:
         mac: bytes,
         port: int,
         icmp_limit: RateLimiter,
+        offload: bool = False,
     ) -> None:
         self.tun = tun
         self.sock = sock
@@ -72,23 +87,51 @@ class Ipv6Path:
         self.vni_bytes = vxlan.header(vni)[4:7]
         self.mac = mac
         self.solicited_mac = ipv6.solicited_node_mac(self.vtep_ip)
+        # What every received datagram's VXLAN and Ethernet headers must carry.
+        self.vxlan_rules = (self.vni_bytes, mac, self.solicited_mac)
         self.port = port
         self.icmp_limit = icmp_limit  # shared with the IPv4 path: one budget of errors
         self.neighbor_adverts = 0
+        # The offloads, probed on this socket as the IPv4 dataplane probes its own: UDP
+        # GSO for the segments of a TSO6 super-packet (off for good after an EIO), UDP
+        # GRO only when the TUN takes super-packets (IFF_VNET_HDR) to write runs into.
+        self.gso = offload and probe_udp_segment(sock)
+        self._gso_sent = False
+        self.gro = offload and tun.vnet_hdr and enable_udp_gro(sock)
+        # What the offloads did (overlay status: ipv6_* counters), beside the shared ones.
+        self.tun_super_packets_read = 0
+        self.gso_sends = 0
+        self.gro_receives = 0
+        self.tun_super_packets_written = 0
         self._rx_buffer = bytearray(MAX_DATAGRAM)
         self._rx_view = memoryview(self._rx_buffer)
+        self._tx_arena = bytearray(TX_ARENA6) if offload else bytearray()
+        self._tx_view = memoryview(self._tx_arena)
+
+    def status(self) -> dict[str, int]:
+        """What ``overlay status`` shows of the IPv6 half."""
+        return {
+            "ndp_replies": self.neighbor_adverts,
+            "ipv6_tx_tun_super_packets": self.tun_super_packets_read,
+            "ipv6_tx_gso_sends": self.gso_sends,
+            "ipv6_rx_gro_receives": self.gro_receives,
+            "ipv6_rx_tun_super_packets": self.tun_super_packets_written,
+        }
 
     # -- TUN -> peer --------------------------------------------------------------------
 
     def send(self, frame: bytes, mtu: int) -> None:
         """One IPv6 packet read from the TUN (``frame``: its virtio_net_hdr, zeros when the
         TUN has none, then the packet) to the peer owning its destination; ``mtu``: the
-        TUN's (0: no limit)."""
+        TUN's (0: no limit). A TCP super-packet (TSO6) leaves as its segments."""
         drops = self.counters.drops
-        packet = bytearray(frame[VNET_HDR_LEN:])  # the drains hand over 40 bytes or more
-        if frame[1] != 0:  # a GSO packet: the TUN does not offer TSO6, so none comes
-            drops["tx_ipv6_gso_unsupported"] += 1
+        if frame[1] != tso.GSO_NONE:
+            if frame[1] == tso.GSO_TCPV6 and self._tx_arena:
+                self._send_super(frame, mtu)  # its segments one by one if GSO is off
+            else:  # TSO6 is offered only with the offloads; USO is never offered
+                drops["tx_ipv6_gso_unsupported"] += 1
             return
+        packet = bytearray(frame[VNET_HDR_LEN:])  # the drains hand over 40 bytes or more
         if frame[0] & tso.NEEDS_CSUM:
             start, offset = frame[6] | frame[7] << 8, frame[8] | frame[9] << 8
             try:
@@ -114,12 +157,91 @@ class Ipv6Path:
         except OSError:
             drops["tx_send_error"] += 1
             return
-        self.counters.tx_packets += 1
-        self.counters.tx_bytes += len(datagram)
-        stats = peer.stats
-        stats.tx_packets += 1
-        stats.tx_bytes += len(datagram)
+        self._sent(peer.stats, 1, len(datagram))
+
+    def _sent(self, stats: PeerStats, packets: int, size: int) -> None:
+        counters = self.counters
+        counters.tx_packets += packets
+        counters.tx_bytes += size
+        stats.tx_packets += packets
+        stats.tx_bytes += size
         stats.last_tx = time.monotonic()
+
+    def _send_super(self, frame: bytes, mtu: int) -> None:
+        """A GSO_TCPV6 super-packet: cut in the TX arena into segments behind the peer's
+        prefix (``segment_tcp6``, as a NIC's TSO engine would), which leave in one
+        ``sendmsg`` with UDP_SEGMENT per 64 KiB, the kernel making one datagram of each."""
+        drops = self.counters.drops
+        length = len(frame) - VNET_HDR_LEN
+        peer = self.peers.lookup6(frame[VNET_HDR_LEN + 24 : VNET_HDR_LEN + 40])
+        if peer is None or len(peer.prefix) != HEADROOM:
+            self._answer(
+                "tx_no_route", bytearray(frame[VNET_HDR_LEN:]), ipv6.build_dest_unreachable
+            )
+            return
+        arena = self._tx_arena
+        if HEADROOM + length > len(arena):
+            drops["tx_gso_bad_length"] += 1
+            return
+        arena[HEADROOM : HEADROOM + length] = memoryview(frame)[VNET_HDR_LEN:]
+        gso_size = frame[4] | frame[5] << 8
+        try:
+            count, stride, last = native.segment_tcp6(arena, 0, length, gso_size, peer.prefix)
+        except CodecError as e:
+            drops[f"tx_{e.reason}"] += 1
+            return
+        self.tun_super_packets_read += 1
+        self.counters.tx_tun_super_packets += 1
+        first = stride if count > 1 else last
+        limit = mtu - IPV6_EXTRA_OVERHEAD if mtu else 0
+        if limit and first - HEADROOM > limit:  # cut at a larger MSS than our MTU allows
+            too_big = partial(ipv6.build_packet_too_big, mtu=limit)
+            self._answer("tx_too_big", bytearray(arena[HEADROOM:first]), too_big)
+            return
+        # A GSO send is one UDP datagram before segmentation: at most 64 segments and
+        # gso.MAX_GSO_BYTES (an IPv6 payload length is 16 bits).
+        per_send = max(1, min(gso.MAX_SEGMENTS, gso.MAX_GSO_BYTES // stride))
+        total = (count - 1) * stride + last
+        for group in range(0, count, per_send):
+            begin = group * stride
+            end = min(begin + per_send * stride, total)
+            self._send_group(begin, end, stride, peer)
+
+    def _send_group(self, begin: int, end: int, stride: int, peer: Peer) -> None:
+        """The segments ``arena[begin:end]`` (each ``stride`` bytes, the last maybe
+        shorter) to ``peer``: one GSO send, or one sendto each without GSO."""
+        view = self._tx_view
+        packets = -(-(end - begin) // stride)
+        if self.gso and packets > 1:
+            try:
+                self.sock.sendmsg([view[begin:end]], gso.segment_cmsg(stride), 0, peer.addr)
+            except BlockingIOError:
+                self.counters.drops["tx_socket_full"] += packets
+                return
+            except OSError as e:  # as the IPv4 path (overlay.dataplane.send._send_groups)
+                if e.errno == EIO or (e.errno == EINVAL and not self._gso_sent):
+                    self.gso = False
+            else:
+                self._gso_sent = True
+                self.gso_sends += 1
+                self.counters.tx_gso_sends += 1
+                self._sent(peer.stats, packets, end - begin)
+                return
+        sent = sent_bytes = 0
+        for at in range(begin, end, stride):
+            datagram = view[at : min(at + stride, end)]
+            try:
+                self.sock.sendto(datagram, peer.addr)
+            except BlockingIOError:
+                self.counters.drops["tx_socket_full"] += 1
+                continue
+            except OSError:
+                self.counters.drops["tx_send_error"] += 1
+                continue
+            sent += 1
+            sent_bytes += len(datagram)
+        if sent:
+            self._sent(peer.stats, sent, sent_bytes)
 
     def _answer(self, reason: str, packet: bytearray, build: Callable[..., bytes]) -> None:
         """Count ``packet`` dropped for ``reason`` and write the ICMPv6 error ``build``
@@ -138,7 +260,11 @@ class Ipv6Path:
     def on_socket_readable(self, mtu: int) -> None:
         """Receive up to BUDGET datagrams from the IPv6 socket, each checked and written
         into the TUN; ``mtu``: the TUN's (a longer TCP packet, a kernel peer's TSO packet
-        that crossed only veths, goes in as a TCP super-packet the kernel cuts)."""
+        that crossed only veths, goes in as a TCP super-packet the kernel cuts). With
+        UDP_GRO one receive may hold up to 64 datagrams of one peer's GSO send."""
+        if self.gro:
+            self._receive_gro(mtu)
+            return
         recv = self.sock.recvfrom_into
         buf = self._rx_buffer
         drops = self.counters.drops
@@ -150,94 +276,147 @@ class Ipv6Path:
             except OSError:
                 drops["rx_socket_error"] += 1
                 continue
-            reason = self._receive(size, source[0], mtu)
-            if reason is not None:
-                drops[reason] += 1
+            self._receive_one(size, source[0], mtu)
 
-    def _receive(self, size: int, source: str, mtu: int) -> str | None:
-        """The datagram ``buf[:size]`` from ``source``: written into the TUN (None), a
-        neighbour solicitation answered (None too), or the reason it was dropped."""
+    def _receive_gro(self, mtu: int) -> None:
+        recv = self.sock.recvmsg_into
+        whole = [self._rx_buffer]
+        drops = self.counters.drops
+        moved = 0
+        while moved < BUDGET:
+            try:
+                size, ancdata, flags, source = recv(whole, GRO_CMSG_SPACE)
+            except BlockingIOError:
+                break
+            except OSError:
+                drops["rx_socket_error"] += 1
+                moved += 1
+                continue
+            segment = gso.gro_size(ancdata, size) if ancdata and size else size
+            moved += -(-size // segment) if segment else 1
+            if flags & MSG_TRUNC:  # more than 64 KiB coalesced: cannot split it safely
+                drops["rx_truncated"] += 1
+                continue
+            if segment == size:
+                self._receive_one(size, source[0], mtu)
+                continue
+            self.gro_receives += 1
+            self.counters.rx_gro_receives += 1
+            self._receive_run(size, segment, source[0], mtu)
+
+    def _receive_one(self, size: int, source: str, mtu: int) -> None:
+        """One datagram ``buf[:size]``: ``_receive_run``'s rules (an empty one has no
+        VXLAN header)."""
+        if size:
+            self._receive_run(size, size, source, mtu)
+        else:
+            self.counters.drops[self._check(0, 0, source) or "rx_vxlan_truncated"] += 1
+
+    def _receive_run(self, size: int, segment: int, source: str, mtu: int) -> None:
+        """The receive ``buf[:size]`` of ``segment``-byte datagrams from ``source``:
+        every datagram checked in one call (``valid_pieces6``, C with the native module),
+        the valid ones written (a flow's run as one super-packet); a possible neighbour
+        solicitation (never in a GSO send in practice) goes through ``_check``."""
+        drops = self.counters.drops
+        sources = self.peers.sources6_of(source)
+        if not sources:
+            drops["rx_unknown_peer"] += -(-size // segment)
+            return
+        ndp: list[int] = []
+        pieces = native.valid_pieces6(
+            self._rx_buffer, size, segment, sources, self.own, drops, self.vxlan_rules, ndp
+        )
+        for base in ndp:
+            reason = self._check(base, min(base + segment, size), source)
+            if reason is None:
+                pieces.append((base + HEADROOM, min(base + segment, size)))
+            elif reason:
+                drops[reason] += 1
+        if pieces:
+            self._write(pieces, mtu, source)
+
+    def _check(self, base: int, end: int, source: str) -> str | None:
+        """The datagram ``buf[base:end]`` from ``source``: None when its inner packet may
+        go into the TUN, "" when it was a neighbour solicitation (answered or counted),
+        else the reason it is dropped."""
         buf = self._rx_buffer
         sources = self.peers.sources6_of(source)
         if not sources:
             return "rx_unknown_peer"
-        if size < HEADROOM:
+        if end - base < HEADROOM:
             return "rx_vxlan_truncated"
-        if not buf[0] & vxlan.FLAG_I:
+        if not buf[base] & vxlan.FLAG_I:
             return "rx_vxlan_bad_flags"
-        if buf[4:7] != self.vni_bytes:
+        if buf[base + 4 : base + 7] != self.vni_bytes:
             return "rx_vxlan_wrong_vni"
-        if buf[20:22] != _ETH_IPV6:
+        if buf[base + 20 : base + 22] != _ETH_IPV6:
             return "rx_vxlan_bad_ethertype"
-        dst_mac = buf[8:14]
+        dst_mac = buf[base + 8 : base + 14]
         if dst_mac != self.mac:
             if dst_mac == self.solicited_mac:
-                return self._answer_solicitation(size, source)
+                return self._answer_solicitation(base, end, source)
             return "rx_vxlan_foreign_mac"
-        target = ipv6.solicited_target(self._rx_view[HEADROOM:size])
+        target = ipv6.solicited_target(self._rx_view[base + HEADROOM : end])
         if target is not None:
-            return self._answer_solicitation(size, source)
-        reason = ipv6.drop_reason6(buf, HEADROOM, size, sources, self.own)
-        if reason is not None:
-            return reason
-        return self._write(size, mtu, source)
+            return self._answer_solicitation(base, end, source)
+        return ipv6.drop_reason6(buf, base + HEADROOM, end, sources, self.own)
 
-    def _write(self, size: int, mtu: int, source: str) -> str | None:
-        view = self._rx_view
-        buf = self._rx_buffer
-        header = _VNET_PLAIN
-        length = size - HEADROOM
-        if mtu and length > mtu and buf[HEADROOM + 6] == ipv6.PROTO_TCP:
-            if not self.tun.vnet_hdr:
-                return "rx_too_big"
-            header = self._tcp_super_header(mtu, size)
-        try:
-            if self.tun.vnet_hdr:
-                os.writev(self.tun.fd, [header, view[HEADROOM:size]])
-            else:
-                os.write(self.tun.fd, view[HEADROOM:size])
-        except BlockingIOError:
-            return "rx_tun_full"
-        except OSError:
-            return "rx_tun_error"
-        self.counters.rx_packets += 1
-        self.counters.rx_bytes += size
+    def _write(self, pieces: list[tuple[int, int]], mtu: int, source: str) -> None:
+        """Write the checked inner packets ``pieces`` of the RX buffer into the TUN: runs
+        of one TCP flow as GSO_TCPV6 super-packets (``plan_tun_writes6``) when the TUN
+        has IFF_VNET_HDR; a failed write's packets are counted by reason."""
+        drops = self.counters.drops
+        packets = size = 0
+        if self.tun.vnet_hdr:
+            writes = native.plan_tun_writes6(self._rx_buffer, pieces, mtu)
+        else:
+            writes = []
+            for start, end in pieces:
+                if mtu and end - start > mtu and self._rx_buffer[start + 6] == ipv6.PROTO_TCP:
+                    drops["rx_too_big"] += 1
+                    continue
+                writes.append(([self._rx_view[start:end]], 1, end - start))
+        supers = 0
+        for buffers, count, length in writes:
+            try:
+                os.writev(self.tun.fd, buffers)
+            except BlockingIOError:
+                drops["rx_tun_full"] += count
+                continue
+            except OSError:
+                drops["rx_tun_error"] += count
+                continue
+            packets += count
+            size += length
+            supers += count > 1
+        if not packets:
+            return
+        self.tun_super_packets_written += supers
+        counters = self.counters
+        counters.rx_tun_super_packets += supers
+        counters.rx_packets += packets
+        counters.rx_bytes += size + packets * HEADROOM
         peer = self.peers.by_public_ipv6(source)
         if peer is not None:
             stats = peer.stats
-            stats.rx_packets += 1
-            stats.rx_bytes += size
+            stats.rx_packets += packets
+            stats.rx_bytes += size + packets * HEADROOM
             stats.last_rx = time.monotonic()
-        return None
 
-    def _tcp_super_header(self, mtu: int, size: int) -> bytes:
-        """The virtio_net_hdr that has the kernel cut the checked TCP packet in the RX
-        buffer into segments of ``mtu`` bytes: GSO_TCPV6, its checksum made partial again
-        (the pseudo-header sum, which the kernel's segmentation expects)."""
-        buf = self._rx_buffer
-        l4 = HEADROOM + ipv6.HEADER_LEN
-        header_len = ipv6.HEADER_LEN + (buf[l4 + 12] >> 4) * 4
-        pseudo = ipv6.pseudo_sum6(buf, HEADROOM, ipv6.PROTO_TCP, size - l4) % 0xFFFF
-        buf[l4 + 16 : l4 + 18] = pseudo.to_bytes(2, "big")
-        gso_size = mtu - header_len
-        return bytes((tso.NEEDS_CSUM, _GSO_TCPV6)) + b"".join(
-            value.to_bytes(2, "little") for value in (header_len, gso_size, ipv6.HEADER_LEN, 16)
-        )
-
-    def _answer_solicitation(self, size: int, source: str) -> str | None:
+    def _answer_solicitation(self, base: int, end: int, source: str) -> str:
         """A neighbour solicitation for our VTEP address, answered with an advertisement
         from our VTEP MAC (as ARP is for the IPv4 VTEP address); anything else multicast
-        to us is not ours."""
-        inner = self._rx_view[HEADROOM:size]
+        to us is not ours. "" when answered, else the drop reason."""
+        inner = self._rx_view[base + HEADROOM : end]
         if ipv6.solicited_target(inner) != self.vtep_ip:
             return "rx_ndp_not_for_us"
         advert = ipv6.build_neighbor_advertisement(inner, target=self.vtep_ip, mac=self.mac)
         reply = vxlan.prefix(
-            self.vni, bytes(self._rx_buffer[14:20]), self.mac, vxlan.ETHERTYPE_IPV6
+            self.vni, bytes(self._rx_buffer[base + 14 : base + 20]), self.mac, vxlan.ETHERTYPE_IPV6
         )
         try:
             self.sock.sendto(reply + advert, (source, self.port))
         except OSError:
             return "tx_ndp_reply_failed"
         self.neighbor_adverts += 1
-        return None
+        return ""

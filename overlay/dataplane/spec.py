@@ -117,6 +117,7 @@ def build_dataplane(
                 mac=spec.mac6,
                 port=spec.port,
                 icmp_limit=dataplane.icmp_limit,
+                offload=dataplane.offload,
             )
             dataplane.attach_ipv6(ipv6)
         return dataplane

@@ -130,7 +130,7 @@ class VxlanDataplane(UdpDataplane):
         super().stop(loop)
 
     def ipv6_status(self) -> dict[str, int]:
-        return {"ndp_replies": self.ipv6.neighbor_adverts} if self.ipv6 is not None else {}
+        return self.ipv6.status() if self.ipv6 is not None else {}
 
     def sockets(self) -> list[socket.socket]:
         return [*super().sockets(), *((self.ipv6.sock,) if self.ipv6 is not None else ())]

@@ -22,12 +22,15 @@ from typing import Any
 import atheris
 
 with atheris.instrument_imports():
-    from encap import gso, native, tso
+    from encap import gso, ipv6, native, tso
     from encap.errors import CodecError
 
 _native = native.module()
 VXLAN = (b"\x00\x00\x01", bytes.fromhex("02aabbccddee"))
 SUBNETS = [(0xC61201, 8), (0xC612, 16), (0, 32), (0xC6120203, 0), (0x0A, 24)]
+# vxlan's IPv6 half: (our VNI, our IPv6 VTEP MAC, its solicited-node MAC); IPv6 subnets.
+VXLAN6 = (b"\x00\x00\x01", bytes.fromhex("02aabbccddee"), bytes.fromhex("3333ff000000"))
+SUBNETS6 = [(0xFD00001000000002, 64), (0, 128), (0xFD00, 112), (2**127 + 5, 0), (1, 64)]
 _tun_reader, _tun = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
 _tun.setblocking(False)
 _tun_reader.setblocking(False)
@@ -157,7 +160,7 @@ def _rx_drain_once(data: bytearray, sources: list[Any], vxlan: Any, a: int, b: i
 
 def one_input(blob: bytes) -> None:
     fdp = atheris.FuzzedDataProvider(blob)
-    which = fdp.ConsumeIntInRange(0, 7)
+    which = fdp.ConsumeIntInRange(0, 10)
     a = fdp.ConsumeIntInRange(-4, 70000)
     b = fdp.ConsumeIntInRange(-4, 70000)
     n = fdp.ConsumeIntInRange(-2, 3000)
@@ -179,6 +182,26 @@ def one_input(blob: bytes) -> None:
         keys = [("192.0.2.1", x & 3) for x in data[1::2]]
         ref = _outcome(gso.plan_groups, lengths, keys, a % 70 - 1, b * 4)
         got = _outcome(_native.plan_groups, lengths, keys, a % 70 - 1, b * 4)
+    elif which == 8:
+        ref = _outcome(tso.segment_tcp6, ours, a % 64, len(data) - a % 64 - b % 64, n, prefix)
+        got = _outcome(_native.segment_tcp6, theirs, a % 64, len(data) - a % 64 - b % 64, n, prefix)
+    elif which == 9:  # valid_pieces6: sources and destination from the IPv6 subnets
+        sources6 = [SUBNETS6[i % len(SUBNETS6)] for i in prefix[:3]]
+        destination6 = SUBNETS6[n % len(SUBNETS6)]
+        drops_a6: Counter[str] = Counter()
+        drops_b6: Counter[str] = Counter()
+        ndp_a: list[int] = []
+        ndp_b: list[int] = []
+        size, segment = a % (len(data) + 2), b % 1600 - 1
+        rest = (sources6, destination6)
+        ref = _outcome(ipv6.valid_pieces6, ours, size, segment, *rest, drops_a6, VXLAN6, ndp_a)
+        got = _outcome(_native.valid_pieces6, theirs, size, segment, *rest, drops_b6, VXLAN6, ndp_b)
+        _same((drops_a6, ndp_a), (drops_b6, ndp_b), "drops, ndp")
+    elif which == 10:  # plan_tun_writes6: pieces from the prefix bytes
+        starts = [x * 37 % (len(data) + 3) for x in prefix[::2]]
+        pieces = [(at, at + 40 + y) for at, y in zip(starts, prefix[1::2], strict=False)]
+        ref = _joined(_outcome(ipv6.plan_tun_writes6, ours, pieces, n - 2 + a % 1500))
+        got = _joined(_outcome(_native.plan_tun_writes6, theirs, pieces, n - 2 + a % 1500))
     elif which == 2:
         ref = _outcome(gso.drop_reason, ours, a % 3000, b % 3000, sources, destination)
         got = _outcome(_native.drop_reason, theirs, a % 3000, b % 3000, sources, destination)

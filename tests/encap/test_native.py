@@ -17,7 +17,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from encap import gso, native, tso
+from encap import gso, ipv6, native, tso
 from encap.errors import CodecError
 from tests.helpers.mutation import mutate
 from tests.helpers.tcp_streams import Segment, gro_buffers, reseal, streams
@@ -927,3 +927,222 @@ def test_rx_drain_refuses_a_broken_dataplane(change: dict[str, Any]) -> None:
     finally:
         sender.close()
         receiver.close()
+
+
+# -- vxlan's IPv6 half: segment_tcp6, valid_pieces6, plan_tun_writes6 ----------------------
+
+SRC6 = bytes.fromhex("fd000010000000020000000000000009")  # fd00:10:0:2::9, the peer's pod
+DST6 = bytes.fromhex("fd000010000000010000000000000005")  # fd00:10:0:1::5, ours
+SOURCES6 = st.lists(
+    st.sampled_from(
+        [
+            (int.from_bytes(SRC6, "big") >> 64, 64),
+            (int.from_bytes(SRC6, "big") >> 72, 72),
+            (0, 128),
+            (int.from_bytes(SRC6, "big"), 0),
+            (0xFD00, 112),
+            (1, 64),
+        ]
+    ),
+    max_size=3,
+)
+DESTINATIONS6 = st.sampled_from(
+    [(int.from_bytes(DST6, "big") >> 64, 64), (0, 128), (int.from_bytes(DST6, "big"), 0)]
+)
+SOLICITED = b"\x33\x33\xff\x00\x00\x00"
+VXLAN6_RULES = (VNI, MAC, SOLICITED)
+VXLAN6_HEAD = b"\x08\0\0\0" + VNI + b"\0" + MAC + bytes(6) + b"\x86\xdd"
+
+
+def tcp6_packet(payload: bytes, seq: int, flags: int, options: bytes = b"") -> bytearray:
+    """An IPv6/TCP packet from SRC6 to DST6 with a complete checksum."""
+    tcp = bytearray(
+        struct.pack(
+            "!HHIIBBHHH", 40000, 5201, seq, 7, (5 + len(options) // 4) << 4, flags, 512, 0, 0
+        )
+    )
+    tcp += options + payload
+    pseudo = SRC6 + DST6 + struct.pack("!IxxxB", len(tcp), 6)
+    odd = b"\0" * (len(tcp) % 2)
+    total = int.from_bytes(pseudo + tcp + odd, "big") % 0xFFFF
+    tcp[16:18] = (~(total or 0xFFFF) & 0xFFFF).to_bytes(2, "big")
+    header = struct.pack("!IHBB", 0x60012345, len(tcp), 6, 63) + SRC6 + DST6
+    return bytearray(header) + tcp
+
+
+@st.composite
+def super_packets6(draw: st.DrawFn) -> bytes:
+    """An IPv6 TCP super-packet as the TUN hands it over with TSO6 (sometimes mutated)."""
+    options = draw(st.sampled_from([b"", b"\x01\x01\x08\x0a" + bytes(8)]))
+    flags = draw(st.sampled_from([0x10, 0x18, 0x19, 0x90, 0x11]))
+    raw = tcp6_packet(
+        draw(st.binary(min_size=1, max_size=3000)), draw(st.integers(0, 2**32 - 1)), flags, options
+    )
+    raw[56:58] = b"\x12\x34"  # whatever the kernel left: every segment gets a full checksum
+    if draw(st.booleans()):
+        return mutate(draw, raw, 3, 70)
+    return bytes(raw)
+
+
+@given(
+    super_packets6(),
+    st.integers(-3, 2000),
+    st.sampled_from([b"", bytes(range(22)), b"\xaa" * 3]),
+    st.integers(0, 7),
+    st.integers(0, 6000),
+    st.integers(-2, 2),
+)
+@FAST
+def test_segment_tcp6_matches_the_reference(
+    raw: bytes, gso_size: int, prefix: bytes, at: int, slack: int, length_delta: int
+) -> None:
+    buf = bytearray(os.urandom(at)) + bytearray(len(prefix)) + bytearray(raw)
+    buf += bytearray(os.urandom(slack))
+    length = len(raw) + length_delta
+    ours, theirs = bytearray(buf), bytearray(buf)
+    expected = outcome(tso.segment_tcp6, ours, at, length, gso_size, prefix)
+    assert outcome(c.segment_tcp6, theirs, at, length, gso_size, prefix) == expected
+    assert theirs == ours
+
+
+def test_segment_tcp6_refuses_what_does_not_fit() -> None:
+    for args in [(-1, 60), (0, -5), (10**6, 60), (0, 10**6), (2**62, 2**62), (2**63 - 1, 60)]:
+        for fn in (tso.segment_tcp6, c.segment_tcp6):
+            with pytest.raises(CodecError):
+                fn(bytearray(100), *args, 1400, b"x")
+    with pytest.raises(TypeError):
+        c.segment_tcp6(b"read-only", 0, 9, 1, b"")
+
+
+@st.composite
+def receives6(draw: st.DrawFn) -> tuple[bytearray, int, int]:
+    """A GRO receive on the IPv6 socket: one flow's segments (so runs form), each behind a
+    VXLAN head (good, bad, to the solicited-node group), with damage, partial checksums,
+    extension headers, neighbour solicitations."""
+    mss = draw(st.integers(1, 300))
+    count = draw(st.integers(1, 12))
+    seq = draw(st.integers(0, 2**32 - 1))
+    packets = []
+    for i in range(count):
+        flags = 0x18 if i == count - 1 else 0x10
+        packets.append(
+            tcp6_packet(
+                draw(st.binary(min_size=mss, max_size=mss)), (seq + i * mss) & 0xFFFFFFFF, flags
+            )
+        )
+    for packet in packets:
+        kind = draw(st.integers(0, 9))
+        if kind == 1:  # partial checksum: the pseudo-header sum in the field
+            length = len(packet) - 40
+            pseudo = (int.from_bytes(packet[8:40], "big") + 6 + length) % 0xFFFF
+            packet[56:58] = (pseudo or 0xFFFF).to_bytes(2, "big")
+        elif kind == 2:  # a corrupt checksum
+            packet[57] ^= 0x40
+        elif kind == 3:  # a destination-options header in front of TCP
+            packet[40:40] = b"\x06\x00" + bytes(6)
+            packet[6] = 60
+            packet[4:6] = (len(packet) - 40).to_bytes(2, "big")
+        elif kind == 4:  # a neighbour solicitation shape (ICMPv6 135, hop limit 255)
+            packet[6], packet[7], packet[40] = 58, 255, 135
+        elif kind == 5:
+            packet[:] = mutate(draw, packet, 3, 60)
+    heads = st.sampled_from(
+        [VXLAN6_HEAD] * 6
+        + [
+            b"\x00" + VXLAN6_HEAD[1:],
+            VXLAN6_HEAD[:20] + b"\x08\x00",
+            VXLAN6_HEAD[:6] + b"\x09" + VXLAN6_HEAD[7:],
+            VXLAN6_HEAD[:8] + SOLICITED + VXLAN6_HEAD[14:],
+            VXLAN6_HEAD[:8] + b"\x02" * 6 + VXLAN6_HEAD[14:],
+        ]
+    )
+    datagrams = [draw(heads) + bytes(p) for p in packets]
+    batches = gro_buffers(datagrams)
+    data, size, segment = batches[draw(st.integers(0, len(batches) - 1))]
+    if draw(st.booleans()):
+        size = draw(st.integers(0, size))  # a cut-off last datagram
+    data += bytearray(draw(st.integers(0, 64)))
+    return data, size, segment
+
+
+@given(receives6(), SOURCES6, DESTINATIONS6, st.sampled_from([0, 0, 200, 1450]))
+@FAST
+def test_ipv6_receive_rules_match_the_reference(
+    receive: tuple[bytearray, int, int],
+    sources: list[tuple[int, int]],
+    destination: tuple[int, int],
+    mtu: int,
+) -> None:
+    data, size, segment = receive
+    ours, theirs = bytearray(data), bytearray(data)
+    drops_a: Counter[str] = Counter()
+    drops_b: Counter[str] = Counter()
+    ndp_a: list[int] = []
+    ndp_b: list[int] = []
+    args_a = (size, segment, sources, destination, drops_a, VXLAN6_RULES, ndp_a)
+    args_b = (size, segment, sources, destination, drops_b, VXLAN6_RULES, ndp_b)
+    a = outcome(ipv6.valid_pieces6, ours, *args_a)
+    assert outcome(c.valid_pieces6, theirs, *args_b) == a
+    assert (drops_b, ndp_b) == (drops_a, ndp_a)
+    assert theirs == ours
+    if a[0] == "ok":  # then the writes of what passed
+        planned = outcome(ipv6.plan_tun_writes6, ours, a[1], mtu)
+        assert planned[0] == "ok"
+        assert joined(c.plan_tun_writes6(theirs, a[1], mtu)) == joined(planned[1])
+
+
+@given(
+    st.binary(max_size=3000),
+    st.lists(st.tuples(st.integers(-2, 3100), st.integers(-2, 3100)), max_size=8),
+    st.integers(-2, 2000),
+    st.integers(-2, 3100),
+    st.integers(-2, 1600),
+    SOURCES6,
+)
+@FAST
+def test_ipv6_receive_rules_on_random_bytes(
+    data: bytes,
+    pieces: list[tuple[int, int]],
+    mtu: int,
+    size: int,
+    segment: int,
+    sources: list[tuple[int, int]],
+) -> None:
+    ours, theirs = bytearray(data), bytearray(data)
+    drops_a: Counter[str] = Counter()
+    drops_b: Counter[str] = Counter()
+    a = outcome(
+        ipv6.valid_pieces6, ours, size, segment, sources, (0, 128), drops_a, VXLAN6_RULES, []
+    )
+    b = outcome(
+        c.valid_pieces6, theirs, size, segment, sources, (0, 128), drops_b, VXLAN6_RULES, []
+    )
+    assert b == a and drops_b == drops_a and theirs == ours
+    a = outcome(ipv6.plan_tun_writes6, ours, pieces, mtu)
+    b = outcome(c.plan_tun_writes6, theirs, pieces, mtu)
+    if a[0] == "ok":
+        a, b = ("ok", joined(a[1])), ("ok", joined(b[1]))
+    assert b == a
+
+
+def test_ipv6_bad_arguments_are_errors_not_crashes() -> None:
+    buf = bytearray(200)
+    for call in (
+        lambda: c.valid_pieces6(buf, 201, 10, [], (0, 128), Counter(), VXLAN6_RULES, []),
+        lambda: c.valid_pieces6(
+            bytearray(70000), 70000, 10, [], (0, 128), Counter(), VXLAN6_RULES, []
+        ),
+        lambda: c.valid_pieces6(buf, 50, 10, [(1, 129)], (0, 128), Counter(), VXLAN6_RULES, []),
+        lambda: c.valid_pieces6(buf, 50, 10, [(-1, 8)], (0, 128), Counter(), VXLAN6_RULES, []),
+        lambda: c.valid_pieces6(buf, 50, 10, [(2**128, 0)], (0, 128), Counter(), VXLAN6_RULES, []),
+        lambda: c.valid_pieces6(buf, 50, 10, [], (0, 128), Counter(), (VNI, MAC), []),
+        lambda: c.valid_pieces6(buf, 50, 10, [], (0, 128), Counter(), VXLAN6_RULES, "ndp"),
+        lambda: c.valid_pieces6(b"bytes", 5, 5, [], (0, 128), Counter(), VXLAN6_RULES, []),
+        lambda: c.plan_tun_writes6(buf, [(0, 201)], 0),
+        lambda: c.plan_tun_writes6(buf, [(10, 49)], 0),  # shorter than an IPv6 header
+        lambda: c.plan_tun_writes6(buf, [(-1, 100)], 0),
+        lambda: c.plan_tun_writes6(buf, [(2**63 - 1, 2**63 - 1)], 0),
+        lambda: c.plan_tun_writes6(buf, [(0,)], 0),
+    ):
+        with pytest.raises((ValueError, TypeError)):
+            call()

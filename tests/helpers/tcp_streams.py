@@ -131,6 +131,8 @@ def resegment(buffers: list[gso.Buffer]) -> list[bytes]:
     if gso_type == 0:
         assert flags == 0
         return [rest]
+    if gso_type == 4:
+        return _resegment6(rest, header_length, size, flags, csum_start, csum_offset)
     assert (flags, gso_type, csum_start, csum_offset) == (1, 1, 20, 16)
     header, payload = rest[:header_length], rest[header_length:]
     assert int.from_bytes(header[2:4], "big") == len(rest)
@@ -156,6 +158,35 @@ def resegment(buffers: list[gso.Buffer]) -> list[bytes]:
             pseudo[:8] + struct.pack("!BBH", 0, 6, len(tcp)) + tcp + odd
         ).to_bytes(2, "big")
         segments.append(bytes(h[:20] + tcp))
+    return segments
+
+
+def _resegment6(
+    rest: bytes, header_length: int, size: int, flags: int, csum_start: int, csum_offset: int
+) -> list[bytes]:
+    """resegment for GSO_TCPV6: tcp_gso_segment over IPv6 (no IP id, no header checksum;
+    the pseudo-header sum in the TCP checksum field, NEEDS_CSUM at 40 + 16)."""
+    assert (flags, csum_start, csum_offset) == (1, 40, 16)
+    header, payload = rest[:header_length], rest[header_length:]
+    assert int.from_bytes(header[4:6], "big") == len(rest) - 40
+    addresses = header[8:40]
+    pseudo = addresses + struct.pack("!IxxxB", len(rest) - 40, 6)
+    assert int.from_bytes(header[56:58], "big") == ones_complement_sum(pseudo) % 0xFFFF
+    segments = []
+    seq = int.from_bytes(header[44:48], "big")
+    chunks = [payload[i : i + size] for i in range(0, len(payload), size)]
+    for k, chunk in enumerate(chunks):
+        h = bytearray(header)
+        h[4:6] = (header_length - 40 + len(chunk)).to_bytes(2, "big")
+        h[44:48] = ((seq + k * size) & 0xFFFFFFFF).to_bytes(4, "big")
+        if k < len(chunks) - 1:
+            h[53] &= ~0x09 & 0xFF  # PSH and FIN only on the last segment
+        tcp = h[40:] + chunk
+        tcp[16:18] = b"\0\0"
+        odd = b"\0" * (len(tcp) % 2)
+        pseudo = addresses + struct.pack("!IxxxB", len(tcp), 6)
+        tcp[16:18] = internet_checksum(pseudo + tcp + odd).to_bytes(2, "big")
+        segments.append(bytes(h[:40] + tcp))
     return segments
 
 

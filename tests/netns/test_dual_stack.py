@@ -461,8 +461,14 @@ def test_userspace_vxlan_ipv6_tcp_both_ways_and_unreachable(
     for src, dst in ((0, 1), (1, 0)):
         tcp_transfer(pods[src], pods[dst], addresses[dst][1])
     for daemon in started:
-        counts = status.query(daemon.socket)["counters"]
+        shown = status.query(daemon.socket)
+        counts = shown["counters"]
         assert counts["rx_packets"] > 10000 and counts["tx_packets"] > 10000, counts
+        # The fast path did it: TSO6 super-packets read and cut, their segments sent with
+        # UDP GSO, the peer's GSO sends received whole (GRO) and written as GSO_TCPV6.
+        for key in ("tx_tun_super_packets", "tx_gso_sends", "rx_gro_receives"):
+            assert shown[f"ipv6_{key}"] > 100, (key, shown)
+        assert shown["ipv6_rx_tun_super_packets"] > 100, shown
     unreachable = in_ns(pods[0], "ping", "-6", "-c", "1", "-W", "2", "fd00:10:0:ff::1", check=False)
     gateway = env.ipv6_subnet.network.network_address
     assert f"From {gateway} icmp_seq=1 Destination unreachable: No route" in unreachable.stdout, (
