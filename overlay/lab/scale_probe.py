@@ -67,7 +67,7 @@ from overlay.lab.fake_peers import (
 )
 from overlay.lab.netns import create_netns, entered, remove_netns, run_in
 from overlay.lab.testbed import PROJECT_ROOT, Testbed
-from overlay.observe.status_socket import query
+from overlay.observe.status_socket import ask, query
 
 PEER_EVENTS = frozenset({"peer_added", "peer_removed", "peers_changed"})
 QUIET = 2.0  # no peer-table line for this long: the daemon has caught up (then checked)
@@ -309,14 +309,15 @@ def time_status_command(path: Path) -> float:
 
 def _scrape_loop(ns: str, status_path: Path, stop: Any, scrapes: Any) -> None:
     """/metrics and the status socket, one after the other, 100 ms apart, until ``stop``
-    is set: in a process of its own (``ScrapeLoop``), at the lowest CPU priority: on 2
-    vCPUs its parsing of each answer (~30 ms of CPU at 10,000 peers) would otherwise take
-    the CPU the daemon and the echo peers need, and the pings would measure the
-    scheduler, not how long the daemon's loop is held."""
+    is set: in a process of its own (``ScrapeLoop``), at the lowest CPU priority, reading
+    each answer whole without parsing it. On 2 vCPUs parsing the status answer (~30 ms
+    of CPU at 10,000 peers) took the CPU the daemon, the pinger and the echo peers need,
+    and the pings measured the scheduler (bench/results/scrape-latency-causes.md), not
+    the daemon; a scraper is normally elsewhere."""
     os.nice(19)
     while not stop.wait(0.1):
         fetch_metrics(ns)
-        query(status_path, timeout=30)
+        ask(status_path, "status", timeout=30)
         with scrapes.get_lock():
             scrapes.value += 2
 
