@@ -1,5 +1,5 @@
-"""`overlay testbed up|down|status|exec|fault|events|graph|capture`: the front end of the
-namespace testbed (``overlay.lab``); errors are one line on stderr, exit 1."""
+"""`overlay testbed up|down|status|exec|fault|events|graph|capture|scale`: the front end of
+the namespace testbed (``overlay.lab``); errors are one line on stderr, exit 1."""
 
 from __future__ import annotations
 
@@ -10,12 +10,13 @@ import shutil
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from control.config import SUPPORTED_BACKENDS
-from overlay.cli.parser import OneLineParser, seconds
+from overlay.cli.parser import OneLineParser, integer, seconds
 from overlay.cli.status import add_output_flags, show
 from overlay.lab import capture, graph
 from overlay.lab.errors import TestbedError
@@ -24,6 +25,7 @@ from overlay.lab.faults import Event, Faults
 from overlay.lab.guard import Guard
 from overlay.lab.plan import describe
 from overlay.lab.progress import Progress
+from overlay.lab.scale_probe import PINGS, ScaleOptions, report, run, write_json
 from overlay.lab.testbed import DEFAULT_PREFIX, Testbed
 from overlay.lab.topology import (
     DEFAULT_NETWORK,
@@ -134,7 +136,56 @@ def _parser() -> OneLineParser:
     cap.add_argument("-c", "--count", type=int, default=None, help="stop after COUNT packets")
     cap.add_argument("-s", "--snaplen", type=int, default=262144, help="bytes kept per packet")
     cap.add_argument("filter", nargs="*", help="a tcpdump (BPF) filter, e.g. icmp")
+
+    scale = sub.add_parser(
+        "scale",
+        help="the scale probe: one daemon, thousands of leases in a real etcd, churn "
+        "(a bed of its own, removed at the end; heavy)",
+    )
+    add_scale_flags(scale)
     return parser
+
+
+def add_scale_flags(parser: argparse.ArgumentParser) -> None:
+    """The scale probe's flags (``overlay testbed scale`` and ``python -m bench.scale``)."""
+    count = integer("a whole number", "(a count)", 0)
+    parser.add_argument("--leases", type=count, default=10000, help="fake leases (10000)")
+    parser.add_argument("--churn", type=count, default=1000, help="changes in the burst (1000)")
+    parser.add_argument("--backend", default="udp", choices=("udp", "vxlan", "host-gw"))
+    parser.add_argument("--kernel-vxlan", action="store_true", help="vxlan, kernel datapath")
+    parser.add_argument("--live", type=count, default=4, help="peers that answer pings (4)")
+    parser.add_argument(
+        "--pings", type=count, default=PINGS, help=f"pings idle and during scrapes ({PINGS})"
+    )
+    parser.add_argument("--no-observe", action="store_true", help="skip status/metrics/ping")
+    parser.add_argument(
+        "--reconcile-peers",
+        default="20,1000,5000",
+        help="kernel datapaths: peer counts of the in-process reconcile measurement",
+    )
+    parser.add_argument(
+        "--prefix", default=None, help="the probe's bed prefix (default sc + 5 random hex)"
+    )
+    parser.add_argument("--json", type=Path, help="also write the figures here")
+
+
+def scale_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> ScaleOptions:
+    """The probe's options from its flags; a wrong combination is a usage error."""
+    try:
+        peers = tuple(int(n) for n in args.reconcile_peers.split(",") if n.strip())
+        return ScaleOptions(
+            leases=args.leases,
+            churn=args.churn,
+            backend=args.backend,
+            kernel_vxlan=args.kernel_vxlan,
+            live=args.live,
+            pings=args.pings,
+            observe=not args.no_observe,
+            reconcile_peers=peers,
+            prefix=args.prefix or "sc" + uuid.uuid4().hex[:5],
+        )
+    except ValueError as e:
+        parser.error(str(e) if "--" in str(e) else f"--reconcile-peers: {e}")
 
 
 def _up_parser(up: argparse.ArgumentParser, common: Any) -> None:
@@ -493,6 +544,19 @@ def _capture(args: argparse.Namespace) -> int:
     return 0
 
 
+def _scale(args: argparse.Namespace) -> int:
+    options = scale_options(OneLineParser(prog="overlay testbed scale"), args)
+    command = "overlay testbed " + " ".join(args.argv)
+    try:
+        figures = run(options, command)
+    except RuntimeError as e:  # a phase that did not finish in time: said in one line
+        raise TestbedError(str(e)) from None
+    print(report(figures))
+    if args.json:
+        write_json(figures, args.json)
+    return 0
+
+
 COMMANDS = {
     "up": _up,
     "down": _down,
@@ -502,6 +566,7 @@ COMMANDS = {
     "events": _events,
     "graph": _graph,
     "capture": _capture,
+    "scale": _scale,
 }
 
 
@@ -509,6 +574,7 @@ def main(argv: list[str]) -> int:
     """``overlay testbed <command>``; errors are one line on stderr, exit 1."""
     try:
         args = _parser().parse_args(argv)
+        args.argv = list(argv)
     except SystemExit as e:
         return int(e.code) if isinstance(e.code, int) else 2
     try:
