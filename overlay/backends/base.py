@@ -33,7 +33,7 @@ class Underlay:
     """The interface for inter-node traffic (flannel's ExternalInterface)."""
 
     iface: str
-    address: IPv4Address  # where our socket binds
+    address: IPv4Address  # where our socket binds; 0.0.0.0: the interface has none (IPv6 only)
     public_ip: IPv4Address  # what peers send to (differs behind NAT)
     mtu: int
     # The interface's IPv6 address (flanneld's rule: its first global unicast one, else

@@ -812,7 +812,10 @@ class Testbed:
     def subnet_of(self, i: int) -> str:
         """Node i's lease, from its subnet.env."""
         try:
-            return str(parse_subnet_env(self.subnet_file(i).read_text()).subnet.network)
+            env = parse_subnet_env(self.subnet_file(i).read_text())
+            subnet = env.subnet or env.ipv6_subnet  # IPv6 only: the IPv6 lease
+            assert subnet is not None
+            return str(subnet.network)
         except (OSError, SubnetEnvError) as e:
             raise TestbedError(f"n{i} holds no lease yet ({self.subnet_file(i)}: {e})") from None
 

@@ -243,7 +243,7 @@ class Daemon:
             if not await self._started(stopping):
                 return self.exit_code
             assert self.node.lease is not None
-            systemd.notify(f"READY=1\nSTATUS=forwarding for {self.node.lease.subnet}")
+            systemd.notify(f"READY=1\nSTATUS=forwarding for {self.node.lease.name}")
             tasks = self._tasks(loop)
             done, _ = await asyncio.wait([*tasks, stopping], return_when=asyncio.FIRST_COMPLETED)
             self._why_ended(done, stopping)

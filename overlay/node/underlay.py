@@ -22,6 +22,9 @@ from overlay.backends.base import Underlay
 from tun import netlink
 
 Addresses = dict[str, list[tuple[IPv4Address, int]]]
+# The IPv4 address of an interface that has none (an IPv6-only underlay, for an IPv6-only
+# network: flanneld's ExtAddr is then nil and its leases say PublicIP 0.0.0.0).
+NO_ADDRESS = IPv4Address("0.0.0.0")
 
 
 class UnderlayError(Exception):
@@ -33,18 +36,31 @@ def _preferred(addrs: list[tuple[IPv4Address, int]]) -> IPv4Address:
     return next((a for a, _ in addrs if not a.is_link_local), addrs[0][0])
 
 
+def _ipv4_of(addresses: Addresses, name: str) -> IPv4Address:
+    """Interface ``name``'s preferred IPv4 address, or NO_ADDRESS (IPv6 only)."""
+    found = addresses.get(name)
+    return _preferred(found) if found else NO_ADDRESS
+
+
 def _by_name_or_address(
     addresses: Addresses, wanted: str, addresses6: dict[str, list[IPv6Address]]
 ) -> tuple[str, IPv4Address] | None:
+    """An interface by name or address; one with IPv6 addresses only is taken too (its
+    IPv4 address NO_ADDRESS: the config says later whether IPv4 is needed)."""
     for name, found6 in addresses6.items():
-        if wanted in map(str, found6) and addresses.get(name):
-            return name, _preferred(addresses[name])
+        if wanted in map(str, found6):
+            return name, _ipv4_of(addresses, name)
     for name, addrs in addresses.items():
         for address, _ in addrs:
             if str(address) == wanted:
                 return name, address
-    found = addresses.get(wanted)
-    return (wanted, _preferred(found)) if found else None
+    if addresses.get(wanted) or _global6(addresses6.get(wanted, [])):
+        return wanted, _ipv4_of(addresses, wanted)
+    return None
+
+
+def _global6(found: list[IPv6Address]) -> list[IPv6Address]:
+    return [a for a in found if not (a.is_link_local or a.is_loopback or a.is_multicast)]
 
 
 def _by_regex(addresses: Addresses, pattern: str) -> tuple[str, IPv4Address] | None:
@@ -115,16 +131,21 @@ def select_underlay(args: UnderlayOptions) -> Underlay:
             tried += [f"--iface-regex {x}" for x in args.iface_regex]
             if args.iface_can_reach is not None:
                 tried.append(f"--iface-can-reach {args.iface_can_reach}")
-            raise UnderlayError(f"no interface with an IPv4 address matches {', '.join(tried)}")
+            raise UnderlayError(f"no interface with an address matches {', '.join(tried)}")
     elif args.public_ip is not None:
         chosen = _by_name_or_address(addresses, str(args.public_ip), {})
     if chosen is None:
         candidates = [name for name, addrs in addresses.items() if name != "lo" and addrs]
+        candidates += [
+            name
+            for name, found6 in addresses6.items()
+            if name != "lo" and name not in candidates and _global6(found6)
+        ]
         default = netlink.default_route_interface()
         if default and addresses.get(default):
             chosen = (default, _preferred(addresses[default]))
         elif len(candidates) == 1:
-            chosen = (candidates[0], _preferred(addresses[candidates[0]]))
+            chosen = (candidates[0], _ipv4_of(addresses, candidates[0]))
         else:
             found = ", ".join(candidates) or "none"
             raise UnderlayError(

@@ -11,7 +11,14 @@ import random
 import shutil
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from ipaddress import IPv4Address, IPv4Interface, IPv4Network, IPv6Address, IPv6Network
+from ipaddress import (
+    IPv4Address,
+    IPv4Interface,
+    IPv4Network,
+    IPv6Address,
+    IPv6Interface,
+    IPv6Network,
+)
 from pathlib import Path
 from typing import Any
 
@@ -20,14 +27,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from control.allocation import CANDIDATES, free_ipv6_subnets
-from control.config import NO_IPV4, ConfigError, parse_config
+from control.config import ConfigError, parse_config
 from control.etcd_endpoints import parse_endpoints
 from control.etcd_registry import EtcdRegistry
 from control.file_registry import FileRegistry
 from control.kv import KeyValueStore
-from control.lease import Lease, LeaseError, parse_lease, parse_subnet_key, subnet_key
+from control.lease import NO_IPV4, Lease, LeaseError, parse_lease, parse_subnet_key, subnet_key
 from control.lease_rules import LeaseBook, Record, lease_problem
-from control.subnet_env import SubnetEnv, parse_subnet_env
+from control.subnet_env import SubnetEnv, SubnetEnvError, parse_subnet_env
 from control.subnet_manager import NetworkFull, SubnetManager
 from tests.helpers.etcd_server import EtcdServer
 
@@ -365,6 +372,32 @@ def test_subnet_env_ipv6_lines_in_flanneld_order() -> None:
     )
     back = parse_subnet_env(text)
     assert back == env and back.subnet == IPv4Interface("10.5.52.1/24")
+
+
+def test_subnet_env_ipv6_only_has_no_ipv4_lines_as_flanneld_writes_it() -> None:
+    """flanneld's WriteSubnetFile writes FLANNEL_NETWORK and FLANNEL_SUBNET only when IPv4
+    is enabled: an IPv6-only subnet.env has the IPv6 lines, MTU and IPMASQ alone, and is
+    read back as the previous lease (no FLANNEL_SUBNET needed)."""
+    env = SubnetEnv.for_lease(
+        None,
+        NO_IPV4,
+        1430,
+        False,
+        (IPv6Network("fd00:10::/56"), IPv6Network("fd00:10:0:34::/64")),
+    )
+    text = env.render()
+    assert text == (
+        "FLANNEL_IPV6_NETWORK=fd00:10::/56\n"
+        "FLANNEL_IPV6_SUBNET=fd00:10:0:34::1/64\n"
+        "FLANNEL_MTU=1430\n"
+        "FLANNEL_IPMASQ=false\n"
+    )
+    back = parse_subnet_env(text)
+    assert back == env and back.subnet is None and back.network is None
+    assert back.ipv6_subnet == IPv6Interface("fd00:10:0:34::1/64")
+    # Without the IPv6 lines the IPv4 ones are still required.
+    with pytest.raises(SubnetEnvError, match="FLANNEL_NETWORK is missing"):
+        parse_subnet_env("FLANNEL_MTU=1450\nFLANNEL_IPV6_NETWORK=fd00:10::/56\n")
 
 
 # -- acquisition on both registries -----------------------------------------------------------
