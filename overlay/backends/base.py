@@ -41,6 +41,14 @@ class Underlay:
     address6: IPv6Address | None = None
     public_ipv6: IPv6Address | None = None
 
+    @property
+    def name(self) -> str:
+        """How logs name this node: its public IP, or its public IPv6 address when the
+        interface has no IPv4 one (an IPv6-only underlay)."""
+        if self.public_ip.is_unspecified and self.public_ipv6 is not None:
+            return str(self.public_ipv6)
+        return str(self.public_ip)
+
 
 @dataclass(frozen=True)
 class DatapathOptions:

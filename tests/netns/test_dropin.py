@@ -170,11 +170,44 @@ def test_enable_ipv6_without_ipv6_network_is_refused(netns, tmp_path: Path, daem
     assert "IPv6Network: missing with EnableIPv6" in fatal["event"]
 
 
-def test_ipv6_only_is_refused_in_one_line(netns, tmp_path: Path, daemons) -> None:
-    ns = netns("v6o")
-    config = {"EnableIPv4": False, "EnableIPv6": True, "IPv6Network": "fd00:10::/56"}
-    registry = seed(tmp_path, config)
-    daemon = daemons(ns, tmp_path, "--registry-file", str(registry))
+V6_ONLY = {"EnableIPv4": False, "EnableIPv6": True, "IPv6Network": "fd00:10::/56"}
+
+
+def fatal_of(daemon: Any) -> str:
+    """The one fatal line of a daemon that exited 1."""
     assert daemon.proc.wait(timeout=15) == 1
     (fatal,) = [e for e in daemon.events() if e.get("level") == "fatal"]
-    assert "EnableIPv4: false at /coreos.com/network/config: IPv6-only" in fatal["event"]
+    return str(fatal["event"])
+
+
+def ipv6_only_link(ns: str) -> None:
+    """``v6a`` in ``ns``: a veth end with 2001:db8::1/64 and no IPv4 address."""
+    run = ["ip", "-n", ns]
+    veth = ["link", "add", "name", "v6a", "type", "veth", "peer", "name", "v6b"]
+    subprocess.run([*run, *veth], check=True)
+    subprocess.run([*run, "addr", "add", "2001:db8::1/64", "dev", "v6a", "nodad"], check=True)
+    for name in ("v6a", "v6b"):
+        subprocess.run([*run, "link", "set", name, "up"], check=True)
+
+
+def test_ipv6_only_runs_but_what_cannot_work_is_refused_in_one_line(
+    netns, tmp_path: Path, daemons
+) -> None:
+    """IPv6 only (EnableIPv4 false) runs (tests/netns/test_ipv6_only.py); what cannot work
+    says so in one line: the udp backend (IPv4 only, as flannel's), an interface without
+    an IPv6 address to publish, and an IPv4 network on an interface with IPv6 only."""
+    ns = netns("v6o")
+    (tmp_path / "udp").mkdir()
+    udp = daemons(ns, tmp_path / "udp", "--registry-file", str(seed(tmp_path, V6_ONLY)))
+    assert "EnableIPv6: flannel's udp backend is IPv4 only" in fatal_of(udp)
+    (tmp_path / "vx").mkdir()
+    registry = seed(tmp_path / "vx", {**V6_ONLY, "Backend": {"Type": "vxlan"}})
+    no_v6 = daemons(ns, tmp_path / "vx", "--registry-file", str(registry))
+    assert "EnableIPv6: lo has no IPv6 address to publish" in fatal_of(no_v6)
+    ipv6_only_link(ns)
+    (tmp_path / "v4").mkdir()
+    registry = seed(tmp_path / "v4", {"Network": "198.18.0.0/16", "Backend": {"Type": "vxlan"}})
+    flags = ("--registry-file", str(registry), "--iface", "v6a")
+    v4_on_v6 = daemons(ns, tmp_path / "v4", *flags, lo=False)
+    assert "v6a has no IPv4 address and the registry's Network" in fatal_of(v4_on_v6)
+    assert "EnableIPv4: false" in fatal_of(v4_on_v6)
