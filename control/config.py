@@ -318,10 +318,17 @@ def _display(raw: dict[str, Any], key: str) -> str:
 
 
 def config_json(
-    network: IPv4Network, backend_type: str = "udp", direct_routing: bool = False
+    network: IPv4Network | None,
+    backend_type: str = "udp",
+    direct_routing: bool = False,
+    ipv6_network: IPv6Network | None = None,
 ) -> str:
-    """The config JSON an operator would write to seed a registry."""
+    """The config JSON an operator would write to seed a registry: dual stack with an
+    ``ipv6_network``, IPv6 only without a ``network`` (EnableIPv4 false)."""
     backend: dict[str, Any] = {"Type": backend_type}
     if direct_routing:
         backend["DirectRouting"] = True
-    return json.dumps({"Network": str(network), "Backend": backend})
+    config: dict[str, Any] = {"Network": str(network)} if network else {"EnableIPv4": False}
+    if ipv6_network is not None:
+        config |= {"EnableIPv6": True, "IPv6Network": str(ipv6_network)}
+    return json.dumps({**config, "Backend": backend})

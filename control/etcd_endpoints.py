@@ -19,7 +19,12 @@ class Endpoint:
     tls: bool
 
     def __str__(self) -> str:
-        return f"{'https' if self.tls else 'http'}://{self.host}:{self.port}"
+        return f"{'https' if self.tls else 'http'}://{self.target}"
+
+    @property
+    def target(self) -> str:
+        """``host:port`` as gRPC and URLs want it: an IPv6 address in brackets."""
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
 
 def parse_endpoints(text: str) -> list[Endpoint]:

@@ -202,7 +202,8 @@ class EtcdRegistry:
         index = self._index
         endpoint = self.endpoints[index]
         client = _Client(
-            host=endpoint.host,
+            # gRPC's target is host:port: an IPv6 address goes in brackets.
+            host=f"[{endpoint.host}]" if ":" in endpoint.host else endpoint.host,
             port=endpoint.port,
             username=self.username,
             password=self.password,

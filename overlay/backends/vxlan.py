@@ -121,9 +121,14 @@ class VxlanBackend(UserspaceBackend):
         return self._direct if self.ctx.config.backend.direct_routing else None
 
     def _direct(self, lease: Lease, reachable: Reachable) -> list[KernelObject] | None:
-        if not ipv4_half(self.ctx, lease):
-            return None
-        return direct_route(lease) if reachable(lease.public_ip) else None
+        """A plain route for each half of the peer whose public address is on our
+        segment (IPv4 via PublicIP, IPv6 via PublicIPv6, as flanneld's DirectRouting)."""
+        objects: list[KernelObject] = []
+        if ipv4_half(self.ctx, lease) and reachable(lease.public_ip):
+            objects += direct_route(lease)
+        if ipv6_half(self.ctx, lease) and lease.public_ipv6 and reachable(lease.public_ipv6):
+            objects += direct_route6(lease)
+        return objects or None
 
     def mtu_for(self, underlay: Underlay) -> int:
         return self.vtep.mtu_for(underlay)

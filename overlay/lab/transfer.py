@@ -133,11 +133,18 @@ def serving(bed: Any, pod: str, argv: list[str]) -> Iterator[subprocess.Popen[st
 
 
 def transfer(
-    bed: Any, client_pod: str, server_pod: str, total: int, port: int = 5201, timeout: float = 120
+    bed: Any,
+    client_pod: str,
+    server_pod: str,
+    total: int,
+    port: int = 5201,
+    timeout: float = 120,
+    version: int | None = None,
 ) -> None:
-    """``total`` bytes over TCP from one pod to another; the byte count and sha256 seen by
-    the receiver must equal the sender's."""
-    address = bed.pod_ip(server_pod)
+    """``total`` bytes over TCP from one pod to another (to its address of IP ``version``,
+    4 or 6, when given); the byte count and sha256 seen by the receiver must equal the
+    sender's."""
+    address = bed.pod_ip(server_pod, version) if version else bed.pod_ip(server_pod)
     with serving(bed, server_pod, ["server", address, str(port)]) as server:
         client = bed.exec(
             client_pod,
