@@ -94,9 +94,72 @@ def test_no_interface_matches_says_what_was_tried(netns, tmp_path: Path, daemons
     assert daemon.proc.wait(timeout=15) == 1
     (fatal,) = [e for e in daemon.events() if e.get("level") == "fatal"]
     assert fatal["event"] == (
-        "no interface with an IPv4 address matches --iface eth9, --iface-regex ^wlan, "
+        "no interface with an address matches --iface eth9, --iface-regex ^wlan, "
         "--iface-can-reach 203.0.113.9"
     )
+
+
+V6_ONLY = {"EnableIPv4": False, "EnableIPv6": True, "IPv6Network": "fd00:10::/56"}
+V6_ONLY_VXLAN = {**V6_ONLY, "Backend": {"Type": "vxlan"}}
+DUAL_VXLAN = {
+    "Network": "198.18.0.0/16",
+    "EnableIPv6": True,
+    "IPv6Network": "fd00:10::/56",
+    "Backend": {"Type": "vxlan"},
+}
+
+
+@pytest.mark.parametrize(
+    ("flags", "config", "iface", "public_ip", "public_ipv6"),
+    [
+        # A regex matching an IPv6 address: that interface, and that very address.
+        (["--iface-regex", "^2001:db8:0:1::2$"], DUAL_VXLAN, "eth1", "198.51.100.1", "1::2"),
+        # The interface of the route to an IPv6 target, and its IPv6 source address ("src":
+        # the one `ip -6 route get` names, of eth1's two).
+        (["--iface-can-reach", "2001:db8:0:1::77"], DUAL_VXLAN, "eth1", "198.51.100.1", "src"),
+        # IPv6 only: an interface without IPv4, by an IPv6 regex, by its name, by a route.
+        (["--iface-regex", "^2001:db8:0:5:"], V6_ONLY_VXLAN, "eth2", None, "5::1"),
+        (["--iface-regex", "^eth2$"], V6_ONLY_VXLAN, "eth2", None, "5::1"),
+        (["--iface-can-reach", "2001:db8:0:5::9"], V6_ONLY_VXLAN, "eth2", None, "5::1"),
+    ],
+    ids=["regex-v6", "can-reach-v6", "v6-only-regex", "v6-only-name", "v6-only-can-reach"],
+)
+def test_interface_selection_by_ipv6_as_flanneld(
+    netns,
+    tmp_path: Path,
+    daemons,
+    flags: list[str],
+    config: dict[str, Any],
+    iface: str,
+    public_ip: str | None,
+    public_ipv6: str,  # after 2001:db8:0:
+) -> None:
+    """flanneld's LookupExtIface for IPv6: --iface-regex matched against IPv6 addresses
+    too (the matched one is used), --iface-can-reach with an IPv6 target (the route's
+    IPv6 source), and interfaces with IPv6 addresses only."""
+    ns = netns("if6")
+    two_interfaces(ns)
+    run = ["ip", "-n", ns]
+    for address in ("2001:db8:0:1::1/64", "2001:db8:0:1::2/64"):
+        subprocess.run([*run, "addr", "add", address, "dev", "eth1", "nodad"], check=True)
+    veth = ["link", "add", "name", "eth2", "type", "veth", "peer", "name", "peer2"]
+    subprocess.run([*run, *veth], check=True)
+    subprocess.run([*run, "addr", "add", "2001:db8:0:5::1/64", "dev", "eth2", "nodad"], check=True)
+    for name in ("eth2", "peer2"):
+        subprocess.run([*run, "link", "set", name, "up"], check=True)
+    registry = seed(tmp_path, config)
+    daemon = daemons(ns, tmp_path, "--registry-file", str(registry), *flags, lo=False)
+    daemon.wait_event("started")
+    shown = status.query(daemon.socket)
+    assert shown["iface"] == iface, shown
+    assert shown["lease"].get("public_ip") == public_ip, shown["lease"]
+    expected6 = f"2001:db8:0:{public_ipv6}"
+    if public_ipv6 == "src":
+        route = subprocess.run(
+            [*run, "-j", "-6", "route", "get", flags[1]], capture_output=True, text=True
+        )
+        expected6 = json.loads(route.stdout)[0]["prefsrc"]
+    assert shown["lease"]["public_ipv6"] == expected6, shown["lease"]
 
 
 def test_host_gw_refuses_a_public_ip_that_is_not_the_interfaces(
@@ -168,9 +231,6 @@ def test_enable_ipv6_without_ipv6_network_is_refused(netns, tmp_path: Path, daem
     assert daemon.proc.wait(timeout=15) == 1
     (fatal,) = [e for e in daemon.events() if e.get("level") == "fatal"]
     assert "IPv6Network: missing with EnableIPv6" in fatal["event"]
-
-
-V6_ONLY = {"EnableIPv4": False, "EnableIPv6": True, "IPv6Network": "fd00:10::/56"}
 
 
 def fatal_of(daemon: Any) -> str:
