@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import replace
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -518,19 +518,26 @@ class Testbed:
         with IPRoute(netns=self.router_ns, flags=0) as router:
             for leg in self.plan.legs:
                 (inside,) = router.link_lookup(ifname=leg.inside)
-                if self.topology.ipv4:
-                    router.addr(
-                        "add",
-                        index=inside,
-                        address=str(leg.address),
-                        prefixlen=leg.segment.cidr.prefixlen,
-                    )
-                if leg.address6 is not None:
-                    router.addr("add", index=inside, address=str(leg.address6), **NODAD_64)
+                self._add_addresses(router, inside, leg.segment, leg.address, leg.address6)
                 router.link("set", index=inside, state="up")
         sysctl_in(self.router_ns, "net.ipv4.ip_forward", "1")
         if self.topology.ipv6:
             sysctl_in(self.router_ns, "net.ipv6.conf.all.forwarding", "1")
+
+    def _add_addresses(
+        self,
+        ipr: IPRoute,
+        index: int,
+        segment: Segment,
+        address: IPv4Address,
+        address6: IPv6Address | None,
+    ) -> None:
+        """An underlay interface's addresses on ``segment``: the IPv4 one (unless the bed
+        is IPv6 only) and the IPv6 one (an IPv6 or dual-stack bed)."""
+        if self.topology.ipv4:
+            ipr.addr("add", index=index, address=str(address), prefixlen=segment.cidr.prefixlen)
+        if address6 is not None:
+            ipr.addr("add", index=index, address=str(address6), **NODAD_64)
 
     def _build_nodes(self, numbers: list[int]) -> None:
         """Each node's eth0, a veth whose other end is on its segment's bridge (one
@@ -554,15 +561,7 @@ class Testbed:
         plan = self.plan.node(i)
         with entered(self.node_ns(i)), IPRoute() as node:
             (eth0,) = node.link_lookup(ifname="eth0")
-            if self.topology.ipv4:
-                node.addr(
-                    "add",
-                    index=eth0,
-                    address=str(plan.address),
-                    prefixlen=plan.segment.cidr.prefixlen,
-                )
-            if plan.address6 is not None:
-                node.addr("add", index=eth0, address=str(plan.address6), **NODAD_64)
+            self._add_addresses(node, eth0, plan.segment, plan.address, plan.address6)
             node.link("set", index=eth0, state="up")
             for cidr, via in plan.routes if self.topology.ipv4 else ():
                 node.route("add", dst=str(cidr), gateway=str(via))

@@ -17,11 +17,19 @@ from typing import Any
 
 from control.file_registry import FileRegistry
 from control.subnet_env import SubnetEnv
+from overlay.observe import status_socket as status
 
 CONFIG_KEY = "/coreos.com/network/config"
 SUBNETS = "/coreos.com/network/subnets/"
 DUAL = {"Network": "198.18.0.0/16", "EnableIPv6": True, "IPv6Network": "fd00:10::/56"}
 V6_ONLY = {"EnableIPv4": False, "EnableIPv6": True, "IPv6Network": "fd00:10::/56"}
+# The datapaths that carry IPv6: (Backend, the daemon's flags), and their test ids.
+DATAPATHS = [
+    ({"Type": "host-gw"}, ()),
+    ({"Type": "vxlan"}, ("--kernel-vxlan",)),
+    ({"Type": "vxlan"}, ()),
+]
+DATAPATH_IDS = ["host-gw", "kernel-vxlan", "userspace-vxlan"]
 
 
 def ip(ns: str, *args: str) -> str:
@@ -109,6 +117,16 @@ class Pods:
 
     def exec(self, ns: str, argv: list[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
         return subprocess.run(["ip", "netns", "exec", ns, *argv], check=False, **kwargs)
+
+
+def kernel_of(daemon: Any) -> dict[str, Any]:
+    return dict(status.query(daemon.socket)["kernel"])
+
+
+def kernel_exact(daemon: Any) -> bool:
+    """A check has run and found nothing missing and nothing extra, in both families."""
+    kernel = kernel_of(daemon)
+    return bool(kernel["checked_at"]) and kernel["missing"] == kernel["extra"] == []
 
 
 def pings(src_ns: str, address: str) -> bool:

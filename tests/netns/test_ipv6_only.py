@@ -20,18 +20,24 @@ import pytest
 from control.subnet_env import parse_subnet_env
 from overlay.lab.transfer import transfer
 from overlay.observe import status_socket as status
-from tests.helpers.dual_stack import V6_ONLY, Pods, ip, ip_out, leases, pings, pod6, start_nodes
+from tests.helpers.dual_stack import (
+    DATAPATH_IDS,
+    DATAPATHS,
+    V6_ONLY,
+    Pods,
+    ip,
+    ip_out,
+    kernel_exact,
+    leases,
+    pings,
+    pod6,
+    start_nodes,
+)
 from tests.helpers.polling import poll
 
 pytestmark = pytest.mark.netns
 
 TRANSFER_BYTES = 4 << 20  # per direction and pair: the userspace IPv6 half is per packet
-
-
-def kernel_exact(daemon: Any) -> bool:
-    """A check has run and found nothing missing and nothing extra."""
-    kernel = status.query(daemon.socket)["kernel"]
-    return bool(kernel["checked_at"]) and kernel["missing"] == kernel["extra"] == []
 
 
 def nat_chain(node: str, binary: str) -> str:
@@ -43,15 +49,7 @@ def nat_chain(node: str, binary: str) -> str:
     ).stdout
 
 
-@pytest.mark.parametrize(
-    ("backend", "flags"),
-    [
-        ({"Type": "host-gw"}, ()),
-        ({"Type": "vxlan"}, ("--kernel-vxlan",)),
-        ({"Type": "vxlan"}, ()),
-    ],
-    ids=["host-gw", "kernel-vxlan", "userspace-vxlan"],
-)
+@pytest.mark.parametrize(("backend", "flags"), DATAPATHS, ids=DATAPATH_IDS)
 def test_ipv6_only_bed_pods_ping_and_move_data_every_pair(
     netns: Callable[[str], str],
     daemons: Any,
