@@ -202,8 +202,7 @@ class EtcdRegistry:
         index = self._index
         endpoint = self.endpoints[index]
         client = _Client(
-            # gRPC's target is host:port: an IPv6 address goes in brackets.
-            host=f"[{endpoint.host}]" if ":" in endpoint.host else endpoint.host,
+            host=endpoint.bracketed_host,  # gRPC's target is host:port
             port=endpoint.port,
             username=self.username,
             password=self.password,

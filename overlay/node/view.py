@@ -87,7 +87,7 @@ class NodeView:
         base: dict[str, Any] = {
             "state": "stopping" if node.stopping.is_set() else "running",
             "version": version(),
-            "node": str(node.underlay.public_ip),
+            "node": node.underlay.name,
             "started_at": round(node.started, 3),
             "uptime_s": round(time.time() - node.started, 1),
             "ready": {"ready": ready, "reason": reason},
