@@ -20,6 +20,7 @@ import pytest
 from control.subnet_env import parse_subnet_env
 from overlay.lab.transfer import transfer
 from overlay.observe import status_socket as status
+from tests.helpers.commands import overlay_cmd
 from tests.helpers.dual_stack import (
     DATAPATH_IDS,
     DATAPATHS,
@@ -81,8 +82,17 @@ def test_ipv6_only_bed_pods_ping_and_move_data_every_pair(
         assert "subnet" not in shown["lease"] and "public_ip" not in shown["lease"]
         assert shown["lease"]["ipv6_subnet"] == str(env.ipv6_subnet.network)
         assert shown["lease"]["public_ipv6"] == f"2001:db8::{n}"
-        assert shown["network"] == "fd00:10::/56"
+        assert shown["network"] == "fd00:10::/56" and shown["node"] == f"2001:db8::{n}"
         assert poll(lambda d=daemon: status.query(d.socket)["peer_count"] == 2, timeout=10)
+        table = subprocess.run(
+            overlay_cmd("status", "--status-socket", str(daemon.socket)),
+            capture_output=True,
+            text=True,
+            timeout=30,
+        ).stdout
+        assert table.startswith(f"node 2001:db8::{n} (eth0)"), table
+        key = "/coreos.com/network/subnets/0.0.0.0-0&fd00:10:0:"
+        assert f"lease      {env.ipv6_subnet.network}  ({key}" in table, table
     # Nothing IPv4 of ours in any node: no flannel.1, no IPv4 address or route on the
     # overlay devices, no IPv4 ip-masq chain; the IPv6 one is there.
     for node in nodes:
