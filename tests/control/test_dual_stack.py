@@ -496,6 +496,22 @@ async def test_previous_ipv6_subnet_from_subnet_env_is_taken_first(
     assert other.ipv6_subnet != lease.ipv6_subnet
 
 
+async def test_previous_ipv6_only_subnet_env_is_taken_back(
+    store: tuple[KeyValueStore, str],
+) -> None:
+    """IPv6 only: the subnet.env a previous run wrote (no IPv4 lines) is read back and its
+    FLANNEL_IPV6_SUBNET asked for first, as the daemon does at start."""
+    kv, prefix = store
+    config = await seed(kv, prefix, V6_ONLY)
+    previous = parse_subnet_env(
+        "FLANNEL_IPV6_NETWORK=fd00:10::/56\nFLANNEL_IPV6_SUBNET=fd00:10:0:ab::1/64\n"
+        "FLANNEL_MTU=1430\nFLANNEL_IPMASQ=false\n"
+    )
+    assert previous.subnet is None and previous.ipv6_subnet is not None
+    lease = await node(kv, prefix, 1).acquire(config, None, previous.ipv6_subnet.network)
+    assert lease.key == "0.0.0.0-0&fd00:10:0:ab::-64"
+
+
 async def test_an_ipv4_only_lease_of_ours_is_replaced_when_ipv6_is_enabled(
     store: tuple[KeyValueStore, str],
 ) -> None:
