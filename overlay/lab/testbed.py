@@ -843,20 +843,18 @@ class Testbed:
 
     def subnet_of(self, i: int) -> str:
         """Node i's lease, from its subnet.env."""
-        try:
-            env = parse_subnet_env(self.subnet_file(i).read_text())
-            subnet = env.subnet or env.ipv6_subnet  # IPv6 only: the IPv6 lease
-            assert subnet is not None
-            return str(subnet.network)
-        except (OSError, SubnetEnvError) as e:
-            raise TestbedError(f"n{i} holds no lease yet ({self.subnet_file(i)}: {e})") from None
+        subnets = self._subnets(i)
+        if isinstance(subnets, str):
+            raise TestbedError(f"n{i} holds no lease yet ({self.subnet_file(i)}: {subnets})")
+        return subnets[0]  # IPv6 only: the IPv6 subnet
 
-    def _subnets(self, i: int) -> list[str]:
-        """Node i's lease, each family's subnet (IPv4 first), from its subnet.env."""
+    def _subnets(self, i: int) -> list[str] | str:
+        """Node i's lease, each family's subnet (IPv4 first), from its subnet.env; or why
+        it cannot be read."""
         try:
             env = parse_subnet_env(self.subnet_file(i).read_text())
-        except (OSError, SubnetEnvError):
-            return []
+        except (OSError, SubnetEnvError) as e:
+            return str(e)
         return [str(s.network) for s in (env.subnet, env.ipv6_subnet) if s is not None]
 
     def _pod_count(self) -> int:
@@ -908,7 +906,8 @@ class Testbed:
         pods: list[dict[str, Any]] = []
         for node in self.plan.nodes:
             i = node.number
-            subnets = self._subnets(i)
+            found = self._subnets(i)
+            subnets = found if isinstance(found, list) else []
             subnet = subnets[0] if subnets else None
             pid = self._daemon_pid(i)
             nodes.append(
@@ -944,10 +943,22 @@ class Testbed:
             "direct_routing": self.direct_routing,
             "registry": self.registry,
             "etcd_endpoints": self.etcd.endpoints if self.registry == "etcd" else [],
-            "underlay": str(self.underlay),
+            "underlay": " ".join(
+                str(c)
+                for c, on in (
+                    (self.underlay, self.topology.ipv4),
+                    (self.topology.cidr6(self.topology.segments[0]), self.topology.ipv6),
+                )
+                if on
+            ),
             "bridge": f"{bridges} in netns {self.underlay_ns}",
             "segments": [
-                {"name": segment.name, "cidr": str(segment.cidr), "bridge": bridge}
+                {
+                    "name": segment.name,
+                    "cidr": str(segment.cidr),
+                    "cidr6": str(self.topology.cidr6(segment)) if self.topology.ipv6 else None,
+                    "bridge": bridge,
+                }
                 for bridge, segment in self.plan.bridges
             ],
             "router": self.router_ns if self.plan.legs else None,

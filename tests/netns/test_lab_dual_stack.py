@@ -81,6 +81,7 @@ def test_ipv6_only_quick_bed_with_etcd_over_ipv6() -> None:
         bed.up()
         status = bed.status()
         assert status["network"] is None and status["etcd_endpoints"][0].startswith("http://[")
+        assert status["underlay"] == "2001:db8::/64" and status["network6"] == "fd00:10::/48"
         for node in status["nodes"]:
             assert node["underlay_ip"] is None and node["subnets"] == [node["subnet"]]
             assert node["subnet"].startswith("fd00:10:")
