@@ -95,7 +95,7 @@ class Bed:
     @staticmethod
     def _pod(node: str, pod: str, subnet_file: Path) -> tuple[str, str]:
         env = parse_subnet_env(subnet_file.read_text())
-        assert env.ipv6_subnet is not None
+        assert env.ipv6_subnet is not None and env.subnet is not None
         sh("ip", "-n", node, "link", "add", "veth0", "type", "veth", "peer", "name", "eth0",
            "netns", pod)  # fmt: skip
         sh("ip", "-n", node, "addr", "add", str(env.subnet), "dev", "veth0")

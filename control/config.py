@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from ipaddress import IPv4Network, IPv6Network, ip_address
 from typing import Any, TypeVar
 
+from control.lease import NO_IPV4
 from control.text import clip, shorten
 
 SUPPORTED_BACKENDS = ("udp", "vxlan", "host-gw")
@@ -39,9 +40,6 @@ FORBIDDEN_NETWORKS = {
 # else is loopback, link-local, multicast, IPv4-mapped or reserved, which a route into
 # the overlay would break or which cannot carry unicast traffic between nodes.
 IPV6_UNICAST_RANGES = (IPv6Network("fc00::/7"), IPv6Network("2000::/3"))
-# flanneld: the IPv4 half of a lease when EnableIPv4 is false (Go's zero IP4Net, which its
-# lease keys spell ``0.0.0.0-0``).
-NO_IPV4 = IPv4Network("0.0.0.0/0")
 
 
 Net = TypeVar("Net", IPv4Network, IPv6Network)
@@ -88,6 +86,14 @@ class NetworkConfig:
     ipv6: IPv6Config | None = None  # None: EnableIPv6 is false
     # flanneld's ip-masq and FORWARD rules in its own nftables tables, not iptables chains.
     enable_nftables: bool = False
+
+    @property
+    def overlay_networks(self) -> tuple[IPv4Network | IPv6Network, ...]:
+        """The overlay network of each enabled family (IPv6 only: IPv6Network alone)."""
+        networks: list[IPv4Network | IPv6Network] = [self.network] if self.enable_ipv4 else []
+        if self.ipv6 is not None:
+            networks.append(self.ipv6.network)
+        return tuple(networks)
 
     @property
     def subnet_size(self) -> int:
@@ -312,10 +318,17 @@ def _display(raw: dict[str, Any], key: str) -> str:
 
 
 def config_json(
-    network: IPv4Network, backend_type: str = "udp", direct_routing: bool = False
+    network: IPv4Network | None,
+    backend_type: str = "udp",
+    direct_routing: bool = False,
+    ipv6_network: IPv6Network | None = None,
 ) -> str:
-    """The config JSON an operator would write to seed a registry."""
+    """The config JSON an operator would write to seed a registry: dual stack with an
+    ``ipv6_network``, IPv6 only without a ``network`` (EnableIPv4 false)."""
     backend: dict[str, Any] = {"Type": backend_type}
     if direct_routing:
         backend["DirectRouting"] = True
-    return json.dumps({"Network": str(network), "Backend": backend})
+    config: dict[str, Any] = {"Network": str(network)} if network else {"EnableIPv4": False}
+    if ipv6_network is not None:
+        config |= {"EnableIPv6": True, "IPv6Network": str(ipv6_network)}
+    return json.dumps({**config, "Backend": backend})

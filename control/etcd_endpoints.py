@@ -19,7 +19,13 @@ class Endpoint:
     tls: bool
 
     def __str__(self) -> str:
-        return f"{'https' if self.tls else 'http'}://{self.host}:{self.port}"
+        return f"{'https' if self.tls else 'http'}://{self.bracketed_host}:{self.port}"
+
+    @property
+    def bracketed_host(self) -> str:
+        """The host as gRPC targets and URLs want it before ``:port``: an IPv6 address in
+        brackets."""
+        return f"[{self.host}]" if ":" in self.host else self.host
 
 
 def parse_endpoints(text: str) -> list[Endpoint]:

@@ -202,7 +202,7 @@ class EtcdRegistry:
         index = self._index
         endpoint = self.endpoints[index]
         client = _Client(
-            host=endpoint.host,
+            host=endpoint.bracketed_host,  # gRPC's target is host:port
             port=endpoint.port,
             username=self.username,
             password=self.password,

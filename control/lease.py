@@ -10,6 +10,13 @@ from typing import Any
 from control.text import clip
 
 DEFAULT_PREFIX = "/coreos.com/network"
+# flanneld's IPv4 half of an IPv6-only lease (EnableIPv4 false): Go's zero IP4Net, which
+# its keys spell ``0.0.0.0-0``.
+NO_IPV4 = IPv4Network("0.0.0.0/0")
+
+# What a lease is known by among the valid ones (control.lease_rules): its IPv4 subnet,
+# or its IPv6 one when it has no IPv4 half (IPv6 only: every key starts ``0.0.0.0-0``).
+LeaseId = IPv4Network | IPv6Network
 
 
 class LeaseError(ValueError):
@@ -39,6 +46,25 @@ class Lease:
     @property
     def key(self) -> str:
         return subnet_key(self.subnet, self.ipv6_subnet)
+
+    @property
+    def has_ipv4(self) -> bool:
+        """Whether the lease has an IPv4 half (not an IPv6-only ``0.0.0.0-0&...`` one)."""
+        return self.subnet != NO_IPV4
+
+    @property
+    def ident(self) -> LeaseId:
+        """The lease's identity among valid leases: unique, since their subnets never
+        overlap (the IPv4 one; the IPv6 one for an IPv6-only lease)."""
+        if self.subnet == NO_IPV4 and self.ipv6_subnet is not None:
+            return self.ipv6_subnet
+        return self.subnet
+
+    @property
+    def name(self) -> str:
+        """How logs and status name the lease: ``10.244.3.0/24``, or its IPv6 subnet
+        when it has no IPv4 half."""
+        return str(self.ident)
 
     def value_json(self) -> str:
         return lease_value_json(self)
@@ -70,6 +96,13 @@ def parse_subnet_key(key: str) -> tuple[IPv4Network, IPv6Network | None]:
         except ValueError:
             raise LeaseError(f"lease key {clip(key)}: bad IPv6 part") from None
     return subnet, ipv6
+
+
+def ident_of_key(key: str) -> LeaseId:
+    """``Lease.ident`` of the lease under ``key`` (its IPv6 subnet when the key's IPv4
+    part is ``0.0.0.0-0``)."""
+    subnet, ipv6_subnet = parse_subnet_key(key)
+    return ipv6_subnet if subnet == NO_IPV4 and ipv6_subnet is not None else subnet
 
 
 def lease_value_json(lease: Lease) -> str:

@@ -38,8 +38,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 
-from control.config import FORBIDDEN_NETWORKS, IPV6_UNICAST_RANGES, NO_IPV4, NetworkConfig
-from control.lease import Lease, LeaseError, parse_lease
+from control.config import FORBIDDEN_NETWORKS, IPV6_UNICAST_RANGES, NetworkConfig
+from control.lease import NO_IPV4, Lease, LeaseError, parse_lease
 from control.text import clip
 
 # Distinct rejected records remembered per key, so each is reported once (a key

@@ -7,16 +7,18 @@ routes and attributes its packets without calling back into Python.
 
 A dual-stack lease (EnableIPv6) is a peer in both families: its IPv6 half (``routes6``,
 ``lookup6``, ``sources6_of``, keyed by its IPv6 subnet and sent to at its PublicIPv6) is
-indexed in the same batches and published in the same swap as the IPv4 side.
+indexed in the same batches and published in the same swap as the IPv4 side. Peers are
+keyed by their lease's ident (``Lease.ident``), so an IPv6-only lease (``0.0.0.0-0&...``,
+EnableIPv4 false) is a peer too, in IPv6 alone: it adds nothing to the IPv4 side.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address
 
-from control.lease import Lease
+from control.lease import Lease, LeaseId
 
 Sources = tuple[tuple[int, int], ...]
 
@@ -83,10 +85,12 @@ class PeerTable:
         self.port = port
         self.prefix_for = prefix_for
         self.prefix6_for = prefix6_for  # the IPv6 half's prefix (vxlan: BackendV6Data's MAC)
-        self._by_subnet: dict[IPv4Network, Peer] = {}
-        # Public IP -> its peers by subnet (a node may hold several leases): the index a
+        # Each lease's peer, by the lease's ident: its IPv4 side, or for an IPv6-only
+        # lease (``0.0.0.0-0&...``, no IPv4 half) its IPv6 side.
+        self._by_id: dict[LeaseId, Peer] = {}
+        # Public IP -> its peers by lease (a node may hold several leases): the index a
         # batch recomputes the touched public IPs' entries from.
-        self._by_ip: dict[str, dict[IPv4Network, Peer]] = {}
+        self._by_ip: dict[str, dict[LeaseId, Peer]] = {}
         # [(shift, {masked destination: peer})], longest prefix first.
         self.routes: list[tuple[int, dict[int, Peer]]] = []
         self._by_public_ip: dict[str, Peer] = {}
@@ -94,33 +98,34 @@ class PeerTable:
         # Public IP as an int -> (sources_of(ip), by_public_ip(ip).stats): what a receive
         # from that address needs, keyed by what C has at hand (the sockaddr).
         self.senders: dict[int, tuple[Sources, PeerStats]] = {}
-        # The IPv6 halves of dual-stack leases, by the lease's (IPv4) subnet, and what
-        # the hot path reads of them: [(shift, {masked destination: peer})] longest
+        # The IPv6 halves of dual-stack and IPv6-only leases, by the lease's ident, and
+        # what the hot path reads of them: [(shift, {masked destination: peer})] longest
         # prefix first, and PublicIPv6 -> ((network >> shift, shift), ...).
-        self._v6: dict[IPv4Network, Peer] = {}
-        self._by_ip6: dict[str, dict[IPv4Network, Peer]] = {}
+        self._v6: dict[LeaseId, Peer] = {}
+        self._by_ip6: dict[str, dict[LeaseId, Peer]] = {}
         self.routes6: list[tuple[int, dict[int, Peer]]] = []
         self._sources6: dict[str, Sources] = {}
 
     def __len__(self) -> int:
-        return len(self._by_subnet)
+        return len(self._by_id)
 
-    def __contains__(self, subnet: object) -> bool:
-        return subnet in self._by_subnet
+    def __contains__(self, ident: object) -> bool:
+        return ident in self._by_id
 
     def peers(self) -> list[Peer]:
-        return list(self._by_subnet.values())
+        return list(self._by_id.values())
 
-    def get(self, subnet: IPv4Network) -> Peer | None:
-        return self._by_subnet.get(subnet)
+    def get(self, ident: LeaseId) -> Peer | None:
+        """The peer of the lease known by ``ident`` (``Lease.ident``)."""
+        return self._by_id.get(ident)
 
     def upsert(self, lease: Lease) -> bool:
-        """Add or replace the peer for ``lease.subnet``; True when anything changed."""
+        """Add or replace the peer for ``lease.ident``; True when anything changed."""
         return bool(self.apply([lease], [])[0])
 
-    def remove(self, subnet: IPv4Network) -> Peer | None:
-        peer = self._by_subnet.get(subnet)
-        self.apply([], [subnet])
+    def remove(self, ident: LeaseId) -> Peer | None:
+        peer = self._by_id.get(ident)
+        self.apply([], [ident])
         return peer
 
     def replace_all(self, leases: list[Lease]) -> tuple[list[Lease], list[Lease]]:
@@ -128,84 +133,102 @@ class PeerTable:
 
         Compares content, not only subnets, so a changed PublicIP or VtepMAC is applied.
         """
-        wanted = {lease.subnet for lease in leases}
-        return self.apply(leases, [s for s in self._by_subnet if s not in wanted])
+        wanted = {lease.ident for lease in leases}
+        return self.apply(leases, [i for i in self._by_id if i not in wanted])
 
     def apply(
-        self, leases: Iterable[Lease], removed: Iterable[IPv4Network]
+        self, leases: Iterable[Lease], removed: Iterable[LeaseId]
     ) -> tuple[list[Lease], list[Lease]]:
         """One batch: the peers of ``removed`` go, then each of ``leases`` is added or
-        replaces its subnet's peer; published at once. Returns what changed: (added or
-        changed leases, removed leases); a lease equal to its subnet's peer (and of the
-        same age) is no change."""
+        replaces its lease's peer; published at once. Returns what changed: (added or
+        changed leases, removed leases); a lease equal to its peer's (and of the same
+        age) is no change. An IPv6-only lease is a peer in IPv6 alone."""
         edits: dict[int, dict[int, Peer | None]] = {}  # shift -> {masked net: peer or None}
         edits6: dict[int, dict[int, Peer | None]] = {}
         touched: set[str] = set()
         touched6: set[str] = set()
         gone: list[Lease] = []
-        for subnet in removed:
-            peer = self._by_subnet.pop(subnet, None)
+        for ident in removed:
+            peer = self._by_id.pop(ident, None)
             if peer is not None:
-                self._unindex(peer, edits, touched)
-                self._unindex6(subnet, edits6, touched6)
+                self._unindex(ident, peer, edits, touched)
+                self._unindex6(ident, edits6, touched6)
                 gone.append(peer.lease)
         # Every old entry out before any new one goes in: an IPv6 subnet may pass from
         # one lease to another within a batch, and its removal must not undo its addition.
-        changed = {lease.subnet: lease for lease in leases}
-        for subnet, lease in list(changed.items()):
-            old = self._by_subnet.get(subnet)
+        changed = {lease.ident: lease for lease in leases}
+        stats: dict[LeaseId, PeerStats] = {}
+        for ident, lease in list(changed.items()):
+            old = self._by_id.get(ident)
             if old is None:
                 continue
             if lease.same_as(old.lease):
-                del changed[subnet]
+                del changed[ident]
                 continue
-            self._unindex(old, edits, touched)
-            self._unindex6(subnet, edits6, touched6)
-        for lease in changed.values():
-            old = self._by_subnet.get(lease.subnet)
-            peer = self._by_subnet[lease.subnet] = self._peer(lease, old)
-            self._by_ip.setdefault(peer.addr[0], {})[lease.subnet] = peer
-            edits.setdefault(peer.shift, {})[peer.net >> peer.shift] = peer
-            touched.add(peer.addr[0])
-            peer6 = self._peer6(lease, peer.stats)
+            stats[ident] = old.stats
+            self._unindex(ident, old, edits, touched)
+            self._unindex6(ident, edits6, touched6)
+        added: list[Lease] = []
+        for ident, lease in changed.items():
+            peer6 = self._peer6(lease, stats.get(ident) or PeerStats())
+            if lease.has_ipv4:
+                peer = self._peer(lease, peer6.stats if peer6 else stats.get(ident))
+                self._by_ip.setdefault(peer.addr[0], {})[ident] = peer
+                edits.setdefault(peer.shift, {})[peer.net >> peer.shift] = peer
+                touched.add(peer.addr[0])
+            elif peer6 is not None:
+                peer = peer6
+            else:  # IPv6 only but no IPv6 half: nothing to route it by (lease_rules refuse it)
+                if self._by_id.pop(ident, None) is not None:
+                    gone.append(lease)
+                continue
+            self._by_id[ident] = peer
+            added.append(lease)
             if peer6 is not None:
-                self._v6[lease.subnet] = peer6
-                self._by_ip6.setdefault(peer6.addr[0], {})[lease.subnet] = peer6
+                self._v6[ident] = peer6
+                self._by_ip6.setdefault(peer6.addr[0], {})[ident] = peer6
                 edits6.setdefault(peer6.shift, {})[peer6.net >> peer6.shift] = peer6
                 touched6.add(peer6.addr[0])
-        if edits:
+        if edits or edits6:
             self._publish(edits, touched, edits6, touched6)
-        return list(changed.values()), gone
+        return added, gone
 
     def _unindex(
-        self, peer: Peer, edits: dict[int, dict[int, Peer | None]], touched: set[str]
+        self,
+        ident: LeaseId,
+        peer: Peer,
+        edits: dict[int, dict[int, Peer | None]],
+        touched: set[str],
     ) -> None:
+        """The IPv4 side of ``peer``'s lease, if it has one, out of the indexes."""
+        if not peer.lease.has_ipv4:
+            return
         ip = peer.addr[0]
         of_ip = self._by_ip.get(ip, {})
-        of_ip.pop(peer.lease.subnet, None)
+        of_ip.pop(ident, None)
         if not of_ip:
             self._by_ip.pop(ip, None)
         edits.setdefault(peer.shift, {})[peer.net >> peer.shift] = None
         touched.add(ip)
 
     def _unindex6(
-        self, subnet: IPv4Network, edits: dict[int, dict[int, Peer | None]], touched: set[str]
+        self, ident: LeaseId, edits: dict[int, dict[int, Peer | None]], touched: set[str]
     ) -> None:
-        """The IPv6 half of the lease of ``subnet``, if it had one, out of the indexes."""
-        peer = self._v6.pop(subnet, None)
+        """The IPv6 half of the lease ``ident``, if it had one, out of the indexes."""
+        peer = self._v6.pop(ident, None)
         if peer is None:
             return
         ip = peer.addr[0]
         of_ip = self._by_ip6.get(ip, {})
-        of_ip.pop(subnet, None)
+        of_ip.pop(ident, None)
         if not of_ip:
             self._by_ip6.pop(ip, None)
         edits.setdefault(peer.shift, {})[peer.net >> peer.shift] = None
         touched.add(ip)
 
     def _peer6(self, lease: Lease, stats: PeerStats) -> Peer | None:
-        """The IPv6 half of a dual-stack ``lease`` (None without one); it shares the
-        lease's traffic counters."""
+        """The IPv6 half of a dual-stack or IPv6-only ``lease`` (None without one); it
+        shares the lease's traffic counters."""
         if lease.ipv6_subnet is None or lease.public_ipv6 is None:
             return None
         return Peer(
@@ -218,14 +241,14 @@ class PeerTable:
             name=str(lease.ipv6_subnet),
         )
 
-    def _peer(self, lease: Lease, old: Peer | None = None) -> Peer:
+    def _peer(self, lease: Lease, stats: PeerStats | None = None) -> Peer:
         return Peer(
             lease=lease,
             addr=(str(lease.public_ip), self.port),
             net=int(lease.subnet.network_address),
             shift=32 - lease.subnet.prefixlen,
             prefix=self.prefix_for(lease) if self.prefix_for else b"",
-            stats=old.stats if old is not None else PeerStats(),
+            stats=stats if stats is not None else PeerStats(),
             name=str(lease.subnet),
         )
 

@@ -17,9 +17,17 @@ from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from typing import Any, Literal
 
 from control.allocation import choose_ipv6_subnet, choose_subnet
-from control.config import NO_IPV4, NetworkConfig, parse_config
+from control.config import NetworkConfig, parse_config
 from control.kv import Entry, Event, KeyValueStore, RegistryError, RevisionCompacted
-from control.lease import DEFAULT_PREFIX, Lease, LeaseError, parse_lease, parse_subnet_key
+from control.lease import (
+    DEFAULT_PREFIX,
+    NO_IPV4,
+    Lease,
+    LeaseError,
+    LeaseId,
+    parse_lease,
+    parse_subnet_key,
+)
 from control.lease_rules import LeaseBook, Record
 
 LEASE_TTL = 24 * 3600
@@ -47,7 +55,7 @@ class NetworkFull(RegistryError):
 @dataclass(frozen=True)
 class LeaseEvent:
     kind: Literal["added", "removed"]
-    subnet: IPv4Network
+    subnet: LeaseId  # the lease's ident (its IPv6 subnet when it has no IPv4 half)
     lease: Lease | None  # None for "removed"
 
 
@@ -412,8 +420,8 @@ class SubnetManager:
             else Record(event.key, event.value, event.has_ttl, event.create_revision)
             for event in events
         )
-        return [LeaseEvent("removed", lease.subnet, None) for lease in removed] + [
-            LeaseEvent("added", lease.subnet, lease) for lease in changed
+        return [LeaseEvent("removed", lease.ident, None) for lease in removed] + [
+            LeaseEvent("added", lease.ident, lease) for lease in changed
         ]
 
 

@@ -162,9 +162,9 @@ def build_delegate(conf: Mapping[str, Any], env: SubnetEnv) -> dict[str, Any]:
     does not (``FLANNEL_IPMASQ``), the lease MTU, the node as gateway, host-local IPAM over
     the lease with a route to the whole overlay network; with a dual-stack subnet.env, a
     second range (the IPv6 lease) and route (the IPv6 network), as flannel's plugin adds
-    them. ``delegate`` keys override the plugin defaults; a top-level ``ipam`` object may
-    add IPAM keys and extra routes, but the ranges always come from the lease (as in
-    flannel).
+    them; with an IPv6-only one, those alone. ``delegate`` keys override the plugin
+    defaults; a top-level ``ipam`` object may add IPAM keys and extra routes, but the
+    ranges always come from the lease (as in flannel).
     """
     user_ipam = dict(conf.get("ipam", {}))
     extra_routes = user_ipam.pop("routes", [])
@@ -175,8 +175,11 @@ def build_delegate(conf: Mapping[str, Any], env: SubnetEnv) -> dict[str, Any]:
         "dataDir": conf.get("ipamDataDir", DEFAULT_IPAM_DATA_DIR),
     }
     ipam = _merge(ipam, user_ipam)
-    ipam["ranges"] = [[{"subnet": str(env.subnet.network)}]]
-    ipam["routes"] = [*copy.deepcopy(extra_routes), {"dst": str(env.network)}]
+    ipam["ranges"] = []
+    ipam["routes"] = copy.deepcopy(extra_routes)
+    if env.subnet is not None and env.network is not None:  # None: IPv6 only
+        ipam["ranges"].append([{"subnet": str(env.subnet.network)}])
+        ipam["routes"].append({"dst": str(env.network)})
     if env.ipv6_subnet is not None and env.ipv6_network is not None:
         ipam["ranges"].append([{"subnet": str(env.ipv6_subnet.network)}])
         ipam["routes"].append({"dst": str(env.ipv6_network)})

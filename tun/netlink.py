@@ -6,7 +6,7 @@ and its async variant fails under uvloop, so the daemon calls these via to_threa
 
 from __future__ import annotations
 
-from ipaddress import IPv4Address, IPv6Address
+from ipaddress import IPv4Address, IPv6Address, ip_address
 
 from tun.rtnl import IPRoute, NetlinkError
 
@@ -126,9 +126,11 @@ def default_route_interface() -> str | None:
     return None
 
 
-def route_to(address: IPv4Address) -> tuple[str, IPv4Address | None] | None:
+def route_to(
+    address: IPv4Address | IPv6Address,
+) -> tuple[str, IPv4Address | IPv6Address | None] | None:
     """(interface, source address) the kernel would use to reach ``address`` (what
-    `ip route get` prints), or None when it has no route."""
+    `ip route get` prints; of its family), or None when it has no route."""
     with IPRoute() as ipr:
         try:
             routes = ipr.route("get", dst=str(address))
@@ -142,4 +144,4 @@ def route_to(address: IPv4Address) -> tuple[str, IPv4Address | None] | None:
         if not links:
             return None
         name = str(links[0].get_attr("IFLA_IFNAME"))
-        return name, IPv4Address(source) if source else None
+        return name, ip_address(source) if source else None

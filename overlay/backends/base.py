@@ -33,13 +33,21 @@ class Underlay:
     """The interface for inter-node traffic (flannel's ExternalInterface)."""
 
     iface: str
-    address: IPv4Address  # where our socket binds
+    address: IPv4Address  # where our socket binds; 0.0.0.0: the interface has none (IPv6 only)
     public_ip: IPv4Address  # what peers send to (differs behind NAT)
     mtu: int
     # The interface's IPv6 address (flanneld's rule: its first global unicast one, else
     # its first link-local one) and the one peers send to (--public-ipv6); None: none.
     address6: IPv6Address | None = None
     public_ipv6: IPv6Address | None = None
+
+    @property
+    def name(self) -> str:
+        """How logs name this node: its public IP, or its public IPv6 address when the
+        interface has no IPv4 one (an IPv6-only underlay)."""
+        if self.public_ip.is_unspecified and self.public_ipv6 is not None:
+            return str(self.public_ipv6)
+        return str(self.public_ip)
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,13 @@ from collections.abc import Callable
 
 from control.lease import Lease
 from overlay.backends.base import BackendError, KernelLink
-from overlay.backends.routed import RoutedBackend, direct_route, direct_route6, ipv6_half
+from overlay.backends.routed import (
+    RoutedBackend,
+    direct_route,
+    direct_route6,
+    ipv4_half,
+    ipv6_half,
+)
 from overlay.kernel.objects import IPAddress, KernelObject, Reachable
 
 
@@ -23,7 +29,8 @@ class HostGwBackend(RoutedBackend):
 
     def prepare(self) -> None:
         underlay = self.ctx.underlay
-        if underlay.public_ip != underlay.address:  # flanneld's check, same reason
+        ipv4 = self.ctx.config.enable_ipv4
+        if ipv4 and underlay.public_ip != underlay.address:  # flanneld's check, same reason
             raise BackendError(
                 f"--public-ip {underlay.public_ip} differs from {underlay.iface}'s address "
                 f"{underlay.address}, meaning that probably you're on a NAT, which host-gw "
@@ -38,7 +45,7 @@ class HostGwBackend(RoutedBackend):
     def _program(self, lease: Lease, reachable: Reachable) -> list[KernelObject] | None:
         objects: list[KernelObject] = []
         halves: list[tuple[IPAddress, Callable[[Lease], list[KernelObject]]]]
-        halves = [(lease.public_ip, direct_route)]
+        halves = [(lease.public_ip, direct_route)] if ipv4_half(self.ctx, lease) else []
         if ipv6_half(self.ctx, lease) and lease.public_ipv6 is not None:
             halves.append((lease.public_ipv6, direct_route6))
         for public, routes in halves:
@@ -47,7 +54,7 @@ class HostGwBackend(RoutedBackend):
                 continue
             self.ctx.log.warning(
                 "peer_skipped",
-                subnet=str(lease.subnet),
+                subnet=lease.name,
                 public_ip=str(public),
                 reason="host-gw needs the peer on our L2 segment (its route has a gateway)",
             )

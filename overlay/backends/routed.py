@@ -25,6 +25,12 @@ def direct_route6(lease: Lease) -> list[KernelObject]:
     return [Route(lease.ipv6_subnet, gateway=lease.public_ipv6)]
 
 
+def ipv4_half(ctx: Context, lease: Lease) -> bool:
+    """Whether a peer's IPv4 half is programmed: EnableIPv4, and the lease has one (an
+    IPv6-only lease's ``0.0.0.0/0`` via ``0.0.0.0`` is no route to make)."""
+    return ctx.config.enable_ipv4 and lease.has_ipv4
+
+
 def ipv6_half(ctx: Context, lease: Lease) -> bool:
     """Whether a peer's IPv6 half is programmed: EnableIPv6, and the (validated) lease
     has one (a peer without it is an IPv4 peer)."""
@@ -50,10 +56,8 @@ class RoutedBackend(Backend):
                 f"or vxlan with --vxlan-datapath userspace); {self.name} forwards in the "
                 "kernel: leave it at 0 (the kernel's own is net.core.busy_read)"
             )
-        ipv6 = ctx.config.ipv6
-        networks = (ctx.config.network, *((ipv6.network,) if ipv6 is not None else ()))
         self.kernel: KernelState = KernelState(
-            ctx.log, program=self._program, devices=devices, networks=networks
+            ctx.log, program=self._program, devices=devices, networks=ctx.config.overlay_networks
         )
 
     def peers_changed(self, added: list[Lease], removed: list[Lease]) -> None:

@@ -13,7 +13,7 @@ class UdpBackend(UserspaceBackend):
     # FLANNEL_IPV6_SUBNET, and the pods' IPv6 addresses reach nothing. We say so instead.
     ipv6_refusal = (
         "flannel's udp backend is IPv4 only (flanneld would hand pods IPv6 addresses that "
-        "nothing forwards): use vxlan with --kernel-vxlan, or host-gw"
+        "nothing forwards): use vxlan (either datapath) or host-gw"
     )
     lease_type = ""  # flannel's udp backend publishes no BackendType
     name = "udp"

@@ -41,7 +41,7 @@ class UserspaceBackend(Backend):
             ctx.log,
             program=self._peer_objects(),
             devices=(ctx.options.tun_name,),
-            networks=(ctx.config.network, *((ipv6.network,) if (ipv6 := ctx.config.ipv6) else ())),
+            networks=ctx.config.overlay_networks,
             on_gone=self._device_gone,
         )
 
@@ -66,8 +66,10 @@ class UserspaceBackend(Backend):
 
     def node_objects(self, lease: Lease) -> list[KernelObject]:
         """flannel0: up with our MTU, the lease's network address as a /32, and one route
-        for the whole overlay network."""
+        for the whole overlay network (IPv6 only: no IPv4 address, no IPv4 route)."""
         name = self.ctx.options.tun_name
+        if not self.ctx.config.enable_ipv4:
+            return [Link(name, mtu=self.mtu)]
         return [
             Link(name, mtu=self.mtu),
             Address(name, lease.subnet.network_address),
@@ -122,8 +124,12 @@ class UserspaceBackend(Backend):
         )
 
     def _open_socket(self, *, reuse_port: bool, ipv6: bool = False) -> socket.socket:
-        """The socket peers send to, on our underlay address (``ipv6``: the IPv6 one)."""
+        """The socket peers send to, on our underlay address (``ipv6``: the IPv6 one).
+        IPv6 only, the IPv4 half's is bound nowhere: it never receives (nothing listens on
+        an IPv4 port) and never sends (no IPv4 peer, no IPv4 route into the TUN)."""
         underlay = self.ctx.underlay
+        if not ipv6 and not self.ctx.config.enable_ipv4:
+            return socket.socket(socket.AF_INET, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK)
         address = str(underlay.address6 if ipv6 else underlay.address)
         port = self.ctx.config.backend.port
         try:

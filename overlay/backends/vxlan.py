@@ -23,7 +23,13 @@ from typing import Any
 from control.lease import Lease
 from encap import vxlan
 from overlay.backends.base import Backend, BackendError, Context, KernelLink, Underlay
-from overlay.backends.routed import RoutedBackend, direct_route, direct_route6, ipv6_half
+from overlay.backends.routed import (
+    RoutedBackend,
+    direct_route,
+    direct_route6,
+    ipv4_half,
+    ipv6_half,
+)
 from overlay.backends.userspace import UserspaceBackend
 from overlay.dataplane.spec import DataplaneSpec
 from overlay.dataplane.vxlan import vtep6_mac_of, vtep_mac_of, vxlan6_prefix_for, vxlan_prefix_for
@@ -114,9 +120,15 @@ class VxlanBackend(UserspaceBackend):
         # than the network's route into the TUN, so their traffic never reaches us.
         return self._direct if self.ctx.config.backend.direct_routing else None
 
-    @staticmethod
-    def _direct(lease: Lease, reachable: Reachable) -> list[KernelObject] | None:
-        return direct_route(lease) if reachable(lease.public_ip) else None
+    def _direct(self, lease: Lease, reachable: Reachable) -> list[KernelObject] | None:
+        """A plain route for each half of the peer whose public address is on our
+        segment (IPv4 via PublicIP, IPv6 via PublicIPv6, as flanneld's DirectRouting)."""
+        objects: list[KernelObject] = []
+        if ipv4_half(self.ctx, lease) and reachable(lease.public_ip):
+            objects += direct_route(lease)
+        if ipv6_half(self.ctx, lease) and lease.public_ipv6 and reachable(lease.public_ipv6):
+            objects += direct_route6(lease)
+        return objects or None
 
     def mtu_for(self, underlay: Underlay) -> int:
         return self.vtep.mtu_for(underlay)
@@ -201,8 +213,11 @@ class KernelVxlanBackend(RoutedBackend):
         self.device6 = f"flannel-v6.{self.vtep.vni}"
         self.mac6 = self.vtep.mac6
         self.lease: Lease | None = None
+        # IPv6 only (EnableIPv4 false): flannel-v6.<VNI> alone, no flannel.<VNI>.
+        self.ipv4 = ctx.config.enable_ipv4
         ipv6 = ctx.config.ipv6 is not None
-        super().__init__(ctx, devices=(self.device, *((self.device6,) if ipv6 else ())))
+        devices = (*((self.device,) if self.ipv4 else ()), *((self.device6,) if ipv6 else ()))
+        super().__init__(ctx, devices=devices)
 
     def lease_data(self) -> dict[str, Any]:
         return self.vtep.lease_data()
@@ -217,17 +232,19 @@ class KernelVxlanBackend(RoutedBackend):
         return _mtu_warning(self)
 
     def kernel_link(self) -> KernelLink:
-        return KernelLink(self.device, overlay_only=True)
+        return KernelLink(self.device if self.ipv4 else self.device6, overlay_only=True)
 
     def node_objects(self, lease: Lease) -> list[KernelObject]:
         """The device as flanneld sets it up: learning off, our MAC, the lease's network
-        address as a /32, MTU underlay - 50 (or Backend.MTU), up."""
+        address as a /32, MTU underlay - 50 (or Backend.MTU), up; IPv6 only, none of it."""
         underlay = self.ctx.underlay
-        return [
-            *self._device(self.device, underlay.address, self.mtu, self.vtep.mac),
-            Address(self.device, lease.subnet.network_address),
-            *self._node_objects6(lease),
-        ]
+        objects: list[KernelObject] = []
+        if self.ipv4:
+            objects += [
+                *self._device(self.device, underlay.address, self.mtu, self.vtep.mac),
+                Address(self.device, lease.subnet.network_address),
+            ]
+        return objects + self._node_objects6(lease)
 
     def _device(self, name: str, local: IPAddress, mtu: int, mac: bytes) -> list[KernelObject]:
         """A vxlan device of ours, up: the VNI, port and learning of the config."""
@@ -269,7 +286,7 @@ class KernelVxlanBackend(RoutedBackend):
             await asyncio.wrap_future(self.kernel.set(NODE, self.node_objects(self.lease)))
 
     def _program(self, lease: Lease, reachable: Reachable) -> list[KernelObject] | None:
-        objects = self._program4(lease, reachable) or []
+        objects = (self._program4(lease, reachable) or []) if ipv4_half(self.ctx, lease) else []
         if ipv6_half(self.ctx, lease):
             objects += self._program6(lease, reachable)
         return objects or None

@@ -70,6 +70,13 @@ def _address(text: str) -> IPv4Address:
         raise argparse.ArgumentTypeError(f"{text!r} is not an IPv4 address") from None
 
 
+def _any_address(text: str) -> IPv4Address | IPv6Address:
+    try:
+        return ip_address(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an IP address") from None
+
+
 def _address6(text: str) -> IPv6Address:
     try:
         return IPv6Address(text)
@@ -203,7 +210,7 @@ class RunFlags:
         )
         add(
             "--iface-can-reach",
-            type=_address,
+            type=_any_address,
             help="use the interface (and source address) the kernel would use to reach "
             "this address (`ip route get`), checked after --iface and --iface-regex",
         )

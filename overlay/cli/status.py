@@ -135,17 +135,23 @@ def _underlay_mtu(st: dict[str, Any]) -> str:
     return f" (underlay {st.get('underlay_mtu', '?')}, {followed})"
 
 
+def _lease_public(lease: dict[str, Any]) -> str:
+    """The lease's public address: PublicIP, or PublicIPv6 for an IPv6-only lease."""
+    return str(lease.get("public_ip", lease.get("public_ipv6", "?")))
+
+
 def _node_lines(st: dict[str, Any]) -> list[str]:
     """Who the node is, its lease, its registry, its offloads and log lines lost."""
     ready = st.get("ready", {})
     head = (
-        f"node {st.get('node', st.get('lease', {}).get('public_ip', '?'))} "
+        f"node {st.get('node', _lease_public(st.get('lease', {})))} "
         f"({st.get('iface', '?')}), {st.get('datapath', st.get('backend', '?'))}, "
         f"MTU {st.get('mtu', '?')}{_underlay_mtu(st)}, up {_duration(st.get('uptime_s', 0))}, "
         + ("ready" if ready.get("ready", True) else f"NOT READY: {ready.get('reason', '?')}")
     )
     lease = st.get("lease", {})
-    lines = [head, f"lease      {lease.get('subnet', '?')}  ({lease.get('key', '')})"]
+    subnets = " ".join(lease[k] for k in ("subnet", "ipv6_subnet") if k in lease) or "?"
+    lines = [head, f"lease      {subnets}  ({lease.get('key', '')})"]
     if "expires" in lease:
         if lease["expires"] is None:
             lines.append("           a reservation: never expires")

@@ -29,8 +29,11 @@ from overlay.lab.scale_probe import PINGS, ScaleOptions, report, run, write_json
 from overlay.lab.testbed import DEFAULT_PREFIX, Testbed
 from overlay.lab.topology import (
     DEFAULT_NETWORK,
+    DEFAULT_NETWORK6,
     DEFAULT_UNDERLAY,
+    IP_FAMILIES,
     REGISTRIES,
+    UNDERLAY6,
     Topology,
     load_topology,
 )
@@ -47,6 +50,7 @@ SHAPE_FLAGS: dict[str, tuple[str, Any]] = {
     "direct_routing": ("--direct-routing", False),
     "underlay": ("--underlay", str(DEFAULT_UNDERLAY)),
     "network": ("--network", str(DEFAULT_NETWORK)),
+    "ip_family": ("--ip-family", "ipv4"),
 }
 
 
@@ -228,6 +232,13 @@ def _up_parser(up: argparse.ArgumentParser, common: Any) -> None:
     )
     up.add_argument("--underlay", default=None, help=f"default {DEFAULT_UNDERLAY}")
     up.add_argument("--network", default=None, help=f"default {DEFAULT_NETWORK}")
+    up.add_argument(
+        "--ip-family",
+        default=None,
+        choices=IP_FAMILIES,
+        help="ipv4 (default); ipv6: EnableIPv4 false, an IPv6-only underlay in "
+        f"{UNDERLAY6}, IPv6Network {DEFAULT_NETWORK6}; dual: both",
+    )
 
 
 def _fault_parser(fault: argparse.ArgumentParser, common: Any) -> None:
@@ -280,9 +291,11 @@ def _node_list(text: str) -> list[int]:
 def format_status(st: dict[str, Any]) -> str:
     routing = " with DirectRouting" if st.get("direct_routing") else ""
     source = f" (from {st['source']})" if st.get("source") else ""
+    family = st.get("ip_family", "ipv4")
+    networks = " ".join(n for n in (st.get("network"), st.get("network6")) if n)
     lines = [
         f"testbed {st['prefix']}{source}: underlay {st['underlay']} on {st['bridge']}, "
-        f"network {st['network']}, {st['backend']} backend{routing}, "
+        f"{family} network {networks}, {st['backend']} backend{routing}, "
         f"{st['registry']} registry, state in {st['state_dir']}",
     ]
     if st.get("router"):
@@ -295,14 +308,16 @@ def format_status(st: dict[str, Any]) -> str:
     ]
     for n in st["nodes"]:
         daemon = f"pid {n['pid']}" if n["pid"] else "not running"
+        underlay = " ".join(a for a in (n["underlay_ip"], n.get("underlay_ip6")) if a) or "-"
         lines.append(
             f"{n['name']:<6} {n['netns']:<14} {n.get('segment', '-'):<10} "
-            f"{n['underlay_ip']:<16} {n['subnet'] or '-':<18} {n['backend']:<12} {daemon}"
+            f"{underlay:<16} {n['subnet'] or '-':<18} {n['backend']:<12} {daemon}"
         )
     if st["pods"]:
         lines += ["", f"{'POD':<8} {'NETNS':<16} {'NODE':<6} IP"]
         for p in st["pods"]:
-            lines.append(f"{p['name']:<8} {p['netns']:<16} {p['node']:<6} {p['ip'] or '-'}")
+            ips = " ".join(p.get("ips") or ([p["ip"]] if p["ip"] else [])) or "-"
+            lines.append(f"{p['name']:<8} {p['netns']:<16} {p['node']:<6} {ips}")
     return "\n".join(lines)
 
 

@@ -28,7 +28,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from control.lease import Lease, parse_lease, parse_subnet_key
+from control.lease import Lease, ident_of_key, parse_lease
 from control.peer_table import PeerTable
 from overlay.dataplane.spec import DataplaneSpec
 from overlay.observe.log import LogOptions
@@ -95,7 +95,7 @@ def apply_message(peers: PeerTable, message: dict[str, Any]) -> None:
             parse_lease(key, value, create_revision=int(age[0]) if age else 0)
             for key, value, *age in message.get("add", [])  # age: the create revision
         ],
-        [parse_subnet_key(key)[0] for key in message.get("remove", [])],
+        [ident_of_key(key) for key in message.get("remove", [])],
     )
 
 

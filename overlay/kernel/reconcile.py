@@ -28,10 +28,10 @@ import time
 from collections import Counter
 from collections.abc import Callable, Hashable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
-from ipaddress import IPv4Network, ip_address
+from ipaddress import ip_address
 from typing import Any
 
-from control.lease import Lease
+from control.lease import Lease, LeaseId
 from overlay.kernel.objects import (
     ENODEV,
     Claimed,
@@ -89,9 +89,9 @@ class KernelState:
         self._desired: dict[Hashable, list[KernelObject]] = {}
         self._wanted: Counter[KernelObject] = Counter()
         self._rtnl: Rtnl | None = None
-        # Peer changes not programmed yet (subnet -> lease, or None: remove), from the loop.
+        # Peer changes not programmed yet (lease ident -> lease, or None: remove), from the loop.
         self._lock = threading.Lock()
-        self._pending: dict[IPv4Network, Lease | None] = {}
+        self._pending: dict[LeaseId, Lease | None] = {}
         self._flush_queued = False
         self.repairs: Counter[str] = Counter()
         self.errors = 0
@@ -142,9 +142,9 @@ class KernelState:
     def peers_changed(self, added: list[Lease], removed: list[Lease]) -> None:
         with self._lock:
             for lease in removed:
-                self._pending[lease.subnet] = None
+                self._pending[lease.ident] = None
             for lease in added:
-                self._pending[lease.subnet] = lease
+                self._pending[lease.ident] = lease
             if self._flush_queued:
                 return
             self._flush_queued = True

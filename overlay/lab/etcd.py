@@ -15,7 +15,7 @@ import socket
 import subprocess
 import time
 from collections.abc import Sequence
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,12 @@ TXN_OPS = 128  # etcd's default --max-txn-ops
 
 class EtcdCluster:
     def __init__(
-        self, name: str, members: int, netns: str, underlay: IPv4Network, state_dir: Path
+        self,
+        name: str,
+        members: int,
+        netns: str,
+        underlay: IPv4Network | IPv6Network,
+        state_dir: Path,
     ) -> None:
         self.name = name  # the testbed's prefix: member names and the cluster token
         self.members = members
@@ -39,13 +44,18 @@ class EtcdCluster:
         self.underlay = underlay
         self.state_dir = state_dir
 
-    def member_ip(self, member: int) -> IPv4Address:
+    def member_ip(self, member: int) -> IPv4Address | IPv6Address:
         return self.underlay.broadcast_address - member
+
+    def url(self, member: int, port: int) -> str:
+        """``http://host:port`` of a member (an IPv6 host in brackets)."""
+        ip = self.member_ip(member)
+        return f"http://[{ip}]:{port}" if ip.version == 6 else f"http://{ip}:{port}"
 
     @property
     def endpoints(self) -> list[str]:
         """Every member's client URL, member 1 first (the daemons try them in turn)."""
-        return [f"http://{self.member_ip(m)}:{CLIENT_PORT}" for m in range(1, self.members + 1)]
+        return [self.url(m, CLIENT_PORT) for m in range(1, self.members + 1)]
 
     def file(self, member: int, suffix: str) -> Path:
         """etcd, etcd.pid, etcd.log for member 1 (as with one member); etcd2... after."""
@@ -77,15 +87,14 @@ class EtcdCluster:
         return [member]
 
     def _argv(self, m: int) -> list[str]:
-        client = f"http://{self.member_ip(m)}:{CLIENT_PORT}"
+        client = self.url(m, CLIENT_PORT)
         if self.members == 1:
             name, peer = self.name, f"http://127.0.0.1:{PEER_PORT}"
             cluster = f"{name}={peer}"
         else:
-            name, peer = f"{self.name}m{m}", f"http://{self.member_ip(m)}:{PEER_PORT}"
+            name, peer = f"{self.name}m{m}", self.url(m, PEER_PORT)
             cluster = ",".join(
-                f"{self.name}m{k}=http://{self.member_ip(k)}:{PEER_PORT}"
-                for k in range(1, self.members + 1)
+                f"{self.name}m{k}={self.url(k, PEER_PORT)}" for k in range(1, self.members + 1)
             )
         return [
             *("ip", "netns", "exec", self.netns, "etcd", "--name", name),
@@ -118,7 +127,7 @@ class EtcdCluster:
                 if proc.poll() is not None:
                     deadline = 0.0
                     break
-                endpoint = f"http://{self.member_ip(m)}:{CLIENT_PORT}"
+                endpoint = self.url(m, CLIENT_PORT)
                 health = self.etcdctl("endpoint", "health", check=False, endpoints=[endpoint])
                 if health.returncode == 0:
                     del waiting[m]
@@ -127,7 +136,7 @@ class EtcdCluster:
         if waiting:
             m = min(waiting)
             raise TestbedError(
-                f"etcd did not come up on http://{self.member_ip(m)}:{CLIENT_PORT}: "
+                f"etcd did not come up on {self.url(m, CLIENT_PORT)}: "
                 f"{log_tail(self.file(m, '.log'))}"
             )
 
@@ -169,7 +178,9 @@ class EtcdGateway:
     the bench and ``overlay testbed leases`` write many keys fast, from outside the
     testbed (no etcdctl process per key)."""
 
-    def __init__(self, netns: str, host: IPv4Address, port: int = CLIENT_PORT) -> None:
+    def __init__(
+        self, netns: str, host: IPv4Address | IPv6Address, port: int = CLIENT_PORT
+    ) -> None:
         with entered(netns):
             sock = socket.create_connection((str(host), port), timeout=10)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

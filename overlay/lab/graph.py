@@ -61,7 +61,9 @@ def rate(bits_per_s: float) -> str:
 
 
 def _node_label(node: dict[str, Any]) -> list[str]:
-    lines = [node["name"], node["underlay_ip"], node["subnet"] or "no lease", node["backend"]]
+    underlay = " ".join(a for a in (node["underlay_ip"], node.get("underlay_ip6")) if a)
+    subnets = " ".join(node.get("subnets") or ([node["subnet"]] if node["subnet"] else []))
+    lines = [node["name"], underlay, subnets or "no lease", node["backend"]]
     if not node["running"]:
         lines.append("daemon not running")
     if node.get("impair"):

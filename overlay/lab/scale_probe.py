@@ -540,7 +540,9 @@ def measure(args: ScaleOptions, figures: Figures) -> None:
     echo: EchoPeers | None = None
     with bed:
         bed.up()
-        own = parse_subnet_env(bed.subnet_file(1).read_text()).subnet.network
+        own_env = parse_subnet_env(bed.subnet_file(1).read_text())
+        assert own_env.subnet is not None  # an IPv4 bed
+        own = own_env.subnet.network
         plan = FakePeers(backend, args.leases, own=own, live=args.live)
         gateway = EtcdGateway(bed.underlay_ns, bed.etcd.member_ip(1))
         try:

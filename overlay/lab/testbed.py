@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import replace
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -59,16 +59,20 @@ from overlay.lab.topology import (
     DEFAULT_NETWORK,
     DEFAULT_SEGMENT,
     DEFAULT_UNDERLAY,
+    IP_FAMILIES,
     REGISTRIES,
     NodeSpec,
     Segment,
     Topology,
+    family_problem,
     network_problem,
     room,
 )
 from tun.rtnl import IPRoute, NetlinkError
 
 STATE_ROOT = Path("/run/overlay-testbed")
+# An IPv6 underlay address as the testbed adds it: a /64, usable at once (IFA_F_NODAD).
+NODAD_64: dict[str, int] = {"prefixlen": 64, "flags": 0x02}
 DEFAULT_PREFIX = "ovl"
 CONFIG_KEY = "/coreos.com/network/config"
 DAEMON_START_TIMEOUT = 15.0
@@ -139,8 +143,11 @@ class Testbed:
         daemon_args: tuple[str, ...] = (),
         direct_routing: bool = False,
         etcd_members: int = 1,
+        ip_family: str = "ipv4",
     ) -> None:
         validate_prefix(prefix)
+        if ip_family not in IP_FAMILIES:
+            raise TestbedError(f"ip family {ip_family!r} is not one of {', '.join(IP_FAMILIES)}")
         if isinstance(nodes, bool) or not isinstance(nodes, int) or nodes < 1:
             raise TestbedError(f"nodes must be a positive integer, not {nodes!r}")
         if isinstance(pods_per_node, bool) or not isinstance(pods_per_node, int):
@@ -177,7 +184,11 @@ class Testbed:
             registry=registry,
             etcd_members=etcd_members,
             direct_routing=direct_routing,
+            ip_family=ip_family,
         )
+        problem = family_problem(ip_family, topology.network6, topology.nodes)
+        if problem:
+            raise TestbedError(f"--{problem[0]}: {problem[1]}")
         self._adopt(prefix, topology, state_dir, daemon_args)
 
     @classmethod
@@ -350,7 +361,10 @@ class Testbed:
             self.prefix,
             self.etcd_members,
             self.underlay_ns,
-            self.plan.etcd_segment.cidr,
+            # IPv6 only: etcd listens on the segment's IPv6 /64 (the nodes have no IPv4).
+            self.topology.cidr6(self.plan.etcd_segment)
+            if self.topology.ip_family == "ipv6"
+            else self.plan.etcd_segment.cidr,
             self.state_dir,
         )
 
@@ -443,7 +457,9 @@ class Testbed:
             "nodes": self.nodes,
             "backend": self.backend,
             "registry": self.registry,
-            "network": str(self.network),
+            "network": str(self.network) if self.topology.ipv4 else None,
+            "ip_family": self.topology.ip_family,
+            "network6": str(self.topology.network6) if self.topology.ipv6 else None,
             "state_dir": str(self.state_dir),
             "daemon_args": list(self.daemon_args),
             "topology": self.topology.to_json(),
@@ -502,14 +518,26 @@ class Testbed:
         with IPRoute(netns=self.router_ns, flags=0) as router:
             for leg in self.plan.legs:
                 (inside,) = router.link_lookup(ifname=leg.inside)
-                router.addr(
-                    "add",
-                    index=inside,
-                    address=str(leg.address),
-                    prefixlen=leg.segment.cidr.prefixlen,
-                )
+                self._add_addresses(router, inside, leg.segment, leg.address, leg.address6)
                 router.link("set", index=inside, state="up")
         sysctl_in(self.router_ns, "net.ipv4.ip_forward", "1")
+        if self.topology.ipv6:
+            sysctl_in(self.router_ns, "net.ipv6.conf.all.forwarding", "1")
+
+    def _add_addresses(
+        self,
+        ipr: IPRoute,
+        index: int,
+        segment: Segment,
+        address: IPv4Address,
+        address6: IPv6Address | None,
+    ) -> None:
+        """An underlay interface's addresses on ``segment``: the IPv4 one (unless the bed
+        is IPv6 only) and the IPv6 one (an IPv6 or dual-stack bed)."""
+        if self.topology.ipv4:
+            ipr.addr("add", index=index, address=str(address), prefixlen=segment.cidr.prefixlen)
+        if address6 is not None:
+            ipr.addr("add", index=index, address=str(address6), **NODAD_64)
 
     def _build_nodes(self, numbers: list[int]) -> None:
         """Each node's eth0, a veth whose other end is on its segment's bridge (one
@@ -533,38 +561,42 @@ class Testbed:
         plan = self.plan.node(i)
         with entered(self.node_ns(i)), IPRoute() as node:
             (eth0,) = node.link_lookup(ifname="eth0")
-            node.addr(
-                "add",
-                index=eth0,
-                address=str(plan.address),
-                prefixlen=plan.segment.cidr.prefixlen,
-            )
+            self._add_addresses(node, eth0, plan.segment, plan.address, plan.address6)
             node.link("set", index=eth0, state="up")
-            for cidr, via in plan.routes:
+            for cidr, via in plan.routes if self.topology.ipv4 else ():
                 node.route("add", dst=str(cidr), gateway=str(via))
+            for cidr6, via6 in plan.routes6:
+                node.route("add", dst=str(cidr6), gateway=str(via6))
             Path("/proc/sys/net/ipv4/ip_forward").write_text("1\n")
+            if self.topology.ipv6:
+                Path("/proc/sys/net/ipv6/conf/all/forwarding").write_text("1\n")
         # Kernel-datapath nodes keep eth0's default offloads (tx checksumming on, as a
         # veth or virtio NIC has): their inner checksums arrive partial, as in a real
         # cluster, and the userspace nodes must cope (encap.gso.drop_reason).
 
     def _seed_registry(self) -> None:
         self.progress.step(f"registry ({self.registry})")
-        config = config_json(self.network, self.backend, self.direct_routing)
+        t = self.topology
+        config = config_json(
+            t.network if t.ipv4 else None,
+            self.backend,
+            self.direct_routing,
+            t.network6 if t.ipv6 else None,
+        )
         if self.registry == "file":
             FileRegistry(self.registry_file).put_sync(CONFIG_KEY, config.encode(), None)
             return
-        segment = self.plan.etcd_segment
         with IPRoute(netns=self.underlay_ns, flags=0) as ipr:
             (bridge,) = ipr.link_lookup(ifname=self.plan.etcd_bridge)
+            prefix = {"prefixlen": self.etcd.underlay.prefixlen}
+            if t.ip_family == "ipv6":
+                prefix = NODAD_64
             for m in range(1, self.etcd_members + 1):
-                ipr.addr(
-                    "add",
-                    index=bridge,
-                    address=str(self.etcd.member_ip(m)),
-                    prefixlen=segment.cidr.prefixlen,
-                )
-            for cidr, via in self.plan.etcd_routes():  # back to the other segments' nodes
+                ipr.addr("add", index=bridge, address=str(self.etcd.member_ip(m)), **prefix)
+            for cidr, via in self.plan.etcd_routes() if t.ipv4 else ():  # back to the nodes
                 ipr.route("add", dst=str(cidr), gateway=str(via))
+            for cidr6, via6 in self.plan.etcd_routes6() if t.ip_family == "ipv6" else ():
+                ipr.route("add", dst=str(cidr6), gateway=str(via6))
         self.etcd.start()
         self.etcd.etcdctl("put", CONFIG_KEY, config)
 
@@ -591,14 +623,14 @@ class Testbed:
                 if self.registry == "file"
                 else ["--etcd-endpoints", ",".join(self.etcd.endpoints)]
             ),
-            "--network",
-            str(self.network),
+            # The config the registry was seeded with; IPv6 only, it has no Network.
+            *(["--network", str(self.network)] if self.topology.ipv4 else []),
             "--backend",
             self.backend,
             "--iface",
             "eth0",
-            "--public-ip",
-            str(self.node_ip(i)),
+            *(["--public-ip", str(self.node_ip(i))] if self.topology.ipv4 else []),
+            *(["--public-ipv6", str(address6)] if (address6 := self.plan.node(i).address6) else []),
             "--subnet-file",
             str(node_dir / "subnet.env"),
             "--status-socket",
@@ -811,10 +843,19 @@ class Testbed:
 
     def subnet_of(self, i: int) -> str:
         """Node i's lease, from its subnet.env."""
+        subnets = self._subnets(i)
+        if isinstance(subnets, str):
+            raise TestbedError(f"n{i} holds no lease yet ({self.subnet_file(i)}: {subnets})")
+        return subnets[0]  # IPv6 only: the IPv6 subnet
+
+    def _subnets(self, i: int) -> list[str] | str:
+        """Node i's lease, each family's subnet (IPv4 first), from its subnet.env; or why
+        it cannot be read."""
         try:
-            return str(parse_subnet_env(self.subnet_file(i).read_text()).subnet.network)
+            env = parse_subnet_env(self.subnet_file(i).read_text())
         except (OSError, SubnetEnvError) as e:
-            raise TestbedError(f"n{i} holds no lease yet ({self.subnet_file(i)}: {e})") from None
+            return str(e)
+        return [str(s.network) for s in (env.subnet, env.ipv6_subnet) if s is not None]
 
     def _pod_count(self) -> int:
         return sum(node.spec.pods for node in self.plan.nodes)
@@ -865,18 +906,19 @@ class Testbed:
         pods: list[dict[str, Any]] = []
         for node in self.plan.nodes:
             i = node.number
-            try:
-                subnet: str | None = self.subnet_of(i)
-            except TestbedError:
-                subnet = None
+            found = self._subnets(i)
+            subnets = found if isinstance(found, list) else []
+            subnet = subnets[0] if subnets else None
             pid = self._daemon_pid(i)
             nodes.append(
                 {
                     "name": node.name,
                     "netns": self.node_ns(i),
                     "segment": node.segment.name,
-                    "underlay_ip": str(node.address),
+                    "underlay_ip": str(node.address) if self.topology.ipv4 else None,
+                    "underlay_ip6": str(node.address6) if node.address6 else None,
                     "subnet": subnet,
+                    "subnets": subnets,
                     "backend": node.datapath,
                     "impair": node.spec.impair,
                     "pid": pid,
@@ -890,6 +932,7 @@ class Testbed:
                         "netns": self.pod_ns(i, j),
                         "node": node.name,
                         "ip": self._pod_address(i, j),
+                        "ips": self._pod_addresses(i, j),
                     }
                 )
         bridges = ", ".join(name for name, _ in self.plan.bridges)
@@ -900,10 +943,22 @@ class Testbed:
             "direct_routing": self.direct_routing,
             "registry": self.registry,
             "etcd_endpoints": self.etcd.endpoints if self.registry == "etcd" else [],
-            "underlay": str(self.underlay),
+            "underlay": " ".join(
+                str(c)
+                for c, on in (
+                    (self.underlay, self.topology.ipv4),
+                    (self.topology.cidr6(self.topology.segments[0]), self.topology.ipv6),
+                )
+                if on
+            ),
             "bridge": f"{bridges} in netns {self.underlay_ns}",
             "segments": [
-                {"name": segment.name, "cidr": str(segment.cidr), "bridge": bridge}
+                {
+                    "name": segment.name,
+                    "cidr": str(segment.cidr),
+                    "cidr6": str(self.topology.cidr6(segment)) if self.topology.ipv6 else None,
+                    "bridge": bridge,
+                }
                 for bridge, segment in self.plan.bridges
             ],
             "router": self.router_ns if self.plan.legs else None,
@@ -912,26 +967,38 @@ class Testbed:
                 for link in self.topology.links
                 for a, b in [link.ends]
             ],
-            "network": str(self.network),
+            "network": str(self.network) if self.topology.ipv4 else None,
+            "ip_family": self.topology.ip_family,
+            "network6": str(self.topology.network6) if self.topology.ipv6 else None,
             "state_dir": str(self.state_dir),
             "nodes": nodes,
             "pods": pods,
         }
 
-    def _pod_address(self, i: int, j: int) -> str | None:
+    def _pod_addresses(self, i: int, j: int) -> list[str]:
+        """Every address the CNI result gave the pod (a dual-stack pod: IPv4, then IPv6)."""
         try:
             result = json.loads((self.node_dir(i) / "pods" / f"n{i}-p{j}.json").read_text())
-            return str(result["ips"][0]["address"]).split("/")[0]
-        except (OSError, ValueError, KeyError, IndexError, TypeError):
-            return None
+            return [str(ip["address"]).split("/")[0] for ip in result["ips"]]
+        except (OSError, ValueError, KeyError, TypeError):
+            return []
 
-    def pod_ip(self, name: str) -> str:
+    def _pod_address(self, i: int, j: int, version: int | None = None) -> str | None:
+        """The pod's first address (of IP ``version``, when given)."""
+        addresses = self._pod_addresses(i, j)
+        if version is not None:
+            addresses = [a for a in addresses if (":" in a) == (version == 6)]
+        return addresses[0] if addresses else None
+
+    def pod_ip(self, name: str, version: int | None = None) -> str:
+        """Pod ``name``'s address: its first, or the one of IP ``version`` (4 or 6)."""
         match = _MEMBER.match(name.removeprefix(f"{self.prefix}-"))
         if not match or match.group(2) is None:
             raise TestbedError(f"{name!r} is not a pod name (e.g. n1-p2)")
-        address = self._pod_address(int(match.group(1)), int(match.group(2)))
+        address = self._pod_address(int(match.group(1)), int(match.group(2)), version)
         if address is None:
-            raise TestbedError(f"pod {name} of testbed {self.prefix} has no address (is it up?)")
+            family = f"IPv{version} address" if version else "address"
+            raise TestbedError(f"pod {name} of testbed {self.prefix} has no {family} (is it up?)")
         return address
 
     def exec(self, name: str, argv: list[str], **kwargs: Any) -> subprocess.CompletedProcess[Any]:

@@ -20,6 +20,12 @@ vxlan, kernel-vxlan, host-gw``. The file's keys::
       - {segment: b, backend: kernel-vxlan}
     links:                  # impairment of the path between two nodes, both ways
       - {between: [n1, n3], impair: delay 20ms 5ms loss 1%}
+    ip-family: dual         # ipv4 (default), ipv6 (EnableIPv4 false) or dual
+    ipv6-network: fd00:10::/48   # the overlay's IPv6Network (ipv6, dual; a ULA default)
+
+With ``ip-family`` ipv6 or dual, segment k's IPv6 underlay is ``2001:db8:0:k::/64``
+(documentation range), each node, router leg and etcd member at the same offset in it as
+in the segment's IPv4 range; with ipv6 the IPv4 ranges are left unused.
 
 Impairment is in netem's words (``overlay impair``), applied by the daemons' userspace
 datapaths (udp, vxlan): checked against netem's grammar here (``overlay.lab.impairment``),
@@ -32,7 +38,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from typing import Any, NoReturn
 
 import yaml
@@ -49,6 +55,10 @@ USERSPACE = ("udp", "vxlan")  # the datapaths that run in the daemon (and can im
 REGISTRIES = ("etcd", "file")
 DEFAULT_UNDERLAY = IPv4Network("192.0.2.0/24")
 DEFAULT_NETWORK = IPv4Network("198.18.0.0/16")
+IP_FAMILIES = ("ipv4", "ipv6", "dual")
+DEFAULT_NETWORK6 = IPv6Network("fd00:10::/48")  # unique local (fd00::/8)
+# Segment k's IPv6 underlay: 2001:db8:0:k::/64, in the documentation range 2001:db8::/32.
+UNDERLAY6 = IPv6Network("2001:db8::/32")
 DEFAULT_SEGMENT = "underlay"  # the one segment of a bed without ``segments``
 MAX_NODES = 1000  # nodes per file, counts included: a typo's 10000 is refused at once
 _PREFIX = re.compile(r"^[a-z0-9]{1,8}$")
@@ -65,6 +75,8 @@ _TOP_KEYS = (
     "segments",
     "nodes",
     "links",
+    "ip-family",
+    "ipv6-network",
 )
 _REGISTRY_KEYS = ("type", "members", "segment")
 _SEGMENT_KEYS = ("name", "cidr")
@@ -112,6 +124,23 @@ class Topology:
     links: tuple[LinkSpec, ...] = ()
     name: str | None = None  # the prefix the file suggests
     source: str | None = field(default=None, compare=False)  # the file it came from
+    ip_family: str = "ipv4"  # one of IP_FAMILIES
+    network6: IPv6Network = DEFAULT_NETWORK6  # the overlay's IPv6Network (ipv6, dual)
+
+    @property
+    def ipv4(self) -> bool:
+        """Whether the bed carries IPv4 (underlay addresses, EnableIPv4)."""
+        return self.ip_family != "ipv6"
+
+    @property
+    def ipv6(self) -> bool:
+        """Whether the bed carries IPv6 (underlay addresses, EnableIPv6)."""
+        return self.ip_family != "ipv4"
+
+    def cidr6(self, segment: Segment) -> IPv6Network:
+        """Segment ``segment``'s IPv6 underlay: 2001:db8:0:<its index>::/64."""
+        k = self.segments.index(segment)
+        return IPv6Network((int(UNDERLAY6.network_address) + (k << 64), 64))
 
     @property
     def backend_type(self) -> str:
@@ -137,6 +166,8 @@ class Topology:
                 for n in self.nodes
             ],
             "links": [{"ends": list(link.ends), "impair": link.impair} for link in self.links],
+            "ip_family": self.ip_family,
+            "network6": str(self.network6),
         }
 
     @classmethod
@@ -160,6 +191,8 @@ class Topology:
             ),
             name=data.get("name"),
             source=data.get("source"),
+            ip_family=str(data.get("ip_family", "ipv4")),
+            network6=IPv6Network(data.get("network6", str(DEFAULT_NETWORK6))),
         )
 
 
@@ -175,17 +208,38 @@ def router_address(segment: Segment) -> IPv4Address:
     return segment.cidr.network_address + 1
 
 
-def node_addresses(topology: Topology) -> list[IPv4Address]:
-    """Node i's underlay address at [i - 1]: the next free one of its segment, counted
-    from the segment's start (after the router's, when there is one)."""
+def router_address6(topology: Topology, segment: Segment) -> IPv6Address:
+    """The router's IPv6 leg on a segment: the first address of its /64."""
+    return topology.cidr6(segment).network_address + 1
+
+
+def node_offsets(topology: Topology) -> list[int]:
+    """Node i's offset in its segment at [i - 1]: the next free one, counted from the
+    segment's start (after the router's, when there is one); the same in both families."""
     first = 2 if has_router(topology) else 1
     taken: dict[str, int] = {}
-    addresses = []
+    offsets = []
     for node in topology.nodes:
         k = taken.get(node.segment, 0)
         taken[node.segment] = k + 1
-        addresses.append(topology.segment(node.segment).cidr.network_address + first + k)
-    return addresses
+        offsets.append(first + k)
+    return offsets
+
+
+def node_addresses(topology: Topology) -> list[IPv4Address]:
+    """Node i's IPv4 underlay address at [i - 1] (``node_offsets`` into its segment)."""
+    return [
+        topology.segment(node.segment).cidr.network_address + offset
+        for node, offset in zip(topology.nodes, node_offsets(topology), strict=True)
+    ]
+
+
+def node_addresses6(topology: Topology) -> list[IPv6Address]:
+    """Node i's IPv6 underlay address at [i - 1]: the same offset in its segment's /64."""
+    return [
+        topology.cidr6(topology.segment(node.segment)).network_address + offset
+        for node, offset in zip(topology.nodes, node_offsets(topology), strict=True)
+    ]
 
 
 def room(topology: Topology, segment: Segment) -> int:
@@ -222,6 +276,10 @@ def parse_topology(data: Any, source: str) -> Topology:
     registry, members, registry_segment = _registry(top, segments)
     nodes = _nodes(top, segments, default_backend)
     direct = top.boolean("direct-routing", False)
+    ip_family = top.choice("ip-family", "ipv4", IP_FAMILIES)
+    network6 = top.cidr6("ipv6-network", DEFAULT_NETWORK6)
+    if "ipv6-network" in top.data and ip_family == "ipv4":
+        top.fail("ipv6-network", "needs ip-family ipv6 or dual")
     topology = Topology(
         segments=segments,
         nodes=nodes,
@@ -233,6 +291,8 @@ def parse_topology(data: Any, source: str) -> Topology:
         links=_links(top, nodes),
         name=name,
         source=source,
+        ip_family=ip_family,
+        network6=network6,
     )
     _check(topology, top)
     return topology
@@ -361,8 +421,11 @@ def _check(topology: Topology, top: _Mapping) -> None:
         if segment.cidr.overlaps(topology.network):
             top.fail("network", f"{topology.network} overlaps the underlay {segment.cidr}")
     problem = network_problem(topology.network, topology.backend_type, len(topology.nodes))
-    if problem:
+    if problem and topology.ipv4:
         top.fail("network", problem)
+    problem6 = family_problem(topology.ip_family, topology.network6, topology.nodes)
+    if problem6:
+        top.fail(*problem6)
 
 
 def network_problem(network: IPv4Network, backend_type: str, nodes: int) -> str | None:
@@ -373,6 +436,29 @@ def network_problem(network: IPv4Network, backend_type: str, nodes: int) -> str 
         return str(e)
     if leases < nodes:
         return f"{network} has only {leases} subnet leases for {nodes} nodes: use a larger one"
+    return None
+
+
+def family_problem(
+    ip_family: str, network6: IPv6Network, nodes: tuple[NodeSpec, ...]
+) -> tuple[str, str] | None:
+    """(the key, why) an IPv6 or dual-stack bed cannot be built, or None: udp carries
+    IPv4 only (as flannel's), and IPv6Network must be a valid one (flanneld's rules)."""
+    if ip_family == "ipv4":
+        return None
+    if any(node.backend == "udp" for node in nodes):
+        return (
+            "ip-family",
+            f"{ip_family} needs a backend that carries IPv6: flannel's udp is IPv4 only "
+            "(use vxlan, kernel-vxlan or host-gw)",
+        )
+    if network6.overlaps(UNDERLAY6):
+        return "ipv6-network", f"{network6} overlaps the IPv6 underlay {UNDERLAY6}"
+    config = {"EnableIPv4": False, "EnableIPv6": True, "IPv6Network": str(network6)}
+    try:
+        parse_config(config)
+    except ConfigError as e:
+        return "ipv6-network", str(e)
     return None
 
 
@@ -473,6 +559,15 @@ class _Mapping:
         if not isinstance(value, bool):
             self.fail(name, f"{_show(value)} is not true or false")
         return bool(value)
+
+    def cidr6(self, name: str, default: Any) -> IPv6Network:
+        value = self._get(name, default)
+        if isinstance(value, IPv6Network):
+            return value
+        try:
+            return IPv6Network(str(value))
+        except ValueError as e:
+            self.fail(name, f"{_show(value)} is not an IPv6 network, e.g. fd00:10::/48 ({e})")
 
     def cidr(self, name: str, default: Any) -> IPv4Network:
         value = self._get(name, default)

@@ -36,8 +36,13 @@ def _stream(total: int) -> Iterator[bytes]:
         counter += 1
 
 
+def _family(address: str) -> socket.AddressFamily:
+    """The socket family of ``address`` (IPv6 when it has a colon)."""
+    return socket.AF_INET6 if ":" in address else socket.AF_INET
+
+
 def server(address: str, port: int) -> None:
-    with socket.create_server((address, port)) as listener:
+    with socket.create_server((address, port), family=_family(address)) as listener:
         print("ready", flush=True)
         conn, _ = listener.accept()
         digest = hashlib.sha256()
@@ -70,7 +75,7 @@ def _datagram(number: int, size: int) -> bytes:
 
 def udp_server(address: str, port: int) -> None:
     intact = damaged = 0
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+    with socket.socket(_family(address), socket.SOCK_DGRAM) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
         sock.bind((address, port))
         print("ready", flush=True)
@@ -92,7 +97,7 @@ def udp_server(address: str, port: int) -> None:
 
 
 def udp_client(address: str, port: int, count: int, size: int) -> None:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+    with socket.socket(_family(address), socket.SOCK_DGRAM) as sock:
         for number in range(count):
             sock.sendto(_datagram(number, size), (address, port))
             if number % 32 == 31:
@@ -128,11 +133,18 @@ def serving(bed: Any, pod: str, argv: list[str]) -> Iterator[subprocess.Popen[st
 
 
 def transfer(
-    bed: Any, client_pod: str, server_pod: str, total: int, port: int = 5201, timeout: float = 120
+    bed: Any,
+    client_pod: str,
+    server_pod: str,
+    total: int,
+    port: int = 5201,
+    timeout: float = 120,
+    version: int | None = None,
 ) -> None:
-    """``total`` bytes over TCP from one pod to another; the byte count and sha256 seen by
-    the receiver must equal the sender's."""
-    address = bed.pod_ip(server_pod)
+    """``total`` bytes over TCP from one pod to another (to its address of IP ``version``,
+    4 or 6, when given); the byte count and sha256 seen by the receiver must equal the
+    sender's."""
+    address = bed.pod_ip(server_pod, version) if version else bed.pod_ip(server_pod)
     with serving(bed, server_pod, ["server", address, str(port)]) as server:
         client = bed.exec(
             client_pod,

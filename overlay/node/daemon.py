@@ -46,7 +46,7 @@ QUIT_EXIT = 2  # after SIGQUIT's stack dump, as a Go program exits
 def _new_state(options: NodeOptions, underlay: Underlay) -> NodeState:
     """The node's state with its registry made (the registry's flags and TLS files are
     checked here, before anything else is)."""
-    log = structlog.get_logger().bind(node=str(underlay.public_ip))
+    log = structlog.get_logger().bind(node=underlay.name)
     readiness = health.Readiness(registry_grace=options.registry.timeout)
     monitor = RegistryMonitor(options.registry, readiness, log)
     kv = open_registry(options.registry, monitor.notify)
@@ -243,7 +243,7 @@ class Daemon:
             if not await self._started(stopping):
                 return self.exit_code
             assert self.node.lease is not None
-            systemd.notify(f"READY=1\nSTATUS=forwarding for {self.node.lease.subnet}")
+            systemd.notify(f"READY=1\nSTATUS=forwarding for {self.node.lease.name}")
             tasks = self._tasks(loop)
             done, _ = await asyncio.wait([*tasks, stopping], return_when=asyncio.FIRST_COMPLETED)
             self._why_ended(done, stopping)
@@ -308,7 +308,7 @@ def run(options: NodeOptions) -> int:
     try:
         check_paths(options)
         underlay = select_underlay(options.underlay)
-        node = str(underlay.public_ip)
+        node = underlay.name
         daemon = Daemon(options, underlay)  # the registry's flags and TLS files checked here
         return lifecycle.run(daemon.main())
     except (Fatal, RegistryError, UnderlayError, BackendError) as e:

@@ -20,10 +20,9 @@ import asyncio
 import gc
 import time
 from collections.abc import Callable
-from ipaddress import IPv4Network
 from typing import Any
 
-from control.lease import Lease
+from control.lease import Lease, LeaseId
 from control.subnet_manager import LeaseEvent
 from overlay.node.state import NodeState
 from overlay.observe import log as overlay_log
@@ -56,13 +55,14 @@ class PeerLog:
 
     def added(self, lease: Lease) -> None:
         if self._line():
-            self.log.info("peer_added", subnet=str(lease.subnet), public_ip=str(lease.public_ip))
+            public_ip = lease.public_ip if lease.has_ipv4 else lease.public_ipv6
+            self.log.info("peer_added", subnet=lease.name, public_ip=str(public_ip))
         else:
             self._added += 1
 
     def removed(self, lease: Lease) -> None:
         if self._line():
-            self.log.info("peer_removed", subnet=str(lease.subnet))
+            self.log.info("peer_removed", subnet=lease.name)
         else:
             self._removed += 1
 
@@ -111,9 +111,9 @@ class PeerEvents:
         self.node = node
         self.log = node.log
         self.peer_log = PeerLog(node.log, lambda: len(node.peers or ()))
-        self._warned_backend: set[IPv4Network] = set()
-        # Changes not applied yet, by subnet: the lease to hold, or None to remove it.
-        self._pending: dict[IPv4Network, Lease | None] = {}
+        self._warned_backend: set[LeaseId] = set()
+        # Changes not applied yet, by lease ident: the lease to hold, or None to remove it.
+        self._pending: dict[LeaseId, Lease | None] = {}
         self._flush: asyncio.TimerHandle | None = None
         self._quiet_from = 0.0  # time.monotonic() from which a batch may run again
 
@@ -122,11 +122,11 @@ class PeerEvents:
         assert backend is not None
         if backend.accepts(lease):
             return True
-        if lease.subnet not in self._warned_backend:
-            self._warned_backend.add(lease.subnet)
+        if lease.ident not in self._warned_backend:
+            self._warned_backend.add(lease.ident)
             self.log.warning(
                 "peer_skipped",
-                subnet=str(lease.subnet),
+                subnet=lease.name,
                 backend=lease.backend_type or "udp",
                 reason=f"lease backend differs from ours ({backend.name})",
             )
@@ -183,7 +183,7 @@ class PeerEvents:
         peers = self.node.peers
         assert peers is not None
         upserts = [lease for lease in pending.values() if lease is not None]
-        removals = [subnet for subnet, lease in pending.items() if lease is None]
+        removals = [ident for ident, lease in pending.items() if lease is None]
         self._timed(lambda: self._changed(*peers.apply(upserts, removals)))
 
     def _timed(self, batch: Callable[[], None]) -> None:

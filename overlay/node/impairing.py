@@ -27,7 +27,7 @@ def _checked(node: NodeState, argument: str) -> Rules:
         raise ImpairError("an impair request is a JSON object") from None
     peer = change.peer
     if peer is not None and node.peers.get(peer) is None and peer not in rules.peers():
-        known = ", ".join(str(p.lease.subnet) for p in node.peers.peers()) or "none yet"
+        known = ", ".join(p.lease.name for p in node.peers.peers()) or "none yet"
         raise ImpairError(f"no peer {peer} (peers: {known})")
     return rules.changed(change)
 

@@ -54,16 +54,20 @@ class IptablesKeeper:
     async def install(
         self,
         ipt: RuleCommand,
-        network: IPv4Network,
-        subnet: IPv4Network,
+        ipv4: tuple[IPv4Network, IPv4Network] | None,
         previous: SubnetEnv | None,
         ipv6: tuple[IPv6Network, IPv6Network] | None = None,
     ) -> None:
         """The rules for our lease; with --ip-masq, those of the previous lease (from the
-        last subnet.env) are replaced. ``ipv6``: (IPv6Network, our IPv6 subnet) with
-        EnableIPv6, whose rules go into ip6tables (or nftables' ip6 table)."""
-        old = (previous.network, previous.subnet.network) if previous is not None else None
-        self.rules = await self._install(ipt, network, subnet, old)
+        last subnet.env) are replaced. ``ipv4``: (Network, our subnet), None when IPv6
+        only (EnableIPv4 false: no IPv4 rules at all, as flanneld); ``ipv6``: (IPv6Network,
+        our IPv6 subnet) with EnableIPv6, whose rules go into ip6tables (or nftables' ip6
+        table)."""
+        if ipv4 is not None:
+            old = None
+            if previous is not None and previous.network and previous.subnet:
+                old = (previous.network, previous.subnet.network)
+            self.rules = await self._install(ipt, *ipv4, old)
         if ipv6 is None:
             return
         try:

@@ -14,9 +14,8 @@ from __future__ import annotations
 import heapq
 from bisect import bisect_left
 from collections.abc import Iterable
-from ipaddress import IPv4Network
 
-from control.lease import Lease
+from control.lease import Lease, LeaseId
 from control.peer_table import Peer, PeerTable
 
 # A batch touching more subnets than this re-sorts (O(n log n) in C, mostly sorted
@@ -24,9 +23,10 @@ from control.peer_table import Peer, PeerTable
 SMALL_BATCH = 32
 
 
-def order_key(subnet: IPv4Network) -> int:
-    """Subnets by network address, then prefix length: the order status rows have."""
-    return int(subnet.network_address) << 6 | subnet.prefixlen
+def order_key(ident: LeaseId) -> int:
+    """Leases by subnet (IPv4 before IPv6: an IPv6-only lease is known by its IPv6
+    subnet), network address, then prefix length: the order status rows have."""
+    return (ident.version == 6) << 136 | int(ident.network_address) << 8 | ident.prefixlen
 
 
 class PeerOrder:
@@ -43,16 +43,16 @@ class PeerOrder:
     def apply(self, table: PeerTable, changed: Iterable[Lease], removed: Iterable[Lease]) -> None:
         """Follow one batch of ``table``'s: the subnets it changed or removed take what
         the table holds for them now (a peer, or nothing)."""
-        touched = {lease.subnet for lease in changed} | {lease.subnet for lease in removed}
+        touched = {lease.ident for lease in changed} | {lease.ident for lease in removed}
         if len(touched) > self.small_batch:
             self._resort(table, touched)
             return
         keys, peers = self._keys.copy(), self.peers.copy()
-        for subnet in touched:
-            key = order_key(subnet)
+        for ident in touched:
+            key = order_key(ident)
             at = bisect_left(keys, key)
             present = at < len(keys) and keys[at] == key
-            peer = table.get(subnet)
+            peer = table.get(ident)
             if peer is None:
                 if present:
                     del keys[at], peers[at]
@@ -63,21 +63,21 @@ class PeerOrder:
                 peers.insert(at, peer)
         self._keys, self.peers = keys, peers
 
-    def _resort(self, table: PeerTable, touched: set[IPv4Network]) -> None:
+    def _resort(self, table: PeerTable, touched: set[LeaseId]) -> None:
         by_key = dict(zip(self._keys, self.peers, strict=True))
-        for subnet in touched:
-            peer = table.get(subnet)
+        for ident in touched:
+            peer = table.get(ident)
             if peer is None:
-                by_key.pop(order_key(subnet), None)
+                by_key.pop(order_key(ident), None)
             else:
-                by_key[order_key(subnet)] = peer
+                by_key[order_key(ident)] = peer
         keys = sorted(by_key)
         self._keys, self.peers = keys, [by_key[key] for key in keys]
 
 
 def rebuilt(table: PeerTable) -> list[Peer]:
     """What ``PeerOrder.peers`` holds, made from scratch (the tests' reference)."""
-    return sorted(table.peers(), key=lambda peer: order_key(peer.lease.subnet))
+    return sorted(table.peers(), key=lambda peer: order_key(peer.lease.ident))
 
 
 class Busiest:

@@ -123,8 +123,18 @@ class Startup:
 
     def check_network(self, config: NetworkConfig, source: str) -> None:
         """A network that holds this node's own underlay address cannot work: its route
-        into the TUN would swallow the traffic to the other nodes."""
+        into the TUN would swallow the traffic to the other nodes. IPv6 only: no IPv4
+        network (0.0.0.0/0, flanneld's zero value) to check; else the underlay needs an
+        IPv4 address."""
         underlay = self.node.underlay
+        if not config.enable_ipv4:
+            return
+        if underlay.address.is_unspecified:
+            raise Fatal(
+                f"{underlay.iface} has no IPv4 address and {source} is IPv4 (EnableIPv4): "
+                "give the interface one, or make the network IPv6 only (EnableIPv4: false, "
+                "EnableIPv6: true)"
+            )
         for address in {underlay.address, underlay.public_ip}:
             if address in config.network:
                 raise Fatal(
@@ -135,14 +145,8 @@ class Startup:
 
     def check_ipv6(self, config: NetworkConfig, key: str) -> None:
         """What the IPv6 half of the config needs of this node: an IPv6 address to
-        publish, outside IPv6Network; and IPv4 beside it (IPv6-only is not run yet)."""
+        publish, outside IPv6Network."""
         underlay = self.node.underlay
-        if not config.enable_ipv4:
-            raise Fatal(
-                f"EnableIPv4: false at {key}: IPv6-only networks are parsed and their "
-                "leases read, but the daemon runs dual stack only for now: keep EnableIPv4 "
-                "true"
-            )
         ipv6 = config.ipv6
         if ipv6 is None:
             return
@@ -211,7 +215,7 @@ class Startup:
             "acquiring a lease",
             lambda: node.manager.acquire(
                 config,
-                previous.subnet.network if previous else None,
+                previous.subnet.network if previous and previous.subnet else None,
                 previous_v6.network if previous_v6 is not None else None,
             ),
         )
@@ -225,7 +229,8 @@ class Startup:
         if config.ipv6 is not None and lease.ipv6_subnet is not None:
             ipv6 = (config.ipv6.network, lease.ipv6_subnet)
         if iptables is not None:
-            await node.iptables.install(iptables, config.network, lease.subnet, previous, ipv6)
+            ipv4 = (config.network, lease.subnet) if config.enable_ipv4 else None
+            await node.iptables.install(iptables, ipv4, previous, ipv6)
         if node.options.blackhole_route:
             await self._blackhole_routes(lease)
         try:
@@ -238,7 +243,7 @@ class Startup:
 
     async def _blackhole_routes(self, lease: Lease) -> None:
         """--ip-blackhole-route: one for each of the lease's subnets (as flanneld)."""
-        subnets: list[IPv4Network | IPv6Network] = [lease.subnet]
+        subnets: list[IPv4Network | IPv6Network] = [lease.subnet] if lease.has_ipv4 else []
         if lease.ipv6_subnet is not None:
             subnets.append(lease.ipv6_subnet)
         try:
@@ -256,11 +261,13 @@ class Startup:
             shown.pop(detail, None)  # in `overlay status`
         self.log.info(
             "started",
-            subnet=str(node.lease.subnet),
-            network=str(node.config.network),
+            subnet=node.lease.name,
+            network=" ".join(map(str, node.config.overlay_networks)),
             backend=backend.name,
             iface=node.underlay.iface,
-            public_ip=str(node.underlay.public_ip),
+            public_ip=str(
+                node.underlay.public_ip if node.config.enable_ipv4 else node.underlay.public_ipv6
+            ),
             mtu=backend.mtu,
             registry=node.monitor.info["kind"],
             ip_masq=node.options.iptables.ip_masq,

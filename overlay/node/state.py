@@ -62,6 +62,7 @@ class NodeState:
         ipv6 = None
         if config.ipv6 is not None and lease.ipv6_subnet is not None:
             ipv6 = (config.ipv6.network, lease.ipv6_subnet)
+        network = config.network if config.enable_ipv4 else None  # None: IPv6 only
         return SubnetEnv.for_lease(
-            config.network, lease.subnet, self.backend.mtu, self.options.iptables.ip_masq, ipv6
+            network, lease.subnet, self.backend.mtu, self.options.iptables.ip_masq, ipv6
         )

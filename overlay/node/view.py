@@ -87,7 +87,7 @@ class NodeView:
         base: dict[str, Any] = {
             "state": "stopping" if node.stopping.is_set() else "running",
             "version": version(),
-            "node": str(node.underlay.public_ip),
+            "node": node.underlay.name,
             "started_at": round(node.started, 3),
             "uptime_s": round(time.time() - node.started, 1),
             "ready": {"ready": ready, "reason": reason},
@@ -103,7 +103,7 @@ class NodeView:
         st = {
             **base,
             "lease": self._lease(),
-            "network": str(node.config.network),
+            "network": " ".join(map(str, node.config.overlay_networks)),
             "backend": node.config.backend.type,
             "datapath": node.backend.name,
             "iface": node.underlay.iface,
@@ -123,13 +123,13 @@ class NodeView:
         def stamp(t: float | None) -> float | None:
             return None if t is None else round(t, 3)
 
-        ipv6 = {}
-        if lease.ipv6_subnet is not None:  # dual stack: the IPv6 half
-            ipv6 = {"ipv6_subnet": str(lease.ipv6_subnet), "public_ipv6": str(lease.public_ipv6)}
+        halves = {}
+        if lease.has_ipv4:  # not IPv6 only
+            halves = {"subnet": str(lease.subnet), "public_ip": str(lease.public_ip)}
+        if lease.ipv6_subnet is not None:  # dual stack or IPv6 only: the IPv6 half
+            halves |= {"ipv6_subnet": str(lease.ipv6_subnet), "public_ipv6": str(lease.public_ipv6)}
         return {
-            "subnet": str(lease.subnet),
-            "public_ip": str(lease.public_ip),
-            **ipv6,
+            **halves,
             "key": node.manager.key_of(lease),
             "expires": stamp(monitor.lease_expires),
             "next_renewal": stamp(monitor.next_renewal),

@@ -11,7 +11,14 @@ import random
 import shutil
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from ipaddress import IPv4Address, IPv4Interface, IPv4Network, IPv6Address, IPv6Network
+from ipaddress import (
+    IPv4Address,
+    IPv4Interface,
+    IPv4Network,
+    IPv6Address,
+    IPv6Interface,
+    IPv6Network,
+)
 from pathlib import Path
 from typing import Any
 
@@ -20,14 +27,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from control.allocation import CANDIDATES, free_ipv6_subnets
-from control.config import NO_IPV4, ConfigError, parse_config
+from control.config import ConfigError, parse_config
 from control.etcd_endpoints import parse_endpoints
 from control.etcd_registry import EtcdRegistry
 from control.file_registry import FileRegistry
 from control.kv import KeyValueStore
-from control.lease import Lease, LeaseError, parse_lease, parse_subnet_key, subnet_key
+from control.lease import NO_IPV4, Lease, LeaseError, parse_lease, parse_subnet_key, subnet_key
 from control.lease_rules import LeaseBook, Record, lease_problem
-from control.subnet_env import SubnetEnv, parse_subnet_env
+from control.subnet_env import SubnetEnv, SubnetEnvError, parse_subnet_env
 from control.subnet_manager import NetworkFull, SubnetManager
 from tests.helpers.etcd_server import EtcdServer
 
@@ -367,6 +374,32 @@ def test_subnet_env_ipv6_lines_in_flanneld_order() -> None:
     assert back == env and back.subnet == IPv4Interface("10.5.52.1/24")
 
 
+def test_subnet_env_ipv6_only_has_no_ipv4_lines_as_flanneld_writes_it() -> None:
+    """flanneld's WriteSubnetFile writes FLANNEL_NETWORK and FLANNEL_SUBNET only when IPv4
+    is enabled: an IPv6-only subnet.env has the IPv6 lines, MTU and IPMASQ alone, and is
+    read back as the previous lease (no FLANNEL_SUBNET needed)."""
+    env = SubnetEnv.for_lease(
+        None,
+        NO_IPV4,
+        1430,
+        False,
+        (IPv6Network("fd00:10::/56"), IPv6Network("fd00:10:0:34::/64")),
+    )
+    text = env.render()
+    assert text == (
+        "FLANNEL_IPV6_NETWORK=fd00:10::/56\n"
+        "FLANNEL_IPV6_SUBNET=fd00:10:0:34::1/64\n"
+        "FLANNEL_MTU=1430\n"
+        "FLANNEL_IPMASQ=false\n"
+    )
+    back = parse_subnet_env(text)
+    assert back == env and back.subnet is None and back.network is None
+    assert back.ipv6_subnet == IPv6Interface("fd00:10:0:34::1/64")
+    # Without the IPv6 lines the IPv4 ones are still required.
+    with pytest.raises(SubnetEnvError, match="FLANNEL_NETWORK is missing"):
+        parse_subnet_env("FLANNEL_MTU=1450\nFLANNEL_IPV6_NETWORK=fd00:10::/56\n")
+
+
 # -- acquisition on both registries -----------------------------------------------------------
 
 
@@ -461,6 +494,22 @@ async def test_previous_ipv6_subnet_from_subnet_env_is_taken_first(
         config, IPv4Network("10.5.78.0/24"), IPv6Network("fd00:10:0:aa::/64")
     )
     assert other.ipv6_subnet != lease.ipv6_subnet
+
+
+async def test_previous_ipv6_only_subnet_env_is_taken_back(
+    store: tuple[KeyValueStore, str],
+) -> None:
+    """IPv6 only: the subnet.env a previous run wrote (no IPv4 lines) is read back and its
+    FLANNEL_IPV6_SUBNET asked for first, as the daemon does at start."""
+    kv, prefix = store
+    config = await seed(kv, prefix, V6_ONLY)
+    previous = parse_subnet_env(
+        "FLANNEL_IPV6_NETWORK=fd00:10::/56\nFLANNEL_IPV6_SUBNET=fd00:10:0:ab::1/64\n"
+        "FLANNEL_MTU=1430\nFLANNEL_IPMASQ=false\n"
+    )
+    assert previous.subnet is None and previous.ipv6_subnet is not None
+    lease = await node(kv, prefix, 1).acquire(config, None, previous.ipv6_subnet.network)
+    assert lease.key == "0.0.0.0-0&fd00:10:0:ab::-64"
 
 
 async def test_an_ipv4_only_lease_of_ours_is_replaced_when_ipv6_is_enabled(

@@ -7,7 +7,9 @@ collide, overlap (two keys for one /24, a /23 over two /24s without a config), c
 own public IP, bad values or alias spellings. After every batch the incremental book and
 peer table are compared with a new book and table built from the registry's content.
 Dual stack too: there the IPv6 halves clash across IPv4 buckets (two leases of different
-/24s with one IPv6 /64), which a batch must settle as a fresh build does.
+/24s with one IPv6 /64), which a batch must settle as a fresh build does. And IPv6 only
+(EnableIPv4 false): every key starts ``0.0.0.0-0``, so a table keyed by the IPv4 subnet
+would hold one peer for all of them; each valid lease must be a peer of its own.
 """
 
 from __future__ import annotations
@@ -55,6 +57,19 @@ DUAL_NAMES = [
     "10.244.5.0-24&fd00:10:0:3::-64",
     "10.244.6.0-24&fd00:10:0:06::-64",  # an alias spelling of the IPv6 half: rejected
 ]
+V6_ONLY_CONFIG = parse_config(
+    {"EnableIPv4": False, "EnableIPv6": True, "IPv6Network": "fd00:10::/56"}
+)
+V6_ONLY_NAMES = [
+    "0.0.0.0-0&fd00:10:0:1::-64",
+    "0.0.0.0-0&fd00:10:0:2::-64",
+    "0.0.0.0-0&fd00:10:0:3::-64",
+    "0.0.0.0-0&fd00:10:0:4::-64",
+    "0.0.0.0-0&fd00:10:0:2::-63",  # over :2 and :3 (not IPv6SubnetLen): rejected
+    "10.244.1.0-24&fd00:10:0:5::-64",  # an IPv4 half in an IPv6-only network: rejected
+    "0.0.0.0-0",  # no IPv6 half: rejected
+    "0.0.0.0-0&fd00:10:0:04::-64",  # an alias spelling: rejected
+]
 
 # (name, public IP index or None for a broken value, backend type) or ("delete", name)
 put = st.tuples(
@@ -78,7 +93,9 @@ class Registry:
             value = b"{not json"
         else:
             public6 = PUBLIC6[public] if "&" in name else None
-            fields: dict[str, Any] = {"PublicIP": PUBLIC[public], "PublicIPv6": public6}
+            # IPv6 only: PublicIP 0.0.0.0, as flanneld writes it (its ExtAddr is nil).
+            public4 = "0.0.0.0" if name.startswith("0.0.0.0-0") else PUBLIC[public]
+            fields: dict[str, Any] = {"PublicIP": public4, "PublicIPv6": public6}
             if backend:
                 fields["BackendType"] = backend
             value = json.dumps(fields).encode()
@@ -167,19 +184,37 @@ def each_batch_as_fresh(
     table = PeerTable(8285)
     table.replace_all(book.valid())
     for batch in batches:
-        before = {lease.subnet: lease for lease in book.valid()}
+        before = {lease.ident: lease for lease in book.valid()}
         changed, removed = book.apply([registry.apply(item) for item in batch])
         fresh = book_of(registry.records())
         assert leases_of(book) == leases_of(fresh)
         # The batch's net change, applied to what was valid before, is what is valid now.
         for lease in removed:
-            del before[lease.subnet]
-        before.update((lease.subnet, lease) for lease in changed)
-        assert sorted(before.values(), key=lambda lease: lease.subnet) == book.valid()
-        table.apply(changed, [lease.subnet for lease in removed])
+            del before[lease.ident]
+        before.update((lease.ident, lease) for lease in changed)
+        assert sorted(before.values(), key=lambda x: (x.ident.version, x.ident)) == book.valid()
+        table.apply(changed, [lease.ident for lease in removed])
         rebuilt = PeerTable(8285)
         rebuilt.replace_all(fresh.valid())
         same_table(table, rebuilt)
+        every_lease_is_a_peer(table, book.valid())
+
+
+def every_lease_is_a_peer(table: PeerTable, valid: list[Lease]) -> None:
+    """Each valid lease is one peer, routed in each family it has (and an IPv6-only one
+    in IPv6 alone: nothing of it on the IPv4 side)."""
+    assert len(table) == len(valid)
+    for lease in valid:
+        peer = table.get(lease.ident)
+        assert peer is not None and peer.lease == lease
+        if lease.has_ipv4:
+            found = table.lookup(lease.subnet.network_address.packed)
+            assert found is not None and found.lease == lease
+        if lease.ipv6_subnet is not None and lease.public_ipv6 is not None:
+            half = table.lookup6(lease.ipv6_subnet.network_address.packed)
+            assert half is not None and half.lease == lease
+    if all(not lease.has_ipv4 for lease in valid):
+        assert table.routes == [] and table.senders == {}
 
 
 @settings(max_examples=200, deadline=None)
@@ -195,7 +230,7 @@ def test_a_published_table_is_never_changed_afterwards(batches: list[list[Any]])
         frozen = ([(shift, dict(t)) for shift, t in routes], dict(senders))
         frozen6 = [(shift, dict(t)) for shift, t in routes6]
         changed, removed = book.apply([registry.apply(item) for item in batch])
-        table.apply(changed, [lease.subnet for lease in removed])
+        table.apply(changed, [lease.ident for lease in removed])
         assert ([(shift, dict(t)) for shift, t in routes], dict(senders)) == frozen
         assert [(shift, dict(t)) for shift, t in routes6] == frozen6
         if changed or removed:
@@ -303,3 +338,71 @@ def test_ipv6_halves_route_by_longest_prefix_and_go_with_their_lease() -> None:
     assert table.sources6_of("2001:db8::1") == ()
     table.replace_all([])
     assert table.routes6 == [] and table.lookup6(inside_wide) is None
+
+
+v6_only_put = st.tuples(
+    st.sampled_from(V6_ONLY_NAMES),
+    st.one_of(st.none(), st.integers(0, len(PUBLIC) - 1)),
+    st.sampled_from(["", "vxlan"]),
+)
+v6_only_change = st.one_of(
+    v6_only_put, st.tuples(st.just("delete"), st.sampled_from(V6_ONLY_NAMES))
+)
+
+
+@settings(max_examples=300, deadline=None)
+@example(  # two IPv6-only leases: both keys start 0.0.0.0-0, both are peers
+    initial=[("0.0.0.0-0&fd00:10:0:1::-64", 0, "vxlan"), ("0.0.0.0-0&fd00:10:0:2::-64", 1, "")],
+    batches=[[("delete", "0.0.0.0-0&fd00:10:0:1::-64")]],
+    own=None,
+)
+@given(
+    initial=st.lists(v6_only_put, max_size=8),
+    batches=st.lists(st.lists(v6_only_change, min_size=1, max_size=6), min_size=1, max_size=6),
+    own=st.sampled_from([None, V6_ONLY_NAMES[0], V6_ONLY_NAMES[2]]),
+)
+def test_each_ipv6_only_batch_gives_what_a_fresh_build_gives(
+    initial: list[tuple[Any, ...]],
+    batches: list[list[tuple[Any, ...]]],
+    own: str | None,
+) -> None:
+    """IPv6 only (EnableIPv4 false): leases keyed ``0.0.0.0-0&<IPv6 subnet>`` are peers
+    by their lease, each routed by its IPv6 subnet, none on the IPv4 side."""
+    own_key = SUBNETS + own if own else None
+
+    def book_of(records: list[Record]) -> LeaseBook:
+        book = LeaseBook(V6_ONLY_CONFIG, own_key=own_key, own_ip=OWN_IP, own_ipv6=OWN_IPV6)
+        book.reset(records)
+        return book
+
+    each_batch_as_fresh(book_of, initial, batches)
+
+
+def test_ipv6_only_leases_are_peers_in_ipv6_alone() -> None:
+    """Two IPv6-only leases: two peers, named by their IPv6 subnets, sent to at their
+    PublicIPv6, sharing one counter object per lease; removing one by its ident leaves
+    the other."""
+    table = PeerTable(8472)
+
+    def v6_only(i: int) -> Lease:
+        return Lease(
+            IPv4Network("0.0.0.0/0"),
+            IPv4Address(0),
+            ipv6_subnet=IPv6Network(f"fd00:10:0:{i}::/64"),
+            public_ipv6=IPv6Address(f"2001:db8::{i}"),
+            create_revision=i,
+        )
+
+    first, second = v6_only(1), v6_only(2)
+    changed, _ = table.replace_all([first, second])
+    assert changed == [first, second] and len(table) == 2
+    assert sorted(p.name for p in table.peers()) == ["fd00:10:0:1::/64", "fd00:10:0:2::/64"]
+    assert table.routes == [] and table.senders == {} and table.lookup(bytes(4)) is None
+    peer = table.lookup6(IPv6Address("fd00:10:0:2::5").packed)
+    assert peer is not None and peer.addr == ("2001:db8::2", 8472)
+    assert peer is table.get(second.ident)
+    assert table.sources6_of("2001:db8::1") == ((int(IPv6Address("fd00:10:0:1::")) >> 64, 64),)
+    _, removed = table.apply([], [first.ident])
+    assert removed == [first] and len(table) == 1
+    assert table.lookup6(IPv6Address("fd00:10:0:1::5").packed) is None
+    assert table.lookup6(IPv6Address("fd00:10:0:2::5").packed) is peer

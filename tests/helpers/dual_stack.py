@@ -1,8 +1,9 @@
 """Two (or more) node namespaces on one IPv4 + IPv6 underlay (192.0.2.0/24 and
-2001:db8::/64, a bridge in the first node's namespace), pods behind a veth as the CNI
-bridge makes them, a file registry seeded with a config, one daemon per node, and a TCP
-probe of the source address a connection arrives with: what the dual-stack and the
-nftables suites share."""
+2001:db8::/64, a bridge in the first node's namespace; or IPv6 only), pods behind a veth
+as the CNI bridge makes them, a file registry seeded with a config, one daemon per node,
+a TCP probe of the source address a connection arrives with, and the checked transfers of
+``overlay.lab.transfer`` between such pods: what the dual-stack, IPv6-only and nftables
+suites share."""
 
 from __future__ import annotations
 
@@ -16,10 +17,19 @@ from typing import Any
 
 from control.file_registry import FileRegistry
 from control.subnet_env import SubnetEnv
+from overlay.observe import status_socket as status
 
 CONFIG_KEY = "/coreos.com/network/config"
 SUBNETS = "/coreos.com/network/subnets/"
 DUAL = {"Network": "198.18.0.0/16", "EnableIPv6": True, "IPv6Network": "fd00:10::/56"}
+V6_ONLY = {"EnableIPv4": False, "EnableIPv6": True, "IPv6Network": "fd00:10::/56"}
+# The datapaths that carry IPv6: (Backend, the daemon's flags), and their test ids.
+DATAPATHS = [
+    ({"Type": "host-gw"}, ()),
+    ({"Type": "vxlan"}, ("--kernel-vxlan",)),
+    ({"Type": "vxlan"}, ()),
+]
+DATAPATH_IDS = ["host-gw", "kernel-vxlan", "userspace-vxlan"]
 
 
 def ip(ns: str, *args: str) -> str:
@@ -39,16 +49,19 @@ def in_ns(ns: str, *argv: str, check: bool = True) -> subprocess.CompletedProces
     )
 
 
-def underlay(nodes: list[str]) -> None:
-    """eth0 in each node on one bridge in the first node's namespace (br0, with a port
-    per node), 192.0.2.<n>/24 and 2001:db8::<n>/64 (no DAD: usable at once)."""
-    hub = nodes[0]
+def underlay(nodes: list[str], ipv4: bool = True, hub: str | None = None) -> None:
+    """eth0 in each node on one bridge in ``hub`` (default: the first node's namespace;
+    br0, with a port per node), 192.0.2.<n>/24 (unless not ``ipv4``) and
+    2001:db8::<n>/64 (no DAD: usable at once). With three nodes or more, give a hub of its
+    own: a node's netfilter (its ip-masq rules) would see the others' bridged traffic."""
+    hub = hub or nodes[0]
     ip(hub, "link", "add", "br0", "type", "bridge")
     ip(hub, "link", "set", "br0", "up")
     for n, ns in enumerate(nodes, 1):
         ip(hub, "link", "add", f"p{n}", "type", "veth", "peer", "name", "eth0", "netns", ns)
         ip(hub, "link", "set", f"p{n}", "master", "br0", "up")
-        ip(ns, "addr", "add", f"192.0.2.{n}/24", "dev", "eth0")
+        if ipv4:
+            ip(ns, "addr", "add", f"192.0.2.{n}/24", "dev", "eth0")
         ip(ns, "addr", "add", f"2001:db8::{n}/64", "dev", "eth0", "nodad")
         ip(ns, "link", "set", "eth0", "up")
         for sysctl in ("net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"):
@@ -74,6 +87,48 @@ def pod(node: str, pod_ns: str, env: SubnetEnv) -> tuple[str, str]:
     return str(v4.ip), str(v6.ip)
 
 
+def pod6(node: str, pod_ns: str, env: SubnetEnv) -> str:
+    """An IPv6-only pod (IPv6-only subnet.env): its ::2 of the lease behind a veth whose
+    node side holds the gateway address; its address."""
+    assert env.ipv6_subnet is not None and env.subnet is None
+    ip(node, "link", "add", "veth0", "type", "veth", "peer", "name", "eth0", "netns", pod_ns)
+    ip(node, "addr", "add", str(env.ipv6_subnet), "dev", "veth0", "nodad")
+    ip(node, "link", "set", "veth0", "up")
+    subnet6 = env.ipv6_subnet.network
+    v6 = IPv6Interface((int(subnet6.network_address) + 2, subnet6.prefixlen))
+    ip(pod_ns, "addr", "add", str(v6), "dev", "eth0", "nodad")
+    ip(pod_ns, "link", "set", "eth0", "up")
+    ip(pod_ns, "-6", "route", "add", "default", "via", str(env.ipv6_subnet.ip))
+    return str(v6.ip)
+
+
+class Pods:
+    """What ``overlay.lab.transfer.transfer`` needs of a bed, for pods made here: their
+    addresses by name, and running a program in one."""
+
+    def __init__(self, addresses: dict[str, str]) -> None:
+        self.addresses = addresses
+
+    def pod_ip(self, pod_ns: str) -> str:
+        return self.addresses[pod_ns]
+
+    def popen(self, ns: str, argv: list[str], **kwargs: Any) -> subprocess.Popen[str]:
+        return subprocess.Popen(["ip", "netns", "exec", ns, *argv], **kwargs)
+
+    def exec(self, ns: str, argv: list[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["ip", "netns", "exec", ns, *argv], check=False, **kwargs)
+
+
+def kernel_of(daemon: Any) -> dict[str, Any]:
+    return dict(status.query(daemon.socket)["kernel"])
+
+
+def kernel_exact(daemon: Any) -> bool:
+    """A check has run and found nothing missing and nothing extra, in both families."""
+    kernel = kernel_of(daemon)
+    return bool(kernel["checked_at"]) and kernel["missing"] == kernel["extra"] == []
+
+
 def pings(src_ns: str, address: str) -> bool:
     return in_ns(src_ns, "ping", "-c", "1", "-W", "1", address, check=False).returncode == 0
 
@@ -90,10 +145,17 @@ def leases(registry: Path) -> dict[str, dict[str, Any]]:
 
 
 def start_nodes(
-    netns: Callable[[str], str], daemons: Any, tmp_path: Path, config: dict[str, Any], *flags: str
+    netns: Callable[[str], str],
+    daemons: Any,
+    tmp_path: Path,
+    config: dict[str, Any],
+    *flags: str,
+    count: int = 2,
+    ipv4: bool = True,
 ) -> tuple[list[str], list[Any], Path]:
-    nodes = [netns("n1"), netns("n2")]
-    underlay(nodes)
+    """``count`` nodes on one underlay (IPv6 only unless ``ipv4``), a daemon each."""
+    nodes = [netns(f"n{n}") for n in range(1, count + 1)]
+    underlay(nodes, ipv4, hub=netns("ul") if count > 2 else None)
     registry = seed(tmp_path, config)
     started = []
     for n, ns in enumerate(nodes, 1):

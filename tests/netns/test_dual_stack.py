@@ -24,11 +24,15 @@ from encap import vxlan as vxlan_codec
 from overlay.observe import status_socket as status
 from tests.helpers.cni import invoke, netconf
 from tests.helpers.dual_stack import (
+    DATAPATH_IDS,
+    DATAPATHS,
     DUAL,
     SUBNETS,
     in_ns,
     ip,
     ip_out,
+    kernel_exact,
+    kernel_of,
     leases,
     peer_seen,
     pings,
@@ -43,25 +47,7 @@ from tests.helpers.polling import poll
 pytestmark = pytest.mark.netns
 
 
-def kernel_of(daemon: Any) -> dict[str, Any]:
-    return dict(status.query(daemon.socket)["kernel"])
-
-
-def kernel_exact(daemon: Any) -> bool:
-    """A check has run and found nothing missing and nothing extra, in both families."""
-    kernel = kernel_of(daemon)
-    return bool(kernel["checked_at"]) and kernel["missing"] == kernel["extra"] == []
-
-
-@pytest.mark.parametrize(
-    ("backend", "flags"),
-    [
-        ({"Type": "host-gw"}, ()),
-        ({"Type": "vxlan"}, ("--kernel-vxlan",)),
-        ({"Type": "vxlan"}, ()),
-    ],
-    ids=["host-gw", "kernel-vxlan", "userspace-vxlan"],
-)
+@pytest.mark.parametrize(("backend", "flags"), DATAPATHS, ids=DATAPATH_IDS)
 def test_pods_ping_over_ipv4_and_ipv6_both_ways(
     netns: Callable[[str], str],
     daemons: Any,

@@ -131,7 +131,7 @@ def test_no_interface_to_choose(netns, tmp_path: Path) -> None:
         netns=ns,
     )
     assert result.returncode == 1
-    assert "no interface with an IPv4 address matches --iface eth9" in _one_line(result.stderr)
+    assert "no interface with an address matches --iface eth9" in _one_line(result.stderr)
 
 
 def test_env_var_sets_flag() -> None:

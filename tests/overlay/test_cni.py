@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Iterator
-from ipaddress import IPv4Address, IPv4Interface, IPv4Network, IPv6Network
+from ipaddress import IPv4Address, IPv4Interface, IPv4Network, IPv6Interface, IPv6Network
 from pathlib import Path
 
 import pytest
@@ -61,6 +61,22 @@ def test_dual_stack_delegate_has_both_ranges_and_routes_as_flannels_plugin() -> 
     ipam = cni.build_delegate({"cniVersion": "1.0.0", "name": "net"}, env)["ipam"]
     assert ipam["ranges"] == [[{"subnet": "198.18.3.0/24"}], [{"subnet": "fd00:10:0:3::/64"}]]
     assert ipam["routes"] == [{"dst": "198.18.0.0/16"}, {"dst": "fd00:10::/56"}]
+
+
+def test_ipv6_only_delegate_has_the_ipv6_range_and_route_alone() -> None:
+    """An IPv6-only subnet.env (no FLANNEL_NETWORK/FLANNEL_SUBNET): host-local gets the
+    IPv6 lease alone, as flannel's plugin delegates it."""
+    env = SubnetEnv(
+        None,
+        None,
+        1430,
+        True,
+        IPv6Network("fd00:10::/56"),
+        IPv6Interface("fd00:10:0:3::1/64"),
+    )
+    ipam = cni.build_delegate({"cniVersion": "1.0.0", "name": "net"}, env)["ipam"]
+    assert ipam["ranges"] == [[{"subnet": "fd00:10:0:3::/64"}]]
+    assert ipam["routes"] == [{"dst": "fd00:10::/56"}]
 
 
 def test_delegate_overrides() -> None:

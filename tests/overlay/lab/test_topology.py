@@ -77,6 +77,21 @@ BAD_FILES = [
     ("nodes: [{count: 2}]\nlinks: [{between: [n1, n5], impair: delay 1ms}]", "links[0].between"),
     ("nodes: [{count: 2}]\nlinks: [{between: [n1, n2]}]", "bed.yaml: links[0].impair: missing"),
     ("nodes: [{backend: host-gw, impair: delay 1ms}]", "nodes[0].impair: host-gw forwards in"),
+    ("nodes: [{}]\nip-family: ipv5", "bed.yaml: ip-family: 'ipv5' is not one of ipv4, ipv6, dual"),
+    ("nodes: [{}]\nip-family: dual", "bed.yaml: ip-family: dual needs a backend that carries"),
+    ("nodes: [{}]\nipv6-network: fd00:10::/48", "bed.yaml: ipv6-network: needs ip-family"),
+    (
+        "nodes: [{backend: vxlan}]\nip-family: ipv6\nipv6-network: fe80::/64",
+        "bed.yaml: ipv6-network: IPv6Network: fe80::/64 is not a unique local",
+    ),
+    (
+        "nodes: [{backend: vxlan}]\nip-family: ipv6\nipv6-network: 2001:db8:1::/48",
+        "bed.yaml: ipv6-network: 2001:db8:1::/48 overlaps the IPv6 underlay 2001:db8::/32",
+    ),
+    (
+        "nodes: [{backend: vxlan}]\nip-family: dual\nipv6-network: 10.0.0.0/8",
+        "bed.yaml: ipv6-network: '10.0.0.0/8' is not an IPv6 network",
+    ),
 ]
 
 
@@ -124,3 +139,65 @@ def test_file_and_quick_flags_do_not_mix() -> None:
     proc = cli("up", "-f", str(example), "--nodes", "5", "--dry-run")
     assert proc.returncode == 1
     assert "--nodes cannot be combined with -f" in proc.stderr
+
+
+DUAL_SEGMENTS = """
+name: dual
+backend: vxlan
+ip-family: dual
+segments:
+  - {name: a, cidr: 192.0.2.0/26}
+  - {name: b, cidr: 192.0.2.64/26}
+nodes:
+  - {segment: a, count: 2}
+  - {segment: b, backend: kernel-vxlan}
+"""
+
+
+def test_dual_stack_plan_addresses_both_families_router_and_routes() -> None:
+    """ip-family dual: every node, router leg and route in IPv6 too, segment k's /64 in
+    2001:db8::/32 at the IPv4 offsets; the overlay's IPv6Network a ULA by default."""
+    topology = load_topology(DUAL_SEGMENTS, "bed.yaml")
+    assert topology.ip_family == "dual" and str(topology.network6) == "fd00:10::/48"
+    plan = make_plan(topology, "dual")
+    assert [str(n.address) for n in plan.nodes] == ["192.0.2.2", "192.0.2.3", "192.0.2.66"]
+    assert [str(n.address6) for n in plan.nodes] == [
+        "2001:db8::2",
+        "2001:db8::3",
+        "2001:db8:0:1::2",
+    ]
+    assert [str(leg.address6) for leg in plan.legs] == ["2001:db8::1", "2001:db8:0:1::1"]
+    assert [(str(c), str(v)) for c, v in plan.node(3).routes6] == [
+        ("2001:db8::/64", "2001:db8:0:1::1")
+    ]
+    assert [(str(c), str(v)) for c, v in plan.etcd_routes6()] == [
+        ("2001:db8:0:1::/64", "2001:db8::1")
+    ]
+    text = describe(plan, [])
+    assert "dual network 198.18.0.0/16 fd00:10::/48" in text
+    assert "on b: 2001:db8::/64 via 2001:db8:0:1::1" in text
+    # The state file keeps it.
+    assert type(topology).from_json(topology.to_json()) == topology
+
+
+def test_ipv6_only_plan_has_no_ipv4_underlay() -> None:
+    topology = load_topology("ip-family: ipv6\nbackend: host-gw\nnodes: [{count: 2}]", "b.yaml")
+    plan = make_plan(topology, "six")
+    assert not topology.ipv4 and [str(n.address6) for n in plan.nodes] == [
+        "2001:db8::1",
+        "2001:db8::2",
+    ]
+    text = describe(plan, [])
+    assert "ipv6 network fd00:10::/48" in text and "192.0.2" not in text
+
+
+def test_quick_form_ip_family_flag() -> None:
+    proc = cli("up", "--ip-family", "ipv6", "--backend", "vxlan", "--dry-run", "--prefix", "tv6")
+    assert proc.returncode == 0, proc.stderr
+    assert "ipv6 network fd00:10::/48" in proc.stdout and "2001:db8::3/64" in proc.stdout
+    proc = cli("up", "--ip-family", "dual", "--dry-run", "--prefix", "tv6")
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == (
+        "overlay testbed up: error: --ip-family: dual needs a backend that carries IPv6: "
+        "flannel's udp is IPv4 only (use vxlan, kernel-vxlan or host-gw)"
+    )
