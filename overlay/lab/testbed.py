@@ -625,35 +625,45 @@ class Testbed:
     def _start_daemons(self) -> None:
         """Every daemon at once; ``_ready_then_pods`` waits for them all together."""
         with self._stage("daemons started"):
-            for i in self._numbers():
-                self.start_daemon(i)
+            self.start_daemons(self._numbers())
 
     def start_daemon(self, i: int) -> DaemonProcess:
         """Start node i's daemon (again, after a test stopped it): ``status`` and
-        ``down`` know it by its pid file. Forked by the start server when
-        ``daemon_argv`` is ``ip netns exec NS python -m overlay ARGS`` and
-        ``daemon_start`` is fork (the same CLI entry with the same ARGS), else run."""
-        self.progress.step(f"n{i}: starting its daemon")
-        if (previous := self._procs.get(i)) is not None:
-            previous.poll()  # reaped if it has exited
-        self.node_dir(i).mkdir(parents=True, exist_ok=True)
-        argv = self.daemon_argv(i)
-        proc: DaemonProcess
-        if self.daemon_start == "fork" and (args := _overlay_args(argv)) is not None:
-            proc = self._start_server().start(args[0], args[1], self.log_file(i))
-        else:
-            with open(self.log_file(i), "ab") as log:
-                proc = subprocess.Popen(
-                    argv,
-                    stdin=subprocess.DEVNULL,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,
-                    env=self.child_env(),
-                )
-        self._procs[i] = proc
-        self.pid_file(i).write_text(f"{proc.pid}\n")
-        return proc
+        ``down`` know it by its pid file."""
+        return self.start_daemons([i])[0]
+
+    def start_daemons(self, numbers: list[int]) -> list[DaemonProcess]:
+        """Start these nodes' daemons. Forked by the start server, all in one request,
+        when ``daemon_start`` is fork and ``daemon_argv`` is ``ip netns exec NS <python>
+        -m overlay ARGS`` (the same CLI entry with the same ARGS); else run each."""
+        argvs = {}
+        for i in numbers:
+            if (previous := self._procs.get(i)) is not None:
+                previous.poll()  # reaped if it has exited
+            self.node_dir(i).mkdir(parents=True, exist_ok=True)
+            argvs[i] = self.daemon_argv(i)
+        forked = {
+            i: args
+            for i, argv in argvs.items()
+            if self.daemon_start == "fork" and (args := _overlay_args(argv)) is not None
+        }
+        if forked:
+            starts = [(ns, args, self.log_file(i)) for i, (ns, args) in forked.items()]
+            self._procs.update(zip(forked, self._start_server().start(starts), strict=True))
+        for i in numbers:
+            if i not in forked:
+                with open(self.log_file(i), "ab") as log:
+                    self._procs[i] = subprocess.Popen(
+                        argvs[i],
+                        stdin=subprocess.DEVNULL,
+                        stdout=log,
+                        stderr=subprocess.STDOUT,
+                        start_new_session=True,
+                        env=self.child_env(),
+                    )
+            self.pid_file(i).write_text(f"{self._procs[i].pid}\n")
+            self.progress.step(f"n{i}: daemon started")
+        return [self._procs[i] for i in numbers]
 
     def _start_server(self) -> StartServer:
         """The bed's start server, started at the first daemon; ``down`` ends it. Its
