@@ -670,7 +670,8 @@ class Testbed:
         command line names the state dir, which ``_daemon_pid`` checks."""
         if self._starter is None:
             self._starter = StartServer(
-                [sys.executable, "-m", "overlay.start_server", str(self.state_dir)],
+                [sys.executable, "-m", "overlay.start_server", str(self.state_dir)]
+                + (["--etcd"] if self.registry == "etcd" else []),
                 self.child_env(),
                 self.state_dir / "start-server.log",
             )
