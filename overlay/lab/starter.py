@@ -20,7 +20,9 @@ The server is single-threaded and has no event loop, so forking is safe; it refu
 fork if a thread ever exists (an import that started one). It reaps its children at
 least every REAP_INTERVAL, so a dead daemon is never a long-lived zombie, and it exits
 when its stdin closes (the testbed ended, also by ``kill -9``): its children live on,
-inherited by init, found by the bed's pid files and namespaces like any daemon.
+inherited by init, found by the bed's pid files and namespaces like any daemon. It also
+stops in the middle of a batch if its stdin closes: no daemon is forked after ``up``
+died, while its guard's ``down`` looks for what to remove.
 """
 
 from __future__ import annotations
@@ -116,6 +118,8 @@ def serve(stdin_fd: int = 0, stdout_fd: int = 1) -> list[str] | None:
                 if "start" in request:
                     pids = []
                     for start in request["start"]:
+                        if _hung_up(stdin_fd):
+                            return None  # up died mid-batch: its guard's down is running
                         pid = _fork(start)
                         if pid == 0:
                             return [str(arg) for arg in start["argv"]]
@@ -129,6 +133,13 @@ def serve(stdin_fd: int = 0, stdout_fd: int = 1) -> list[str] | None:
             except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
                 reply = {"error": str(e)}
             os.write(stdout_fd, json.dumps(reply).encode() + b"\n")
+
+
+def _hung_up(fd: int) -> bool:
+    """The testbed's end of the pipe is closed (it exited, or was killed)."""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return any(events & (select.POLLHUP | select.POLLERR) for _, events in poller.poll(0))
 
 
 def _reap(children: set[int], exited: dict[int, int]) -> None:

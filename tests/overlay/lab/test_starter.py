@@ -4,6 +4,7 @@ overlay.start_server``): a bed's daemons are forked by it into their namespaces,
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -114,3 +115,20 @@ def test_a_namespace_that_is_not_there_is_one_line_in_the_log(tmp_path: Path) ->
     assert server.proc.returncode == 0
     with pytest.raises(TestbedError, match="start server exited"):
         server.start([(missing, ["run"], log)])
+
+
+def test_a_server_whose_testbed_is_gone_forks_no_more(tmp_path: Path) -> None:
+    """`up` killed right after it asked for a batch: the server forks none of it (each
+    child would leave a line in its log) and exits, so no daemon appears while the
+    guard's `down` looks for what to remove."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    server = StartServer(
+        [sys.executable, "-m", "overlay.start_server", str(tmp_path)], env, tmp_path / "s.log"
+    )
+    log = tmp_path / "n.log"
+    starts = [{"netns": f"nx{uuid.uuid4().hex[:6]}", "argv": ["run"], "log": str(log)}] * 20
+    server._to.write(json.dumps({"start": starts}).encode() + b"\n")
+    server._to.close()  # as when up's process dies: the pipe's write end goes
+    assert server.proc.wait(timeout=30) == 0
+    server.close()
+    assert not log.exists()
