@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from overlay.lab.progress import Progress
-from overlay.lab.testbed import Testbed
+from overlay.lab.testbed import DAEMON_STARTS, Testbed
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -44,6 +44,24 @@ def rss_kib(pid: int) -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1])
     return 0
+
+
+def pss_kib(pid: int) -> int:
+    """Proportional set size: each shared page divided among the processes mapping it."""
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+        if line.startswith("Pss:"):
+            return int(line.split()[1])
+    return 0
+
+
+def mib_stats(values: list[float]) -> dict[str, float]:
+    ordered = sorted(values)
+    return {
+        "min": round(ordered[0], 1),
+        "median": round(statistics.median(ordered), 1),
+        "max": round(ordered[-1], 1),
+        "sum": round(sum(ordered), 0),
+    }
 
 
 def mem_available_kib() -> int:
@@ -68,8 +86,11 @@ def import_rss() -> dict[str, float]:
     return result
 
 
-def measure(nodes: int, pods: int, registry: str, settle: float) -> dict[str, Any]:
+def measure(
+    nodes: int, pods: int, registry: str, settle: float, daemon_start: str
+) -> dict[str, Any]:
     bed = Testbed("s" + uuid.uuid4().hex[:5], nodes=nodes, pods_per_node=pods, registry=registry)
+    bed.daemon_start = daemon_start
     bed.progress = Progress(f"bed_scale up {nodes}x{pods}", bed.up_steps())
     available_before = mem_available_kib()
     started = time.monotonic()
@@ -82,7 +103,10 @@ def measure(nodes: int, pods: int, registry: str, settle: float) -> dict[str, An
         up_stages = dict(bed.timings)
         time.sleep(settle)
         pids = [n["pid"] for n in bed.status()["nodes"]]
-        rss = sorted(rss_kib(pid) / 1024 for pid in pids if pid)
+        rss = [rss_kib(pid) / 1024 for pid in pids if pid]
+        pss = [pss_kib(pid) / 1024 for pid in pids if pid]
+        server = bed.start_server_pid()
+        server_pss = pss_kib(server) / 1024 if server else 0.0
         etcd = [rss_kib(pid) / 1024 for pid in bed.etcd.pids()] if registry == "etcd" else []
         held_mib = (available_before - mem_available_kib()) / 1024
     finally:
@@ -99,17 +123,15 @@ def measure(nodes: int, pods: int, registry: str, settle: float) -> dict[str, An
         "nodes": nodes,
         "pods_per_node": pods,
         "registry": registry,
+        "daemon_start": daemon_start,
         "up_s": round(up_s, 1),
         "down_s": round(down_s, 1),
         "up_stages_s": up_stages,
         "down_stages_s": down_stages,
         "daemons": len(rss),
-        "daemon_rss_mib": {
-            "min": round(rss[0], 1),
-            "median": round(statistics.median(rss), 1),
-            "max": round(rss[-1], 1),
-            "sum": round(sum(rss), 0),
-        },
+        "daemon_rss_mib": mib_stats(rss),
+        "daemon_pss_mib": mib_stats(pss),
+        "start_server_pss_mib": round(server_pss, 1),
         "etcd_rss_mib": round(sum(etcd), 1),
         "machine_mib_held": round(held_mib, 0),
         "settle_s": settle,
@@ -117,17 +139,22 @@ def measure(nodes: int, pods: int, registry: str, settle: float) -> dict[str, An
 
 
 def report(result: dict[str, Any]) -> str:
-    r, d = result, result["daemon_rss_mib"]
+    r, d, p = result, result["daemon_rss_mib"], result["daemon_pss_mib"]
     lines = [
-        f"# bed_scale: {r['nodes']} nodes x {r['pods_per_node']} pod, {r['registry']} registry",
+        f"# bed_scale: {r['nodes']} nodes x {r['pods_per_node']} pod, {r['registry']} registry, "
+        f"daemons started by {r['daemon_start']}",
         "",
-        "| up | down | daemon RSS min / median / max | all daemons | etcd | machine memory held |",
-        "|---|---|---|---|---|---|",
+        "| up | down | daemon RSS min / median / max | daemon PSS min / median / max "
+        "| all daemons RSS / PSS | start server PSS | etcd | machine memory held |",
+        "|---|---|---|---|---|---|---|---|",
         f"| {r['up_s']} s | {r['down_s']} s | {d['min']} / {d['median']} / {d['max']} MiB "
-        f"| {d['sum']:.0f} MiB | {r['etcd_rss_mib']} MiB | {r['machine_mib_held']:.0f} MiB |",
+        f"| {p['min']} / {p['median']} / {p['max']} MiB | {d['sum']:.0f} / {p['sum']:.0f} MiB "
+        f"| {r['start_server_pss_mib']} MiB | {r['etcd_rss_mib']} MiB "
+        f"| {r['machine_mib_held']:.0f} MiB |",
         "",
-        f"(RSS after {r['settle_s']:.0f} s idle; machine memory = MemAvailable before up "
-        "minus after.)",
+        f"(RSS and PSS after {r['settle_s']:.0f} s idle; PSS divides each shared page among "
+        "the processes that map it, so the daemons' PSS adds up to what they hold; machine "
+        "memory = MemAvailable before up minus after.)",
         "",
         "| stage | seconds |",
         "|---|---|",
@@ -152,11 +179,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--nodes", type=int, default=200)
     p.add_argument("--pods", type=int, default=1, help="pods per node (default 1)")
     p.add_argument("--registry", choices=("etcd", "file"), default="etcd")
+    p.add_argument(
+        "--daemon-start",
+        choices=DAEMON_STARTS,
+        default=DAEMON_STARTS[0],
+        help="fork (default, a start server) or exec (`ip netns exec` per daemon)",
+    )
     p.add_argument("--settle", type=float, default=10.0, help="idle seconds before RSS")
     p.add_argument("--out", default=None, help="result name (default bed-scale-N)")
     p.add_argument("--results-dir", type=Path, default=RESULTS)
     args = p.parse_args(argv)
-    result = measure(args.nodes, args.pods, args.registry, args.settle)
+    result = measure(args.nodes, args.pods, args.registry, args.settle, args.daemon_start)
     result["imports_mib"] = import_rss()
     text = report(result)
     print(text, end="")

@@ -26,7 +26,7 @@ from overlay.lab.guard import Guard
 from overlay.lab.plan import describe
 from overlay.lab.progress import Progress
 from overlay.lab.scale_probe import PINGS, ScaleOptions, report, run, write_json
-from overlay.lab.testbed import DEFAULT_PREFIX, Testbed
+from overlay.lab.testbed import DAEMON_STARTS, DEFAULT_PREFIX, Testbed
 from overlay.lab.topology import (
     DEFAULT_NETWORK,
     DEFAULT_NETWORK6,
@@ -230,6 +230,14 @@ def _up_parser(up: argparse.ArgumentParser, common: Any) -> None:
         help="vxlan only: seed the config with DirectRouting (plain routes between nodes "
         "on one L2 segment, encapsulation otherwise)",
     )
+    up.add_argument(
+        "--daemon-start",
+        default=DAEMON_STARTS[0],
+        choices=DAEMON_STARTS,
+        help="fork (default): one start server imports the daemon once and forks each "
+        "node's `overlay run` into its namespace; exec: `ip netns exec NS overlay run` "
+        "per node, a fresh interpreter each",
+    )
     up.add_argument("--underlay", default=None, help=f"default {DEFAULT_UNDERLAY}")
     up.add_argument("--network", default=None, help=f"default {DEFAULT_NETWORK}")
     up.add_argument(
@@ -376,6 +384,7 @@ def _up(args: argparse.Namespace) -> int:
         endpoints = bed.etcd.endpoints if bed.registry == "etcd" else []
         print(describe(bed.plan, endpoints))
         return 0
+    bed.daemon_start = args.daemon_start
     bed.progress = Progress(f"overlay testbed up {bed.prefix}", bed.up_steps())
     guard = Guard(bed.prefix, bed.state_dir, bed.child_env())
     try:

@@ -162,14 +162,21 @@ def netns_pids_all(names: Sequence[str]) -> list[int]:
 
 
 def pid_alive(pid: int) -> bool:
-    """True while ``pid`` runs. A zombie counts as gone; it is left for its parent to
-    reap, so a caller's Popen still gets the real exit status."""
+    """True while ``pid`` runs. A zombie counts as gone (it is left for its parent to
+    reap, so a caller's Popen still gets the real exit status) once all its threads are:
+    after a SIGKILL the main thread can be a zombie while the others still exit and
+    hold the process's files (a daemon's status socket still answering)."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except (FileNotFoundError, ProcessLookupError):
         return False
     state = stat.rsplit(")", 1)[-1].split()[0]
-    return state not in ("Z", "X")
+    if state not in ("Z", "X"):
+        return True
+    try:
+        return len(os.listdir(f"/proc/{pid}/task")) > 1
+    except OSError:
+        return False
 
 
 def pid_cmdline(pid: int) -> list[str]:

@@ -55,6 +55,7 @@ from overlay.lab.netns import (
 )
 from overlay.lab.plan import make_plan
 from overlay.lab.progress import Progress
+from overlay.lab.starter import ForkedDaemon, StartServer
 from overlay.lab.topology import (
     DEFAULT_NETWORK,
     DEFAULT_SEGMENT,
@@ -82,6 +83,12 @@ CNI_PARALLEL = 8  # CNI plugin runs at once (each waits on its own exec and netl
 CNI_VERSION = "1.0.0"
 CNI_PATH = "/usr/lib/cni"
 PROJECT_ROOT = Path(__file__).resolve().parents[2]  # the checkout: overlay/lab/ is two below
+# How daemons start: "fork" (the default: a start server that imported the daemon once
+# forks each one, overlay.lab.starter; a 200-node bed pays the imports once) or "exec"
+# (`ip netns exec NS python -m overlay run ...`, a fresh interpreter each).
+DAEMON_STARTS = ("fork", "exec")
+
+DaemonProcess = subprocess.Popen[bytes] | ForkedDaemon
 
 _PREFIX = re.compile(r"^[a-z0-9]{1,8}$")
 _MEMBER = re.compile(r"^n(\d+)(?:-p(\d+))?$")
@@ -222,7 +229,9 @@ class Testbed:
         # Extra `overlay run` flags for every daemon (e.g. --no-offload for a benchmark).
         self.daemon_args = tuple(daemon_args)
         self.state_dir = _state_dir_for(self.prefix, state_dir)
-        self._procs: dict[int, subprocess.Popen[bytes]] = {}
+        self._procs: dict[int, DaemonProcess] = {}
+        self.daemon_start = DAEMON_STARTS[0]
+        self._starter: StartServer | None = None
         # What `up` and `down` are doing, for a terminal (the CLI sets one; silent here).
         self.progress = Progress.off()
         # Seconds each stage of the last up/down took (bench.bed_scale reports them).
@@ -648,28 +657,61 @@ class Testbed:
     def _start_daemons(self) -> None:
         """Every daemon at once; ``_ready_then_pods`` waits for them all together."""
         with self._stage("daemons started"):
-            for i in self._numbers():
-                self.start_daemon(i)
+            self.start_daemons(self._numbers())
 
-    def start_daemon(self, i: int) -> subprocess.Popen[bytes]:
+    def start_daemon(self, i: int) -> DaemonProcess:
         """Start node i's daemon (again, after a test stopped it): ``status`` and
         ``down`` know it by its pid file."""
-        self.progress.step(f"n{i}: starting its daemon")
-        if (previous := self._procs.get(i)) is not None:
-            previous.poll()  # reaped if it has exited
-        self.node_dir(i).mkdir(parents=True, exist_ok=True)
-        with open(self.log_file(i), "ab") as log:
-            proc = subprocess.Popen(
-                self.daemon_argv(i),
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                env=self.child_env(),
+        return self.start_daemons([i])[0]
+
+    def start_daemons(self, numbers: list[int]) -> list[DaemonProcess]:
+        """Start these nodes' daemons. Forked by the start server, all in one request,
+        when ``daemon_start`` is fork and ``daemon_argv`` is ``ip netns exec NS <python>
+        -m overlay ARGS`` (the same CLI entry with the same ARGS); else run each."""
+        argvs = {}
+        for i in numbers:
+            if (previous := self._procs.get(i)) is not None:
+                previous.poll()  # reaped if it has exited
+            self.node_dir(i).mkdir(parents=True, exist_ok=True)
+            argvs[i] = self.daemon_argv(i)
+        forked = {
+            i: args
+            for i, argv in argvs.items()
+            if self.daemon_start == "fork" and (args := _overlay_args(argv)) is not None
+        }
+        if forked:
+            starts = [(ns, args, self.log_file(i)) for i, (ns, args) in forked.items()]
+            self._procs.update(zip(forked, self._start_server().start(starts), strict=True))
+        for i in numbers:
+            if i not in forked:
+                with open(self.log_file(i), "ab") as log:
+                    self._procs[i] = subprocess.Popen(
+                        argvs[i],
+                        stdin=subprocess.DEVNULL,
+                        stdout=log,
+                        stderr=subprocess.STDOUT,
+                        start_new_session=True,
+                        env=self.child_env(),
+                    )
+            self.pid_file(i).write_text(f"{self._procs[i].pid}\n")
+            self.progress.step(f"n{i}: daemon started")
+        return [self._procs[i] for i in numbers]
+
+    def _start_server(self) -> StartServer:
+        """The bed's start server, started at the first daemon; ``down`` ends it. Its
+        command line names the state dir, which ``_daemon_pid`` checks."""
+        if self._starter is None:
+            self._starter = StartServer(
+                [sys.executable, "-m", "overlay.start_server", str(self.state_dir)]
+                + (["--etcd"] if self.registry == "etcd" else []),
+                self.child_env(),
+                self.state_dir / "start-server.log",
             )
-        self._procs[i] = proc
-        self.pid_file(i).write_text(f"{proc.pid}\n")
-        return proc
+        return self._starter
+
+    def start_server_pid(self) -> int | None:
+        """The running start server's pid (None: none runs), for a bed's memory figures."""
+        return None if self._starter is None else self._starter.proc.pid
 
     def stop_daemon(self, i: int) -> int | None:
         """SIGTERM node i's daemon (started by this object) and wait for it; its exit
@@ -1042,6 +1084,9 @@ class Testbed:
                     proc.kill()
                 proc.wait()
             self._procs.clear()
+            if self._starter is not None:
+                self._starter.close()
+                self._starter = None
         with self._stage("other processes stopped"):
             ours = set(_ancestors())
             strays = [pid for pid in netns_pids_all(pod_names + node_names) if pid not in ours]
@@ -1074,7 +1119,7 @@ class Testbed:
             else:
                 ours = re.compile(
                     r"^(testbed\.json|registry\.json(\.lock)?|\.registry\.json\..*"
-                    r"|n\d+\.(pid|log)|n\d+|etcd\d*|etcd\d*\.(pid|log)|events\.jsonl)$"
+                    r"|n\d+\.(pid|log)|n\d+|etcd\d*|etcd\d*\.(pid|log)|events\.jsonl|start-server\.log)$"
                 )
                 for entry in state.iterdir():
                     if not ours.match(entry.name):
@@ -1123,6 +1168,14 @@ def _as_testbed_error(doing: str) -> Iterator[None]:
         yield
     except (OSError, NetlinkError) as e:
         raise TestbedError(f"{doing}: {e}") from None
+
+
+def _overlay_args(argv: list[str]) -> tuple[str, list[str]] | None:
+    """(namespace, ARGS) of ``ip netns exec NS <this python> -m overlay ARGS``: what the
+    start server can run in a fork; None for any other command (a test's stand-in)."""
+    if argv[:3] != ["ip", "netns", "exec"] or argv[4:7] != [sys.executable, "-m", "overlay"]:
+        return None
+    return argv[3], argv[7:]
 
 
 def _ancestors() -> list[int]:

@@ -4,7 +4,10 @@ and the processes of many namespaces found in one walk of /proc."""
 from __future__ import annotations
 
 import subprocess
+import sys
+import time
 import uuid
+from pathlib import Path
 
 import pytest
 
@@ -13,6 +16,7 @@ from overlay.lab.netns import (
     ip_batch,
     list_netns,
     netns_pids_all,
+    pid_alive,
     remove_netns_all,
     terminate,
 )
@@ -56,3 +60,26 @@ def test_a_failing_batch_names_what_iproute2_said() -> None:
     finally:
         remove_netns_all([name])
     assert name not in list_netns()
+
+
+def test_a_process_whose_main_thread_exited_first_is_alive_until_its_last_thread() -> None:
+    """After a SIGKILL the main thread can be a zombie while the other threads still exit
+    (holding the process's files): alive until the last one is gone."""
+    code = (
+        "import ctypes, threading, time\n"
+        "threading.Thread(target=time.sleep, args=(1.5,)).start()\n"
+        "print('ready', flush=True)\n"
+        "ctypes.CDLL(None).syscall(60, 0)  # SYS_exit: only the main thread\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline() == "ready\n"
+        deadline = time.monotonic() + 1.0
+        while not Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+            assert time.monotonic() < deadline, "the main thread did not exit alone"
+            time.sleep(0.01)
+        assert pid_alive(proc.pid)  # its other thread still runs
+        assert proc.wait(timeout=10) == 0
+    finally:
+        proc.kill()
+        proc.wait()

@@ -56,3 +56,11 @@ def test_an_etcd_daemon_loads_the_etcd_client() -> None:
 def test_the_first_scrape_loads_the_metrics_module() -> None:
     loaded = loaded_after("import overlay.node.view\nimport overlay.observe.metrics")
     assert "prometheus_client" in loaded
+
+
+def test_the_testbeds_start_server_loads_the_daemon_and_nothing_it_must_not() -> None:
+    """What the start server imports, every daemon it forks holds: the daemon's modules,
+    and none of those a file-registry daemon leaves out."""
+    loaded = loaded_after("import overlay.start_server")
+    assert {"overlay.node.daemon", "control.file_registry", "encap._native"} <= loaded
+    assert sorted(m for m in NOT_LOADED if m in loaded) == []
