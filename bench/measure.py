@@ -12,14 +12,23 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-from overlay.lab.testbed import Testbed
+from typing import Any, Protocol
 
 # iperf3 -w for UDP: the receiving socket sized so a descheduled iperf3 server does not
 # drop datagrams the path delivered (the kernel caps it at net.core.rmem_max).
 UDP_SOCKET_BUFFER = "4M"
 _RTT_LINE = re.compile(r"icmp_seq=\d+ .*time=([\d.]+) ms")
+
+
+class Members(Protocol):
+    """A bed whose nodes and pods run commands by name ("n1", "n2-p1"): the testbed, or
+    bench/dual_stack.py's dual-stack bed."""
+
+    def exec(
+        self, name: str, argv: list[str], **kwargs: Any
+    ) -> subprocess.CompletedProcess[Any]: ...
+
+    def popen(self, name: str, argv: list[str], **kwargs: Any) -> subprocess.Popen[Any]: ...
 
 
 @dataclass(frozen=True)
@@ -31,7 +40,7 @@ class Rtt:
     max_ms: float
 
 
-def ping(bed: Testbed, source: str, target_ip: str, count: int = 10, interval: float = 0.2) -> Rtt:
+def ping(bed: Members, source: str, target_ip: str, count: int = 10, interval: float = 0.2) -> Rtt:
     """Ping ``target_ip`` from the node or pod ``source``; RTTs from ping's summary line."""
     result = bed.exec(
         source,
@@ -48,7 +57,7 @@ def ping(bed: Testbed, source: str, target_ip: str, count: int = 10, interval: f
 
 
 def ping_samples(
-    bed: Testbed, source: str, target_ip: str, count: int = 200, interval: float = 0.01
+    bed: Members, source: str, target_ip: str, count: int = 200, interval: float = 0.01
 ) -> tuple[int, list[float]]:
     """(pings sent, every reply's RTT in microseconds), from ping's per-reply lines.
 
@@ -79,7 +88,7 @@ def percentile(values: list[float], pct: float) -> float:
 
 
 @contextmanager
-def iperf3_server(bed: Testbed, server: str, server_ip: str, port: int = 5201) -> Iterator[None]:
+def iperf3_server(bed: Members, server: str, server_ip: str, port: int = 5201) -> Iterator[None]:
     """A one-shot iperf3 server in ``server``, listening before the block starts."""
     srv = bed.popen(
         server,
@@ -102,7 +111,7 @@ def iperf3_server(bed: Testbed, server: str, server_ip: str, port: int = 5201) -
 
 
 def iperf3_json(
-    bed: Testbed,
+    bed: Members,
     server: str,
     server_ip: str,
     client: str,
@@ -126,7 +135,7 @@ def iperf3_json(
 
 
 def iperf3_tcp(
-    bed: Testbed,
+    bed: Members,
     server: str,
     server_ip: str,
     client: str,
@@ -139,7 +148,7 @@ def iperf3_tcp(
 
 
 def iperf3_tcp_bytes(
-    bed: Testbed,
+    bed: Members,
     server: str,
     server_ip: str,
     client: str,
@@ -170,7 +179,7 @@ class UdpTrial:
 
 
 def iperf3_udp(
-    bed: Testbed,
+    bed: Members,
     server: str,
     server_ip: str,
     client: str,

@@ -16,7 +16,11 @@ Rows (paths), each its own 2-node testbed with one pod per node and the file reg
   route table fed over the control socket: the bar "beat flannel's C proxy" is measured;
 - ``udp-busypoll``: our udp backend with ``--busy-poll-us`` ``BUSY_POLL_US``;
 - ``udp-workers2``: our udp backend with ``--workers 2`` (beside the single process);
-- ``udp-notso`` (only with ``--only``): our udp backend with ``--no-tun-tso``.
+- ``udp-notso`` (only with ``--only``): our udp backend with ``--no-tun-tso``;
+- ``vxlan6`` / ``kernel-vxlan6``: our userspace vxlan / the kernel's vxlan device, pod ->
+  pod over IPv6, on the dual-stack bed of ``bench/dual_stack.py`` (the testbed builds
+  IPv4-only beds); each is also compared with its IPv4 row of the same run (issue 20:
+  userspace TCP 1 stream over IPv6 within 20% of IPv4).
 
 Columns: iperf3 TCP with 1 and 4 streams (Gbit/s, receiver side); UDP with 1400-byte and
 64-byte datagrams at the highest offered rate that lost < 0.1% (a short search, below);
@@ -59,11 +63,13 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from ipaddress import IPv4Network
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from bench import codec_micro
+from bench.dual_stack import DualStackBed
 from bench.measure import (
     UDP_SOCKET_BUFFER,
+    Members,
     UdpTrial,
     cpu_seconds,
     iperf3_tcp_bytes,
@@ -100,6 +106,8 @@ class PathSpec:
     underlay: bool = False  # node -> node over eth0 instead of pod -> pod
     proxy: bool = False  # replace the daemons by bench/c_proxy.c (flanneld's C proxy loop)
     default: bool = True  # in the matrix unless --only names the paths
+    family: int = 4  # 6: pod -> pod over IPv6 on the dual-stack bed
+    ipv4_key: str | None = None  # the IPv4 row an IPv6 row is compared with
 
 
 PATHS = [
@@ -120,7 +128,18 @@ PATHS = [
     PathSpec(
         "udp-notso", "our udp --no-tun-tso", "udp", daemon_args=("--no-tun-tso",), default=False
     ),
+    PathSpec("vxlan6", "our userspace vxlan, IPv6", "vxlan", family=6, ipv4_key="vxlan"),
+    PathSpec(
+        "kernel-vxlan6",
+        "kernel vxlan, IPv6",
+        "vxlan",
+        kernel_nodes=(1, 2),
+        family=6,
+        ipv4_key="kernel-vxlan",
+    ),
 ]
+# What the IPv6 userspace row must reach, as a share of its IPv4 row (issue 20).
+IPV6_TCP_TARGET = 0.8
 BY_KEY = {p.key: p for p in PATHS}
 
 
@@ -156,6 +175,8 @@ class PathResult:
             "kernel_nodes": list(self.spec.kernel_nodes),
             "daemon_args": list(self.spec.daemon_args),
             "between": "n1 -> n2 (eth0)" if self.spec.underlay else "n1-p1 -> n2-p1",
+            "family": self.spec.family,
+            "ipv4_key": self.spec.ipv4_key,
             "error": self.error,
             "tcp1_gbits": {**summary(self.tcp1), "runs": self.tcp1},
             "tcp4_gbits": {**summary(self.tcp4), "runs": self.tcp4},
@@ -211,7 +232,7 @@ def loss_free_search(
 
 
 def _udp_search(
-    bed: Testbed, src: str, dst: str, dst_ip: str, size: int, args: argparse.Namespace
+    bed: Members, src: str, dst: str, dst_ip: str, size: int, args: argparse.Namespace
 ) -> dict[str, Any]:
     def trial(rate: float) -> UdpTrial:
         return iperf3_udp(bed, dst, dst_ip, src, size, rate, seconds=args.udp_seconds)
@@ -230,19 +251,29 @@ def _udp_search(
 # -- one testbed per path -----------------------------------------------------------------
 
 
+class BenchBed(Members, Protocol):
+    """What the matrix needs of a bed: the testbed, or the dual-stack bed."""
+
+    prefix: str
+
+    def down(self) -> object: ...
+
+
 @dataclass
 class Bench:
     spec: PathSpec
-    bed: Testbed
+    bed: BenchBed
     src: str
     dst: str
     dst_ip: str
     result: PathResult
-    pids: dict[str, int] | None = None  # whose CPU is measured (default: the daemons)
+    pids: dict[str, int]  # whose CPU is measured: the daemons, or the C proxies
     controls: list[socket.socket] = field(default_factory=list)  # c-proxy control sockets
 
 
 def _up(spec: PathSpec, result: PathResult) -> Bench:
+    if spec.family == 6:
+        return _up_dual_stack(spec, result)
     bed = Testbed(
         "b" + uuid.uuid4().hex[:6],
         nodes=2,
@@ -255,9 +286,9 @@ def _up(spec: PathSpec, result: PathResult) -> Bench:
     bed.progress = PROGRESS.sub(f"up {spec.key}")
     bed.up()  # removes whatever it made if it fails
     try:
-        pids, controls = _swap_in_c_proxy(bed) if spec.proxy else (None, [])
+        pids, controls = _swap_in_c_proxy(bed) if spec.proxy else (_daemon_pids(bed), [])
         if spec.underlay:
-            bench = Bench(spec, bed, "n1", "n2", str(bed.node_ip(2)), result)
+            bench = Bench(spec, bed, "n1", "n2", str(bed.node_ip(2)), result, pids)
         else:
             bench = Bench(spec, bed, "n1-p1", "n2-p1", bed.pod_ip("n2-p1"), result, pids, controls)
         # Warm up ARP, the peer table and (kernel vxlan) the fdb before anything is timed.
@@ -266,6 +297,26 @@ def _up(spec: PathSpec, result: PathResult) -> Bench:
         bed.down()
         raise
     return bench
+
+
+def _up_dual_stack(spec: PathSpec, result: PathResult) -> Bench:
+    """An IPv6 row: the dual-stack bed, pod -> pod to the IPv6 address."""
+    bed = DualStackBed("b" + uuid.uuid4().hex[:6], kernel=bool(spec.kernel_nodes))
+    try:
+        dst_ip = bed.pod_ip("n2-p1", 6)
+        bench = Bench(spec, bed, "n1-p1", "n2-p1", dst_ip, result, bed.daemon_pids())
+        for _ in range(PATH_UP_PINGS):  # neighbours and peers: until one reply comes back
+            probe = ["ping", "-c", "1", "-W", "1", dst_ip]
+            if bed.exec(bench.src, probe, capture_output=True).returncode == 0:
+                break
+        ping_samples(bed, bench.src, dst_ip, count=5, interval=0.05)
+    except BaseException:
+        bed.down()
+        raise
+    return bench
+
+
+PATH_UP_PINGS = 30
 
 
 def _daemon_pids(bed: Testbed) -> dict[str, int]:
@@ -392,7 +443,7 @@ def _tcp_with_cost(
 def _measure_run(b: Bench, args: argparse.Namespace) -> None:
     """One run of every column for one path, appended to ``b.result``."""
     r, bed = b.result, b.bed
-    pids = b.pids or _daemon_pids(bed)
+    pids = b.pids
     _measure_latency(b, args, pids)
     for streams, runs in ((1, r.tcp1), (4, r.tcp4)):
         tcp = _tcp_with_cost(b, args, pids, streams)
@@ -550,9 +601,10 @@ def format_markdown(report: dict[str, Any]) -> str:
                 f"| {_ratio(rtt(p, 'p50') or 0, rtt(base, 'p50'))} "
                 f"| {_ratio(rtt(p, 'avg') or 0, rtt(base, 'avg'))} |"
             )
+    lines += _ipv6_table(paths)
     targets = report.get("targets") or []
     if targets:
-        lines += ["", "Targets of issues 12 and 19 (ratios measured in this run):", ""]
+        lines += ["", "Targets of issues 12, 19 and 20 (ratios measured in this run):", ""]
         lines += [f"- {t['text']}: {t['measured']} -> **{t['verdict']}**" for t in targets]
     if report.get("micro"):
         pyperf_args = " ".join(s.get("micro_pyperf_args", []))
@@ -573,6 +625,36 @@ def format_markdown(report: dict[str, Any]) -> str:
 def _by_node(values: dict[str, Any], keys: tuple[str, ...] = ("n1", "n2"), digits: int = 2) -> str:
     """Medians of ``keys`` joined by " / " ("-" for one not measured)."""
     return " / ".join(f"{values[k]['median']:.{digits}f}" if k in values else "-" for k in keys)
+
+
+def _ipv6_table(paths: list[dict[str, Any]]) -> list[str]:
+    """Each IPv6 row against its IPv4 row of the same run (issue 20's comparison)."""
+    by_key = {p["key"]: p for p in paths}
+    pairs = [(p, by_key.get(p.get("ipv4_key") or "")) for p in paths if p.get("family") == 6]
+    if not pairs:
+        return []
+    lines = [
+        "",
+        "IPv6 against IPv4, medians from this run (x IPv4: IPv6's TCP 1 stream over the "
+        "IPv4 row's; machine CPU s/GB over TCP 1, lower is better):",
+        "",
+        "| path | vs | TCP 1 Gbit/s IPv6 / IPv4 | TCP 1 x IPv4 | ping p50 us IPv6 / IPv4 "
+        "| machine CPU s/GB IPv6 / IPv4 |",
+        "|---|---|---|---:|---|---|",
+    ]
+    for v6, v4 in pairs:
+        if v4 is None:
+            lines.append(f"| {v6['label']} | (IPv4 row {v6['ipv4_key']} not in this run) |||||")
+            continue
+        tcp6, tcp4 = v6["tcp1_gbits"]["median"], v4["tcp1_gbits"]["median"]
+        cpu6 = _by_node(v6.get("machine_cpu_s_per_gb", {}), ("tcp1",))
+        cpu4 = _by_node(v4.get("machine_cpu_s_per_gb", {}), ("tcp1",))
+        lines.append(
+            f"| {v6['label']} | {v4['label']} | {_fmt(tcp6)} / {_fmt(tcp4)} "
+            f"| {_ratio(tcp6, tcp4)} | {v6['ping_us']['p50']:.0f} / {v4['ping_us']['p50']:.0f} "
+            f"| {cpu6} / {cpu4} |"
+        )
+    return lines
 
 
 def _latency_table(paths: list[dict[str, Any]], s: dict[str, Any]) -> list[str]:
@@ -656,6 +738,14 @@ def check_targets(
     r = ratio("udp", BASE, "udp64_pps", "median")
     if r is not None:
         target("UDP 64 B loss-free rate, udp backend >= kernel vxlan's", f"{r:.2f}x", _met(r >= 1))
+    r = ratio("vxlan6", "vxlan", "tcp1_gbits", "median")
+    if r is not None:
+        target(
+            f"TCP 1 stream, userspace vxlan over IPv6 within "
+            f"{100 * (1 - IPV6_TCP_TARGET):.0f}% of IPv4",
+            f"{100 * r:.1f}% of IPv4",
+            _met(r >= IPV6_TCP_TARGET),
+        )
     if earlier is not None:
         before = {p["key"]: p for p in earlier.get("paths", [])}
         for key in ("udp", "vxlan"):
