@@ -3,8 +3,7 @@ speaks it: inner IPv6 in VXLAN (inner Ethernet type 0x86DD, the peer's BackendV6
 VTEP MAC) over a second UDP socket bound to our IPv6 underlay address, to each peer's
 PublicIPv6.
 
-The pure-Python path, one packet at a time, for both directions (not yet shown to an
-attached ``overlay trace``, whose decoders read IPv4): the TUN's IPv6 packets
+The pure-Python path, one packet at a time, for both directions: the TUN's IPv6 packets
 reach ``send`` from the send drain (Python's or the native one's, which hand over any
 IPv6 packet with its virtio_net_hdr: the IPv4 path pays nothing more than the version
 test it already made), and ``on_socket_readable`` is the IPv6 socket's own reader. The
@@ -12,6 +11,11 @@ outer UDP checksum is the kernel's: a UDP socket over IPv6 always sends one, and
 kernel drops a received datagram without one, exactly what a vxlan device does with its
 defaults (udp6zerocsumtx and udp6zerocsumrx off); tests/netns/test_dual_stack.py
 checks both on the wire.
+
+An attached ``overlay trace`` (``tap``, set with the dataplane's by ``set_tap``) sees
+what the IPv4 path shows it: inner packets, outer datagrams (``peer`` the (address, port)
+of the IPv6 socket) and drops with their reason; without one, each packet pays one None
+test.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from encap.errors import CodecError
 from overlay.dataplane.counters import Counters
 from overlay.dataplane.limits import BUDGET, MAX_DATAGRAM
 from overlay.dataplane.rate_limiter import RateLimiter
+from overlay.observe.tap import Tap
 from tun.device import TunDevice
 from tun.offload import VNET_HDR_LEN
 
@@ -75,6 +80,7 @@ class Ipv6Path:
         self.port = port
         self.icmp_limit = icmp_limit  # shared with the IPv4 path: one budget of errors
         self.neighbor_adverts = 0
+        self.tap: Tap | None = None  # an attached `overlay trace` (overlay.observe.tap)
         self._rx_buffer = bytearray(MAX_DATAGRAM)
         self._rx_view = memoryview(self._rx_buffer)
 
@@ -84,17 +90,16 @@ class Ipv6Path:
         """One IPv6 packet read from the TUN (``frame``: its virtio_net_hdr, zeros when the
         TUN has none, then the packet) to the peer owning its destination; ``mtu``: the
         TUN's (0: no limit)."""
-        drops = self.counters.drops
         packet = bytearray(frame[VNET_HDR_LEN:])  # the drains hand over 40 bytes or more
         if frame[1] != 0:  # a GSO packet: the TUN does not offer TSO6, so none comes
-            drops["tx_ipv6_gso_unsupported"] += 1
+            self._tx_drop("tx_ipv6_gso_unsupported", packet)
             return
         if frame[0] & tso.NEEDS_CSUM:
             start, offset = frame[6] | frame[7] << 8, frame[8] | frame[9] << 8
             try:
                 tso.finish_checksums(packet, [tso.partial_region(0, len(packet), start, offset)])
             except (CodecError, ValueError):
-                drops["tx_bad_csum_offsets"] += 1
+                self._tx_drop("tx_bad_csum_offsets", packet)
                 return
         peer = self.peers.lookup6(packet[24:40])
         if peer is None or len(peer.prefix) != HEADROOM:
@@ -109,11 +114,14 @@ class Ipv6Path:
         try:
             self.sock.sendto(datagram, peer.addr)
         except BlockingIOError:
-            drops["tx_socket_full"] += 1
+            self._tx_drop("tx_socket_full", packet)
             return
         except OSError:
-            drops["tx_send_error"] += 1
+            self._tx_drop("tx_send_error", packet)
             return
+        if self.tap is not None:
+            self.tap.inner("tx", packet)
+            self.tap.outer("tx", datagram, peer.addr)
         self.counters.tx_packets += 1
         self.counters.tx_bytes += len(datagram)
         stats = peer.stats
@@ -125,11 +133,13 @@ class Ipv6Path:
         """Count ``packet`` dropped for ``reason`` and write the ICMPv6 error ``build``
         makes into the TUN (from the TUN's address), unless no error may answer it or the
         rate limit (the IPv4 path's) is spent."""
-        self.counters.drops[reason] += 1
+        self._tx_drop(reason, packet)
         if not ipv6.may_send_error_for(packet) or not self.icmp_limit.allow():
             return
         reply = build(packet, src=self.vtep_ip)
         if self.tun.write(reply):
+            if self.tap is not None:
+                self.tap.inner("rx", reply)
             self.counters.icmp_unreachable_sent += reason == "tx_no_route"
             self.counters.icmp_frag_needed_sent += reason == "tx_too_big"
 
@@ -142,6 +152,7 @@ class Ipv6Path:
         recv = self.sock.recvfrom_into
         buf = self._rx_buffer
         drops = self.counters.drops
+        tap = self.tap
         for _ in range(BUDGET):
             try:
                 size, source = recv(buf)
@@ -150,9 +161,31 @@ class Ipv6Path:
             except OSError:
                 drops["rx_socket_error"] += 1
                 continue
-            reason = self._receive(size, source[0], mtu)
+            if tap is not None:
+                reason = self._receive_traced(tap, size, source[:2], mtu)
+            else:
+                reason = self._receive(size, source[0], mtu)
             if reason is not None:
                 drops[reason] += 1
+
+    def _tx_drop(self, reason: str, packet: bytearray) -> None:
+        """A packet read from the TUN that does not go: counted (and traced)."""
+        self.counters.drops[reason] += 1
+        if self.tap is not None:
+            self.tap.drop(reason, packet, None)
+
+    def _receive_traced(self, tap: Tap, size: int, source: tuple[str, int], mtu: int) -> str | None:
+        """``_receive`` with the datagram, then its drop or the packet written into the
+        TUN, shown to ``tap`` (as the IPv4 path's ``_deliver_traced``)."""
+        view = self._rx_view
+        tap.outer("rx", view[:size], source)
+        written = self.counters.rx_packets
+        reason = self._receive(size, source[0], mtu)
+        if reason is not None:
+            tap.drop(reason, view[:size], source)
+        elif self.counters.rx_packets != written:
+            tap.inner("rx", view[HEADROOM:size])
+        return reason
 
     def _receive(self, size: int, source: str, mtu: int) -> str | None:
         """The datagram ``buf[:size]`` from ``source``: written into the TUN (None), a

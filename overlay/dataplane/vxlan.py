@@ -29,6 +29,7 @@ from encap.errors import CodecError
 from overlay.dataplane.counters import Counters
 from overlay.dataplane.ipv6 import Ipv6Path
 from overlay.dataplane.udp import UdpDataplane
+from overlay.observe.tap import Tap
 from tun.device import TunDevice
 
 HEADROOM = vxlan.PREFIX_LEN
@@ -128,6 +129,11 @@ class VxlanDataplane(UdpDataplane):
         if self.ipv6 is not None:
             loop.remove_reader(self.ipv6.sock.fileno())
         super().stop(loop)
+
+    def set_tap(self, tap: Tap | None) -> None:
+        super().set_tap(tap)
+        if self.ipv6 is not None:
+            self.ipv6.tap = tap
 
     def ipv6_status(self) -> dict[str, int]:
         return {"ndp_replies": self.ipv6.neighbor_adverts} if self.ipv6 is not None else {}
