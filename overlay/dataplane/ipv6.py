@@ -122,8 +122,11 @@ class Ipv6Path:
         if self.tap is not None:
             self.tap.inner("tx", packet)
             self.tap.outer("tx", datagram, peer.addr)
-        self.counters.tx_packets += 1
-        self.counters.tx_bytes += len(datagram)
+        counters = self.counters
+        counters.tx_packets += 1
+        counters.tx_bytes += len(datagram)
+        counters.tx_packets6 += 1
+        counters.tx_bytes6 += len(datagram)
         stats = peer.stats
         stats.tx_packets += 1
         stats.tx_bytes += len(datagram)
@@ -151,7 +154,7 @@ class Ipv6Path:
         that crossed only veths, goes in as a TCP super-packet the kernel cuts)."""
         recv = self.sock.recvfrom_into
         buf = self._rx_buffer
-        drops = self.counters.drops
+        drops, drops6 = self.counters.drops, self.counters.drops6
         tap = self.tap
         for _ in range(BUDGET):
             try:
@@ -160,6 +163,7 @@ class Ipv6Path:
                 break
             except OSError:
                 drops["rx_socket_error"] += 1
+                drops6["rx_socket_error"] += 1
                 continue
             if tap is not None:
                 reason = self._receive_traced(tap, size, source[:2], mtu)
@@ -167,10 +171,12 @@ class Ipv6Path:
                 reason = self._receive(size, source[0], mtu)
             if reason is not None:
                 drops[reason] += 1
+                drops6[reason] += 1
 
     def _tx_drop(self, reason: str, packet: bytearray) -> None:
         """A packet read from the TUN that does not go: counted (and traced)."""
         self.counters.drops[reason] += 1
+        self.counters.drops6[reason] += 1
         if self.tap is not None:
             self.tap.drop(reason, packet, None)
 
@@ -233,8 +239,11 @@ class Ipv6Path:
             return "rx_tun_full"
         except OSError:
             return "rx_tun_error"
-        self.counters.rx_packets += 1
-        self.counters.rx_bytes += size
+        counters = self.counters
+        counters.rx_packets += 1
+        counters.rx_bytes += size
+        counters.rx_packets6 += 1
+        counters.rx_bytes6 += size
         peer = self.peers.by_public_ipv6(source)
         if peer is not None:
             stats = peer.stats

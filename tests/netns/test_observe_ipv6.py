@@ -1,18 +1,24 @@
-"""What an operator sees of IPv6 (issue 20) on a dual-stack userspace vxlan bed of two
-nodes with a pod each (tests/helpers/dual_stack.py): `overlay trace` of an IPv6 ping read
-back by tshark (inner ICMPv6 at the TUN, VXLAN over the IPv6 underlay), and a filter on
-an IPv6 address that keeps only that address's packets."""
+"""What an operator sees of IPv6 (issue 20) on a dual-stack bed of two nodes with a pod
+each (tests/helpers/dual_stack.py): `overlay trace` of an IPv6 ping read back by tshark
+(inner ICMPv6 at the TUN, VXLAN over the IPv6 underlay), a filter on an IPv6 address that
+keeps only that address's packets; `overlay status` and /metrics with both families, on
+userspace vxlan (the IPv6 half's counts and drops, the peers' IPv6 halves) and on kernel
+vxlan (flannel-v6.1's link statistics beside flannel.1's)."""
 
 from __future__ import annotations
 
 import subprocess
 from collections.abc import Callable
+from ipaddress import ip_address, ip_network
 from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from control.subnet_env import parse_subnet_env
+from overlay.observe import metrics
+from overlay.observe import status_socket as status
 from tests.helpers.commands import overlay_cmd
 from tests.helpers.dual_stack import DUAL, in_ns, pings, pod, start_nodes
 from tests.helpers.polling import poll
@@ -109,3 +115,82 @@ def test_a_filter_on_an_ipv6_address_keeps_only_its_packets(
     assert len(rows) == 4, rows
     assert all(pod2 in r[1].split(",") + r[2].split(",") and r[3] == "" for r in rows), rows
     assert sorted(r[0] for r in rows).count("eth0:udp/8472") == 2
+
+
+# -- overlay status and /metrics ----------------------------------------------------------
+
+
+def family_samples(st: dict[str, Any]) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """/metrics as the daemon renders it from this status snapshot."""
+    text = metrics.render(st).decode()
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def test_status_and_metrics_show_the_ipv6_half_of_userspace_vxlan(
+    netns: Callable[[str], str], daemons: Any, tmp_path: Path
+) -> None:
+    started, addresses, pods, _ = bed(netns, daemons, tmp_path)
+    before = status.query(started[0].socket)
+    for _ in range(3):
+        ping6(pods[0], addresses[1][1])
+    # inside IPv6Network, owned by no node: dropped (and answered) on the IPv6 half
+    in_ns(pods[0], "ping", "-6", "-c", "1", "-W", "1", "fd00:10:0:ff::1", check=False)
+    st = status.query(started[0].socket)
+    counters, was = st["counters"], before["counters"]
+    assert counters["tx_packets6"] >= was["tx_packets6"] + 3
+    assert counters["rx_packets6"] >= was["rx_packets6"] + 3
+    assert counters["drops6"]["tx_no_route"] >= 1
+    (peer,) = st["peers"]
+    assert peer["public_ipv6"] == "2001:db8::2"
+    assert ip_address(addresses[1][1]) in ip_network(peer["ipv6_subnet"])
+    got = family_samples(st)
+    v6 = (("family", "ipv6"),)
+    assert got[("overlay_sent_packets_total", v6)] == counters["tx_packets6"]
+    assert got[("overlay_sent_packets_total", (("family", "ipv4"),))] == (
+        counters["tx_packets"] - counters["tx_packets6"]
+    )
+    dropped = ("overlay_dropped_packets_total", (("family", "ipv6"), ("reason", "tx_no_route")))
+    assert got[dropped] == counters["drops6"]["tx_no_route"]
+    table = status_cli(started[0])
+    assert "of which IPv6: sent" in table and "via 2001:db8::2" in table
+
+
+def test_kernel_counters_of_flannel_v6_beside_flannel_1(
+    netns: Callable[[str], str], daemons: Any, tmp_path: Path
+) -> None:
+    nodes, started, _ = start_nodes(
+        netns, daemons, tmp_path, {**DUAL, "Backend": {"Type": "vxlan"}}, "--kernel-vxlan"
+    )
+    envs = [parse_subnet_env(d.subnet_file.read_text()) for d in started]
+    pods = [netns("p1"), netns("p2")]
+    addresses = [pod(node, p, env) for node, p, env in zip(nodes, pods, envs, strict=True)]
+    assert poll(lambda: pings(pods[0], addresses[1][1]), timeout=10)
+    before = status.query(started[0].socket)["kernel_counters6"]
+    for _ in range(3):
+        ping6(pods[0], addresses[1][1])
+    st = status.query(started[0].socket)
+    kernel, kernel6 = st["kernel_counters"], st["kernel_counters6"]
+    assert (kernel["device"], kernel6["device"]) == ("flannel.1", "flannel-v6.1")
+    assert kernel6["tx_packets"] >= before["tx_packets"] + 3
+    assert kernel6["rx_packets"] >= before["rx_packets"] + 3
+    got = family_samples(st)
+    link = "overlay_kernel_link_transmit_packets_total"
+    assert got[(link, (("device", "flannel-v6.1"),))] == kernel6["tx_packets"]
+    assert got[("overlay_sent_packets_total", (("family", "ipv6"),))] == kernel6["tx_packets"]
+    assert got[("overlay_sent_packets_total", (("family", "ipv4"),))] == kernel["tx_packets"]
+    assert "kernel     flannel-v6.1: sent" in status_cli(started[0])
+
+
+def status_cli(daemon: Any) -> str:
+    result = subprocess.run(
+        overlay_cmd("status", "--status-socket", str(daemon.socket)),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout

@@ -1,7 +1,8 @@
 """The IPv6 half shows an attached `overlay trace` what the IPv4 path does (issue 20):
 inner and outer packets both ways, drops with their reason, the ICMPv6 error it writes
-back; over real UDP sockets on ::1 and a TUN stand-in. ``set_tap`` on the vxlan
-dataplane reaches the IPv6 half."""
+back; and counts its own share (``*6``, ``drops6``) for /metrics' family split; over
+real UDP sockets on ::1 and a TUN stand-in. ``set_tap`` on the vxlan dataplane reaches
+the IPv6 half."""
 
 from __future__ import annotations
 
@@ -125,7 +126,17 @@ def test_both_directions_and_the_drops_are_shown_to_the_tap(half: Any) -> None:
     (dropped, error) = tap.seen
     assert dropped == ("drop", "tx_no_route", nowhere, None)
     assert error[:2] == ("inner", "rx") and ICMPv6DestUnreach in IPv6(error[2])
-    assert dict(path.counters.drops) == {"rx_vxlan_wrong_vni": 1, "tx_no_route": 1}
+    counters = path.counters
+    assert (
+        dict(counters.drops) == dict(counters.drops6) == {"rx_vxlan_wrong_vni": 1, "tx_no_route": 1}
+    )
+    # the IPv6 half's own share of the node's counts, for the family split of /metrics
+    assert (
+        (counters.tx_packets6, counters.rx_packets6)
+        == (counters.tx_packets, counters.rx_packets)
+        == (1, 1)
+    )
+    assert (counters.tx_bytes6, counters.rx_bytes6) == (len(datagram), len(good))
 
 
 def test_without_a_tap_nothing_is_shown_and_everything_counted(half: Any) -> None:
