@@ -27,7 +27,7 @@ from collections.abc import Callable
 from functools import partial
 from ipaddress import IPv6Network
 
-from control.peer_table import PeerTable
+from control.peer_table import PeerStats, PeerTable
 from encap import ipv6, tso, vxlan
 from encap.errors import CodecError
 from overlay.dataplane.counters import Counters
@@ -44,6 +44,11 @@ IPV6_EXTRA_OVERHEAD = 20
 _ETH_IPV6 = vxlan.ETHERTYPE_IPV6.to_bytes(2, "big")
 _VNET_PLAIN = bytes(VNET_HDR_LEN)
 _GSO_TCPV6 = 4  # virtio_net_hdr gso_type
+Buffer = bytes | bytearray | memoryview
+# impair6(side, buffer, size, peer, release): True when the datagram goes on now.
+Impair = Callable[
+    [str, Buffer, int, tuple[str, int], Callable[[Buffer, tuple[str, int], float], None]], bool
+]
 
 
 class Ipv6Path:
@@ -81,6 +86,9 @@ class Ipv6Path:
         self.icmp_limit = icmp_limit  # shared with the IPv4 path: one budget of errors
         self.neighbor_adverts = 0
         self.tap: Tap | None = None  # an attached `overlay trace` (overlay.observe.tap)
+        # Impairment (the dataplane's ``impair6``, overlay.dataplane.impaired): None
+        # while nothing is impaired.
+        self.impair: Impair | None = None
         self._rx_buffer = bytearray(MAX_DATAGRAM)
         self._rx_view = memoryview(self._rx_buffer)
 
@@ -111,26 +119,38 @@ class Ipv6Path:
             self._answer("tx_too_big", packet, too_big)
             return
         datagram = peer.prefix + packet
+        impair = self.impair
+        if impair is not None and not impair("tx", datagram, len(datagram), peer.addr, self._held):
+            return  # dropped, or held for later (``_held``)
+        self._send(datagram, peer.addr, peer.stats)
+
+    def _send(self, datagram: Buffer, addr: tuple[str, int], stats: PeerStats | None) -> None:
+        """``datagram`` to ``addr``, counted (and traced) sent or dropped."""
         try:
-            self.sock.sendto(datagram, peer.addr)
+            self.sock.sendto(datagram, addr)
         except BlockingIOError:
-            self._tx_drop("tx_socket_full", packet)
+            self._tx_drop("tx_socket_full", memoryview(datagram)[HEADROOM:])
             return
         except OSError:
-            self._tx_drop("tx_send_error", packet)
+            self._tx_drop("tx_send_error", memoryview(datagram)[HEADROOM:])
             return
         if self.tap is not None:
-            self.tap.inner("tx", packet)
-            self.tap.outer("tx", datagram, peer.addr)
+            self.tap.inner("tx", memoryview(datagram)[HEADROOM:])
+            self.tap.outer("tx", datagram, addr)
         counters = self.counters
         counters.tx_packets += 1
         counters.tx_bytes += len(datagram)
         counters.tx_packets6 += 1
         counters.tx_bytes6 += len(datagram)
-        stats = peer.stats
-        stats.tx_packets += 1
-        stats.tx_bytes += len(datagram)
-        stats.last_tx = time.monotonic()
+        if stats is not None:
+            stats.tx_packets += 1
+            stats.tx_bytes += len(datagram)
+            stats.last_tx = time.monotonic()
+
+    def _held(self, datagram: Buffer, addr: tuple[str, int], now: float) -> None:
+        """A datagram impairment held (delayed, duplicated, corrupted), due now."""
+        peer = self.peers.by_public_ipv6(addr[0])
+        self._send(datagram, addr, peer.stats if peer is not None else None)
 
     def _answer(self, reason: str, packet: bytearray, build: Callable[..., bytes]) -> None:
         """Count ``packet`` dropped for ``reason`` and write the ICMPv6 error ``build``
@@ -155,7 +175,7 @@ class Ipv6Path:
         recv = self.sock.recvfrom_into
         buf = self._rx_buffer
         drops, drops6 = self.counters.drops, self.counters.drops6
-        tap = self.tap
+        tap, impair = self.tap, self.impair
         for _ in range(BUDGET):
             try:
                 size, source = recv(buf)
@@ -165,6 +185,9 @@ class Ipv6Path:
                 drops["rx_socket_error"] += 1
                 drops6["rx_socket_error"] += 1
                 continue
+            if impair is not None:  # dropped, or held for later (``_received_held``)?
+                if not impair("rx", buf, size, source[:2], partial(self._received_held, mtu)):
+                    continue
             if tap is not None:
                 reason = self._receive_traced(tap, size, source[:2], mtu)
             else:
@@ -173,7 +196,20 @@ class Ipv6Path:
                 drops[reason] += 1
                 drops6[reason] += 1
 
-    def _tx_drop(self, reason: str, packet: bytearray) -> None:
+    def _received_held(self, mtu: int, datagram: Buffer, source: tuple[str, int], _: float) -> None:
+        """A received datagram impairment held, due now: taken as ``on_socket_readable``
+        takes one."""
+        size = len(datagram)
+        self._rx_buffer[:size] = datagram
+        if self.tap is not None:
+            reason = self._receive_traced(self.tap, size, source, mtu)
+        else:
+            reason = self._receive(size, source[0], mtu)
+        if reason is not None:
+            self.counters.drops[reason] += 1
+            self.counters.drops6[reason] += 1
+
+    def _tx_drop(self, reason: str, packet: Buffer) -> None:
         """A packet read from the TUN that does not go: counted (and traced)."""
         self.counters.drops[reason] += 1
         self.counters.drops6[reason] += 1
