@@ -14,13 +14,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from control.subnet_env import parse_subnet_env
-from overlay.observe import metrics
 from overlay.observe import status_socket as status
 from tests.helpers.commands import overlay_cmd
 from tests.helpers.dual_stack import DUAL, in_ns, pings, pod, start_nodes
+from tests.helpers.observe import metric_samples
+from tests.helpers.observe import start_trace as attached_trace
 from tests.helpers.polling import poll
 
 pytestmark = pytest.mark.netns
@@ -43,15 +43,7 @@ def bed(
 
 
 def start_trace(daemon: Any, *args: str) -> subprocess.Popen[bytes]:
-    proc = subprocess.Popen(
-        overlay_cmd("trace", "--status-socket", str(daemon.socket), *args),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
-    assert proc.stderr is not None
-    line = proc.stderr.readline().decode()
-    assert "capturing on" in line, line
-    return proc
+    return attached_trace(daemon.socket, *args)
 
 
 def tshark(path: Path, *fields: str) -> list[list[str]]:
@@ -120,16 +112,6 @@ def test_a_filter_on_an_ipv6_address_keeps_only_its_packets(
 # -- overlay status and /metrics ----------------------------------------------------------
 
 
-def family_samples(st: dict[str, Any]) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    """/metrics as the daemon renders it from this status snapshot."""
-    text = metrics.render(st).decode()
-    return {
-        (s.name, tuple(sorted(s.labels.items()))): s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-    }
-
-
 def test_status_and_metrics_show_the_ipv6_half_of_userspace_vxlan(
     netns: Callable[[str], str], daemons: Any, tmp_path: Path
 ) -> None:
@@ -147,7 +129,7 @@ def test_status_and_metrics_show_the_ipv6_half_of_userspace_vxlan(
     (peer,) = st["peers"]
     assert peer["public_ipv6"] == "2001:db8::2"
     assert ip_address(addresses[1][1]) in ip_network(peer["ipv6_subnet"])
-    got = family_samples(st)
+    got = metric_samples(st)
     v6 = (("family", "ipv6"),)
     assert got[("overlay_sent_packets_total", v6)] == counters["tx_packets6"]
     assert got[("overlay_sent_packets_total", (("family", "ipv4"),))] == (
@@ -177,7 +159,7 @@ def test_kernel_counters_of_flannel_v6_beside_flannel_1(
     assert (kernel["device"], kernel6["device"]) == ("flannel.1", "flannel-v6.1")
     assert kernel6["tx_packets"] >= before["tx_packets"] + 3
     assert kernel6["rx_packets"] >= before["rx_packets"] + 3
-    got = family_samples(st)
+    got = metric_samples(st)
     link = "overlay_kernel_link_transmit_packets_total"
     assert got[(link, (("device", "flannel-v6.1"),))] == kernel6["tx_packets"]
     assert got[("overlay_sent_packets_total", (("family", "ipv6"),))] == kernel6["tx_packets"]

@@ -11,20 +11,13 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from prometheus_client.parser import text_string_to_metric_families
 
 from overlay.dataplane.counters import BATCH_MAX, Counters
 from overlay.observe import drop_log, health, metrics
 from overlay.observe.trace import Capture
+from tests.helpers.observe import metric_samples
 
-
-def samples(snapshot: dict[str, Any]) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    text = metrics.render(snapshot).decode()
-    return {
-        (s.name, tuple(sorted(s.labels.items()))): s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-    }
+samples = metric_samples
 
 
 @given(

@@ -5,26 +5,18 @@ flannel-v6.<VNI> side by side, NDP replies, and the status table's IPv6 lines.""
 
 from __future__ import annotations
 
-from typing import Any
-
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from prometheus_client.parser import text_string_to_metric_families
 
 from overlay.cli import status as status_cli
 from overlay.dataplane.counters import Counters
 from overlay.observe import metrics
+from tests.helpers.observe import metric_samples
 
 DUAL_LEASE = {"subnet": "198.18.1.0/24", "ipv6_subnet": "fd00:10:0:1::/64"}
 
 
-def samples(snapshot: dict[str, Any]) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    text = metrics.render(snapshot).decode()
-    return {
-        (s.name, tuple(sorted(s.labels.items()))): s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-    }
+samples = metric_samples
 
 
 reasons = st.sampled_from(["tx_no_route", "rx_foreign_source", "rx_ipv6_jumbo", "rx_x"])
