@@ -1,5 +1,5 @@
-"""What the observation tests share: /metrics read back as samples, and an `overlay
-trace` started and attached."""
+"""What the observation tests share: /metrics read back as samples, an `overlay trace`
+started and attached, and a tap that records what a dataplane shows it."""
 
 from __future__ import annotations
 
@@ -38,3 +38,20 @@ def start_trace(status_socket: str | Path, *args: str) -> subprocess.Popen[bytes
     line = proc.stderr.readline().decode()
     assert "capturing on" in line, line
     return proc
+
+
+class TapRecorder:
+    """A Tap (overlay.observe.tap) that keeps what it is shown, copied (buffers are only
+    valid in the call)."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[Any, ...]] = []
+
+    def inner(self, direction: str, packet: Any) -> None:
+        self.seen.append(("inner", direction, bytes(packet)))
+
+    def outer(self, direction: str, datagram: Any, peer: tuple[str, int]) -> None:
+        self.seen.append(("outer", direction, bytes(datagram), peer))
+
+    def drop(self, reason: str, data: Any, peer: tuple[str, int] | None) -> None:
+        self.seen.append(("drop", reason, bytes(data), peer))

@@ -22,27 +22,12 @@ from overlay.dataplane.ipv6 import Ipv6Path
 from overlay.dataplane.rate_limiter import RateLimiter
 from overlay.dataplane.vxlan import VxlanDataplane, vxlan6_prefix_for
 from tests.helpers.fake_tun import FakeTun
+from tests.helpers.observe import TapRecorder
 
 MAC, PEER_MAC = bytes.fromhex("0a0000000001"), bytes.fromhex("0a0000000002")
 OWN6, PEER_NET6 = IPv6Network("fd00:10:0:1::/64"), IPv6Network("fd00:10:0:2::/64")
 POD, REMOTE = "fd00:10:0:1::5", "fd00:10:0:2::9"
 MTU = 1450
-
-
-class Recorder:
-    """A Tap that keeps what it is shown, copied (buffers are only valid in the call)."""
-
-    def __init__(self) -> None:
-        self.seen: list[tuple[Any, ...]] = []
-
-    def inner(self, direction: str, packet: Any) -> None:
-        self.seen.append(("inner", direction, bytes(packet)))
-
-    def outer(self, direction: str, datagram: Any, peer: tuple[str, int]) -> None:
-        self.seen.append(("outer", direction, bytes(datagram), peer))
-
-    def drop(self, reason: str, data: Any, peer: tuple[str, int] | None) -> None:
-        self.seen.append(("drop", reason, bytes(data), peer))
 
 
 @pytest.fixture
@@ -94,7 +79,7 @@ def _from_peer(path: Ipv6Path, peer: socket.socket, datagram: bytes) -> None:
 
 def test_both_directions_and_the_drops_are_shown_to_the_tap(half: Any) -> None:
     path, tun, peer = half
-    tap = Recorder()
+    tap = TapRecorder()
     path.tap = tap
     ping = bytes(IPv6(src=POD, dst=REMOTE) / ICMPv6EchoRequest(id=3) / b"x")
     _to_peer(path, ping)
@@ -141,7 +126,7 @@ def test_both_directions_and_the_drops_are_shown_to_the_tap(half: Any) -> None:
 
 def test_without_a_tap_nothing_is_shown_and_everything_counted(half: Any) -> None:
     path, tun, peer = half
-    tap = Recorder()
+    tap = TapRecorder()
     path.tap = tap
     path.tap = None
     _to_peer(path, bytes(IPv6(src=POD, dst=REMOTE) / ICMPv6EchoRequest()))
@@ -169,7 +154,7 @@ def test_set_tap_on_the_vxlan_dataplane_reaches_its_ipv6_half(half: Any) -> None
             port=8472,
         )
         plane.attach_ipv6(path)
-        tap = Recorder()
+        tap = TapRecorder()
         plane.set_tap(tap)
         assert plane.tap is tap and path.tap is tap
         plane.set_tap(None)
