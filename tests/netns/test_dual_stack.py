@@ -36,6 +36,7 @@ from tests.helpers.dual_stack import (
     seed,
     serving,
     start_nodes,
+    tcp_transfer,
     underlay,
 )
 from tests.helpers.polling import poll
@@ -377,34 +378,6 @@ def test_pods_added_by_the_cni_plugin_get_both_families_and_talk(
 
 
 # -- IPv6 on the userspace vxlan datapath (issue 20) --------------------------------------
-
-# Receives one TCP connection on [address]:7778 and prints the SHA-256 of what came.
-SINK = """
-import hashlib, socket, sys
-s = socket.create_server((sys.argv[1], 7778), family=socket.AF_INET6)
-print("ready", flush=True)
-conn, _ = s.accept()
-digest = hashlib.sha256()
-while chunk := conn.recv(1 << 16):
-    digest.update(chunk)
-print(digest.hexdigest(), flush=True)
-"""
-# Sends argv[2] MB of seeded random bytes to [argv[1]]:7778; prints their SHA-256.
-SOURCE = """
-import hashlib, random, socket, sys
-data = random.Random(7).randbytes(int(sys.argv[2]) << 20)
-with socket.create_connection((sys.argv[1], 7778), timeout=30) as c:
-    c.sendall(data)
-print(hashlib.sha256(data).hexdigest(), flush=True)
-"""
-
-
-def tcp_transfer(src_ns: str, dst_ns: str, address: str, megabytes: int = 20) -> None:
-    """``megabytes`` over one TCP connection from ``src_ns`` to ``address`` in ``dst_ns``,
-    arriving intact (the SHA-256 of both ends compared)."""
-    with serving(dst_ns, SINK, address) as line:
-        sent = in_ns(src_ns, "timeout", "60", "python3", "-c", SOURCE, address, str(megabytes))
-        assert line() == sent.stdout.strip()
 
 
 def start_pair(

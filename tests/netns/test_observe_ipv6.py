@@ -7,7 +7,9 @@ vxlan (flannel-v6.1's link statistics beside flannel.1's)."""
 
 from __future__ import annotations
 
+import signal
 import subprocess
+import time
 from collections.abc import Callable
 from ipaddress import ip_address, ip_network
 from pathlib import Path
@@ -18,7 +20,7 @@ import pytest
 from control.subnet_env import parse_subnet_env
 from overlay.observe import status_socket as status
 from tests.helpers.commands import overlay_cmd
-from tests.helpers.dual_stack import DUAL, in_ns, pings, pod, start_nodes
+from tests.helpers.dual_stack import DUAL, in_ns, pings, pod, start_nodes, tcp_transfer
 from tests.helpers.observe import metric_samples
 from tests.helpers.observe import start_trace as attached_trace
 from tests.helpers.polling import poll
@@ -107,6 +109,48 @@ def test_a_filter_on_an_ipv6_address_keeps_only_its_packets(
     assert len(rows) == 4, rows
     assert all(pod2 in r[1].split(",") + r[2].split(",") and r[3] == "" for r in rows), rows
     assert sorted(r[0] for r in rows).count("eth0:udp/8472") == 2
+
+
+def test_a_trace_during_an_ipv6_tcp_transfer_sees_every_segment(
+    netns: Callable[[str], str], daemons: Any, tmp_path: Path
+) -> None:
+    """A trace attached to node 1 while 4 MB cross over TCP/IPv6 with TSO6 and UDP
+    GSO/GRO on: the IPv6 half goes one datagram at a time, the transfer arrives intact,
+    the trace holds every datagram node 1 sent (the super-packets' segments) and every
+    packet it wrote, and the IPv6 half's counts equal what the trace shows."""
+    started, addresses, pods, _ = bed(netns, daemons, tmp_path)
+    capture = tmp_path / "tcp6.pcapng"
+    before = status.query(started[0].socket)["counters"]
+    proc = start_trace(started[0], "-w", str(capture), "ip6")
+    try:
+        tcp_transfer(pods[0], pods[1], addresses[1][1], megabytes=4)
+        time.sleep(1)  # the connection's last packets, before the counts are read
+        after = status.query(started[0].socket)["counters"]
+    finally:
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    assert b"missed" not in err, err
+    fields = ["frame.interface_name", "ipv6.src", "ipv6.dst", "tcp.len", "frame.comment"]
+    rows = tshark(capture, *fields)
+    pod1, pod2 = addresses[0][1], addresses[1][1]
+    outer = [r for r in rows if r[0] == "eth0:udp/8472"]
+    inner = [r for r in rows if r[0] != "eth0:udp/8472" and not r[4]]
+    dropped = [r[4] for r in rows if r[4]]  # the first segments, cut before PMTU is known
+    sent = [r for r in outer if r[1].startswith("2001:db8::1,")]
+    inner_out = [r for r in inner if r[1] == pod1]
+    inner_in = [r for r in inner if r[2] == pod1]
+    assert after["tx_packets6"] - before["tx_packets6"] == len(sent) == len(inner_out)
+    assert after["rx_packets6"] - before["rx_packets6"] == len(inner_in)
+    drops6 = {r: n - before["drops6"].get(r, 0) for r, n in after["drops6"].items()}
+    assert {r: n for r, n in drops6.items() if n} == (
+        {"tx_too_big": len(dropped)} if dropped else {}
+    )
+    assert set(dropped) <= {"dropped: tx_too_big"}
+    # every byte of the transfer, as segments no larger than the MTU allows
+    assert sum(int(r[3]) for r in inner_out if r[3]) >= 4 << 20
+    assert max(int(r[3]) for r in inner_out if r[3]) <= 1500 - 70 - 40 - 20
+    assert all(r[1] == f"2001:db8::1,{pod1}" and r[2] == f"2001:db8::2,{pod2}" for r in sent)
 
 
 # -- overlay status and /metrics ----------------------------------------------------------
