@@ -8,9 +8,11 @@ nanoseconds (``if_tsresol`` 9), a dropped packet carries its reason as a packet 
 (``opt_comment``), and the direction goes in ``epb_flags``, so Wireshark and tshark show
 "inbound"/"outbound" and the comment next to each packet.
 
-Captures of the outer datagram get IPv4 and UDP headers synthesized from the addresses
-and ports (``udp_headers``), so a raw-IPv4 link type carries both capture points and
-Wireshark decodes flannel's udp (``-d udp.port==8285,ip``) and VXLAN inside.
+Both capture points are raw IP (``LINKTYPE_RAW``: the version nibble tells IPv4 from
+IPv6, so one interface carries both families). Captures of the outer datagram get IP and
+UDP headers synthesized from the addresses and ports (``udp_headers`` for IPv4,
+``udp6_headers`` for the IPv6 underlay of vxlan's IPv6 half), so Wireshark decodes
+flannel's udp (``-d udp.port==8285,ip``) and VXLAN inside.
 """
 
 from __future__ import annotations
@@ -23,8 +25,9 @@ from encap.checksum import internet_checksum
 Buffer = bytes | bytearray | memoryview
 Direction = Literal["in", "out"]
 
-# Link types (https://www.tcpdump.org/linktypes.html): a raw IPv4 packet, no link header.
-LINKTYPE_IPV4 = 228
+# Link types (https://www.tcpdump.org/linktypes.html): a raw IPv4 or IPv6 packet, no link
+# header (the first nibble says which).
+LINKTYPE_RAW = 101
 
 BLOCK_SHB = 0x0A0D0D0A
 BLOCK_IDB = 0x00000001
@@ -99,7 +102,7 @@ def section_header(
 
 
 def interface_description(
-    linktype: int = LINKTYPE_IPV4,
+    linktype: int = LINKTYPE_RAW,
     *,
     snaplen: int = 0,
     name: str | None = None,
@@ -192,6 +195,19 @@ def udp_headers(src: bytes, src_port: int, dst: bytes, dst_port: int, payload_le
     ip[16:20] = dst
     ip[10:12] = internet_checksum(ip).to_bytes(2, "big")
     return bytes(ip) + udp
+
+
+def udp6_headers(src: bytes, src_port: int, dst: bytes, dst_port: int, payload: Buffer) -> bytes:
+    """IPv6 + UDP headers for the datagram ``payload`` as it was on the wire: with its UDP
+    checksum (IPv6 has no "none", RFC 8200 8.1; a zero would show as an error in
+    Wireshark); lengths above 65535 are capped."""
+    udp_length = min(8 + len(payload), 0xFFFF)
+    udp = bytearray(_UDP.pack(src_port, dst_port, udp_length, 0))
+    pseudo = src + dst + udp_length.to_bytes(4, "big") + bytes((0, 0, 0, 17))
+    checksum = internet_checksum(pseudo + bytes(udp) + bytes(payload)) or 0xFFFF
+    udp[6:8] = checksum.to_bytes(2, "big")
+    ip = bytes((0x60, 0, 0, 0)) + udp_length.to_bytes(2, "big") + bytes((17, 64))
+    return ip + src + dst + bytes(udp)
 
 
 class BlockReader:

@@ -136,6 +136,11 @@ class Backend:
         its own, in this process)."""
         return None
 
+    def kernel_link6(self) -> KernelLink | None:
+        """The link whose kernel statistics count this backend's IPv6 traffic when it is
+        not ``kernel_link``'s (kernel vxlan: flannel-v6.<VNI>); None: none of its own."""
+        return None
+
     def prefix_for(self, lease: Lease) -> bytes:
         """Per-peer encapsulation prefix the peer table precomputes (none by default)."""
         return b""

@@ -234,6 +234,9 @@ class KernelVxlanBackend(RoutedBackend):
     def kernel_link(self) -> KernelLink:
         return KernelLink(self.device if self.ipv4 else self.device6, overlay_only=True)
 
+    def kernel_link6(self) -> KernelLink | None:
+        return KernelLink(self.device6, overlay_only=True) if self.ctx.config.ipv6 else None
+
     def node_objects(self, lease: Lease) -> list[KernelObject]:
         """The device as flanneld sets it up: learning off, our MAC, the lease's network
         address as a /32, MTU underlay - 50 (or Backend.MTU), up; IPv6 only, none of it."""

@@ -105,6 +105,7 @@ def format_table(
     lines = [
         *_node_lines(st),
         *_traffic_lines(counters, st.get("kernel_counters"), rates),
+        *_ipv6_traffic_lines(st, counters),
         *_worker_lines(st.get("workers")),
         *_impairment_lines(st.get("impairment"), counters),
         "",
@@ -150,8 +151,10 @@ def _node_lines(st: dict[str, Any]) -> list[str]:
         + ("ready" if ready.get("ready", True) else f"NOT READY: {ready.get('reason', '?')}")
     )
     lease = st.get("lease", {})
-    subnets = " ".join(lease[k] for k in ("subnet", "ipv6_subnet") if k in lease) or "?"
-    lines = [head, f"lease      {subnets}  ({lease.get('key', '')})"]
+    first = lease.get("subnet") or lease.get("ipv6_subnet") or "?"  # IPv6-only: no IPv4
+    lines = [head, f"lease      {first}  ({lease.get('key', '')})"]
+    if lease.get("ipv6_subnet"):
+        lines.append(f"           IPv6 {lease['ipv6_subnet']}, public {lease.get('public_ipv6')}")
     if "expires" in lease:
         if lease["expires"] is None:
             lines.append("           a reservation: never expires")
@@ -203,6 +206,24 @@ def _traffic_lines(
             f"dropped {kernel.get('tx_dropped', 0)} out / {kernel.get('rx_dropped', 0)} in, "
             f"errors {kernel.get('tx_errors', 0)} / {kernel.get('rx_errors', 0)}"
         )
+    return lines
+
+
+def _ipv6_traffic_lines(st: dict[str, Any], counters: dict[str, Any]) -> list[str]:
+    """A dual-stack node: the IPv6 half's share of the traffic and drops, or the kernel's
+    flannel-v6.<VNI> link."""
+    if not st.get("lease", {}).get("ipv6_subnet"):
+        return []
+    lines = []
+    if counters:
+        lines.append(
+            f"  of which IPv6: sent {_count(counters.get('tx_packets6', 0))} "
+            f"({_size(counters.get('tx_bytes6', 0))}), received "
+            f"{_count(counters.get('rx_packets6', 0))} ({_size(counters.get('rx_bytes6', 0))}), "
+            f"dropped {_count(sum((counters.get('drops6') or {}).values()))}, "
+            f"NDP replies {st.get('ndp_replies', 0)}"
+        )
+    lines += _traffic_lines({}, st.get("kernel_counters6"), None)
     return lines
 
 
@@ -266,6 +287,8 @@ def _peer_lines(peers: list[dict[str, Any]], rates: Rates | None) -> list[str]:
                 f" {_size(rates.of(p, was, 'rx_bytes')) + '/s':>9}"
             )
         lines.append(row)
+        if p.get("ipv6_subnet"):  # its IPv6 half (its traffic is counted in the row above)
+            lines.append(f"  {p['ipv6_subnet']} via {p.get('public_ipv6')}")
     return lines
 
 

@@ -27,9 +27,9 @@ from overlay.observe.trace import (
     DEFAULT_SNAPLEN,
     MAX_SNAPLEN,
     OUTER,
-    VXLAN_HEADROOM,
     describe,
-    dotted,
+    outer_parts,
+    vxlan_inner,
 )
 
 PROG = "overlay trace"
@@ -40,8 +40,9 @@ def _parser() -> argparse.ArgumentParser:
         prog=PROG,
         description="Capture what crosses a running daemon (inner packets at the TUN, outer "
         "datagrams, drops with their reason) as pcapng, like tcpdump. FILTER words: host, "
-        "src, dst, net, port, icmp, tcp, udp, proto N, peer, inner, outer, in, out, drop, "
-        "reason NAME; and, or, not, parentheses. Needs root (the socket is 0600).",
+        "src, dst, net (IPv4 or IPv6), port, ip, ip6, icmp, icmp6, tcp, udp, proto N, peer, "
+        "inner, outer, in, out, drop, reason NAME; and, or, not, parentheses. Needs root "
+        "(the socket is 0600).",
     )
     p.add_argument(
         "--status-socket",
@@ -149,14 +150,14 @@ class _Summary:
         way = {1: "In ", 2: "Out"}.get(int.from_bytes(flags[:4], "little") & 3, "   ")
         name = self.names[interface] if interface < len(self.names) else str(interface)
         text = f"{stamp} {name} {way} "
-        if interface == OUTER and len(data) >= 28:
-            sport, dport = int.from_bytes(data[20:22], "big"), int.from_bytes(data[22:24], "big")
-            text += f"{dotted(data[12:16])}.{sport} > {dotted(data[16:20])}.{dport}: "
-            inner = data[28:]
-            if len(inner) >= 42 and inner[0] == 0x08 and inner[20:22] == b"\x08\x00":
+        parts = outer_parts(data) if interface == OUTER else None
+        if parts is not None:
+            src, sport, dst, dport, inner = parts
+            text += f"{src}.{sport} > {dst}.{dport}: "
+            packet = vxlan_inner(inner)
+            if packet is not None:
                 text += "VXLAN, "
-                inner = inner[VXLAN_HEADROOM:]
-            text += describe(inner)
+            text += describe(inner if packet is None else packet)
         else:
             text += describe(data)
         text += f", length {length}"

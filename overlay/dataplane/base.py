@@ -89,6 +89,11 @@ class Dataplane:
         """What the IPv6 half reports (vxlan with EnableIPv6); nothing here."""
         return {}
 
+    def set_tap(self, tap: Tap | None) -> None:
+        """Attach (None: detach) what an `overlay trace` sees, to every path of this
+        dataplane (vxlan's IPv6 half too): read by the drains once per wake-up."""
+        self.tap = tap
+
     def sockets(self) -> list[socket.socket]:
         """The sockets this dataplane receives on (closed with it)."""
         return [self.sock]

@@ -25,6 +25,13 @@ class Counters:
     rx_gro_receives: int = 0
     rx_tun_super_packets: int = 0
     drops: Counter[str] = field(default_factory=Counter)
+    # The IPv6 half's share of the counts above (vxlan with EnableIPv6: it bumps both),
+    # so that /metrics can tell the families apart.
+    tx_packets6: int = 0
+    tx_bytes6: int = 0
+    rx_packets6: int = 0
+    rx_bytes6: int = 0
+    drops6: Counter[str] = field(default_factory=Counter)
     # Batch sizes, for histograms: tx_batch[n] counts sends (sendmsg/sendto) that carried
     # n datagrams, rx_batch[n] receives (recvmsg, a gathered run) that carried n; n is
     # capped at BATCH_MAX. Bumped once per send or receive, never per packet.
@@ -59,6 +66,11 @@ class Counters:
             "rx_gro_receives": self.rx_gro_receives,
             "rx_tun_super_packets": self.rx_tun_super_packets,
             "drops": dict(sorted(self.drops.items())),
+            "tx_packets6": self.tx_packets6,
+            "tx_bytes6": self.tx_bytes6,
+            "rx_packets6": self.rx_packets6,
+            "rx_bytes6": self.rx_bytes6,
+            "drops6": dict(sorted(self.drops6.items())),
             "impaired": dict(sorted(self.impaired.items())),
             "impair_queued": self.impair_queued,
             "tx_batch": list(self.tx_batch),

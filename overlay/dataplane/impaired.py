@@ -15,6 +15,13 @@ the TUN (``in``) with the usual counts and trace reports. Drops are counted as
 delayed, duplicated, corrupted and reordered, ``counters.impair_queued`` what is held.
 Rates and delays apply to inner packets (the length of the IPv4 packet), as netem on
 flannel0 would count them.
+
+vxlan's IPv6 half (``overlay.dataplane.ipv6``) asks ``impair6`` for each datagram while
+its ``impair`` attribute is set, going one datagram at a time then (a super-packet's
+segments, a GRO receive's datagrams; one None test per packet, super-packet or receive
+otherwise): the same models (its PublicIPv6 is a link of its own), counts (its drops
+also in ``drops6``), trace reports and timer; what it holds is released through its own
+``_held``/``_received_held``.
 """
 
 from __future__ import annotations
@@ -40,12 +47,17 @@ if TYPE_CHECKING:
 SIDE = {"out": "tx", "in": "rx"}
 
 
+# Releases a held datagram (data, peer, now) another way than the IPv4 path's own.
+Release = Callable[[bytes | bytearray | memoryview, tuple[str, int], float], None]
+
+
 class _Held(NamedTuple):
     at: float  # when it leaves (time.monotonic())
     order: int  # ties leave in the order they came
     side: str  # "tx": to send to ``peer``; "rx": received from ``peer``, to deliver
     data: bytes | bytearray
     peer: tuple[str, int]
+    release: Release | None  # None: the IPv4 path's (send or deliver, by ``side``)
 
 
 class ImpairPath(SendPath, ReceivePath):
@@ -180,15 +192,37 @@ class ImpairPath(SendPath, ReceivePath):
         if kept:
             self._deliver(source, kept, segment)
 
+    def impair6(
+        self,
+        side: str,
+        buf: bytes | bytearray | memoryview,
+        size: int,
+        peer: tuple[str, int],
+        release: Release,
+    ) -> bool:
+        """The IPv6 half's datagram ``buf[:size]`` (``side`` "tx": to send to ``peer``;
+        "rx": received from it) put to its link's model: True when it goes on now, as
+        it is; else it was dropped or held (released later through ``release``)."""
+        links = self.links
+        model = links.model(peer[0], "out" if side == "tx" else "in") if links else None
+        if model is None:
+            return True
+        now = time.monotonic()
+        verdict = model.offer(now, max(size - self.headroom, 0))
+        for reason in verdict.drops:
+            self.counters.drops6[f"{side}_impair_{reason}"] += 1
+        return self._impair(verdict, now, buf, 0, size, peer, side, release)
+
     def _impair(
         self,
         verdict: Verdict,
         now: float,
-        buf: bytearray | mmap,
+        buf: bytes | bytearray | memoryview | mmap,
         start: int,
         end: int,
         peer: tuple[str, int],
         side: str,
+        release: Release | None = None,
     ) -> bool:
         """Count and trace ``verdict`` for the datagram ``buf[start:end]`` and hold the
         copies that leave later, changed, or twice; True when one copy leaves now, as
@@ -214,19 +248,26 @@ class ImpairPath(SendPath, ReceivePath):
                 data[self.headroom + send.flip_bit // 8] ^= 1 << (send.flip_bit % 8)
             if send.at > now:
                 counts[f"{side}_delayed"] += 1
-            self._hold(send.at, side, data, peer)
+            self._hold(send.at, side, data, peer, release)
         return in_place
 
     # -- holding and releasing ---------------------------------------------------------
 
-    def _hold(self, at: float, side: str, data: bytearray, peer: tuple[str, int]) -> None:
+    def _hold(
+        self,
+        at: float,
+        side: str,
+        data: bytearray,
+        peer: tuple[str, int],
+        release: Release | None = None,
+    ) -> None:
         if self._timer is None:
             assert self._loop is not None, "impairment before start()"
             self._held = []
             self._timer = MonotonicTimer()
             self._loop.add_reader(self._timer.fd, self._release_due)
         self._order += 1
-        heapq.heappush(self._held, _Held(at, self._order, side, data, peer))
+        heapq.heappush(self._held, _Held(at, self._order, side, data, peer, release))
         self.counters.impair_queued = len(self._held)
         if at < self._armed:
             self._armed = at
@@ -242,7 +283,9 @@ class ImpairPath(SendPath, ReceivePath):
         now = time.monotonic()
         while held and held[0].at <= now:
             item = heapq.heappop(held)
-            if item.side == "tx":
+            if item.release is not None:
+                item.release(item.data, item.peer, now)
+            elif item.side == "tx":
                 self._send_held(item.data, item.peer, now)
             else:
                 self._rx_buffer[: len(item.data)] = item.data

@@ -29,6 +29,8 @@ from encap.errors import CodecError
 from overlay.dataplane.counters import Counters
 from overlay.dataplane.ipv6 import Ipv6Path
 from overlay.dataplane.udp import UdpDataplane
+from overlay.impair.rules import Rules
+from overlay.observe.tap import Tap
 from tun.device import TunDevice
 
 HEADROOM = vxlan.PREFIX_LEN
@@ -128,6 +130,16 @@ class VxlanDataplane(UdpDataplane):
         if self.ipv6 is not None:
             loop.remove_reader(self.ipv6.sock.fileno())
         super().stop(loop)
+
+    def set_impairment(self, rules: Rules) -> None:
+        super().set_impairment(rules)
+        if self.ipv6 is not None:  # its IPv6 half asks impair6 per datagram while impaired
+            self.ipv6.impair = self.impair6 if self.links is not None else None
+
+    def set_tap(self, tap: Tap | None) -> None:
+        super().set_tap(tap)
+        if self.ipv6 is not None:
+            self.ipv6.tap = tap
 
     def ipv6_status(self) -> dict[str, int]:
         return self.ipv6.status() if self.ipv6 is not None else {}

@@ -18,7 +18,10 @@ from overlay.impair.spec import Spec
 class Links:
     """The model of every impaired (peer, direction): ``rules`` resolved against the
     peer table, again whenever the table changes (``PeerTable`` swaps ``routes`` on
-    every change). A node with several leases follows the rule of any of them."""
+    every change). A node with several leases follows the rule of any of them. A
+    dual-stack peer's IPv6 half (its PublicIPv6) is a link of its own, with its own model,
+    as flannel-v6.<VNI> is a device apart from flannel.<VNI>; both follow a rule naming
+    either subnet of the lease (``overlay.impair.rules``)."""
 
     def __init__(self, rules: Rules, peers: PeerTable) -> None:
         self.rules = rules
@@ -50,12 +53,19 @@ class Links:
         for direction in DIRECTIONS:
             every = rules.get(None, direction)
             for peer in self.peers.peers():
-                key = (peer.addr[0], direction)
-                own = rules.get(peer.lease.subnet, direction)
-                if own is not None:
-                    specs[key] = own
-                elif every is not None:
-                    specs.setdefault(key, every)
+                lease = peer.lease
+                v4, v6 = rules.get(lease.subnet, direction), None
+                if lease.ipv6_subnet is not None:
+                    v6 = rules.get(lease.ipv6_subnet, direction)
+                links = [(peer.addr[0], v4 if v4 is not None else v6)]
+                if lease.public_ipv6 is not None and lease.ipv6_subnet is not None:
+                    links.append((str(lease.public_ipv6), v6 if v6 is not None else v4))
+                for ip, own in links:
+                    key = (ip, direction)
+                    if own is not None:
+                        specs[key] = own
+                    elif every is not None:
+                        specs.setdefault(key, every)
         # A link whose spec is unchanged keeps its model (its queue, rate and state).
         self._models = {
             key: model for key, model in self._models.items() if specs.get(key) == model.spec

@@ -4,34 +4,39 @@ give against the peer table are ``overlay.impair.links``: a daemon that parses f
 never impaired loads no model).
 
 A rule for a peer (its lease's subnet) wins over the rule for all peers in the same
-direction; ``out`` impairs what we send to a peer, ``in`` what we receive from it
-(netem on a device impairs its egress: ``out`` is the default). Every peer gets its own
-model (its own queue, rate and random state), as if each link had its own netem.
+direction. A dual-stack peer is named by either subnet of its lease, and a rule naming
+it covers both families of the link (what an operator means by "the link to that node");
+a rule naming one subnet wins, for that family, over a rule naming the other (so
+``--peer fd00:10:0:3::/64`` alone can treat IPv6 apart). ``out`` impairs what we send to
+a peer, ``in`` what we receive from it (netem on a device impairs its egress: ``out`` is
+the default). Every peer gets its own model (its own queue, rate and random state), as
+if each link had its own netem.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from ipaddress import IPv4Network
+from ipaddress import IPv4Network, IPv6Network, ip_network
 from typing import Any
 
 from overlay.impair.spec import ImpairError, Spec, format_spec, parse_spec
 
 DIRECTIONS = ("out", "in")
+Subnet = IPv4Network | IPv6Network
 CHOICES = ("out", "in", "both")
 
 
-def parse_peer(text: str) -> IPv4Network:
-    """A peer as `overlay status` lists it: its lease's subnet."""
+def parse_peer(text: str) -> Subnet:
+    """A peer as `overlay status` lists it: its lease's subnet, or its IPv6 subnet."""
     try:
         if "/" not in text:
             raise ValueError(text)
-        return IPv4Network(text)
+        return ip_network(text)
     except ValueError:
         raise ImpairError(
             f"--peer {text!r} is not a subnet: give a peer's lease as `overlay status` "
-            "lists it (e.g. 198.18.3.0/24)"
+            "lists it (e.g. 198.18.3.0/24, or its IPv6 subnet fd00:10:0:3::/64)"
         ) from None
 
 
@@ -43,7 +48,7 @@ def _directions(text: str) -> tuple[str, ...]:
 
 @dataclass(frozen=True)
 class Rule:
-    peer: IPv4Network | None  # None: every peer without a rule of its own
+    peer: Subnet | None  # None: every peer without a rule of its own
     direction: str  # "out" or "in"
     spec: Spec
 
@@ -56,7 +61,7 @@ class Rule:
 class Change:
     """Set ``spec`` (or clear, when None) for ``peer`` (None: all peers) in ``directions``."""
 
-    peer: IPv4Network | None
+    peer: Subnet | None
     directions: tuple[str, ...]
     spec: Spec | None
 
@@ -122,14 +127,14 @@ class Rules:
     def __hash__(self) -> int:
         return hash(frozenset(self._rules.items()))
 
-    def get(self, peer: IPv4Network | None, direction: str) -> Spec | None:
+    def get(self, peer: Subnet | None, direction: str) -> Spec | None:
         rule = self._rules.get((peer, direction))
         return rule.spec if rule is not None else None
 
     def directions(self) -> set[str]:
         return {direction for _, direction in self._rules}
 
-    def peers(self) -> set[IPv4Network]:
+    def peers(self) -> set[Subnet]:
         return {peer for peer, _ in self._rules if peer is not None}
 
     def changed(self, change: Change) -> Rules:
@@ -156,8 +161,9 @@ class Rules:
         return rules
 
 
-def _order(rule: Rule) -> tuple[int, int, int, int]:
+def _order(rule: Rule) -> tuple[int, int, int, int, int]:
     peer = rule.peer
+    version = peer.version if peer is not None else 0
     address = int(peer.network_address) if peer is not None else -1
     prefix = peer.prefixlen if peer is not None else -1
-    return (peer is not None, address, prefix, DIRECTIONS.index(rule.direction))
+    return (peer is not None, version, address, prefix, DIRECTIONS.index(rule.direction))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 
+from control.lease import Lease
 from overlay.backends.base import BackendError
 from overlay.impair.rules import Change, Rules
 from overlay.impair.spec import ImpairError
@@ -26,10 +27,19 @@ def _checked(node: NodeState, argument: str) -> Rules:
     except json.JSONDecodeError:
         raise ImpairError("an impair request is a JSON object") from None
     peer = change.peer
-    if peer is not None and node.peers.get(peer) is None and peer not in rules.peers():
-        known = ", ".join(p.lease.name for p in node.peers.peers()) or "none yet"
+    leases = [p.lease for p in node.peers.peers()]
+    named = {lease.ident for lease in leases} | {lease.ipv6_subnet for lease in leases}
+    if peer is not None and peer not in named and peer not in rules.peers():
+        known = ", ".join(_names(lease) for lease in leases) or "none yet"
         raise ImpairError(f"no peer {peer} (peers: {known})")
     return rules.changed(change)
+
+
+def _names(lease: Lease) -> str:
+    """A peer as --peer may name it: its subnet, and its IPv6 subnet if it has one."""
+    if not lease.has_ipv4 or lease.ipv6_subnet is None:
+        return lease.name
+    return f"{lease.subnet} ({lease.ipv6_subnet})"
 
 
 async def serve_impair(

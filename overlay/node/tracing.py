@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -35,7 +36,12 @@ def captures_of(node: NodeState) -> Captures | None:
         assert backend is not None and backend.dataplane is not None and node.peers is not None
         dataplane = backend.dataplane
         address, port = dataplane.sock.getsockname()
-        endpoint = trace.Endpoint(address, port, dataplane.headroom)
+        # vxlan's IPv6 half receives on a socket of its own: its address for the headers.
+        address6 = next(
+            (s.getsockname()[0] for s in dataplane.sockets() if s.family == socket.AF_INET6),
+            None,
+        )
+        endpoint = trace.Endpoint(address, port, dataplane.headroom, address6)
         node.captures = trace.Captures(dataplane, endpoint, node.peers, backend.workers)
     return node.captures
 

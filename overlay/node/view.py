@@ -70,14 +70,19 @@ class NodeView:
         return st
 
     async def _kernel_counters(self, st: dict[str, Any]) -> None:
-        """What must be read from the kernel (off the loop): the kernel datapath's link."""
+        """What must be read from the kernel (off the loop): the kernel datapath's link,
+        and its IPv6 link (``kernel_counters6``: flannel-v6.<VNI>) when it has one."""
         backend = self.node.backend
-        link = backend.kernel_link() if backend is not None else None
-        if link is not None and st["state"] != "starting":
-            stats = await asyncio.to_thread(netlink.link_stats, link.name)
-            if stats is not None:
-                st["kernel_counters"] = {"device": link.name, **stats}
-                st["kernel_is_overlay"] = link.overlay_only
+        if backend is None or st["state"] == "starting":
+            return
+        link, link6 = backend.kernel_link(), backend.kernel_link6()
+        for key, found in (("kernel_counters", link), ("kernel_counters6", link6)):
+            if found is not None:
+                stats = await asyncio.to_thread(netlink.link_stats, found.name)
+                if stats is not None:
+                    st[key] = {"device": found.name, **stats}
+        if link is not None and "kernel_counters" in st:
+            st["kernel_is_overlay"] = link.overlay_only
 
     def _head(self) -> tuple[dict[str, Any], list[Peer] | None, Reported]:
         """The snapshot without its peer rows; the peers in subnet order (None while
@@ -243,6 +248,10 @@ def _traffic(peer: Peer, reported: Reported) -> float:
 def _row(peer: Peer, reported: Reported, counted: bool, now: float, wall: float) -> dict[str, Any]:
     """One peer as `overlay status` shows it; with its traffic when ``counted``."""
     row: dict[str, Any] = {"subnet": peer.name, "public_ip": peer.addr[0], "port": peer.addr[1]}
+    lease = peer.lease
+    if lease.ipv6_subnet is not None:  # dual stack: its IPv6 half (sharing its counters)
+        row["ipv6_subnet"] = str(lease.ipv6_subnet)
+        row["public_ipv6"] = str(lease.public_ipv6) if lease.public_ipv6 is not None else None
     if not counted:
         return row
     s = peer.stats

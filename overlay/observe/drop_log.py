@@ -50,16 +50,17 @@ class Drops(Counter[str]):
 
 def summary(capture: Capture) -> dict[str, Any]:
     """What a log line may say about a dropped packet: addresses, protocol, length."""
-    from overlay.observe.trace import INNER, describe  # loaded by the capture's trace
+    # loaded by the capture's trace
+    from overlay.observe.trace import INNER, describe, outer_parts, vxlan_inner
 
     data = capture.data
     fields: dict[str, Any] = {"length": capture.length}
-    if capture.interface != INNER and len(data) >= 28:
-        fields["peer"] = f"{'.'.join(str(b) for b in data[12:16])}:{data[20] << 8 | data[21]}"
-        fields["length"] = capture.length - 28
-        data = data[28:]
-        if len(data) >= 42 and data[0] & 0x08 and data[20:22] == b"\x08\x00":
-            data = data[22:]  # VXLAN + Ethernet in front of the inner packet
+    parts = outer_parts(data) if capture.interface != INNER else None
+    if parts is not None:
+        source, port, _, _, payload = parts
+        fields["peer"] = f"[{source}]:{port}" if ":" in source else f"{source}:{port}"
+        fields["length"] = capture.length - (len(data) - len(payload))
+        data = vxlan_inner(payload) or payload  # VXLAN + Ethernet in front of the packet
     fields["packet"] = describe(data)
     return fields
 

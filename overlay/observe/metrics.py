@@ -11,6 +11,13 @@ datapaths count nothing in this process: for them the node totals come from the 
 own link statistics of ``flannel.<VNI>`` (kernel vxlan), and host-gw, which has no device
 of its own, reports the underlay link's (``overlay_kernel_link_*``, all of its traffic,
 not only the overlay's); per-peer families are absent there, never zeros.
+
+The node totals and the drops carry a ``family`` label, ``ipv4`` or (a dual-stack node)
+``ipv6``: the IP version of the path that counted them (the inner packet's; the IPv6
+half counts its own share, ``Counters.tx_packets6``..., the kernel's ``flannel-v6.<VNI>``
+its own link). Summed over ``family`` they are the node's totals. Per-peer families cover
+both halves of a peer's lease under its IPv4 subnet (the halves share their counters:
+one series per peer, the documented cardinality bound).
 """
 
 from __future__ import annotations
@@ -92,15 +99,39 @@ def _traffic(counters: dict[str, Any], prefix: str = "overlay_") -> Iterator[Met
         yield _counter(prefix + name, doc, counters.get(key, 0))
 
 
-def _drops(drops: dict[str, int], extra: dict[str, int] | None = None) -> CounterMetricFamily:
+def _family_traffic(split: dict[str, dict[str, Any]]) -> Iterator[Metric]:
+    """The node totals, one series per IP family (``ipv4``, ``ipv6``)."""
+    for key, name, doc in TRAFFIC:
+        family = CounterMetricFamily(f"overlay_{name}", f"{doc}, by IP family", labels=["family"])
+        for ip_family, counters in split.items():
+            family.add_metric([ip_family], counters.get(key, 0))
+        yield family
+
+
+def _drops(split: dict[str, dict[str, int]]) -> CounterMetricFamily:
     family = CounterMetricFamily(
         "overlay_dropped_packets",
-        "packets dropped, by the reason they were counted under",
-        labels=["reason"],
+        "packets dropped, by IP family and the reason they were counted under",
+        labels=["family", "reason"],
     )
-    for reason, n in sorted({**drops, **(extra or {})}.items()):
-        family.add_metric([reason], n)
+    for ip_family, drops in split.items():
+        for reason, n in sorted(drops.items()):
+            family.add_metric([ip_family, reason], n)
     return family
+
+
+def by_family(counters: dict[str, Any], dual_stack: bool) -> dict[str, dict[str, Any]]:
+    """A datapath's counters split by IP family: the IPv6 half's share (``*6`` keys,
+    ``drops6``) and the rest, the IPv4 path's; only ``ipv4`` on a single-stack node."""
+    if not dual_stack:
+        return {"ipv4": counters}
+    ipv6 = {key: counters.get(f"{key}6", 0) for key, _, _ in TRAFFIC}
+    ipv4 = {key: counters.get(key, 0) - ipv6[key] for key, _, _ in TRAFFIC}
+    drops6 = counters.get("drops6") or {}
+    drops = counters.get("drops") or {}
+    ipv4["drops"] = {r: n - drops6.get(r, 0) for r, n in drops.items() if n > drops6.get(r, 0)}
+    ipv6["drops"] = dict(drops6)
+    return {"ipv4": ipv4, "ipv6": ipv6}
 
 
 def families(st: dict[str, Any]) -> Iterator[Metric]:
@@ -115,9 +146,10 @@ def families(st: dict[str, Any]) -> Iterator[Metric]:
     yield _gauge("overlay_peers", "peers in the peer table", st.get("peer_count", len(peers)))
     yield from _peer_families(peers)
     counters = st.get("counters") or {}
+    dual_stack = "ipv6_subnet" in (st.get("lease") or {})
     if counters:
-        yield from _datapath_families(counters)
-    kernel = st.get("kernel_counters")
+        yield from _datapath_families(counters, dual_stack)
+    kernel = [k for k in (st.get("kernel_counters"), st.get("kernel_counters6")) if k]
     if kernel:
         own = not counters and bool(st.get("kernel_is_overlay"))
         yield from _kernel_families(kernel, own=own)
@@ -125,6 +157,12 @@ def families(st: dict[str, Any]) -> Iterator[Metric]:
         yield from _impairment_families(st["impairment"], counters)
     if "arp_replies" in st:
         yield _counter("overlay_arp_replies", "ARP replies sent for our VTEP", st["arp_replies"])
+    if "ndp_replies" in st:
+        yield _counter(
+            "overlay_ndp_replies",
+            "neighbour advertisements sent for our IPv6 VTEP address",
+            st["ndp_replies"],
+        )
     yield from _state_families(st)
     yield from _worker_families(st.get("workers") or [])
     yield from _health_server_families(st.get("health_server") or {})
@@ -203,10 +241,11 @@ def _registry_families(registry: dict[str, Any]) -> Iterator[Metric]:
         )
 
 
-def _datapath_families(counters: dict[str, Any]) -> Iterator[Metric]:
+def _datapath_families(counters: dict[str, Any], dual_stack: bool) -> Iterator[Metric]:
     """What a datapath in this process counts: traffic, drops, ICMP errors, batching."""
-    yield from _traffic(counters)
-    yield _drops(counters.get("drops") or {})
+    split = by_family(counters, dual_stack)
+    yield from _family_traffic(split)
+    yield _drops({ip_family: part.get("drops") or {} for ip_family, part in split.items()})
     yield _counter(
         "overlay_icmp_unreachable_sent",
         "ICMP net-unreachable errors written back into the TUN",
@@ -345,28 +384,28 @@ def _peer_families(peers: list[dict[str, Any]]) -> Iterator[Metric]:
         yield stamps
 
 
-def _kernel_families(kernel: dict[str, Any], own: bool) -> Iterator[Metric]:
-    """The kernel's link statistics; ``own``: the device carries only overlay traffic
-    (flannel.<VNI>), so they are the node totals as well."""
-    device = str(kernel.get("device", "?"))
+def _kernel_families(links: list[dict[str, Any]], own: bool) -> Iterator[Metric]:
+    """The kernel's statistics of the datapath's links (``flannel.<VNI>``, and with
+    EnableIPv6 ``flannel-v6.<VNI>``); ``own``: the devices carry only overlay traffic,
+    so they are the node totals as well, the first IPv4's, the second IPv6's."""
     for key, name in KERNEL_LINK:
         family = CounterMetricFamily(
             f"overlay_kernel_link_{name}",
             f"the kernel's {key} of the datapath's link",
             labels=["device"],
         )
-        family.add_metric([device], kernel.get(key, 0))
+        for link in links:
+            family.add_metric([str(link.get("device", "?"))], link.get(key, 0))
         yield family
     if own:
-        yield from _traffic(kernel)
+        split = dict(zip(("ipv4", "ipv6"), links, strict=False))
+        yield from _family_traffic(split)
+        reasons = ("tx_dropped", "rx_dropped", "tx_errors", "rx_errors")
         yield _drops(
-            {},
             {
-                "kernel_tx_dropped": kernel.get("tx_dropped", 0),
-                "kernel_rx_dropped": kernel.get("rx_dropped", 0),
-                "kernel_tx_errors": kernel.get("tx_errors", 0),
-                "kernel_rx_errors": kernel.get("rx_errors", 0),
-            },
+                ip_family: {f"kernel_{reason}": link.get(reason, 0) for reason in reasons}
+                for ip_family, link in split.items()
+            }
         )
 
 

@@ -5,14 +5,14 @@ The client sends one request line on the status socket (``trace {"filter": ..., 
 to its dataplane and streams pcapng back until the count is reached or the client goes
 away, then detaches it: with no trace attached the dataplane pays nothing.
 
-Two capture points, two pcapng interfaces, both raw IPv4:
+Two capture points, two pcapng interfaces, both raw IP (IPv4 and IPv6 alike):
 
 - interface 0, the TUN (``flannel0``): inner packets as read from it (outbound, towards a
-  peer) and as written into it (inbound);
-- interface 1, the underlay socket: each UDP datagram with IPv4 and UDP headers
-  synthesized from the addresses and ports (``encap.pcapng.udp_headers``), so tshark
-  decodes flannel's udp with ``-d udp.port==8285,ip`` and VXLAN with
-  ``-d udp.port==8472,vxlan``.
+  peer) and as written into it (inbound), IPv4 and, with vxlan's IPv6 half, IPv6;
+- interface 1, the underlay sockets: each UDP datagram with IP and UDP headers
+  synthesized from the addresses and ports (``encap.pcapng.udp_headers``, or
+  ``udp6_headers`` for a datagram of the IPv6 socket), so tshark decodes flannel's udp
+  with ``-d udp.port==8285,ip`` and VXLAN with ``-d udp.port==8472,vxlan``.
 
 A dropped packet is captured where it was dropped (a datagram we received on interface 1,
 a packet read from the TUN on interface 0) with ``dropped: <reason>`` as its packet
@@ -28,10 +28,11 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from ipaddress import IPv4Address
+from ipaddress import ip_address
 from typing import Any, NamedTuple
 
 from control.peer_table import Peer, PeerTable
+from encap import ipv6 as ipv6_codec
 from encap import pcapng
 from overlay.observe import trace_filter
 from overlay.observe.tap import Buffer, Direction, Tap
@@ -42,6 +43,7 @@ INNER, OUTER = 0, 1
 # Bytes of pcapng a slow reader may leave unread before captures are missed (counted).
 STREAM_BACKLOG = 8 * 1024 * 1024
 VXLAN_HEADROOM = 22  # VXLAN header + inner Ethernet header
+INNER_ETHERTYPES = (b"\x08\x00", b"\x86\xdd")  # the inner Ethernet types: IPv4, IPv6
 
 
 @dataclass(frozen=True)
@@ -100,6 +102,7 @@ class Endpoint:
     address: str  # our underlay address (outer headers)
     port: int  # our UDP port
     headroom: int  # bytes before the inner packet in a datagram (vxlan: 22)
+    address6: str | None = None  # our IPv6 underlay address (vxlan's IPv6 half), or None
 
 
 class Tracer:
@@ -117,7 +120,8 @@ class Tracer:
         self.snaplen = request.snaplen
         self.emit = emit
         self.endpoint = endpoint
-        self._local = IPv4Address(endpoint.address).packed
+        self._local = ip_address(endpoint.address).packed
+        self._local6 = ip_address(endpoint.address6).packed if endpoint.address6 else bytes(16)
         self.peers = peers
         self._ips: dict[str, int] = {}
 
@@ -126,9 +130,8 @@ class Tracer:
     def inner(self, direction: Direction, packet: Buffer) -> None:
         record = trace_filter.Record("inner", direction, None)
         trace_filter.inner_fields(record, packet)
-        if self.peers is not None and len(packet) >= 20:
-            remote = packet[16:20] if direction == "tx" else packet[12:16]
-            self._peer(record, self.peers.lookup(remote))
+        if self.peers is not None:
+            self._peer(record, self._inner_peer(direction, packet))
         if self.select(record):
             self._emit(INNER, direction, packet, len(packet), None)
 
@@ -150,26 +153,44 @@ class Tracer:
         record = trace_filter.Record("inner", direction, reason)
         trace_filter.inner_fields(record, data)
         if peer is not None and self.peers is not None:
-            self._peer(record, self.peers.by_public_ip(peer[0]), peer[0])
-        elif self.peers is not None and len(data) >= 20:
-            self._peer(record, self.peers.lookup(data[16:20]))
+            self._peer(record, self._sender(peer[0]), peer[0])
+        elif self.peers is not None:
+            self._peer(record, self._inner_peer("tx", data))
         if self.select(record):
             self._emit(INNER, direction, data, len(data), comment)
 
     # -- helpers -------------------------------------------------------------------------
 
     def _ip(self, text: str) -> int:
+        """A public address (either family) as the filter's records hold it."""
         value = self._ips.get(text)
         if value is None:
             if len(self._ips) > 4096:  # strangers sending from many addresses
                 self._ips.clear()
-            value = self._ips[text] = int(IPv4Address(text))
+            value = self._ips[text] = trace_filter.address_key(text)
         return value
+
+    def _inner_peer(self, direction: Direction, packet: Buffer) -> Peer | None:
+        """The peer on the far side of an inner packet: the owner of its destination
+        (``tx``) or source (``rx``), by the packet's family; None for neither."""
+        assert self.peers is not None
+        version = packet[0] >> 4 if packet else 0
+        if version == 4 and len(packet) >= 20:
+            return self.peers.lookup(packet[16:20] if direction == "tx" else packet[12:16])
+        if version == 6 and len(packet) >= 40:
+            return self.peers.lookup6(packet[24:40] if direction == "tx" else packet[8:24])
+        return None
+
+    def _sender(self, ip: str) -> Peer | None:
+        """The peer sending from public address ``ip`` (IPv6: its PublicIPv6)."""
+        assert self.peers is not None
+        return self.peers.by_public_ipv6(ip) if ":" in ip else self.peers.by_public_ip(ip)
 
     def _peer(self, record: trace_filter.Record, peer: Peer | None, ip: str | None = None) -> None:
         if peer is not None:
             record.peer_ip = self._ip(peer.addr[0])
-            record.peer_net = peer.lease.subnet
+            v6 = ":" in peer.addr[0]
+            record.peer_net = peer.lease.ipv6_subnet if v6 else peer.lease.subnet
         elif ip is not None:
             record.peer_ip = self._ip(ip)
 
@@ -179,22 +200,25 @@ class Tracer:
         headroom = self.endpoint.headroom
         if not headroom:
             trace_filter.inner_fields(record, datagram)
-        elif len(datagram) >= headroom + 20 and datagram[20:22] == b"\x08\x00":
+        elif len(datagram) >= headroom and bytes(datagram[20:22]) in INNER_ETHERTYPES:
             trace_filter.inner_fields(record, datagram[headroom:])
-        found = self.peers.by_public_ip(peer[0]) if self.peers is not None else None
+        found = self._sender(peer[0]) if self.peers is not None else None
         self._peer(record, found, peer[0])
 
     def _with_headers(
         self, direction: Direction, datagram: Buffer, peer: tuple[str, int]
     ) -> tuple[bytes, int]:
-        """The datagram behind synthesized IPv4/UDP headers, cut to the snap length, and
-        its length on the wire."""
-        remote = self._ip(peer[0]).to_bytes(4, "big")
-        local, port = self._local, self.endpoint.port
-        if direction == "tx":
-            headers = pcapng.udp_headers(local, port, remote, peer[1], len(datagram))
+        """The datagram behind synthesized IP/UDP headers (IPv6 ones for a datagram of the
+        IPv6 socket), cut to the snap length, and its length on the wire."""
+        key, port = self._ip(peer[0]), self.endpoint.port
+        v6 = bool(key & trace_filter.V6)
+        remote = (key ^ trace_filter.V6).to_bytes(16, "big") if v6 else key.to_bytes(4, "big")
+        local = self._local6 if v6 else self._local
+        src, dst = ((local, port), (remote, peer[1]))[:: 1 if direction == "tx" else -1]
+        if v6:
+            headers = pcapng.udp6_headers(*src, *dst, datagram)
         else:
-            headers = pcapng.udp_headers(remote, peer[1], local, port, len(datagram))
+            headers = pcapng.udp_headers(*src, *dst, len(datagram))
         kept = headers + bytes(datagram[: max(self.snaplen - len(headers), 0)])
         return kept, len(headers) + len(datagram)
 
@@ -225,7 +249,8 @@ class _Fanout:
 
 
 class TapSet:
-    """The tracers attached to one dataplane: ``dataplane.tap`` is None without any."""
+    """The tracers attached to one dataplane (``set_tap``: its IPv6 half too):
+    ``dataplane.tap`` is None without any."""
 
     def __init__(self, dataplane: Any) -> None:
         self.dataplane = dataplane
@@ -242,11 +267,11 @@ class TapSet:
 
     def _apply(self) -> None:
         if not self.taps:
-            self.dataplane.tap = None
+            self.dataplane.set_tap(None)
         elif len(self.taps) == 1:
-            self.dataplane.tap = self.taps[0]
+            self.dataplane.set_tap(self.taps[0])
         else:
-            self.dataplane.tap = _Fanout(list(self.taps))
+            self.dataplane.set_tap(_Fanout(list(self.taps)))
 
 
 class PcapngStream:
@@ -349,20 +374,75 @@ class Captures:
 
 
 def dotted(raw: bytes) -> str:
-    return ".".join(str(b) for b in raw)
+    """An address's text from its 4 (IPv4) or 16 (IPv6) bytes."""
+    return str(ip_address(bytes(raw)))
+
+
+def outer_parts(data: bytes) -> tuple[str, int, str, int, bytes] | None:
+    """(source, source port, destination, destination port, UDP payload) of an outer
+    capture behind the IPv4 or IPv6 headers ``Tracer`` synthesizes; None when too short."""
+    header = 40 if data[:1] and data[0] >> 4 == 6 else 20
+    if len(data) < header + 8:
+        return None
+    at = 8 if header == 40 else 12
+    size = 16 if header == 40 else 4
+    src, dst = dotted(data[at : at + size]), dotted(data[at + size : at + 2 * size])
+    udp = data[header : header + 8]
+    sport, dport = int.from_bytes(udp[0:2], "big"), int.from_bytes(udp[2:4], "big")
+    return src, sport, dst, dport, data[header + 8 :]
+
+
+def vxlan_inner(payload: bytes) -> bytes | None:
+    """The inner packet of a VXLAN payload (I flag, Ethernet type IPv4 or IPv6), else
+    None."""
+    if len(payload) >= VXLAN_HEADROOM + 20 and payload[0] & 0x08:
+        if payload[20:22] in INNER_ETHERTYPES:
+            return payload[VXLAN_HEADROOM:]
+    return None
+
+
+ICMP_KINDS = {0: "echo reply", 3: "unreachable", 8: "echo request", 11: "time exceeded"}
+ICMP6_KINDS = {
+    1: "destination unreachable",
+    2: "packet too big",
+    128: "echo request",
+    129: "echo reply",
+    135: "neighbor solicitation",
+    136: "neighbor advertisement",
+}
 
 
 def describe(packet: bytes) -> str:
-    if len(packet) < 20 or packet[0] >> 4 != 4:
-        return f"not IPv4 ({len(packet)} bytes)"
+    """One packet as tcpdump's line would say it (addresses, ports, protocol)."""
     record = trace_filter.Record("inner", "tx", None)
     trace_filter.inner_fields(record, packet)
-    proto = {1: "ICMP", 6: "TCP", 17: "UDP"}.get(packet[9], f"proto {packet[9]}")
-    src, dst = dotted(packet[12:16]), dotted(packet[16:20])
+    if record.version == 6:
+        family, src, dst = "IP6", dotted(packet[8:24]), dotted(packet[24:40])
+        icmp, kinds = (58, "ICMP6"), ICMP6_KINDS
+    elif record.version == 4:
+        family, src, dst = "IP", dotted(packet[12:16]), dotted(packet[16:20])
+        icmp, kinds = (1, "ICMP"), ICMP_KINDS
+    else:
+        return f"not IP ({len(packet)} bytes)"
+    names = {6: "TCP", 17: "UDP", icmp[0]: icmp[1]}
+    proto = record.proto
+    name = names.get(proto, f"proto {proto}") if proto is not None else "unknown protocol"
     if record.sport is not None:
-        return f"IP {src}.{record.sport} > {dst}.{record.dport}: {proto}"
-    header = (packet[0] & 0x0F) * 4
-    if packet[9] == 1 and len(packet) > header + 1:
-        kind = {0: "echo reply", 3: "unreachable", 8: "echo request", 11: "time exceeded"}
-        return f"IP {src} > {dst}: ICMP {kind.get(packet[header], f'type {packet[header]}')}"
-    return f"IP {src} > {dst}: {proto}"
+        return f"{family} {src}.{record.sport} > {dst}.{record.dport}: {name}"
+    if proto == icmp[0]:
+        kind = _icmp_type(packet, record.version)
+        if kind is not None:
+            return f"{family} {src} > {dst}: {name} {kinds.get(kind, f'type {kind}')}"
+    return f"{family} {src} > {dst}: {name}"
+
+
+def _icmp_type(packet: bytes, version: int) -> int | None:
+    """The ICMP (ICMPv6) message type of the packet, None when it is not in the capture."""
+    if version == 4:
+        at = (packet[0] & 0x0F) * 4
+    else:
+        walked = ipv6_codec.upper_layer(packet, 0, len(packet))
+        if isinstance(walked, str):
+            return None
+        at = walked[1]
+    return packet[at] if len(packet) > at else None

@@ -59,7 +59,7 @@ def test_scapy_reads_back_every_packet(items: list) -> None:
         read, items, strict=True
     ):
         assert data == sent
-        assert meta.linktype == pcapng.LINKTYPE_IPV4 and meta.tsresol == 10**9
+        assert meta.linktype == pcapng.LINKTYPE_RAW and meta.tsresol == 10**9
         assert meta.tshigh << 32 | meta.tslow == ts
         assert meta.wirelen == len(sent) + cut
         assert meta.direction == {None: None, "in": 1, "out": 2}[direction]

@@ -2,8 +2,8 @@
 2001:db8::/64, a bridge in the first node's namespace; or IPv6 only), pods behind a veth
 as the CNI bridge makes them, a file registry seeded with a config, one daemon per node,
 a TCP probe of the source address a connection arrives with, and the checked transfers of
-``overlay.lab.transfer`` between such pods: what the dual-stack, IPv6-only and nftables
-suites share."""
+``overlay.lab.transfer`` between such pods: what the dual-stack, IPv6-only, observation
+and nftables suites share."""
 
 from __future__ import annotations
 
@@ -205,3 +205,32 @@ def peer_seen(server_ns: str, address: str, client_ns: str) -> str:
     with serving(server_ns, PEER_SERVER, address) as line:
         in_ns(client_ns, "python3", "-c", CONNECT, address)
         return line()
+
+
+# Receives one TCP connection on [address]:7778 and prints the SHA-256 of what came.
+SINK = """
+import hashlib, socket, sys
+s = socket.create_server((sys.argv[1], 7778), family=socket.AF_INET6)
+print("ready", flush=True)
+conn, _ = s.accept()
+digest = hashlib.sha256()
+while chunk := conn.recv(1 << 16):
+    digest.update(chunk)
+print(digest.hexdigest(), flush=True)
+"""
+# Sends argv[2] MB of seeded random bytes to [argv[1]]:7778; prints their SHA-256.
+SOURCE = """
+import hashlib, random, socket, sys
+data = random.Random(7).randbytes(int(sys.argv[2]) << 20)
+with socket.create_connection((sys.argv[1], 7778), timeout=30) as c:
+    c.sendall(data)
+print(hashlib.sha256(data).hexdigest(), flush=True)
+"""
+
+
+def tcp_transfer(src_ns: str, dst_ns: str, address: str, megabytes: int = 20) -> None:
+    """``megabytes`` over one TCP connection from ``src_ns`` to ``address`` in ``dst_ns``,
+    arriving intact (the SHA-256 of both ends compared)."""
+    with serving(dst_ns, SINK, address) as line:
+        sent = in_ns(src_ns, "timeout", "60", "python3", "-c", SOURCE, address, str(megabytes))
+        assert line() == sent.stdout.strip()

@@ -21,6 +21,7 @@ from encap.ipv4 import build_header
 from overlay.lab.testbed import Testbed
 from overlay.node.view import METRICS_MIN_AGE
 from tests.helpers.commands import PYTHON, overlay_cmd
+from tests.helpers.observe import start_trace as attached_trace
 from tests.helpers.polling import poll
 from tests.helpers.testbed import HEALTH_PORT, node_status, scrape
 from tests.helpers.testbed import HTTP_GET as GET
@@ -104,7 +105,8 @@ def test_metrics_parse_and_peer_counters_move_with_traffic(bed: Testbed) -> None
     last = after["overlay_peer_last_received_timestamp_seconds"][(("peer", n2),)]
     assert abs(time.time() - last) < 30
     # The node totals, the batch histograms, and the lease, registry and build facts.
-    assert after["overlay_sent_packets_total"][()] >= before["overlay_sent_packets_total"][()] + 5
+    v4 = (("family", "ipv4"),)
+    assert after["overlay_sent_packets_total"][v4] >= before["overlay_sent_packets_total"][v4] + 5
     sends = after["overlay_send_batch_datagrams_count"][()]
     assert sends > before["overlay_send_batch_datagrams_count"][()]
     assert after["overlay_send_batch_datagrams_bucket"][(("le", "+Inf"),)] == sends
@@ -237,16 +239,7 @@ def send(bed: Testbed, where: str, dst: str, payload: bytes) -> None:
 
 
 def start_trace(bed: Testbed, node: str, *args: str) -> subprocess.Popen[bytes]:
-    sock = str(bed.node_dir(int(node[1:])) / "status.sock")
-    proc = subprocess.Popen(
-        overlay_cmd("trace", "--status-socket", sock, *args),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
-    assert proc.stderr is not None
-    line = proc.stderr.readline().decode()
-    assert "capturing on" in line, line
-    return proc
+    return attached_trace(bed.node_dir(int(node[1:])) / "status.sock", *args)
 
 
 def tshark(path: Path, *args: str) -> list[list[str]]:
@@ -341,7 +334,7 @@ def test_dropped_spoofed_datagram_is_in_the_trace_with_its_reason(
 def test_bad_trace_requests_are_one_line(bed: Testbed) -> None:
     sock = str(bed.node_dir(1) / "status.sock")
     for words, expected, code in (
-        (["peer", "n2"], "'n2' is not an IPv4 address", 2),
+        (["peer", "n2"], "'n2' is not an IPv4 or IPv6 address", 2),
         (["-c", "0"], "is not a packet count", 2),
     ):
         result = subprocess.run(

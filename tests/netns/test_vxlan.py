@@ -677,7 +677,7 @@ def test_kernel_node_reports_the_kernels_counters(bed: Testbed) -> None:
     )[0]["stats64"]
     assert kernel["tx_packets"] <= link["tx"]["packets"]
     text = metrics.render(st).decode()
-    assert f"overlay_sent_packets_total {float(kernel['tx_packets'])}" in text
+    assert f'overlay_sent_packets_total{{family="ipv4"}} {float(kernel["tx_packets"])}' in text
     assert 'overlay_kernel_link_receive_packets_total{device="flannel.1"}' in text
     assert "overlay_peer_sent_packets_total" not in text  # no per-peer counts, not zeros
     table = status.format_table(st)

@@ -175,7 +175,7 @@ def test_per_peer_traffic_and_metrics_add_up_over_the_workers(bed: Testbed) -> N
     }
     per_worker = [samples[("overlay_worker_sent_packets_total", (("worker", w),))] for w in "01"]
     assert all(n > 100 for n in per_worker), per_worker
-    assert samples[("overlay_sent_packets_total", ())] == sum(per_worker)
+    assert samples[("overlay_sent_packets_total", (("family", "ipv4"),))] == sum(per_worker)
     assert samples[("overlay_peer_sent_packets_total", (("peer", peer["subnet"]),))] == sum(
         per_worker
     )

@@ -27,9 +27,11 @@ from overlay.dataplane.ipv6 import Ipv6Path
 from overlay.dataplane.rate_limiter import RateLimiter
 from overlay.dataplane.udp import UdpDataplane
 from overlay.dataplane.udp_socket import open_socket
-from overlay.dataplane.vxlan import vxlan6_prefix_for
+from overlay.dataplane.vxlan import VxlanDataplane, vxlan6_prefix_for
+from overlay.impair.rules import Change, Rules
 from tests.helpers import wire
 from tests.helpers.fake_tun import FakeTun
+from tests.helpers.observe import TapRecorder
 from tests.helpers.tcp_streams import resegment
 
 OWN = IPv4Network("198.18.1.0/24")
@@ -204,8 +206,11 @@ def test_a_tso6_super_packet_leaves_in_one_gso_send(
     assert [str(s[TCP].flags) for s in segments] == ["A"] * 22 + ["PA"]
     assert p.path.status()["ipv6_tx_tun_super_packets"] == 1
     assert p.path.status()["ipv6_tx_gso_sends"] == 1
-    assert p.path.counters.tx_packets == 23
-    assert dict(p.path.counters.drops) == {}
+    counters = p.path.counters
+    # the IPv6 half's share (/metrics' family label): every segment a packet, as on IPv4
+    assert counters.tx_packets == counters.tx_packets6 == 23
+    assert counters.tx_bytes == counters.tx_bytes6 == len(data)
+    assert dict(counters.drops) == {}
 
 
 @pytest.mark.underlay
@@ -279,7 +284,10 @@ def test_a_gro_receive_goes_into_the_tun_as_one_gso_tcpv6_super_packet(
         assert len(raw) == 2  # the run before it, the run after it
         assert status["ipv6_rx_tun_super_packets"] == 2
         assert dict(p.path.counters.drops) == {"rx_bad_l4_checksum": 1}
-    assert p.path.counters.rx_packets == len(expected)
+    counters = p.path.counters
+    assert counters.rx_packets == counters.rx_packets6 == len(expected)
+    assert counters.rx_bytes == counters.rx_bytes6 == sum(map(len, expected)) + 22 * len(expected)
+    assert counters.drops6 == counters.drops  # what valid_pieces6 drops: both tables
 
 
 @pytest.mark.underlay
@@ -320,3 +328,107 @@ def test_single_datagrams_are_checked_the_same_way(
     written = [s for data in p.tun.raw_written() for s in resegment([data[:10], data[10:]])]
     assert written == [d[22:] for i, d in enumerate(datagrams) if i != 1]
     assert dict(p.path.counters.drops) == {"rx_bad_l4_checksum": 1}
+
+
+@pytest.mark.underlay
+def test_with_a_trace_a_super_packet_leaves_segment_by_segment_each_reported(
+    pair: Callable[[bool], Pair],
+) -> None:
+    """A trace attached (as the IPv4 path with one): the TSO6 super-packet is still cut,
+    but each segment leaves in a sendto of its own and is shown to the trace (inner,
+    then outer), counted as a packet in the totals and the IPv6 half's share."""
+    p = pair(True)
+    tap = TapRecorder()
+    p.path.tap = tap
+    payload = bytes(range(256)) * 20  # 5120 bytes: 4 segments of 1370
+    vnet = struct.pack("=BBHHHH", 1, 4, 60, 1370, 40, 16)
+    p.path.send(vnet + bytes(tcp6(payload)), MTU)
+    received = p.received()
+    assert [size for _, size in received] == [0] * 4  # single datagrams, not a GSO batch
+    datagrams = [d for d, _ in received]
+    peer = ("::1", p.port)
+    expected: list[tuple[object, ...]] = []
+    for d in datagrams:
+        expected += [("inner", "tx", d[22:]), ("outer", "tx", d, peer)]
+    assert tap.seen == expected
+    assert b"".join(bytes(IPv6(d[22:])[TCP].payload) for d in datagrams) == payload
+    counters = p.path.counters
+    assert counters.tx_packets == counters.tx_packets6 == 4
+    assert counters.tx_bytes == counters.tx_bytes6 == sum(map(len, datagrams))
+    assert p.path.status()["ipv6_tx_gso_sends"] == 0
+    assert dict(counters.drops) == {}
+
+
+@pytest.mark.underlay
+@pytest.mark.parametrize("codecs", ["native", "pure"])
+def test_with_a_trace_a_gro_receive_is_reported_datagram_by_datagram(
+    pair: Callable[[bool], Pair], codecs: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A trace attached: each datagram of the peer's GSO send (one GRO receive) shown
+    (outer, then the inner packet or its drop with the reason), the valid ones still
+    written as GSO_TCPV6 super-packets; counted as on the fast path, in both tables."""
+    if codecs == "pure":
+        monkeypatch.setattr(native, "plan_tun_writes6", ipv6.plan_tun_writes6)
+    p = pair(True)
+    tap = TapRecorder()
+    p.path.tap = tap
+    datagrams = peer_segments(bytes(range(251)) * 109, corrupt=5)  # 20 segments
+    size = len(datagrams[0])
+    p.peer.sendmsg([b"".join(datagrams)], gso.segment_cmsg(size), 0, p.ours.getsockname()[:2])
+    select.select([p.ours], [], [], 1)
+    p.path.on_socket_readable(MTU)
+    source = tap.seen[0][3]
+    expected: list[tuple[object, ...]] = []
+    for i, d in enumerate(datagrams):
+        expected.append(("outer", "rx", d, source))
+        expected.append(
+            ("drop", "rx_bad_l4_checksum", d, source) if i == 5 else ("inner", "rx", d[22:])
+        )
+    assert tap.seen == expected
+    raw = p.tun.raw_written()
+    written = [s for data in raw for s in resegment([data[:10], data[10:]])]
+    good = [d[22:] for i, d in enumerate(datagrams) if i != 5]
+    assert written == good
+    assert len(raw) == 2 and raw[0][1] == raw[1][1] == 4  # GSO_TCPV6 either side of it
+    counters = p.path.counters
+    assert counters.rx_packets == counters.rx_packets6 == 19
+    assert counters.rx_bytes == counters.rx_bytes6 == sum(map(len, good)) + 22 * 19
+    assert dict(counters.drops) == dict(counters.drops6) == {"rx_bad_l4_checksum": 1}
+
+
+@pytest.mark.underlay
+def test_an_impaired_ipv6_half_puts_each_segment_to_the_model(
+    pair: Callable[[bool], Pair],
+) -> None:
+    """`overlay impair loss 100%` on the vxlan dataplane reaches its IPv6 half: every
+    segment of a TSO6 super-packet is offered to the model and lost, counted in the
+    totals and the IPv6 half's drops; cleared, the next one leaves in one GSO send."""
+    p = pair(True)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        plane = VxlanDataplane(
+            p.tun,  # type: ignore[arg-type]
+            sock,
+            p.path.peers,
+            OWN,
+            p.path.counters,
+            vni=1,
+            mac=MAC,
+            vtep_ip=OWN.network_address.packed,
+            port=8472,
+        )
+        plane.attach_ipv6(p.path)
+        plane.set_impairment(Rules().changed(Change.from_words("loss 100%")))
+        vnet = struct.pack("=BBHHHH", 1, 4, 60, 1370, 40, 16)
+        frame = vnet + bytes(tcp6(bytes(range(256)) * 20))  # 4 segments
+        p.path.send(frame, MTU)
+        assert p.received() == []
+        counters = p.path.counters
+        assert dict(counters.drops) == dict(counters.drops6) == {"tx_impair_loss": 4}
+        assert counters.tx_packets6 == 0
+        plane.set_impairment(Rules())
+        p.path.send(frame, MTU)
+        assert [size for _, size in p.received()] == [22 + 1430]
+        assert counters.tx_packets == counters.tx_packets6 == 4
+    finally:
+        sock.close()

@@ -11,20 +11,13 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from prometheus_client.parser import text_string_to_metric_families
 
 from overlay.dataplane.counters import BATCH_MAX, Counters
 from overlay.observe import drop_log, health, metrics
 from overlay.observe.trace import Capture
+from tests.helpers.observe import metric_samples
 
-
-def samples(snapshot: dict[str, Any]) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    text = metrics.render(snapshot).decode()
-    return {
-        (s.name, tuple(sorted(s.labels.items()))): s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-    }
+samples = metric_samples
 
 
 @given(
@@ -65,8 +58,9 @@ def test_workers_kernel_and_repairs_are_read_defensively() -> None:
     assert ("overlay_kernel_repairs_total", (("kind", "bogus"),)) not in got
     kernel = {"device": "flannel.1", "tx_packets": 7, "rx_dropped": 1}
     got = samples({"kernel_counters": kernel, "kernel_is_overlay": True, "peers": []})
-    assert got[("overlay_sent_packets_total", ())] == 7
-    assert got[("overlay_dropped_packets_total", (("reason", "kernel_rx_dropped"),))] == 1
+    assert got[("overlay_sent_packets_total", (("family", "ipv4"),))] == 7
+    v4_drop = (("family", "ipv4"), ("reason", "kernel_rx_dropped"))
+    assert got[("overlay_dropped_packets_total", v4_drop)] == 1
     assert got[("overlay_kernel_link_transmit_packets_total", (("device", "flannel.1"),))] == 7
     assert metrics.codecs({"native_codecs": True}) == "native"
     assert metrics.codecs({"udp_gso": True}) == "pure"
@@ -90,8 +84,9 @@ def test_impairment_rules_and_what_they_did_are_exported() -> None:
     assert got[("overlay_impair_duplicated_packets_total", (("direction", "in"),))] == 2
     assert got[("overlay_impair_corrupted_packets_total", (("direction", "out"),))] == 1
     assert got[("overlay_impair_queued_packets", ())] == 5
-    assert got[("overlay_dropped_packets_total", (("reason", "tx_impair_loss"),))] == 3
-    assert got[("overlay_dropped_packets_total", (("reason", "rx_impair_limit"),))] == 4
+    v4 = ("family", "ipv4")
+    assert got[("overlay_dropped_packets_total", (v4, ("reason", "tx_impair_loss")))] == 3
+    assert got[("overlay_dropped_packets_total", (v4, ("reason", "rx_impair_limit")))] == 4
     without = samples({"counters": Counters().snapshot(), "peers": []})  # a kernel datapath
     assert not any(name.startswith("overlay_impair") for name, _ in without)
 

@@ -113,8 +113,8 @@ def test_filters_select_what_their_rule_says(record: Record) -> None:
     [
         ("hots 1.2.3.4", "unknown filter word 'hots'"),
         ("host", "ends where an address"),
-        ("host 1.2.3", "'1.2.3' is not an IPv4 address"),
-        ("net 10.0.0.0/33", "is not an IPv4 network"),
+        ("host 1.2.3", "'1.2.3' is not an IPv4 or IPv6 address"),
+        ("net 10.0.0.0/33", "is not an IPv4 or IPv6 network"),
         ("port 70000", "'70000' is not a port"),
         ("icmp or", "ends where a filter word"),
         ("(icmp", "ends where ')'"),
@@ -154,7 +154,7 @@ def test_inner_fields_reads_addresses_protocol_and_ports() -> None:
     trace_filter.inner_fields(fragment, bytes(IP(dst="1.2.3.4", frag=3, proto=17) / (b"x" * 8)))
     assert fragment.sport is None  # no ports in a later fragment
     nothing = Record("inner", "tx", None)
-    trace_filter.inner_fields(nothing, b"\x60" + bytes(39))
+    trace_filter.inner_fields(nothing, b"\x50" + bytes(39))  # neither IPv4 nor IPv6
     assert nothing.src is None
 
 
@@ -238,6 +238,9 @@ def test_snap_length_cuts_the_data_not_the_length() -> None:
 def test_tap_set_attaches_one_tracer_directly_and_several_through_a_fanout() -> None:
     class Plane:
         tap: object = None
+
+        def set_tap(self, tap: object) -> None:
+            self.tap = tap
 
     plane = Plane()
     taps = trace.TapSet(plane)
