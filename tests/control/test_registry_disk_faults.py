@@ -107,7 +107,13 @@ def test_an_io_error_fails_a_write_naming_the_file(disks) -> None:
     disk.fail()  # the loop device's backing store is full: the next write-back is EIO
     message = transient(lambda: registry.put_sync(LEASE_KEY, LEASE, 3600), str(path))
     print(message)
-    assert "Input/output error" in message or "Read-only file system" in message
+    # The errno is the kernel's choice: ext4 sees the loop device's failed write-back as
+    # EIO (or, with errors=continue after a journal abort, EROFS), and the loop driver
+    # passes its full backing file up as BLK_STS_NOSPC, i.e. ENOSPC, at times (seen in a
+    # full run on kernel 6.18). Each is the disk failing under a write; what matters is
+    # that it is a RegistryError worth a retry naming the file (``transient`` above).
+    failures = ("Input/output error", "Read-only file system", "No space left on device")
+    assert any(failure in message for failure in failures), message
 
 
 # -- the subnet manager's long-running tasks ------------------------------------------------
