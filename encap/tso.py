@@ -109,14 +109,22 @@ def segment_tcp4(
         raise CodecError("gso_bad_headers", f"length {length}")
     if buf[ip + 6] & 0x3F or buf[ip + 7]:  # MF or a fragment offset
         raise CodecError("gso_fragment")
+    return _checked_cut(buf, at, length, gso_size, prefix, ihl, headers)
+
+
+def _checked_cut(
+    buf: Arena, at: int, length: int, gso_size: int, prefix: bytes, ihl: int, headers: int
+) -> tuple[int, int, int]:
+    """What both families check once their headers are known (gso_size fits, the
+    segments fit in ``buf``), then the cut."""
+    room = len(prefix)
     if not 0 < gso_size <= 0xFFFF - headers:
         raise CodecError("gso_bad_size", f"gso_size {gso_size}")
     payload = length - headers
     count = -(-payload // gso_size)
-    end = ip + length
+    end = at + room + length
     if end + (count - 1) * (room + headers) + 3 > len(buf):
         raise CodecError("gso_no_room", f"{count} segments")
-
     return _cut(buf, at, gso_size, prefix, ihl, headers, count, end)
 
 
@@ -198,12 +206,4 @@ def segment_tcp6(
     headers = IPV6_HEADER + (buf[ip + IPV6_HEADER + 12] >> 4) * 4
     if headers < IPV6_HEADER + 20 or headers >= length:
         raise CodecError("gso_bad_headers", f"length {length}")
-    if not 0 < gso_size <= 0xFFFF - headers:
-        raise CodecError("gso_bad_size", f"gso_size {gso_size}")
-    payload = length - headers
-    count = -(-payload // gso_size)
-    end = ip + length
-    if end + (count - 1) * (room + headers) + 3 > len(buf):
-        raise CodecError("gso_no_room", f"{count} segments")
-
-    return _cut(buf, at, gso_size, prefix, IPV6_HEADER, headers, count, end)
+    return _checked_cut(buf, at, length, gso_size, prefix, IPV6_HEADER, headers)

@@ -29,6 +29,30 @@ typedef struct {
     int v6;                     /* an IPv6 header (ihl 40): no id, no header checksum */
 } tcp_layout_t;
 
+/* The checks both families share once their headers are known: gso_size fits, and the
+ * count segments fit in the buffer; NULL with *layout filled, else the reason. */
+static inline const char *check_room(Py_ssize_t size, Py_ssize_t ip, Py_ssize_t length,
+                                     Py_ssize_t gso_size, Py_ssize_t room, Py_ssize_t ihl,
+                                     Py_ssize_t headers, int v6, tcp_layout_t *layout,
+                                     char *detail, size_t detail_size)
+{
+    if (!(gso_size > 0 && gso_size <= 0xFFFF - headers)) {
+        snprintf(detail, detail_size, "gso_size %zd", gso_size);
+        return "gso_bad_size";
+    }
+    Py_ssize_t payload = length - headers;
+    Py_ssize_t count = (payload + gso_size - 1) / gso_size;
+    Py_ssize_t end = ip + length;
+    /* count <= 65535 and room + headers < 2**31: no overflow in 64 bits */
+    if ((count - 1) * (room + headers) + 3 > size - end) {
+        snprintf(detail, detail_size, "%zd segments", count);
+        return "gso_no_room";
+    }
+    *layout = (tcp_layout_t){.ip = ip, .ihl = ihl, .headers = headers, .payload = payload,
+                              .count = count, .v6 = v6};
+    return NULL;
+}
+
 /* The checks of encap.tso.segment_tcp4, before anything is written: NULL when the
  * super-packet at b[at + room:][:length] can be cut (*layout filled), else the CodecError
  * reason (detail filled). */
@@ -56,21 +80,8 @@ static inline const char *check_tcp4(const uint8_t *b, Py_ssize_t size, Py_ssize
     }
     if ((b[ip + 6] & 0x3F) || b[ip + 7])
         return "gso_fragment";
-    if (!(gso_size > 0 && gso_size <= 0xFFFF - headers)) {
-        snprintf(detail, detail_size, "gso_size %zd", gso_size);
-        return "gso_bad_size";
-    }
-    Py_ssize_t payload = length - headers;
-    Py_ssize_t count = (payload + gso_size - 1) / gso_size;
-    Py_ssize_t end = ip + length;
-    /* count <= 65535 and room + headers < 2**31: no overflow in 64 bits */
-    if ((count - 1) * (room + headers) + 3 > size - end) {
-        snprintf(detail, detail_size, "%zd segments", count);
-        return "gso_no_room";
-    }
-    *layout = (tcp_layout_t){.ip = ip, .ihl = ihl, .headers = headers, .payload = payload,
-                              .count = count};
-    return NULL;
+    return check_room(size, ip, length, gso_size, room, ihl, headers, 0, layout, detail,
+                      detail_size);
 }
 
 /* The cut of a checked super-packet, in place: each segment prefix + IP + TCP header +
@@ -207,20 +218,8 @@ static inline const char *check_tcp6(const uint8_t *b, Py_ssize_t size, Py_ssize
         snprintf(detail, detail_size, "length %zd", length);
         return "gso_bad_headers";
     }
-    if (!(gso_size > 0 && gso_size <= 0xFFFF - headers)) {
-        snprintf(detail, detail_size, "gso_size %zd", gso_size);
-        return "gso_bad_size";
-    }
-    Py_ssize_t payload = length - headers;
-    Py_ssize_t count = (payload + gso_size - 1) / gso_size;
-    Py_ssize_t end = ip + length;
-    if ((count - 1) * (room + headers) + 3 > size - end) {
-        snprintf(detail, detail_size, "%zd segments", count);
-        return "gso_no_room";
-    }
-    *layout = (tcp_layout_t){.ip = ip, .ihl = 40, .headers = headers, .payload = payload,
-                              .count = count, .v6 = 1};
-    return NULL;
+    return check_room(size, ip, length, gso_size, room, 40, headers, 1, layout, detail,
+                      detail_size);
 }
 
 static PyObject *segment_tcp6(PyObject *self, PyObject *args)
