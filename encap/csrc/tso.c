@@ -29,6 +29,19 @@ typedef struct {
     int v6;                     /* an IPv6 header (ihl 40): no id, no header checksum */
 } tcp_layout_t;
 
+/* The first check of both families: prefix + packet lie inside the buffer (no
+ * overflow: each comparison is against what is left). */
+static inline const char *check_bounds(Py_ssize_t size, Py_ssize_t at, Py_ssize_t length,
+                                       Py_ssize_t room, char *detail, size_t detail_size)
+{
+    detail[0] = 0;
+    if (at < 0 || length < 0 || at > size || room > size - at || length > size - at - room) {
+        snprintf(detail, detail_size, "length %zd at %zd", length, at);
+        return "gso_bad_length";
+    }
+    return NULL;
+}
+
 /* The checks both families share once their headers are known: gso_size fits, and the
  * count segments fit in the buffer; NULL with *layout filled, else the reason. */
 static inline const char *check_room(Py_ssize_t size, Py_ssize_t ip, Py_ssize_t length,
@@ -60,11 +73,9 @@ static inline const char *check_tcp4(const uint8_t *b, Py_ssize_t size, Py_ssize
                                      Py_ssize_t length, Py_ssize_t gso_size, Py_ssize_t room,
                                      tcp_layout_t *layout, char *detail, size_t detail_size)
 {
-    detail[0] = 0;
-    if (at < 0 || length < 0 || at > size || room > size - at || length > size - at - room) {
-        snprintf(detail, detail_size, "length %zd at %zd", length, at);
-        return "gso_bad_length";
-    }
+    const char *bounds = check_bounds(size, at, length, room, detail, detail_size);
+    if (bounds != NULL)
+        return bounds;
     Py_ssize_t ip = at + room;
     if (length < 40 || b[ip] >> 4 != 4 || b[ip + 9] != 6)
         return "gso_not_tcp4";
@@ -205,11 +216,9 @@ static inline const char *check_tcp6(const uint8_t *b, Py_ssize_t size, Py_ssize
                                      Py_ssize_t length, Py_ssize_t gso_size, Py_ssize_t room,
                                      tcp_layout_t *layout, char *detail, size_t detail_size)
 {
-    detail[0] = 0;
-    if (at < 0 || length < 0 || at > size || room > size - at || length > size - at - room) {
-        snprintf(detail, detail_size, "length %zd at %zd", length, at);
-        return "gso_bad_length";
-    }
+    const char *bounds = check_bounds(size, at, length, room, detail, detail_size);
+    if (bounds != NULL)
+        return bounds;
     Py_ssize_t ip = at + room;
     if (length < 60 || b[ip] >> 4 != 6 || b[ip + 6] != 6)
         return "gso_not_tcp6";
