@@ -160,3 +160,10 @@ def test_the_busiest_walk_picks_what_offering_every_peer_picks(
     assert walk.chosen() == every.chosen()
     expected = heapq.nlargest(limit, peers, key=lambda p: traffic(p, reported))
     assert {p.name for p in walk.chosen()} == {p.name for p in expected}
+
+
+def test_a_batch_that_changes_nothing_keeps_the_list_and_its_kept_slices() -> None:
+    table, order = _order([_lease(i) for i in range(2 * STEP)])
+    before = order.peers
+    order.apply(table, *table.apply([_lease(3)], []))  # a renewal: the same lease
+    assert order.peers is before
