@@ -44,6 +44,8 @@ class PeerOrder:
         """Follow one batch of ``table``'s: the subnets it changed or removed take what
         the table holds for them now (a peer, or nothing)."""
         touched = {lease.ident for lease in changed} | {lease.ident for lease in removed}
+        if not touched:  # no change (a renewal, a listing of the same leases): the same list
+            return
         if len(touched) > self.small_batch:
             self._resort(table, touched)
             return

@@ -6,12 +6,12 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from control.peer_table import Peer
 from overlay.dataplane.counters import add_snapshots
-from overlay.node.peer_order import Busiest
+from overlay.node.peer_rows import BusiestWalk, PeerRows, Reported, rows
 from overlay.node.state import NodeState
 from overlay.observe import health_server, status_socket
 from overlay.observe import log as overlay_log
@@ -24,30 +24,33 @@ from tun import netlink
 METRICS_MIN_AGE = 0.25
 HEALTHY: health_server.Page = (200, health_server.TEXT, b"overlay is running\n")
 
-Reported = list[dict[str, list[float]]]  # what each --workers process counted per peer
-
 
 class NodeView:
     def __init__(self, node: NodeState) -> None:
         self.node = node
         # The health server's counts, once it listens (HealthServer.stats).
         self.health_server_stats: Callable[[], dict[str, int]] | None = None
+        self.peer_rows = PeerRows()  # the status answer's rows, kept between answers
 
     async def status_pieces(self) -> AsyncIterator[bytes]:
-        """The status answer as JSON with every peer's row, made and encoded a slice at
-        a time (the loop gets its turn between two)."""
+        """The status answer as JSON with every peer's row, a slice at a time (the loop
+        gets its turn between two), the rows taken from ``peer_rows`` where they are
+        kept (a peer that never carried traffic costs a look at its counters)."""
         st, peers, reported = self._head()
         await self._kernel_counters(st)
         if peers is None:
             yield json.dumps(st).encode()
             return
-        counted = self._counted()
+        counted, kept = self._counted(), self.peer_rows
 
-        def rows(some: Sequence[Peer]) -> list[dict[str, Any]]:
-            return _rows(some, reported, counted)
+        def encode(start: int, stop: int) -> str:
+            return kept.encode(peers, start, stop, reported, counted)
 
-        async for piece in status_socket.json_pieces(st, peers, rows, LoopBudget()):
+        kept.begin(len(peers))
+        pieces = status_socket.encoded_pieces(st, len(peers), encode, LoopBudget())
+        async for piece in pieces:
             yield piece
+        kept.end()
 
     async def status_snapshot(
         self, peer_limit: int | None = None, budget: LoopBudget | None = None
@@ -63,7 +66,7 @@ class NodeView:
             counted = self._counted()
             st["peers"] = found = []
             for start in range(0, len(peers), STEP):
-                found += _rows(peers[start : start + STEP], reported, counted)
+                found += rows(peers[start : start + STEP], reported, counted)
                 if budget.spent():
                     await budget.turn()
         await self._kernel_counters(st)
@@ -176,10 +179,9 @@ class NodeView:
         datapath that does not count them."""
         if not self._counted():
             return []
-        busiest = Busiest(limit)
+        busiest = BusiestWalk(reported, limit)
         for start in range(0, len(peers), STEP):
-            for peer in peers[start : start + STEP]:
-                busiest.offer(peer, _traffic(peer, reported))
+            busiest.walk(peers[start : start + STEP])
             if budget.spent():
                 await budget.turn()
         return busiest.chosen()
@@ -227,41 +229,3 @@ class NodeView:
             "/readyz": health_server.Immediate(self.readyz_page),
             "/metrics": health_server.Cached(self.metrics_page, METRICS_MIN_AGE),
         }
-
-
-def _rows(peers: Sequence[Peer], reported: Reported, counted: bool) -> list[dict[str, Any]]:
-    now, wall = time.monotonic(), time.time()
-    return [_row(p, reported, counted, now, wall) for p in peers]
-
-
-def _traffic(peer: Peer, reported: Reported) -> float:
-    """Bytes sent to and received from a peer, by every forwarding process."""
-    s = peer.stats
-    total: float = s.tx_bytes + s.rx_bytes
-    for report in reported:
-        theirs = report.get(peer.name)
-        if theirs is not None:
-            total += theirs[1] + theirs[3]
-    return total
-
-
-def _row(peer: Peer, reported: Reported, counted: bool, now: float, wall: float) -> dict[str, Any]:
-    """One peer as `overlay status` shows it; with its traffic when ``counted``."""
-    row: dict[str, Any] = {"subnet": peer.name, "public_ip": peer.addr[0], "port": peer.addr[1]}
-    lease = peer.lease
-    if lease.ipv6_subnet is not None:  # dual stack: its IPv6 half (sharing its counters)
-        row["ipv6_subnet"] = str(lease.ipv6_subnet)
-        row["public_ipv6"] = str(lease.public_ipv6) if lease.public_ipv6 is not None else None
-    if not counted:
-        return row
-    s = peer.stats
-    sums = [s.tx_packets, s.tx_bytes, s.rx_packets, s.rx_bytes]
-    last = [s.last_tx, s.last_rx]
-    for theirs in (report[peer.name] for report in reported if peer.name in report):
-        sums = [a + int(b) for a, b in zip(sums, theirs[:4], strict=True)]
-        last = [max(a, b) for a, b in zip(last, theirs[4:6], strict=True)]
-    row["tx_packets"], row["tx_bytes"], row["rx_packets"], row["rx_bytes"] = sums
-    for key, at in zip(("tx", "rx"), last, strict=True):
-        row[f"last_{key}_s"] = round(now - at, 1) if at else None
-        row[f"last_{key}_at"] = round(wall - (now - at), 3) if at else None
-    return row

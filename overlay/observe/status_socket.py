@@ -240,13 +240,31 @@ async def json_pieces(
     key: str = "peers",
 ) -> AsyncIterator[bytes]:
     """``doc`` as JSON with ``rows(items)`` under ``key`` (last), the rows made and encoded
-    STEP items at a time: whenever ``budget`` is spent, what is encoded so far is handed
-    over and the loop gets its turn, so tens of thousands of peers are not one long pause
-    of the drains (nor all their rows in memory at once)."""
+    STEP items at a time (``encoded_pieces``)."""
+
+    def encode(start: int, stop: int) -> str:
+        return json.dumps(rows(items[start:stop]))[1:-1]
+
+    async for piece in encoded_pieces(doc, len(items), encode, budget, key):
+        yield piece
+
+
+async def encoded_pieces(
+    doc: dict[str, Any],
+    count: int,
+    encode: Callable[[int, int], str],
+    budget: LoopBudget,
+    key: str = "peers",
+) -> AsyncIterator[bytes]:
+    """``doc`` as JSON with a list of ``count`` items under ``key`` (last), ``encode(start,
+    stop)`` giving the JSON of items start..stop-1 without the brackets, STEP items at a
+    time: whenever ``budget`` is spent, what is encoded so far is handed over and the loop
+    gets its turn, so tens of thousands of peers are not one long pause of the drains
+    (nor all their rows in memory at once)."""
     head = json.dumps(doc)
     out = [head[:-1], ", " if len(head) > 2 else "", json.dumps(key), ": ["]
-    for start in range(0, len(items), STEP):
-        encoded = json.dumps(rows(items[start : start + STEP]))[1:-1]
+    for start in range(0, count, STEP):
+        encoded = encode(start, min(start + STEP, count))
         out.append(", " + encoded if start else encoded)
         if budget.spent():
             yield "".join(out).encode()
