@@ -1,5 +1,6 @@
-# Types of the C module encap._native, built from encap/csrc/ (encap.tso, encap.gso, Drains).
-from collections.abc import MutableMapping, Sequence
+# Types of the C module encap._native, built from encap/csrc/ (encap.tso, encap.gso, Drains,
+# poll_after).
+from collections.abc import Callable, MutableMapping, Sequence
 from typing import Any
 
 Buffer = bytes | bytearray | memoryview
@@ -57,6 +58,13 @@ def plan_tun_writes(
     arp: list[int] | None = None,
     mtu: int = 0,
 ) -> list[tuple[list[bytes], int, int]]: ...
+def poll_after(
+    first: Callable[[], object],
+    first_fd: int,
+    other: Callable[[], object],
+    other_fd: int,
+    window_ns: int,
+) -> int: ...
 
 class Drains:
     def __init__(self, dataplane: Any, budget: int) -> None: ...

@@ -12,6 +12,7 @@
  *   valid_pieces6, plan_tun_writes6     encap.ipv6  (RX: vxlan's IPv6 half)
  *   Drains (tx, rx, flush)              overlay.dataplane.udp.UdpDataplane's reader
  *                                       callbacks, each in one call (the drains)
+ *   poll_after                          overlay.dataplane.busy_poll (--busy-poll-us)
  *
  * One translation unit: this file holds the module (its method table and init) and
  * includes the others, each after what it uses, so every function stays static and the
@@ -23,7 +24,8 @@
  * Every offset and length is checked against the buffer before it is used; nothing here
  * reads or writes outside the buffers it is given, whatever the input. The GIL is kept
  * throughout (README.md, "The native codecs"): the calls last microseconds in a dataplane
- * with one loop thread per process.
+ * with one loop thread per process. The one exception is poll_after's wait (up to the
+ * --busy-poll-us window), which releases it.
  */
 #include "common.h"
 
@@ -35,6 +37,7 @@
 #include "drains.c"
 #include "drains_send.c"
 #include "drains_receive.c"
+#include "busy_poll.c"
 
 /* -- the module ------------------------------------------------------------------------- */
 
@@ -63,6 +66,9 @@ static PyMethodDef methods[] = {
      "plan_tun_writes(data, size, segment, sources, destination, drops, vxlan=None, arp=None, "
      "mtu=0): "
      "encap.gso's, with copies (bytes) where the reference has memoryviews."},
+    {"poll_after", poll_after, METH_VARARGS,
+     "poll_after(first, first_fd, other, other_fd, window_ns) -> polls: "
+     "overlay.dataplane.busy_poll's polling_after, one wake-up, the wait without the GIL."},
     {NULL, NULL, 0, NULL},
 };
 

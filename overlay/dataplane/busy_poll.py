@@ -9,19 +9,30 @@ of the round trip is the other direction (a request sent, its reply received), s
 poll watches both fds with a zero-timeout ``poll()``: more of the same direction is
 drained at once, and the first time the other direction is readable it is drained and
 the poll ends (as busy_read returns once data arrived), so the process goes back to
-sleep, and leaves the CPU to the pod the packet is for, as soon as the hop it waited for
-is served. The window starts at the wake-up and is not extended: the loop's other work
-(status, watch, renewals) waits at most N microseconds more, an idle daemon (no
-wake-ups) polls nothing, and under load the other direction is ready at once, so the
-poll ends at its first check. With N = 0 (the default) ``UdpDataplane.start`` registers
-the drains themselves, exactly as without this module: nothing added per wake-up.
+sleep as soon as the hop it waited for is served. Between two empty polls it yields the
+CPU (``sched_yield``): the vCPU stays awake for the next hop, but a runnable pod process
+on it runs at once; on 2 vCPUs a poll that did not yield delayed the very pod it waited
+for (README, "Ping and busy-poll"). The window starts at the wake-up and is not
+extended: the loop's other work (status, watch, renewals) waits at most N microseconds
+more, an idle daemon (no wake-ups) polls nothing, and under load the other direction is
+ready at once, so the poll ends at its first check. With N = 0 (the default)
+``UdpDataplane.start`` registers the drains themselves, exactly as without this module:
+nothing added per wake-up.
+
+``polling_after`` is the reference (and the callback without the native module);
+``native_polling_after`` the same wake-up as one C call (``encap.native.poll_after``),
+which waits with the GIL released and calls the drains from C.
 """
 
 from __future__ import annotations
 
+import functools
+import os
 import select
 import time
 from collections.abc import Callable
+
+from encap import native
 
 Drain = Callable[[], object]
 
@@ -33,10 +44,12 @@ def polling_after(
     other_fd: int,
     window_us: int,
     clock: Callable[[], int] = time.monotonic_ns,
+    yield_cpu: Callable[[], None] = os.sched_yield,
 ) -> Callable[[], None]:
     """The reader callback of ``first_fd``: ``first`` (the drain the loop woke us for),
     then poll both fds until ``window_us`` microseconds after the wake-up: ``first``
-    again while only its fd is readable; ``other`` once, and return, when its fd is."""
+    again while only its fd is readable; ``other`` once, and return, when its fd is;
+    ``yield_cpu`` after each poll that found neither."""
     window_ns = window_us * 1000
     poller = select.poll()
     poller.register(first_fd, select.POLLIN)
@@ -48,6 +61,7 @@ def polling_after(
         while clock() < deadline:
             ready = poller.poll(0)
             if not ready:
+                yield_cpu()
                 continue
             if any(fd == other_fd for fd, _ in ready):
                 other()
@@ -55,3 +69,13 @@ def polling_after(
             first()
 
     return wake
+
+
+def native_polling_after(
+    first: Drain, first_fd: int, other: Drain, other_fd: int, window_us: int
+) -> Callable[[], object]:
+    """``polling_after`` as one C call per wake-up (``encap.native.poll_after``, which
+    returns how often it polled); ImportError without the native module."""
+    return functools.partial(
+        native.module().poll_after, first, first_fd, other, other_fd, window_us * 1000
+    )

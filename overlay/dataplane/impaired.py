@@ -91,7 +91,8 @@ class ImpairPath(SendPath, ReceivePath):
         """(TUN readable, socket readable) of an unimpaired dataplane: the native drains'
         C methods (no Python per wake-up; with a trace attached they hand the wake-up to
         the Python methods), else those methods; with ``busy_poll_us`` each wrapped to poll
-        both fds after its wake-up (``busy_poll``), without it the drains themselves."""
+        both fds after its wake-up (``busy_poll``: in C with the native drains), without
+        it the drains themselves."""
         drains = self._native_drains()
         tx: Callable[[], object]
         rx: Callable[[], object]
@@ -103,10 +104,8 @@ class ImpairPath(SendPath, ReceivePath):
         if not self.busy_poll_us:
             return tx, rx
         tun_fd, sock_fd, window = self.tun.fd, self.sock.fileno(), self.busy_poll_us
-        return (
-            busy_poll.polling_after(tx, tun_fd, rx, sock_fd, window),
-            busy_poll.polling_after(rx, sock_fd, tx, tun_fd, window),
-        )
+        wrap = busy_poll.native_polling_after if drains is not None else busy_poll.polling_after
+        return wrap(tx, tun_fd, rx, sock_fd, window), wrap(rx, sock_fd, tx, tun_fd, window)
 
     def _register(self, loop: asyncio.AbstractEventLoop) -> None:
         """The reader callbacks: impaired directions get this module's, the others

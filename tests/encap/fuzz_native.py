@@ -12,6 +12,7 @@ crashes and for disagreements.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import sys
@@ -158,9 +159,53 @@ def _rx_drain_once(data: bytearray, sources: list[Any], vxlan: Any, a: int, b: i
         receiver.close()
 
 
+def _poll_after_once(data: bytearray, a: int, b: int, n: int) -> None:
+    """poll_after on a pair of socket pairs (or fuzzed fds, windows): each call of the
+    first drain makes what the next data byte says readable. Crashes, and a drain order
+    poll_after promises not (``other`` at most once, and last), abort."""
+    (first_in, first_out), (other_in, other_out) = (
+        socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM) for _ in range(2)
+    )
+    for end in (first_in, other_in):
+        end.setblocking(False)  # a full queue (fuzzed fds: nobody drains it) drops the byte
+    log: list[str] = []
+    steps = iter(data)
+
+    def drain(end: socket.socket, name: str) -> None:
+        log.append(name)
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                end.recv(16, socket.MSG_DONTWAIT)
+
+    def first() -> None:
+        drain(first_out, "first")
+        step = next(steps, 2)
+        with contextlib.suppress(BlockingIOError):
+            if step & 1:
+                first_in.send(b"x")
+            if step & 2:
+                other_in.send(b"x")
+
+    fds = [first_out.fileno(), other_out.fileno()]
+    if a & 1:  # fuzzed fds: maybe negative, equal, closed or someone else's
+        fds = [a % 9 - 2, b % 9 - 2]
+    window_ns = n * 1000 if b & 2 else n - 2  # up to 3 ms, or a few ns (maybe negative)
+    try:
+        _outcome(
+            _native.poll_after, first, fds[0], lambda: drain(other_out, "other"), fds[1], window_ns
+        )
+    except OSError:
+        pass
+    finally:
+        for end in (first_in, first_out, other_in, other_out):
+            end.close()
+    if "other" in log and (log.count("other") != 1 or log[-1] != "other"):
+        raise AssertionError(f"poll_after called the drains out of order: {log}")
+
+
 def one_input(blob: bytes) -> None:
     fdp = atheris.FuzzedDataProvider(blob)
-    which = fdp.ConsumeIntInRange(0, 10)
+    which = fdp.ConsumeIntInRange(0, 11)
     a = fdp.ConsumeIntInRange(-4, 70000)
     b = fdp.ConsumeIntInRange(-4, 70000)
     n = fdp.ConsumeIntInRange(-2, 3000)
@@ -224,8 +269,11 @@ def one_input(blob: bytes) -> None:
         )
         _same((drops_a, arp_a), (drops_b, arp_b), "drops, arp")
     else:  # the drains (crashes only: tests/encap/test_native.py compares them with the
-        # dataplane's reference methods)
-        if which == 5:
+        # dataplane's reference methods), and poll_after (tests/overlay/dataplane/
+        # test_busy_poll.py compares it with the reference on real fds)
+        if which == 11:
+            _poll_after_once(data, a, b, n % 3000)
+        elif which == 5:
             _rx_drain_once(data, sources, vxlan, a, b, n)
         else:
             _tx_drain_once(data, prefix, n)

@@ -1,10 +1,15 @@
-"""``--busy-poll-us``: the poll window's bound (overlay.dataplane.busy_poll), and what the
+"""``--busy-poll-us``: the poll window's bound (overlay.dataplane.busy_poll), the native
+wake-up (encap.native.poll_after) against the reference on real fds, and what the
 dataplane registers with the loop with and without it, on the native drains and on the
-Python reference."""
+Python reference.
+
+poll_after waits on fds, so it is tested here with real socket pairs rather than fuzzed
+with bytes (tests/encap/fuzz_native.py gives it random arguments only)."""
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import socket
 import struct
 import threading
@@ -14,6 +19,8 @@ from ipaddress import IPv4Address, IPv4Network
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from control.lease import Lease
 from control.peer_table import PeerTable
@@ -91,6 +98,22 @@ def test_an_idle_window_polls_until_it_ends_then_returns(fds: Any) -> None:
     assert log == ["first"] and clock.reads == 11
     wake()  # a new wake-up, a new window
     assert log == ["first", "first"] and clock.reads == 22
+
+
+def test_an_empty_poll_yields_the_cpu(fds: Any) -> None:
+    """Each poll that finds neither fd readable is followed by one yield (a runnable pod
+    process gets the CPU at once); a poll that finds one is not."""
+    first, other, log = fds
+    yields: list[int] = []
+    clock = StepClock(10_000)
+    wake = busy_poll.polling_after(
+        first.drain, first.fd, other.drain, other.fd, 100, clock, lambda: yields.append(1)
+    )
+    wake()
+    assert log == ["first"] and len(yields) == 9  # the 9 polls of the idle window
+    other.arrive()
+    wake()
+    assert log == ["first", "first", "other"] and len(yields) == 9
 
 
 def test_the_window_is_bounded_in_real_time(fds: Any) -> None:
@@ -182,6 +205,24 @@ def test_without_busy_poll_the_loop_gets_the_drains_themselves(codecs: str, wire
 
 
 @pytest.mark.underlay
+def test_with_busy_poll_the_native_wake_up_is_one_c_call(codecs: str, wires: Any) -> None:
+    """With the native drains the loop calls encap.native.poll_after directly (a partial:
+    no Python frame per wake-up); without them the reference's closure."""
+    tun, link = FakeTun(True), wires()
+    dp = dataplane(tun, link, codecs, busy_poll_us=200)
+    tx, rx = dp.reader_callbacks()
+    if codecs == "native":
+        drains = dp._native_drains()
+        assert isinstance(tx, functools.partial) and isinstance(rx, functools.partial)
+        assert tx.func is rx.func is native.module().poll_after
+        assert tx.args == (drains.tx, tun.fd, drains.rx, link.sock.fileno(), 200_000)
+        assert rx.args == (drains.rx, link.sock.fileno(), drains.tx, tun.fd, 200_000)
+    else:
+        assert not isinstance(tx, functools.partial)
+        assert tx.__qualname__.startswith("polling_after")
+
+
+@pytest.mark.underlay
 @pytest.mark.parametrize("busy_poll_us", [0, 1_000_000])
 def test_a_busy_polling_wake_up_also_serves_the_other_direction(
     busy_poll_us: int, codecs: str, wires: Any
@@ -210,3 +251,129 @@ def test_a_busy_polling_wake_up_also_serves_the_other_direction(
     else:
         assert written == []
         assert dp.counters.rx_packets == 0
+
+
+# -- the native wake-up: encap.native.poll_after on real fds ------------------------------
+
+
+def poll_after() -> Any:
+    if not native.AVAILABLE:
+        pytest.fail(f"encap._native did not load: {native.LOAD_ERROR}")
+    return native.module().poll_after
+
+
+def test_native_zero_window_drains_once_and_polls_nothing(fds: Any) -> None:
+    first, other, log = fds
+    other.arrive()
+    assert poll_after()(first.drain, first.fd, other.drain, other.fd, 0) == 0
+    assert log == ["first"]
+
+
+def test_native_poll_ends_once_the_other_direction_is_served(fds: Any) -> None:
+    first, other, log = fds
+    other.arrive()
+    assert poll_after()(first.drain, first.fd, other.drain, other.fd, 10**9) == 1
+    assert log == ["first", "other"]
+
+
+def test_native_idle_window_polls_then_returns(fds: Any) -> None:
+    first, other, log = fds
+    polls = poll_after()(first.drain, first.fd, other.drain, other.fd, 2_000_000)
+    assert log == ["first"] and polls >= 1
+
+
+def test_native_wait_releases_the_gil(fds: Any) -> None:
+    """The other direction turns readable only if another Python thread runs during the
+    wait (the daemon's registry thread must not starve): it does, long before the 1 s
+    window ends, and the wake-up serves it."""
+    first, other, log = fds
+    woke = threading.Event()
+
+    def answer() -> None:
+        woke.wait(10)
+        other.arrive()
+
+    helper = threading.Thread(target=answer)
+    helper.start()
+
+    def first_drain() -> None:
+        first.drain()
+        woke.set()
+
+    try:
+        poll_after()(first_drain, first.fd, other.drain, other.fd, 10**9)
+    finally:
+        woke.set()
+        helper.join()
+    assert log == ["first", "other"]
+
+
+def test_native_drain_error_propagates_and_ends_the_poll(fds: Any) -> None:
+    first, other, log = fds
+    other.arrive()
+
+    def broken() -> None:
+        log.append("broken")
+        raise RuntimeError("drain failed")
+
+    with pytest.raises(RuntimeError, match="drain failed"):
+        poll_after()(first.drain, first.fd, broken, other.fd, 10**9)
+    assert log == ["first", "broken"]
+
+
+def test_native_bad_arguments_are_one_line_errors(fds: Any) -> None:
+    first, other, _ = fds
+    call = poll_after()
+    with pytest.raises(TypeError, match="callable"):
+        call(None, first.fd, other.drain, other.fd, 0)
+    with pytest.raises(ValueError, match="distinct fds"):
+        call(first.drain, first.fd, other.drain, first.fd, 0)
+    with pytest.raises(ValueError, match="distinct fds"):
+        call(first.drain, -1, other.drain, other.fd, 0)
+    with pytest.raises(ValueError, match="window"):
+        call(first.drain, first.fd, other.drain, other.fd, -1)
+    with pytest.raises(ValueError, match="window"):
+        call(first.drain, first.fd, other.drain, other.fd, 10**9 + 1)
+
+
+def test_native_closed_fd_is_an_error_not_a_spin(fds: Any) -> None:
+    first, other, log = fds
+    spare = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    closed = spare.fileno()
+    spare.close()
+    with pytest.raises(ValueError, match="not open"):
+        poll_after()(first.drain, first.fd, other.drain, closed, 10**9)
+    assert log == ["first"]
+
+
+@settings(max_examples=60, deadline=None)
+@given(script=st.lists(st.sampled_from(["first", "other", "both"]), min_size=0, max_size=6))
+def test_native_calls_the_drains_as_the_reference_does(script: list[str]) -> None:
+    """Each call of the first drain makes what ``script`` says readable (more of the same
+    direction, the other direction, or both), then the other direction at the end: the
+    native wake-up and the reference call the drains in the same order."""
+    logs = []
+    for implementation in ("reference", "native"):
+        log: list[str] = []
+        first, other = Fd("first", log), Fd("other", log)
+        steps = iter([*script, "other"])
+
+        def first_drain(first: Fd = first, other: Fd = other, steps: Any = steps) -> None:
+            first.drain()
+            step = next(steps, "other")
+            if step in ("first", "both"):
+                first.arrive()
+            if step in ("other", "both"):
+                other.arrive()
+
+        try:
+            if implementation == "native":
+                poll_after()(first_drain, first.fd, other.drain, other.fd, 10**9)
+            else:
+                busy_poll.polling_after(first_drain, first.fd, other.drain, other.fd, 10**6)()
+        finally:
+            first.close()
+            other.close()
+        logs.append(log)
+    assert logs[0] == logs[1]
+    assert logs[0][-1] == "other" and logs[0].count("other") == 1
