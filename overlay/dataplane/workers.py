@@ -4,7 +4,8 @@ forwarding processes of queues 1..N-1 (``overlay.dataplane.worker``; the protoco
 
 The main process keeps the control plane (registry, lease, watch, status) and forwards
 queue 0 itself. For each other queue it attaches another TUN queue, opens another UDP
-socket on the same address with SO_REUSEPORT, and starts ``python -m
+socket on the same address with SO_REUSEPORT (and, for userspace vxlan's IPv6 half, one
+on our IPv6 underlay address), and starts ``python -m
 overlay.dataplane.worker`` with both fds and one end of a socketpair (exec, never fork:
 the daemon has gRPC threads running). A worker exits on EOF, so a killed main leaves no
 orphan; the main process warns once when a worker dies and does not restart it: its TUN
