@@ -44,10 +44,12 @@ def _sh(*argv: str, check: bool = True) -> str:
 
 
 class DualStackBed:
-    """Two dual-stack vxlan nodes with a pod each; ``kernel``: both on --kernel-vxlan."""
+    """Two dual-stack vxlan nodes with a pod each; ``kernel``: both on --kernel-vxlan;
+    ``daemon_args``: more flags for every daemon (``--workers 2``)."""
 
-    def __init__(self, prefix: str, kernel: bool) -> None:
+    def __init__(self, prefix: str, kernel: bool, daemon_args: tuple[str, ...] = ()) -> None:
         self.prefix = prefix
+        self.daemon_args = daemon_args
         self.work = Path(tempfile.mkdtemp(prefix=f"overlay-{prefix}-"))  # 0700, ours
         self.daemons: dict[str, subprocess.Popen[bytes]] = {}
         self.addresses: dict[str, tuple[str, str]] = {}  # pod -> (IPv4, IPv6)
@@ -112,6 +114,7 @@ class DualStackBed:
             "--subnet-file", str(subnet_file),
             "--status-socket", str(self.work / f"{node}.sock"),
             *(["--kernel-vxlan"] if kernel else []),
+            *self.daemon_args,
         ]  # fmt: skip
         log_path = self.work / f"{node}.log"
         with open(log_path, "wb") as log:  # the child keeps its own descriptor

@@ -17,6 +17,8 @@ Rows (paths), each its own 2-node testbed with one pod per node and the file reg
 - ``udp-busypoll``: our udp backend with ``--busy-poll-us`` ``BUSY_POLL_US``;
 - ``udp-workers2``: our udp backend with ``--workers 2`` (beside the single process);
 - ``udp-notso`` (only with ``--only``): our udp backend with ``--no-tun-tso``;
+- ``vxlan-workers2`` / ``vxlan6-workers2`` (only with ``--only``): our userspace vxlan
+  with ``--workers 2``, over IPv4 and (on the dual-stack bed) over IPv6;
 - ``vxlan6`` / ``kernel-vxlan6``: our userspace vxlan / the kernel's vxlan device, pod ->
   pod over IPv6, on the dual-stack bed of ``bench/dual_stack.py`` (the testbed builds
   IPv4-only beds); each is also compared with its IPv4 row of the same run (issue 20:
@@ -136,6 +138,24 @@ PATHS = [
         kernel_nodes=(1, 2),
         family=6,
         ipv4_key="kernel-vxlan",
+    ),
+    # Only on request (--only vxlan-workers2,vxlan6-workers2): userspace vxlan's IPv6 half
+    # spread over two processes, beside its IPv4 half spread the same way.
+    PathSpec(
+        "vxlan-workers2",
+        "our userspace vxlan --workers 2",
+        "vxlan",
+        daemon_args=("--workers", "2"),
+        default=False,
+    ),
+    PathSpec(
+        "vxlan6-workers2",
+        "our userspace vxlan --workers 2, IPv6",
+        "vxlan",
+        family=6,
+        daemon_args=("--workers", "2"),
+        ipv4_key="vxlan-workers2",
+        default=False,
     ),
 ]
 # What the IPv6 userspace row must reach, as a share of its IPv4 row (issue 20).
@@ -301,7 +321,8 @@ def _up(spec: PathSpec, result: PathResult) -> Bench:
 
 def _up_dual_stack(spec: PathSpec, result: PathResult) -> Bench:
     """An IPv6 row: the dual-stack bed, pod -> pod to the IPv6 address."""
-    bed = DualStackBed("b" + uuid.uuid4().hex[:6], kernel=bool(spec.kernel_nodes))
+    kernel = bool(spec.kernel_nodes)
+    bed = DualStackBed("b" + uuid.uuid4().hex[:6], kernel=kernel, daemon_args=spec.daemon_args)
     try:
         dst_ip = bed.pod_ip("n2-p1", 6)
         bench = Bench(spec, bed, "n1-p1", "n2-p1", dst_ip, result, bed.daemon_pids())

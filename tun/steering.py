@@ -35,41 +35,71 @@ def _insn(code: int, dst: int, src: int, off: int, imm: int) -> bytes:
 # The queue is the program's result (as u16) modulo the number of queues. skb->hash is
 # there for TCP (the sending socket's per-connection hash) but 0 for unconnected UDP, and
 # a socket filter may not call bpf_get_hash_recalc, so the fallback hashes the packet:
-# source ^ destination address, ^ the ports word for a TCP/UDP first fragment, mixed so
-# that the low bits (which pick the queue) depend on every input bit: x ^= x >> 16,
-# x *= 0x9E3779B9, x ^= x >> 16. LD_ABS/LD_IND read the IPv4 header (a TUN has no
-# link-layer header) and end the program with 0 (queue 0) if the packet is too short.
+# source ^ destination address (IPv6: the eight 32-bit words of both), ^ the ports word
+# for TCP/UDP (IPv4: a first fragment; IPv6: the next header right after the fixed
+# header, no extension header), mixed so that the low bits (which pick the queue) depend
+# on every input bit: x ^= x >> 16, x *= 0x9E3779B9, x ^= x >> 16. LD_ABS/LD_IND read
+# the IP header (a TUN has no link-layer header; the version nibble picks the family) and
+# end the program with 0 (queue 0) if the packet is too short. Jumps: offset = target -
+# (this instruction + 1); the IPv6 branch jumps back to the shared mix (no loop).
+_IPV4 = [
+    _insn(0x20, 0, 0, 0, 12),  # 6: r0 = source address
+    _insn(0xBF, 7, 0, 0, 0),  # 7: r7 = r0
+    _insn(0x20, 0, 0, 0, 16),  # 8: r0 = destination address
+    _insn(0xAF, 7, 0, 0, 0),  # 9: r7 ^= r0
+    _insn(0x30, 0, 0, 0, 9),  # 10: r0 = protocol
+    _insn(0x15, 0, 0, 2, 6),  # 11: if r0 == TCP goto 14
+    _insn(0x15, 0, 0, 1, 17),  # 12: if r0 == UDP goto 14
+    _insn(0x05, 0, 0, 9, 0),  # 13: goto 23 (mix)
+    _insn(0x28, 0, 0, 0, 6),  # 14: r0 = flags + fragment offset
+    _insn(0x57, 0, 0, 0, 0x1FFF),  # 15: r0 &= fragment offset
+    _insn(0x55, 0, 0, 6, 0),  # 16: if r0 != 0 goto 23 (not the first fragment)
+    _insn(0x30, 0, 0, 0, 0),  # 17: r0 = version + IHL
+    _insn(0x57, 0, 0, 0, 0x0F),  # 18: r0 &= IHL
+    _insn(0x67, 0, 0, 0, 2),  # 19: r0 <<= 2 (header length in bytes)
+    _insn(0xBF, 8, 0, 0, 0),  # 20: r8 = r0
+    _insn(0x40, 0, 8, 0, 0),  # 21: r0 = the 4 bytes at r8: source + destination port
+    _insn(0xAF, 7, 0, 0, 0),  # 22: r7 ^= r0
+]
+_MIX = [
+    _insn(0xBC, 0, 7, 0, 0),  # 23: w0 = w7
+    _insn(0xBC, 1, 0, 0, 0),  # 24: w1 = w0
+    _insn(0x74, 1, 0, 0, 16),  # 25: w1 >>= 16
+    _insn(0xAC, 0, 1, 0, 0),  # 26: w0 ^= w1
+    _insn(0x24, 0, 0, 0, -0x61C88647),  # 27: w0 *= 0x9E3779B9
+    _insn(0xBC, 1, 0, 0, 0),  # 28: w1 = w0
+    _insn(0x74, 1, 0, 0, 16),  # 29: w1 >>= 16
+    _insn(0xAC, 0, 1, 0, 0),  # 30: w0 ^= w1
+    _insn(0x95, 0, 0, 0, 0),  # 31: exit
+]
+_IPV6 = [
+    _insn(0x20, 0, 0, 0, 8),  # 32: r0 = source address, first word
+    _insn(0xBF, 7, 0, 0, 0),  # 33: r7 = r0
+    # 34..47: r7 ^= each further word of the source (12..23) and destination (24..39)
+    *(
+        insn
+        for offset in range(12, 40, 4)
+        for insn in (_insn(0x20, 0, 0, 0, offset), _insn(0xAF, 7, 0, 0, 0))
+    ),
+    _insn(0x30, 0, 0, 0, 6),  # 48: r0 = next header
+    _insn(0x15, 0, 0, 2, 6),  # 49: if r0 == TCP goto 52
+    _insn(0x15, 0, 0, 1, 17),  # 50: if r0 == UDP goto 52
+    _insn(0x05, 0, 0, -29, 0),  # 51: goto 23 (mix)
+    _insn(0x20, 0, 0, 0, 40),  # 52: r0 = source + destination port
+    _insn(0xAF, 7, 0, 0, 0),  # 53: r7 ^= r0
+    _insn(0x05, 0, 0, -32, 0),  # 54: goto 23 (mix)
+]
 PROGRAM = b"".join(
     [
         _insn(0xBF, 6, 1, 0, 0),  # 0: r6 = r1 (LD_ABS wants the skb in r6)
         _insn(0x61, 0, 6, SKB_HASH_OFFSET, 0),  # 1: r0 = skb->hash
-        _insn(0x55, 0, 0, 25, 0),  # 2: if r0 != 0 goto 28 (exit)
-        _insn(0x20, 0, 0, 0, 12),  # 3: r0 = source address
-        _insn(0xBF, 7, 0, 0, 0),  # 4: r7 = r0
-        _insn(0x20, 0, 0, 0, 16),  # 5: r0 = destination address
-        _insn(0xAF, 7, 0, 0, 0),  # 6: r7 ^= r0
-        _insn(0x30, 0, 0, 0, 9),  # 7: r0 = protocol
-        _insn(0x15, 0, 0, 2, 6),  # 8: if r0 == TCP goto 11
-        _insn(0x15, 0, 0, 1, 17),  # 9: if r0 == UDP goto 11
-        _insn(0x05, 0, 0, 9, 0),  # 10: goto 20
-        _insn(0x28, 0, 0, 0, 6),  # 11: r0 = flags + fragment offset
-        _insn(0x57, 0, 0, 0, 0x1FFF),  # 12: r0 &= fragment offset
-        _insn(0x55, 0, 0, 6, 0),  # 13: if r0 != 0 goto 20 (not the first fragment)
-        _insn(0x30, 0, 0, 0, 0),  # 14: r0 = version + IHL
-        _insn(0x57, 0, 0, 0, 0x0F),  # 15: r0 &= IHL
-        _insn(0x67, 0, 0, 0, 2),  # 16: r0 <<= 2 (header length in bytes)
-        _insn(0xBF, 8, 0, 0, 0),  # 17: r8 = r0
-        _insn(0x40, 0, 8, 0, 0),  # 18: r0 = the 4 bytes at r8: source + destination port
-        _insn(0xAF, 7, 0, 0, 0),  # 19: r7 ^= r0
-        _insn(0xBC, 0, 7, 0, 0),  # 20: w0 = w7
-        _insn(0xBC, 1, 0, 0, 0),  # 21: w1 = w0
-        _insn(0x74, 1, 0, 0, 16),  # 22: w1 >>= 16
-        _insn(0xAC, 0, 1, 0, 0),  # 23: w0 ^= w1
-        _insn(0x24, 0, 0, 0, -0x61C88647),  # 24: w0 *= 0x9E3779B9
-        _insn(0xBC, 1, 0, 0, 0),  # 25: w1 = w0
-        _insn(0x74, 1, 0, 0, 16),  # 26: w1 >>= 16
-        _insn(0xAC, 0, 1, 0, 0),  # 27: w0 ^= w1
-        _insn(0x95, 0, 0, 0, 0),  # 28: exit
+        _insn(0x55, 0, 0, 28, 0),  # 2: if r0 != 0 goto 31 (exit)
+        _insn(0x30, 0, 0, 0, 0),  # 3: r0 = version + IHL (IPv6: version + traffic class)
+        _insn(0x57, 0, 0, 0, 0xF0),  # 4: r0 &= version
+        _insn(0x15, 0, 0, 26, 0x60),  # 5: if version == 6 goto 32
+        *_IPV4,
+        *_MIX,
+        *_IPV6,
     ]
 )
 

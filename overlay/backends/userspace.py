@@ -92,16 +92,20 @@ class UserspaceBackend(Backend):
         await asyncio.wrap_future(self.kernel.set(NODE, self.node_objects(lease)))
         count = self.ctx.options.workers
         sock = self._open_socket(reuse_port=count > 1)
-        sock6 = self._open_socket(reuse_port=False, ipv6=True) if ipv6 else None
+        sock6 = self._open_socket(reuse_port=count > 1, ipv6=True) if ipv6 else None
         self.dataplane = dataplane = build_dataplane(
             spec, self.tun, sock, self.ctx.peers, self.ctx.counters, sock6
         )
         dataplane.set_impairment(self._impairment)
         if count > 1:
-            await self._start_workers(count - 1, self.worker_spec(spec.as_built(dataplane)))
+            await self._start_workers(count - 1, self.worker_spec(spec.as_built(dataplane)), ipv6)
         dataplane.start(asyncio.get_running_loop())
 
-    async def _start_workers(self, count: int, spec: WorkerSpec) -> None:
+    async def _start_workers(self, count: int, spec: WorkerSpec, ipv6: bool) -> None:
+        """``count`` workers, each with a TUN queue and a socket of its own beside ours on
+        the same address (SO_REUSEPORT), and with ``ipv6`` (vxlan's IPv6 half) a second
+        one beside ours on our IPv6 underlay address: the kernel spreads received
+        datagrams of either family over the workers by their 4-tuple."""
         assert self.tun is not None
         try:
             steering.steer_by_flow_hash(self.tun.fd)
@@ -121,6 +125,7 @@ class UserspaceBackend(Backend):
             lambda: self._open_socket(reuse_port=True),
             spec,
             [peer.lease for peer in self.ctx.peers.peers()],
+            (lambda: self._open_socket(reuse_port=True, ipv6=True)) if ipv6 else None,
         )
 
     def _open_socket(self, *, reuse_port: bool, ipv6: bool = False) -> socket.socket:
@@ -235,6 +240,7 @@ class UserspaceBackend(Backend):
             "features": self.dataplane.features() if self.dataplane else {},
             "mtu": self.dataplane.mtu if self.dataplane else None,
             "arp_replies": self.dataplane.arp_replies if self.dataplane else 0,
+            "ipv6": self.dataplane.ipv6_status() if self.dataplane else {},
         }
 
     async def _stop_datapath(self) -> None:

@@ -22,7 +22,7 @@ from typing import Any
 
 from control.lease import Lease
 from encap import vxlan
-from overlay.backends.base import Backend, BackendError, Context, KernelLink, Underlay
+from overlay.backends.base import Backend, Context, KernelLink, Underlay
 from overlay.backends.routed import (
     RoutedBackend,
     direct_route,
@@ -31,6 +31,8 @@ from overlay.backends.routed import (
     ipv6_half,
 )
 from overlay.backends.userspace import UserspaceBackend
+from overlay.dataplane.counters import sum_ipv6_status
+from overlay.dataplane.ipv6 import IPV6_EXTRA_OVERHEAD
 from overlay.dataplane.spec import DataplaneSpec
 from overlay.dataplane.vxlan import vtep6_mac_of, vtep_mac_of, vxlan6_prefix_for, vxlan_prefix_for
 from overlay.kernel.objects import (
@@ -96,6 +98,15 @@ def _mtu_warning(backend: Backend) -> list[dict[str, Any]]:
     ]
 
 
+def ipv6_route_mtu(tun_mtu: int) -> int:
+    """The MTU of the TUN's route for IPv6Network: the TUN's (the IPv4 half's, underlay -
+    50) less the 20 bytes an IPv6 underlay header adds, what the IPv6 half forwards at most
+    (flannel-v6.<VNI>'s underlay - 70). The kernel then sizes this node's own IPv6 TCP
+    segments (MSS) to it and answers a longer forwarded packet itself, so no connection
+    sends a first window our dataplane has to refuse with packet-too-big."""
+    return tun_mtu - IPV6_EXTRA_OVERHEAD
+
+
 class VxlanBackend(UserspaceBackend):
     """VXLAN in userspace, interoperable with the kernel's vxlan device."""
 
@@ -106,12 +117,6 @@ class VxlanBackend(UserspaceBackend):
     overhead = vxlan.OVERHEAD
 
     def __init__(self, ctx: Context) -> None:
-        if ctx.config.ipv6 is not None and ctx.options.workers > 1:
-            raise BackendError(
-                f"EnableIPv6 with --workers {ctx.options.workers}: the userspace vxlan "
-                "datapath carries IPv6 in its main process only; use --workers 1 (or "
-                "--kernel-vxlan)"
-            )
         self.vtep = _Vtep(ctx)
         super().__init__(ctx)
 
@@ -159,14 +164,15 @@ class VxlanBackend(UserspaceBackend):
 
     def node_objects(self, lease: Lease) -> list[KernelObject]:
         """The TUN as the udp backend's, and with EnableIPv6 also the lease's IPv6 subnet
-        address (a /128, as flannel-v6.<VNI>'s) and a route for IPv6Network."""
+        address (a /128, as flannel-v6.<VNI>'s) and a route for IPv6Network with the IPv6
+        half's MTU (``ipv6_route_mtu``)."""
         objects = super().node_objects(lease)
         ipv6 = self.ctx.config.ipv6
         if ipv6 is not None and lease.ipv6_subnet is not None:
             name = self.ctx.options.tun_name
             objects += [
                 Address(name, lease.ipv6_subnet.network_address),
-                Route(ipv6.network, dev=name),
+                Route(ipv6.network, dev=name, mtu=ipv6_route_mtu(self.mtu)),
             ]
         return objects
 
@@ -193,7 +199,10 @@ class VxlanBackend(UserspaceBackend):
         if arp_replies is None:
             arp_replies = self.dataplane.arp_replies if self.dataplane else 0
         result = {**status, "vtep_mac": vxlan.format_mac(self.vtep.mac), "arp_replies": arp_replies}
-        ipv6 = self.dataplane.ipv6_status() if self.dataplane is not None else {}
+        if workers:  # the IPv6 half's counts, summed over every forwarding process
+            ipv6 = sum_ipv6_status([w["ipv6"] for w in workers])
+        else:
+            ipv6 = self.dataplane.ipv6_status() if self.dataplane is not None else {}
         if self.vtep.ipv6 and self.vtep.mac6 is not None:
             result |= {"vtep_mac6": vxlan.format_mac(self.vtep.mac6), **ipv6}
         return result

@@ -99,3 +99,13 @@ def add_snapshots(snapshots: list[dict[str, object]]) -> dict[str, object]:
         **{name: dict(sorted(table.items())) for name, table in tables.items()},
         **batches,
     }
+
+
+def sum_ipv6_status(reports: list[dict[str, int]]) -> dict[str, int]:
+    """The sum of several ``ipv6_status()``s (vxlan's IPv6 half of each --workers process),
+    by key; a process without the half (an empty report, a worker that never reported)
+    adds nothing."""
+    sums: Counter[str] = Counter()
+    for report in reports:
+        sums.update({name: value for name, value in report.items() if isinstance(value, int)})
+    return dict(sums)

@@ -43,6 +43,7 @@ def _report(writer: asyncio.StreamWriter, dataplane: UdpDataplane) -> None:
         "features": dataplane.features(),
         "mtu": dataplane.mtu,
         "arp_replies": dataplane.arp_replies,
+        "ipv6": dataplane.ipv6_status(),  # vxlan's IPv6 half: NDP replies, its offloads
         "peers": peer_report(dataplane.peers),
     }
     writer.write(json.dumps(report, separators=(",", ":")).encode() + b"\n")
@@ -62,8 +63,7 @@ class _WorkerTraces:
         self.writer = writer
         self.dataplane = dataplane
         self.taps = TapSet(dataplane)
-        address = dataplane.sock.getsockname()
-        self.endpoint = Endpoint(address[0], address[1], dataplane.headroom)
+        self.endpoint = Endpoint.of(dataplane.sockets(), dataplane.headroom)
         self.tracers: dict[int, Tracer] = {}
 
     def start(self, message: dict[str, Any]) -> None:
@@ -90,9 +90,15 @@ class _WorkerTraces:
             self.stop(handle)
 
 
-def _built(spec: WorkerSpec, tun: TunDevice, sock: socket.socket) -> UdpDataplane:
-    """The main process's dataplane on our queue and socket, with our own peer table."""
-    dataplane = build_dataplane(spec.dataplane, tun, sock, spec.dataplane.peer_table(), Counters())
+def _built(
+    spec: WorkerSpec, tun: TunDevice, sock: socket.socket, sock6: socket.socket | None
+) -> UdpDataplane:
+    """The main process's dataplane on our queue and socket(s), with our own peer table
+    (``sock6``: vxlan's IPv6 half's, with EnableIPv6)."""
+    if spec.dataplane.subnet6 is not None and sock6 is None:
+        raise RuntimeError("the spec has an IPv6 half but no IPv6 socket was handed over")
+    peers = spec.dataplane.peer_table()
+    dataplane = build_dataplane(spec.dataplane, tun, sock, peers, Counters(), sock6)
     if dataplane.features() != spec.features:
         # Offloads are probed per socket and queue; a worker that ended up with other
         # ones than the main process could mishandle what the shared device hands it.
@@ -117,15 +123,20 @@ async def serve(args: argparse.Namespace) -> int:
     )
     sock = socket.socket(fileno=args.socket_fd)
     sock.setblocking(False)
+    sock6 = socket.socket(fileno=args.socket6_fd) if args.socket6_fd >= 0 else None
+    if sock6 is not None:
+        sock6.setblocking(False)
     loop = asyncio.get_running_loop()
     try:
-        dataplane = _built(spec, tun, sock)
+        dataplane = _built(spec, tun, sock, sock6)
         apply_message(dataplane.peers, json.loads(await reader.readline() or b"{}"))
         dataplane.set_impairment(Rules.from_json(spec.impairment))
         dataplane.start(loop)
     except Exception as e:
         log.error("worker_failed", error=str(e) or type(e).__name__)
-        sock.close()
+        for s in (sock, sock6):
+            if s is not None:
+                s.close()
         tun.close()
         return 1
     _report(writer, dataplane)  # "forwarding": the main process waits for this
@@ -150,7 +161,8 @@ async def serve(args: argparse.Namespace) -> int:
         reporting.cancel()
         tracing.stop_all()
         dataplane.stop(loop)
-        sock.close()
+        for s in dataplane.sockets():
+            s.close()
         tun.close()
         writer.close()
     return 0
@@ -163,6 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     for name in ("--index", "--control-fd", "--tun-fd", "--socket-fd"):
         parser.add_argument(name, type=int, required=True)
+    # vxlan's IPv6 half (EnableIPv6): its socket on our IPv6 underlay address, SO_REUSEPORT.
+    parser.add_argument("--socket6-fd", type=int, default=-1)
     args = parser.parse_args(argv)
     # Ctrl-C reaches the whole process group; the main process decides when we stop
     # (EOF on the control socket), so it never sees us die first and warns for nothing.

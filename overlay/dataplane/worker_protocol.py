@@ -2,7 +2,8 @@
 
 The main process keeps the control plane (registry, lease, watch, status) and forwards
 queue 0 itself. For queues 1..N-1 it attaches another TUN queue, opens another UDP socket
-on the same address with SO_REUSEPORT, and starts ``python -m overlay.dataplane.worker`` with both
+on the same address with SO_REUSEPORT (vxlan's IPv6 half: one more on our IPv6
+underlay address), and starts ``python -m overlay.dataplane.worker`` with both
 fds and one end of a socketpair (exec, never fork: the daemon has gRPC threads running).
 Each worker runs the backend's own dataplane class on its own uvloop.
 

@@ -4,7 +4,8 @@ forwarding processes of queues 1..N-1 (``overlay.dataplane.worker``; the protoco
 
 The main process keeps the control plane (registry, lease, watch, status) and forwards
 queue 0 itself. For each other queue it attaches another TUN queue, opens another UDP
-socket on the same address with SO_REUSEPORT, and starts ``python -m
+socket on the same address with SO_REUSEPORT (and, for userspace vxlan's IPv6 half, one
+on our IPv6 underlay address), and starts ``python -m
 overlay.dataplane.worker`` with both fds and one end of a socketpair (exec, never fork:
 the daemon has gRPC threads running). A worker exits on EOF, so a killed main leaves no
 orphan; the main process warns once when a worker dies and does not restart it: its TUN
@@ -41,6 +42,31 @@ class WorkerError(OSError):
     """A worker could not be started; the message says which and why."""
 
 
+@dataclass(frozen=True)
+class _Sockets:
+    """How a worker's sockets are opened: the backend's, and vxlan's IPv6 half's."""
+
+    open4: Callable[[], socket.socket]
+    open6: Callable[[], socket.socket] | None
+
+    def open(self) -> list[socket.socket]:
+        """Both (the IPv4 one first); the first is closed if the second cannot open."""
+        first = self.open4()
+        if self.open6 is None:
+            return [first]
+        try:
+            return [first, self.open6()]
+        except BaseException:
+            first.close()
+            raise
+
+
+def worker_fd_args(fds: tuple[int, ...]) -> list[str]:
+    """The worker's fd flags for (control, TUN queue, socket[, IPv6 socket])."""
+    names = ("--control-fd", "--tun-fd", "--socket-fd", "--socket6-fd")
+    return [arg for name, fd in zip(names, fds, strict=False) for arg in (name, str(fd))]
+
+
 @dataclass
 class Worker:
     index: int
@@ -74,11 +100,14 @@ class Workers:
         open_socket: Callable[[], socket.socket],
         spec: WorkerSpec,
         peers: list[Lease],
+        open_socket6: Callable[[], socket.socket] | None = None,
     ) -> None:
         """Start workers 1..count, each with the full peer table; return when all forward.
+        ``open_socket6``: vxlan's IPv6 half's socket (EnableIPv6), one more per worker.
         On failure the caller's ``stop()`` reaps whatever was started."""
+        sockets = _Sockets(open_socket, open_socket6)
         for index in range(1, count + 1):
-            self.workers.append(await self._spawn(index, open_queue, open_socket, spec, peers))
+            self.workers.append(await self._spawn(index, open_queue, sockets, spec, peers))
         pending = [w.ready for w in self.workers]
         done, _ = await asyncio.wait(pending, timeout=START_TIMEOUT)
         for worker in self.workers:
@@ -96,31 +125,30 @@ class Workers:
         self,
         index: int,
         open_queue: Callable[[], int],
-        open_socket: Callable[[], socket.socket],
+        sockets: _Sockets,
         spec: WorkerSpec,
         peers: list[Lease],
     ) -> Worker:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         tun_fd: int | None = None
-        sock: socket.socket | None = None
+        opened: list[socket.socket] = []
         try:
             tun_fd = open_queue()
-            sock = open_socket()
-            fds = (theirs.fileno(), tun_fd, sock.fileno())
+            opened = sockets.open()
+            fds = (theirs.fileno(), tun_fd, *(s.fileno() for s in opened))
             argv = [sys.executable, "-m", "overlay.dataplane.worker", "--index", str(index)]
-            argv += ["--control-fd", str(fds[0]), "--tun-fd", str(fds[1])]
-            argv += ["--socket-fd", str(fds[2])]
+            argv += worker_fd_args(fds)
             proc = subprocess.Popen(argv, pass_fds=fds, stdin=subprocess.DEVNULL)
         except BaseException:
             ours.close()
             raise
         finally:
-            # The worker holds its own copies now: when it dies, its queue and socket
+            # The worker holds its own copies now: when it dies, its queue and sockets
             # close and the kernel stops steering traffic to them.
             theirs.close()
             if tun_fd is not None:
                 os.close(tun_fd)
-            if sock is not None:
+            for sock in opened:
                 sock.close()
         reader, writer = await asyncio.open_unix_connection(sock=ours, limit=LINE_LIMIT)
         worker = Worker(index, proc, reader, writer, asyncio.get_running_loop().create_future())
@@ -224,6 +252,7 @@ class Workers:
                 "features": w.report.get("features", {}),
                 "mtu": w.report.get("mtu"),
                 "arp_replies": w.report.get("arp_replies", 0),
+                "ipv6": w.report.get("ipv6", {}),
                 "peers": w.report.get("peers", {}),
             }
             for w in self.workers

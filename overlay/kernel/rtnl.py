@@ -41,6 +41,7 @@ NLM_F_REPLACE, NLM_F_CREATE, NLM_F_DUMP = 0x100, 0x400, 0x300
 RTM_NEWROUTE, RTM_DELROUTE, RTM_GETROUTE = 24, 25, 26
 RTM_NEWNEIGH, RTM_DELNEIGH, RTM_GETNEIGH = 28, 29, 30
 RTA_DST, RTA_OIF, RTA_GATEWAY, RTA_MULTIPATH, RTA_TABLE = 1, 4, 5, 9, 15
+RTA_METRICS, RTAX_MTU = 8, 2  # a route's metrics (nested), its MTU among them
 NDA_DST, NDA_LLADDR = 1, 2
 RT_TABLE_MAIN = 254
 RTPROT_KERNEL = 2  # the kernel's own routes (IPv6: one per address, fe80::/64, ff00::/8)
@@ -95,10 +96,12 @@ def route_request(
     gateway: bytes | None = None,
     oif: int | None = None,
     onlink: bool = False,
+    mtu: int = 0,
 ) -> Request:
     """Replace (``add``) or delete a route of the main table (the family: ``dst``'s). A
     deletion matches any scope and protocol, as ``ip route del`` does. A device route is
-    scope link in IPv4; IPv6 routes have no scope (the kernel keeps them universe)."""
+    scope link in IPv4; IPv6 routes have no scope (the kernel keeps them universe).
+    ``mtu``: the route's own MTU (``ip route ... mtu N``), below its device's; 0: none."""
     family = family_of(dst)
     if add:
         link = gateway is None and not onlink and family == socket.AF_INET
@@ -114,6 +117,8 @@ def route_request(
         body += attr(RTA_GATEWAY, gateway)
     if oif is not None:
         body += attr(RTA_OIF, U32.pack(oif))
+    if add and mtu:
+        body += attr(RTA_METRICS, attr(RTAX_MTU, U32.pack(mtu)))
     if add:
         return Request(RTM_NEWROUTE, NLM_F_CREATE | NLM_F_REPLACE, body)
     return Request(RTM_DELROUTE, 0, body)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -35,13 +34,7 @@ def captures_of(node: NodeState) -> Captures | None:
         backend = node.backend
         assert backend is not None and backend.dataplane is not None and node.peers is not None
         dataplane = backend.dataplane
-        address, port = dataplane.sock.getsockname()
-        # vxlan's IPv6 half receives on a socket of its own: its address for the headers.
-        address6 = next(
-            (s.getsockname()[0] for s in dataplane.sockets() if s.family == socket.AF_INET6),
-            None,
-        )
-        endpoint = trace.Endpoint(address, port, dataplane.headroom, address6)
+        endpoint = trace.Endpoint.of(dataplane.sockets(), dataplane.headroom)
         node.captures = trace.Captures(dataplane, endpoint, node.peers, backend.workers)
     return node.captures
 

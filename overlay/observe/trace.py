@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import os
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -103,6 +104,15 @@ class Endpoint:
     port: int  # our UDP port
     headroom: int  # bytes before the inner packet in a datagram (vxlan: 22)
     address6: str | None = None  # our IPv6 underlay address (vxlan's IPv6 half), or None
+
+    @classmethod
+    def of(cls, sockets: list[socket.socket], headroom: int) -> Endpoint:
+        """A dataplane's endpoint from its sockets (``sockets()``: the IPv4 one first; vxlan's
+        IPv6 half receives on one of its own, whose address its outer headers carry), the
+        same in the main process and in each ``--workers`` process."""
+        address, port = sockets[0].getsockname()[:2]
+        address6 = next((s.getsockname()[0] for s in sockets if s.family == socket.AF_INET6), None)
+        return cls(address, port, headroom, address6)
 
 
 class Tracer:

@@ -252,16 +252,8 @@ def test_our_node_against_a_flannel_v6_made_by_hand(
 
 @pytest.mark.parametrize(
     ("backend", "flags", "message"),
-    [
-        ({"Type": "udp"}, (), "EnableIPv6: flannel's udp backend is IPv4 only"),
-        (
-            {"Type": "vxlan"},
-            ("--workers", "2"),
-            "EnableIPv6 with --workers 2: the userspace vxlan datapath carries IPv6 in its "
-            "main process only",
-        ),
-    ],
-    ids=["udp", "userspace-vxlan-workers"],
+    [({"Type": "udp"}, (), "EnableIPv6: flannel's udp backend is IPv4 only")],
+    ids=["udp"],
 )
 def test_ipv6_on_an_ipv4_only_datapath_is_refused_in_one_line(
     netns: Callable[[str], str],

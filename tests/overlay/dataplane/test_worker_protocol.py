@@ -8,7 +8,7 @@ import json
 import os
 import struct
 from collections import Counter
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address
 
 import pytest
 
@@ -60,14 +60,15 @@ def test_counters_of_the_workers_add_up() -> None:
 
 
 def _steering_result(packet: bytes) -> int:
-    """What the TUN steering program returns for ``packet`` (an IPv4 packet whose skb has
-    no hash yet), run by the kernel itself with BPF_PROG_TEST_RUN."""
+    """What the TUN steering program returns for ``packet`` (an IPv4 or IPv6 packet whose
+    skb has no hash yet), run by the kernel itself with BPF_PROG_TEST_RUN."""
     libc = ctypes.CDLL(None, use_errno=True)
     prog = steering.load_hash_program()
     try:
         # The test run takes an Ethernet frame and hands the program the skb from the
         # network header on, as a TUN's transmit path does.
-        frame = ctypes.create_string_buffer(bytes(12) + b"\x08\x00" + packet)
+        ethertype = b"\x86\xdd" if packet[0] >> 4 == 6 else b"\x08\x00"
+        frame = ctypes.create_string_buffer(bytes(12) + ethertype + packet)
         out = ctypes.create_string_buffer(len(frame) + 64)
         attr = struct.pack(
             "<IIIIQQII",
@@ -89,12 +90,23 @@ def _steering_result(packet: bytes) -> int:
         os.close(prog)
 
 
+def _word(packet: bytes, at: int) -> int:
+    return int.from_bytes(packet[at : at + 4], "big")
+
+
 def _flow_hash(packet: bytes) -> int:
     """The program's fallback hash, written out in Python."""
-    x = int.from_bytes(packet[12:16], "big") ^ int.from_bytes(packet[16:20], "big")
-    header = (packet[0] & 0x0F) * 4
-    if packet[9] in (6, 17) and not int.from_bytes(packet[6:8], "big") & 0x1FFF:
-        x ^= int.from_bytes(packet[header : header + 4], "big")
+    if packet[0] >> 4 == 6:  # every word of both addresses, the ports after the fixed header
+        x = 0
+        for at in range(8, 40, 4):
+            x ^= _word(packet, at)
+        if packet[6] in (6, 17):
+            x ^= _word(packet, 40)
+    else:
+        x = _word(packet, 12) ^ _word(packet, 16)
+        header = (packet[0] & 0x0F) * 4
+        if packet[9] in (6, 17) and not int.from_bytes(packet[6:8], "big") & 0x1FFF:
+            x ^= _word(packet, header)
     x ^= x >> 16
     x = (x * 0x9E3779B9) & 0xFFFFFFFF
     return x ^ (x >> 16)
@@ -149,3 +161,31 @@ def test_a_worker_gets_the_busy_poll_window_in_its_spec(busy_poll_us: int) -> No
     received = WorkerSpec.from_json(json.loads(json.dumps(sent.to_json(1))))
     assert received.dataplane == spec
     assert received.dataplane.busy_poll_us == busy_poll_us
+
+
+def _udp6_packet(sport: int, dport: int = 5201, *, next_header: int = 17, pod: int = 2) -> bytes:
+    ports = struct.pack("!HH", sport, dport) + bytes(4)
+    header = struct.pack("!IHBB", 6 << 28, len(ports), next_header, 64)
+    src = IPv6Address(f"fd00:10:0:1::{pod:x}").packed
+    return header + src + IPv6Address("fd00:10:0:2::2").packed + ports
+
+
+@pytest.mark.netns  # root: loading a BPF program needs CAP_BPF
+def test_tun_steering_hashes_ipv6_flows_by_their_addresses_and_ports() -> None:
+    """An IPv6 packet without a socket hash (a pod's UDP) is hashed on IPv6's own fields:
+    the flows of one pod pair spread over the queues by their ports, the pods' addresses
+    (which differ in their last word) count, and a next header that is no TCP/UDP (an
+    extension header, a fragment) leaves the ports out: every packet of the flow, one
+    queue."""
+    packets = [_udp6_packet(sport) for sport in range(40000, 40064)]
+    packets += [_udp6_packet(40000, next_header=6), _udp6_packet(40000, next_header=44)]
+    packets += [_udp6_packet(40000, pod=pod) for pod in range(3, 9)]
+    results = [_steering_result(p) for p in packets]
+    assert results == [_flow_hash(p) for p in packets]
+    for queues in (2, 3, 4):
+        used = Counter(r % queues for r in results[:64])
+        assert len(used) == queues and min(used.values()) >= 64 // queues // 3, used
+    assert len({r % 4 for r in results[-6:]}) > 1  # other pods, same ports: other queues
+    assert _steering_result(_udp6_packet(40001, next_header=44)) == _steering_result(
+        _udp6_packet(40002, next_header=44)
+    )

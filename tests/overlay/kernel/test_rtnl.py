@@ -8,6 +8,7 @@ from __future__ import annotations
 import socket
 import struct
 from ipaddress import IPv4Address, IPv6Address
+from typing import Any
 
 import pytest
 
@@ -66,3 +67,32 @@ def test_a_dumped_ipv6_route_keeps_its_family_and_protocol() -> None:
         64,
     )
     assert (route.gateway, route.oif, route.protocol) == (None, 9, rtnl.RTPROT_KERNEL)
+
+
+def _decoded_by_pyroute2(body: bytes) -> object:
+    """``body`` behind a netlink header, decoded by pyroute2's own rtmsg (the oracle)."""
+    from pyroute2.netlink.rtnl.rtmsg import rtmsg
+
+    header = struct.pack("=IHHII", 16 + len(body), 24, 0, 1, 0)
+    msg = rtmsg(header + body)
+    msg.decode()
+    return msg
+
+
+@pytest.mark.parametrize("mtu", [1280, 1430, 65515])
+def test_a_route_mtu_is_the_rtax_mtu_metric_pyroute2_reads(mtu: int) -> None:
+    """The TUN's IPv6 network route carries its MTU as `ip route ... mtu N` does."""
+    request = rtnl.route_request(True, V6, 56, oif=3, mtu=mtu)
+    msg: Any = _decoded_by_pyroute2(request.body)
+    assert msg.get_attr("RTA_DST") == "fd00:10:0:2::"
+    assert msg.get_attr("RTA_OIF") == 3
+    assert msg.get_attr("RTA_METRICS").get_attr("RTAX_MTU") == mtu
+
+
+def test_no_mtu_no_metrics_and_a_deletion_carries_none() -> None:
+    for request in (
+        rtnl.route_request(True, V6, 56, oif=3),
+        rtnl.route_request(False, V6, 56, oif=3, mtu=1430),
+    ):
+        msg: Any = _decoded_by_pyroute2(request.body)
+        assert msg.get_attr("RTA_METRICS") is None
