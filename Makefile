@@ -9,7 +9,8 @@ STAMP   := .venv/.installed
 NATIVE_TESTS := tests/encap/test_native.py tests/encap/test_rx.py tests/encap/test_tso.py \
                 tests/encap/test_tso6.py \
                 tests/overlay/dataplane/test_fastpath.py tests/overlay/dataplane/test_ipv6.py \
-                tests/overlay/dataplane/test_busy_poll.py
+                tests/overlay/dataplane/test_busy_poll.py \
+                tests/overlay/dataplane/test_ipv6_drains.py
 # -fno-wrapv: CPython's own CFLAGS (sysconfig) carry -fwrapv, which defines signed
 # overflow and so switches UBSan's signed-integer-overflow check off.
 SANITIZE := -fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer -g \

@@ -2,7 +2,9 @@
  * per wake-up. This file is the object: the fixed attributes read once (drains_new), the
  * lookups kept from one wake-up to the next, the counts kept until flush(), the wake-up
  * guard (wake) and the type. Its two methods are in drains_send.c (Drains.tx: TUN -> peer)
- * and drains_receive.c (Drains.rx: peer -> TUN), which module.c includes after this file.
+ * and drains_receive.c (Drains.rx: peer -> TUN), which module.c includes after this file;
+ * vxlan's IPv6 half (dataplane.ipv6, half6_t here) is in drains_ipv6.c: Drains.tx sends
+ * the IPv6 packets it reads, Drains.rx6 is the IPv6 socket's reader.
  *
  * Drains(dataplane, budget).tx and .rx are the reader callbacks of
  * overlay.dataplane.udp.UdpDataplane (on_tun_readable, on_socket_readable_gro /
@@ -39,7 +41,12 @@ enum {
     A_SENDERS, A_ADDR, A_PREFIX, A_NO_ROUTE, A_TOO_BIG, A_ANSWER_ARP, A_COUNTERS, A_DROPS,
     A_TX_BATCH, A_RX_BATCH, A_TX_PACKETS, A_TX_BYTES, A_TX_GSO_SENDS, A_TX_TUN_SUPER,
     A_RX_PACKETS, A_RX_BYTES, A_RX_TUN_SUPER, A_RX_GRO_RECEIVES, A_LAST_TX, A_LAST_RX, A_TAP,
-    A_ON_TUN_READABLE, A_ON_SOCKET_READABLE, A_ON_SOCKET_READABLE_GRO, A_SEND_IPV6, A_COUNT
+    A_ON_TUN_READABLE, A_ON_SOCKET_READABLE, A_ON_SOCKET_READABLE_GRO, A_SEND_IPV6,
+    /* vxlan's IPv6 half (drains_ipv6.c) */
+    A_IPV6, A_ONE_BY_ONE, A_OWN6, A_ROUTES6, A_STATS, A_DROPS6, A_TX_PACKETS6, A_TX_BYTES6,
+    A_RX_PACKETS6, A_RX_BYTES6, A_GSO_SENDS, A_TUN_SUPER_READ, A_GRO_RECEIVES,
+    A_TUN_SUPER_WRITTEN, A_SOURCES6_OF, A_BY_PUBLIC_IPV6, A_ON_SOCKET_READABLE6, A_NDP6,
+    A_COUNT
 };
 static const char *const attr_names[A_COUNT] = {
     "tun", "fd", "vnet_hdr", "sock", "headroom", "_tx_arena", "_rx_buffer", "tso",
@@ -48,6 +55,10 @@ static const char *const attr_names[A_COUNT] = {
     "tx_batch", "rx_batch", "tx_packets", "tx_bytes", "tx_gso_sends", "tx_tun_super_packets",
     "rx_packets", "rx_bytes", "rx_tun_super_packets", "rx_gro_receives", "last_tx", "last_rx",
     "tap", "on_tun_readable", "on_socket_readable", "on_socket_readable_gro", "_send_ipv6",
+    "ipv6", "_one_by_one", "own", "routes6", "stats", "drops6", "tx_packets6", "tx_bytes6",
+    "rx_packets6", "rx_bytes6", "gso_sends", "tun_super_packets_read", "gro_receives",
+    "tun_super_packets_written", "sources6_of", "by_public_ipv6", "on_socket_readable",
+    "_native_ndp",
 };
 static PyObject *attr[A_COUNT];
 
@@ -181,12 +192,53 @@ static PyObject *sender(PyObject *senders, const struct in_addr *ip)
 
 enum {
     C_TX_PACKETS, C_TX_BYTES, C_TX_GSO_SENDS, C_TX_TUN_SUPER, C_RX_PACKETS, C_RX_BYTES,
-    C_RX_TUN_SUPER, C_RX_GRO_RECEIVES, C_COUNT
+    C_RX_TUN_SUPER, C_RX_GRO_RECEIVES, C_TX_PACKETS6, C_TX_BYTES6, C_RX_PACKETS6,
+    C_RX_BYTES6, C_COUNT
 };
 static const int counter_attrs[C_COUNT] = {
     A_TX_PACKETS, A_TX_BYTES, A_TX_GSO_SENDS, A_TX_TUN_SUPER, A_RX_PACKETS, A_RX_BYTES,
-    A_RX_TUN_SUPER, A_RX_GRO_RECEIVES,
+    A_RX_TUN_SUPER, A_RX_GRO_RECEIVES, A_TX_PACKETS6, A_TX_BYTES6, A_RX_PACKETS6,
+    A_RX_BYTES6,
 };
+
+/* The IPv6 half's own counts (overlay status: ipv6_*), added to dataplane.ipv6 */
+enum { K6_GSO_SENDS, K6_SUPER_READ, K6_GRO_RECEIVES, K6_SUPER_WRITTEN, K6_COUNT };
+static const int counter6_attrs[K6_COUNT] = {
+    A_GSO_SENDS, A_TUN_SUPER_READ, A_GRO_RECEIVES, A_TUN_SUPER_WRITTEN,
+};
+
+/* The IPv6 half's drops counted in C, added to counters.drops and counters.drops6: the
+ * send errors, what its receive loop drops, and valid_pieces6's reasons (D6_V6 + V6_*). */
+enum {
+    D6_NONE, D6_TX_SOCKET_FULL, D6_TX_SEND_ERROR, D6_TX_BAD_CSUM, D6_RX_UNKNOWN_PEER,
+    D6_RX_TRUNCATED, D6_RX_SOCKET_ERROR, D6_RX_TUN_FULL, D6_RX_TUN_ERROR, D6_V6,
+    D6_COUNT = D6_V6 + V6_COUNT
+};
+static const char *const d6_reason_names[D6_V6] = {
+    NULL, "tx_socket_full", "tx_send_error", "tx_bad_csum_offsets", "rx_unknown_peer",
+    "rx_truncated", "rx_socket_error", "rx_tun_full", "rx_tun_error",
+};
+static PyObject *d6_reason_strings[D6_COUNT];
+
+/* dataplane.ipv6 (vxlan's IPv6 half with EnableIPv6) as the drains see it: its fixed
+ * attributes read once, its lookups kept while peers.routes6 is the same object. */
+typedef struct {
+    PyObject *path; /* the Ipv6Path, owned; NULL without an IPv6 half */
+    int sock_fd, offload, gro, gso_sent;
+    PyObject *own, *vxlan_rules; /* owned: what rules6 was parsed from, with sources */
+    rules6_t rules;
+    subnet6_t source_storage[8];
+    PyObject *sources; /* the sources rules.sources were parsed from (owned) */
+    PyObject *rx_obj;  /* the path's receive buffer (owned), exported for our lifetime */
+    Py_buffer rx;
+    PyObject *routes6; /* owned */
+    uint8_t route_dst[16];
+    int route_found;
+    struct sockaddr_in6 route_sa;
+    PyObject *route_prefix, *route_stats; /* owned; route_prefix NULL: nothing kept */
+    Py_ssize_t counts[K6_COUNT];
+    Py_ssize_t drops[D6_COUNT];
+} half6_t;
 
 typedef struct {
     PyObject *stats; /* a PeerStats, owned */
@@ -225,10 +277,36 @@ typedef struct {
      * wake-up on the same state, nor a flush inside a flush. */
     int busy;
     int ready; /* set once drains_new completed */
+    half6_t v6;
 } drains_t;
 
 #define IN_DRAIN 1
 #define IN_FLUSH 2
+
+/* The IPv6 half's route lookup kept (peers.routes6 changed: forgotten) */
+static void forget_route6(half6_t *h)
+{
+    Py_CLEAR(h->routes6);
+    Py_CLEAR(h->route_prefix);
+    Py_CLEAR(h->route_stats);
+    h->route_found = 0;
+}
+
+static void half6_clear(half6_t *h)
+{
+    forget_route6(h);
+    if (h->rules.sources != NULL && h->rules.sources != h->source_storage)
+        PyMem_Free(h->rules.sources);
+    h->rules.sources = h->source_storage;
+    h->rules.nsources = 0;
+    Py_CLEAR(h->sources);
+    if (h->rx.obj != NULL)
+        PyBuffer_Release(&h->rx);
+    Py_CLEAR(h->rx_obj);
+    Py_CLEAR(h->own);
+    Py_CLEAR(h->vxlan_rules);
+    Py_CLEAR(h->path);
+}
 
 static void forget_lookups(drains_t *d)
 {
@@ -316,6 +394,9 @@ static int flush_counts(drains_t *d)
     if (!add_histogram(d->counters, A_TX_BATCH, d->tx_batch)
         || !add_histogram(d->counters, A_RX_BATCH, d->rx_batch))
         return 0;
+    for (int c = 0; d->v6.path != NULL && c < K6_COUNT; c++)
+        if (!add_pending(d->v6.path, counter6_attrs[c], &d->v6.counts[c]))
+            return 0;
     while (d->npending) {
         pending_peer_t *p = &d->pending[d->npending - 1];
         int ok = add_pending(p->stats, A_TX_PACKETS, &p->tx_packets)
@@ -423,6 +504,14 @@ static int drains_traverse(drains_t *d, visitproc visit, void *arg)
     Py_VISIT(d->route_prefix);
     Py_VISIT(d->route_stats);
     Py_VISIT(d->rx_entry);
+    Py_VISIT(d->v6.path);
+    Py_VISIT(d->v6.own);
+    Py_VISIT(d->v6.vxlan_rules);
+    Py_VISIT(d->v6.sources);
+    Py_VISIT(d->v6.rx_obj);
+    Py_VISIT(d->v6.routes6);
+    Py_VISIT(d->v6.route_prefix);
+    Py_VISIT(d->v6.route_stats);
     for (int i = 0; i < d->npending; i++)
         Py_VISIT(d->pending[i].stats);
     return 0;
@@ -437,6 +526,7 @@ static int drains_clear(drains_t *d)
     }
     sources_free(&d->rules, d->source_storage);
     Py_CLEAR(d->sources);
+    half6_clear(&d->v6);
     if (d->arena.obj != NULL)
         PyBuffer_Release(&d->arena);
     if (d->rx.obj != NULL)
@@ -454,6 +544,56 @@ static void drains_dealloc(drains_t *d)
     PyObject_GC_UnTrack(d);
     drains_clear(d);
     Py_TYPE(d)->tp_free((PyObject *)d);
+}
+
+/* dataplane.ipv6 when there is one (vxlan with EnableIPv6), its fixed attributes */
+static int half6_new(drains_t *d)
+{
+    half6_t *h = &d->v6;
+    h->rules.sources = h->source_storage;
+    PyObject *path = PyObject_GetAttr(d->dp, attr[A_IPV6]);
+    if (path == NULL) { /* the udp backend's dataplane has none */
+        if (!PyErr_ExceptionMatches(PyExc_AttributeError))
+            return 0;
+        PyErr_Clear();
+        return 1;
+    }
+    if (path == Py_None) {
+        Py_DECREF(path);
+        return 1;
+    }
+    h->path = path;
+    PyObject *tx_arena = NULL, *none = PyTuple_New(0); /* a sender's sources come later */
+    int ok = none != NULL && get_fd(path, A_SOCK, &h->sock_fd) && get_bool(path, A_GRO, &h->gro)
+          && get_bool(path, A_GSO_SENT, &h->gso_sent)
+          && (tx_arena = get(path, A_TX_ARENA)) != NULL
+          && (h->offload = PyObject_IsTrue(tx_arena)) >= 0
+          && (h->own = get(path, A_OWN6)) != NULL
+          && (h->vxlan_rules = get(path, A_VXLAN_RULES)) != NULL
+          && parse_rules6(&h->rules, h->source_storage, none, h->own, h->vxlan_rules)
+          && (h->rx_obj = get(path, A_RX_BUFFER)) != NULL
+          && PyObject_GetBuffer(h->rx_obj, &h->rx, PyBUF_WRITABLE) == 0;
+    Py_XDECREF(tx_arena);
+    Py_XDECREF(none);
+    PyObject *peers = ok ? get(path, A_PEERS) : NULL, *counters = NULL;
+    if (peers != NULL && (counters = get(path, A_COUNTERS)) != NULL
+        && (peers != d->peers || counters != d->counters)) {
+        PyErr_SetString(PyExc_ValueError,
+                        "Drains: the IPv6 half shares the dataplane's peers and counters");
+        ok = 0;
+    }
+    ok = ok && counters != NULL;
+    Py_XDECREF(peers);
+    Py_XDECREF(counters);
+    if (ok && h->rx.len < MAX_DATAGRAM) {
+        PyErr_SetString(PyExc_ValueError, "Drains: the IPv6 receive buffer is under 64 KiB");
+        ok = 0;
+    }
+    if (ok && d->headroom != VXLAN_HEADROOM) {
+        PyErr_SetString(PyExc_ValueError, "Drains: an IPv6 half needs the vxlan headroom");
+        ok = 0;
+    }
+    return ok;
 }
 
 static PyObject *drains_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
@@ -488,6 +628,8 @@ static PyObject *drains_new(PyTypeObject *type, PyObject *args, PyObject *kwargs
         || (d->rx_obj = get(dp, A_RX_BUFFER)) == NULL
         || PyObject_GetBuffer(d->rx_obj, &d->rx, PyBUF_WRITABLE) < 0)
         goto fail;
+    if (!half6_new(d))
+        goto fail;
     d->coalesce = tun_gso && d->vnet; /* super-packets need the virtio_net_hdr */
     d->tx_limit = d->mtu ? d->mtu : MAX_DATAGRAM; /* SendPath._read_tun's limit */
     /* TX: room for one more read of any size, and for cutting it into segments (the
@@ -519,6 +661,7 @@ fail:
 /* Drains.tx and Drains.rx: drains_send.c and drains_receive.c, included after this file */
 static PyObject *drains_tx(drains_t *d, PyObject *unused);
 static PyObject *drains_rx(drains_t *d, PyObject *unused);
+static PyObject *drains_rx6(drains_t *d, PyObject *unused); /* drains_ipv6.c */
 
 static PyMethodDef drains_methods[] = {
     {"tx", (PyCFunction)drains_tx, METH_NOARGS,
@@ -526,6 +669,9 @@ static PyMethodDef drains_methods[] = {
     {"rx", (PyCFunction)drains_rx, METH_NOARGS,
      "UdpDataplane.on_socket_readable_gro (on_socket_readable without gro): receive, "
      "gather, validate, write to the TUN."},
+    {"rx6", (PyCFunction)drains_rx6, METH_NOARGS,
+     "Ipv6Path.on_socket_readable (vxlan's IPv6 half): receive, validate, write to the "
+     "TUN."},
     {"flush", (PyCFunction)drains_flush, METH_NOARGS,
      "Add the counts not yet added to the dataplane's counters and the peers' stats."},
     {NULL, NULL, 0, NULL},

@@ -76,6 +76,8 @@ typedef struct {
     Py_ssize_t npeers, peers_room;
     Py_ssize_t drops[T_COUNT];
     int gso_off;
+    int fast6, gso6, gso6_off; /* the IPv6 half's packets done in C (drains_ipv6.c); its
+                                  gso, and whether an EIO turned it off */
     tx_packet_t local_packets[256];
     tx_peer_t local_peers[8];
 } tx_t;
@@ -341,6 +343,11 @@ static inline int tx_offload(drains_t *d, tx_t *t, const uint8_t hdr[10], Py_ssi
     return 1;
 }
 
+/* vxlan's IPv6 half: drains_ipv6.c, included after this file */
+static int tx6(drains_t *d, const uint8_t hdr[10], Py_ssize_t at, Py_ssize_t length, int *gso);
+static int tx6_begin(drains_t *d, int *gso);
+static int drops6_now(drains_t *d);
+
 /* Stage 1, UdpDataplane._read_tun: drain the TUN into the arena (kept packets back to
  * back from offset 0), route, cut super-packets, finish partial checksums. */
 static int tx_read(drains_t *d, tx_t *t)
@@ -377,7 +384,12 @@ static int tx_read(drains_t *d, tx_t *t)
         }
         Py_ssize_t length = got - (d->vnet ? 10 : 0);
         if (length < 20 || b[body] >> 4 != 4) {
-            if (length >= 40 && b[body] >> 4 == 6) { /* IPv6: the dataplane's _send_ipv6 */
+            if (length >= 40 && b[body] >> 4 == 6) { /* IPv6: its half, else _send_ipv6 */
+                int done6 = t->fast6 ? tx6(d, hdr, at, length, &t->gso6) : 0;
+                if (done6 < 0)
+                    goto done;
+                if (done6 > 0)
+                    continue;
                 if (tell_ipv6(d, hdr, b + body, length) < 0)
                     goto done;
                 have_dst = 0; /* Python ran: route afresh */
@@ -501,8 +513,8 @@ static inline Py_ssize_t next_group(const tx_t *t, Py_ssize_t start, Py_ssize_t 
 /* One sendmsg of data[0:total] to sa with UDP_SEGMENT size (encap.gso.segment_cmsg): the
  * kernel cuts it into datagrams of size bytes, the last shorter. sendmsg's result, EINTR
  * retried. */
-static inline ssize_t send_gso(int fd, const struct sockaddr_in *sa, const uint8_t *data,
-                               Py_ssize_t total, Py_ssize_t size)
+static inline ssize_t send_gso(int fd, const struct sockaddr *sa, socklen_t sa_length,
+                               const uint8_t *data, Py_ssize_t total, Py_ssize_t size)
 {
     union {
         char buf[CMSG_SPACE(sizeof(uint16_t))];
@@ -512,7 +524,7 @@ static inline ssize_t send_gso(int fd, const struct sockaddr_in *sa, const uint8
     struct iovec iov = {(void *)data, (size_t)total};
     struct msghdr msg = {
         .msg_name = (void *)sa,
-        .msg_namelen = sizeof *sa,
+        .msg_namelen = sa_length,
         .msg_iov = &iov,
         .msg_iovlen = 1,
         .msg_control = control.buf,
@@ -549,7 +561,8 @@ static int tx_send_groups(drains_t *d, tx_t *t, double now)
             continue;
         }
         const tx_peer_t *peer = &t->peers[p[start].peer];
-        ssize_t r = send_gso(d->sock_fd, &peer->sa, b + first, total, p[start].length);
+        ssize_t r = send_gso(d->sock_fd, (const struct sockaddr *)&peer->sa, sizeof peer->sa,
+                             b + first, total, p[start].length);
         if (r < 0) {
             int e = errno;
             if (would_block(e)) {
@@ -591,7 +604,13 @@ static PyObject *tx_wake(drains_t *d)
     t->packets_room = sizeof t->local_packets / sizeof t->local_packets[0];
     t->peers = t->local_peers;
     t->peers_room = sizeof t->local_peers / sizeof t->local_peers[0];
+    int one_by_one = d->v6.path != NULL ? tx6_begin(d, &t->gso6) : 1;
+    if (one_by_one < 0)
+        return NULL;
+    t->fast6 = !one_by_one;
+    int gso6 = t->gso6;
     int ok = tx_read(d, t);
+    t->gso6_off = t->fast6 && gso6 && !t->gso6;
     if (ok && t->npackets) {
         double now = monotonic();
         /* one packet (a ping, an ACK at low rate): a sendto, without planning groups */
@@ -601,7 +620,8 @@ static PyObject *tx_wake(drains_t *d)
     /* what was counted is added even when an exception ends the wake-up */
     PyObject *type, *value, *traceback;
     PyErr_Fetch(&type, &value, &traceback);
-    int finished = (!t->gso_off || set(d->dp, A_GSO, Py_False))
+    int finished = (!t->gso6_off || set(d->v6.path, A_GSO, Py_False))
+                && drops6_now(d) && (!t->gso_off || set(d->dp, A_GSO, Py_False))
                 && finish(d, tx_reason_strings, t->drops, T_COUNT);
     if (type != NULL)
         PyErr_Restore(type, value, traceback);

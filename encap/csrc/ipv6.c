@@ -412,29 +412,21 @@ static int parse_pieces(PyObject *arg, Py_ssize_t size, piece6_t **out, Py_ssize
 
 static const uint8_t vnet_plain6[10] = {0};
 
-/* ([buffers...], packets, size) appended to writes; steals nothing. */
-static int add_write6(PyObject *writes, PyObject *buffers, Py_ssize_t packets, Py_ssize_t size)
-{
-    PyObject *item = buffers ? Py_BuildValue("(Onn)", buffers, packets, size) : NULL;
-    Py_XDECREF(buffers);
-    if (item == NULL || PyList_Append(writes, item) < 0) {
-        Py_XDECREF(item);
-        return 0;
-    }
-    Py_DECREF(item);
-    return 1;
-}
-
-static int plain_write6(PyObject *writes, const uint8_t *d, Py_ssize_t start, Py_ssize_t end)
-{
-    PyObject *buffers = Py_BuildValue("[y#y#]", vnet_plain6, (Py_ssize_t)10, d + start, end - start);
-    return add_write6(writes, buffers, 1, end - start);
-}
+/* Where plan6 puts its writes: a plain packet d[start:end] (with a zero virtio_net_hdr),
+ * or a super-packet: its virtio_net_hdr, its header (hl bytes) and the payloads of run,
+ * size bytes of packets in all. plan_tun_writes6 makes Python lists of them, Drains.rx6
+ * writes them into the TUN (drains_ipv6.c). 0 on error. */
+typedef struct sink6 sink6_t;
+struct sink6 {
+    int (*plain)(sink6_t *, const uint8_t *d, Py_ssize_t start, Py_ssize_t end);
+    int (*super)(sink6_t *, const uint8_t vnet[10], const uint8_t *header, Py_ssize_t hl,
+                 const uint8_t *d, const piece6_t *run, Py_ssize_t count, Py_ssize_t size);
+};
 
 /* encap.ipv6.tcp6_super_header and the write around it: the header of the packet at
  * d[head:] for a super-packet of total bytes, then the payloads d[run[i].start + hl:
  * run[i].end] (the first one's from skip on: its header is the super-packet's). */
-static int super_write6(PyObject *writes, const uint8_t *d, Py_ssize_t head, Py_ssize_t hl,
+static int super_write6(sink6_t *sink, const uint8_t *d, Py_ssize_t head, Py_ssize_t hl,
                         Py_ssize_t total, int psh, Py_ssize_t segment, const piece6_t *run,
                         Py_ssize_t count, Py_ssize_t size)
 {
@@ -452,30 +444,7 @@ static int super_write6(PyObject *writes, const uint8_t *d, Py_ssize_t head, Py_
         vnet[2 + 2 * i] = (uint8_t)fields[i];
         vnet[3 + 2 * i] = (uint8_t)(fields[i] >> 8);
     }
-    PyObject *buffers = PyList_New(2 + count);
-    if (buffers == NULL)
-        return 0;
-    PyObject *parts[2] = {PyBytes_FromStringAndSize((const char *)vnet, 10),
-                          PyBytes_FromStringAndSize((const char *)header, hl)};
-    for (int i = 0; i < 2; i++) {
-        if (parts[i] == NULL) {
-            Py_XDECREF(parts[1 - i]);
-            Py_DECREF(buffers);
-            return 0;
-        }
-        PyList_SET_ITEM(buffers, i, parts[i]);
-        parts[i] = NULL;
-    }
-    for (Py_ssize_t i = 0; i < count; i++) {
-        PyObject *payload = PyBytes_FromStringAndSize((const char *)d + run[i].start + hl,
-                                                      run[i].end - run[i].start - hl);
-        if (payload == NULL) {
-            Py_DECREF(buffers);
-            return 0;
-        }
-        PyList_SET_ITEM(buffers, 2 + i, payload);
-    }
-    return add_write6(writes, buffers, count, size);
+    return sink->super(sink, vnet, header, hl, d, run, count, size);
 }
 
 /* encap.ipv6._run_key equal for the packets at a and b (headers hl bytes long) */
@@ -486,34 +455,23 @@ static inline int same_flow6(const uint8_t *d, Py_ssize_t a, Py_ssize_t b, Py_ss
         && memcmp(d + a + 58, d + b + 58, (size_t)(hl - 58)) == 0;
 }
 
-static PyObject *plan_tun_writes6(PyObject *self, PyObject *args)
+/* encap.ipv6.plan_tun_writes6's rules over checked pieces (each inside d, 40 bytes or
+ * more), every write to sink in order. 0 on error. */
+static int plan6(const uint8_t *d, const piece6_t *pieces, Py_ssize_t n, Py_ssize_t mtu,
+                 sink6_t *sink)
 {
-    Py_buffer data;
-    PyObject *pieces_arg;
-    Py_ssize_t mtu;
-    if (!PyArg_ParseTuple(args, "w*On", &data, &pieces_arg, &mtu))
-        return NULL;
-    PyObject *writes = NULL;
-    piece6_t *pieces = NULL;
-    Py_ssize_t n = 0;
-    if (!parse_pieces(pieces_arg, data.len, &pieces, &n))
-        goto done;
-    writes = PyList_New(0);
-    if (writes == NULL)
-        goto done;
-    const uint8_t *d = data.buf;
     piece6_t run[MAX_RUN];
     Py_ssize_t count = 0, hl = 0, run_length = 0, total = 0;
     uint32_t expect = 0;
 #define CLOSE6(psh_)                                                                         \
     do {                                                                                     \
         int ok_ = count == 1                                                                 \
-                    ? plain_write6(writes, d, run[0].start, run[0].end)                      \
-                    : super_write6(writes, d, run[0].start, hl, total, (psh_),               \
+                    ? sink->plain(sink, d, run[0].start, run[0].end)                         \
+                    : super_write6(sink, d, run[0].start, hl, total, (psh_),                 \
                                    run_length - hl, run, count, total + (count - 1) * hl);   \
         count = 0;                                                                           \
         if (!ok_)                                                                            \
-            goto fail;                                                                       \
+            return 0;                                                                        \
     } while (0)
     for (Py_ssize_t i = 0; i < n; i++) {
         Py_ssize_t start = pieces[i].start, end = pieces[i].end, length = end - start;
@@ -538,8 +496,8 @@ static PyObject *plan_tun_writes6(PyObject *self, PyObject *args)
         }
         if (tcp && mtu && length > mtu && mtu > offset) {
             piece6_t whole = {start, end};
-            if (!super_write6(writes, d, start, offset, length, 0, mtu - offset, &whole, 1, length))
-                goto fail;
+            if (!super_write6(sink, d, start, offset, length, 0, mtu - offset, &whole, 1, length))
+                return 0;
             continue;
         }
         if (tcp && flags == ACK && length > offset) {
@@ -550,17 +508,85 @@ static PyObject *plan_tun_writes6(PyObject *self, PyObject *args)
             expect = be32(d + start + 44) + (uint32_t)(length - offset);
             continue;
         }
-        if (!plain_write6(writes, d, start, end))
-            goto fail;
+        if (!sink->plain(sink, d, start, end))
+            return 0;
     }
     if (count)
         CLOSE6(0);
 #undef CLOSE6
-    goto done;
-fail:
-    Py_CLEAR(writes);
-done:
+    return 1;
+}
+
+/* The sink of plan_tun_writes6: ([buffers...], packets, size) appended to a list */
+typedef struct {
+    sink6_t sink;
+    PyObject *writes;
+} list_sink6_t;
+
+/* ([buffers...], packets, size) appended to writes; steals buffers. */
+static int add_write6(PyObject *writes, PyObject *buffers, Py_ssize_t packets, Py_ssize_t size)
+{
+    PyObject *item = buffers ? Py_BuildValue("(Onn)", buffers, packets, size) : NULL;
+    Py_XDECREF(buffers);
+    if (item == NULL || PyList_Append(writes, item) < 0) {
+        Py_XDECREF(item);
+        return 0;
+    }
+    Py_DECREF(item);
+    return 1;
+}
+
+static int list_plain6(sink6_t *sink, const uint8_t *d, Py_ssize_t start, Py_ssize_t end)
+{
+    PyObject *buffers = Py_BuildValue("[y#y#]", vnet_plain6, (Py_ssize_t)10, d + start, end - start);
+    return add_write6(((list_sink6_t *)sink)->writes, buffers, 1, end - start);
+}
+
+static int list_super6(sink6_t *sink, const uint8_t vnet[10], const uint8_t *header,
+                       Py_ssize_t hl, const uint8_t *d, const piece6_t *run, Py_ssize_t count,
+                       Py_ssize_t size)
+{
+    PyObject *buffers = PyList_New(2 + count);
+    if (buffers == NULL)
+        return 0;
+    PyObject *parts[2] = {PyBytes_FromStringAndSize((const char *)vnet, 10),
+                          PyBytes_FromStringAndSize((const char *)header, hl)};
+    for (int i = 0; i < 2; i++) {
+        if (parts[i] == NULL) {
+            Py_XDECREF(parts[1 - i]);
+            Py_DECREF(buffers);
+            return 0;
+        }
+        PyList_SET_ITEM(buffers, i, parts[i]);
+        parts[i] = NULL;
+    }
+    for (Py_ssize_t i = 0; i < count; i++) {
+        PyObject *payload = PyBytes_FromStringAndSize((const char *)d + run[i].start + hl,
+                                                      run[i].end - run[i].start - hl);
+        if (payload == NULL) {
+            Py_DECREF(buffers);
+            return 0;
+        }
+        PyList_SET_ITEM(buffers, 2 + i, payload);
+    }
+    return add_write6(((list_sink6_t *)sink)->writes, buffers, count, size);
+}
+
+static PyObject *plan_tun_writes6(PyObject *self, PyObject *args)
+{
+    Py_buffer data;
+    PyObject *pieces_arg;
+    Py_ssize_t mtu;
+    if (!PyArg_ParseTuple(args, "w*On", &data, &pieces_arg, &mtu))
+        return NULL;
+    list_sink6_t sink = {{list_plain6, list_super6}, NULL};
+    piece6_t *pieces = NULL;
+    Py_ssize_t n = 0;
+    if (parse_pieces(pieces_arg, data.len, &pieces, &n)
+        && (sink.writes = PyList_New(0)) != NULL
+        && !plan6(data.buf, pieces, n, mtu, &sink.sink))
+        Py_CLEAR(sink.writes);
     PyMem_Free(pieces);
     PyBuffer_Release(&data);
-    return writes;
+    return sink.writes;
 }

@@ -10,8 +10,9 @@
  *   drop_reason, valid_pieces,          encap.gso   (RX: validation, TUN write plan)
  *   plan_tun_writes
  *   valid_pieces6, plan_tun_writes6     encap.ipv6  (RX: vxlan's IPv6 half)
- *   Drains (tx, rx, flush)              overlay.dataplane.udp.UdpDataplane's reader
- *                                       callbacks, each in one call (the drains)
+ *   Drains (tx, rx, rx6, flush)         overlay.dataplane.udp.UdpDataplane's reader
+ *                                       callbacks, each in one call (the drains), and
+ *                                       overlay.dataplane.ipv6.Ipv6Path's
  *   poll_after                          overlay.dataplane.busy_poll (--busy-poll-us)
  *
  * One translation unit: this file holds the module (its method table and init) and
@@ -19,7 +20,8 @@
  * compiler inlines across them as in one file. Each is named after its reference:
  * errors.c, checksum.c, tso.c, gso.c and ipv6.c mirror encap/errors.py,
  * encap/checksum.py, encap/tso.py, encap/gso.py and encap/ipv6.py; drains.c (the object), drains_send.c (Drains.tx) and
- * drains_receive.c (Drains.rx) mirror overlay/dataplane/send.py and receive.py.
+ * drains_receive.c (Drains.rx) mirror overlay/dataplane/send.py and receive.py,
+ * drains_ipv6.c (Drains.tx's IPv6 packets, Drains.rx6) overlay/dataplane/ipv6.py.
  *
  * Every offset and length is checked against the buffer before it is used; nothing here
  * reads or writes outside the buffers it is given, whatever the input. The GIL is kept
@@ -37,6 +39,7 @@
 #include "drains.c"
 #include "drains_send.c"
 #include "drains_receive.c"
+#include "drains_ipv6.c"
 #include "busy_poll.c"
 
 /* -- the module ------------------------------------------------------------------------- */
@@ -91,6 +94,13 @@ static int exec_module(PyObject *module)
     for (int r = 1; r < V6_COUNT; r++) {
         v6_reason_strings[r] = PyUnicode_InternFromString(v6_reason_names[r]);
         if (v6_reason_strings[r] == NULL)
+            return -1;
+    }
+    for (int r = 1; r < D6_COUNT; r++) {
+        d6_reason_strings[r] = r < D6_V6 ? PyUnicode_InternFromString(d6_reason_names[r])
+                             : r > D6_V6 ? Py_NewRef(v6_reason_strings[r - D6_V6])
+                                         : NULL;
+        if (d6_reason_strings[r] == NULL && r != D6_V6)
             return -1;
     }
     for (int r = 1; r < T_COUNT; r++) {

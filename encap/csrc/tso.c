@@ -18,6 +18,7 @@
 #define VNET_NEEDS_CSUM 1
 #define VNET_GSO_NONE 0
 #define VNET_GSO_TCPV4 1
+#define VNET_GSO_TCPV6 4
 
 /* -- segment_tcp4 ----------------------------------------------------------------------- */
 

@@ -3,10 +3,17 @@ speaks it: inner IPv6 in VXLAN (inner Ethernet type 0x86DD, the peer's BackendV6
 VTEP MAC) over a second UDP socket bound to our IPv6 underlay address, to each peer's
 PublicIPv6.
 
-Python around the native codecs: the TUN's IPv6 packets reach ``send`` from the send drain
-(Python's or the native one's, which hand over any IPv6 packet with its virtio_net_hdr:
+With the native module the drains do this half's work in C (``encap/csrc/drains_ipv6.c``):
+``Drains.tx`` sends the IPv6 packets it reads from the TUN itself, and ``Drains.rx6`` is
+the IPv6 socket's reader, one C call per wake-up as on the IPv4 path. This class is
+their reference (the tests compare the two on real sockets) and what runs without the
+module, with a trace or an impairment attached (``_one_by_one``: the drains hand the
+packet or the wake-up over), and for the rare events the drains hand over (no route,
+beyond the MTU, a super-packet the cut refuses: ``send``; a possible neighbour
+solicitation: ``_native_ndp``). Here the TUN's IPv6 packets reach ``send`` from the send
+drain (Python's, or the native one's for what it hands over, with the virtio_net_hdr:
 the IPv4 path pays nothing more than the version test it already made), and
-``on_socket_readable`` is the IPv6 socket's own reader. With the offloads the work is per
+``on_socket_readable`` is the IPv6 socket's reader. With the offloads the work is per
 super-packet, as on the IPv4 path: the TUN offers TSO6, so an IPv6 TCP flow arrives as
 64 KiB GSO_TCPV6 super-packets, cut here (``segment_tcp6``) and sent with UDP_SEGMENT;
 UDP_GRO hands the receiver the peer's GSO sends whole, and each flow's validated
@@ -563,6 +570,15 @@ class Ipv6Path:
             stats.rx_packets += packets
             stats.rx_bytes += received_bytes
             stats.last_rx = time.monotonic()
+
+    def _native_ndp(self, base: int, end: int, source: Address) -> bool:
+        """The native drains' hand-over (``Drains.rx6``) of a datagram ``buf[base:end]``
+        that may be a neighbour solicitation: ``_receive_run``'s handling of one; True
+        when its inner packet goes into the TUN."""
+        reason = self._check(base, end, source[0])
+        if reason:
+            self._rx_drop(reason, base, end, source)
+        return reason is None
 
     def _answer_solicitation(self, base: int, end: int, source: str) -> str:
         """A neighbour solicitation for our VTEP address, answered with an advertisement

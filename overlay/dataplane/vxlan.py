@@ -11,7 +11,9 @@ answered here, so a kernel peer without a static neighbour entry still reaches u
 
 With EnableIPv6 an ``Ipv6Path`` (``overlay.dataplane.ipv6``) carries the IPv6 half over
 its own socket: the send drain hands it the TUN's IPv6 packets, and its socket has its
-own reader.
+own reader (with the native module both are the drains': ``Drains.tx`` sends the IPv6
+packets itself, ``Drains.rx6`` is the IPv6 socket's reader; ``Ipv6Path`` is their
+reference and the path a trace or an impairment takes).
 """
 
 from __future__ import annotations
@@ -120,16 +122,26 @@ class VxlanDataplane(UdpDataplane):
         """Carry IPv6 too, over ``path`` (before start)."""
         self.ipv6 = path
 
-    def start(self, loop: asyncio.AbstractEventLoop) -> None:
-        super().start(loop)
+    def _register(self, loop: asyncio.AbstractEventLoop) -> None:
+        """The IPv4 readers, and the IPv6 socket's: the native drains' ``rx6`` (which
+        hands a wake-up with a trace or an impairment to ``Ipv6Path.on_socket_readable``),
+        else that method. Registered again with the IPv4 ones: a new MTU makes new drains."""
+        super()._register(loop)
         if self.ipv6 is not None:
-            ipv6 = self.ipv6
-            loop.add_reader(ipv6.sock.fileno(), lambda: ipv6.on_socket_readable(self.mtu))
+            drains = self._native_drains()
+            reader = drains.rx6 if drains is not None else self._ipv6_readable
+            loop.remove_reader(self.ipv6.sock.fileno())
+            loop.add_reader(self.ipv6.sock.fileno(), reader)
 
-    def stop(self, loop: asyncio.AbstractEventLoop) -> None:
+    def _unregister(self, loop: asyncio.AbstractEventLoop) -> None:
         if self.ipv6 is not None:
             loop.remove_reader(self.ipv6.sock.fileno())
-        super().stop(loop)
+        super()._unregister(loop)
+
+    def _ipv6_readable(self) -> None:
+        """The IPv6 socket's reader without the native module."""
+        if self.ipv6 is not None:
+            self.ipv6.on_socket_readable(self.mtu)
 
     def set_impairment(self, rules: Rules) -> None:
         super().set_impairment(rules)
@@ -142,6 +154,8 @@ class VxlanDataplane(UdpDataplane):
             self.ipv6.tap = tap
 
     def ipv6_status(self) -> dict[str, int]:
+        if self._drains is not None:  # the IPv6 half's counts the drains still hold
+            self._drains.flush()
         return self.ipv6.status() if self.ipv6 is not None else {}
 
     def sockets(self) -> list[socket.socket]:

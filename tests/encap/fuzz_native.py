@@ -203,9 +203,69 @@ def _poll_after_once(data: bytearray, a: int, b: int, n: int) -> None:
         raise AssertionError(f"poll_after called the drains out of order: {log}")
 
 
+def _ipv6_drains_once(data: bytearray, sources6: list[Any], a: int, b: int, n: int) -> None:
+    """The drains with vxlan's IPv6 half: the TUN's reads (IPv6 among them) through
+    Drains.tx, datagrams of two sizes through Drains.rx6 (sends fail on AF_UNIX sockets,
+    receives come from address ::)."""
+    reader, tun = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    sink = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sender, receiver = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    try:
+        for end in (tun, sender, receiver):
+            end.setblocking(False)
+        for at in range(0, len(data), 97):  # reads of odd sizes, the first 10 bytes a vnet header
+            reader.send(bytes(data[at : at + 97 + n % 300]))
+        for at in range(0, min(len(data), 20000), 1 + a % 1600):
+            try:
+                sender.send(bytes(data[at : at + 1 + a % 1600]))
+            except BlockingIOError:  # the receiver's queue is full: enough
+                break
+        if b & 1:
+            with contextlib.suppress(BlockingIOError):
+                sender.send(b"")
+        stats = SimpleNamespace(rx_packets=0, rx_bytes=0, last_rx=0.0, tx_packets=0, tx_bytes=0)
+        peer6 = SimpleNamespace(addr=("fd00::2", 8472), prefix=bytes(22 - (b & 2)), stats=stats)
+        peers = SimpleNamespace(
+            routes=[],
+            senders={},
+            routes6=[(64 + b % 65, {0: peer6, 0xFD00000000000000 >> (b % 65): peer6})],
+            sources6_of=lambda ip: sources6,
+            by_public_ipv6=lambda ip: peer6 if n & 1 else None,
+        )
+        path = SimpleNamespace(
+            sock=receiver if n & 128 else sink,
+            gro=bool(n & 16),
+            gso=bool(n & 2),
+            _gso_sent=bool(n & 8),
+            _one_by_one=bool(n & 256),
+            _tx_arena=bytearray(1 if n & 32 else 0),
+            own=SUBNETS6[a % len(SUBNETS6)],
+            vxlan_rules=VXLAN6,
+            _rx_buffer=bytearray(65535),
+            gso_sends=0,
+            tun_super_packets_read=0,
+            gro_receives=0,
+            tun_super_packets_written=0,
+            _native_ndp=lambda base, end, source: bool(base & 1),
+            on_socket_readable=lambda mtu: None,
+        )
+        dp = _stand_in(tun.fileno(), sink, bytes(22), n, peers=peers, ipv6=path)
+        path.peers, path.counters = peers, dp.counters  # as the dataplane's IPv6 half has them
+        drains = _native.Drains(dp, 1 + n % 64)
+        drains.tx()
+        path.sock = receiver
+        drains = _native.Drains(dp, 1 + n % 64)
+        drains.rx6()
+        drains.flush()
+        _drain()
+    finally:
+        for s in (reader, tun, sink, sender, receiver):
+            s.close()
+
+
 def one_input(blob: bytes) -> None:
     fdp = atheris.FuzzedDataProvider(blob)
-    which = fdp.ConsumeIntInRange(0, 11)
+    which = fdp.ConsumeIntInRange(0, 12)
     a = fdp.ConsumeIntInRange(-4, 70000)
     b = fdp.ConsumeIntInRange(-4, 70000)
     n = fdp.ConsumeIntInRange(-2, 3000)
@@ -272,6 +332,9 @@ def one_input(blob: bytes) -> None:
         # dataplane's reference methods), and poll_after (tests/overlay/dataplane/
         # test_busy_poll.py compares it with the reference on real fds)
         if which == 11:
+            sources6 = [SUBNETS6[i % len(SUBNETS6)] for i in prefix[:3]]
+            _ipv6_drains_once(data, sources6, a, b, n)
+        elif which == 12:
             _poll_after_once(data, a, b, n % 3000)
         elif which == 5:
             _rx_drain_once(data, sources, vxlan, a, b, n)
