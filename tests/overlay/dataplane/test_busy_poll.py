@@ -116,15 +116,6 @@ def test_an_empty_poll_yields_the_cpu(fds: Any) -> None:
     assert log == ["first", "first", "other"] and len(yields) == 9
 
 
-def test_the_window_is_bounded_in_real_time(fds: Any) -> None:
-    first, other, log = fds
-    start = time.monotonic_ns()
-    polling(first, other, 2000)()
-    elapsed_us = (time.monotonic_ns() - start) / 1000
-    assert 2000 <= elapsed_us < 2000 + 50_000
-    assert log == ["first"]
-
-
 def test_the_poll_ends_once_the_other_direction_is_served(fds: Any) -> None:
     """The round trip's next hop (a reply on the other fd) is drained in the same
     wake-up, and the poll ends there, long before the window."""
