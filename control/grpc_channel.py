@@ -212,7 +212,11 @@ class Channel:
         headers.extend(metadata)
         stream = Stream(self, stream_id, self.max_receive)
         self.streams[stream_id] = stream
-        self.conn.send_headers(stream_id, headers)
+        try:
+            self.conn.send_headers(stream_id, headers)
+        except h2.exceptions.H2Error as e:
+            self.streams.pop(stream_id, None)
+            raise GrpcError(UNAVAILABLE, f"cannot start a call ({type(e).__name__})") from None
         self._flush()
         return stream
 
@@ -254,14 +258,20 @@ class Channel:
         while True:
             if stream.error is not None:
                 raise stream.error
-            size = min(
-                len(view),
-                self.conn.local_flow_control_window(stream.id),
-                self.conn.max_outbound_frame_size,
-            )
-            if size > 0 or not view:
+            try:
+                size = min(
+                    len(view),
+                    self.conn.local_flow_control_window(stream.id),
+                    self.conn.max_outbound_frame_size,
+                )
                 last = size == len(view)
-                self.conn.send_data(stream.id, bytes(view[:size]), end_stream=end and last)
+                if size > 0 or not view:
+                    self.conn.send_data(stream.id, bytes(view[:size]), end_stream=end and last)
+            except h2.exceptions.H2Error as e:  # reset or closed under us
+                raise stream.error or GrpcError(
+                    UNAVAILABLE, f"the stream closed while sending ({type(e).__name__})"
+                ) from None
+            if size > 0 or not view:
                 self._flush()
                 view = view[size:]
                 if last:
