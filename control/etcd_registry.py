@@ -458,6 +458,6 @@ def _describe(error: BaseException, endpoint: Endpoint) -> str:
         text = f"cannot connect: {error.strerror}"
     else:
         text = (str(error) or type(error).__name__).splitlines()[0]
-    if isinstance(error, ssl.SSLError) or (endpoint.tls and "SSL" in text):
+    if isinstance(error, ssl.SSLError) or (endpoint.tls and ("SSL" in text or "TLS" in text)):
         text += " (check --etcd-cafile, --etcd-certfile, --etcd-keyfile)"
     return text

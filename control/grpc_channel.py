@@ -305,6 +305,12 @@ class Channel:
             while True:
                 data = await self.reader.read(READ_SIZE)
                 if not data:
+                    if self.scheme == "https" and not self.settled.is_set():
+                        raise GrpcError(
+                            UNAVAILABLE,
+                            "TLS handshake failed: the server closed the connection before "
+                            "HTTP/2 began (a client certificate missing or refused?)",
+                        )
                     raise GrpcError(UNAVAILABLE, "etcd closed the connection")
                 try:
                     events = self.conn.receive_data(data)
@@ -317,6 +323,11 @@ class Channel:
                 self._flush()
         except RegistryError as e:
             self._fail(e)
+        except ssl.SSLError as e:
+            # With TLS 1.3 the server checks our certificate after the client's side of
+            # the handshake is done: its refusal is read here, as an alert.
+            what = "TLS failed" if self.settled.is_set() else "TLS handshake failed"
+            self._fail(GrpcError(UNAVAILABLE, f"{what}: {e.reason or _os_text(e)}"))
         except (OSError, EOFError) as e:
             self._fail(GrpcError(UNAVAILABLE, f"connection lost: {_os_text(e)}"))
         except Exception as e:  # noqa: BLE001 - whatever it was, no call may hang on it

@@ -400,3 +400,28 @@ async def test_big_messages_cross_the_flow_control_windows() -> None:
             assert entry is not None and entry.value == b"y" * 3_000_000
         finally:
             await store.close()
+
+
+async def test_a_client_certificate_refused_after_the_handshake_is_one_line(tmp_path: Path) -> None:
+    """With TLS 1.3 the server checks the client's certificate after the client's side of
+    the handshake is done (etcd with --client-cert-auth and a client without one): the
+    refusal arrives as an alert at the first read, and is still a handshake failure."""
+    pki = make_pki(tmp_path / "pki")
+    server_tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_tls.load_cert_chain(pki["cert"], pki["key"])
+    server_tls.load_verify_locations(pki["ca"])
+    server_tls.verify_mode = ssl.CERT_REQUIRED
+    server_tls.set_alpn_protocols(["h2"])
+    async with fake_server(range_answer, tls=server_tls) as (port, _):
+        store = EtcdRegistry(
+            parse_endpoints(f"https://127.0.0.1:{port}"), tls=TlsFiles(cafile=pki["ca"])
+        )
+        try:
+            with pytest.raises(RegistryError) as failed:
+                await store.get("k")
+        finally:
+            await store.close()
+    text = str(failed.value)
+    # Python's server closes without an alert; etcd (Go) sends one, which names the cause.
+    assert "TLS handshake failed" in text and "client certificate" in text, text
+    assert "check --etcd-cafile" in text and "\n" not in text
