@@ -34,7 +34,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 IMPORT_STEPS = {
     "python": "",
     "+ the daemon (file registry)": "import overlay.node.daemon, overlay.cli.run",
-    "+ the etcd client (gRPC)": "import overlay.node.daemon, overlay.cli.run, "
+    "+ the etcd client (HTTP/2 by h2)": "import overlay.node.daemon, overlay.cli.run, "
     "control.etcd_registry",
 }
 

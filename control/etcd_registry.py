@@ -1,32 +1,32 @@
-"""The etcd v3 registry (aetcd over gRPC), behind the same KeyValueStore interface.
+"""The etcd v3 registry, over our own gRPC client, behind the same KeyValueStore interface.
 
-A thin adapter: flannel's semantics live in SubnetManager. What this adds is what the
-raw client lacks: several endpoints tried in turn, TLS with client certificates, gRPC
-keepalive pings so a frozen etcd is noticed within seconds, a deadline on every call, a
-receive limit as large as etcd's own client's, one etcd lease per key reused across
-renewals and restarts, concurrent callers that cannot cut each other off (see
-EtcdRegistry), and errors translated to RegistryError / RevisionCompacted, or
-RegistryConfigError for what retrying cannot fix (unreadable or mismatched TLS files,
-failed authentication, a response over the receive limit).
+A thin adapter: flannel's semantics live in SubnetManager. What this adds is what the raw
+calls lack: several endpoints tried in turn, TLS with client certificates, keepalive pings
+so a frozen etcd is noticed within seconds, a deadline on every call, a receive limit as
+large as etcd's own client's, one etcd lease per key reused across renewals and restarts,
+concurrent callers that cannot cut each other off (see EtcdRegistry), and errors
+translated to RegistryError / RevisionCompacted, or RegistryConfigError for what retrying
+cannot fix (unreadable or mismatched TLS files, failed authentication, a response over
+the receive limit).
+
+The client is control/grpc_channel.py (HTTP/2 by the pure-Python h2) and
+control/etcd_messages.py (the messages, encoded by hand): grpcio's C core, its threads and
+protobuf were ~14 MiB of an idle daemon (README, "Memory of a daemon").
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
+import ssl
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-# gRPC's C core logs its own lines to stderr (a refused TLS handshake prints several):
-# they would break "one error line" and duplicate what RegistryError already says.
-os.environ.setdefault("GRPC_VERBOSITY", "NONE")
-
-import aetcd  # noqa: E402 - after GRPC_VERBOSITY, which the C core reads at import
-import grpc  # noqa: E402
-
-from control.etcd_endpoints import Endpoint, TlsFiles  # noqa: E402
-from control.kv import (  # noqa: E402
+from control import etcd_messages as msg
+from control.etcd_endpoints import Endpoint, TlsFiles
+from control.grpc_channel import RESOURCE_EXHAUSTED, Channel, GrpcError, Stream
+from control.kv import (
     Entry,
     Event,
     RegistryConfigError,
@@ -34,123 +34,99 @@ from control.kv import (  # noqa: E402
     RevisionCompacted,
 )
 
-# Ping every 5 s (etcd's default --grpc-keepalive-min-time; faster gets GOAWAY), give up
-# after 3 s without an answer: a SIGSTOPped etcd fails the watch in about 8 s.
-KEEPALIVE = {
-    "grpc.keepalive_time_ms": 5000,
-    "grpc.keepalive_timeout_ms": 3000,
-    "grpc.http2.ping_timeout_ms": 3000,
-    "grpc.keepalive_permit_without_calls": 1,
-    "grpc.http2.max_pings_without_data": 0,
-}
-# gRPC shares subchannels between channels to the same target and backs off reconnecting
-# up to 120 s: after an outage a fresh client would still wait out that backoff. A channel
-# of its own with the backoff capped at 5 s reconnects as soon as etcd is back. Not
-# grpc.min_reconnect_backoff_ms: gRPC takes it as the shortest connection attempt too,
-# and a handshake longer than that (TLS to a remote member, a loaded one) never succeeds.
-RECONNECT = {
-    "grpc.use_local_subchannel_pool": 1,
-    "grpc.initial_reconnect_backoff_ms": 100,
-    "grpc.max_reconnect_backoff_ms": 5000,
-}
 # gRPC's default receive limit is 4 MiB: a listing of the prefix larger than that (a few
 # big values: etcd takes up to --max-request-bytes, 1.5 MiB, per put) would fail every
 # time. etcd's own Go client allows math.MaxInt32, and so do we.
 MAX_RECEIVE = 2**31 - 1
 CALL_TIMEOUT = 5
-CLOSE_TIMEOUT = 1.0  # a channel's close waits on nothing remote; bounded all the same
+CLOSE_TIMEOUT = 1.0  # a connection's close waits on nothing remote; bounded all the same
+# After a failed connection attempt an endpoint is not tried again for this long (doubling
+# per failure, reset by a success): concurrent callers fail fast instead of each opening
+# a connection to a member that is down.
+BACKOFF_MIN = 0.1
+BACKOFF_MAX = 5.0
+
+KV, LEASE, WATCH = "/etcdserverpb.KV/", "/etcdserverpb.Lease/", "/etcdserverpb.Watch/Watch"
+AUTHENTICATE = "/etcdserverpb.Auth/Authenticate"
 
 
-def channel_credentials(tls: TlsFiles) -> grpc.ChannelCredentials:
-    """gRPC's channel credentials from the files ``tls.read()`` has checked."""
-    ca, key, cert = tls.read()
-    return grpc.ssl_channel_credentials(
-        root_certificates=ca, private_key=key, certificate_chain=cert
-    )
+def tls_context(tls: TlsFiles) -> ssl.SSLContext:
+    """The client's TLS context from the files ``tls.read()`` has checked (one-line
+    RegistryConfigError when they are not usable), offering HTTP/2 only."""
+    ca, _key, _cert = tls.read()
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    if ca is not None:
+        context.load_verify_locations(cadata=ca.decode("ascii", "replace"))
+    else:
+        context.load_default_certs()
+    if tls.certfile is not None and tls.keyfile is not None:
+        context.load_cert_chain(tls.certfile, tls.keyfile)
+    context.set_alpn_protocols(["h2"])
+    return context
 
 
-class _Client(aetcd.Client):  # type: ignore[misc]
-    """aetcd.Client with TLS (aetcd only builds insecure channels, so connect() is redone
-    here with a secure channel when credentials are given; the rest mirrors aetcd 1.0),
-    watches that require a leader, and no reconnecting once retired."""
+class _Client:
+    """One connection to one endpoint, authenticated, with the calls the registry makes."""
 
-    def __init__(
-        self,
-        *args: Any,
-        credentials: grpc.ChannelCredentials | None = None,
-        endpoint_index: int = 0,
-        require_leader: bool = False,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(*args, **kwargs)
-        self._credentials = credentials
+    def __init__(self, channel: Channel, endpoint_index: int, timeout: float) -> None:
+        self.channel = channel
         self.endpoint_index = endpoint_index  # which of the registry's endpoints
-        self.require_leader = require_leader
+        self.timeout = timeout
+        self.metadata: tuple[tuple[str, str], ...] = ()
         self.users = 0  # operations using it now
         self.retired = False
 
-    async def connect(self) -> None:
-        # aetcd reconnects a closed client on its next call: a retired one must fail.
-        if self.retired:
-            raise aetcd.ConnectionFailedError("the connection was retired")
-        if self._connected.is_set():
-            return
-        if self._credentials is None:
-            await super().connect()
-        else:
-            await self._connect_tls()
-        if self.require_leader:
-            # etcd's WithRequireLeader, as flanneld watches: a member cut off from the
-            # quorum ends the stream ("no leader") instead of keeping it open and silent.
-            metadata = (*(self.metadata or ()), ("hasleader", "true"))
-            self._watcher._metadata = metadata
+    async def call(self, method: str, request: bytes) -> bytes:
+        if self.retired and self.channel.error is not None:
+            raise self.channel.error
+        return await self.channel.unary(method, request, self.timeout, self.metadata)
 
-    async def _connect_tls(self) -> None:
-        from aetcd import rpc, watcher
+    async def get(self, key: bytes) -> msg.KeyValue | None:
+        reply = msg.decode_range(await self.call(KV + "Range", msg.range_request(key)))
+        return reply.kvs[0] if reply.kvs else None
 
+    async def get_prefix(self, prefix: bytes) -> msg.Reply:
+        request = msg.range_request(prefix, msg.prefix_end(prefix))
+        return msg.decode_range(await self.call(KV + "Range", request))
+
+    async def put(self, key: bytes, value: bytes, lease: int = 0) -> None:
+        msg.decode_header_only(await self.call(KV + "Put", msg.put_request(key, value, lease)))
+
+    async def create(self, key: bytes, value: bytes, lease: int) -> bool:
+        request = msg.txn_create_request(key, value, lease)
+        return msg.decode_txn(await self.call(KV + "Txn", request)).succeeded
+
+    async def delete(self, key: bytes) -> int:
+        reply = msg.decode_delete(await self.call(KV + "DeleteRange", msg.delete_request(key)))
+        return reply.deleted
+
+    async def grant(self, ttl: int) -> int:
+        reply = msg.decode_lease_grant(
+            await self.call(LEASE + "LeaseGrant", msg.lease_grant_request(ttl))
+        )
+        if reply.error:
+            raise GrpcError(2, f"lease grant refused: {reply.error}")
+        return reply.id
+
+    async def revoke(self, lease: int) -> None:
+        msg.decode_header_only(await self.call(LEASE + "LeaseRevoke", msg.lease_id_request(lease)))
+
+    async def time_to_live(self, lease: int) -> msg.Reply:
+        request = msg.lease_ttl_request(lease, keys=True)
+        return msg.decode_lease(await self.call(LEASE + "LeaseTimeToLive", request))
+
+    async def refresh(self, lease: int) -> msg.Reply | None:
+        """One keep-alive on the bidirectional LeaseKeepAlive stream, then closed."""
+        stream = self.channel.open_stream(LEASE + "LeaseKeepAlive", self.metadata, self.timeout)
         try:
-            target = f"{self._host}:{self._port}"
-            self.channel = rpc.secure_channel(
-                target, self._credentials, options=self._options.items()
-            )
-            if self._username is not None and self._password is not None:
-                self.auth_stub = rpc.AuthStub(self.channel)
-                request = rpc.AuthenticateRequest(name=self._username, password=self._password)
-                resp = await self.auth_stub.Authenticate(request, timeout=self._timeout)
-                self.metadata = (("token", resp.token),)
-            self.kvstub = rpc.KVStub(self.channel)
-            self.clusterstub = rpc.ClusterStub(self.channel)
-            self.leasestub = rpc.LeaseStub(self.channel)
-            self.maintenancestub = rpc.MaintenanceStub(self.channel)
-            self._watcher = watcher.Watcher(
-                rpc.WatchStub(self.channel), timeout=self._timeout, metadata=self.metadata
-            )
-            self._connected.set()
-        except grpc.aio.AioRpcError as e:
-            raise aetcd.ConnectionFailedError(e.details()) from None
-
-
-# Codes with which etcd answered and refused one call: the connection is fine and kept.
-# Any other failure (unreachable, timed out, no leader, an expired auth token) moves the
-# registry to a new connection, on the next endpoint.
-REFUSALS = frozenset(
-    {
-        grpc.StatusCode.INVALID_ARGUMENT,
-        grpc.StatusCode.NOT_FOUND,
-        grpc.StatusCode.ALREADY_EXISTS,
-        grpc.StatusCode.PERMISSION_DENIED,
-        grpc.StatusCode.FAILED_PRECONDITION,
-        grpc.StatusCode.OUT_OF_RANGE,
-        grpc.StatusCode.RESOURCE_EXHAUSTED,
-        grpc.StatusCode.ABORTED,
-        grpc.StatusCode.UNIMPLEMENTED,
-    }
-)
-
-
-# What a call or a stream may end with; a CancelledError its own task did not ask for
-# means its connection was closed under it.
-FAILURES = (aetcd.ClientError, grpc.aio.AioRpcError, OSError, asyncio.CancelledError)
+            async with asyncio.timeout(self.timeout):
+                await stream.send(msg.lease_id_request(lease))
+                answer = await stream.recv()
+        except TimeoutError:
+            raise GrpcError(4, f"no keep-alive answer within {self.timeout:g} s") from None
+        finally:
+            stream.cancel()
+        return None if answer is None else msg.decode_lease(answer)
 
 
 class EtcdRegistry:
@@ -189,51 +165,70 @@ class EtcdRegistry:
         self._lock = asyncio.Lock()
         self._streams: set[_Client] = set()  # the watch streams' connections
         self._closed = False
+        self._not_before: dict[int, tuple[float, float, str]] = {}  # index: when, backoff, why
         # Built now: a bad TLS file is a one-line error at start, not a retried failure.
         files = bool(self.tls.cafile or self.tls.certfile or self.tls.keyfile)
-        self._credentials = (
-            channel_credentials(self.tls) if files or any(e.tls for e in endpoints) else None
-        )
+        self._tls = tls_context(self.tls) if files or any(e.tls for e in endpoints) else None
 
     async def _open(self, *, require_leader: bool = False) -> _Client:
-        """A new connection to the current endpoint, authenticated when configured."""
+        """A new connection to the current endpoint, authenticated when configured; an
+        endpoint whose last connection attempt failed waits out its backoff (this call
+        fails at once meanwhile, and the next endpoint is tried next)."""
         if self._closed:
             raise RegistryError("the etcd registry is closed")
         index = self._index
         endpoint = self.endpoints[index]
-        client = _Client(
-            host=endpoint.bracketed_host,  # gRPC's target is host:port
-            port=endpoint.port,
-            username=self.username,
-            password=self.password,
-            timeout=self.timeout,
-            options={
-                **KEEPALIVE,
-                **RECONNECT,
-                "grpc.max_receive_message_length": self.max_receive,
-            },
-            credentials=(
-                self._credentials if endpoint.tls or self.tls.cafile or self.tls.certfile else None
-            ),
-            endpoint_index=index,
-            require_leader=require_leader,
-        )
-        try:
-            await client.connect()
-        except aetcd.ClientError as e:
-            await _quietly(client.close())
+        now = time.monotonic()
+        when, backoff, why = self._not_before.get(index, (0.0, 0.0, ""))
+        if now < when:
             self._move_on(index)
+            raise RegistryError(f"etcd {endpoint}: {why} (next try in {when - now:.1f} s)")
+        use_tls = endpoint.tls or bool(self.tls.cafile or self.tls.certfile)
+        try:
+            channel = await Channel.connect(
+                endpoint.host,
+                endpoint.port,
+                tls=self._tls if use_tls else None,
+                timeout=self.timeout,
+                max_receive=self.max_receive,
+            )
+        except (OSError, TimeoutError, RegistryError) as e:
             text = _describe(e, endpoint)
-            if self.username is not None and "authentication failed" in text:
+            backoff = min(BACKOFF_MAX, max(BACKOFF_MIN, backoff * 2))
+            self._not_before[index] = (time.monotonic() + backoff, backoff, text)
+            self._move_on(index)
+            raise RegistryError(f"etcd {endpoint}: {text}") from None
+        self._not_before.pop(index, None)
+        client = _Client(channel, index, self.timeout)
+        if require_leader:
+            # etcd's WithRequireLeader, as flanneld watches: a member cut off from the
+            # quorum ends the stream ("no leader") instead of keeping it open and silent.
+            client.metadata += (("hasleader", "true"),)
+        if self.username is not None and self.password is not None:
+            await self._authenticate(client, endpoint)
+        return client
+
+    async def _authenticate(self, client: _Client, endpoint: Endpoint) -> None:
+        assert self.username is not None and self.password is not None
+        request = msg.auth_request(self.username, self.password)
+        try:
+            token = msg.decode_auth(await client.call(AUTHENTICATE, request)).token
+        except RegistryError as e:
+            await _close(client)
+            self._move_on(client.endpoint_index)
+            text = _describe(e, endpoint)
+            if "authentication failed" in text:
                 raise RegistryConfigError(
                     f"etcd {endpoint}: authentication failed for user {self.username!r} "
                     "(check --etcd-username and --etcd-password / FLANNELD_ETCD_PASSWORD)"
                 ) from None
             raise RegistryError(f"etcd {endpoint}: {text}") from None
-        return client
+        client.metadata += (("token", token),)
 
     async def _connected(self) -> _Client:
         async with self._lock:
+            if self._client is not None and not self._client.channel.usable:
+                self._retire(self._client)  # closed under us, or GOAWAY
             if self._client is None:
                 self._client = await self._open()
             return self._client
@@ -256,19 +251,18 @@ class EtcdRegistry:
         """The RegistryError for a failed ``what`` (a call, a watch) on ``client``, which
         is retired unless etcd answered and refused just this one."""
         endpoint = self.endpoints[client.endpoint_index]
-        if isinstance(error, asyncio.CancelledError):  # its connection closed under it
-            return RegistryError(f"etcd {endpoint}: the {what} was cut off")
-        if _code(error) not in REFUSALS:
+        code = error.code if isinstance(error, GrpcError) else None
+        if code not in REFUSALS or client.channel.error is not None:
             self._retire(client)
         # RESOURCE_EXHAUSTED is also etcd's own "database space exceeded" (its NOSPACE
-        # alarm) and "too many requests": only gRPC's receive limit is ours to name.
-        limit = "larger than max" in (_details(error) or "")
-        if _code(error) == grpc.StatusCode.RESOURCE_EXHAUSTED and limit:
-            return RegistryConfigError(
-                f"etcd {endpoint}: a response was larger than this client accepts "
-                f"({self.max_receive} bytes): the values under the prefix are too large; "
-                f"remove the oversized ones ({_describe(error, endpoint)})"
-            )
+        # alarm) and "too many requests": only our receive limit is ours to name.
+        if isinstance(error, GrpcError) and code == RESOURCE_EXHAUSTED:
+            if "larger than max" in error.message:
+                return RegistryConfigError(
+                    f"etcd {endpoint}: a response was larger than this client accepts "
+                    f"({self.max_receive} bytes): the values under the prefix are too large; "
+                    f"remove the oversized ones ({_describe(error, endpoint)})"
+                )
         return RegistryError(f"etcd {endpoint}: {_describe(error, endpoint)}")
 
     @contextlib.asynccontextmanager
@@ -278,9 +272,7 @@ class EtcdRegistry:
         client.users += 1
         try:
             yield client
-        except FAILURES as e:
-            if isinstance(e, asyncio.CancelledError) and _cancelling():
-                raise
+        except (RegistryError, OSError) as e:
             raise self._failed(client, e, "call") from None
         finally:
             client.users -= 1
@@ -301,25 +293,21 @@ class EtcdRegistry:
     async def list_prefix(self, prefix: str) -> tuple[list[Entry], int]:
         async with self._call() as client:
             result = await client.get_prefix(prefix.encode())
-        return [_entry(kv) for kv in result], int(result.header.revision)
+        return [_entry(kv) for kv in result.kvs], result.revision
 
     async def create(self, key: str, value: bytes, ttl: int | None) -> bool:
         async with self._call() as client:
-            lease = None
+            lease = 0
             try:
-                lease = None if ttl is None else await client.lease(ttl)
-                succeeded, _ = await client.transaction(
-                    compare=[client.transactions.version(key.encode()) == 0],
-                    success=[client.transactions.put(key.encode(), value, lease)],
-                    failure=[],
-                )
-            except (aetcd.ClientError, grpc.aio.AioRpcError):
-                if lease is not None:  # granted, and maybe unused: do not leave it behind
-                    await _quietly(lease.revoke())
+                lease = 0 if ttl is None else await client.grant(ttl)
+                succeeded = await client.create(key.encode(), value, lease)
+            except RegistryError:
+                if lease:  # granted, and maybe unused: do not leave it behind
+                    await _quietly(client.revoke(lease))
                 raise
-            if not succeeded and lease is not None:
-                await _quietly(lease.revoke())
-        return bool(succeeded)
+            if not succeeded and lease:
+                await _quietly(client.revoke(lease))
+        return succeeded
 
     async def put(self, key: str, value: bytes, ttl: int | None) -> None:
         """Write ``key``; with a TTL, on the etcd lease it already has when that lease is
@@ -332,61 +320,79 @@ class EtcdRegistry:
                 return
             kept, old = await self._reusable_lease(client, key, ttl)
             if kept is not None:
-                await client.put(key.encode(), value, lease=kept)
+                await client.put(key.encode(), value, kept)
                 return
-            lease = await client.lease(ttl)
-            await client.put(key.encode(), value, lease=lease)
+            lease = await client.grant(ttl)
+            await client.put(key.encode(), value, lease)
             if old:
-                info = await client.get_lease_info(old, keys=True)
-                if info.TTL > 0 and not list(info.keys):
-                    await client.revoke_lease(old)
+                info = await client.time_to_live(old)
+                if info.ttl > 0 and not info.keys:
+                    await client.revoke(old)
 
     async def _reusable_lease(self, client: _Client, key: str, ttl: int) -> tuple[int | None, int]:
         """(the lease to keep ``key`` on, refreshed, or None; the key's current lease)."""
         kv = await client.get(key.encode())
-        old = int(kv.lease) if kv is not None else 0
+        old = kv.lease if kv is not None else 0
         if not old:
             return None, 0
-        info = await client.get_lease_info(old, keys=True)
-        keys = [bytes(k) for k in info.keys]
-        if info.TTL <= 0 or info.grantedTTL != ttl or keys != [key.encode()]:
+        info = await client.time_to_live(old)
+        if info.ttl <= 0 or info.granted_ttl != ttl or list(info.keys) != [key.encode()]:
             return None, old
-        reply = await client.refresh_lease(old)
-        if reply is None or reply.TTL <= 0:  # expired in between
+        reply = await client.refresh(old)
+        if reply is None or reply.ttl <= 0:  # expired in between
             return None, 0
         return old, old
 
     async def delete(self, key: str) -> bool:
         async with self._call() as client:
-            result = await client.delete(key.encode())
-        return result is not None and bool(getattr(result, "deleted", 1))
+            deleted = await client.delete(key.encode())
+        return deleted > 0
 
     async def watch(self, prefix: str, start_revision: int) -> AsyncIterator[list[Event]]:
         client = await self._open(require_leader=True)  # the stream's own, closed with it
         self._streams.add(client)
+        stream: Stream | None = None
         try:
-            stream = await client.watch_prefix(prefix.encode(), start_revision=start_revision)
-            async for event in stream:
-                kv = event.kv
-                yield [
-                    Event(
-                        "put" if event.kind == "PUT" else "delete",
-                        kv.key.decode("utf-8", "surrogateescape"),
-                        bytes(kv.value) if event.kind == "PUT" else b"",
-                        int(kv.mod_revision),
-                        bool(kv.lease),
-                        int(kv.create_revision) if event.kind == "PUT" else 0,
-                    )
-                ]
-        except aetcd.RevisionCompactedError as e:
-            raise RevisionCompacted(int(e.compacted_revision)) from None
-        except FAILURES as e:
-            if isinstance(e, asyncio.CancelledError) and _cancelling():
-                raise
+            stream = await self._create_watch(client, prefix.encode(), start_revision)
+            while (answer := await stream.recv()) is not None:
+                reply = msg.decode_watch(answer)
+                if reply.compact_revision:
+                    raise RevisionCompacted(reply.compact_revision)
+                if reply.canceled:
+                    raise GrpcError(1, f"the watch was canceled: {reply.cancel_reason}")
+                if reply.events:  # progress notifications carry none
+                    yield [_event(e) for e in reply.events]
+        except RevisionCompacted:
+            raise
+        except (RegistryError, OSError) as e:
+            if client.retired and self._closed:
+                return  # closed by close(): the stream ends
             raise self._failed(client, e, "watch") from None
         finally:
+            if stream is not None:
+                stream.cancel()
             self._streams.discard(client)
             await _close(client)
+
+    async def _create_watch(self, client: _Client, prefix: bytes, start_revision: int) -> Stream:
+        """A Watch stream over every key under ``prefix``, once etcd has created it."""
+        stream = client.channel.open_stream(WATCH, client.metadata, None)
+        request = msg.watch_create_request(prefix, msg.prefix_end(prefix), start_revision)
+        try:
+            async with asyncio.timeout(client.timeout):
+                await stream.send(request)
+                answer = await stream.recv()
+        except TimeoutError:
+            stream.cancel()
+            raise GrpcError(4, f"the watch was not created within {client.timeout:g} s") from None
+        if answer is None:
+            raise GrpcError(13, "the watch stream ended before it was created")
+        reply = msg.decode_watch(answer)
+        if reply.compact_revision:
+            raise RevisionCompacted(reply.compact_revision)
+        if reply.canceled or not reply.created:
+            raise GrpcError(1, f"the watch was not created: {reply.cancel_reason or '?'}")
+        return stream
 
     async def close(self) -> None:
         """Close every connection, at once; a watch still running ends as a closed
@@ -397,45 +403,39 @@ class EtcdRegistry:
         await asyncio.gather(*(_close(c) for c in clients))
 
 
+# Codes with which etcd answered and refused one call: the connection is fine and kept.
+# Any other failure (unreachable, timed out, no leader, an expired auth token) moves the
+# registry to a new connection, on the next endpoint.
+REFUSALS = frozenset({3, 5, 6, 7, 9, 11, 8, 10, 12})  # INVALID_ARGUMENT ... UNIMPLEMENTED
+
+
 async def _close(client: _Client) -> None:
     client.retired = True
-    await _quietly(asyncio.wait_for(client.close(), CLOSE_TIMEOUT))
+    client.channel.close()
+    await _quietly(asyncio.wait_for(client.channel.wait_closed(), CLOSE_TIMEOUT))
 
 
-def _cancelling() -> bool:
-    """Whether the running task is being cancelled (by its owner), as opposed to an
-    awaited gRPC call ending cancelled because its channel was closed."""
-    task = asyncio.current_task()
-    return task is not None and task.cancelling() > 0
-
-
-def _entry(kv: Any) -> Entry:
+def _entry(kv: msg.KeyValue) -> Entry:
     return Entry(
         kv.key.decode("utf-8", "surrogateescape"),
-        bytes(kv.value),
-        int(kv.mod_revision),
+        kv.value,
+        kv.mod_revision,
         bool(kv.lease),
-        int(kv.create_revision),
+        kv.create_revision,
     )
 
 
-def _rpc_error(error: BaseException | None) -> grpc.aio.AioRpcError | None:
-    """The gRPC error behind ``error`` (aetcd wraps the AioRpcError)."""
-    while error is not None:
-        if isinstance(error, grpc.aio.AioRpcError):
-            return error
-        error = error.__cause__
-    return None
-
-
-def _code(error: BaseException) -> grpc.StatusCode | None:
-    rpc_error = _rpc_error(error)
-    return None if rpc_error is None else rpc_error.code()
-
-
-def _details(error: BaseException) -> str | None:
-    rpc_error = _rpc_error(error)
-    return None if rpc_error is None else rpc_error.details()
+def _event(event: msg.Event) -> Event:
+    kv = event.kv
+    put = event.kind != 1  # mvccpb.Event.DELETE is 1
+    return Event(
+        "put" if put else "delete",
+        kv.key.decode("utf-8", "surrogateescape"),
+        kv.value if put else b"",
+        kv.mod_revision,
+        bool(kv.lease),
+        kv.create_revision if put else 0,
+    )
 
 
 async def _quietly(call: Any) -> None:
@@ -447,10 +447,17 @@ async def _quietly(call: Any) -> None:
 
 
 def _describe(error: BaseException, endpoint: Endpoint) -> str:
-    if isinstance(error, grpc.aio.AioRpcError):
-        text = f"{error.code().name}: {error.details()}"
+    """One line for ``error``: gRPC's status as CODE: message, a socket error by its
+    reason, a refused TLS handshake with the flags that set it up."""
+    if isinstance(error, ssl.SSLError):
+        reason = getattr(error, "reason", None) or str(error)
+        text = f"TLS handshake failed: {reason}"
+    elif isinstance(error, TimeoutError):
+        text = "connection attempt timed out"
+    elif isinstance(error, OSError) and error.strerror:
+        text = f"cannot connect: {error.strerror}"
     else:
         text = (str(error) or type(error).__name__).splitlines()[0]
-    if endpoint.tls and ("TSI_" in text or "SSL" in text):
-        text += " (TLS handshake failed: check --etcd-cafile, --etcd-certfile, --etcd-keyfile)"
+    if isinstance(error, ssl.SSLError) or (endpoint.tls and ("SSL" in text or "TLS" in text)):
+        text += " (check --etcd-cafile, --etcd-certfile, --etcd-keyfile)"
     return text

@@ -1,6 +1,6 @@
 """`python -m overlay.start_server STATE_DIR [--etcd]`: the testbed's start server
 (``overlay.lab.starter``). It imports what ``overlay run`` imports, once (with --etcd
-also the etcd client, gRPC, which no thread starts at import), then forks a child per
+also the etcd client, which starts nothing at import), then forks a child per
 node daemon; each child runs ``overlay ARGV`` through the same entry as ``python -m
 overlay``. STATE_DIR is only there to name the bed in ``ps`` and the pid check of
 ``overlay testbed`` (a forked daemon keeps the server's command line)."""

@@ -8,9 +8,11 @@ from tests.helpers.modules import loaded_after
 
 # Loaded by nothing a daemon on the file registry without --healthz-port needs.
 NOT_LOADED = (
-    "grpc",  # the etcd client's stack: only with --etcd-endpoints
+    "grpc",  # not even with --etcd-endpoints: our own client (control/grpc_channel.py)
     "aetcd",
     "google.protobuf",
+    "h2",  # the etcd client's HTTP/2: only with --etcd-endpoints
+    "control.etcd_registry",
     "prometheus_client",  # /metrics: only at the first scrape
     "http.server",
     "pyroute2.ndb",  # what `import pyroute2` would add to rtnetlink (tun.rtnl)
@@ -43,14 +45,17 @@ def test_a_file_registry_daemon_loads_no_etcd_metrics_or_whole_pyroute2() -> Non
     assert sorted(m for m in NOT_LOADED if m in loaded) == []
 
 
-def test_an_etcd_daemon_loads_the_etcd_client() -> None:
+# grpcio's C core, its threads and protobuf were ~14 MiB of an idle etcd daemon.
+def test_an_etcd_daemon_loads_our_etcd_client_and_not_grpc() -> None:
     loaded = loaded_after(
         "from overlay.cli.run import options_from, parse_run_args\n"
+        "import overlay.node.daemon\n"
         "from overlay.node.registry import open_registry\n"
         "options = options_from(parse_run_args(['--etcd-endpoints', 'http://192.0.2.254:2379']))\n"
         "open_registry(options.registry)"
     )
-    assert {"aetcd", "grpc"} <= loaded
+    assert {"control.etcd_registry", "control.grpc_channel", "h2.connection"} <= loaded
+    assert sorted(m for m in loaded if m.split(".")[0] in {"grpc", "aetcd", "google"}) == []
 
 
 def test_the_first_scrape_loads_the_metrics_module() -> None:
