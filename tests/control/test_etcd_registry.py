@@ -1,4 +1,4 @@
-"""SubnetManager on a real etcd (EtcdRegistry over aetcd): flanneld's acquire order and
+"""SubnetManager on a real etcd (EtcdRegistry over our gRPC client): flanneld's acquire order and
 records, races, reservations, and a watch that survives compaction, a frozen etcd and an
 etcd restart.
 
@@ -474,10 +474,9 @@ async def test_frozen_etcd_is_noticed_within_seconds(
 async def test_a_connection_whose_handshake_is_slow_is_waited_for(own_etcd: EtcdServer) -> None:
     """A new connection to an etcd that takes half a second to answer it (paused for that
     long: a loaded member, a GC pause; over TLS to a remote member the handshake alone
-    takes a few round trips) must be waited for, up to the call's deadline. gRPC takes
-    grpc.min_reconnect_backoff_ms as the shortest connection attempt too: at the 100 ms
-    we set, every such attempt failed ("connection attempt timed out before receiving
-    SETTINGS frame"), and as each failure opens a fresh connection, it never connected."""
+    takes a few round trips) must be waited for, up to the call's deadline, not cut off
+    by a shorter connection-attempt limit (grpcio, which the client used before, took
+    its 100 ms minimum reconnect backoff as one and never connected)."""
     registry = EtcdRegistry(parse_endpoints(own_etcd.endpoint))
     try:
         await asyncio.to_thread(own_etcd.put, "/slow-handshake/k", "v")
