@@ -238,6 +238,14 @@ typedef struct {
     PyObject *route_prefix, *route_stats; /* owned; route_prefix NULL: nothing kept */
     Py_ssize_t counts[K6_COUNT];
     Py_ssize_t drops[D6_COUNT];
+    /* The open group of a send drain's small packets (Ipv6Path._join): datagrams to
+     * group_sa back to back in group[0:group_len], each group_size bytes but the last
+     * (group_last); sent (tx6_flush) when one cannot join, before a super-packet and at
+     * the end of the drain. group_stats: the first one's peer's (owned). */
+    struct sockaddr_in6 group_sa;
+    PyObject *group_stats;
+    Py_ssize_t group_len, group_size, group_last, group_count;
+    uint8_t group[MAX_GSO_BYTES];
 } half6_t;
 
 typedef struct {
@@ -292,9 +300,17 @@ static void forget_route6(half6_t *h)
     h->route_found = 0;
 }
 
+/* The open group forgotten, unsent (an error ended the drain, or the drains go) */
+static void forget_group6(half6_t *h)
+{
+    Py_CLEAR(h->group_stats);
+    h->group_len = h->group_size = h->group_last = h->group_count = 0;
+}
+
 static void half6_clear(half6_t *h)
 {
     forget_route6(h);
+    forget_group6(h);
     if (h->rules.sources != NULL && h->rules.sources != h->source_storage)
         PyMem_Free(h->rules.sources);
     h->rules.sources = h->source_storage;
@@ -512,6 +528,7 @@ static int drains_traverse(drains_t *d, visitproc visit, void *arg)
     Py_VISIT(d->v6.routes6);
     Py_VISIT(d->v6.route_prefix);
     Py_VISIT(d->v6.route_stats);
+    Py_VISIT(d->v6.group_stats);
     for (int i = 0; i < d->npending; i++)
         Py_VISIT(d->pending[i].stats);
     return 0;

@@ -2,10 +2,12 @@
  * overlay/dataplane/ipv6.py, Ipv6Path, and what it calls:
  *
  *   tx6 (from Drains.tx's read loop)  Ipv6Path.send: an IPv6 packet read from the TUN,
- *     tx6_plain, tx6_super,            routed (lookup_route6: PeerTable.lookup6), its
- *     tx6_groups, tx6_sent             partial checksum finished, sent; a TSO6
- *                                      super-packet cut in place (tso.c) and sent with
- *                                      UDP_SEGMENT (_send_super, _send_group, _sent)
+ *     tx6_join, tx6_flush, tx6_super,  routed (lookup_route6: PeerTable.lookup6), its
+ *     tx6_group, tx6_sent              partial checksum finished, into the open group
+ *                                      of small packets (_join; sent at its end:
+ *                                      flush_tx); a TSO6 super-packet cut in place
+ *                                      (tso.c) and sent with UDP_SEGMENT (_send_super,
+ *                                      _send_group, _sent)
  *   Drains.rx6: rx6_loop, rx6_run,     Ipv6Path.on_socket_readable (_receive_gro,
  *     rx6_write (plan6 of ipv6.c)      _receive_run, _write): receive, validate
  *                                      (valid_pieces6's rules), write to the TUN
@@ -162,16 +164,16 @@ fail:
     return -1;
 }
 
-/* Ipv6Path._sent: packets datagrams (bytes) sent to the routed peer */
-static int tx6_sent(drains_t *d, Py_ssize_t packets, Py_ssize_t bytes)
+/* Ipv6Path._sent: packets datagrams (bytes) sent to the peer of stats (a PeerStats) */
+static int tx6_sent(drains_t *d, PyObject *stats, Py_ssize_t packets, Py_ssize_t bytes)
 {
     d->counts[C_TX_PACKETS] += packets;
     d->counts[C_TX_BYTES] += bytes;
     d->counts[C_TX_PACKETS6] += packets;
     d->counts[C_TX_BYTES6] += bytes;
-    if (d->v6.route_stats == Py_None)
+    if (stats == Py_None)
         return 1;
-    pending_peer_t *p = pending_for(d, d->v6.route_stats);
+    pending_peer_t *p = pending_for(d, stats);
     if (p == NULL)
         return 0;
     p->tx_packets += packets;
@@ -180,13 +182,14 @@ static int tx6_sent(drains_t *d, Py_ssize_t packets, Py_ssize_t bytes)
     return 1;
 }
 
-/* One sendto of data[0:length] to the routed peer: 1 sent, 0 dropped (counted) */
-static int tx6_sendto(drains_t *d, const uint8_t *data, Py_ssize_t length)
+/* One sendto of data[0:length] to sa: 1 sent, 0 dropped (counted) */
+static int tx6_sendto(drains_t *d, const struct sockaddr_in6 *sa, const uint8_t *data,
+                      Py_ssize_t length)
 {
     ssize_t r;
     do
-        r = sendto(d->v6.sock_fd, data, (size_t)length, 0,
-                   (const struct sockaddr *)&d->v6.route_sa, sizeof d->v6.route_sa);
+        r = sendto(d->v6.sock_fd, data, (size_t)length, 0, (const struct sockaddr *)sa,
+                   sizeof *sa);
     while (r < 0 && errno == EINTR);
     if (r < 0) {
         d->v6.drops[would_block(errno) ? D6_TX_SOCKET_FULL : D6_TX_SEND_ERROR]++;
@@ -196,15 +199,17 @@ static int tx6_sendto(drains_t *d, const uint8_t *data, Py_ssize_t length)
 }
 
 /* Ipv6Path._send_group: the segments b[begin:end] (each stride bytes, the last maybe
- * shorter) in one GSO send, or one sendto each (GSO off, or the GSO send failed). */
+ * shorter) to sa (the peer of stats) in one GSO send, or one sendto each (GSO off, or
+ * the GSO send failed). */
 static int tx6_group(drains_t *d, const uint8_t *b, Py_ssize_t begin, Py_ssize_t end,
-                     Py_ssize_t stride, int *gso)
+                     Py_ssize_t stride, const struct sockaddr_in6 *sa, PyObject *stats,
+                     int *gso)
 {
     half6_t *h = &d->v6;
     Py_ssize_t packets = (end - begin + stride - 1) / stride;
     if (*gso && packets > 1) {
-        ssize_t r = send_gso(h->sock_fd, (const struct sockaddr *)&h->route_sa,
-                             sizeof h->route_sa, b + begin, end - begin, stride);
+        ssize_t r = send_gso(h->sock_fd, (const struct sockaddr *)sa, sizeof *sa, b + begin,
+                             end - begin, stride);
         if (r >= 0) {
             if (!h->gso_sent) {
                 if (!set(h->path, A_GSO_SENT, Py_True))
@@ -213,7 +218,7 @@ static int tx6_group(drains_t *d, const uint8_t *b, Py_ssize_t begin, Py_ssize_t
             }
             h->counts[K6_GSO_SENDS]++;
             d->counts[C_TX_GSO_SENDS]++;
-            return tx6_sent(d, packets, end - begin);
+            return tx6_sent(d, stats, packets, end - begin);
         }
         int e = errno;
         if (would_block(e)) {
@@ -228,12 +233,56 @@ static int tx6_group(drains_t *d, const uint8_t *b, Py_ssize_t begin, Py_ssize_t
     Py_ssize_t sent = 0, sent_bytes = 0;
     for (Py_ssize_t at = begin; at < end; at += stride) {
         Py_ssize_t length = stride < end - at ? stride : end - at;
-        if (tx6_sendto(d, b + at, length)) {
+        if (tx6_sendto(d, sa, b + at, length)) {
             sent++;
             sent_bytes += length;
         }
     }
-    return !sent || tx6_sent(d, sent, sent_bytes);
+    return !sent || tx6_sent(d, stats, sent, sent_bytes);
+}
+
+/* Ipv6Path.flush_tx: the open group to its peer (one GSO send, or a sendto for one) */
+static int tx6_flush(drains_t *d, int *gso)
+{
+    half6_t *h = &d->v6;
+    if (!h->group_count)
+        return 1;
+    int ok = tx6_group(d, h->group, 0, h->group_len, h->group_size, &h->group_sa,
+                       h->group_stats, gso);
+    forget_group6(h);
+    return ok;
+}
+
+static inline int same_sa6(const struct sockaddr_in6 *a, const struct sockaddr_in6 *b)
+{
+    return a->sin6_port == b->sin6_port && memcmp(&a->sin6_addr, &b->sin6_addr, 16) == 0;
+}
+
+/* Ipv6Path._join: the datagram data[0:length] to the routed peer into the open group
+ * (encap.gso.plan_groups' rule: one peer, every length the first's but the last, at
+ * most MAX_RUN and MAX_GSO_BYTES), after sending the group it cannot join. */
+static int tx6_join(drains_t *d, const uint8_t *data, Py_ssize_t length, int *gso)
+{
+    half6_t *h = &d->v6;
+    if (h->group_count
+        && !(h->group_last == h->group_size && length <= h->group_size
+             && same_sa6(&h->group_sa, &h->route_sa)
+             && h->group_len + length <= MAX_GSO_BYTES && h->group_count < MAX_RUN)
+        && !tx6_flush(d, gso))
+        return 0;
+    if (length > MAX_GSO_BYTES) /* never: the MTU and a read's 64 KiB keep it below */
+        return tx6_sendto(d, &h->route_sa, data, length) ? tx6_sent(d, h->route_stats, 1, length)
+                                                          : 1;
+    if (!h->group_count) {
+        h->group_sa = h->route_sa;
+        h->group_size = length;
+        Py_XSETREF(h->group_stats, Py_NewRef(h->route_stats));
+    }
+    memcpy(h->group + h->group_len, data, (size_t)length);
+    h->group_len += length;
+    h->group_last = length;
+    h->group_count++;
+    return 1;
 }
 
 /* Ipv6Path._send_super: the GSO_TCPV6 super-packet at b[at + 22:][:length], routed, cut
@@ -272,7 +321,7 @@ static int tx6_super(drains_t *d, const uint8_t hdr[10], Py_ssize_t at, Py_ssize
     for (Py_ssize_t begin = at; begin < at + total; begin += per_send * stride) {
         Py_ssize_t end = begin + per_send * stride < at + total ? begin + per_send * stride
                                                                 : at + total;
-        if (!tx6_group(d, b, begin, end, stride, gso))
+        if (!tx6_group(d, b, begin, end, stride, &d->v6.route_sa, d->v6.route_stats, gso))
             return -1;
     }
     return 1;
@@ -285,6 +334,9 @@ static int tx6(drains_t *d, const uint8_t hdr[10], Py_ssize_t at, Py_ssize_t len
 {
     uint8_t *b = d->arena.buf;
     const uint8_t *packet = b + at + VXLAN_HEADROOM;
+    /* a super-packet: what the drain read before it leaves first (Ipv6Path.send) */
+    if (hdr[1] == VNET_GSO_TCPV6 && d->v6.offload && !tx6_flush(d, gso))
+        return -1;
     int routed = lookup_route6(d, packet + 24);
     if (routed <= 0)
         return routed;
@@ -306,9 +358,7 @@ static int tx6(drains_t *d, const uint8_t hdr[10], Py_ssize_t at, Py_ssize_t len
     if (csum)
         finish_regions(b, &region, 1);
     memcpy(b + at, PyBytes_AS_STRING(d->v6.route_prefix), VXLAN_HEADROOM);
-    if (tx6_sendto(d, b + at, VXLAN_HEADROOM + length))
-        return tx6_sent(d, 1, VXLAN_HEADROOM + length) ? 1 : -1;
-    return 1;
+    return tx6_join(d, b + at, VXLAN_HEADROOM + length, gso) ? 1 : -1;
 }
 
 /* Whether this wake-up's IPv6 packets go to the reference: the path's _one_by_one (a

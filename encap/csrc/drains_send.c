@@ -346,6 +346,7 @@ static inline int tx_offload(drains_t *d, tx_t *t, const uint8_t hdr[10], Py_ssi
 /* vxlan's IPv6 half: drains_ipv6.c, included after this file */
 static int tx6(drains_t *d, const uint8_t hdr[10], Py_ssize_t at, Py_ssize_t length, int *gso);
 static int tx6_begin(drains_t *d, int *gso);
+static int tx6_flush(drains_t *d, int *gso);
 static int drops6_now(drains_t *d);
 
 /* Stage 1, UdpDataplane._read_tun: drain the TUN into the arena (kept packets back to
@@ -610,6 +611,10 @@ static PyObject *tx_wake(drains_t *d)
     t->fast6 = !one_by_one;
     int gso6 = t->gso6;
     int ok = tx_read(d, t);
+    if (t->fast6 && ok) /* the IPv6 half's open group (Ipv6Path.flush_tx) */
+        ok = tx6_flush(d, &t->gso6);
+    else if (t->fast6)
+        forget_group6(&d->v6);
     t->gso6_off = t->fast6 && gso6 && !t->gso6;
     if (ok && t->npackets) {
         double now = monotonic();

@@ -16,7 +16,9 @@ the IPv4 path pays nothing more than the version test it already made), and
 ``on_socket_readable`` is the IPv6 socket's reader. With the offloads the work is per
 super-packet, as on the IPv4 path: the TUN offers TSO6, so an IPv6 TCP flow arrives as
 64 KiB GSO_TCPV6 super-packets, cut here (``segment_tcp6``) and sent with UDP_SEGMENT;
-UDP_GRO hands the receiver the peer's GSO sends whole, and each flow's validated
+a drain's small packets (ACKs, UDP) leave in groups of one size to one peer, one GSO
+send each (``_join``, ``flush_tx``), as the IPv4 drains send theirs; UDP_GRO hands the
+receiver the peer's GSO sends whole, and each flow's validated
 segments go into the TUN as one GSO_TCPV6 super-packet (``ipv6.plan_tun_writes6``). The
 outer UDP checksum is the kernel's: a UDP socket over IPv6 always sends one, and the
 kernel drops a received datagram without one, exactly what a vxlan device does with its
@@ -136,6 +138,13 @@ class Ipv6Path:
         self._rx_view = memoryview(self._rx_buffer)
         self._tx_arena = bytearray(TX_ARENA6) if offload else bytearray()
         self._tx_view = memoryview(self._tx_arena)
+        # The open group of a drain's small packets (ACKs, UDP): consecutive datagrams to
+        # one peer of one length (the last may be shorter), back to back, leave in one
+        # GSO send at its end (``flush_tx``), as the IPv4 drains group theirs.
+        self._group = bytearray(gso.MAX_GSO_BYTES) if self.gso else bytearray()
+        self._group_view = memoryview(self._group)
+        self._group_peer: Peer | None = None
+        self._group_len = self._group_size = self._group_last = self._group_count = 0
         # What valid_pieces6 drops, counted here first, then in drops and drops6 (only
         # when it dropped anything: one truth test per receive otherwise).
         self._rx_drops: Counter[str] = Counter()
@@ -173,12 +182,15 @@ class Ipv6Path:
 
     # -- TUN -> peer --------------------------------------------------------------------
 
-    def send(self, frame: bytes, mtu: int) -> None:
+    def send(self, frame: bytes, mtu: int, hold: bool = False) -> None:
         """One IPv6 packet read from the TUN (``frame``: its virtio_net_hdr, zeros when the
         TUN has none, then the packet) to the peer owning its destination; ``mtu``: the
-        TUN's (0: no limit). A TCP super-packet (TSO6) leaves as its segments."""
+        TUN's (0: no limit). A TCP super-packet (TSO6) leaves as its segments. ``hold``
+        (a drain's packet; the drain calls ``flush_tx`` at its end): a plain packet joins
+        the open group instead of leaving at once."""
         if frame[1] != tso.GSO_NONE:
             if frame[1] == tso.GSO_TCPV6 and self._tx_arena:
+                self.flush_tx()  # what the drain read before it leaves first
                 self._send_super(frame, mtu)  # its segments one by one if GSO is off
             else:  # TSO6 is offered only with the offloads; USO is never offered
                 self._tx_drop("tx_ipv6_gso_unsupported", memoryview(frame)[VNET_HDR_LEN:])
@@ -206,6 +218,11 @@ class Ipv6Path:
             if impair is None or impair("tx", datagram, len(datagram), peer.addr, self._held):
                 self._send_one(datagram, peer.addr, peer.stats)
             return  # else dropped, or held for later (``_held``)
+        if self._group:
+            self._join(peer, datagram)
+            if not hold:
+                self.flush_tx()
+            return
         try:
             self.sock.sendto(datagram, peer.addr)
         except BlockingIOError:
@@ -215,6 +232,39 @@ class Ipv6Path:
             self._tx_drop("tx_send_error", packet)
             return
         self._sent(peer.stats, 1, len(datagram))
+
+    def _join(self, peer: Peer, datagram: bytes) -> None:
+        """``datagram`` into the open group (``encap.gso.plan_groups``' rule: one peer,
+        every length the first's but the last, at most MAX_SEGMENTS and MAX_GSO_BYTES),
+        after sending the group it cannot join."""
+        size = len(datagram)
+        group = self._group_peer
+        if group is not None and not (
+            self._group_last == self._group_size
+            and size <= self._group_size
+            and peer.addr == group.addr
+            and self._group_len + size <= gso.MAX_GSO_BYTES
+            and self._group_count < gso.MAX_SEGMENTS
+        ):
+            self.flush_tx()
+        if self._group_peer is None:
+            self._group_peer = peer
+            self._group_size = size
+        self._group[self._group_len : self._group_len + size] = datagram
+        self._group_len += size
+        self._group_last = size
+        self._group_count += 1
+
+    def flush_tx(self) -> None:
+        """The open group to its peer: one GSO send (one sendto for a single datagram or
+        with GSO off since); the send drain calls this at the end of each wake-up."""
+        peer = self._group_peer
+        if peer is None:
+            return
+        end, stride = self._group_len, self._group_size
+        self._group_peer = None
+        self._group_len = self._group_size = self._group_last = self._group_count = 0
+        self._send_group(0, end, stride, peer, self._group_view)
 
     def _send_one(self, datagram: Buffer, addr: Address, stats: PeerStats | None) -> None:
         """``datagram`` to ``addr`` in one sendto with a trace or an impairment attached,
@@ -315,10 +365,13 @@ class Ipv6Path:
                 continue  # dropped, or held (copied) for later
             self._send_one(datagram, peer.addr, peer.stats)
 
-    def _send_group(self, begin: int, end: int, stride: int, peer: Peer) -> None:
-        """The segments ``arena[begin:end]`` (each ``stride`` bytes, the last maybe
-        shorter) to ``peer``: one GSO send, or one sendto each without GSO."""
-        view = self._tx_view
+    def _send_group(
+        self, begin: int, end: int, stride: int, peer: Peer, view: memoryview | None = None
+    ) -> None:
+        """The segments ``view[begin:end]`` (the TX arena's by default; each ``stride``
+        bytes, the last maybe shorter) to ``peer``: one GSO send, or one sendto each
+        without GSO."""
+        view = self._tx_view if view is None else view
         packets = -(-(end - begin) // stride)
         if self.gso and packets > 1:
             try:

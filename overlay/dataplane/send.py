@@ -96,7 +96,7 @@ class SendPath(Dataplane):
             if length < 20 or arena[body] >> 4 != 4:
                 if length >= 40 and arena[body] >> 4 == 6:  # vxlan's IPv6 half, or a drop
                     vnet = bytes(scratch) if skip else VNET_NONE
-                    self._send_ipv6(vnet + arena[body : body + length])
+                    self._send_ipv6(vnet + arena[body : body + length], True)
                     continue
                 self._tx_drop("tx_not_ipv4", body, length)
                 continue
@@ -144,15 +144,20 @@ class SendPath(Dataplane):
         if partial:
             (native.finish_checksums if self.native else tso_codec.finish_checksums)(arena, partial)
         self.counters.tx_tun_super_packets += supers
+        self._flush_ipv6()
         return lengths, addrs
 
-    def _send_ipv6(self, frame: bytes) -> None:
+    def _send_ipv6(self, frame: bytes, hold: bool = False) -> None:
         """An IPv6 packet read from the TUN (``frame``: its virtio_net_hdr, then the
         packet; the native drains call this too): the vxlan dataplane with EnableIPv6
-        sends it (``overlay.dataplane.ipv6``); here it is counted as not IPv4."""
+        sends it (``overlay.dataplane.ipv6``; ``hold``: this drain's, may wait for
+        ``_flush_ipv6`` at its end); here it is counted as not IPv4."""
         self.counters.drops["tx_not_ipv4"] += 1
         if self.tap is not None:
             self.tap.drop("tx_not_ipv4", frame[VNET_HDR_LEN:], None)
+
+    def _flush_ipv6(self) -> None:
+        """The end of a drain: what ``_send_ipv6`` held leaves (vxlan's IPv6 half)."""
 
     def _tx_drop(self, reason: str, at: int, length: int) -> None:
         """A packet read from the TUN that cannot go (rare: off the per-packet path)."""

@@ -161,11 +161,15 @@ class VxlanDataplane(UdpDataplane):
     def sockets(self) -> list[socket.socket]:
         return [*super().sockets(), *((self.ipv6.sock,) if self.ipv6 is not None else ())]
 
-    def _send_ipv6(self, frame: bytes) -> None:
+    def _send_ipv6(self, frame: bytes, hold: bool = False) -> None:
         if self.ipv6 is None:
-            super()._send_ipv6(frame)
+            super()._send_ipv6(frame, hold)
         else:
-            self.ipv6.send(frame, self.mtu)
+            self.ipv6.send(frame, self.mtu, hold)
+
+    def _flush_ipv6(self) -> None:
+        if self.ipv6 is not None:
+            self.ipv6.flush_tx()
 
     def _answer_arp(self, start: int, end: int, source: tuple[str, int]) -> None:
         """Reply to "who has <our VTEP address>" from a peer (rare: off the hot path)."""

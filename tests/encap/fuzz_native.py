@@ -204,9 +204,10 @@ def _poll_after_once(data: bytearray, a: int, b: int, n: int) -> None:
 
 
 def _ipv6_drains_once(data: bytearray, sources6: list[Any], a: int, b: int, n: int) -> None:
-    """The drains with vxlan's IPv6 half: the TUN's reads (IPv6 among them) through
-    Drains.tx, datagrams of two sizes through Drains.rx6 (sends fail on AF_UNIX sockets,
-    receives come from address ::)."""
+    """The drains with vxlan's IPv6 half: the TUN's reads (IPv6 among them; with b & 4
+    one read repeated, some shorter, so small packets to one peer form GSO groups and
+    break them) through Drains.tx, datagrams of two sizes through Drains.rx6 (sends fail
+    on AF_UNIX sockets, receives come from address ::)."""
     reader, tun = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     sink = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     sender, receiver = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -214,7 +215,10 @@ def _ipv6_drains_once(data: bytearray, sources6: list[Any], a: int, b: int, n: i
         for end in (tun, sender, receiver):
             end.setblocking(False)
         for at in range(0, len(data), 97):  # reads of odd sizes, the first 10 bytes a vnet header
-            reader.send(bytes(data[at : at + 97 + n % 300]))
+            if b & 4:
+                reader.send(bytes(data[: 97 + n % 300 - (at // 97 % 4 == 3) * (a % 9)]))
+            else:
+                reader.send(bytes(data[at : at + 97 + n % 300]))
         for at in range(0, min(len(data), 20000), 1 + a % 1600):
             try:
                 sender.send(bytes(data[at : at + 1 + a % 1600]))

@@ -56,7 +56,7 @@ def test_ipv6_packets_reach_send_ipv6_with_their_vnet_header(
     dp = UdpDataplane(tun, link.sock, peers, OWN, Counters(), tun_tso=True)  # type: ignore[arg-type]
     dp.native = codecs == "native"
     handed: list[bytes] = []
-    dp._send_ipv6 = handed.append  # type: ignore[method-assign]
+    dp._send_ipv6 = lambda frame, hold=False: handed.append(frame)  # type: ignore[method-assign]
     v4 = bytes(IP(src="198.18.1.5", dst="198.18.2.9") / UDP(sport=1, dport=2) / b"four")
     v6 = bytes(IPv6(src="fd00:10:0:1::5", dst="fd00:10:0:2::9") / UDP() / b"six")
     partial = struct.pack("=BBHHHH", 1, 0, 0, 0, 40, 6)  # NEEDS_CSUM at the UDP header

@@ -278,3 +278,70 @@ def test_tx_and_rx_equal_the_reference_on_drawn_traffic(
             d[flip % len(d)] ^= 0x20
             group[i] = bytes(d)
     both(node, datagrams([group]))
+
+
+def acks(count: int, first_seq: int = 1000, payload: bytes = b"") -> list[tuple[bytes, bytes]]:
+    """``count`` TCP packets of one size (pure ACKs by default), as the TUN gives them."""
+    return [(bytes(10), bytes(tcp6(payload, "A", seq=first_seq + i))) for i in range(count)]
+
+
+@pytest.mark.underlay
+@pytest.mark.parametrize("native_drains", [False, True])
+def test_small_packets_of_one_size_to_one_peer_leave_in_one_gso_send(
+    node: Any, native_drains: bool
+) -> None:
+    """Five ACKs read in one drain: one sendmsg with UDP_SEGMENT (the peer's GRO socket
+    gets them as one receive of five datagrams), as the IPv4 drains send theirs."""
+    n = node(native_drains)
+    packets = acks(5)
+    for vnet, packet in packets:
+        n.pair.tun.inject(packet, vnet)
+    n.tx(native_drains)
+    prefix = vxlan.prefix(1, PEER_MAC, MAC, vxlan.ETHERTYPE_IPV6)
+    datagrams_sent = [prefix + packet for _, packet in packets]
+    assert sent(n) == [(b"".join(datagrams_sent), len(datagrams_sent[0]))]
+    outcome = n.outcome()
+    assert outcome["status"]["ipv6_tx_gso_sends"] == 1
+    assert outcome["counts"]["tx_packets6"] == 5
+
+
+@pytest.mark.underlay
+def test_tx_groups_end_where_the_reference_ends_them(node: Any) -> None:
+    """Groups of small packets broken by a shorter one, another size, a packet without a
+    route (answered by the reference), a super-packet (sent after what came before it)
+    and the 64-datagram limit: the same receives, segment sizes and counts."""
+    no_route = bytes(tcp6(b""))[:24] + bytes.fromhex("fd00000a000000990000000000000009")
+    no_route += bytes(tcp6(b"", "A"))[40:]
+    packets = [
+        *acks(3),
+        (bytes(10), bytes(tcp6(b"xy", "PA"))),  # longer: a group of its own
+        *acks(2, 2000),
+        (bytes(10), no_route),
+        *acks(2, 3000),
+        super_packet(bytes(range(256)) * 20, 5000),
+        *acks(70, 6000),
+        *acks(3, 9000, b"p" * 100),
+    ]
+    # only the packet without a route went to the reference
+    assert both(node, frames(packets)) == ["send"]
+
+
+@pytest.mark.underlay
+@settings(
+    max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(sizes=st.lists(st.sampled_from([0, 0, 0, 7, 100, 1300, 3000]), min_size=1, max_size=40))
+def test_tx_drawn_small_packets_and_super_packets_equal_the_reference(
+    node: Any, sizes: list[int]
+) -> None:
+    """Drawn runs of ACKs and small packets (a few sizes, so groups form and break) mixed
+    with super-packets: the native drains group and send as the reference does."""
+    packets = []
+    seq = 1000
+    for size in sizes:
+        if size > 1370:
+            packets.append(super_packet(b"s" * size, seq))
+        else:
+            packets.append((bytes(10), bytes(tcp6(b"d" * size, "A", seq=seq))))
+        seq += size
+    assert both(node, frames(packets)) == []
