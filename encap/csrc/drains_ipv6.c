@@ -47,78 +47,43 @@ static int drops6_now(drains_t *d)
 
 /* -- TX --------------------------------------------------------------------------------- */
 
+/* int(address) >> shift as a Python int, for the 128-bit address hi:lo (new reference,
+ * NULL on error). */
+static PyObject *shifted_key6(uint64_t hi, uint64_t lo, long shift)
+{
+    uint64_t top = shift >= 64 ? 0 : shift ? hi >> shift : hi;
+    uint64_t low = shift >= 128 ? 0
+                 : shift >= 64  ? hi >> (shift - 64)
+                 : shift        ? hi << (64 - shift) | lo >> shift
+                                : lo;
+    if (top == 0)
+        return PyLong_FromUnsignedLongLong(low);
+    PyObject *t = PyLong_FromUnsignedLongLong(top), *l = PyLong_FromUnsignedLongLong(low);
+    PyObject *s64 = PyLong_FromLong(64), *up = t && s64 ? PyNumber_Lshift(t, s64) : NULL;
+    PyObject *key = up && l ? PyNumber_Or(up, l) : NULL;
+    Py_XDECREF(t);
+    Py_XDECREF(l);
+    Py_XDECREF(s64);
+    Py_XDECREF(up);
+    return key;
+}
+
 /* PeerTable.lookup6 over peers.routes6: the Peer whose subnet holds the 16-byte dst (new
  * reference), Py_None when none does, NULL on error. A key is int(dst) >> shift. */
 static PyObject *route6(PyObject *routes6, const uint8_t *dst)
 {
     uint64_t hi = be64(dst), lo = be64(dst + 8);
     for (Py_ssize_t i = 0; i < PyList_GET_SIZE(routes6); i++) {
-        PyObject *item = Py_NewRef(PyList_GET_ITEM(routes6, i)), *key = NULL, *peer = NULL;
-        long shift;
-        if (!PyTuple_Check(item) || PyTuple_GET_SIZE(item) != 2
-            || !PyDict_Check(PyTuple_GET_ITEM(item, 1))) {
-            PyErr_SetString(PyExc_TypeError, "peers.routes6 is a list of (shift, dict)");
-            goto fail;
-        }
-        shift = PyLong_AsLong(PyTuple_GET_ITEM(item, 0));
-        if (shift == -1 && PyErr_Occurred())
-            goto fail;
-        if (shift < 0 || shift > 128) {
-            PyErr_SetString(PyExc_ValueError, "an IPv6 route's shift is 0..128");
-            goto fail;
-        }
-        uint64_t top = shift >= 64 ? 0 : shift ? hi >> shift : hi;
-        uint64_t low = shift >= 128 ? 0
-                     : shift >= 64  ? hi >> (shift - 64)
-                     : shift        ? hi << (64 - shift) | lo >> shift
-                                    : lo;
-        if (top == 0) {
-            key = PyLong_FromUnsignedLongLong(low);
-        } else {
-            PyObject *t = PyLong_FromUnsignedLongLong(top), *l = PyLong_FromUnsignedLongLong(low);
-            PyObject *s64 = PyLong_FromLong(64), *up = t && s64 ? PyNumber_Lshift(t, s64) : NULL;
-            key = up && l ? PyNumber_Or(up, l) : NULL;
-            Py_XDECREF(t);
-            Py_XDECREF(l);
-            Py_XDECREF(s64);
-            Py_XDECREF(up);
-        }
-        if (key == NULL)
-            goto fail;
-        peer = PyDict_GetItemWithError(PyTuple_GET_ITEM(item, 1), key);
-        Py_XINCREF(peer);
-        Py_DECREF(key);
+        PyObject *item = Py_NewRef(PyList_GET_ITEM(routes6, i));
+        long shift = route_shift(item, "routes6", 128);
+        PyObject *peer = shift < 0 ? NULL : route_peer(item, shifted_key6(hi, lo, shift));
         Py_DECREF(item);
         if (peer != NULL)
             return peer;
         if (PyErr_Occurred())
             return NULL;
-        continue;
-    fail:
-        Py_DECREF(item);
-        return NULL;
     }
     return Py_NewRef(Py_None);
-}
-
-/* A peer's (IPv6 address, port) as a sockaddr_in6 */
-static int parse_addr6(PyObject *addr, struct sockaddr_in6 *sa)
-{
-    const char *ip;
-    int port;
-    if (!PyTuple_Check(addr) || !PyArg_ParseTuple(addr, "si", &ip, &port)) {
-        if (!PyErr_Occurred())
-            PyErr_SetString(PyExc_TypeError, "an IPv6 peer's addr is an (address, port) tuple");
-        return 0;
-    }
-    memset(sa, 0, sizeof *sa);
-    sa->sin6_family = AF_INET6;
-    if (port < 0 || port > 0xFFFF || inet_pton(AF_INET6, ip, &sa->sin6_addr) != 1) {
-        PyErr_Format(PyExc_ValueError, "not an IPv6 address and port: %R", addr);
-        return 0;
-    }
-    sa->sin6_port = htons((uint16_t)port);
-    return 1;
 }
 
 /* h->route_* for dst: kept from the last lookup, or looked up. 1: a peer with a prefix of
@@ -150,7 +115,7 @@ static int lookup_route6(drains_t *d, const uint8_t *dst)
         goto fail;
     }
     int found_one = PyBytes_GET_SIZE(prefix) == VXLAN_HEADROOM;
-    if (found_one && !parse_addr6(addr, &h->route_sa))
+    if (found_one && !parse_addr(addr, AF_INET6, &h->route_sa))
         goto fail;
     h->route_found = found_one;
     h->route_prefix = prefix;

@@ -37,23 +37,37 @@ static int tx_reason(const char *codec_reason)
     return T_GSO_BAD_LENGTH; /* not reached: cut_tcp4 has no other reasons */
 }
 
-/* A (str, int) address as a sockaddr_in (PeerTable builds them from IPv4Address). */
-static int parse_addr(PyObject *addr, struct sockaddr_in *sa)
+/* A peer's (str, int) address as a sockaddr of family: AF_INET into a sockaddr_in
+ * (PeerTable builds them from IPv4Address), AF_INET6 into a sockaddr_in6 (from the lease's
+ * PublicIPv6). */
+static int parse_addr(PyObject *addr, int family, void *sa)
 {
     const char *ip;
     int port;
+    const char *name = family == AF_INET6 ? "IPv6" : "IPv4";
     if (!PyTuple_Check(addr) || !PyArg_ParseTuple(addr, "si", &ip, &port)) {
         if (!PyErr_Occurred())
-            PyErr_SetString(PyExc_TypeError, "a peer's addr is an (IPv4 address, port) tuple");
+            PyErr_Format(PyExc_TypeError, "a peer's addr is an (%s address, port) tuple", name);
         return 0;
     }
-    memset(sa, 0, sizeof *sa);
-    sa->sin_family = AF_INET;
-    if (port < 0 || port > 0xFFFF || inet_pton(AF_INET, ip, &sa->sin_addr) != 1) {
-        PyErr_Format(PyExc_ValueError, "not an IPv4 address and port: %R", addr);
+    struct sockaddr_in *sa4 = sa;
+    struct sockaddr_in6 *sa6 = sa;
+    if (family == AF_INET6)
+        memset(sa6, 0, sizeof *sa6);
+    else
+        memset(sa4, 0, sizeof *sa4);
+    void *raw = family == AF_INET6 ? (void *)&sa6->sin6_addr : (void *)&sa4->sin_addr;
+    if (port < 0 || port > 0xFFFF || inet_pton(family, ip, raw) != 1) {
+        PyErr_Format(PyExc_ValueError, "not an %s address and port: %R", name, addr);
         return 0;
     }
-    sa->sin_port = htons((uint16_t)port);
+    if (family == AF_INET6) {
+        sa6->sin6_family = AF_INET6;
+        sa6->sin6_port = htons((uint16_t)port);
+    } else {
+        sa4->sin_family = AF_INET;
+        sa4->sin_port = htons((uint16_t)port);
+    }
     return 1;
 }
 
@@ -125,41 +139,53 @@ static Py_ssize_t tx_peer(tx_t *t, const struct sockaddr_in *sa, PyObject *stats
     return t->npeers++;
 }
 
+/* An item of a route list, (shift, dict): its shift, within 0..max_shift; -1 with an
+ * exception set when it is not such a pair. list names the list in the error. */
+static long route_shift(PyObject *item, const char *list, long max_shift)
+{
+    if (!PyTuple_Check(item) || PyTuple_GET_SIZE(item) != 2
+        || !PyDict_Check(PyTuple_GET_ITEM(item, 1))) {
+        PyErr_Format(PyExc_TypeError, "peers.%s is a list of (shift, dict)", list);
+        return -1;
+    }
+    long shift = PyLong_AsLong(PyTuple_GET_ITEM(item, 0));
+    if (shift == -1 && PyErr_Occurred())
+        return -1;
+    if (shift < 0 || shift > max_shift) {
+        PyErr_Format(PyExc_ValueError, "a shift in peers.%s is 0..%ld", list, max_shift);
+        return -1;
+    }
+    return shift;
+}
+
+/* The peer at key in a route item's dict (new reference), or NULL: with an exception set
+ * on error, without one when key is not there. Takes key's reference (NULL: an error). */
+static PyObject *route_peer(PyObject *item, PyObject *key)
+{
+    if (key == NULL)
+        return NULL;
+    PyObject *peer = PyDict_GetItemWithError(PyTuple_GET_ITEM(item, 1), key);
+    Py_XINCREF(peer);
+    Py_DECREF(key);
+    return peer;
+}
+
 /* PeerTable.lookup over peers.routes: the Peer holding dst (new reference), Py_None when
  * none does, NULL on error. */
 static PyObject *route(PyObject *routes, uint32_t dst)
 {
     for (Py_ssize_t i = 0; i < PyList_GET_SIZE(routes); i++) {
         /* owned: a key's __eq__ (a hostile table) may empty the list */
-        PyObject *item = Py_NewRef(PyList_GET_ITEM(routes, i)), *peer = NULL;
-        long shift;
-        if (!PyTuple_Check(item) || PyTuple_GET_SIZE(item) != 2
-            || !PyDict_Check(PyTuple_GET_ITEM(item, 1))) {
-            PyErr_SetString(PyExc_TypeError, "peers.routes is a list of (shift, dict)");
-            goto fail;
-        }
-        shift = PyLong_AsLong(PyTuple_GET_ITEM(item, 0));
-        if (shift == -1 && PyErr_Occurred())
-            goto fail;
-        if (shift < 0 || shift > 32) {
-            PyErr_SetString(PyExc_ValueError, "a route's shift is 0..32");
-            goto fail;
-        }
-        PyObject *key = PyLong_FromUnsignedLong((unsigned long)((uint64_t)dst >> shift));
-        if (key == NULL)
-            goto fail;
-        peer = PyDict_GetItemWithError(PyTuple_GET_ITEM(item, 1), key);
-        Py_XINCREF(peer);
-        Py_DECREF(key);
+        PyObject *item = Py_NewRef(PyList_GET_ITEM(routes, i));
+        long shift = route_shift(item, "routes", 32);
+        PyObject *peer = shift < 0 ? NULL
+                       : route_peer(item, PyLong_FromUnsignedLong(
+                                              (unsigned long)((uint64_t)dst >> shift)));
         Py_DECREF(item);
         if (peer != NULL)
             return peer;
         if (PyErr_Occurred())
             return NULL;
-        continue;
-    fail:
-        Py_DECREF(item);
-        return NULL;
     }
     return Py_NewRef(Py_None);
 }
@@ -191,7 +217,7 @@ static int lookup_route(drains_t *d, uint32_t dst)
         PyErr_SetString(PyExc_TypeError, "tx: a peer's prefix must be bytes");
         goto fail;
     }
-    if (!parse_addr(addr, &d->route_sa))
+    if (!parse_addr(addr, AF_INET, &d->route_sa))
         goto fail;
     PyObject *entry = sender(d->senders, &d->route_sa.sin_addr);
     if (entry == NULL && PyErr_Occurred())
