@@ -26,7 +26,7 @@ from control import grpc_channel
 from control.etcd_endpoints import TlsFiles, parse_endpoints
 from control.etcd_registry import BACKOFF_MIN, EtcdRegistry
 from control.grpc_channel import Channel, GrpcError
-from control.kv import RegistryError
+from control.kv import Entry, RegistryError
 from tests.helpers.pki import make_pki
 
 # What the server does with one call: (connection, stream id, path, request) -> None.
@@ -125,6 +125,35 @@ async def never(fake: Fake, stream_id: int, path: str, request: bytes) -> None:
 
 def registry(port: int, **kwargs: object) -> EtcdRegistry:
     return EtcdRegistry(parse_endpoints(f"http://127.0.0.1:{port}"), **kwargs)  # type: ignore[arg-type]
+
+
+def server_tls(pki: dict[str, str], client_ca: str | None = None) -> ssl.SSLContext:
+    """A TLS server context with pki's certificate and ALPN h2; with client_ca, a client
+    certificate from that CA is required (etcd's --client-cert-auth)."""
+    tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    tls.load_cert_chain(pki["cert"], pki["key"])
+    if client_ca is not None:
+        tls.load_verify_locations(client_ca)
+        tls.verify_mode = ssl.CERT_REQUIRED
+    tls.set_alpn_protocols(["h2"])
+    return tls
+
+
+async def get_over_tls(tls: ssl.SSLContext, cafile: str) -> tuple[int, Entry | RegistryError]:
+    """One get from a fake server behind tls, trusting cafile: the server's port and the
+    entry, or the RegistryError the get raised."""
+    async with fake_server(range_answer, tls=tls) as (port, _):
+        store = EtcdRegistry(
+            parse_endpoints(f"https://127.0.0.1:{port}"), tls=TlsFiles(cafile=cafile)
+        )
+        try:
+            entry = await store.get("k")
+            assert entry is not None
+            return port, entry
+        except RegistryError as e:
+            return port, e
+        finally:
+            await store.close()
 
 
 async def test_an_answer_is_read_and_the_connection_reused() -> None:
@@ -320,19 +349,9 @@ async def test_a_refused_tls_handshake_is_one_line(tmp_path: Path) -> None:
     """The server's certificate is from another CA than --etcd-cafile."""
     theirs = make_pki(tmp_path / "theirs")
     ours = make_pki(tmp_path / "ours")
-    server_tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    server_tls.load_cert_chain(theirs["cert"], theirs["key"])
-    server_tls.set_alpn_protocols(["h2"])
-    async with fake_server(range_answer, tls=server_tls) as (port, _):
-        store = EtcdRegistry(
-            parse_endpoints(f"https://127.0.0.1:{port}"), tls=TlsFiles(cafile=ours["ca"])
-        )
-        try:
-            with pytest.raises(RegistryError) as failed:
-                await store.get("k")
-        finally:
-            await store.close()
-    text = str(failed.value)
+    port, failed = await get_over_tls(server_tls(theirs), ours["ca"])
+    assert isinstance(failed, RegistryError)
+    text = str(failed)
     assert text.startswith(f"etcd https://127.0.0.1:{port}: TLS handshake failed: ")
     assert "CERTIFICATE_VERIFY_FAILED" in text and "check --etcd-cafile" in text
     assert "\n" not in text
@@ -340,17 +359,8 @@ async def test_a_refused_tls_handshake_is_one_line(tmp_path: Path) -> None:
 
 async def test_tls_with_the_right_ca_and_alpn_h2(tmp_path: Path) -> None:
     pki = make_pki(tmp_path / "pki")
-    server_tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    server_tls.load_cert_chain(pki["cert"], pki["key"])
-    server_tls.set_alpn_protocols(["h2"])
-    async with fake_server(range_answer, tls=server_tls) as (port, _):
-        store = EtcdRegistry(
-            parse_endpoints(f"https://127.0.0.1:{port}"), tls=TlsFiles(cafile=pki["ca"])
-        )
-        try:
-            assert await store.get("k") is not None
-        finally:
-            await store.close()
+    _, entry = await get_over_tls(server_tls(pki), pki["ca"])
+    assert isinstance(entry, Entry), entry
 
 
 async def test_a_refused_connection_backs_off_and_fails_fast_meanwhile() -> None:
@@ -407,21 +417,9 @@ async def test_a_client_certificate_refused_after_the_handshake_is_one_line(tmp_
     the handshake is done (etcd with --client-cert-auth and a client without one): the
     refusal arrives as an alert at the first read, and is still a handshake failure."""
     pki = make_pki(tmp_path / "pki")
-    server_tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    server_tls.load_cert_chain(pki["cert"], pki["key"])
-    server_tls.load_verify_locations(pki["ca"])
-    server_tls.verify_mode = ssl.CERT_REQUIRED
-    server_tls.set_alpn_protocols(["h2"])
-    async with fake_server(range_answer, tls=server_tls) as (port, _):
-        store = EtcdRegistry(
-            parse_endpoints(f"https://127.0.0.1:{port}"), tls=TlsFiles(cafile=pki["ca"])
-        )
-        try:
-            with pytest.raises(RegistryError) as failed:
-                await store.get("k")
-        finally:
-            await store.close()
-    text = str(failed.value)
+    _, failed = await get_over_tls(server_tls(pki, client_ca=pki["ca"]), pki["ca"])
+    assert isinstance(failed, RegistryError)
+    text = str(failed)
     # Python's server closes without an alert; etcd (Go) sends one, which names the cause.
     assert "TLS handshake failed" in text and "client certificate" in text, text
     assert "check --etcd-cafile" in text and "\n" not in text
