@@ -155,3 +155,59 @@ async def test_drop_log_says_each_reason_once_then_sums_up(monkeypatch: pytest.M
     drops["tx_no_route"] += 1
     log.check()
     assert sum(1 for _, e, _ in lines if e == "packet_dropped") == 1  # never again
+
+
+_LABEL = st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)), max_size=12)
+_VALUE = st.one_of(st.integers(0, 10**12), st.floats(allow_nan=True, allow_infinity=True))
+
+
+@st.composite
+def _family(draw: st.DrawFn) -> Any:
+    """A counter, gauge or histogram family with any label values (quotes, backslashes,
+    newlines) and values; a counter may carry ``_created`` samples."""
+    kind = draw(st.sampled_from(["counter", "gauge", "histogram"]))
+    help_text = draw(st.text(max_size=20))
+    series = draw(st.lists(_LABEL, max_size=70, unique=True))
+    if kind == "counter":
+        family: Any = metrics.CounterMetricFamily("x_sent", help_text, labels=["peer"])
+        created = draw(st.booleans())
+        for label in series:
+            family.add_metric([label], draw(_VALUE), created=1.5 if created else None)
+    elif kind == "gauge":
+        family = metrics.GaugeMetricFamily("x_level", help_text, labels=["peer"])
+        for label in series:
+            family.add_metric([label], draw(_VALUE))
+    else:
+        family = metrics.HistogramMetricFamily("x_batch", help_text, labels=["peer"])
+        for label in series:
+            family.add_metric([label], [("1", 1), ("+Inf", 3)], sum_value=draw(_VALUE))
+    return family
+
+
+@given(_family(), st.integers(1, 40))
+@settings(max_examples=300, deadline=None)
+def test_a_family_rendered_in_pieces_is_the_whole_rendering(family: Any, size: int) -> None:
+    """The pieces of a /metrics family, joined, are prometheus_client's rendering of it in
+    one call, byte for byte, and no piece holds more than ``size`` samples' lines."""
+    pieces = list(metrics.render_pieces(family, size))
+    whole = metrics.render_families([family])
+    assert b"".join(pieces) == whole
+    created = any(s.name.endswith("_created") for s in family.samples)
+    if not created:
+        assert len(pieces) == max(1, -(-len(family.samples) // size))
+        for piece in pieces:
+            lines = [line for line in piece.split(b"\n") if line and not line.startswith(b"#")]
+            assert len(lines) <= size
+
+
+def test_per_peer_families_are_rendered_a_few_peers_at_a_time() -> None:
+    """100 peers' series (the default --metrics-peer-limit) come in pieces of at most
+    PIECE_SAMPLES samples, so the /metrics page can give the loop a turn between two."""
+    peers = [
+        {"subnet": f"10.1.{i}.0/24", "tx_packets": i, "tx_bytes": i, "rx_packets": 1, "rx_bytes": 2}
+        for i in range(100)
+    ]
+    family = next(metrics._peer_families(peers))
+    pieces = list(metrics.render_pieces(family))
+    assert len(pieces) == 4 and metrics.PIECE_SAMPLES == 32
+    assert b"".join(pieces) == metrics.render_families([family])
