@@ -1,6 +1,7 @@
 """Where etcd is and which TLS files reach it: flanneld's ``--etcd-endpoints`` and
-``--etcd-cafile/-certfile/-keyfile``, parsed and checked without the gRPC stack, which a
-daemon on the embedded file registry never loads (``control.etcd_registry`` does)."""
+``--etcd-cafile/-certfile/-keyfile``, parsed and checked without the etcd client's HTTP/2
+stack, which a daemon on the embedded file registry never loads (``control.etcd_registry``
+does)."""
 
 from __future__ import annotations
 

@@ -50,8 +50,8 @@ def open_registry(options: RegistryOptions, notify: Any = None) -> KeyValueStore
     registry file's path, owner, mode and content by ``KeyValueStore.check`` at start,
     as that takes its lock, which may be held."""
     if options.etcd_endpoints:
-        # Imported here, not above: the gRPC stack it loads is most of the memory of a
-        # daemon (README, "Memory"), and a daemon on the file registry never needs it.
+        # Imported here, not above: its HTTP/2 and TLS stack (h2, ssl) is a daemon's
+        # memory (README, "Memory") that a daemon on the file registry never needs.
         from control.etcd_registry import EtcdRegistry
 
         return EtcdRegistry(
