@@ -206,11 +206,10 @@ class NodeView:
         budget = LoopBudget()
         st = await self.status_snapshot(self.node.options.metrics_peer_limit, budget)
         parts = []
-        for family in metrics.families(st):  # rendered a few samples at a time
-            for piece in metrics.render_pieces(family):
-                parts.append(piece)
-                if budget.spent():
-                    await budget.turn()
+        for family in metrics.families(st):  # rendered one family at a time
+            parts.append(metrics.render_families([family]))
+            if budget.spent():
+                await budget.turn()
         body = b"".join(parts)
         if overlay_log.enabled(2):
             ms = round((time.perf_counter() - started) * 1000, 2)

@@ -22,7 +22,6 @@ one series per peer, the documented cardinality bound).
 
 from __future__ import annotations
 
-import copy
 import platform
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -39,11 +38,6 @@ from prometheus_client.core import (
 from overlay.observe.version import version
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-# Samples rendered in one call: a per-peer family of 100 series took 0.37 ms in one call
-# (up to 1.2 ms) on the daemon's loop, more than its 0.2 ms slices; 32 take ~0.1 ms.
-PIECE_SAMPLES = 32
-# Samples prometheus_client moves into a family of their own after the others.
-_APART = ("_created", "_gsum", "_gcount")
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 44, 64)  # 44: the most 1472-byte segments in one GSO send
 # Counters of overlay.dataplane.counters.Counters other than traffic, drops and batches.
 FAST_PATH = {
@@ -454,24 +448,6 @@ def render_families(metrics: Iterable[Metric]) -> bytes:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(_Families(metrics))
     return generate_latest(registry)
-
-
-def render_pieces(family: Metric, samples: int = PIECE_SAMPLES) -> Iterator[bytes]:
-    """One family's text exposition, ``samples`` samples at a time: joined, the pieces
-    are ``render_families([family])`` byte for byte, so a caller can give the event loop
-    a turn between two (the /metrics page: overlay.node.view). A family with samples
-    prometheus_client writes apart (``_created``...) is rendered whole."""
-    whole, apart = family.samples, {family.name + suffix for suffix in _APART}
-    if len(whole) <= samples or any(s.name in apart for s in whole):
-        yield render_families([family])
-        return
-    for start in range(0, len(whole), samples):
-        part = copy.copy(family)
-        part.samples = whole[start : start + samples]
-        text = render_families([part])
-        # A continuation leaves out the # HELP and # TYPE lines (one line each: a
-        # newline in the help text is escaped).
-        yield text if start == 0 else text.split(b"\n", 2)[2]
 
 
 def render(st: dict[str, Any]) -> bytes:

@@ -42,10 +42,6 @@ PER_NAMESPACE = (RUN_DIR / "netns", RUN_DIR / "netns-inode")
 SUN_PATH_MAX = 107  # a Unix socket path's bytes, without the NUL
 REQUEST_TIMEOUT = 1.0  # a client that sends nothing gets the status after this long
 REQUEST_LIMIT = 64 * 1024
-# The most text one status piece holds before it is handed over to be written: the kept
-# rows of 10,000 idle peers encode ~170 kB in a 0.2 ms slice, and that one write, made
-# after the slice was spent, held the loop ~0.29 ms a slice instead of 0.2.
-PIECE_CHARS = 32 * 1024
 
 T = TypeVar("T")
 # The status answer, as pieces of its JSON (the daemon's loop runs between two).
@@ -264,22 +260,16 @@ async def encoded_pieces(
     stop)`` giving the JSON of items start..stop-1 without the brackets, STEP items at a
     time: whenever ``budget`` is spent, what is encoded so far is handed over and the loop
     gets its turn, so tens of thousands of peers are not one long pause of the drains
-    (nor all their rows in memory at once). A piece is handed over also once it holds
-    PIECE_CHARS, without a turn: the caller's write of it then counts in the slice."""
+    (nor all their rows in memory at once)."""
     head = json.dumps(doc)
     out = [head[:-1], ", " if len(head) > 2 else "", json.dumps(key), ": ["]
-    size = 0
     for start in range(0, count, STEP):
         encoded = encode(start, min(start + STEP, count))
         out.append(", " + encoded if start else encoded)
-        size += len(encoded)
         if budget.spent():
             yield "".join(out).encode()
-            out, size = [], 0
+            out = []
             await budget.turn()
-        elif size >= PIECE_CHARS:  # handed over, and its write counted in this slice
-            yield "".join(out).encode()
-            out, size = [], 0
     out.append("]}")
     yield "".join(out).encode()
 
