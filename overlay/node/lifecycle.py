@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import queue
+import sys
 import threading
 from collections.abc import Callable, Coroutine
 from concurrent.futures import Executor, Future
@@ -22,6 +23,10 @@ import uvloop
 
 T = TypeVar("T")
 SHUTDOWN_GRACE = 0.5  # seconds the loop's leftover tasks get to finish after main returns
+# The longest another thread (pyroute2's, an executor's) keeps the GIL once the loop thread
+# wants it back (CPython's default: 5 ms). The loop thread lets go of the GIL at each
+# socket call; a thread that took it then kept the drains waiting up to 5 ms.
+SWITCH_INTERVAL = 0.0005
 
 
 class DaemonThreads(Executor):
@@ -92,6 +97,7 @@ class DaemonThreads(Executor):
 def run(main: Coroutine[Any, Any, T]) -> T:
     """``uvloop.run(main)``, but leftover tasks get a bounded grace period and the default
     executor is never waited for without limit."""
+    sys.setswitchinterval(SWITCH_INTERVAL)
     loop = uvloop.new_event_loop()
     executor = DaemonThreads()
     loop.set_default_executor(executor)

@@ -36,6 +36,7 @@ class NodeView:
         """The status answer as JSON with every peer's row, a slice at a time (the loop
         gets its turn between two), the rows taken from ``peer_rows`` where they are
         kept (a peer that never carried traffic costs a look at its counters)."""
+        budget = LoopBudget()  # the head's snapshot counts against the first slice
         st, peers, reported = self._head()
         await self._kernel_counters(st)
         if peers is None:
@@ -47,7 +48,7 @@ class NodeView:
             return kept.encode(peers, start, stop, reported, counted)
 
         kept.begin(len(peers))
-        pieces = status_socket.encoded_pieces(st, len(peers), encode, LoopBudget())
+        pieces = status_socket.encoded_pieces(st, len(peers), encode, budget)
         async for piece in pieces:
             yield piece
         kept.end()
@@ -198,18 +199,17 @@ class NodeView:
     async def metrics_page(self) -> health_server.Page:
         """/metrics: per-peer series for ``--metrics-peer-limit`` peers at most (the
         busiest), so its size and cost stay bounded however large the cluster."""
-        # Imported at the first scrape, not above: prometheus_client brings http.server,
-        # email and wsgiref along, which a daemon without --healthz-port never needs.
-        from overlay.observe import metrics
+        from overlay.observe import metrics  # loaded by routes(), as the server starts
 
         started = time.perf_counter()
         budget = LoopBudget()
         st = await self.status_snapshot(self.node.options.metrics_peer_limit, budget)
         parts = []
-        for family in metrics.families(st):  # rendered one family at a time
-            parts.append(metrics.render_families([family]))
-            if budget.spent():
-                await budget.turn()
+        for family in metrics.families(st):  # rendered a few samples at a time
+            for piece in metrics.render_pieces(family):
+                parts.append(piece)
+                if budget.spent():
+                    await budget.turn()
         body = b"".join(parts)
         if overlay_log.enabled(2):
             ms = round((time.perf_counter() - started) * 1000, 2)
@@ -224,6 +224,12 @@ class NodeView:
         return HEALTHY
 
     def routes(self) -> dict[str, health_server.Route]:
+        """The health server's pages. The metrics module is loaded here, as the server
+        starts, not above: prometheus_client brings http.server, email and wsgiref along,
+        which a daemon without --healthz-port never needs; nor at the first scrape, where
+        the import (~30 ms) held the loop the drains forward on."""
+        from overlay.observe import metrics  # noqa: F401
+
         return {
             "/healthz": health_server.Immediate(self.healthz_page),
             "/readyz": health_server.Immediate(self.readyz_page),

@@ -22,6 +22,7 @@ one series per peer, the documented cardinality bound).
 
 from __future__ import annotations
 
+import copy
 import platform
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -38,6 +39,11 @@ from prometheus_client.core import (
 from overlay.observe.version import version
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+# Samples rendered in one piece (a few microseconds each): a family of --metrics-peer-limit
+# peers is not one long pause of the event loop the drains forward on.
+PIECE_SAMPLES = 16
+# Samples that generate_latest moves into families of their own after the others.
+_SEPARATE_SUFFIXES = ("_created", "_gsum", "_gcount")
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 44, 64)  # 44: the most 1472-byte segments in one GSO send
 # Counters of overlay.dataplane.counters.Counters other than traffic, drops and batches.
 FAST_PATH = {
@@ -448,6 +454,24 @@ def render_families(metrics: Iterable[Metric]) -> bytes:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(_Families(metrics))
     return generate_latest(registry)
+
+
+def render_pieces(family: Metric, samples: int = PIECE_SAMPLES) -> Iterator[bytes]:
+    """``render_families([family])`` in pieces of at most ``samples`` samples each, which
+    join into exactly that text: the first piece has the HELP and TYPE lines, the others
+    only their sample lines. A family with samples that generate_latest moves to the end
+    (``_created`` and the like) is one piece."""
+    whole = family.samples
+    if len(whole) <= samples or any(
+        s.name == family.name + suffix for s in whole for suffix in _SEPARATE_SUFFIXES
+    ):
+        yield render_families([family])
+        return
+    for start in range(0, len(whole), samples):
+        part = copy.copy(family)
+        part.samples = whole[start : start + samples]
+        text = render_families([part])
+        yield text.split(b"\n", 2)[2] if start else text
 
 
 def render(st: dict[str, Any]) -> bytes:

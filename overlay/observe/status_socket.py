@@ -42,6 +42,7 @@ PER_NAMESPACE = (RUN_DIR / "netns", RUN_DIR / "netns-inode")
 SUN_PATH_MAX = 107  # a Unix socket path's bytes, without the NUL
 REQUEST_TIMEOUT = 1.0  # a client that sends nothing gets the status after this long
 REQUEST_LIMIT = 64 * 1024
+PIECE_BYTES = 32 * 1024  # a status answer's piece: written within the slice it was made in
 
 T = TypeVar("T")
 # The status answer, as pieces of its JSON (the daemon's loop runs between two).
@@ -260,15 +261,22 @@ async def encoded_pieces(
     stop)`` giving the JSON of items start..stop-1 without the brackets, STEP items at a
     time: whenever ``budget`` is spent, what is encoded so far is handed over and the loop
     gets its turn, so tens of thousands of peers are not one long pause of the drains
-    (nor all their rows in memory at once)."""
+    (nor all their rows in memory at once). What is encoded is also handed over once it
+    reaches PIECE_BYTES, without a turn: the caller's write of a piece then falls inside
+    the budget's slice, where joining and writing all a slice's text after it was spent
+    (kept rows make ~100 kB in a slice) held the loop more than twice the slice."""
     head = json.dumps(doc)
     out = [head[:-1], ", " if len(head) > 2 else "", json.dumps(key), ": ["]
+    size = 0
     for start in range(0, count, STEP):
         encoded = encode(start, min(start + STEP, count))
         out.append(", " + encoded if start else encoded)
-        if budget.spent():
+        size += len(encoded)
+        spent = budget.spent()
+        if spent or size >= PIECE_BYTES:
             yield "".join(out).encode()
-            out = []
+            out, size = [], 0
+        if spent:
             await budget.turn()
     out.append("]}")
     yield "".join(out).encode()

@@ -13,7 +13,7 @@ NOT_LOADED = (
     "google.protobuf",
     "h2",  # the etcd client's HTTP/2: only with --etcd-endpoints
     "control.etcd_registry",
-    "prometheus_client",  # /metrics: only at the first scrape
+    "prometheus_client",  # /metrics: only with --healthz-port, as the server starts
     "http.server",
     "pyroute2.ndb",  # what `import pyroute2` would add to rtnetlink (tun.rtnl)
     "pyroute2.ipdb",

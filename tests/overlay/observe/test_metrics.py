@@ -11,6 +11,12 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 
 from overlay.dataplane.counters import BATCH_MAX, Counters
 from overlay.observe import drop_log, health, metrics
@@ -155,3 +161,39 @@ async def test_drop_log_says_each_reason_once_then_sums_up(monkeypatch: pytest.M
     drops["tx_no_route"] += 1
     log.check()
     assert sum(1 for _, e, _ in lines if e == "packet_dropped") == 1  # never again
+
+
+_label_text = st.text(st.characters(codec="utf-8", exclude_categories=["Cs"]), max_size=12)
+
+
+@given(
+    st.sampled_from(["counter", "gauge", "histogram"]),
+    st.text(max_size=30),
+    st.lists(st.tuples(_label_text, st.integers(0, 10**12)), max_size=70),
+    st.integers(1, 20),
+    st.booleans(),
+)
+@settings(max_examples=150, deadline=None)
+def test_a_family_rendered_in_pieces_is_the_family_rendered_whole(
+    kind: str, doc: str, rows: list[tuple[str, int]], per_piece: int, created: bool
+) -> None:
+    """The /metrics page is rendered a few samples at a time (the loop gets its turn
+    between two pieces): the pieces must join into what prometheus_client renders of the
+    whole family, escapes, histograms and ``_created`` samples included."""
+    family: Metric
+    if kind == "counter":
+        family = CounterMetricFamily("overlay_peer_tx", doc, labels=["peer"])
+        for n, (label, value) in enumerate(rows):
+            family.add_metric([f"{label}{n}"], value, created=1.5 if created else None)
+    elif kind == "gauge":
+        family = GaugeMetricFamily("overlay_peer_last", doc, labels=["peer"])
+        for n, (label, value) in enumerate(rows):
+            family.add_metric([f"{label}{n}"], value / 7)
+    else:
+        family = HistogramMetricFamily("overlay_batch", doc, labels=["peer"])
+        for n, (label, value) in enumerate(rows):
+            family.add_metric([f"{label}{n}"], [("1.0", value), ("+Inf", value + 1)], value)
+    pieces = list(metrics.render_pieces(family, per_piece))
+    assert b"".join(pieces) == metrics.render_families([family])
+    if not created and len(family.samples) > per_piece:
+        assert len(pieces) == -(-len(family.samples) // per_piece)

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from overlay.observe.slices import STEP, LoopBudget
-from overlay.observe.status_socket import json_pieces
+from overlay.observe.status_socket import PIECE_BYTES, json_pieces
 
 
 def _rows(items: Sequence[int]) -> list[dict[str, Any]]:
@@ -52,3 +52,42 @@ def test_the_loop_runs_between_two_slices() -> None:
     assert len(pieces) == 6  # five slices of rows, then the closing one
     assert budget.turns == 5
     assert ran[:5] == [1, 2, 3, 4, 5]  # each ran before the next piece was made
+
+
+def test_a_long_slice_is_handed_over_in_pieces_without_a_turn() -> None:
+    """Rows made within one slice are handed over every PIECE_BYTES, so the caller's
+    write of them falls inside the slice, not all at once after it was spent; the loop
+    gets no extra turn for it."""
+
+    def big_rows(items: Sequence[int]) -> list[dict[str, Any]]:
+        return [{"subnet": f"10.0.{i}.0/24", "pad": "x" * 1000} for i in items]
+
+    async def main() -> tuple[list[bytes], LoopBudget]:
+        budget = LoopBudget(60.0)
+        items = list(range(10 * STEP))
+        return [p async for p in json_pieces({}, items, big_rows, budget)], budget
+
+    pieces, budget = asyncio.run(main())
+    assert budget.turns == 0
+    assert len(pieces) >= 4
+    assert all(len(p) < PIECE_BYTES + STEP * 1100 for p in pieces)
+    assert json.loads(b"".join(pieces))["peers"] == big_rows(range(10 * STEP))
+
+
+def test_a_turn_also_yields_the_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each turn between two slices also offers the CPU to other runnable threads (a
+    ping, a pod): the loop's turn alone left a long walk one busy spell to the
+    scheduler, and what woke on its CPU waited for the spell's end."""
+    from overlay.observe import slices
+
+    yields: list[int] = []
+    monkeypatch.setattr(slices.os, "sched_yield", lambda: yields.append(1))
+
+    async def main() -> LoopBudget:
+        budget = LoopBudget(0.0)
+        async for _ in json_pieces({}, list(range(3 * STEP)), _rows, budget):
+            pass
+        return budget
+
+    budget = asyncio.run(main())
+    assert budget.turns == 3 and len(yields) == 3
